@@ -1,0 +1,27 @@
+//! The wire layer: zero-copy views of the headers meshplane reads, with
+//! checked constructors, representations for building headers, and in-place
+//! rewrites with incremental checksum updates.
+//!
+//! The pattern (after smoltcp's `wire`): `XxxPacket::new_checked(buf)`
+//! validates every length the view relies on, so its accessors cannot go out
+//! of bounds; `XxxRepr::parse`/`emit` convert between bytes and plain
+//! values. Every parser returns a typed [`WireError`] on bad input, never
+//! panics.
+
+pub mod arp;
+pub mod checksum;
+mod error;
+pub mod ethernet;
+pub mod flow;
+pub mod icmpv4;
+pub mod ipv4;
+pub mod ipv6;
+pub mod parse;
+pub mod rewrite;
+pub mod tcp;
+pub mod udp;
+pub mod vxlan;
+
+pub use error::{Layer, WireError};
+pub use ethernet::MacAddr;
+pub use parse::{Parsed, parse_frame};

@@ -1,0 +1,30 @@
+//! The `meshplane` binary: CLI, configuration and thread start-up.
+
+use clap::Parser;
+
+/// meshplane: a userspace container-networking dataplane (VXLAN overlay,
+/// service VIPs, routing mesh) off the kernel's data path.
+#[derive(Parser, Debug)]
+#[command(name = "meshplane", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Print the ports meshplane uses by default.
+    Ports,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Ports => {
+            println!("management (raft, admin API): tcp {}", meshplane_control::MANAGEMENT_PORT);
+            println!("control (gossip):             tcp+udp {}", meshplane_control::GOSSIP_PORT);
+            println!("data (VXLAN):                 udp {}", meshplane_dataplane::wire::vxlan::DEFAULT_PORT);
+        }
+    }
+    Ok(())
+}
