@@ -10,7 +10,7 @@
 use core::net::Ipv4Addr;
 use libfuzzer_sys::fuzz_target;
 use meshplane_dataplane::wire::ipv4::Ipv4Packet;
-use meshplane_dataplane::wire::rewrite::{Nat, recompute_checksums_ipv4, rewrite_ipv4};
+use meshplane_dataplane::wire::rewrite::{Nat, recompute_checksums_ipv4, rewrite_ipv4, rewrite_ipv4_general};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 13 {
@@ -30,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let mut inc = before.clone();
-    match rewrite_ipv4(&mut inc, &nat) {
+    let result = rewrite_ipv4(&mut inc, &nat);
+    let mut general = before.clone();
+    assert_eq!(rewrite_ipv4_general(&mut general, &nat), result, "fast and general paths disagree");
+    assert_eq!(inc, general, "fast and general paths wrote different bytes");
+    match result {
         Ok(()) => {
             let mut full = inc.clone();
             recompute_checksums_ipv4(&mut full).expect("still a valid IPv4 packet");

@@ -12,7 +12,9 @@ use meshplane_dataplane::wire::vxlan::{self, Classified, EncapParams, EncapTempl
 const LOCAL: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(Classified::Vxlan(d)) = vxlan::classify(data, LOCAL, vxlan::DEFAULT_PORT) else { return };
+    let fast = vxlan::classify(data, LOCAL, vxlan::DEFAULT_PORT);
+    assert_eq!(fast, vxlan::classify_general(data, LOCAL, vxlan::DEFAULT_PORT), "fast and general classify differ");
+    let Ok(Classified::Vxlan(d)) = fast else { return };
     assert!(d.inner.start <= d.inner.end && d.inner.end <= data.len());
     assert!(d.vni <= vxlan::MAX_VNI);
     let inner = &data[d.inner.clone()];

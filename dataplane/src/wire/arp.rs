@@ -19,6 +19,7 @@ pub enum Operation {
 }
 
 impl From<u16> for Operation {
+    #[inline]
     fn from(v: u16) -> Self {
         match v {
             1 => Operation::Request,
@@ -29,6 +30,7 @@ impl From<u16> for Operation {
 }
 
 impl From<Operation> for u16 {
+    #[inline]
     fn from(o: Operation) -> u16 {
         match o {
             Operation::Request => 1,
@@ -57,6 +59,7 @@ impl ArpRepr {
     /// Parses an ARP packet (the Ethernet payload). Only hardware type 1
     /// (Ethernet, length 6) with protocol type 0x0800 (IPv4, length 4) is
     /// accepted; anything else is [`WireError::Unsupported`].
+    #[inline]
     pub fn parse(b: &[u8]) -> Result<Self, WireError> {
         need(Layer::Arp, PACKET_LEN, b.len())?;
         let htype = u16::from_be_bytes([b[0], b[1]]);
@@ -84,6 +87,7 @@ impl ArpRepr {
     }
 
     /// Writes the packet into the first [`PACKET_LEN`] bytes of `b`.
+    #[inline]
     pub fn emit(&self, b: &mut [u8]) -> Result<(), WireError> {
         need(Layer::Arp, PACKET_LEN, b.len())?;
         b[0..8].copy_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 0]);
@@ -97,6 +101,7 @@ impl ArpRepr {
 
     /// The reply to this request from the owner of `target_ip`, whose
     /// hardware address is `mac`.
+    #[inline]
     pub fn reply_from(&self, mac: MacAddr) -> ArpRepr {
         ArpRepr {
             operation: Operation::Reply,

@@ -40,11 +40,14 @@ fn fold64(mut v: u64) -> u32 {
 }
 
 /// Folds an accumulator to 16 bits with end-around carry.
+///
+/// Two steps suffice for any `u32`, so there is no loop: after the first,
+/// the value is at most 0xffff + 0xffff = 0x1fffe; after the second, at
+/// most 0xffff.
 #[inline]
-pub fn fold(mut acc: u32) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
+pub fn fold(acc: u32) -> u16 {
+    let acc = (acc & 0xffff) + (acc >> 16);
+    let acc = (acc & 0xffff) + (acc >> 16);
     acc as u16
 }
 
@@ -109,6 +112,20 @@ mod tests {
         let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
         assert_eq!(fold(sum(&data, 0)), 0xddf2);
         assert_eq!(checksum(&data), !0xddf2);
+    }
+
+    #[test]
+    fn fold_is_exact_at_the_edges() {
+        // Reference: repeated end-around carry.
+        let slow = |mut a: u32| {
+            while a > 0xffff {
+                a = (a & 0xffff) + (a >> 16);
+            }
+            a as u16
+        };
+        for a in [0, 1, 0xffff, 0x1_0000, 0x1_fffe, 0x1_ffff, 0xffff_0000, 0xffff_fffe, u32::MAX] {
+            assert_eq!(fold(a), slow(a), "{a:#x}");
+        }
     }
 
     #[test]

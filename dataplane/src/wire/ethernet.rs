@@ -14,14 +14,17 @@ impl MacAddr {
     pub const ZERO: MacAddr = MacAddr([0; 6]);
 
     /// True for the broadcast address.
+    #[inline]
     pub fn is_broadcast(&self) -> bool {
         *self == Self::BROADCAST
     }
     /// True for group (multicast or broadcast) addresses: the I/G bit is set.
+    #[inline]
     pub fn is_multicast(&self) -> bool {
         self.0[0] & 1 == 1
     }
     /// True for individual (unicast) addresses.
+    #[inline]
     pub fn is_unicast(&self) -> bool {
         !self.is_multicast()
     }
@@ -111,6 +114,7 @@ pub struct VlanTag {
 impl<T: AsRef<[u8]>> EthernetFrame<T> {
     /// Checks that `buf` holds a whole Ethernet header, with up to
     /// [`MAX_TAGS`] VLAN tags, and wraps it.
+    #[inline]
     pub fn new_checked(buf: T) -> Result<Self, WireError> {
         let b = buf.as_ref();
         need(Layer::Ethernet, HEADER_LEN, b.len())?;
@@ -165,6 +169,7 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
     }
 
     /// The `i`-th VLAN tag, outermost first.
+    #[inline]
     pub fn tag(&self, i: usize) -> Option<VlanTag> {
         if i >= self.tag_count() {
             return None;
@@ -181,6 +186,7 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
     }
 
     /// The innermost VLAN id, if tagged.
+    #[inline]
     pub fn vlan_id(&self) -> Option<u16> {
         self.tag_count().checked_sub(1).and_then(|i| self.tag(i)).map(|t| t.vid)
     }
@@ -192,6 +198,7 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
     }
 
     /// The underlying buffer.
+    #[inline]
     pub fn into_inner(self) -> T {
         self.buf
     }

@@ -31,6 +31,7 @@ pub struct Icmpv4Packet<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> Icmpv4Packet<T> {
     /// Checks the length and wraps `buf`.
+    #[inline]
     pub fn new_checked(buf: T) -> Result<Self, WireError> {
         need(Layer::Icmpv4, HEADER_LEN, buf.as_ref().len())?;
         Ok(Icmpv4Packet { buf })
@@ -40,34 +41,42 @@ impl<T: AsRef<[u8]>> Icmpv4Packet<T> {
         self.buf.as_ref()
     }
     /// Message type.
+    #[inline]
     pub fn kind(&self) -> u8 {
         self.b()[0]
     }
     /// Message code.
+    #[inline]
     pub fn code(&self) -> u8 {
         self.b()[1]
     }
     /// Checksum field.
+    #[inline]
     pub fn checksum(&self) -> u16 {
         u16::from_be_bytes([self.b()[2], self.b()[3]])
     }
     /// Echo identifier (bytes 4..6).
+    #[inline]
     pub fn echo_ident(&self) -> u16 {
         u16::from_be_bytes([self.b()[4], self.b()[5]])
     }
     /// Echo sequence number (bytes 6..8).
+    #[inline]
     pub fn echo_seq(&self) -> u16 {
         u16::from_be_bytes([self.b()[6], self.b()[7]])
     }
     /// Next-hop MTU of a fragmentation-needed message (bytes 6..8).
+    #[inline]
     pub fn next_hop_mtu(&self) -> u16 {
         self.echo_seq()
     }
     /// Data after the 8-byte header.
+    #[inline]
     pub fn data(&self) -> &[u8] {
         &self.b()[HEADER_LEN..]
     }
     /// True if the checksum over the whole message is correct.
+    #[inline]
     pub fn verify_checksum(&self) -> bool {
         checksum::fold(checksum::sum(self.b(), 0)) == 0xffff
     }
@@ -75,6 +84,7 @@ impl<T: AsRef<[u8]>> Icmpv4Packet<T> {
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Icmpv4Packet<T> {
     /// Sets the type and updates the checksum incrementally.
+    #[inline]
     pub fn set_kind(&mut self, kind: u8) {
         let b = self.buf.as_mut();
         let old = u16::from_be_bytes([b[0], b[1]]);
@@ -84,6 +94,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Icmpv4Packet<T> {
         b[2..4].copy_from_slice(&c.to_be_bytes());
     }
     /// Recomputes the checksum over the whole message.
+    #[inline]
     pub fn fill_checksum(&mut self) {
         let b = self.buf.as_mut();
         b[2..4].copy_from_slice(&[0, 0]);

@@ -61,6 +61,7 @@ pub struct Ipv4Packet<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     /// Checks the invariants above and wraps `buf`.
+    #[inline]
     pub fn new_checked(buf: T) -> Result<Self, WireError> {
         let b = buf.as_ref();
         need(Layer::Ipv4, MIN_HEADER_LEN, b.len())?;
@@ -171,6 +172,7 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         &self.b()[MIN_HEADER_LEN..self.header_len()]
     }
     /// True if the header checksum is correct.
+    #[inline]
     pub fn verify_checksum(&self) -> bool {
         checksum::fold(checksum::sum(&self.b()[..self.header_len()], 0)) == 0xffff
     }
@@ -185,6 +187,7 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         &self.b()[..self.total_len()]
     }
     /// The underlying buffer.
+    #[inline]
     pub fn into_inner(self) -> T {
         self.buf
     }
@@ -205,12 +208,14 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
         b[field::CHECKSUM].copy_from_slice(&c.to_be_bytes());
     }
     /// Sets the TTL, updating the header checksum incrementally.
+    #[inline]
     pub fn set_ttl(&mut self, ttl: u8) {
         let w = u16::from_be_bytes([ttl, self.protocol()]);
         self.set_word(field::TTL, w);
     }
     /// Sets the source address, updating the header checksum only (the
     /// transport checksum is [`super::rewrite`]'s job).
+    #[inline]
     pub fn set_src(&mut self, a: Ipv4Addr) {
         let old = u32::from(self.src());
         let c = checksum::update32(self.checksum(), old, a.into());
@@ -219,6 +224,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
         b[field::CHECKSUM].copy_from_slice(&c.to_be_bytes());
     }
     /// Sets the destination address, updating the header checksum only.
+    #[inline]
     pub fn set_dst(&mut self, a: Ipv4Addr) {
         let old = u32::from(self.dst());
         let c = checksum::update32(self.checksum(), old, a.into());
@@ -227,6 +233,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
         b[field::CHECKSUM].copy_from_slice(&c.to_be_bytes());
     }
     /// Recomputes the header checksum from scratch.
+    #[inline]
     pub fn fill_checksum(&mut self) {
         let h = self.header_len();
         let b = self.bm();
@@ -266,6 +273,7 @@ pub struct Ipv4Repr {
 impl Ipv4Repr {
     /// Reads the fixed fields of a checked packet. Options are not part of
     /// the representation; `payload_len` is counted after them.
+    #[inline]
     pub fn parse<T: AsRef<[u8]>>(p: &Ipv4Packet<T>) -> Ipv4Repr {
         Ipv4Repr {
             src: p.src(),
@@ -280,6 +288,7 @@ impl Ipv4Repr {
     }
 
     /// Writes a 20-byte header with a correct checksum into `b`.
+    #[inline]
     pub fn emit(&self, b: &mut [u8]) -> Result<(), WireError> {
         need(Layer::Ipv4, MIN_HEADER_LEN, b.len())?;
         let total = (MIN_HEADER_LEN as u16).checked_add(self.payload_len).ok_or(WireError::BadLength {

@@ -32,6 +32,7 @@ pub struct Transport {
 
 impl<T: AsRef<[u8]>> Ipv6Packet<T> {
     /// Checks the invariants above and wraps `buf`.
+    #[inline]
     pub fn new_checked(buf: T) -> Result<Self, WireError> {
         let b = buf.as_ref();
         need(Layer::Ipv6, HEADER_LEN, b.len())?;
@@ -49,11 +50,13 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
         self.buf.as_ref()
     }
     /// Traffic class.
+    #[inline]
     pub fn traffic_class(&self) -> u8 {
         let b = self.b();
         (b[0] << 4) | (b[1] >> 4)
     }
     /// Flow label (20 bits).
+    #[inline]
     pub fn flow_label(&self) -> u32 {
         let b = self.b();
         (u32::from(b[1] & 0x0f) << 16) | (u32::from(b[2]) << 8) | u32::from(b[3])
@@ -74,26 +77,31 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
         self.b()[7]
     }
     /// Source address bytes.
+    #[inline]
     pub fn src_bytes(&self) -> [u8; 16] {
         let mut a = [0u8; 16];
         a.copy_from_slice(&self.b()[8..24]);
         a
     }
     /// Destination address bytes.
+    #[inline]
     pub fn dst_bytes(&self) -> [u8; 16] {
         let mut a = [0u8; 16];
         a.copy_from_slice(&self.b()[24..40]);
         a
     }
     /// Source address.
+    #[inline]
     pub fn src(&self) -> Ipv6Addr {
         Ipv6Addr::from(self.src_bytes())
     }
     /// Destination address.
+    #[inline]
     pub fn dst(&self) -> Ipv6Addr {
         Ipv6Addr::from(self.dst_bytes())
     }
     /// The payload (extension headers included), without trailing padding.
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         &self.b()[HEADER_LEN..HEADER_LEN + self.payload_len()]
     }
@@ -101,6 +109,7 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
     /// The packet bytes from `offset` (counted from the start of the IPv6
     /// header, as [`Transport::offset`] is) to the end of the payload; empty
     /// if `offset` is at or past the end.
+    #[inline]
     pub fn from_offset(&self, offset: usize) -> &[u8] {
         let end = HEADER_LEN + self.payload_len();
         self.b().get(offset.max(HEADER_LEN)..end).unwrap_or(&[])
@@ -114,6 +123,7 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
     /// and "no next header" end the walk: they are returned as the protocol
     /// with the offset where they start. The offset always lies within the
     /// packet (it may equal its end when the transport header is empty).
+    #[inline]
     pub fn transport(&self) -> Result<Transport, WireError> {
         let end = HEADER_LEN + self.payload_len();
         let b = &self.b()[..end];
@@ -167,6 +177,7 @@ pub struct Ipv6Repr {
 
 impl Ipv6Repr {
     /// Reads the fixed header of a checked packet.
+    #[inline]
     pub fn parse<T: AsRef<[u8]>>(p: &Ipv6Packet<T>) -> Ipv6Repr {
         Ipv6Repr {
             src: p.src(),
@@ -177,6 +188,7 @@ impl Ipv6Repr {
         }
     }
     /// Writes the fixed header (traffic class and flow label zero) into `b`.
+    #[inline]
     pub fn emit(&self, b: &mut [u8]) -> Result<(), WireError> {
         need(Layer::Ipv6, HEADER_LEN, b.len())?;
         b[0..4].copy_from_slice(&[0x60, 0, 0, 0]);

@@ -2,7 +2,7 @@
 //! fields classification needs. Every offset it reports lies within the
 //! frame; the `wire_parse` fuzz target checks that.
 
-use super::arp::ArpRepr;
+use super::arp::{ArpRepr, Operation};
 use super::error::WireError;
 use super::ethernet::{EthernetFrame, ethertype};
 use super::icmpv4::Icmpv4Packet;
@@ -26,8 +26,11 @@ pub enum Fragment {
 /// The network layer of a parsed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum L3 {
-    /// ARP for IPv4 over Ethernet.
-    Arp(ArpRepr),
+    /// ARP for IPv4 over Ethernet (validated; read it with [`ArpRepr::parse`]).
+    Arp {
+        /// Request, reply or other.
+        operation: Operation,
+    },
     /// IPv4.
     Ipv4 {
         /// Header length, options included.
@@ -106,6 +109,7 @@ pub struct Parsed {
 /// Parses a frame from Ethernet to the transport header. Any malformed
 /// header on the way is an error; protocols meshplane does not read end the
 /// walk as `Other`.
+#[inline]
 pub fn parse_frame(frame: &[u8]) -> Result<Parsed, WireError> {
     let eth = EthernetFrame::new_checked(frame)?;
     let l3_offset = eth.header_len();
@@ -120,7 +124,7 @@ pub fn parse_frame(frame: &[u8]) -> Result<Parsed, WireError> {
     };
     let (proto, l4_rel, l4_bytes) = match eth.ethertype() {
         ethertype::ARP => {
-            out.l3 = L3::Arp(ArpRepr::parse(eth.payload())?);
+            out.l3 = L3::Arp { operation: ArpRepr::parse(eth.payload())?.operation };
             return Ok(out);
         }
         ethertype::IPV4 => {

@@ -22,6 +22,7 @@ pub struct Nat {
 
 impl Nat {
     /// True if the rewrite changes a port.
+    #[inline]
     pub fn touches_ports(&self) -> bool {
         self.src_port.is_some() || self.dst_port.is_some()
     }
@@ -68,7 +69,64 @@ fn rd16(b: &[u8], at: usize) -> u16 {
 ///
 /// A later fragment has no transport header: addresses are rewritten and a
 /// port change is [`WireError::Fragment`]. On error nothing is written.
+///
+/// An unfragmented TCP or UDP packet without IPv4 options, the shape a load
+/// balancer rewrites all day, is handled at fixed offsets; everything else
+/// goes through [`rewrite_ipv4_general`], with the same result.
+#[inline]
 pub fn rewrite_ipv4(ip: &mut [u8], nat: &Nat) -> Result<(), WireError> {
+    let len = ip.len();
+    if let Some(h) = ip.first_chunk_mut::<40>()
+        && h[0] == 0x45
+        && h[6] & 0x3f == 0
+        && h[7] == 0
+    {
+        let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+        let csum_at = match h[9] {
+            protocol::TCP if total >= 40 => 36,
+            protocol::UDP if total >= 28 => 26,
+            _ => 0,
+        };
+        if csum_at != 0 && total <= len {
+            let mut addr = Delta::default();
+            if let Some(a) = nat.src_addr {
+                addr.addr(Ipv4Addr::new(h[12], h[13], h[14], h[15]), a);
+                h[12..16].copy_from_slice(&a.octets());
+            }
+            if let Some(a) = nat.dst_addr {
+                addr.addr(Ipv4Addr::new(h[16], h[17], h[18], h[19]), a);
+                h[16..20].copy_from_slice(&a.octets());
+            }
+            let mut l4 = addr;
+            if let Some(p) = nat.src_port {
+                l4.word(u16::from_be_bytes([h[20], h[21]]), p);
+                h[20..22].copy_from_slice(&p.to_be_bytes());
+            }
+            if let Some(p) = nat.dst_port {
+                l4.word(u16::from_be_bytes([h[22], h[23]]), p);
+                h[22..24].copy_from_slice(&p.to_be_bytes());
+            }
+            let ipc = addr.apply(u16::from_be_bytes([h[10], h[11]]));
+            h[10..12].copy_from_slice(&ipc.to_be_bytes());
+            let old = u16::from_be_bytes([h[csum_at], h[csum_at + 1]]);
+            let new = match (h[9], old) {
+                (protocol::UDP, 0) => 0,
+                (protocol::UDP, _) => match l4.apply(old) {
+                    0 => 0xffff,
+                    c => c,
+                },
+                _ => l4.apply(old),
+            };
+            h[csum_at..csum_at + 2].copy_from_slice(&new.to_be_bytes());
+            return Ok(());
+        }
+    }
+    rewrite_ipv4_general(ip, nat)
+}
+
+/// [`rewrite_ipv4`] for any IPv4 packet (options, fragments, ICMP, short or
+/// malformed packets), through the checked views.
+pub fn rewrite_ipv4_general(ip: &mut [u8], nat: &Nat) -> Result<(), WireError> {
     let pkt = Ipv4Packet::new_checked(&*ip)?;
     let (hl, total, proto) = (pkt.header_len(), pkt.total_len(), pkt.protocol());
     let (old_src, old_dst) = (pkt.src(), pkt.dst());
@@ -248,6 +306,28 @@ mod tests {
         assert_eq!(frag, before);
         rewrite_ipv4(&mut frag, &Nat { dst_addr: Some(Ipv4Addr::new(198, 18, 3, 3)), ..Nat::default() }).unwrap();
         assert_eq!(&frag[20..], &before[20..], "a later fragment's payload is untouched");
+    }
+
+    #[test]
+    fn fast_and_general_paths_agree() {
+        let nat = Nat {
+            src_addr: Some(Ipv4Addr::new(198, 19, 255, 1)),
+            dst_addr: Some(Ipv4Addr::new(198, 19, 0, 23)),
+            src_port: Some(61000),
+            dst_port: None,
+        };
+        let mut udp = Vec::new();
+        etherparse::PacketBuilder::ipv4([198, 18, 0, 1], [198, 18, 0, 2], 64)
+            .udp(1, 2)
+            .write(&mut udp, &[7u8; 20])
+            .unwrap();
+        for pkt in [tcp_frame(), udp] {
+            let (mut fast, mut general) = (pkt.clone(), pkt.clone());
+            rewrite_ipv4(&mut fast, &nat).unwrap();
+            rewrite_ipv4_general(&mut general, &nat).unwrap();
+            assert_eq!(fast, general);
+            assert_ne!(fast, pkt);
+        }
     }
 
     #[test]

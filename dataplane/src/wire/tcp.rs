@@ -36,6 +36,7 @@ pub struct TcpPacket<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> TcpPacket<T> {
     /// Checks the invariant above and wraps `buf`.
+    #[inline]
     pub fn new_checked(buf: T) -> Result<Self, WireError> {
         let b = buf.as_ref();
         need(Layer::Tcp, MIN_HEADER_LEN, b.len())?;
@@ -61,11 +62,13 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
         u16::from_be_bytes([self.b()[2], self.b()[3]])
     }
     /// Sequence number.
+    #[inline]
     pub fn seq(&self) -> u32 {
         let b = self.b();
         u32::from_be_bytes([b[4], b[5], b[6], b[7]])
     }
     /// Acknowledgment number.
+    #[inline]
     pub fn ack(&self) -> u32 {
         let b = self.b();
         u32::from_be_bytes([b[8], b[9], b[10], b[11]])
@@ -81,6 +84,7 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
         self.b()[13]
     }
     /// Receive window.
+    #[inline]
     pub fn window(&self) -> u16 {
         u16::from_be_bytes([self.b()[14], self.b()[15]])
     }
@@ -90,14 +94,17 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
         u16::from_be_bytes([self.b()[16], self.b()[17]])
     }
     /// Options bytes.
+    #[inline]
     pub fn options(&self) -> &[u8] {
         &self.b()[MIN_HEADER_LEN..self.header_len()]
     }
     /// Payload bytes.
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         &self.b()[self.header_len()..]
     }
     /// True if the checksum is correct for an IPv4 pseudo-header.
+    #[inline]
     pub fn verify_checksum_v4(&self, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
         let b = self.b();
         let Ok(len) = u16::try_from(b.len()) else { return false };
@@ -108,6 +115,7 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
     /// Computes the full checksum for an IPv4 pseudo-header and writes it.
+    #[inline]
     pub fn fill_checksum_v4(&mut self, src: Ipv4Addr, dst: Ipv4Addr) {
         let b = self.buf.as_mut();
         b[16..18].copy_from_slice(&[0, 0]);

@@ -18,6 +18,7 @@ pub struct UdpPacket<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> UdpPacket<T> {
     /// Checks the invariants above and wraps `buf`.
+    #[inline]
     pub fn new_checked(buf: T) -> Result<Self, WireError> {
         let b = buf.as_ref();
         need(Layer::Udp, HEADER_LEN, b.len())?;
@@ -48,6 +49,7 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
         usize::from(u16::from_be_bytes([self.b()[4], self.b()[5]]))
     }
     /// Always false: the length is at least 8 by construction.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         false
     }
@@ -62,6 +64,7 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
         &self.b()[HEADER_LEN..self.len()]
     }
     /// True if the checksum is absent (0) or correct for an IPv4 pseudo-header.
+    #[inline]
     pub fn verify_checksum_v4(&self, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
         if self.checksum() == 0 {
             return true;
@@ -74,6 +77,7 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
 impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
     /// Computes the full checksum for an IPv4 pseudo-header and writes it
     /// (a computed 0 is sent as 0xffff, RFC 768).
+    #[inline]
     pub fn fill_checksum_v4(&mut self, src: Ipv4Addr, dst: Ipv4Addr) {
         let len = self.len();
         let b = self.buf.as_mut();
@@ -100,10 +104,12 @@ pub struct UdpRepr {
 
 impl UdpRepr {
     /// Reads a checked datagram's header.
+    #[inline]
     pub fn parse<T: AsRef<[u8]>>(p: &UdpPacket<T>) -> UdpRepr {
         UdpRepr { src_port: p.src_port(), dst_port: p.dst_port(), payload_len: (p.len() - HEADER_LEN) as u16 }
     }
     /// Writes the header with a zero checksum into `b`.
+    #[inline]
     pub fn emit(&self, b: &mut [u8]) -> Result<(), WireError> {
         need(Layer::Udp, HEADER_LEN, b.len())?;
         let len = self.payload_len.checked_add(HEADER_LEN as u16).ok_or(WireError::BadLength {
