@@ -241,8 +241,8 @@ proptest! {
         if let Ok(p) = Ipv4Packet::new_checked(&b[..]) {
             prop_assert!(p.header_len() + p.payload().len() == p.total_len() && p.total_len() <= b.len());
         }
-        if let Ok(p) = Ipv6Packet::new_checked(&b[..]) {
-            if let Ok(t) = p.transport() { prop_assert!(t.offset <= 40 + p.payload_len()); }
+        if let Ok(p) = Ipv6Packet::new_checked(&b[..]) && let Ok(t) = p.transport() {
+            prop_assert!(t.offset <= 40 + p.payload_len());
         }
         if let Ok(u) = UdpPacket::new_checked(&b[..]) { prop_assert!(u.payload().len() + 8 == u.len()); }
         if let Ok(t) = TcpPacket::new_checked(&b[..]) { prop_assert!(t.header_len() <= b.len()); }
