@@ -5,6 +5,12 @@
 //!
 //! - [`wire`]: header views, VXLAN, checksums and in-place rewrites.
 //! - [`pcap`]: reading and writing classic pcap captures (tools and tests).
+//! - [`tables`]: the published snapshot the packet path reads (TOML for now).
+//! - [`pipeline`]: `process(frame, in_port, now, &tables, &mut state) -> Verdict`.
+//! - [`overlay`]: the overlay switch: forwarding, VXLAN, proxy ARP, gateway ICMP.
 
+pub mod overlay;
 pub mod pcap;
+pub mod pipeline;
+pub mod tables;
 pub mod wire;

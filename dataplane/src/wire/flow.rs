@@ -11,21 +11,23 @@ use super::ipv6::Ipv6Packet;
 /// Default seed.
 pub const DEFAULT_SEED: u64 = 0x6d65_7368_706c_616e; // "meshplan"
 
-/// Finalizer of MurmurHash3 (fmix64): full avalanche in a few cycles.
-#[inline]
-fn fmix64(mut k: u64) -> u64 {
-    k ^= k >> 33;
-    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    k ^= k >> 33;
-    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    k ^ (k >> 33)
+/// Folded multiply: the full 128-bit product of two words, its halves
+/// XORed. Every input bit reaches every output bit; one `mul` instruction.
+#[inline(always)]
+fn folded_mul(a: u64, b: u64) -> u64 {
+    let p = u128::from(a) * u128::from(b);
+    (p as u64) ^ ((p >> 64) as u64)
 }
 
-/// Hashes two 64-bit words with a seed.
+/// Hashes two 64-bit words with a seed: two dependent folded multiplies
+/// (the construction of foldhash/wyhash). Deterministic everywhere.
 #[inline]
 pub fn hash2(seed: u64, a: u64, b: u64) -> u32 {
-    let h = fmix64(seed ^ a);
-    (fmix64(h ^ b.rotate_left(29)) >> 32) as u32
+    const K1: u64 = 0x243f_6a88_85a3_08d3; // digits of pi: nothing up the sleeve
+    const K2: u64 = 0x1319_8a2e_0370_7344;
+    const K3: u64 = 0xa409_3822_299f_31d0;
+    let h = folded_mul(a ^ seed ^ K1, b ^ K2);
+    (folded_mul(h ^ seed, K3) >> 32) as u32
 }
 
 #[inline]

@@ -88,36 +88,50 @@ pub fn rewrite_ipv4(ip: &mut [u8], nat: &Nat) -> Result<(), WireError> {
             _ => 0,
         };
         if csum_at != 0 && total <= len {
-            let mut addr = Delta::default();
+            // Ones'-complement sums are byte-order independent (RFC 1071
+            // section 2(B)): work on native-order words, no byte swaps.
+            #[inline(always)]
+            fn ne32(b: &[u8; 40], at: usize) -> u32 {
+                u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+            }
+            #[inline(always)]
+            fn words(v: u32) -> u32 {
+                (v & 0xffff) + (v >> 16)
+            }
+            let mut addr = 0u32;
             if let Some(a) = nat.src_addr {
-                addr.addr(Ipv4Addr::new(h[12], h[13], h[14], h[15]), a);
+                let new = u32::from_ne_bytes(a.octets());
+                addr += words(!ne32(h, 12)) + words(new);
                 h[12..16].copy_from_slice(&a.octets());
             }
             if let Some(a) = nat.dst_addr {
-                addr.addr(Ipv4Addr::new(h[16], h[17], h[18], h[19]), a);
+                let new = u32::from_ne_bytes(a.octets());
+                addr += words(!ne32(h, 16)) + words(new);
                 h[16..20].copy_from_slice(&a.octets());
             }
             let mut l4 = addr;
             if let Some(p) = nat.src_port {
-                l4.word(u16::from_be_bytes([h[20], h[21]]), p);
+                l4 += u32::from(!u16::from_ne_bytes([h[20], h[21]])) + u32::from(p.to_be());
                 h[20..22].copy_from_slice(&p.to_be_bytes());
             }
             if let Some(p) = nat.dst_port {
-                l4.word(u16::from_be_bytes([h[22], h[23]]), p);
+                l4 += u32::from(!u16::from_ne_bytes([h[22], h[23]])) + u32::from(p.to_be());
                 h[22..24].copy_from_slice(&p.to_be_bytes());
             }
-            let ipc = addr.apply(u16::from_be_bytes([h[10], h[11]]));
-            h[10..12].copy_from_slice(&ipc.to_be_bytes());
-            let old = u16::from_be_bytes([h[csum_at], h[csum_at + 1]]);
+            let apply = |csum: u16, d: u32| !checksum::fold(u32::from(!csum) + d);
+            let ipc = apply(u16::from_ne_bytes([h[10], h[11]]), addr);
+            h[10..12].copy_from_slice(&ipc.to_ne_bytes());
+            // 0 and 0xffff read the same in either byte order.
+            let old = u16::from_ne_bytes([h[csum_at], h[csum_at + 1]]);
             let new = match (h[9], old) {
                 (protocol::UDP, 0) => 0,
-                (protocol::UDP, _) => match l4.apply(old) {
+                (protocol::UDP, _) => match apply(old, l4) {
                     0 => 0xffff,
                     c => c,
                 },
-                _ => l4.apply(old),
+                _ => apply(old, l4),
             };
-            h[csum_at..csum_at + 2].copy_from_slice(&new.to_be_bytes());
+            h[csum_at..csum_at + 2].copy_from_slice(&new.to_ne_bytes());
             return Ok(());
         }
     }

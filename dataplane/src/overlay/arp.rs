@@ -1,0 +1,49 @@
+//! Proxy ARP: requests from tasks are answered by the dataplane from
+//! cluster state, as Swarm's overlay does; nothing is flooded.
+
+use super::arp_lookup;
+use crate::pipeline::{DropReason, Frame, Verdict};
+use crate::tables::{NetId, PortId, Tables};
+use crate::wire::MacAddr;
+use crate::wire::arp::{self, ArpRepr, Operation};
+use crate::wire::ethernet::{self, ethertype};
+
+/// Answers an ARP request from the endpoint `src` on `in_port`, in place.
+///
+/// Requests are answered whether broadcast or unicast (Linux re-validates
+/// neighbours with unicast requests). Replies, gratuitous ARP and requests
+/// whose sender address is not the endpoint's own are dropped.
+pub(super) fn proxy(frame: &mut Frame<'_>, in_port: PortId, net: NetId, src: MacAddr, t: &Tables) -> Verdict {
+    use DropReason as D;
+    let Ok(req) = ArpRepr::parse(&frame.data()[ethernet::HEADER_LEN..]) else {
+        return Verdict::Drop(D::ArpMalformed);
+    };
+    if req.operation != Operation::Request {
+        return Verdict::Drop(D::ArpNotRequest);
+    }
+    if req.target_ip == req.sender_ip {
+        return Verdict::Drop(D::ArpGratuitous);
+    }
+    // An RFC 5227 probe has sender 0.0.0.0; anything else must be the
+    // endpoint's own address and MAC.
+    let probe = req.sender_ip.is_unspecified();
+    if req.sender_mac != src || (!probe && arp_lookup(t, net, req.sender_ip) != Some(src)) {
+        return Verdict::Drop(D::ArpSenderSpoofed);
+    }
+    let Some(mac) = arp_lookup(t, net, req.target_ip) else {
+        return Verdict::Drop(D::ArpUnknownTarget);
+    };
+    let reply = req.reply_from(mac);
+    let len = ethernet::HEADER_LEN + arp::PACKET_LEN;
+    let start = frame.start();
+    frame.set_window(start, len);
+    let d = frame.data_mut();
+    // The frame held a whole request, so it has room for the reply.
+    if ethernet::emit_header(d, src, mac, ethertype::ARP).is_err()
+        || reply.emit(&mut d[ethernet::HEADER_LEN..]).is_err()
+    {
+        return Verdict::Drop(D::Malformed);
+    }
+    let _ = in_port;
+    Verdict::Tx(in_port)
+}

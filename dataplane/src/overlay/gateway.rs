@@ -1,0 +1,117 @@
+//! What the network gateway answers itself: ICMP echo (so `ping <gateway>`
+//! works from a task) and ICMP fragmentation-needed for packets larger than
+//! the network MTU with DF set (so path MTU discovery works through the
+//! overlay).
+
+use crate::pipeline::{DropReason, Frame, Verdict};
+use crate::tables::{Network, PortId};
+use crate::wire::MacAddr;
+use crate::wire::ethernet::{self, ethertype};
+use crate::wire::icmpv4::{self, Icmpv4Packet};
+use crate::wire::ipv4::{Ipv4Packet, Ipv4Repr, protocol};
+
+/// TTL of packets the gateway originates.
+const TTL: u8 = 64;
+
+/// Turns an ICMP echo request to the gateway into the reply, in place.
+pub(super) fn echo(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verdict {
+    use DropReason as D;
+    let d = frame.data_mut();
+    let client = MacAddr([d[6], d[7], d[8], d[9], d[10], d[11]]);
+    let Ok(mut ip) = Ipv4Packet::new_checked(&mut d[ethernet::HEADER_LEN..]) else {
+        return Verdict::Drop(D::Malformed);
+    };
+    if ip.is_fragment() || !ip.verify_checksum() {
+        return Verdict::Drop(D::Malformed);
+    }
+    {
+        let Ok(icmp) = Icmpv4Packet::new_checked(ip.payload()) else {
+            return Verdict::Drop(D::Malformed);
+        };
+        if icmp.kind() != icmpv4::kind::ECHO_REQUEST || icmp.code() != 0 {
+            return Verdict::Drop(D::NoRoute);
+        }
+        if !icmp.verify_checksum() {
+            return Verdict::Drop(D::Malformed);
+        }
+    }
+    // Swapping source and destination leaves the header checksum as it is.
+    let (src, dst) = (ip.src(), ip.dst());
+    ip.set_src(dst);
+    ip.set_dst(src);
+    ip.set_ttl(TTL);
+    let Ok(mut icmp) = Icmpv4Packet::new_checked(ip.payload_mut()) else {
+        return Verdict::Drop(D::Malformed);
+    };
+    icmp.set_kind(icmpv4::kind::ECHO_REPLY);
+    let total = ethernet::HEADER_LEN + ip.total_len();
+    d[0..6].copy_from_slice(&client.0);
+    d[6..12].copy_from_slice(&nw.gateway_mac.0);
+    let start = frame.start();
+    frame.set_window(start, total);
+    Verdict::Tx(in_port)
+}
+
+/// Replaces an oversize IPv4 packet with DF set by an ICMP destination
+/// unreachable / fragmentation needed (RFC 1191) from the gateway back to
+/// the sender, quoting the original header and 8 bytes of payload, with the
+/// network MTU as next-hop MTU.
+pub(super) fn frag_needed(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verdict {
+    use DropReason as D;
+    let d = frame.data();
+    let client = MacAddr([d[6], d[7], d[8], d[9], d[10], d[11]]);
+    let Ok(ip) = Ipv4Packet::new_checked(&d[ethernet::HEADER_LEN..]) else {
+        return Verdict::Drop(D::Malformed);
+    };
+    // Never answer an ICMP error with an error (RFC 1122 3.2.2).
+    if ip.protocol() == protocol::ICMP
+        && let Some(&k) = ip.payload().first()
+        && !matches!(k, icmpv4::kind::ECHO_REQUEST | icmpv4::kind::ECHO_REPLY)
+    {
+        return Verdict::Drop(D::MtuExceeded);
+    }
+    let mut quote = [0u8; 60 + 8];
+    let qlen = (ip.header_len() + 8).min(ip.total_len());
+    quote[..qlen].copy_from_slice(&ip.packet()[..qlen]);
+    let sender = ip.src();
+
+    let icmp_len = icmpv4::HEADER_LEN + qlen;
+    let total = ethernet::HEADER_LEN + 20 + icmp_len;
+    // The original is larger than the MTU (≥ 68), so the error fits in place.
+    if total > frame.len() {
+        return Verdict::Drop(D::Malformed);
+    }
+    let start = frame.start();
+    frame.set_window(start, total);
+    let d = frame.data_mut();
+    let mtu = nw.mtu.to_be_bytes();
+    let ok = ethernet::emit_header(d, client, nw.gateway_mac, ethertype::IPV4).is_ok()
+        && Ipv4Repr {
+            src: nw.gateway_ip,
+            dst: sender,
+            protocol: protocol::ICMP,
+            payload_len: icmp_len as u16,
+            ttl: TTL,
+            tos: 0,
+            ident: 0,
+            dont_frag: false,
+        }
+        .emit(&mut d[14..34])
+        .is_ok()
+        && icmpv4::emit_header(
+            &mut d[34..],
+            icmpv4::kind::DEST_UNREACHABLE,
+            icmpv4::CODE_FRAG_NEEDED,
+            [0, 0, mtu[0], mtu[1]],
+        )
+        .is_ok();
+    if !ok {
+        return Verdict::Drop(D::Malformed);
+    }
+    d[42..42 + qlen].copy_from_slice(&quote[..qlen]);
+    match Icmpv4Packet::new_checked(&mut d[34..]) {
+        Ok(mut icmp) => icmp.fill_checksum(),
+        Err(_) => return Verdict::Drop(D::Malformed),
+    }
+    Verdict::Tx(in_port)
+}

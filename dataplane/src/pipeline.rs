@@ -1,0 +1,251 @@
+//! The per-packet decision: a frame in, a [`Verdict`] out.
+//!
+//! `process` is sans-IO: it reads the frame, the published [`Tables`] and
+//! the worker's own state, may rewrite the frame in place (encapsulate into
+//! headroom, decapsulate, turn a request into its reply), and says what to
+//! do with it. It never allocates, never blocks and never panics on any
+//! input; every drop has a [`DropReason`] and a counter.
+
+use crate::overlay;
+use crate::tables::{PortId, Tables};
+
+/// Headroom a receive buffer should leave in front of a frame so that the
+/// dataplane can encapsulate it in place (VXLAN needs 50 bytes).
+pub const HEADROOM: usize = 256;
+
+/// A frame in a buffer, with headroom in front of it: `buf[start..start + len]`.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    buf: &'a mut [u8],
+    start: usize,
+    len: usize,
+}
+
+impl<'a> Frame<'a> {
+    /// Wraps `buf[start..start + len]`; `None` if that is out of bounds.
+    #[inline]
+    pub fn new(buf: &'a mut [u8], start: usize, len: usize) -> Option<Self> {
+        let end = start.checked_add(len)?;
+        (end <= buf.len()).then_some(Frame { buf, start, len })
+    }
+    /// The frame bytes.
+    #[inline]
+    pub fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+    /// The frame bytes, writable.
+    #[inline]
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
+    /// Offset of the frame in the buffer.
+    #[inline]
+    pub fn start(&self) -> usize {
+        self.start
+    }
+    /// Frame length.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True for an empty frame.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Bytes free in front of the frame.
+    #[inline]
+    pub fn headroom(&self) -> usize {
+        self.start
+    }
+    /// Bytes free in the buffer from the frame's start.
+    #[inline]
+    pub fn capacity(&self) -> usize {
+        self.buf.len() - self.start
+    }
+    /// The whole buffer, for in-place encapsulation.
+    #[inline]
+    pub(crate) fn buf_mut(&mut self) -> &mut [u8] {
+        self.buf
+    }
+    /// Moves the frame's window; the caller has checked the bounds.
+    #[inline]
+    pub(crate) fn set_window(&mut self, start: usize, len: usize) {
+        debug_assert!(start + len <= self.buf.len());
+        self.start = start;
+        self.len = len;
+    }
+}
+
+/// What to do with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Transmit the (possibly rewritten) frame on this port.
+    Tx(PortId),
+    /// Drop it, for this reason.
+    Drop(DropReason),
+    /// Not the dataplane's (uplink traffic that is not overlay): hand it to
+    /// the kernel.
+    Pass,
+}
+
+macro_rules! drop_reasons {
+    ($($(#[doc = $doc:literal])* $name:ident = $s:literal,)*) => {
+        /// Why a frame was dropped. Each reason indexes a per-worker counter.
+        #[repr(u8)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum DropReason {
+            $($(#[doc = $doc])* $name,)*
+        }
+        impl DropReason {
+            /// Every reason, in counter order.
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$name,)*];
+            /// Number of reasons.
+            pub const COUNT: usize = Self::ALL.len();
+            /// The reason's stable snake_case name (logs, metrics, `trace -v`).
+            pub fn name(self) -> &'static str {
+                match self { $(DropReason::$name => $s,)* }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    /// The input port is not in the tables.
+    UnknownPort = "unknown_port",
+    /// Shorter than an Ethernet header, or a header that does not parse.
+    Malformed = "malformed",
+    /// A VLAN-tagged frame from a task port (tasks send untagged frames).
+    VlanTagged = "vlan_tagged",
+    /// A task sent from a MAC that is not the endpoint on its port.
+    SrcMacSpoofed = "src_mac_spoofed",
+    /// Broadcast or multicast other than an ARP request: no flooding.
+    BroadcastNotFlooded = "broadcast_not_flooded",
+    /// Unicast to a MAC not in the network's forwarding table.
+    UnknownUnicast = "unknown_unicast",
+    /// Unicast back to the port it came from.
+    Hairpin = "hairpin",
+    /// An ARP packet that is not Ethernet/IPv4 ARP.
+    ArpMalformed = "arp_malformed",
+    /// An ARP reply or other non-request from a task (answers come from state).
+    ArpNotRequest = "arp_not_request",
+    /// A gratuitous ARP or an ARP for the sender's own address.
+    ArpGratuitous = "arp_gratuitous",
+    /// An ARP request whose sender address is not the sending endpoint's.
+    ArpSenderSpoofed = "arp_sender_spoofed",
+    /// An ARP request for an address not in cluster state.
+    ArpUnknownTarget = "arp_unknown_target",
+    /// To the gateway MAC, but not something the gateway answers (routing
+    /// beyond the network comes with the load balancer).
+    NoRoute = "no_route",
+    /// An IPv4 packet larger than the network MTU without DF (the fast
+    /// path does not fragment).
+    MtuExceeded = "mtu_exceeded",
+    /// A non-IPv4 frame larger than the network MTU allows.
+    Oversize = "oversize",
+    /// Not enough headroom in the buffer to encapsulate.
+    NoHeadroom = "no_headroom",
+    /// VXLAN for us without the I flag.
+    VxlanNoIFlag = "vxlan_no_i_flag",
+    /// VXLAN for us that is truncated or has a bad length.
+    VxlanMalformed = "vxlan_malformed",
+    /// A fragmented IPv4 datagram to our VXLAN address (never reassembled).
+    VxlanFragment = "vxlan_fragment",
+    /// VXLAN with a VNI no network has.
+    UnknownVni = "unknown_vni",
+    /// VXLAN from an outer source that is not a known VTEP (spoofed).
+    UnknownVtep = "unknown_vtep",
+    /// An inner frame to a broadcast or multicast MAC (no flooding).
+    InnerBroadcast = "inner_broadcast",
+    /// An inner frame to a MAC that is not local in the frame's network
+    /// (unknown, remote, or another network's).
+    InnerDstNotLocal = "inner_dst_not_local",
+    /// An inner frame whose source MAC is not an endpoint behind the VTEP
+    /// that sent it.
+    InnerSrcSpoofed = "inner_src_spoofed",
+}
+
+/// Packet and byte counters of one port.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortCounters {
+    /// Frames received.
+    pub rx_packets: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Frames transmitted.
+    pub tx_packets: u64,
+    /// Bytes transmitted.
+    pub tx_bytes: u64,
+}
+
+/// A worker's counters. Sized when the worker starts; never grows.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    /// Drops by [`DropReason`] (index = `reason as usize`).
+    pub drops: [u64; DropReason::COUNT],
+    /// Frames handed to the kernel.
+    pub passed: u64,
+    /// Per-port counters, by [`PortId`].
+    pub ports: Vec<PortCounters>,
+}
+
+impl Stats {
+    /// Drops for one reason.
+    pub fn dropped(&self, r: DropReason) -> u64 {
+        self.drops[r as usize]
+    }
+    /// All drops.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}
+
+/// Everything a worker owns and writes.
+#[derive(Debug, Clone)]
+pub struct WorkerState {
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl WorkerState {
+    /// State for a worker serving up to `max_ports` ports (ports beyond it
+    /// are counted as [`DropReason::UnknownPort`]).
+    pub fn new(max_ports: usize) -> Self {
+        WorkerState {
+            stats: Stats { drops: [0; DropReason::COUNT], passed: 0, ports: vec![PortCounters::default(); max_ports] },
+        }
+    }
+}
+
+/// Decides what happens to `frame`, received on `in_port` at time `now`
+/// (nanoseconds, read once per burst), and counts it.
+#[inline]
+pub fn process(frame: &mut Frame<'_>, in_port: PortId, now: u64, t: &Tables, st: &mut WorkerState) -> Verdict {
+    let _ = now; // connection tracking (the load balancer) will use it
+    let Some(rx) = st.stats.ports.get_mut(usize::from(in_port)) else {
+        st.stats.drops[DropReason::UnknownPort as usize] += 1;
+        return Verdict::Drop(DropReason::UnknownPort);
+    };
+    rx.rx_packets += 1;
+    rx.rx_bytes += frame.len() as u64;
+    let v = if in_port == crate::tables::UPLINK {
+        overlay::from_uplink(frame, t)
+    } else {
+        overlay::from_task(frame, in_port, t)
+    };
+    match v {
+        Verdict::Tx(p) => match st.stats.ports.get_mut(usize::from(p)) {
+            Some(tx) => {
+                tx.tx_packets += 1;
+                tx.tx_bytes += frame.len() as u64;
+            }
+            None => {
+                st.stats.drops[DropReason::UnknownPort as usize] += 1;
+                return Verdict::Drop(DropReason::UnknownPort);
+            }
+        },
+        Verdict::Drop(r) => st.stats.drops[r as usize] += 1,
+        Verdict::Pass => st.stats.passed += 1,
+    }
+    v
+}

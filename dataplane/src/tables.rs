@@ -1,0 +1,534 @@
+//! The tables the dataplane forwards by: an immutable snapshot the control
+//! side compiles and publishes (today: loaded from a TOML file).
+//!
+//! [`TablesSpec`] is the declarative form (what the file says, what the
+//! control plane will produce); [`Tables::compile`] validates it and builds
+//! the lookup structures the packet path reads: per-network forwarding and
+//! ARP maps keyed by a packed `u64`, and an outer-header template per
+//! (remote VTEP, network), so encapsulation copies 50 bytes and stores three
+//! fields. Nothing in [`Tables`] changes after compilation.
+
+use crate::wire::vxlan::{self, EncapParams, EncapTemplate};
+use crate::wire::{MacAddr, WireError};
+use core::hash::{BuildHasherDefault, Hasher};
+use core::net::Ipv4Addr;
+use serde::Deserialize;
+use std::collections::HashMap;
+use thiserror::Error;
+
+/// Index of a port in [`Tables::ports`]. Port 0 is always the uplink.
+pub type PortId = u16;
+/// The uplink port: the data-path NIC toward the underlay.
+pub const UPLINK: PortId = 0;
+/// Bytes VXLAN adds in front of an inner frame on the underlay, counted
+/// against the underlay MTU: IPv4 (20) + UDP (8) + VXLAN (8) + inner
+/// Ethernet (14) = 50.
+pub const VXLAN_OVERHEAD: u16 = 50;
+
+// ---------------------------------------------------------------------------
+// The declarative form (TOML).
+
+/// This node, as the tables file describes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    /// Data-path IPv4 address: the outer source of everything encapsulated.
+    pub data_ip: Ipv4Addr,
+    /// MAC of the data-path NIC.
+    pub data_mac: MacAddr,
+    /// VXLAN UDP port (default 4789).
+    #[serde(default = "default_vxlan_port")]
+    pub vxlan_port: u16,
+    /// Underlay MTU (default 1500).
+    #[serde(default = "default_underlay_mtu")]
+    pub underlay_mtu: u16,
+    /// Outer TTL (default 64).
+    #[serde(default = "default_ttl")]
+    pub ttl: u8,
+    /// MAC of the underlay router, for VTEPs without a neighbour entry.
+    #[serde(default)]
+    pub next_hop_mac: Option<MacAddr>,
+    /// Directly reachable VTEPs and their MACs.
+    #[serde(default)]
+    pub neighbours: Vec<NeighbourSpec>,
+}
+
+fn default_vxlan_port() -> u16 {
+    vxlan::DEFAULT_PORT
+}
+fn default_underlay_mtu() -> u16 {
+    1500
+}
+fn default_ttl() -> u8 {
+    64
+}
+
+/// An underlay neighbour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NeighbourSpec {
+    /// Its IPv4 address.
+    pub ip: Ipv4Addr,
+    /// Its MAC.
+    pub mac: MacAddr,
+}
+
+/// An IPv4 subnet, written `198.19.0.0/24`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    /// Network address.
+    pub addr: Ipv4Addr,
+    /// Prefix length, 0 to 32.
+    pub prefix: u8,
+}
+
+impl Subnet {
+    /// The netmask as a `u32`.
+    pub fn mask(&self) -> u32 {
+        if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) }
+    }
+    /// True if `ip` is inside the subnet.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
+    }
+}
+
+impl core::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl core::str::FromStr for Subnet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid subnet {s:?}: expected ADDRESS/PREFIX like 198.19.0.0/24");
+        let (a, p) = s.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| bad())?;
+        let prefix: u8 = p.parse().map_err(|_| bad())?;
+        if prefix > 32 {
+            return Err(bad());
+        }
+        let sn = Subnet { addr, prefix };
+        if u32::from(addr) & !sn.mask() != 0 {
+            return Err(format!(
+                "invalid subnet {s:?}: host bits are set (did you mean {}/{prefix}?)",
+                Ipv4Addr::from(u32::from(addr) & sn.mask())
+            ));
+        }
+        Ok(sn)
+    }
+}
+
+impl<'de> Deserialize<'de> for Subnet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// An overlay network.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// Name, unique.
+    pub name: String,
+    /// VXLAN network identifier, unique, 1 to 2^24-1.
+    pub vni: u32,
+    /// The network's subnet.
+    pub subnet: Subnet,
+    /// The gateway address (answered by the dataplane: ARP and ping).
+    pub gateway_ip: Ipv4Addr,
+    /// The gateway MAC.
+    pub gateway_mac: MacAddr,
+    /// MTU inside the network (default: underlay MTU − 50).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+}
+
+/// A port of this node's dataplane other than the uplink: a task's
+/// interface, attached to one network.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    /// Name, unique; `uplink` is reserved.
+    pub name: String,
+    /// The network the port is attached to.
+    pub network: String,
+}
+
+/// Where an endpoint lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    /// The endpoint's network.
+    pub network: String,
+    /// Its IPv4 address (inside the network's subnet).
+    pub ip: Ipv4Addr,
+    /// Its MAC.
+    pub mac: MacAddr,
+    /// On this node: the port it is attached to.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// On another node: that node's VTEP (data-path) address.
+    #[serde(default)]
+    pub vtep: Option<Ipv4Addr>,
+}
+
+/// The whole tables file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TablesSpec {
+    /// Version of the snapshot (monotonic, set by the publisher).
+    #[serde(default)]
+    pub version: u64,
+    /// This node.
+    pub node: NodeSpec,
+    /// Overlay networks.
+    #[serde(default, rename = "network")]
+    pub networks: Vec<NetworkSpec>,
+    /// Task ports on this node.
+    #[serde(default, rename = "port")]
+    pub ports: Vec<PortSpec>,
+    /// Endpoints, local and remote.
+    #[serde(default, rename = "endpoint")]
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+// ---------------------------------------------------------------------------
+// Errors.
+
+/// A tables file or spec that cannot be compiled.
+#[derive(Debug, Error)]
+pub enum TablesError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or does not fit the schema.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// The path.
+        path: String,
+        /// What toml/serde said, with the line.
+        message: String,
+    },
+    /// The spec parses but is inconsistent.
+    #[error("invalid tables: {0}")]
+    Invalid(String),
+}
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, TablesError> {
+    Err(TablesError::Invalid(msg.into()))
+}
+
+// ---------------------------------------------------------------------------
+// The compiled form.
+
+/// A fast hasher for the packed `u64` keys of the forwarding maps (MurmurHash3's
+/// finalizer; keys are not attacker-chosen: the control plane writes them).
+#[derive(Default, Clone, Copy)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        let mut k = self.0;
+        k ^= k >> 33;
+        k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        k ^= k >> 33;
+        k
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    #[inline]
+    fn write_u64(&mut self, v: u64) {
+        self.0 ^= v;
+    }
+    #[inline]
+    fn write_u32(&mut self, v: u32) {
+        self.0 ^= u64::from(v);
+    }
+}
+
+/// A map keyed by packed integers.
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
+
+/// Index of a network in [`Tables::networks`].
+pub type NetId = u16;
+
+/// Packs (network, MAC) into one key.
+#[inline]
+pub fn mac_key(net: NetId, mac: MacAddr) -> u64 {
+    let m = mac.0;
+    (u64::from(net) << 48) | u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]])
+}
+
+/// Packs (network, IPv4 address) into one key.
+#[inline]
+pub fn ip_key(net: NetId, ip: Ipv4Addr) -> u64 {
+    (u64::from(net) << 32) | u64::from(u32::from(ip))
+}
+
+/// A compiled network.
+#[derive(Debug, Clone)]
+pub struct Network {
+    /// Name.
+    pub name: String,
+    /// VNI.
+    pub vni: u32,
+    /// Subnet.
+    pub subnet: Subnet,
+    /// Gateway address.
+    pub gateway_ip: Ipv4Addr,
+    /// Gateway MAC.
+    pub gateway_mac: MacAddr,
+    /// MTU inside the network.
+    pub mtu: u16,
+}
+
+/// Where a destination MAC is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    /// On a local port.
+    Local(PortId),
+    /// Behind a remote VTEP: index into [`Tables::templates`].
+    Remote(u32),
+}
+
+/// A compiled port.
+#[derive(Debug, Clone)]
+pub struct Port {
+    /// Name (`uplink` for port 0).
+    pub name: String,
+    /// The network of a task port; `None` for the uplink.
+    pub network: Option<NetId>,
+}
+
+/// The compiled, immutable tables.
+#[derive(Debug)]
+pub struct Tables {
+    /// Snapshot version.
+    pub version: u64,
+    /// This node's data-path address.
+    pub data_ip: Ipv4Addr,
+    /// This node's data-path MAC.
+    pub data_mac: MacAddr,
+    /// VXLAN UDP port.
+    pub vxlan_port: u16,
+    /// Underlay MTU.
+    pub underlay_mtu: u16,
+    /// Ports; index 0 is the uplink.
+    pub ports: Vec<Port>,
+    /// Networks, by [`NetId`].
+    pub networks: Vec<Network>,
+    /// VNI → network.
+    pub by_vni: FastMap<u32, NetId>,
+    /// (network, MAC) → location; see [`mac_key`].
+    pub fdb: FastMap<u64, Location>,
+    /// (network, IP) → MAC, for proxy ARP (gateway included); see [`ip_key`].
+    pub arp: FastMap<u64, MacAddr>,
+    /// Outer headers, one per (remote VTEP, network).
+    pub templates: Vec<EncapTemplate>,
+    /// The VTEP of each template, for tracing.
+    pub template_vtep: Vec<Ipv4Addr>,
+    /// Known remote VTEPs: the only accepted outer sources.
+    pub vteps: FastMap<u32, ()>,
+}
+
+impl Tables {
+    /// Reads and compiles a TOML tables file.
+    pub fn load(path: &str) -> Result<Tables, TablesError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TablesError::Io { path: path.into(), source })?;
+        let spec: TablesSpec =
+            toml::from_str(&text).map_err(|e| TablesError::Syntax { path: path.into(), message: e.to_string() })?;
+        Tables::compile(&spec)
+    }
+
+    /// Validates a spec and builds the lookup structures.
+    pub fn compile(spec: &TablesSpec) -> Result<Tables, TablesError> {
+        let n = &spec.node;
+        if n.underlay_mtu < 68 + VXLAN_OVERHEAD {
+            return invalid(format!(
+                "node.underlay_mtu {} is too small (at least {})",
+                n.underlay_mtu,
+                68 + VXLAN_OVERHEAD
+            ));
+        }
+        if n.vxlan_port == 0 {
+            return invalid("node.vxlan_port must not be 0");
+        }
+        if !n.data_mac.is_unicast() || n.data_mac == MacAddr::ZERO {
+            return invalid(format!("node.data_mac {} must be a unicast address", n.data_mac));
+        }
+        let mut networks: Vec<Network> = Vec::new();
+        let mut by_vni = FastMap::default();
+        let mut by_name: HashMap<&str, NetId> = HashMap::new();
+        let mut arp = FastMap::default();
+        let mut fdb = FastMap::default();
+        for ns in &spec.networks {
+            if ns.vni == 0 || ns.vni > vxlan::MAX_VNI {
+                return invalid(format!("network {:?}: vni {} out of range 1..={}", ns.name, ns.vni, vxlan::MAX_VNI));
+            }
+            let id = NetId::try_from(networks.len()).map_err(|_| TablesError::Invalid("too many networks".into()))?;
+            if by_vni.insert(ns.vni, id).is_some() {
+                return invalid(format!("network {:?}: vni {} is used twice", ns.name, ns.vni));
+            }
+            if by_name.insert(ns.name.as_str(), id).is_some() {
+                return invalid(format!("network name {:?} is used twice", ns.name));
+            }
+            if !ns.subnet.contains(ns.gateway_ip) {
+                return invalid(format!("network {:?}: gateway {} is outside {}", ns.name, ns.gateway_ip, ns.subnet));
+            }
+            let max_mtu = n.underlay_mtu - VXLAN_OVERHEAD;
+            let mtu = ns.mtu.unwrap_or(max_mtu);
+            if !(68..=max_mtu).contains(&mtu) {
+                return invalid(format!(
+                    "network {:?}: mtu {mtu} must be between 68 and {max_mtu} (underlay mtu {} − {VXLAN_OVERHEAD})",
+                    ns.name, n.underlay_mtu
+                ));
+            }
+            if !ns.gateway_mac.is_unicast() {
+                return invalid(format!("network {:?}: gateway_mac {} must be unicast", ns.name, ns.gateway_mac));
+            }
+            arp.insert(ip_key(id, ns.gateway_ip), ns.gateway_mac);
+            networks.push(Network {
+                name: ns.name.clone(),
+                vni: ns.vni,
+                subnet: ns.subnet,
+                gateway_ip: ns.gateway_ip,
+                gateway_mac: ns.gateway_mac,
+                mtu,
+            });
+        }
+        let mut ports = vec![Port { name: "uplink".into(), network: None }];
+        let mut port_ids: HashMap<&str, PortId> = HashMap::new();
+        for ps in &spec.ports {
+            if ps.name == "uplink" {
+                return invalid("port name \"uplink\" is reserved for the data-path NIC");
+            }
+            let net = *by_name
+                .get(ps.network.as_str())
+                .ok_or_else(|| TablesError::Invalid(format!("port {:?}: unknown network {:?}", ps.name, ps.network)))?;
+            let id = PortId::try_from(ports.len()).map_err(|_| TablesError::Invalid("too many ports".into()))?;
+            if port_ids.insert(ps.name.as_str(), id).is_some() {
+                return invalid(format!("port name {:?} is used twice", ps.name));
+            }
+            ports.push(Port { name: ps.name.clone(), network: Some(net) });
+        }
+
+        let neighbour: HashMap<Ipv4Addr, MacAddr> = n.neighbours.iter().map(|x| (x.ip, x.mac)).collect();
+        let mut templates = Vec::new();
+        let mut template_vtep = Vec::new();
+        let mut template_ids: HashMap<(Ipv4Addr, NetId), u32> = HashMap::new();
+        let mut vteps = FastMap::default();
+        for es in &spec.endpoints {
+            let net = *by_name
+                .get(es.network.as_str())
+                .ok_or_else(|| TablesError::Invalid(format!("endpoint {}: unknown network {:?}", es.ip, es.network)))?;
+            let nw = &networks[usize::from(net)];
+            if !nw.subnet.contains(es.ip) {
+                return invalid(format!("endpoint {}: outside network {:?} ({})", es.ip, nw.name, nw.subnet));
+            }
+            if es.ip == nw.gateway_ip || es.mac == nw.gateway_mac {
+                return invalid(format!("endpoint {}: uses the gateway's address of network {:?}", es.ip, nw.name));
+            }
+            if !es.mac.is_unicast() || es.mac == MacAddr::ZERO {
+                return invalid(format!("endpoint {}: mac {} must be unicast", es.ip, es.mac));
+            }
+            let loc = match (&es.port, es.vtep) {
+                (Some(p), None) => {
+                    let id = *port_ids
+                        .get(p.as_str())
+                        .ok_or_else(|| TablesError::Invalid(format!("endpoint {}: unknown port {p:?}", es.ip)))?;
+                    if ports[usize::from(id)].network != Some(net) {
+                        return invalid(format!(
+                            "endpoint {}: port {p:?} is not attached to network {:?}",
+                            es.ip, nw.name
+                        ));
+                    }
+                    Location::Local(id)
+                }
+                (None, Some(vtep)) => {
+                    if vtep == n.data_ip {
+                        return invalid(format!(
+                            "endpoint {}: vtep {vtep} is this node; give the local port instead",
+                            es.ip
+                        ));
+                    }
+                    let key = (vtep, net);
+                    let idx = match template_ids.get(&key) {
+                        Some(&i) => i,
+                        None => {
+                            let dst_mac = neighbour.get(&vtep).copied().or(n.next_hop_mac).ok_or_else(|| {
+                                TablesError::Invalid(format!(
+                                    "endpoint {}: no MAC for vtep {vtep}: add a [[node.neighbours]] entry or node.next_hop_mac",
+                                    es.ip
+                                ))
+                            })?;
+                            let tpl = EncapTemplate::new(&EncapParams {
+                                src_mac: n.data_mac,
+                                dst_mac,
+                                src_ip: n.data_ip,
+                                dst_ip: vtep,
+                                dst_port: n.vxlan_port,
+                                vni: nw.vni,
+                                ttl: n.ttl,
+                            })
+                            .map_err(|e: WireError| TablesError::Invalid(e.to_string()))?;
+                            let i = templates.len() as u32;
+                            templates.push(tpl);
+                            template_vtep.push(vtep);
+                            template_ids.insert(key, i);
+                            i
+                        }
+                    };
+                    vteps.insert(u32::from(vtep), ());
+                    Location::Remote(idx)
+                }
+                _ => return invalid(format!("endpoint {}: give exactly one of port (local) or vtep (remote)", es.ip)),
+            };
+            if fdb.insert(mac_key(net, es.mac), loc).is_some() {
+                return invalid(format!("endpoint {}: mac {} is used twice in network {:?}", es.ip, es.mac, nw.name));
+            }
+            if arp.insert(ip_key(net, es.ip), es.mac).is_some() {
+                return invalid(format!("endpoint {}: address is used twice in network {:?}", es.ip, nw.name));
+            }
+        }
+        Ok(Tables {
+            version: spec.version,
+            data_ip: n.data_ip,
+            data_mac: n.data_mac,
+            vxlan_port: n.vxlan_port,
+            underlay_mtu: n.underlay_mtu,
+            ports,
+            networks,
+            by_vni,
+            fdb,
+            arp,
+            templates,
+            template_vtep,
+            vteps,
+        })
+    }
+
+    /// The port with this name.
+    pub fn port_id(&self, name: &str) -> Option<PortId> {
+        self.ports.iter().position(|p| p.name == name).and_then(|i| PortId::try_from(i).ok())
+    }
+}
