@@ -2,6 +2,8 @@
 
 use clap::Parser;
 
+mod trace;
+
 /// meshplane: a userspace container-networking dataplane (VXLAN overlay,
 /// service VIPs, routing mesh) off the kernel's data path.
 #[derive(Parser, Debug)]
@@ -15,6 +17,9 @@ struct Cli {
 enum Command {
     /// Print the ports meshplane uses by default.
     Ports,
+    /// Run the dataplane offline over a capture: which frames would be sent
+    /// where, which dropped and why.
+    Trace(trace::TraceArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -25,6 +30,7 @@ fn main() -> anyhow::Result<()> {
             println!("control (gossip):             tcp+udp {}", meshplane_control::GOSSIP_PORT);
             println!("data (VXLAN):                 udp {}", meshplane_dataplane::wire::vxlan::DEFAULT_PORT);
         }
+        Command::Trace(a) => trace::run(&a)?,
     }
     Ok(())
 }

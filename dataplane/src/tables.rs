@@ -532,3 +532,105 @@ impl Tables {
         self.ports.iter().position(|p| p.name == name).and_then(|i| PortId::try_from(i).ok())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        [node]
+        data_ip = "198.18.0.1"
+        data_mac = "02:00:00:00:00:01"
+        [[node.neighbours]]
+        ip = "198.18.0.2"
+        mac = "02:00:00:00:00:02"
+        [[network]]
+        name = "app"
+        vni = 4096
+        subnet = "198.19.0.0/24"
+        gateway_ip = "198.19.0.254"
+        gateway_mac = "02:42:c6:13:00:fe"
+        [[port]]
+        name = "t1"
+        network = "app"
+        [[endpoint]]
+        network = "app"
+        ip = "198.19.0.1"
+        mac = "02:00:00:00:01:01"
+        port = "t1"
+        [[endpoint]]
+        network = "app"
+        ip = "198.19.0.2"
+        mac = "02:00:00:00:01:02"
+        vtep = "198.18.0.2"
+    "#;
+
+    fn compile(extra: &str) -> Result<Tables, TablesError> {
+        let spec: TablesSpec = toml::from_str(&format!("{BASE}\n{extra}"))
+            .map_err(|e| TablesError::Syntax { path: "test".into(), message: e.to_string() })?;
+        Tables::compile(&spec)
+    }
+
+    fn err(extra: &str) -> String {
+        compile(extra).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_and_lookups() {
+        let t = compile("").unwrap();
+        assert_eq!((t.vxlan_port, t.underlay_mtu, t.networks[0].mtu), (4789, 1500, 1450));
+        assert_eq!(t.port_id("t1"), Some(1));
+        assert_eq!(t.port_id("uplink"), Some(UPLINK));
+        let mac: MacAddr = "02:00:00:00:01:02".parse().unwrap();
+        assert_eq!(t.fdb.get(&mac_key(0, mac)), Some(&Location::Remote(0)));
+        assert_eq!(t.arp.get(&ip_key(0, Ipv4Addr::new(198, 19, 0, 254))), Some(&"02:42:c6:13:00:fe".parse().unwrap()));
+        assert_eq!(t.templates.len(), 1);
+        assert!(t.vteps.contains_key(&u32::from(Ipv4Addr::new(198, 18, 0, 2))));
+    }
+
+    #[test]
+    fn every_mistake_gets_a_clear_error() {
+        let dup_vni = "[[network]]\nname = \"b\"\nvni = 4096\nsubnet = \"198.19.1.0/24\"\ngateway_ip = \"198.19.1.1\"\ngateway_mac = \"02:00:00:00:09:01\"";
+        assert!(err(dup_vni).contains("vni 4096 is used twice"), "{}", err(dup_vni));
+        let big_mtu = "[[network]]\nname = \"b\"\nvni = 5\nsubnet = \"198.19.1.0/24\"\ngateway_ip = \"198.19.1.1\"\ngateway_mac = \"02:00:00:00:09:01\"\nmtu = 1451";
+        assert!(err(big_mtu).contains("mtu 1451 must be between 68 and 1450"), "{}", err(big_mtu));
+        let gw_out = "[[network]]\nname = \"b\"\nvni = 5\nsubnet = \"198.19.1.0/24\"\ngateway_ip = \"198.19.2.1\"\ngateway_mac = \"02:00:00:00:09:01\"";
+        assert!(err(gw_out).contains("outside"), "{}", err(gw_out));
+        let both = "[[endpoint]]\nnetwork = \"app\"\nip = \"198.19.0.9\"\nmac = \"02:00:00:00:01:09\"\nport = \"t1\"\nvtep = \"198.18.0.2\"";
+        assert!(err(both).contains("exactly one of port"), "{}", err(both));
+        let no_mac =
+            "[[endpoint]]\nnetwork = \"app\"\nip = \"198.19.0.9\"\nmac = \"02:00:00:00:01:09\"\nvtep = \"198.18.0.7\"";
+        assert!(err(no_mac).contains("no MAC for vtep 198.18.0.7"), "{}", err(no_mac));
+        let dup_mac =
+            "[[endpoint]]\nnetwork = \"app\"\nip = \"198.19.0.9\"\nmac = \"02:00:00:00:01:02\"\nvtep = \"198.18.0.2\"";
+        assert!(err(dup_mac).contains("used twice"), "{}", err(dup_mac));
+        let unknown_net = "[[port]]\nname = \"t2\"\nnetwork = \"nope\"";
+        assert!(err(unknown_net).contains("unknown network \"nope\""), "{}", err(unknown_net));
+        let outside =
+            "[[endpoint]]\nnetwork = \"app\"\nip = \"198.18.5.5\"\nmac = \"02:00:00:00:01:09\"\nport = \"t1\"";
+        assert!(err(outside).contains("outside network"), "{}", err(outside));
+        let typo = "[[port]]\nname = \"t2\"\nnetwrk = \"app\"";
+        assert!(err(typo).contains("unknown field `netwrk`"), "{}", err(typo));
+        let bad_mac = "[[endpoint]]\nnetwork = \"app\"\nip = \"198.19.0.9\"\nmac = \"02:00:00:00:01\"\nport = \"t1\"";
+        assert!(err(bad_mac).contains("invalid MAC address"), "{}", err(bad_mac));
+        let reserved = "[[port]]\nname = \"uplink\"\nnetwork = \"app\"";
+        assert!(err(reserved).contains("reserved"), "{}", err(reserved));
+    }
+
+    #[test]
+    fn subnets() {
+        assert!("198.19.0.0/24".parse::<Subnet>().unwrap().contains(Ipv4Addr::new(198, 19, 0, 77)));
+        assert!(!"198.19.0.0/24".parse::<Subnet>().unwrap().contains(Ipv4Addr::new(198, 19, 1, 1)));
+        assert!("198.19.0.1/24".parse::<Subnet>().unwrap_err().contains("did you mean 198.19.0.0/24"));
+        assert!("198.19.0.0/33".parse::<Subnet>().is_err());
+        assert!("0.0.0.0/0".parse::<Subnet>().unwrap().contains(Ipv4Addr::new(198, 18, 0, 1)));
+    }
+
+    #[test]
+    fn example_file_compiles() {
+        let t = Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables.toml")).unwrap();
+        assert_eq!(t.ports.len(), 4);
+        assert_eq!(t.networks.iter().map(|n| (n.vni, n.mtu)).collect::<Vec<_>>(), vec![(4096, 1450), (4097, 1400)]);
+        assert!(matches!(Tables::load("/nonexistent.toml"), Err(TablesError::Io { .. })));
+    }
+}
