@@ -10,7 +10,6 @@
 
 use crate::wire::vxlan::{self, EncapParams, EncapTemplate};
 use crate::wire::{MacAddr, WireError};
-use core::hash::{BuildHasherDefault, Hasher};
 use core::net::Ipv4Addr;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -236,38 +235,108 @@ fn invalid<T>(msg: impl Into<String>) -> Result<T, TablesError> {
 // ---------------------------------------------------------------------------
 // The compiled form.
 
-/// A fast hasher for the packed `u64` keys of the forwarding maps (MurmurHash3's
-/// finalizer; keys are not attacker-chosen: the control plane writes them).
-#[derive(Default, Clone, Copy)]
-pub struct KeyHasher(u64);
+/// A read-mostly hash table from packed `u64` keys to small values:
+/// open addressing, linear probing, power-of-two size, load at most one
+/// half, one multiply to hash. Built when tables are compiled; only read on
+/// the packet path, where a hit is usually one probe.
+///
+/// `u64::MAX` is reserved as the empty marker: no packed key reaches it
+/// ([`mac_key`] and [`ip_key`] of a network index below 0xffff, VNIs and
+/// IPv4 addresses all stay below it).
+#[derive(Debug, Clone)]
+pub struct FlatMap<V: Copy> {
+    keys: Box<[u64]>,
+    vals: Box<[Option<V>]>,
+    len: usize,
+    shift: u32,
+}
 
-impl Hasher for KeyHasher {
-    #[inline]
-    fn finish(&self) -> u64 {
-        let mut k = self.0;
-        k ^= k >> 33;
-        k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        k ^= k >> 33;
-        k
-    }
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    #[inline]
-    fn write_u64(&mut self, v: u64) {
-        self.0 ^= v;
-    }
-    #[inline]
-    fn write_u32(&mut self, v: u32) {
-        self.0 ^= u64::from(v);
+const EMPTY: u64 = u64::MAX;
+
+impl<V: Copy> Default for FlatMap<V> {
+    fn default() -> Self {
+        Self::with_slots(16)
     }
 }
 
-/// A map keyed by packed integers.
-pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
+impl<V: Copy> FlatMap<V> {
+    fn with_slots(slots: usize) -> Self {
+        let slots = slots.next_power_of_two().max(16);
+        FlatMap {
+            keys: vec![EMPTY; slots].into_boxed_slice(),
+            vals: vec![None; slots].into_boxed_slice(),
+            len: 0,
+            shift: 64 - slots.trailing_zeros(),
+        }
+    }
+
+    #[inline]
+    fn slot(&self, key: u64) -> usize {
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+    }
+
+    /// The value for `key`.
+    #[inline(always)]
+    pub fn get(&self, key: &u64) -> Option<&V> {
+        let mask = self.keys.len() - 1;
+        let mut i = self.slot(*key);
+        loop {
+            let k = self.keys[i];
+            if k == *key {
+                return self.vals[i].as_ref();
+            }
+            if k == EMPTY {
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// True if `key` is present.
+    #[inline]
+    pub fn contains_key(&self, key: &u64) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Inserts, returning the previous value. Not for the packet path: it
+    /// may grow the table. `key` must not be `u64::MAX`.
+    pub fn insert(&mut self, key: u64, val: V) -> Option<V> {
+        assert_ne!(key, EMPTY, "u64::MAX is the empty marker");
+        if (self.len + 1) * 2 > self.keys.len() {
+            let mut bigger = Self::with_slots(self.keys.len() * 2);
+            for (k, v) in self.keys.iter().zip(self.vals.iter()) {
+                if let (true, Some(v)) = (*k != EMPTY, v) {
+                    bigger.insert(*k, *v);
+                }
+            }
+            *self = bigger;
+        }
+        let mask = self.keys.len() - 1;
+        let mut i = self.slot(key);
+        loop {
+            if self.keys[i] == key {
+                return self.vals[i].replace(val);
+            }
+            if self.keys[i] == EMPTY {
+                self.keys[i] = key;
+                self.vals[i] = Some(val);
+                self.len += 1;
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+}
 
 /// Index of a network in [`Tables::networks`].
 pub type NetId = u16;
@@ -318,6 +387,11 @@ pub struct Port {
     pub name: String,
     /// The network of a task port; `None` for the uplink.
     pub network: Option<NetId>,
+    /// The MAC of the port's endpoint when it has exactly one (the usual
+    /// case: one task interface per port), so the source check is one
+    /// compare; `None` for the uplink and for ports with several endpoints
+    /// (checked in the forwarding table instead).
+    pub mac: Option<MacAddr>,
 }
 
 /// The compiled, immutable tables.
@@ -338,17 +412,17 @@ pub struct Tables {
     /// Networks, by [`NetId`].
     pub networks: Vec<Network>,
     /// VNI → network.
-    pub by_vni: FastMap<u32, NetId>,
+    pub by_vni: FlatMap<NetId>,
     /// (network, MAC) → location; see [`mac_key`].
-    pub fdb: FastMap<u64, Location>,
+    pub fdb: FlatMap<Location>,
     /// (network, IP) → MAC, for proxy ARP (gateway included); see [`ip_key`].
-    pub arp: FastMap<u64, MacAddr>,
+    pub arp: FlatMap<MacAddr>,
     /// Outer headers, one per (remote VTEP, network).
     pub templates: Vec<EncapTemplate>,
     /// The VTEP of each template, for tracing.
     pub template_vtep: Vec<Ipv4Addr>,
     /// Known remote VTEPs: the only accepted outer sources.
-    pub vteps: FastMap<u32, ()>,
+    pub vteps: FlatMap<()>,
 }
 
 impl Tables {
@@ -377,16 +451,16 @@ impl Tables {
             return invalid(format!("node.data_mac {} must be a unicast address", n.data_mac));
         }
         let mut networks: Vec<Network> = Vec::new();
-        let mut by_vni = FastMap::default();
+        let mut by_vni = FlatMap::default();
         let mut by_name: HashMap<&str, NetId> = HashMap::new();
-        let mut arp = FastMap::default();
-        let mut fdb = FastMap::default();
+        let mut arp = FlatMap::default();
+        let mut fdb = FlatMap::default();
         for ns in &spec.networks {
             if ns.vni == 0 || ns.vni > vxlan::MAX_VNI {
                 return invalid(format!("network {:?}: vni {} out of range 1..={}", ns.name, ns.vni, vxlan::MAX_VNI));
             }
             let id = NetId::try_from(networks.len()).map_err(|_| TablesError::Invalid("too many networks".into()))?;
-            if by_vni.insert(ns.vni, id).is_some() {
+            if by_vni.insert(u64::from(ns.vni), id).is_some() {
                 return invalid(format!("network {:?}: vni {} is used twice", ns.name, ns.vni));
             }
             if by_name.insert(ns.name.as_str(), id).is_some() {
@@ -416,7 +490,7 @@ impl Tables {
                 mtu,
             });
         }
-        let mut ports = vec![Port { name: "uplink".into(), network: None }];
+        let mut ports = vec![Port { name: "uplink".into(), network: None, mac: None }];
         let mut port_ids: HashMap<&str, PortId> = HashMap::new();
         for ps in &spec.ports {
             if ps.name == "uplink" {
@@ -429,14 +503,15 @@ impl Tables {
             if port_ids.insert(ps.name.as_str(), id).is_some() {
                 return invalid(format!("port name {:?} is used twice", ps.name));
             }
-            ports.push(Port { name: ps.name.clone(), network: Some(net) });
+            ports.push(Port { name: ps.name.clone(), network: Some(net), mac: None });
         }
 
         let neighbour: HashMap<Ipv4Addr, MacAddr> = n.neighbours.iter().map(|x| (x.ip, x.mac)).collect();
         let mut templates = Vec::new();
         let mut template_vtep = Vec::new();
         let mut template_ids: HashMap<(Ipv4Addr, NetId), u32> = HashMap::new();
-        let mut vteps = FastMap::default();
+        let mut vteps = FlatMap::default();
+        let mut endpoints_on_port = vec![0usize; ports.len()];
         for es in &spec.endpoints {
             let net = *by_name
                 .get(es.network.as_str())
@@ -462,6 +537,8 @@ impl Tables {
                             es.ip, nw.name
                         ));
                     }
+                    endpoints_on_port[usize::from(id)] += 1;
+                    ports[usize::from(id)].mac = Some(es.mac);
                     Location::Local(id)
                 }
                 (None, Some(vtep)) => {
@@ -498,7 +575,7 @@ impl Tables {
                             i
                         }
                     };
-                    vteps.insert(u32::from(vtep), ());
+                    vteps.insert(u64::from(u32::from(vtep)), ());
                     Location::Remote(idx)
                 }
                 _ => return invalid(format!("endpoint {}: give exactly one of port (local) or vtep (remote)", es.ip)),
@@ -508,6 +585,11 @@ impl Tables {
             }
             if arp.insert(ip_key(net, es.ip), es.mac).is_some() {
                 return invalid(format!("endpoint {}: address is used twice in network {:?}", es.ip, nw.name));
+            }
+        }
+        for (p, n) in ports.iter_mut().zip(endpoints_on_port) {
+            if n != 1 {
+                p.mac = None;
             }
         }
         Ok(Tables {
@@ -585,7 +667,7 @@ mod tests {
         assert_eq!(t.fdb.get(&mac_key(0, mac)), Some(&Location::Remote(0)));
         assert_eq!(t.arp.get(&ip_key(0, Ipv4Addr::new(198, 19, 0, 254))), Some(&"02:42:c6:13:00:fe".parse().unwrap()));
         assert_eq!(t.templates.len(), 1);
-        assert!(t.vteps.contains_key(&u32::from(Ipv4Addr::new(198, 18, 0, 2))));
+        assert!(t.vteps.contains_key(&u64::from(u32::from(Ipv4Addr::new(198, 18, 0, 2)))));
     }
 
     #[test]
@@ -615,6 +697,21 @@ mod tests {
         assert!(err(bad_mac).contains("invalid MAC address"), "{}", err(bad_mac));
         let reserved = "[[port]]\nname = \"uplink\"\nnetwork = \"app\"";
         assert!(err(reserved).contains("reserved"), "{}", err(reserved));
+    }
+
+    #[test]
+    fn flat_map_grows_and_finds_everything() {
+        let mut m = FlatMap::default();
+        for k in 0..1000u64 {
+            assert_eq!(m.insert(k * 7919, k), None);
+        }
+        assert_eq!(m.insert(7919, 5), Some(1));
+        assert_eq!(m.len(), 1000);
+        for k in 0..1000u64 {
+            assert_eq!(m.get(&(k * 7919)).copied(), Some(if k == 1 { 5 } else { k }));
+            assert!(!m.contains_key(&(k * 7919 + 1)));
+        }
+        assert!(m.keys.len() >= 2000, "load stays at most one half");
     }
 
     #[test]

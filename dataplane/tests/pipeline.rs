@@ -329,6 +329,28 @@ fn task_side_cases() -> Vec<Case> {
         ),
         case("unknown port", 9, t2_ping.clone(), Verdict::Drop(D::UnknownPort), None),
         case(
+            "truncated udp header between local tasks",
+            TASK1,
+            {
+                let mut f = udp(T3_MAC, T1_MAC, T1, T3, b"x");
+                f[38..40].copy_from_slice(&200u16.to_be_bytes()); // UDP length past the packet
+                f
+            },
+            Verdict::Drop(D::Malformed),
+            None,
+        ),
+        case(
+            "truncated ipv6 header between local tasks",
+            TASK1,
+            {
+                let mut f = eth(T3_MAC, T1_MAC, 0x86dd);
+                f.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, 17, 64]);
+                f
+            },
+            Verdict::Drop(D::Malformed),
+            None,
+        ),
+        case(
             "db network: remote endpoint over vni 4097",
             DB1,
             udp(DB2_MAC, DB1_MAC, [198, 19, 1, 1], [198, 19, 1, 2], b"db"),

@@ -10,31 +10,87 @@ use crate::tables::{Location, PortId, Tables, UPLINK, ip_key, mac_key};
 use crate::wire::ethernet::{self, ethertype};
 use crate::wire::ipv4::{Ipv4Packet, protocol};
 use crate::wire::vxlan::{self, Classified};
-use crate::wire::{Layer, MacAddr, WireError, flow};
+use crate::wire::{Layer, MacAddr, WireError, flow, parse_frame};
 use core::net::Ipv4Addr;
 
-#[inline]
-fn macs(d: &[u8]) -> (MacAddr, MacAddr) {
-    (MacAddr([d[0], d[1], d[2], d[3], d[4], d[5]]), MacAddr([d[6], d[7], d[8], d[9], d[10], d[11]]))
+#[inline(always)]
+fn macs(h: &[u8; 14]) -> (MacAddr, MacAddr) {
+    (MacAddr([h[0], h[1], h[2], h[3], h[4], h[5]]), MacAddr([h[6], h[7], h[8], h[9], h[10], h[11]]))
+}
+
+/// What the MTU and gateway checks need of an IPv4 packet.
+#[derive(Clone, Copy)]
+struct Ip4 {
+    total: usize,
+    df: bool,
+    dst: Ipv4Addr,
+    protocol: u8,
+}
+
+/// Validates the common frame, untagged IPv4 without options carrying an
+/// unfragmented TCP, UDP or ICMP packet, at fixed offsets, exactly as far
+/// as [`parse_frame`] would; `None` means "ask `parse_frame`".
+#[inline(always)]
+fn ipv4_fast(d: &[u8]) -> Option<Ip4> {
+    let h = d.first_chunk::<34>()?;
+    if h[12] != 0x08 || h[13] != 0x00 || h[14] != 0x45 || h[20] & 0x3f != 0 || h[21] != 0 {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([h[16], h[17]]));
+    if total + ethernet::HEADER_LEN > d.len() {
+        return None;
+    }
+    let l4 = total.checked_sub(20)?;
+    let ok = match h[23] {
+        protocol::UDP => {
+            l4 >= 8 && {
+                let ulen = usize::from(u16::from_be_bytes([d[38], d[39]]));
+                (8..=l4).contains(&ulen)
+            }
+        }
+        protocol::TCP => {
+            l4 >= 20 && {
+                let off = usize::from(d[46] >> 4) * 4;
+                (20..=l4).contains(&off)
+            }
+        }
+        protocol::ICMP => l4 >= 8,
+        _ => false,
+    };
+    ok.then(|| Ip4 { total, df: h[20] & 0x40 != 0, dst: Ipv4Addr::new(h[30], h[31], h[32], h[33]), protocol: h[23] })
+}
+
+/// True if every header of the frame up to the transport header parses.
+#[inline(always)]
+fn well_formed(d: &[u8]) -> bool {
+    ipv4_fast(d).is_some() || parse_frame(d).is_ok()
 }
 
 /// A frame from a task port.
 #[inline]
 pub(crate) fn from_task(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -> Verdict {
     use DropReason as D;
-    let Some(net) = t.ports.get(usize::from(in_port)).and_then(|p| p.network) else {
+    let Some((net, port_mac)) = t.ports.get(usize::from(in_port)).and_then(|p| Some((p.network?, p.mac))) else {
         return Verdict::Drop(D::UnknownPort);
     };
     let d = frame.data();
-    if d.len() < ethernet::HEADER_LEN {
-        return Verdict::Drop(D::Malformed);
-    }
-    let (dst, src) = macs(d);
+    // Nothing malformed is forwarded: every header up to the transport
+    // header must parse (this also covers frames shorter than Ethernet).
+    let fast = ipv4_fast(d);
+    let Some(h) = d.first_chunk::<14>().filter(|_| fast.is_some() || parse_frame(d).is_ok()) else {
+        let arp = d.get(12..14) == Some(&ethertype::ARP.to_be_bytes()[..]);
+        return Verdict::Drop(if arp { D::ArpMalformed } else { D::Malformed });
+    };
+    let (dst, src) = macs(h);
     let etype = u16::from_be_bytes([d[12], d[13]]);
     if matches!(etype, ethertype::VLAN | ethertype::QINQ) {
         return Verdict::Drop(D::VlanTagged);
     }
-    if t.fdb.get(&mac_key(net, src)) != Some(&Location::Local(in_port)) {
+    let src_ok = match port_mac {
+        Some(m) => m == src,
+        None => t.fdb.get(&mac_key(net, src)) == Some(&Location::Local(in_port)),
+    };
+    if !src_ok {
         return Verdict::Drop(D::SrcMacSpoofed);
     }
     if etype == ethertype::ARP {
@@ -46,18 +102,18 @@ pub(crate) fn from_task(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -> V
     let nw = &t.networks[usize::from(net)];
     // MTU: no frame larger than the network allows leaves a task port.
     if etype == ethertype::IPV4 {
-        let Ok(ip) = Ipv4Packet::new_checked(&d[ethernet::HEADER_LEN..]) else {
-            return Verdict::Drop(D::Malformed);
+        let ip = match fast {
+            Some(ip) => ip,
+            None => match Ipv4Packet::new_checked(&d[ethernet::HEADER_LEN..]) {
+                Ok(p) => Ip4 { total: p.total_len(), df: p.dont_frag(), dst: p.dst(), protocol: p.protocol() },
+                Err(_) => return Verdict::Drop(D::Malformed),
+            },
         };
-        if ip.total_len() > usize::from(nw.mtu) {
-            return if ip.dont_frag() {
-                gateway::frag_needed(frame, in_port, nw)
-            } else {
-                Verdict::Drop(D::MtuExceeded)
-            };
+        if ip.total > usize::from(nw.mtu) {
+            return if ip.df { gateway::frag_needed(frame, in_port, nw) } else { Verdict::Drop(D::MtuExceeded) };
         }
         if dst == nw.gateway_mac {
-            return if ip.dst() == nw.gateway_ip && ip.protocol() == protocol::ICMP {
+            return if ip.dst == nw.gateway_ip && ip.protocol == protocol::ICMP {
                 gateway::echo(frame, in_port, nw)
             } else {
                 Verdict::Drop(D::NoRoute)
@@ -71,14 +127,21 @@ pub(crate) fn from_task(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -> V
     match t.fdb.get(&mac_key(net, dst)) {
         Some(&Location::Local(p)) if p == in_port => Verdict::Drop(D::Hairpin),
         Some(&Location::Local(p)) => Verdict::Tx(p),
-        Some(&Location::Remote(i)) => encap(frame, t, i),
+        Some(&Location::Remote(i)) => {
+            let hash = match d.first_chunk::<38>() {
+                Some(h) if fast.is_some() => flow::hash_ipv4_at_fixed_offsets(flow::DEFAULT_SEED, h),
+                _ => flow::flow_hash(d),
+            };
+            encap(frame, t, i, hash)
+        }
         None => Verdict::Drop(D::UnknownUnicast),
     }
 }
 
-/// Encapsulates the frame toward the VTEP of template `i`, into headroom.
+/// Encapsulates the frame toward the VTEP of template `i`, into headroom,
+/// with the outer source port from the inner flow's `hash`.
 #[inline]
-fn encap(frame: &mut Frame<'_>, t: &Tables, i: u32) -> Verdict {
+fn encap(frame: &mut Frame<'_>, t: &Tables, i: u32, hash: u32) -> Verdict {
     let Some(tpl) = t.templates.get(i as usize) else {
         return Verdict::Drop(DropReason::UnknownUnicast);
     };
@@ -86,7 +149,7 @@ fn encap(frame: &mut Frame<'_>, t: &Tables, i: u32) -> Verdict {
         return Verdict::Drop(DropReason::NoHeadroom);
     }
     let (start, len) = (frame.start(), frame.len());
-    let port = vxlan::src_port_for_hash(flow::flow_hash(frame.data()));
+    let port = vxlan::src_port_for_hash(hash);
     match tpl.write(frame.buf_mut(), start, len, port) {
         Ok(s) => {
             frame.set_window(s, len + vxlan::ENCAP_LEN);
@@ -110,14 +173,17 @@ pub(crate) fn from_uplink(frame: &mut Frame<'_>, t: &Tables) -> Verdict {
         // Malformed below VXLAN: not recognisably ours; the kernel decides.
         Err(_) => return Verdict::Pass,
     };
-    let Some(&net) = t.by_vni.get(&d.vni) else {
+    let Some(&net) = t.by_vni.get(&u64::from(d.vni)) else {
         return Verdict::Drop(D::UnknownVni);
     };
-    if !t.vteps.contains_key(&u32::from(d.outer_src)) {
+    if !t.vteps.contains_key(&u64::from(u32::from(d.outer_src))) {
         return Verdict::Drop(D::UnknownVtep);
     }
     let inner = &frame.data()[d.inner.clone()];
-    let (dst, src) = macs(inner);
+    let Some(h) = inner.first_chunk::<14>().filter(|_| well_formed(inner)) else {
+        return Verdict::Drop(D::InnerMalformed);
+    };
+    let (dst, src) = macs(h);
     if dst.is_multicast() {
         return Verdict::Drop(D::InnerBroadcast);
     }

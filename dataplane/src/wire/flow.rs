@@ -74,6 +74,21 @@ pub fn flow_hash_seeded(seed: u64, frame: &[u8]) -> u32 {
     flow_hash_general(seed, frame)
 }
 
+/// [`flow_hash_seeded`] of an untagged IPv4 frame without options whose
+/// total length is at least 24 and within the frame: the caller has checked
+/// that (the overlay's fast path has, so it hashes without re-parsing).
+#[inline(always)]
+pub fn hash_ipv4_at_fixed_offsets(seed: u64, h: &[u8; 38]) -> u32 {
+    let addrs = u64::from_be_bytes([h[26], h[27], h[28], h[29], h[30], h[31], h[32], h[33]]);
+    let proto = h[23];
+    let fragment = h[20] & 0x3f != 0 || h[21] != 0;
+    let p = match proto {
+        protocol::TCP | protocol::UDP if !fragment => u64::from(u32::from_be_bytes([h[34], h[35], h[36], h[37]])),
+        _ => 0,
+    };
+    hash2(seed, addrs, (p << 8) | u64::from(proto))
+}
+
 /// [`flow_hash_seeded`] through the checked views only: the reference the
 /// fast path is fuzzed against.
 pub fn flow_hash_general(seed: u64, frame: &[u8]) -> u32 {

@@ -1,0 +1,145 @@
+//! `pipeline` bench: whole-frame costs of the overlay pipeline (`process`,
+//! counters included), bursts of 64 frames of 64 different flows, with the
+//! example tables (examples/tables.toml).
+//!
+//! Run: `cargo bench -p meshplane-benches --bench pipeline`
+//!
+//! Frames sit in their own buffers with headroom, as in a UMEM. Encap and
+//! decap leave the frame bytes as they were (they write into headroom or
+//! move the window), so each iteration re-wraps the same bytes. The proxy
+//! ARP case rewrites the request into the reply, so it copies the 42-byte
+//! request back first (in a worker, the NIC writes each new frame).
+#![allow(missing_docs)] // criterion_group! generates undocumented public functions
+
+use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
+use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process, process_burst};
+use meshplane_dataplane::tables::{Tables, UPLINK};
+
+const BURST: usize = 64;
+
+fn tables() -> Tables {
+    Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables.toml")).unwrap()
+}
+
+/// A 64-byte UDP frame from task1 (198.19.0.1) to the remote task 198.19.0.2.
+fn task_frame(i: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 1, 1], [2, 0, 0, 0, 1, 2])
+        .ipv4([198, 19, 0, 1], [198, 19, 0, 2], 64)
+        .udp(10000 + i, 5001)
+        .write(&mut f, &[0x5a; 22])
+        .unwrap();
+    f
+}
+
+/// The same flow direction arriving from node 2, VXLAN-encapsulated, for task1.
+fn uplink_frame(i: u16) -> Vec<u8> {
+    let mut inner = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 1, 2], [2, 0, 0, 0, 1, 1])
+        .ipv4([198, 19, 0, 2], [198, 19, 0, 1], 64)
+        .udp(10000 + i, 5001)
+        .write(&mut inner, &[0x5a; 22])
+        .unwrap();
+    let mut payload = vec![0x08, 0, 0, 0, 0x00, 0x10, 0x00, 0];
+    payload.extend_from_slice(&inner);
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+        .ipv4([198, 18, 0, 2], [198, 18, 0, 1], 64)
+        .udp(49152 + i, 4789)
+        .write(&mut f, &payload)
+        .unwrap();
+    f
+}
+
+fn arp_request() -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[2, 0, 0, 0, 1, 1, 0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 1, 1, 198, 19, 0, 1]);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&[198, 19, 0, 2]);
+    f
+}
+
+struct Burst {
+    bufs: Vec<Vec<u8>>,
+    lens: Vec<usize>,
+}
+
+impl Burst {
+    fn new(frames: Vec<Vec<u8>>) -> Self {
+        let lens = frames.iter().map(|f| f.len()).collect();
+        let bufs = frames
+            .into_iter()
+            .map(|f| {
+                let mut b = vec![0u8; HEADROOM + 2048];
+                b[HEADROOM..HEADROOM + f.len()].copy_from_slice(&f);
+                b
+            })
+            .collect();
+        Burst { bufs, lens }
+    }
+}
+
+fn bench_case(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    port: u16,
+    frames: Vec<Vec<u8>>,
+    expect: Verdict,
+    restore: bool,
+) {
+    let t = tables();
+    let originals = frames.clone();
+    let mut burst = Burst::new(frames);
+    let mut st = WorkerState::new(t.ports.len());
+    // Check once that the case does what it claims.
+    {
+        let mut f = Frame::new(&mut burst.bufs[0], HEADROOM, burst.lens[0]).unwrap();
+        assert_eq!(process(&mut f, port, 0, &t, &mut st), expect, "{name}");
+        burst.bufs[0][HEADROOM..HEADROOM + originals[0].len()].copy_from_slice(&originals[0]);
+    }
+    let mut verdicts = [Verdict::Pass; BURST];
+    c.bench_function(name, |b| {
+        b.iter(|| {
+            if restore {
+                for (buf, o) in burst.bufs.iter_mut().zip(&originals) {
+                    buf[HEADROOM..HEADROOM + o.len()].copy_from_slice(o);
+                }
+            }
+            // A fixed array, as a worker's burst is: no allocation per burst.
+            let mut bufs = burst.bufs.iter_mut();
+            let mut frames: [Frame<'_>; BURST] = core::array::from_fn(|i| {
+                Frame::new(bufs.next().expect("BURST buffers"), HEADROOM, burst.lens[i]).expect("frame fits")
+            });
+            process_burst(&mut frames, port, 0, &t, &mut st, &mut verdicts);
+            let sent: usize = verdicts.iter().map(|v| usize::from(matches!(v, Verdict::Tx(_)))).sum();
+            black_box(sent)
+        })
+    });
+}
+
+fn pipeline(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pipeline");
+    g.throughput(Throughput::Elements(BURST as u64));
+    let task1 = tables().port_id("task1").unwrap();
+    bench_case(
+        &mut g,
+        "encap_task_to_remote",
+        task1,
+        (0..BURST as u16).map(task_frame).collect(),
+        Verdict::Tx(UPLINK),
+        false,
+    );
+    bench_case(
+        &mut g,
+        "decap_uplink_to_local",
+        UPLINK,
+        (0..BURST as u16).map(uplink_frame).collect(),
+        Verdict::Tx(task1),
+        false,
+    );
+    bench_case(&mut g, "arp_proxy", task1, vec![arp_request(); BURST], Verdict::Tx(task1), true);
+    g.finish();
+}
+
+criterion_group!(benches, pipeline);
+criterion_main!(benches);

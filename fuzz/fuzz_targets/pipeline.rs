@@ -1,0 +1,63 @@
+//! Arbitrary frames on arbitrary ports through the overlay pipeline with the
+//! example tables: no panic; every transmitted frame parses; nothing is
+//! sent on a port of another network, nor encapsulated with another
+//! network's VNI, nor decapsulated into a network other than its VNI's.
+//!
+//! Input: byte 0 picks the input port (modulo ports + 1, so unknown ports
+//! occur too), the rest is the frame.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process};
+use meshplane_dataplane::tables::{Tables, UPLINK};
+use meshplane_dataplane::wire::parse_frame;
+use meshplane_dataplane::wire::vxlan::{self, Classified};
+use std::sync::OnceLock;
+
+fn tables() -> &'static Tables {
+    static T: OnceLock<Tables> = OnceLock::new();
+    T.get_or_init(|| {
+        let spec = include_str!("../../examples/tables.toml");
+        Tables::compile(&toml::from_str(spec).expect("example tables parse")).expect("example tables compile")
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&sel, frame)) = data.split_first() else { return };
+    let t = tables();
+    let in_port = u16::from(sel) % (t.ports.len() as u16 + 1);
+    let mut buf = vec![0u8; HEADROOM + frame.len()];
+    buf[HEADROOM..].copy_from_slice(frame);
+    let mut st = WorkerState::new(t.ports.len());
+    let Some(mut f) = Frame::new(&mut buf, HEADROOM, frame.len()) else { return };
+    let v = process(&mut f, in_port, 0, t, &mut st);
+    let Verdict::Tx(out) = v else { return };
+    let sent = f.data();
+    parse_frame(sent).expect("a transmitted frame parses");
+    let out_net = t.ports[usize::from(out)].network;
+    if in_port == UPLINK {
+        assert_ne!(out, UPLINK, "uplink to uplink");
+        let Ok(Classified::Vxlan(d)) = vxlan::classify(frame, t.data_ip, t.vxlan_port) else {
+            panic!("only VXLAN is sent from the uplink to a task");
+        };
+        let net = *t.by_vni.get(&u64::from(d.vni)).expect("a decapsulated VNI is known");
+        assert_eq!(out_net, Some(net), "decapsulated into another network");
+        assert_eq!(sent, &frame[d.inner], "decapsulation changed the inner frame");
+    } else {
+        let in_net = t.ports[usize::from(in_port)].network.expect("task ports have a network");
+        if out == UPLINK {
+            let Ok(Classified::Vxlan(d)) = vxlan::classify(sent, sent_dst(sent), t.vxlan_port) else {
+                panic!("a frame to the uplink is VXLAN");
+            };
+            assert_eq!(d.vni, t.networks[usize::from(in_net)].vni, "encapsulated with another VNI");
+            assert_eq!(d.outer_src, t.data_ip, "outer source is always this node");
+            parse_frame(&sent[d.inner]).expect("the inner frame parses");
+        } else {
+            assert_eq!(out_net, Some(in_net), "switched into another network");
+        }
+    }
+});
+
+fn sent_dst(f: &[u8]) -> core::net::Ipv4Addr {
+    core::net::Ipv4Addr::new(f[30], f[31], f[32], f[33])
+}
