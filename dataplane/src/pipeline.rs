@@ -111,7 +111,8 @@ macro_rules! drop_reasons {
 }
 
 drop_reasons! {
-    /// The input port is not in the tables.
+    /// The input port, or the port a verdict named, is not in the tables
+    /// or beyond the ports the worker counts.
     UnknownPort = "unknown_port",
     /// Shorter than an Ethernet header, or a header (up to the transport
     /// header) that does not parse: nothing malformed is forwarded.
@@ -120,6 +121,8 @@ drop_reasons! {
     VlanTagged = "vlan_tagged",
     /// A task sent from a MAC that is not the endpoint on its port.
     SrcMacSpoofed = "src_mac_spoofed",
+    /// A task sent IPv4 from an address that is not its endpoint's.
+    SrcIpSpoofed = "src_ip_spoofed",
     /// Broadcast or multicast other than an ARP request: no flooding.
     BroadcastNotFlooded = "broadcast_not_flooded",
     /// Unicast to a MAC not in the network's forwarding table.
@@ -139,8 +142,10 @@ drop_reasons! {
     /// To the gateway MAC, but not something the gateway answers (routing
     /// beyond the network comes with the load balancer).
     NoRoute = "no_route",
-    /// An IPv4 packet larger than the network MTU without DF (the fast
-    /// path does not fragment).
+    /// An IPv4 packet larger than the network MTU that is not answered with
+    /// fragmentation-needed: no DF (the fast path does not fragment), or
+    /// RFC 1122 forbids the ICMP error (ICMP error, later fragment, source
+    /// not one host, destination a group).
     MtuExceeded = "mtu_exceeded",
     /// A non-IPv4 frame larger than the network MTU allows.
     Oversize = "oversize",
@@ -158,6 +163,11 @@ drop_reasons! {
     UnknownVtep = "unknown_vtep",
     /// An inner frame whose headers do not parse.
     InnerMalformed = "inner_malformed",
+    /// An inner frame with a VLAN tag (RFC 7348 section 6.1).
+    InnerVlanTagged = "inner_vlan_tagged",
+    /// An inner ARP packet whose sender is not what cluster state says
+    /// (ARP is answered from state, never learned from the overlay).
+    InnerArpSpoofed = "inner_arp_spoofed",
     /// An inner frame to a broadcast or multicast MAC (no flooding).
     InnerBroadcast = "inner_broadcast",
     /// An inner frame to a MAC that is not local in the frame's network

@@ -371,6 +371,14 @@ pub struct Network {
     pub mtu: u16,
 }
 
+impl Network {
+    /// The subnet's broadcast address.
+    #[inline]
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.subnet.addr) | !self.subnet.mask())
+    }
+}
+
 /// Where a destination MAC is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Location {
@@ -392,6 +400,9 @@ pub struct Port {
     /// compare; `None` for the uplink and for ports with several endpoints
     /// (checked in the forwarding table instead).
     pub mac: Option<MacAddr>,
+    /// The IPv4 address of that single endpoint, for the source address
+    /// check; `None` where `mac` is `None`.
+    pub ip: Option<Ipv4Addr>,
 }
 
 /// The compiled, immutable tables.
@@ -419,7 +430,8 @@ pub struct Tables {
     pub arp: FlatMap<MacAddr>,
     /// Outer headers, one per (remote VTEP, network).
     pub templates: Vec<EncapTemplate>,
-    /// The VTEP of each template, for tracing.
+    /// The VTEP of each template: the outer source a frame from an endpoint
+    /// behind it must have (the inner-source check on decapsulation).
     pub template_vtep: Vec<Ipv4Addr>,
     /// Known remote VTEPs: the only accepted outer sources.
     pub vteps: FlatMap<()>,
@@ -490,7 +502,7 @@ impl Tables {
                 mtu,
             });
         }
-        let mut ports = vec![Port { name: "uplink".into(), network: None, mac: None }];
+        let mut ports = vec![Port { name: "uplink".into(), network: None, mac: None, ip: None }];
         let mut port_ids: HashMap<&str, PortId> = HashMap::new();
         for ps in &spec.ports {
             if ps.name == "uplink" {
@@ -503,7 +515,7 @@ impl Tables {
             if port_ids.insert(ps.name.as_str(), id).is_some() {
                 return invalid(format!("port name {:?} is used twice", ps.name));
             }
-            ports.push(Port { name: ps.name.clone(), network: Some(net), mac: None });
+            ports.push(Port { name: ps.name.clone(), network: Some(net), mac: None, ip: None });
         }
 
         let neighbour: HashMap<Ipv4Addr, MacAddr> = n.neighbours.iter().map(|x| (x.ip, x.mac)).collect();
@@ -539,6 +551,7 @@ impl Tables {
                     }
                     endpoints_on_port[usize::from(id)] += 1;
                     ports[usize::from(id)].mac = Some(es.mac);
+                    ports[usize::from(id)].ip = Some(es.ip);
                     Location::Local(id)
                 }
                 (None, Some(vtep)) => {
@@ -590,6 +603,7 @@ impl Tables {
         for (p, n) in ports.iter_mut().zip(endpoints_on_port) {
             if n != 1 {
                 p.mac = None;
+                p.ip = None;
             }
         }
         Ok(Tables {

@@ -157,6 +157,7 @@ fn task_side_cases() -> Vec<Case> {
     let t2_ping = ping(T2_MAC, T1_MAC, T1, T2, b"overlay-ping");
     let t3_udp = udp(T3_MAC, T1_MAC, T1, T3, b"local");
     let big_df = set_df(udp(T2_MAC, T1_MAC, T1, T2, &[0xab; 1451 - 28]));
+    let t3_udp_padded = udp(T3_MAC, T1_MAC, T1, T3, b"padded");
     vec![
         case(
             "arp request for a remote task is answered from state",
@@ -328,6 +329,78 @@ fn task_side_cases() -> Vec<Case> {
             None,
         ),
         case("unknown port", 9, t2_ping.clone(), Verdict::Drop(D::UnknownPort), None),
+        case("spoofed source address", TASK1, udp(T2_MAC, T1_MAC, T3, T2, b"x"), Verdict::Drop(D::SrcIpSpoofed), None),
+        case(
+            "arp probe for the sender's own address",
+            TASK1,
+            arp(BCAST, T1_MAC, 1, T1_MAC, [0; 4], z, T1),
+            Verdict::Drop(D::ArpGratuitous),
+            None,
+        ),
+        case(
+            "arp probe for another address is answered",
+            TASK1,
+            arp(BCAST, T1_MAC, 1, T1_MAC, [0; 4], z, T3),
+            Verdict::Tx(TASK1),
+            Some(arp(T1_MAC, T3_MAC, 2, T3_MAC, T3, T1_MAC, [0; 4])),
+        ),
+        case(
+            "trailing bytes after the ip packet are trimmed",
+            TASK1,
+            {
+                let mut f = t3_udp_padded.clone();
+                f.extend_from_slice(&[0u8; 1500]);
+                f
+            },
+            Verdict::Tx(TASK3),
+            Some(t3_udp_padded.clone()),
+        ),
+        case(
+            "trailing bytes do not ride along in vxlan",
+            TASK1,
+            {
+                let mut f = t2_ping.clone();
+                f.extend_from_slice(&[0u8; 1500]);
+                f
+            },
+            Verdict::Tx(UPLINK),
+            Some(expected_encap(&t2_ping, 4096)),
+        ),
+        case(
+            "no frag-needed about a later fragment",
+            TASK1,
+            {
+                let mut f = big_df.clone();
+                f[20..22].copy_from_slice(&0x4001u16.to_be_bytes()); // DF, offset 8
+                f[24..26].copy_from_slice(&[0, 0]);
+                let c = checksum::checksum(&f[14..34]);
+                f[24..26].copy_from_slice(&c.to_be_bytes());
+                f
+            },
+            Verdict::Drop(D::MtuExceeded),
+            None,
+        ),
+        case(
+            "no frag-needed about a datagram to the subnet broadcast",
+            TASK1,
+            set_df(udp(T2_MAC, T1_MAC, T1, [198, 19, 0, 255], &[0xab; 1451 - 28])),
+            Verdict::Drop(D::MtuExceeded),
+            None,
+        ),
+        case(
+            "a fragmented ping to the gateway is not answered",
+            TASK1,
+            {
+                let mut f = with_df(ping(GW_MAC, T1_MAC, T1, GW, b"frag"), false);
+                f[20] |= 0x20; // MF
+                f[24..26].copy_from_slice(&[0, 0]);
+                let c = checksum::checksum(&f[14..34]);
+                f[24..26].copy_from_slice(&c.to_be_bytes());
+                f
+            },
+            Verdict::Drop(D::NoRoute),
+            None,
+        ),
         case(
             "truncated udp header between local tasks",
             TASK1,

@@ -33,6 +33,11 @@ pub(super) fn proxy(frame: &mut Frame<'_>, in_port: PortId, net: NetId, src: Mac
     let Some(mac) = arp_lookup(t, net, req.target_ip) else {
         return Verdict::Drop(D::ArpUnknownTarget);
     };
+    if mac == src {
+        // An RFC 5227 probe for the sender's own address: answering would
+        // tell it the address is taken.
+        return Verdict::Drop(D::ArpGratuitous);
+    }
     let reply = req.reply_from(mac);
     let len = ethernet::HEADER_LEN + arp::PACKET_LEN;
     let start = frame.start();

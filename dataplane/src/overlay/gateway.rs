@@ -21,7 +21,11 @@ pub(super) fn echo(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verd
     let Ok(mut ip) = Ipv4Packet::new_checked(&mut d[ethernet::HEADER_LEN..]) else {
         return Verdict::Drop(D::Malformed);
     };
-    if ip.is_fragment() || !ip.verify_checksum() {
+    if ip.is_fragment() {
+        // The gateway does not reassemble: a fragmented ping goes unanswered.
+        return Verdict::Drop(D::NoRoute);
+    }
+    if !ip.verify_checksum() {
         return Verdict::Drop(D::Malformed);
     }
     {
@@ -63,11 +67,17 @@ pub(super) fn frag_needed(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) 
     let Ok(ip) = Ipv4Packet::new_checked(&d[ethernet::HEADER_LEN..]) else {
         return Verdict::Drop(D::Malformed);
     };
-    // Never answer an ICMP error with an error (RFC 1122 3.2.2).
-    if ip.protocol() == protocol::ICMP
-        && let Some(&k) = ip.payload().first()
-        && !matches!(k, icmpv4::kind::ECHO_REQUEST | icmpv4::kind::ECHO_REPLY)
-    {
+    // RFC 1122 3.2.2: no ICMP error about an ICMP error, about a later
+    // fragment, to a source that is not one host, or about a datagram to a
+    // multicast or broadcast address.
+    let src = ip.src();
+    let not_one_host = src.is_unspecified() || src.is_broadcast() || src.is_multicast() || src == nw.broadcast();
+    let dst = ip.dst();
+    let to_group = dst.is_broadcast() || dst.is_multicast() || dst == nw.broadcast();
+    let icmp_error = ip.protocol() == protocol::ICMP
+        && !ip.is_later_fragment()
+        && ip.payload().first().is_some_and(|k| !matches!(*k, icmpv4::kind::ECHO_REQUEST | icmpv4::kind::ECHO_REPLY));
+    if ip.is_later_fragment() || not_one_host || to_group || icmp_error {
         return Verdict::Drop(D::MtuExceeded);
     }
     let mut quote = [0u8; 60 + 8];
@@ -77,9 +87,10 @@ pub(super) fn frag_needed(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) 
 
     let icmp_len = icmpv4::HEADER_LEN + qlen;
     let total = ethernet::HEADER_LEN + 20 + icmp_len;
-    // The original is larger than the MTU (≥ 68), so the error fits in place.
-    if total > frame.len() {
-        return Verdict::Drop(D::Malformed);
+    // The error is written over the original, in the same buffer; with a
+    // tiny MTU and a long IPv4 header it can be longer than the original.
+    if total > frame.capacity() {
+        return Verdict::Drop(D::MtuExceeded);
     }
     let start = frame.start();
     frame.set_window(start, total);

@@ -7,6 +7,7 @@ mod gateway;
 
 use crate::pipeline::{DropReason, Frame, Verdict};
 use crate::tables::{Location, PortId, Tables, UPLINK, ip_key, mac_key};
+use crate::wire::arp::ArpRepr;
 use crate::wire::ethernet::{self, ethertype};
 use crate::wire::ipv4::{Ipv4Packet, protocol};
 use crate::wire::vxlan::{self, Classified};
@@ -70,7 +71,9 @@ fn well_formed(d: &[u8]) -> bool {
 #[inline]
 pub(crate) fn from_task(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -> Verdict {
     use DropReason as D;
-    let Some((net, port_mac)) = t.ports.get(usize::from(in_port)).and_then(|p| Some((p.network?, p.mac))) else {
+    let Some((net, port_mac, port_ip)) =
+        t.ports.get(usize::from(in_port)).and_then(|p| Some((p.network?, p.mac, p.ip)))
+    else {
         return Verdict::Drop(D::UnknownPort);
     };
     let d = frame.data();
@@ -100,7 +103,9 @@ pub(crate) fn from_task(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -> V
         return Verdict::Drop(D::BroadcastNotFlooded);
     }
     let nw = &t.networks[usize::from(net)];
-    // MTU: no frame larger than the network allows leaves a task port.
+    // MTU: no frame larger than the network allows leaves a task port. For
+    // IPv4 the packet's total length counts; bytes after it (Ethernet
+    // padding) are trimmed before the frame is forwarded.
     if etype == ethertype::IPV4 {
         let ip = match fast {
             Some(ip) => ip,
@@ -109,6 +114,13 @@ pub(crate) fn from_task(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -> V
                 Err(_) => return Verdict::Drop(D::Malformed),
             },
         };
+        let src_ip_ok = match port_ip {
+            Some(a) => a.octets() == [d[26], d[27], d[28], d[29]],
+            None => arp_lookup(t, net, Ipv4Addr::new(d[26], d[27], d[28], d[29])) == Some(src),
+        };
+        if !src_ip_ok {
+            return Verdict::Drop(D::SrcIpSpoofed);
+        }
         if ip.total > usize::from(nw.mtu) {
             return if ip.df { gateway::frag_needed(frame, in_port, nw) } else { Verdict::Drop(D::MtuExceeded) };
         }
@@ -124,6 +136,13 @@ pub(crate) fn from_task(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -> V
     } else if dst == nw.gateway_mac {
         return Verdict::Drop(D::NoRoute);
     }
+    if let Some(ip) = fast
+        && ip.total + ethernet::HEADER_LEN < frame.len()
+    {
+        let start = frame.start();
+        frame.set_window(start, ip.total + ethernet::HEADER_LEN);
+    }
+    let d = frame.data();
     match t.fdb.get(&mac_key(net, dst)) {
         Some(&Location::Local(p)) if p == in_port => Verdict::Drop(D::Hairpin),
         Some(&Location::Local(p)) => Verdict::Tx(p),
@@ -194,6 +213,16 @@ pub(crate) fn from_uplink(frame: &mut Frame<'_>, t: &Tables) -> Verdict {
     match t.fdb.get(&mac_key(net, src)) {
         Some(&Location::Remote(i)) if t.template_vtep.get(i as usize) == Some(&d.outer_src) => {}
         _ => return Verdict::Drop(D::InnerSrcSpoofed),
+    }
+    match u16::from_be_bytes([h[12], h[13]]) {
+        ethertype::VLAN | ethertype::QINQ => return Verdict::Drop(D::InnerVlanTagged),
+        // Peers that run their own ARP over the overlay (the kernel's VXLAN
+        // does) are heard only when they say what cluster state says.
+        ethertype::ARP => match ArpRepr::parse(&inner[ethernet::HEADER_LEN..]) {
+            Ok(a) if a.sender_mac == src && arp_lookup(t, net, a.sender_ip) == Some(src) => {}
+            _ => return Verdict::Drop(D::InnerArpSpoofed),
+        },
+        _ => {}
     }
     if inner.len() > usize::from(t.networks[usize::from(net)].mtu) + ethernet::HEADER_LEN {
         return Verdict::Drop(D::Oversize);

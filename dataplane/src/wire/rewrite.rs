@@ -237,8 +237,16 @@ pub fn recompute_checksums_ipv4(ip: &mut [u8]) -> Result<(), WireError> {
     // For a first fragment the transport length is the whole datagram's,
     // which one fragment cannot tell: use the UDP length field, or for TCP
     // the fragment's bytes (then only consistency, not validity, is checked).
-    let len = if proto == protocol::UDP { rd16(seg, 4) } else { seg.len() as u16 };
-    let mut c = checksum::finish(checksum::sum(seg, checksum::pseudo_header_v4(src, dst, proto, len)));
+    // RFC 768: UDP is summed over its own length when that fits the packet.
+    let (len, n) = match proto {
+        protocol::UDP => {
+            let ul = rd16(seg, 4);
+            let n = usize::from(ul);
+            (ul, if (8..=seg.len()).contains(&n) { n } else { seg.len() })
+        }
+        _ => (seg.len() as u16, seg.len()),
+    };
+    let mut c = checksum::finish(checksum::sum(&seg[..n], checksum::pseudo_header_v4(src, dst, proto, len)));
     if proto == protocol::UDP && c == 0 {
         c = 0xffff;
     }

@@ -91,7 +91,9 @@ pub struct Decap {
 /// `local`:`port`? Well-formed frames that are not are
 /// [`Classified::NotVxlan`]. Errors are frames that are malformed on the
 /// way to deciding, or VXLAN frames for us that are malformed (no I flag,
-/// fragmented, inner frame shorter than an Ethernet header).
+/// inner frame shorter than an Ethernet header), or the first fragment of a
+/// datagram to our VXLAN port ([`WireError::Fragment`]: never reassembled).
+/// Later fragments to our address are the host's (`NotVxlan`).
 ///
 /// The outer IPv4 and UDP checksums are not verified (the Ethernet FCS
 /// protects the link; RFC 7348 lets receivers skip the UDP checksum).
@@ -147,12 +149,20 @@ pub fn classify_general(frame: &[u8], local: Ipv4Addr, port: u16) -> Result<Clas
     if ip.dst() != local || ip.protocol() != protocol::UDP {
         return Ok(Classified::NotVxlan);
     }
-    if ip.is_fragment() {
-        // A later fragment has no UDP header to tell whether it is VXLAN;
-        // meshplane never fragments what it sends, and reassembles nothing.
-        return Err(WireError::Fragment(Layer::Ipv4));
+    if ip.is_later_fragment() {
+        // No UDP header to tell: meshplane never fragments what it sends
+        // (DF is set), so this is the host's; the kernel reassembles.
+        return Ok(Classified::NotVxlan);
     }
     let l4 = l3 + ip.header_len();
+    if ip.is_fragment() {
+        // A first fragment: the UDP ports are here, the datagram is not.
+        let p = ip.payload();
+        if p.len() >= 4 && u16::from_be_bytes([p[2], p[3]]) != port {
+            return Ok(Classified::NotVxlan);
+        }
+        return Err(WireError::Fragment(Layer::Ipv4));
+    }
     let udp = UdpPacket::new_checked(ip.payload())?;
     if udp.dst_port() != port {
         return Ok(Classified::NotVxlan);
