@@ -1,2 +1,41 @@
 //! Criterion benchmarks for meshplane are the other files in `benches/`; this
 //! library is empty. Run them with `cargo bench -p meshplane-benches`.
+
+/// Frames the pipeline bench and `examples/icount.rs` share.
+/// A 64-byte UDP frame from task1 (198.19.0.1) to the remote task 198.19.0.2.
+pub fn task_frame(i: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 1, 1], [2, 0, 0, 0, 1, 2])
+        .ipv4([198, 19, 0, 1], [198, 19, 0, 2], 64)
+        .udp(10000 + i, 5001)
+        .write(&mut f, &[0x5a; 22])
+        .unwrap();
+    f
+}
+
+/// The same flow direction arriving from node 2, VXLAN-encapsulated, for task1.
+pub fn uplink_frame(i: u16) -> Vec<u8> {
+    let mut inner = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 1, 2], [2, 0, 0, 0, 1, 1])
+        .ipv4([198, 19, 0, 2], [198, 19, 0, 1], 64)
+        .udp(10000 + i, 5001)
+        .write(&mut inner, &[0x5a; 22])
+        .unwrap();
+    let mut payload = vec![0x08, 0, 0, 0, 0x00, 0x10, 0x00, 0];
+    payload.extend_from_slice(&inner);
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+        .ipv4([198, 18, 0, 2], [198, 18, 0, 1], 64)
+        .udp(49152 + i, 4789)
+        .write(&mut f, &payload)
+        .unwrap();
+    f
+}
+
+pub fn arp_request() -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[2, 0, 0, 0, 1, 1, 0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 1, 1, 198, 19, 0, 1]);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&[198, 19, 0, 2]);
+    f
+}

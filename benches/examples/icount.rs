@@ -1,0 +1,61 @@
+//! Instructions per packet of the pipeline, for valgrind's callgrind (which
+//! counts instructions exactly, whatever else the machine is doing):
+//!
+//! ```sh
+//! cargo build --release -p meshplane-benches --example icount
+//! scripts/icount            # runs this under callgrind, prints per-packet counts
+//! ```
+//!
+//! `icount CASE BURSTS` runs BURSTS bursts of 64 frames of CASE (encap,
+//! decap, arp) through `process_burst`.
+
+use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process_burst};
+use meshplane_dataplane::tables::{Tables, UPLINK};
+
+const BURST: usize = 64;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (case, bursts) = match (args.get(1), args.get(2).and_then(|n| n.parse::<usize>().ok())) {
+        (Some(c), Some(n)) => (c.as_str(), n),
+        _ => {
+            eprintln!("usage: icount encap|decap|arp BURSTS");
+            std::process::exit(2);
+        }
+    };
+    let t = Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables.toml")).expect("example tables");
+    let task1 = t.port_id("task1").expect("task1");
+    let (port, frames, restore): (u16, Vec<Vec<u8>>, bool) = match case {
+        "encap" => (task1, (0..BURST as u16).map(meshplane_benches::task_frame).collect(), false),
+        "decap" => (UPLINK, (0..BURST as u16).map(meshplane_benches::uplink_frame).collect(), false),
+        "arp" => (task1, vec![meshplane_benches::arp_request(); BURST], true),
+        other => {
+            eprintln!("unknown case {other:?}: encap, decap or arp");
+            std::process::exit(2);
+        }
+    };
+    let mut bufs: Vec<Vec<u8>> = frames
+        .iter()
+        .map(|f| {
+            let mut b = vec![0u8; HEADROOM + 2048];
+            b[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
+            b
+        })
+        .collect();
+    let mut st = WorkerState::new(t.ports.len());
+    let mut verdicts = [Verdict::Pass; BURST];
+    let mut sent = 0usize;
+    for _ in 0..bursts {
+        if restore {
+            for (b, f) in bufs.iter_mut().zip(&frames) {
+                b[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
+            }
+        }
+        let mut it = bufs.iter_mut();
+        let mut burst: [Frame<'_>; BURST] =
+            core::array::from_fn(|i| Frame::new(it.next().expect("buffers"), HEADROOM, frames[i].len()).expect("fits"));
+        process_burst(&mut burst, port, 0, &t, &mut st, &mut verdicts);
+        sent += verdicts.iter().filter(|v| matches!(v, Verdict::Tx(_))).count();
+    }
+    println!("{case}: {bursts} bursts, {sent} frames sent");
+}
