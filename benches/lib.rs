@@ -32,6 +32,7 @@ pub fn uplink_frame(i: u16) -> Vec<u8> {
     f
 }
 
+/// A broadcast ARP request from task1 (198.19.0.1) for 198.19.0.2.
 pub fn arp_request() -> Vec<u8> {
     let mut f = vec![0xff; 6];
     f.extend_from_slice(&[2, 0, 0, 0, 1, 1, 0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 1, 1, 198, 19, 0, 1]);
