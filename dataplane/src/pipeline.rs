@@ -68,6 +68,11 @@ impl<'a> Frame<'a> {
     pub(crate) fn buf_mut(&mut self) -> &mut [u8] {
         self.buf
     }
+    /// The buffer, the frame's start and its length, at once.
+    #[inline(always)]
+    pub(crate) fn parts(&mut self) -> (&mut [u8], usize, usize) {
+        (self.buf, self.start, self.len)
+    }
     /// Moves the frame's window; the caller has checked the bounds.
     #[inline]
     pub(crate) fn set_window(&mut self, start: usize, len: usize) {
@@ -234,18 +239,60 @@ impl WorkerState {
 /// (nanoseconds, read once per burst), and counts it.
 #[inline(always)]
 pub fn process(frame: &mut Frame<'_>, in_port: PortId, now: u64, t: &Tables, st: &mut WorkerState) -> Verdict {
-    let _ = now; // connection tracking (the load balancer) will use it
-    let Some(rx) = st.stats.ports.get_mut(usize::from(in_port)) else {
-        st.stats.drops[DropReason::UnknownPort as usize] += 1;
+    if !count_rx(st, in_port, frame.len()) {
         return Verdict::Drop(DropReason::UnknownPort);
-    };
-    rx.rx_packets += 1;
-    rx.rx_bytes += frame.len() as u64;
-    let v = if in_port == crate::tables::UPLINK {
+    }
+    let v = decide::<true>(frame, in_port, now, t);
+    count(st, frame, v)
+}
+
+/// [`process`] without the fast paths: every frame through the general
+/// code. Same verdicts and bytes for every input (the `pipeline` fuzz
+/// target checks that); for differential testing, not for workers.
+pub fn process_general(frame: &mut Frame<'_>, in_port: PortId, now: u64, t: &Tables, st: &mut WorkerState) -> Verdict {
+    if !count_rx(st, in_port, frame.len()) {
+        return Verdict::Drop(DropReason::UnknownPort);
+    }
+    let v = decide::<false>(frame, in_port, now, t);
+    count(st, frame, v)
+}
+
+/// Counts a received frame; false (and a drop counted) for a port beyond
+/// the worker's counters.
+#[inline(always)]
+fn count_rx(st: &mut WorkerState, in_port: PortId, len: usize) -> bool {
+    match st.stats.ports.get_mut(usize::from(in_port)) {
+        Some(rx) => {
+            rx.rx_packets += 1;
+            rx.rx_bytes += len as u64;
+            true
+        }
+        None => {
+            st.stats.drops[DropReason::UnknownPort as usize] += 1;
+            false
+        }
+    }
+}
+
+#[inline(always)]
+fn decide<const FAST: bool>(frame: &mut Frame<'_>, in_port: PortId, now: u64, t: &Tables) -> Verdict {
+    let _ = now; // connection tracking (the load balancer) will use it
+    if in_port == crate::tables::UPLINK {
+        if FAST && let Some(v) = overlay::fast::uplink_vxlan(frame, t) {
+            return v;
+        }
         overlay::from_uplink(frame, t)
     } else {
+        if FAST && let Some(v) = overlay::fast::task_unicast(frame, in_port, t) {
+            return v;
+        }
         overlay::from_task(frame, in_port, t)
-    };
+    }
+}
+
+/// Counts a verdict (a `Tx` to a port beyond the counters becomes a drop).
+#[inline(always)]
+fn count(st: &mut WorkerState, frame: &Frame<'_>, v: Verdict) -> Verdict {
     match v {
         Verdict::Tx(p) => match st.stats.ports.get_mut(usize::from(p)) {
             Some(tx) => {
@@ -284,14 +331,31 @@ pub fn process_burst(
     verdicts: &mut [Verdict],
 ) {
     let n = frames.len().min(verdicts.len());
+    // Received frames are counted once per burst, not per frame.
+    let Some(rx) = st.stats.ports.get(usize::from(in_port)) else {
+        for v in verdicts.iter_mut().take(n) {
+            *v = Verdict::Drop(DropReason::UnknownPort);
+        }
+        st.stats.drops[DropReason::UnknownPort as usize] += n as u64;
+        return;
+    };
+    let _ = rx;
     for f in frames.iter().take(LOOKAHEAD.min(n)) {
         touch(f);
     }
+    let mut bytes = 0u64;
     for i in 0..n {
         if let Some(next) = frames.get(i + LOOKAHEAD) {
             touch(next);
         }
-        verdicts[i] = process(&mut frames[i], in_port, now, t, st);
+        let f = &mut frames[i];
+        bytes += f.len() as u64;
+        let v = decide::<true>(f, in_port, now, t);
+        verdicts[i] = count(st, f, v);
+    }
+    if let Some(rx) = st.stats.ports.get_mut(usize::from(in_port)) {
+        rx.rx_packets += n as u64;
+        rx.rx_bytes += bytes;
     }
 }
 

@@ -403,6 +403,20 @@ pub struct Port {
     /// The IPv4 address of that single endpoint, for the source address
     /// check; `None` where `mac` is `None`.
     pub ip: Option<Ipv4Addr>,
+    /// Precomputed for the overlay's fast path; `None` where `ip` is.
+    pub fast: Option<PortFast>,
+}
+
+/// What the fast path compares a task port's frames with: bytes 6..14 of
+/// the frame (source MAC and EtherType IPv4) and 26..30 (IPv4 source).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortFast {
+    /// The port's network.
+    pub net: NetId,
+    /// Source MAC followed by EtherType 0x0800.
+    pub l2: [u8; 8],
+    /// IPv4 source address.
+    pub ip: [u8; 4],
 }
 
 /// The compiled, immutable tables.
@@ -502,7 +516,7 @@ impl Tables {
                 mtu,
             });
         }
-        let mut ports = vec![Port { name: "uplink".into(), network: None, mac: None, ip: None }];
+        let mut ports = vec![Port { name: "uplink".into(), network: None, mac: None, ip: None, fast: None }];
         let mut port_ids: HashMap<&str, PortId> = HashMap::new();
         for ps in &spec.ports {
             if ps.name == "uplink" {
@@ -515,7 +529,7 @@ impl Tables {
             if port_ids.insert(ps.name.as_str(), id).is_some() {
                 return invalid(format!("port name {:?} is used twice", ps.name));
             }
-            ports.push(Port { name: ps.name.clone(), network: Some(net), mac: None, ip: None });
+            ports.push(Port { name: ps.name.clone(), network: Some(net), mac: None, ip: None, fast: None });
         }
 
         let neighbour: HashMap<Ipv4Addr, MacAddr> = n.neighbours.iter().map(|x| (x.ip, x.mac)).collect();
@@ -605,6 +619,13 @@ impl Tables {
                 p.mac = None;
                 p.ip = None;
             }
+            p.fast = match (p.network, p.mac, p.ip) {
+                (Some(net), Some(m), Some(ip)) => {
+                    let m = m.0;
+                    Some(PortFast { net, l2: [m[0], m[1], m[2], m[3], m[4], m[5], 0x08, 0x00], ip: ip.octets() })
+                }
+                _ => None,
+            };
         }
         Ok(Tables {
             version: spec.version,

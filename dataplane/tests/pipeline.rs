@@ -8,7 +8,7 @@
 
 use core::net::Ipv4Addr;
 use meshplane_dataplane::pcap;
-use meshplane_dataplane::pipeline::{DropReason as D, Frame, HEADROOM, Verdict, WorkerState, process};
+use meshplane_dataplane::pipeline::{DropReason as D, Frame, HEADROOM, Verdict, WorkerState, process, process_general};
 use meshplane_dataplane::tables::{Tables, UPLINK};
 use meshplane_dataplane::wire::checksum;
 use meshplane_dataplane::wire::{flow, vxlan};
@@ -42,7 +42,15 @@ fn run(t: &Tables, st: &mut WorkerState, in_port: u16, input: &[u8]) -> (Verdict
     buf[HEADROOM..HEADROOM + input.len()].copy_from_slice(input);
     let mut f = Frame::new(&mut buf, HEADROOM, input.len()).unwrap();
     let v = process(&mut f, in_port, 0, t, st);
-    (v, f.data().to_vec())
+    let out = f.data().to_vec();
+    // The general path (no fast paths) must agree on every frame.
+    let mut gbuf = vec![0u8; HEADROOM + input.len() + 64];
+    gbuf[HEADROOM..HEADROOM + input.len()].copy_from_slice(input);
+    let mut g = Frame::new(&mut gbuf, HEADROOM, input.len()).unwrap();
+    let mut gst = WorkerState::new(t.ports.len());
+    let gv = process_general(&mut g, in_port, 0, t, &mut gst);
+    assert_eq!((v, &out[..]), (gv, g.data()), "fast and general paths disagree");
+    (v, out)
 }
 
 fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {

@@ -3,12 +3,16 @@
 //! sent on a port of another network, nor encapsulated with another
 //! network's VNI, nor decapsulated into a network other than its VNI's.
 //!
+//! The fast paths must agree with the general path: `process` and
+//! `process_general` give the same verdict, the same bytes and the same
+//! counters for every input.
+//!
 //! Input: byte 0 picks the input port (modulo ports + 1, so unknown ports
 //! occur too), the rest is the frame.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process};
+use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process, process_general};
 use meshplane_dataplane::tables::{Tables, UPLINK};
 use meshplane_dataplane::wire::parse_frame;
 use meshplane_dataplane::wire::vxlan::{self, Classified};
@@ -31,6 +35,18 @@ fuzz_target!(|data: &[u8]| {
     let mut st = WorkerState::new(t.ports.len());
     let Some(mut f) = Frame::new(&mut buf, HEADROOM, frame.len()) else { return };
     let v = process(&mut f, in_port, 0, t, &mut st);
+
+    let mut gbuf = vec![0u8; HEADROOM + frame.len()];
+    gbuf[HEADROOM..].copy_from_slice(frame);
+    let mut gst = WorkerState::new(t.ports.len());
+    let Some(mut g) = Frame::new(&mut gbuf, HEADROOM, frame.len()) else { return };
+    let gv = process_general(&mut g, in_port, 0, t, &mut gst);
+    assert_eq!(v, gv, "fast and general paths disagree on the verdict");
+    if matches!(v, Verdict::Tx(_)) {
+        assert_eq!(f.data(), g.data(), "fast and general paths sent different bytes");
+    }
+    assert_eq!(st.stats.drops, gst.stats.drops);
+    assert_eq!(st.stats.ports, gst.stats.ports);
     let Verdict::Tx(out) = v else { return };
     let sent = f.data();
     parse_frame(sent).expect("a transmitted frame parses");

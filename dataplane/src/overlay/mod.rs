@@ -3,6 +3,7 @@
 //! decapsulation from them, proxy ARP, and the network gateway's ICMP.
 
 mod arp;
+pub(crate) mod fast;
 mod gateway;
 
 use crate::pipeline::{DropReason, Frame, Verdict};

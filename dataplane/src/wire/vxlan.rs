@@ -268,8 +268,12 @@ impl EncapTemplate {
             value: ip_len,
             min: ipv4::MIN_HEADER_LEN,
         })?;
-        let h = &mut buf[start..inner_start];
-        h.copy_from_slice(&self.hdr);
+        // A fixed-size array, so the 50-byte copy is a few vector moves
+        // rather than a call to memcpy.
+        let h: &mut [u8; ENCAP_LEN] = (&mut buf[start..inner_start])
+            .try_into()
+            .map_err(|_| WireError::NoHeadroom { need: ENCAP_LEN, have: inner_start })?;
+        *h = self.hdr;
         h[16..18].copy_from_slice(&ip_len16.to_be_bytes());
         let c = checksum::finish(self.ip_partial + u32::from(ip_len16));
         h[24..26].copy_from_slice(&c.to_be_bytes());

@@ -1,0 +1,139 @@
+//! Straight-line fast paths for the two common frames: from a task, unicast
+//! IPv4 (no options, not a fragment) carrying TCP, UDP or ICMP, from the
+//! port's own endpoint, within the MTU, to another endpoint of the same
+//! network ([`task_unicast`]); from the uplink, the same kind of frame
+//! inside VXLAN from a known VTEP ([`uplink_vxlan`]). Every check is done once, on a fixed-size header array; any
+//! frame that is not exactly that returns `None` and takes the general path
+//! ([`super::from_task`]), which gives the same verdict and bytes for every
+//! frame the fast path accepts (`pipeline::process_general` is fuzzed
+//! against `pipeline::process`).
+
+use crate::pipeline::{Frame, Verdict};
+use crate::tables::{Location, PortId, Tables, UPLINK, mac_key};
+use crate::wire::ipv4::protocol;
+use crate::wire::{MacAddr, flow, vxlan};
+
+/// The fast path's verdict, or `None` for "take the general path".
+#[inline(always)]
+pub(crate) fn task_unicast(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -> Option<Verdict> {
+    let pf = t.ports.get(usize::from(in_port))?.fast?;
+    let (buf, start, len) = frame.parts();
+    let d = buf.get(start..start.checked_add(len)?)?;
+    let h = d.first_chunk::<42>()?;
+    // Unicast destination; source MAC, EtherType and IPv4 source the
+    // port's own; IPv4 without options; not a fragment.
+    if h[0] & 1 != 0 || h[6..14] != pf.l2 || h[14] != 0x45 || h[20] & 0x3f != 0 || h[21] != 0 || h[26..30] != pf.ip {
+        return None;
+    }
+    // The frame is exactly the packet (no trailing bytes to trim); at 42
+    // bytes or more that makes the total at least 28.
+    let total = usize::from(u16::from_be_bytes([h[16], h[17]]));
+    if total + 14 != len {
+        return None;
+    }
+    let l4 = total - 20;
+    let transport_ok = match h[23] {
+        protocol::UDP => (8..=l4).contains(&usize::from(u16::from_be_bytes([h[38], h[39]]))),
+        protocol::TCP => l4 >= 20 && d.get(46).is_some_and(|b| (20..=l4).contains(&(usize::from(b >> 4) * 4))),
+        protocol::ICMP => true,
+        _ => false,
+    };
+    if !transport_ok {
+        return None;
+    }
+    let nw = t.networks.get(usize::from(pf.net))?;
+    let dst = MacAddr(*h.first_chunk::<6>()?);
+    if total > usize::from(nw.mtu) || dst == nw.gateway_mac {
+        return None;
+    }
+    match *t.fdb.get(&mac_key(pf.net, dst))? {
+        Location::Local(p) if p != in_port => Some(Verdict::Tx(p)),
+        Location::Remote(i) => {
+            let tpl = t.templates.get(i as usize)?;
+            let hash = flow::hash_ipv4_at_fixed_offsets(flow::DEFAULT_SEED, h.first_chunk::<38>()?);
+            let s = tpl.write(buf, start, len, vxlan::src_port_for_hash(hash)).ok()?;
+            frame.set_window(s, len + vxlan::ENCAP_LEN);
+            Some(Verdict::Tx(UPLINK))
+        }
+        Location::Local(_) => None,
+    }
+}
+
+/// Checks the transport header of the IPv4 packet whose header starts at
+/// `ip` in `d` (no options; total length `total`), exactly as far as
+/// `parse_frame` would.
+#[inline(always)]
+fn transport_ok(d: &[u8], ip: usize, total: usize) -> bool {
+    let Some(l4) = total.checked_sub(20) else { return false };
+    let at = |o: usize| d.get(ip + 20 + o).copied();
+    match d.get(ip + 9).copied() {
+        Some(protocol::UDP) => {
+            l4 >= 8
+                && matches!((at(4), at(5)), (Some(a), Some(b)) if (8..=l4).contains(&usize::from(u16::from_be_bytes([a, b]))))
+        }
+        Some(protocol::TCP) => l4 >= 20 && at(12).is_some_and(|b| (20..=l4).contains(&(usize::from(b >> 4) * 4))),
+        Some(protocol::ICMP) => l4 >= 8,
+        _ => false,
+    }
+}
+
+/// The fast path for VXLAN from a known VTEP carrying unicast IPv4 (no
+/// options, not a fragment, TCP/UDP/ICMP) from an endpoint behind that VTEP
+/// to a local endpoint of the same network, outer and inner headers without
+/// options or trailing bytes. `None` for anything else: the general path
+/// ([`super::from_uplink`]) decides, with the same result for every frame
+/// this accepts.
+#[inline(always)]
+pub(crate) fn uplink_vxlan(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict> {
+    const IN: usize = vxlan::ENCAP_LEN;
+    let (buf, start, len) = frame.parts();
+    let d = buf.get(start..start.checked_add(len)?)?;
+    let h = d.first_chunk::<{ IN + 42 }>()?;
+    // Outer: IPv4 without options, not a fragment, UDP to our address and
+    // VXLAN port, I flag set.
+    if h[12] != 0x08
+        || h[13] != 0x00
+        || h[14] != 0x45
+        || h[20] & 0x3f != 0
+        || h[21] != 0
+        || h[23] != protocol::UDP
+        || h[30..34] != t.data_ip.octets()
+        || h[36..38] != t.vxlan_port.to_be_bytes()
+        || h[42] & vxlan::FLAG_I == 0
+    {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([h[16], h[17]]));
+    let udp_len = usize::from(u16::from_be_bytes([h[38], h[39]]));
+    if total + 14 != len || udp_len + 20 != total {
+        return None;
+    }
+    let inner_len = len - IN;
+    let net = *t.by_vni.get(&u64::from(u32::from_be_bytes([0, h[46], h[47], h[48]])))?;
+    let outer_src = [h[26], h[27], h[28], h[29]];
+    if !t.vteps.contains_key(&u64::from(u32::from_be_bytes(outer_src))) {
+        return None;
+    }
+    // Inner: unicast IPv4 without options, not a fragment, exactly the frame.
+    let ih = &h[IN..];
+    if ih[0] & 1 != 0 || ih[12] != 0x08 || ih[13] != 0x00 || ih[14] != 0x45 || ih[20] & 0x3f != 0 || ih[21] != 0 {
+        return None;
+    }
+    let itotal = usize::from(u16::from_be_bytes([ih[16], ih[17]]));
+    if itotal + 14 != inner_len || !transport_ok(d, IN + 14, itotal) {
+        return None;
+    }
+    let nw = t.networks.get(usize::from(net))?;
+    if inner_len > usize::from(nw.mtu) + 14 {
+        return None;
+    }
+    let dst = MacAddr(*ih.first_chunk::<6>()?);
+    let src = MacAddr([ih[6], ih[7], ih[8], ih[9], ih[10], ih[11]]);
+    let Location::Local(out) = *t.fdb.get(&mac_key(net, dst))? else { return None };
+    let Location::Remote(i) = *t.fdb.get(&mac_key(net, src))? else { return None };
+    if t.template_vtep.get(i as usize)?.octets() != outer_src {
+        return None;
+    }
+    frame.set_window(start + IN, inner_len);
+    Some(Verdict::Tx(out))
+}
