@@ -49,6 +49,5 @@ pub(super) fn proxy(frame: &mut Frame<'_>, in_port: PortId, net: NetId, src: Mac
     {
         return Verdict::Drop(D::Malformed);
     }
-    let _ = in_port;
     Verdict::Tx(in_port)
 }
