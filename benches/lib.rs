@@ -40,3 +40,14 @@ pub fn arp_request() -> Vec<u8> {
     f.extend_from_slice(&[198, 19, 0, 2]);
     f
 }
+
+/// An IPv4/TCP packet (no Ethernet header) of flow `i`, for the NAT cases.
+pub fn tcp_ip_packet(i: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ipv4([198, 18, 1, 1], [198, 18, 255, 1], 64)
+        .tcp(20000 + i, 30080, 1, 64000)
+        .ack(1)
+        .write(&mut f, &[0x5a; 6])
+        .unwrap();
+    f
+}

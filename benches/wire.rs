@@ -13,6 +13,7 @@
 
 use core::net::Ipv4Addr;
 use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
+use meshplane_benches::tcp_ip_packet;
 use meshplane_dataplane::wire::parse::L4;
 use meshplane_dataplane::wire::rewrite::{Nat, rewrite_ipv4};
 use meshplane_dataplane::wire::vxlan::{self, Classified, EncapParams, EncapTemplate};
@@ -29,16 +30,6 @@ fn udp64(i: u16) -> Vec<u8> {
         .write(&mut f, &[0x5a; 22])
         .unwrap();
     assert_eq!(f.len(), 64);
-    f
-}
-
-fn tcp_ip_packet(i: u16) -> Vec<u8> {
-    let mut f = Vec::new();
-    etherparse::PacketBuilder::ipv4([198, 18, 1, 1], [198, 18, 255, 1], 64)
-        .tcp(20000 + i, 30080, 1, 64000)
-        .ack(1)
-        .write(&mut f, &[0x5a; 6])
-        .unwrap();
     f
 }
 

@@ -7,10 +7,11 @@
 //! ```
 //!
 //! `icount CASE BURSTS` runs BURSTS bursts of 64 frames of CASE (encap,
-//! decap, arp) through `process_burst`.
+//! decap, arp) through `process_burst`, or (nat) through `rewrite_ipv4`.
 
 use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process_burst};
 use meshplane_dataplane::tables::{Tables, UPLINK};
+use meshplane_dataplane::wire::rewrite::{Nat, rewrite_ipv4};
 
 const BURST: usize = 64;
 
@@ -19,10 +20,14 @@ fn main() {
     let (case, bursts) = match (args.get(1), args.get(2).and_then(|n| n.parse::<usize>().ok())) {
         (Some(c), Some(n)) => (c.as_str(), n),
         _ => {
-            eprintln!("usage: icount encap|decap|arp BURSTS");
+            eprintln!("usage: icount encap|decap|arp|nat BURSTS");
             std::process::exit(2);
         }
     };
+    if case == "nat" {
+        nat(bursts);
+        return;
+    }
     let t = Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables.toml")).expect("example tables");
     let task1 = t.port_id("task1").expect("task1");
     let (port, frames, restore): (u16, Vec<Vec<u8>>, bool) = match case {
@@ -30,7 +35,7 @@ fn main() {
         "decap" => (UPLINK, (0..BURST as u16).map(meshplane_benches::uplink_frame).collect(), false),
         "arp" => (task1, vec![meshplane_benches::arp_request(); BURST], true),
         other => {
-            eprintln!("unknown case {other:?}: encap, decap or arp");
+            eprintln!("unknown case {other:?}: encap, decap, arp or nat");
             std::process::exit(2);
         }
     };
@@ -58,4 +63,22 @@ fn main() {
         sent += verdicts.iter().filter(|v| matches!(v, Verdict::Tx(_))).count();
     }
     println!("{case}: {bursts} bursts, {sent} frames sent");
+}
+
+/// SNAT + DNAT of 64 TCP packets per burst (the `wire/nat_snat_dnat_tcp` case).
+fn nat(bursts: usize) {
+    let nat = Nat {
+        src_addr: Some(core::net::Ipv4Addr::new(198, 19, 255, 1)),
+        dst_addr: Some(core::net::Ipv4Addr::new(198, 19, 0, 23)),
+        src_port: Some(61000),
+        dst_port: Some(8080),
+    };
+    let mut pkts: Vec<Vec<u8>> = (0..BURST as u16).map(meshplane_benches::tcp_ip_packet).collect();
+    let mut ok = 0usize;
+    for _ in 0..bursts {
+        for p in pkts.iter_mut() {
+            ok += usize::from(rewrite_ipv4(p, &nat).is_ok());
+        }
+    }
+    println!("nat: {bursts} bursts, {ok} rewritten");
 }
