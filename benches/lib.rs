@@ -1,7 +1,7 @@
-//! Criterion benchmarks for meshplane are the other files in `benches/`; this
-//! library is empty. Run them with `cargo bench -p meshplane-benches`.
+//! Criterion benchmarks for meshplane are the other files in `benches/`
+//! (`cargo bench -p meshplane-benches`); this library holds the frames the
+//! benches and `examples/icount.rs` share.
 
-/// Frames the pipeline bench and `examples/icount.rs` share.
 /// A 64-byte UDP frame from task1 (198.19.0.1) to the remote task 198.19.0.2.
 pub fn task_frame(i: u16) -> Vec<u8> {
     let mut f = Vec::new();

@@ -13,25 +13,13 @@
 
 use core::net::Ipv4Addr;
 use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
-use meshplane_benches::tcp_ip_packet;
+use meshplane_benches::{task_frame, tcp_ip_packet};
 use meshplane_dataplane::wire::parse::L4;
 use meshplane_dataplane::wire::rewrite::{Nat, rewrite_ipv4};
 use meshplane_dataplane::wire::vxlan::{self, Classified, EncapParams, EncapTemplate};
 use meshplane_dataplane::wire::{MacAddr, flow, parse_frame};
 
 const BURST: usize = 64;
-
-/// A 64-byte Ethernet/IPv4/UDP frame (22 bytes of payload), flow `i`.
-fn udp64(i: u16) -> Vec<u8> {
-    let mut f = Vec::new();
-    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv4([198, 19, 0, 1], [198, 19, 0, 2], 64)
-        .udp(10000 + i, 5001)
-        .write(&mut f, &[0x5a; 22])
-        .unwrap();
-    assert_eq!(f.len(), 64);
-    f
-}
 
 fn params() -> EncapParams {
     EncapParams {
@@ -49,7 +37,8 @@ fn wire(c: &mut Criterion) {
     let mut g = c.benchmark_group("wire");
     g.throughput(Throughput::Elements(BURST as u64));
 
-    let udp: Vec<Vec<u8>> = (0..BURST as u16).map(udp64).collect();
+    let udp: Vec<Vec<u8>> = (0..BURST as u16).map(task_frame).collect();
+    assert!(udp.iter().all(|f| f.len() == 64));
     g.bench_function("parse_udp64", |b| {
         b.iter(|| {
             let mut acc = 0usize;

@@ -239,21 +239,28 @@ impl WorkerState {
 /// (nanoseconds, read once per burst), and counts it.
 #[inline(always)]
 pub fn process(frame: &mut Frame<'_>, in_port: PortId, now: u64, t: &Tables, st: &mut WorkerState) -> Verdict {
-    if !count_rx(st, in_port, frame.len()) {
-        return Verdict::Drop(DropReason::UnknownPort);
-    }
-    let v = decide::<true>(frame, in_port, now, t);
-    count(st, frame, v)
+    process_counted::<true>(frame, in_port, now, t, st)
 }
 
 /// [`process`] without the fast paths: every frame through the general
 /// code. Same verdicts and bytes for every input (the `pipeline` fuzz
 /// target checks that); for differential testing, not for workers.
 pub fn process_general(frame: &mut Frame<'_>, in_port: PortId, now: u64, t: &Tables, st: &mut WorkerState) -> Verdict {
+    process_counted::<false>(frame, in_port, now, t, st)
+}
+
+#[inline(always)]
+fn process_counted<const FAST: bool>(
+    frame: &mut Frame<'_>,
+    in_port: PortId,
+    now: u64,
+    t: &Tables,
+    st: &mut WorkerState,
+) -> Verdict {
     if !count_rx(st, in_port, frame.len()) {
         return Verdict::Drop(DropReason::UnknownPort);
     }
-    let v = decide::<false>(frame, in_port, now, t);
+    let v = decide::<FAST>(frame, in_port, now, t);
     count(st, frame, v)
 }
 

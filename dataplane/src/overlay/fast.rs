@@ -31,14 +31,7 @@ pub(crate) fn task_unicast(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -
     if total + 14 != len {
         return None;
     }
-    let l4 = total - 20;
-    let transport_ok = match h[23] {
-        protocol::UDP => (8..=l4).contains(&usize::from(u16::from_be_bytes([h[38], h[39]]))),
-        protocol::TCP => l4 >= 20 && d.get(46).is_some_and(|b| (20..=l4).contains(&(usize::from(b >> 4) * 4))),
-        protocol::ICMP => true,
-        _ => false,
-    };
-    if !transport_ok {
+    if !transport_ok(d, 14, total) {
         return None;
     }
     let nw = t.networks.get(usize::from(pf.net))?;
@@ -61,9 +54,10 @@ pub(crate) fn task_unicast(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -
 
 /// Checks the transport header of the IPv4 packet whose header starts at
 /// `ip` in `d` (no options; total length `total`), exactly as far as
-/// `parse_frame` would.
+/// `parse_frame` would: UDP length, TCP data offset, ICMP header. The one
+/// copy of that check every fixed-offset path uses.
 #[inline(always)]
-fn transport_ok(d: &[u8], ip: usize, total: usize) -> bool {
+pub(crate) fn transport_ok(d: &[u8], ip: usize, total: usize) -> bool {
     let Some(l4) = total.checked_sub(20) else { return false };
     let at = |o: usize| d.get(ip + 20 + o).copied();
     match d.get(ip + 9).copied() {

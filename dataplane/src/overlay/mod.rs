@@ -42,23 +42,7 @@ fn ipv4_fast(d: &[u8]) -> Option<Ip4> {
     if total + ethernet::HEADER_LEN > d.len() {
         return None;
     }
-    let l4 = total.checked_sub(20)?;
-    let ok = match h[23] {
-        protocol::UDP => {
-            l4 >= 8 && {
-                let ulen = usize::from(u16::from_be_bytes([d[38], d[39]]));
-                (8..=l4).contains(&ulen)
-            }
-        }
-        protocol::TCP => {
-            l4 >= 20 && {
-                let off = usize::from(d[46] >> 4) * 4;
-                (20..=l4).contains(&off)
-            }
-        }
-        protocol::ICMP => l4 >= 8,
-        _ => false,
-    };
+    let ok = fast::transport_ok(d, ethernet::HEADER_LEN, total);
     ok.then(|| Ip4 { total, df: h[20] & 0x40 != 0, dst: Ipv4Addr::new(h[30], h[31], h[32], h[33]), protocol: h[23] })
 }
 
