@@ -341,17 +341,53 @@ impl<V: Copy> FlatMap<V> {
 /// Index of a network in [`Tables::networks`].
 pub type NetId = u16;
 
-/// Packs (network, MAC) into one key.
+/// Packs (network, MAC) into one key: the network in the top 16 bits, the
+/// MAC's six bytes in wire order read little-endian in the low 48, so that
+/// the packet path builds a key from a frame with one load and a mask
+/// ([`mac_key_at`]).
 #[inline]
 pub fn mac_key(net: NetId, mac: MacAddr) -> u64 {
     let m = mac.0;
-    (u64::from(net) << 48) | u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]])
+    mac_key_at(net, &[m[0], m[1], m[2], m[3], m[4], m[5], 0, 0])
+}
+
+/// [`mac_key`] of the MAC in the first six bytes of `w` (the last two are
+/// ignored): eight bytes read straight from a frame.
+#[inline(always)]
+pub fn mac_key_at(net: NetId, w: &[u8; 8]) -> u64 {
+    (u64::from(net) << 48) | (u64::from_le_bytes(*w) & 0xffff_ffff_ffff)
+}
+
+/// The key of a VNI in [`Tables::by_vni`]: its three bytes in wire order
+/// read little-endian, so that the packet path reads it from a VXLAN header
+/// with one load and a mask ([`vni_key_at`]).
+#[inline]
+pub fn vni_key(vni: u32) -> u64 {
+    let b = vni.to_be_bytes();
+    vni_key_at(&[b[1], b[2], b[3], 0])
+}
+
+/// [`vni_key`] of the VNI in the first three bytes of `w` (bytes 4..8 of
+/// a VXLAN header; the reserved last byte is ignored).
+#[inline(always)]
+pub fn vni_key_at(w: &[u8; 4]) -> u64 {
+    u64::from(u32::from_le_bytes(*w) & 0xff_ffff)
 }
 
 /// Packs (network, IPv4 address) into one key.
 #[inline]
 pub fn ip_key(net: NetId, ip: Ipv4Addr) -> u64 {
     (u64::from(net) << 32) | u64::from(u32::from(ip))
+}
+
+/// What a VNI maps to: its network and, for the decapsulation fast path,
+/// that network's MTU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VniNet {
+    /// The network.
+    pub net: NetId,
+    /// Its MTU ([`Network::mtu`]).
+    pub mtu: u16,
 }
 
 /// A compiled network.
@@ -408,7 +444,9 @@ pub struct Port {
 }
 
 /// What the fast path compares a task port's frames with: bytes 6..14 of
-/// the frame (source MAC and EtherType IPv4) and 26..30 (IPv4 source).
+/// the frame (source MAC and EtherType IPv4) and 26..30 (IPv4 source),
+/// and the port's network facts it needs, so that it never looks the
+/// network up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortFast {
     /// The port's network.
@@ -417,6 +455,11 @@ pub struct PortFast {
     pub l2: [u8; 8],
     /// IPv4 source address.
     pub ip: [u8; 4],
+    /// The network's MTU (at most the underlay MTU − 50, so an IPv4 packet
+    /// within it always fits an outer IPv4 length).
+    pub mtu: u16,
+    /// `mac_key(net, gateway MAC)`: frames to the gateway are not switched.
+    pub gateway_key: u64,
 }
 
 /// The compiled, immutable tables.
@@ -436,8 +479,9 @@ pub struct Tables {
     pub ports: Vec<Port>,
     /// Networks, by [`NetId`].
     pub networks: Vec<Network>,
-    /// VNI → network.
-    pub by_vni: FlatMap<NetId>,
+    /// VNI → network and its MTU, keyed by [`vni_key`] (see
+    /// [`Tables::net_of_vni`]).
+    pub by_vni: FlatMap<VniNet>,
     /// (network, MAC) → location; see [`mac_key`].
     pub fdb: FlatMap<Location>,
     /// (network, IP) → MAC, for proxy ARP (gateway included); see [`ip_key`].
@@ -452,6 +496,12 @@ pub struct Tables {
 }
 
 impl Tables {
+    /// The network with VXLAN network identifier `vni`.
+    #[inline]
+    pub fn net_of_vni(&self, vni: u32) -> Option<NetId> {
+        self.by_vni.get(&vni_key(vni)).map(|v| v.net)
+    }
+
     /// Reads and compiles a TOML tables file.
     pub fn load(path: &str) -> Result<Tables, TablesError> {
         let text = std::fs::read_to_string(path).map_err(|source| TablesError::Io { path: path.into(), source })?;
@@ -486,15 +536,6 @@ impl Tables {
                 return invalid(format!("network {:?}: vni {} out of range 1..={}", ns.name, ns.vni, vxlan::MAX_VNI));
             }
             let id = NetId::try_from(networks.len()).map_err(|_| TablesError::Invalid("too many networks".into()))?;
-            if by_vni.insert(u64::from(ns.vni), id).is_some() {
-                return invalid(format!("network {:?}: vni {} is used twice", ns.name, ns.vni));
-            }
-            if by_name.insert(ns.name.as_str(), id).is_some() {
-                return invalid(format!("network name {:?} is used twice", ns.name));
-            }
-            if !ns.subnet.contains(ns.gateway_ip) {
-                return invalid(format!("network {:?}: gateway {} is outside {}", ns.name, ns.gateway_ip, ns.subnet));
-            }
             let max_mtu = n.underlay_mtu - VXLAN_OVERHEAD;
             let mtu = ns.mtu.unwrap_or(max_mtu);
             if !(68..=max_mtu).contains(&mtu) {
@@ -502,6 +543,15 @@ impl Tables {
                     "network {:?}: mtu {mtu} must be between 68 and {max_mtu} (underlay mtu {} − {VXLAN_OVERHEAD})",
                     ns.name, n.underlay_mtu
                 ));
+            }
+            if by_vni.insert(vni_key(ns.vni), VniNet { net: id, mtu }).is_some() {
+                return invalid(format!("network {:?}: vni {} is used twice", ns.name, ns.vni));
+            }
+            if by_name.insert(ns.name.as_str(), id).is_some() {
+                return invalid(format!("network name {:?} is used twice", ns.name));
+            }
+            if !ns.subnet.contains(ns.gateway_ip) {
+                return invalid(format!("network {:?}: gateway {} is outside {}", ns.name, ns.gateway_ip, ns.subnet));
             }
             if !ns.gateway_mac.is_unicast() {
                 return invalid(format!("network {:?}: gateway_mac {} must be unicast", ns.name, ns.gateway_mac));
@@ -621,8 +671,15 @@ impl Tables {
             }
             p.fast = match (p.network, p.mac, p.ip) {
                 (Some(net), Some(m), Some(ip)) => {
+                    let nw = &networks[usize::from(net)];
                     let m = m.0;
-                    Some(PortFast { net, l2: [m[0], m[1], m[2], m[3], m[4], m[5], 0x08, 0x00], ip: ip.octets() })
+                    Some(PortFast {
+                        net,
+                        l2: [m[0], m[1], m[2], m[3], m[4], m[5], 0x08, 0x00],
+                        ip: ip.octets(),
+                        mtu: nw.mtu,
+                        gateway_key: mac_key(net, nw.gateway_mac),
+                    })
                 }
                 _ => None,
             };

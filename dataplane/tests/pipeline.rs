@@ -8,7 +8,9 @@
 
 use core::net::Ipv4Addr;
 use meshplane_dataplane::pcap;
-use meshplane_dataplane::pipeline::{DropReason as D, Frame, HEADROOM, Verdict, WorkerState, process, process_general};
+use meshplane_dataplane::pipeline::{
+    DropReason as D, Frame, HEADROOM, Verdict, WorkerState, process, process_burst, process_general,
+};
 use meshplane_dataplane::tables::{Tables, UPLINK};
 use meshplane_dataplane::wire::checksum;
 use meshplane_dataplane::wire::{flow, vxlan};
@@ -737,4 +739,50 @@ fn counters_add_up_over_a_sequence() {
     assert_eq!(rx_counted, rx);
     assert_eq!(tx + s.total_drops() + s.passed, n);
     assert_eq!(s.dropped(D::UnknownPort), 1);
+}
+
+#[test]
+fn a_burst_gives_what_frame_by_frame_gives() {
+    // Every fixture, grouped by input port into bursts of mixed verdicts
+    // (forwarded, dropped, passed, answered), longer than the lookahead and
+    // in both orders: the same verdicts, the same bytes and the same
+    // counters as `process` one frame at a time.
+    let t = tables();
+    let cases: Vec<Case> = task_side_cases().into_iter().chain(uplink_cases()).collect();
+    let mut ports: Vec<u16> = cases.iter().map(|c| c.in_port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    for port in ports {
+        for reverse in [false, true] {
+            let mut inputs: Vec<&[u8]> = cases.iter().filter(|c| c.in_port == port).map(|c| &c.input[..]).collect();
+            if reverse {
+                inputs.reverse();
+            }
+            let mut one = WorkerState::new(t.ports.len());
+            let expected: Vec<(Verdict, Vec<u8>)> = inputs.iter().map(|i| run(&t, &mut one, port, i)).collect();
+
+            let mut bufs: Vec<Vec<u8>> = inputs
+                .iter()
+                .map(|i| {
+                    let mut b = vec![0u8; HEADROOM + i.len() + 64];
+                    b[HEADROOM..HEADROOM + i.len()].copy_from_slice(i);
+                    b
+                })
+                .collect();
+            let mut frames: Vec<Frame<'_>> =
+                bufs.iter_mut().zip(&inputs).map(|(b, i)| Frame::new(b, HEADROOM, i.len()).unwrap()).collect();
+            let mut verdicts = vec![Verdict::Pass; frames.len()];
+            let mut burst = WorkerState::new(t.ports.len());
+            process_burst(&mut frames, port, 0, &t, &mut burst, &mut verdicts);
+            let got: Vec<(Verdict, Vec<u8>)> =
+                verdicts.iter().zip(&frames).map(|(v, f)| (*v, f.data().to_vec())).collect();
+            if port == UPLINK || port == TASK1 {
+                assert!(inputs.len() > 2 * meshplane_dataplane::pipeline::LOOKAHEAD, "port {port}: a long burst");
+            }
+            assert_eq!(got, expected, "port {port}, reversed {reverse}");
+            assert_eq!(burst.stats.drops, one.stats.drops, "port {port}");
+            assert_eq!(burst.stats.passed, one.stats.passed, "port {port}");
+            assert_eq!(burst.stats.ports, one.stats.ports, "port {port}");
+        }
+    }
 }

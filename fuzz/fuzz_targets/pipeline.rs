@@ -56,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
         let Ok(Classified::Vxlan(d)) = vxlan::classify(frame, t.data_ip, t.vxlan_port) else {
             panic!("only VXLAN is sent from the uplink to a task");
         };
-        let net = *t.by_vni.get(&u64::from(d.vni)).expect("a decapsulated VNI is known");
+        let net = t.net_of_vni(d.vni).expect("a decapsulated VNI is known");
         assert_eq!(out_net, Some(net), "decapsulated into another network");
         assert_eq!(sent, &frame[d.inner], "decapsulation changed the inner frame");
     } else {

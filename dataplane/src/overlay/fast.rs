@@ -9,43 +9,50 @@
 //! against `pipeline::process`).
 
 use crate::pipeline::{Frame, Verdict};
-use crate::tables::{Location, PortId, Tables, UPLINK, mac_key};
+use crate::tables::{Location, PortId, Tables, UPLINK, VniNet, mac_key_at, vni_key_at};
 use crate::wire::ipv4::protocol;
-use crate::wire::{MacAddr, flow, vxlan};
+use crate::wire::{flow, vxlan};
 
 /// The fast path's verdict, or `None` for "take the general path".
 #[inline(always)]
 pub(crate) fn task_unicast(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -> Option<Verdict> {
-    let pf = t.ports.get(usize::from(in_port))?.fast?;
+    let pf = t.ports.get(usize::from(in_port))?.fast.as_ref()?;
     let (buf, start, len) = frame.parts();
-    let d = buf.get(start..start.checked_add(len)?)?;
+    let (head, rest) = buf.split_at_mut_checked(start)?;
+    let d = rest.get(..len)?;
     let h = d.first_chunk::<42>()?;
-    // Unicast destination; source MAC, EtherType and IPv4 source the
-    // port's own; IPv4 without options; not a fragment.
-    if h[0] & 1 != 0 || h[6..14] != pf.l2 || h[14] != 0x45 || h[20] & 0x3f != 0 || h[21] != 0 || h[26..30] != pf.ip {
-        return None;
-    }
-    // The frame is exactly the packet (no trailing bytes to trim); at 42
-    // bytes or more that makes the total at least 28.
     let total = usize::from(u16::from_be_bytes([h[16], h[17]]));
-    if total + 14 != len {
+    // Unicast destination; source MAC, EtherType and IPv4 source the
+    // port's own; IPv4 without options; not a fragment; the frame exactly
+    // the packet (no trailing bytes to trim; at 42 bytes or more that makes
+    // the total at least 28) and within the network MTU.
+    if h[0] & 1 != 0
+        || h[6..14] != pf.l2
+        || h[14] != 0x45
+        || h[20] & 0x3f != 0
+        || h[21] != 0
+        || h[26..30] != pf.ip
+        || total + 14 != len
+        || total > usize::from(pf.mtu)
+        || !transport_ok(d, 14, total)
+    {
         return None;
     }
-    if !transport_ok(d, 14, total) {
+    let key = mac_key_at(pf.net, h.first_chunk::<8>()?);
+    if key == pf.gateway_key {
         return None;
     }
-    let nw = t.networks.get(usize::from(pf.net))?;
-    let dst = MacAddr(*h.first_chunk::<6>()?);
-    if total > usize::from(nw.mtu) || dst == nw.gateway_mac {
-        return None;
-    }
-    match *t.fdb.get(&mac_key(pf.net, dst))? {
+    match *t.fdb.get(&key)? {
         Location::Local(p) if p != in_port => Some(Verdict::Tx(p)),
         Location::Remote(i) => {
             let tpl = t.templates.get(i as usize)?;
             let hash = flow::hash_ipv4_at_fixed_offsets(flow::DEFAULT_SEED, h.first_chunk::<38>()?);
-            let s = tpl.write(buf, start, len, vxlan::src_port_for_hash(hash)).ok()?;
-            frame.set_window(s, len + vxlan::ENCAP_LEN);
+            // The outer IPv4 packet is the inner frame (total + 14) and 36
+            // bytes of outer IPv4, UDP and VXLAN headers; total <= MTU <=
+            // underlay MTU - 50, so it fits.
+            let ip_len = u16::try_from(total + vxlan::ENCAP_LEN).ok()?;
+            tpl.write_header(head.last_chunk_mut::<{ vxlan::ENCAP_LEN }>()?, ip_len, vxlan::src_port_for_hash(hash));
+            frame.set_window(start - vxlan::ENCAP_LEN, len + vxlan::ENCAP_LEN);
             Some(Verdict::Tx(UPLINK))
         }
         Location::Local(_) => None,
@@ -81,7 +88,7 @@ pub(crate) fn transport_ok(d: &[u8], ip: usize, total: usize) -> bool {
 pub(crate) fn uplink_vxlan(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict> {
     const IN: usize = vxlan::ENCAP_LEN;
     let (buf, start, len) = frame.parts();
-    let d = buf.get(start..start.checked_add(len)?)?;
+    let d = buf.get(start..)?.get(..len)?;
     let h = d.first_chunk::<{ IN + 42 }>()?;
     // Outer: IPv4 without options, not a fragment, UDP to our address and
     // VXLAN port, I flag set.
@@ -103,28 +110,22 @@ pub(crate) fn uplink_vxlan(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict>
         return None;
     }
     let inner_len = len - IN;
-    let net = *t.by_vni.get(&u64::from(u32::from_be_bytes([0, h[46], h[47], h[48]])))?;
+    let VniNet { net, mtu } = *t.by_vni.get(&vni_key_at(h[46..].first_chunk::<4>()?))?;
+    // The outer source need not be looked up in the VTEP set: the inner
+    // source must be an endpoint behind exactly this VTEP (checked below),
+    // which only a known VTEP has.
     let outer_src = [h[26], h[27], h[28], h[29]];
-    if !t.vteps.contains_key(&u64::from(u32::from_be_bytes(outer_src))) {
-        return None;
-    }
     // Inner: unicast IPv4 without options, not a fragment, exactly the frame.
     let ih = &h[IN..];
     if ih[0] & 1 != 0 || ih[12] != 0x08 || ih[13] != 0x00 || ih[14] != 0x45 || ih[20] & 0x3f != 0 || ih[21] != 0 {
         return None;
     }
     let itotal = usize::from(u16::from_be_bytes([ih[16], ih[17]]));
-    if itotal + 14 != inner_len || !transport_ok(d, IN + 14, itotal) {
+    if itotal + 14 != inner_len || itotal > usize::from(mtu) || !transport_ok(d, IN + 14, itotal) {
         return None;
     }
-    let nw = t.networks.get(usize::from(net))?;
-    if inner_len > usize::from(nw.mtu) + 14 {
-        return None;
-    }
-    let dst = MacAddr(*ih.first_chunk::<6>()?);
-    let src = MacAddr([ih[6], ih[7], ih[8], ih[9], ih[10], ih[11]]);
-    let Location::Local(out) = *t.fdb.get(&mac_key(net, dst))? else { return None };
-    let Location::Remote(i) = *t.fdb.get(&mac_key(net, src))? else { return None };
+    let Location::Local(out) = *t.fdb.get(&mac_key_at(net, ih.first_chunk::<8>()?))? else { return None };
+    let Location::Remote(i) = *t.fdb.get(&mac_key_at(net, ih[6..].first_chunk::<8>()?))? else { return None };
     if t.template_vtep.get(i as usize)?.octets() != outer_src {
         return None;
     }

@@ -177,7 +177,7 @@ pub(crate) fn from_uplink(frame: &mut Frame<'_>, t: &Tables) -> Verdict {
         // Malformed below VXLAN: not recognisably ours; the kernel decides.
         Err(_) => return Verdict::Pass,
     };
-    let Some(&net) = t.by_vni.get(&u64::from(d.vni)) else {
+    let Some(net) = t.net_of_vni(d.vni) else {
         return Verdict::Drop(D::UnknownVni);
     };
     if !t.vteps.contains_key(&u64::from(u32::from(d.outer_src))) {

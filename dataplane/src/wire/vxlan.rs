@@ -273,20 +273,30 @@ impl EncapTemplate {
         let h: &mut [u8; ENCAP_LEN] = (&mut buf[start..inner_start])
             .try_into()
             .map_err(|_| WireError::NoHeadroom { need: ENCAP_LEN, have: inner_start })?;
+        self.write_header(h, ip_len16, src_port);
+        Ok(start)
+    }
+
+    /// Writes the outer headers of an outer IPv4 packet of `ip_len` bytes
+    /// (inner frame + 36) with UDP source port `src_port` into `h`, the
+    /// [`ENCAP_LEN`] bytes in front of the inner frame. Infallible: the
+    /// caller has checked that `ip_len` is at least 36 and is the real
+    /// length (the fast path knows it from the network MTU).
+    #[inline(always)]
+    pub fn write_header(&self, h: &mut [u8; ENCAP_LEN], ip_len: u16, src_port: u16) {
         *h = self.hdr;
-        h[16..18].copy_from_slice(&ip_len16.to_be_bytes());
-        let c = checksum::finish(self.ip_partial + u32::from(ip_len16));
+        h[16..18].copy_from_slice(&ip_len.to_be_bytes());
+        let c = checksum::finish(self.ip_partial + u32::from(ip_len));
         h[24..26].copy_from_slice(&c.to_be_bytes());
         h[34..36].copy_from_slice(&src_port.to_be_bytes());
-        h[38..40].copy_from_slice(&(ip_len16 - ipv4::MIN_HEADER_LEN as u16).to_be_bytes());
-        Ok(start)
+        h[38..40].copy_from_slice(&ip_len.wrapping_sub(ipv4::MIN_HEADER_LEN as u16).to_be_bytes());
     }
 }
 
 /// One-shot encapsulation: builds the template and writes it, with the
 /// outer source port taken from [`super::flow::flow_hash`] of the inner frame.
-/// The fast path keeps templates in its tables and calls
-/// [`EncapTemplate::write`] instead.
+/// The pipeline keeps templates in its tables and calls
+/// [`EncapTemplate::write`] (or, on its fast path, [`EncapTemplate::write_header`]) instead.
 pub fn encap(buf: &mut [u8], inner_start: usize, inner_len: usize, p: &EncapParams) -> Result<usize, WireError> {
     need(Layer::Vxlan, inner_start + inner_len, buf.len())?;
     let hash = super::flow::flow_hash(&buf[inner_start..inner_start + inner_len]);
