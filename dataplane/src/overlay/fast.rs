@@ -9,14 +9,19 @@
 //! against `pipeline::process`).
 
 use crate::pipeline::{Frame, Verdict};
-use crate::tables::{Location, PortId, Tables, UPLINK, VniNet, mac_key_at, vni_key_at};
+use crate::tables::{Location, PortFast, PortId, Tables, UPLINK, VniNet, mac_key_at, vni_key_at};
 use crate::wire::ipv4::protocol;
 use crate::wire::{flow, vxlan};
 
 /// The fast path's verdict, or `None` for "take the general path".
 #[inline(always)]
-pub(crate) fn task_unicast(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -> Option<Verdict> {
-    let pf = t.ports.get(usize::from(in_port))?.fast.as_ref()?;
+pub(crate) fn task_unicast(
+    frame: &mut Frame<'_>,
+    in_port: PortId,
+    t: &Tables,
+    cache: &BurstCache<'_>,
+) -> Option<Verdict> {
+    let pf = cache.port?;
     let (buf, start, len) = frame.parts();
     let (head, rest) = buf.split_at_mut_checked(start)?;
     let d = rest.get(..len)?;
@@ -85,7 +90,7 @@ pub(crate) fn transport_ok(d: &[u8], ip: usize, total: usize) -> bool {
 /// ([`super::from_uplink`]) decides, with the same result for every frame
 /// this accepts.
 #[inline(always)]
-pub(crate) fn uplink_vxlan(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict> {
+pub(crate) fn uplink_vxlan(frame: &mut Frame<'_>, t: &Tables, cache: &mut BurstCache<'_>) -> Option<Verdict> {
     const IN: usize = vxlan::ENCAP_LEN;
     let (buf, start, len) = frame.parts();
     let d = buf.get(start..)?.get(..len)?;
@@ -110,7 +115,14 @@ pub(crate) fn uplink_vxlan(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict>
         return None;
     }
     let inner_len = len - IN;
-    let VniNet { net, mtu } = *t.by_vni.get(&vni_key_at(h[46..].first_chunk::<4>()?))?;
+    let key = vni_key_at(h[46..].first_chunk::<4>()?);
+    let VniNet { net, mtu } = if cache.vni_key == key {
+        cache.vni
+    } else {
+        let v = *t.by_vni.get(&key)?;
+        (cache.vni_key, cache.vni) = (key, v);
+        v
+    };
     // The outer source need not be looked up in the VTEP set: the inner
     // source must be an endpoint behind exactly this VTEP (checked below),
     // which only a known VTEP has.
@@ -131,4 +143,29 @@ pub(crate) fn uplink_vxlan(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict>
     }
     frame.set_window(start + IN, inner_len);
     Some(Verdict::Tx(out))
+}
+
+/// What the fast paths look up once per burst rather than once per frame:
+/// the input port's [`PortFast`], and the last VNI the uplink fast path
+/// looked up with what it maps to (the frames of one burst from the uplink
+/// mostly carry one VNI). Lives for one burst, within which the tables do
+/// not change.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BurstCache<'t> {
+    port: Option<&'t PortFast>,
+    /// `vni_key` of the VNI, or `u64::MAX` (no VNI's key) when empty.
+    vni_key: u64,
+    vni: VniNet,
+}
+
+impl<'t> BurstCache<'t> {
+    /// An empty cache for a burst received on `in_port`.
+    #[inline(always)]
+    pub(crate) fn new(t: &'t Tables, in_port: PortId) -> Self {
+        BurstCache {
+            port: t.ports.get(usize::from(in_port)).and_then(|p| p.fast.as_ref()),
+            vni_key: u64::MAX,
+            vni: VniNet { net: 0, mtu: 0 },
+        }
+    }
 }
