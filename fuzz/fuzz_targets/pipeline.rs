@@ -11,20 +11,15 @@
 //! occur too), the rest is the frame.
 #![no_main]
 
+#[path = "common.rs"]
+mod common;
+
+use common::tables;
 use libfuzzer_sys::fuzz_target;
 use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process, process_general};
-use meshplane_dataplane::tables::{Tables, UPLINK};
+use meshplane_dataplane::tables::UPLINK;
 use meshplane_dataplane::wire::parse_frame;
 use meshplane_dataplane::wire::vxlan::{self, Classified};
-use std::sync::OnceLock;
-
-fn tables() -> &'static Tables {
-    static T: OnceLock<Tables> = OnceLock::new();
-    T.get_or_init(|| {
-        let spec = include_str!("../../examples/tables.toml");
-        Tables::compile(&toml::from_str(spec).expect("example tables parse")).expect("example tables compile")
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, frame)) = data.split_first() else { return };

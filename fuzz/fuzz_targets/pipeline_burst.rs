@@ -9,18 +9,12 @@
 //! 2048) and that many bytes (fewer at the end), up to 64 frames.
 #![no_main]
 
+#[path = "common.rs"]
+mod common;
+
+use common::tables;
 use libfuzzer_sys::fuzz_target;
 use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process_burst, process_general};
-use meshplane_dataplane::tables::Tables;
-use std::sync::OnceLock;
-
-fn tables() -> &'static Tables {
-    static T: OnceLock<Tables> = OnceLock::new();
-    T.get_or_init(|| {
-        let spec = include_str!("../../examples/tables.toml");
-        Tables::compile(&toml::from_str(spec).expect("example tables parse")).expect("example tables compile")
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, mut rest)) = data.split_first() else { return };
