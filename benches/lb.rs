@@ -1,0 +1,66 @@
+//! `lb` bench: the load balancer's parts on their own.
+//!
+//! - `maglev_build_1000`: building the Maglev table of 1000 backends at
+//!   M = 65537 (control side, per service change). Target < 10 ms.
+//! - `conntrack_hit_1M` / `conntrack_hit_10M`: looking up an established
+//!   flow in a per-worker table holding 1 M / 10 M flows, bursts of 64
+//!   different flows spread over the whole table (so mostly cache misses,
+//!   as at that scale in a worker).
+//!
+//! Run: `cargo bench -p meshplane-benches --bench lb`
+#![allow(missing_docs)] // criterion_group! generates undocumented public functions
+
+use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
+use meshplane_dataplane::lb::conntrack::{Conntrack, CtConfig, CtState, CtValue, FlowKey, tcp_flags};
+use meshplane_dataplane::lb::maglev::{DEFAULT_SIZE, Maglev, MaglevBackend};
+
+fn maglev(c: &mut Criterion) {
+    let backends: Vec<MaglevBackend> =
+        (0..1000u64).map(|i| MaglevBackend { id: (0xc613_0000 + i) << 16 | 8080, weight: 1 }).collect();
+    let mut g = c.benchmark_group("lb");
+    g.sample_size(20);
+    g.bench_function("maglev_build_1000", |b| {
+        b.iter(|| black_box(Maglev::build(black_box(&backends), DEFAULT_SIZE, 0x5eed).expect("builds")))
+    });
+    g.finish();
+}
+
+fn key(i: u32) -> FlowKey {
+    // Clients from 198.18.0.0/15 to one VIP, 64 K source ports each.
+    FlowKey { src: 0xc612_0000 | (i >> 16), dst: 0xc613_ff01, sport: i as u16, dport: 80, proto: 6 }
+}
+
+fn conntrack(c: &mut Criterion) {
+    let mut g = c.benchmark_group("lb");
+    g.throughput(Throughput::Elements(64));
+    for (name, n) in [("conntrack_hit_1M", 1u32 << 20), ("conntrack_hit_10M", 10_000_000)] {
+        // Sized as a worker should be for that many flows: twice as many
+        // entries (a set-associative table at load 1/2 evicts well under 1%
+        // of flows for lack of a way; at 0.8 about 5%).
+        let mut ct = Conntrack::new(CtConfig { capacity: n as usize * 2, ..CtConfig::default() });
+        let v = CtValue { service: 1, backend: 0, peer: 0, port: 0, state: CtState::Established, flags: 0 };
+        for i in 0..n {
+            ct.insert(&key(i), CtValue { backend: i % 1000, ..v }, 0);
+        }
+        let mut next = 0u32;
+        g.bench_function(BenchmarkId::new(name, n), |b| {
+            b.iter(|| {
+                let mut acc = 0u32;
+                for _ in 0..64 {
+                    // A stride coprime with n walks the whole table.
+                    next = (next + 2_654_435_761 % n) % n;
+                    if let Some(v) = ct.lookup(&key(next), 1, tcp_flags::ACK) {
+                        acc = acc.wrapping_add(v.backend);
+                    }
+                }
+                black_box(acc)
+            })
+        });
+        eprintln!("{name}: {} flows inserted, {} evicted", n, ct.stats.evicted);
+        assert!(ct.stats.evicted < u64::from(n) / 50, "the table holds the flows: {:?}", ct.stats);
+    }
+    g.finish();
+}
+
+criterion_group!(benches, maglev, conntrack);
+criterion_main!(benches);
