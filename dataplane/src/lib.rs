@@ -8,7 +8,9 @@
 //! - [`tables`]: the published snapshot the packet path reads (TOML for now).
 //! - [`pipeline`]: `process(frame, in_port, now, &tables, &mut state) -> Verdict`.
 //! - [`overlay`]: the overlay switch: forwarding, VXLAN, proxy ARP, gateway ICMP.
+//! - [`lb`]: the load balancer's parts: Maglev, schedulers, connection tracking.
 
+pub mod lb;
 pub mod overlay;
 pub mod pcap;
 pub mod pipeline;
