@@ -46,7 +46,7 @@ pub(crate) fn run(a: &TraceArgs) -> Result<()> {
     let out = std::fs::File::create(&a.output).with_context(|| format!("creating {}", a.output.display()))?;
     let mut w = pcap::Writer::new(BufWriter::new(out))?;
 
-    let mut st = WorkerState::new(t.ports.len());
+    let mut st = WorkerState::for_tables(&t);
     let mut buf = vec![0u8; HEADROOM + pcap::MAX_RECORD as usize];
     let (mut sent, mut dropped, mut passed) = (0, 0, 0);
     for (i, r) in records.iter().enumerate() {

@@ -181,6 +181,12 @@ drop_reasons! {
     /// An inner frame whose source MAC is not an endpoint behind the VTEP
     /// that sent it.
     InnerSrcSpoofed = "inner_src_spoofed",
+    /// To a service VIP whose backends all have weight 0 (or none), and
+    /// the connection is not tracked.
+    NoBackend = "no_backend",
+    /// To a service VIP, but the worker's balancer state was not sized for
+    /// these tables (`WorkerState::sync` not called: an I/O layer bug).
+    LbNotSynced = "lb_not_synced",
 }
 
 /// Packet and byte counters of one port.
@@ -219,19 +225,49 @@ impl Stats {
 }
 
 /// Everything a worker owns and writes.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct WorkerState {
     /// Counters.
     pub stats: Stats,
+    /// The load balancer's connection table, scheduler state and counters.
+    pub lb: crate::lb::LbState,
 }
+
+/// Connection-table entries of [`WorkerState::new`] (small: for tools and
+/// tests; workers size theirs with [`WorkerState::with_conntrack`]).
+pub const DEFAULT_CONNTRACK: usize = 4096;
 
 impl WorkerState {
     /// State for a worker serving up to `max_ports` ports (ports beyond it
-    /// are counted as [`DropReason::UnknownPort`]).
+    /// are counted as [`DropReason::UnknownPort`]), with a small connection
+    /// table and no per-service state: call [`WorkerState::sync`] with the
+    /// tables before balancing.
     pub fn new(max_ports: usize) -> Self {
+        Self::with_conntrack(
+            max_ports,
+            crate::lb::conntrack::CtConfig { capacity: DEFAULT_CONNTRACK, ..Default::default() },
+        )
+    }
+
+    /// [`WorkerState::new`] with a connection table of `ct`.
+    pub fn with_conntrack(max_ports: usize, ct: crate::lb::conntrack::CtConfig) -> Self {
         WorkerState {
             stats: Stats { drops: [0; DropReason::COUNT], passed: 0, ports: vec![PortCounters::default(); max_ports] },
+            lb: crate::lb::LbState::new(ct),
         }
+    }
+
+    /// State sized for `t`: its ports and services.
+    pub fn for_tables(t: &Tables) -> Self {
+        let mut st = Self::new(t.ports.len());
+        st.sync(t);
+        st
+    }
+
+    /// Sizes the per-service state for new tables (when the worker picks
+    /// them up; never on the packet path).
+    pub fn sync(&mut self, t: &Tables) {
+        self.lb.sync(t);
     }
 }
 
@@ -260,7 +296,7 @@ fn process_counted<const FAST: bool>(
     if !count_rx(st, in_port, frame.len()) {
         return Verdict::Drop(DropReason::UnknownPort);
     }
-    let v = decide::<FAST>(frame, in_port, now, t, &mut overlay::fast::BurstCache::new(t, in_port));
+    let v = decide::<FAST>(frame, in_port, now, t, &mut overlay::fast::BurstCache::new(t, in_port), &mut st.lb);
     count(st, frame, v)
 }
 
@@ -288,18 +324,18 @@ fn decide<const FAST: bool>(
     now: u64,
     t: &Tables,
     cache: &mut overlay::fast::BurstCache<'_>,
+    lb: &mut crate::lb::LbState,
 ) -> Verdict {
-    let _ = now; // connection tracking (the load balancer) will use it
     if in_port == crate::tables::UPLINK {
         if FAST && let Some(v) = overlay::fast::uplink_vxlan(frame, t, cache) {
             return v;
         }
-        overlay::from_uplink(frame, t)
+        overlay::from_uplink(frame, now, t, lb)
     } else {
         if FAST && let Some(v) = overlay::fast::task_unicast(frame, in_port, t, cache) {
             return v;
         }
-        overlay::from_task(frame, in_port, t)
+        overlay::from_task(frame, in_port, now, t, lb)
     }
 }
 
@@ -360,10 +396,10 @@ pub fn process_burst(
     // multi-packet loops do, measured slower here: the tables are in cache.)
     let bytes = if in_port == crate::tables::UPLINK {
         let mut cache = overlay::fast::BurstCache::new(t, crate::tables::UPLINK);
-        burst_loop(frames, verdicts, st, |f| decide::<true>(f, crate::tables::UPLINK, now, t, &mut cache))
+        burst_loop(frames, verdicts, st, |f, lb| decide::<true>(f, crate::tables::UPLINK, now, t, &mut cache, lb))
     } else {
         let mut cache = overlay::fast::BurstCache::new(t, in_port);
-        burst_loop(frames, verdicts, st, |f| decide::<true>(f, in_port, now, t, &mut cache))
+        burst_loop(frames, verdicts, st, |f, lb| decide::<true>(f, in_port, now, t, &mut cache, lb))
     };
     if let Some(rx) = st.stats.ports.get_mut(usize::from(in_port)) {
         rx.rx_packets += n as u64;
@@ -381,7 +417,7 @@ fn burst_loop(
     frames: &mut [Frame<'_>],
     verdicts: &mut [Verdict],
     st: &mut WorkerState,
-    mut decide: impl FnMut(&mut Frame<'_>) -> Verdict,
+    mut decide: impl FnMut(&mut Frame<'_>, &mut crate::lb::LbState) -> Verdict,
 ) -> u64 {
     for f in frames.iter().take(LOOKAHEAD) {
         touch(f);
@@ -398,7 +434,7 @@ fn burst_loop(
         }
         let f = &mut frames[i];
         rx_bytes += f.len() as u64;
-        let mut v = decide(f);
+        let mut v = decide(f, &mut st.lb);
         match v {
             Verdict::Tx(p) if u32::from(p) == run => {
                 run_packets += 1;

@@ -199,6 +199,9 @@ pub struct TablesSpec {
     /// Endpoints, local and remote.
     #[serde(default, rename = "endpoint")]
     pub endpoints: Vec<EndpointSpec>,
+    /// Load-balanced services.
+    #[serde(default, rename = "service")]
+    pub services: Vec<crate::lb::service::ServiceSpec>,
 }
 
 // ---------------------------------------------------------------------------
@@ -388,6 +391,8 @@ pub struct VniNet {
     pub net: NetId,
     /// Its MTU ([`Network::mtu`]).
     pub mtu: u16,
+    /// The network has services (see [`PortFast::lb`]).
+    pub lb: bool,
 }
 
 /// A compiled network.
@@ -405,6 +410,9 @@ pub struct Network {
     pub gateway_mac: MacAddr,
     /// MTU inside the network.
     pub mtu: u16,
+    /// A service has its VIP here: delivered frames may be the replies of
+    /// balanced connections.
+    pub has_services: bool,
 }
 
 impl Network {
@@ -460,6 +468,9 @@ pub struct PortFast {
     pub mtu: u16,
     /// `mac_key(net, gateway MAC)`: frames to the gateway are not switched.
     pub gateway_key: u64,
+    /// The network has services: frames take the general path, which
+    /// balances and reverses connections.
+    pub lb: bool,
 }
 
 /// The compiled, immutable tables.
@@ -493,6 +504,8 @@ pub struct Tables {
     pub template_vtep: Vec<Ipv4Addr>,
     /// Known remote VTEPs: the only accepted outer sources.
     pub vteps: FlatMap<()>,
+    /// Services (load balancing).
+    pub services: crate::lb::service::Services,
 }
 
 impl Tables {
@@ -544,7 +557,8 @@ impl Tables {
                     ns.name, n.underlay_mtu
                 ));
             }
-            if by_vni.insert(vni_key(ns.vni), VniNet { net: id, mtu }).is_some() {
+            let lb = spec.services.iter().any(|sv| sv.network == ns.name);
+            if by_vni.insert(vni_key(ns.vni), VniNet { net: id, mtu, lb }).is_some() {
                 return invalid(format!("network {:?}: vni {} is used twice", ns.name, ns.vni));
             }
             if by_name.insert(ns.name.as_str(), id).is_some() {
@@ -564,6 +578,7 @@ impl Tables {
                 gateway_ip: ns.gateway_ip,
                 gateway_mac: ns.gateway_mac,
                 mtu,
+                has_services: false,
             });
         }
         let mut ports = vec![Port { name: "uplink".into(), network: None, mac: None, ip: None, fast: None }];
@@ -664,6 +679,19 @@ impl Tables {
                 return invalid(format!("endpoint {}: address is used twice in network {:?}", es.ip, nw.name));
             }
         }
+        let services = crate::lb::service::Services::compile(
+            &spec.services,
+            &networks,
+            |name| by_name.get(name).copied(),
+            |net, ip| arp.get(&ip_key(net, ip)).copied().filter(|m| *m != networks[usize::from(net)].gateway_mac),
+        )
+        .map_err(TablesError::Invalid)?;
+        // A VIP resolves to the gateway's MAC: frames to it reach the
+        // dataplane's balancer.
+        for s in &services.list {
+            arp.insert(ip_key(s.net, s.vip), networks[usize::from(s.net)].gateway_mac);
+            networks[usize::from(s.net)].has_services = true;
+        }
         for (p, n) in ports.iter_mut().zip(endpoints_on_port) {
             if n != 1 {
                 p.mac = None;
@@ -679,6 +707,7 @@ impl Tables {
                         ip: ip.octets(),
                         mtu: nw.mtu,
                         gateway_key: mac_key(net, nw.gateway_mac),
+                        lb: services.in_network(net),
                     })
                 }
                 _ => None,
@@ -698,6 +727,7 @@ impl Tables {
             templates,
             template_vtep,
             vteps,
+            services,
         })
     }
 

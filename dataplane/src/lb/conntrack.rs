@@ -85,10 +85,10 @@ pub struct CtValue {
     pub service: u32,
     /// Backend index within the service.
     pub backend: u32,
-    /// A mode-specific address: the ingress node of a `preserve-source`
-    /// flow, or the SNAT address of a `nat` flow (host order; 0 if none).
+    /// An address (host order): the backend's on a forward entry (so a
+    /// changed backend list is noticed), the VIP on a reply entry.
     pub peer: u32,
-    /// A mode-specific port (the SNAT source port; 0 if none).
+    /// A port: the backend's on a forward entry, the VIP's on a reply entry.
     pub port: u16,
     /// State.
     pub state: CtState,

@@ -58,33 +58,35 @@ pub struct SchedState {
     cw: u32,
 }
 
-/// What the schedulers need to know of a backend.
-pub trait SchedBackend {
-    /// Weight (0: draining, no new connections).
-    fn weight(&self) -> u32;
-    /// Connections this worker has open to it (for `lc`/`wlc`).
-    fn active(&self) -> u32;
+/// What the schedulers need to know of a service's backends, by index.
+pub trait Backends {
+    /// Number of backends.
+    fn count(&self) -> usize;
+    /// Weight of backend `i` (0: draining, no new connections).
+    fn weight(&self, i: usize) -> u32;
+    /// Connections this worker has open to backend `i` (for `lc`/`wlc`).
+    fn active(&self, i: usize) -> u32;
 }
 
 /// Picks a backend index for a new connection, or `None` when no backend
 /// has a weight. `flow_hash` is the 5-tuple hash (`mh`), `src_hash` the
 /// hash of the source address only (`sh`); `maglev` is the service's table
 /// (ignored by the other schedulers).
-pub fn pick<B: SchedBackend>(
+pub fn pick<B: Backends + ?Sized>(
     sched: Scheduler,
-    backends: &[B],
+    b: &B,
     st: &mut SchedState,
     maglev: Option<&Maglev>,
     flow_hash: u32,
     src_hash: u32,
 ) -> Option<usize> {
-    let n = backends.len();
+    let n = b.count();
     match sched {
         Scheduler::Mh => maglev?.lookup(flow_hash).map(|i| i as usize),
         Scheduler::Sh => maglev?.lookup(src_hash).map(|i| i as usize),
         Scheduler::Rr => {
             let start = st.last.map_or(0, |l| l + 1);
-            let i = (0..n).map(|k| (start + k) % n).find(|&i| backends[i].weight() > 0)?;
+            let i = (0..n).map(|k| (start + k) % n).find(|&i| b.weight(i) > 0)?;
             st.last = Some(i);
             Some(i)
         }
@@ -92,8 +94,8 @@ pub fn pick<B: SchedBackend>(
             // IPVS's interleaved weighted round robin: walk the backends,
             // lowering the current weight by the gcd after each lap, and take
             // the next one whose weight reaches it.
-            let max = backends.iter().map(B::weight).max().filter(|&m| m > 0)?;
-            let g = backends.iter().map(B::weight).filter(|&w| w > 0).fold(0, gcd);
+            let max = (0..n).map(|i| b.weight(i)).max().filter(|&m| m > 0)?;
+            let g = (0..n).map(|i| b.weight(i)).filter(|&w| w > 0).fold(0, gcd);
             let mut i = st.last.unwrap_or(n - 1);
             // At most one full cycle of current weights over all backends.
             for _ in 0..=(n * (max / g) as usize) {
@@ -101,23 +103,23 @@ pub fn pick<B: SchedBackend>(
                 if i == 0 {
                     st.cw = if st.cw <= g { max } else { st.cw - g };
                 }
-                if backends[i].weight() >= st.cw && backends[i].weight() > 0 {
+                if b.weight(i) >= st.cw && b.weight(i) > 0 {
                     st.last = Some(i);
                     return Some(i);
                 }
             }
             None
         }
-        Scheduler::Lc => (0..n).filter(|&i| backends[i].weight() > 0).min_by_key(|&i| backends[i].active()),
+        Scheduler::Lc => (0..n).filter(|&i| b.weight(i) > 0).min_by_key(|&i| b.active(i)),
         Scheduler::Wlc => {
             // Least active / weight, compared without division: a_i·w_j < a_j·w_i.
             let mut best: Option<usize> = None;
-            for i in (0..n).filter(|&i| backends[i].weight() > 0) {
+            for i in (0..n).filter(|&i| b.weight(i) > 0) {
                 let better = match best {
                     None => true,
-                    Some(b) => {
-                        u64::from(backends[i].active()) * u64::from(backends[b].weight())
-                            < u64::from(backends[b].active()) * u64::from(backends[i].weight())
+                    Some(j) => {
+                        u64::from(b.active(i)) * u64::from(b.weight(j))
+                            < u64::from(b.active(j)) * u64::from(b.weight(i))
                     }
                 };
                 if better {
@@ -143,17 +145,25 @@ mod tests {
         w: u32,
         a: u32,
     }
-    impl SchedBackend for B {
-        fn weight(&self) -> u32 {
-            self.w
+    struct Bs<'a>(&'a [B]);
+    impl Backends for Bs<'_> {
+        fn count(&self) -> usize {
+            self.0.len()
         }
-        fn active(&self) -> u32 {
-            self.a
+        fn weight(&self, i: usize) -> u32 {
+            self.0[i].w
+        }
+        fn active(&self, i: usize) -> u32 {
+            self.0[i].a
         }
     }
 
     fn bs(w: &[u32]) -> Vec<B> {
         w.iter().map(|&w| B { w, a: 0 }).collect()
+    }
+
+    fn pick(s: Scheduler, b: &[B], st: &mut SchedState, m: Option<&Maglev>, fh: u32, sh: u32) -> Option<usize> {
+        super::pick(s, &Bs(b), st, m, fh, sh)
     }
 
     fn seq(s: Scheduler, b: &[B], n: usize) -> Vec<usize> {

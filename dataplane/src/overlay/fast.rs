@@ -116,13 +116,17 @@ pub(crate) fn uplink_vxlan(frame: &mut Frame<'_>, t: &Tables, cache: &mut BurstC
     }
     let inner_len = len - IN;
     let key = vni_key_at(h[46..].first_chunk::<4>()?);
-    let VniNet { net, mtu } = if cache.vni_key == key {
+    let VniNet { net, mtu, lb } = if cache.vni_key == key {
         cache.vni
     } else {
         let v = *t.by_vni.get(&key)?;
         (cache.vni_key, cache.vni) = (key, v);
         v
     };
+    // In a network with services, replies are reversed: the general path.
+    if lb {
+        return None;
+    }
     // The outer source need not be looked up in the VTEP set: the inner
     // source must be an endpoint behind exactly this VTEP (checked below),
     // which only a known VTEP has.
@@ -163,9 +167,10 @@ impl<'t> BurstCache<'t> {
     #[inline(always)]
     pub(crate) fn new(t: &'t Tables, in_port: PortId) -> Self {
         BurstCache {
-            port: t.ports.get(usize::from(in_port)).and_then(|p| p.fast.as_ref()),
+            // A port in a network with services takes the general path.
+            port: t.ports.get(usize::from(in_port)).and_then(|p| p.fast.as_ref()).filter(|p| !p.lb),
             vni_key: u64::MAX,
-            vni: VniNet { net: 0, mtu: 0 },
+            vni: VniNet { net: 0, mtu: 0, lb: false },
         }
     }
 }

@@ -6,8 +6,9 @@ mod arp;
 pub(crate) mod fast;
 mod gateway;
 
+use crate::lb::LbState;
 use crate::pipeline::{DropReason, Frame, Verdict};
-use crate::tables::{Location, PortId, Tables, UPLINK, ip_key, mac_key};
+use crate::tables::{Location, NetId, PortId, Tables, UPLINK, ip_key, mac_key};
 use crate::wire::arp::ArpRepr;
 use crate::wire::ethernet::{self, ethertype};
 use crate::wire::ipv4::{Ipv4Packet, protocol};
@@ -54,7 +55,7 @@ fn well_formed(d: &[u8]) -> bool {
 
 /// A frame from a task port.
 #[inline]
-pub(crate) fn from_task(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -> Verdict {
+pub(crate) fn from_task(frame: &mut Frame<'_>, in_port: PortId, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
     use DropReason as D;
     let Some((net, port_mac, port_ip)) =
         t.ports.get(usize::from(in_port)).and_then(|p| Some((p.network?, p.mac, p.ip)))
@@ -110,11 +111,23 @@ pub(crate) fn from_task(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -> V
             return if ip.df { gateway::frag_needed(frame, in_port, nw) } else { Verdict::Drop(D::MtuExceeded) };
         }
         if dst == nw.gateway_mac {
-            return if ip.dst == nw.gateway_ip && ip.protocol == protocol::ICMP {
-                gateway::echo(frame, in_port, nw)
-            } else {
-                Verdict::Drop(D::NoRoute)
-            };
+            if ip.dst == nw.gateway_ip && ip.protocol == protocol::ICMP {
+                return gateway::echo(frame, in_port, nw);
+            }
+            // To a service VIP (proxy ARP answers VIPs with the gateway's
+            // MAC): balanced. Only plain IPv4 (no options, not a fragment)
+            // is balanced; anything else to a VIP has no route.
+            if let Some(f) = fast
+                && matches!(ip.protocol, protocol::TCP | protocol::UDP)
+                && let Some(svc) = t.services.at(net, ip.dst.octets(), u16::from_be_bytes([d[36], d[37]]), ip.protocol)
+            {
+                if f.total + ethernet::HEADER_LEN < frame.len() {
+                    let start = frame.start();
+                    frame.set_window(start, f.total + ethernet::HEADER_LEN);
+                }
+                return crate::lb::to_vip(frame, net, svc, now, t, lb);
+            }
+            return Verdict::Drop(D::NoRoute);
         }
     } else if d.len() > usize::from(nw.mtu) + ethernet::HEADER_LEN {
         return Verdict::Drop(D::Oversize);
@@ -127,19 +140,49 @@ pub(crate) fn from_task(frame: &mut Frame<'_>, in_port: PortId, t: &Tables) -> V
         let start = frame.start();
         frame.set_window(start, ip.total + ethernet::HEADER_LEN);
     }
-    let d = frame.data();
     match t.fdb.get(&mac_key(net, dst)) {
         Some(&Location::Local(p)) if p == in_port => Verdict::Drop(D::Hairpin),
-        Some(&Location::Local(p)) => Verdict::Tx(p),
+        _ => switch(frame, net, dst, now, t, lb),
+    }
+}
+
+/// Sends a frame of network `net` to the endpoint with MAC `dst`: to its
+/// local port (reversing a balanced connection's reply on the way, in a
+/// network with services), or encapsulated to its node. The frame is an
+/// untagged frame whose headers up to the transport header parse.
+#[inline]
+pub(crate) fn switch(
+    frame: &mut Frame<'_>,
+    net: NetId,
+    dst: MacAddr,
+    now: u64,
+    t: &Tables,
+    lb: &mut LbState,
+) -> Verdict {
+    match t.fdb.get(&mac_key(net, dst)) {
+        Some(&Location::Local(p)) => deliver(frame, net, p, now, t, lb),
         Some(&Location::Remote(i)) => {
+            let d = frame.data();
             let hash = match d.first_chunk::<38>() {
-                Some(h) if fast.is_some() => flow::hash_ipv4_at_fixed_offsets(flow::DEFAULT_SEED, h),
+                Some(h) if ipv4_fast(d).is_some() => flow::hash_ipv4_at_fixed_offsets(flow::DEFAULT_SEED, h),
                 _ => flow::flow_hash(d),
             };
             encap(frame, t, i, hash)
         }
-        None => Verdict::Drop(D::UnknownUnicast),
+        None => Verdict::Drop(DropReason::UnknownUnicast),
     }
+}
+
+/// Hands a frame to local port `p` of network `net`; in a network with
+/// services, the reply direction of a balanced connection gets its source
+/// back (the VIP) first.
+#[inline]
+fn deliver(frame: &mut Frame<'_>, net: NetId, p: PortId, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
+    let has_services = t.networks.get(usize::from(net)).is_some_and(|n| n.has_services);
+    if has_services && !crate::lb::on_delivery(frame, net, now, t, lb) {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    Verdict::Tx(p)
 }
 
 /// Encapsulates the frame toward the VTEP of template `i`, into headroom,
@@ -166,7 +209,7 @@ fn encap(frame: &mut Frame<'_>, t: &Tables, i: u32, hash: u32) -> Verdict {
 /// A frame from the uplink: VXLAN for us is validated and decapsulated to a
 /// local port; anything else is the kernel's.
 #[inline]
-pub(crate) fn from_uplink(frame: &mut Frame<'_>, t: &Tables) -> Verdict {
+pub(crate) fn from_uplink(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
     use DropReason as D;
     let d = match vxlan::classify(frame.data(), t.data_ip, t.vxlan_port) {
         Ok(Classified::Vxlan(d)) => d,
@@ -214,7 +257,7 @@ pub(crate) fn from_uplink(frame: &mut Frame<'_>, t: &Tables) -> Verdict {
     }
     let start = frame.start() + d.inner.start;
     frame.set_window(start, d.inner.len());
-    Verdict::Tx(out)
+    deliver(frame, net, out, now, t, lb)
 }
 
 /// The MAC cluster state has for `ip` in network `net`.

@@ -1,0 +1,268 @@
+//! Internal VIPs through the pipeline, frame in / frame out: the example
+//! tables plus a service `web` (TCP 198.19.0.100:80 → port 8080 on T3, a
+//! local task, and T2, a task on node 2), round robin so the choice is
+//! known. Expected frames are built with etherparse, independently of the
+//! rewrite code under test.
+
+use meshplane_dataplane::lb::conntrack::SECOND;
+use meshplane_dataplane::pipeline::{DropReason as D, Frame, HEADROOM, Verdict, WorkerState, process, process_general};
+use meshplane_dataplane::tables::{Tables, TablesSpec, UPLINK};
+use meshplane_dataplane::wire::vxlan::{self, Classified};
+
+const TASK1: u16 = 1;
+const TASK3: u16 = 2;
+const NODE1_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const NODE2_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const T1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
+const T2_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
+const T3_MAC: [u8; 6] = [2, 0, 0, 0, 1, 3];
+const GW_MAC: [u8; 6] = [0x02, 0x42, 0xc6, 0x13, 0x00, 0xfe];
+const T1: [u8; 4] = [198, 19, 0, 1];
+const T2: [u8; 4] = [198, 19, 0, 2];
+const T3: [u8; 4] = [198, 19, 0, 3];
+const VIP: [u8; 4] = [198, 19, 0, 100];
+
+fn tables_with(service: &str) -> Tables {
+    let base = include_str!("../../examples/tables.toml");
+    let spec: TablesSpec = toml::from_str(&format!("{base}\n{service}")).expect("spec parses");
+    Tables::compile(&spec).expect("tables compile")
+}
+
+const WEB: &str = r#"
+[[service]]
+name = "web"
+protocol = "tcp"
+network = "app"
+vip = "198.19.0.100"
+port = 80
+target_port = 8080
+scheduler = "rr"
+[[service.backend]]
+ip = "198.19.0.3"
+[[service.backend]]
+ip = "198.19.0.2"
+"#;
+
+fn tcp(dst: [u8; 6], src: [u8; 6], sip: [u8; 4], dip: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8> {
+    let mut f = Vec::new();
+    let b = etherparse::PacketBuilder::ethernet2(src, dst).ipv4(sip, dip, 64).tcp(sport, dport, 1000, 65535);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    b.write(&mut f, b"hello").unwrap();
+    f
+}
+
+/// Runs one frame; returns the verdict and the frame as it is afterwards.
+/// The general path (no fast paths) must agree, given the same state.
+fn run(t: &Tables, st: &mut WorkerState, in_port: u16, input: &[u8], now: u64) -> (Verdict, Vec<u8>) {
+    let mut buf = vec![0u8; HEADROOM + input.len() + 64];
+    buf[HEADROOM..HEADROOM + input.len()].copy_from_slice(input);
+    let mut f = Frame::new(&mut buf, HEADROOM, input.len()).unwrap();
+    let v = process(&mut f, in_port, now, t, st);
+    (v, f.data().to_vec())
+}
+
+fn decap(out: &[u8]) -> (u32, Vec<u8>) {
+    let Ok(Classified::Vxlan(d)) = vxlan::classify(out, core::net::Ipv4Addr::new(198, 18, 0, 2), 4789) else {
+        panic!("not VXLAN to node 2");
+    };
+    assert_eq!(&out[0..12], &[NODE2_MAC, NODE1_MAC].concat()[..]);
+    (d.vni, out[d.inner].to_vec())
+}
+
+#[test]
+fn vip_is_balanced_and_replies_are_reversed() {
+    let t = tables_with(WEB);
+    let mut st = WorkerState::for_tables(&t);
+
+    // Connection 1: rr picks the first backend, T3 (local): DNAT to
+    // T3:8080, from the gateway's MAC to T3's.
+    let syn1 = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, true);
+    let (v, out) = run(&t, &mut st, TASK1, &syn1, 0);
+    assert_eq!(v, Verdict::Tx(TASK3));
+    assert_eq!(out, tcp(T3_MAC, GW_MAC, T1, T3, 40001, 8080, true));
+
+    // Connection 2: the second backend, T2 on node 2: DNATed, then VXLAN.
+    let syn2 = tcp(GW_MAC, T1_MAC, T1, VIP, 40002, 80, true);
+    let (v, out) = run(&t, &mut st, TASK1, &syn2, 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(decap(&out), (4096, tcp(T2_MAC, GW_MAC, T1, T2, 40002, 8080, true)));
+
+    // More packets of connection 1 stay on T3 (rr alone would move on).
+    let ack1 = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, false);
+    assert_eq!(run(&t, &mut st, TASK1, &ack1, SECOND).0, Verdict::Tx(TASK3));
+
+    // T3's reply (local) reaches T1 from VIP:80 and the gateway's MAC.
+    let reply1 = tcp(T1_MAC, T3_MAC, T3, T1, 8080, 40001, false);
+    let (v, out) = run(&t, &mut st, TASK3, &reply1, SECOND);
+    assert_eq!(v, Verdict::Tx(TASK1));
+    assert_eq!(out, tcp(T1_MAC, GW_MAC, VIP, T1, 80, 40001, false));
+
+    // T2's reply arrives over VXLAN from node 2 and is reversed the same way.
+    let reply2 = tcp(T1_MAC, T2_MAC, T2, T1, 8080, 40002, false);
+    let mut vx = Vec::new();
+    let mut payload = vec![0x08, 0, 0, 0, 0x00, 0x10, 0x00, 0];
+    payload.extend_from_slice(&reply2);
+    etherparse::PacketBuilder::ethernet2(NODE2_MAC, NODE1_MAC)
+        .ipv4([198, 18, 0, 2], [198, 18, 0, 1], 64)
+        .udp(50000, 4789)
+        .write(&mut vx, &payload)
+        .unwrap();
+    let (v, out) = run(&t, &mut st, UPLINK, &vx, SECOND);
+    assert_eq!(v, Verdict::Tx(TASK1));
+    assert_eq!(out, tcp(T1_MAC, GW_MAC, VIP, T1, 80, 40002, false));
+
+    // A connection T1 makes to T3:8080 directly is not a VIP's: its reply
+    // is delivered as it is.
+    let direct = tcp(T1_MAC, T3_MAC, T3, T1, 8080, 40009, false);
+    assert_eq!(run(&t, &mut st, TASK3, &direct, SECOND), (Verdict::Tx(TASK1), direct.clone()));
+
+    // Counters: 3 packets to the VIP, 2 connections, one per backend.
+    let s = &st.lb.services[0];
+    assert_eq!((s.packets, s.new_conns), (3, 2));
+    assert_eq!(
+        s.backends.iter().map(|b| (b.packets, b.new_conns, b.active)).collect::<Vec<_>>(),
+        [(2, 1, 1), (1, 1, 1)]
+    );
+}
+
+#[test]
+fn drained_backends_keep_their_connections_and_take_no_new_ones() {
+    let t = tables_with(WEB);
+    let mut st = WorkerState::for_tables(&t);
+    let syn1 = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, true);
+    assert_eq!(run(&t, &mut st, TASK1, &syn1, 0).0, Verdict::Tx(TASK3));
+    // New tables: T3 draining. The worker keeps its state.
+    let drained = tables_with(&WEB.replacen("ip = \"198.19.0.3\"", "ip = \"198.19.0.3\"\nstate = \"draining\"", 1));
+    st.sync(&drained);
+    let ack1 = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, false);
+    assert_eq!(run(&drained, &mut st, TASK1, &ack1, SECOND).0, Verdict::Tx(TASK3), "existing flow stays");
+    for sport in 41000..41010 {
+        let syn = tcp(GW_MAC, T1_MAC, T1, VIP, sport, 80, true);
+        assert_eq!(run(&drained, &mut st, TASK1, &syn, SECOND).0, Verdict::Tx(UPLINK), "new flows avoid T3");
+    }
+    // Everything drained: a new connection has nowhere to go.
+    let none = tables_with(
+        &WEB.replace("ip = \"198.19.0.3\"", "ip = \"198.19.0.3\"\nweight = 0")
+            .replace("ip = \"198.19.0.2\"", "ip = \"198.19.0.2\"\nstate = \"draining\""),
+    );
+    st.sync(&none);
+    let syn = tcp(GW_MAC, T1_MAC, T1, VIP, 42000, 80, true);
+    assert_eq!(run(&none, &mut st, TASK1, &syn, SECOND).0, Verdict::Drop(D::NoBackend));
+    assert_eq!(st.stats.dropped(D::NoBackend), 1);
+}
+
+#[test]
+fn idle_connections_expire_and_are_scheduled_again() {
+    let t = tables_with(WEB);
+    let mut st = WorkerState::for_tables(&t);
+    let syn = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, true);
+    assert_eq!(run(&t, &mut st, TASK1, &syn, 0).0, Verdict::Tx(TASK3));
+    // A SYN-only connection times out after 60 s; the same 5-tuple is then
+    // a new connection, and rr has moved on to T2.
+    assert_eq!(run(&t, &mut st, TASK1, &syn, 61 * SECOND).0, Verdict::Tx(UPLINK));
+    assert_eq!(st.lb.services[0].backends[0].active, 0, "the expired connection released T3");
+}
+
+#[test]
+fn vip_arp_ping_and_other_ports() {
+    let t = tables_with(WEB);
+    let mut st = WorkerState::for_tables(&t);
+    // ARP for the VIP: answered with the gateway's MAC.
+    let mut req = Vec::new();
+    req.extend_from_slice(&[0xff; 6]);
+    req.extend_from_slice(&T1_MAC);
+    req.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    req.extend_from_slice(&T1_MAC);
+    req.extend_from_slice(&T1);
+    req.extend_from_slice(&[0; 6]);
+    req.extend_from_slice(&VIP);
+    let (v, out) = run(&t, &mut st, TASK1, &req, 0);
+    assert_eq!(v, Verdict::Tx(TASK1));
+    assert_eq!(&out[22..28], &GW_MAC, "sender hardware address of the reply");
+    assert_eq!(&out[28..32], &VIP);
+    // Another port, or UDP, at the VIP is no service: no route.
+    let other = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 81, true);
+    assert_eq!(run(&t, &mut st, TASK1, &other, 0).0, Verdict::Drop(D::NoRoute));
+}
+
+#[test]
+fn general_path_agrees_with_fast_path_on_lb_traffic() {
+    // process and process_general, each with its own state, give the same
+    // verdicts and bytes over a conversation.
+    let t = tables_with(WEB);
+    let (mut a, mut b) = (WorkerState::for_tables(&t), WorkerState::for_tables(&t));
+    let frames = [
+        (TASK1, tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, true)),
+        (TASK1, tcp(GW_MAC, T1_MAC, T1, VIP, 40002, 80, true)),
+        (TASK3, tcp(T1_MAC, T3_MAC, T3, T1, 8080, 40001, false)),
+        (TASK1, tcp(T3_MAC, T1_MAC, T1, T3, 5000, 22, true)),
+        (TASK1, tcp(T2_MAC, T1_MAC, T1, T2, 5000, 22, true)),
+    ];
+    for (port, f) in &frames {
+        let (va, oa) = run(&t, &mut a, *port, f, 0);
+        let mut buf = vec![0u8; HEADROOM + f.len()];
+        buf[HEADROOM..].copy_from_slice(f);
+        let mut g = Frame::new(&mut buf, HEADROOM, f.len()).unwrap();
+        let vb = process_general(&mut g, *port, 0, &t, &mut b);
+        assert_eq!((va, &oa[..]), (vb, g.data()));
+    }
+}
+
+#[test]
+fn bad_services_are_refused_with_clear_errors() {
+    let base = include_str!("../../examples/tables.toml");
+    let err = |svc: &str| {
+        let spec: TablesSpec = toml::from_str(&format!("{base}\n{svc}")).expect("spec parses");
+        Tables::compile(&spec).unwrap_err().to_string()
+    };
+    let e = err(&WEB.replace("198.19.0.100", "198.19.9.100"));
+    assert!(e.contains("vip 198.19.9.100 is not a host address of 198.19.0.0/24"), "{e}");
+    let e = err(&WEB.replace("vip = \"198.19.0.100\"", "vip = \"198.19.0.3\""));
+    assert!(e.contains("already the gateway's or an endpoint's"), "{e}");
+    let e = err(&WEB.replace("ip = \"198.19.0.2\"", "ip = \"198.19.0.77\""));
+    assert!(e.contains("backend 198.19.0.77 is not an endpoint of network \"app\""), "{e}");
+    let e = err(&WEB.replace("network = \"app\"", "network = \"nope\""));
+    assert!(e.contains("unknown network \"nope\""), "{e}");
+    let e = err(&WEB.replace("scheduler = \"rr\"", "scheduler = \"mh\"\nmaglev_size = 65536"));
+    assert!(e.contains("maglev table size 65536 must be a prime"), "{e}");
+    let e = err(&format!("{WEB}\n{}", WEB.replace("name = \"web\"", "name = \"web2\"")));
+    assert!(e.contains("198.19.0.100:80 (tcp) is another service's"), "{e}");
+    let spec: Result<TablesSpec, _> = toml::from_str(&format!("{base}\n{}", WEB.replace("\"rr\"", "\"fastest\"")));
+    assert!(spec.unwrap_err().to_string().contains("unknown variant `fastest`"));
+}
+
+#[test]
+fn a_removed_backends_connections_move_at_once() {
+    let t = tables_with(WEB);
+    let mut st = WorkerState::for_tables(&t);
+    let syn = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, true);
+    assert_eq!(run(&t, &mut st, TASK1, &syn, 0).0, Verdict::Tx(TASK3));
+    // T3 is removed (T2 now has index 0, where T3 was): the connection is
+    // not sent to a backend that is gone, nor to whatever took its index
+    // by mistake; it is scheduled again, to T2.
+    let removed = tables_with(&WEB.replace("[[service.backend]]\nip = \"198.19.0.3\"\n", ""));
+    assert_eq!(removed.services.list[0].backends.len(), 1);
+    st.sync(&removed);
+    let ack = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, false);
+    let (v, out) = run(&removed, &mut st, TASK1, &ack, SECOND);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(decap(&out), (4096, tcp(T2_MAC, GW_MAC, T1, T2, 40001, 8080, false)));
+}
+
+#[test]
+fn maglev_picks_the_same_backend_on_independent_nodes() {
+    // Two independently compiled tables and workers (two nodes) send the
+    // same flows to the same backends, with no shared state.
+    let svc = WEB.replace("scheduler = \"rr\"", "scheduler = \"mh\"");
+    let (ta, tb) = (tables_with(&svc), tables_with(&svc));
+    let (mut a, mut b) = (WorkerState::for_tables(&ta), WorkerState::for_tables(&tb));
+    let mut seen = [0usize; 2];
+    for sport in 30000..30400u16 {
+        let syn = tcp(GW_MAC, T1_MAC, T1, VIP, sport, 80, true);
+        let va = run(&ta, &mut a, TASK1, &syn, 0).0;
+        assert_eq!(va, run(&tb, &mut b, TASK1, &syn, 0).0, "flow {sport}");
+        seen[usize::from(va == Verdict::Tx(UPLINK))] += 1;
+    }
+    // And both backends get a fair share.
+    assert!(seen.iter().all(|&n| n > 150), "{seen:?}");
+}
