@@ -184,6 +184,12 @@ drop_reasons! {
     /// To a service VIP whose backends all have weight 0 (or none), and
     /// the connection is not tracked.
     NoBackend = "no_backend",
+    /// A routing-mesh connection in `nat` mode found no free source port
+    /// on this node's address toward its backend.
+    NatPortsExhausted = "nat_ports_exhausted",
+    /// A frame to this node's own address in a network (the routing mesh's
+    /// reply direction) that belongs to no tracked connection.
+    NoConnection = "no_connection",
     /// To a service VIP, but the worker's balancer state was not sized for
     /// these tables (`WorkerState::sync` not called: an I/O layer bug).
     LbNotSynced = "lb_not_synced",

@@ -150,6 +150,12 @@ pub struct NetworkSpec {
     /// MTU inside the network (default: underlay MTU − 50).
     #[serde(default)]
     pub mtu: Option<u16>,
+    /// This node's own address in the network (Swarm's ingress sandbox
+    /// address): the source of routing-mesh connections in `nat` mode and
+    /// where their replies come back. Its MAC is derived from it
+    /// (02:42 and the four address bytes, as Docker derives MACs).
+    #[serde(default)]
+    pub node_ip: Option<Ipv4Addr>,
 }
 
 /// A port of this node's dataplane other than the uplink: a task's
@@ -341,6 +347,13 @@ impl<V: Copy> FlatMap<V> {
     }
 }
 
+/// The MAC of an address this node holds in a network: 02:42 and the
+/// address's four bytes (Docker's derivation).
+pub fn node_mac_for(ip: Ipv4Addr) -> MacAddr {
+    let o = ip.octets();
+    MacAddr([0x02, 0x42, o[0], o[1], o[2], o[3]])
+}
+
 /// Index of a network in [`Tables::networks`].
 pub type NetId = u16;
 
@@ -410,9 +423,13 @@ pub struct Network {
     pub gateway_mac: MacAddr,
     /// MTU inside the network.
     pub mtu: u16,
-    /// A service has its VIP here: delivered frames may be the replies of
+    /// A service has its tasks here: delivered frames may be the replies of
     /// balanced connections.
     pub has_services: bool,
+    /// This node's address in the network, if it has one.
+    pub node_ip: Option<Ipv4Addr>,
+    /// Its MAC (derived from the address).
+    pub node_mac: Option<MacAddr>,
 }
 
 impl Network {
@@ -571,6 +588,17 @@ impl Tables {
                 return invalid(format!("network {:?}: gateway_mac {} must be unicast", ns.name, ns.gateway_mac));
             }
             arp.insert(ip_key(id, ns.gateway_ip), ns.gateway_mac);
+            if let Some(ip) = ns.node_ip {
+                if !ns.subnet.contains(ip) || ip == ns.gateway_ip {
+                    return invalid(format!(
+                        "network {:?}: node_ip {ip} must be an address of {} other than the gateway's",
+                        ns.name, ns.subnet
+                    ));
+                }
+                // Tasks resolve it like any address (the routing mesh's
+                // replies in `nat` mode go to it); endpoints may not reuse it.
+                arp.insert(ip_key(id, ip), node_mac_for(ip));
+            }
             networks.push(Network {
                 name: ns.name.clone(),
                 vni: ns.vni,
@@ -579,6 +607,8 @@ impl Tables {
                 gateway_mac: ns.gateway_mac,
                 mtu,
                 has_services: false,
+                node_ip: ns.node_ip,
+                node_mac: ns.node_ip.map(node_mac_for),
             });
         }
         let mut ports = vec![Port { name: "uplink".into(), network: None, mac: None, ip: None, fast: None }];
@@ -679,17 +709,29 @@ impl Tables {
                 return invalid(format!("endpoint {}: address is used twice in network {:?}", es.ip, nw.name));
             }
         }
+        for (i, nw) in networks.iter().enumerate() {
+            if let Some(m) = nw.node_mac
+                && fdb.get(&mac_key(i as NetId, m)).is_some()
+            {
+                return invalid(format!("network {:?}: an endpoint uses this node's MAC {m}", nw.name));
+            }
+        }
         let services = crate::lb::service::Services::compile(
             &spec.services,
             &networks,
             |name| by_name.get(name).copied(),
-            |net, ip| arp.get(&ip_key(net, ip)).copied().filter(|m| *m != networks[usize::from(net)].gateway_mac),
+            |net, ip| {
+                let nw = &networks[usize::from(net)];
+                arp.get(&ip_key(net, ip)).copied().filter(|m| *m != nw.gateway_mac && Some(*m) != nw.node_mac)
+            },
         )
         .map_err(TablesError::Invalid)?;
         // A VIP resolves to the gateway's MAC: frames to it reach the
         // dataplane's balancer.
         for s in &services.list {
-            arp.insert(ip_key(s.net, s.vip), networks[usize::from(s.net)].gateway_mac);
+            if let Some((vip, _)) = s.vip {
+                arp.insert(ip_key(s.net, vip), networks[usize::from(s.net)].gateway_mac);
+            }
             networks[usize::from(s.net)].has_services = true;
         }
         for (p, n) in ports.iter_mut().zip(endpoints_on_port) {

@@ -218,7 +218,7 @@ fn bad_services_are_refused_with_clear_errors() {
     let e = err(&WEB.replace("198.19.0.100", "198.19.9.100"));
     assert!(e.contains("vip 198.19.9.100 is not a host address of 198.19.0.0/24"), "{e}");
     let e = err(&WEB.replace("vip = \"198.19.0.100\"", "vip = \"198.19.0.3\""));
-    assert!(e.contains("already the gateway's or an endpoint's"), "{e}");
+    assert!(e.contains("already the gateway's, this node's or an endpoint's"), "{e}");
     let e = err(&WEB.replace("ip = \"198.19.0.2\"", "ip = \"198.19.0.77\""));
     assert!(e.contains("backend 198.19.0.77 is not an endpoint of network \"app\""), "{e}");
     let e = err(&WEB.replace("network = \"app\"", "network = \"nope\""));
@@ -265,4 +265,200 @@ fn maglev_picks_the_same_backend_on_independent_nodes() {
     }
     // And both backends get a fair share.
     assert!(seen.iter().all(|&n| n > 150), "{seen:?}");
+}
+
+// ---------------------------------------------------------------------------
+// The routing mesh: a client outside (198.18.5.5, behind the underlay)
+// connects to this node's data-path address (198.18.0.1) on a published
+// port. This node's address in the app network is 198.19.0.250 (MAC
+// 02:42:c6:13:00:fa); node 2's is 198.19.0.251.
+
+const CLIENT: [u8; 4] = [198, 18, 5, 5];
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 5, 5];
+const NODE1: [u8; 4] = [198, 18, 0, 1];
+const NODE1_APP: [u8; 4] = [198, 19, 0, 250];
+const NODE1_APP_MAC: [u8; 6] = [0x02, 0x42, 198, 19, 0, 250];
+const NODE2_APP_MAC: [u8; 6] = [0x02, 0x42, 198, 19, 0, 251];
+
+const MESH: &str = r#"
+[[endpoint]]
+network = "app"
+ip = "198.19.0.251"
+mac = "02:42:c6:13:00:fb"
+vtep = "198.18.0.2"
+
+[[service]]
+name = "web"
+protocol = "tcp"
+network = "app"
+target_port = 8080
+scheduler = "rr"
+published = [{ port = 30080, mode = "nat" }]
+[[service.backend]]
+ip = "198.19.0.3"
+[[service.backend]]
+ip = "198.19.0.2"
+
+[[service]]
+name = "web-ps"
+protocol = "tcp"
+network = "app"
+target_port = 8080
+scheduler = "rr"
+published = [{ port = 30081, mode = "preserve-source" }]
+[[service.backend]]
+ip = "198.19.0.3"
+[[service.backend]]
+ip = "198.19.0.2"
+"#;
+
+fn mesh_tables() -> Tables {
+    let base = include_str!("../../examples/tables.toml").replace(
+        "gateway_mac = \"02:42:c6:13:00:fe\"",
+        "gateway_mac = \"02:42:c6:13:00:fe\"\nnode_ip = \"198.19.0.250\"",
+    );
+    let spec: TablesSpec = toml::from_str(&format!("{base}\n{MESH}")).expect("spec parses");
+    Tables::compile(&spec).expect("tables compile")
+}
+
+/// A VXLAN frame from node 2 carrying `inner`.
+fn from_node2(inner: &[u8]) -> Vec<u8> {
+    let mut payload = vec![0x08, 0, 0, 0, 0x00, 0x10, 0x00, 0];
+    payload.extend_from_slice(inner);
+    let mut vx = Vec::new();
+    etherparse::PacketBuilder::ethernet2(NODE2_MAC, NODE1_MAC)
+        .ipv4([198, 18, 0, 2], NODE1, 64)
+        .udp(50000, 4789)
+        .write(&mut vx, &payload)
+        .unwrap();
+    vx
+}
+
+#[test]
+fn routing_mesh_nat_mode_both_directions() {
+    let t = mesh_tables();
+    let mut st = WorkerState::for_tables(&t);
+    // Connection 1 → T3 (local): DNAT to T3:8080, SNAT to this node's
+    // address in the network, from this node's MAC there.
+    let syn = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40001, 30080, true);
+    let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
+    assert_eq!(v, Verdict::Tx(TASK3));
+    assert_eq!(out, tcp(T3_MAC, NODE1_APP_MAC, NODE1_APP, T3, 40001, 8080, true));
+    // T3's reply to this node's address goes back to the client, from
+    // 198.18.0.1:30080, to the client's MAC.
+    let reply = tcp(NODE1_APP_MAC, T3_MAC, T3, NODE1_APP, 8080, 40001, false);
+    let (v, out) = run(&t, &mut st, TASK3, &reply, 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(out, tcp(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 30080, 40001, false));
+
+    // Connection 2 → T2 on node 2: DNAT + SNAT, then VXLAN.
+    let syn2 = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40002, 30080, true);
+    let (v, out) = run(&t, &mut st, UPLINK, &syn2, 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(decap(&out), (4096, tcp(T2_MAC, NODE1_APP_MAC, NODE1_APP, T2, 40002, 8080, true)));
+    // T2's reply comes back over VXLAN to this node's MAC and goes out to
+    // the client.
+    let back = from_node2(&tcp(NODE1_APP_MAC, T2_MAC, T2, NODE1_APP, 8080, 40002, false));
+    let (v, out) = run(&t, &mut st, UPLINK, &back, 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(out, tcp(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 30080, 40002, false));
+
+    // A frame to this node's address that is no connection's is dropped.
+    let stray = tcp(NODE1_APP_MAC, T3_MAC, T3, NODE1_APP, 8080, 49999, false);
+    assert_eq!(run(&t, &mut st, TASK3, &stray, 0).0, Verdict::Drop(D::NoConnection));
+    // Other traffic to this node's address is the kernel's, as before.
+    let ssh = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40003, 22, true);
+    assert_eq!(run(&t, &mut st, UPLINK, &ssh, 0).0, Verdict::Pass);
+}
+
+#[test]
+fn routing_mesh_nat_mode_keeps_source_ports_apart() {
+    // One backend: two clients with the same source port must not share
+    // this node's address and port toward it.
+    let t = {
+        let base = include_str!("../../examples/tables.toml").replace(
+            "gateway_mac = \"02:42:c6:13:00:fe\"",
+            "gateway_mac = \"02:42:c6:13:00:fe\"\nnode_ip = \"198.19.0.250\"",
+        );
+        let svc = "[[service]]\nname = \"one\"\nprotocol = \"udp\"\nnetwork = \"app\"\ntarget_port = 53\npublished = [{ port = 30053 }]\n[[service.backend]]\nip = \"198.19.0.3\"\n";
+        Tables::compile(&toml::from_str(&format!("{base}\n{svc}")).unwrap()).unwrap()
+    };
+    let mut st = WorkerState::for_tables(&t);
+    let udp = |src: [u8; 4]| {
+        let mut f = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC)
+            .ipv4(src, NODE1, 64)
+            .udp(5353, 30053)
+            .write(&mut f, b"q")
+            .unwrap();
+        f
+    };
+    let (v1, o1) = run(&t, &mut st, UPLINK, &udp(CLIENT), 0);
+    let (v2, o2) = run(&t, &mut st, UPLINK, &udp([198, 18, 5, 6]), 0);
+    assert_eq!((v1, v2), (Verdict::Tx(TASK3), Verdict::Tx(TASK3)));
+    let sport = |o: &[u8]| u16::from_be_bytes([o[34], o[35]]);
+    assert_eq!(sport(&o1), 5353, "the first keeps its port");
+    assert_ne!(sport(&o2), 5353, "the second gets another");
+    assert_eq!((&o1[26..30], &o2[26..30]), (&NODE1_APP[..], &NODE1_APP[..]));
+    // Each reply finds its own client.
+    for (o, client) in [(&o1, CLIENT), (&o2, [198, 18, 5, 6])] {
+        let mut r = Vec::new();
+        etherparse::PacketBuilder::ethernet2(T3_MAC, NODE1_APP_MAC)
+            .ipv4(T3, NODE1_APP, 64)
+            .udp(53, sport(o))
+            .write(&mut r, b"a")
+            .unwrap();
+        let (v, out) = run(&t, &mut st, TASK3, &r, 0);
+        assert_eq!(v, Verdict::Tx(UPLINK));
+        assert_eq!((&out[30..34], u16::from_be_bytes([out[36], out[37]])), (&client[..], 5353));
+        assert_eq!(u16::from_be_bytes([out[34], out[35]]), 30053);
+    }
+}
+
+#[test]
+fn routing_mesh_preserve_source_both_directions_and_both_nodes() {
+    let t = mesh_tables();
+    let mut st = WorkerState::for_tables(&t);
+    // Ingress here, task here (T3): DNAT only, the task sees the client.
+    let syn = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40001, 30081, true);
+    let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
+    assert_eq!(v, Verdict::Tx(TASK3));
+    assert_eq!(out, tcp(T3_MAC, NODE1_APP_MAC, CLIENT, T3, 40001, 8080, true));
+    // T3 answers the client through its default route, the gateway: the
+    // reply leaves from 198.18.0.1:30081.
+    let reply = tcp(GW_MAC, T3_MAC, T3, CLIENT, 8080, 40001, false);
+    let (v, out) = run(&t, &mut st, TASK3, &reply, 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(out, tcp(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 30081, 40001, false));
+
+    // Ingress here, task on node 2 (T2): DNAT only, over VXLAN.
+    let syn2 = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40002, 30081, true);
+    let (v, out) = run(&t, &mut st, UPLINK, &syn2, 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(decap(&out), (4096, tcp(T2_MAC, NODE1_APP_MAC, CLIENT, T2, 40002, 8080, true)));
+    // Node 2 returns T2's reply to this node's MAC; it goes to the client.
+    let back = from_node2(&tcp(NODE1_APP_MAC, T2_MAC, T2, CLIENT, 8080, 40002, false));
+    let (v, out) = run(&t, &mut st, UPLINK, &back, 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(out, tcp(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 30081, 40002, false));
+
+    // The other role: node 2 was the ingress and the task is T3, here. The
+    // connection arrives over VXLAN from node 2's MAC with the client's
+    // own address, is delivered as it is, and remembered ...
+    let other = [198, 18, 5, 6];
+    let inbound = tcp(T3_MAC, NODE2_APP_MAC, other, T3, 50000, 8080, true);
+    let (v, out) = run(&t, &mut st, UPLINK, &from_node2(&inbound), 0);
+    assert_eq!((v, out), (Verdict::Tx(TASK3), inbound));
+    // ... so that T3's reply, sent to the gateway, goes back to node 2.
+    let reply = tcp(GW_MAC, T3_MAC, T3, other, 8080, 50000, false);
+    let (v, out) = run(&t, &mut st, TASK3, &reply, 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(decap(&out), (4096, tcp(NODE2_APP_MAC, GW_MAC, T3, other, 8080, 50000, false)));
+
+    // To an outside address that is no connection's: no route.
+    let stray = tcp(GW_MAC, T3_MAC, T3, [198, 18, 9, 9], 8080, 1, false);
+    assert_eq!(run(&t, &mut st, TASK3, &stray, 0).0, Verdict::Drop(D::NoRoute));
+    // Counters of web-ps: 2 connections, one per backend.
+    let s = &st.lb.services[1];
+    assert_eq!((s.new_conns, s.backends[0].new_conns, s.backends[1].new_conns), (2, 1, 1));
 }

@@ -86,17 +86,30 @@ pub struct CtValue {
     /// Backend index within the service.
     pub backend: u32,
     /// An address (host order): the backend's on a forward entry (so a
-    /// changed backend list is noticed), the VIP on a reply entry.
+    /// changed backend list is noticed); on a reply entry, the address the
+    /// reply's source becomes (the VIP), or the client's (routing mesh).
     pub peer: u32,
-    /// A port: the backend's on a forward entry, the VIP's on a reply entry.
+    /// The port that goes with `peer`.
     pub port: u16,
+    /// A second port: the routing mesh's published port (reply entries)
+    /// or SNAT source port (forward entries).
+    pub port2: u16,
+    /// A MAC: the client's next hop on the underlay (routing mesh), so
+    /// replies go back where the request came from.
+    pub mac: [u8; 6],
     /// State.
     pub state: CtState,
     /// Spare bits for the caller (direction, mode).
     pub flags: u8,
 }
 
-/// A table entry: 48 bytes.
+impl CtValue {
+    /// All zero, UDP: a base for struct update syntax.
+    pub const ZERO: CtValue =
+        CtValue { service: 0, backend: 0, peer: 0, port: 0, port2: 0, mac: [0; 6], state: CtState::Udp, flags: 0 };
+}
+
+/// A table entry: 56 bytes.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 struct Entry {
@@ -110,13 +123,7 @@ struct Entry {
 
 const _: () = assert!(core::mem::size_of::<Entry>() <= 64, "a conntrack entry is at most 64 bytes");
 
-const FREE: Entry = Entry {
-    k0: 0,
-    k1: 0,
-    expires: 0,
-    last_seen: 0,
-    v: CtValue { service: 0, backend: 0, peer: 0, port: 0, state: CtState::Udp, flags: 0 },
-};
+const FREE: Entry = Entry { k0: 0, k1: 0, expires: 0, last_seen: 0, v: CtValue::ZERO };
 
 /// Timeouts (nanoseconds) and limits. Defaults are IPVS's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -332,6 +339,13 @@ impl Conntrack {
         Inserted::Evicted(old)
     }
 
+    /// True if `key` has a live entry at `now` (nothing is refreshed).
+    pub fn contains(&self, key: &FlowKey, now: u64) -> bool {
+        let (k0, k1) = key.pack();
+        let b = self.bucket(k0, k1);
+        self.entries.get(b..b + WAYS).is_some_and(|set| set.iter().any(|e| e.k1 == k1 && e.k0 == k0 && e.expires > now))
+    }
+
     /// Removes `key`'s entry; its value if there was one.
     pub fn remove(&mut self, key: &FlowKey) -> Option<CtValue> {
         let (k0, k1) = key.pack();
@@ -418,7 +432,7 @@ mod tests {
     }
 
     fn val(backend: u32, state: CtState) -> CtValue {
-        CtValue { service: 1, backend, peer: 0, port: 0, state, flags: 0 }
+        CtValue { service: 1, backend, state, ..CtValue::ZERO }
     }
 
     fn small(capacity: usize) -> Conntrack {

@@ -128,7 +128,8 @@ impl sched::Backends for View<'_> {
 /// The 5-tuple of the IPv4 TCP/UDP packet at `ip` (no options: the caller
 /// checked), and its TCP flags (0 for UDP).
 fn tuple(d: &[u8], ip: usize) -> Option<(FlowKey, u8)> {
-    let h = d.get(ip..)?.first_chunk::<34>()?;
+    let l3 = d.get(ip..)?;
+    let h = l3.first_chunk::<24>()?;
     let key = FlowKey {
         src: u32::from_be_bytes([h[12], h[13], h[14], h[15]]),
         dst: u32::from_be_bytes([h[16], h[17], h[18], h[19]]),
@@ -136,8 +137,122 @@ fn tuple(d: &[u8], ip: usize) -> Option<(FlowKey, u8)> {
         dport: u16::from_be_bytes([h[22], h[23]]),
         proto: h[9],
     };
-    let flags = if h[9] == protocol::TCP { h[33] } else { 0 };
+    let flags = if h[9] == protocol::TCP { *l3.get(33)? } else { 0 };
     Some((key, flags))
+}
+
+/// True for an untagged IPv4 frame without options, not a fragment,
+/// carrying TCP or UDP (the only frames balanced).
+fn plain_tcp_udp(d: &[u8]) -> bool {
+    d.len() >= 42
+        && d[12..15] == [0x08, 0x00, 0x45]
+        && d[20] & 0x3f == 0
+        && d[21] == 0
+        && matches!(d[23], protocol::TCP | protocol::UDP)
+}
+
+/// The connection's backend: the tracked one if it is still in the
+/// service (the entry remembers its address: indices change when tables
+/// do), else a new choice by the service's scheduler, tracked in both
+/// directions: `fwd` completes the forward entry and `rev` gives the key
+/// and value of the reply entry, for the chosen backend. A connection
+/// whose backend is gone is scheduled again at once, never blackholed: UDP
+/// simply moves, and a TCP segment reaching a new backend mid-connection
+/// is answered with a reset by that backend's stack.
+/// A packet's connection identity: its 5-tuple, TCP flags and time.
+struct Packet {
+    key: FlowKey,
+    flags: u8,
+    now: u64,
+}
+
+fn connection(
+    lb: &mut LbState,
+    s: &service::Service,
+    svc: u32,
+    p: &Packet,
+    fwd: impl FnOnce(&service::Backend, CtValue, &Conntrack) -> Result<CtValue, DropReason>,
+    rev: impl FnOnce(&service::Backend, &CtValue) -> (FlowKey, CtValue),
+) -> Result<(u32, CtValue), DropReason> {
+    let (key, flags, now) = (&p.key, p.flags, p.now);
+    match lb.conntrack.lookup_or_expired(key, now, flags) {
+        Ok(v)
+            if v.service == svc
+                && v.flags & CT_REPLY == 0
+                && s.backends.get(v.backend as usize).is_some_and(|b| u32::from(b.ip) == v.peer) =>
+        {
+            return Ok((v.backend, v));
+        }
+        Ok(_) => {}
+        Err(old) => {
+            if let Some(old) = old {
+                lb.release(old);
+            }
+        }
+    }
+    let fh = flow::hash2(
+        flow::DEFAULT_SEED,
+        (u64::from(key.src) << 32) | u64::from(key.dst),
+        (u64::from(key.sport) << 24) | (u64::from(key.dport) << 8) | u64::from(key.proto),
+    );
+    let sh = flow::hash2(flow::DEFAULT_SEED, u64::from(key.src), 0);
+    let (Some(stats), Some(st)) = (lb.services.get(svc as usize), lb.sched.get_mut(svc as usize)) else {
+        return Err(DropReason::LbNotSynced);
+    };
+    let view = View { backends: &s.backends, stats: &stats.backends };
+    let b = sched::pick(s.scheduler, &view, st, s.maglev.as_ref(), fh, sh).ok_or(DropReason::NoBackend)? as u32;
+    let be = &s.backends[b as usize];
+    // A SYN opens; a segment of a connection the table lost (a restart, an
+    // eviction) is taken as established, as IPVS's sloppy TCP does.
+    let state = if key.proto == protocol::TCP { conntrack::next_state(CtState::SynRecv, flags) } else { CtState::Udp };
+    let base = CtValue { service: svc, backend: b, peer: u32::from(be.ip), port: be.port, state, ..CtValue::ZERO };
+    let f = fwd(be, base, &lb.conntrack)?;
+    let inserted = lb.conntrack.insert(key, f, now);
+    if inserted != Inserted::Guarded {
+        if let Inserted::Fresh(Some(old)) | Inserted::Evicted(old) = inserted {
+            lb.release(old);
+        }
+        let (rk, rv) = rev(be, &f);
+        if let Inserted::Fresh(Some(old)) | Inserted::Evicted(old) = lb.conntrack.insert(&rk, rv, now) {
+            lb.release(old);
+        }
+        if let Some(bs) = lb.services.get_mut(svc as usize).and_then(|x| x.backends.get_mut(b as usize)) {
+            bs.active += 1;
+        }
+    }
+    if let Some(x) = lb.services.get_mut(svc as usize) {
+        x.new_conns += 1;
+        if let Some(bs) = x.backends.get_mut(b as usize) {
+            bs.new_conns += 1;
+        }
+    }
+    Ok((b, f))
+}
+
+/// Counts a packet balanced to backend `b` of service `svc`.
+fn count(lb: &mut LbState, svc: u32, b: u32, len: usize) {
+    if let Some(x) = lb.services.get_mut(svc as usize) {
+        x.packets += 1;
+        x.bytes += len as u64;
+        if let Some(bs) = x.backends.get_mut(b as usize) {
+            bs.packets += 1;
+            bs.bytes += len as u64;
+        }
+    }
+}
+
+/// Rewrites the IPv4 packet of an Ethernet frame and its MACs.
+fn readdress(frame: &mut Frame<'_>, nat: &Nat, dst_mac: [u8; 6], src_mac: [u8; 6]) -> Result<(), DropReason> {
+    let d = frame.data_mut();
+    let ip = d.get_mut(14..).ok_or(DropReason::Malformed)?;
+    rewrite_ipv4(ip, nat).map_err(|_| DropReason::Malformed)?;
+    d[0..6].copy_from_slice(&dst_mac);
+    d[6..12].copy_from_slice(&src_mac);
+    Ok(())
+}
+
+fn verdict(r: Result<Verdict, DropReason>) -> Verdict {
+    r.unwrap_or_else(Verdict::Drop)
 }
 
 /// A task's packet to the VIP of service `svc` (an untagged IPv4 TCP/UDP
@@ -146,23 +261,153 @@ fn tuple(d: &[u8], ip: usize) -> Option<(FlowKey, u8)> {
 /// readdresses the frame from the gateway to the backend's MAC, and sends
 /// it on (a local port, or VXLAN to the backend's node).
 pub(crate) fn to_vip(frame: &mut Frame<'_>, net: NetId, svc: u32, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
-    use DropReason as D;
-    let Some(s) = t.services.list.get(svc as usize) else { return Verdict::Drop(D::NoBackend) };
-    if lb.services.len() <= svc as usize {
-        return Verdict::Drop(D::LbNotSynced);
+    verdict(vip_inner(frame, net, svc, now, t, lb))
+}
+
+fn vip_inner(
+    frame: &mut Frame<'_>,
+    net: NetId,
+    svc: u32,
+    now: u64,
+    t: &Tables,
+    lb: &mut LbState,
+) -> Result<Verdict, DropReason> {
+    {
+        let s = t.services.list.get(svc as usize).ok_or(DropReason::NoBackend)?;
+        let (vip, vport) = s.vip.ok_or(DropReason::NoRoute)?;
+        let (key, flags) = tuple(frame.data(), 14).ok_or(DropReason::Malformed)?;
+        let (b, _) = connection(
+            lb,
+            s,
+            svc,
+            &Packet { key, flags, now },
+            |_, f, _| Ok(f),
+            |be, f| {
+                let rk =
+                    FlowKey { src: u32::from(be.ip), dst: key.src, sport: be.port, dport: key.sport, proto: key.proto };
+                (rk, CtValue { peer: u32::from(vip), port: vport, flags: CT_REPLY, ..*f })
+            },
+        )?;
+        count(lb, svc, b, frame.len());
+        let be = &s.backends[b as usize];
+        let nat = Nat { src_addr: None, dst_addr: Some(be.ip), src_port: None, dst_port: Some(be.port) };
+        readdress(frame, &nat, be.mac.0, t.networks[usize::from(net)].gateway_mac.0)?;
+        Ok(crate::overlay::switch(frame, net, be.mac, now, t, lb))
     }
-    let Some((key, flags)) = tuple(frame.data(), 14) else { return Verdict::Drop(D::Malformed) };
-    let len = frame.len() as u64;
-    // A tracked connection keeps its backend (drained ones too), as long
-    // as that backend is still in the service (the entry remembers its
-    // address: indices change when tables do). A connection whose backend
-    // is gone is scheduled again at once, never blackholed: UDP simply
-    // moves, and a TCP segment reaching a new backend mid-connection is
-    // answered with a reset by that backend's stack.
-    let known = match lb.conntrack.lookup_or_expired(&key, now, flags) {
-        Ok(v) if v.service == svc && s.backends.get(v.backend as usize).is_some_and(|b| u32::from(b.ip) == v.peer) => {
-            Some(v.backend)
+}
+
+/// `CtValue::flags`: a routing-mesh connection in `nat` mode.
+pub const CT_MESH_NAT: u8 = 2;
+/// `CtValue::flags`: a routing-mesh connection in `preserve-source` mode.
+pub const CT_MESH_PS: u8 = 4;
+/// `CtValue::flags`, at a task's node: a `preserve-source` connection that
+/// came in through another node; replies go back through it (`peer` is
+/// that node's VTEP, `mac` its MAC in the network).
+pub const CT_PS_RETURN: u8 = 8;
+
+/// A client's packet from the uplink to this node's data-path address and
+/// the published port of service `pubd.service` (an untagged IPv4 TCP/UDP
+/// frame without options, the whole frame): the routing mesh. Picks or
+/// recalls the backend; DNATs to it, and in `nat` mode SNATs to this
+/// node's address in the service's network; sends it on from this node's
+/// MAC in the network.
+pub(crate) fn from_client(
+    frame: &mut Frame<'_>,
+    pubd: service::Published,
+    now: u64,
+    t: &Tables,
+    lb: &mut LbState,
+) -> Verdict {
+    verdict(client_inner(frame, pubd, now, t, lb))
+}
+
+fn client_inner(
+    frame: &mut Frame<'_>,
+    pubd: service::Published,
+    now: u64,
+    t: &Tables,
+    lb: &mut LbState,
+) -> Result<Verdict, DropReason> {
+    use DropReason as D;
+    {
+        let svc = pubd.service;
+        let s = t.services.list.get(svc as usize).ok_or(D::NoBackend)?;
+        let nw = &t.networks[usize::from(s.net)];
+        let (Some(node_ip), Some(node_mac)) = (nw.node_ip, nw.node_mac) else { return Err(D::NoRoute) };
+        let d = frame.data();
+        let total = usize::from(u16::from_be_bytes([d[16], d[17]]));
+        if total > usize::from(nw.mtu) {
+            return Err(D::MtuExceeded);
         }
+        let (key, flags) = tuple(d, 14).ok_or(D::Malformed)?;
+        let client_mac: [u8; 6] = d[6..12].try_into().map_err(|_| D::Malformed)?;
+        let pport = key.dport;
+        let nat_mode = pubd.mode == service::MeshMode::Nat;
+        let node = u32::from(node_ip);
+        // In nat mode the reply comes back to node_ip:snat; the client's
+        // own source port is kept unless another connection to the same
+        // backend holds it, else one of a few others derived from it.
+        let (b, f) = connection(
+            lb,
+            s,
+            svc,
+            &Packet { key, flags, now },
+            |be, f, ct| {
+                let mut port = key.sport;
+                if nat_mode {
+                    let taken = |p: u16| {
+                        let rk =
+                            FlowKey { src: u32::from(be.ip), dst: node, sport: be.port, dport: p, proto: key.proto };
+                        ct.contains(&rk, now)
+                    };
+                    let mut tries = (0..16u32).map(|i| 1024 + ((u32::from(key.sport) + i * 7919) % 64512) as u16);
+                    if taken(port) {
+                        port = tries.find(|&p| !taken(p)).ok_or(D::NatPortsExhausted)?;
+                    }
+                }
+                let flags = if nat_mode { CT_MESH_NAT } else { CT_MESH_PS };
+                Ok(CtValue { port2: port, mac: client_mac, flags, ..f })
+            },
+            |be, f| {
+                let (dst, dport) = if nat_mode { (node, f.port2) } else { (key.src, key.sport) };
+                let rk = FlowKey { src: u32::from(be.ip), dst, sport: be.port, dport, proto: key.proto };
+                let flags = CT_REPLY | if nat_mode { CT_MESH_NAT } else { CT_MESH_PS };
+                (rk, CtValue { peer: key.src, port: key.sport, port2: pport, mac: client_mac, flags, ..*f })
+            },
+        )?;
+        count(lb, svc, b, frame.len());
+        let be = &s.backends[b as usize];
+        let nat = Nat {
+            src_addr: nat_mode.then_some(node_ip),
+            dst_addr: Some(be.ip),
+            src_port: nat_mode.then_some(f.port2),
+            dst_port: Some(be.port),
+        };
+        readdress(frame, &nat, be.mac.0, node_mac.0)?;
+        Ok(crate::overlay::switch(frame, s.net, be.mac, now, t, lb))
+    }
+}
+
+/// A frame of network `net` to this node's own MAC there: the reply
+/// direction of a routing-mesh connection (in `nat` mode to this node's
+/// address; in `preserve-source` mode returned by the task's node). The
+/// client's connection is restored (source: this node's data-path address
+/// and the published port) and the frame goes out of the uplink to the
+/// client's next hop.
+pub(crate) fn to_node(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
+    let Some((key, flags)) = tuple(frame.data(), 14).filter(|_| plain_tcp_udp(frame.data())) else {
+        return Verdict::Drop(DropReason::NoConnection);
+    };
+    match reply_entry(lb, &key, flags, now) {
+        Some(v) if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 => verdict(to_client(frame, &v, t)),
+        _ => Verdict::Drop(DropReason::NoConnection),
+    }
+}
+
+/// The tracked reply entry of `key`, if any.
+fn reply_entry(lb: &mut LbState, key: &FlowKey, flags: u8, now: u64) -> Option<CtValue> {
+    match lb.conntrack.lookup_or_expired(key, now, flags) {
+        Ok(v) if v.flags & CT_REPLY != 0 => Some(v),
         Ok(_) => None,
         Err(old) => {
             if let Some(old) = old {
@@ -170,103 +415,94 @@ pub(crate) fn to_vip(frame: &mut Frame<'_>, net: NetId, svc: u32, now: u64, t: &
             }
             None
         }
-    };
-    let b = match known {
-        Some(b) => b,
-        None => {
-            let fh = flow::hash2(flow::DEFAULT_SEED, (u64::from(key.src) << 32) | u64::from(key.dst), {
-                (u64::from(key.sport) << 24) | (u64::from(key.dport) << 8) | u64::from(key.proto)
-            });
-            let sh = flow::hash2(flow::DEFAULT_SEED, u64::from(key.src), 0);
-            let (Some(stats), Some(st)) = (lb.services.get(svc as usize), lb.sched.get_mut(svc as usize)) else {
-                return Verdict::Drop(D::LbNotSynced);
-            };
-            let view = View { backends: &s.backends, stats: &stats.backends };
-            let Some(b) = sched::pick(s.scheduler, &view, st, s.maglev.as_ref(), fh, sh) else {
-                return Verdict::Drop(D::NoBackend);
-            };
-            let b = b as u32;
-            let be = &s.backends[b as usize];
-            // A SYN opens; a segment of a connection the table lost (a
-            // restart, an eviction) is taken as established, as IPVS's
-            // sloppy TCP does.
-            let state =
-                if key.proto == protocol::TCP { conntrack::next_state(CtState::SynRecv, flags) } else { CtState::Udp };
-            let fwd = CtValue { service: svc, backend: b, peer: u32::from(be.ip), port: be.port, state, flags: 0 };
-            match lb.conntrack.insert(&key, fwd, now) {
-                Inserted::Guarded => {}
-                r => {
-                    if let Inserted::Fresh(Some(old)) | Inserted::Evicted(old) = r {
-                        lb.release(old);
-                    }
-                    let rev_key = FlowKey {
-                        src: u32::from(be.ip),
-                        dst: key.src,
-                        sport: be.port,
-                        dport: key.sport,
-                        proto: key.proto,
-                    };
-                    let rev = CtValue { peer: u32::from(s.vip), port: s.port, flags: CT_REPLY, ..fwd };
-                    if let Inserted::Fresh(Some(old)) | Inserted::Evicted(old) = lb.conntrack.insert(&rev_key, rev, now)
-                    {
-                        lb.release(old);
-                    }
-                    if let Some(bs) = lb.services.get_mut(svc as usize).and_then(|x| x.backends.get_mut(b as usize)) {
-                        bs.active += 1;
-                    }
-                }
-            }
-            if let Some(x) = lb.services.get_mut(svc as usize) {
-                x.new_conns += 1;
-                if let Some(bs) = x.backends.get_mut(b as usize) {
-                    bs.new_conns += 1;
-                }
-            }
-            b
-        }
-    };
-    let Some(be) = s.backends.get(b as usize) else { return Verdict::Drop(D::NoBackend) };
-    if let Some(x) = lb.services.get_mut(svc as usize) {
-        x.packets += 1;
-        x.bytes += len;
-        if let Some(bs) = x.backends.get_mut(b as usize) {
-            bs.packets += 1;
-            bs.bytes += len;
-        }
     }
-    let nat = Nat { src_addr: None, dst_addr: Some(be.ip), src_port: None, dst_port: Some(be.port) };
-    let gw = t.networks[usize::from(net)].gateway_mac;
-    let d = frame.data_mut();
-    if rewrite_ipv4(&mut d[14..], &nat).is_err() {
-        return Verdict::Drop(D::Malformed);
+}
+
+/// Readdresses a routing-mesh reply to the client (`v` is its reply entry)
+/// and sends it out of the uplink.
+fn to_client(frame: &mut Frame<'_>, v: &CtValue, t: &Tables) -> Result<Verdict, DropReason> {
+    let nat = Nat {
+        src_addr: Some(t.data_ip),
+        dst_addr: Some(Ipv4Addr::from(v.peer)),
+        src_port: Some(v.port2),
+        dst_port: Some(v.port),
+    };
+    readdress(frame, &nat, v.mac, t.data_mac.0)?;
+    Ok(Verdict::Tx(crate::tables::UPLINK))
+}
+
+/// A task's packet to the gateway MAC for an address outside its network
+/// (not the gateway's, not a VIP): the reply of a `preserve-source`
+/// connection, whose client is outside. At the node it came in through,
+/// it goes back to the client; at another node, back to that node.
+/// `None`: not a tracked reply (no route).
+pub(crate) fn routed(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState) -> Option<Verdict> {
+    if !plain_tcp_udp(frame.data()) {
+        return None;
     }
-    d[0..6].copy_from_slice(&be.mac.0);
-    d[6..12].copy_from_slice(&gw.0);
-    crate::overlay::switch(frame, net, be.mac, now, t, lb)
+    let (key, flags) = tuple(frame.data(), 14)?;
+    let v = reply_entry(lb, &key, flags, now)?;
+    Some(if v.flags & CT_MESH_PS != 0 {
+        verdict(to_client(frame, &v, t))
+    } else if v.flags & CT_PS_RETURN != 0 {
+        // Back to the ingress node, to its MAC in this network.
+        let gw = t.networks[usize::from(net)].gateway_mac;
+        let d = frame.data_mut();
+        d[0..6].copy_from_slice(&v.mac);
+        d[6..12].copy_from_slice(&gw.0);
+        crate::overlay::switch(frame, net, crate::wire::MacAddr(v.mac), now, t, lb)
+    } else {
+        Verdict::Drop(DropReason::NoRoute)
+    })
 }
 
 /// A TCP/UDP packet about to be delivered to a local task in network
-/// `net`: if it is the reply direction of a balanced connection, its
-/// source becomes the VIP:port again and its source MAC the gateway's.
-/// Returns false if the packet could not be rewritten (malformed).
-pub(crate) fn on_delivery(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState) -> bool {
-    let d = frame.data();
-    if d.len() < 34 || d[12..15] != [0x08, 0x00, 0x45] || !matches!(d[23], protocol::TCP | protocol::UDP) {
+/// `net`, which has services (`outer_src`: the VTEP it came from, if it
+/// came over VXLAN). The reply direction of a balanced connection to a VIP
+/// gets its source back (the VIP:port, from the gateway's MAC); a
+/// `preserve-source` connection from another node's routing mesh (the
+/// source is outside the network) is remembered so that the task's
+/// replies return through that node. Returns false if the packet could not
+/// be rewritten (malformed).
+pub(crate) fn on_delivery(
+    frame: &mut Frame<'_>,
+    net: NetId,
+    outer_src: Option<Ipv4Addr>,
+    now: u64,
+    t: &Tables,
+    lb: &mut LbState,
+) -> bool {
+    if !plain_tcp_udp(frame.data()) {
         return true;
     }
-    let Some((key, flags)) = tuple(d, 14) else { return true };
-    let v = match lb.conntrack.lookup_or_expired(&key, now, flags) {
-        Ok(v) if v.flags & CT_REPLY != 0 => v,
-        Ok(_) => return true,
-        Err(old) => {
-            if let Some(old) = old {
+    let Some((key, flags)) = tuple(frame.data(), 14) else { return true };
+    let nw = &t.networks[usize::from(net)];
+    if let Some(vtep) = outer_src
+        && !nw.subnet.contains(Ipv4Addr::from(key.src))
+    {
+        // Remember (or refresh) the way back, keyed as the reply will be.
+        let rk = FlowKey { src: key.dst, dst: key.src, sport: key.dport, dport: key.sport, proto: key.proto };
+        let mac: [u8; 6] = frame.data()[6..12].try_into().unwrap_or([0; 6]);
+        if reply_entry(lb, &rk, 0, now).is_none() {
+            let v = CtValue {
+                peer: u32::from(vtep),
+                mac,
+                state: if key.proto == protocol::TCP { CtState::Established } else { CtState::Udp },
+                flags: CT_REPLY | CT_PS_RETURN,
+                ..CtValue::ZERO
+            };
+            if let Inserted::Fresh(Some(old)) | Inserted::Evicted(old) = lb.conntrack.insert(&rk, v, now) {
                 lb.release(old);
             }
-            return true;
         }
-    };
+        return true;
+    }
+    let Some(v) = reply_entry(lb, &key, flags, now) else { return true };
+    if v.flags & (CT_MESH_NAT | CT_MESH_PS | CT_PS_RETURN) != 0 {
+        return true;
+    }
     let nat = Nat { src_addr: Some(Ipv4Addr::from(v.peer)), dst_addr: None, src_port: Some(v.port), dst_port: None };
-    let gw = t.networks[usize::from(net)].gateway_mac;
+    let gw = nw.gateway_mac;
     let d = frame.data_mut();
     if rewrite_ipv4(&mut d[14..], &nat).is_err() {
         return false;

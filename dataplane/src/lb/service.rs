@@ -1,9 +1,10 @@
 //! Services in the tables: the declarative form (TOML `[[service]]`), its
 //! validation, and the compiled form the packet path reads.
 //!
-//! Today: internal virtual IPs (a VIP:port in a network, balanced to the
-//! service's tasks in that network). The routing mesh (published ports on
-//! the node's data-path address) comes next (issue 4, still open).
+//! A service has an internal virtual IP (a VIP:port in a network, balanced
+//! to the service's tasks in that network), published ports on this node's
+//! data-path address (the routing mesh, in `nat` or `preserve-source`
+//! mode), or both.
 
 use super::maglev::{self, Maglev, MaglevBackend};
 use super::sched::Scheduler;
@@ -21,16 +22,24 @@ pub struct ServiceSpec {
     pub name: String,
     /// `tcp` or `udp`.
     pub protocol: Proto,
-    /// The network the VIP lives in.
+    /// The network of the service's tasks (and of its VIP); for published
+    /// ports, the ingress network, in which this node has an address
+    /// (`node_ip`).
     pub network: String,
     /// The virtual IP, in the network's subnet, not an endpoint's or the
-    /// gateway's address.
-    pub vip: Ipv4Addr,
-    /// The VIP's port.
-    pub port: u16,
+    /// gateway's address (optional: a service may only be published).
+    #[serde(default)]
+    pub vip: Option<Ipv4Addr>,
+    /// The VIP's port (with `vip`).
+    #[serde(default)]
+    pub port: Option<u16>,
     /// The port the tasks listen on (default: `port`).
     #[serde(default)]
     pub target_port: Option<u16>,
+    /// Ports published on this node's data-path address (the routing
+    /// mesh).
+    #[serde(default)]
+    pub published: Vec<PublishedSpec>,
     /// Scheduler (default `mh`).
     #[serde(default = "default_scheduler")]
     pub scheduler: Scheduler,
@@ -40,6 +49,32 @@ pub struct ServiceSpec {
     /// The tasks.
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendSpec>,
+}
+
+/// A published port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishedSpec {
+    /// The port on the node's data-path address (the control plane picks
+    /// it, or takes the user's).
+    pub port: u16,
+    /// `nat` (default) or `preserve-source`.
+    #[serde(default)]
+    pub mode: MeshMode,
+}
+
+/// How the routing mesh forwards a published port's connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MeshMode {
+    /// Swarm's: DNAT to the task and SNAT to this node's address in the
+    /// ingress network; replies come back to this node by address.
+    #[default]
+    Nat,
+    /// The task sees the client's address: DNAT only; the task's node
+    /// remembers which node the connection came in through and returns the
+    /// replies through it (moby/moby#25526).
+    PreserveSource,
 }
 
 fn default_scheduler() -> Scheduler {
@@ -119,12 +154,12 @@ pub struct Service {
     pub name: String,
     /// IP protocol number.
     pub proto: u8,
-    /// Network of the VIP.
+    /// Network of the tasks (and of the VIP).
     pub net: NetId,
-    /// VIP.
-    pub vip: Ipv4Addr,
-    /// VIP port.
-    pub port: u16,
+    /// VIP and its port, if the service has one.
+    pub vip: Option<(Ipv4Addr, u16)>,
+    /// Published ports and their modes.
+    pub published: Vec<(u16, MeshMode)>,
     /// Scheduler.
     pub scheduler: Scheduler,
     /// Backends, in the order declared.
@@ -149,6 +184,21 @@ pub fn vip_key(net: NetId, ip: [u8; 4], port: u16, proto: u8) -> u64 {
         | u64::from(net & 0x7fff)
 }
 
+/// The key of a published port in [`Services::published`].
+#[inline(always)]
+pub fn published_key(port: u16, proto: u8) -> u64 {
+    (u64::from(port) << 8) | u64::from(proto)
+}
+
+/// A published port's service and mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Service index.
+    pub service: u32,
+    /// Mode.
+    pub mode: MeshMode,
+}
+
 /// The compiled services.
 #[derive(Debug, Clone, Default)]
 pub struct Services {
@@ -156,6 +206,8 @@ pub struct Services {
     pub list: Vec<Service>,
     /// [`vip_key`] → service index.
     pub vips: FlatMap<u32>,
+    /// [`published_key`] → service and mode.
+    pub published: FlatMap<Published>,
 }
 
 impl Services {
@@ -181,16 +233,36 @@ impl Services {
                 return Err(format!("service {name:?}: services are limited to the first 32768 networks"));
             }
             let nw = &networks[usize::from(net)];
-            if !nw.subnet.contains(s.vip) || s.vip == nw.subnet.addr || s.vip == nw.broadcast() {
-                return Err(format!("service {name:?}: vip {} is not a host address of {}", s.vip, nw.subnet));
+            let vip = match (s.vip, s.port) {
+                (Some(vip), Some(port)) => {
+                    if !nw.subnet.contains(vip) || vip == nw.subnet.addr || vip == nw.broadcast() {
+                        return Err(format!("service {name:?}: vip {vip} is not a host address of {}", nw.subnet));
+                    }
+                    if vip == nw.gateway_ip || nw.node_ip == Some(vip) || endpoint_mac(net, vip).is_some() {
+                        return Err(format!(
+                            "service {name:?}: vip {vip} is already the gateway's, this node's or an endpoint's"
+                        ));
+                    }
+                    Some((vip, port))
+                }
+                (None, None) => None,
+                _ => return Err(format!("service {name:?}: give vip and port together")),
+            };
+            if vip.is_none() && s.published.is_empty() {
+                return Err(format!("service {name:?}: neither a vip nor a published port"));
             }
-            if s.vip == nw.gateway_ip || endpoint_mac(net, s.vip).is_some() {
-                return Err(format!("service {name:?}: vip {} is already the gateway's or an endpoint's", s.vip));
+            if !s.published.is_empty() && nw.node_ip.is_none() {
+                return Err(format!(
+                    "service {name:?}: published ports need this node's address in network {:?} (node_ip)",
+                    nw.name
+                ));
             }
-            if s.port == 0 || s.target_port == Some(0) {
+            if s.port == Some(0) || s.target_port == Some(0) || s.published.iter().any(|p| p.port == 0) {
                 return Err(format!("service {name:?}: ports must be 1..=65535"));
             }
-            let target = s.target_port.unwrap_or(s.port);
+            let Some(target) = s.target_port.or(s.port) else {
+                return Err(format!("service {name:?}: target_port is needed without a vip"));
+            };
             let mut backends = Vec::with_capacity(s.backends.len());
             for b in &s.backends {
                 let mac = endpoint_mac(net, b.ip).ok_or_else(|| {
@@ -210,21 +282,25 @@ impl Services {
                 None
             };
             let proto = s.protocol.number();
+            let pname = if proto == protocol::TCP { "tcp" } else { "udp" };
             let idx = out.list.len() as u32;
-            if out.vips.insert(vip_key(net, s.vip.octets(), s.port, proto), idx).is_some() {
-                return Err(format!(
-                    "service {name:?}: {}:{} ({}) is another service's",
-                    s.vip,
-                    s.port,
-                    if proto == protocol::TCP { "tcp" } else { "udp" }
-                ));
+            if let Some((ip, port)) = vip
+                && out.vips.insert(vip_key(net, ip.octets(), port, proto), idx).is_some()
+            {
+                return Err(format!("service {name:?}: {ip}:{port} ({pname}) is another service's"));
+            }
+            for p in &s.published {
+                let v = Published { service: idx, mode: p.mode };
+                if out.published.insert(published_key(p.port, proto), v).is_some() {
+                    return Err(format!("service {name:?}: published port {} ({pname}) is taken", p.port));
+                }
             }
             out.list.push(Service {
                 name: name.clone(),
                 proto,
                 net,
-                vip: s.vip,
-                port: s.port,
+                vip,
+                published: s.published.iter().map(|p| (p.port, p.mode)).collect(),
                 scheduler: s.scheduler,
                 backends,
                 maglev,
@@ -239,7 +315,13 @@ impl Services {
         self.vips.get(&vip_key(net, ip, port, proto)).copied()
     }
 
-    /// True if any service has its VIP in network `net`.
+    /// The service and mode of a published port, if any.
+    #[inline]
+    pub fn published(&self, port: u16, proto: u8) -> Option<Published> {
+        self.published.get(&published_key(port, proto)).copied()
+    }
+
+    /// True if any service has its tasks in network `net`.
     pub fn in_network(&self, net: NetId) -> bool {
         self.list.iter().any(|s| s.net == net)
     }

@@ -127,7 +127,19 @@ pub(crate) fn from_task(frame: &mut Frame<'_>, in_port: PortId, now: u64, t: &Ta
                 }
                 return crate::lb::to_vip(frame, net, svc, now, t, lb);
             }
+            // The reply of a preserve-source connection, to its client
+            // outside the network.
+            if nw.has_services
+                && let Some(v) = crate::lb::routed(frame, net, now, t, lb)
+            {
+                return v;
+            }
             return Verdict::Drop(D::NoRoute);
+        }
+        if nw.node_mac == Some(dst) {
+            // To this node's own address in the network: the routing
+            // mesh's replies.
+            return crate::lb::to_node(frame, now, t, lb);
         }
     } else if d.len() > usize::from(nw.mtu) + ethernet::HEADER_LEN {
         return Verdict::Drop(D::Oversize);
@@ -160,7 +172,7 @@ pub(crate) fn switch(
     lb: &mut LbState,
 ) -> Verdict {
     match t.fdb.get(&mac_key(net, dst)) {
-        Some(&Location::Local(p)) => deliver(frame, net, p, now, t, lb),
+        Some(&Location::Local(p)) => deliver(frame, net, p, None, now, t, lb),
         Some(&Location::Remote(i)) => {
             let d = frame.data();
             let hash = match d.first_chunk::<38>() {
@@ -173,13 +185,21 @@ pub(crate) fn switch(
     }
 }
 
-/// Hands a frame to local port `p` of network `net`; in a network with
-/// services, the reply direction of a balanced connection gets its source
-/// back (the VIP) first.
+/// Hands a frame to local port `p` of network `net` (`outer_src`: the VTEP
+/// it came from over VXLAN, if it did); in a network with services, the
+/// balancer sees it first (see `lb::on_delivery`).
 #[inline]
-fn deliver(frame: &mut Frame<'_>, net: NetId, p: PortId, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
+fn deliver(
+    frame: &mut Frame<'_>,
+    net: NetId,
+    p: PortId,
+    outer_src: Option<Ipv4Addr>,
+    now: u64,
+    t: &Tables,
+    lb: &mut LbState,
+) -> Verdict {
     let has_services = t.networks.get(usize::from(net)).is_some_and(|n| n.has_services);
-    if has_services && !crate::lb::on_delivery(frame, net, now, t, lb) {
+    if has_services && !crate::lb::on_delivery(frame, net, outer_src, now, t, lb) {
         return Verdict::Drop(DropReason::Malformed);
     }
     Verdict::Tx(p)
@@ -213,7 +233,7 @@ pub(crate) fn from_uplink(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut 
     use DropReason as D;
     let d = match vxlan::classify(frame.data(), t.data_ip, t.vxlan_port) {
         Ok(Classified::Vxlan(d)) => d,
-        Ok(Classified::NotVxlan) => return Verdict::Pass,
+        Ok(Classified::NotVxlan) => return published(frame, now, t, lb).unwrap_or(Verdict::Pass),
         Err(WireError::VxlanNoIFlag(_)) => return Verdict::Drop(D::VxlanNoIFlag),
         Err(WireError::Fragment(_)) => return Verdict::Drop(D::VxlanFragment),
         Err(WireError::Truncated { layer: Layer::Vxlan, .. }) => return Verdict::Drop(D::VxlanMalformed),
@@ -234,8 +254,11 @@ pub(crate) fn from_uplink(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut 
     if dst.is_multicast() {
         return Verdict::Drop(D::InnerBroadcast);
     }
+    // To this node's own MAC in the network: the routing mesh's replies.
+    let to_node = t.networks[usize::from(net)].node_mac == Some(dst);
     let out = match t.fdb.get(&mac_key(net, dst)) {
         Some(&Location::Local(p)) => p,
+        _ if to_node => UPLINK,
         _ => return Verdict::Drop(D::InnerDstNotLocal),
     };
     match t.fdb.get(&mac_key(net, src)) {
@@ -257,7 +280,27 @@ pub(crate) fn from_uplink(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut 
     }
     let start = frame.start() + d.inner.start;
     frame.set_window(start, d.inner.len());
-    deliver(frame, net, out, now, t, lb)
+    if to_node {
+        return crate::lb::to_node(frame, now, t, lb);
+    }
+    deliver(frame, net, out, Some(d.outer_src), now, t, lb)
+}
+
+/// A frame from the uplink that is not VXLAN: TCP or UDP to this node's
+/// data-path address and a published port goes to the routing mesh
+/// (`None` for anything else: the kernel's).
+fn published(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> Option<Verdict> {
+    let d = frame.data();
+    let ip = ipv4_fast(d)?;
+    if ip.dst != t.data_ip || !matches!(ip.protocol, protocol::TCP | protocol::UDP) {
+        return None;
+    }
+    let pubd = t.services.published(u16::from_be_bytes([d[36], d[37]]), ip.protocol)?;
+    if ip.total + ethernet::HEADER_LEN < frame.len() {
+        let start = frame.start();
+        frame.set_window(start, ip.total + ethernet::HEADER_LEN);
+    }
+    Some(crate::lb::from_client(frame, pubd, now, t, lb))
 }
 
 /// The MAC cluster state has for `ip` in network `net`.
