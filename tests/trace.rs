@@ -17,9 +17,13 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn trace(input: &Path, out: &Path, port: &str) -> std::process::Output {
+    trace_with("examples/tables.toml", input, out, port)
+}
+
+fn trace_with(tables: &str, input: &Path, out: &Path, port: &str) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_meshplane"))
         .args(["trace", "--tables"])
-        .arg(root().join("examples/tables.toml"))
+        .arg(root().join(tables))
         .arg("--in")
         .arg(input)
         .arg("--out")
@@ -146,4 +150,78 @@ fn cli_mistakes_are_clear_errors() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// The load-balancer samples (examples/tables-lb.toml: a VIP service, a
+/// `nat` and a `preserve-source` published port): the committed expected
+/// captures, byte for byte, and (independently of meshplane's own decoder)
+/// tshark's reading of every rewrite.
+#[test]
+fn load_balancer_samples_show_the_expected_rewrites() {
+    // eth.src eth.dst ip.src ip.dst tcp ports vni (inner fields last for VXLAN)
+    let want: [(&str, &str, &str, &[&str]); 2] = [
+        (
+            "uplink",
+            "lb-uplink-in.pcap",
+            "lb-uplink-out.pcap",
+            &[
+                // nat → T3 here: DNAT to T3:8080, SNAT to 198.19.0.250.
+                "198.19.0.250|198.19.0.3|40001|8080|",
+                // nat → T2 on node 2: the same inside VXLAN 4096.
+                "198.18.0.1,198.19.0.250|198.18.0.2,198.19.0.2|40002|8080|4096",
+                // T2's answer back to the client, from 198.18.0.1:30080.
+                "198.18.0.1|198.18.5.5|30080|40002|",
+                // preserve-source → T3: the task sees the client.
+                "198.18.5.5|198.19.0.3|40003|8080|",
+                "198.18.0.1,198.18.5.5|198.18.0.2,198.19.0.2|40004|8080|4096",
+                "198.18.0.1|198.18.5.5|30081|40004|",
+            ],
+        ),
+        (
+            "task1",
+            "lb-task1-in.pcap",
+            "lb-task1-out.pcap",
+            &[
+                "198.19.0.1|198.19.0.3|50001|8080|",
+                "198.18.0.1,198.19.0.1|198.18.0.2,198.19.0.2|50002|8080|4096",
+                "||||",
+            ],
+        ),
+    ];
+    for (port, input, expected, rows) in want {
+        let out = tmp(expected);
+        let o = trace_with("examples/tables-lb.toml", &root().join("examples/trace").join(input), &out, port);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got = std::fs::read(&out).unwrap();
+        let committed = std::fs::read(root().join("examples/trace").join(expected)).unwrap();
+        assert!(got == committed, "{expected}: output capture differs from the committed one");
+        let Some(tshark) = tshark() else { continue };
+        let t = Command::new(tshark)
+            .arg("-r")
+            .arg(&out)
+            .args([
+                "-o",
+                "ip.check_checksum:TRUE",
+                "-o",
+                "tcp.check_checksum:TRUE",
+                "-T",
+                "fields",
+                "-E",
+                "separator=|",
+            ])
+            .args(["-e", "ip.src", "-e", "ip.dst", "-e", "tcp.srcport", "-e", "tcp.dstport", "-e", "vxlan.vni"])
+            .args(["-e", "ip.checksum.status", "-e", "tcp.checksum.status"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&t.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), rows.len(), "{expected}:\n{text}");
+        for (line, row) in lines.iter().zip(rows) {
+            assert!(line.starts_with(row), "{expected}: tshark read {line:?}, expected {row:?}");
+            // Every IPv4 and TCP checksum tshark checked is good (status 1).
+            for status in line.split('|').skip(5) {
+                assert!(status.split(',').all(|s| s.is_empty() || s == "1"), "{expected}: bad checksum in {line:?}");
+            }
+        }
+    }
 }
