@@ -22,12 +22,16 @@ fn main() {
     let (case, bursts) = match (args.get(1), args.get(2).and_then(|n| n.parse::<usize>().ok())) {
         (Some(c), Some(n)) => (c.as_str(), n),
         _ => {
-            eprintln!("usage: icount encap|decap|arp|wrap|nat BURSTS");
+            eprintln!("usage: icount encap|decap|arp|wrap|vip|vip-new|nat BURSTS");
             std::process::exit(2);
         }
     };
     if case == "nat" {
         nat(bursts);
+        return;
+    }
+    if case == "vip" || case == "vip-new" {
+        vip(case == "vip-new", bursts);
         return;
     }
     let t = Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables.toml")).expect("example tables");
@@ -37,7 +41,7 @@ fn main() {
         "decap" => (UPLINK, (0..BURST as u16).map(meshplane_benches::uplink_frame).collect(), false),
         "arp" => (task1, vec![meshplane_benches::arp_request(); BURST], true),
         other => {
-            eprintln!("unknown case {other:?}: encap, decap, arp, wrap or nat");
+            eprintln!("unknown case {other:?}: encap, decap, arp, wrap, vip, vip-new or nat");
             std::process::exit(2);
         }
     };
@@ -88,4 +92,38 @@ fn nat(bursts: usize) {
         }
     }
     println!("nat: {bursts} bursts, {ok} rewritten");
+}
+
+/// A task's packets to a VIP (the `lb` bench's cases): established
+/// connections (`vip`), or new ones (`vip-new`, SYNs of untracked
+/// connections), each DNATed and encapsulated to node 2.
+fn vip(new_flows: bool, bursts: usize) {
+    let t = meshplane_benches::lb_tables();
+    let task1 = t.port_id("task1").expect("task1");
+    let mut st = WorkerState::with_conntrack(
+        t.ports.len(),
+        meshplane_dataplane::lb::conntrack::CtConfig { capacity: 1 << 16, ..Default::default() },
+    );
+    st.sync(&t);
+    let mut bufs: Vec<Vec<u8>> = (0..BURST).map(|_| vec![0u8; HEADROOM + 2048]).collect();
+    let mut verdicts = [Verdict::Pass; BURST];
+    let (mut sport, mut now, mut sent) = (1024u16, 0u64, 0usize);
+    let frames: Vec<Vec<u8>> = (0..BURST as u16).map(|i| meshplane_benches::vip_frame(40000 + i, false)).collect();
+    for _ in 0..bursts {
+        for (i, b) in bufs.iter_mut().enumerate() {
+            if new_flows {
+                sport = sport.wrapping_add(1).max(1024);
+                b[HEADROOM..HEADROOM + frames[i].len()].copy_from_slice(&meshplane_benches::vip_frame(sport, true));
+            } else {
+                b[HEADROOM..HEADROOM + frames[i].len()].copy_from_slice(&frames[i]);
+            }
+        }
+        now += 1_000_000_000;
+        let mut it = bufs.iter_mut();
+        let mut burst: [Frame<'_>; BURST] =
+            core::array::from_fn(|i| Frame::new(it.next().expect("buffers"), HEADROOM, frames[i].len()).expect("fits"));
+        process_burst(&mut burst, task1, now, &t, &mut st, &mut verdicts);
+        sent += verdicts.iter().filter(|v| matches!(v, Verdict::Tx(_))).count();
+    }
+    println!("vip: {bursts} bursts, {sent} frames sent");
 }
