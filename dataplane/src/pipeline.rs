@@ -231,7 +231,7 @@ impl Stats {
 }
 
 /// Everything a worker owns and writes.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct WorkerState {
     /// Counters.
     pub stats: Stats,
@@ -339,6 +339,9 @@ fn decide<const FAST: bool>(
         overlay::from_uplink(frame, now, t, lb)
     } else {
         if FAST && let Some(v) = overlay::fast::task_unicast(frame, in_port, t, cache) {
+            return v;
+        }
+        if FAST && let Some(v) = overlay::fast::task_vip(frame, now, t, cache, lb) {
             return v;
         }
         overlay::from_task(frame, in_port, now, t, lb)

@@ -485,6 +485,8 @@ pub struct PortFast {
     pub mtu: u16,
     /// `mac_key(net, gateway MAC)`: frames to the gateway are not switched.
     pub gateway_key: u64,
+    /// The gateway's MAC (the source of frames the balancer forwards).
+    pub gateway_mac: [u8; 6],
     /// The network has services: frames take the general path, which
     /// balances and reverses connections.
     pub lb: bool,
@@ -749,6 +751,7 @@ impl Tables {
                         ip: ip.octets(),
                         mtu: nw.mtu,
                         gateway_key: mac_key(net, nw.gateway_mac),
+                        gateway_mac: nw.gateway_mac.0,
                         lb: services.in_network(net),
                     })
                 }

@@ -197,6 +197,10 @@ fn general_path_agrees_with_fast_path_on_lb_traffic() {
         (TASK3, tcp(T1_MAC, T3_MAC, T3, T1, 8080, 40001, false)),
         (TASK1, tcp(T3_MAC, T1_MAC, T1, T3, 5000, 22, true)),
         (TASK1, tcp(T2_MAC, T1_MAC, T1, T2, 5000, 22, true)),
+        // Established connections: the fast path takes the remote one.
+        (TASK1, tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, false)),
+        (TASK1, tcp(GW_MAC, T1_MAC, T1, VIP, 40002, 80, false)),
+        (TASK1, tcp(GW_MAC, T1_MAC, T1, VIP, 40002, 80, false)),
     ];
     for (port, f) in &frames {
         let (va, oa) = run(&t, &mut a, *port, f, 0);
@@ -206,6 +210,10 @@ fn general_path_agrees_with_fast_path_on_lb_traffic() {
         let vb = process_general(&mut g, *port, 0, &t, &mut b);
         assert_eq!((va, &oa[..]), (vb, g.data()));
     }
+    assert_eq!(a.stats.ports, b.stats.ports);
+    assert_eq!(a.lb.services, b.lb.services);
+    assert_eq!(a.lb.conntrack.stats, b.lb.conntrack.stats);
+    assert_eq!(a.lb.services[0].packets, 5);
 }
 
 #[test]

@@ -4,14 +4,16 @@
 //! changes, removals and re-additions of backends and the passing of time.
 //! No panic; every frame sent toward a service goes to a backend the
 //! service has at that moment (drained ones included: they keep their
-//! connections), with that backend's port.
+//! connections), with that backend's port; and the fast paths agree with
+//! the general path (`process_general` on a copy of the worker's state):
+//! same verdict, bytes and counters.
 //!
 //! Input: a sequence of operations, each a selector byte and its operands.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use meshplane_dataplane::lb::conntrack::{CtConfig, SECOND};
-use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process};
+use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process, process_general};
 use meshplane_dataplane::tables::{Tables, TablesSpec, UPLINK};
 use meshplane_dataplane::wire::vxlan::{self, Classified};
 use std::collections::HashMap;
@@ -133,7 +135,19 @@ fuzz_target!(|data: &[u8]| {
         let mut buf = vec![0u8; HEADROOM + frame.len()];
         buf[HEADROOM..].copy_from_slice(&frame);
         let Some(mut f) = Frame::new(&mut buf, HEADROOM, frame.len()) else { continue };
+        let mut general = st.clone();
         let v = process(&mut f, port, now, t, &mut st);
+        let mut gbuf = vec![0u8; HEADROOM + frame.len()];
+        gbuf[HEADROOM..].copy_from_slice(&frame);
+        let mut g = Frame::new(&mut gbuf, HEADROOM, frame.len()).expect("fits");
+        let gv = process_general(&mut g, port, now, t, &mut general);
+        assert_eq!(v, gv, "fast and general paths disagree");
+        if matches!(v, Verdict::Tx(_)) {
+            assert_eq!(f.data(), g.data(), "fast and general paths sent different bytes");
+        }
+        assert_eq!(st.stats.drops, general.stats.drops);
+        assert_eq!(st.stats.ports, general.stats.ports);
+        assert_eq!(st.lb.services, general.lb.services);
         let (Some(svc), Verdict::Tx(out)) = (service, v) else { continue };
         // Where did it go? The frame itself, or the frame inside VXLAN.
         let sent = f.data();

@@ -203,7 +203,7 @@ pub enum Inserted {
 }
 
 /// A worker's connection table.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Conntrack {
     entries: Box<[Entry]>,
     buckets: u64,

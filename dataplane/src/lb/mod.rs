@@ -55,7 +55,7 @@ pub struct ServiceStats {
 
 /// A worker's load-balancer state: its connection table, the schedulers'
 /// state and the counters, per service of the tables it was synced with.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LbState {
     /// Connection table.
     pub conntrack: Conntrack,
@@ -84,7 +84,7 @@ impl LbState {
     }
 
     /// Releases what a tracked connection held (its backend's load).
-    fn release(&mut self, v: CtValue) {
+    pub(crate) fn release(&mut self, v: CtValue) {
         release(&mut self.services, v);
     }
 
@@ -230,7 +230,7 @@ fn connection(
 }
 
 /// Counts a packet balanced to backend `b` of service `svc`.
-fn count(lb: &mut LbState, svc: u32, b: u32, len: usize) {
+pub(crate) fn count(lb: &mut LbState, svc: u32, b: u32, len: usize) {
     if let Some(x) = lb.services.get_mut(svc as usize) {
         x.packets += 1;
         x.bytes += len as u64;

@@ -64,6 +64,81 @@ pub(crate) fn task_unicast(
     }
 }
 
+/// The fast path for a task's packet of an established connection to a
+/// service VIP whose backend is on another node (the common case of the
+/// internal load balancer): the same checks as [`task_unicast`], the VIP,
+/// a conntrack hit on a backend the service still has, then DNAT and
+/// encapsulation. `None` (with nothing changed or counted) for anything
+/// else: the general path (`lb::to_vip`) decides, with the same result for
+/// every frame this accepts. The conntrack lookup refreshes the entry;
+/// doing that twice (here and in the general path) gives the same state.
+#[inline(always)]
+pub(crate) fn task_vip(
+    frame: &mut Frame<'_>,
+    now: u64,
+    t: &Tables,
+    cache: &BurstCache<'_>,
+    lb: &mut crate::lb::LbState,
+) -> Option<Verdict> {
+    use crate::lb::conntrack::FlowKey;
+    let pf = cache.lb_port?;
+    let (buf, start, len) = frame.parts();
+    let (head, rest) = buf.split_at_mut_checked(start)?;
+    let d = rest.get_mut(..len)?;
+    let h = *d.first_chunk::<42>()?;
+    let total = usize::from(u16::from_be_bytes([h[16], h[17]]));
+    if h[6..14] != pf.l2
+        || h[14] != 0x45
+        || h[20] & 0x3f != 0
+        || h[21] != 0
+        || h[26..30] != pf.ip
+        || total + 14 != len
+        || total > usize::from(pf.mtu)
+        || mac_key_at(pf.net, h.first_chunk::<8>()?) != pf.gateway_key
+        || !matches!(h[23], protocol::TCP | protocol::UDP)
+        || !transport_ok(d, 14, total)
+    {
+        return None;
+    }
+    let dport = u16::from_be_bytes([h[36], h[37]]);
+    let svc = t.services.at(pf.net, [h[30], h[31], h[32], h[33]], dport, h[23])?;
+    let key = FlowKey {
+        src: u32::from_be_bytes([h[26], h[27], h[28], h[29]]),
+        dst: u32::from_be_bytes([h[30], h[31], h[32], h[33]]),
+        sport: u16::from_be_bytes([h[34], h[35]]),
+        dport,
+        proto: h[23],
+    };
+    let flags = if h[23] == protocol::TCP { *d.get(47)? } else { 0 };
+    let v = match lb.conntrack.lookup_or_expired(&key, now, flags) {
+        Ok(v) => v,
+        Err(old) => {
+            if let Some(old) = old {
+                lb.release(old);
+            }
+            return None;
+        }
+    };
+    let s = t.services.list.get(svc as usize)?;
+    let be = s.backends.get(v.backend as usize)?;
+    if v.service != svc || v.flags & crate::lb::CT_REPLY != 0 || u32::from(be.ip) != v.peer {
+        return None;
+    }
+    let Location::Remote(i) = *t.fdb.get(&crate::tables::mac_key(pf.net, be.mac))? else { return None };
+    let tpl = t.templates.get(i as usize)?;
+    let hdr = head.last_chunk_mut::<{ vxlan::ENCAP_LEN }>()?;
+    let ip_len = u16::try_from(total + vxlan::ENCAP_LEN).ok()?;
+    let nat = crate::wire::rewrite::Nat { dst_addr: Some(be.ip), dst_port: Some(be.port), ..Default::default() };
+    crate::wire::rewrite::rewrite_ipv4(d.get_mut(14..)?, &nat).ok()?;
+    d[0..6].copy_from_slice(&be.mac.0);
+    d[6..12].copy_from_slice(&pf.gateway_mac);
+    crate::lb::count(lb, svc, v.backend, len);
+    let hash = flow::hash_ipv4_at_fixed_offsets(flow::DEFAULT_SEED, d.first_chunk::<38>()?);
+    tpl.write_header(hdr, ip_len, vxlan::src_port_for_hash(hash));
+    frame.set_window(start - vxlan::ENCAP_LEN, len + vxlan::ENCAP_LEN);
+    Some(Verdict::Tx(UPLINK))
+}
+
 /// Checks the transport header of the IPv4 packet whose header starts at
 /// `ip` in `d` (no options; total length `total`), exactly as far as
 /// `parse_frame` would: UDP length, TCP data offset, ICMP header. The one
@@ -156,7 +231,10 @@ pub(crate) fn uplink_vxlan(frame: &mut Frame<'_>, t: &Tables, cache: &mut BurstC
 /// not change.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BurstCache<'t> {
+    /// The input port's facts, if it is in a network without services.
     port: Option<&'t PortFast>,
+    /// The input port's facts, if it is in a network with services.
+    lb_port: Option<&'t PortFast>,
     /// `vni_key` of the VNI, or `u64::MAX` (no VNI's key) when empty.
     vni_key: u64,
     vni: VniNet,
@@ -166,9 +244,12 @@ impl<'t> BurstCache<'t> {
     /// An empty cache for a burst received on `in_port`.
     #[inline(always)]
     pub(crate) fn new(t: &'t Tables, in_port: PortId) -> Self {
+        let pf = t.ports.get(usize::from(in_port)).and_then(|p| p.fast.as_ref());
         BurstCache {
-            // A port in a network with services takes the general path.
-            port: t.ports.get(usize::from(in_port)).and_then(|p| p.fast.as_ref()).filter(|p| !p.lb),
+            // A port in a network with services takes the general path,
+            // but for established connections to a VIP ([`task_vip`]).
+            port: pf.filter(|p| !p.lb),
+            lb_port: pf.filter(|p| p.lb),
             vni_key: u64::MAX,
             vni: VniNet { net: 0, mtu: 0, lb: false },
         }

@@ -54,7 +54,7 @@ fn well_formed(d: &[u8]) -> bool {
 }
 
 /// A frame from a task port.
-#[inline]
+#[inline(never)] // the general path: kept out of the fast paths' loop
 pub(crate) fn from_task(frame: &mut Frame<'_>, in_port: PortId, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
     use DropReason as D;
     let Some((net, port_mac, port_ip)) =
@@ -228,7 +228,7 @@ fn encap(frame: &mut Frame<'_>, t: &Tables, i: u32, hash: u32) -> Verdict {
 
 /// A frame from the uplink: VXLAN for us is validated and decapsulated to a
 /// local port; anything else is the kernel's.
-#[inline]
+#[inline(never)] // the general path: kept out of the fast paths' loop
 pub(crate) fn from_uplink(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
     use DropReason as D;
     let d = match vxlan::classify(frame.data(), t.data_ip, t.vxlan_port) {

@@ -73,7 +73,7 @@ fn rd16(b: &[u8], at: usize) -> u16 {
 /// An unfragmented TCP or UDP packet without IPv4 options, the shape a load
 /// balancer rewrites all day, is handled at fixed offsets; everything else
 /// goes through [`rewrite_ipv4_general`], with the same result.
-#[inline]
+#[inline(always)]
 pub fn rewrite_ipv4(ip: &mut [u8], nat: &Nat) -> Result<(), WireError> {
     let len = ip.len();
     if let Some(h) = ip.first_chunk_mut::<40>()
