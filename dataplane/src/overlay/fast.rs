@@ -26,23 +26,7 @@ pub(crate) fn task_unicast(
     let (head, rest) = buf.split_at_mut_checked(start)?;
     let d = rest.get(..len)?;
     let h = d.first_chunk::<42>()?;
-    let total = usize::from(u16::from_be_bytes([h[16], h[17]]));
-    // Unicast destination; source MAC, EtherType and IPv4 source the
-    // port's own; IPv4 without options; not a fragment; the frame exactly
-    // the packet (no trailing bytes to trim; at 42 bytes or more that makes
-    // the total at least 28) and within the network MTU.
-    if h[0] & 1 != 0
-        || h[6..14] != pf.l2
-        || h[14] != 0x45
-        || h[20] & 0x3f != 0
-        || h[21] != 0
-        || h[26..30] != pf.ip
-        || total + 14 != len
-        || total > usize::from(pf.mtu)
-        || !transport_ok(d, 14, total)
-    {
-        return None;
-    }
+    let total = from_port(h, d, pf)?;
     let key = mac_key_at(pf.net, h.first_chunk::<8>()?);
     if key == pf.gateway_key {
         return None;
@@ -62,6 +46,27 @@ pub(crate) fn task_unicast(
         }
         Location::Local(_) => None,
     }
+}
+
+/// What both task fast paths check, on the frame `d` with its first 42
+/// bytes `h`: unicast destination; source MAC, EtherType and IPv4 source
+/// the port's own; IPv4 without options; not a fragment; the frame exactly
+/// the packet (no trailing bytes to trim; at 42 bytes or more that makes
+/// the total at least 28), within the network MTU, its transport header
+/// sane. The IPv4 total length, or `None`.
+#[inline(always)]
+fn from_port(h: &[u8; 42], d: &[u8], pf: &PortFast) -> Option<usize> {
+    let total = usize::from(u16::from_be_bytes([h[16], h[17]]));
+    let ok = h[0] & 1 == 0
+        && h[6..14] == pf.l2
+        && h[14] == 0x45
+        && h[20] & 0x3f == 0
+        && h[21] == 0
+        && h[26..30] == pf.ip
+        && total + 14 == d.len()
+        && total <= usize::from(pf.mtu)
+        && transport_ok(d, 14, total);
+    ok.then_some(total)
 }
 
 /// The fast path for a task's packet of an established connection to a
@@ -86,18 +91,8 @@ pub(crate) fn task_vip(
     let (head, rest) = buf.split_at_mut_checked(start)?;
     let d = rest.get_mut(..len)?;
     let h = *d.first_chunk::<42>()?;
-    let total = usize::from(u16::from_be_bytes([h[16], h[17]]));
-    if h[6..14] != pf.l2
-        || h[14] != 0x45
-        || h[20] & 0x3f != 0
-        || h[21] != 0
-        || h[26..30] != pf.ip
-        || total + 14 != len
-        || total > usize::from(pf.mtu)
-        || mac_key_at(pf.net, h.first_chunk::<8>()?) != pf.gateway_key
-        || !matches!(h[23], protocol::TCP | protocol::UDP)
-        || !transport_ok(d, 14, total)
-    {
+    let total = from_port(&h, d, pf)?;
+    if mac_key_at(pf.net, h.first_chunk::<8>()?) != pf.gateway_key || !matches!(h[23], protocol::TCP | protocol::UDP) {
         return None;
     }
     let dport = u16::from_be_bytes([h[36], h[37]]);
