@@ -255,6 +255,14 @@ fn a_removed_backends_connections_move_at_once() {
     let (v, out) = run(&removed, &mut st, TASK1, &ack, SECOND);
     assert_eq!(v, Verdict::Tx(UPLINK));
     assert_eq!(decap(&out), (4096, tcp(T2_MAC, GW_MAC, T1, T2, 40001, 8080, false)));
+    // The stale entry was replaced, not kept beside the new one: one
+    // forward entry for the connection, and T2 carries it.
+    let forward: Vec<_> = st.lb.conntrack.values(SECOND).filter(|v| v.flags == 0).collect();
+    assert_eq!(forward.len(), 1, "{forward:?}");
+    assert_eq!((forward[0].backend, st.lb.services[0].backends[0].active), (0, 1));
+    // And it stays there.
+    assert_eq!(run(&removed, &mut st, TASK1, &ack, 2 * SECOND).0, Verdict::Tx(UPLINK));
+    assert_eq!(st.lb.conntrack.values(SECOND).filter(|v| v.flags == 0).count(), 1);
 }
 
 #[test]

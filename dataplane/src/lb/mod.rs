@@ -183,7 +183,12 @@ fn connection(
         {
             return Ok((v.backend, v));
         }
-        Ok(_) => {}
+        Ok(stale) => {
+            // Tracked, but its backend is gone (or the key is another
+            // entry's): replace it rather than track the key twice.
+            lb.conntrack.remove(key);
+            lb.release(stale);
+        }
         Err(old) => {
             if let Some(old) = old {
                 lb.release(old);
@@ -483,7 +488,16 @@ pub(crate) fn on_delivery(
         // Remember (or refresh) the way back, keyed as the reply will be.
         let rk = FlowKey { src: key.dst, dst: key.src, sport: key.dport, dport: key.sport, proto: key.proto };
         let mac: [u8; 6] = frame.data()[6..12].try_into().unwrap_or([0; 6]);
-        if reply_entry(lb, &rk, 0, now).is_none() {
+        let tracked = match lb.conntrack.lookup_or_expired(&rk, now, 0) {
+            Ok(_) => true,
+            Err(old) => {
+                if let Some(old) = old {
+                    lb.release(old);
+                }
+                false
+            }
+        };
+        if !tracked {
             let v = CtValue {
                 peer: u32::from(vtep),
                 mac,
