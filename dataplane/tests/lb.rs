@@ -478,3 +478,25 @@ fn routing_mesh_preserve_source_both_directions_and_both_nodes() {
     let s = &st.lb.services[1];
     assert_eq!((s.new_conns, s.backends[0].new_conns, s.backends[1].new_conns), (2, 1, 1));
 }
+
+#[test]
+fn flood_guard_balances_new_connections_without_tracking_them() {
+    // Above 3 new connections a second, Maglev still balances the next
+    // ones (the same choice it would make with state) but they are not
+    // inserted; connections already tracked are untouched.
+    let svc = WEB.replace("scheduler = \"rr\"", "scheduler = \"mh\"");
+    let t = tables_with(&svc);
+    let ct = meshplane_dataplane::lb::conntrack::CtConfig { capacity: 4096, max_new_per_sec: 3, ..Default::default() };
+    let mut st = WorkerState::with_conntrack(t.ports.len(), ct);
+    st.sync(&t);
+    let mut unguarded = WorkerState::for_tables(&t);
+    for sport in 41000..41010u16 {
+        let syn = tcp(GW_MAC, T1_MAC, T1, VIP, sport, 80, true);
+        let (v, out) = run(&t, &mut st, TASK1, &syn, 0);
+        assert!(matches!(v, Verdict::Tx(_)), "{v:?}");
+        assert_eq!((v, out), run(&t, &mut unguarded, TASK1, &syn, 0), "the same backend as with state");
+    }
+    let s = st.lb.conntrack.stats;
+    assert_eq!((s.inserted, s.guarded), (2 * 3, 7), "3 connections tracked (both directions), 7 not");
+    assert_eq!(st.lb.services[0].new_conns, 10);
+}

@@ -8,7 +8,9 @@
 //! the general path (`process_general` on a copy of the worker's state):
 //! same verdict, bytes and counters.
 //!
-//! Input: a sequence of operations, each a selector byte and its operands.
+//! Input: byte 0 picks the scheduler (low bits) and a flood guard (top
+//! bit); then a sequence of operations, each a selector byte and its
+//! operands.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -77,11 +79,14 @@ fn tcp(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u1
 fuzz_target!(|data: &[u8]| {
     let scheds = ["rr", "wrr", "lc", "wlc", "sh", "mh"];
     let Some((&first, mut ops)) = data.split_first() else { return };
-    let sched = scheds[usize::from(first) % scheds.len()];
+    let sched = scheds[usize::from(first & 0x7f) % scheds.len()];
     let mut weights = [Some(1), Some(1), Some(1)];
     let mut t = tables(weights, sched);
-    // A small connection table, so that eviction happens too.
-    let mut st = WorkerState::with_conntrack(t.ports.len(), CtConfig { capacity: 64, ..CtConfig::default() });
+    // A small connection table, so that eviction happens too, and half the
+    // time a flood guard of 4 new connections a second.
+    let guard = if first & 0x80 != 0 { 4 } else { 0 };
+    let ct = CtConfig { capacity: 64, max_new_per_sec: guard, ..CtConfig::default() };
+    let mut st = WorkerState::with_conntrack(t.ports.len(), ct);
     st.sync(t);
     let mut now = 0u64;
     const GW: [u8; 6] = [0x02, 0x42, 0xc6, 0x13, 0x00, 0xfe];

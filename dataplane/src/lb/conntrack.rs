@@ -310,6 +310,13 @@ impl Conntrack {
             }
             self.window.1 += 1;
         }
+        self.insert_unguarded(key, v, now)
+    }
+
+    /// [`Conntrack::insert`] without the flood guard: for the second entry
+    /// of a connection the guard admitted (its reply direction), so that a
+    /// connection is tracked in both directions or not at all.
+    pub fn insert_unguarded(&mut self, key: &FlowKey, v: CtValue, now: u64) -> Inserted {
         let (k0, k1) = key.pack();
         let b = self.bucket(k0, k1);
         let entry = Entry { k0, k1, expires: now + self.cfg.timeout(v.state), last_seen: now, v };

@@ -218,7 +218,7 @@ fn connection(
             lb.release(old);
         }
         let (rk, rv) = rev(be, &f);
-        if let Inserted::Fresh(Some(old)) | Inserted::Evicted(old) = lb.conntrack.insert(&rk, rv, now) {
+        if let Inserted::Fresh(Some(old)) | Inserted::Evicted(old) = lb.conntrack.insert_unguarded(&rk, rv, now) {
             lb.release(old);
         }
         if let Some(bs) = lb.services.get_mut(svc as usize).and_then(|x| x.backends.get_mut(b as usize)) {
