@@ -1,5 +1,7 @@
 //! What the pipeline fuzz targets share: the example tables, compiled once.
 
+use meshplane_dataplane::lb::conntrack::CtConfig;
+use meshplane_dataplane::pipeline::WorkerState;
 use meshplane_dataplane::tables::Tables;
 use std::sync::OnceLock;
 
@@ -10,4 +12,11 @@ pub fn tables() -> &'static Tables {
         let spec = include_str!("../../examples/tables.toml");
         Tables::compile(&toml::from_str(spec).expect("example tables parse")).expect("example tables compile")
     })
+}
+
+/// A worker's state for these tables with a tiny connection table (the
+/// example tables have no services; a full-size table would be allocated
+/// and cleared on every run, which under the sanitizer costs most of it).
+pub fn worker(t: &Tables) -> WorkerState {
+    WorkerState::with_conntrack(t.ports.len(), CtConfig { capacity: 8, ..CtConfig::default() })
 }

@@ -16,7 +16,7 @@ mod common;
 
 use common::tables;
 use libfuzzer_sys::fuzz_target;
-use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process, process_general};
+use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, process, process_general};
 use meshplane_dataplane::tables::UPLINK;
 use meshplane_dataplane::wire::parse_frame;
 use meshplane_dataplane::wire::vxlan::{self, Classified};
@@ -27,13 +27,13 @@ fuzz_target!(|data: &[u8]| {
     let in_port = u16::from(sel) % (t.ports.len() as u16 + 1);
     let mut buf = vec![0u8; HEADROOM + frame.len()];
     buf[HEADROOM..].copy_from_slice(frame);
-    let mut st = WorkerState::new(t.ports.len());
+    let mut st = common::worker(t);
     let Some(mut f) = Frame::new(&mut buf, HEADROOM, frame.len()) else { return };
     let v = process(&mut f, in_port, 0, t, &mut st);
 
     let mut gbuf = vec![0u8; HEADROOM + frame.len()];
     gbuf[HEADROOM..].copy_from_slice(frame);
-    let mut gst = WorkerState::new(t.ports.len());
+    let mut gst = common::worker(t);
     let Some(mut g) = Frame::new(&mut gbuf, HEADROOM, frame.len()) else { return };
     let gv = process_general(&mut g, in_port, 0, t, &mut gst);
     assert_eq!(v, gv, "fast and general paths disagree on the verdict");

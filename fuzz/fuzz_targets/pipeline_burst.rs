@@ -14,7 +14,7 @@ mod common;
 
 use common::tables;
 use libfuzzer_sys::fuzz_target;
-use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process_burst, process_general};
+use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, process_burst, process_general};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, mut rest)) = data.split_first() else { return };
@@ -34,10 +34,10 @@ fuzz_target!(|data: &[u8]| {
     let mut frames: Vec<Frame<'_>> =
         bufs.iter_mut().zip(&inputs).map(|(b, f)| Frame::new(b, HEADROOM, f.len()).expect("fits")).collect();
     let mut verdicts = vec![Verdict::Pass; frames.len()];
-    let mut st = WorkerState::new(t.ports.len());
+    let mut st = common::worker(t);
     process_burst(&mut frames, in_port, 0, t, &mut st, &mut verdicts);
 
-    let mut gst = WorkerState::new(t.ports.len());
+    let mut gst = common::worker(t);
     for ((f, v), input) in frames.iter().zip(&verdicts).zip(&inputs) {
         let mut gbuf = [&[0u8; HEADROOM][..], input].concat();
         let mut g = Frame::new(&mut gbuf, HEADROOM, input.len()).expect("fits");
