@@ -82,6 +82,22 @@ pub(crate) fn run(a: &TraceArgs) -> Result<()> {
         a.in_port,
         a.output.display()
     );
+    // What the balancer did, per service that saw traffic.
+    for (svc, stats) in t.services.list.iter().zip(&st.lb.services).filter(|(_, s)| s.packets > 0) {
+        let backends: Vec<String> = svc
+            .backends
+            .iter()
+            .zip(&stats.backends)
+            .map(|(b, s)| format!("{}:{} {}", b.ip, b.port, s.new_conns))
+            .collect();
+        println!(
+            "service {}: {} new connections, {} packets (by backend: {})",
+            svc.name,
+            stats.new_conns,
+            stats.packets,
+            backends.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -195,6 +195,18 @@ fn load_balancer_samples_show_the_expected_rewrites() {
         let got = std::fs::read(&out).unwrap();
         let committed = std::fs::read(root().join("examples/trace").join(expected)).unwrap();
         assert!(got == committed, "{expected}: output capture differs from the committed one");
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        let services: &[&str] = if port == "uplink" {
+            &[
+                "service web-nat: 2 new connections, 2 packets (by backend: 198.19.0.3:8080 1, 198.19.0.2:8080 1)",
+                "service web-ps: 2 new connections, 2 packets (by backend: 198.19.0.3:8080 1, 198.19.0.2:8080 1)",
+            ]
+        } else {
+            &["service web-vip: 2 new connections, 2 packets (by backend: 198.19.0.3:8080 1, 198.19.0.2:8080 1)"]
+        };
+        for line in services {
+            assert!(stdout.contains(line), "{line:?} missing from:\n{stdout}");
+        }
         let Some(tshark) = tshark() else { continue };
         let t = Command::new(tshark)
             .arg("-r")
