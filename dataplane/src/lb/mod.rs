@@ -277,28 +277,26 @@ fn vip_inner(
     t: &Tables,
     lb: &mut LbState,
 ) -> Result<Verdict, DropReason> {
-    {
-        let s = t.services.list.get(svc as usize).ok_or(DropReason::NoBackend)?;
-        let (vip, vport) = s.vip.ok_or(DropReason::NoRoute)?;
-        let (key, flags) = tuple(frame.data(), 14).ok_or(DropReason::Malformed)?;
-        let (b, _) = connection(
-            lb,
-            s,
-            svc,
-            &Packet { key, flags, now },
-            |_, f, _| Ok(f),
-            |be, f| {
-                let rk =
-                    FlowKey { src: u32::from(be.ip), dst: key.src, sport: be.port, dport: key.sport, proto: key.proto };
-                (rk, CtValue { peer: u32::from(vip), port: vport, flags: CT_REPLY, ..*f })
-            },
-        )?;
-        count(lb, svc, b, frame.len());
-        let be = &s.backends[b as usize];
-        let nat = Nat { src_addr: None, dst_addr: Some(be.ip), src_port: None, dst_port: Some(be.port) };
-        readdress(frame, &nat, be.mac.0, t.networks[usize::from(net)].gateway_mac.0)?;
-        Ok(crate::overlay::switch(frame, net, be.mac, now, t, lb))
-    }
+    let s = t.services.list.get(svc as usize).ok_or(DropReason::NoBackend)?;
+    let (vip, vport) = s.vip.ok_or(DropReason::NoRoute)?;
+    let (key, flags) = tuple(frame.data(), 14).ok_or(DropReason::Malformed)?;
+    let (b, _) = connection(
+        lb,
+        s,
+        svc,
+        &Packet { key, flags, now },
+        |_, f, _| Ok(f),
+        |be, f| {
+            let rk =
+                FlowKey { src: u32::from(be.ip), dst: key.src, sport: be.port, dport: key.sport, proto: key.proto };
+            (rk, CtValue { peer: u32::from(vip), port: vport, flags: CT_REPLY, ..*f })
+        },
+    )?;
+    count(lb, svc, b, frame.len());
+    let be = &s.backends[b as usize];
+    let nat = Nat { src_addr: None, dst_addr: Some(be.ip), src_port: None, dst_port: Some(be.port) };
+    readdress(frame, &nat, be.mac.0, t.networks[usize::from(net)].gateway_mac.0)?;
+    Ok(crate::overlay::switch(frame, net, be.mac, now, t, lb))
 }
 
 /// `CtValue::flags`: a routing-mesh connection in `nat` mode.
@@ -334,63 +332,60 @@ fn client_inner(
     lb: &mut LbState,
 ) -> Result<Verdict, DropReason> {
     use DropReason as D;
-    {
-        let svc = pubd.service;
-        let s = t.services.list.get(svc as usize).ok_or(D::NoBackend)?;
-        let nw = &t.networks[usize::from(s.net)];
-        let (Some(node_ip), Some(node_mac)) = (nw.node_ip, nw.node_mac) else { return Err(D::NoRoute) };
-        let d = frame.data();
-        let total = usize::from(u16::from_be_bytes([d[16], d[17]]));
-        if total > usize::from(nw.mtu) {
-            return Err(D::MtuExceeded);
-        }
-        let (key, flags) = tuple(d, 14).ok_or(D::Malformed)?;
-        let client_mac: [u8; 6] = d[6..12].try_into().map_err(|_| D::Malformed)?;
-        let pport = key.dport;
-        let nat_mode = pubd.mode == service::MeshMode::Nat;
-        let node = u32::from(node_ip);
-        // In nat mode the reply comes back to node_ip:snat; the client's
-        // own source port is kept unless another connection to the same
-        // backend holds it, else one of a few others derived from it.
-        let (b, f) = connection(
-            lb,
-            s,
-            svc,
-            &Packet { key, flags, now },
-            |be, f, ct| {
-                let mut port = key.sport;
-                if nat_mode {
-                    let taken = |p: u16| {
-                        let rk =
-                            FlowKey { src: u32::from(be.ip), dst: node, sport: be.port, dport: p, proto: key.proto };
-                        ct.contains(&rk, now)
-                    };
-                    let mut tries = (0..16u32).map(|i| 1024 + ((u32::from(key.sport) + i * 7919) % 64512) as u16);
-                    if taken(port) {
-                        port = tries.find(|&p| !taken(p)).ok_or(D::NatPortsExhausted)?;
-                    }
-                }
-                let flags = if nat_mode { CT_MESH_NAT } else { CT_MESH_PS };
-                Ok(CtValue { port2: port, mac: client_mac, flags, ..f })
-            },
-            |be, f| {
-                let (dst, dport) = if nat_mode { (node, f.port2) } else { (key.src, key.sport) };
-                let rk = FlowKey { src: u32::from(be.ip), dst, sport: be.port, dport, proto: key.proto };
-                let flags = CT_REPLY | if nat_mode { CT_MESH_NAT } else { CT_MESH_PS };
-                (rk, CtValue { peer: key.src, port: key.sport, port2: pport, mac: client_mac, flags, ..*f })
-            },
-        )?;
-        count(lb, svc, b, frame.len());
-        let be = &s.backends[b as usize];
-        let nat = Nat {
-            src_addr: nat_mode.then_some(node_ip),
-            dst_addr: Some(be.ip),
-            src_port: nat_mode.then_some(f.port2),
-            dst_port: Some(be.port),
-        };
-        readdress(frame, &nat, be.mac.0, node_mac.0)?;
-        Ok(crate::overlay::switch(frame, s.net, be.mac, now, t, lb))
+    let svc = pubd.service;
+    let s = t.services.list.get(svc as usize).ok_or(D::NoBackend)?;
+    let nw = &t.networks[usize::from(s.net)];
+    let (Some(node_ip), Some(node_mac)) = (nw.node_ip, nw.node_mac) else { return Err(D::NoRoute) };
+    let d = frame.data();
+    let total = usize::from(u16::from_be_bytes([d[16], d[17]]));
+    if total > usize::from(nw.mtu) {
+        return Err(D::MtuExceeded);
     }
+    let (key, flags) = tuple(d, 14).ok_or(D::Malformed)?;
+    let client_mac: [u8; 6] = d[6..12].try_into().map_err(|_| D::Malformed)?;
+    let pport = key.dport;
+    let nat_mode = pubd.mode == service::MeshMode::Nat;
+    let node = u32::from(node_ip);
+    // In nat mode the reply comes back to node_ip:snat; the client's
+    // own source port is kept unless another connection to the same
+    // backend holds it, else one of a few others derived from it.
+    let (b, f) = connection(
+        lb,
+        s,
+        svc,
+        &Packet { key, flags, now },
+        |be, f, ct| {
+            let mut port = key.sport;
+            if nat_mode {
+                let taken = |p: u16| {
+                    let rk = FlowKey { src: u32::from(be.ip), dst: node, sport: be.port, dport: p, proto: key.proto };
+                    ct.contains(&rk, now)
+                };
+                let mut tries = (0..16u32).map(|i| 1024 + ((u32::from(key.sport) + i * 7919) % 64512) as u16);
+                if taken(port) {
+                    port = tries.find(|&p| !taken(p)).ok_or(D::NatPortsExhausted)?;
+                }
+            }
+            let flags = if nat_mode { CT_MESH_NAT } else { CT_MESH_PS };
+            Ok(CtValue { port2: port, mac: client_mac, flags, ..f })
+        },
+        |be, f| {
+            let (dst, dport) = if nat_mode { (node, f.port2) } else { (key.src, key.sport) };
+            let rk = FlowKey { src: u32::from(be.ip), dst, sport: be.port, dport, proto: key.proto };
+            let flags = CT_REPLY | if nat_mode { CT_MESH_NAT } else { CT_MESH_PS };
+            (rk, CtValue { peer: key.src, port: key.sport, port2: pport, mac: client_mac, flags, ..*f })
+        },
+    )?;
+    count(lb, svc, b, frame.len());
+    let be = &s.backends[b as usize];
+    let nat = Nat {
+        src_addr: nat_mode.then_some(node_ip),
+        dst_addr: Some(be.ip),
+        src_port: nat_mode.then_some(f.port2),
+        dst_port: Some(be.port),
+    };
+    readdress(frame, &nat, be.mac.0, node_mac.0)?;
+    Ok(crate::overlay::switch(frame, s.net, be.mac, now, t, lb))
 }
 
 /// A frame of network `net` to this node's own MAC there: the reply

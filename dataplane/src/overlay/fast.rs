@@ -96,7 +96,6 @@ pub(crate) fn task_vip(
         return None;
     }
     let dport = u16::from_be_bytes([h[36], h[37]]);
-    let svc = t.services.at(pf.net, [h[30], h[31], h[32], h[33]], dport, h[23])?;
     let key = FlowKey {
         src: u32::from_be_bytes([h[26], h[27], h[28], h[29]]),
         dst: u32::from_be_bytes([h[30], h[31], h[32], h[33]]),
@@ -114,9 +113,18 @@ pub(crate) fn task_vip(
             return None;
         }
     };
+    // The entry names the service: no VIP lookup, but the service must
+    // still have this VIP (VIP keys map to one service each, so this is
+    // the service the general path would find) and the backend.
+    let svc = v.service;
     let s = t.services.list.get(svc as usize)?;
     let be = s.backends.get(v.backend as usize)?;
-    if v.service != svc || v.flags & crate::lb::CT_REPLY != 0 || u32::from(be.ip) != v.peer {
+    if s.vip != Some((core::net::Ipv4Addr::from(key.dst), dport))
+        || s.net != pf.net
+        || s.proto != key.proto
+        || v.flags & crate::lb::CT_REPLY != 0
+        || u32::from(be.ip) != v.peer
+    {
         return None;
     }
     let Location::Remote(i) = *t.fdb.get(&crate::tables::mac_key(pf.net, be.mac))? else { return None };
