@@ -1,13 +1,14 @@
 //! The L4 load balancer: consistent hashing, schedulers, connection
 //! tracking, and the services built on them.
 //!
-//! Internal VIPs today: a task's TCP/UDP packet to a service's VIP:port
-//! (which proxy ARP resolves to the network gateway's MAC) is DNATed to a
-//! backend chosen by the service's scheduler, at the client's own node
+//! Internal VIPs: a task's TCP/UDP packet to a service's VIP:port (which
+//! proxy ARP resolves to the network gateway's MAC) is DNATed to a backend
+//! chosen by the service's scheduler, at the client's own node
 //! (distributed, as Swarm's IPVS does), and the connection is tracked in
 //! both directions; the backend's replies are reversed (source back to the
-//! VIP:port) when they are delivered to the client. The routing mesh
-//! (published ports) is not built yet.
+//! VIP:port) when they are delivered to the client. The routing mesh:
+//! published ports on the data-path address, in `nat` or
+//! `preserve-source` mode (see ARCHITECTURE.md).
 
 pub mod conntrack;
 pub mod maglev;
@@ -84,8 +85,33 @@ impl LbState {
     }
 
     /// Releases what a tracked connection held (its backend's load).
-    pub(crate) fn release(&mut self, v: CtValue) {
+    fn release(&mut self, v: CtValue) {
         release(&mut self.services, v);
+    }
+
+    /// The live entry of `key`, refreshed (see `Conntrack::lookup`); an
+    /// expired one is freed and what it held released.
+    #[inline]
+    pub(crate) fn lookup(&mut self, key: &FlowKey, now: u64, flags: u8) -> Option<CtValue> {
+        match self.conntrack.lookup_or_expired(key, now, flags) {
+            Ok(v) => Some(v),
+            Err(old) => {
+                if let Some(old) = old {
+                    self.release(old);
+                }
+                None
+            }
+        }
+    }
+
+    /// Inserts an entry (through the flood guard, or not), releasing what
+    /// an entry it displaces held. False if the guard refused it.
+    fn insert(&mut self, key: &FlowKey, v: CtValue, now: u64, guarded: bool) -> bool {
+        let r = if guarded { self.conntrack.insert(key, v, now) } else { self.conntrack.insert_unguarded(key, v, now) };
+        if let Inserted::Fresh(Some(old)) | Inserted::Evicted(old) = r {
+            self.release(old);
+        }
+        r != Inserted::Guarded
     }
 
     /// Frees expired connections among the next `budget` entries (a
@@ -125,10 +151,15 @@ impl sched::Backends for View<'_> {
     }
 }
 
-/// The 5-tuple of the IPv4 TCP/UDP packet at `ip` (no options: the caller
-/// checked), and its TCP flags (0 for UDP).
-fn tuple(d: &[u8], ip: usize) -> Option<(FlowKey, u8)> {
-    let l3 = d.get(ip..)?;
+/// The 5-tuple and TCP flags (0 for UDP) of a frame the balancer handles:
+/// untagged IPv4 without options, not a fragment, carrying TCP or UDP
+/// (`None` for anything else).
+#[inline]
+pub(crate) fn tuple(d: &[u8]) -> Option<(FlowKey, u8)> {
+    if !plain_tcp_udp(d) {
+        return None;
+    }
+    let l3 = d.get(14..)?;
     let h = l3.first_chunk::<24>()?;
     let key = FlowKey {
         src: u32::from_be_bytes([h[12], h[13], h[14], h[15]]),
@@ -143,12 +174,20 @@ fn tuple(d: &[u8], ip: usize) -> Option<(FlowKey, u8)> {
 
 /// True for an untagged IPv4 frame without options, not a fragment,
 /// carrying TCP or UDP (the only frames balanced).
+#[inline]
 fn plain_tcp_udp(d: &[u8]) -> bool {
     d.len() >= 42
         && d[12..15] == [0x08, 0x00, 0x45]
         && d[20] & 0x3f == 0
         && d[21] == 0
         && matches!(d[23], protocol::TCP | protocol::UDP)
+}
+
+/// A packet's connection identity: its 5-tuple, TCP flags and time.
+struct Packet {
+    key: FlowKey,
+    flags: u8,
+    now: u64,
 }
 
 /// The connection's backend: the tracked one if it is still in the
@@ -159,13 +198,6 @@ fn plain_tcp_udp(d: &[u8]) -> bool {
 /// whose backend is gone is scheduled again at once, never blackholed: UDP
 /// simply moves, and a TCP segment reaching a new backend mid-connection
 /// is answered with a reset by that backend's stack.
-/// A packet's connection identity: its 5-tuple, TCP flags and time.
-struct Packet {
-    key: FlowKey,
-    flags: u8,
-    now: u64,
-}
-
 fn connection(
     lb: &mut LbState,
     s: &service::Service,
@@ -175,25 +207,21 @@ fn connection(
     rev: impl FnOnce(&service::Backend, &CtValue) -> (FlowKey, CtValue),
 ) -> Result<(u32, CtValue), DropReason> {
     let (key, flags, now) = (&p.key, p.flags, p.now);
-    match lb.conntrack.lookup_or_expired(key, now, flags) {
-        Ok(v)
+    match lb.lookup(key, now, flags) {
+        Some(v)
             if v.service == svc
                 && v.flags & CT_REPLY == 0
                 && s.backends.get(v.backend as usize).is_some_and(|b| u32::from(b.ip) == v.peer) =>
         {
             return Ok((v.backend, v));
         }
-        Ok(stale) => {
+        Some(stale) => {
             // Tracked, but its backend is gone (or the key is another
             // entry's): replace it rather than track the key twice.
             lb.conntrack.remove(key);
             lb.release(stale);
         }
-        Err(old) => {
-            if let Some(old) = old {
-                lb.release(old);
-            }
-        }
+        None => {}
     }
     let fh = flow::hash2(
         flow::DEFAULT_SEED,
@@ -212,15 +240,10 @@ fn connection(
     let state = if key.proto == protocol::TCP { conntrack::next_state(CtState::SynRecv, flags) } else { CtState::Udp };
     let base = CtValue { service: svc, backend: b, peer: u32::from(be.ip), port: be.port, state, ..CtValue::ZERO };
     let f = fwd(be, base, &lb.conntrack)?;
-    let inserted = lb.conntrack.insert(key, f, now);
-    if inserted != Inserted::Guarded {
-        if let Inserted::Fresh(Some(old)) | Inserted::Evicted(old) = inserted {
-            lb.release(old);
-        }
+    // The guard admits or refuses the connection as a whole.
+    if lb.insert(key, f, now, true) {
         let (rk, rv) = rev(be, &f);
-        if let Inserted::Fresh(Some(old)) | Inserted::Evicted(old) = lb.conntrack.insert_unguarded(&rk, rv, now) {
-            lb.release(old);
-        }
+        lb.insert(&rk, rv, now, false);
         if let Some(bs) = lb.services.get_mut(svc as usize).and_then(|x| x.backends.get_mut(b as usize)) {
             bs.active += 1;
         }
@@ -279,7 +302,7 @@ fn vip_inner(
 ) -> Result<Verdict, DropReason> {
     let s = t.services.list.get(svc as usize).ok_or(DropReason::NoBackend)?;
     let (vip, vport) = s.vip.ok_or(DropReason::NoRoute)?;
-    let (key, flags) = tuple(frame.data(), 14).ok_or(DropReason::Malformed)?;
+    let (key, flags) = tuple(frame.data()).ok_or(DropReason::Malformed)?;
     let (b, _) = connection(
         lb,
         s,
@@ -341,7 +364,7 @@ fn client_inner(
     if total > usize::from(nw.mtu) {
         return Err(D::MtuExceeded);
     }
-    let (key, flags) = tuple(d, 14).ok_or(D::Malformed)?;
+    let (key, flags) = tuple(d).ok_or(D::Malformed)?;
     let client_mac: [u8; 6] = d[6..12].try_into().map_err(|_| D::Malformed)?;
     let pport = key.dport;
     let nat_mode = pubd.mode == service::MeshMode::Nat;
@@ -395,7 +418,7 @@ fn client_inner(
 /// and the published port) and the frame goes out of the uplink to the
 /// client's next hop.
 pub(crate) fn to_node(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
-    let Some((key, flags)) = tuple(frame.data(), 14).filter(|_| plain_tcp_udp(frame.data())) else {
+    let Some((key, flags)) = tuple(frame.data()) else {
         return Verdict::Drop(DropReason::NoConnection);
     };
     match reply_entry(lb, &key, flags, now) {
@@ -406,16 +429,7 @@ pub(crate) fn to_node(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbSt
 
 /// The tracked reply entry of `key`, if any.
 fn reply_entry(lb: &mut LbState, key: &FlowKey, flags: u8, now: u64) -> Option<CtValue> {
-    match lb.conntrack.lookup_or_expired(key, now, flags) {
-        Ok(v) if v.flags & CT_REPLY != 0 => Some(v),
-        Ok(_) => None,
-        Err(old) => {
-            if let Some(old) = old {
-                lb.release(old);
-            }
-            None
-        }
-    }
+    lb.lookup(key, now, flags).filter(|v| v.flags & CT_REPLY != 0)
 }
 
 /// Readdresses a routing-mesh reply to the client (`v` is its reply entry)
@@ -437,10 +451,7 @@ fn to_client(frame: &mut Frame<'_>, v: &CtValue, t: &Tables) -> Result<Verdict, 
 /// it goes back to the client; at another node, back to that node.
 /// `None`: not a tracked reply (no route).
 pub(crate) fn routed(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState) -> Option<Verdict> {
-    if !plain_tcp_udp(frame.data()) {
-        return None;
-    }
-    let (key, flags) = tuple(frame.data(), 14)?;
+    let (key, flags) = tuple(frame.data())?;
     let v = reply_entry(lb, &key, flags, now)?;
     Some(if v.flags & CT_MESH_PS != 0 {
         verdict(to_client(frame, &v, t))
@@ -472,10 +483,7 @@ pub(crate) fn on_delivery(
     t: &Tables,
     lb: &mut LbState,
 ) -> bool {
-    if !plain_tcp_udp(frame.data()) {
-        return true;
-    }
-    let Some((key, flags)) = tuple(frame.data(), 14) else { return true };
+    let Some((key, flags)) = tuple(frame.data()) else { return true };
     let nw = &t.networks[usize::from(net)];
     if let Some(vtep) = outer_src
         && !nw.subnet.contains(Ipv4Addr::from(key.src))
@@ -483,16 +491,7 @@ pub(crate) fn on_delivery(
         // Remember (or refresh) the way back, keyed as the reply will be.
         let rk = FlowKey { src: key.dst, dst: key.src, sport: key.dport, dport: key.sport, proto: key.proto };
         let mac: [u8; 6] = frame.data()[6..12].try_into().unwrap_or([0; 6]);
-        let tracked = match lb.conntrack.lookup_or_expired(&rk, now, 0) {
-            Ok(_) => true,
-            Err(old) => {
-                if let Some(old) = old {
-                    lb.release(old);
-                }
-                false
-            }
-        };
-        if !tracked {
+        if lb.lookup(&rk, now, 0).is_none() {
             let v = CtValue {
                 peer: u32::from(vtep),
                 mac,
@@ -500,9 +499,7 @@ pub(crate) fn on_delivery(
                 flags: CT_REPLY | CT_PS_RETURN,
                 ..CtValue::ZERO
             };
-            if let Inserted::Fresh(Some(old)) | Inserted::Evicted(old) = lb.conntrack.insert(&rk, v, now) {
-                lb.release(old);
-            }
+            lb.insert(&rk, v, now, true);
         }
         return true;
     }

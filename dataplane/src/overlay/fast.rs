@@ -85,7 +85,6 @@ pub(crate) fn task_vip(
     cache: &BurstCache<'_>,
     lb: &mut crate::lb::LbState,
 ) -> Option<Verdict> {
-    use crate::lb::conntrack::FlowKey;
     let pf = cache.lb_port?;
     let (buf, start, len) = frame.parts();
     let (head, rest) = buf.split_at_mut_checked(start)?;
@@ -95,31 +94,24 @@ pub(crate) fn task_vip(
     if mac_key_at(pf.net, h.first_chunk::<8>()?) != pf.gateway_key || !matches!(h[23], protocol::TCP | protocol::UDP) {
         return None;
     }
-    let dport = u16::from_be_bytes([h[36], h[37]]);
-    let key = FlowKey {
+    // The 5-tuple from the checked fixed-size header (what `lb::tuple`
+    // reads through its own checks on the general path).
+    let key = crate::lb::conntrack::FlowKey {
         src: u32::from_be_bytes([h[26], h[27], h[28], h[29]]),
         dst: u32::from_be_bytes([h[30], h[31], h[32], h[33]]),
         sport: u16::from_be_bytes([h[34], h[35]]),
-        dport,
+        dport: u16::from_be_bytes([h[36], h[37]]),
         proto: h[23],
     };
     let flags = if h[23] == protocol::TCP { *d.get(47)? } else { 0 };
-    let v = match lb.conntrack.lookup_or_expired(&key, now, flags) {
-        Ok(v) => v,
-        Err(old) => {
-            if let Some(old) = old {
-                lb.release(old);
-            }
-            return None;
-        }
-    };
+    let v = lb.lookup(&key, now, flags)?;
     // The entry names the service: no VIP lookup, but the service must
     // still have this VIP (VIP keys map to one service each, so this is
     // the service the general path would find) and the backend.
     let svc = v.service;
     let s = t.services.list.get(svc as usize)?;
     let be = s.backends.get(v.backend as usize)?;
-    if s.vip != Some((core::net::Ipv4Addr::from(key.dst), dport))
+    if s.vip != Some((core::net::Ipv4Addr::from(key.dst), key.dport))
         || s.net != pf.net
         || s.proto != key.proto
         || v.flags & crate::lb::CT_REPLY != 0
