@@ -10,9 +10,11 @@
 //! - [`overlay`]: the overlay switch: forwarding, VXLAN, proxy ARP, gateway ICMP.
 //! - [`lb`]: the load balancer's parts: Maglev, schedulers, connection tracking.
 
+pub mod io;
 pub mod lb;
 pub mod overlay;
 pub mod pcap;
 pub mod pipeline;
 pub mod tables;
 pub mod wire;
+pub mod worker;

@@ -28,6 +28,11 @@ impl<'a> Frame<'a> {
         let end = start.checked_add(len)?;
         (end <= buf.len()).then_some(Frame { buf, start, len })
     }
+    /// An empty frame in no buffer: a placeholder for unused slots.
+    #[inline]
+    pub fn detached() -> Self {
+        Frame { buf: Default::default(), start: 0, len: 0 }
+    }
     /// The frame bytes.
     #[inline]
     pub fn data(&self) -> &[u8] {

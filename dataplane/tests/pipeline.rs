@@ -496,6 +496,27 @@ fn uplink_cases() -> Vec<Case> {
             Some(tcp[6][50..].to_vec()),
         ),
         case("underlay arp is the kernel's", UPLINK, icmp[0].clone(), Verdict::Pass, None),
+        case(
+            "underlay arp request for our data address is answered from data_mac",
+            UPLINK,
+            arp(BCAST, NODE2_MAC, 1, NODE2_MAC, node2, [0; 6], me),
+            Verdict::Tx(UPLINK),
+            Some(arp(NODE2_MAC, NODE1_MAC, 2, NODE1_MAC, me, NODE2_MAC, node2)),
+        ),
+        case(
+            "underlay arp request for another address is the kernel's",
+            UPLINK,
+            arp(BCAST, NODE2_MAC, 1, NODE2_MAC, node2, [0; 6], [198, 18, 0, 7]),
+            Verdict::Pass,
+            None,
+        ),
+        case(
+            "underlay arp reply to our data address is the kernel's",
+            UPLINK,
+            arp(NODE1_MAC, NODE2_MAC, 2, NODE2_MAC, node2, NODE1_MAC, me),
+            Verdict::Pass,
+            None,
+        ),
         case("vxlan for another vtep is the kernel's", UPLINK, icmp[4].clone(), Verdict::Pass, None),
         case(
             "udp to us on another port is the kernel's",

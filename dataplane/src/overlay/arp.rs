@@ -51,3 +51,26 @@ pub(super) fn proxy(frame: &mut Frame<'_>, in_port: PortId, net: NetId, src: Mac
     }
     Verdict::Tx(in_port)
 }
+
+/// An ARP request on the uplink for this node's data-path address: the
+/// reply from the data-path MAC, in place, back out of the uplink (when the
+/// dataplane owns the uplink outright, as with a TAP uplink; with AF_XDP
+/// the steering program leaves ARP to the kernel). `None` for any other
+/// frame.
+pub(super) fn uplink(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict> {
+    let d = frame.data();
+    if d.get(12..14)? != [0x08, 0x06] {
+        return None;
+    }
+    let req = ArpRepr::parse(d.get(ethernet::HEADER_LEN..)?).ok()?;
+    if req.operation != Operation::Request || req.target_ip != t.data_ip || req.sender_ip == req.target_ip {
+        return None;
+    }
+    let reply = req.reply_from(t.data_mac);
+    let start = frame.start();
+    frame.set_window(start, ethernet::HEADER_LEN + arp::PACKET_LEN);
+    let d = frame.data_mut();
+    ethernet::emit_header(d, req.sender_mac, t.data_mac, ethertype::ARP).ok()?;
+    reply.emit(&mut d[ethernet::HEADER_LEN..]).ok()?;
+    Some(Verdict::Tx(crate::tables::UPLINK))
+}

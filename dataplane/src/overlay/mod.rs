@@ -227,13 +227,16 @@ fn encap(frame: &mut Frame<'_>, t: &Tables, i: u32, hash: u32) -> Verdict {
 }
 
 /// A frame from the uplink: VXLAN for us is validated and decapsulated to a
-/// local port; anything else is the kernel's.
+/// local port; an ARP request for the data-path address is answered; a
+/// published port goes to the routing mesh; anything else is the kernel's.
 #[inline(never)] // the general path: kept out of the fast paths' loop
 pub(crate) fn from_uplink(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
     use DropReason as D;
     let d = match vxlan::classify(frame.data(), t.data_ip, t.vxlan_port) {
         Ok(Classified::Vxlan(d)) => d,
-        Ok(Classified::NotVxlan) => return published(frame, now, t, lb).unwrap_or(Verdict::Pass),
+        Ok(Classified::NotVxlan) => {
+            return arp::uplink(frame, t).or_else(|| published(frame, now, t, lb)).unwrap_or(Verdict::Pass);
+        }
         Err(WireError::VxlanNoIFlag(_)) => return Verdict::Drop(D::VxlanNoIFlag),
         Err(WireError::Fragment(_)) => return Verdict::Drop(D::VxlanFragment),
         Err(WireError::Truncated { layer: Layer::Vxlan, .. }) => return Verdict::Drop(D::VxlanMalformed),

@@ -1,0 +1,200 @@
+//! The worker loop over in-memory ports: frames in, the pipeline's exact
+//! frames out on the right ports, counters published, tables swapped
+//! between bursts, stop honoured. (Real ports: tests/e2e.rs.)
+
+use meshplane_dataplane::io::Port;
+use meshplane_dataplane::io::mem::{MemPort, MemQueues};
+use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process};
+use meshplane_dataplane::tables::Tables;
+use meshplane_dataplane::worker::{Shared, Worker, WorkerConfig};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const M1: [u8; 6] = [2, 0, 0, 0, 1, 1];
+const M2: [u8; 6] = [2, 0, 0, 0, 1, 2];
+const M3: [u8; 6] = [2, 0, 0, 0, 1, 3];
+
+fn tables() -> Tables {
+    Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables.toml")).unwrap()
+}
+
+fn udp(dst: [u8; 6], src: [u8; 6], sip: [u8; 4], dip: [u8; 4], sport: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2(src, dst).ipv4(sip, dip, 64).udp(sport, 5001).write(&mut f, b"hello").unwrap();
+    f
+}
+
+/// `inner` in VXLAN (VNI 4096) from node 2 to node 1.
+fn vxlan_in(inner: &[u8]) -> Vec<u8> {
+    let mut payload = vec![0x08, 0, 0, 0, 0, 0x10, 0x00, 0];
+    payload.extend_from_slice(inner);
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+        .ipv4([198, 18, 0, 2], [198, 18, 0, 1], 64)
+        .udp(51000, 4789)
+        .write(&mut f, &payload)
+        .unwrap();
+    f
+}
+
+/// What the pipeline alone makes of `input` on `in_port`.
+fn expected(t: &Tables, in_port: u16, input: &[u8]) -> (Verdict, Vec<u8>) {
+    let mut buf = vec![0u8; HEADROOM + 2048];
+    buf[HEADROOM..HEADROOM + input.len()].copy_from_slice(input);
+    let mut f = Frame::new(&mut buf, HEADROOM, input.len()).unwrap();
+    let mut st = WorkerState::for_tables(t);
+    let v = process(&mut f, in_port, 1, t, &mut st);
+    (v, f.data().to_vec())
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+struct Rig {
+    shared: Arc<Shared>,
+    q: Vec<Arc<Mutex<MemQueues>>>,
+    handle: Option<std::thread::JoinHandle<meshplane_dataplane::worker::Report>>,
+}
+
+impl Rig {
+    fn start(names: &[&str], cfg: WorkerConfig) -> Rig {
+        let shared = Shared::new(tables(), 1);
+        let mut ports: Vec<Box<dyn Port>> = Vec::new();
+        let mut q = Vec::new();
+        for n in names {
+            let (p, h) = MemPort::new(n);
+            ports.push(Box::new(p));
+            q.push(h);
+        }
+        let w = Worker::new(0, ports, shared.clone(), cfg).unwrap();
+        let handle = Some(std::thread::spawn(move || w.run().unwrap()));
+        Rig { shared, q, handle }
+    }
+    fn push(&self, port: usize, f: Vec<u8>) {
+        self.q[port].lock().unwrap().rx.push_back(f);
+    }
+    fn sent(&self, port: usize) -> Vec<Vec<u8>> {
+        self.q[port].lock().unwrap().tx.clone()
+    }
+    fn stop(mut self) -> meshplane_dataplane::worker::Report {
+        self.shared.stop();
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.shared.stop();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[test]
+fn frames_go_where_the_pipeline_says_with_its_bytes() {
+    let t = tables();
+    let rig = Rig::start(&["uplink", "task1", "task3"], WorkerConfig::default());
+    // task1 → task3 (local), task1 → T2 (remote: VXLAN on the uplink).
+    let local = udp(M3, M1, [198, 19, 0, 1], [198, 19, 0, 3], 1000);
+    let remote = udp(M2, M1, [198, 19, 0, 1], [198, 19, 0, 2], 1001);
+    rig.push(1, local.clone());
+    rig.push(1, remote.clone());
+    wait_for("both frames", || rig.sent(2).len() == 1 && rig.sent(0).len() == 1);
+    let (v, out) = expected(&t, 1, &local);
+    assert_eq!((v, rig.sent(2)[0].clone()), (Verdict::Tx(2), out));
+    let (v, out) = expected(&t, 1, &remote);
+    assert_eq!((v, rig.sent(0)[0].clone()), (Verdict::Tx(0), out));
+    // T2's reply in VXLAN from node 2: decapsulated to task1.
+    let reply = udp(M1, M2, [198, 19, 0, 2], [198, 19, 0, 1], 5001);
+    let back = vxlan_in(&reply);
+    let (bv, inner) = expected(&t, 0, &back);
+    assert_eq!(bv, Verdict::Tx(1));
+    rig.push(0, back);
+    wait_for("the decapsulated frame", || rig.sent(1).len() == 1);
+    assert_eq!(rig.sent(1)[0], inner);
+    assert_eq!(inner, reply, "decap gives back node 2's inner frame");
+    let r = rig.stop();
+    let st = r.stats.unwrap();
+    assert_eq!((st.ports[1].rx_packets, st.ports[0].tx_packets, st.ports[2].tx_packets), (2, 1, 1));
+    assert_eq!((st.ports[0].rx_packets, st.ports[1].tx_packets), (1, 1));
+    assert_eq!(
+        r.io.iter().map(|(n, s)| (n.as_str(), s.rx, s.tx)).collect::<Vec<_>>(),
+        [("uplink", 1, 1), ("task1", 2, 1), ("task3", 0, 1)]
+    );
+}
+
+#[test]
+fn a_port_without_io_counts_unbound_and_bad_frames_count_drops() {
+    // db1 is in the tables but has no I/O port here.
+    let rig = Rig::start(&["uplink", "task1"], WorkerConfig::default());
+    let to_task3 = udp(M3, M1, [198, 19, 0, 1], [198, 19, 0, 3], 1000);
+    rig.push(1, to_task3);
+    rig.push(1, vec![0u8; 5]); // shorter than an Ethernet header
+    wait_for("the counters", || {
+        rig.shared.report(0).is_some_and(|r| r.unbound == 1 && r.stats.is_some_and(|s| s.total_drops() == 1))
+    });
+    let r = rig.stop();
+    let st = r.stats.as_ref().unwrap();
+    assert_eq!(st.dropped(meshplane_dataplane::pipeline::DropReason::Malformed), 1);
+    assert!(rig_sent_nothing(&r));
+}
+
+fn rig_sent_nothing(r: &meshplane_dataplane::worker::Report) -> bool {
+    r.io.iter().all(|(_, s)| s.tx == 0)
+}
+
+#[test]
+fn new_tables_are_used_between_bursts() {
+    let rig = Rig::start(&["uplink", "task1", "task3"], WorkerConfig::default());
+    let remote = udp(M2, M1, [198, 19, 0, 1], [198, 19, 0, 2], 1001);
+    rig.push(1, remote.clone());
+    wait_for("the first frame", || rig.sent(0).len() == 1);
+    // The same tables with T2 moved to another VTEP: the next frame is
+    // encapsulated toward it.
+    let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables.toml"))
+        .unwrap()
+        .replace(
+            "vtep = \"198.18.0.2\"\n\n[[endpoint]]\nnetwork = \"db\"",
+            "vtep = \"198.18.0.9\"\n\n[[endpoint]]\nnetwork = \"db\"",
+        )
+        .replace("ttl = 64", "next_hop_mac = \"02:00:00:00:00:fe\"\nttl = 64");
+    let nt = Tables::compile(&toml::from_str(&spec).unwrap()).unwrap();
+    rig.shared.publish(nt);
+    wait_for("the new version", || rig.shared.report(0).is_some_and(|r| r.tables_version == 2));
+    rig.push(1, remote.clone());
+    wait_for("the second frame", || rig.sent(0).len() == 2);
+    let sent = rig.sent(0);
+    assert_eq!(&sent[0][30..34], &[198, 18, 0, 2]);
+    assert_eq!(&sent[1][30..34], &[198, 18, 0, 9]);
+}
+
+#[test]
+fn an_idle_worker_sleeps_and_busy_poll_does_not() {
+    let cfg =
+        WorkerConfig { spin: Duration::from_millis(1), max_wait: Duration::from_millis(5), ..WorkerConfig::default() };
+    let rig = Rig::start(&["uplink"], cfg.clone());
+    wait_for("an idle wait", || rig.shared.report(0).is_some_and(|r| r.idle_waits > 2));
+    drop(rig);
+    let rig = Rig::start(&["uplink"], WorkerConfig { busy_poll: true, report_every: Duration::from_millis(1), ..cfg });
+    std::thread::sleep(Duration::from_millis(50));
+    let r = rig.stop();
+    assert_eq!(r.idle_waits, 0);
+}
+
+#[test]
+fn unknown_and_duplicate_port_names_are_refused() {
+    let shared = Shared::new(tables(), 1);
+    let (a, _) = MemPort::new("nosuch");
+    let e = Worker::new(0, vec![Box::new(a)], shared.clone(), WorkerConfig::default()).unwrap_err();
+    assert!(e.to_string().contains("\"nosuch\" is not in the tables"), "{e}");
+    let (a, _) = MemPort::new("task1");
+    let (b, _) = MemPort::new("task1");
+    let e = Worker::new(0, vec![Box::new(a), Box::new(b)], shared, WorkerConfig::default()).unwrap_err();
+    assert!(e.to_string().contains("given twice"), "{e}");
+}
