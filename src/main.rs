@@ -2,6 +2,8 @@
 
 use clap::Parser;
 
+mod node;
+mod tool;
 mod trace;
 
 /// meshplane: a userspace container-networking dataplane (VXLAN overlay,
@@ -20,6 +22,19 @@ enum Command {
     /// Run the dataplane offline over a capture: which frames would be sent
     /// where, which dropped and why.
     Trace(trace::TraceArgs),
+    /// Run a node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Traffic endpoints for tests and the lab (TCP stream check, UDP echo).
+    #[command(subcommand, hide = true)]
+    Tool(tool::ToolCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum NodeCommand {
+    /// Run the dataplane alone from a tables file (static mode: no control
+    /// plane). SIGTERM stops it; SIGHUP reloads the tables file.
+    Run(node::RunArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,6 +46,8 @@ fn main() -> anyhow::Result<()> {
             println!("data (VXLAN):                 udp {}", meshplane_dataplane::wire::vxlan::DEFAULT_PORT);
         }
         Command::Trace(a) => trace::run(&a)?,
+        Command::Node(NodeCommand::Run(a)) => node::run(&a)?,
+        Command::Tool(c) => tool::run(&c)?,
     }
     Ok(())
 }

@@ -88,7 +88,7 @@ impl Shared {
 pub struct Report {
     /// The pipeline's counters (drops by reason, per tables port).
     pub stats: Option<Stats>,
-    /// Per I/O port: its name and own counters.
+    /// Per I/O port: the tables port it serves and the port's own counters.
     pub io: Vec<(String, IoStats)>,
     /// Per service, by index in the tables the worker uses.
     pub services: Vec<ServiceStats>,
@@ -139,17 +139,33 @@ impl Default for WorkerConfig {
 /// Entries of the connection table swept per round.
 const SWEEP_BUDGET: usize = 64;
 
+/// An I/O port and the tables port it serves (`uplink`, or a task port's
+/// name).
+pub struct Bound {
+    /// The tables port's name.
+    pub name: String,
+    /// The I/O port.
+    pub io: Box<dyn Port>,
+}
+
+impl Bound {
+    /// `io` serving the tables port `name`.
+    pub fn new(name: &str, io: Box<dyn Port>) -> Bound {
+        Bound { name: name.to_owned(), io }
+    }
+}
+
 /// A worker: its ports, its state, and where it publishes.
 pub struct Worker {
     index: usize,
-    ports: Vec<Box<dyn Port>>,
+    ports: Vec<Bound>,
     shared: Arc<Shared>,
     cfg: WorkerConfig,
 }
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = self.ports.iter().map(|p| p.name()).collect();
+        let names: Vec<&str> = self.ports.iter().map(|p| p.name.as_str()).collect();
         f.debug_struct("Worker").field("index", &self.index).field("ports", &names).finish()
     }
 }
@@ -168,19 +184,19 @@ pub enum WorkerError {
     Poll(usize, std::io::Error),
 }
 
-/// Maps tables ports to I/O ports and back by name. `ports[k]` is named
-/// like a tables port; the result gives, per tables port, the I/O port
-/// index, and per I/O port, the tables port id.
-fn bind(t: &Tables, ports: &[Box<dyn Port>]) -> Result<(Vec<Option<usize>>, Vec<PortId>), WorkerError> {
+/// Maps tables ports to I/O ports and back by name: per tables port, the
+/// I/O port index, and per I/O port, the tables port id. Every I/O port
+/// must name a tables port, once.
+pub fn bind(t: &Tables, ports: &[Bound]) -> Result<(Vec<Option<usize>>, Vec<PortId>), WorkerError> {
     let mut io_of = vec![None; t.ports.len()];
     let mut table_of = Vec::with_capacity(ports.len());
     for (k, p) in ports.iter().enumerate() {
-        let Some(id) = t.port_id(p.name()) else {
+        let Some(id) = t.port_id(&p.name) else {
             let names: Vec<&str> = t.ports.iter().map(|x| x.name.as_str()).collect();
-            return Err(WorkerError::UnknownPort(p.name().to_owned(), names.join(", ")));
+            return Err(WorkerError::UnknownPort(p.name.clone(), names.join(", ")));
         };
         if io_of[usize::from(id)].replace(k).is_some() {
-            return Err(WorkerError::DuplicatePort(p.name().to_owned()));
+            return Err(WorkerError::DuplicatePort(p.name.clone()));
         }
         table_of.push(id);
     }
@@ -188,15 +204,9 @@ fn bind(t: &Tables, ports: &[Box<dyn Port>]) -> Result<(Vec<Option<usize>>, Vec<
 }
 
 impl Worker {
-    /// Worker `index` of `shared`, over `ports`, each named as its port in
-    /// the tables (`uplink` for the uplink). Checks the names against the
-    /// current tables.
-    pub fn new(
-        index: usize,
-        ports: Vec<Box<dyn Port>>,
-        shared: Arc<Shared>,
-        cfg: WorkerConfig,
-    ) -> Result<Worker, WorkerError> {
+    /// Worker `index` of `shared`, over `ports`. Checks their names against
+    /// the current tables.
+    pub fn new(index: usize, ports: Vec<Bound>, shared: Arc<Shared>, cfg: WorkerConfig) -> Result<Worker, WorkerError> {
         bind(&shared.tables(), &ports)?;
         Ok(Worker { index, ports, shared, cfg })
     }
@@ -210,7 +220,7 @@ impl Worker {
         }
         let mut poll = mio::Poll::new().map_err(|e| WorkerError::Poll(self.index, e))?;
         for (k, p) in self.ports.iter().enumerate() {
-            let fd = p.fd();
+            let fd = p.io.fd();
             if fd >= 0 {
                 poll.registry()
                     .register(&mut mio::unix::SourceFd(&fd), mio::Token(k), mio::Interest::READABLE)
@@ -260,17 +270,17 @@ impl Worker {
                 let Some((port, after)) = rest.split_first_mut() else { break };
                 let in_port = table_of[i];
                 let (t, st, io_of, verdicts, unbound) = (&*t, &mut st, &io_of, &mut verdicts, &mut report.unbound);
-                got += port.rx_burst(&mut |frames, back| {
+                got += port.io.rx_burst(&mut |frames, back| {
                     process_burst(frames, in_port, now, t, st, verdicts);
                     for (j, v) in verdicts.iter().take(frames.len()).enumerate() {
                         let Verdict::Tx(p) = *v else { continue };
                         match io_of.get(usize::from(p)).copied().flatten() {
                             Some(k) if k == i => back[j] = true,
                             Some(k) if k < i => {
-                                before[k].tx_copy(frames[j].data());
+                                before[k].io.tx_copy(frames[j].data());
                             }
                             Some(k) => {
-                                after[k - i - 1].tx_copy(frames[j].data());
+                                after[k - i - 1].io.tx_copy(frames[j].data());
                             }
                             None => *unbound += 1,
                         }
@@ -278,7 +288,7 @@ impl Worker {
                 });
             }
             for p in &mut self.ports {
-                p.flush();
+                p.io.flush();
             }
             st.lb.sweep(now, SWEEP_BUDGET);
             if got > 0 {
@@ -311,7 +321,7 @@ impl Worker {
     fn publish(&self, report: &mut Report, st: &WorkerState) {
         report.stats = Some(st.stats.clone());
         report.io.clear();
-        report.io.extend(self.ports.iter().map(|p| (p.name().to_owned(), p.stats())));
+        report.io.extend(self.ports.iter().map(|p| (p.name.clone(), p.io.stats())));
         report.services.clone_from(&st.lb.services);
         report.conntrack = st.lb.conntrack.stats;
         report.conntrack_len = st.lb.conntrack.len();

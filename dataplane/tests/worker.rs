@@ -2,11 +2,10 @@
 //! frames out on the right ports, counters published, tables swapped
 //! between bursts, stop honoured. (Real ports: tests/e2e.rs.)
 
-use meshplane_dataplane::io::Port;
 use meshplane_dataplane::io::mem::{MemPort, MemQueues};
 use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process};
 use meshplane_dataplane::tables::Tables;
-use meshplane_dataplane::worker::{Shared, Worker, WorkerConfig};
+use meshplane_dataplane::worker::{Bound, Shared, Worker, WorkerConfig};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,11 +63,11 @@ struct Rig {
 impl Rig {
     fn start(names: &[&str], cfg: WorkerConfig) -> Rig {
         let shared = Shared::new(tables(), 1);
-        let mut ports: Vec<Box<dyn Port>> = Vec::new();
+        let mut ports: Vec<Bound> = Vec::new();
         let mut q = Vec::new();
         for n in names {
             let (p, h) = MemPort::new(n);
-            ports.push(Box::new(p));
+            ports.push(Bound::new(n, Box::new(p)));
             q.push(h);
         }
         let w = Worker::new(0, ports, shared.clone(), cfg).unwrap();
@@ -190,11 +189,13 @@ fn an_idle_worker_sleeps_and_busy_poll_does_not() {
 #[test]
 fn unknown_and_duplicate_port_names_are_refused() {
     let shared = Shared::new(tables(), 1);
-    let (a, _) = MemPort::new("nosuch");
-    let e = Worker::new(0, vec![Box::new(a)], shared.clone(), WorkerConfig::default()).unwrap_err();
+    let (a, _) = MemPort::new("x");
+    let e =
+        Worker::new(0, vec![Bound::new("nosuch", Box::new(a))], shared.clone(), WorkerConfig::default()).unwrap_err();
     assert!(e.to_string().contains("\"nosuch\" is not in the tables"), "{e}");
-    let (a, _) = MemPort::new("task1");
-    let (b, _) = MemPort::new("task1");
-    let e = Worker::new(0, vec![Box::new(a), Box::new(b)], shared, WorkerConfig::default()).unwrap_err();
+    let (a, _) = MemPort::new("a");
+    let (b, _) = MemPort::new("b");
+    let ports = vec![Bound::new("task1", Box::new(a)), Bound::new("task1", Box::new(b))];
+    let e = Worker::new(0, ports, shared, WorkerConfig::default()).unwrap_err();
     assert!(e.to_string().contains("given twice"), "{e}");
 }

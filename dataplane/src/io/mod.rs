@@ -9,6 +9,7 @@
 //! per frame), `afxdp` (AF_XDP sockets) and [`mem`] (in-memory queues, for
 //! unit tests only).
 
+pub mod afxdp;
 pub mod mem;
 pub mod tap;
 

@@ -198,16 +198,19 @@ struct Packet {
 /// whose backend is gone is scheduled again at once, never blackholed: UDP
 /// simply moves, and a TCP segment reaching a new backend mid-connection
 /// is answered with a reset by that backend's stack.
+///
+/// `found` is what looking the key up (`LbState::lookup`) gave.
 fn connection(
     lb: &mut LbState,
     s: &service::Service,
     svc: u32,
     p: &Packet,
+    found: Option<CtValue>,
     fwd: impl FnOnce(&service::Backend, CtValue, &Conntrack) -> Result<CtValue, DropReason>,
     rev: impl FnOnce(&service::Backend, &CtValue) -> (FlowKey, CtValue),
 ) -> Result<(u32, CtValue), DropReason> {
     let (key, flags, now) = (&p.key, p.flags, p.now);
-    match lb.lookup(key, now, flags) {
+    match found {
         Some(v)
             if v.service == svc
                 && v.flags & CT_REPLY == 0
@@ -301,13 +304,33 @@ fn vip_inner(
     lb: &mut LbState,
 ) -> Result<Verdict, DropReason> {
     let s = t.services.list.get(svc as usize).ok_or(DropReason::NoBackend)?;
-    let (vip, vport) = s.vip.ok_or(DropReason::NoRoute)?;
     let (key, flags) = tuple(frame.data()).ok_or(DropReason::Malformed)?;
+    let found = lb.lookup(&key, now, flags);
+    let b = vip_connection(lb, s, svc, &key, flags, now, found)?;
+    Ok(vip_tail(frame, net, s, svc, b, now, t, lb))
+}
+
+/// The backend of a task's connection `key` to the VIP of service `svc`
+/// (`s`), given what looking it up gave (`found`): see `connection`. The
+/// reply entry maps the backend's replies back to the VIP:port.
+#[inline(never)] // a new connection costs far more than a call
+pub(crate) fn vip_connection(
+    lb: &mut LbState,
+    s: &service::Service,
+    svc: u32,
+    key: &FlowKey,
+    flags: u8,
+    now: u64,
+    found: Option<CtValue>,
+) -> Result<u32, DropReason> {
+    let (vip, vport) = s.vip.ok_or(DropReason::NoRoute)?;
+    let key = *key;
     let (b, _) = connection(
         lb,
         s,
         svc,
         &Packet { key, flags, now },
+        found,
         |_, f, _| Ok(f),
         |be, f| {
             let rk =
@@ -315,11 +338,31 @@ fn vip_inner(
             (rk, CtValue { peer: u32::from(vip), port: vport, flags: CT_REPLY, ..*f })
         },
     )?;
+    Ok(b)
+}
+
+/// A task's packet to a VIP, its backend `b` chosen: counted, DNATed,
+/// readdressed from the gateway to the backend's MAC, and sent on (a local
+/// port, or VXLAN to the backend's node).
+#[allow(clippy::too_many_arguments)]
+#[inline(never)] // the general tail: kept out of the fast path's loop
+pub(crate) fn vip_tail(
+    frame: &mut Frame<'_>,
+    net: NetId,
+    s: &service::Service,
+    svc: u32,
+    b: u32,
+    now: u64,
+    t: &Tables,
+    lb: &mut LbState,
+) -> Verdict {
+    let Some(be) = s.backends.get(b as usize) else { return Verdict::Drop(DropReason::NoBackend) };
     count(lb, svc, b, frame.len());
-    let be = &s.backends[b as usize];
     let nat = Nat { src_addr: None, dst_addr: Some(be.ip), src_port: None, dst_port: Some(be.port) };
-    readdress(frame, &nat, be.mac.0, t.networks[usize::from(net)].gateway_mac.0)?;
-    Ok(crate::overlay::switch(frame, net, be.mac, now, t, lb))
+    if let Err(e) = readdress(frame, &nat, be.mac.0, t.networks[usize::from(net)].gateway_mac.0) {
+        return Verdict::Drop(e);
+    }
+    crate::overlay::switch(frame, net, be.mac, now, t, lb)
 }
 
 /// `CtValue::flags`: a routing-mesh connection in `nat` mode.
@@ -372,11 +415,13 @@ fn client_inner(
     // In nat mode the reply comes back to node_ip:snat; the client's
     // own source port is kept unless another connection to the same
     // backend holds it, else one of a few others derived from it.
+    let found = lb.lookup(&key, now, flags);
     let (b, f) = connection(
         lb,
         s,
         svc,
         &Packet { key, flags, now },
+        found,
         |be, f, ct| {
             let mut port = key.sport;
             if nat_mode {

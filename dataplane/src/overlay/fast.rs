@@ -69,14 +69,15 @@ fn from_port(h: &[u8; 42], d: &[u8], pf: &PortFast) -> Option<usize> {
     ok.then_some(total)
 }
 
-/// The fast path for a task's packet of an established connection to a
-/// service VIP whose backend is on another node (the common case of the
-/// internal load balancer): the same checks as [`task_unicast`], the VIP,
-/// a conntrack hit on a backend the service still has, then DNAT and
-/// encapsulation. `None` (with nothing changed or counted) for anything
-/// else: the general path (`lb::to_vip`) decides, with the same result for
-/// every frame this accepts. The conntrack lookup refreshes the entry;
-/// doing that twice (here and in the general path) gives the same state.
+/// The fast path for a task's packet to a service VIP (the internal load
+/// balancer): the same checks as [`task_unicast`], then for an
+/// established connection whose backend is on another node (the common
+/// case), a conntrack hit on a backend the service still has, DNAT and
+/// encapsulation; a new connection goes to [`new_vip_flow`]. `None` (with
+/// nothing changed or counted) for anything else: the general path
+/// (`lb::to_vip`) decides, with the same result for every frame this
+/// accepts. The conntrack lookup refreshes the entry; doing that twice
+/// (here and in the general path) gives the same state.
 #[inline(always)]
 pub(crate) fn task_vip(
     frame: &mut Frame<'_>,
@@ -104,7 +105,9 @@ pub(crate) fn task_vip(
         proto: h[23],
     };
     let flags = if h[23] == protocol::TCP { *d.get(47)? } else { 0 };
-    let v = lb.lookup(&key, now, flags)?;
+    let Some(v) = lb.lookup(&key, now, flags) else {
+        return new_vip_flow(frame, total, pf, &key, flags, now, t, lb);
+    };
     // The entry names the service: no VIP lookup, but the service must
     // still have this VIP (VIP keys map to one service each, so this is
     // the service the general path would find) and the backend.
@@ -128,6 +131,69 @@ pub(crate) fn task_vip(
     d[0..6].copy_from_slice(&be.mac.0);
     d[6..12].copy_from_slice(&pf.gateway_mac);
     crate::lb::count(lb, svc, v.backend, len);
+    let hash = flow::hash_ipv4_at_fixed_offsets(flow::DEFAULT_SEED, d.first_chunk::<38>()?);
+    tpl.write_header(hdr, ip_len, vxlan::src_port_for_hash(hash));
+    frame.set_window(start - vxlan::ENCAP_LEN, len + vxlan::ENCAP_LEN);
+    Some(Verdict::Tx(UPLINK))
+}
+
+/// A task's packet to a VIP that opens a connection (the fast path's
+/// lookup found none): the VIP's service schedules it and both directions
+/// are tracked (`lb::vip_connection`); a backend on another node is then
+/// reached by DNAT and encapsulation right here, anything else through the
+/// general path's own tail (`lb::vip_tail`). `None` (nothing changed)
+/// only if the destination is no VIP.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)] // a new connection costs far more than a call
+fn new_vip_flow(
+    frame: &mut Frame<'_>,
+    total: usize,
+    pf: &PortFast,
+    key: &crate::lb::conntrack::FlowKey,
+    flags: u8,
+    now: u64,
+    t: &Tables,
+    lb: &mut crate::lb::LbState,
+) -> Option<Verdict> {
+    let svc = t.services.at(pf.net, key.dst.to_be_bytes(), key.dport, key.proto)?;
+    let s = t.services.list.get(svc as usize)?;
+    // From here on the connection is decided and tracked: no more `None`.
+    let b = match crate::lb::vip_connection(lb, s, svc, key, flags, now, None) {
+        Ok(b) => b,
+        Err(e) => return Some(Verdict::Drop(e)),
+    };
+    let len = frame.len();
+    if let Some(v) = vip_remote(frame, total, pf, s, b, t) {
+        crate::lb::count(lb, svc, b, len);
+        return Some(v);
+    }
+    Some(crate::lb::vip_tail(frame, pf.net, s, svc, b, now, t, lb))
+}
+
+/// DNAT to backend `b` of `s`, MACs, and encapsulation toward its node, for
+/// a backend on another node. `None` for anything else (the frame possibly
+/// DNATed already, which doing again changes nothing).
+#[inline(always)]
+fn vip_remote(
+    frame: &mut Frame<'_>,
+    total: usize,
+    pf: &PortFast,
+    s: &crate::lb::service::Service,
+    b: u32,
+    t: &Tables,
+) -> Option<Verdict> {
+    let be = s.backends.get(b as usize)?;
+    let Location::Remote(i) = *t.fdb.get(&crate::tables::mac_key(pf.net, be.mac))? else { return None };
+    let tpl = t.templates.get(i as usize)?;
+    let (buf, start, len) = frame.parts();
+    let (head, rest) = buf.split_at_mut_checked(start)?;
+    let d = rest.get_mut(..len)?;
+    let hdr = head.last_chunk_mut::<{ vxlan::ENCAP_LEN }>()?;
+    let ip_len = u16::try_from(total + vxlan::ENCAP_LEN).ok()?;
+    let nat = crate::wire::rewrite::Nat { dst_addr: Some(be.ip), dst_port: Some(be.port), ..Default::default() };
+    crate::wire::rewrite::rewrite_ipv4(d.get_mut(14..)?, &nat).ok()?;
+    d[0..6].copy_from_slice(&be.mac.0);
+    d[6..12].copy_from_slice(&pf.gateway_mac);
     let hash = flow::hash_ipv4_at_fixed_offsets(flow::DEFAULT_SEED, d.first_chunk::<38>()?);
     tpl.write_header(hdr, ip_len, vxlan::src_port_for_hash(hash));
     frame.set_window(start - vxlan::ENCAP_LEN, len + vxlan::ENCAP_LEN);

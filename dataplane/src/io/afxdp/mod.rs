@@ -1,0 +1,707 @@
+//! AF_XDP ports (xsk-rs over libxdp), and the XDP steering program that
+//! feeds them (libbpf, through libxdp-sys).
+//!
+//! One socket per (interface, queue), with its own UMEM: frames are
+//! received into the UMEM and processed there in place; a frame sent back
+//! out of the same port goes from the rx ring to the tx ring without a
+//! copy; a frame for another port is copied into a free frame of that
+//! port's UMEM. Fill and completion rings are kept full and reaped in
+//! bulk; sockets bind with `XDP_USE_NEED_WAKEUP` (the kernel is kicked only
+//! when it asks), zero-copy when the driver supports it, copy otherwise.
+//!
+//! The steering program (`steer.bpf.c`, compiled by build.rs) is attached
+//! to each interface directly (libxdp's multi-program dispatcher is not
+//! used, so sockets are created with program loading inhibited): on the
+//! uplink it redirects only dataplane traffic (VXLAN to the data-path
+//! address, published ports and VIPs) and passes the rest to the kernel;
+//! on a task port it redirects everything. It is detached when the port is
+//! dropped.
+//!
+//! This is the only module with `unsafe` code besides one prefetch hint:
+//! the UMEM is memory shared with the kernel, and libbpf is C. Every block
+//! says why it is sound.
+#![allow(unsafe_code)]
+
+use super::{BurstFn, IoError, IoStats, Port};
+use crate::pipeline::Frame;
+use crate::tables::Tables;
+use core::net::Ipv4Addr;
+use std::ffi::CString;
+use std::num::NonZeroU32;
+use std::os::fd::{AsRawFd, RawFd};
+use xsk_rs::config::{BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
+
+/// The compiled steering programs.
+static STEER_OBJ: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/steer.bpf.o"));
+
+/// Bytes of headroom in front of every received frame (the pipeline
+/// encapsulates into it: VXLAN needs 50).
+const HEADROOM: usize = 64;
+/// UMEM frame size.
+const FRAME_SIZE: u32 = 2048;
+/// Bytes the kernel reserves in front of each UMEM frame (XDP_PACKET_HEADROOM).
+const XDP_HEADROOM: usize = 256;
+/// Frames kept back from the fill ring for copies into this port.
+const TX_RESERVE: usize = 512;
+
+/// How an AF_XDP port is set up.
+#[derive(Debug, Clone)]
+pub struct AfXdpConfig {
+    /// UMEM frames (2 KiB each).
+    pub frames: u32,
+    /// Entries of each ring (fill, completion, rx, tx); a power of two.
+    pub ring: u32,
+    /// Attach the XDP program in generic (skb) mode rather than trying
+    /// native mode first.
+    pub generic: bool,
+    /// Try a zero-copy bind first (falls back to copy).
+    pub zero_copy: bool,
+    /// Set the busy-poll socket options (SO_PREFER_BUSY_POLL,
+    /// SO_BUSY_POLL, SO_BUSY_POLL_BUDGET).
+    pub busy_poll: bool,
+}
+
+impl Default for AfXdpConfig {
+    fn default() -> Self {
+        AfXdpConfig { frames: 8192, ring: 2048, generic: false, zero_copy: true, busy_poll: false }
+    }
+}
+
+/// What the uplink's steering program sends to the dataplane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Steering {
+    /// The data-path address (VXLAN and published ports arrive there).
+    pub data_ip: Ipv4Addr,
+    /// The VXLAN UDP port.
+    pub vxlan_port: u16,
+    /// (address, port, protocol) of every published port and VIP.
+    pub services: Vec<(Ipv4Addr, u16, u8)>,
+}
+
+impl Steering {
+    /// The steering for `t`: its data-path address and VXLAN port, its
+    /// published ports (on the data-path address) and its VIPs.
+    pub fn for_tables(t: &Tables) -> Steering {
+        let mut services = Vec::new();
+        for s in &t.services.list {
+            for &(port, _) in &s.published {
+                services.push((t.data_ip, port, s.proto));
+            }
+            if let Some((ip, port)) = s.vip {
+                services.push((ip, port, s.proto));
+            }
+        }
+        services.sort_unstable();
+        services.dedup();
+        Steering { data_ip: t.data_ip, vxlan_port: t.vxlan_port, services }
+    }
+}
+
+/// `config` map value (steer.bpf.c `struct config`).
+#[repr(C)]
+struct BpfConfig {
+    data_ip: u32,
+    vxlan_port: u16,
+    pad: u16,
+}
+
+/// `services` map key (steer.bpf.c `struct service_key`).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct BpfServiceKey {
+    ip: u32,
+    port: u16,
+    proto: u8,
+    pad: u8,
+}
+
+impl BpfServiceKey {
+    fn new(ip: Ipv4Addr, port: u16, proto: u8) -> Self {
+        // Network order in memory, as the program compares them.
+        BpfServiceKey { ip: u32::from_ne_bytes(ip.octets()), port: port.to_be(), proto, pad: 0 }
+    }
+}
+
+fn last_os_error(what: &'static str, port: &str) -> IoError {
+    IoError::Setup { port: port.to_owned(), what, source: std::io::Error::last_os_error() }
+}
+
+fn neg_errno(what: &'static str, port: &str, rc: i32) -> IoError {
+    IoError::Setup { port: port.to_owned(), what, source: std::io::Error::from_raw_os_error(-rc) }
+}
+
+/// A loaded and attached steering program.
+struct XdpProgram {
+    obj: *mut libxdp_sys::bpf_object,
+    ifindex: i32,
+    flags: u32,
+    xsks: RawFd,
+    config: RawFd,
+    services: RawFd,
+    stats: RawFd,
+    generic: bool,
+}
+
+// SAFETY: the bpf_object is owned by this value alone and libbpf objects
+// are not tied to the thread that made them; the map fds are plain file
+// descriptors.
+unsafe impl Send for XdpProgram {}
+
+/// XDP attach mode flags (linux/if_link.h).
+const XDP_FLAGS_SKB_MODE: u32 = 2;
+const XDP_FLAGS_DRV_MODE: u32 = 4;
+
+impl XdpProgram {
+    /// Loads the steering object and attaches `prog` to `iface`, natively
+    /// unless `generic` (or native fails: then generic, logged).
+    fn attach(iface: &str, prog: &str, generic: bool) -> Result<XdpProgram, IoError> {
+        let cname = CString::new(iface)
+            .map_err(|_| IoError::Config { port: iface.to_owned(), msg: "interface name has a NUL byte".into() })?;
+        // SAFETY: `cname` is a valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if ifindex == 0 {
+            return Err(last_os_error("looking up the interface", iface));
+        }
+        // SAFETY: the buffer and its length describe a valid, immutable
+        // static byte array; null options are allowed. libbpf copies what
+        // it needs.
+        let obj =
+            unsafe { libxdp_sys::bpf_object__open_mem(STEER_OBJ.as_ptr().cast(), STEER_OBJ.len(), core::ptr::null()) };
+        if obj.is_null() {
+            return Err(last_os_error("opening the steering program", iface));
+        }
+        let mut p = XdpProgram {
+            obj,
+            ifindex: ifindex as i32,
+            flags: 0,
+            xsks: -1,
+            config: -1,
+            services: -1,
+            stats: -1,
+            generic,
+        };
+        // SAFETY: `obj` is a valid object from bpf_object__open_mem.
+        let rc = unsafe { libxdp_sys::bpf_object__load(p.obj) };
+        if rc != 0 {
+            return Err(neg_errno("loading the steering program (is this root?)", iface, rc));
+        }
+        let name = CString::new(prog)
+            .map_err(|_| IoError::Config { port: iface.to_owned(), msg: "bad program name".into() })?;
+        // SAFETY: `obj` is loaded and `name` NUL-terminated.
+        let prog_ptr = unsafe { libxdp_sys::bpf_object__find_program_by_name(p.obj, name.as_ptr()) };
+        if prog_ptr.is_null() {
+            return Err(IoError::Config {
+                port: iface.to_owned(),
+                msg: format!("no program {prog} in the steering object"),
+            });
+        }
+        // SAFETY: `prog_ptr` is a program of the loaded object.
+        let prog_fd = unsafe { libxdp_sys::bpf_program__fd(prog_ptr) };
+        let map = |n: &str| -> Result<RawFd, IoError> {
+            let c =
+                CString::new(n).map_err(|_| IoError::Config { port: iface.to_owned(), msg: "bad map name".into() })?;
+            // SAFETY: `obj` is loaded and `c` NUL-terminated.
+            let fd = unsafe { libxdp_sys::bpf_object__find_map_fd_by_name(p.obj, c.as_ptr()) };
+            if fd < 0 {
+                return Err(IoError::Config {
+                    port: iface.to_owned(),
+                    msg: format!("no map {n} in the steering object"),
+                });
+            }
+            Ok(fd)
+        };
+        p.xsks = map("xsks")?;
+        p.config = map("config")?;
+        p.services = map("services")?;
+        p.stats = map("stats")?;
+        let try_attach = |flags: u32| {
+            // SAFETY: a valid ifindex and program fd; null options.
+            unsafe { libxdp_sys::bpf_xdp_attach(ifindex as i32, prog_fd, flags, core::ptr::null()) }
+        };
+        if !generic {
+            let rc = try_attach(XDP_FLAGS_DRV_MODE);
+            if rc == 0 {
+                p.flags = XDP_FLAGS_DRV_MODE;
+                return Ok(p);
+            }
+            eprintln!(
+                "meshplane: {iface}: native XDP unavailable ({}); using generic XDP",
+                std::io::Error::from_raw_os_error(-rc)
+            );
+            p.generic = true;
+        }
+        let rc = try_attach(XDP_FLAGS_SKB_MODE);
+        if rc != 0 {
+            return Err(neg_errno("attaching the XDP program", iface, rc));
+        }
+        p.flags = XDP_FLAGS_SKB_MODE;
+        Ok(p)
+    }
+
+    fn update<K, V>(&self, fd: RawFd, key: &K, value: &V, what: &'static str, port: &str) -> Result<(), IoError> {
+        // SAFETY: key and value point to live values of the map's key and
+        // value sizes (the repr(C) mirrors of steer.bpf.c's types).
+        let rc =
+            unsafe { libxdp_sys::bpf_map_update_elem(fd, (key as *const K).cast(), (value as *const V).cast(), 0) };
+        if rc != 0 { Err(neg_errno(what, port, rc)) } else { Ok(()) }
+    }
+}
+
+impl Drop for XdpProgram {
+    fn drop(&mut self) {
+        if self.flags != 0 {
+            // SAFETY: detaches what `attach` attached, in the same mode.
+            unsafe { libxdp_sys::bpf_xdp_detach(self.ifindex, self.flags, core::ptr::null()) };
+        }
+        // SAFETY: `obj` came from bpf_object__open_mem and is closed once.
+        unsafe { libxdp_sys::bpf_object__close(self.obj) };
+    }
+}
+
+/// Writes the uplink program's maps: the config and the service set
+/// (stale entries deleted).
+fn set_steering(p: &XdpProgram, s: &Steering, port: &str) -> Result<(), IoError> {
+    let cfg = BpfConfig { data_ip: u32::from_ne_bytes(s.data_ip.octets()), vxlan_port: s.vxlan_port.to_be(), pad: 0 };
+    p.update(p.config, &0u32, &cfg, "writing the steering config", port)?;
+    let want: Vec<BpfServiceKey> = s.services.iter().map(|&(ip, pt, pr)| BpfServiceKey::new(ip, pt, pr)).collect();
+    for k in &want {
+        p.update(p.services, k, &1u8, "writing the steering services", port)?;
+    }
+    // Delete keys no longer wanted.
+    let mut stale = Vec::new();
+    let mut key = BpfServiceKey::default();
+    let mut first = true;
+    loop {
+        let mut next = BpfServiceKey::default();
+        let prev: *const BpfServiceKey = if first { core::ptr::null() } else { &key };
+        // SAFETY: `prev` is null (first key) or a live key; `next` is a
+        // writable key-sized value.
+        let rc = unsafe {
+            libxdp_sys::bpf_map_get_next_key(p.services, prev.cast(), (&mut next as *mut BpfServiceKey).cast())
+        };
+        if rc != 0 {
+            break;
+        }
+        if !want.contains(&next) {
+            stale.push(next);
+        }
+        key = next;
+        first = false;
+    }
+    for k in stale {
+        // SAFETY: `k` is a live key-sized value.
+        unsafe { libxdp_sys::bpf_map_delete_elem(p.services, (&k as *const BpfServiceKey).cast()) };
+    }
+    Ok(())
+}
+
+/// The steering program's counters: frames redirected to the socket, and
+/// passed to the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SteeringStats {
+    /// Frames redirected to the dataplane.
+    pub redirected: u64,
+    /// Frames passed to the kernel.
+    pub passed: u64,
+}
+
+/// A handle to update an uplink's steering maps from another thread while
+/// the port runs (duplicated map descriptors, closed on drop).
+#[derive(Debug)]
+pub struct SteeringHandle {
+    port: String,
+    config: std::os::fd::OwnedFd,
+    services: std::os::fd::OwnedFd,
+    stats: std::os::fd::OwnedFd,
+}
+
+impl SteeringHandle {
+    /// Rewrites the maps for `s` (when the tables change).
+    pub fn set(&self, s: &Steering) -> Result<(), IoError> {
+        // A program value that borrows the duplicated fds and owns nothing.
+        let p = std::mem::ManuallyDrop::new(XdpProgram {
+            obj: core::ptr::null_mut(),
+            ifindex: 0,
+            flags: 0,
+            xsks: -1,
+            config: self.config.as_raw_fd(),
+            services: self.services.as_raw_fd(),
+            stats: self.stats.as_raw_fd(),
+            generic: false,
+        });
+        set_steering(&p, s, &self.port)
+    }
+
+    /// The program's counters.
+    pub fn stats(&self) -> SteeringStats {
+        let read = |i: u32| {
+            let mut v = 0u64;
+            // SAFETY: key and value point to live u32 and u64 values, the
+            // map's key and value sizes.
+            let rc = unsafe {
+                libxdp_sys::bpf_map_lookup_elem(
+                    self.stats.as_raw_fd(),
+                    (&i as *const u32).cast(),
+                    (&mut v as *mut u64).cast(),
+                )
+            };
+            if rc == 0 { v } else { 0 }
+        };
+        SteeringStats { redirected: read(0), passed: read(1) }
+    }
+}
+
+fn dup(fd: RawFd, port: &str) -> Result<std::os::fd::OwnedFd, IoError> {
+    // SAFETY: `fd` is an open descriptor owned by the program for the
+    // duration of this call.
+    let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    b.try_clone_to_owned().map_err(|source| IoError::Setup {
+        port: port.to_owned(),
+        what: "duplicating a map fd",
+        source,
+    })
+}
+
+/// An AF_XDP port: one socket on one queue of an interface.
+pub struct AfXdpPort {
+    name: String,
+    // Queues before the UMEM and program: dropped first.
+    rx: RxQueue,
+    tx: TxQueue,
+    fq: FillQueue,
+    cq: CompQueue,
+    umem: Umem,
+    /// Start of the UMEM region and its length.
+    base: *mut u8,
+    umem_len: usize,
+    /// Frames owned by userspace and not in any ring.
+    free: Vec<FrameDesc>,
+    /// Frames queued for transmission (produced to the tx ring on flush).
+    pending: Vec<FrameDesc>,
+    /// Receive scratch.
+    descs: Vec<FrameDesc>,
+    /// Transmitted frames not yet completed.
+    in_flight: usize,
+    stats: IoStats,
+    bind_mode: &'static str,
+    prog: XdpProgram,
+}
+
+// SAFETY: `base` points into the UMEM mapping this port owns (through
+// `umem`), used only through `&mut self`; the xsk-rs queues and UMEM are
+// Send; `XdpProgram` is Send (above).
+unsafe impl Send for AfXdpPort {}
+
+impl std::fmt::Debug for AfXdpPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AfXdpPort").field("name", &self.name).field("bind", &self.bind_mode).finish()
+    }
+}
+
+impl AfXdpPort {
+    /// Opens `iface` queue `queue`: attaches the steering program (the
+    /// uplink's with `steering`, else the task port's, which takes every
+    /// frame), creates the UMEM and socket, and registers the socket in
+    /// the program's map.
+    pub fn open(iface: &str, queue: u32, cfg: &AfXdpConfig, steering: Option<Steering>) -> Result<AfXdpPort, IoError> {
+        let cerr = |msg: String| IoError::Config { port: iface.to_owned(), msg };
+        let prog =
+            XdpProgram::attach(iface, if steering.is_some() { "steer_uplink" } else { "steer_all" }, cfg.generic)?;
+        if let Some(s) = &steering {
+            set_steering(&prog, s, iface)?;
+        }
+        let ring = QueueSize::new(cfg.ring).map_err(|e| cerr(format!("ring size: {e}")))?;
+        let umem_cfg = UmemConfig::builder()
+            .frame_size(FrameSize::new(FRAME_SIZE).map_err(|e| cerr(format!("frame size: {e}")))?)
+            .fill_queue_size(ring)
+            .comp_queue_size(ring)
+            .frame_headroom(HEADROOM as u32)
+            .build()
+            .map_err(|e| cerr(format!("UMEM config: {e}")))?;
+        let frames = NonZeroU32::new(cfg.frames.max(2 * cfg.ring)).ok_or_else(|| cerr("no UMEM frames".into()))?;
+        let (umem, free) = Umem::new(umem_cfg, frames, false).map_err(|e| IoError::Setup {
+            port: iface.to_owned(),
+            what: "creating the UMEM",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let ifname: Interface = iface.parse().map_err(|_| cerr("bad interface name".into()))?;
+        let mk = |zc: bool| {
+            let copy = if zc { BindFlags::XDP_ZEROCOPY } else { BindFlags::XDP_COPY };
+            let sc = SocketConfig::builder()
+                .rx_queue_size(ring)
+                .tx_queue_size(ring)
+                .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+                .bind_flags(BindFlags::XDP_USE_NEED_WAKEUP | copy)
+                .build();
+            // SAFETY: the UMEM is fresh and used by this socket alone, so
+            // no other socket shares its (interface, queue) binding.
+            unsafe { xsk_rs::Socket::new(sc, &umem, &ifname, queue) }
+        };
+        let (created, bind_mode) = match (cfg.zero_copy, cfg.zero_copy.then(|| mk(true))) {
+            (true, Some(Ok(q))) => (Ok(q), "zero-copy"),
+            _ => (mk(false), "copy"),
+        };
+        let (tx, rx, fqcq) = created.map_err(|e| IoError::Setup {
+            port: iface.to_owned(),
+            what: "creating the AF_XDP socket",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let (fq, cq) = fqcq.ok_or_else(|| cerr("the UMEM came without fill and completion rings".into()))?;
+        let fd = rx.fd().as_raw_fd();
+        prog.update(prog.xsks, &queue, &fd, "registering the socket in the XSK map", iface)?;
+        if cfg.busy_poll {
+            set_busy_poll(fd, iface)?;
+        }
+        // The UMEM's base address, from the first frame's data pointer
+        // (data starts at the descriptor's address).
+        let mut first = *free.first().ok_or_else(|| cerr("no UMEM frames".into()))?;
+        // SAFETY: `first` describes a frame of this UMEM that no ring holds
+        // yet; the borrow ends at once and only its address is kept.
+        let p0 = unsafe { umem.data_mut(&mut first) }.contents_mut().as_mut_ptr();
+        let base = p0.wrapping_sub(first.addr());
+        let umem_len = frames.get() as usize * FRAME_SIZE as usize;
+        let mut port = AfXdpPort {
+            name: iface.to_owned(),
+            rx,
+            tx,
+            fq,
+            cq,
+            umem,
+            base,
+            umem_len,
+            pending: Vec::with_capacity(2 * cfg.ring as usize),
+            descs: vec![FrameDesc::default(); super::BURST],
+            free,
+            in_flight: 0,
+            stats: IoStats::default(),
+            bind_mode,
+            prog,
+        };
+        port.refill();
+        eprintln!(
+            "meshplane: {iface} queue {queue}: AF_XDP {bind_mode}, XDP {}",
+            if port.prog.generic { "generic" } else { "native" }
+        );
+        Ok(port)
+    }
+
+    /// A handle to this port's steering maps (for table changes).
+    pub fn steering(&self) -> Result<SteeringHandle, IoError> {
+        Ok(SteeringHandle {
+            port: self.name.clone(),
+            config: dup(self.prog.config, &self.name)?,
+            services: dup(self.prog.services, &self.name)?,
+            stats: dup(self.prog.stats, &self.name)?,
+        })
+    }
+
+    /// Copy or zero-copy, as bound.
+    pub fn bind_mode(&self) -> &'static str {
+        self.bind_mode
+    }
+
+    /// Frame room per UMEM frame: headroom plus data.
+    fn room() -> usize {
+        FRAME_SIZE as usize - XDP_HEADROOM
+    }
+
+    /// Gives free frames to the fill ring (keeping some back for copies).
+    fn refill(&mut self) {
+        let spare = self.free.len().saturating_sub(TX_RESERVE);
+        if spare == 0 {
+            return;
+        }
+        let want = self.fq.nb_free(spare as u32) as usize;
+        let n = want.min(spare);
+        if n == 0 {
+            return;
+        }
+        let from = self.free.len() - n;
+        // SAFETY: the frames are this UMEM's and in no ring (they are on
+        // the free list, which they leave now).
+        let done = unsafe { self.fq.produce(&self.free[from..]) };
+        if done == n {
+            self.free.truncate(from);
+        }
+    }
+
+    /// Takes back completed transmissions.
+    fn reclaim(&mut self) {
+        if self.in_flight == 0 {
+            return;
+        }
+        let mut done = [FrameDesc::default(); super::BURST];
+        loop {
+            // SAFETY: the completion ring returns frames of this UMEM the
+            // kernel is done with; they go to the free list.
+            let n = unsafe { self.cq.consume(&mut done) };
+            self.free.extend_from_slice(&done[..n]);
+            self.in_flight = self.in_flight.saturating_sub(n);
+            if n < done.len() {
+                break;
+            }
+        }
+    }
+
+    /// The frame buffer of descriptor `d`: its headroom and data room.
+    ///
+    /// # Safety
+    /// `d` must be a frame of this UMEM that no ring holds and that no
+    /// other live slice covers.
+    unsafe fn buffer<'a>(base: *mut u8, umem_len: usize, d: &FrameDesc) -> Option<&'a mut [u8]> {
+        let start = d.addr().checked_sub(HEADROOM)?;
+        let len = Self::room();
+        if start + len > umem_len {
+            return None;
+        }
+        // SAFETY: [start, start + len) lies inside the UMEM mapping (checked
+        // above) within one frame (the data starts HEADROOM bytes into the
+        // frame's room), and by the caller's contract nothing else
+        // accesses that frame while the slice lives.
+        Some(unsafe { std::slice::from_raw_parts_mut(base.add(start), len) })
+    }
+}
+
+fn set_busy_poll(fd: RawFd, port: &str) -> Result<(), IoError> {
+    // SO_PREFER_BUSY_POLL = 69, SO_BUSY_POLL = 46, SO_BUSY_POLL_BUDGET = 70.
+    for (opt, val) in [(69, 1i32), (46, 20), (70, super::BURST as i32)] {
+        // SAFETY: `fd` is an open socket; the value is a live i32 of the
+        // given size.
+        let rc = unsafe {
+            libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&val as *const i32).cast(), core::mem::size_of::<i32>() as u32)
+        };
+        if rc != 0 {
+            return Err(last_os_error("setting busy-poll socket options", port));
+        }
+    }
+    Ok(())
+}
+
+impl Port for AfXdpPort {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn rx_burst(&mut self, f: &mut BurstFn<'_>) -> usize {
+        self.reclaim();
+        self.refill();
+        // SAFETY: `descs` is scratch space; the rx ring hands over frames
+        // of this UMEM that are now ours.
+        let n = unsafe { self.rx.consume(&mut self.descs) };
+        if n == 0 {
+            if self.fq.needs_wakeup() {
+                let _ = self.fq.wakeup(self.rx.fd_mut(), 0);
+            }
+            return 0;
+        }
+        self.stats.rx += n as u64;
+        let (base, umem_len) = (self.base, self.umem_len);
+        let mut marks = [false; super::BURST];
+        let mut windows = [(0usize, 0usize); super::BURST];
+        {
+            let descs = &self.descs;
+            let mut frames: [Frame<'_>; super::BURST] = core::array::from_fn(|i| {
+                if i >= n {
+                    return Frame::detached();
+                }
+                let d = &descs[i];
+                // SAFETY: the n descriptors just came off the rx ring: each
+                // is a distinct frame of this UMEM, in no ring, so the
+                // slices do not overlap and nothing else touches them
+                // until they are dropped at the end of this block.
+                match unsafe { Self::buffer(base, umem_len, d) } {
+                    Some(b) => Frame::new(b, HEADROOM, d.lengths().data()).unwrap_or_else(Frame::detached),
+                    None => Frame::detached(),
+                }
+            });
+            f(&mut frames[..n], &mut marks);
+            for (i, fr) in frames[..n].iter_mut().enumerate() {
+                if !marks[i] {
+                    continue;
+                }
+                // The descriptor's data starts at HEADROOM: a frame that
+                // moved (encapsulated into the headroom, decapsulated)
+                // moves back, within its own buffer.
+                let (s, l) = (fr.start(), fr.len());
+                if s != HEADROOM {
+                    let buf = fr.buf_mut();
+                    if HEADROOM + l > buf.len() {
+                        marks[i] = false;
+                        self.stats.tx_full += 1;
+                        continue;
+                    }
+                    buf.copy_within(s..s + l, HEADROOM);
+                }
+                windows[i] = (HEADROOM, l);
+            }
+        }
+        for i in 0..n {
+            let mut d = self.descs[i];
+            if marks[i] {
+                // SAFETY: `d` is still ours (in no ring) and no slice of it
+                // is alive any more.
+                unsafe { self.umem.data_mut(&mut d) }.cursor().set_pos(windows[i].1);
+                self.pending.push(d);
+            } else {
+                self.free.push(d);
+            }
+        }
+        n
+    }
+
+    fn tx_copy(&mut self, frame: &[u8]) -> bool {
+        if frame.len() > Self::room() - HEADROOM {
+            self.stats.errors += 1;
+            return false;
+        }
+        if self.free.is_empty() {
+            self.reclaim();
+        }
+        let Some(mut d) = self.free.pop() else {
+            self.stats.tx_full += 1;
+            return false;
+        };
+        // SAFETY: `d` came off the free list: a frame of this UMEM in no
+        // ring, with no other slice of it alive.
+        match unsafe { Self::buffer(self.base, self.umem_len, &d) } {
+            Some(b) => b[HEADROOM..HEADROOM + frame.len()].copy_from_slice(frame),
+            None => {
+                self.free.push(d);
+                self.stats.errors += 1;
+                return false;
+            }
+        }
+        // SAFETY: as above; the slice is gone.
+        unsafe { self.umem.data_mut(&mut d) }.cursor().set_pos(frame.len());
+        self.pending.push(d);
+        true
+    }
+
+    fn flush(&mut self) {
+        if !self.pending.is_empty() {
+            let room = self.tx.nb_free(self.pending.len() as u32) as usize;
+            let k = room.min(self.pending.len());
+            // SAFETY: the pending frames are this UMEM's, in no ring, and
+            // their lengths are set; produce takes all k or none.
+            let done = if k > 0 { unsafe { self.tx.produce(&self.pending[..k]) } } else { 0 };
+            self.stats.tx += done as u64;
+            self.in_flight += done;
+            let unsent = self.pending.len() - done;
+            self.stats.tx_full += unsent as u64;
+            self.free.extend(self.pending.drain(..).skip(done));
+        }
+        if self.in_flight > 0 && self.tx.needs_wakeup() {
+            let _ = self.tx.wakeup();
+        }
+        self.reclaim();
+    }
+
+    fn fd(&self) -> RawFd {
+        self.rx.fd().as_raw_fd()
+    }
+
+    fn stats(&self) -> IoStats {
+        self.stats
+    }
+}

@@ -1,0 +1,243 @@
+//! `meshplane node run`: the dataplane alone, from a tables file, with no
+//! control plane (static mode, as `ipvsadm` is used without an
+//! orchestrator). SIGTERM or SIGINT stops it cleanly; SIGHUP reloads the
+//! tables file (a bad file is reported and the old tables stay).
+
+use anyhow::{Context, Result, bail};
+use meshplane_dataplane::io::Port;
+use meshplane_dataplane::pipeline::DropReason;
+use meshplane_dataplane::tables::Tables;
+use meshplane_dataplane::worker::{Bound, Report, Shared, Worker, WorkerConfig, bind};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The I/O backend.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IoKind {
+    /// AF_XDP sockets (an XDP program steers only dataplane traffic to them).
+    Afxdp,
+    /// TAP devices (the dataplane creates them, or attaches to persistent ones).
+    Tap,
+}
+
+/// Arguments of `meshplane node run`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct RunArgs {
+    /// Tables file (TOML; see examples/tables.toml).
+    #[arg(long)]
+    tables: PathBuf,
+    /// The uplink interface (the data-path NIC; with `--io tap`, the TAP
+    /// device to create).
+    #[arg(long)]
+    uplink: String,
+    /// A task port: the tables port NAME served by interface IFACE.
+    #[arg(long = "task-port", value_name = "NAME=IFACE", value_parser = parse_task_port)]
+    task_ports: Vec<(String, String)>,
+    /// I/O backend.
+    #[arg(long, value_enum)]
+    io: IoKind,
+    /// The core to run the worker on (one core for now; not pinned if
+    /// omitted).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    cores: Vec<usize>,
+    /// Poll without ever sleeping (lowest latency; one core at 100%).
+    #[arg(long)]
+    busy_poll: bool,
+    /// Connection-table entries per worker.
+    #[arg(long, default_value_t = 1 << 20)]
+    conntrack: usize,
+    /// Write the counters as JSON to this file every half second and at
+    /// exit (written to a temporary file and renamed).
+    #[arg(long)]
+    stats_file: Option<PathBuf>,
+    /// AF_XDP: attach the XDP program in generic (skb) mode instead of
+    /// trying native mode first.
+    #[arg(long)]
+    xdp_generic: bool,
+}
+
+fn parse_task_port(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((n, i)) if !n.is_empty() && !i.is_empty() => Ok((n.to_owned(), i.to_owned())),
+        _ => Err(format!("expected NAME=IFACE (a tables port and an interface), got {s:?}")),
+    }
+}
+
+/// Opens one port.
+fn open(kind: IoKind, iface: &str, uplink: bool, t: &Tables, a: &RunArgs) -> Result<Box<dyn Port>> {
+    Ok(match kind {
+        IoKind::Tap => Box::new(meshplane_dataplane::io::tap::TapPort::open(iface)?),
+        IoKind::Afxdp => {
+            let steer = uplink.then(|| meshplane_dataplane::io::afxdp::Steering::for_tables(t));
+            let cfg = meshplane_dataplane::io::afxdp::AfXdpConfig {
+                generic: a.xdp_generic,
+                ..meshplane_dataplane::io::afxdp::AfXdpConfig::default()
+            };
+            Box::new(meshplane_dataplane::io::afxdp::AfXdpPort::open(iface, 0, &cfg, steer)?)
+        }
+    })
+}
+
+/// Runs the node until SIGTERM/SIGINT.
+pub(crate) fn run(a: &RunArgs) -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let path = a.tables.display().to_string();
+    let t = Tables::load(&path)?;
+    if a.cores.len() > 1 {
+        bail!("--cores: one worker core for now (got {:?})", a.cores);
+    }
+    // Signals first: a SIGTERM while the ports are being opened still
+    // stops the node cleanly.
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+
+    let mut ports = vec![Bound::new("uplink", open(a.io, &a.uplink, true, &t, a).context("opening the uplink")?)];
+    for (name, iface) in &a.task_ports {
+        let p = open(a.io, iface, false, &t, a).with_context(|| format!("opening task port {name}"))?;
+        ports.push(Bound::new(name, p));
+    }
+    bind(&t, &ports)?;
+    let shared = Shared::new(t, 1);
+    let cfg = WorkerConfig {
+        core: a.cores.first().copied(),
+        busy_poll: a.busy_poll,
+        conntrack: meshplane_dataplane::lb::conntrack::CtConfig { capacity: a.conntrack, ..Default::default() },
+        ..WorkerConfig::default()
+    };
+    let names: Vec<String> = ports.iter().map(|p| format!("{}={}", p.name, p.io.name())).collect();
+    let worker = Worker::new(0, ports, shared.clone(), cfg)?;
+    let handle = std::thread::Builder::new()
+        .name("mp-worker-0".into())
+        .spawn(move || worker.run())
+        .context("starting the worker thread")?;
+    eprintln!(
+        "meshplane: node running ({:?} I/O, worker 0 on {}): ports {}",
+        a.io,
+        a.cores.first().map_or("any core".to_owned(), |c| format!("core {c}")),
+        names.join(", ")
+    );
+
+    // The stats writer: every half second until the worker stops.
+    let stats = a.stats_file.clone().map(|file| {
+        let shared = shared.clone();
+        std::thread::spawn(move || {
+            while !shared.stopping() {
+                write_stats(&file, &shared);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    });
+
+    for sig in signals.forever() {
+        match sig {
+            SIGHUP => match Tables::load(&path) {
+                Ok(nt) => {
+                    // The worker takes only tables that keep its ports.
+                    let ok = shared.tables().ports.iter().all(|p| nt.port_id(&p.name).is_some());
+                    if ok {
+                        shared.publish(nt);
+                        eprintln!("meshplane: tables reloaded from {path} (version {})", shared.version());
+                    } else {
+                        eprintln!(
+                            "meshplane: {path}: the new tables drop a port this node serves; keeping the old tables"
+                        );
+                    }
+                }
+                Err(e) => eprintln!("meshplane: reloading {path}: {e}; keeping the old tables"),
+            },
+            _ => break,
+        }
+    }
+    shared.stop();
+    let report = match handle.join() {
+        Ok(r) => r?,
+        Err(_) => bail!("the worker thread panicked"),
+    };
+    if let Some(h) = stats {
+        let _ = h.join();
+    }
+    if let Some(file) = &a.stats_file {
+        write_stats(file, &shared);
+    }
+    eprintln!("meshplane: stopped; {}", summary(&report));
+    Ok(())
+}
+
+/// One line of totals.
+fn summary(r: &Report) -> String {
+    let (rx, tx): (u64, u64) = r.io.iter().fold((0, 0), |(a, b), (_, s)| (a + s.rx, b + s.tx));
+    let drops = r.stats.as_ref().map_or(0, |s| s.total_drops());
+    format!("{rx} frames received, {tx} sent, {drops} dropped")
+}
+
+/// The counters file's shape.
+#[derive(Serialize)]
+struct StatsFile<'a> {
+    tables_version: u64,
+    workers: Vec<WorkerStats<'a>>,
+}
+
+#[derive(Serialize)]
+struct WorkerStats<'a> {
+    ports: Vec<PortStats<'a>>,
+    drops: std::collections::BTreeMap<&'static str, u64>,
+    passed: u64,
+    unbound: u64,
+    conntrack_entries: usize,
+    new_connections: u64,
+    busy_rounds: u64,
+    idle_waits: u64,
+}
+
+#[derive(Serialize)]
+struct PortStats<'a> {
+    name: &'a str,
+    rx: u64,
+    tx: u64,
+    tx_full: u64,
+    rx_oversize: u64,
+    errors: u64,
+}
+
+fn write_stats(file: &Path, shared: &Arc<Shared>) {
+    let reports: Vec<Report> = (0..shared.workers()).filter_map(|i| shared.report(i)).collect();
+    let workers = reports
+        .iter()
+        .map(|r| WorkerStats {
+            ports: r
+                .io
+                .iter()
+                .map(|(n, s)| PortStats {
+                    name: n,
+                    rx: s.rx,
+                    tx: s.tx,
+                    tx_full: s.tx_full,
+                    rx_oversize: s.rx_oversize,
+                    errors: s.errors,
+                })
+                .collect(),
+            drops: r
+                .stats
+                .as_ref()
+                .map(|s| DropReason::ALL.iter().map(|d| (d.name(), s.dropped(*d))).filter(|(_, n)| *n > 0).collect())
+                .unwrap_or_default(),
+            passed: r.stats.as_ref().map_or(0, |s| s.passed),
+            unbound: r.unbound,
+            conntrack_entries: r.conntrack_len,
+            new_connections: r.services.iter().map(|s| s.new_conns).sum(),
+            busy_rounds: r.busy_rounds,
+            idle_waits: r.idle_waits,
+        })
+        .collect();
+    let doc = StatsFile { tables_version: shared.version(), workers };
+    let tmp = file.with_extension("tmp");
+    let ok = serde_json::to_vec_pretty(&doc)
+        .map_err(std::io::Error::other)
+        .and_then(|b| std::fs::write(&tmp, b))
+        .and_then(|()| std::fs::rename(&tmp, file));
+    if let Err(e) = ok {
+        eprintln!("meshplane: writing {}: {e}", file.display());
+    }
+}

@@ -1,0 +1,186 @@
+//! `meshplane tool`: small traffic endpoints for the end-to-end tests, the
+//! lab and the benchmarks (so they need nothing but this binary inside a
+//! task's namespace). Every loop is bounded in bytes, packets and seconds.
+
+use anyhow::{Context, Result, bail};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+/// `meshplane tool …`
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum ToolCommand {
+    /// Accept TCP connections; read a deterministic byte stream from each
+    /// and check every byte; answer one line: `peer=IP:PORT bytes=N ok` (or
+    /// `bad at OFFSET`), and print it. With `--name`, the line starts with
+    /// `name=NAME`.
+    TcpSink {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Connections to serve before exiting (0: until killed).
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// A name to report (which task answered).
+        #[arg(long)]
+        name: Option<String>,
+        /// Seconds to wait for each connection's data.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Connect, send BYTES of the deterministic stream, print the sink's
+    /// answer; exit non-zero unless it ends in `ok`.
+    TcpSource {
+        /// Address to connect to.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Bytes to send.
+        #[arg(long)]
+        bytes: u64,
+        /// Seconds for the whole exchange.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Echo UDP datagrams back to their sender until killed or idle for
+    /// `--idle` seconds.
+    UdpEcho {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Exit after this many idle seconds.
+        #[arg(long, default_value_t = 60)]
+        idle: u64,
+    },
+    /// Send COUNT numbered datagrams to an echo server, one at a time,
+    /// and print how many came back intact; exit non-zero if any was lost.
+    UdpPing {
+        /// Echo server address.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Datagrams.
+        #[arg(long, default_value_t = 100)]
+        count: u32,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 512)]
+        size: usize,
+    },
+}
+
+/// Byte `i` of the deterministic stream.
+fn stream_byte(i: u64) -> u8 {
+    let x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (x >> 56) as u8 ^ (i as u8)
+}
+
+pub(crate) fn run(c: &ToolCommand) -> Result<()> {
+    match c {
+        ToolCommand::TcpSink { listen, count, name, timeout } => {
+            let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+            let mut served = 0;
+            while *count == 0 || served < *count {
+                let (mut s, peer) = l.accept().context("accepting")?;
+                s.set_read_timeout(Some(Duration::from_secs(*timeout)))?;
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut at = 0u64;
+                let mut bad = None;
+                loop {
+                    let n = match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) => bail!("reading from {peer}: {e}"),
+                    };
+                    if bad.is_none()
+                        && let Some(k) = buf[..n].iter().enumerate().position(|(k, b)| *b != stream_byte(at + k as u64))
+                    {
+                        bad = Some(at + k as u64);
+                    }
+                    at += n as u64;
+                }
+                let who = name.as_ref().map(|n| format!("name={n} ")).unwrap_or_default();
+                let line = match bad {
+                    None => format!("{who}peer={peer} bytes={at} ok"),
+                    Some(o) => format!("{who}peer={peer} bytes={at} bad at {o}"),
+                };
+                println!("{line}");
+                let _ = writeln!(s, "{line}");
+                served += 1;
+            }
+            Ok(())
+        }
+        ToolCommand::TcpSource { connect, bytes, timeout } => {
+            let t = Duration::from_secs(*timeout);
+            let mut s = TcpStream::connect_timeout(connect, t).with_context(|| format!("connecting to {connect}"))?;
+            s.set_write_timeout(Some(t))?;
+            s.set_read_timeout(Some(t))?;
+            let mut sent = 0u64;
+            let mut chunk = vec![0u8; 64 * 1024];
+            while sent < *bytes {
+                let n = chunk.len().min((*bytes - sent) as usize);
+                for (k, b) in chunk[..n].iter_mut().enumerate() {
+                    *b = stream_byte(sent + k as u64);
+                }
+                s.write_all(&chunk[..n]).with_context(|| format!("sending to {connect}"))?;
+                sent += n as u64;
+            }
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).context("reading the sink's answer")?;
+            let line = line.trim_end();
+            println!("{line}");
+            if !line.ends_with(" ok") {
+                bail!("the sink did not confirm the stream: {line:?}");
+            }
+            Ok(())
+        }
+        ToolCommand::UdpEcho { listen, idle } => {
+            let s = UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(*idle)))?;
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match s.recv_from(&mut buf) {
+                    Ok((n, from)) => {
+                        let _ = s.send_to(&buf[..n], from);
+                    }
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                        return Ok(());
+                    }
+                    Err(e) => bail!("receiving: {e}"),
+                }
+            }
+        }
+        ToolCommand::UdpPing { connect, count, size } => {
+            let s = UdpSocket::bind(if connect.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+            s.connect(connect)?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            let size = (*size).max(8);
+            let mut ok = 0u32;
+            let start = Instant::now();
+            let mut buf = vec![0u8; size + 16];
+            for i in 0..*count {
+                let mut msg = vec![0u8; size];
+                for (k, b) in msg.iter_mut().enumerate() {
+                    *b = stream_byte(u64::from(i) * 7919 + k as u64);
+                }
+                msg[..4].copy_from_slice(&i.to_be_bytes());
+                s.send(&msg)?;
+                // Wait for this datagram's echo (skipping late ones).
+                let deadline = Instant::now() + Duration::from_millis(500);
+                while Instant::now() < deadline {
+                    match s.recv(&mut buf) {
+                        Ok(n) if buf[..n] == msg[..] => {
+                            ok += 1;
+                            break;
+                        }
+                        Ok(_) => continue,
+                        Err(_) => break,
+                    }
+                }
+            }
+            println!("udp: {ok}/{count} echoed intact in {:.1} ms", start.elapsed().as_secs_f64() * 1e3);
+            if ok != *count {
+                bail!("{} of {count} datagrams lost or damaged", count - ok);
+            }
+            Ok(())
+        }
+    }
+}
