@@ -87,9 +87,8 @@ pub(crate) fn task_vip(
     lb: &mut crate::lb::LbState,
 ) -> Option<Verdict> {
     let pf = cache.lb_port?;
-    let (buf, start, len) = frame.parts();
-    let (head, rest) = buf.split_at_mut_checked(start)?;
-    let d = rest.get_mut(..len)?;
+    let len = frame.len();
+    let d = frame.data();
     let h = *d.first_chunk::<42>()?;
     let total = from_port(&h, d, pf)?;
     if mac_key_at(pf.net, h.first_chunk::<8>()?) != pf.gateway_key || !matches!(h[23], protocol::TCP | protocol::UDP) {
@@ -111,7 +110,7 @@ pub(crate) fn task_vip(
     // The entry names the service: no VIP lookup, but the service must
     // still have this VIP (VIP keys map to one service each, so this is
     // the service the general path would find) and the backend.
-    let svc = v.service;
+    let (svc, v_backend) = (v.service, v.backend);
     let s = t.services.list.get(svc as usize)?;
     let be = s.backends.get(v.backend as usize)?;
     if s.vip != Some((core::net::Ipv4Addr::from(key.dst), key.dport))
@@ -122,19 +121,9 @@ pub(crate) fn task_vip(
     {
         return None;
     }
-    let Location::Remote(i) = *t.fdb.get(&crate::tables::mac_key(pf.net, be.mac))? else { return None };
-    let tpl = t.templates.get(i as usize)?;
-    let hdr = head.last_chunk_mut::<{ vxlan::ENCAP_LEN }>()?;
-    let ip_len = u16::try_from(total + vxlan::ENCAP_LEN).ok()?;
-    let nat = crate::wire::rewrite::Nat { dst_addr: Some(be.ip), dst_port: Some(be.port), ..Default::default() };
-    crate::wire::rewrite::rewrite_ipv4(d.get_mut(14..)?, &nat).ok()?;
-    d[0..6].copy_from_slice(&be.mac.0);
-    d[6..12].copy_from_slice(&pf.gateway_mac);
-    crate::lb::count(lb, svc, v.backend, len);
-    let hash = flow::hash_ipv4_at_fixed_offsets(flow::DEFAULT_SEED, d.first_chunk::<38>()?);
-    tpl.write_header(hdr, ip_len, vxlan::src_port_for_hash(hash));
-    frame.set_window(start - vxlan::ENCAP_LEN, len + vxlan::ENCAP_LEN);
-    Some(Verdict::Tx(UPLINK))
+    let v = vip_remote(frame, total, pf, s, v.backend, t)?;
+    crate::lb::count(lb, svc, v_backend, len);
+    Some(v)
 }
 
 /// A task's packet to a VIP that opens a connection (the fast path's
