@@ -51,6 +51,23 @@ pub(crate) enum ToolCommand {
         #[arg(long, default_value_t = 60)]
         idle: u64,
     },
+    /// Write the frames of a capture into a TAP device (created, or a
+    /// persistent one attached), REPEAT times, at most PPS frames a second:
+    /// for feeding crafted frames into a bridge.
+    Inject {
+        /// The TAP device.
+        #[arg(long)]
+        tap: String,
+        /// Capture with the frames (classic pcap).
+        #[arg(long)]
+        pcap: std::path::PathBuf,
+        /// Times to send the whole capture.
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
+        /// Frames per second at most.
+        #[arg(long, default_value_t = 10_000)]
+        pps: u32,
+    },
     /// Send COUNT numbered datagrams to an echo server, one at a time,
     /// and print how many came back intact; exit non-zero if any was lost.
     UdpPing {
@@ -147,6 +164,32 @@ pub(crate) fn run(c: &ToolCommand) -> Result<()> {
                     Err(e) => bail!("receiving: {e}"),
                 }
             }
+        }
+        ToolCommand::Inject { tap, pcap, repeat, pps } => {
+            use meshplane_dataplane::io::Port;
+            let f = std::fs::File::open(pcap).with_context(|| format!("opening {}", pcap.display()))?;
+            let frames = meshplane_dataplane::pcap::read(BufReader::new(f))
+                .with_context(|| format!("reading {}", pcap.display()))?;
+            let mut port = meshplane_dataplane::io::tap::TapPort::open(tap)?;
+            // The device's carrier comes up when it is attached: give a
+            // bridge it belongs to a moment to forward from it.
+            std::thread::sleep(Duration::from_millis(200));
+            let gap = Duration::from_secs_f64(1.0 / f64::from((*pps).max(1)));
+            let (mut sent, mut refused) = (0u64, 0u64);
+            let start = Instant::now();
+            let mut next = start;
+            for _ in 0..*repeat {
+                for r in &frames {
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    }
+                    next += gap;
+                    if port.tx_copy(&r.data) { sent += 1 } else { refused += 1 }
+                }
+            }
+            println!("inject: {sent} frames sent, {refused} refused, in {:.2} s", start.elapsed().as_secs_f64());
+            Ok(())
         }
         ToolCommand::UdpPing { connect, count, size } => {
             let s = UdpSocket::bind(if connect.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;

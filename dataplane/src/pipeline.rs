@@ -165,6 +165,8 @@ drop_reasons! {
     VxlanNoIFlag = "vxlan_no_i_flag",
     /// VXLAN for us that is truncated or has a bad length.
     VxlanMalformed = "vxlan_malformed",
+    /// VXLAN for us whose outer IPv4 header checksum is wrong.
+    VxlanBadChecksum = "vxlan_bad_checksum",
     /// A fragmented IPv4 datagram to our VXLAN address (never reassembled).
     VxlanFragment = "vxlan_fragment",
     /// VXLAN with a VNI no network has.

@@ -75,17 +75,18 @@ fn vip_is_balanced_and_replies_are_reversed() {
     let mut st = WorkerState::for_tables(&t);
 
     // Connection 1: rr picks the first backend, T3 (local): DNAT to
-    // T3:8080, from the gateway's MAC to T3's.
+    // T3:8080, to T3's MAC, still from T1's (what a backend's node accepts
+    // from T1's VTEP).
     let syn1 = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, true);
     let (v, out) = run(&t, &mut st, TASK1, &syn1, 0);
     assert_eq!(v, Verdict::Tx(TASK3));
-    assert_eq!(out, tcp(T3_MAC, GW_MAC, T1, T3, 40001, 8080, true));
+    assert_eq!(out, tcp(T3_MAC, T1_MAC, T1, T3, 40001, 8080, true));
 
     // Connection 2: the second backend, T2 on node 2: DNATed, then VXLAN.
     let syn2 = tcp(GW_MAC, T1_MAC, T1, VIP, 40002, 80, true);
     let (v, out) = run(&t, &mut st, TASK1, &syn2, 0);
     assert_eq!(v, Verdict::Tx(UPLINK));
-    assert_eq!(decap(&out), (4096, tcp(T2_MAC, GW_MAC, T1, T2, 40002, 8080, true)));
+    assert_eq!(decap(&out), (4096, tcp(T2_MAC, T1_MAC, T1, T2, 40002, 8080, true)));
 
     // More packets of connection 1 stay on T3 (rr alone would move on).
     let ack1 = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, false);
@@ -254,7 +255,7 @@ fn a_removed_backends_connections_move_at_once() {
     let ack = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, false);
     let (v, out) = run(&removed, &mut st, TASK1, &ack, SECOND);
     assert_eq!(v, Verdict::Tx(UPLINK));
-    assert_eq!(decap(&out), (4096, tcp(T2_MAC, GW_MAC, T1, T2, 40001, 8080, false)));
+    assert_eq!(decap(&out), (4096, tcp(T2_MAC, T1_MAC, T1, T2, 40001, 8080, false)));
     // The stale entry was replaced, not kept beside the new one: one
     // forward entry for the connection, and T2 carries it.
     let forward: Vec<_> = st.lb.conntrack.values(SECOND).filter(|v| v.flags == 0).collect();
@@ -452,8 +453,10 @@ fn routing_mesh_preserve_source_both_directions_and_both_nodes() {
     let (v, out) = run(&t, &mut st, UPLINK, &syn2, 0);
     assert_eq!(v, Verdict::Tx(UPLINK));
     assert_eq!(decap(&out), (4096, tcp(T2_MAC, NODE1_APP_MAC, CLIENT, T2, 40002, 8080, true)));
-    // Node 2 returns T2's reply to this node's MAC; it goes to the client.
-    let back = from_node2(&tcp(NODE1_APP_MAC, T2_MAC, T2, CLIENT, 8080, 40002, false));
+    // Node 2 returns T2's reply to this node's MAC, from its own MAC in
+    // the network (as it does below, in the other role); it goes to the
+    // client.
+    let back = from_node2(&tcp(NODE1_APP_MAC, NODE2_APP_MAC, T2, CLIENT, 8080, 40002, false));
     let (v, out) = run(&t, &mut st, UPLINK, &back, 0);
     assert_eq!(v, Verdict::Tx(UPLINK));
     assert_eq!(out, tcp(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 30081, 40002, false));
@@ -469,7 +472,7 @@ fn routing_mesh_preserve_source_both_directions_and_both_nodes() {
     let reply = tcp(GW_MAC, T3_MAC, T3, other, 8080, 50000, false);
     let (v, out) = run(&t, &mut st, TASK3, &reply, 0);
     assert_eq!(v, Verdict::Tx(UPLINK));
-    assert_eq!(decap(&out), (4096, tcp(NODE2_APP_MAC, GW_MAC, T3, other, 8080, 50000, false)));
+    assert_eq!(decap(&out), (4096, tcp(NODE2_APP_MAC, NODE1_APP_MAC, T3, other, 8080, 50000, false)));
 
     // To an outside address that is no connection's: no route.
     let stray = tcp(GW_MAC, T3_MAC, T3, [198, 18, 9, 9], 8080, 1, false);

@@ -581,9 +581,41 @@ fn uplink_cases() -> Vec<Case> {
             None,
         ),
         case(
-            "inner broadcast",
+            "a peer's arp request over vxlan is answered from state, back to its vtep",
             UPLINK,
             vxlan_in(node2, me, 4096, 0x08, &arp(BCAST, T2_MAC, 1, T2_MAC, T2, [0; 6], T1)),
+            Verdict::Tx(UPLINK),
+            Some(expected_encap(&arp(T2_MAC, T1_MAC, 2, T1_MAC, T1, T2_MAC, T2), 4096)),
+        ),
+        case(
+            "a peer's arp request for an address not in state",
+            UPLINK,
+            vxlan_in(node2, me, 4096, 0x08, &arp(BCAST, T2_MAC, 1, T2_MAC, T2, [0; 6], [198, 19, 0, 77])),
+            Verdict::Drop(D::ArpUnknownTarget),
+            None,
+        ),
+        case(
+            "a peer's arp request with a sender address not its own",
+            UPLINK,
+            vxlan_in(node2, me, 4096, 0x08, &arp(BCAST, T2_MAC, 1, T2_MAC, T3, [0; 6], T1)),
+            Verdict::Drop(D::InnerArpSpoofed),
+            None,
+        ),
+        case(
+            "vxlan with a bad outer ipv4 header checksum",
+            UPLINK,
+            {
+                let mut f = vxlan_in(node2, me, 4096, 0x08, &inner_ok);
+                f[24] ^= 0x5a;
+                f
+            },
+            Verdict::Drop(D::VxlanBadChecksum),
+            None,
+        ),
+        case(
+            "inner broadcast other than arp",
+            UPLINK,
+            vxlan_in(node2, me, 4096, 0x08, &udp(BCAST, T2_MAC, T2, [198, 19, 0, 255], b"x")),
             Verdict::Drop(D::InnerBroadcast),
             None,
         ),

@@ -1,7 +1,8 @@
 //! Arbitrary frames on arbitrary ports through the overlay pipeline with the
 //! example tables: no panic; every transmitted frame parses; nothing is
 //! sent on a port of another network, nor encapsulated with another
-//! network's VNI, nor decapsulated into a network other than its VNI's.
+//! network's VNI, nor decapsulated into a network other than its VNI's;
+//! only ARP replies go from the uplink back to it.
 //!
 //! The fast paths must agree with the general path: `process` and
 //! `process_general` give the same verdict, the same bytes and the same
@@ -46,8 +47,29 @@ fuzz_target!(|data: &[u8]| {
     let sent = f.data();
     parse_frame(sent).expect("a transmitted frame parses");
     let out_net = t.ports[usize::from(out)].network;
-    if in_port == UPLINK {
-        assert_ne!(out, UPLINK, "uplink to uplink");
+    if in_port == UPLINK && out == UPLINK {
+        // Back out of the uplink: only answers to ARP requests, for the
+        // data-path address (plain) or from a peer over the overlay (the
+        // reply in VXLAN with the request's VNI, back to its VTEP).
+        match vxlan::classify(frame, t.data_ip, t.vxlan_port) {
+            Ok(Classified::Vxlan(d)) => {
+                let Ok(Classified::Vxlan(r)) = vxlan::classify(sent, sent_dst(sent), t.vxlan_port) else {
+                    panic!("a VXLAN frame came back out of the uplink as something else");
+                };
+                assert_eq!(r.vni, d.vni, "an overlay ARP answer in another VNI");
+                assert_eq!((r.outer_src, sent_dst(sent)), (t.data_ip, d.outer_src), "answered to another VTEP");
+                let inner = &sent[r.inner];
+                assert_eq!(&inner[12..14], &[0x08, 0x06], "only ARP goes back over the overlay");
+                assert_eq!(&inner[20..22], &[0, 2], "an ARP reply");
+            }
+            _ => {
+                assert_eq!(&sent[12..14], &[0x08, 0x06], "only ARP goes back out of the uplink");
+                assert_eq!(&sent[20..22], &[0, 2], "an ARP reply");
+                assert_eq!(&sent[28..32], &t.data_ip.octets(), "for the data-path address");
+                assert_eq!(&sent[6..12], &t.data_mac.0, "from the data-path MAC");
+            }
+        }
+    } else if in_port == UPLINK {
         let Ok(Classified::Vxlan(d)) = vxlan::classify(frame, t.data_ip, t.vxlan_port) else {
             panic!("only VXLAN is sent from the uplink to a task");
         };

@@ -272,13 +272,16 @@ pub(crate) fn count(lb: &mut LbState, svc: u32, b: u32, len: usize) {
     }
 }
 
-/// Rewrites the IPv4 packet of an Ethernet frame and its MACs.
-fn readdress(frame: &mut Frame<'_>, nat: &Nat, dst_mac: [u8; 6], src_mac: [u8; 6]) -> Result<(), DropReason> {
+/// Rewrites the IPv4 packet of an Ethernet frame and its MACs (the source
+/// MAC only if `src_mac` is given).
+fn readdress(frame: &mut Frame<'_>, nat: &Nat, dst_mac: [u8; 6], src_mac: Option<[u8; 6]>) -> Result<(), DropReason> {
     let d = frame.data_mut();
     let ip = d.get_mut(14..).ok_or(DropReason::Malformed)?;
     rewrite_ipv4(ip, nat).map_err(|_| DropReason::Malformed)?;
     d[0..6].copy_from_slice(&dst_mac);
-    d[6..12].copy_from_slice(&src_mac);
+    if let Some(m) = src_mac {
+        d[6..12].copy_from_slice(&m);
+    }
     Ok(())
 }
 
@@ -342,8 +345,8 @@ pub(crate) fn vip_connection(
 }
 
 /// A task's packet to a VIP, its backend `b` chosen: counted, DNATed,
-/// readdressed from the gateway to the backend's MAC, and sent on (a local
-/// port, or VXLAN to the backend's node).
+/// readdressed to the backend's MAC (from the client's own), and sent on
+/// (a local port, or VXLAN to the backend's node).
 #[allow(clippy::too_many_arguments)]
 #[inline(never)] // the general tail: kept out of the fast path's loop
 pub(crate) fn vip_tail(
@@ -359,7 +362,11 @@ pub(crate) fn vip_tail(
     let Some(be) = s.backends.get(b as usize) else { return Verdict::Drop(DropReason::NoBackend) };
     count(lb, svc, b, frame.len());
     let nat = Nat { src_addr: None, dst_addr: Some(be.ip), src_port: None, dst_port: Some(be.port) };
-    if let Err(e) = readdress(frame, &nat, be.mac.0, t.networks[usize::from(net)].gateway_mac.0) {
+    // The source MAC stays the client's: the frame crosses the overlay as
+    // the client's own (as with Swarm's IPVS in the client's namespace),
+    // which is what the backend's node accepts from the client's VTEP.
+    let _ = net;
+    if let Err(e) = readdress(frame, &nat, be.mac.0, None) {
         return Verdict::Drop(e);
     }
     crate::overlay::switch(frame, net, be.mac, now, t, lb)
@@ -452,7 +459,7 @@ fn client_inner(
         src_port: nat_mode.then_some(f.port2),
         dst_port: Some(be.port),
     };
-    readdress(frame, &nat, be.mac.0, node_mac.0)?;
+    readdress(frame, &nat, be.mac.0, Some(node_mac.0))?;
     Ok(crate::overlay::switch(frame, s.net, be.mac, now, t, lb))
 }
 
@@ -486,7 +493,7 @@ fn to_client(frame: &mut Frame<'_>, v: &CtValue, t: &Tables) -> Result<Verdict, 
         src_port: Some(v.port2),
         dst_port: Some(v.port),
     };
-    readdress(frame, &nat, v.mac, t.data_mac.0)?;
+    readdress(frame, &nat, v.mac, Some(t.data_mac.0))?;
     Ok(Verdict::Tx(crate::tables::UPLINK))
 }
 
@@ -501,11 +508,13 @@ pub(crate) fn routed(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb
     Some(if v.flags & CT_MESH_PS != 0 {
         verdict(to_client(frame, &v, t))
     } else if v.flags & CT_PS_RETURN != 0 {
-        // Back to the ingress node, to its MAC in this network.
-        let gw = t.networks[usize::from(net)].gateway_mac;
+        // Back to the ingress node, to its MAC in this network, from this
+        // node's own MAC there (an endpoint behind this node's VTEP, as the
+        // ingress node checks; this node needs a `node_ip` in the network).
+        let Some(me) = t.networks[usize::from(net)].node_mac else { return Some(Verdict::Drop(DropReason::NoRoute)) };
         let d = frame.data_mut();
         d[0..6].copy_from_slice(&v.mac);
-        d[6..12].copy_from_slice(&gw.0);
+        d[6..12].copy_from_slice(&me.0);
         crate::overlay::switch(frame, net, crate::wire::MacAddr(v.mac), now, t, lb)
     } else {
         Verdict::Drop(DropReason::NoRoute)

@@ -74,3 +74,27 @@ pub(super) fn uplink(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict> {
     reply.emit(&mut d[ethernet::HEADER_LEN..]).ok()?;
     Some(Verdict::Tx(crate::tables::UPLINK))
 }
+
+/// A broadcast ARP request that came over VXLAN from the endpoint `src`
+/// behind a known VTEP (the frame is the inner frame): rewritten in place
+/// into the reply from cluster state, to be encapsulated back. The request
+/// must say what state says of its sender; the target must be in state.
+pub(super) fn overlay(frame: &mut Frame<'_>, net: NetId, src: MacAddr, t: &Tables) -> Result<(), DropReason> {
+    use DropReason as D;
+    let req = ArpRepr::parse(frame.data().get(ethernet::HEADER_LEN..).ok_or(D::InnerMalformed)?)
+        .map_err(|_| D::InnerArpSpoofed)?;
+    if req.operation != Operation::Request || req.sender_mac != src || arp_lookup(t, net, req.sender_ip) != Some(src) {
+        return Err(D::InnerArpSpoofed);
+    }
+    let mac = arp_lookup(t, net, req.target_ip).ok_or(D::ArpUnknownTarget)?;
+    if mac == src {
+        return Err(D::ArpGratuitous);
+    }
+    let reply = req.reply_from(mac);
+    let start = frame.start();
+    frame.set_window(start, ethernet::HEADER_LEN + arp::PACKET_LEN);
+    let d = frame.data_mut();
+    ethernet::emit_header(d, src, mac, ethertype::ARP).map_err(|_| D::InnerMalformed)?;
+    reply.emit(&mut d[ethernet::HEADER_LEN..]).map_err(|_| D::InnerMalformed)?;
+    Ok(())
+}

@@ -181,8 +181,8 @@ fn vip_remote(
     let ip_len = u16::try_from(total + vxlan::ENCAP_LEN).ok()?;
     let nat = crate::wire::rewrite::Nat { dst_addr: Some(be.ip), dst_port: Some(be.port), ..Default::default() };
     crate::wire::rewrite::rewrite_ipv4(d.get_mut(14..)?, &nat).ok()?;
+    // To the backend's MAC, from the client's own (see `lb::vip_tail`).
     d[0..6].copy_from_slice(&be.mac.0);
-    d[6..12].copy_from_slice(&pf.gateway_mac);
     let hash = flow::hash_ipv4_at_fixed_offsets(flow::DEFAULT_SEED, d.first_chunk::<38>()?);
     tpl.write_header(hdr, ip_len, vxlan::src_port_for_hash(hash));
     frame.set_window(start - vxlan::ENCAP_LEN, len + vxlan::ENCAP_LEN);
@@ -236,7 +236,7 @@ pub(crate) fn uplink_vxlan(frame: &mut Frame<'_>, t: &Tables, cache: &mut BurstC
     }
     let total = usize::from(u16::from_be_bytes([h[16], h[17]]));
     let udp_len = usize::from(u16::from_be_bytes([h[38], h[39]]));
-    if total + 14 != len || udp_len + 20 != total {
+    if total + 14 != len || udp_len + 20 != total || !vxlan::ipv4_header_ok(h[14..].first_chunk::<20>()?) {
         return None;
     }
     let inner_len = len - IN;

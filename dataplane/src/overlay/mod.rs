@@ -239,6 +239,7 @@ pub(crate) fn from_uplink(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut 
         }
         Err(WireError::VxlanNoIFlag(_)) => return Verdict::Drop(D::VxlanNoIFlag),
         Err(WireError::Fragment(_)) => return Verdict::Drop(D::VxlanFragment),
+        Err(WireError::BadChecksum(_)) => return Verdict::Drop(D::VxlanBadChecksum),
         Err(WireError::Truncated { layer: Layer::Vxlan, .. }) => return Verdict::Drop(D::VxlanMalformed),
         // Malformed below VXLAN: not recognisably ours; the kernel decides.
         Err(_) => return Verdict::Pass,
@@ -255,7 +256,23 @@ pub(crate) fn from_uplink(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut 
     };
     let (dst, src) = macs(h);
     if dst.is_multicast() {
-        return Verdict::Drop(D::InnerBroadcast);
+        // A peer's broadcast ARP request (the kernel's VXLAN sends them to
+        // every VTEP it knows): answered from cluster state, back to the
+        // peer's VTEP. Nothing else is flooded.
+        if u16::from_be_bytes([h[12], h[13]]) != ethertype::ARP {
+            return Verdict::Drop(D::InnerBroadcast);
+        }
+        return match t.fdb.get(&mac_key(net, src)) {
+            Some(&Location::Remote(i)) if t.template_vtep.get(i as usize) == Some(&d.outer_src) => {
+                let start = frame.start() + d.inner.start;
+                frame.set_window(start, d.inner.len());
+                match arp::overlay(frame, net, src, t) {
+                    Ok(()) => encap(frame, t, i, flow::flow_hash(frame.data())),
+                    Err(r) => Verdict::Drop(r),
+                }
+            }
+            _ => Verdict::Drop(D::InnerSrcSpoofed),
+        };
     }
     // To this node's own MAC in the network: the routing mesh's replies.
     let to_node = t.networks[usize::from(net)].node_mac == Some(dst);

@@ -86,6 +86,9 @@ pub enum WireError {
     /// VXLAN header without the I flag (RFC 7348 section 5: it must be set).
     #[error("vxlan: I flag not set (flags {0:#04x})")]
     VxlanNoIFlag(u8),
+    /// A header checksum that does not verify.
+    #[error("{0}: bad header checksum")]
+    BadChecksum(Layer),
     /// More IPv6 extension headers than the parser walks.
     #[error("ipv6: more than {0} extension headers")]
     TooManyExtensions(usize),

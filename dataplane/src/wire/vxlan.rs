@@ -95,8 +95,9 @@ pub struct Decap {
 /// datagram to our VXLAN port ([`WireError::Fragment`]: never reassembled).
 /// Later fragments to our address are the host's (`NotVxlan`).
 ///
-/// The outer IPv4 and UDP checksums are not verified (the Ethernet FCS
-/// protects the link; RFC 7348 lets receivers skip the UDP checksum).
+/// The outer IPv4 header checksum of a frame for us is verified
+/// ([`WireError::BadChecksum`], as the kernel's IP layer would); the outer
+/// UDP checksum is not (RFC 7348 lets receivers skip it).
 ///
 /// Untagged IPv4 without options, the shape every VTEP sends, is read at
 /// fixed offsets; any other frame, and any frame with something wrong in
@@ -121,7 +122,10 @@ pub fn classify(frame: &[u8], local: Ipv4Addr, port: u16) -> Result<Classified, 
                 if u16::from_be_bytes([h[36], h[37]]) != port {
                     return Ok(Classified::NotVxlan);
                 }
-                if udp_len >= udp::HEADER_LEN + HEADER_LEN + ethernet::HEADER_LEN && h[42] & FLAG_I != 0 {
+                if udp_len >= udp::HEADER_LEN + HEADER_LEN + ethernet::HEADER_LEN
+                    && h[42] & FLAG_I != 0
+                    && h[14..].first_chunk::<20>().is_some_and(ipv4_header_ok)
+                {
                     return Ok(Classified::Vxlan(Decap {
                         vni: u32::from_be_bytes([0, h[46], h[47], h[48]]),
                         outer_src_mac: MacAddr([h[6], h[7], h[8], h[9], h[10], h[11]]),
@@ -161,11 +165,17 @@ pub fn classify_general(frame: &[u8], local: Ipv4Addr, port: u16) -> Result<Clas
         if p.len() >= 4 && u16::from_be_bytes([p[2], p[3]]) != port {
             return Ok(Classified::NotVxlan);
         }
+        if !ip.verify_checksum() {
+            return Err(WireError::BadChecksum(Layer::Ipv4));
+        }
         return Err(WireError::Fragment(Layer::Ipv4));
     }
     let udp = UdpPacket::new_checked(ip.payload())?;
     if udp.dst_port() != port {
         return Ok(Classified::NotVxlan);
+    }
+    if !ip.verify_checksum() {
+        return Err(WireError::BadChecksum(Layer::Ipv4));
     }
     let vx = VxlanHeader::parse(udp.payload())?;
     let inner_start = l4 + udp::HEADER_LEN + HEADER_LEN;
@@ -178,6 +188,21 @@ pub fn classify_general(frame: &[u8], local: Ipv4Addr, port: u16) -> Result<Clas
         outer_src_port: udp.src_port(),
         inner: inner_start..inner_end,
     }))
+}
+
+/// True if a 20-byte IPv4 header (no options) has a correct checksum.
+#[inline(always)]
+pub fn ipv4_header_ok(h: &[u8; 20]) -> bool {
+    // The one's-complement sum of 16-bit words is the sum of 32-bit words
+    // folded, in either byte order (RFC 1071 section 2), and all ones
+    // reads the same both ways: five 32-bit loads in native order.
+    let w = |i: usize| u64::from(u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]));
+    let mut acc = w(0) + w(4) + w(8) + w(12) + w(16);
+    acc = (acc & 0xffff_ffff) + (acc >> 32);
+    acc = (acc & 0xffff) + (acc >> 16);
+    acc = (acc & 0xffff) + (acc >> 16);
+    acc = (acc & 0xffff) + (acc >> 16);
+    acc == 0xffff
 }
 
 /// Maps a flow hash onto the outer UDP source port range 49152-65535.
@@ -316,6 +341,25 @@ mod tests {
             dst_port: DEFAULT_PORT,
             vni: 0x00ab_cdef,
             ttl: 64,
+        }
+    }
+
+    #[test]
+    fn header_checksum_check_matches_the_reference() {
+        let mut h = [0u8; 20];
+        for seed in 0..2000u32 {
+            for (i, b) in h.iter_mut().enumerate() {
+                *b = (seed.wrapping_mul(2_654_435_761).rotate_left(i as u32 * 3) >> 7) as u8;
+            }
+            h[0] = 0x45;
+            if seed % 2 == 0 {
+                h[10..12].fill(0);
+                let c = checksum::checksum(&h);
+                h[10..12].copy_from_slice(&c.to_be_bytes());
+            }
+            let reference = checksum::fold(checksum::sum(&h, 0)) == 0xffff;
+            assert_eq!(ipv4_header_ok(&h), reference, "{h:?}");
+            assert!(seed % 2 == 1 || reference, "a filled-in checksum verifies");
         }
     }
 

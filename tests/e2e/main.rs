@@ -1,0 +1,611 @@
+//! End-to-end tests in network namespaces (root; they skip with a message
+//! otherwise): meshplane nodes forward real traffic between real
+//! namespaces, with the AF_XDP and the TAP backends.
+//!
+//! Topology (every address from 198.18.0.0/15):
+//! - `fab`: the underlay, a bridge; node n's data address is 198.18.0.n
+//!   (MAC 02:00:00:00:00:0n); a client at 198.18.0.100.
+//! - node n: a namespace running `meshplane node run`, its uplink on the
+//!   fabric (AF_XDP: a veth the kernel also holds the address on; TAP: a
+//!   TAP device enslaved to the bridge) and one task port.
+//! - task n: a namespace whose eth0 (198.19.0.n, MAC 02:00:00:00:01:0n) is
+//!   the other end of the task port; overlay network `app`, VNI 4096.
+//!
+//! The tests run one at a time (each starts its own nodes).
+
+mod lab;
+
+use lab::{BIN, Lab, in_ns, in_ns_ok, ip, run, wait_for};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Io {
+    Afxdp,
+    Tap,
+}
+
+impl Io {
+    fn arg(self) -> &'static str {
+        match self {
+            Io::Afxdp => "afxdp",
+            Io::Tap => "tap",
+        }
+    }
+}
+
+/// Node n's tables: its task, the other node's task behind the other
+/// VTEP, and with `services` the routing-mesh and VIP services (all
+/// served by task 2).
+fn tables(n: u8, services: bool, extra: &str) -> String {
+    let o = 3 - n;
+    let mut s = format!(
+        r#"version = 1
+[node]
+data_ip = "198.18.0.{n}"
+data_mac = "02:00:00:00:00:0{n}"
+[[node.neighbours]]
+ip = "198.18.0.{o}"
+mac = "02:00:00:00:00:0{o}"
+[[network]]
+name = "app"
+vni = 4096
+subnet = "198.19.0.0/24"
+gateway_ip = "198.19.0.254"
+gateway_mac = "02:42:c6:13:00:fe"
+{node_ip}
+[[port]]
+name = "task{n}"
+network = "app"
+[[endpoint]]
+network = "app"
+ip = "198.19.0.{n}"
+mac = "02:00:00:00:01:0{n}"
+port = "task{n}"
+[[endpoint]]
+network = "app"
+ip = "198.19.0.{o}"
+mac = "02:00:00:00:01:0{o}"
+vtep = "198.18.0.{o}"
+"#,
+        node_ip = if services { format!("node_ip = \"198.19.0.{}\"", 249 + n) } else { String::new() }
+    );
+    if services {
+        s += &format!(
+            r#"[[endpoint]]
+network = "app"
+ip = "198.19.0.{oip}"
+mac = "02:42:c6:13:00:{omac:02x}"
+vtep = "198.18.0.{o}"
+[[service]]
+name = "web-nat"
+protocol = "tcp"
+network = "app"
+target_port = 5001
+published = [{{ port = 30080, mode = "nat" }}]
+[[service.backend]]
+ip = "198.19.0.2"
+[[service]]
+name = "web-ps"
+protocol = "tcp"
+network = "app"
+target_port = 5001
+published = [{{ port = 30081, mode = "preserve-source" }}]
+[[service.backend]]
+ip = "198.19.0.2"
+[[service]]
+name = "echo-vip"
+protocol = "udp"
+network = "app"
+vip = "198.19.0.100"
+port = 7
+target_port = 5002
+[[service.backend]]
+ip = "198.19.0.2"
+"#,
+            oip = 249 + o,
+            omac = 249 + o,
+        );
+    }
+    s + extra
+}
+
+/// A meshplane node of the cluster.
+struct Node {
+    ns: String,
+    proc_: usize,
+    stats: PathBuf,
+    tables: PathBuf,
+    uplink: &'static str,
+}
+
+/// The lab: fabric, nodes, tasks, an optional client.
+struct Cluster {
+    lab: Lab,
+    io: Io,
+    fab: String,
+    nodes: Vec<Node>,
+    tasks: Vec<String>,
+}
+
+/// Sets task n's eth0 up as the endpoint 198.19.0.n, default route via the
+/// gateway, checksums finished in software (see DESIGN.md: veth leaves
+/// them partial otherwise).
+fn config_task(ns: &str, n: u8) {
+    ip(&format!("-n {ns} link set eth0 address 02:00:00:00:01:0{n} mtu 1450 up"));
+    ip(&format!("-n {ns} addr add 198.19.0.{n}/24 dev eth0"));
+    ip(&format!("-n {ns} route add default via 198.19.0.254"));
+    in_ns_ok(ns, &["ethtool", "-K", "eth0", "tx", "off"]);
+}
+
+/// Joins `ns` to the fabric with a veth named `ifname` there (address
+/// `addr`/24, MAC `mac`), its peer `fab_if` on the bridge.
+fn on_fabric(fab: &str, ns: &str, ifname: &str, fab_if: &str, mac: &str, addr: &str) {
+    ip(&format!("link add {fab_if} netns {fab} type veth peer name {ifname} netns {ns}"));
+    ip(&format!("-n {fab} link set {fab_if} master br0 up"));
+    ip(&format!("-n {ns} link set {ifname} address {mac} up"));
+    ip(&format!("-n {ns} addr add {addr}/24 dev {ifname}"));
+    in_ns_ok(ns, &["ethtool", "-K", ifname, "tx", "off"]);
+}
+
+impl Cluster {
+    /// A fabric only.
+    fn fabric(tag: &str, io: Io) -> Cluster {
+        let mut lab = Lab::new(tag);
+        let fab = lab.ns("fab");
+        ip(&format!("-n {fab} link add br0 type bridge"));
+        ip(&format!("-n {fab} link set br0 up"));
+        // A plain switch: br_netfilter (on in new namespaces here) would
+        // validate and drop bridged IPv4 the tests send on purpose.
+        for f in ["iptables", "ip6tables", "arptables"] {
+            let _ = in_ns(&fab, &["sysctl", "-qw", &format!("net.bridge.bridge-nf-call-{f}=0")]);
+        }
+        Cluster { lab, io, fab, nodes: Vec::new(), tasks: Vec::new() }
+    }
+
+    /// Adds meshplane node n (1 or 2) with task n, running `tables_toml`.
+    fn add_node(&mut self, n: u8, tables_toml: &str) {
+        let ns = self.lab.ns(&format!("n{n}"));
+        let task = self.lab.ns(&format!("t{n}"));
+        let tables = self.lab.dir.join(format!("node{n}.toml"));
+        std::fs::write(&tables, tables_toml).expect("writing tables");
+        let stats = self.lab.dir.join(format!("stats{n}.json"));
+        let uplink = match self.io {
+            Io::Afxdp => {
+                on_fabric(
+                    &self.fab,
+                    &ns,
+                    "up0",
+                    &format!("n{n}"),
+                    &format!("02:00:00:00:00:0{n}"),
+                    &format!("198.18.0.{n}"),
+                );
+                ip(&format!("link add tp{n} netns {ns} type veth peer name eth0 netns {task}"));
+                ip(&format!("-n {ns} link set tp{n} up"));
+                config_task(&task, n);
+                "up0"
+            }
+            Io::Tap => {
+                // Persistent TAPs the node attaches to, moved into place
+                // once it holds them.
+                ip(&format!("-n {ns} tuntap add dev mpup mode tap"));
+                ip(&format!("-n {ns} tuntap add dev tp{n} mode tap"));
+                "mpup"
+            }
+        };
+        let p = self.lab.spawn(
+            &ns,
+            &format!("node{n}"),
+            &[
+                BIN,
+                "node",
+                "run",
+                "--tables",
+                tables.to_str().expect("utf-8 path"),
+                "--uplink",
+                uplink,
+                "--task-port",
+                &format!("task{n}=tp{n}"),
+                "--io",
+                self.io.arg(),
+                "--stats-file",
+                stats.to_str().expect("utf-8 path"),
+            ],
+        );
+        let lab = &mut self.lab;
+        wait_for(&format!("node {n} to start"), 20, || {
+            assert!(lab.running(p), "node {n} exited:\n{}", lab.log(p));
+            stats.exists()
+        });
+        if self.io == Io::Tap {
+            ip(&format!("-n {ns} link set mpup netns {}", self.fab));
+            ip(&format!("-n {} link set mpup name u{n}", self.fab));
+            ip(&format!("-n {} link set u{n} master br0 up", self.fab));
+            ip(&format!("-n {ns} link set tp{n} netns {task}"));
+            ip(&format!("-n {task} link set tp{n} name eth0"));
+            config_task(&task, n);
+        }
+        self.nodes.push(Node { ns, proc_: p, stats, tables, uplink });
+        self.tasks.push(task);
+    }
+
+    /// Two meshplane nodes.
+    fn two_nodes(tag: &str, io: Io, services: bool) -> Cluster {
+        let mut c = Cluster::fabric(tag, io);
+        c.add_node(1, &tables(1, services, ""));
+        c.add_node(2, &tables(2, services, ""));
+        c
+    }
+
+    /// A client namespace on the fabric at 198.18.0.100.
+    fn client(&mut self) -> String {
+        let ns = self.lab.ns("c");
+        on_fabric(&self.fab, &ns, "eth0", "c", "02:00:00:00:00:64", "198.18.0.100");
+        ns
+    }
+
+    /// Node i's counters file.
+    fn stats(&self, i: usize) -> serde_json::Value {
+        let text = std::fs::read_to_string(&self.nodes[i].stats).expect("reading the stats file");
+        serde_json::from_str(&text).expect("the stats file is JSON")
+    }
+
+    /// A drop counter of node i (0 if absent).
+    fn drops(&self, i: usize, reason: &str) -> u64 {
+        self.stats(i)["workers"][0]["drops"][reason].as_u64().unwrap_or(0)
+    }
+
+    /// Stops node i with SIGTERM: it must exit cleanly and leave no XDP
+    /// program behind.
+    fn stop_node(&mut self, i: usize) {
+        let p = self.nodes[i].proc_;
+        assert!(self.lab.stop(p), "node {} did not stop cleanly:\n{}", i + 1, self.lab.log(p));
+        assert!(self.lab.log(p).contains("meshplane: stopped;"), "{}", self.lab.log(p));
+        if self.io == Io::Afxdp {
+            let out = run(&["ip", "-n", &self.nodes[i].ns, "link", "show", self.nodes[i].uplink]);
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(!text.contains("prog/xdp"), "an XDP program is left on the uplink: {text}");
+        }
+    }
+
+    /// Runs a TCP transfer of `bytes` from `from` to a sink in `to` at
+    /// `addr`; the sink's answer line.
+    fn tcp(&mut self, from: &str, to: &str, listen: &str, connect: &str, bytes: u64) -> String {
+        let sink = self.lab.spawn(to, "tcp-sink", &[BIN, "tool", "tcp-sink", "--listen", listen, "--timeout", "20"]);
+        let port = listen.rsplit(':').next().unwrap_or_default().to_owned();
+        let lab = &mut self.lab;
+        wait_for("the sink to listen", 10, || {
+            assert!(lab.running(sink), "sink exited: {}", lab.log(sink));
+            String::from_utf8_lossy(&in_ns(to, &["ss", "-ltn"]).stdout).contains(&format!(":{port} "))
+        });
+        let out = in_ns_ok(
+            from,
+            &[BIN, "tool", "tcp-source", "--connect", connect, "--bytes", &bytes.to_string(), "--timeout", "20"],
+        );
+        wait_for("the sink to finish", 10, || !lab.running(sink));
+        out.trim().to_owned()
+    }
+
+    /// `count` UDP datagrams echoed from a server in `to`, sent from `from`.
+    fn udp(&mut self, from: &str, to: &str, listen: &str, connect: &str, count: u32) -> String {
+        let echo = self.lab.spawn(to, "udp-echo", &[BIN, "tool", "udp-echo", "--listen", listen, "--idle", "20"]);
+        let port = listen.rsplit(':').next().unwrap_or_default().to_owned();
+        let lab = &mut self.lab;
+        wait_for("the echo server", 10, || {
+            assert!(lab.running(echo), "echo exited: {}", lab.log(echo));
+            String::from_utf8_lossy(&in_ns(to, &["ss", "-lun"]).stdout).contains(&format!(":{port} "))
+        });
+        let out = in_ns_ok(from, &[BIN, "tool", "udp-ping", "--connect", connect, "--count", &count.to_string()]);
+        lab.stop(echo);
+        out.trim().to_owned()
+    }
+}
+
+fn ping(from: &str, to: &str) {
+    in_ns_ok(from, &["ping", "-c", "3", "-i", "0.2", "-W", "2", to]);
+}
+
+/// Two nodes, one task each: ping, a TCP transfer each way checked byte for
+/// byte, UDP.
+fn overlay(io: Io) {
+    let _g = serial();
+    let mut c = Cluster::two_nodes(&format!("ov-{}", io.arg()), io, false);
+    let (t1, t2) = (c.tasks[0].clone(), c.tasks[1].clone());
+    ping(&t1, "198.19.0.2");
+    ping(&t2, "198.19.0.1");
+    let a = c.tcp(&t1, &t2, "198.19.0.2:5001", "198.19.0.2:5001", 4_000_000);
+    assert!(a.starts_with("peer=198.19.0.1:") && a.ends_with("bytes=4000000 ok"), "{a}");
+    let b = c.tcp(&t2, &t1, "198.19.0.1:5001", "198.19.0.1:5001", 3_000_000);
+    assert!(b.starts_with("peer=198.19.0.2:") && b.ends_with("bytes=3000000 ok"), "{b}");
+    let u = c.udp(&t1, &t2, "198.19.0.2:5002", "198.19.0.2:5002", 200);
+    assert!(u.starts_with("udp: 200/200"), "{u}");
+    // The nodes counted what went through them (the counters file is
+    // rewritten every half second).
+    wait_for("node 1's counters", 5, || {
+        let s = c.stats(0);
+        let ports = &s["workers"][0]["ports"];
+        ports[0]["rx"].as_u64() > Some(1000) && ports[1]["rx"].as_u64() > Some(1000)
+    });
+    c.stop_node(0);
+    c.stop_node(1);
+}
+
+#[test]
+fn overlay_afxdp() {
+    need_root!();
+    overlay(Io::Afxdp);
+}
+
+#[test]
+fn overlay_tap() {
+    need_root!();
+    overlay(Io::Tap);
+}
+
+/// Node 1 is meshplane; node 2 is the Linux kernel's own VXLAN device
+/// (vx0 is task 2's address). ARP crosses the overlay both ways (the
+/// kernel's broadcast requests are answered by meshplane from state), then
+/// ping and TCP both ways.
+fn interop(io: Io) {
+    let _g = serial();
+    let mut c = Cluster::fabric(&format!("ko-{}", io.arg()), io);
+    c.add_node(1, &tables(1, false, ""));
+    let t1 = c.tasks[0].clone();
+    let k2 = c.lab.ns("k2");
+    on_fabric(&c.fab, &k2, "up0", "k2", "02:00:00:00:00:02", "198.18.0.2");
+    ip(&format!("-n {k2} link add vx0 type vxlan id 4096 local 198.18.0.2 dev up0 dstport 4789 nolearning"));
+    ip(&format!("-n {k2} link set vx0 address 02:00:00:00:01:02 mtu 1450 up"));
+    ip(&format!("-n {k2} addr add 198.19.0.2/24 dev vx0"));
+    in_ns_ok(&k2, &["ethtool", "-K", "vx0", "tx", "off"]);
+    // Flooded frames (ARP) and task 1's MAC go to node 1.
+    in_ns_ok(&k2, &["bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vx0", "dst", "198.18.0.1"]);
+    in_ns_ok(&k2, &["bridge", "fdb", "append", "02:00:00:00:01:01", "dev", "vx0", "dst", "198.18.0.1"]);
+    // The kernel resolves task 1 over the overlay: meshplane answers.
+    ping(&k2, "198.19.0.1");
+    let neigh = in_ns_ok(&k2, &["ip", "neigh", "show", "198.19.0.1", "dev", "vx0"]);
+    assert!(neigh.contains("lladdr 02:00:00:00:01:01"), "the kernel learned task 1's MAC over the overlay: {neigh}");
+    ping(&t1, "198.19.0.2");
+    let a = c.tcp(&t1, &k2, "198.19.0.2:5001", "198.19.0.2:5001", 2_000_000);
+    assert!(a.ends_with("bytes=2000000 ok"), "{a}");
+    let b = c.tcp(&k2, &t1, "198.19.0.1:5001", "198.19.0.1:5001", 2_000_000);
+    assert!(b.ends_with("bytes=2000000 ok"), "{b}");
+    c.stop_node(0);
+}
+
+#[test]
+fn interop_kernel_vxlan_afxdp() {
+    need_root!();
+    interop(Io::Afxdp);
+}
+
+#[test]
+fn interop_kernel_vxlan_tap() {
+    need_root!();
+    interop(Io::Tap);
+}
+
+/// The routing mesh: a client connects to node 1's published ports, the
+/// task on node 2 serves; in `nat` mode the task sees node 1's address in
+/// the network, in `preserve-source` mode the client's.
+fn mesh(io: Io) {
+    let _g = serial();
+    let mut c = Cluster::two_nodes(&format!("rm-{}", io.arg()), io, true);
+    let client = c.client();
+    let t2 = c.tasks[1].clone();
+    let nat = c.tcp(&client, &t2, "198.19.0.2:5001", "198.18.0.1:30080", 1_000_000);
+    assert!(nat.starts_with("peer=198.19.0.250:") && nat.ends_with("bytes=1000000 ok"), "nat mode: {nat}");
+    let ps = c.tcp(&client, &t2, "198.19.0.2:5001", "198.18.0.1:30081", 1_000_000);
+    assert!(ps.starts_with("peer=198.18.0.100:") && ps.ends_with("bytes=1000000 ok"), "preserve-source: {ps}");
+    // Node 2 serves its own published port too (the task is local there).
+    let local = c.tcp(&client, &t2, "198.19.0.2:5001", "198.18.0.2:30081", 500_000);
+    assert!(local.starts_with("peer=198.18.0.100:"), "{local}");
+    // (The counters file is rewritten every half second.)
+    wait_for("node 1 to count the connections", 5, || c.stats(0)["workers"][0]["new_connections"].as_u64() >= Some(2));
+    c.stop_node(0);
+    c.stop_node(1);
+}
+
+#[test]
+fn routing_mesh_afxdp() {
+    need_root!();
+    mesh(Io::Afxdp);
+}
+
+#[test]
+fn routing_mesh_tap() {
+    need_root!();
+    mesh(Io::Tap);
+}
+
+/// One VXLAN frame from node 2 to node 1 carrying `inner`, with the VXLAN
+/// flags `flags` and VNI `vni`.
+fn vxlan(vni: u32, flags: u8, inner: &[u8]) -> Vec<u8> {
+    let mut payload = vec![flags, 0, 0, 0];
+    payload.extend_from_slice(&vni.to_be_bytes()[1..]);
+    payload.push(0);
+    payload.extend_from_slice(inner);
+    let mut f = Vec::new();
+    // From a MAC of its own (the bridge would otherwise learn node 2's
+    // MAC on the injector's port and send node 2's traffic there).
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0x99], [2, 0, 0, 0, 0, 1])
+        .ipv4([198, 18, 0, 2], [198, 18, 0, 1], 64)
+        .udp(50000, 4789)
+        .write(&mut f, &payload)
+        .expect("building a frame");
+    f
+}
+
+/// Malformed frames at node 1's uplink while good traffic flows: the good
+/// traffic is unharmed and each kind is counted under its reason.
+fn bad_input(io: Io) {
+    let _g = serial();
+    let mut c = Cluster::two_nodes(&format!("bad-{}", io.arg()), io, false);
+    let (t1, t2) = (c.tasks[0].clone(), c.tasks[1].clone());
+    let mut inner = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 1, 2], [2, 0, 0, 0, 1, 1])
+        .ipv4([198, 19, 0, 2], [198, 19, 0, 1], 64)
+        .udp(1, 2)
+        .write(&mut inner, b"bad")
+        .expect("inner frame");
+    let good = vxlan(4096, 0x08, &inner);
+    let truncated = vxlan(4096, 0x08, &[])[..14 + 20 + 8 + 4].to_vec();
+    let mut truncated = truncated;
+    // Lengths that say what is there: IPv4 total 32, UDP 12.
+    truncated[16..18].copy_from_slice(&32u16.to_be_bytes());
+    truncated[38..40].copy_from_slice(&12u16.to_be_bytes());
+    fix_ip_checksum(&mut truncated);
+    let no_i = vxlan(4096, 0x00, &inner);
+    let unknown_vni = vxlan(999, 0x08, &inner);
+    let mut bad_csum = good.clone();
+    bad_csum[24] ^= 0xff;
+    let mut fragment = good.clone();
+    fragment[20] = 0x20; // MF
+    fix_ip_checksum(&mut fragment);
+    let frames = [truncated, no_i, unknown_vni, bad_csum, fragment];
+    let pcap = c.lab.dir.join("bad.pcap");
+    {
+        let f = std::fs::File::create(&pcap).expect("pcap");
+        let mut w = meshplane_dataplane::pcap::Writer::new(std::io::BufWriter::new(f)).expect("pcap");
+        for fr in &frames {
+            w.write(0, 0, fr).expect("pcap");
+        }
+    }
+    ip(&format!("-n {} tuntap add dev inj mode tap", c.fab));
+    ip(&format!("-n {} link set inj master br0 up", c.fab));
+    const REPEAT: u64 = 300;
+    let inj = c.lab.spawn(
+        &c.fab.clone(),
+        "inject",
+        &[
+            BIN,
+            "tool",
+            "inject",
+            "--tap",
+            "inj",
+            "--pcap",
+            pcap.to_str().expect("utf-8"),
+            "--repeat",
+            &REPEAT.to_string(),
+            "--pps",
+            "1000",
+        ],
+    );
+    // Good traffic meanwhile (the injection takes about 1.5 s).
+    let u = c.udp(&t1, &t2, "198.19.0.2:5002", "198.19.0.2:5002", 300);
+    assert!(u.starts_with("udp: 300/300"), "{u}");
+    let lab = &mut c.lab;
+    wait_for("the injection to end", 20, || !lab.running(inj));
+    assert!(c.lab.log(inj).contains(&format!("{} frames sent", REPEAT * 5)), "{}", c.lab.log(inj));
+    // The counters are written every half second.
+    let reasons = ["vxlan_malformed", "vxlan_no_i_flag", "unknown_vni", "vxlan_bad_checksum", "vxlan_fragment"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !reasons.iter().all(|r| c.drops(0, r) >= REPEAT) {
+        assert!(std::time::Instant::now() < deadline, "drop counters: {}", c.stats(0));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for r in reasons {
+        assert_eq!(c.drops(0, r), REPEAT, "{r}: {}", c.stats(0));
+    }
+    c.stop_node(0);
+    c.stop_node(1);
+}
+
+fn fix_ip_checksum(f: &mut [u8]) {
+    f[24..26].fill(0);
+    let c = meshplane_dataplane::wire::checksum::checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+#[test]
+fn bad_input_afxdp() {
+    need_root!();
+    bad_input(Io::Afxdp);
+}
+
+#[test]
+fn bad_input_tap() {
+    need_root!();
+    bad_input(Io::Tap);
+}
+
+/// SIGHUP reloads the tables while a flow through a VIP runs: not one
+/// datagram is lost, and the new tables are in use.
+#[test]
+fn reload_keeps_established_flows() {
+    need_root!();
+    let _g = serial();
+    let mut c = Cluster::two_nodes("hup", Io::Afxdp, true);
+    let (t1, t2) = (c.tasks[0].clone(), c.tasks[1].clone());
+    let echo = c.lab.spawn(&t2, "udp-echo", &[BIN, "tool", "udp-echo", "--listen", "198.19.0.2:5002", "--idle", "30"]);
+    let lab = &mut c.lab;
+    wait_for("the echo server", 10, || {
+        assert!(lab.running(echo));
+        String::from_utf8_lossy(&in_ns(&t2, &["ss", "-lun"]).stdout).contains(":5002 ")
+    });
+    // Datagrams through the VIP one after the other (a few seconds),
+    // reloading 5 times meanwhile with tables that differ (an extra
+    // endpoint each time).
+    let pinger =
+        c.lab.spawn(&t1, "udp-ping", &[BIN, "tool", "udp-ping", "--connect", "198.19.0.100:7", "--count", "5000"]);
+    for k in 0..5u8 {
+        std::thread::sleep(Duration::from_millis(100));
+        let extra = format!(
+            "[[endpoint]]\nnetwork = \"app\"\nip = \"198.19.0.{}\"\nmac = \"02:00:00:00:01:{:02x}\"\nvtep = \"198.18.0.2\"\n",
+            10 + k,
+            0x10 + k
+        );
+        std::fs::write(&c.nodes[0].tables, tables(1, true, &extra)).expect("tables");
+        c.lab.signal(c.nodes[0].proc_, "HUP");
+    }
+    let lab = &mut c.lab;
+    assert!(lab.running(pinger), "the flow outlasts the reloads (make it longer)");
+    wait_for("the pings", 60, || !lab.running(pinger));
+    let out = c.lab.log(pinger);
+    assert!(out.contains("udp: 5000/5000"), "{out}");
+    let p = c.nodes[0].proc_;
+    let lab = &c.lab;
+    wait_for("five reloads", 5, || lab.log(p).matches("tables reloaded").count() == 5);
+    wait_for("version 6", 5, || c.stats(0)["tables_version"].as_u64() == Some(6));
+    // A broken file is refused and the node keeps going.
+    std::fs::write(&c.nodes[0].tables, "not toml [").expect("tables");
+    c.lab.signal(c.nodes[0].proc_, "HUP");
+    let p = c.nodes[0].proc_;
+    let lab = &c.lab;
+    wait_for("the refusal", 5, || lab.log(p).contains("keeping the old tables"));
+    ping(&t1, "198.19.0.2");
+    c.stop_node(0);
+    c.stop_node(1);
+}
+
+/// CPU time (user + system, seconds) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading /proc/PID/stat");
+    // Fields after the command name (which is in parentheses).
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+    let hz: f64 = String::from_utf8_lossy(&run(&["getconf", "CLK_TCK"]).stdout).trim().parse().unwrap_or(100.0);
+    ticks / hz
+}
+
+/// An idle node (no --busy-poll) uses under 5% of a core.
+#[test]
+fn idle_node_sleeps() {
+    need_root!();
+    let _g = serial();
+    let c = Cluster::two_nodes("idle", Io::Afxdp, false);
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = c.lab.procs[c.nodes[0].proc_].child.id();
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_seconds(pid) - before;
+    assert!(used < 0.05 * 3.0, "an idle node used {used:.3} s of CPU in 3 s");
+    eprintln!("idle node: {:.1}% of a core", used / 3.0 * 100.0);
+}
