@@ -4,7 +4,7 @@
 //! tables file (a bad file is reported and the old tables stay).
 
 use anyhow::{Context, Result, bail};
-use meshplane_dataplane::io::Port;
+use meshplane_dataplane::io::{Port, afxdp};
 use meshplane_dataplane::pipeline::DropReason;
 use meshplane_dataplane::tables::Tables;
 use meshplane_dataplane::worker::{Bound, Report, Shared, Worker, WorkerConfig, bind};
@@ -42,7 +42,8 @@ pub(crate) struct RunArgs {
     /// omitted).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     cores: Vec<usize>,
-    /// Poll without ever sleeping (lowest latency; one core at 100%).
+    /// Poll without ever sleeping (lowest latency; one core at 100%); with
+    /// AF_XDP also sets the sockets' busy-poll options.
     #[arg(long)]
     busy_poll: bool,
     /// Connection-table entries per worker.
@@ -65,17 +66,23 @@ fn parse_task_port(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Opens one port.
-fn open(kind: IoKind, iface: &str, uplink: bool, t: &Tables, a: &RunArgs) -> Result<Box<dyn Port>> {
+/// Opens one port; for an AF_XDP uplink also the handle to its steering
+/// maps (rewritten when the tables change).
+fn open(
+    kind: IoKind,
+    iface: &str,
+    uplink: bool,
+    t: &Tables,
+    a: &RunArgs,
+) -> Result<(Box<dyn Port>, Option<afxdp::SteeringHandle>)> {
     Ok(match kind {
-        IoKind::Tap => Box::new(meshplane_dataplane::io::tap::TapPort::open(iface)?),
+        IoKind::Tap => (Box::new(meshplane_dataplane::io::tap::TapPort::open(iface)?), None),
         IoKind::Afxdp => {
-            let steer = uplink.then(|| meshplane_dataplane::io::afxdp::Steering::for_tables(t));
-            let cfg = meshplane_dataplane::io::afxdp::AfXdpConfig {
-                generic: a.xdp_generic,
-                ..meshplane_dataplane::io::afxdp::AfXdpConfig::default()
-            };
-            Box::new(meshplane_dataplane::io::afxdp::AfXdpPort::open(iface, 0, &cfg, steer)?)
+            let steer = uplink.then(|| afxdp::Steering::for_tables(t));
+            let cfg = afxdp::AfXdpConfig { generic: a.xdp_generic, busy_poll: a.busy_poll, ..afxdp::AfXdpConfig::default() };
+            let port = afxdp::AfXdpPort::open(iface, 0, &cfg, steer)?;
+            let handle = if uplink { Some(port.steering()?) } else { None };
+            (Box::new(port), handle)
         }
     })
 }
@@ -93,9 +100,10 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
 
-    let mut ports = vec![Bound::new("uplink", open(a.io, &a.uplink, true, &t, a).context("opening the uplink")?)];
+    let (uplink, steering) = open(a.io, &a.uplink, true, &t, a).context("opening the uplink")?;
+    let mut ports = vec![Bound::new("uplink", uplink)];
     for (name, iface) in &a.task_ports {
-        let p = open(a.io, iface, false, &t, a).with_context(|| format!("opening task port {name}"))?;
+        let (p, _) = open(a.io, iface, false, &t, a).with_context(|| format!("opening task port {name}"))?;
         ports.push(Bound::new(name, p));
     }
     bind(&t, &ports)?;
@@ -137,6 +145,13 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
                     // The worker takes only tables that keep its ports.
                     let ok = shared.tables().ports.iter().all(|p| nt.port_id(&p.name).is_some());
                     if ok {
+                        // The steering program learns new published ports
+                        // and VIPs before the worker uses the tables.
+                        if let Some(h) = &steering
+                            && let Err(e) = h.set(&afxdp::Steering::for_tables(&nt))
+                        {
+                            eprintln!("meshplane: updating the XDP steering maps: {e}");
+                        }
                         shared.publish(nt);
                         eprintln!("meshplane: tables reloaded from {path} (version {})", shared.version());
                     } else {

@@ -573,6 +573,15 @@ fn reload_keeps_established_flows() {
     let lab = &c.lab;
     wait_for("five reloads", 5, || lab.log(p).matches("tables reloaded").count() == 5);
     wait_for("version 6", 5, || c.stats(0)["tables_version"].as_u64() == Some(6));
+    // A port published by a reload works at once: the XDP steering
+    // program learned it.
+    let client = c.client();
+    let web2 = "[[service]]\nname = \"web2\"\nprotocol = \"tcp\"\nnetwork = \"app\"\ntarget_port = 5001\npublished = [{ port = 30090, mode = \"nat\" }]\n[[service.backend]]\nip = \"198.19.0.2\"\n";
+    std::fs::write(&c.nodes[0].tables, tables(1, true, web2)).expect("tables");
+    c.lab.signal(c.nodes[0].proc_, "HUP");
+    wait_for("version 7", 5, || c.stats(0)["tables_version"].as_u64() == Some(7));
+    let out = c.tcp(&client, &t2, "198.19.0.2:5001", "198.18.0.1:30090", 100_000);
+    assert!(out.starts_with("peer=198.19.0.250:") && out.ends_with(" ok"), "{out}");
     // A broken file is refused and the node keeps going.
     std::fs::write(&c.nodes[0].tables, "not toml [").expect("tables");
     c.lab.signal(c.nodes[0].proc_, "HUP");
