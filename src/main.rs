@@ -3,6 +3,7 @@
 use clap::Parser;
 
 mod node;
+mod pktgen;
 mod tool;
 mod trace;
 
@@ -25,6 +26,9 @@ enum Command {
     /// Run a node.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Generate traffic (AF_XDP, or TAP) and count what comes back: Mpps,
+    /// Gbps, loss, latency. Always bounded by --count and --duration.
+    Pktgen(pktgen::PktgenArgs),
     /// Traffic endpoints for tests and the lab (TCP stream check, UDP echo).
     #[command(subcommand, hide = true)]
     Tool(tool::ToolCommand),
@@ -48,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Command::Trace(a) => trace::run(&a)?,
         Command::Node(NodeCommand::Run(a)) => node::run(&a)?,
         Command::Tool(c) => tool::run(&c)?,
+        Command::Pktgen(a) => pktgen::run(&a)?,
     }
     Ok(())
 }

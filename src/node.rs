@@ -79,7 +79,8 @@ fn open(
         IoKind::Tap => (Box::new(meshplane_dataplane::io::tap::TapPort::open(iface)?), None),
         IoKind::Afxdp => {
             let steer = uplink.then(|| afxdp::Steering::for_tables(t));
-            let cfg = afxdp::AfXdpConfig { generic: a.xdp_generic, busy_poll: a.busy_poll, ..afxdp::AfXdpConfig::default() };
+            let cfg =
+                afxdp::AfXdpConfig { generic: a.xdp_generic, busy_poll: a.busy_poll, ..afxdp::AfXdpConfig::default() };
             let port = afxdp::AfXdpPort::open(iface, 0, &cfg, steer)?;
             let handle = if uplink { Some(port.steering()?) } else { None };
             (Box::new(port), handle)

@@ -44,6 +44,9 @@ const FRAME_SIZE: u32 = 2048;
 const XDP_HEADROOM: usize = 256;
 /// Frames kept back from the fill ring for copies into this port.
 const TX_RESERVE: usize = 512;
+/// Transmit kicks per flush at most (each sends up to 32 frames in copy
+/// mode).
+const TX_KICKS: usize = 8;
 
 /// How an AF_XDP port is set up.
 #[derive(Debug, Clone)]
@@ -383,6 +386,8 @@ pub struct AfXdpPort {
     descs: Vec<FrameDesc>,
     /// Transmitted frames not yet completed.
     in_flight: usize,
+    /// Entries of the tx ring.
+    ring: usize,
     stats: IoStats,
     bind_mode: &'static str,
     prog: XdpProgram,
@@ -474,6 +479,7 @@ impl AfXdpPort {
             descs: vec![FrameDesc::default(); super::BURST],
             free,
             in_flight: 0,
+            ring: cfg.ring as usize,
             stats: IoStats::default(),
             bind_mode,
             prog,
@@ -691,8 +697,18 @@ impl Port for AfXdpPort {
             self.stats.tx_full += unsent as u64;
             self.free.extend(self.pending.drain(..).skip(done));
         }
-        if self.in_flight > 0 && self.tx.needs_wakeup() {
-            let _ = self.tx.wakeup();
+        // A kick sends at most 32 frames in copy mode (the kernel's
+        // TX_BATCH_SIZE): kick until the ring is drained, within reason.
+        let mut kicks = 0;
+        while self.tx.needs_wakeup() && kicks < TX_KICKS {
+            let queued = self.ring.saturating_sub(self.tx.nb_free_exact() as usize);
+            if queued == 0 {
+                break;
+            }
+            if self.tx.wakeup().is_err() {
+                break;
+            }
+            kicks += 1;
         }
         self.reclaim();
     }
