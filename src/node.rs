@@ -38,8 +38,10 @@ pub(crate) struct RunArgs {
     /// I/O backend.
     #[arg(long, value_enum)]
     io: IoKind,
-    /// The core to run the worker on (one core for now; not pinned if
-    /// omitted).
+    /// Cores to run workers on, one worker per core, pinned (one unpinned
+    /// worker if omitted). Worker k serves queue k of every port; worker 0
+    /// owns the connection state, and the others hand it the frames that
+    /// touch it.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     cores: Vec<usize>,
     /// Poll without ever sleeping (lowest latency; one core at 100%); with
@@ -66,24 +68,28 @@ fn parse_task_port(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Opens one port; for an AF_XDP uplink also the handle to its steering
-/// maps (rewritten when the tables change).
-fn open(
-    kind: IoKind,
-    iface: &str,
-    uplink: bool,
-    t: &Tables,
-    a: &RunArgs,
-) -> Result<(Box<dyn Port>, Option<afxdp::SteeringHandle>)> {
+/// A port's queues, and the uplink's steering handle.
+type Opened = (Vec<Box<dyn Port>>, Option<afxdp::SteeringHandle>);
+
+/// Opens `n` queues of a port (one per worker); for an AF_XDP uplink also
+/// the handle to its steering maps (rewritten when the tables change).
+fn open(kind: IoKind, iface: &str, uplink: bool, n: usize, t: &Tables, a: &RunArgs) -> Result<Opened> {
     Ok(match kind {
-        IoKind::Tap => (Box::new(meshplane_dataplane::io::tap::TapPort::open(iface)?), None),
+        IoKind::Tap => {
+            let v = meshplane_dataplane::io::tap::TapPort::open_queues(iface, n)?;
+            (v.into_iter().map(|p| Box::new(p) as Box<dyn Port>).collect(), None)
+        }
         IoKind::Afxdp => {
             let steer = uplink.then(|| afxdp::Steering::for_tables(t));
             let cfg =
                 afxdp::AfXdpConfig { generic: a.xdp_generic, busy_poll: a.busy_poll, ..afxdp::AfXdpConfig::default() };
-            let port = afxdp::AfXdpPort::open(iface, 0, &cfg, steer)?;
-            let handle = if uplink { Some(port.steering()?) } else { None };
-            (Box::new(port), handle)
+            let queues: Vec<u32> = (0..n as u32).collect();
+            let v = afxdp::AfXdpPort::open_queues(iface, &queues, &cfg, steer)?;
+            let handle = match v.first() {
+                Some(p) if uplink => Some(p.steering()?),
+                _ => None,
+            };
+            (v.into_iter().map(|p| Box::new(p) as Box<dyn Port>).collect(), handle)
         }
     })
 }
@@ -93,38 +99,51 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let path = a.tables.display().to_string();
     let t = Tables::load(&path)?;
-    if a.cores.len() > 1 {
-        bail!("--cores: one worker core for now (got {:?})", a.cores);
+    let cores: Vec<Option<usize>> =
+        if a.cores.is_empty() { vec![None] } else { a.cores.iter().map(|&c| Some(c)).collect() };
+    let n = cores.len();
+    if n > 64 {
+        bail!("--cores: at most 64 workers");
     }
     // Signals first: a SIGTERM while the ports are being opened still
     // stops the node cleanly.
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
 
-    let (uplink, steering) = open(a.io, &a.uplink, true, &t, a).context("opening the uplink")?;
-    let mut ports = vec![Bound::new("uplink", uplink)];
+    // Queue k of every port belongs to worker k.
+    let (uplinks, steering) = open(a.io, &a.uplink, true, n, &t, a).context("opening the uplink")?;
+    let mut per_worker: Vec<Vec<Bound>> = uplinks.into_iter().map(|p| vec![Bound::new("uplink", p)]).collect();
     for (name, iface) in &a.task_ports {
-        let (p, _) = open(a.io, iface, false, &t, a).with_context(|| format!("opening task port {name}"))?;
-        ports.push(Bound::new(name, p));
+        let (ps, _) = open(a.io, iface, false, n, &t, a).with_context(|| format!("opening task port {name}"))?;
+        for (k, p) in ps.into_iter().enumerate() {
+            per_worker[k].push(Bound::new(name, p));
+        }
     }
-    bind(&t, &ports)?;
-    let shared = Shared::new(t, 1);
-    let cfg = WorkerConfig {
-        core: a.cores.first().copied(),
-        busy_poll: a.busy_poll,
-        conntrack: meshplane_dataplane::lb::conntrack::CtConfig { capacity: a.conntrack, ..Default::default() },
-        ..WorkerConfig::default()
-    };
-    let names: Vec<String> = ports.iter().map(|p| format!("{}={}", p.name, p.io.name())).collect();
-    let worker = Worker::new(0, ports, shared.clone(), cfg)?;
-    let handle = std::thread::Builder::new()
-        .name("mp-worker-0".into())
-        .spawn(move || worker.run())
-        .context("starting the worker thread")?;
+    for ports in &per_worker {
+        bind(&t, ports)?;
+    }
+    let names: Vec<String> = per_worker[0].iter().map(|p| format!("{}={}", p.name, p.io.name())).collect();
+    let shared = Shared::new(t, n);
+    let mut handles = Vec::new();
+    for (k, (ports, core)) in per_worker.into_iter().zip(cores.iter()).enumerate() {
+        let cfg = WorkerConfig {
+            core: *core,
+            busy_poll: a.busy_poll,
+            conntrack: meshplane_dataplane::lb::conntrack::CtConfig { capacity: a.conntrack, ..Default::default() },
+            ..WorkerConfig::default()
+        };
+        let worker = Worker::new(k, ports, shared.clone(), cfg)?;
+        let h = std::thread::Builder::new()
+            .name(format!("mp-worker-{k}"))
+            .spawn(move || worker.run())
+            .context("starting a worker thread")?;
+        handles.push(h);
+    }
     eprintln!(
-        "meshplane: node running ({:?} I/O, worker 0 on {}): ports {}",
+        "meshplane: node running ({:?} I/O, {n} worker{} on {}): ports {}",
         a.io,
-        a.cores.first().map_or("any core".to_owned(), |c| format!("core {c}")),
+        if n == 1 { "" } else { "s" },
+        if a.cores.is_empty() { "any core".to_owned() } else { format!("cores {:?}", a.cores) },
         names.join(", ")
     );
 
@@ -167,24 +186,33 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         }
     }
     shared.stop();
-    let report = match handle.join() {
-        Ok(r) => r?,
-        Err(_) => bail!("the worker thread panicked"),
-    };
+    let mut reports = Vec::new();
+    for h in handles {
+        match h.join() {
+            Ok(r) => reports.push(r?),
+            Err(_) => bail!("a worker thread panicked"),
+        }
+    }
     if let Some(h) = stats {
         let _ = h.join();
     }
     if let Some(file) = &a.stats_file {
         write_stats(file, &shared);
     }
-    eprintln!("meshplane: stopped; {}", summary(&report));
+    eprintln!("meshplane: stopped; {}", summary(&reports));
     Ok(())
 }
 
-/// One line of totals.
-fn summary(r: &Report) -> String {
-    let (rx, tx): (u64, u64) = r.io.iter().fold((0, 0), |(a, b), (_, s)| (a + s.rx, b + s.tx));
-    let drops = r.stats.as_ref().map_or(0, |s| s.total_drops());
+/// One line of totals over the workers.
+fn summary(reports: &[Report]) -> String {
+    let (mut rx, mut tx, mut drops) = (0u64, 0u64, 0u64);
+    for r in reports {
+        for (_, s) in &r.io {
+            rx += s.rx;
+            tx += s.tx;
+        }
+        drops += r.stats.as_ref().map_or(0, |s| s.total_drops());
+    }
     format!("{rx} frames received, {tx} sent, {drops} dropped")
 }
 
@@ -203,6 +231,9 @@ struct WorkerStats<'a> {
     unbound: u64,
     conntrack_entries: usize,
     new_connections: u64,
+    handed_off: u64,
+    handed_in: u64,
+    handoff_full: u64,
     busy_rounds: u64,
     idle_waits: u64,
 }
@@ -243,6 +274,9 @@ fn write_stats(file: &Path, shared: &Arc<Shared>) {
             unbound: r.unbound,
             conntrack_entries: r.conntrack_len,
             new_connections: r.services.iter().map(|s| s.new_conns).sum(),
+            handed_off: r.handed_off,
+            handed_in: r.handed_in,
+            handoff_full: r.handoff_full,
             busy_rounds: r.busy_rounds,
             idle_waits: r.idle_waits,
         })

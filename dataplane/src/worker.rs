@@ -20,6 +20,7 @@ use crate::lb::conntrack::{CtConfig, CtStats};
 use crate::pipeline::{DropReason, Stats, Verdict, WorkerState, process_burst};
 use crate::tables::{PortId, Tables};
 use arc_swap::ArcSwap;
+use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -33,16 +34,56 @@ pub struct Shared {
     version: AtomicU64,
     stop: AtomicBool,
     reports: Vec<CachePadded<Mutex<Report>>>,
+    /// With more than one worker: frames for worker 0, which owns the
+    /// balancer's state.
+    handoff: Option<Handoff>,
 }
+
+/// Worker 0's inbox: frames other workers received that touch connection
+/// state (a network with services, the routing mesh), so that both
+/// directions of every connection meet the same connection table. The
+/// buffers come from a pool allocated at start-up and go back to it.
+#[derive(Debug)]
+struct Handoff {
+    inbox: ArrayQueue<Handed>,
+    pool: ArrayQueue<Box<[u8]>>,
+    /// Worker 0 is about to sleep (or sleeps): wake it after a push.
+    sleeping: AtomicBool,
+    waker: std::sync::OnceLock<mio::Waker>,
+}
+
+/// A frame handed to worker 0: the tables port it came in on and a copy.
+#[derive(Debug)]
+struct Handed {
+    port: PortId,
+    len: usize,
+    buf: Box<[u8]>,
+}
+
+/// Buffers of the handoff pool.
+const HANDOFF_BUFFERS: usize = 4096;
 
 impl Shared {
     /// Shared state for `workers` workers starting with `tables`.
     pub fn new(tables: Tables, workers: usize) -> Arc<Shared> {
+        let handoff = (workers > 1).then(|| {
+            let pool = ArrayQueue::new(HANDOFF_BUFFERS);
+            for _ in 0..HANDOFF_BUFFERS {
+                let _ = pool.push(vec![0u8; crate::io::SLOT].into_boxed_slice());
+            }
+            Handoff {
+                inbox: ArrayQueue::new(HANDOFF_BUFFERS),
+                pool,
+                sleeping: AtomicBool::new(false),
+                waker: std::sync::OnceLock::new(),
+            }
+        });
         Arc::new(Shared {
             tables: ArcSwap::from_pointee(tables),
             version: AtomicU64::new(1),
             stop: AtomicBool::new(false),
             reports: (0..workers).map(|_| CachePadded::new(Mutex::new(Report::default()))).collect(),
+            handoff,
         })
     }
 
@@ -65,6 +106,9 @@ impl Shared {
     /// Asks every worker to stop after its current round.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
+        if let Some(w) = self.handoff.as_ref().and_then(|h| h.waker.get()) {
+            let _ = w.wake();
+        }
     }
 
     /// True once [`Shared::stop`] was called.
@@ -98,6 +142,12 @@ pub struct Report {
     pub conntrack_len: usize,
     /// Frames sent toward a tables port this worker has no I/O port for.
     pub unbound: u64,
+    /// Frames this worker handed to worker 0 (connection state).
+    pub handed_off: u64,
+    /// Frames dropped because worker 0's inbox was full.
+    pub handoff_full: u64,
+    /// Frames worker 0 took from its inbox.
+    pub handed_in: u64,
     /// Rounds that received at least one frame.
     pub busy_rounds: u64,
     /// Times the worker went to sleep waiting for frames.
@@ -227,7 +277,18 @@ impl Worker {
                     .map_err(|e| WorkerError::Poll(self.index, e))?;
             }
         }
-        let mut events = mio::Events::with_capacity(self.ports.len().max(1));
+        const WAKE: mio::Token = mio::Token(usize::MAX);
+        if self.index == 0
+            && let Some(h) = &self.shared.handoff
+        {
+            let w = mio::Waker::new(poll.registry(), WAKE).map_err(|e| WorkerError::Poll(self.index, e))?;
+            let _ = h.waker.set(w);
+        }
+        // Worker 0 owns the connection state; the others hand it the
+        // frames that need it.
+        let handoff = self.shared.handoff.as_ref().filter(|_| self.index != 0);
+        let inbox = self.shared.handoff.as_ref().filter(|_| self.index == 0);
+        let mut events = mio::Events::with_capacity(self.ports.len() + 1);
         let epoch = Instant::now();
         // The clock starts at 1 s: conntrack times are never 0.
         let clock = || epoch.elapsed().as_nanos() as u64 + 1_000_000_000;
@@ -269,9 +330,35 @@ impl Worker {
                 let (before, rest) = self.ports.split_at_mut(i);
                 let Some((port, after)) = rest.split_first_mut() else { break };
                 let in_port = table_of[i];
-                let (t, st, io_of, verdicts, unbound) = (&*t, &mut st, &io_of, &mut verdicts, &mut report.unbound);
+                let (t, st, io_of, verdicts, rep) = (&*t, &mut st, &io_of, &mut verdicts, &mut report);
                 got += port.io.rx_burst(&mut |frames, back| {
-                    process_burst(frames, in_port, now, t, st, verdicts);
+                    match handoff {
+                        None => process_burst(frames, in_port, now, t, st, verdicts),
+                        Some(h) => {
+                            // Frame by frame: those that touch connection
+                            // state go to worker 0 (dropped here).
+                            let mut pushed = false;
+                            for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
+                                *v = if needs_state(f.data(), in_port, t) {
+                                    if hand(h, in_port, f.data()) {
+                                        rep.handed_off += 1;
+                                        pushed = true;
+                                    } else {
+                                        rep.handoff_full += 1;
+                                    }
+                                    Verdict::Pass
+                                } else {
+                                    crate::pipeline::process(f, in_port, now, t, st)
+                                };
+                            }
+                            if pushed
+                                && h.sleeping.load(Ordering::SeqCst)
+                                && let Some(w) = h.waker.get()
+                            {
+                                let _ = w.wake();
+                            }
+                        }
+                    }
                     for (j, v) in verdicts.iter().take(frames.len()).enumerate() {
                         let Verdict::Tx(p) = *v else { continue };
                         match io_of.get(usize::from(p)).copied().flatten() {
@@ -282,10 +369,30 @@ impl Worker {
                             Some(k) => {
                                 after[k - i - 1].io.tx_copy(frames[j].data());
                             }
-                            None => *unbound += 1,
+                            None => rep.unbound += 1,
                         }
                     }
                 });
+            }
+            if let Some(h) = inbox {
+                // Frames the other workers handed over.
+                for _ in 0..BURST {
+                    let Some(mut x) = h.inbox.pop() else { break };
+                    got += 1;
+                    report.handed_in += 1;
+                    let len = x.len;
+                    if let Some(mut f) = crate::pipeline::Frame::new(&mut x.buf, crate::pipeline::HEADROOM, len)
+                        && let Verdict::Tx(p) = crate::pipeline::process(&mut f, x.port, now, &t, &mut st)
+                    {
+                        match io_of.get(usize::from(p)).copied().flatten() {
+                            Some(k) => {
+                                self.ports[k].io.tx_copy(f.data());
+                            }
+                            None => report.unbound += 1,
+                        }
+                    }
+                    let _ = h.pool.push(x.buf);
+                }
             }
             for p in &mut self.ports {
                 p.io.flush();
@@ -295,12 +402,25 @@ impl Worker {
                 last_frame = now;
                 report.busy_rounds += 1;
             } else if !self.cfg.busy_poll && now.saturating_sub(last_frame) > spin {
-                report.idle_waits += 1;
                 // Publish before sleeping: an idle worker's counters are
                 // current.
                 self.publish(&mut report, &st);
                 last_report = now;
-                match poll.poll(&mut events, Some(self.cfg.max_wait)) {
+                // Tell the other workers to wake this one after a handoff,
+                // then look once more (one of the two sees the other).
+                if let Some(h) = inbox {
+                    h.sleeping.store(true, Ordering::SeqCst);
+                    if !h.inbox.is_empty() {
+                        h.sleeping.store(false, Ordering::SeqCst);
+                        continue;
+                    }
+                }
+                report.idle_waits += 1;
+                let r = poll.poll(&mut events, Some(self.cfg.max_wait));
+                if let Some(h) = inbox {
+                    h.sleeping.store(false, Ordering::SeqCst);
+                }
+                match r {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(WorkerError::Poll(self.index, e)),
@@ -329,6 +449,42 @@ impl Worker {
             && let Ok(mut r) = slot.try_lock()
         {
             r.clone_from(report);
+        }
+    }
+}
+
+/// True if a frame received on `in_port` may touch connection state
+/// (worker 0's): from a task port in a network with services; from the
+/// uplink, VXLAN of such a network, or anything that is not VXLAN for us
+/// (published ports, and the rare rest).
+fn needs_state(d: &[u8], in_port: PortId, t: &Tables) -> bool {
+    let has_services = |net: crate::tables::NetId| t.networks.get(usize::from(net)).is_some_and(|n| n.has_services);
+    if in_port != crate::tables::UPLINK {
+        return t.ports.get(usize::from(in_port)).and_then(|p| p.network).is_some_and(has_services);
+    }
+    match crate::wire::vxlan::classify(d, t.data_ip, t.vxlan_port) {
+        Ok(crate::wire::vxlan::Classified::Vxlan(x)) => t.net_of_vni(x.vni).is_some_and(has_services),
+        Ok(crate::wire::vxlan::Classified::NotVxlan) => true,
+        // Malformed VXLAN for us: dropped (and counted) where it came in.
+        Err(_) => false,
+    }
+}
+
+/// Copies a frame into a pool buffer and queues it for worker 0; false if
+/// the pool or the inbox is full.
+fn hand(h: &Handoff, port: PortId, data: &[u8]) -> bool {
+    let Some(mut buf) = h.pool.pop() else { return false };
+    let at = crate::pipeline::HEADROOM;
+    if data.len() > buf.len() - at {
+        let _ = h.pool.push(buf);
+        return false;
+    }
+    buf[at..at + data.len()].copy_from_slice(data);
+    match h.inbox.push(Handed { port, len: data.len(), buf }) {
+        Ok(()) => true,
+        Err(x) => {
+            let _ = h.pool.push(x.buf);
+            false
         }
     }
 }

@@ -199,3 +199,65 @@ fn unknown_and_duplicate_port_names_are_refused() {
     let e = Worker::new(0, ports, shared, WorkerConfig::default()).unwrap_err();
     assert!(e.to_string().contains("given twice"), "{e}");
 }
+
+/// Two workers: frames that touch connection state (a task's connection to
+/// a VIP) reach worker 0 whichever worker received them, so both
+/// directions meet one connection table; plain overlay frames stay where
+/// they came in.
+#[test]
+fn stateful_frames_are_handed_to_worker_0() {
+    let t = Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables-lb.toml")).unwrap();
+    let shared =
+        Shared::new(Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables-lb.toml")).unwrap(), 2);
+    let mut queues = Vec::new();
+    let mut handles = Vec::new();
+    for w in 0..2 {
+        let mut ports = Vec::new();
+        let mut q = Vec::new();
+        for n in ["uplink", "task1", "task3"] {
+            let (p, h) = MemPort::new(n);
+            ports.push(Bound::new(n, Box::new(p)));
+            q.push(h);
+        }
+        let worker = Worker::new(w, ports, shared.clone(), WorkerConfig::default()).unwrap();
+        handles.push(std::thread::spawn(move || worker.run().unwrap()));
+        queues.push(q);
+    }
+    let sent = |w: usize, p: usize| queues[w][p].lock().unwrap().tx.clone();
+    // Task 1 → VIP 198.19.0.100:80 on worker 1's queue: rr picks T3
+    // (local), and the connection is tracked by worker 0.
+    let mut syn = Vec::new();
+    etherparse::PacketBuilder::ethernet2(M1, [0x02, 0x42, 0xc6, 0x13, 0x00, 0xfe])
+        .ipv4([198, 19, 0, 1], [198, 19, 0, 100], 64)
+        .tcp(40001, 80, 1, 64000)
+        .syn()
+        .write(&mut syn, &[])
+        .unwrap();
+    queues[1][1].lock().unwrap().rx.push_back(syn.clone());
+    wait_for("the balanced frame", || sent(0, 2).len() == 1);
+    let mut st = WorkerState::for_tables(&t);
+    let mut buf = vec![0u8; HEADROOM + 2048];
+    buf[HEADROOM..HEADROOM + syn.len()].copy_from_slice(&syn);
+    let mut f = Frame::new(&mut buf, HEADROOM, syn.len()).unwrap();
+    assert_eq!(process(&mut f, 1, 1, &t, &mut st), Verdict::Tx(2));
+    assert_eq!(sent(0, 2)[0], f.data(), "worker 0 sent exactly what the pipeline makes");
+    assert!(sent(1, 2).is_empty(), "worker 1 sent nothing itself");
+    // T3's reply on worker 1's queue of task3 also goes to worker 0, which
+    // knows the connection and turns the source back into the VIP.
+    let mut reply = Vec::new();
+    etherparse::PacketBuilder::ethernet2(M3, M1)
+        .ipv4([198, 19, 0, 3], [198, 19, 0, 1], 64)
+        .tcp(8080, 40001, 1, 64000)
+        .syn()
+        .ack(2)
+        .write(&mut reply, &[])
+        .unwrap();
+    queues[1][2].lock().unwrap().rx.push_back(reply);
+    wait_for("the reply", || sent(0, 1).len() == 1);
+    assert_eq!(&sent(0, 1)[0][26..30], &[198, 19, 0, 100], "the reply comes from the VIP");
+    shared.stop();
+    let reports: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!((reports[1].handed_off, reports[0].handed_in, reports[1].handoff_full), (2, 2, 0));
+    assert_eq!(reports[0].services[0].new_conns, 1);
+    assert!(reports[1].services[0].new_conns == 0, "worker 1 tracked nothing");
+}

@@ -130,6 +130,8 @@ struct Node {
 struct Cluster {
     lab: Lab,
     io: Io,
+    /// Workers per node (cores 0..workers); devices get as many queues.
+    workers: usize,
     fab: String,
     nodes: Vec<Node>,
     tasks: Vec<String>,
@@ -167,7 +169,7 @@ impl Cluster {
         for f in ["iptables", "ip6tables", "arptables"] {
             let _ = in_ns(&fab, &["sysctl", "-qw", &format!("net.bridge.bridge-nf-call-{f}=0")]);
         }
-        Cluster { lab, io, fab, nodes: Vec::new(), tasks: Vec::new() }
+        Cluster { lab, io, workers: 1, fab, nodes: Vec::new(), tasks: Vec::new() }
     }
 
     /// Adds meshplane node n (1 or 2) with task n, running `tables_toml`.
@@ -177,17 +179,20 @@ impl Cluster {
         let tables = self.lab.dir.join(format!("node{n}.toml"));
         std::fs::write(&tables, tables_toml).expect("writing tables");
         let stats = self.lab.dir.join(format!("stats{n}.json"));
+        let q = self.workers;
         let uplink = match self.io {
             Io::Afxdp => {
-                on_fabric(
-                    &self.fab,
-                    &ns,
-                    "up0",
-                    &format!("n{n}"),
-                    &format!("02:00:00:00:00:0{n}"),
-                    &format!("198.18.0.{n}"),
-                );
-                ip(&format!("link add tp{n} netns {ns} type veth peer name eth0 netns {task}"));
+                let (fab, nif) = (&self.fab, format!("n{n}"));
+                ip(&format!(
+                    "link add {nif} netns {fab} numtxqueues {q} numrxqueues {q} type veth peer name up0 netns {ns} numtxqueues {q} numrxqueues {q}"
+                ));
+                ip(&format!("-n {fab} link set {nif} master br0 up"));
+                ip(&format!("-n {ns} link set up0 address 02:00:00:00:00:0{n} up"));
+                ip(&format!("-n {ns} addr add 198.18.0.{n}/24 dev up0"));
+                in_ns_ok(&ns, &["ethtool", "-K", "up0", "tx", "off"]);
+                ip(&format!(
+                    "link add tp{n} netns {ns} numtxqueues {q} numrxqueues {q} type veth peer name eth0 netns {task} numtxqueues {q} numrxqueues {q}"
+                ));
                 ip(&format!("-n {ns} link set tp{n} up"));
                 config_task(&task, n);
                 "up0"
@@ -195,11 +200,13 @@ impl Cluster {
             Io::Tap => {
                 // Persistent TAPs the node attaches to, moved into place
                 // once it holds them.
-                ip(&format!("-n {ns} tuntap add dev mpup mode tap"));
-                ip(&format!("-n {ns} tuntap add dev tp{n} mode tap"));
+                let mq = if q > 1 { " multi_queue" } else { "" };
+                ip(&format!("-n {ns} tuntap add dev mpup mode tap{mq}"));
+                ip(&format!("-n {ns} tuntap add dev tp{n} mode tap{mq}"));
                 "mpup"
             }
         };
+        let cores = (0..self.workers).map(|c| c.to_string()).collect::<Vec<_>>().join(",");
         let p = self.lab.spawn(
             &ns,
             &format!("node{n}"),
@@ -207,6 +214,8 @@ impl Cluster {
                 BIN,
                 "node",
                 "run",
+                "--cores",
+                &cores,
                 "--tables",
                 tables.to_str().expect("utf-8 path"),
                 "--uplink",
@@ -238,7 +247,13 @@ impl Cluster {
 
     /// Two meshplane nodes.
     fn two_nodes(tag: &str, io: Io, services: bool) -> Cluster {
+        Self::two_nodes_with(tag, io, services, 1)
+    }
+
+    /// Two meshplane nodes of `workers` workers each.
+    fn two_nodes_with(tag: &str, io: Io, services: bool, workers: usize) -> Cluster {
         let mut c = Cluster::fabric(tag, io);
+        c.workers = workers;
         c.add_node(1, &tables(1, services, ""));
         c.add_node(2, &tables(2, services, ""));
         c
@@ -617,4 +632,45 @@ fn idle_node_sleeps() {
     let used = cpu_seconds(pid) - before;
     assert!(used < 0.05 * 3.0, "an idle node used {used:.3} s of CPU in 3 s");
     eprintln!("idle node: {:.1}% of a core", used / 3.0 * 100.0);
+}
+
+/// Two workers per node (devices with two queues): overlay and routing-mesh
+/// connections all work, whichever worker receives their frames (worker 0
+/// owns the connection state; the other hands it what touches it).
+fn two_workers(io: Io) {
+    let _g = serial();
+    let mut c = Cluster::two_nodes_with(&format!("mw-{}", io.arg()), io, true, 2);
+    let client = c.client();
+    let (t1, t2) = (c.tasks[0].clone(), c.tasks[1].clone());
+    for k in 0..4 {
+        let a = c.tcp(&t1, &t2, "198.19.0.2:5001", "198.19.0.2:5001", 300_000);
+        assert!(a.ends_with("bytes=300000 ok"), "overlay {k}: {a}");
+        let m = c.tcp(&client, &t2, "198.19.0.2:5001", "198.18.0.1:30080", 300_000);
+        assert!(m.starts_with("peer=198.19.0.250:") && m.ends_with(" ok"), "mesh {k}: {m}");
+        let p = c.tcp(&client, &t2, "198.19.0.2:5001", "198.18.0.1:30081", 300_000);
+        assert!(p.starts_with("peer=198.18.0.100:") && p.ends_with(" ok"), "preserve-source {k}: {p}");
+    }
+    let u = c.udp(&t1, &t2, "198.19.0.2:5002", "198.19.0.100:7", 200);
+    assert!(u.starts_with("udp: 200/200"), "VIP: {u}");
+    wait_for("two workers' counters", 5, || c.stats(0)["workers"].as_array().is_some_and(|w| w.len() == 2));
+    let s = c.stats(0);
+    eprintln!(
+        "node 1: worker 1 handed {} frames to worker 0; busy rounds {} / {}",
+        s["workers"][1]["handed_off"], s["workers"][0]["busy_rounds"], s["workers"][1]["busy_rounds"]
+    );
+    assert_eq!(s["workers"][1]["new_connections"].as_u64(), Some(0), "only worker 0 tracks connections: {s}");
+    c.stop_node(0);
+    c.stop_node(1);
+}
+
+#[test]
+fn two_workers_afxdp() {
+    need_root!();
+    two_workers(Io::Afxdp);
+}
+
+#[test]
+fn two_workers_tap() {
+    need_root!();
+    two_workers(Io::Tap);
 }

@@ -103,7 +103,7 @@ pub(crate) struct Slots {
 }
 
 /// Bytes per slot.
-pub(crate) const SLOT: usize = crate::pipeline::HEADROOM + FRAME_ROOM;
+pub const SLOT: usize = crate::pipeline::HEADROOM + FRAME_ROOM;
 
 impl Slots {
     pub(crate) fn new() -> Self {

@@ -40,6 +40,14 @@ impl TapPort {
     /// Creates the TAP device `name` (or attaches to a persistent one of
     /// that name), without packet information, and sets it up.
     pub fn open(name: &str) -> Result<TapPort, IoError> {
+        let mut v = Self::open_queues(name, 1)?;
+        v.pop().ok_or_else(|| IoError::Config { port: name.to_owned(), msg: "no TAP queue was created".into() })
+    }
+
+    /// Opens `queues` queues of the TAP device `name` (one per worker; more
+    /// than one makes it a multi-queue device, and a persistent one must
+    /// have been created `multi_queue`).
+    pub fn open_queues(name: &str, queues: usize) -> Result<Vec<TapPort>, IoError> {
         let setup =
             |what: &'static str| move |source: std::io::Error| IoError::Setup { port: name.to_owned(), what, source };
         if name.is_empty() || name.len() > 15 {
@@ -47,19 +55,25 @@ impl TapPort {
         }
         let rt = runtime().map_err(setup("starting the TAP reactor"))?;
         let _guard = rt.enter();
-        let tun = Tun::builder()
-            .name(name)
-            .tap()
-            .up()
-            .build()
-            .map_err(|e| IoError::Setup {
+        let mut b = Tun::builder().name(name).tap().up();
+        if queues > 1 {
+            b = b.queues(queues);
+        }
+        let tuns = b.build().map_err(|e| IoError::Setup {
+            port: name.to_owned(),
+            what: "creating the TAP device",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        if tuns.len() != queues {
+            return Err(IoError::Config {
                 port: name.to_owned(),
-                what: "creating the TAP device",
-                source: std::io::Error::other(e.to_string()),
-            })?
-            .pop()
-            .ok_or_else(|| IoError::Config { port: name.to_owned(), msg: "no TAP queue was created".into() })?;
-        Ok(TapPort { name: tun.name().to_owned(), tun, slots: Slots::new(), stats: IoStats::default() })
+                msg: format!("{} TAP queues for {queues}", tuns.len()),
+            });
+        }
+        Ok(tuns
+            .into_iter()
+            .map(|tun| TapPort { name: tun.name().to_owned(), tun, slots: Slots::new(), stats: IoStats::default() })
+            .collect())
     }
 
     fn send(&mut self, frame: &[u8]) -> bool {

@@ -29,6 +29,7 @@ use core::net::Ipv4Addr;
 use std::ffi::CString;
 use std::num::NonZeroU32;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use xsk_rs::config::{BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
 
@@ -146,10 +147,13 @@ struct XdpProgram {
     generic: bool,
 }
 
-// SAFETY: the bpf_object is owned by this value alone and libbpf objects
-// are not tied to the thread that made them; the map fds are plain file
-// descriptors.
+// SAFETY: the bpf_object is owned by this value alone (shared only behind
+// an Arc, through `&self` methods that touch the kernel by map fds, which
+// are plain file descriptors, never the object's memory) and libbpf objects
+// are not tied to the thread that made them.
 unsafe impl Send for XdpProgram {}
+// SAFETY: as above: `&self` methods only pass map fds to system calls.
+unsafe impl Sync for XdpProgram {}
 
 /// XDP attach mode flags (linux/if_link.h).
 const XDP_FLAGS_SKB_MODE: u32 = 2;
@@ -390,7 +394,7 @@ pub struct AfXdpPort {
     ring: usize,
     stats: IoStats,
     bind_mode: &'static str,
-    prog: XdpProgram,
+    prog: Arc<XdpProgram>,
 }
 
 // SAFETY: `base` points into the UMEM mapping this port owns (through
@@ -410,12 +414,30 @@ impl AfXdpPort {
     /// frame), creates the UMEM and socket, and registers the socket in
     /// the program's map.
     pub fn open(iface: &str, queue: u32, cfg: &AfXdpConfig, steering: Option<Steering>) -> Result<AfXdpPort, IoError> {
-        let cerr = |msg: String| IoError::Config { port: iface.to_owned(), msg };
+        let mut v = Self::open_queues(iface, &[queue], cfg, steering)?;
+        v.pop().ok_or_else(|| IoError::Config { port: iface.to_owned(), msg: "no queue".into() })
+    }
+
+    /// Opens one socket on each of `queues` of `iface` (one per worker),
+    /// all fed by one steering program, which is detached when the last of
+    /// them is dropped.
+    pub fn open_queues(
+        iface: &str,
+        queues: &[u32],
+        cfg: &AfXdpConfig,
+        steering: Option<Steering>,
+    ) -> Result<Vec<AfXdpPort>, IoError> {
         let prog =
             XdpProgram::attach(iface, if steering.is_some() { "steer_uplink" } else { "steer_all" }, cfg.generic)?;
         if let Some(s) = &steering {
             set_steering(&prog, s, iface)?;
         }
+        let prog = Arc::new(prog);
+        queues.iter().map(|&q| Self::open_socket(iface, q, cfg, prog.clone())).collect()
+    }
+
+    fn open_socket(iface: &str, queue: u32, cfg: &AfXdpConfig, prog: Arc<XdpProgram>) -> Result<AfXdpPort, IoError> {
+        let cerr = |msg: String| IoError::Config { port: iface.to_owned(), msg };
         let ring = QueueSize::new(cfg.ring).map_err(|e| cerr(format!("ring size: {e}")))?;
         let umem_cfg = UmemConfig::builder()
             .frame_size(FrameSize::new(FRAME_SIZE).map_err(|e| cerr(format!("frame size: {e}")))?)
