@@ -59,6 +59,14 @@ pub(crate) struct RunArgs {
     /// trying native mode first.
     #[arg(long)]
     xdp_generic: bool,
+    /// AF_XDP: entries of each ring (fill, completion, rx, tx); a power of
+    /// two.
+    #[arg(long, default_value_t = 2048)]
+    xdp_ring: u32,
+    /// AF_XDP: UMEM frames (2 KiB each) per socket; at least twice the
+    /// ring.
+    #[arg(long, default_value_t = 8192)]
+    xdp_frames: u32,
 }
 
 fn parse_task_port(s: &str) -> Result<(String, String), String> {
@@ -81,8 +89,13 @@ fn open(kind: IoKind, iface: &str, uplink: bool, n: usize, t: &Tables, a: &RunAr
         }
         IoKind::Afxdp => {
             let steer = uplink.then(|| afxdp::Steering::for_tables(t));
-            let cfg =
-                afxdp::AfXdpConfig { generic: a.xdp_generic, busy_poll: a.busy_poll, ..afxdp::AfXdpConfig::default() };
+            let cfg = afxdp::AfXdpConfig {
+                generic: a.xdp_generic,
+                busy_poll: a.busy_poll,
+                ring: a.xdp_ring,
+                frames: a.xdp_frames,
+                ..afxdp::AfXdpConfig::default()
+            };
             let queues: Vec<u32> = (0..n as u32).collect();
             let v = afxdp::AfXdpPort::open_queues(iface, &queues, &cfg, steer)?;
             let handle = match v.first() {
