@@ -418,6 +418,15 @@ fn mesh(io: Io) {
     assert!(nat.starts_with("peer=198.19.0.250:") && nat.ends_with("bytes=1000000 ok"), "nat mode: {nat}");
     let ps = c.tcp(&client, &t2, "198.19.0.2:5001", "198.18.0.1:30081", 1_000_000);
     assert!(ps.starts_with("peer=198.18.0.100:") && ps.ends_with("bytes=1000000 ok"), "preserve-source: {ps}");
+    if io == Io::Afxdp {
+        // The steering program leaves the rest of the uplink's traffic to
+        // the kernel, which holds the data address: it answers ping, and a
+        // TCP service of its own (as SSH would be) works beside the mesh.
+        ping(&client, "198.18.0.1");
+        let n1 = c.nodes[0].ns.clone();
+        let own = c.tcp(&client, &n1, "198.18.0.1:22", "198.18.0.1:22", 200_000);
+        assert!(own.starts_with("peer=198.18.0.100:") && own.ends_with(" ok"), "the kernel's own service: {own}");
+    }
     // Node 2 serves its own published port too (the task is local there).
     let local = c.tcp(&client, &t2, "198.19.0.2:5001", "198.18.0.2:30081", 500_000);
     assert!(local.starts_with("peer=198.18.0.100:"), "{local}");
