@@ -1,8 +1,13 @@
 //! meshplane's control thread: cluster state (Raft), membership (SWIM
 //! gossip), and the compilation of state into the dataplane's tables.
 //!
-//! Not built yet: the crate exists so the workspace has its final shape.
-//! Issue 6 of the project tracker fills it in; see ARCHITECTURE.md.
+//! Built so far: the state model with its commands, allocators and
+//! validation ([`state`]), and the compilation of state and membership into
+//! one node's tables ([`compile`]). Raft, gossip and the admin API come
+//! next (issue 6); see ARCHITECTURE.md.
+
+pub mod compile;
+pub mod state;
 
 /// The management-plane port (Raft, admin API, joins), as in Docker Swarm.
 pub const MANAGEMENT_PORT: u16 = 2377;

@@ -64,7 +64,7 @@ pub struct PublishedSpec {
 }
 
 /// How the routing mesh forwards a published port's connections.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MeshMode {
     /// Swarm's: DNAT to the task and SNAT to this node's address in the
@@ -115,7 +115,7 @@ pub enum BackendState {
 }
 
 /// A transport protocol a service balances.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     /// TCP.

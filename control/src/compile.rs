@@ -1,0 +1,127 @@
+//! Compiling the cluster state and live membership into one node's
+//! dataplane tables (`TablesSpec`, which the dataplane validates and turns
+//! into lookup structures; Maglev rings are built there, on the control
+//! side of the swap).
+//!
+//! What a node gets: every other node as an underlay neighbour (one L2
+//! fabric: their data MACs), every network (its VNI, subnet, gateway, MTU
+//! and this node's address in it), a port per local task (named after the
+//! task), every task as an endpoint — local ones on their port, remote
+//! ones behind their node's VTEP, and only on nodes that are up — the
+//! other nodes' addresses in each network as endpoints, and every service
+//! with its tasks on live nodes as backends (weight 0 on drained nodes).
+
+use crate::state::{Availability, ClusterState, mac_for};
+use meshplane_dataplane::lb::service::{BackendSpec, BackendState, PublishedSpec, ServiceSpec};
+use meshplane_dataplane::tables::{EndpointSpec, NeighbourSpec, NetworkSpec, NodeSpec, PortSpec, TablesSpec};
+use thiserror::Error;
+
+/// Why a node's tables could not be compiled.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CompileError {
+    /// The node is not in the state.
+    #[error("no node {0:?} in the cluster state")]
+    UnknownNode(String),
+}
+
+/// The tables of node `me`, with `up(node)` telling which nodes gossip says
+/// are alive (tasks on other nodes are left out, so no balancer sends to
+/// them), at snapshot `version`.
+pub fn compile(
+    state: &ClusterState,
+    me: &str,
+    up: &dyn Fn(&str) -> bool,
+    version: u64,
+) -> Result<TablesSpec, CompileError> {
+    let node = state.nodes.get(me).ok_or_else(|| CompileError::UnknownNode(me.to_owned()))?;
+    let alive = |n: &str| n == me || up(n);
+    let neighbours =
+        state.nodes.values().filter(|n| n.id != me).map(|n| NeighbourSpec { ip: n.data_ip, mac: n.data_mac }).collect();
+    let networks = state
+        .networks
+        .values()
+        .map(|nw| NetworkSpec {
+            name: nw.name.clone(),
+            vni: nw.vni,
+            subnet: nw.subnet,
+            gateway_ip: nw.gateway,
+            gateway_mac: mac_for(nw.gateway),
+            mtu: Some(nw.mtu),
+            node_ip: nw.node_ips.get(me).copied(),
+        })
+        .collect();
+    let net_of = |service: &str| state.services.get(service).map(|s| s.network.clone());
+    let mut ports = Vec::new();
+    let mut endpoints = Vec::new();
+    for t in state.tasks.values() {
+        let Some(network) = net_of(&t.service) else { continue };
+        if t.node == me {
+            ports.push(PortSpec { name: t.id.clone(), network: network.clone() });
+            endpoints.push(EndpointSpec { network, ip: t.ip, mac: t.mac, port: Some(t.id.clone()), vtep: None });
+        } else if alive(&t.node)
+            && let Some(n) = state.nodes.get(&t.node)
+        {
+            endpoints.push(EndpointSpec { network, ip: t.ip, mac: t.mac, port: None, vtep: Some(n.data_ip) });
+        }
+    }
+    for nw in state.networks.values() {
+        for (id, ip) in &nw.node_ips {
+            if id != me
+                && alive(id)
+                && let Some(n) = state.nodes.get(id)
+            {
+                endpoints.push(EndpointSpec {
+                    network: nw.name.clone(),
+                    ip: *ip,
+                    mac: mac_for(*ip),
+                    port: None,
+                    vtep: Some(n.data_ip),
+                });
+            }
+        }
+    }
+    let services = state
+        .services
+        .values()
+        .map(|s| ServiceSpec {
+            name: s.name.clone(),
+            protocol: s.protocol,
+            network: s.network.clone(),
+            vip: s.vip.map(|(ip, _)| ip),
+            port: s.vip.map(|(_, p)| p),
+            target_port: Some(s.target_port),
+            published: s.published.iter().map(|p| PublishedSpec { port: p.port, mode: p.mode }).collect(),
+            scheduler: s.scheduler,
+            maglev_size: meshplane_dataplane::lb::maglev::DEFAULT_SIZE,
+            backends: state
+                .tasks
+                .values()
+                .filter(|t| t.service == s.name && alive(&t.node))
+                .map(|t| {
+                    let drained = state.nodes.get(&t.node).is_some_and(|n| n.availability == Availability::Drain);
+                    BackendSpec {
+                        ip: t.ip,
+                        weight: if drained { 0 } else { t.weight },
+                        state: if drained || t.weight == 0 { BackendState::Draining } else { BackendState::Active },
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(TablesSpec {
+        version,
+        node: NodeSpec {
+            data_ip: node.data_ip,
+            data_mac: node.data_mac,
+            vxlan_port: meshplane_dataplane::wire::vxlan::DEFAULT_PORT,
+            underlay_mtu: 1500,
+            ttl: 64,
+            next_hop_mac: None,
+            neighbours,
+        },
+        networks,
+        ports,
+        endpoints,
+        services,
+    })
+}

@@ -1,0 +1,580 @@
+//! The cluster's desired state and the commands that change it.
+//!
+//! This is the Raft state machine's content (issue 6 puts it behind
+//! openraft): [`ClusterState::apply`] is deterministic — the same commands
+//! in the same order give the same state on every manager — and a command
+//! that fails validation changes nothing and says why.
+//!
+//! Allocation, as Swarm does it: VNIs from 4096 up, addresses from a
+//! network's subnet (lowest free, skipping the network and broadcast
+//! addresses and the gateway), published ports chosen or the lowest free in
+//! 30000–32767, MACs derived from addresses (02:42 + the IPv4 address).
+
+use core::net::{Ipv4Addr, SocketAddr};
+use meshplane_dataplane::lb::sched::Scheduler;
+use meshplane_dataplane::lb::service::{MeshMode, Proto};
+use meshplane_dataplane::tables::Subnet;
+use meshplane_dataplane::wire::MacAddr;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use thiserror::Error;
+
+/// First VNI allocated to a network (Swarm's range starts at 4096).
+pub const FIRST_VNI: u32 = 4096;
+/// Largest VNI (24 bits).
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+/// The range published ports are auto-assigned from.
+pub const PUBLISHED_RANGE: core::ops::RangeInclusive<u16> = 30000..=32767;
+/// A network's MTU unless given: a 1500-byte underlay minus VXLAN's 50.
+pub const DEFAULT_MTU: u16 = 1450;
+
+/// A node's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Runs Raft and takes writes.
+    Manager,
+    /// Runs tasks only.
+    Worker,
+}
+
+/// Whether a node takes tasks (Swarm's availability).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    /// Takes new tasks.
+    Active,
+    /// Keeps its tasks, takes no new ones.
+    Pause,
+    /// Its tasks are drained: weight 0 in every balancer.
+    Drain,
+}
+
+/// A node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Its name (unique).
+    pub id: String,
+    /// Management address (Raft, admin API).
+    pub mgmt: SocketAddr,
+    /// Data-path address (VXLAN, published ports).
+    pub data_ip: Ipv4Addr,
+    /// MAC of its data-path NIC.
+    pub data_mac: MacAddr,
+    /// Manager or worker.
+    pub role: Role,
+    /// Active, paused or drained.
+    pub availability: Availability,
+}
+
+/// An overlay network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    /// Its name (unique).
+    pub name: String,
+    /// VXLAN network identifier (allocated).
+    pub vni: u32,
+    /// Subnet.
+    pub subnet: Subnet,
+    /// Gateway address (default: the subnet's last host address).
+    pub gateway: Ipv4Addr,
+    /// MTU of the tasks' interfaces.
+    pub mtu: u16,
+    /// Each node's own address in the network (allocated when the network
+    /// first has a published service): the routing mesh's source in `nat`
+    /// mode and the node's identity in `preserve-source` returns.
+    pub node_ips: BTreeMap<String, Ipv4Addr>,
+}
+
+/// A published port of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    /// The port on every node's data address.
+    pub port: u16,
+    /// How the routing mesh forwards it.
+    pub mode: MeshMode,
+}
+
+/// A service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// Its name (unique).
+    pub name: String,
+    /// The network of its tasks.
+    pub network: String,
+    /// TCP or UDP.
+    pub protocol: Proto,
+    /// Its VIP in the network (allocated) and port, if it has one.
+    pub vip: Option<(Ipv4Addr, u16)>,
+    /// The port its tasks listen on.
+    pub target_port: u16,
+    /// Published ports.
+    pub published: Vec<Published>,
+    /// Scheduler.
+    pub scheduler: Scheduler,
+}
+
+/// A task: a service's endpoint on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// Its id (unique; also its port's name on its node).
+    pub id: String,
+    /// Its service.
+    pub service: String,
+    /// The node it runs on.
+    pub node: String,
+    /// Its address (allocated from the service's network).
+    pub ip: Ipv4Addr,
+    /// Its MAC (derived from the address).
+    pub mac: MacAddr,
+    /// Balancing weight (0: drained).
+    pub weight: u32,
+}
+
+/// A request to publish a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishRequest {
+    /// The port, or `None` for the lowest free in 30000–32767.
+    pub port: Option<u16>,
+    /// The mode.
+    pub mode: MeshMode,
+}
+
+/// A change to the state: a Raft log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// A node joins (or comes back with new addresses).
+    AddNode(Node),
+    /// A node leaves; its tasks go with it.
+    RemoveNode {
+        /// The node.
+        id: String,
+    },
+    /// A node's availability changes.
+    SetAvailability {
+        /// The node.
+        id: String,
+        /// The new availability.
+        availability: Availability,
+    },
+    /// A network is created.
+    CreateNetwork {
+        /// Its name.
+        name: String,
+        /// Its subnet.
+        subnet: Subnet,
+        /// Its gateway (default: the last host address).
+        gateway: Option<Ipv4Addr>,
+        /// Its MTU (default 1450).
+        mtu: Option<u16>,
+    },
+    /// A network with no services is removed.
+    RemoveNetwork {
+        /// Its name.
+        name: String,
+    },
+    /// A service is created.
+    CreateService {
+        /// Its name.
+        name: String,
+        /// Its tasks' network.
+        network: String,
+        /// TCP or UDP.
+        protocol: Proto,
+        /// A VIP on this port (allocated from the network), if any.
+        vip_port: Option<u16>,
+        /// The tasks' port.
+        target_port: u16,
+        /// Ports to publish.
+        publish: Vec<PublishRequest>,
+        /// Scheduler.
+        scheduler: Scheduler,
+    },
+    /// A service and its tasks are removed.
+    RemoveService {
+        /// Its name.
+        name: String,
+    },
+    /// A task of a service is placed on a node.
+    AttachTask {
+        /// The task's id.
+        id: String,
+        /// Its service.
+        service: String,
+        /// Its node.
+        node: String,
+        /// Its weight.
+        weight: u32,
+    },
+    /// A task's weight changes (0 drains it).
+    SetWeight {
+        /// The task.
+        id: String,
+        /// The new weight.
+        weight: u32,
+    },
+    /// A task is removed.
+    DetachTask {
+        /// The task.
+        id: String,
+    },
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum StateError {
+    /// A name already taken.
+    #[error("{kind} {name:?} already exists")]
+    Exists {
+        /// Node, network, service or task.
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// A name that does not exist.
+    #[error("no {kind} {name:?}")]
+    Unknown {
+        /// Node, network, service or task.
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// Two networks' subnets overlap.
+    #[error("subnet {subnet} overlaps network {other:?} ({other_subnet})")]
+    SubnetOverlap {
+        /// The requested subnet.
+        subnet: Subnet,
+        /// The network it overlaps.
+        other: String,
+        /// That network's subnet.
+        other_subnet: Subnet,
+    },
+    /// A subnet too small to hold a gateway and a task.
+    #[error("subnet {0} is too small (at most /29)")]
+    SubnetTooSmall(Subnet),
+    /// The gateway is not a host address of the subnet.
+    #[error("gateway {gateway} is not a host address of {subnet}")]
+    BadGateway {
+        /// The gateway.
+        gateway: Ipv4Addr,
+        /// The subnet.
+        subnet: Subnet,
+    },
+    /// An MTU out of range.
+    #[error("mtu {0} is out of range (68 to 9000)")]
+    BadMtu(u16),
+    /// Every address of a subnet is in use.
+    #[error("network {0:?} has no free address left")]
+    SubnetExhausted(String),
+    /// Every VNI is in use.
+    #[error("no VNI left")]
+    VnisExhausted,
+    /// A published port someone else has.
+    #[error("port {port}/{protocol} is already published by service {by:?}")]
+    PortTaken {
+        /// The port.
+        port: u16,
+        /// The protocol.
+        protocol: &'static str,
+        /// The service that has it.
+        by: String,
+    },
+    /// No free port left in 30000–32767.
+    #[error("no free port left in 30000-32767")]
+    PortsExhausted,
+    /// A port of 0.
+    #[error("port 0 is not a port")]
+    PortZero,
+    /// A service with neither a VIP nor a published port.
+    #[error("service {0:?} needs a vip port or a published port")]
+    Unreachable(String),
+    /// A network still used by services.
+    #[error("network {network:?} is used by service {service:?}")]
+    NetworkInUse {
+        /// The network.
+        network: String,
+        /// A service on it.
+        service: String,
+    },
+    /// Two nodes with the same data address.
+    #[error("data address {ip} is node {other:?}'s")]
+    DataAddressTaken {
+        /// The address.
+        ip: Ipv4Addr,
+        /// The node that has it.
+        other: String,
+    },
+    /// A name that cannot be a port or map key.
+    #[error("{kind} name {name:?}: 1 to 15 characters, letters, digits, '-', '_' and '.'")]
+    BadName {
+        /// Node, network, service or task.
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+}
+
+/// The cluster's desired state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Nodes by id.
+    pub nodes: BTreeMap<String, Node>,
+    /// Networks by name.
+    pub networks: BTreeMap<String, Network>,
+    /// Services by name.
+    pub services: BTreeMap<String, Service>,
+    /// Tasks by id.
+    pub tasks: BTreeMap<String, Task>,
+}
+
+/// The MAC derived from an address: 02:42 and the four octets (as Docker
+/// does).
+pub fn mac_for(ip: Ipv4Addr) -> MacAddr {
+    let o = ip.octets();
+    MacAddr([0x02, 0x42, o[0], o[1], o[2], o[3]])
+}
+
+fn check_name(kind: &'static str, name: &str) -> Result<(), StateError> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok { Ok(()) } else { Err(StateError::BadName { kind, name: name.to_owned() }) }
+}
+
+fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+    }
+}
+
+/// The host addresses of a subnet: network and broadcast addresses excluded.
+fn hosts(s: Subnet) -> core::ops::RangeInclusive<u32> {
+    let base = u32::from(s.addr);
+    let size = 1u64 << (32 - u32::from(s.prefix));
+    base + 1..=(u64::from(base) + size - 2) as u32
+}
+
+fn overlaps(a: Subnet, b: Subnet) -> bool {
+    a.contains(b.addr) || b.contains(a.addr)
+}
+
+impl ClusterState {
+    /// An empty cluster.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies a command: the state changes, or nothing changes and the
+    /// error says why.
+    pub fn apply(&mut self, cmd: &Command) -> Result<(), StateError> {
+        let mut next = self.clone();
+        next.apply_in_place(cmd)?;
+        *self = next;
+        Ok(())
+    }
+
+    fn apply_in_place(&mut self, cmd: &Command) -> Result<(), StateError> {
+        use StateError as E;
+        match cmd {
+            Command::AddNode(n) => {
+                check_name("node", &n.id)?;
+                if let Some(other) = self.nodes.values().find(|o| o.data_ip == n.data_ip && o.id != n.id) {
+                    return Err(E::DataAddressTaken { ip: n.data_ip, other: other.id.clone() });
+                }
+                self.nodes.insert(n.id.clone(), n.clone());
+                self.allocate_node_ips()?;
+            }
+            Command::RemoveNode { id } => {
+                self.nodes.remove(id).ok_or_else(|| E::Unknown { kind: "node", name: id.clone() })?;
+                self.tasks.retain(|_, t| t.node != *id);
+                for nw in self.networks.values_mut() {
+                    nw.node_ips.remove(id);
+                }
+            }
+            Command::SetAvailability { id, availability } => {
+                let n = self.nodes.get_mut(id).ok_or_else(|| E::Unknown { kind: "node", name: id.clone() })?;
+                n.availability = *availability;
+            }
+            Command::CreateNetwork { name, subnet, gateway, mtu } => {
+                check_name("network", name)?;
+                if self.networks.contains_key(name) {
+                    return Err(E::Exists { kind: "network", name: name.clone() });
+                }
+                if subnet.prefix > 29 {
+                    return Err(E::SubnetTooSmall(*subnet));
+                }
+                if let Some(o) = self.networks.values().find(|o| overlaps(o.subnet, *subnet)) {
+                    return Err(E::SubnetOverlap { subnet: *subnet, other: o.name.clone(), other_subnet: o.subnet });
+                }
+                let h = hosts(*subnet);
+                let gw = gateway.unwrap_or(Ipv4Addr::from(*h.end()));
+                if !h.contains(&u32::from(gw)) {
+                    return Err(E::BadGateway { gateway: gw, subnet: *subnet });
+                }
+                let mtu = mtu.unwrap_or(DEFAULT_MTU);
+                if !(68..=9000).contains(&mtu) {
+                    return Err(E::BadMtu(mtu));
+                }
+                let vni = (FIRST_VNI..=MAX_VNI)
+                    .find(|v| self.networks.values().all(|o| o.vni != *v))
+                    .ok_or(E::VnisExhausted)?;
+                self.networks.insert(
+                    name.clone(),
+                    Network { name: name.clone(), vni, subnet: *subnet, gateway: gw, mtu, node_ips: BTreeMap::new() },
+                );
+            }
+            Command::RemoveNetwork { name } => {
+                if let Some(s) = self.services.values().find(|s| s.network == *name) {
+                    return Err(E::NetworkInUse { network: name.clone(), service: s.name.clone() });
+                }
+                self.networks.remove(name).ok_or_else(|| E::Unknown { kind: "network", name: name.clone() })?;
+            }
+            Command::CreateService { name, network, protocol, vip_port, target_port, publish, scheduler } => {
+                check_name("service", name)?;
+                if self.services.contains_key(name) {
+                    return Err(E::Exists { kind: "service", name: name.clone() });
+                }
+                if !self.networks.contains_key(network) {
+                    return Err(E::Unknown { kind: "network", name: network.clone() });
+                }
+                if *target_port == 0 || *vip_port == Some(0) || publish.iter().any(|p| p.port == Some(0)) {
+                    return Err(E::PortZero);
+                }
+                if vip_port.is_none() && publish.is_empty() {
+                    return Err(E::Unreachable(name.clone()));
+                }
+                let mut published = Vec::new();
+                for req in publish {
+                    let taken = |p: u16, me: &[Published]| {
+                        self.services
+                            .values()
+                            .find(|s| s.protocol == *protocol && s.published.iter().any(|x| x.port == p))
+                            .map(|s| s.name.clone())
+                            .or_else(|| me.iter().any(|x| x.port == p).then(|| name.clone()))
+                    };
+                    let port = match req.port {
+                        Some(p) => {
+                            if let Some(by) = taken(p, &published) {
+                                return Err(E::PortTaken { port: p, protocol: proto_name(*protocol), by });
+                            }
+                            p
+                        }
+                        None => PUBLISHED_RANGE
+                            .clone()
+                            .find(|&p| taken(p, &published).is_none())
+                            .ok_or(E::PortsExhausted)?,
+                    };
+                    published.push(Published { port, mode: req.mode });
+                }
+                let vip = match vip_port {
+                    Some(p) => Some((self.allocate_ip(network)?, *p)),
+                    None => None,
+                };
+                self.services.insert(
+                    name.clone(),
+                    Service {
+                        name: name.clone(),
+                        network: network.clone(),
+                        protocol: *protocol,
+                        vip,
+                        target_port: *target_port,
+                        published,
+                        scheduler: *scheduler,
+                    },
+                );
+                self.allocate_node_ips()?;
+            }
+            Command::RemoveService { name } => {
+                self.services.remove(name).ok_or_else(|| E::Unknown { kind: "service", name: name.clone() })?;
+                self.tasks.retain(|_, t| t.service != *name);
+            }
+            Command::AttachTask { id, service, node, weight } => {
+                check_name("task", id)?;
+                if self.tasks.contains_key(id) {
+                    return Err(E::Exists { kind: "task", name: id.clone() });
+                }
+                let s =
+                    self.services.get(service).ok_or_else(|| E::Unknown { kind: "service", name: service.clone() })?;
+                if !self.nodes.contains_key(node) {
+                    return Err(E::Unknown { kind: "node", name: node.clone() });
+                }
+                let network = s.network.clone();
+                let ip = self.allocate_ip(&network)?;
+                self.tasks.insert(
+                    id.clone(),
+                    Task {
+                        id: id.clone(),
+                        service: service.clone(),
+                        node: node.clone(),
+                        ip,
+                        mac: mac_for(ip),
+                        weight: *weight,
+                    },
+                );
+            }
+            Command::SetWeight { id, weight } => {
+                let t = self.tasks.get_mut(id).ok_or_else(|| E::Unknown { kind: "task", name: id.clone() })?;
+                t.weight = *weight;
+            }
+            Command::DetachTask { id } => {
+                self.tasks.remove(id).ok_or_else(|| E::Unknown { kind: "task", name: id.clone() })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every address of `network` in use: gateway, VIPs, tasks, node addresses.
+    fn used_ips(&self, network: &str) -> Vec<u32> {
+        let mut used = Vec::new();
+        if let Some(nw) = self.networks.get(network) {
+            used.push(u32::from(nw.gateway));
+            used.extend(nw.node_ips.values().map(|ip| u32::from(*ip)));
+        }
+        for s in self.services.values().filter(|s| s.network == network) {
+            if let Some((ip, _)) = s.vip {
+                used.push(u32::from(ip));
+            }
+        }
+        for t in self.tasks.values() {
+            if self.services.get(&t.service).is_some_and(|s| s.network == network) {
+                used.push(u32::from(t.ip));
+            }
+        }
+        used
+    }
+
+    /// The lowest free host address of `network`.
+    fn allocate_ip(&self, network: &str) -> Result<Ipv4Addr, StateError> {
+        let nw =
+            self.networks.get(network).ok_or_else(|| StateError::Unknown { kind: "network", name: network.into() })?;
+        let used = self.used_ips(network);
+        hosts(nw.subnet)
+            .find(|a| !used.contains(a))
+            .map(Ipv4Addr::from)
+            .ok_or_else(|| StateError::SubnetExhausted(network.into()))
+    }
+
+    /// Gives every node an address in every network that has a published
+    /// service (the routing mesh needs one per node).
+    fn allocate_node_ips(&mut self) -> Result<(), StateError> {
+        let meshed: Vec<String> = self
+            .networks
+            .keys()
+            .filter(|n| self.services.values().any(|s| s.network == **n && !s.published.is_empty()))
+            .cloned()
+            .collect();
+        let nodes: Vec<String> = self.nodes.keys().cloned().collect();
+        for net in meshed {
+            for node in &nodes {
+                if self.networks.get(&net).is_some_and(|nw| !nw.node_ips.contains_key(node)) {
+                    let ip = self.allocate_ip(&net)?;
+                    if let Some(nw) = self.networks.get_mut(&net) {
+                        nw.node_ips.insert(node.clone(), ip);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
