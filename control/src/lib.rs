@@ -7,6 +7,7 @@
 //! next (issue 6); see ARCHITECTURE.md.
 
 pub mod compile;
+pub mod gossip;
 pub mod state;
 
 /// The management-plane port (Raft, admin API, joins), as in Docker Swarm.
