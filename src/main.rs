@@ -2,6 +2,7 @@
 
 use clap::Parser;
 
+mod lab;
 mod node;
 mod pktgen;
 mod tool;
@@ -26,6 +27,10 @@ enum Command {
     /// Run a node.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// A cluster on this machine in network namespaces: up, status, demo,
+    /// down.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
     /// Generate traffic (AF_XDP, or TAP) and count what comes back: Mpps,
     /// Gbps, loss, latency. Always bounded by --count and --duration.
     Pktgen(pktgen::PktgenArgs),
@@ -53,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::Node(NodeCommand::Run(a)) => node::run(&a)?,
         Command::Tool(c) => tool::run(&c)?,
         Command::Pktgen(a) => pktgen::run(&a)?,
+        Command::Lab(c) => lab::run(&c)?,
     }
     Ok(())
 }

@@ -51,6 +51,26 @@ pub(crate) enum ToolCommand {
         #[arg(long, default_value_t = 60)]
         idle: u64,
     },
+    /// A tiny HTTP server answering every request with its name and the
+    /// client address it saw (the lab's tasks). Runs until killed.
+    HttpName {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The name to answer with.
+        #[arg(long)]
+        name: String,
+    },
+    /// GET a URL (`http://IP:PORT/PATH`) and print the body; non-zero exit
+    /// on any failure.
+    HttpGet {
+        /// The URL.
+        #[arg(long)]
+        url: String,
+        /// Seconds for the whole request.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
     /// Write the frames of a capture into a TAP device (created, or a
     /// persistent one attached), REPEAT times, at most PPS frames a second:
     /// for feeding crafted frames into a bridge.
@@ -164,6 +184,45 @@ pub(crate) fn run(c: &ToolCommand) -> Result<()> {
                     Err(e) => bail!("receiving: {e}"),
                 }
             }
+        }
+        ToolCommand::HttpName { listen, name } => {
+            let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+            loop {
+                let Ok((mut s, peer)) = l.accept() else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = format!("{name} saw {peer}\n");
+                let _ = write!(
+                    s,
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        }
+        ToolCommand::HttpGet { url, timeout } => {
+            let rest = url.strip_prefix("http://").with_context(|| format!("{url:?}: only http:// URLs"))?;
+            let (host, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+            let addr: SocketAddr = host.parse().with_context(|| format!("{host:?}: expected IP:PORT"))?;
+            let t = Duration::from_secs(*timeout);
+            let mut s = TcpStream::connect_timeout(&addr, t).with_context(|| format!("connecting to {addr}"))?;
+            s.set_read_timeout(Some(t))?;
+            s.set_write_timeout(Some(t))?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp).with_context(|| format!("reading from {addr}"))?;
+            let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+            if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+                bail!("{addr}: {}", head.lines().next().unwrap_or("no answer"));
+            }
+            print!("{body}");
+            Ok(())
         }
         ToolCommand::Inject { tap, pcap, repeat, pps } => {
             use meshplane_dataplane::io::Port;

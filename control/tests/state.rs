@@ -231,3 +231,15 @@ fn a_node_that_is_down_or_drained_gets_no_connections() {
     assert!(Tables::compile(&spec).is_ok());
     assert!(compile(&s, "node9", &|_| true, 3).is_err());
 }
+
+#[test]
+fn compiled_tables_survive_a_toml_file() {
+    // `meshplane lab` hands each node its tables as a file.
+    let s = cluster();
+    let spec = compile(&s, "node2", &|_| true, 3).unwrap();
+    let text = toml::to_string(&spec).unwrap();
+    let back: meshplane_dataplane::tables::TablesSpec = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let (a, b) = (Tables::compile(&spec).unwrap(), Tables::compile(&back).unwrap());
+    assert_eq!(a.ports.len(), b.ports.len());
+    assert_eq!(toml::to_string(&back).unwrap(), text, "the same file again");
+}

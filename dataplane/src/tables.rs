@@ -28,7 +28,7 @@ pub const VXLAN_OVERHEAD: u16 = 50;
 // The declarative form (TOML).
 
 /// This node, as the tables file describes it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSpec {
     /// Data-path IPv4 address: the outer source of everything encapsulated.
@@ -63,7 +63,7 @@ fn default_ttl() -> u8 {
 }
 
 /// An underlay neighbour.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NeighbourSpec {
     /// Its IPv4 address.
@@ -146,7 +146,7 @@ impl<'de> Deserialize<'de> for MacAddr {
 }
 
 /// An overlay network.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkSpec {
     /// Name, unique.
@@ -172,7 +172,7 @@ pub struct NetworkSpec {
 
 /// A port of this node's dataplane other than the uplink: a task's
 /// interface, attached to one network.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortSpec {
     /// Name, unique; `uplink` is reserved.
@@ -182,7 +182,7 @@ pub struct PortSpec {
 }
 
 /// Where an endpoint lives.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointSpec {
     /// The endpoint's network.
@@ -200,7 +200,7 @@ pub struct EndpointSpec {
 }
 
 /// The whole tables file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TablesSpec {
     /// Version of the snapshot (monotonic, set by the publisher).

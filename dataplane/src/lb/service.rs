@@ -15,7 +15,7 @@ use core::net::Ipv4Addr;
 use serde::Deserialize;
 
 /// A service as the tables file declares it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     /// Name (unique).
@@ -52,7 +52,7 @@ pub struct ServiceSpec {
 }
 
 /// A published port.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublishedSpec {
     /// The port on the node's data-path address (the control plane picks
@@ -85,7 +85,7 @@ fn default_maglev_size() -> u32 {
 }
 
 /// A backend (task) of a service.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendSpec {
     /// The task's address: an endpoint of the service's network.
@@ -104,7 +104,7 @@ fn default_weight() -> u32 {
 }
 
 /// A backend's state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendState {
     /// Takes new connections (by weight).

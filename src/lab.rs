@@ -1,0 +1,437 @@
+//! `meshplane lab up|status|demo|down`: a cluster on this one machine, in
+//! network namespaces named `mp-lab-*`, addresses from 198.18.0.0/15.
+//!
+//! Three nodes, each a namespace with a data NIC on a shared underlay
+//! fabric (a bridge) and a management NIC on a second one; a client
+//! namespace on the fabric; an overlay network `app` and a service `web`
+//! published on every node in both modes (30080 `nat`, 30081
+//! `preserve-source`) with one task per node, each in its own namespace,
+//! running a small HTTP server that answers with its name and the client
+//! address it saw.
+//!
+//! Until the control plane runs the cluster (issue 6), the lab computes
+//! the cluster state itself with the control crate's state model, compiles
+//! each node's tables from it (`control::compile`) and runs every node in
+//! static mode (`meshplane node run`). `down` removes everything, also after
+//! a crash (it works from the namespaces and pid files it finds).
+
+use anyhow::{Context, Result, bail};
+use meshplane_control::compile::compile;
+use meshplane_control::state::{Availability, ClusterState, Command, Node, PublishRequest, Role};
+use meshplane_dataplane::lb::sched::Scheduler;
+use meshplane_dataplane::lb::service::{MeshMode, Proto};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command as Cmd, Stdio};
+use std::time::{Duration, Instant};
+
+const PREFIX: &str = "mp-lab-";
+const NODES: u8 = 3;
+const CLIENT_IP: &str = "198.18.0.100";
+
+/// `meshplane lab …`
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum LabCommand {
+    /// Build the lab and start its nodes and tasks.
+    Up {
+        /// I/O backend of the nodes.
+        #[arg(long, value_enum, default_value = "afxdp")]
+        io: crate::node::IoKind,
+        /// Where the lab keeps its files (tables, logs, counters, pids).
+        #[arg(long, default_value = "/tmp/meshplane-lab")]
+        dir: PathBuf,
+    },
+    /// Show what runs and the nodes' counters.
+    Status {
+        /// The lab's directory.
+        #[arg(long, default_value = "/tmp/meshplane-lab")]
+        dir: PathBuf,
+    },
+    /// Send requests through the routing mesh to every node's published
+    /// ports, in both modes, and print who answered and what they saw.
+    Demo {
+        /// Requests per node and published port.
+        #[arg(long, default_value_t = 3)]
+        requests: u32,
+        /// The lab's directory.
+        #[arg(long, default_value = "/tmp/meshplane-lab")]
+        dir: PathBuf,
+    },
+    /// Stop everything and remove the namespaces (also after a crash).
+    Down {
+        /// The lab's directory.
+        #[arg(long, default_value = "/tmp/meshplane-lab")]
+        dir: PathBuf,
+    },
+}
+
+pub(crate) fn run(c: &LabCommand) -> Result<()> {
+    match c {
+        LabCommand::Up { io, dir } => up(*io, dir),
+        LabCommand::Status { dir } => status(dir),
+        LabCommand::Demo { requests, dir } => demo(*requests, dir),
+        LabCommand::Down { dir } => down(dir),
+    }
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    let out = Cmd::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {}", args[0]))?;
+    if !out.status.success() {
+        bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn ip(args: &str) -> Result<()> {
+    let mut v = vec!["ip"];
+    v.extend(args.split_whitespace());
+    sh(&v)
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> Result<()> {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend_from_slice(args);
+    sh(&v)
+}
+
+fn ns_name(s: &str) -> String {
+    format!("{PREFIX}{s}")
+}
+
+/// Starts `args` in `ns`, detached, output to `log`; writes its pid into
+/// the lab's pid list.
+fn spawn(dir: &Path, ns: &str, log: &str, args: &[&str]) -> Result<u32> {
+    let f = std::fs::File::create(dir.join(log))?;
+    let child = Cmd::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .spawn()
+        .with_context(|| format!("starting {} in {ns}", args.join(" ")))?;
+    let pid = child.id();
+    let mut pids = std::fs::read_to_string(dir.join("pids")).unwrap_or_default();
+    pids.push_str(&format!("{pid} {log}\n"));
+    std::fs::write(dir.join("pids"), pids)?;
+    Ok(pid)
+}
+
+/// The lab's cluster state: three nodes, network `app`, service `web`
+/// (VIP :80, published 30080 nat and 30081 preserve-source, target 8080,
+/// round robin), a task per node.
+fn lab_state() -> Result<ClusterState> {
+    let mut s = ClusterState::new();
+    let mut cmds = Vec::new();
+    for n in 1..=NODES {
+        cmds.push(Command::AddNode(Node {
+            id: format!("node{n}"),
+            mgmt: format!("198.18.1.{n}:2377").parse()?,
+            data_ip: Ipv4Addr::new(198, 18, 0, n),
+            data_mac: format!("02:00:00:00:00:0{n}").parse()?,
+            role: if n == 1 { Role::Manager } else { Role::Worker },
+            availability: Availability::Active,
+        }));
+    }
+    cmds.push(Command::CreateNetwork {
+        name: "app".into(),
+        subnet: "198.19.0.0/24".parse().map_err(anyhow::Error::msg)?,
+        gateway: None,
+        mtu: None,
+    });
+    cmds.push(Command::CreateService {
+        name: "web".into(),
+        network: "app".into(),
+        protocol: Proto::Tcp,
+        vip_port: Some(80),
+        target_port: 8080,
+        publish: vec![
+            PublishRequest { port: Some(30080), mode: MeshMode::Nat },
+            PublishRequest { port: Some(30081), mode: MeshMode::PreserveSource },
+        ],
+        scheduler: Scheduler::Rr,
+    });
+    for n in 1..=NODES {
+        cmds.push(Command::AttachTask {
+            id: format!("web.{n}"),
+            service: "web".into(),
+            node: format!("node{n}"),
+            weight: 1,
+        });
+    }
+    for c in &cmds {
+        s.apply(c).with_context(|| format!("{c:?}"))?;
+    }
+    Ok(s)
+}
+
+fn wait(what: &str, secs: u64, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > Duration::from_secs(secs) {
+            bail!("timed out after {secs} s waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn up(io: crate::node::IoKind, dir: &Path) -> Result<()> {
+    use crate::node::IoKind;
+    if lab_namespaces()?.next().is_some() {
+        bail!("a lab is up already: `meshplane lab down` first");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let bin = std::env::current_exe()?.display().to_string();
+    let state = lab_state()?;
+    std::fs::write(dir.join("io"), if io == IoKind::Tap { "tap" } else { "afxdp" })?;
+    let fab = ns_name("fab");
+    ip(&format!("netns add {fab}"))?;
+    ip(&format!("-n {fab} link set lo up"))?;
+    for br in ["br0", "br1"] {
+        ip(&format!("-n {fab} link add {br} type bridge"))?;
+        ip(&format!("-n {fab} link set {br} up"))?;
+    }
+    let _ = in_ns(&fab, &["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"]);
+    // The client.
+    let client = ns_name("c");
+    ip(&format!("netns add {client}"))?;
+    ip(&format!("-n {client} link set lo up"))?;
+    ip(&format!("link add c netns {fab} type veth peer name eth0 netns {client}"))?;
+    ip(&format!("-n {fab} link set c master br0 up"))?;
+    ip(&format!("-n {client} link set eth0 address 02:00:00:00:00:64 up"))?;
+    ip(&format!("-n {client} addr add {CLIENT_IP}/24 dev eth0"))?;
+    in_ns(&client, &["ethtool", "-K", "eth0", "tx", "off"])?;
+    for n in 1..=NODES {
+        let node_id = format!("node{n}");
+        let node = &state.nodes[&node_id];
+        let task = &state.tasks[&format!("web.{n}")];
+        let (ns, tns) = (ns_name(&format!("n{n}")), ns_name(&format!("t{n}")));
+        for x in [&ns, &tns] {
+            ip(&format!("netns add {x}"))?;
+            ip(&format!("-n {x} link set lo up"))?;
+        }
+        // Management NIC on br1 (the control plane's, later).
+        ip(&format!("link add m{n} netns {fab} type veth peer name mg0 netns {ns}"))?;
+        ip(&format!("-n {fab} link set m{n} master br1 up"))?;
+        ip(&format!("-n {ns} link set mg0 up"))?;
+        ip(&format!("-n {ns} addr add 198.18.1.{n}/24 dev mg0"))?;
+        let uplink = match io {
+            IoKind::Afxdp => {
+                ip(&format!("link add n{n} netns {fab} type veth peer name up0 netns {ns}"))?;
+                ip(&format!("-n {fab} link set n{n} master br0 up"))?;
+                ip(&format!("-n {ns} link set up0 address {} up", node.data_mac))?;
+                ip(&format!("-n {ns} addr add {}/24 dev up0", node.data_ip))?;
+                in_ns(&ns, &["ethtool", "-K", "up0", "tx", "off"])?;
+                ip(&format!("link add tp{n} netns {ns} type veth peer name eth0 netns {tns}"))?;
+                ip(&format!("-n {ns} link set tp{n} up"))?;
+                "up0"
+            }
+            IoKind::Tap => {
+                ip(&format!("-n {ns} tuntap add dev mpup mode tap"))?;
+                ip(&format!("-n {ns} tuntap add dev tp{n} mode tap"))?;
+                "mpup"
+            }
+        };
+        let spec = compile(&state, &node_id, &|_| true, 1)?;
+        let tables = dir.join(format!("node{n}.toml"));
+        std::fs::write(&tables, toml::to_string(&spec)?)?;
+        let stats = dir.join(format!("stats{n}.json"));
+        spawn(
+            dir,
+            &ns,
+            &format!("node{n}.log"),
+            &[
+                &bin,
+                "node",
+                "run",
+                "--tables",
+                &tables.display().to_string(),
+                "--uplink",
+                uplink,
+                "--task-port",
+                &format!("web.{n}=tp{n}"),
+                "--io",
+                if io == IoKind::Tap { "tap" } else { "afxdp" },
+                "--stats-file",
+                &stats.display().to_string(),
+            ],
+        )?;
+        wait(&format!("node {n} to start (see {}/node{n}.log)", dir.display()), 20, || stats.exists())?;
+        if io == IoKind::Tap {
+            ip(&format!("-n {ns} link set mpup netns {fab}"))?;
+            ip(&format!("-n {fab} link set mpup name u{n}"))?;
+            ip(&format!("-n {fab} link set u{n} master br0 up"))?;
+            ip(&format!("-n {ns} link set tp{n} netns {tns}"))?;
+            ip(&format!("-n {tns} link set tp{n} name eth0"))?;
+        }
+        let gw = state.networks["app"].gateway;
+        ip(&format!("-n {tns} link set eth0 address {} mtu 1450 up", task.mac))?;
+        ip(&format!("-n {tns} addr add {}/24 dev eth0", task.ip))?;
+        ip(&format!("-n {tns} route add default via {gw}"))?;
+        in_ns(&tns, &["ethtool", "-K", "eth0", "tx", "off"])?;
+        spawn(
+            dir,
+            &tns,
+            &format!("web.{n}.log"),
+            &[&bin, "tool", "http-name", "--listen", "0.0.0.0:8080", "--name", &format!("web.{n}")],
+        )?;
+    }
+    println!(
+        "lab up: {NODES} nodes (198.18.0.1-{NODES}, {} I/O), client {CLIENT_IP}, service web published on every node at 30080 (nat) and 30081 (preserve-source), tasks {}",
+        if io == IoKind::Tap { "TAP" } else { "AF_XDP" },
+        state.tasks.values().map(|t| format!("{} {} on {}", t.id, t.ip, t.node)).collect::<Vec<_>>().join(", ")
+    );
+    println!("next: meshplane lab demo; meshplane lab down");
+    Ok(())
+}
+
+fn lab_namespaces() -> Result<impl Iterator<Item = String>> {
+    let out = Cmd::new("ip").args(["netns", "list"]).output().context("running ip netns list")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter(|n| n.starts_with(PREFIX))
+        .collect::<Vec<_>>()
+        .into_iter())
+}
+
+fn down(dir: &Path) -> Result<()> {
+    // Stop what the lab started, by pid, then whatever still runs in its
+    // namespaces (after a crash the pid file may be gone).
+    let mut stopped = 0;
+    if let Ok(pids) = std::fs::read_to_string(dir.join("pids")) {
+        for pid in pids.lines().filter_map(|l| l.split_whitespace().next()) {
+            if Cmd::new("kill").args(["-TERM", pid]).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
+                stopped += 1;
+            }
+        }
+    }
+    for ns in lab_namespaces()? {
+        if let Ok(out) = Cmd::new("ip").args(["netns", "pids", &ns]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Cmd::new("kill").args(["-TERM", pid]).stderr(Stdio::null()).status();
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut removed = 0;
+    for ns in lab_namespaces()? {
+        if Cmd::new("ip").args(["netns", "del", &ns]).status().is_ok_and(|s| s.success()) {
+            removed += 1;
+        }
+    }
+    let _ = std::fs::remove_file(dir.join("pids"));
+    println!("lab down: {stopped} processes stopped, {removed} namespaces removed");
+    Ok(())
+}
+
+/// One node's counters from its stats file: frames in, out, dropped, new
+/// connections.
+fn counters(dir: &Path, n: u8) -> Option<(u64, u64, u64, u64)> {
+    let text = std::fs::read_to_string(dir.join(format!("stats{n}.json"))).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let (mut rx, mut tx, mut drops, mut conns) = (0, 0, 0, 0);
+    for w in v["workers"].as_array()? {
+        for p in w["ports"].as_array()? {
+            rx += p["rx"].as_u64().unwrap_or(0);
+            tx += p["tx"].as_u64().unwrap_or(0);
+        }
+        drops += w["drops"].as_object().map_or(0, |d| d.values().filter_map(|x| x.as_u64()).sum());
+        conns += w["new_connections"].as_u64().unwrap_or(0);
+    }
+    Some((rx, tx, drops, conns))
+}
+
+fn status(dir: &Path) -> Result<()> {
+    let names: Vec<String> = lab_namespaces()?.collect();
+    if names.is_empty() {
+        println!("lab: not up");
+        return Ok(());
+    }
+    println!("lab: {} namespaces ({})", names.len(), names.join(" "));
+    for n in 1..=NODES {
+        match counters(dir, n) {
+            Some((rx, tx, d, c)) => {
+                println!("  node{n} 198.18.0.{n}: {rx} frames in, {tx} out, {d} dropped, {c} connections balanced")
+            }
+            None => println!("  node{n}: no counters (see {}/node{n}.log)", dir.display()),
+        }
+    }
+    Ok(())
+}
+
+fn demo(requests: u32, dir: &Path) -> Result<()> {
+    let client = ns_name("c");
+    if !lab_namespaces()?.any(|n| n == client) {
+        bail!("the lab is not up: `meshplane lab up` first");
+    }
+    let bin = std::env::current_exe()?.display().to_string();
+    let state = lab_state()?;
+    let node_addr = |ip: &str| {
+        state.networks["app"]
+            .node_ips
+            .iter()
+            .find(|(_, a)| a.to_string() == ip)
+            .map(|(n, _)| format!("{n}'s address in the network"))
+    };
+    println!("meshplane lab demo: client {CLIENT_IP} -> every node's published ports, {requests} requests each\n");
+    println!("  {:<17} {:<16} {:<12} task saw the client as", "via node", "mode", "answered by");
+    let (mut ok, mut failed) = (0, 0);
+    let mut answered = std::collections::BTreeSet::new();
+    let mut ps_all_real = true;
+    for n in 1..=NODES {
+        for (port, mode) in [(30080, "nat"), (30081, "preserve-source")] {
+            for _ in 0..requests {
+                let url = format!("http://198.18.0.{n}:{port}/");
+                let out = Cmd::new("ip")
+                    .args(["netns", "exec", &client, &bin, "tool", "http-get", "--url", &url, "--timeout", "5"])
+                    .output()?;
+                let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                if !out.status.success() || body.is_empty() {
+                    failed += 1;
+                    println!(
+                        "  198.18.0.{n}:{port:<6} {mode:<16} FAILED: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                    continue;
+                }
+                ok += 1;
+                // "web.2 saw 198.19.0.5:40001"
+                let (who, saw) = body.split_once(" saw ").unwrap_or((&body, "?"));
+                let saw_ip = saw.split(':').next().unwrap_or("?");
+                answered.insert(who.to_owned());
+                let note = if saw_ip == CLIENT_IP {
+                    "(the client's own address)".to_owned()
+                } else {
+                    node_addr(saw_ip).map(|s| format!("({s})")).unwrap_or_default()
+                };
+                if mode == "preserve-source" && saw_ip != CLIENT_IP {
+                    ps_all_real = false;
+                }
+                println!("  198.18.0.{n}:{port:<6} {mode:<16} {who:<12} {saw:<24} {note}");
+            }
+        }
+    }
+    // The nodes write their counters every half second.
+    std::thread::sleep(Duration::from_millis(1200));
+    println!("\nper node (counters of the dataplane):");
+    for n in 1..=NODES {
+        if let Some((rx, tx, d, c)) = counters(dir, n) {
+            println!("  node{n}: {rx} frames in, {tx} out, {d} dropped, {c} connections balanced");
+        }
+    }
+    let tasks = state.tasks.len();
+    println!(
+        "\nsummary: {ok} of {} requests answered; {} of {tasks} tasks answered; preserve-source: {}",
+        ok + failed,
+        answered.len(),
+        if ps_all_real { "every task saw the client's own address" } else { "a task did NOT see the client's address" }
+    );
+    if failed > 0 || answered.len() < tasks || !ps_all_real {
+        bail!("the demo did not go as it should (see above)");
+    }
+    Ok(())
+}
