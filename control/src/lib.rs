@@ -8,6 +8,7 @@
 
 pub mod compile;
 pub mod gossip;
+pub mod raft;
 pub mod state;
 
 /// The management-plane port (Raft, admin API, joins), as in Docker Swarm.
