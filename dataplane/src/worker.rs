@@ -34,6 +34,11 @@ pub struct Shared {
     version: AtomicU64,
     stop: AtomicBool,
     reports: Vec<CachePadded<Mutex<Report>>>,
+    /// The tables version each worker uses now (set when it swaps).
+    in_use: Vec<CachePadded<AtomicU64>>,
+    /// Each worker's waker (set when it starts): new tables, handoffs and
+    /// stop wake a sleeping worker at once.
+    wakers: Vec<std::sync::OnceLock<mio::Waker>>,
     /// With more than one worker: frames for worker 0, which owns the
     /// balancer's state.
     handoff: Option<Handoff>,
@@ -49,7 +54,6 @@ struct Handoff {
     pool: ArrayQueue<Box<[u8]>>,
     /// Worker 0 is about to sleep (or sleeps): wake it after a push.
     sleeping: AtomicBool,
-    waker: std::sync::OnceLock<mio::Waker>,
 }
 
 /// A frame handed to worker 0: the tables port it came in on and a copy.
@@ -71,26 +75,36 @@ impl Shared {
             for _ in 0..HANDOFF_BUFFERS {
                 let _ = pool.push(vec![0u8; crate::io::SLOT].into_boxed_slice());
             }
-            Handoff {
-                inbox: ArrayQueue::new(HANDOFF_BUFFERS),
-                pool,
-                sleeping: AtomicBool::new(false),
-                waker: std::sync::OnceLock::new(),
-            }
+            Handoff { inbox: ArrayQueue::new(HANDOFF_BUFFERS), pool, sleeping: AtomicBool::new(false) }
         });
         Arc::new(Shared {
             tables: ArcSwap::from_pointee(tables),
             version: AtomicU64::new(1),
             stop: AtomicBool::new(false),
             reports: (0..workers).map(|_| CachePadded::new(Mutex::new(Report::default()))).collect(),
+            in_use: (0..workers).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
+            wakers: (0..workers).map(|_| std::sync::OnceLock::new()).collect(),
             handoff,
         })
     }
 
-    /// Publishes new tables: workers move to them between bursts.
+    /// Publishes new tables: workers move to them between bursts (a
+    /// sleeping worker is woken).
     pub fn publish(&self, tables: Tables) {
         self.tables.store(Arc::new(tables));
         self.version.fetch_add(1, Ordering::Release);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        for w in self.wakers.iter().filter_map(|w| w.get()) {
+            let _ = w.wake();
+        }
+    }
+
+    /// The tables version worker `i` uses now (0 before it started).
+    pub fn in_use(&self, i: usize) -> u64 {
+        self.in_use.get(i).map_or(0, |v| v.load(Ordering::Acquire))
     }
 
     /// The tables version (1 at start, one more per [`Shared::publish`]).
@@ -106,9 +120,7 @@ impl Shared {
     /// Asks every worker to stop after its current round.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(w) = self.handoff.as_ref().and_then(|h| h.waker.get()) {
-            let _ = w.wake();
-        }
+        self.wake_all();
     }
 
     /// True once [`Shared::stop`] was called.
@@ -278,11 +290,9 @@ impl Worker {
             }
         }
         const WAKE: mio::Token = mio::Token(usize::MAX);
-        if self.index == 0
-            && let Some(h) = &self.shared.handoff
-        {
+        if let Some(slot) = self.shared.wakers.get(self.index) {
             let w = mio::Waker::new(poll.registry(), WAKE).map_err(|e| WorkerError::Poll(self.index, e))?;
-            let _ = h.waker.set(w);
+            let _ = slot.set(w);
         }
         // Worker 0 owns the connection state; the others hand it the
         // frames that need it.
@@ -299,6 +309,9 @@ impl Worker {
         st.sync(&t);
         let (mut io_of, mut table_of) = bind(&t, &self.ports)?;
         let mut report = Report { tables_version: version, ..Report::default() };
+        if let Some(u) = self.shared.in_use.get(self.index) {
+            u.store(version, Ordering::Release);
+        }
         let mut verdicts = [Verdict::Pass; BURST];
         let mut last_frame = clock();
         let mut last_report = 0u64;
@@ -323,6 +336,9 @@ impl Worker {
                 }
                 version = v;
                 report.tables_version = v;
+                if let Some(u) = self.shared.in_use.get(self.index) {
+                    u.store(v, Ordering::Release);
+                }
             }
             let now = clock();
             let mut got = 0;
@@ -331,6 +347,7 @@ impl Worker {
                 let Some((port, after)) = rest.split_first_mut() else { break };
                 let in_port = table_of[i];
                 let (t, st, io_of, verdicts, rep) = (&*t, &mut st, &io_of, &mut verdicts, &mut report);
+                let wakers = &self.shared.wakers;
                 got += port.io.rx_burst(&mut |frames, back| {
                     match handoff {
                         None => process_burst(frames, in_port, now, t, st, verdicts),
@@ -353,7 +370,7 @@ impl Worker {
                             }
                             if pushed
                                 && h.sleeping.load(Ordering::SeqCst)
-                                && let Some(w) = h.waker.get()
+                                && let Some(w) = wakers.first().and_then(|w| w.get())
                             {
                                 let _ = w.wake();
                             }
@@ -402,10 +419,6 @@ impl Worker {
                 last_frame = now;
                 report.busy_rounds += 1;
             } else if !self.cfg.busy_poll && now.saturating_sub(last_frame) > spin {
-                // Publish before sleeping: an idle worker's counters are
-                // current.
-                self.publish(&mut report, &st);
-                last_report = now;
                 // Tell the other workers to wake this one after a handoff,
                 // then look once more (one of the two sees the other).
                 if let Some(h) = inbox {
@@ -415,7 +428,11 @@ impl Worker {
                         continue;
                     }
                 }
+                // Publish before sleeping: an idle worker's counters are
+                // current (this wait included).
                 report.idle_waits += 1;
+                self.publish(&mut report, &st);
+                last_report = now;
                 let r = poll.poll(&mut events, Some(self.cfg.max_wait));
                 if let Some(h) = inbox {
                     h.sleeping.store(false, Ordering::SeqCst);

@@ -261,3 +261,21 @@ fn stateful_frames_are_handed_to_worker_0() {
     assert_eq!(reports[0].services[0].new_conns, 1);
     assert!(reports[1].services[0].new_conns == 0, "worker 1 tracked nothing");
 }
+
+/// A sleeping worker is woken by new tables (and by stop): with a 10 s
+/// sleep, it still takes them at once.
+#[test]
+fn new_tables_wake_a_sleeping_worker() {
+    let cfg =
+        WorkerConfig { spin: Duration::from_millis(1), max_wait: Duration::from_secs(10), ..WorkerConfig::default() };
+    let rig = Rig::start(&["uplink"], cfg);
+    wait_for("the worker to sleep", || rig.shared.report(0).is_some_and(|r| r.idle_waits >= 1));
+    assert_eq!(rig.shared.in_use(0), 1);
+    let start = Instant::now();
+    rig.shared.publish(tables());
+    wait_for("version 2 in use", || rig.shared.in_use(0) == 2);
+    assert!(start.elapsed() < Duration::from_secs(5), "woken, not timed out");
+    let start = Instant::now();
+    let _ = rig.stop();
+    assert!(start.elapsed() < Duration::from_secs(5), "stop wakes it too");
+}
