@@ -209,3 +209,36 @@ async fn five_managers_survive_two_failures_and_snapshots_compact_the_log() {
     assert!(c.states().iter().all(|s| s.nodes.len() == 55));
     let _ = std::fs::remove_dir_all(&c.dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managers_are_added_and_removed() {
+    let mut c = Cluster::new("members", 3, 1000).await;
+    for i in 0..5 {
+        assert_eq!(c.write(add_node(i)).await, Applied(Ok(())));
+    }
+    // A fourth manager joins: first as a learner (it catches up), then a voter.
+    let l = c.leader().await;
+    let leader = c.nodes[&l].0.clone();
+    let n4 = start(4, &c.dir.join("4"), &c.router, 1000).await.unwrap();
+    c.nodes.insert(4, n4);
+    leader.add_learner(4, BasicNode::new("m4"), true).await.expect("learner");
+    leader.change_membership(std::collections::BTreeSet::from([1, 2, 3, 4]), false).await.expect("voter");
+    c.settle().await;
+    assert_eq!(c.nodes[&4].1.state().nodes.len(), 5, "the new manager has the state");
+    // One of the first three (not the leader) leaves the cluster.
+    let gone = [1, 2, 3].into_iter().find(|x| *x != l).expect("a follower");
+    let keep3: std::collections::BTreeSet<NodeId> = [1, 2, 3, 4].into_iter().filter(|x| *x != gone).collect();
+    leader.change_membership(keep3.clone(), false).await.expect("remove one");
+    c.kill(gone).await;
+    for i in 5..8 {
+        assert_eq!(c.write(add_node(i)).await, Applied(Ok(())));
+    }
+    c.settle().await;
+    let voters: Vec<NodeId> = c.nodes[&l].0.metrics().borrow().membership_config.membership().voter_ids().collect();
+    assert_eq!(voters.into_iter().collect::<std::collections::BTreeSet<_>>(), keep3);
+    assert!(c.states().iter().all(|s| s.nodes.len() == 8));
+    for id in c.nodes.keys().copied().collect::<Vec<_>>() {
+        c.kill(id).await;
+    }
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
