@@ -8,8 +8,10 @@
 
 pub mod compile;
 pub mod gossip;
+pub mod pki;
 pub mod raft;
 pub mod state;
+pub mod transport;
 
 /// The management-plane port (Raft, admin API, joins), as in Docker Swarm.
 pub const MANAGEMENT_PORT: u16 = 2377;

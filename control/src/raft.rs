@@ -16,9 +16,8 @@
 //! are applied as no-ops and their error returned to the writer, on every
 //! manager alike (the state machine stays deterministic).
 //!
-//! The network here is in-process ([`Router`]), for tests and
-//! single-process clusters; the TCP + mutual TLS transport on 2377 is still
-//! to come.
+//! The network is in-process ([`Router`], for tests) or the management
+//! plane's TCP + mutual TLS (`transport::TlsNetwork`).
 
 use crate::state::{ClusterState, Command};
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -539,6 +538,21 @@ pub async fn start(
     router: &Router,
     snapshot_every: u64,
 ) -> anyhow_free::Result<(Raft, StateMachine)> {
+    let net = RouterNetwork { router: router.clone(), from: id };
+    let (raft, sm) = start_with(id, dir, net, snapshot_every).await?;
+    router.add(id, raft.clone());
+    Ok((raft, sm))
+}
+
+/// Starts Raft node `id` with its log and state machine in `dir` on the
+/// network `net` (the router, or the TLS transport); snapshots every
+/// `snapshot_every` entries.
+pub async fn start_with<N: openraft::RaftNetworkFactory<TypeConfig>>(
+    id: NodeId,
+    dir: &Path,
+    net: N,
+    snapshot_every: u64,
+) -> anyhow_free::Result<(Raft, StateMachine)> {
     let config = openraft::Config {
         heartbeat_interval: 100,
         election_timeout_min: 300,
@@ -550,9 +564,7 @@ pub async fn start(
     let config = Arc::new(config.validate().map_err(|e| anyhow_free::Error(e.to_string()))?);
     let log = LogStore::open(&dir.join("log")).map_err(|e| anyhow_free::Error(e.to_string()))?;
     let sm = StateMachine::open(&dir.join("sm")).map_err(|e| anyhow_free::Error(e.to_string()))?;
-    let net = RouterNetwork { router: router.clone(), from: id };
     let raft = Raft::new(id, config, net, log, sm.clone()).await.map_err(|e| anyhow_free::Error(e.to_string()))?;
-    router.add(id, raft.clone());
     Ok((raft, sm))
 }
 
