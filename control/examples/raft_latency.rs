@@ -2,14 +2,17 @@
 //! (a task's weight changing) goes through the leader and returns once a
 //! majority has it on disk (fsynced) and the leader applied it.
 //!
-//!   cargo run --release -p meshplane-control --example raft_latency -- [WRITES]   (default 2000)
+//!   cargo run --release -p meshplane-control --example raft_latency -- [WRITES] [tls|inproc]
+//!   (defaults: 2000 tls)
 //!
-//! The managers run in one process on the in-process router (the TCP +
-//! TLS transport is not built yet), each with its own directory under the
-//! system's temporary directory: the figure is Raft, serialisation and
-//! fsync, without the network.
+//! `tls`: the managers talk over loopback TCP with mutual TLS (the
+//! management plane as it runs, a connection per RPC); `inproc`: the
+//! in-process router. Each manager has its own directory under the
+//! system's temporary directory (fsync on each append).
 
-use meshplane_control::raft::{Router, start};
+use meshplane_control::pki::{ClusterCa, JoinRole};
+use meshplane_control::raft::{Router, start, start_with};
+use meshplane_control::transport::{TlsNetwork, join, node_addr, serve};
 use meshplane_control::state::{Availability, Command, Node, PublishRequest, Role};
 use meshplane_dataplane::lb::sched::Scheduler;
 use meshplane_dataplane::lb::service::{MeshMode, Proto};
@@ -20,14 +23,40 @@ use std::time::{Duration, Instant};
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let writes: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2000);
+    let tls = std::env::args().nth(2).is_none_or(|m| m != "inproc");
     let dir = std::env::temp_dir().join(format!("meshplane-raft-latency-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let router = Router::default();
     let mut nodes = BTreeMap::new();
-    for id in 1..=3u64 {
-        nodes.insert(id, start(id, &dir.join(id.to_string()), &router, 5000).await.expect("start"));
+    let mut members: BTreeMap<u64, BasicNode> = BTreeMap::new();
+    let mut servers = Vec::new();
+    if tls {
+        let ca = ClusterCa::init().expect("ca");
+        let token = ca.token(JoinRole::Manager);
+        let ca = std::sync::Arc::new(std::sync::Mutex::new(ca));
+        let mut first_addr = None;
+        for id in 1..=3u64 {
+            let name = format!("m{id}");
+            let ident = match first_addr {
+                None => ca.lock().expect("ca").issue(&name).expect("issue"),
+                Some(a) => join(a, "m1", &token, &name).await.expect("join").0,
+            };
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let server = serve(listener, &ident, slot.clone(), (id == 1).then(|| ca.clone())).expect("serve");
+            first_addr.get_or_insert(server.addr);
+            members.insert(id, node_addr(&name, server.addr));
+            let n = start_with(id, &dir.join(id.to_string()), TlsNetwork::new(&ident).expect("net"), 5000).await.expect("start");
+            *slot.lock().expect("slot") = Some(n.0.clone());
+            nodes.insert(id, n);
+            servers.push(server);
+        }
+    } else {
+        for id in 1..=3u64 {
+            nodes.insert(id, start(id, &dir.join(id.to_string()), &router, 5000).await.expect("start"));
+            members.insert(id, BasicNode::new(format!("m{id}")));
+        }
     }
-    let members: BTreeMap<u64, BasicNode> = (1..=3).map(|id| (id, BasicNode::new(format!("m{id}")))).collect();
     nodes[&1].0.initialize(members).await.expect("initialize");
     let leader = loop {
         if let Some(l) = nodes[&1].0.metrics().borrow().current_leader {
@@ -80,7 +109,8 @@ async fn main() {
     lat.sort_unstable();
     let p = |q: f64| lat[((lat.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e3;
     println!(
-        "raft commit latency, 3 managers (in-process network, fsync on each append), {writes} sequential service updates: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {:.0} writes/s",
+        "raft commit latency, 3 managers ({}, fsync on each append), {writes} sequential service updates: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {:.0} writes/s",
+        if tls { "loopback TCP, mutual TLS" } else { "in-process network" },
         p(0.5),
         p(0.99),
         p(1.0),
