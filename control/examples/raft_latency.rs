@@ -12,8 +12,8 @@
 
 use meshplane_control::pki::{ClusterCa, JoinRole};
 use meshplane_control::raft::{Router, start, start_with};
-use meshplane_control::transport::{TlsNetwork, join, node_addr, serve};
 use meshplane_control::state::{Availability, Command, Node, PublishRequest, Role};
+use meshplane_control::transport::{TlsNetwork, join, node_addr, serve};
 use meshplane_dataplane::lb::sched::Scheduler;
 use meshplane_dataplane::lb::service::{MeshMode, Proto};
 use openraft::BasicNode;
@@ -46,7 +46,9 @@ async fn main() {
             let server = serve(listener, &ident, slot.clone(), (id == 1).then(|| ca.clone())).expect("serve");
             first_addr.get_or_insert(server.addr);
             members.insert(id, node_addr(&name, server.addr));
-            let n = start_with(id, &dir.join(id.to_string()), TlsNetwork::new(&ident).expect("net"), 5000).await.expect("start");
+            let n = start_with(id, &dir.join(id.to_string()), TlsNetwork::new(&ident).expect("net"), 5000)
+                .await
+                .expect("start");
             *slot.lock().expect("slot") = Some(n.0.clone());
             nodes.insert(id, n);
             servers.push(server);
