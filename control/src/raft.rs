@@ -470,63 +470,19 @@ pub struct RouterNetwork {
 }
 
 impl openraft::RaftNetworkFactory<TypeConfig> for RouterNetwork {
-    type Network = Conn;
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Conn {
-        Conn { router: self.router.clone(), from: self.from, to: target }
+    type Network = crate::transport::RpcClient<Conn>;
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Self::Network {
+        crate::transport::RpcClient(Conn { router: self.router.clone(), from: self.from, to: target })
     }
 }
 
-fn unreachable<E: std::error::Error>(to: NodeId) -> openraft::error::RPCError<NodeId, BasicNode, E> {
-    openraft::error::RPCError::Unreachable(openraft::error::Unreachable::new(&std::io::Error::other(format!(
-        "node {to} unreachable"
-    ))))
-}
-
-impl openraft::RaftNetwork<TypeConfig> for Conn {
-    async fn append_entries(
-        &mut self,
-        rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<
-        openraft::raft::AppendEntriesResponse<NodeId>,
-        openraft::error::RPCError<NodeId, BasicNode, openraft::error::RaftError<NodeId>>,
-    > {
-        let Some(r) = self.router.target(self.from, self.to) else { return Err(unreachable(self.to)) };
-        r.append_entries(rpc)
-            .await
-            .map_err(|e| openraft::error::RPCError::RemoteError(openraft::error::RemoteError::new(self.to, e)))
+impl crate::transport::Call for Conn {
+    fn target(&self) -> NodeId {
+        self.to
     }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: openraft::raft::InstallSnapshotRequest<TypeConfig>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<
-        openraft::raft::InstallSnapshotResponse<NodeId>,
-        openraft::error::RPCError<
-            NodeId,
-            BasicNode,
-            openraft::error::RaftError<NodeId, openraft::error::InstallSnapshotError>,
-        >,
-    > {
-        let Some(r) = self.router.target(self.from, self.to) else { return Err(unreachable(self.to)) };
-        r.install_snapshot(rpc)
-            .await
-            .map_err(|e| openraft::error::RPCError::RemoteError(openraft::error::RemoteError::new(self.to, e)))
-    }
-
-    async fn vote(
-        &mut self,
-        rpc: openraft::raft::VoteRequest<NodeId>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<
-        openraft::raft::VoteResponse<NodeId>,
-        openraft::error::RPCError<NodeId, BasicNode, openraft::error::RaftError<NodeId>>,
-    > {
-        let Some(r) = self.router.target(self.from, self.to) else { return Err(unreachable(self.to)) };
-        r.vote(rpc)
-            .await
-            .map_err(|e| openraft::error::RPCError::RemoteError(openraft::error::RemoteError::new(self.to, e)))
+    async fn call(&self, req: crate::transport::Request) -> std::io::Result<crate::transport::Response> {
+        let r = self.router.target(self.from, self.to).ok_or_else(|| std::io::Error::other("unreachable"))?;
+        Ok(crate::transport::answer(&r, req).await)
     }
 }
 

@@ -15,6 +15,7 @@
 use crate::pki::{ClusterCa, JoinRole, JoinToken, NodeIdentity, fingerprint};
 use crate::raft::{NodeId, Raft, TypeConfig};
 use openraft::BasicNode;
+use openraft::error::RPCError;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -280,9 +281,7 @@ pub fn serve(
                     },
                     (_, _) if !member => Response::Refused("Raft needs a certificate of the cluster CA".into()),
                     (_, None) => Response::Refused("Raft is not running here yet".into()),
-                    (Request::Append(rpc), Some(r)) => Response::Append(r.append_entries(rpc).await),
-                    (Request::Vote(rpc), Some(r)) => Response::Vote(r.vote(rpc).await),
-                    (Request::Snapshot(rpc), Some(r)) => Response::Snapshot(r.install_snapshot(rpc).await),
+                    (req, Some(r)) => answer(&r, req).await,
                 };
                 let _ = write_frame(&mut s, &resp).await;
                 let _ = s.shutdown().await;
@@ -290,6 +289,96 @@ pub fn serve(
         }
     });
     Ok(Server { addr, task })
+}
+
+/// Answers a Raft request with `raft` (the server side of both networks;
+/// a join is not Raft's and is refused here).
+pub async fn answer(raft: &Raft, req: Request) -> Response {
+    match req {
+        Request::Append(rpc) => Response::Append(raft.append_entries(rpc).await),
+        Request::Vote(rpc) => Response::Vote(raft.vote(rpc).await),
+        Request::Snapshot(rpc) => Response::Snapshot(raft.install_snapshot(rpc).await),
+        Request::Join { .. } => Response::Refused("joins go to a manager holding the CA".into()),
+    }
+}
+
+/// A way to send one request to one node: the TLS connection, or the
+/// in-process router.
+pub trait Call: Send + Sync + 'static {
+    /// The node the requests go to.
+    fn target(&self) -> NodeId;
+    /// Sends `req`; the response.
+    fn call(&self, req: Request) -> impl std::future::Future<Output = std::io::Result<Response>> + Send;
+}
+
+/// Raft's network over any [`Call`]: one implementation of openraft's
+/// client side for both networks.
+pub struct RpcClient<T>(pub T);
+
+fn unreachable<E: std::error::Error>(to: NodeId, e: impl std::fmt::Display) -> RPCError<NodeId, BasicNode, E> {
+    RPCError::Unreachable(openraft::error::Unreachable::new(&io(format!("node {to}: {e}"))))
+}
+
+impl<T: Call> RpcClient<T> {
+    /// Sends `req` and takes the expected response out with `pick`; errors
+    /// as openraft wants them.
+    async fn rpc<R, E: std::error::Error>(
+        &self,
+        req: Request,
+        pick: impl FnOnce(Response) -> Option<Result<R, E>>,
+    ) -> Result<R, RPCError<NodeId, BasicNode, E>> {
+        let to = self.0.target();
+        match self.0.call(req).await {
+            Ok(resp) => match pick(resp) {
+                Some(r) => r.map_err(|e| RPCError::RemoteError(openraft::error::RemoteError::new(to, e))),
+                None => Err(unreachable(to, "refused")),
+            },
+            Err(e) => Err(unreachable(to, e)),
+        }
+    }
+}
+
+type RaftErr<E = openraft::error::Infallible> = openraft::error::RaftError<NodeId, E>;
+
+impl<T: Call> openraft::RaftNetwork<TypeConfig> for RpcClient<T> {
+    async fn append_entries(
+        &mut self,
+        rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
+        _option: openraft::network::RPCOption,
+    ) -> Result<openraft::raft::AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftErr>> {
+        self.rpc(Request::Append(rpc), |r| match r {
+            Response::Append(x) => Some(x),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: openraft::raft::InstallSnapshotRequest<TypeConfig>,
+        _option: openraft::network::RPCOption,
+    ) -> Result<
+        openraft::raft::InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftErr<openraft::error::InstallSnapshotError>>,
+    > {
+        self.rpc(Request::Snapshot(rpc), |r| match r {
+            Response::Snapshot(x) => Some(x),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: openraft::raft::VoteRequest<NodeId>,
+        _option: openraft::network::RPCOption,
+    ) -> Result<openraft::raft::VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftErr>> {
+        self.rpc(Request::Vote(rpc), |r| match r {
+            Response::Vote(x) => Some(x),
+            _ => None,
+        })
+        .await
+    }
 }
 
 /// Raft's network over the management plane: node id → (address, name),
@@ -311,7 +400,7 @@ pub fn node_addr(name: &str, addr: SocketAddr) -> BasicNode {
     BasicNode::new(format!("{name}@{addr}"))
 }
 
-/// A connection target.
+/// A connection target over TLS.
 pub struct TlsConn {
     connector: tokio_rustls::TlsConnector,
     target: NodeId,
@@ -320,80 +409,19 @@ pub struct TlsConn {
 }
 
 impl openraft::RaftNetworkFactory<TypeConfig> for TlsNetwork {
-    type Network = TlsConn;
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> TlsConn {
+    type Network = RpcClient<TlsConn>;
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
         let (name, addr) = node.addr.split_once('@').unwrap_or(("", ""));
-        TlsConn { connector: self.connector.clone(), target, name: name.to_owned(), addr: addr.parse().ok() }
+        RpcClient(TlsConn { connector: self.connector.clone(), target, name: name.to_owned(), addr: addr.parse().ok() })
     }
 }
 
-impl TlsConn {
-    async fn call(&self, req: &Request) -> std::io::Result<Response> {
+impl Call for TlsConn {
+    fn target(&self) -> NodeId {
+        self.target
+    }
+    async fn call(&self, req: Request) -> std::io::Result<Response> {
         let addr = self.addr.ok_or_else(|| io("no address"))?;
-        call(&self.connector, addr, &self.name, req).await
-    }
-}
-
-fn unreachable<E: std::error::Error>(
-    to: NodeId,
-    e: impl std::fmt::Display,
-) -> openraft::error::RPCError<NodeId, BasicNode, E> {
-    openraft::error::RPCError::Unreachable(openraft::error::Unreachable::new(&io(format!("node {to}: {e}"))))
-}
-
-impl openraft::RaftNetwork<TypeConfig> for TlsConn {
-    async fn append_entries(
-        &mut self,
-        rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<
-        openraft::raft::AppendEntriesResponse<NodeId>,
-        openraft::error::RPCError<NodeId, BasicNode, openraft::error::RaftError<NodeId>>,
-    > {
-        match self.call(&Request::Append(rpc)).await {
-            Ok(Response::Append(r)) => {
-                r.map_err(|e| openraft::error::RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e)))
-            }
-            Ok(_) => Err(unreachable(self.target, "refused")),
-            Err(e) => Err(unreachable(self.target, e)),
-        }
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: openraft::raft::InstallSnapshotRequest<TypeConfig>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<
-        openraft::raft::InstallSnapshotResponse<NodeId>,
-        openraft::error::RPCError<
-            NodeId,
-            BasicNode,
-            openraft::error::RaftError<NodeId, openraft::error::InstallSnapshotError>,
-        >,
-    > {
-        match self.call(&Request::Snapshot(rpc)).await {
-            Ok(Response::Snapshot(r)) => {
-                r.map_err(|e| openraft::error::RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e)))
-            }
-            Ok(_) => Err(unreachable(self.target, "refused")),
-            Err(e) => Err(unreachable(self.target, e)),
-        }
-    }
-
-    async fn vote(
-        &mut self,
-        rpc: openraft::raft::VoteRequest<NodeId>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<
-        openraft::raft::VoteResponse<NodeId>,
-        openraft::error::RPCError<NodeId, BasicNode, openraft::error::RaftError<NodeId>>,
-    > {
-        match self.call(&Request::Vote(rpc)).await {
-            Ok(Response::Vote(r)) => {
-                r.map_err(|e| openraft::error::RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e)))
-            }
-            Ok(_) => Err(unreachable(self.target, "refused")),
-            Err(e) => Err(unreachable(self.target, e)),
-        }
+        call(&self.connector, addr, &self.name, &req).await
     }
 }

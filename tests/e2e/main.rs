@@ -22,6 +22,22 @@ use std::time::Duration;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Two tests of `f`, one per I/O backend (root only).
+macro_rules! both_backends {
+    ($f:ident: $afxdp:ident, $tap:ident) => {
+        #[test]
+        fn $afxdp() {
+            need_root!();
+            $f(Io::Afxdp);
+        }
+        #[test]
+        fn $tap() {
+            need_root!();
+            $f(Io::Tap);
+        }
+    };
+}
+
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -352,17 +368,7 @@ fn overlay(io: Io) {
     c.stop_node(1);
 }
 
-#[test]
-fn overlay_afxdp() {
-    need_root!();
-    overlay(Io::Afxdp);
-}
-
-#[test]
-fn overlay_tap() {
-    need_root!();
-    overlay(Io::Tap);
-}
+both_backends!(overlay: overlay_afxdp, overlay_tap);
 
 /// Node 1 is meshplane; node 2 is the Linux kernel's own VXLAN device
 /// (vx0 is task 2's address). ARP crosses the overlay both ways (the
@@ -394,17 +400,7 @@ fn interop(io: Io) {
     c.stop_node(0);
 }
 
-#[test]
-fn interop_kernel_vxlan_afxdp() {
-    need_root!();
-    interop(Io::Afxdp);
-}
-
-#[test]
-fn interop_kernel_vxlan_tap() {
-    need_root!();
-    interop(Io::Tap);
-}
+both_backends!(interop: interop_kernel_vxlan_afxdp, interop_kernel_vxlan_tap);
 
 /// The routing mesh: a client connects to node 1's published ports, the
 /// task on node 2 serves; in `nat` mode the task sees node 1's address in
@@ -436,17 +432,7 @@ fn mesh(io: Io) {
     c.stop_node(1);
 }
 
-#[test]
-fn routing_mesh_afxdp() {
-    need_root!();
-    mesh(Io::Afxdp);
-}
-
-#[test]
-fn routing_mesh_tap() {
-    need_root!();
-    mesh(Io::Tap);
-}
+both_backends!(mesh: routing_mesh_afxdp, routing_mesh_tap);
 
 /// One VXLAN frame from node 2 to node 1 carrying `inner`, with the VXLAN
 /// flags `flags` and VNI `vni`.
@@ -547,17 +533,7 @@ fn fix_ip_checksum(f: &mut [u8]) {
     f[24..26].copy_from_slice(&c.to_be_bytes());
 }
 
-#[test]
-fn bad_input_afxdp() {
-    need_root!();
-    bad_input(Io::Afxdp);
-}
-
-#[test]
-fn bad_input_tap() {
-    need_root!();
-    bad_input(Io::Tap);
-}
+both_backends!(bad_input: bad_input_afxdp, bad_input_tap);
 
 /// SIGHUP reloads the tables while a flow through a VIP runs: not one
 /// datagram is lost, and the new tables are in use.
@@ -672,17 +648,7 @@ fn two_workers(io: Io) {
     c.stop_node(1);
 }
 
-#[test]
-fn two_workers_afxdp() {
-    need_root!();
-    two_workers(Io::Afxdp);
-}
-
-#[test]
-fn two_workers_tap() {
-    need_root!();
-    two_workers(Io::Tap);
-}
+both_backends!(two_workers: two_workers_afxdp, two_workers_tap);
 
 /// `meshplane pktgen` over a plain veth pair, every profile: what is sent
 /// arrives, counted and timed by the receive side; bad arguments are
