@@ -85,11 +85,17 @@ fn vip(c: &mut Criterion) {
     g.throughput(Throughput::Elements(BURST as u64));
     // 2 M entries (117 MB: new flows miss in DRAM), and 64 K (3.6 MB: the
     // table in cache, the CPU's share alone).
+    // Established: the same 64 connections every burst (`_64k_conns`: 64
+    // of 64 K connections, the most one client has to one VIP port, spread
+    // over the 2 M-entry table, a different 64 each burst, so the lookups
+    // miss in cache as they would on a busy node).
     for (name, new_flows, capacity) in [
         ("established_vip_encap", false, 1 << 21),
+        ("established_vip_encap_64k_conns", false, 1 << 21),
         ("new_flow_vip_encap", true, 1 << 21),
         ("new_flow_vip_encap_64k", true, 1 << 16),
     ] {
+        let many = name.ends_with("_64k_conns");
         let mut st = WorkerState::with_conntrack(t.ports.len(), CtConfig { capacity, ..CtConfig::default() });
         st.sync(&t);
         let mut bufs: Vec<Vec<u8>> = (0..BURST).map(|_| vec![0u8; HEADROOM + 2048]).collect();
@@ -98,6 +104,22 @@ fn vip(c: &mut Criterion) {
         // One second per burst: a source port comes round again after
         // about 1000 s, when its SYN-only entry (60 s) has long expired.
         let mut now = 0u64;
+        if many {
+            // Open every connection (SYN), 64 per burst.
+            for chunk in (1024..=u16::MAX).collect::<Vec<_>>().chunks(BURST) {
+                let fs: Vec<Vec<u8>> = chunk.iter().map(|&p| meshplane_benches::vip_frame(p, true)).collect();
+                for (buf, f) in bufs.iter_mut().zip(&fs) {
+                    buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
+                }
+                let mut it = bufs.iter_mut();
+                let mut frames: Vec<Frame<'_>> = fs
+                    .iter()
+                    .map(|f| Frame::new(it.next().expect("BURST buffers"), HEADROOM, f.len()).expect("fits"))
+                    .collect();
+                process_burst(&mut frames, task1, now, &t, &mut st, &mut verdicts);
+            }
+        }
+        let mut next = 0u32;
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -110,6 +132,10 @@ fn vip(c: &mut Criterion) {
                         let f = if new_flows {
                             sport = sport.wrapping_add(1).max(1024);
                             meshplane_benches::vip_frame(sport, true)
+                        } else if many {
+                            // A stride coprime with 64512 walks them all.
+                            next = (next + 40_503) % 64_512;
+                            meshplane_benches::vip_frame(1024 + next as u16, false)
                         } else {
                             meshplane_benches::vip_frame(40000 + i as u16, false)
                         };
@@ -120,7 +146,9 @@ fn vip(c: &mut Criterion) {
                     let mut frames: [Frame<'_>; BURST] = core::array::from_fn(|i| {
                         Frame::new(it.next().expect("BURST buffers"), HEADROOM, lens[i]).expect("fits")
                     });
-                    now += 1_000_000_000;
+                    // Connections tracked for good stay live (60 s after
+                    // a SYN, 900 s once established): a millisecond a burst.
+                    now += if new_flows { 1_000_000_000 } else { 1_000_000 };
                     let start = Instant::now();
                     process_burst(&mut frames, task1, now, &t, &mut st, &mut verdicts);
                     total += start.elapsed();

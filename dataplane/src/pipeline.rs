@@ -378,6 +378,10 @@ fn count(st: &mut WorkerState, frame: &Frame<'_>, v: Verdict) -> Verdict {
 /// How many frames ahead [`process_burst`] touches the next frames' headers.
 pub const LOOKAHEAD: usize = 4;
 
+/// How many frames ahead [`process_burst`] prefetches the conntrack bucket
+/// of a frame that may meet the load balancer.
+pub const FLOW_LOOKAHEAD: usize = 8;
+
 /// Processes a burst of frames received on one port, as a worker does:
 /// `verdicts[i]` is the verdict for `frames[i]`.
 ///
@@ -412,10 +416,14 @@ pub fn process_burst(
     // multi-packet loops do, measured slower here: the tables are in cache.)
     let bytes = if in_port == crate::tables::UPLINK {
         let mut cache = overlay::fast::BurstCache::new(t, crate::tables::UPLINK);
-        burst_loop(frames, verdicts, st, |f, lb| decide::<true>(f, crate::tables::UPLINK, now, t, &mut cache, lb))
+        let flows = (!t.services.list.is_empty()).then_some(t.vxlan_port);
+        burst_loop(frames, verdicts, st, flows, |f, lb| {
+            decide::<true>(f, crate::tables::UPLINK, now, t, &mut cache, lb)
+        })
     } else {
         let mut cache = overlay::fast::BurstCache::new(t, in_port);
-        burst_loop(frames, verdicts, st, |f, lb| decide::<true>(f, in_port, now, t, &mut cache, lb))
+        let flows = cache.in_lb_network().then_some(t.vxlan_port);
+        burst_loop(frames, verdicts, st, flows, |f, lb| decide::<true>(f, in_port, now, t, &mut cache, lb))
     };
     if let Some(rx) = st.stats.ports.get_mut(usize::from(in_port)) {
         rx.rx_packets += n as u64;
@@ -427,16 +435,26 @@ pub fn process_burst(
 /// length: lookahead, decision, and transmit counters kept as a run of
 /// consecutive frames to one port (a burst from one port mostly goes to
 /// one port) and added to the port's counters when the run ends. Returns
-/// the bytes received.
+/// the bytes received. With `flows` (the VXLAN port; for bursts that may
+/// meet the load balancer), a frame's conntrack bucket is prefetched
+/// `FLOW_LOOKAHEAD` frames ahead, its header `LOOKAHEAD` frames before
+/// that (so the header is in cache when its 5-tuple is read).
 #[inline(always)]
 fn burst_loop(
     frames: &mut [Frame<'_>],
     verdicts: &mut [Verdict],
     st: &mut WorkerState,
+    flows: Option<u16>,
     mut decide: impl FnMut(&mut Frame<'_>, &mut crate::lb::LbState) -> Verdict,
 ) -> u64 {
-    for f in frames.iter().take(LOOKAHEAD) {
+    let ahead = if flows.is_some() { FLOW_LOOKAHEAD + LOOKAHEAD } else { LOOKAHEAD };
+    for f in frames.iter().take(ahead) {
         touch(f);
+    }
+    if let Some(port) = flows {
+        for f in frames.iter().take(FLOW_LOOKAHEAD) {
+            prefetch_flow(f, port, &st.lb);
+        }
     }
     let mut rx_bytes = 0u64;
     // The current run: its port (already checked against the counters;
@@ -445,8 +463,13 @@ fn burst_loop(
     let mut run = NO_RUN;
     let (mut run_packets, mut run_bytes) = (0u64, 0u64);
     for i in 0..frames.len().min(verdicts.len()) {
-        if let Some(next) = frames.get(i + LOOKAHEAD) {
+        if let Some(next) = frames.get(i + ahead) {
             touch(next);
+        }
+        if let Some(port) = flows
+            && let Some(next) = frames.get(i + FLOW_LOOKAHEAD)
+        {
+            prefetch_flow(next, port, &st.lb);
         }
         let f = &mut frames[i];
         rx_bytes += f.len() as u64;
@@ -487,15 +510,35 @@ fn flush_run(st: &mut WorkerState, port: u32, packets: u64, bytes: u64) {
 /// faults and changes nothing observable).
 #[inline(always)]
 fn touch(f: &Frame<'_>) {
-    let p = f.buf.as_ptr().wrapping_add(f.start);
-    #[cfg(target_arch = "x86_64")]
-    #[allow(unsafe_code)]
-    // SAFETY: PREFETCHT0 is a hint: it reads nothing architecturally, cannot
-    // fault (not even on an invalid address) and has no effect other than
-    // on caches; SSE, which it needs, is part of the x86_64 baseline.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    crate::wire::prefetch(f.buf.as_ptr().wrapping_add(f.start));
+}
+
+/// Prefetches the conntrack bucket of the flow a frame most likely looks
+/// up (a hint): the 5-tuple of an IPv4 TCP or UDP packet without options at
+/// the frame's fixed offsets, or of the one inside it if it is VXLAN (a
+/// reply from a task on another node). Frames of any other shape prefetch
+/// nothing; a wrong guess costs a wasted prefetch, never a wrong verdict.
+#[inline(always)]
+fn prefetch_flow(f: &Frame<'_>, vxlan_port: u16, lb: &crate::lb::LbState) {
+    let d = f.data();
+    let key = |h: &[u8]| -> Option<crate::lb::conntrack::FlowKey> {
+        let h = h.first_chunk::<38>()?;
+        (h[12] == 0x08 && h[13] == 0 && h[14] == 0x45 && matches!(h[23], 6 | 17)).then(|| {
+            crate::lb::conntrack::FlowKey {
+                src: u32::from_be_bytes([h[26], h[27], h[28], h[29]]),
+                dst: u32::from_be_bytes([h[30], h[31], h[32], h[33]]),
+                sport: u16::from_be_bytes([h[34], h[35]]),
+                dport: u16::from_be_bytes([h[36], h[37]]),
+                proto: h[23],
+            }
+        })
+    };
+    let Some(mut k) = key(d) else { return };
+    if k.proto == 17 && k.dport == vxlan_port {
+        match d.get(crate::wire::vxlan::ENCAP_LEN..).and_then(key) {
+            Some(inner) => k = inner,
+            None => return,
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
+    lb.conntrack.prefetch(&k);
 }

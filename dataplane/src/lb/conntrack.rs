@@ -257,6 +257,24 @@ impl Conntrack {
         (((u64::from(h) * self.buckets) >> 32) as usize) * WAYS
     }
 
+    /// Prefetches the bucket of `key` (a hint: nothing observable changes),
+    /// so that a lookup or insert a few frames later finds it in cache: the
+    /// burst loop calls it ahead of the frame, as VPP's bihash prefetches a
+    /// bucket a stage before its lookup.
+    #[inline(always)]
+    pub fn prefetch(&self, key: &FlowKey) {
+        let (k0, k1) = key.pack();
+        let b = self.bucket(k0, k1);
+        let p = self.entries.as_ptr().wrapping_add(b).cast::<u8>();
+        // The bucket's 8 entries are 448 bytes: 7 cache lines, or 8 where
+        // the bucket does not start on a line.
+        const BYTES: usize = WAYS * core::mem::size_of::<Entry>();
+        for off in (0..BYTES).step_by(64) {
+            crate::wire::prefetch(p.wrapping_add(off));
+        }
+        crate::wire::prefetch(p.wrapping_add(BYTES - 1));
+    }
+
     /// The live entry of `key` at time `now`, refreshed: its state follows
     /// `tcp_flags` (TCP only; pass 0 for UDP) and its timeout restarts.
     /// `None` if there is none (an expired one is freed and its value

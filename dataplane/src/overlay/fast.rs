@@ -291,6 +291,12 @@ pub(crate) struct BurstCache<'t> {
 }
 
 impl<'t> BurstCache<'t> {
+    /// True if the input port is a task port in a network with services.
+    #[inline(always)]
+    pub(crate) fn in_lb_network(&self) -> bool {
+        self.lb_port.is_some()
+    }
+
     /// An empty cache for a burst received on `in_port`.
     #[inline(always)]
     pub(crate) fn new(t: &'t Tables, in_port: PortId) -> Self {

@@ -25,3 +25,19 @@ pub mod vxlan;
 pub use error::{Layer, WireError};
 pub use ethernet::MacAddr;
 pub use parse::{Parsed, parse_frame};
+
+/// Prefetches the cache line holding `p` into L1: a hint that never faults
+/// (not even on an invalid address) and changes nothing observable.
+#[inline(always)]
+pub fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    // SAFETY: PREFETCHT0 is a hint: it reads nothing architecturally, cannot
+    // fault (not even on an invalid address) and has no effect other than
+    // on caches; SSE, which it needs, is part of the x86_64 baseline.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
