@@ -157,6 +157,7 @@ fn lab_state() -> Result<ClusterState> {
             service: "web".into(),
             node: format!("node{n}"),
             weight: 1,
+            netns: None,
         });
     }
     for c in &cmds {

@@ -71,6 +71,7 @@ async fn main() {
             service: "web".into(),
             node: format!("node{n}"),
             weight: 1,
+            netns: None,
         });
     }
     for c in setup {

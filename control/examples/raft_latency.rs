@@ -91,7 +91,7 @@ async fn main() {
             publish: vec![PublishRequest { port: None, mode: MeshMode::Nat }],
             scheduler: Scheduler::Mh,
         },
-        Command::AttachTask { id: "web.1".into(), service: "web".into(), node: "node1".into(), weight: 1 },
+        Command::AttachTask { id: "web.1".into(), service: "web".into(), node: "node1".into(), weight: 1, netns: None },
     ];
     for c in setup {
         raft.client_write(c).await.expect("setup write");

@@ -6,6 +6,7 @@
 //! one node's tables ([`compile`]). Raft, gossip and the admin API come
 //! next (issue 6); see ARCHITECTURE.md.
 
+pub mod cluster;
 pub mod compile;
 pub mod gossip;
 pub mod pki;

@@ -36,6 +36,12 @@ fn cert_err(e: impl std::fmt::Display) -> PkiError {
     PkiError::Cert(e.to_string())
 }
 
+/// A name every node's certificate carries besides its own: what a node
+/// that knows only an address (a joiner, the CLI) checks the server
+/// against (the CA pin or the CA itself is what makes that check mean
+/// something).
+pub const CLUSTER_NAME: &str = "meshplane";
+
 /// What a token lets a node join as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -60,7 +66,7 @@ pub struct NodeIdentity {
 }
 
 /// The cluster CA: certificate, key and the two join secrets.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterCa {
     cert: Vec<u8>,
     key_pem: String,
@@ -133,6 +139,13 @@ impl ClusterCa {
         }
     }
 
+    /// A copy with a new secret for `role` (what a rotation commits).
+    pub fn rotated(&self, role: JoinRole) -> ClusterCa {
+        let mut c = self.clone();
+        c.rotate(role);
+        c
+    }
+
     /// What `token` lets its holder join as.
     pub fn check(&self, token: &str) -> Result<JoinRole, PkiError> {
         let t = JoinToken::parse(token)?;
@@ -157,7 +170,7 @@ impl ClusterCa {
         let ca_key = KeyPair::from_pem(&self.key_pem).map_err(cert_err)?;
         let issuer = Issuer::new(ca_params()?, ca_key);
         let key = KeyPair::generate().map_err(cert_err)?;
-        let mut p = CertificateParams::new(vec![name.to_owned()]).map_err(cert_err)?;
+        let mut p = CertificateParams::new(vec![name.to_owned(), CLUSTER_NAME.to_owned()]).map_err(cert_err)?;
         p.distinguished_name.push(DnType::CommonName, name);
         let cert = p.signed_by(&key, &issuer).map_err(cert_err)?;
         Ok(NodeIdentity {

@@ -10,6 +10,7 @@
 //! addresses and the gateway), published ports chosen or the lowest free in
 //! 30000–32767, MACs derived from addresses (02:42 + the IPv4 address).
 
+use crate::pki::ClusterCa;
 use core::net::{Ipv4Addr, SocketAddr};
 use meshplane_dataplane::lb::sched::Scheduler;
 use meshplane_dataplane::lb::service::{MeshMode, Proto};
@@ -129,6 +130,9 @@ pub struct Task {
     pub mac: MacAddr,
     /// Balancing weight (0: drained).
     pub weight: u32,
+    /// The network namespace of the task's port, if the node makes it.
+    #[serde(default)]
+    pub netns: Option<String>,
 }
 
 /// A request to publish a port.
@@ -205,6 +209,10 @@ pub enum Command {
         node: String,
         /// Its weight.
         weight: u32,
+        /// The network namespace the node puts the task's port in (none:
+        /// the port is made for an interface someone else wires up).
+        #[serde(default)]
+        netns: Option<String>,
     },
     /// A task's weight changes (0 drains it).
     SetWeight {
@@ -217,6 +225,17 @@ pub enum Command {
     DetachTask {
         /// The task.
         id: String,
+    },
+    /// The cluster CA (at `cluster init`), or its new join secrets (token
+    /// rotation: the caller draws them, so every manager applies the same).
+    SetCa(ClusterCa),
+    /// A new gossip key (the caller draws it): it seals from now on, the
+    /// previous one still opens until the next rotation.
+    RotateGossipKey {
+        /// The key's id (one more than the last, wrapping).
+        id: u8,
+        /// The key.
+        key: [u8; 32],
     },
 }
 
@@ -304,6 +323,9 @@ pub enum StateError {
         /// The node that has it.
         other: String,
     },
+    /// `SetCa` with another CA than the cluster's.
+    #[error("the cluster already has another CA")]
+    CaChanged,
     /// A name that cannot be a port or map key.
     #[error("{kind} name {name:?}: 1 to 15 characters, letters, digits, '-', '_' and '.'")]
     BadName {
@@ -325,6 +347,14 @@ pub struct ClusterState {
     pub services: BTreeMap<String, Service>,
     /// Tasks by id.
     pub tasks: BTreeMap<String, Task>,
+    /// The cluster CA (key and join secrets): on managers only; what
+    /// workers and the admin API get has it removed
+    /// ([`ClusterState::redacted`]).
+    #[serde(default)]
+    pub ca: Option<ClusterCa>,
+    /// The gossip keys: the current one, and the one before it.
+    #[serde(default)]
+    pub gossip_keys: Vec<(u8, [u8; 32])>,
 }
 
 /// The MAC derived from an address: 02:42 and the four octets (as Docker
@@ -372,6 +402,12 @@ impl ClusterState {
         next.apply_in_place(cmd)?;
         *self = next;
         Ok(())
+    }
+
+    /// The state without secrets (the CA's key and join secrets): what
+    /// workers and the admin API are given.
+    pub fn redacted(&self) -> ClusterState {
+        ClusterState { ca: None, ..self.clone() }
     }
 
     fn apply_in_place(&mut self, cmd: &Command) -> Result<(), StateError> {
@@ -489,7 +525,7 @@ impl ClusterState {
                 self.services.remove(name).ok_or_else(|| E::Unknown { kind: "service", name: name.clone() })?;
                 self.tasks.retain(|_, t| t.service != *name);
             }
-            Command::AttachTask { id, service, node, weight } => {
+            Command::AttachTask { id, service, node, weight, netns } => {
                 check_name("task", id)?;
                 if self.tasks.contains_key(id) {
                     return Err(E::Exists { kind: "task", name: id.clone() });
@@ -510,6 +546,7 @@ impl ClusterState {
                         ip,
                         mac: mac_for(ip),
                         weight: *weight,
+                        netns: netns.clone(),
                     },
                 );
             }
@@ -519,6 +556,20 @@ impl ClusterState {
             }
             Command::DetachTask { id } => {
                 self.tasks.remove(id).ok_or_else(|| E::Unknown { kind: "task", name: id.clone() })?;
+            }
+            Command::SetCa(ca) => {
+                if let Some(old) = &self.ca
+                    && old.fingerprint() != ca.fingerprint()
+                {
+                    return Err(E::CaChanged);
+                }
+                self.ca = Some(ca.clone());
+            }
+            Command::RotateGossipKey { id, key } => {
+                // The current key first; one previous key kept.
+                self.gossip_keys.retain(|(i, _)| i != id);
+                self.gossip_keys.insert(0, (*id, *key));
+                self.gossip_keys.truncate(2);
             }
         }
         Ok(())

@@ -39,6 +39,27 @@ pub enum Request {
         /// The node's name.
         name: String,
     },
+    /// A member asks for a change to the cluster state (followers and
+    /// workers forward their writes to the leader this way).
+    Write(crate::state::Command),
+    /// A member waits for the cluster state newer than `since` (a long
+    /// poll: answered at once if there is one, else when there is one or
+    /// after a few seconds with the same version).
+    Watch {
+        /// The version the member has.
+        since: u64,
+    },
+    /// A manager that joined asks to become a Raft voter.
+    AddManager {
+        /// Its Raft id.
+        id: NodeId,
+        /// Its name (its certificate's).
+        name: String,
+        /// Its management address.
+        addr: SocketAddr,
+    },
+    /// An admin API request from a member (the CLI on another node).
+    Admin(crate::cluster::AdminRequest),
 }
 
 /// A management-plane response.
@@ -57,6 +78,17 @@ pub enum Response {
     ),
     /// To `Join`: the node's identity and role, or why not.
     Join(Result<(NodeIdentity, JoinRole), String>),
+    /// To `Write` and `AddManager`: applied, or why not.
+    Written(Result<(), String>),
+    /// To `Watch`: the state (without secrets) and its version.
+    State {
+        /// The version (the last applied Raft log index).
+        version: u64,
+        /// The state.
+        state: Box<crate::state::ClusterState>,
+    },
+    /// To `Admin`.
+    Admin(crate::cluster::AdminResponse),
     /// A Raft RPC without a client certificate, or a request this server
     /// does not serve.
     Refused(String),
@@ -70,14 +102,14 @@ fn io(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
-async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, v: &T) -> std::io::Result<()> {
+pub(crate) async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, v: &T) -> std::io::Result<()> {
     let b = serde_json::to_vec(v).map_err(io)?;
     w.write_all(&(b.len() as u32).to_le_bytes()).await?;
     w.write_all(&b).await?;
     w.flush().await
 }
 
-async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(r: &mut R) -> std::io::Result<T> {
+pub(crate) async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(r: &mut R) -> std::io::Result<T> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await?;
     let len = u32::from_le_bytes(len) as usize;
@@ -247,6 +279,11 @@ impl Drop for Server {
     }
 }
 
+/// What a server does with one request: `member` is true if the client
+/// presented a certificate of the cluster CA.
+pub type Handler =
+    Arc<dyn Fn(Request, bool) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>> + Send + Sync>;
+
 /// Serves on `listener` as `id`, answering Raft RPCs with `raft` (set once
 /// the node runs Raft) and joins with `ca`.
 pub fn serve(
@@ -255,34 +292,49 @@ pub fn serve(
     raft: Arc<Mutex<Option<Raft>>>,
     ca: Option<Arc<Mutex<ClusterCa>>>,
 ) -> std::io::Result<Server> {
+    let handler: Handler = Arc::new(move |req, member| {
+        let (raft, ca) = (raft.clone(), ca.clone());
+        Box::pin(async move {
+            let r = raft.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+            match (req, r) {
+                (Request::Join { token, name }, _) => match &ca {
+                    Some(ca) => {
+                        let ca = ca.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                        Response::Join(admit(&ca, &token, &name))
+                    }
+                    None => Response::Refused("this manager does not hold the CA".into()),
+                },
+                (_, _) if !member => Response::Refused("Raft needs a certificate of the cluster CA".into()),
+                (_, None) => Response::Refused("Raft is not running here yet".into()),
+                (req, Some(r)) => answer(&r, req).await,
+            }
+        })
+    });
+    serve_with(listener, id, handler)
+}
+
+/// A join's answer from the CA: the token's role and a certificate for
+/// `name`, or why not.
+pub fn admit(ca: &ClusterCa, token: &str, name: &str) -> Result<(NodeIdentity, JoinRole), String> {
+    ca.check(token)
+        .map_err(|e| e.to_string())
+        .and_then(|role| ca.issue(name).map(|id| (id, role)).map_err(|e| e.to_string()))
+}
+
+/// Serves on `listener` as `id`: every request goes to `handler`.
+pub fn serve_with(listener: TcpListener, id: &NodeIdentity, handler: Handler) -> std::io::Result<Server> {
     let addr = listener.local_addr()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(id)?));
     let task = tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, raft, ca) = (acceptor.clone(), raft.clone(), ca.clone());
+            let (acceptor, handler) = (acceptor.clone(), handler.clone());
             tokio::spawn(async move {
                 // A failed handshake (a certificate the CA did not sign)
                 // ends here.
                 let Ok(mut s) = acceptor.accept(tcp).await else { return };
                 let member = s.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
                 let Ok(req) = read_frame::<_, Request>(&mut s).await else { return };
-                let r = raft.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-                let resp = match (req, r) {
-                    (Request::Join { token, name }, _) => match &ca {
-                        Some(ca) => {
-                            let ca = ca.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-                            Response::Join(
-                                ca.check(&token)
-                                    .map_err(|e| e.to_string())
-                                    .and_then(|role| ca.issue(&name).map(|id| (id, role)).map_err(|e| e.to_string())),
-                            )
-                        }
-                        None => Response::Refused("this manager does not hold the CA".into()),
-                    },
-                    (_, _) if !member => Response::Refused("Raft needs a certificate of the cluster CA".into()),
-                    (_, None) => Response::Refused("Raft is not running here yet".into()),
-                    (req, Some(r)) => answer(&r, req).await,
-                };
+                let resp = handler(req, member).await;
                 let _ = write_frame(&mut s, &resp).await;
                 let _ = s.shutdown().await;
             });
@@ -299,6 +351,7 @@ pub async fn answer(raft: &Raft, req: Request) -> Response {
         Request::Vote(rpc) => Response::Vote(raft.vote(rpc).await),
         Request::Snapshot(rpc) => Response::Snapshot(raft.install_snapshot(rpc).await),
         Request::Join { .. } => Response::Refused("joins go to a manager holding the CA".into()),
+        _ => Response::Refused("not a Raft request".into()),
     }
 }
 

@@ -1,0 +1,245 @@
+//! Nodes running the whole control plane (`cluster::Control`) over
+//! loopback: init, joins (manager and worker; wrong token refused), writes
+//! through a follower and a worker, every node's tables compiled and
+//! published; a node killed → gossip declares it down and its task leaves
+//! every other node's balancer within seconds, and comes back when the node
+//! restarts from its state directory; gossip sealed under the key Raft
+//! distributed (a foreign packet is dropped and counted).
+//!
+//! Each node runs on its own tokio runtime and thread, so killing one is
+//! dropping its runtime (nothing of it runs any more; its disk stays).
+
+use meshplane_control::cluster::{AdminRequest, Config, Control, Dataplane};
+use meshplane_control::pki::JoinRole;
+use meshplane_control::state::{Command, PublishRequest};
+use meshplane_dataplane::lb::sched::Scheduler;
+use meshplane_dataplane::lb::service::{MeshMode, Proto};
+use meshplane_dataplane::tables::TablesSpec;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A dataplane that keeps what it is given.
+#[derive(Default)]
+struct Recorder {
+    last: Mutex<Option<TablesSpec>>,
+}
+
+impl Dataplane for Recorder {
+    fn publish(&self, spec: TablesSpec) -> Result<(), String> {
+        *self.last.lock().unwrap() = Some(spec);
+        Ok(())
+    }
+    fn stats(&self) -> Value {
+        Value::Null
+    }
+}
+
+struct Node {
+    rt: Option<tokio::runtime::Runtime>,
+    control: Arc<Control>,
+    dp: Arc<Recorder>,
+    cfg: Config,
+}
+
+fn config(i: u8, dir: &Path, gossip_port: u16) -> Config {
+    Config {
+        name: format!("node{i}"),
+        advertise: format!("127.0.0.{}:{}", 10 + i, 23770).parse().unwrap(),
+        data_ip: format!("198.18.0.{i}").parse().unwrap(),
+        data_mac: format!("02:00:00:00:00:{i:02x}").parse().unwrap(),
+        gossip_port,
+        state_dir: dir.join(format!("node{i}")),
+        snapshot_every: 50,
+    }
+}
+
+fn start(cfg: Config) -> Node {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let dp = Arc::new(Recorder::default());
+    let control = rt.block_on(Control::start(cfg.clone(), dp.clone())).unwrap();
+    Node { rt: Some(rt), control, dp, cfg }
+}
+
+impl Node {
+    fn admin(&self, req: AdminRequest) -> Result<Value, String> {
+        let c = self.control.clone();
+        self.rt.as_ref().unwrap().block_on(async move { c.admin(req).await })
+    }
+    fn write(&self, command: Command) -> Result<Value, String> {
+        self.admin(AdminRequest::Write { command })
+    }
+    /// The backends of service `svc` in this node's last tables.
+    fn backends(&self, svc: &str) -> Vec<String> {
+        let t = self.dp.last.lock().unwrap();
+        let Some(t) = t.as_ref() else { return vec![] };
+        t.services
+            .iter()
+            .find(|s| s.name == svc)
+            .map(|s| s.backends.iter().map(|b| b.ip.to_string()).collect())
+            .unwrap_or_default()
+    }
+    fn kill(mut self) -> Config {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+        self.cfg.clone()
+    }
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out after {secs} s waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t0.elapsed()
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mp-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn a_cluster_of_control_planes() {
+    let dir = tmpdir("cluster");
+    let n1 = start(config(1, &dir, 17946));
+    // Not in a cluster yet: writes are refused with a clear message.
+    let e = n1.write(Command::RemoveNode { id: "x".into() }).unwrap_err();
+    assert!(e.contains("not in a cluster"), "{e}");
+    let init = n1.admin(AdminRequest::Init).unwrap();
+    let mtoken = init["manager_token"].as_str().unwrap().to_owned();
+    let wtoken = init["worker_token"].as_str().unwrap().to_owned();
+    assert!(n1.admin(AdminRequest::Init).unwrap_err().contains("already in a cluster"));
+    let addr1 = n1.cfg.advertise;
+
+    let n2 = start(config(2, &dir, 17946));
+    let n3 = start(config(3, &dir, 17946));
+    // A wrong token is refused, and the node stays out.
+    let forged = format!("{}00", &wtoken[..wtoken.len() - 2]);
+    let forged = if forged == wtoken { format!("{}11", &wtoken[..wtoken.len() - 2]) } else { forged };
+    let e = n3.admin(AdminRequest::Join { token: forged, addr: addr1 }).unwrap_err();
+    assert!(e.contains("token"), "{e}");
+    n2.admin(AdminRequest::Join { token: mtoken.clone(), addr: addr1 }).unwrap();
+    n3.admin(AdminRequest::Join { token: wtoken, addr: addr1 }).unwrap();
+
+    // Three nodes, two managers (Raft voters), one worker.
+    wait_for("three nodes in node2's state", 10, || n2.control.state().0.nodes.len() == 3);
+    let nodes = n1.admin(AdminRequest::Nodes).unwrap();
+    let roles: Vec<(String, String)> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["name"].as_str().unwrap().into(), n["manager_status"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(
+        roles,
+        [("node1".into(), "leader".into()), ("node2".into(), "reachable".into()), ("node3".into(), "".into())]
+    );
+    // Secrets stay on managers: the worker's state has no CA.
+    wait_for("node3 has the state", 10, || n3.control.state().0.nodes.len() == 3);
+    assert!(n3.control.state().0.ca.is_none());
+    assert!(n3.admin(AdminRequest::Token { role: JoinRole::Worker, rotate: false }).is_err());
+
+    // Writes through the follower manager and through the worker.
+    n2.write(Command::CreateNetwork {
+        name: "app".into(),
+        subnet: "198.19.0.0/24".parse().unwrap(),
+        gateway: None,
+        mtu: None,
+    })
+    .unwrap();
+    n3.write(Command::CreateService {
+        name: "web".into(),
+        network: "app".into(),
+        protocol: Proto::Tcp,
+        vip_port: Some(80),
+        target_port: 8080,
+        publish: vec![PublishRequest { port: None, mode: MeshMode::Nat }],
+        scheduler: Scheduler::Mh,
+    })
+    .unwrap();
+    // A refused write says why, from wherever it was made.
+    let e = n3
+        .write(Command::CreateNetwork {
+            name: "app".into(),
+            subnet: "198.19.1.0/24".parse().unwrap(),
+            gateway: None,
+            mtu: None,
+        })
+        .unwrap_err();
+    assert!(e.contains("already exists"), "{e}");
+    for i in 1..=3 {
+        n1.write(Command::AttachTask {
+            id: format!("web.{i}"),
+            service: "web".into(),
+            node: format!("node{i}"),
+            weight: 1,
+            netns: None,
+        })
+        .unwrap();
+    }
+    let nodes = [&n1, &n2, &n3];
+    for n in nodes {
+        wait_for("three backends everywhere", 10, || n.backends("web").len() == 3);
+    }
+    let all = n1.backends("web");
+    let (_, v) = n1.control.state();
+    let task3 = n1.control.state().0.tasks["web.3"].ip.to_string();
+    assert!(all.contains(&task3));
+
+    // Gossip: every node sees the other two, under the key Raft gave out.
+    for n in nodes {
+        wait_for("gossip membership", 15, || {
+            let s = n.admin(AdminRequest::Stats).unwrap();
+            s["gossip"]["members"].as_array().is_some_and(|m| m.len() == 2)
+        });
+    }
+    // A foreign packet (not sealed with the cluster key) is dropped and counted.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.send_to(&[7u8; 80], "127.0.0.11:17946").unwrap();
+    wait_for("a foreign gossip packet counted", 5, || {
+        let s = n1.admin(AdminRequest::Stats).unwrap();
+        s["gossip"]["rejected_unknown_key"].as_u64().unwrap_or(0)
+            + s["gossip"]["rejected_bad_tag"].as_u64().unwrap_or(0)
+            >= 1
+    });
+
+    // node3 dies: its task leaves the others' balancers within seconds.
+    let cfg3 = n3.kill();
+    let t = wait_for("node3's task removed on node1 and node2", 10, || {
+        !n1.backends("web").contains(&task3) && !n2.backends("web").contains(&task3)
+    });
+    eprintln!("node3's task left every balancer {:.1} s after it died", t.as_secs_f64());
+    let nodes = n1.admin(AdminRequest::Nodes).unwrap();
+    assert_eq!(nodes[2]["status"], "down", "{nodes}");
+    // Still in the desired state: only liveness took it out.
+    assert!(n1.control.state().0.tasks.contains_key("web.3"));
+
+    // It comes back from its state directory: the task returns.
+    let n3 = start(cfg3);
+    wait_for("node3's task back on node1 and node2", 15, || {
+        n1.backends("web").contains(&task3) && n2.backends("web").contains(&task3)
+    });
+    wait_for("node3 has the state again", 10, || n3.control.state().1 >= v);
+
+    // Restart every node from disk: the same state.
+    let before = n1.control.state().0;
+    let cfgs: Vec<Config> = [n1, n2, n3].into_iter().map(Node::kill).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let again: Vec<Node> = cfgs.into_iter().map(start).collect();
+    for n in &again {
+        wait_for("the same state after a restart", 15, || n.control.state().0.redacted() == before.redacted());
+    }
+    // And the restarted cluster takes writes.
+    wait_for("a write after the restart", 15, || again[1].write(Command::RemoveService { name: "web".into() }).is_ok());
+    for n in &again {
+        wait_for("the service gone everywhere", 10, || n.control.state().0.services.is_empty());
+    }
+    drop(again);
+    let _ = std::fs::remove_dir_all(&dir);
+}
