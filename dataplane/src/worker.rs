@@ -42,6 +42,23 @@ pub struct Shared {
     /// With more than one worker: frames for worker 0, which owns the
     /// balancer's state.
     handoff: Option<Handoff>,
+    /// Per worker: ports to add and to remove, taken at the next tables
+    /// change (a node's tasks come and go).
+    mailbox: Vec<Mutex<PortChanges>>,
+}
+
+/// Ports a worker is to add and remove.
+#[derive(Default)]
+struct PortChanges {
+    add: Vec<Bound>,
+    remove: Vec<String>,
+}
+
+impl std::fmt::Debug for PortChanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let add: Vec<&str> = self.add.iter().map(|b| b.name.as_str()).collect();
+        f.debug_struct("PortChanges").field("add", &add).field("remove", &self.remove).finish()
+    }
 }
 
 /// Worker 0's inbox: frames other workers received that touch connection
@@ -85,7 +102,20 @@ impl Shared {
             in_use: (0..workers).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
             wakers: (0..workers).map(|_| std::sync::OnceLock::new()).collect(),
             handoff,
+            mailbox: (0..workers).map(|_| Mutex::new(PortChanges::default())).collect(),
         })
+    }
+
+    /// Gives worker `i` a port to serve (queue `i` of it), and takes the
+    /// ports named in `remove` away from it (they are closed). Takes effect
+    /// at the next [`Shared::publish`]; until the tables name a port, its
+    /// frames wait in its rings.
+    pub fn change_ports(&self, i: usize, add: Vec<Bound>, remove: &[String]) {
+        if let Some(m) = self.mailbox.get(i) {
+            let mut m = m.lock().unwrap_or_else(PoisonError::into_inner);
+            m.add.extend(add);
+            m.remove.extend(remove.iter().cloned());
+        }
     }
 
     /// Publishes new tables: workers move to them between bursts (a
@@ -265,6 +295,27 @@ pub fn bind(t: &Tables, ports: &[Bound]) -> Result<(Vec<Option<usize>>, Vec<Port
     Ok((io_of, table_of))
 }
 
+/// [`bind`] for a running worker: a port the tables do not name maps to
+/// `None` (not read) instead of an error; a second port for one tables port
+/// also maps to `None`.
+fn bind_lenient(t: &Tables, ports: &[Bound]) -> (Vec<Option<usize>>, Vec<Option<PortId>>) {
+    let mut io_of = vec![None; t.ports.len()];
+    let table_of = ports
+        .iter()
+        .enumerate()
+        .map(|(k, p)| {
+            let id = t.port_id(&p.name)?;
+            let slot = io_of.get_mut(usize::from(id))?;
+            if slot.is_some() {
+                return None;
+            }
+            *slot = Some(k);
+            Some(id)
+        })
+        .collect();
+    (io_of, table_of)
+}
+
 impl Worker {
     /// Worker `index` of `shared`, over `ports`. Checks their names against
     /// the current tables.
@@ -281,11 +332,11 @@ impl Worker {
             let _ = core_affinity::set_for_current(core_affinity::CoreId { id: core });
         }
         let mut poll = mio::Poll::new().map_err(|e| WorkerError::Poll(self.index, e))?;
-        for (k, p) in self.ports.iter().enumerate() {
+        for p in &self.ports {
             let fd = p.io.fd();
             if fd >= 0 {
                 poll.registry()
-                    .register(&mut mio::unix::SourceFd(&fd), mio::Token(k), mio::Interest::READABLE)
+                    .register(&mut mio::unix::SourceFd(&fd), mio::Token(fd as usize), mio::Interest::READABLE)
                     .map_err(|e| WorkerError::Poll(self.index, e))?;
             }
         }
@@ -296,8 +347,9 @@ impl Worker {
         }
         // Worker 0 owns the connection state; the others hand it the
         // frames that need it.
-        let handoff = self.shared.handoff.as_ref().filter(|_| self.index != 0);
-        let inbox = self.shared.handoff.as_ref().filter(|_| self.index == 0);
+        let shared = self.shared.clone();
+        let handoff = shared.handoff.as_ref().filter(|_| self.index != 0);
+        let inbox = shared.handoff.as_ref().filter(|_| self.index == 0);
         let mut events = mio::Events::with_capacity(self.ports.len() + 1);
         let epoch = Instant::now();
         // The clock starts at 1 s: conntrack times are never 0.
@@ -307,7 +359,7 @@ impl Worker {
         let mut t = self.shared.tables();
         let mut st = WorkerState::with_conntrack(t.ports.len(), self.cfg.conntrack);
         st.sync(&t);
-        let (mut io_of, mut table_of) = bind(&t, &self.ports)?;
+        let (mut io_of, mut table_of) = bind_lenient(&t, &self.ports);
         let mut report = Report { tables_version: version, ..Report::default() };
         if let Some(u) = self.shared.in_use.get(self.index) {
             u.store(version, Ordering::Release);
@@ -321,19 +373,19 @@ impl Worker {
         while !self.shared.stopping() {
             let v = self.shared.version();
             if v != version {
+                // Port changes first, then the tables (the publisher gives
+                // ports before the tables that name them): a port the
+                // tables do not name (yet, or any more) is not read.
+                self.take_port_changes(&poll);
                 let nt = self.shared.tables();
-                // Tables without one of our ports are not taken (the
-                // publisher validates before publishing); the old ones stay.
-                if let Ok((a, b)) = bind(&nt, &self.ports) {
-                    (io_of, table_of) = (a, b);
-                    // New ports keep counting: the counters grow to the new
-                    // tables' ports (between bursts, not per packet).
-                    if st.stats.ports.len() < nt.ports.len() {
-                        st.stats.ports.resize(nt.ports.len(), Default::default());
-                    }
-                    st.sync(&nt);
-                    t = nt;
+                (io_of, table_of) = bind_lenient(&nt, &self.ports);
+                // New ports keep counting: the counters grow to the new
+                // tables' ports (between bursts, not per packet).
+                if st.stats.ports.len() < nt.ports.len() {
+                    st.stats.ports.resize(nt.ports.len(), Default::default());
                 }
+                st.sync(&nt);
+                t = nt;
                 version = v;
                 report.tables_version = v;
                 if let Some(u) = self.shared.in_use.get(self.index) {
@@ -345,7 +397,7 @@ impl Worker {
             for i in 0..self.ports.len() {
                 let (before, rest) = self.ports.split_at_mut(i);
                 let Some((port, after)) = rest.split_first_mut() else { break };
-                let in_port = table_of[i];
+                let Some(in_port) = table_of.get(i).copied().flatten() else { continue };
                 let (t, st, io_of, verdicts, rep) = (&*t, &mut st, &io_of, &mut verdicts, &mut report);
                 let wakers = &self.shared.wakers;
                 got += port.io.rx_burst(&mut |frames, back| {
@@ -451,6 +503,31 @@ impl Worker {
         }
         self.publish(&mut report, &st);
         Ok(report)
+    }
+
+    /// Takes the ports the publisher added and removed (registering and
+    /// deregistering their descriptors for the idle wait).
+    fn take_port_changes(&mut self, poll: &mio::Poll) {
+        let Some(m) = self.shared.mailbox.get(self.index) else { return };
+        let changes = std::mem::take(&mut *m.lock().unwrap_or_else(PoisonError::into_inner));
+        if changes.add.is_empty() && changes.remove.is_empty() {
+            return;
+        }
+        let reg = poll.registry();
+        self.ports.retain(|p| {
+            let keep = !changes.remove.contains(&p.name);
+            if !keep && p.io.fd() >= 0 {
+                let _ = reg.deregister(&mut mio::unix::SourceFd(&p.io.fd()));
+            }
+            keep
+        });
+        for p in changes.add {
+            let fd = p.io.fd();
+            if fd >= 0 {
+                let _ = reg.register(&mut mio::unix::SourceFd(&fd), mio::Token(fd as usize), mio::Interest::READABLE);
+            }
+            self.ports.push(p);
+        }
     }
 
     /// Copies the counters into the shared report (skipped if a reader

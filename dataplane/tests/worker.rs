@@ -279,3 +279,40 @@ fn new_tables_wake_a_sleeping_worker() {
     let _ = rig.stop();
     assert!(start.elapsed() < Duration::from_secs(5), "stop wakes it too");
 }
+
+#[test]
+fn ports_come_and_go_with_the_tables() {
+    // The worker starts with the uplink and task1 only; task3 is in the
+    // tables but has no I/O port yet (frames to it count as unbound).
+    let t = tables();
+    let rig = Rig::start(&["uplink", "task1"], WorkerConfig::default());
+    let to3 = udp(M3, M1, [198, 19, 0, 1], [198, 19, 0, 3], 1000);
+    rig.push(1, to3.clone());
+    wait_for("an unbound frame", || rig.shared.report(0).is_some_and(|r| r.unbound == 1));
+    // task3 arrives: given to the worker, then the tables (the same ones)
+    // published: frames reach it, and frames from it are read.
+    let (p3, q3) = MemPort::new("task3");
+    rig.shared.change_ports(0, vec![Bound::new("task3", Box::new(p3))], &[]);
+    rig.shared.publish(tables());
+    wait_for("the new version", || rig.shared.report(0).is_some_and(|r| r.tables_version == 2));
+    rig.push(1, to3.clone());
+    wait_for("the frame on task3", || q3.lock().unwrap().tx.len() == 1);
+    assert_eq!(q3.lock().unwrap().tx[0], expected(&t, 1, &to3).1);
+    let from3 = udp(M1, M3, [198, 19, 0, 3], [198, 19, 0, 1], 1000);
+    q3.lock().unwrap().rx.push_back(from3.clone());
+    wait_for("task3's frame on task1", || rig.sent(1).len() == 1);
+    assert_eq!(rig.sent(1)[0], expected(&t, 2, &from3).1);
+    // A port given before the tables name it is not read until they do.
+    let (px, qx) = MemPort::new("later");
+    qx.lock().unwrap().rx.push_back(from3.clone());
+    rig.shared.change_ports(0, vec![Bound::new("later", Box::new(px))], &["task3".to_owned()]);
+    rig.shared.publish(tables());
+    wait_for("version 3", || rig.shared.report(0).is_some_and(|r| r.tables_version == 3));
+    let r = rig.shared.report(0).unwrap();
+    assert_eq!(r.io.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["uplink", "task1", "later"]);
+    assert_eq!(qx.lock().unwrap().rx.len(), 1, "a port the tables do not name is not read");
+    // task3 is gone: frames to it are unbound again.
+    rig.push(1, to3);
+    wait_for("a second unbound frame", || rig.shared.report(0).is_some_and(|r| r.unbound == 2));
+    assert_eq!(q3.lock().unwrap().tx.len(), 1);
+}
