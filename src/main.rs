@@ -2,7 +2,9 @@
 
 use clap::Parser;
 
+mod admin;
 mod lab;
+mod managed;
 mod node;
 mod pktgen;
 mod tool;
@@ -24,9 +26,56 @@ enum Command {
     /// Run the dataplane offline over a capture: which frames would be sent
     /// where, which dropped and why.
     Trace(trace::TraceArgs),
-    /// Run a node.
+    /// Run a node, and the cluster's nodes (ls, inspect, update, rm).
     #[command(subcommand)]
     Node(NodeCommand),
+    /// The cluster: init, join, tokens, gossip key, info.
+    Cluster {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: admin::ClusterCmd,
+    },
+    /// Overlay networks: create, ls, inspect, rm.
+    Network {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: admin::NetworkCmd,
+    },
+    /// Services (VIPs, published ports): create, ls, inspect, rm.
+    Service {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: admin::ServiceCmd,
+    },
+    /// A service's tasks: attach, ls, drain, detach.
+    Task {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: admin::TaskCmd,
+    },
+    /// This node's dataplane counters: per port and worker, drops by
+    /// reason; gossip's.
+    Stats {
+        #[command(flatten)]
+        conn: admin::Conn,
+        /// Print again every second, with rates.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after this many prints.
+        #[arg(long)]
+        count: Option<u32>,
+    },
+    /// This node's balancers, like `ipvsadm -Ln`.
+    Lb {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: LbCommand,
+    },
     /// A cluster on this machine in network namespaces: up, status, demo,
     /// down.
     #[command(subcommand)]
@@ -41,9 +90,52 @@ enum Command {
 
 #[derive(clap::Subcommand, Debug)]
 enum NodeCommand {
-    /// Run the dataplane alone from a tables file (static mode: no control
-    /// plane). SIGTERM stops it; SIGHUP reloads the tables file.
-    Run(node::RunArgs),
+    /// Run a node: its control plane and pinned workers (state in
+    /// --state-dir), or with --tables the dataplane alone from a tables
+    /// file (static mode; SIGHUP reloads it). SIGTERM stops it cleanly.
+    Run(Box<node::RunArgs>),
+    #[command(flatten)]
+    Admin(AdminNode),
+}
+
+/// `node ls|inspect|update|rm`, with how to reach the node.
+#[derive(clap::Subcommand, Debug)]
+enum AdminNode {
+    /// List the cluster's nodes.
+    Ls {
+        #[command(flatten)]
+        conn: admin::Conn,
+    },
+    /// One node, in full.
+    Inspect {
+        #[command(flatten)]
+        conn: admin::Conn,
+        /// The node.
+        name: String,
+    },
+    /// Change a node's availability.
+    Update {
+        #[command(flatten)]
+        conn: admin::Conn,
+        /// active, pause or drain.
+        #[arg(long, value_enum)]
+        availability: admin::AvailabilityArg,
+        /// The node.
+        name: String,
+    },
+    /// Remove a node (and its tasks) from the cluster.
+    Rm {
+        #[command(flatten)]
+        conn: admin::Conn,
+        /// The node.
+        name: String,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum LbCommand {
+    /// Services, backends, weights, active and new connections.
+    Ls,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +148,20 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Trace(a) => trace::run(&a)?,
         Command::Node(NodeCommand::Run(a)) => node::run(&a)?,
+        Command::Node(NodeCommand::Admin(c)) => match c {
+            AdminNode::Ls { conn } => admin::node(&conn, &admin::NodeAdmin::Ls)?,
+            AdminNode::Inspect { conn, name } => admin::node(&conn, &admin::NodeAdmin::Inspect { name })?,
+            AdminNode::Update { conn, availability, name } => {
+                admin::node(&conn, &admin::NodeAdmin::Update { availability, name })?
+            }
+            AdminNode::Rm { conn, name } => admin::node(&conn, &admin::NodeAdmin::Rm { name })?,
+        },
+        Command::Cluster { conn, cmd } => admin::cluster(&conn, &cmd)?,
+        Command::Network { conn, cmd } => admin::network(&conn, &cmd)?,
+        Command::Service { conn, cmd } => admin::service(&conn, &cmd)?,
+        Command::Task { conn, cmd } => admin::task(&conn, &cmd)?,
+        Command::Stats { conn, watch, count } => admin::stats(&conn, watch, count)?,
+        Command::Lb { conn, cmd: LbCommand::Ls } => admin::lb_ls(&conn)?,
         Command::Tool(c) => tool::run(&c)?,
         Command::Pktgen(a) => pktgen::run(&a)?,
         Command::Lab(c) => lab::run(&c)?,

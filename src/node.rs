@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The I/O backend.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum IoKind {
     /// AF_XDP sockets (an XDP program steers only dataplane traffic to them).
     Afxdp,
@@ -23,50 +24,79 @@ pub(crate) enum IoKind {
 }
 
 /// Arguments of `meshplane node run`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub(crate) struct RunArgs {
-    /// Tables file (TOML; see examples/tables.toml).
+    /// A node configuration file (TOML; keys as the long flags, with `_`
+    /// for `-`: see examples/node.toml); flags given override it.
     #[arg(long)]
-    tables: PathBuf,
-    /// The uplink interface (the data-path NIC; with `--io tap`, the TAP
+    pub(crate) config: Option<PathBuf>,
+    /// Static mode: the tables file (TOML; see examples/tables.toml); no
+    /// control plane. Without it the node runs its control plane (state
+    /// in --state-dir; `meshplane cluster init|join` next).
+    #[arg(long)]
+    pub(crate) tables: Option<PathBuf>,
+    /// The data-path interface (the uplink; with `--io tap`, the TAP
     /// device to create).
+    #[arg(long, visible_alias = "data-iface")]
+    pub(crate) uplink: Option<String>,
+    /// The node's name in the cluster (default: the host name).
     #[arg(long)]
-    uplink: String,
+    pub(crate) name: Option<String>,
+    /// Management address (Raft, joins, admin API; gossip on its IP):
+    /// IP or IP:PORT (port 2377 unless given).
+    #[arg(long)]
+    pub(crate) advertise_addr: Option<String>,
+    /// Data-path address (VXLAN, published ports).
+    #[arg(long)]
+    pub(crate) data_path_addr: Option<std::net::Ipv4Addr>,
+    /// The data-path NIC's MAC (default: the interface's; with TAP,
+    /// 02:42 and the data-path address).
+    #[arg(long)]
+    pub(crate) data_mac: Option<String>,
+    /// VXLAN UDP port.
+    #[arg(long)]
+    pub(crate) data_path_port: Option<u16>,
+    /// Gossip UDP port.
+    #[arg(long)]
+    pub(crate) gossip_port: Option<u16>,
+    /// The node's state directory (identity, Raft log, admin socket).
+    #[arg(long)]
+    pub(crate) state_dir: Option<PathBuf>,
     /// A task port: the tables port NAME served by interface IFACE.
     #[arg(long = "task-port", value_name = "NAME=IFACE", value_parser = parse_task_port)]
-    task_ports: Vec<(String, String)>,
+    pub(crate) task_ports: Vec<(String, String)>,
     /// I/O backend.
     #[arg(long, value_enum)]
-    io: IoKind,
+    pub(crate) io: Option<IoKind>,
     /// Cores to run workers on, one worker per core, pinned (one unpinned
     /// worker if omitted). Worker k serves queue k of every port; worker 0
     /// owns the connection state, and the others hand it the frames that
     /// touch it.
-    #[arg(long, value_name = "LIST", value_delimiter = ',')]
-    cores: Vec<usize>,
+    #[arg(long, visible_alias = "workers", value_name = "LIST", value_delimiter = ',')]
+    pub(crate) cores: Vec<usize>,
     /// Poll without ever sleeping (lowest latency; one core at 100%); with
     /// AF_XDP also sets the sockets' busy-poll options.
     #[arg(long)]
-    busy_poll: bool,
+    pub(crate) busy_poll: bool,
     /// Connection-table entries per worker.
     #[arg(long, default_value_t = 1 << 20)]
-    conntrack: usize,
+    pub(crate) conntrack: usize,
     /// Write the counters as JSON to this file every half second and at
     /// exit (written to a temporary file and renamed).
     #[arg(long)]
-    stats_file: Option<PathBuf>,
+    pub(crate) stats_file: Option<PathBuf>,
     /// AF_XDP: attach the XDP program in generic (skb) mode instead of
     /// trying native mode first.
     #[arg(long)]
-    xdp_generic: bool,
+    pub(crate) xdp_generic: bool,
     /// AF_XDP: entries of each ring (fill, completion, rx, tx); a power of
     /// two.
     #[arg(long, default_value_t = 2048)]
-    xdp_ring: u32,
+    pub(crate) xdp_ring: u32,
     /// AF_XDP: UMEM frames (2 KiB each) per socket; at least twice the
     /// ring.
     #[arg(long, default_value_t = 8192)]
-    xdp_frames: u32,
+    pub(crate) xdp_frames: u32,
 }
 
 fn parse_task_port(s: &str) -> Result<(String, String), String> {
@@ -81,7 +111,7 @@ type Opened = (Vec<Box<dyn Port>>, Option<afxdp::SteeringHandle>);
 
 /// Opens `n` queues of a port (one per worker); for an AF_XDP uplink also
 /// the handle to its steering maps (rewritten when the tables change).
-fn open(kind: IoKind, iface: &str, uplink: bool, n: usize, t: &Tables, a: &RunArgs) -> Result<Opened> {
+pub(crate) fn open(kind: IoKind, iface: &str, uplink: bool, n: usize, t: &Tables, a: &RunArgs) -> Result<Opened> {
     Ok(match kind {
         IoKind::Tap => {
             let v = meshplane_dataplane::io::tap::TapPort::open_queues(iface, n)?;
@@ -107,10 +137,21 @@ fn open(kind: IoKind, iface: &str, uplink: bool, n: usize, t: &Tables, a: &RunAr
     })
 }
 
-/// Runs the node until SIGTERM/SIGINT.
+/// Runs the node until SIGTERM/SIGINT: static mode with `--tables`, else
+/// with its control plane.
 pub(crate) fn run(a: &RunArgs) -> Result<()> {
+    let a = crate::managed::with_config_file(a)?;
+    match &a.tables {
+        Some(path) => run_static(&a, path),
+        None => crate::managed::run(&a),
+    }
+}
+
+fn run_static(a: &RunArgs, tables: &Path) -> Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let path = a.tables.display().to_string();
+    let path = tables.display().to_string();
+    let io = a.io.context("--io afxdp|tap is needed")?;
+    let uplink = a.uplink.as_deref().context("--uplink (--data-iface) is needed")?;
     let t = Tables::load(&path)?;
     let cores: Vec<Option<usize>> =
         if a.cores.is_empty() { vec![None] } else { a.cores.iter().map(|&c| Some(c)).collect() };
@@ -124,10 +165,10 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
 
     // Queue k of every port belongs to worker k.
-    let (uplinks, steering) = open(a.io, &a.uplink, true, n, &t, a).context("opening the uplink")?;
+    let (uplinks, steering) = open(io, uplink, true, n, &t, a).context("opening the uplink")?;
     let mut per_worker: Vec<Vec<Bound>> = uplinks.into_iter().map(|p| vec![Bound::new("uplink", p)]).collect();
     for (name, iface) in &a.task_ports {
-        let (ps, _) = open(a.io, iface, false, n, &t, a).with_context(|| format!("opening task port {name}"))?;
+        let (ps, _) = open(io, iface, false, n, &t, a).with_context(|| format!("opening task port {name}"))?;
         for (k, p) in ps.into_iter().enumerate() {
             per_worker[k].push(Bound::new(name, p));
         }
@@ -154,22 +195,13 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     }
     eprintln!(
         "meshplane: node running ({:?} I/O, {n} worker{} on {}): ports {}",
-        a.io,
+        io,
         if n == 1 { "" } else { "s" },
         if a.cores.is_empty() { "any core".to_owned() } else { format!("cores {:?}", a.cores) },
         names.join(", ")
     );
 
-    // The stats writer: every half second until the worker stops.
-    let stats = a.stats_file.clone().map(|file| {
-        let shared = shared.clone();
-        std::thread::spawn(move || {
-            while !shared.stopping() {
-                write_stats(&file, &shared);
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        })
-    });
+    let stats = stats_writer(a.stats_file.clone(), &shared);
 
     for sig in signals.forever() {
         match sig {
@@ -198,6 +230,36 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
             _ => break,
         }
     }
+    let reports = stop_workers(&shared, handles, stats, a.stats_file.as_deref())?;
+    eprintln!("meshplane: stopped; {}", summary(&reports));
+    Ok(())
+}
+
+/// The workers' threads.
+pub(crate) type WorkerHandles = Vec<std::thread::JoinHandle<Result<Report, meshplane_dataplane::worker::WorkerError>>>;
+
+/// The stats writer: the counters to `file` every half second until the
+/// workers stop.
+pub(crate) fn stats_writer(file: Option<PathBuf>, shared: &Arc<Shared>) -> Option<std::thread::JoinHandle<()>> {
+    file.map(|file| {
+        let shared = shared.clone();
+        std::thread::spawn(move || {
+            while !shared.stopping() {
+                write_stats(&file, &shared);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    })
+}
+
+/// Stops the workers and the stats writer; the workers' final counters
+/// (also written to the stats file).
+pub(crate) fn stop_workers(
+    shared: &Arc<Shared>,
+    handles: WorkerHandles,
+    stats: Option<std::thread::JoinHandle<()>>,
+    stats_file: Option<&Path>,
+) -> Result<Vec<Report>> {
     shared.stop();
     let mut reports = Vec::new();
     for h in handles {
@@ -209,15 +271,14 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     if let Some(h) = stats {
         let _ = h.join();
     }
-    if let Some(file) = &a.stats_file {
-        write_stats(file, &shared);
+    if let Some(file) = stats_file {
+        write_stats(file, shared);
     }
-    eprintln!("meshplane: stopped; {}", summary(&reports));
-    Ok(())
+    Ok(reports)
 }
 
 /// One line of totals over the workers.
-fn summary(reports: &[Report]) -> String {
+pub(crate) fn summary(reports: &[Report]) -> String {
     let (mut rx, mut tx, mut drops) = (0u64, 0u64, 0u64);
     for r in reports {
         for (_, s) in &r.io {
@@ -229,7 +290,7 @@ fn summary(reports: &[Report]) -> String {
     format!("{rx} frames received, {tx} sent, {drops} dropped")
 }
 
-/// The counters file's shape.
+/// The counters file's shape (and the admin API's `stats`).
 #[derive(Serialize)]
 struct StatsFile<'a> {
     tables_version: u64,
@@ -238,6 +299,7 @@ struct StatsFile<'a> {
 
 #[derive(Serialize)]
 struct WorkerStats<'a> {
+    tables_version: u64,
     ports: Vec<PortStats<'a>>,
     drops: std::collections::BTreeMap<&'static str, u64>,
     passed: u64,
@@ -249,6 +311,7 @@ struct WorkerStats<'a> {
     handoff_full: u64,
     busy_rounds: u64,
     idle_waits: u64,
+    services: Vec<ServiceCounters>,
 }
 
 #[derive(Serialize)]
@@ -261,11 +324,36 @@ struct PortStats<'a> {
     errors: u64,
 }
 
-fn write_stats(file: &Path, shared: &Arc<Shared>) {
+#[derive(Serialize)]
+struct ServiceCounters {
+    name: String,
+    packets: u64,
+    bytes: u64,
+    new_connections: u64,
+    backends: Vec<BackendCounters>,
+}
+
+#[derive(Serialize)]
+struct BackendCounters {
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    weight: u32,
+    packets: u64,
+    bytes: u64,
+    new_connections: u64,
+    active: u32,
+}
+
+/// Every worker's last published counters, as JSON: ports, drops by
+/// reason, connection table, and per service and backend (named from the
+/// tables in use).
+pub(crate) fn stats_json(shared: &Arc<Shared>) -> serde_json::Value {
     let reports: Vec<Report> = (0..shared.workers()).filter_map(|i| shared.report(i)).collect();
+    let t = shared.tables();
     let workers = reports
         .iter()
         .map(|r| WorkerStats {
+            tables_version: r.tables_version,
             ports: r
                 .io
                 .iter()
@@ -292,9 +380,38 @@ fn write_stats(file: &Path, shared: &Arc<Shared>) {
             handoff_full: r.handoff_full,
             busy_rounds: r.busy_rounds,
             idle_waits: r.idle_waits,
+            services: r
+                .services
+                .iter()
+                .zip(&t.services.list)
+                .map(|(c, s)| ServiceCounters {
+                    name: s.name.clone(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    new_connections: c.new_conns,
+                    backends: c
+                        .backends
+                        .iter()
+                        .zip(&s.backends)
+                        .map(|(c, b)| BackendCounters {
+                            ip: b.ip,
+                            port: b.port,
+                            weight: b.weight,
+                            packets: c.packets,
+                            bytes: c.bytes,
+                            new_connections: c.new_conns,
+                            active: c.active,
+                        })
+                        .collect(),
+                })
+                .collect(),
         })
         .collect();
-    let doc = StatsFile { tables_version: shared.version(), workers };
+    serde_json::to_value(StatsFile { tables_version: shared.version(), workers }).unwrap_or_default()
+}
+
+pub(crate) fn write_stats(file: &Path, shared: &Arc<Shared>) {
+    let doc = stats_json(shared);
     let tmp = file.with_extension("tmp");
     let ok = serde_json::to_vec_pretty(&doc)
         .map_err(std::io::Error::other)

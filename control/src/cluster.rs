@@ -55,12 +55,54 @@ pub struct Config {
     pub snapshot_every: u64,
 }
 
+/// A task on this node, with what its port needs (the tables name the port
+/// after the task).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalTask {
+    /// The task's id (its tables port's name).
+    pub id: String,
+    /// The namespace to make its port in, if the node makes it.
+    pub netns: Option<String>,
+    /// Its address, prefix length, MAC.
+    pub ip: Ipv4Addr,
+    /// The network's prefix length.
+    pub prefix: u8,
+    /// Its MAC.
+    pub mac: MacAddr,
+    /// The network's gateway (the task's default route).
+    pub gateway: Ipv4Addr,
+    /// The network's MTU.
+    pub mtu: u16,
+}
+
+/// The tasks of node `me` in `state`.
+pub fn local_tasks(state: &ClusterState, me: &str) -> Vec<LocalTask> {
+    state
+        .tasks
+        .values()
+        .filter(|t| t.node == me)
+        .filter_map(|t| {
+            let nw = state.networks.get(&state.services.get(&t.service)?.network)?;
+            Some(LocalTask {
+                id: t.id.clone(),
+                netns: t.netns.clone(),
+                ip: t.ip,
+                prefix: nw.subnet.prefix,
+                mac: t.mac,
+                gateway: nw.gateway,
+                mtu: nw.mtu,
+            })
+        })
+        .collect()
+}
+
 /// What the control thread needs of the dataplane.
 pub trait Dataplane: Send + Sync + 'static {
-    /// New tables for this node (compiled from the state and liveness).
-    /// Called from a blocking context; an error is logged and the next
-    /// change tries again.
-    fn publish(&self, spec: TablesSpec) -> Result<(), String>;
+    /// New tables for this node (compiled from the state and liveness),
+    /// with the node's tasks (whose ports the dataplane makes). Called
+    /// from a blocking context; an error is logged and the next change
+    /// tries again.
+    fn publish(&self, spec: TablesSpec, tasks: Vec<LocalTask>) -> Result<(), String>;
     /// The dataplane's counters, as JSON (admin `stats`).
     fn stats(&self) -> serde_json::Value;
 }
@@ -670,7 +712,8 @@ impl Control {
             };
             let dp = self.dp.clone();
             let s2 = spec.clone();
-            match tokio::task::spawn_blocking(move || dp.publish(s2)).await {
+            let tasks = local_tasks(&state, &self.cfg.name);
+            match tokio::task::spawn_blocking(move || dp.publish(s2, tasks)).await {
                 Ok(Ok(())) => self.lock().last_tables = Some(spec),
                 Ok(Err(e)) => note(&format!("publishing tables: {e}")),
                 Err(e) => note(&format!("publishing tables: {e}")),

@@ -118,6 +118,7 @@ pub fn compile(
             ttl: 64,
             next_hop_mac: None,
             neighbours,
+            reset_closed_ports: false,
         },
         networks,
         ports,

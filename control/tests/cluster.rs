@@ -27,7 +27,7 @@ struct Recorder {
 }
 
 impl Dataplane for Recorder {
-    fn publish(&self, spec: TablesSpec) -> Result<(), String> {
+    fn publish(&self, spec: TablesSpec, _tasks: Vec<meshplane_control::cluster::LocalTask>) -> Result<(), String> {
         *self.last.lock().unwrap() = Some(spec);
         Ok(())
     }

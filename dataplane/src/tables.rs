@@ -50,6 +50,11 @@ pub struct NodeSpec {
     /// Directly reachable VTEPs and their MACs.
     #[serde(default)]
     pub neighbours: Vec<NeighbourSpec>,
+    /// Answer TCP to the data-path address on a port no service takes
+    /// with a reset (a node with TAP I/O, whose kernel does not hold the
+    /// address); otherwise such frames are the kernel's (AF_XDP).
+    #[serde(default)]
+    pub reset_closed_ports: bool,
 }
 
 fn default_vxlan_port() -> u16 {
@@ -513,6 +518,8 @@ pub struct Tables {
     pub data_ip: Ipv4Addr,
     /// This node's data-path MAC.
     pub data_mac: MacAddr,
+    /// See [`NodeSpec::reset_closed_ports`].
+    pub reset_closed_ports: bool,
     /// VXLAN UDP port.
     pub vxlan_port: u16,
     /// Underlay MTU.
@@ -774,6 +781,7 @@ impl Tables {
             version: spec.version,
             data_ip: n.data_ip,
             data_mac: n.data_mac,
+            reset_closed_ports: n.reset_closed_ports,
             vxlan_port: n.vxlan_port,
             underlay_mtu: n.underlay_mtu,
             ports,

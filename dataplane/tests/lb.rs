@@ -503,3 +503,60 @@ fn flood_guard_balances_new_connections_without_tracking_them() {
     assert_eq!((s.inserted, s.guarded), (2 * 3, 7), "3 connections tracked (both directions), 7 not");
     assert_eq!(st.lb.services[0].new_conns, 10);
 }
+
+/// The reset a host's stack sends for a segment to a closed port: exact
+/// bytes, built independently (RFC 9293: SEQ = the segment's ACK if it has
+/// one, else ACK = its SEQ + its length with SYN and FIN counting one).
+fn reset(
+    dst: [u8; 6],
+    src: [u8; 6],
+    sip: [u8; 4],
+    dip: [u8; 4],
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: Option<u32>,
+) -> Vec<u8> {
+    let mut ip = etherparse::Ipv4Header::new(20, 64, etherparse::IpNumber::TCP, sip, dip).unwrap();
+    ip.dont_fragment = true;
+    let mut tcp = etherparse::TcpHeader::new(sport, dport, seq, 0);
+    tcp.rst = true;
+    if let Some(a) = ack {
+        tcp.ack = true;
+        tcp.acknowledgment_number = a;
+    }
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2(src, dst)
+        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+        .tcp_header(tcp)
+        .write(&mut f, &[])
+        .unwrap();
+    f
+}
+
+#[test]
+fn closed_ports_on_the_data_address_are_reset_when_the_node_owns_it() {
+    let spec = include_str!("../../examples/tables.toml").replace("[node]", "[node]\nreset_closed_ports = true");
+    let t = Tables::compile(&toml::from_str(&spec).unwrap()).unwrap();
+    let mut st = WorkerState::for_tables(&t);
+    // A SYN (seq 1000, 5 bytes): RST|ACK with ACK = 1000 + 5 + 1.
+    let syn = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40000, 22, true);
+    let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(out, reset(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 22, 40000, 0, Some(1006)));
+    // A segment with ACK 1: RST with SEQ 1.
+    let ack = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40000, 22, false);
+    let (v, out) = run(&t, &mut st, UPLINK, &ack, 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(out, reset(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 22, 40000, 1, None));
+    // No reset for a reset, nor for a bad checksum, nor for another address.
+    let mut rst = reset(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40000, 22, 5, None);
+    assert_eq!(run(&t, &mut st, UPLINK, &rst, 0).0, Verdict::Pass);
+    rst[47] = 0x02; // now a SYN, but the checksum is the reset's
+    assert_eq!(run(&t, &mut st, UPLINK, &rst, 0).0, Verdict::Pass);
+    let other = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, [198, 18, 0, 9], 40000, 22, true);
+    assert_eq!(run(&t, &mut st, UPLINK, &other, 0).0, Verdict::Pass);
+    // Without the flag (AF_XDP: the kernel holds the address) it is the kernel's.
+    let plain = tables_with("");
+    assert_eq!(run(&plain, &mut WorkerState::for_tables(&plain), UPLINK, &syn, 0).0, Verdict::Pass);
+}

@@ -13,6 +13,7 @@
 //!
 //! The tests run one at a time (each starts its own nodes).
 
+mod cluster;
 mod lab;
 
 use lab::{BIN, Lab, in_ns, in_ns_ok, ip, run, wait_for};
@@ -761,3 +762,11 @@ fn lab_demo_runs_to_the_end() {
         assert!(!left.contains("mp-lab-"), "lab down left namespaces: {left}");
     }
 }
+
+/// The control plane and the CLI end to end on the lab (see
+/// `cluster.rs`), with both I/O backends.
+fn cluster_cli(io: Io) {
+    let _g = serial();
+    cluster::cluster_on_the_lab(if io == Io::Tap { "tap" } else { "afxdp" });
+}
+both_backends!(cluster_cli: cluster_cli_afxdp, cluster_cli_tap);

@@ -235,7 +235,10 @@ pub(crate) fn from_uplink(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut 
     let d = match vxlan::classify(frame.data(), t.data_ip, t.vxlan_port) {
         Ok(Classified::Vxlan(d)) => d,
         Ok(Classified::NotVxlan) => {
-            return arp::uplink(frame, t).or_else(|| published(frame, now, t, lb)).unwrap_or(Verdict::Pass);
+            return arp::uplink(frame, t)
+                .or_else(|| published(frame, now, t, lb))
+                .or_else(|| refuse(frame, t))
+                .unwrap_or(Verdict::Pass);
         }
         Err(WireError::VxlanNoIFlag(_)) => return Verdict::Drop(D::VxlanNoIFlag),
         Err(WireError::Fragment(_)) => return Verdict::Drop(D::VxlanFragment),
@@ -321,6 +324,67 @@ fn published(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> O
         frame.set_window(start, ip.total + ethernet::HEADER_LEN);
     }
     Some(crate::lb::from_client(frame, pubd, now, t, lb))
+}
+
+/// A TCP segment to this node's data-path address that no published port
+/// takes (the service was removed, or never was): answered with a reset
+/// back to the sender, as a host's stack answers a closed port (RFC 9293,
+/// 3.10.7.1), so the client is refused at once instead of timing out.
+/// Only a well-formed segment with a valid checksum and no RST flag of
+/// its own gets one (a reset never answers a reset). Only on nodes whose
+/// kernel does not hold the data-path address (TAP I/O:
+/// `reset_closed_ports`); with AF_XDP the kernel gets these segments and
+/// answers them itself. `None` (the kernel's) for anything else.
+fn refuse(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict> {
+    use crate::wire::checksum;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    const SYN: u8 = 0x02;
+    const FIN: u8 = 0x01;
+    if !t.reset_closed_ports {
+        return None;
+    }
+    let d = frame.data();
+    let ip = ipv4_fast(d)?;
+    if ip.dst != t.data_ip || ip.protocol != protocol::TCP {
+        return None;
+    }
+    let src = Ipv4Addr::new(d[26], d[27], d[28], d[29]);
+    let seg = crate::wire::tcp::TcpPacket::new_checked(d.get(34..ethernet::HEADER_LEN + ip.total)?).ok()?;
+    if seg.flags() & RST != 0 || !seg.verify_checksum_v4(src, ip.dst) || src.is_broadcast() || src.is_multicast() {
+        return None;
+    }
+    let (sport, dport, flags) = (seg.src_port(), seg.dst_port(), seg.flags());
+    // RFC 9293: to a segment with ACK, a reset with SEQ = its ACK; else a
+    // reset with ACK = its SEQ + its length (SYN and FIN count one each).
+    let (seq, ack, out_flags) = if flags & ACK != 0 {
+        (seg.ack(), 0, RST)
+    } else {
+        let len = seg.payload().len() as u32 + u32::from(flags & SYN != 0) + u32::from(flags & FIN != 0);
+        (0, seg.seq().wrapping_add(len), RST | ACK)
+    };
+    let peer_mac: [u8; 6] = d[6..12].try_into().ok()?;
+    let (buf, start, _) = frame.parts();
+    let out = buf.get_mut(start..start + 54)?;
+    out[0..6].copy_from_slice(&peer_mac);
+    out[6..12].copy_from_slice(&t.data_mac.0);
+    out[12..14].copy_from_slice(&ethertype::IPV4.to_be_bytes());
+    // IPv4: 20 bytes, total 40, DF, TTL 64.
+    out[14..34].copy_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, protocol::TCP, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    out[26..30].copy_from_slice(&ip.dst.octets());
+    out[30..34].copy_from_slice(&src.octets());
+    let ipsum = checksum::checksum(&out[14..34]);
+    out[24..26].copy_from_slice(&ipsum.to_be_bytes());
+    // TCP: 20 bytes, window 0.
+    out[34..36].copy_from_slice(&dport.to_be_bytes());
+    out[36..38].copy_from_slice(&sport.to_be_bytes());
+    out[38..42].copy_from_slice(&seq.to_be_bytes());
+    out[42..46].copy_from_slice(&ack.to_be_bytes());
+    out[46..54].copy_from_slice(&[0x50, out_flags, 0, 0, 0, 0, 0, 0]);
+    let sum = checksum::sum(&out[34..54], checksum::pseudo_header_v4(ip.dst, src, protocol::TCP, 20));
+    out[50..52].copy_from_slice(&checksum::finish(sum).to_be_bytes());
+    frame.set_window(start, 54);
+    Some(Verdict::Tx(UPLINK))
 }
 
 /// The MAC cluster state has for `ip` in network `net`.

@@ -1,0 +1,214 @@
+//! The control plane and the CLI end to end, on the lab (`meshplane lab
+//! up`: three nodes running their control planes in namespaces, the
+//! cluster built with the CLI: init, join, network create, service create,
+//! task attach --netns): requests through the published port reach every
+//! task; a node killed → its task leaves the other nodes' balancers within
+//! seconds and comes back when the node restarts from disk; the Raft leader
+//! killed → writes go on through another manager, and the old leader
+//! catches up; drain (no new connections to the task), detach (its port is
+//! removed), service rm (connections refused at once); bad CLI input gets a
+//! clear error and a non-zero exit.
+
+use crate::lab::{BIN, run};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The lab, taken down when dropped (also when the test fails).
+struct LabGuard(PathBuf);
+
+impl LabGuard {
+    fn lab(&self, args: &[&str]) -> Output {
+        let mut v = vec!["lab"];
+        v.extend_from_slice(args);
+        v.extend_from_slice(&["--dir", self.0.to_str().expect("utf-8")]);
+        Command::new(BIN).args(&v).output().expect("running meshplane lab")
+    }
+    /// The CLI against node `n`'s admin socket.
+    fn cli(&self, n: u8, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--state-dir")
+            .arg(self.0.join(format!("node{n}")))
+            .output()
+            .expect("running meshplane")
+    }
+    fn cli_ok(&self, n: u8, args: &[&str]) -> String {
+        let o = self.cli(n, args);
+        assert!(o.status.success(), "meshplane {args:?} on node{n}: {}{}", text(&o.stdout), text(&o.stderr));
+        text(&o.stdout)
+    }
+    /// Backend addresses of service `web` in node `n`'s tables.
+    fn backends(&self, n: u8) -> Vec<String> {
+        let o = self.cli(n, &["lb", "ls", "--format", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v["tables"]["service"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == "web")
+            .flat_map(|s| s["backend"].as_array().cloned().unwrap_or_default())
+            .filter(|b| b["weight"].as_u64() != Some(0))
+            .filter_map(|b| b["ip"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if std::env::var_os("MESHPLANE_E2E_KEEP").is_none() {
+            let _ = self.lab(&["down"]);
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// One HTTP request from the client to `node`'s published `port`: the
+/// task's answer ("web.2 saw 198.19.0.3:40000"), or the error.
+fn get(node: u8, port: u16) -> Result<String, String> {
+    let url = format!("http://198.18.0.{node}:{port}/");
+    let o = Command::new("ip")
+        .args(["netns", "exec", "mp-lab-c", BIN, "tool", "http-get", "--url", &url, "--timeout", "3"])
+        .output()
+        .expect("running http-get");
+    if o.status.success() { Ok(text(&o.stdout).trim().to_owned()) } else { Err(text(&o.stderr)) }
+}
+
+/// Who answered `n` requests through `node`:30080 (all must be answered).
+fn answered(node: u8, n: usize) -> std::collections::BTreeSet<String> {
+    (0..n)
+        .map(|_| {
+            let body = get(node, 30080).unwrap_or_else(|e| panic!("a request through node{node} failed: {e}"));
+            body.split(' ').next().unwrap_or_default().to_owned()
+        })
+        .collect()
+}
+
+fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out after {secs} s waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    t0.elapsed()
+}
+
+fn set(names: &[&str]) -> std::collections::BTreeSet<String> {
+    names.iter().map(|s| (*s).to_owned()).collect()
+}
+
+pub(crate) fn cluster_on_the_lab(io: &str) {
+    let dir = std::env::temp_dir().join(format!("meshplane-e2e-cluster-{}-{io}", std::process::id()));
+    let g = LabGuard(dir);
+    let _ = g.lab(&["down"]);
+    let up = g.lab(&["up", "--io", io]);
+    assert!(up.status.success(), "lab up: {}{}", text(&up.stdout), text(&up.stderr));
+    let tasks: serde_json::Value =
+        serde_json::from_str(&g.cli_ok(1, &["task", "ls", "--format", "json"])).expect("task ls json");
+    let ip_of = |id: &str| {
+        tasks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|t| t["id"] == id)
+            .and_then(|t| t["ip"].as_str())
+            .unwrap()
+            .to_owned()
+    };
+    let (ip1, ip3) = (ip_of("web.1"), ip_of("web.3"));
+    let has = |n: u8, ips: &[&String]| {
+        let mut b = g.backends(n);
+        b.sort();
+        let mut want: Vec<String> = ips.iter().map(|s| (*s).clone()).collect();
+        want.sort();
+        b == want
+    };
+
+    // Every task answers through every node.
+    for n in 1..=3 {
+        assert_eq!(answered(n, 6), set(&["web.1", "web.2", "web.3"]), "through node{n}");
+    }
+    let nodes = g.cli_ok(1, &["node", "ls"]);
+    assert!(nodes.contains("leader") && nodes.matches("ready").count() == 3, "{nodes}");
+
+    // Bad input: a clear message, a non-zero exit, nothing changed.
+    for (args, says) in [
+        (vec!["service", "create", "--name", "x", "--network", "app", "--publish", "70000:80"], "bad published port"),
+        (vec!["service", "create", "--name", "x", "--network", "nosuch", "--publish", "30090:80"], "no network"),
+        (vec!["service", "create", "--name", "y", "--network", "app", "--publish", "30080:80"], "30080"),
+        (vec!["task", "attach", "--service", "nosuch", "--node", "node1"], "no service \"nosuch\""),
+        (vec!["network", "create", "--subnet", "bogus", "n2"], "--subnet"),
+        (vec!["network", "create", "--subnet", "198.19.0.0/25", "n2"], "overlaps"),
+        (vec!["node", "update", "--availability", "sideways", "node1"], "sideways"),
+        (vec!["task", "detach", "web.9"], "no task"),
+    ] {
+        let o = g.cli(1, &args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(text(&o.stderr).contains(says), "{args:?}: {}", text(&o.stderr));
+    }
+    assert!(g.cli_ok(1, &["service", "ls"]).lines().count() == 2, "the refused service was not made");
+
+    // node3 crashes: its task leaves node1's and node2's balancers within
+    // seconds, every request is still answered, by the others.
+    let stop = g.lab(&["stop-node", "3", "--kill"]);
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    let t = wait("web.3 out of node1's and node2's balancers", 10, || {
+        !g.backends(1).contains(&ip3) && !g.backends(2).contains(&ip3)
+    });
+    eprintln!("node3 killed: its task left the other balancers within {:.1} s", t.as_secs_f64());
+    assert!(g.cli_ok(1, &["node", "ls"]).lines().any(|l| l.starts_with("node3") && l.contains("down")));
+    assert_eq!(answered(1, 6), set(&["web.1", "web.2"]));
+    // It comes back from its state directory: so does its task.
+    let start = g.lab(&["start-node", "3"]);
+    assert!(start.status.success(), "{}", text(&start.stderr));
+    wait("web.3 back in node1's and node2's balancers", 20, || {
+        g.backends(1).contains(&ip3) && g.backends(2).contains(&ip3)
+    });
+    wait("web.3 answering again", 10, || get(2, 30080).is_ok_and(|b| b.starts_with("web.3")));
+
+    // The Raft leader (node1) dies: writes go on through node2 (a new
+    // leader), and node1 catches up when it is back.
+    let stop = g.lab(&["stop-node", "1", "--kill"]);
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    wait("a write through node2 after the leader died", 20, || g.cli(2, &["task", "drain", "web.2"]).status.success());
+    let start = g.lab(&["start-node", "1"]);
+    assert!(start.status.success(), "{}", text(&start.stderr));
+    // Drained: web.2 takes no new connections, on any node (node1 has
+    // its tables again once it has the state).
+    for n in 1..=3 {
+        wait("web.2 drained everywhere", 20, || has(n, &[&ip1, &ip3]));
+    }
+    for n in 1..=3 {
+        assert_eq!(answered(n, 6), set(&["web.1", "web.3"]), "through node{n} with web.2 drained");
+    }
+
+    // Detached: web.3's port leaves its namespace, requests go to web.1.
+    g.cli_ok(3, &["task", "detach", "web.3"]);
+    wait("web.3's interface removed", 10, || {
+        let o = Command::new("ip").args(["-n", "mp-lab-t3", "-4", "addr", "show"]).output().expect("ip addr");
+        !text(&o.stdout).contains(&ip3)
+    });
+    for n in 1..=3 {
+        wait("web.3 out of the balancers", 10, || has(n, &[&ip1]));
+        assert_eq!(answered(n, 3), set(&["web.1"]));
+    }
+
+    // The service removed: connections are refused at once (the node's
+    // kernel answers a SYN to a port nobody serves with a reset).
+    g.cli_ok(2, &["service", "rm", "web"]);
+    wait("the service gone from node1's tables", 10, || g.backends(1).is_empty());
+    let t0 = Instant::now();
+    let e = get(1, 30080).expect_err("the service is gone");
+    assert!(e.contains("refused"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "refused at once, not timed out ({:?})", t0.elapsed());
+
+    let left = run(&["ip", "netns", "list"]);
+    assert!(text(&left.stdout).contains("mp-lab-n1"));
+    drop(g);
+    let left = run(&["ip", "netns", "list"]);
+    assert!(!text(&left.stdout).contains("mp-lab-"), "lab down left namespaces");
+}
