@@ -762,3 +762,27 @@ pub(crate) fn lb_ls(c: &Conn) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_specs() {
+        let p = |s: &str| parse_publish(s).map(|(r, t)| (r.port, r.mode, t)).map_err(|e| e.to_string());
+        assert_eq!(p("30080:8080"), Ok((Some(30080), MeshMode::Nat, Some(8080))));
+        assert_eq!(p("mode=preserve-source,30081:8080"), Ok((Some(30081), MeshMode::PreserveSource, Some(8080))));
+        assert_eq!(p("published=30082,target=80,mode=ingress"), Ok((Some(30082), MeshMode::Nat, Some(80))));
+        assert_eq!(p(":8080"), Ok((None, MeshMode::Nat, Some(8080))));
+        for (bad, says) in [
+            ("70000:80", "bad published port"),
+            ("30080:0", "bad target port"),
+            ("mode=host,1:2", "mode \"host\""),
+            ("colour=red", "unknown key"),
+            ("8080", "PUB:TARGET"),
+        ] {
+            let e = p(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+}

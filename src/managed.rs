@@ -363,3 +363,26 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     eprintln!("meshplane: stopped; {}", crate::node::summary(&reports));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses_and_flags_win() {
+        let f: FileConfig = toml::from_str(include_str!("../examples/node.toml")).expect("examples/node.toml");
+        assert_eq!(f.name.as_deref(), Some("node1"));
+        assert_eq!(f.io, Some(IoKind::Afxdp));
+        assert_eq!(f.cores, Some(vec![1]));
+        let bad = toml::from_str::<FileConfig>("nmae = \"x\"");
+        assert!(bad.is_err_and(|e| e.to_string().contains("nmae")), "an unknown key is refused by name");
+    }
+
+    #[test]
+    fn task_port_names_fit_an_interface_name() {
+        let a = host_name("web.1");
+        assert!(a.len() <= 15 && a.starts_with("mpt"));
+        assert_ne!(a, host_name("web.2"));
+        assert_eq!(a, host_name("web.1"));
+    }
+}
