@@ -176,6 +176,22 @@ pub(crate) enum ServiceCmd {
         /// The service.
         name: String,
     },
+    /// Change a service's scheduler or published ports (connections in
+    /// flight keep their backends).
+    Update {
+        /// A new scheduler.
+        #[arg(long, value_enum)]
+        scheduler: Option<SchedArg>,
+        /// Publish a port (as `create --publish`; the target port is the
+        /// service's).
+        #[arg(long)]
+        publish_add: Vec<String>,
+        /// Withdraw a published port.
+        #[arg(long)]
+        publish_rm: Vec<u16>,
+        /// The service.
+        name: String,
+    },
     /// Remove a service and its tasks.
     Rm {
         /// The service.
@@ -471,14 +487,7 @@ pub(crate) fn service(c: &Conn, cmd: &ServiceCmd) -> Result<()> {
                 ProtoArg::Tcp => Proto::Tcp,
                 ProtoArg::Udp => Proto::Udp,
             };
-            let scheduler = match scheduler {
-                SchedArg::Mh => Scheduler::Mh,
-                SchedArg::Rr => Scheduler::Rr,
-                SchedArg::Wrr => Scheduler::Wrr,
-                SchedArg::Lc => Scheduler::Lc,
-                SchedArg::Wlc => Scheduler::Wlc,
-                SchedArg::Sh => Scheduler::Sh,
-            };
+            let scheduler = sched(*scheduler);
             write(
                 c,
                 Command::CreateService {
@@ -545,12 +554,50 @@ pub(crate) fn service(c: &Conn, cmd: &ServiceCmd) -> Result<()> {
             sv["tasks"] = Value::Array(tasks);
             println!("{}", serde_json::to_string_pretty(&sv)?);
         }
+        ServiceCmd::Update { scheduler, publish_add, publish_rm, name } => {
+            let st = state(c)?;
+            let target = st["services"][name]["target_port"].as_u64();
+            let mut add = Vec::new();
+            for p in publish_add {
+                let (r, t) = parse_publish(p)?;
+                if let (Some(t), Some(want)) = (t, target)
+                    && u64::from(t) != want
+                {
+                    bail!("--publish-add {p:?}: the service's target port is {want}, not {t}");
+                }
+                add.push(r);
+            }
+            if scheduler.is_none() && add.is_empty() && publish_rm.is_empty() {
+                bail!("nothing to change: --scheduler, --publish-add or --publish-rm");
+            }
+            write(
+                c,
+                Command::UpdateService {
+                    name: name.clone(),
+                    scheduler: scheduler.map(sched),
+                    publish_add: add,
+                    publish_rm: publish_rm.clone(),
+                },
+            )?;
+            println!("{name}");
+        }
         ServiceCmd::Rm { name } => {
             write(c, Command::RemoveService { name: name.clone() })?;
             println!("{name}");
         }
     }
     Ok(())
+}
+
+fn sched(s: SchedArg) -> Scheduler {
+    match s {
+        SchedArg::Mh => Scheduler::Mh,
+        SchedArg::Rr => Scheduler::Rr,
+        SchedArg::Wrr => Scheduler::Wrr,
+        SchedArg::Lc => Scheduler::Lc,
+        SchedArg::Wlc => Scheduler::Wlc,
+        SchedArg::Sh => Scheduler::Sh,
+    }
 }
 
 fn vip_text(v: &Value) -> String {
@@ -714,6 +761,36 @@ pub(crate) fn stats(c: &Conn, watch: bool, count: Option<u32>) -> Result<()> {
             println!();
         }
     }
+}
+
+/// `meshplane conntrack ls`: the connections this node's workers track
+/// (both directions of each), like `ipvsadm -Lnc`.
+pub(crate) fn conntrack_ls(c: &Conn, service: Option<&str>) -> Result<()> {
+    let v = call(c, AdminRequest::Conntrack)?;
+    let rows: Vec<Value> =
+        v.as_array().into_iter().flatten().filter(|e| service.is_none_or(|s| e["service"] == s)).cloned().collect();
+    print(c, &Value::Array(rows), |v| {
+        let rows = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                vec![
+                    s(&e["proto"]).to_uppercase(),
+                    s(&e["src"]),
+                    s(&e["dst"]),
+                    s(&e["direction"]),
+                    s(&e["service"]),
+                    s(&e["backend"]),
+                    s(&e["state"]),
+                    s(&e["expires_in_s"]),
+                    s(&e["worker"]),
+                ]
+            })
+            .collect();
+        table(&["PRO", "SOURCE", "DESTINATION", "DIR", "SERVICE", "BACKEND", "STATE", "EXPIRES(S)", "WORKER"], rows);
+    });
+    Ok(())
 }
 
 /// `meshplane lb ls`: like `ipvsadm -Ln`: every balanced address of this

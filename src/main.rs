@@ -5,6 +5,7 @@ use clap::Parser;
 mod admin;
 mod lab;
 mod managed;
+mod metrics;
 mod node;
 mod pktgen;
 mod tool;
@@ -15,8 +16,22 @@ mod trace;
 #[derive(Parser, Debug)]
 #[command(name = "meshplane", version, about, long_about = None)]
 struct Cli {
+    /// Log level (logs go to stderr): error, warn, info, debug, trace.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: tracing::Level,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Structured logs on stderr at `level` (openraft's own at warn unless
+/// debug or trace is asked for).
+fn init_logs(level: tracing::Level) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let raft = if level >= tracing::Level::DEBUG { level } else { tracing::Level::WARN };
+    let filter = tracing_subscriber::filter::Targets::new().with_target("openraft", raft).with_default(level);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false);
+    let _ = tracing_subscriber::registry().with(fmt).with(filter).try_init();
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -68,6 +83,13 @@ enum Command {
         /// With --watch: stop after this many prints.
         #[arg(long)]
         count: Option<u32>,
+    },
+    /// The connections this node tracks, like `ipvsadm -Lnc`.
+    Conntrack {
+        #[command(flatten)]
+        conn: admin::Conn,
+        #[command(subcommand)]
+        cmd: ConntrackCommand,
     },
     /// This node's balancers, like `ipvsadm -Ln`.
     Lb {
@@ -133,6 +155,16 @@ enum AdminNode {
 }
 
 #[derive(clap::Subcommand, Debug)]
+enum ConntrackCommand {
+    /// List tracked connections (both directions of each).
+    Ls {
+        /// Only this service's.
+        #[arg(long)]
+        service: Option<String>,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
 enum LbCommand {
     /// Services, backends, weights, active and new connections.
     Ls,
@@ -140,6 +172,7 @@ enum LbCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    init_logs(cli.log_level);
     match cli.command {
         Command::Ports => {
             println!("management (raft, admin API): tcp {}", meshplane_control::MANAGEMENT_PORT);
@@ -162,6 +195,9 @@ fn main() -> anyhow::Result<()> {
         Command::Task { conn, cmd } => admin::task(&conn, &cmd)?,
         Command::Stats { conn, watch, count } => admin::stats(&conn, watch, count)?,
         Command::Lb { conn, cmd: LbCommand::Ls } => admin::lb_ls(&conn)?,
+        Command::Conntrack { conn, cmd: ConntrackCommand::Ls { service } } => {
+            admin::conntrack_ls(&conn, service.as_deref())?
+        }
         Command::Tool(c) => tool::run(&c)?,
         Command::Pktgen(a) => pktgen::run(&a)?,
         Command::Lab(c) => lab::run(&c)?,

@@ -39,6 +39,7 @@ struct FileConfig {
     data_mac: Option<String>,
     data_path_port: Option<u16>,
     gossip_port: Option<u16>,
+    metrics_addr: Option<String>,
     io: Option<IoKind>,
     cores: Option<Vec<usize>>,
     busy_poll: Option<bool>,
@@ -61,6 +62,7 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
     a.data_mac = a.data_mac.or(f.data_mac);
     a.data_path_port = a.data_path_port.or(f.data_path_port);
     a.gossip_port = a.gossip_port.or(f.gossip_port);
+    a.metrics_addr = a.metrics_addr.or(f.metrics_addr);
     a.io = a.io.or(f.io);
     if a.cores.is_empty() {
         a.cores = f.cores.unwrap_or_default();
@@ -195,7 +197,7 @@ impl Dataplane for Managed {
             }
             match self.make_port(t, &tables) {
                 Ok((p, queues)) => {
-                    eprintln!("meshplane: task {} on port {} ({})", t.id, p.iface, t.ip);
+                    tracing::info!("task {} on port {} ({})", t.id, p.iface, t.ip);
                     for (k, q) in queues.into_iter().enumerate() {
                         self.shared.change_ports(k, vec![Bound::new(&t.id, q)], &[]);
                     }
@@ -203,7 +205,7 @@ impl Dataplane for Managed {
                 }
                 // Its frames are counted as unbound until a later change
                 // makes the port.
-                Err(e) => eprintln!("meshplane: {e:#}"),
+                Err(e) => tracing::warn!("{e:#}"),
             }
         }
         let gone: Vec<String> = ports.keys().filter(|id| !tasks.iter().any(|t| t.id == **id)).cloned().collect();
@@ -213,7 +215,7 @@ impl Dataplane for Managed {
         if let Some(h) = &self.steering
             && let Err(e) = h.set(&afxdp::Steering::for_tables(&tables))
         {
-            eprintln!("meshplane: updating the XDP steering maps: {e}");
+            tracing::warn!("updating the XDP steering maps: {e}");
         }
         self.shared.publish(tables);
         if !gone.is_empty() {
@@ -226,7 +228,7 @@ impl Dataplane for Managed {
             }
             for id in gone {
                 if let Some(p) = ports.remove(&id) {
-                    eprintln!("meshplane: task {id} gone; port {} removed", p.iface);
+                    tracing::info!("task {id} gone; port {} removed", p.iface);
                     if p.made {
                         let _ = ip(&format!("link del {}", p.iface));
                     }
@@ -238,6 +240,42 @@ impl Dataplane for Managed {
 
     fn stats(&self) -> serde_json::Value {
         crate::node::stats_json(&self.shared)
+    }
+
+    fn conntrack(&self) -> serde_json::Value {
+        use meshplane_dataplane::lb::conntrack::CtState;
+        let t = self.shared.tables();
+        let dumps = self.shared.conntrack(Duration::from_millis(500));
+        let mut out = Vec::new();
+        for (w, entries) in dumps.iter().enumerate() {
+            for e in entries {
+                let (k, v) = (&e.key, &e.value);
+                let svc = t.services.list.get(v.service as usize);
+                let reply = v.flags & meshplane_dataplane::lb::CT_REPLY != 0;
+                let backend = svc
+                    .and_then(|s| s.backends.get(v.backend as usize))
+                    .map(|b| format!("{}:{}", b.ip, b.port))
+                    .unwrap_or_default();
+                out.push(serde_json::json!({
+                    "worker": w,
+                    "proto": if k.proto == 6 { "tcp" } else if k.proto == 17 { "udp" } else { "other" },
+                    "src": format!("{}:{}", Ipv4Addr::from(k.src), k.sport),
+                    "dst": format!("{}:{}", Ipv4Addr::from(k.dst), k.dport),
+                    "direction": if reply { "reply" } else { "forward" },
+                    "service": svc.map(|s| s.name.clone()),
+                    "backend": backend,
+                    "state": match v.state {
+                        CtState::Udp => "udp",
+                        CtState::SynRecv => "syn_recv",
+                        CtState::Established => "established",
+                        CtState::Fin => "fin_wait",
+                        CtState::Close => "close",
+                    },
+                    "expires_in_s": e.expires_in / 1_000_000_000,
+                }));
+            }
+        }
+        serde_json::Value::Array(out)
     }
 }
 
@@ -262,6 +300,11 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
             adv.parse().with_context(|| format!("--advertise-addr {adv:?}: IP or IP:PORT"))?,
             meshplane_control::cluster::MGMT_PORT,
         ),
+    };
+    let metrics: Option<SocketAddr> = match a.metrics_addr.as_deref() {
+        Some("off") => None,
+        Some(m) => Some(m.parse().with_context(|| format!("--metrics-addr {m:?}: IP:PORT or off"))?),
+        None => Some(SocketAddr::new(advertise.ip(), crate::metrics::DEFAULT_PORT)),
     };
     let name = a.name.clone().unwrap_or_else(hostname);
     let state_dir = a.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
@@ -346,21 +389,30 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         .context("starting the control thread")?;
     let dpc: Arc<dyn Dataplane> = dp.clone();
     let control = rt.block_on(Control::start(cfg, dpc)).map_err(anyhow::Error::msg)?;
-    eprintln!(
-        "meshplane: node {name} running ({io:?} I/O on {uplink}, {n} worker{}); management {advertise}, data {data_ip}; admin socket {}",
+    if let Some(m) = metrics {
+        match rt.block_on(tokio::net::TcpListener::bind(m)) {
+            Ok(l) => {
+                rt.spawn(crate::metrics::serve(l, control.clone()));
+            }
+            Err(e) => tracing::warn!("metrics on {m}: {e}; no metrics endpoint"),
+        }
+    }
+    tracing::info!(
+        "node {name} running ({io:?} I/O on {uplink}, {n} worker{}); management {advertise}, data {data_ip}; admin socket {}; metrics {}",
         if n == 1 { "" } else { "s" },
-        state_dir.join("admin.sock").display()
+        state_dir.join("admin.sock").display(),
+        metrics.map_or("off".to_owned(), |m| format!("http://{m}/metrics"))
     );
     let stats = crate::node::stats_writer(a.stats_file.clone(), &shared);
 
     let _ = signals.forever().next();
-    eprintln!("meshplane: stopping");
+    tracing::info!("stopping");
     rt.block_on(control.shutdown());
     drop(control);
     rt.shutdown_timeout(Duration::from_secs(2));
     let reports = crate::node::stop_workers(&shared, handles, stats, a.stats_file.as_deref())?;
     dp.remove_all();
-    eprintln!("meshplane: stopped; {}", crate::node::summary(&reports));
+    tracing::info!("stopped; {}", crate::node::summary(&reports));
     Ok(())
 }
 

@@ -59,6 +59,10 @@ pub(crate) struct RunArgs {
     /// Gossip UDP port.
     #[arg(long)]
     pub(crate) gossip_port: Option<u16>,
+    /// Prometheus metrics (`GET /metrics`, plain HTTP): IP:PORT, or `off`
+    /// (default: the management IP, port 9323).
+    #[arg(long)]
+    pub(crate) metrics_addr: Option<String>,
     /// The node's state directory (identity, Raft log, admin socket).
     #[arg(long)]
     pub(crate) state_dir: Option<PathBuf>,
@@ -193,8 +197,8 @@ fn run_static(a: &RunArgs, tables: &Path) -> Result<()> {
             .context("starting a worker thread")?;
         handles.push(h);
     }
-    eprintln!(
-        "meshplane: node running ({:?} I/O, {n} worker{} on {}): ports {}",
+    tracing::info!(
+        "node running ({:?} I/O, {n} worker{} on {}): ports {}",
         io,
         if n == 1 { "" } else { "s" },
         if a.cores.is_empty() { "any core".to_owned() } else { format!("cores {:?}", a.cores) },
@@ -215,23 +219,21 @@ fn run_static(a: &RunArgs, tables: &Path) -> Result<()> {
                         if let Some(h) = &steering
                             && let Err(e) = h.set(&afxdp::Steering::for_tables(&nt))
                         {
-                            eprintln!("meshplane: updating the XDP steering maps: {e}");
+                            tracing::warn!("updating the XDP steering maps: {e}");
                         }
                         shared.publish(nt);
-                        eprintln!("meshplane: tables reloaded from {path} (version {})", shared.version());
+                        tracing::info!("tables reloaded from {path} (version {})", shared.version());
                     } else {
-                        eprintln!(
-                            "meshplane: {path}: the new tables drop a port this node serves; keeping the old tables"
-                        );
+                        tracing::warn!("{path}: the new tables drop a port this node serves; keeping the old tables");
                     }
                 }
-                Err(e) => eprintln!("meshplane: reloading {path}: {e}; keeping the old tables"),
+                Err(e) => tracing::warn!("reloading {path}: {e}; keeping the old tables"),
             },
             _ => break,
         }
     }
     let reports = stop_workers(&shared, handles, stats, a.stats_file.as_deref())?;
-    eprintln!("meshplane: stopped; {}", summary(&reports));
+    tracing::info!("stopped; {}", summary(&reports));
     Ok(())
 }
 
@@ -418,6 +420,6 @@ pub(crate) fn write_stats(file: &Path, shared: &Arc<Shared>) {
         .and_then(|b| std::fs::write(&tmp, b))
         .and_then(|()| std::fs::rename(&tmp, file));
     if let Err(e) = ok {
-        eprintln!("meshplane: writing {}: {e}", file.display());
+        tracing::warn!("writing {}: {e}", file.display());
     }
 }

@@ -105,6 +105,10 @@ pub trait Dataplane: Send + Sync + 'static {
     fn publish(&self, spec: TablesSpec, tasks: Vec<LocalTask>) -> Result<(), String>;
     /// The dataplane's counters, as JSON (admin `stats`).
     fn stats(&self) -> serde_json::Value;
+    /// The dataplane's tracked connections, as JSON (admin `conntrack`).
+    fn conntrack(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 /// An admin API request (the CLI's; JSON over the unix socket, or
@@ -145,6 +149,8 @@ pub enum AdminRequest {
     Tables,
     /// The dataplane's and gossip's counters.
     Stats,
+    /// The connections this node's workers track.
+    Conntrack,
 }
 
 /// An admin API response: a JSON value, or why not.
@@ -609,6 +615,10 @@ impl Control {
             AdminRequest::Nodes => Ok(self.nodes()),
             AdminRequest::Info => Ok(self.info()),
             AdminRequest::Tables => Ok(serde_json::to_value(&self.lock().last_tables).map_err(io)?),
+            AdminRequest::Conntrack => {
+                let dp = self.dp.clone();
+                tokio::task::spawn_blocking(move || dp.conntrack()).await.map_err(io)
+            }
             AdminRequest::Stats => {
                 let dp = self.dp.stats();
                 let gossip = self.lock().gossip.clone();
@@ -706,7 +716,7 @@ impl Control {
             let spec = match compile(&state, &self.cfg.name, &|n| !down.contains(n), generation) {
                 Ok(s) => s,
                 Err(e) => {
-                    note(&format!("compiling this node's tables: {e}"));
+                    tracing::warn!("compiling this node's tables: {e}");
                     continue;
                 }
             };
@@ -715,8 +725,8 @@ impl Control {
             let tasks = local_tasks(&state, &self.cfg.name);
             match tokio::task::spawn_blocking(move || dp.publish(s2, tasks)).await {
                 Ok(Ok(())) => self.lock().last_tables = Some(spec),
-                Ok(Err(e)) => note(&format!("publishing tables: {e}")),
-                Err(e) => note(&format!("publishing tables: {e}")),
+                Ok(Err(e)) => tracing::warn!("publishing tables: {e}"),
+                Err(e) => tracing::warn!("publishing tables: {e}"),
             }
         }
     }
@@ -736,7 +746,7 @@ impl Control {
         let sock = match tokio::net::UdpSocket::bind(addr).await {
             Ok(s) => s,
             Err(e) => {
-                note(&format!("gossip: binding {addr}: {e}"));
+                tracing::error!("gossip: binding {addr}: {e}");
                 return;
             }
         };
@@ -824,7 +834,7 @@ impl Control {
                     continue;
                 };
                 changed |= if down { g.down.insert(name.clone()) } else { g.down.remove(&name) };
-                note(&format!("gossip: node {name} is {}", if down { "down" } else { "up" }));
+                tracing::info!(node = %name, down, "gossip: node {name} is {}", if down { "down" } else { "up" });
             }
         }
         if changed {
@@ -867,9 +877,4 @@ fn new_gossip_key(state: &ClusterState) -> Command {
     let mut key = [0u8; 32];
     rand::fill(&mut key);
     Command::RotateGossipKey { id, key }
-}
-
-/// The control plane's log lines (stderr, one line each).
-fn note(msg: &str) {
-    eprintln!("meshplane: {msg}");
 }

@@ -194,6 +194,18 @@ pub enum Command {
         /// Scheduler.
         scheduler: Scheduler,
     },
+    /// A service's scheduler or published ports change (its VIP, network
+    /// and tasks stay; connections in flight keep their backends).
+    UpdateService {
+        /// Its name.
+        name: String,
+        /// A new scheduler.
+        scheduler: Option<Scheduler>,
+        /// Ports to publish.
+        publish_add: Vec<PublishRequest>,
+        /// Published ports to withdraw.
+        publish_rm: Vec<u16>,
+    },
     /// A service and its tasks are removed.
     RemoveService {
         /// Its name.
@@ -322,6 +334,14 @@ pub enum StateError {
         ip: Ipv4Addr,
         /// The node that has it.
         other: String,
+    },
+    /// A port to withdraw that the service does not publish.
+    #[error("service {service:?} does not publish port {port}")]
+    NotPublished {
+        /// The service.
+        service: String,
+        /// The port.
+        port: u16,
     },
     /// `SetCa` with another CA than the cluster's.
     #[error("the cluster already has another CA")]
@@ -482,26 +502,7 @@ impl ClusterState {
                 }
                 let mut published = Vec::new();
                 for req in publish {
-                    let taken = |p: u16, me: &[Published]| {
-                        self.services
-                            .values()
-                            .find(|s| s.protocol == *protocol && s.published.iter().any(|x| x.port == p))
-                            .map(|s| s.name.clone())
-                            .or_else(|| me.iter().any(|x| x.port == p).then(|| name.clone()))
-                    };
-                    let port = match req.port {
-                        Some(p) => {
-                            if let Some(by) = taken(p, &published) {
-                                return Err(E::PortTaken { port: p, protocol: proto_name(*protocol), by });
-                            }
-                            p
-                        }
-                        None => PUBLISHED_RANGE
-                            .clone()
-                            .find(|&p| taken(p, &published).is_none())
-                            .ok_or(E::PortsExhausted)?,
-                    };
-                    published.push(Published { port, mode: req.mode });
+                    published.push(self.allocate_published(name, *protocol, req, &published)?);
                 }
                 let vip = match vip_port {
                     Some(p) => Some((self.allocate_ip(network)?, *p)),
@@ -519,6 +520,33 @@ impl ClusterState {
                         scheduler: *scheduler,
                     },
                 );
+                self.allocate_node_ips()?;
+            }
+            Command::UpdateService { name, scheduler, publish_add, publish_rm } => {
+                // Out of the map while it changes: its own old ports do not
+                // count as taken by another service.
+                let mut svc =
+                    self.services.remove(name).ok_or_else(|| E::Unknown { kind: "service", name: name.clone() })?;
+                for p in publish_rm {
+                    if !svc.published.iter().any(|x| x.port == *p) {
+                        return Err(E::NotPublished { service: name.clone(), port: *p });
+                    }
+                }
+                svc.published.retain(|x| !publish_rm.contains(&x.port));
+                if publish_add.iter().any(|p| p.port == Some(0)) {
+                    return Err(E::PortZero);
+                }
+                for req in publish_add {
+                    let p = self.allocate_published(name, svc.protocol, req, &svc.published)?;
+                    svc.published.push(p);
+                }
+                if svc.vip.is_none() && svc.published.is_empty() {
+                    return Err(E::Unreachable(name.clone()));
+                }
+                if let Some(s) = scheduler {
+                    svc.scheduler = *s;
+                }
+                self.services.insert(name.clone(), svc);
                 self.allocate_node_ips()?;
             }
             Command::RemoveService { name } => {
@@ -573,6 +601,35 @@ impl ClusterState {
             }
         }
         Ok(())
+    }
+
+    /// A published port for service `name` (`req.port`, or the lowest free
+    /// in 30000–32767), not taken by another service of the same protocol
+    /// nor in `mine` (the ports the service publishes already).
+    fn allocate_published(
+        &self,
+        name: &str,
+        protocol: Proto,
+        req: &PublishRequest,
+        mine: &[Published],
+    ) -> Result<Published, StateError> {
+        let taken = |p: u16| {
+            self.services
+                .values()
+                .find(|s| s.name != name && s.protocol == protocol && s.published.iter().any(|x| x.port == p))
+                .map(|s| s.name.clone())
+                .or_else(|| mine.iter().any(|x| x.port == p).then(|| name.to_owned()))
+        };
+        let port = match req.port {
+            Some(p) => {
+                if let Some(by) = taken(p) {
+                    return Err(StateError::PortTaken { port: p, protocol: proto_name(protocol), by });
+                }
+                p
+            }
+            None => PUBLISHED_RANGE.clone().find(|&p| taken(p).is_none()).ok_or(StateError::PortsExhausted)?,
+        };
+        Ok(Published { port, mode: req.mode })
     }
 
     /// Every address of `network` in use: gateway, VIPs, tasks, node addresses.

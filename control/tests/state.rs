@@ -243,3 +243,42 @@ fn compiled_tables_survive_a_toml_file() {
     assert_eq!(a.ports.len(), b.ports.len());
     assert_eq!(toml::to_string(&back).unwrap(), text, "the same file again");
 }
+
+#[test]
+fn a_service_update_publishes_and_withdraws_ports() {
+    let mut s = cluster();
+    s.apply(&service("api", None, &[(Some(30100), MeshMode::Nat)])).unwrap();
+    let upd = |add: &[(Option<u16>, MeshMode)], rm: &[u16], sched: Option<Scheduler>| Command::UpdateService {
+        name: "web".into(),
+        scheduler: sched,
+        publish_add: add.iter().map(|&(port, mode)| PublishRequest { port, mode }).collect(),
+        publish_rm: rm.to_vec(),
+    };
+    // Add a chosen port and an automatic one (the lowest free: 30001),
+    // change the scheduler.
+    s.apply(&upd(&[(Some(30081), MeshMode::PreserveSource), (None, MeshMode::Nat)], &[], Some(Scheduler::Mh))).unwrap();
+    let ports = |s: &ClusterState| s.services["web"].published.iter().map(|p| (p.port, p.mode)).collect::<Vec<_>>();
+    assert_eq!(ports(&s), [(30000, MeshMode::Nat), (30081, MeshMode::PreserveSource), (30001, MeshMode::Nat)]);
+    assert_eq!(s.services["web"].scheduler, Scheduler::Mh);
+    // Withdraw one and re-publish it in the other mode in one update.
+    s.apply(&upd(&[(Some(30000), MeshMode::PreserveSource)], &[30000], None)).unwrap();
+    assert!(ports(&s).contains(&(30000, MeshMode::PreserveSource)));
+    // Refused, and nothing changes: another service's port, a port twice,
+    // a port not published, an unknown service, a service left with no
+    // VIP and no port.
+    let before = s.clone();
+    let taken = s.apply(&upd(&[(Some(30100), MeshMode::Nat)], &[], None)).unwrap_err();
+    assert!(taken.to_string().contains("30100") && taken.to_string().contains("api"), "{taken}");
+    assert!(s.apply(&upd(&[(Some(30081), MeshMode::Nat)], &[], None)).is_err());
+    assert_eq!(
+        s.apply(&upd(&[], &[31999], None)),
+        Err(StateError::NotPublished { service: "web".into(), port: 31999 })
+    );
+    let api_rm =
+        Command::UpdateService { name: "api".into(), scheduler: None, publish_add: vec![], publish_rm: vec![30100] };
+    assert!(matches!(s.apply(&api_rm), Err(StateError::Unreachable(_))));
+    let nosuch =
+        Command::UpdateService { name: "nosuch".into(), scheduler: None, publish_add: vec![], publish_rm: vec![] };
+    assert!(matches!(s.apply(&nosuch), Err(StateError::Unknown { .. })));
+    assert_eq!(s, before);
+}

@@ -45,7 +45,25 @@ pub struct Shared {
     /// Per worker: ports to add and to remove, taken at the next tables
     /// change (a node's tasks come and go).
     mailbox: Vec<Mutex<PortChanges>>,
+    /// Per worker: a copy of its connection table asked for (the flag) and
+    /// given (the slot).
+    dump_wanted: Vec<AtomicBool>,
+    dumps: Vec<Mutex<Vec<CtDump>>>,
 }
+
+/// One connection-table entry as a worker copied it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtDump {
+    /// The flow as the entry keys it.
+    pub key: crate::lb::conntrack::FlowKey,
+    /// What the entry holds.
+    pub value: crate::lb::conntrack::CtValue,
+    /// Nanoseconds until it expires.
+    pub expires_in: u64,
+}
+
+/// Entries a worker copies out at most per dump.
+pub const DUMP_MAX: usize = 100_000;
 
 /// Ports a worker is to add and remove.
 #[derive(Default)]
@@ -103,7 +121,34 @@ impl Shared {
             wakers: (0..workers).map(|_| std::sync::OnceLock::new()).collect(),
             handoff,
             mailbox: (0..workers).map(|_| Mutex::new(PortChanges::default())).collect(),
+            dump_wanted: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+            dumps: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
         })
+    }
+
+    /// Every worker's connection-table entries (at most [`DUMP_MAX`] each),
+    /// copied by the workers between bursts; a worker that does not answer
+    /// within `wait` gives none. Per worker, in worker order.
+    pub fn conntrack(&self, wait: Duration) -> Vec<Vec<CtDump>> {
+        for f in &self.dump_wanted {
+            f.store(true, Ordering::Release);
+        }
+        self.wake_all();
+        let t0 = Instant::now();
+        while self.dump_wanted.iter().any(|f| f.load(Ordering::Acquire)) && t0.elapsed() < wait {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.dump_wanted
+            .iter()
+            .zip(&self.dumps)
+            .map(|(f, d)| {
+                if f.swap(false, Ordering::AcqRel) {
+                    Vec::new()
+                } else {
+                    std::mem::take(&mut *d.lock().unwrap_or_else(PoisonError::into_inner))
+                }
+            })
+            .collect()
     }
 
     /// Gives worker `i` a port to serve (queue `i` of it), and takes the
@@ -467,6 +512,21 @@ impl Worker {
                 p.io.flush();
             }
             st.lb.sweep(now, SWEEP_BUDGET);
+            if let Some(f) = self.shared.dump_wanted.get(self.index)
+                && f.load(Ordering::Acquire)
+            {
+                let dump: Vec<CtDump> = st
+                    .lb
+                    .conntrack
+                    .entries(now)
+                    .take(DUMP_MAX)
+                    .map(|(key, value, exp)| CtDump { key, value, expires_in: exp.saturating_sub(now) })
+                    .collect();
+                if let Some(slot) = self.shared.dumps.get(self.index) {
+                    *slot.lock().unwrap_or_else(PoisonError::into_inner) = dump;
+                }
+                f.store(false, Ordering::Release);
+            }
             if got > 0 {
                 last_frame = now;
                 report.busy_rounds += 1;

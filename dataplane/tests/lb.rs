@@ -510,10 +510,8 @@ fn flood_guard_balances_new_connections_without_tracking_them() {
 fn reset(
     dst: [u8; 6],
     src: [u8; 6],
-    sip: [u8; 4],
-    dip: [u8; 4],
-    sport: u16,
-    dport: u16,
+    (sip, sport): ([u8; 4], u16),
+    (dip, dport): ([u8; 4], u16),
     seq: u32,
     ack: Option<u32>,
 ) -> Vec<u8> {
@@ -543,14 +541,14 @@ fn closed_ports_on_the_data_address_are_reset_when_the_node_owns_it() {
     let syn = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40000, 22, true);
     let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
     assert_eq!(v, Verdict::Tx(UPLINK));
-    assert_eq!(out, reset(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 22, 40000, 0, Some(1006)));
+    assert_eq!(out, reset(CLIENT_MAC, NODE1_MAC, (NODE1, 22), (CLIENT, 40000), 0, Some(1006)));
     // A segment with ACK 1: RST with SEQ 1.
     let ack = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40000, 22, false);
     let (v, out) = run(&t, &mut st, UPLINK, &ack, 0);
     assert_eq!(v, Verdict::Tx(UPLINK));
-    assert_eq!(out, reset(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 22, 40000, 1, None));
+    assert_eq!(out, reset(CLIENT_MAC, NODE1_MAC, (NODE1, 22), (CLIENT, 40000), 1, None));
     // No reset for a reset, nor for a bad checksum, nor for another address.
-    let mut rst = reset(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40000, 22, 5, None);
+    let mut rst = reset(NODE1_MAC, CLIENT_MAC, (CLIENT, 40000), (NODE1, 22), 5, None);
     assert_eq!(run(&t, &mut st, UPLINK, &rst, 0).0, Verdict::Pass);
     rst[47] = 0x02; // now a SYN, but the checksum is the reset's
     assert_eq!(run(&t, &mut st, UPLINK, &rst, 0).0, Verdict::Pass);

@@ -134,6 +134,34 @@ pub(crate) fn cluster_on_the_lab(io: &str) {
     }
     let nodes = g.cli_ok(1, &["node", "ls"]);
     assert!(nodes.contains("leader") && nodes.matches("ready").count() == 3, "{nodes}");
+    // Prometheus metrics on the management address: the balanced
+    // connections and the nodes' liveness.
+    let m = Command::new("ip")
+        .args(["netns", "exec", "mp-lab-n1", BIN, "tool", "http-get", "--url", "http://198.18.1.1:9323/metrics"])
+        .output()
+        .expect("http-get");
+    let m = text(&m.stdout);
+    assert!(m.contains("# TYPE meshplane_service_new_connections_total counter"), "{m}");
+    assert!(
+        m.lines().any(|l| l.starts_with("meshplane_service_new_connections_total{worker=\"0\",service=\"web\"} ")
+            && !l.ends_with(" 0")),
+        "{m}"
+    );
+    assert!(m.contains("meshplane_node_up{node=\"node3\"} 1"), "{m}");
+
+    // The connections node1 tracks: both directions of the ones it balanced.
+    let ct: serde_json::Value =
+        serde_json::from_str(&g.cli_ok(1, &["conntrack", "ls", "--service", "web", "--format", "json"])).expect("json");
+    let ct = ct.as_array().expect("a list");
+    assert!(ct.iter().any(|e| e["direction"] == "forward" && e["dst"] == "198.18.0.1:30080"), "{ct:?}");
+    assert!(ct.iter().any(|e| e["direction"] == "reply"), "{ct:?}");
+
+    // A port published by an update works at once on every node; withdrawn,
+    // it is refused.
+    g.cli_ok(2, &["service", "update", "--publish-add", "mode=preserve-source,30090:8080", "web"]);
+    wait("port 30090 on node3", 10, || get(3, 30090).is_ok_and(|b| b.contains("saw 198.18.0.100:")));
+    g.cli_ok(2, &["service", "update", "--publish-rm", "30090", "web"]);
+    wait("port 30090 refused on node3", 10, || get(3, 30090).is_err_and(|e| e.contains("refused")));
 
     // Bad input: a clear message, a non-zero exit, nothing changed.
     for (args, says) in [

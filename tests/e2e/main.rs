@@ -299,7 +299,7 @@ impl Cluster {
     fn stop_node(&mut self, i: usize) {
         let p = self.nodes[i].proc_;
         assert!(self.lab.stop(p), "node {} did not stop cleanly:\n{}", i + 1, self.lab.log(p));
-        assert!(self.lab.log(p).contains("meshplane: stopped;"), "{}", self.lab.log(p));
+        assert!(self.lab.log(p).contains("stopped;"), "{}", self.lab.log(p));
         if self.io == Io::Afxdp {
             let out = run(&["ip", "-n", &self.nodes[i].ns, "link", "show", self.nodes[i].uplink]);
             let text = String::from_utf8_lossy(&out.stdout);

@@ -404,6 +404,21 @@ impl Conntrack {
         }
     }
 
+    /// Every live entry: its key, value and expiry time (diagnostics:
+    /// `meshplane conntrack ls`).
+    pub fn entries(&self, now: u64) -> impl Iterator<Item = (FlowKey, CtValue, u64)> + '_ {
+        self.entries.iter().filter(move |e| e.k1 != 0 && e.expires > now).map(|e| {
+            let key = FlowKey {
+                src: (e.k0 >> 32) as u32,
+                dst: e.k0 as u32,
+                sport: (e.k1 >> 48) as u16,
+                dport: (e.k1 >> 32) as u16,
+                proto: e.k1 as u8,
+            };
+            (key, e.v, e.expires)
+        })
+    }
+
     /// Every live entry's value (diagnostics, tests, draining checks).
     pub fn values(&self, now: u64) -> impl Iterator<Item = CtValue> + '_ {
         self.entries.iter().filter(move |e| e.k1 != 0 && e.expires > now).map(|e| e.v)

@@ -232,8 +232,8 @@ impl XdpProgram {
                 p.flags = XDP_FLAGS_DRV_MODE;
                 return Ok(p);
             }
-            eprintln!(
-                "meshplane: {iface}: native XDP unavailable ({}); using generic XDP",
+            tracing::warn!(
+                "{iface}: native XDP unavailable ({}); using generic XDP",
                 std::io::Error::from_raw_os_error(-rc)
             );
             p.generic = true;
@@ -507,8 +507,8 @@ impl AfXdpPort {
             prog,
         };
         port.refill();
-        eprintln!(
-            "meshplane: {iface} queue {queue}: AF_XDP {bind_mode}, XDP {}",
+        tracing::info!(
+            "{iface} queue {queue}: AF_XDP {bind_mode}, XDP {}",
             if port.prog.generic { "generic" } else { "native" }
         );
         Ok(port)
