@@ -696,35 +696,81 @@ pub(crate) fn stats(c: &Conn, watch: bool, count: Option<u32>) -> Result<()> {
             println!("{}", serde_json::to_string(&v)?);
         } else {
             let dp = &v["dataplane"];
-            let rate = |w: usize, port: &str, key: &str| -> String {
+            // Per second since the previous print (with --watch).
+            let per_sec = |path: &dyn Fn(&Value) -> Option<u64>, bits: bool| -> String {
                 let Some((t, p)) = &prev else { return String::new() };
-                let find = |d: &Value| {
-                    d["workers"][w]["ports"]
-                        .as_array()
-                        .and_then(|ps| ps.iter().find(|x| x["name"] == port))
-                        .and_then(|x| x[key].as_u64())
-                };
-                match (find(dp), find(&p["dataplane"])) {
-                    (Some(a), Some(b)) => format!("{:.0}/s", (a - b.min(a)) as f64 / t.elapsed().as_secs_f64()),
+                match (path(dp), path(&p["dataplane"])) {
+                    (Some(a), Some(b)) => {
+                        let r = (a - b.min(a)) as f64 / t.elapsed().as_secs_f64();
+                        if bits { human_rate(r * 8.0, "bps") } else { human_rate(r, "pps") }
+                    }
                     _ => String::new(),
                 }
             };
             let mut rows = Vec::new();
             for (w, wk) in dp["workers"].as_array().into_iter().flatten().enumerate() {
-                for p in wk["ports"].as_array().into_iter().flatten() {
-                    let name = s(&p["name"]);
+                for p in wk["traffic"].as_array().into_iter().flatten() {
+                    let name = s(&p["port"]);
+                    let at = |key: &'static str| {
+                        let name = name.clone();
+                        move |d: &Value| {
+                            d["workers"][w]["traffic"]
+                                .as_array()
+                                .and_then(|ps| ps.iter().find(|x| x["port"] == name.as_str()))
+                                .and_then(|x| x[key].as_u64())
+                        }
+                    };
+                    let tx_full = wk["ports"]
+                        .as_array()
+                        .and_then(|ps| ps.iter().find(|x| x["name"] == name.as_str()))
+                        .map_or(String::new(), |x| s(&x["tx_full"]));
                     rows.push(vec![
                         w.to_string(),
                         name.clone(),
-                        s(&p["rx"]),
-                        rate(w, &name, "rx"),
-                        s(&p["tx"]),
-                        rate(w, &name, "tx"),
-                        s(&p["tx_full"]),
+                        s(&p["rx_packets"]),
+                        per_sec(&at("rx_packets"), false),
+                        per_sec(&at("rx_bytes"), true),
+                        s(&p["tx_packets"]),
+                        per_sec(&at("tx_packets"), false),
+                        per_sec(&at("tx_bytes"), true),
+                        tx_full,
                     ]);
                 }
             }
-            table(&["WORKER", "PORT", "RX", "RX RATE", "TX", "TX RATE", "TX FULL"], rows);
+            table(&["WORKER", "PORT", "RX", "RX PPS", "RX BPS", "TX", "TX PPS", "TX BPS", "TX FULL"], rows);
+            // Services, summed over the workers.
+            let mut svcs = std::collections::BTreeMap::<String, [u64; 3]>::new();
+            let sum = |d: &Value| {
+                let mut m = std::collections::BTreeMap::<String, [u64; 3]>::new();
+                for wk in d["workers"].as_array().into_iter().flatten() {
+                    for sv in wk["services"].as_array().into_iter().flatten() {
+                        let e = m.entry(s(&sv["name"])).or_default();
+                        e[0] += sv["new_connections"].as_u64().unwrap_or(0);
+                        e[1] += sv["packets"].as_u64().unwrap_or(0);
+                        e[2] += sv["bytes"].as_u64().unwrap_or(0);
+                    }
+                }
+                m
+            };
+            svcs.extend(sum(dp));
+            if !svcs.is_empty() {
+                let before = prev.as_ref().map(|(t, p)| (t.elapsed().as_secs_f64(), sum(&p["dataplane"])));
+                let rows = svcs
+                    .iter()
+                    .map(|(name, c)| {
+                        let r = |i: usize, bits: bool| match &before {
+                            Some((dt, b)) => {
+                                let x = (c[i] - b.get(name).map_or(0, |v| v[i]).min(c[i])) as f64 / dt;
+                                if bits { human_rate(x * 8.0, "bps") } else { human_rate(x, "/s") }
+                            }
+                            None => String::new(),
+                        };
+                        vec![name.clone(), c[0].to_string(), r(0, false), c[1].to_string(), r(1, false), r(2, true)]
+                    })
+                    .collect();
+                println!();
+                table(&["SERVICE", "CONNECTIONS", "CONN/S", "PACKETS", "PPS", "BPS"], rows);
+            }
             let mut drops = std::collections::BTreeMap::<String, u64>::new();
             for wk in dp["workers"].as_array().into_iter().flatten() {
                 for (k, n) in wk["drops"].as_object().into_iter().flatten() {
@@ -791,6 +837,20 @@ pub(crate) fn conntrack_ls(c: &Conn, service: Option<&str>) -> Result<()> {
         table(&["PRO", "SOURCE", "DESTINATION", "DIR", "SERVICE", "BACKEND", "STATE", "EXPIRES(S)", "WORKER"], rows);
     });
     Ok(())
+}
+
+/// A rate with a unit prefix: 1.2 Mpps, 840 kbps.
+fn human_rate(x: f64, unit: &str) -> String {
+    let (v, p) = if x >= 1e9 {
+        (x / 1e9, "G")
+    } else if x >= 1e6 {
+        (x / 1e6, "M")
+    } else if x >= 1e3 {
+        (x / 1e3, "k")
+    } else {
+        (x, "")
+    };
+    if p.is_empty() { format!("{v:.0} {unit}") } else { format!("{v:.1} {p}{unit}") }
 }
 
 /// `meshplane lb ls`: like `ipvsadm -Ln`: every balanced address of this

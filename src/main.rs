@@ -173,6 +173,29 @@ enum LbCommand {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(cli.log_level);
+    let printer = matches!(
+        cli.command,
+        Command::Cluster { .. }
+            | Command::Network { .. }
+            | Command::Service { .. }
+            | Command::Task { .. }
+            | Command::Stats { .. }
+            | Command::Lb { .. }
+            | Command::Conntrack { .. }
+            | Command::Node(NodeCommand::Admin(_))
+            | Command::Ports
+    );
+    if printer {
+        // A command that prints, piped into `head`: ends quietly when the
+        // reader goes, as other CLIs do (Rust ignores SIGPIPE, so a print
+        // to a closed pipe would panic). Nodes keep ignoring it.
+        #[allow(unsafe_code)]
+        // SAFETY: signal(2) with SIG_DFL for SIGPIPE, before any thread is
+        // started; no handler runs, so nothing is unsafe to call from one.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
         Command::Ports => {
             println!("management (raft, admin API): tcp {}", meshplane_control::MANAGEMENT_PORT);

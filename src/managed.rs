@@ -42,6 +42,7 @@ struct FileConfig {
     metrics_addr: Option<String>,
     io: Option<IoKind>,
     cores: Option<Vec<usize>>,
+    workers: Option<usize>,
     busy_poll: Option<bool>,
     state_dir: Option<PathBuf>,
     conntrack: Option<usize>,
@@ -64,8 +65,9 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
     a.gossip_port = a.gossip_port.or(f.gossip_port);
     a.metrics_addr = a.metrics_addr.or(f.metrics_addr);
     a.io = a.io.or(f.io);
-    if a.cores.is_empty() {
+    if a.cores.is_empty() && a.workers.is_none() {
         a.cores = f.cores.unwrap_or_default();
+        a.workers = f.workers;
     }
     a.busy_poll |= f.busy_poll.unwrap_or(false);
     a.state_dir = a.state_dir.or(f.state_dir);
@@ -311,12 +313,8 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     if !a.task_ports.is_empty() {
         bail!("--task-port is for static mode (--tables); a managed node makes its tasks' ports");
     }
-    let cores: Vec<Option<usize>> =
-        if a.cores.is_empty() { vec![None] } else { a.cores.iter().map(|&c| Some(c)).collect() };
+    let cores = crate::node::worker_cores(a)?;
     let n = cores.len();
-    if n > 64 {
-        bail!("--cores: at most 64 workers");
-    }
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
 
     // Until the control plane publishes: this node alone, the uplink only.

@@ -76,8 +76,12 @@ pub(crate) struct RunArgs {
     /// worker if omitted). Worker k serves queue k of every port; worker 0
     /// owns the connection state, and the others hand it the frames that
     /// touch it.
-    #[arg(long, visible_alias = "workers", value_name = "LIST", value_delimiter = ',')]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', conflicts_with = "workers")]
     pub(crate) cores: Vec<usize>,
+    /// Workers to run, not pinned (the scheduler places them); `--cores`
+    /// pins one per core instead.
+    #[arg(long, value_name = "N")]
+    pub(crate) workers: Option<usize>,
     /// Poll without ever sleeping (lowest latency; one core at 100%); with
     /// AF_XDP also sets the sockets' busy-poll options.
     #[arg(long)]
@@ -157,12 +161,8 @@ fn run_static(a: &RunArgs, tables: &Path) -> Result<()> {
     let io = a.io.context("--io afxdp|tap is needed")?;
     let uplink = a.uplink.as_deref().context("--uplink (--data-iface) is needed")?;
     let t = Tables::load(&path)?;
-    let cores: Vec<Option<usize>> =
-        if a.cores.is_empty() { vec![None] } else { a.cores.iter().map(|&c| Some(c)).collect() };
+    let cores = worker_cores(a)?;
     let n = cores.len();
-    if n > 64 {
-        bail!("--cores: at most 64 workers");
-    }
     // Signals first: a SIGTERM while the ports are being opened still
     // stops the node cleanly.
     let mut signals =
@@ -235,6 +235,21 @@ fn run_static(a: &RunArgs, tables: &Path) -> Result<()> {
     let reports = stop_workers(&shared, handles, stats, a.stats_file.as_deref())?;
     tracing::info!("stopped; {}", summary(&reports));
     Ok(())
+}
+
+/// Each worker's core (`None`: not pinned): one per `--cores` core, or
+/// `--workers N` unpinned, or one unpinned.
+pub(crate) fn worker_cores(a: &RunArgs) -> Result<Vec<Option<usize>>> {
+    let cores: Vec<Option<usize>> = match (a.cores.is_empty(), a.workers) {
+        (false, _) => a.cores.iter().map(|&c| Some(c)).collect(),
+        (true, Some(0)) => bail!("--workers: at least 1"),
+        (true, Some(n)) => vec![None; n],
+        (true, None) => vec![None],
+    };
+    if cores.len() > 64 {
+        bail!("at most 64 workers");
+    }
+    Ok(cores)
 }
 
 /// The workers' threads.
@@ -314,6 +329,17 @@ struct WorkerStats<'a> {
     busy_rounds: u64,
     idle_waits: u64,
     services: Vec<ServiceCounters>,
+    /// The pipeline's counters per tables port (frames and bytes).
+    traffic: Vec<Traffic>,
+}
+
+#[derive(Serialize)]
+struct Traffic {
+    port: String,
+    rx_packets: u64,
+    rx_bytes: u64,
+    tx_packets: u64,
+    tx_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -382,6 +408,23 @@ pub(crate) fn stats_json(shared: &Arc<Shared>) -> serde_json::Value {
             handoff_full: r.handoff_full,
             busy_rounds: r.busy_rounds,
             idle_waits: r.idle_waits,
+            traffic: r
+                .stats
+                .as_ref()
+                .map(|st| {
+                    st.ports
+                        .iter()
+                        .zip(&t.ports)
+                        .map(|(c, p)| Traffic {
+                            port: p.name.clone(),
+                            rx_packets: c.rx_packets,
+                            rx_bytes: c.rx_bytes,
+                            tx_packets: c.tx_packets,
+                            tx_bytes: c.tx_bytes,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             services: r
                 .services
                 .iter()

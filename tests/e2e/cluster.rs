@@ -234,6 +234,19 @@ pub(crate) fn cluster_on_the_lab(io: &str) {
     assert!(e.contains("refused"), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(2), "refused at once, not timed out ({:?})", t0.elapsed());
 
+    // SIGTERM: a clean stop (XDP program detached, the task port it made
+    // removed, the state directory kept; it resumes from it).
+    let stop = g.lab(&["stop-node", "2"]);
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    let links = text(&run(&["ip", "-n", "mp-lab-n2", "-d", "link", "show"]).stdout);
+    assert!(!links.contains("prog/xdp") && !links.contains("xdpgeneric") && !links.contains("mpt"), "{links}");
+    let log = std::fs::read_to_string(g.0.join("node2.log")).unwrap_or_default();
+    assert!(log.contains("stopped;"), "{log}");
+    assert!(g.0.join("node2/node.json").exists() && g.0.join("node2/raft").exists());
+    let start = g.lab(&["start-node", "2"]);
+    assert!(start.status.success(), "{}", text(&start.stderr));
+    wait("node2 back with its tables", 20, || g.cli(2, &["node", "ls"]).status.success());
+
     let left = run(&["ip", "netns", "list"]);
     assert!(text(&left.stdout).contains("mp-lab-n1"));
     drop(g);
