@@ -747,6 +747,15 @@ impl Tables {
             },
         )
         .map_err(TablesError::Invalid)?;
+        let mut services = services;
+        for s in &mut services.list {
+            for b in &mut s.backends {
+                b.remote = match fdb.get(&mac_key(s.net, b.mac)) {
+                    Some(&Location::Remote(i)) => Some(i),
+                    _ => None,
+                };
+            }
+        }
         // A VIP resolves to the gateway's MAC: frames to it reach the
         // dataplane's balancer.
         for s in &services.list {

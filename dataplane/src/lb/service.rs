@@ -145,6 +145,10 @@ pub struct Backend {
     pub mac: MacAddr,
     /// Effective weight: 0 if draining.
     pub weight: u32,
+    /// The encapsulation template of the node it runs on, if that is
+    /// another node (looked up once when the tables are compiled, so the
+    /// fast path need not look the backend's MAC up per packet).
+    pub remote: Option<u32>,
 }
 
 /// A compiled service.
@@ -272,7 +276,7 @@ impl Services {
                     return Err(format!("service {name:?}: backend {} is listed twice", b.ip));
                 }
                 let weight = if b.state == BackendState::Draining { 0 } else { b.weight };
-                backends.push(Backend { ip: b.ip, port: target, mac, weight });
+                backends.push(Backend { ip: b.ip, port: target, mac, weight, remote: None });
             }
             let maglev = if s.scheduler.uses_maglev() {
                 let mb: Vec<MaglevBackend> =

@@ -121,7 +121,7 @@ pub(crate) fn task_vip(
     {
         return None;
     }
-    let v = vip_remote(frame, total, pf, s, v.backend, t)?;
+    let v = vip_remote(frame, total, s, v.backend, t)?;
     crate::lb::count(lb, svc, v_backend, len);
     Some(v)
 }
@@ -152,7 +152,7 @@ fn new_vip_flow(
         Err(e) => return Some(Verdict::Drop(e)),
     };
     let len = frame.len();
-    if let Some(v) = vip_remote(frame, total, pf, s, b, t) {
+    if let Some(v) = vip_remote(frame, total, s, b, t) {
         crate::lb::count(lb, svc, b, len);
         return Some(v);
     }
@@ -166,14 +166,14 @@ fn new_vip_flow(
 fn vip_remote(
     frame: &mut Frame<'_>,
     total: usize,
-    pf: &PortFast,
     s: &crate::lb::service::Service,
     b: u32,
     t: &Tables,
 ) -> Option<Verdict> {
     let be = s.backends.get(b as usize)?;
-    let Location::Remote(i) = *t.fdb.get(&crate::tables::mac_key(pf.net, be.mac))? else { return None };
-    let tpl = t.templates.get(i as usize)?;
+    // The backend's node's template, found when the tables were compiled
+    // (the same answer as the forwarding table's for its MAC).
+    let tpl = t.templates.get(be.remote? as usize)?;
     let (buf, start, len) = frame.parts();
     let (head, rest) = buf.split_at_mut_checked(start)?;
     let d = rest.get_mut(..len)?;
