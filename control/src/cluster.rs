@@ -690,8 +690,12 @@ impl Control {
             while let Ok((mut s, _)) = l.accept().await {
                 let me = self.clone();
                 tokio::spawn(async move {
-                    let Ok(req) = crate::transport::read_frame::<_, AdminRequest>(&mut s).await else { return };
-                    let resp = me.admin(req).await;
+                    // A frame that is not a request gets an answer saying so.
+                    let Ok(v) = crate::transport::read_frame::<_, serde_json::Value>(&mut s).await else { return };
+                    let resp = match serde_json::from_value::<AdminRequest>(v) {
+                        Ok(req) => me.admin(req).await,
+                        Err(e) => Err(format!("bad admin request: {e}")),
+                    };
                     let _ = crate::transport::write_frame(&mut s, &resp).await;
                 });
             }

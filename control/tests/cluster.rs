@@ -271,3 +271,40 @@ fn a_cluster_of_control_planes() {
     drop(again);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_admin_socket_answers_bad_requests_with_errors() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tmpdir("admin");
+    let n = start(config(9, &dir, 17949));
+    let sock = n.cfg.state_dir.join("admin.sock");
+    let rt = n.rt.as_ref().unwrap();
+    // Not JSON of a request: an error answer, and the node goes on.
+    for body in [&b"{\"op\":\"launch-missiles\"}"[..], b"[1,2,3]", b"{\"op\":\"write\",\"command\":7}"] {
+        let answer: Result<Value, String> = rt.block_on(async {
+            let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+            s.write_all(&(body.len() as u32).to_le_bytes()).await.unwrap();
+            s.write_all(body).await.unwrap();
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).await.unwrap();
+            let mut b = vec![0u8; u32::from_le_bytes(len) as usize];
+            s.read_exact(&mut b).await.unwrap();
+            serde_json::from_slice(&b).unwrap()
+        });
+        let e = answer.unwrap_err();
+        assert!(e.starts_with("bad admin request"), "{e}");
+    }
+    // Garbage that is not even a frame: the connection is closed.
+    rt.block_on(async {
+        let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        s.write_all(&[0xff; 4]).await.unwrap();
+        let mut b = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut b)).await;
+    });
+    // Still answering.
+    let info = n.admin(AdminRequest::Info).unwrap();
+    assert_eq!(info["node"], "node9");
+    assert!(rt.block_on(meshplane_control::cluster::admin_call(&sock, &AdminRequest::Nodes)).unwrap().is_ok());
+    drop(n);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,6 +14,16 @@ pub fn tables() -> &'static Tables {
     })
 }
 
+/// The same tables on a node whose kernel does not hold the data-path
+/// address (TAP): closed TCP ports answered with a reset.
+pub fn tables_resetting() -> &'static Tables {
+    static T: OnceLock<Tables> = OnceLock::new();
+    T.get_or_init(|| {
+        let spec = include_str!("../../examples/tables.toml").replace("[node]", "[node]\nreset_closed_ports = true");
+        Tables::compile(&toml::from_str(&spec).expect("example tables parse")).expect("example tables compile")
+    })
+}
+
 /// A worker's state for these tables with a tiny connection table (the
 /// example tables have no services; a full-size table would be allocated
 /// and cleared on every run, which under the sanitizer costs most of it).

@@ -2,20 +2,22 @@
 //! example tables: no panic; every transmitted frame parses; nothing is
 //! sent on a port of another network, nor encapsulated with another
 //! network's VNI, nor decapsulated into a network other than its VNI's;
-//! only ARP replies go from the uplink back to it.
+//! only ARP replies (and, on a node that owns its data-path address, TCP
+//! resets for closed ports) go from the uplink back to it.
 //!
 //! The fast paths must agree with the general path: `process` and
 //! `process_general` give the same verdict, the same bytes and the same
 //! counters for every input.
 //!
-//! Input: byte 0 picks the input port (modulo ports + 1, so unknown ports
-//! occur too), the rest is the frame.
+//! Input: byte 0 picks the input port (its low 7 bits modulo ports + 1, so
+//! unknown ports occur too) and the tables (its top bit: with closed TCP
+//! ports reset), the rest is the frame.
 #![no_main]
 
 #[path = "common.rs"]
 mod common;
 
-use common::tables;
+use common::{tables, tables_resetting};
 use libfuzzer_sys::fuzz_target;
 use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, process, process_general};
 use meshplane_dataplane::tables::UPLINK;
@@ -24,8 +26,8 @@ use meshplane_dataplane::wire::vxlan::{self, Classified};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, frame)) = data.split_first() else { return };
-    let t = tables();
-    let in_port = u16::from(sel) % (t.ports.len() as u16 + 1);
+    let t = if sel & 0x80 != 0 { tables_resetting() } else { tables() };
+    let in_port = u16::from(sel & 0x7f) % (t.ports.len() as u16 + 1);
     let mut buf = vec![0u8; HEADROOM + frame.len()];
     buf[HEADROOM..].copy_from_slice(frame);
     let mut st = common::worker(t);
@@ -61,6 +63,19 @@ fuzz_target!(|data: &[u8]| {
                 let inner = &sent[r.inner];
                 assert_eq!(&inner[12..14], &[0x08, 0x06], "only ARP goes back over the overlay");
                 assert_eq!(&inner[20..22], &[0, 2], "an ARP reply");
+            }
+            _ if t.reset_closed_ports && sent[12..14] == [0x08, 0x00] => {
+                // A reset for a closed port: from the data-path address and
+                // MAC, to the sender, TCP with RST, never for a reset.
+                assert_eq!(sent.len(), 54, "a bare reset");
+                assert_eq!(sent[23], 6, "TCP");
+                assert_eq!(&sent[26..30], &t.data_ip.octets(), "from the data-path address");
+                assert_eq!(&sent[30..34], &frame[26..30], "to the sender");
+                assert_eq!(&sent[6..12], &t.data_mac.0, "from the data-path MAC");
+                assert_eq!(&sent[0..6], &frame[6..12], "to the sender's MAC");
+                assert_ne!(sent[47] & 0x04, 0, "RST set");
+                assert_eq!(frame[47] & 0x04, 0, "no reset answers a reset");
+                assert_eq!((&sent[34..36], &sent[36..38]), (&frame[36..38], &frame[34..36]), "ports swapped");
             }
             _ => {
                 assert_eq!(&sent[12..14], &[0x08, 0x06], "only ARP goes back out of the uplink");
