@@ -428,9 +428,35 @@ impl Control {
     pub async fn write(&self, cmd: Command) -> Result<(), String> {
         use openraft::error::{ClientWriteError, RaftError};
         if let Some(r) = self.raft() {
+            // A manager that leaves the cluster leaves Raft too (on the
+            // leader: the change is committed first, then the membership).
+            let voter = match &cmd {
+                Command::RemoveNode { id } => {
+                    let g = self.lock();
+                    g.state.nodes.get(id).filter(|n| n.role == Role::Manager).map(|n| raft_id(&n.id))
+                }
+                _ => None,
+            };
+            if let Some(v) = voter {
+                let voters: BTreeSet<NodeId> =
+                    r.metrics().borrow().membership_config.membership().voter_ids().collect();
+                if voters.len() == 1 && voters.contains(&v) {
+                    return Err("this is the cluster's only manager: it cannot leave".into());
+                }
+            }
             match tokio::time::timeout(Duration::from_secs(10), r.client_write(cmd.clone())).await {
                 Err(_) => return Err("no Raft quorum: the write did not commit within 10 s".into()),
-                Ok(Ok(resp)) => return resp.data.0,
+                Ok(Ok(resp)) => {
+                    resp.data.0.clone()?;
+                    if let Some(v) = voter {
+                        let change = openraft::ChangeMembers::RemoveVoters(BTreeSet::from([v]));
+                        tokio::time::timeout(Duration::from_secs(10), r.change_membership(change, false))
+                            .await
+                            .map_err(|_| "the node left the state, but Raft's membership change timed out".to_owned())?
+                            .map_err(|e| format!("the node left the state, but not Raft's membership: {e}"))?;
+                    }
+                    return Ok(());
+                }
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {}
                 Ok(Err(e)) => return Err(e.to_string()),
             }

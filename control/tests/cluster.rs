@@ -255,6 +255,47 @@ fn a_cluster_of_control_planes() {
     });
     wait_for("node3 has the state again", 10, || n3.control.state().1 >= v);
 
+    // A manager leaves: out of the state and out of Raft (node1 carries on
+    // as the only voter; writes still commit).
+    let voters = |n: &Node| {
+        n.admin(AdminRequest::Nodes)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["manager_status"] != "")
+            .map(|x| x["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    n3.write(Command::AddNode(meshplane_control::state::Node {
+        id: "spare".into(),
+        mgmt: "127.0.0.99:23770".parse().unwrap(),
+        data_ip: "198.18.0.99".parse().unwrap(),
+        data_mac: "02:00:00:00:00:63".parse().unwrap(),
+        role: meshplane_control::state::Role::Worker,
+        availability: meshplane_control::state::Availability::Active,
+    }))
+    .unwrap();
+    n1.write(Command::RemoveNode { id: "spare".into() }).unwrap();
+    assert_eq!(voters(&n1), ["node1", "node2"]);
+    n1.write(Command::RemoveNode { id: "node2".into() }).unwrap();
+    wait_for("node2 out of Raft", 10, || voters(&n1) == ["node1"]);
+    let cfg2 = n2.kill();
+    // The only manager cannot leave.
+    let e = n3.write(Command::RemoveNode { id: "node1".into() }).unwrap_err();
+    assert!(e.contains("only manager"), "{e}");
+    n3.write(Command::CreateNetwork {
+        name: "after".into(),
+        subnet: "198.19.9.0/24".parse().unwrap(),
+        gateway: None,
+        mtu: None,
+    })
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&cfg2.state_dir);
+    let n2 = start(cfg2);
+    n2.admin(AdminRequest::Join { token: mtoken.clone(), addr: addr1 }).unwrap();
+    wait_for("node2 a voter again", 15, || voters(&n1) == ["node1", "node2"]);
+
     // Restart every node from disk: the same state.
     let before = n1.control.state().0;
     let cfgs: Vec<Config> = [n1, n2, n3].into_iter().map(Node::kill).collect();
