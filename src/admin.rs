@@ -315,7 +315,8 @@ fn print(c: &Conn, v: &Value, human: impl FnOnce(&Value)) {
     }
 }
 
-fn mgmt_addr(a: &str) -> Result<SocketAddr> {
+/// A management address: IP:PORT, or IP (port 2377).
+pub(crate) fn mgmt_addr(a: &str) -> Result<SocketAddr> {
     a.parse::<SocketAddr>().or_else(|_| {
         a.parse::<Ipv4Addr>()
             .map(|ip| SocketAddr::new(ip.into(), meshplane_control::cluster::MGMT_PORT))

@@ -93,7 +93,8 @@ pub(crate) fn run(c: &LabCommand) -> Result<()> {
     }
 }
 
-fn sh(args: &[&str]) -> Result<()> {
+/// Runs a command; its stderr in the error if it fails.
+pub(crate) fn sh(args: &[&str]) -> Result<()> {
     let out = Cmd::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {}", args[0]))?;
     if !out.status.success() {
         bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
@@ -101,7 +102,8 @@ fn sh(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn ip(args: &str) -> Result<()> {
+/// Runs `ip` with the space-separated `args`.
+pub(crate) fn ip(args: &str) -> Result<()> {
     let mut v = vec!["ip"];
     v.extend(args.split_whitespace());
     sh(&v)

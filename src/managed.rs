@@ -20,7 +20,6 @@ use meshplane_dataplane::worker::{Bound, Shared, Worker, WorkerConfig};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::Command as Cmd;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -78,19 +77,7 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
     Ok(a)
 }
 
-fn sh(args: &[&str]) -> Result<()> {
-    let out = Cmd::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {}", args[0]))?;
-    if !out.status.success() {
-        bail!("{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-fn ip(args: &str) -> Result<()> {
-    let mut v = vec!["ip"];
-    v.extend(args.split_whitespace());
-    sh(&v)
-}
+use crate::lab::{ip, sh};
 
 /// The name of a task's port on the node's side: `mpt` and a hash of the
 /// task id (interface names are at most 15 bytes).
@@ -296,13 +283,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     let uplink = a.uplink.clone().context("--data-iface (--uplink) is needed")?;
     let data_ip = a.data_path_addr.context("--data-path-addr is needed")?;
     let adv = a.advertise_addr.as_deref().context("--advertise-addr is needed (the management address)")?;
-    let advertise: SocketAddr = match adv.parse::<SocketAddr>() {
-        Ok(s) => s,
-        Err(_) => SocketAddr::new(
-            adv.parse().with_context(|| format!("--advertise-addr {adv:?}: IP or IP:PORT"))?,
-            meshplane_control::cluster::MGMT_PORT,
-        ),
-    };
+    let advertise = crate::admin::mgmt_addr(adv).context("--advertise-addr")?;
     let metrics: Option<SocketAddr> = match a.metrics_addr.as_deref() {
         Some("off") => None,
         Some(m) => Some(m.parse().with_context(|| format!("--metrics-addr {m:?}: IP:PORT or off"))?),
