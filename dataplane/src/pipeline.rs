@@ -379,8 +379,13 @@ fn count(st: &mut WorkerState, frame: &Frame<'_>, v: Verdict) -> Verdict {
 pub const LOOKAHEAD: usize = 4;
 
 /// How many frames ahead [`process_burst`] prefetches the conntrack bucket
-/// of a frame that may meet the load balancer.
+/// of a frame from the uplink that may meet the load balancer.
 pub const FLOW_LOOKAHEAD: usize = 8;
+
+/// Frames a burst from a task port in a network with services takes per
+/// pass: the checks and conntrack prefetches of all of them first, then
+/// the decisions (so a bucket is prefetched up to this many frames ahead).
+pub const VIP_PASS: usize = 64;
 
 /// Processes a burst of frames received on one port, as a worker does:
 /// `verdicts[i]` is the verdict for `frames[i]`.
@@ -413,17 +418,47 @@ pub fn process_burst(
     }
     // The port's side is decided once per burst, not per frame. (Two
     // passes per burst, all checks first and then all lookups, as VPP's
-    // multi-packet loops do, measured slower here: the tables are in cache.)
+    // multi-packet loops do, measured slower for switching, whose tables
+    // are in cache; they pay for the balancer's connection table.)
     let bytes = if in_port == crate::tables::UPLINK {
         let mut cache = overlay::fast::BurstCache::new(t, crate::tables::UPLINK);
         let flows = (!t.services.list.is_empty()).then_some(t.vxlan_port);
-        burst_loop(frames, verdicts, st, flows, |f, lb| {
+        burst_loop(frames, verdicts, st, flows, |f, lb, _| {
             decide::<true>(f, crate::tables::UPLINK, now, t, &mut cache, lb)
         })
     } else {
         let mut cache = overlay::fast::BurstCache::new(t, in_port);
-        let flows = cache.in_lb_network().then_some(t.vxlan_port);
-        burst_loop(frames, verdicts, st, flows, |f, lb| decide::<true>(f, in_port, now, t, &mut cache, lb))
+        match cache.lb_port() {
+            Some(pf) => {
+                // A task in a network with services: first pass, each
+                // frame's checks and 5-tuple for the VIP fast path, its
+                // conntrack bucket prefetched; second pass, the decisions.
+                let mut bytes = 0;
+                for (fs, vs) in frames.chunks_mut(VIP_PASS).zip(verdicts.chunks_mut(VIP_PASS)) {
+                    let mut pre = [None; VIP_PASS];
+                    for (i, p) in pre.iter_mut().enumerate().take(fs.len()) {
+                        if let Some(next) = fs.get(i + LOOKAHEAD) {
+                            touch(next);
+                        }
+                        *p = overlay::fast::vip_pre(&fs[i], pf, &st.lb.conntrack);
+                        if let Some(p) = p {
+                            st.lb.conntrack.prefetch_probe(&p.probe);
+                        }
+                    }
+                    bytes += burst_loop(fs, vs, st, None, |f, lb, i| match &pre[i] {
+                        Some(p) => match overlay::fast::vip_hit(f, p, pf, now, t, lb) {
+                            Some(v) => v,
+                            None => overlay::from_task(f, in_port, now, t, lb),
+                        },
+                        None => decide::<true>(f, in_port, now, t, &mut cache, lb),
+                    });
+                }
+                bytes
+            }
+            None => {
+                burst_loop(frames, verdicts, st, None, |f, lb, _| decide::<true>(f, in_port, now, t, &mut cache, lb))
+            }
+        }
     };
     if let Some(rx) = st.stats.ports.get_mut(usize::from(in_port)) {
         rx.rx_packets += n as u64;
@@ -445,7 +480,7 @@ fn burst_loop(
     verdicts: &mut [Verdict],
     st: &mut WorkerState,
     flows: Option<u16>,
-    mut decide: impl FnMut(&mut Frame<'_>, &mut crate::lb::LbState) -> Verdict,
+    mut decide: impl FnMut(&mut Frame<'_>, &mut crate::lb::LbState, usize) -> Verdict,
 ) -> u64 {
     let ahead = if flows.is_some() { FLOW_LOOKAHEAD + LOOKAHEAD } else { LOOKAHEAD };
     for f in frames.iter().take(ahead) {
@@ -473,7 +508,7 @@ fn burst_loop(
         }
         let f = &mut frames[i];
         rx_bytes += f.len() as u64;
-        let mut v = decide(f, &mut st.lb);
+        let mut v = decide(f, &mut st.lb, i);
         match v {
             Verdict::Tx(p) if u32::from(p) == run => {
                 run_packets += 1;

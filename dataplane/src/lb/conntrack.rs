@@ -109,6 +109,35 @@ impl CtValue {
         CtValue { service: 0, backend: 0, peer: 0, port: 0, port2: 0, mac: [0; 6], state: CtState::Udp, flags: 0 };
 }
 
+/// A key packed and hashed to its bucket ([`Conntrack::probe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    k0: u64,
+    k1: u64,
+    /// Index of the bucket's first entry.
+    at: usize,
+}
+
+impl Probe {
+    /// True if this is the probe of `key` (of the same table).
+    #[inline(always)]
+    pub fn is_of(&self, key: &FlowKey) -> bool {
+        (self.k0, self.k1) == key.pack()
+    }
+
+    /// The key this is the probe of.
+    #[inline(always)]
+    pub fn key(&self) -> FlowKey {
+        FlowKey {
+            src: (self.k0 >> 32) as u32,
+            dst: self.k0 as u32,
+            sport: (self.k1 >> 48) as u16,
+            dport: (self.k1 >> 32) as u16,
+            proto: self.k1 as u8,
+        }
+    }
+}
+
 /// A table entry: 56 bytes.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
@@ -208,6 +237,8 @@ pub struct Conntrack {
     entries: Box<[Entry]>,
     buckets: u64,
     cfg: CtConfig,
+    /// `cfg`'s timeouts by `CtState as usize` (one load on a hit).
+    timeouts: [u64; 5],
     len: usize,
     /// Flood guard window: its start and the inserts in it.
     window: (u64, u32),
@@ -223,6 +254,8 @@ impl Conntrack {
         Conntrack {
             entries: vec![FREE; buckets * WAYS].into_boxed_slice(),
             buckets: buckets as u64,
+            timeouts: [CtState::Udp, CtState::SynRecv, CtState::Established, CtState::Fin, CtState::Close]
+                .map(|s| cfg.timeout(s)),
             cfg,
             len: 0,
             window: (0, 0),
@@ -257,15 +290,29 @@ impl Conntrack {
         (((u64::from(h) * self.buckets) >> 32) as usize) * WAYS
     }
 
+    /// The packed key and bucket of `key`: what a lookup needs, computed
+    /// once. The burst loop computes it when it prefetches the bucket a few
+    /// frames ahead and hands it to the lookup, which then neither packs
+    /// nor hashes the key again.
+    #[inline(always)]
+    pub fn probe(&self, key: &FlowKey) -> Probe {
+        let (k0, k1) = key.pack();
+        Probe { k0, k1, at: self.bucket(k0, k1) }
+    }
+
     /// Prefetches the bucket of `key` (a hint: nothing observable changes),
     /// so that a lookup or insert a few frames later finds it in cache: the
     /// burst loop calls it ahead of the frame, as VPP's bihash prefetches a
     /// bucket a stage before its lookup.
     #[inline(always)]
     pub fn prefetch(&self, key: &FlowKey) {
-        let (k0, k1) = key.pack();
-        let b = self.bucket(k0, k1);
-        let p = self.entries.as_ptr().wrapping_add(b).cast::<u8>();
+        self.prefetch_probe(&self.probe(key));
+    }
+
+    /// [`Conntrack::prefetch`] of a probe's bucket.
+    #[inline(always)]
+    pub fn prefetch_probe(&self, p: &Probe) {
+        let p = self.entries.as_ptr().wrapping_add(p.at).cast::<u8>();
         // The bucket's 8 entries are 448 bytes: 7 cache lines, or 8 where
         // the bucket does not start on a line.
         const BYTES: usize = WAYS * core::mem::size_of::<Entry>();
@@ -289,10 +336,16 @@ impl Conntrack {
     /// `Err(None)` when there was none.
     #[inline]
     pub fn lookup_or_expired(&mut self, key: &FlowKey, now: u64, tcp_flags: u8) -> Result<CtValue, Option<CtValue>> {
-        let (k0, k1) = key.pack();
-        let b = self.bucket(k0, k1);
-        let cfg = self.cfg;
-        let Some(set) = self.entries.get_mut(b..b + WAYS) else { return Err(None) };
+        let p = self.probe(key);
+        self.lookup_probe(&p, now, tcp_flags)
+    }
+
+    /// [`Conntrack::lookup_or_expired`] of the key `p` was made from (by
+    /// [`Conntrack::probe`] of this table).
+    #[inline(always)]
+    pub fn lookup_probe(&mut self, p: &Probe, now: u64, tcp_flags: u8) -> Result<CtValue, Option<CtValue>> {
+        let (k0, k1) = (p.k0, p.k1);
+        let Some(set) = self.entries.get_mut(p.at..p.at + WAYS) else { return Err(None) };
         for e in set {
             if e.k1 == k1 && e.k0 == k0 {
                 if e.expires <= now {
@@ -302,11 +355,15 @@ impl Conntrack {
                     self.stats.expired += 1;
                     return Err(Some(v));
                 }
-                if key.proto == 6 {
+                // The protocol is the key's low byte. An established TCP
+                // connection stays so without SYN, FIN or RST (what
+                // `next_state` says, decided in one test).
+                use tcp_flags::{FIN, RST, SYN};
+                if k1 as u8 == 6 && (e.v.state != CtState::Established || tcp_flags & (SYN | FIN | RST) != 0) {
                     e.v.state = next_state(e.v.state, tcp_flags);
                 }
                 e.last_seen = now;
-                e.expires = now + cfg.timeout(e.v.state);
+                e.expires = now + self.timeouts[e.v.state as usize];
                 return Ok(e.v);
             }
         }
@@ -466,6 +523,21 @@ pub fn next_state(s: CtState, flags: u8) -> CtState {
 mod tests {
     use super::*;
     use tcp_flags::*;
+
+    #[test]
+    fn established_stays_established_without_syn_fin_rst() {
+        // The shortcut `lookup_probe` takes for an established connection.
+        for f in 0..=255u8 {
+            let expect = if f & (SYN | FIN | RST) == 0 { Some(CtState::Established) } else { None };
+            if let Some(e) = expect {
+                assert_eq!(next_state(CtState::Established, f), e, "flags {f:#x}");
+            }
+        }
+        let mut ct = Conntrack::new(CtConfig { capacity: 64, ..CtConfig::default() });
+        ct.insert(&key(9), CtValue { state: CtState::Established, ..CtValue::ZERO }, 0);
+        assert_eq!(ct.lookup(&key(9), 1, ACK | 0x08).map(|v| v.state), Some(CtState::Established));
+        assert_eq!(ct.lookup(&key(9), 2, FIN | ACK).map(|v| v.state), Some(CtState::Fin), "FIN still moves it on");
+    }
 
     fn key(i: u32) -> FlowKey {
         FlowKey { src: 0xc612_0000 + i, dst: 0xc613_0001, sport: 40000 + (i % 1000) as u16, dport: 80, proto: 6 }

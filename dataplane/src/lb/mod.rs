@@ -85,7 +85,7 @@ impl LbState {
     }
 
     /// Releases what a tracked connection held (its backend's load).
-    fn release(&mut self, v: CtValue) {
+    pub(crate) fn release(&mut self, v: CtValue) {
         release(&mut self.services, v);
     }
 
@@ -261,6 +261,7 @@ fn connection(
 }
 
 /// Counts a packet balanced to backend `b` of service `svc`.
+#[inline(always)]
 pub(crate) fn count(lb: &mut LbState, svc: u32, b: u32, len: usize) {
     if let Some(x) = lb.services.get_mut(svc as usize) {
         x.packets += 1;

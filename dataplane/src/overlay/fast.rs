@@ -8,6 +8,7 @@
 //! frame the fast path accepts (`pipeline::process_general` is fuzzed
 //! against `pipeline::process`).
 
+use crate::lb::conntrack::{FlowKey, Probe};
 use crate::pipeline::{Frame, Verdict};
 use crate::tables::{Location, PortFast, PortId, Tables, UPLINK, VniNet, mac_key_at, vni_key_at};
 use crate::wire::ipv4::protocol;
@@ -70,12 +71,12 @@ fn from_port(h: &[u8; 42], d: &[u8], pf: &PortFast) -> Option<usize> {
 }
 
 /// The fast path for a task's packet to a service VIP (the internal load
-/// balancer): the same checks as [`task_unicast`], then for an
-/// established connection whose backend is on another node (the common
+/// balancer): the same checks as [`task_unicast`] ([`vip_pre`]), then for
+/// an established connection whose backend is on another node (the common
 /// case), a conntrack hit on a backend the service still has, DNAT and
-/// encapsulation; a new connection goes to [`new_vip_flow`]. `None` (with
-/// nothing changed or counted) for anything else: the general path
-/// (`lb::to_vip`) decides, with the same result for every frame this
+/// encapsulation; a new connection goes to [`new_vip_flow`] ([`vip_hit`]).
+/// `None` (with nothing changed or counted) for anything else: the general
+/// path (`lb::to_vip`) decides, with the same result for every frame this
 /// accepts. The conntrack lookup refreshes the entry; doing that twice
 /// (here and in the general path) gives the same state.
 #[inline(always)]
@@ -87,16 +88,37 @@ pub(crate) fn task_vip(
     lb: &mut crate::lb::LbState,
 ) -> Option<Verdict> {
     let pf = cache.lb_port?;
-    let len = frame.len();
+    let pre = vip_pre(frame, pf, &lb.conntrack)?;
+    vip_hit(frame, &pre, pf, now, t, lb)
+}
+
+/// What the first half of [`task_vip`] learns of a frame: the conntrack
+/// probe of its 5-tuple, its IPv4 total length and TCP flags. A burst from
+/// a task port in a network with services computes it for every frame
+/// first (and prefetches the buckets), then runs [`vip_hit`] on each.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct VipPre {
+    /// The 5-tuple, packed and hashed to its bucket.
+    pub(crate) probe: Probe,
+    total: u16,
+    flags: u8,
+}
+
+/// The checks of [`task_vip`] on a frame from the port `pf` (which is in a
+/// network with services): from the port's own endpoint, IPv4 TCP or UDP
+/// without options, not a fragment, exactly the frame, within the MTU, to
+/// the gateway MAC. Reads only; `None` for anything else.
+#[inline(always)]
+pub(crate) fn vip_pre(frame: &Frame<'_>, pf: &PortFast, ct: &crate::lb::conntrack::Conntrack) -> Option<VipPre> {
     let d = frame.data();
-    let h = *d.first_chunk::<42>()?;
-    let total = from_port(&h, d, pf)?;
+    let h = d.first_chunk::<42>()?;
+    let total = from_port(h, d, pf)?;
     if mac_key_at(pf.net, h.first_chunk::<8>()?) != pf.gateway_key || !matches!(h[23], protocol::TCP | protocol::UDP) {
         return None;
     }
     // The 5-tuple from the checked fixed-size header (what `lb::tuple`
     // reads through its own checks on the general path).
-    let key = crate::lb::conntrack::FlowKey {
+    let key = FlowKey {
         src: u32::from_be_bytes([h[26], h[27], h[28], h[29]]),
         dst: u32::from_be_bytes([h[30], h[31], h[32], h[33]]),
         sport: u16::from_be_bytes([h[34], h[35]]),
@@ -104,14 +126,36 @@ pub(crate) fn task_vip(
         proto: h[23],
     };
     let flags = if h[23] == protocol::TCP { *d.get(47)? } else { 0 };
-    let Some(v) = lb.lookup(&key, now, flags) else {
-        return new_vip_flow(frame, total, pf, &key, flags, now, t, lb);
+    // `total` is at most the MTU, a u16.
+    Some(VipPre { probe: ct.probe(&key), total: u16::try_from(total).ok()?, flags })
+}
+
+/// The second half of [`task_vip`], on a frame [`vip_pre`] accepted
+/// (`pre` is its answer, from the same `lb.conntrack`).
+#[inline(always)]
+pub(crate) fn vip_hit(
+    frame: &mut Frame<'_>,
+    pre: &VipPre,
+    pf: &PortFast,
+    now: u64,
+    t: &Tables,
+    lb: &mut crate::lb::LbState,
+) -> Option<Verdict> {
+    let key = pre.probe.key();
+    let total = usize::from(pre.total);
+    let v = match lb.conntrack.lookup_probe(&pre.probe, now, pre.flags) {
+        Ok(v) => v,
+        Err(expired) => {
+            if let Some(old) = expired {
+                lb.release(old);
+            }
+            return new_vip_flow(frame, total, pf, &key, pre.flags, now, t, lb);
+        }
     };
     // The entry names the service: no VIP lookup, but the service must
     // still have this VIP (VIP keys map to one service each, so this is
     // the service the general path would find) and the backend.
-    let (svc, v_backend) = (v.service, v.backend);
-    let s = t.services.list.get(svc as usize)?;
+    let s = t.services.list.get(v.service as usize)?;
     let be = s.backends.get(v.backend as usize)?;
     if s.vip != Some((core::net::Ipv4Addr::from(key.dst), key.dport))
         || s.net != pf.net
@@ -121,9 +165,10 @@ pub(crate) fn task_vip(
     {
         return None;
     }
-    let v = vip_remote(frame, total, s, v.backend, t)?;
-    crate::lb::count(lb, svc, v_backend, len);
-    Some(v)
+    let len = frame.len();
+    let verdict = vip_remote(frame, total, &key, be, t)?;
+    crate::lb::count(lb, v.service, v.backend, len);
+    Some(verdict)
 }
 
 /// A task's packet to a VIP that opens a connection (the fast path's
@@ -138,7 +183,7 @@ fn new_vip_flow(
     frame: &mut Frame<'_>,
     total: usize,
     pf: &PortFast,
-    key: &crate::lb::conntrack::FlowKey,
+    key: &FlowKey,
     flags: u8,
     now: u64,
     t: &Tables,
@@ -152,25 +197,27 @@ fn new_vip_flow(
         Err(e) => return Some(Verdict::Drop(e)),
     };
     let len = frame.len();
-    if let Some(v) = vip_remote(frame, total, s, b, t) {
+    if let Some(be) = s.backends.get(b as usize)
+        && let Some(v) = vip_remote(frame, total, key, be, t)
+    {
         crate::lb::count(lb, svc, b, len);
         return Some(v);
     }
     Some(crate::lb::vip_tail(frame, pf.net, s, svc, b, now, t, lb))
 }
 
-/// DNAT to backend `b` of `s`, MACs, and encapsulation toward its node, for
-/// a backend on another node. `None` for anything else (the frame possibly
-/// DNATed already, which doing again changes nothing).
+/// DNAT of the frame with 5-tuple `key` (to a VIP of the service `be`
+/// belongs to, checked by the caller) to backend `be`, its MACs, and
+/// encapsulation toward the backend's node, for a backend on another node.
+/// `None` (nothing changed) for anything else.
 #[inline(always)]
 fn vip_remote(
     frame: &mut Frame<'_>,
     total: usize,
-    s: &crate::lb::service::Service,
-    b: u32,
+    key: &FlowKey,
+    be: &crate::lb::service::Backend,
     t: &Tables,
 ) -> Option<Verdict> {
-    let be = s.backends.get(b as usize)?;
     // The backend's node's template, found when the tables were compiled
     // (the same answer as the forwarding table's for its MAC).
     let tpl = t.templates.get(be.remote? as usize)?;
@@ -179,11 +226,41 @@ fn vip_remote(
     let d = rest.get_mut(..len)?;
     let hdr = head.last_chunk_mut::<{ vxlan::ENCAP_LEN }>()?;
     let ip_len = u16::try_from(total + vxlan::ENCAP_LEN).ok()?;
-    let nat = crate::wire::rewrite::Nat { dst_addr: Some(be.ip), dst_port: Some(be.port), ..Default::default() };
-    crate::wire::rewrite::rewrite_ipv4(d.get_mut(14..)?, &nat).ok()?;
+    // The transport checksum: TCP's at 16 into its header, UDP's at 6 (the
+    // caller checked the transport header is within the packet).
+    let csum_at = if key.proto == protocol::TCP { 14 + 20 + 16 } else { 14 + 20 + 6 };
+    if d.len() < csum_at + 2 || d.len() < 38 {
+        return None;
+    }
+    // DNAT with the checksum differences computed when the tables were
+    // compiled: the packet's destination is the VIP (the caller checked),
+    // so `~m + m'` is known (what `wire::rewrite::rewrite_ipv4` computes
+    // per packet, with the same result: RFC 1624, UDP's 0 kept).
+    let [ip_delta, l4_delta] = be.vip_csum;
+    let apply = |csum: u16, delta: u32| !crate::wire::checksum::fold(u32::from(!csum) + delta);
+    let ipc = apply(u16::from_ne_bytes([d[24], d[25]]), ip_delta);
+    d[24..26].copy_from_slice(&ipc.to_ne_bytes());
+    d[30..34].copy_from_slice(&be.ip.octets());
+    d[36..38].copy_from_slice(&be.port.to_be_bytes());
+    let old = u16::from_ne_bytes([d[csum_at], d[csum_at + 1]]);
+    let l4c = match (key.proto, old) {
+        (protocol::UDP, 0) => 0,
+        (protocol::UDP, _) => match apply(old, l4_delta) {
+            0 => 0xffff,
+            c => c,
+        },
+        _ => apply(old, l4_delta),
+    };
+    d[csum_at..csum_at + 2].copy_from_slice(&l4c.to_ne_bytes());
     // To the backend's MAC, from the client's own (see `lb::vip_tail`).
     d[0..6].copy_from_slice(&be.mac.0);
-    let hash = flow::hash_ipv4_at_fixed_offsets(flow::DEFAULT_SEED, d.first_chunk::<38>()?);
+    // `flow::hash_ipv4_at_fixed_offsets` of the rewritten frame (not a
+    // fragment; TCP or UDP), from the values just written.
+    let hash = flow::hash2(
+        flow::DEFAULT_SEED,
+        (u64::from(key.src) << 32) | u64::from(u32::from(be.ip)),
+        (((u64::from(key.sport) << 16) | u64::from(be.port)) << 8) | u64::from(key.proto),
+    );
     tpl.write_header(hdr, ip_len, vxlan::src_port_for_hash(hash));
     frame.set_window(start - vxlan::ENCAP_LEN, len + vxlan::ENCAP_LEN);
     Some(Verdict::Tx(UPLINK))
@@ -291,10 +368,11 @@ pub(crate) struct BurstCache<'t> {
 }
 
 impl<'t> BurstCache<'t> {
-    /// True if the input port is a task port in a network with services.
+    /// The input port's facts if it is a task port in a network with
+    /// services.
     #[inline(always)]
-    pub(crate) fn in_lb_network(&self) -> bool {
-        self.lb_port.is_some()
+    pub(crate) fn lb_port(&self) -> Option<&'t PortFast> {
+        self.lb_port
     }
 
     /// An empty cache for a burst received on `in_port`.
