@@ -385,7 +385,7 @@ pub const FLOW_LOOKAHEAD: usize = 8;
 /// Frames a burst from a task port in a network with services takes per
 /// pass: the checks and conntrack prefetches of all of them first, then
 /// the decisions (so a bucket is prefetched up to this many frames ahead).
-pub const VIP_PASS: usize = 64;
+pub const VIP_PASS: usize = 32;
 
 /// Processes a burst of frames received on one port, as a worker does:
 /// `verdicts[i]` is the verdict for `frames[i]`.
@@ -443,6 +443,7 @@ pub fn process_burst(
                         *p = overlay::fast::vip_pre(&fs[i], pf, &st.lb.conntrack);
                         if let Some(p) = p {
                             st.lb.conntrack.prefetch_probe(&p.probe);
+                            overlay::fast::prefetch_reply(p, pf, t, &st.lb.conntrack);
                         }
                     }
                     bytes += burst_loop(fs, vs, st, None, |f, lb, i| match &pre[i] {

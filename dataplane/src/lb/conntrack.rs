@@ -151,6 +151,14 @@ struct Entry {
 }
 
 const _: () = assert!(core::mem::size_of::<Entry>() <= 64, "a conntrack entry is at most 64 bytes");
+// A bucket is whole cache lines (7 of them), so buckets of a table that
+// starts on a line never straddle one more line than they need.
+const _: () = assert!((WAYS * core::mem::size_of::<Entry>()).is_multiple_of(64), "a bucket is whole cache lines");
+
+// SAFETY: integers, and `CtState` (a fieldless enum whose 0 is `Udp`): the
+// all-zero entry is `FREE`.
+#[allow(unsafe_code)]
+unsafe impl super::hugemem::Zeroable for Entry {}
 
 const FREE: Entry = Entry { k0: 0, k1: 0, expires: 0, last_seen: 0, v: CtValue::ZERO };
 
@@ -234,7 +242,9 @@ pub enum Inserted {
 /// A worker's connection table.
 #[derive(Debug, Clone)]
 pub struct Conntrack {
-    entries: Box<[Entry]>,
+    /// In huge pages where the kernel gives them (see `hugemem`); starts
+    /// on a 2 MiB boundary, so every bucket starts on a cache line.
+    entries: super::hugemem::HugeArray<Entry>,
     buckets: u64,
     cfg: CtConfig,
     /// `cfg`'s timeouts by `CtState as usize` (one load on a hit).
@@ -252,7 +262,7 @@ impl Conntrack {
     pub fn new(cfg: CtConfig) -> Conntrack {
         let buckets = cfg.capacity.div_ceil(WAYS).max(1);
         Conntrack {
-            entries: vec![FREE; buckets * WAYS].into_boxed_slice(),
+            entries: super::hugemem::HugeArray::zeroed(buckets * WAYS),
             buckets: buckets as u64,
             timeouts: [CtState::Udp, CtState::SynRecv, CtState::Established, CtState::Fin, CtState::Close]
                 .map(|s| cfg.timeout(s)),
@@ -313,13 +323,11 @@ impl Conntrack {
     #[inline(always)]
     pub fn prefetch_probe(&self, p: &Probe) {
         let p = self.entries.as_ptr().wrapping_add(p.at).cast::<u8>();
-        // The bucket's 8 entries are 448 bytes: 7 cache lines, or 8 where
-        // the bucket does not start on a line.
+        // The bucket's 8 entries are 448 bytes: 7 whole cache lines.
         const BYTES: usize = WAYS * core::mem::size_of::<Entry>();
         for off in (0..BYTES).step_by(64) {
             crate::wire::prefetch(p.wrapping_add(off));
         }
-        crate::wire::prefetch(p.wrapping_add(BYTES - 1));
     }
 
     /// The live entry of `key` at time `now`, refreshed: its state follows

@@ -11,6 +11,8 @@
 //! `preserve-source` mode (see ARCHITECTURE.md).
 
 pub mod conntrack;
+#[allow(unsafe_code)] // mmap/madvise of the connection table; each block has a SAFETY comment
+mod hugemem;
 pub mod maglev;
 pub mod sched;
 pub mod service;
@@ -226,12 +228,7 @@ fn connection(
         }
         None => {}
     }
-    let fh = flow::hash2(
-        flow::DEFAULT_SEED,
-        (u64::from(key.src) << 32) | u64::from(key.dst),
-        (u64::from(key.sport) << 24) | (u64::from(key.dport) << 8) | u64::from(key.proto),
-    );
-    let sh = flow::hash2(flow::DEFAULT_SEED, u64::from(key.src), 0);
+    let (fh, sh) = sched_hashes(key);
     let (Some(stats), Some(st)) = (lb.services.get(svc as usize), lb.sched.get_mut(svc as usize)) else {
         return Err(DropReason::LbNotSynced);
     };
@@ -258,6 +255,41 @@ fn connection(
         }
     }
     Ok((b, f))
+}
+
+/// The hashes the schedulers read for a new connection of `key`: of the
+/// 5-tuple (`mh`) and of the source address alone (`sh`).
+#[inline(always)]
+fn sched_hashes(key: &FlowKey) -> (u32, u32) {
+    let fh = flow::hash2(
+        flow::DEFAULT_SEED,
+        (u64::from(key.src) << 32) | u64::from(key.dst),
+        (u64::from(key.sport) << 24) | (u64::from(key.dport) << 8) | u64::from(key.proto),
+    );
+    (fh, flow::hash2(flow::DEFAULT_SEED, u64::from(key.src), 0))
+}
+
+/// The backend a new connection of `key` to service `s` would get if its
+/// scheduler needs no state (`mh`, `sh`: the Maglev table alone decides),
+/// else `None`. For prefetching the reply entry's bucket before the
+/// connection is made; the choice itself is always `sched::pick`'s.
+#[inline(always)]
+pub(crate) fn stateless_choice<'s>(s: &'s service::Service, key: &FlowKey) -> Option<&'s service::Backend> {
+    let m = s.maglev.as_ref()?;
+    let (fh, sh) = sched_hashes(key);
+    let i = match s.scheduler {
+        sched::Scheduler::Mh => m.lookup(fh)?,
+        sched::Scheduler::Sh => m.lookup(sh)?,
+        _ => return None,
+    };
+    s.backends.get(i as usize)
+}
+
+/// The reply key of a VIP connection of `key` balanced to `be`: from the
+/// backend to the client (what `vip_connection` tracks for the replies).
+#[inline(always)]
+pub(crate) fn vip_reply_key(key: &FlowKey, be: &service::Backend) -> FlowKey {
+    FlowKey { src: u32::from(be.ip), dst: key.src, sport: be.port, dport: key.sport, proto: key.proto }
 }
 
 /// Counts a packet balanced to backend `b` of service `svc`.
@@ -336,11 +368,7 @@ pub(crate) fn vip_connection(
         &Packet { key, flags, now },
         found,
         |_, f, _| Ok(f),
-        |be, f| {
-            let rk =
-                FlowKey { src: u32::from(be.ip), dst: key.src, sport: be.port, dport: key.sport, proto: key.proto };
-            (rk, CtValue { peer: u32::from(vip), port: vport, flags: CT_REPLY, ..*f })
-        },
+        |be, f| (vip_reply_key(&key, be), CtValue { peer: u32::from(vip), port: vport, flags: CT_REPLY, ..*f }),
     )?;
     Ok(b)
 }

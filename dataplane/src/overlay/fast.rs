@@ -130,6 +130,26 @@ pub(crate) fn vip_pre(frame: &Frame<'_>, pf: &PortFast, ct: &crate::lb::conntrac
     Some(VipPre { probe: ct.probe(&key), total: u16::try_from(total).ok()?, flags })
 }
 
+/// For a frame [`vip_pre`] accepted that opens a TCP connection (SYN
+/// without ACK) to a VIP whose scheduler needs no state (`mh`, `sh`):
+/// prefetches the bucket its reply entry will be inserted into (a hint).
+/// That bucket is known only once a backend is chosen, so without this its
+/// cache miss would come after the forward bucket's, not alongside it.
+#[inline(always)]
+pub(crate) fn prefetch_reply(pre: &VipPre, pf: &PortFast, t: &Tables, ct: &crate::lb::conntrack::Conntrack) {
+    use crate::lb::conntrack::tcp_flags::{ACK, SYN};
+    if pre.flags & (SYN | ACK) != SYN {
+        return;
+    }
+    let key = pre.probe.key();
+    if let Some(svc) = t.services.at(pf.net, key.dst.to_be_bytes(), key.dport, key.proto)
+        && let Some(s) = t.services.list.get(svc as usize)
+        && let Some(be) = crate::lb::stateless_choice(s, &key)
+    {
+        ct.prefetch(&crate::lb::vip_reply_key(&key, be));
+    }
+}
+
 /// The second half of [`task_vip`], on a frame [`vip_pre`] accepted
 /// (`pre` is its answer, from the same `lb.conntrack`).
 #[inline(always)]
