@@ -379,11 +379,27 @@ impl Conntrack {
     }
 
     /// Inserts `key` → `v` at time `now` (the caller has looked it up and
-    /// found nothing). Takes a free or expired way of the key's bucket, else
-    /// evicts the way seen longest ago; above the flood-guard rate it
-    /// inserts nothing.
+    /// found nothing). Takes the first free or expired way of the key's
+    /// bucket, else evicts the way seen longest ago; above the flood-guard
+    /// rate it inserts nothing.
     pub fn insert(&mut self, key: &FlowKey, v: CtValue, now: u64) -> Inserted {
-        if self.cfg.max_new_per_sec > 0 {
+        let p = self.probe(key);
+        self.insert_probe(&p, v, now, true)
+    }
+
+    /// [`Conntrack::insert`] without the flood guard: for the second entry
+    /// of a connection the guard admitted (its reply direction), so that a
+    /// connection is tracked in both directions or not at all.
+    pub fn insert_unguarded(&mut self, key: &FlowKey, v: CtValue, now: u64) -> Inserted {
+        let p = self.probe(key);
+        self.insert_probe(&p, v, now, false)
+    }
+
+    /// [`Conntrack::insert`] (`guarded`) or [`Conntrack::insert_unguarded`]
+    /// of the key `p` was made from (by [`Conntrack::probe`] of this table).
+    #[inline]
+    pub fn insert_probe(&mut self, p: &Probe, v: CtValue, now: u64, guarded: bool) -> Inserted {
+        if guarded && self.cfg.max_new_per_sec > 0 {
             if now.saturating_sub(self.window.0) >= SECOND {
                 self.window = (now, 0);
             }
@@ -393,35 +409,27 @@ impl Conntrack {
             }
             self.window.1 += 1;
         }
-        self.insert_unguarded(key, v, now)
-    }
-
-    /// [`Conntrack::insert`] without the flood guard: for the second entry
-    /// of a connection the guard admitted (its reply direction), so that a
-    /// connection is tracked in both directions or not at all.
-    pub fn insert_unguarded(&mut self, key: &FlowKey, v: CtValue, now: u64) -> Inserted {
-        let (k0, k1) = key.pack();
-        let b = self.bucket(k0, k1);
-        let entry = Entry { k0, k1, expires: now + self.cfg.timeout(v.state), last_seen: now, v };
-        let Some(set) = self.entries.get_mut(b..b + WAYS) else { return Inserted::Guarded };
+        let entry = Entry { k0: p.k0, k1: p.k1, expires: now + self.timeouts[v.state as usize], last_seen: now, v };
+        let Some(set) = self.entries.get_mut(p.at..p.at + WAYS) else { return Inserted::Guarded };
         self.stats.inserted += 1;
-        // A free way, else an expired one, else the least recently seen.
-        let mut victim = 0;
-        for (i, e) in set.iter().enumerate() {
-            if e.k1 == 0 {
-                set[i] = entry;
-                self.len += 1;
-                return Inserted::Fresh(None);
+        // The first way that is free or expired (a free way's expiry is 0,
+        // so one comparison finds both), else the one seen longest ago
+        // (the first of those): one pass, stopping at the first usable way.
+        let (mut victim, mut oldest) = (0, u64::MAX);
+        for (i, e) in set.iter_mut().enumerate() {
+            if e.expires <= now {
+                let was = (e.k1 != 0).then_some(e.v);
+                *e = entry;
+                if was.is_some() {
+                    self.stats.expired += 1;
+                } else {
+                    self.len += 1;
+                }
+                return Inserted::Fresh(was);
             }
-            if e.last_seen < set[victim].last_seen {
-                victim = i;
+            if e.last_seen < oldest {
+                (victim, oldest) = (i, e.last_seen);
             }
-        }
-        if let Some(i) = set.iter().position(|e| e.expires <= now) {
-            let old = set[i].v;
-            set[i] = entry;
-            self.stats.expired += 1;
-            return Inserted::Fresh(Some(old));
         }
         let old = set[victim].v;
         set[victim] = entry;

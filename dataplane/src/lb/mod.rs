@@ -108,8 +108,16 @@ impl LbState {
 
     /// Inserts an entry (through the flood guard, or not), releasing what
     /// an entry it displaces held. False if the guard refused it.
+    #[inline(always)]
     fn insert(&mut self, key: &FlowKey, v: CtValue, now: u64, guarded: bool) -> bool {
-        let r = if guarded { self.conntrack.insert(key, v, now) } else { self.conntrack.insert_unguarded(key, v, now) };
+        let p = self.conntrack.probe(key);
+        self.insert_probe(&p, v, now, guarded)
+    }
+
+    /// [`LbState::insert`] of a probed key.
+    #[inline(always)]
+    fn insert_probe(&mut self, p: &conntrack::Probe, v: CtValue, now: u64, guarded: bool) -> bool {
+        let r = self.conntrack.insert_probe(p, v, now, guarded);
         if let Inserted::Fresh(Some(old)) | Inserted::Evicted(old) = r {
             self.release(old);
         }
@@ -190,6 +198,8 @@ struct Packet {
     key: FlowKey,
     flags: u8,
     now: u64,
+    /// The key's conntrack probe, if the caller has it.
+    probe: Option<conntrack::Probe>,
 }
 
 /// The connection's backend: the tracked one if it is still in the
@@ -228,22 +238,55 @@ fn connection(
         }
         None => {}
     }
-    let (fh, sh) = sched_hashes(key);
+    let (b, base) = schedule(lb, s, svc, key, flags)?;
+    let be = &s.backends[b as usize];
+    let f = fwd(be, base, &lb.conntrack)?;
+    let fp = p.probe.unwrap_or_else(|| lb.conntrack.probe(key));
+    let (rk, rv) = rev(be, &f);
+    track(lb, svc, b, &fp, f, &rk, rv, now);
+    Ok((b, f))
+}
+
+/// A new connection of `key` to service `svc`: the backend its scheduler
+/// picks and the forward entry's value for it (before any mode adds NAT
+/// state). The index is in range of `s.backends`.
+#[inline(always)]
+fn schedule(
+    lb: &mut LbState,
+    s: &service::Service,
+    svc: u32,
+    key: &FlowKey,
+    flags: u8,
+) -> Result<(u32, CtValue), DropReason> {
+    // Only the hash the scheduler reads.
+    let (fh, sh) = match s.scheduler {
+        sched::Scheduler::Mh => (flow_hash(key), 0),
+        sched::Scheduler::Sh => (0, src_hash(key)),
+        _ => (0, 0),
+    };
     let (Some(stats), Some(st)) = (lb.services.get(svc as usize), lb.sched.get_mut(svc as usize)) else {
         return Err(DropReason::LbNotSynced);
     };
     let view = View { backends: &s.backends, stats: &stats.backends };
-    let b = sched::pick(s.scheduler, &view, st, s.maglev.as_ref(), fh, sh).ok_or(DropReason::NoBackend)? as u32;
-    let be = &s.backends[b as usize];
+    let b = sched::pick(s.scheduler, &view, st, s.maglev.as_ref(), fh, sh).ok_or(DropReason::NoBackend)?;
+    let be = s.backends.get(b).ok_or(DropReason::NoBackend)?;
     // A SYN opens; a segment of a connection the table lost (a restart, an
     // eviction) is taken as established, as IPVS's sloppy TCP does.
     let state = if key.proto == protocol::TCP { conntrack::next_state(CtState::SynRecv, flags) } else { CtState::Udp };
-    let base = CtValue { service: svc, backend: b, peer: u32::from(be.ip), port: be.port, state, ..CtValue::ZERO };
-    let f = fwd(be, base, &lb.conntrack)?;
-    // The guard admits or refuses the connection as a whole.
-    if lb.insert(key, f, now, true) {
-        let (rk, rv) = rev(be, &f);
-        lb.insert(&rk, rv, now, false);
+    let b = b as u32;
+    Ok((b, CtValue { service: svc, backend: b, peer: u32::from(be.ip), port: be.port, state, ..CtValue::ZERO }))
+}
+
+/// Tracks a new connection to backend `b` of service `svc`: the forward
+/// entry `f` under the probed key `fp` through the flood guard, and only
+/// if it is admitted the reply entry `rk` → `rv` (a connection is tracked
+/// in both directions or not at all) and the backend's load; counts the
+/// new connection either way.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn track(lb: &mut LbState, svc: u32, b: u32, fp: &conntrack::Probe, f: CtValue, rk: &FlowKey, rv: CtValue, now: u64) {
+    if lb.insert_probe(fp, f, now, true) {
+        lb.insert(rk, rv, now, false);
         if let Some(bs) = lb.services.get_mut(svc as usize).and_then(|x| x.backends.get_mut(b as usize)) {
             bs.active += 1;
         }
@@ -254,19 +297,22 @@ fn connection(
             bs.new_conns += 1;
         }
     }
-    Ok((b, f))
 }
 
-/// The hashes the schedulers read for a new connection of `key`: of the
-/// 5-tuple (`mh`) and of the source address alone (`sh`).
+/// The hash `mh` reads for a new connection of `key`: of the 5-tuple.
 #[inline(always)]
-fn sched_hashes(key: &FlowKey) -> (u32, u32) {
-    let fh = flow::hash2(
+fn flow_hash(key: &FlowKey) -> u32 {
+    flow::hash2(
         flow::DEFAULT_SEED,
         (u64::from(key.src) << 32) | u64::from(key.dst),
         (u64::from(key.sport) << 24) | (u64::from(key.dport) << 8) | u64::from(key.proto),
-    );
-    (fh, flow::hash2(flow::DEFAULT_SEED, u64::from(key.src), 0))
+    )
+}
+
+/// The source-address hash `sh` reads.
+#[inline(always)]
+fn src_hash(key: &FlowKey) -> u32 {
+    flow::hash2(flow::DEFAULT_SEED, u64::from(key.src), 0)
 }
 
 /// The backend a new connection of `key` to service `s` would get if its
@@ -276,10 +322,9 @@ fn sched_hashes(key: &FlowKey) -> (u32, u32) {
 #[inline(always)]
 pub(crate) fn stateless_choice<'s>(s: &'s service::Service, key: &FlowKey) -> Option<&'s service::Backend> {
     let m = s.maglev.as_ref()?;
-    let (fh, sh) = sched_hashes(key);
     let i = match s.scheduler {
-        sched::Scheduler::Mh => m.lookup(fh)?,
-        sched::Scheduler::Sh => m.lookup(sh)?,
+        sched::Scheduler::Mh => m.lookup(flow_hash(key))?,
+        sched::Scheduler::Sh => m.lookup(src_hash(key))?,
         _ => return None,
     };
     s.backends.get(i as usize)
@@ -342,7 +387,7 @@ fn vip_inner(
     let s = t.services.list.get(svc as usize).ok_or(DropReason::NoBackend)?;
     let (key, flags) = tuple(frame.data()).ok_or(DropReason::Malformed)?;
     let found = lb.lookup(&key, now, flags);
-    let b = vip_connection(lb, s, svc, &key, flags, now, found)?;
+    let b = vip_connection(lb, s, svc, &key, flags, now, found, None)?;
     Ok(vip_tail(frame, net, s, svc, b, now, t, lb))
 }
 
@@ -358,18 +403,22 @@ pub(crate) fn vip_connection(
     flags: u8,
     now: u64,
     found: Option<CtValue>,
+    probe: Option<conntrack::Probe>,
 ) -> Result<u32, DropReason> {
     let (vip, vport) = s.vip.ok_or(DropReason::NoRoute)?;
-    let key = *key;
-    let (b, _) = connection(
-        lb,
-        s,
-        svc,
-        &Packet { key, flags, now },
-        found,
-        |_, f, _| Ok(f),
-        |be, f| (vip_reply_key(&key, be), CtValue { peer: u32::from(vip), port: vport, flags: CT_REPLY, ..*f }),
-    )?;
+    let reply = |be: &service::Backend, f: &CtValue| {
+        (vip_reply_key(key, be), CtValue { peer: u32::from(vip), port: vport, flags: CT_REPLY, ..*f })
+    };
+    if found.is_some() {
+        let p = Packet { key: *key, flags, now, probe };
+        return connection(lb, s, svc, &p, found, |_, f, _| Ok(f), reply).map(|(b, _)| b);
+    }
+    // Nothing tracked (the common case, and the fast path's): what
+    // `connection` does then, without its generality.
+    let (b, f) = schedule(lb, s, svc, key, flags)?;
+    let fp = probe.unwrap_or_else(|| lb.conntrack.probe(key));
+    let (rk, rv) = reply(&s.backends[b as usize], &f);
+    track(lb, svc, b, &fp, f, &rk, rv, now);
     Ok(b)
 }
 
@@ -456,7 +505,7 @@ fn client_inner(
         lb,
         s,
         svc,
-        &Packet { key, flags, now },
+        &Packet { key, flags, now, probe: None },
         found,
         |be, f, ct| {
             let mut port = key.sport;

@@ -169,7 +169,7 @@ pub(crate) fn vip_hit(
             if let Some(old) = expired {
                 lb.release(old);
             }
-            return new_vip_flow(frame, total, pf, &key, pre.flags, now, t, lb);
+            return new_vip_flow(frame, total, pf, &pre.probe, pre.flags, now, t, lb);
         }
     };
     // The entry names the service: no VIP lookup, but the service must
@@ -203,16 +203,17 @@ fn new_vip_flow(
     frame: &mut Frame<'_>,
     total: usize,
     pf: &PortFast,
-    key: &FlowKey,
+    probe: &Probe,
     flags: u8,
     now: u64,
     t: &Tables,
     lb: &mut crate::lb::LbState,
 ) -> Option<Verdict> {
+    let key = &probe.key();
     let svc = t.services.at(pf.net, key.dst.to_be_bytes(), key.dport, key.proto)?;
     let s = t.services.list.get(svc as usize)?;
     // From here on the connection is decided and tracked: no more `None`.
-    let b = match crate::lb::vip_connection(lb, s, svc, key, flags, now, None) {
+    let b = match crate::lb::vip_connection(lb, s, svc, key, flags, now, None, Some(*probe)) {
         Ok(b) => b,
         Err(e) => return Some(Verdict::Drop(e)),
     };
