@@ -395,6 +395,7 @@ fn vip_inner(
 /// (`s`), given what looking it up gave (`found`): see `connection`. The
 /// reply entry maps the backend's replies back to the VIP:port.
 #[inline(never)] // a new connection costs far more than a call
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn vip_connection(
     lb: &mut LbState,
     s: &service::Service,
