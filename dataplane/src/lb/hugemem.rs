@@ -18,12 +18,14 @@ pub(crate) unsafe trait Zeroable: Copy {}
 const HUGE: usize = 2 << 20;
 
 /// A fixed-size array of `T`, all zero at first, in its own anonymous
-/// mapping aligned to 2 MiB (so every huge page it spans is whole).
+/// mapping aligned to 2 MiB (so every huge page it spans is whole), or on
+/// the heap if it is smaller than a huge page.
 pub(crate) struct HugeArray<T: Zeroable> {
     /// The first element (within `map`, at a 2 MiB boundary).
     ptr: NonNull<T>,
     len: usize,
-    /// The whole mapping: its start and length, for `munmap`.
+    /// The whole mapping: its start and length, for `munmap`; or, for a
+    /// small array on the heap, a null start and the allocation's size.
     map: (*mut libc::c_void, usize),
 }
 
@@ -35,9 +37,18 @@ unsafe impl<T: Zeroable + Sync> Sync for HugeArray<T> {}
 
 impl<T: Zeroable> HugeArray<T> {
     /// `len` zeroed elements. Aborts, as any allocation does, if the
-    /// memory cannot be had.
+    /// memory cannot be had. Arrays under 2 MiB (tools, tests, small
+    /// workers) come from the heap, aligned to a cache line: a huge page
+    /// would only cost them a 2 MiB clear.
     pub(crate) fn zeroed(len: usize) -> Self {
         let bytes = len.checked_mul(core::mem::size_of::<T>()).expect("table size overflows").max(1);
+        if bytes < HUGE {
+            let layout = Self::heap_layout(bytes);
+            // SAFETY: the layout has a non-zero size (`bytes` >= 1).
+            let p = unsafe { std::alloc::alloc_zeroed(layout) };
+            let Some(ptr) = NonNull::new(p.cast::<T>()) else { std::alloc::handle_alloc_error(layout) };
+            return HugeArray { ptr, len, map: (core::ptr::null_mut(), bytes) };
+        }
         // Room to start at a 2 MiB boundary, and whole huge pages.
         let want = bytes.div_ceil(HUGE) * HUGE + HUGE;
         // SAFETY: an anonymous private mapping at an address the kernel
@@ -66,6 +77,11 @@ impl<T: Zeroable> HugeArray<T> {
         let ptr = NonNull::new(start as *mut T).expect("mmap returned a non-null address");
         HugeArray { ptr, len, map: (base, want) }
     }
+
+    /// The heap layout of a small array of `bytes` (cache-line aligned).
+    fn heap_layout(bytes: usize) -> core::alloc::Layout {
+        core::alloc::Layout::from_size_align(bytes, 64.max(core::mem::align_of::<T>())).expect("a small layout")
+    }
 }
 
 impl<T: Zeroable> core::ops::Deref for HugeArray<T> {
@@ -89,6 +105,11 @@ impl<T: Zeroable> core::ops::DerefMut for HugeArray<T> {
 
 impl<T: Zeroable> Drop for HugeArray<T> {
     fn drop(&mut self) {
+        if self.map.0.is_null() {
+            // SAFETY: allocated by `zeroed` with this layout, freed once.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), Self::heap_layout(self.map.1)) };
+            return;
+        }
         // SAFETY: the mapping was made by `zeroed` with exactly these
         // bounds and is unmapped once; no reference into it outlives `self`.
         unsafe {
@@ -131,5 +152,17 @@ mod tests {
         drop(a);
         assert_eq!(b[99_999][6], 7, "the clone has its own memory");
         assert_eq!(HugeArray::<[u64; 7]>::zeroed(0).len(), 0);
+    }
+
+    #[test]
+    fn small_arrays_come_from_the_heap() {
+        let mut a = HugeArray::<[u64; 7]>::zeroed(64);
+        assert!(a.map.0.is_null(), "under 2 MiB: no mapping of its own");
+        assert_eq!(a.as_ptr() as usize % 64, 0, "cache-line aligned");
+        assert!(a.iter().all(|e| *e == [0; 7]));
+        a[63][6] = 5;
+        let b = a.clone();
+        drop(a);
+        assert_eq!(b[63][6], 5);
     }
 }
