@@ -441,7 +441,7 @@ pub fn process_burst(
                             touch(next);
                         }
                         *p = overlay::fast::vip_pre(&fs[i], pf, &st.lb.conntrack);
-                        if let Some(p) = p {
+                        if let Some(p) = p.as_mut() {
                             st.lb.conntrack.prefetch_probe(&p.probe);
                             overlay::fast::prefetch_reply(p, pf, t, &st.lb.conntrack);
                         }

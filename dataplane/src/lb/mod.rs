@@ -198,8 +198,6 @@ struct Packet {
     key: FlowKey,
     flags: u8,
     now: u64,
-    /// The key's conntrack probe, if the caller has it.
-    probe: Option<conntrack::Probe>,
 }
 
 /// The connection's backend: the tracked one if it is still in the
@@ -241,7 +239,7 @@ fn connection(
     let (b, base) = schedule(lb, s, svc, key, flags)?;
     let be = &s.backends[b as usize];
     let f = fwd(be, base, &lb.conntrack)?;
-    let fp = p.probe.unwrap_or_else(|| lb.conntrack.probe(key));
+    let fp = lb.conntrack.probe(key);
     let (rk, rv) = rev(be, &f);
     track(lb, svc, b, &fp, f, &rk, rv, now);
     Ok((b, f))
@@ -258,17 +256,19 @@ fn schedule(
     key: &FlowKey,
     flags: u8,
 ) -> Result<(u32, CtValue), DropReason> {
-    // Only the hash the scheduler reads.
-    let (fh, sh) = match s.scheduler {
-        sched::Scheduler::Mh => (flow_hash(key), 0),
-        sched::Scheduler::Sh => (0, src_hash(key)),
-        _ => (0, 0),
-    };
     let (Some(stats), Some(st)) = (lb.services.get(svc as usize), lb.sched.get_mut(svc as usize)) else {
         return Err(DropReason::LbNotSynced);
     };
-    let view = View { backends: &s.backends, stats: &stats.backends };
-    let b = sched::pick(s.scheduler, &view, st, s.maglev.as_ref(), fh, sh).ok_or(DropReason::NoBackend)?;
+    let b = match s.scheduler {
+        // The Maglev table alone decides (what `sched::pick` does for
+        // them, without the call): the one hash each reads.
+        sched::Scheduler::Mh | sched::Scheduler::Sh => stateless_choice(s, key).map(|(i, _)| i),
+        _ => {
+            let view = View { backends: &s.backends, stats: &stats.backends };
+            sched::pick(s.scheduler, &view, st, s.maglev.as_ref(), 0, 0)
+        }
+    };
+    let b = b.ok_or(DropReason::NoBackend)?;
     let be = s.backends.get(b).ok_or(DropReason::NoBackend)?;
     // A SYN opens; a segment of a connection the table lost (a restart, an
     // eviction) is taken as established, as IPVS's sloppy TCP does.
@@ -317,17 +317,19 @@ fn src_hash(key: &FlowKey) -> u32 {
 
 /// The backend a new connection of `key` to service `s` would get if its
 /// scheduler needs no state (`mh`, `sh`: the Maglev table alone decides),
-/// else `None`. For prefetching the reply entry's bucket before the
-/// connection is made; the choice itself is always `sched::pick`'s.
+/// else `None`: its index and the backend. What `sched::pick` answers for
+/// these schedulers, without the call: new connections use it, and the
+/// burst loop, to prefetch the reply entry's bucket before the connection
+/// is made.
 #[inline(always)]
-pub(crate) fn stateless_choice<'s>(s: &'s service::Service, key: &FlowKey) -> Option<&'s service::Backend> {
+pub(crate) fn stateless_choice<'s>(s: &'s service::Service, key: &FlowKey) -> Option<(usize, &'s service::Backend)> {
     let m = s.maglev.as_ref()?;
     let i = match s.scheduler {
         sched::Scheduler::Mh => m.lookup(flow_hash(key))?,
         sched::Scheduler::Sh => m.lookup(src_hash(key))?,
         _ => return None,
-    };
-    s.backends.get(i as usize)
+    } as usize;
+    Some((i, s.backends.get(i)?))
 }
 
 /// The reply key of a VIP connection of `key` balanced to `be`: from the
@@ -387,7 +389,7 @@ fn vip_inner(
     let s = t.services.list.get(svc as usize).ok_or(DropReason::NoBackend)?;
     let (key, flags) = tuple(frame.data()).ok_or(DropReason::Malformed)?;
     let found = lb.lookup(&key, now, flags);
-    let b = vip_connection(lb, s, svc, &key, flags, now, found, None)?;
+    let b = vip_connection(lb, s, svc, &key, flags, now, found)?;
     Ok(vip_tail(frame, net, s, svc, b, now, t, lb))
 }
 
@@ -395,7 +397,6 @@ fn vip_inner(
 /// (`s`), given what looking it up gave (`found`): see `connection`. The
 /// reply entry maps the backend's replies back to the VIP:port.
 #[inline(never)] // a new connection costs far more than a call
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn vip_connection(
     lb: &mut LbState,
     s: &service::Service,
@@ -404,22 +405,37 @@ pub(crate) fn vip_connection(
     flags: u8,
     now: u64,
     found: Option<CtValue>,
-    probe: Option<conntrack::Probe>,
 ) -> Result<u32, DropReason> {
     let (vip, vport) = s.vip.ok_or(DropReason::NoRoute)?;
     let reply = |be: &service::Backend, f: &CtValue| {
         (vip_reply_key(key, be), CtValue { peer: u32::from(vip), port: vport, flags: CT_REPLY, ..*f })
     };
     if found.is_some() {
-        let p = Packet { key: *key, flags, now, probe };
+        let p = Packet { key: *key, flags, now };
         return connection(lb, s, svc, &p, found, |_, f, _| Ok(f), reply).map(|(b, _)| b);
     }
-    // Nothing tracked (the common case, and the fast path's): what
-    // `connection` does then, without its generality.
+    open_vip(lb, s, svc, key, flags, now, None)
+}
+
+/// [`vip_connection`] of a key with nothing tracked (the common case, and
+/// the fast path's): what `connection` does then, without its generality.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn open_vip(
+    lb: &mut LbState,
+    s: &service::Service,
+    svc: u32,
+    key: &FlowKey,
+    flags: u8,
+    now: u64,
+    probe: Option<conntrack::Probe>,
+) -> Result<u32, DropReason> {
+    let (vip, vport) = s.vip.ok_or(DropReason::NoRoute)?;
     let (b, f) = schedule(lb, s, svc, key, flags)?;
     let fp = probe.unwrap_or_else(|| lb.conntrack.probe(key));
-    let (rk, rv) = reply(&s.backends[b as usize], &f);
-    track(lb, svc, b, &fp, f, &rk, rv, now);
+    let be = &s.backends[b as usize];
+    let rv = CtValue { peer: u32::from(vip), port: vport, flags: CT_REPLY, ..f };
+    track(lb, svc, b, &fp, f, &vip_reply_key(key, be), rv, now);
     Ok(b)
 }
 
@@ -506,7 +522,7 @@ fn client_inner(
         lb,
         s,
         svc,
-        &Packet { key, flags, now, probe: None },
+        &Packet { key, flags, now },
         found,
         |be, f, ct| {
             let mut port = key.sport;

@@ -102,7 +102,13 @@ pub(crate) struct VipPre {
     pub(crate) probe: Probe,
     total: u16,
     flags: u8,
+    /// The VIP's service if [`prefetch_reply`] looked it up, else
+    /// `NO_SERVICE`.
+    svc: u32,
 }
+
+/// [`VipPre::svc`] when the service was not looked up.
+const NO_SERVICE: u32 = u32::MAX;
 
 /// The checks of [`task_vip`] on a frame from the port `pf` (which is in a
 /// network with services): from the port's own endpoint, IPv4 TCP or UDP
@@ -127,7 +133,7 @@ pub(crate) fn vip_pre(frame: &Frame<'_>, pf: &PortFast, ct: &crate::lb::conntrac
     };
     let flags = if h[23] == protocol::TCP { *d.get(47)? } else { 0 };
     // `total` is at most the MTU, a u16.
-    Some(VipPre { probe: ct.probe(&key), total: u16::try_from(total).ok()?, flags })
+    Some(VipPre { probe: ct.probe(&key), total: u16::try_from(total).ok()?, flags, svc: NO_SERVICE })
 }
 
 /// For a frame [`vip_pre`] accepted that opens a TCP connection (SYN
@@ -136,15 +142,17 @@ pub(crate) fn vip_pre(frame: &Frame<'_>, pf: &PortFast, ct: &crate::lb::conntrac
 /// That bucket is known only once a backend is chosen, so without this its
 /// cache miss would come after the forward bucket's, not alongside it.
 #[inline(always)]
-pub(crate) fn prefetch_reply(pre: &VipPre, pf: &PortFast, t: &Tables, ct: &crate::lb::conntrack::Conntrack) {
+pub(crate) fn prefetch_reply(pre: &mut VipPre, pf: &PortFast, t: &Tables, ct: &crate::lb::conntrack::Conntrack) {
     use crate::lb::conntrack::tcp_flags::{ACK, SYN};
     if pre.flags & (SYN | ACK) != SYN {
         return;
     }
     let key = pre.probe.key();
-    if let Some(svc) = t.services.at(pf.net, key.dst.to_be_bytes(), key.dport, key.proto)
-        && let Some(s) = t.services.list.get(svc as usize)
-        && let Some(be) = crate::lb::stateless_choice(s, &key)
+    let Some(svc) = t.services.at(pf.net, key.dst.to_be_bytes(), key.dport, key.proto) else { return };
+    // Remembered for the connection's opening (`new_vip_flow`).
+    pre.svc = svc;
+    if let Some(s) = t.services.list.get(svc as usize)
+        && let Some((_, be)) = crate::lb::stateless_choice(s, &key)
     {
         ct.prefetch(&crate::lb::vip_reply_key(&key, be));
     }
@@ -169,7 +177,7 @@ pub(crate) fn vip_hit(
             if let Some(old) = expired {
                 lb.release(old);
             }
-            return new_vip_flow(frame, total, pf, &pre.probe, pre.flags, now, t, lb);
+            return new_vip_flow(frame, total, pf, pre, now, t, lb);
         }
     };
     // The entry names the service: no VIP lookup, but the service must
@@ -193,27 +201,28 @@ pub(crate) fn vip_hit(
 
 /// A task's packet to a VIP that opens a connection (the fast path's
 /// lookup found none): the VIP's service schedules it and both directions
-/// are tracked (`lb::vip_connection`); a backend on another node is then
+/// are tracked (`lb::open_vip`); a backend on another node is then
 /// reached by DNAT and encapsulation right here, anything else through the
 /// general path's own tail (`lb::vip_tail`). `None` (nothing changed)
 /// only if the destination is no VIP.
-#[allow(clippy::too_many_arguments)]
 #[inline(never)] // a new connection costs far more than a call
 fn new_vip_flow(
     frame: &mut Frame<'_>,
     total: usize,
     pf: &PortFast,
-    probe: &Probe,
-    flags: u8,
+    pre: &VipPre,
     now: u64,
     t: &Tables,
     lb: &mut crate::lb::LbState,
 ) -> Option<Verdict> {
-    let key = &probe.key();
-    let svc = t.services.at(pf.net, key.dst.to_be_bytes(), key.dport, key.proto)?;
+    let key = &pre.probe.key();
+    let svc = match pre.svc {
+        NO_SERVICE => t.services.at(pf.net, key.dst.to_be_bytes(), key.dport, key.proto)?,
+        svc => svc,
+    };
     let s = t.services.list.get(svc as usize)?;
     // From here on the connection is decided and tracked: no more `None`.
-    let b = match crate::lb::vip_connection(lb, s, svc, key, flags, now, None, Some(*probe)) {
+    let b = match crate::lb::open_vip(lb, s, svc, key, pre.flags, now, Some(pre.probe)) {
         Ok(b) => b,
         Err(e) => return Some(Verdict::Drop(e)),
     };
