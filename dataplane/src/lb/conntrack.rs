@@ -119,12 +119,6 @@ pub struct Probe {
 }
 
 impl Probe {
-    /// True if this is the probe of `key` (of the same table).
-    #[inline(always)]
-    pub fn is_of(&self, key: &FlowKey) -> bool {
-        (self.k0, self.k1) == key.pack()
-    }
-
     /// The key this is the probe of.
     #[inline(always)]
     pub fn key(&self) -> FlowKey {

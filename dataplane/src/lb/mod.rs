@@ -95,7 +95,14 @@ impl LbState {
     /// expired one is freed and what it held released.
     #[inline]
     pub(crate) fn lookup(&mut self, key: &FlowKey, now: u64, flags: u8) -> Option<CtValue> {
-        match self.conntrack.lookup_or_expired(key, now, flags) {
+        let p = self.conntrack.probe(key);
+        self.lookup_probe(&p, now, flags)
+    }
+
+    /// [`LbState::lookup`] of a probed key.
+    #[inline(always)]
+    pub(crate) fn lookup_probe(&mut self, p: &conntrack::Probe, now: u64, flags: u8) -> Option<CtValue> {
+        match self.conntrack.lookup_probe(p, now, flags) {
             Ok(v) => Some(v),
             Err(old) => {
                 if let Some(old) = old {
@@ -406,15 +413,21 @@ pub(crate) fn vip_connection(
     now: u64,
     found: Option<CtValue>,
 ) -> Result<u32, DropReason> {
-    let (vip, vport) = s.vip.ok_or(DropReason::NoRoute)?;
-    let reply = |be: &service::Backend, f: &CtValue| {
-        (vip_reply_key(key, be), CtValue { peer: u32::from(vip), port: vport, flags: CT_REPLY, ..*f })
-    };
+    let vip = s.vip.ok_or(DropReason::NoRoute)?;
     if found.is_some() {
         let p = Packet { key: *key, flags, now };
+        let reply = |be: &service::Backend, f: &CtValue| vip_reply(vip, key, be, f);
         return connection(lb, s, svc, &p, found, |_, f, _| Ok(f), reply).map(|(b, _)| b);
     }
     open_vip(lb, s, svc, key, flags, now, None)
+}
+
+/// The reply entry of a VIP connection of `key` to `vip` whose forward
+/// entry is `f`, balanced to `be`: its key (from the backend to the
+/// client) and value (the VIP:port the replies' source becomes).
+#[inline(always)]
+fn vip_reply(vip: (Ipv4Addr, u16), key: &FlowKey, be: &service::Backend, f: &CtValue) -> (FlowKey, CtValue) {
+    (vip_reply_key(key, be), CtValue { peer: u32::from(vip.0), port: vip.1, flags: CT_REPLY, ..*f })
 }
 
 /// [`vip_connection`] of a key with nothing tracked (the common case, and
@@ -430,12 +443,11 @@ pub(crate) fn open_vip(
     now: u64,
     probe: Option<conntrack::Probe>,
 ) -> Result<u32, DropReason> {
-    let (vip, vport) = s.vip.ok_or(DropReason::NoRoute)?;
+    let vip = s.vip.ok_or(DropReason::NoRoute)?;
     let (b, f) = schedule(lb, s, svc, key, flags)?;
     let fp = probe.unwrap_or_else(|| lb.conntrack.probe(key));
-    let be = &s.backends[b as usize];
-    let rv = CtValue { peer: u32::from(vip), port: vport, flags: CT_REPLY, ..f };
-    track(lb, svc, b, &fp, f, &vip_reply_key(key, be), rv, now);
+    let (rk, rv) = vip_reply(vip, key, &s.backends[b as usize], &f);
+    track(lb, svc, b, &fp, f, &rk, rv, now);
     Ok(b)
 }
 

@@ -150,9 +150,8 @@ pub struct Backend {
     /// fast path need not look the backend's MAC up per packet).
     pub remote: Option<u32>,
     /// RFC 1624 checksum differences of the DNAT from the service's VIP to
-    /// this backend, precomputed (ones'-complement sums of native-order
-    /// 16-bit words, unfolded): `[0]` for the IPv4 header (the address),
-    /// `[1]` for TCP/UDP (address and port). Zero without a VIP.
+    /// this backend, precomputed (`wire::rewrite::dnat_delta`): `[0]` for
+    /// the IPv4 header, `[1]` for TCP/UDP. Zero without a VIP.
     pub vip_csum: [u32; 2],
 }
 
@@ -177,18 +176,6 @@ pub struct Service {
     /// side, from the backends' identities (address and port) and the
     /// cluster-wide seed.
     pub maglev: Option<Maglev>,
-}
-
-/// The checksum differences of rewriting destination `from:from_port` to
-/// `to:to_port` ([`Backend::vip_csum`]): `~m + m'` over the changed words,
-/// in native byte order (ones'-complement sums are byte-order independent,
-/// RFC 1071 section 2(B)), as `wire::rewrite` computes them per packet.
-pub fn dnat_csum_delta(from: Ipv4Addr, from_port: u16, to: Ipv4Addr, to_port: u16) -> [u32; 2] {
-    let words = |v: u32| (v & 0xffff) + (v >> 16);
-    let addr = words(!u32::from_ne_bytes(from.octets())) + words(u32::from_ne_bytes(to.octets()));
-    let port =
-        u32::from(!u16::from_ne_bytes(from_port.to_be_bytes())) + u32::from(u16::from_ne_bytes(to_port.to_be_bytes()));
-    [addr, addr + port]
 }
 
 /// Cluster-wide seed of the Maglev tables: every node builds the same
@@ -293,7 +280,8 @@ impl Services {
                     return Err(format!("service {name:?}: backend {} is listed twice", b.ip));
                 }
                 let weight = if b.state == BackendState::Draining { 0 } else { b.weight };
-                let vip_csum = vip.map_or([0; 2], |(vip, vport)| dnat_csum_delta(vip, vport, b.ip, target));
+                let vip_csum =
+                    vip.map_or([0; 2], |(vip, vport)| crate::wire::rewrite::dnat_delta(vip, vport, b.ip, target));
                 backends.push(Backend { ip: b.ip, port: target, mac, weight, remote: None, vip_csum });
             }
             let maglev = if s.scheduler.uses_maglev() {

@@ -171,14 +171,8 @@ pub(crate) fn vip_hit(
 ) -> Option<Verdict> {
     let key = pre.probe.key();
     let total = usize::from(pre.total);
-    let v = match lb.conntrack.lookup_probe(&pre.probe, now, pre.flags) {
-        Ok(v) => v,
-        Err(expired) => {
-            if let Some(old) = expired {
-                lb.release(old);
-            }
-            return new_vip_flow(frame, total, pf, pre, now, t, lb);
-        }
+    let Some(v) = lb.lookup_probe(&pre.probe, now, pre.flags) else {
+        return new_vip_flow(frame, total, pf, pre, now, t, lb);
     };
     // The entry names the service: no VIP lookup, but the service must
     // still have this VIP (VIP keys map to one service each, so this is
@@ -267,20 +261,12 @@ fn vip_remote(
     // so `~m + m'` is known (what `wire::rewrite::rewrite_ipv4` computes
     // per packet, with the same result: RFC 1624, UDP's 0 kept).
     let [ip_delta, l4_delta] = be.vip_csum;
-    let apply = |csum: u16, delta: u32| !crate::wire::checksum::fold(u32::from(!csum) + delta);
-    let ipc = apply(u16::from_ne_bytes([d[24], d[25]]), ip_delta);
+    use crate::wire::rewrite::{apply_delta, transport_csum};
+    let ipc = apply_delta(u16::from_ne_bytes([d[24], d[25]]), ip_delta);
     d[24..26].copy_from_slice(&ipc.to_ne_bytes());
     d[30..34].copy_from_slice(&be.ip.octets());
     d[36..38].copy_from_slice(&be.port.to_be_bytes());
-    let old = u16::from_ne_bytes([d[csum_at], d[csum_at + 1]]);
-    let l4c = match (key.proto, old) {
-        (protocol::UDP, 0) => 0,
-        (protocol::UDP, _) => match apply(old, l4_delta) {
-            0 => 0xffff,
-            c => c,
-        },
-        _ => apply(old, l4_delta),
-    };
+    let l4c = transport_csum(key.proto, u16::from_ne_bytes([d[csum_at], d[csum_at + 1]]), l4_delta);
     d[csum_at..csum_at + 2].copy_from_slice(&l4c.to_ne_bytes());
     // To the backend's MAC, from the client's own (see `lb::vip_tail`).
     d[0..6].copy_from_slice(&be.mac.0);

@@ -47,8 +47,51 @@ impl Delta {
     /// `HC' = ~(~HC + sum(~m + m'))`.
     #[inline]
     fn apply(self, csum: u16) -> u16 {
-        !checksum::fold(u32::from(!csum) + self.0)
+        apply_delta(csum, self.0)
     }
+}
+
+/// The two 16-bit halves of a word, summed (unfolded): a native-order
+/// word's share of a ones'-complement sum. Ones'-complement sums are
+/// byte-order independent (RFC 1071 section 2(B)), so the fixed-offset
+/// paths work on native-order words, with no byte swaps.
+#[inline(always)]
+fn words(v: u32) -> u32 {
+    (v & 0xffff) + (v >> 16)
+}
+
+/// A checksum (as read, native order) after changes whose RFC 1624
+/// difference `sum(~m + m')` is `delta`: `HC' = ~(~HC + delta)`.
+#[inline(always)]
+pub fn apply_delta(csum: u16, delta: u32) -> u16 {
+    !checksum::fold(u32::from(!csum) + delta)
+}
+
+/// [`apply_delta`] for the TCP or UDP checksum of protocol `proto`: a UDP
+/// checksum of 0 ("none") stays 0 and a computed 0 becomes 0xffff (RFC
+/// 768). 0 and 0xffff read the same in either byte order.
+#[inline(always)]
+pub fn transport_csum(proto: u8, old: u16, delta: u32) -> u16 {
+    match (proto, old) {
+        (protocol::UDP, 0) => 0,
+        (protocol::UDP, _) => match apply_delta(old, delta) {
+            0 => 0xffff,
+            c => c,
+        },
+        _ => apply_delta(old, delta),
+    }
+}
+
+/// The RFC 1624 differences of rewriting the destination `from:from_port`
+/// to `to:to_port`, in native-order words as [`rewrite_ipv4`] computes them
+/// per packet: `[0]` for the IPv4 header (the address), `[1]` for TCP/UDP
+/// (pseudo-header address and port). For a rewrite known in advance (a
+/// VIP to a backend), computed once and applied with [`apply_delta`] and
+/// [`transport_csum`].
+pub fn dnat_delta(from: Ipv4Addr, from_port: u16, to: Ipv4Addr, to_port: u16) -> [u32; 2] {
+    let addr = words(!u32::from_ne_bytes(from.octets())) + words(u32::from_ne_bytes(to.octets()));
+    let port = u32::from(!u16::from_ne_bytes(from_port.to_be_bytes())) + u32::from(to_port.to_be());
+    [addr, addr + port]
 }
 
 #[inline]
@@ -88,15 +131,9 @@ pub fn rewrite_ipv4(ip: &mut [u8], nat: &Nat) -> Result<(), WireError> {
             _ => 0,
         };
         if csum_at != 0 && total <= len {
-            // Ones'-complement sums are byte-order independent (RFC 1071
-            // section 2(B)): work on native-order words, no byte swaps.
             #[inline(always)]
             fn ne32(b: &[u8; 40], at: usize) -> u32 {
                 u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-            }
-            #[inline(always)]
-            fn words(v: u32) -> u32 {
-                (v & 0xffff) + (v >> 16)
             }
             let mut addr = 0u32;
             if let Some(a) = nat.src_addr {
@@ -118,19 +155,9 @@ pub fn rewrite_ipv4(ip: &mut [u8], nat: &Nat) -> Result<(), WireError> {
                 l4 += u32::from(!u16::from_ne_bytes([h[22], h[23]])) + u32::from(p.to_be());
                 h[22..24].copy_from_slice(&p.to_be_bytes());
             }
-            let apply = |csum: u16, d: u32| !checksum::fold(u32::from(!csum) + d);
-            let ipc = apply(u16::from_ne_bytes([h[10], h[11]]), addr);
+            let ipc = apply_delta(u16::from_ne_bytes([h[10], h[11]]), addr);
             h[10..12].copy_from_slice(&ipc.to_ne_bytes());
-            // 0 and 0xffff read the same in either byte order.
-            let old = u16::from_ne_bytes([h[csum_at], h[csum_at + 1]]);
-            let new = match (h[9], old) {
-                (protocol::UDP, 0) => 0,
-                (protocol::UDP, _) => match apply(old, l4) {
-                    0 => 0xffff,
-                    c => c,
-                },
-                _ => apply(old, l4),
-            };
+            let new = transport_csum(h[9], u16::from_ne_bytes([h[csum_at], h[csum_at + 1]]), l4);
             h[csum_at..csum_at + 2].copy_from_slice(&new.to_ne_bytes());
             return Ok(());
         }
