@@ -23,7 +23,7 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented public functions
 
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
-use meshplane_dataplane::lb::conntrack::{Conntrack, CtConfig, CtState, CtValue, FlowKey, tcp_flags};
+use meshplane_dataplane::lb::conntrack::{Conntrack, CtConfig, CtState, CtValue, FlowKey, Inserted, SECOND, tcp_flags};
 use meshplane_dataplane::lb::maglev::{DEFAULT_SIZE, Maglev, MaglevBackend};
 
 fn maglev(c: &mut Criterion) {
@@ -70,6 +70,65 @@ fn conntrack(c: &mut Criterion) {
         });
         eprintln!("{name}: {} flows inserted, {} evicted", n, ct.stats.evicted);
         assert!(ct.stats.evicted < u64::from(n) / 50, "the table holds the flows: {:?}", ct.stats);
+    }
+    g.finish();
+}
+
+/// New flows as the target names them: the Maglev choice and the
+/// conntrack inserts (forward entry through the flood guard, reply entry),
+/// 64 new flows a burst in two passes as the data path runs them (pass
+/// one: both keys probed and their buckets prefetched, the Maglev lookup;
+/// pass two: the inserts). `_2M`: a 2 M-entry table (64 MiB, twice the L3
+/// cache: the buckets miss in DRAM); `_64k`: 64 K entries (2 MiB).
+fn new_flow(c: &mut Criterion) {
+    let mut g = c.benchmark_group("lb");
+    g.throughput(Throughput::Elements(64));
+    let backends: Vec<MaglevBackend> =
+        (0..100u64).map(|i| MaglevBackend { id: (0xc613_0000 + i) << 16 | 8080, weight: 1 }).collect();
+    let m = Maglev::build(&backends, DEFAULT_SIZE, 0x5eed).expect("builds");
+    for (name, capacity) in [("new_flow_maglev_insert_2M", 1usize << 21), ("new_flow_maglev_insert_64k", 1 << 16)] {
+        let mut ct = Conntrack::new(CtConfig { capacity, ..CtConfig::default() });
+        let mut next = 0u32;
+        // One second a burst: a key comes round again after 65536 bursts,
+        // long after its SYN-only entry (60 s) expired.
+        let mut now = 0u64;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                now += SECOND;
+                let mut probes = [None; 64];
+                for p in probes.iter_mut() {
+                    next = next.wrapping_add(1);
+                    let k = key(next);
+                    let fp = ct.probe(&k);
+                    ct.prefetch_probe(&fp);
+                    let h = meshplane_dataplane::wire::flow::hash2(
+                        0x5eed,
+                        u64::from(k.src) << 32 | u64::from(k.dst),
+                        u64::from(k.sport) << 16,
+                    );
+                    let Some(be) = m.lookup(h) else { continue };
+                    let rk = FlowKey { src: 0xc613_0000 + be, dst: k.src, sport: 8080, dport: k.sport, proto: 6 };
+                    let rp = ct.probe(&rk);
+                    ct.prefetch_probe(&rp);
+                    *p = Some((fp, rp, be));
+                }
+                for (fp, rp, be) in probes.iter().flatten() {
+                    let v = CtValue {
+                        service: 1,
+                        backend: *be,
+                        peer: 0xc613_0000 + be,
+                        port: 8080,
+                        state: CtState::SynRecv,
+                        ..CtValue::ZERO
+                    };
+                    if ct.insert_probe(fp, v, now, true) != Inserted::Guarded {
+                        ct.insert_probe(rp, CtValue { flags: 1, ..v }, now, false);
+                    }
+                }
+                black_box(ct.stats.inserted)
+            })
+        });
+        eprintln!("{name}: conntrack {:?}", ct.stats);
     }
     g.finish();
 }
@@ -163,5 +222,5 @@ fn vip(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, maglev, conntrack, vip);
+criterion_group!(benches, maglev, conntrack, new_flow, vip);
 criterion_main!(benches);

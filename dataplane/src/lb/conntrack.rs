@@ -2,8 +2,8 @@
 //! NAT state, with TCP state and IPVS's timeouts.
 //!
 //! Sized when the worker starts and never grown on the packet path: a
-//! set-associative table (buckets of [`WAYS`] entries, each entry at most
-//! 64 bytes), the bucket chosen by a seeded hash of the 5-tuple. A new flow
+//! set-associative table (buckets of [`WAYS`] entries of 32 bytes: a bucket
+//! is four cache lines), the bucket chosen by a seeded hash of the 5-tuple. A new flow
 //! takes a free or expired way of its bucket; when all ways are live, the
 //! way seen longest ago is evicted (least recently used within the set, as
 //! a CPU cache evicts; counted). Expired entries are found lazily by
@@ -36,18 +36,6 @@ pub struct FlowKey {
     pub dport: u16,
     /// IP protocol (6 TCP, 17 UDP; never 0).
     pub proto: u8,
-}
-
-impl FlowKey {
-    /// Packed into two words; `k1` is never 0 for a real key (the protocol
-    /// is never 0), which marks a free entry.
-    #[inline(always)]
-    fn pack(&self) -> (u64, u64) {
-        (
-            (u64::from(self.src) << 32) | u64::from(self.dst),
-            (u64::from(self.sport) << 48) | (u64::from(self.dport) << 32) | u64::from(self.proto),
-        )
-    }
 }
 
 /// TCP connection state, as far as a load balancer follows it.
@@ -99,7 +87,7 @@ pub struct CtValue {
     pub mac: [u8; 6],
     /// State.
     pub state: CtState,
-    /// Spare bits for the caller (direction, mode).
+    /// Four bits for the caller (direction, mode; [`FLAG_MASK`]).
     pub flags: u8,
 }
 
@@ -112,51 +100,211 @@ impl CtValue {
 /// A key packed and hashed to its bucket ([`Conntrack::probe`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Probe {
+    /// Source and destination address.
     k0: u64,
-    k1: u64,
+    /// Source and destination port.
+    ports: u32,
+    proto: u8,
     /// Index of the bucket's first entry.
     at: usize,
 }
 
 impl Probe {
+    /// The key's bits of `Entry::k1`.
+    #[inline(always)]
+    fn k1(&self) -> u64 {
+        u64::from(self.ports) | (u64::from(self.proto) << 32)
+    }
+
     /// The key this is the probe of.
     #[inline(always)]
     pub fn key(&self) -> FlowKey {
         FlowKey {
             src: (self.k0 >> 32) as u32,
             dst: self.k0 as u32,
-            sport: (self.k1 >> 48) as u16,
-            dport: (self.k1 >> 32) as u16,
-            proto: self.k1 as u8,
+            sport: (self.ports >> 16) as u16,
+            dport: self.ports as u16,
+            proto: self.proto,
         }
     }
 }
 
-/// A table entry: 56 bytes.
+/// The clock's unit in an entry: 2^20 ns (about 1.05 ms). Expiry times are
+/// kept as 32 bits of these ticks and compared with wrap-around, as Linux
+/// keeps `nf_conn`'s timeout in 32-bit jiffies.
+pub const TICK_SHIFT: u32 = 20;
+
+/// The longest timeout a table takes, in ticks (2^30: about 13 days);
+/// longer ones are cut to it. Half the 32-bit tick range, so that "expires
+/// after now" is one wrapping comparison.
+const MAX_TIMEOUT_TICKS: u32 = 1 << 30;
+
+/// How far before the latest time a table was given a caller may still
+/// ask about it and see the entries live then (2^26 ticks, about 19 h):
+/// diagnostics may read with a time a little older than the packet path's.
+const BACKWARD_SLACK: u32 = 1 << 26;
+
+/// The tick of a time in nanoseconds (truncated to 32 bits: compared with
+/// wrap-around).
+#[inline(always)]
+fn tick(now: u64) -> u32 {
+    (now >> TICK_SHIFT) as u32
+}
+
+/// `CtValue::flags` bits an entry keeps (the low four).
+pub const FLAG_MASK: u8 = 0x0f;
+
+/// A table entry: 32 bytes, eight to a bucket of four cache lines. The key
+/// and every value field but the MAC; a MAC (only routing-mesh entries
+/// have one) is kept in a side array at the same index, read only for
+/// entries marked `HAS_MAC`.
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
 struct Entry {
+    /// Source address << 32 | destination address.
     k0: u64,
-    /// 0: free.
+    /// Bits 0-31: source port << 16 | destination port; 32-39: the IP
+    /// protocol (0 marks a free entry); 40-47: state (bits 40-42), the
+    /// caller's flags (43-46) and `HAS_MAC` (47); 48-63: the service
+    /// index's high half. The key is the low 40 bits ([`KEY1`]).
     k1: u64,
-    expires: u64,
-    last_seen: u64,
-    v: CtValue,
+    /// Expiry, in ticks (wrapping).
+    expires: u32,
+    peer: u32,
+    port: u16,
+    port2: u16,
+    /// Service index, low half.
+    svc_lo: u16,
+    backend: u16,
 }
 
-const _: () = assert!(core::mem::size_of::<Entry>() <= 64, "a conntrack entry is at most 64 bytes");
-// A bucket is whole cache lines (7 of them), so buckets of a table that
+/// The key's bits of `Entry::k1`.
+const KEY1: u64 = (1 << 40) - 1;
+/// `Entry::k1`: the protocol's bits (zero: a free entry).
+const PROTO_BITS: u64 = 0xff << 32;
+/// `Entry::k1`: where the state, flags and `HAS_MAC` byte starts.
+const SF_SHIFT: u32 = 40;
+/// `Entry::k1`: the state's bits.
+const STATE_BITS: u64 = 7 << SF_SHIFT;
+/// `Entry::k1`: the entry's MAC is kept in the side array.
+const HAS_MAC: u64 = 0x80 << SF_SHIFT;
+
+const _: () = assert!(core::mem::size_of::<Entry>() == 32, "a conntrack entry is 32 bytes");
+// A bucket is whole cache lines (4 of them), so buckets of a table that
 // starts on a line never straddle one more line than they need.
 const _: () = assert!((WAYS * core::mem::size_of::<Entry>()).is_multiple_of(64), "a bucket is whole cache lines");
 
-// SAFETY: integers, and `CtState` (a fieldless enum whose 0 is `Udp`): the
-// all-zero entry is `FREE`.
+// SAFETY: integers only: the all-zero entry is `FREE`.
 #[allow(unsafe_code)]
 unsafe impl super::hugemem::Zeroable for Entry {}
 
-const FREE: Entry = Entry { k0: 0, k1: 0, expires: 0, last_seen: 0, v: CtValue::ZERO };
+/// A MAC in the side array.
+#[derive(Debug, Clone, Copy)]
+struct Mac([u8; 6]);
 
-/// Timeouts (nanoseconds) and limits. Defaults are IPVS's.
+// SAFETY: a byte array: all zero is a valid (the empty) MAC.
+#[allow(unsafe_code)]
+unsafe impl super::hugemem::Zeroable for Mac {}
+
+const FREE: Entry = Entry { k0: 0, k1: 0, expires: 0, peer: 0, port: 0, port2: 0, svc_lo: 0, backend: 0 };
+
+/// The state of its number in an entry (3 bits).
+#[inline(always)]
+fn state_of(bits: u64) -> CtState {
+    match bits & 7 {
+        0 => CtState::Udp,
+        1 => CtState::SynRecv,
+        2 => CtState::Established,
+        3 => CtState::Fin,
+        _ => CtState::Close,
+    }
+}
+
+impl Entry {
+    /// The entry of key `p` and value `v` (but for its MAC) expiring at
+    /// tick `expires`.
+    #[inline(always)]
+    fn new(p: &Probe, v: &CtValue, expires: u32) -> Entry {
+        Entry { k0: p.k0, k1: p.k1() | Entry::value_bits(v), expires, ..Entry::value_words(v) }
+    }
+
+    /// The bits of `k1` a value sets (state, flags, `HAS_MAC`, service).
+    #[inline(always)]
+    fn value_bits(v: &CtValue) -> u64 {
+        let mac = if v.mac != [0; 6] { HAS_MAC } else { 0 };
+        ((u64::from(v.state as u8) | u64::from((v.flags & FLAG_MASK) << 3)) << SF_SHIFT)
+            | mac
+            | (u64::from(v.service >> 16) << 48)
+    }
+
+    /// The value's words outside `k1`.
+    #[inline(always)]
+    fn value_words(v: &CtValue) -> Entry {
+        Entry {
+            peer: v.peer,
+            port: v.port,
+            port2: v.port2,
+            svc_lo: v.service as u16,
+            backend: v.backend as u16,
+            ..FREE
+        }
+    }
+
+    #[inline(always)]
+    fn is_free(&self) -> bool {
+        self.k1 & PROTO_BITS == 0
+    }
+
+    #[inline(always)]
+    fn matches(&self, p: &Probe) -> bool {
+        self.k0 == p.k0 && self.k1 & KEY1 == p.k1()
+    }
+
+    /// The state's number (an index into `Conntrack::timeouts`).
+    #[inline(always)]
+    fn state_index(&self) -> usize {
+        ((self.k1 >> SF_SHIFT) & 7) as usize
+    }
+
+    #[inline(always)]
+    fn set_state(&mut self, s: CtState) {
+        self.k1 = (self.k1 & !STATE_BITS) | (u64::from(s as u8) << SF_SHIFT);
+    }
+
+    /// The value, but for its MAC (see `Conntrack::value_at`).
+    #[inline(always)]
+    fn value(&self) -> CtValue {
+        let sf = (self.k1 >> SF_SHIFT) as u8;
+        CtValue {
+            service: (((self.k1 >> 48) as u32) << 16) | u32::from(self.svc_lo),
+            backend: u32::from(self.backend),
+            peer: self.peer,
+            port: self.port,
+            port2: self.port2,
+            mac: [0; 6],
+            state: state_of(u64::from(sf)),
+            flags: (sf >> 3) & FLAG_MASK,
+        }
+    }
+
+    #[inline(always)]
+    fn key(&self) -> FlowKey {
+        Probe { k0: self.k0, ports: self.k1 as u32, proto: (self.k1 >> 32) as u8, at: 0 }.key()
+    }
+
+    /// True if the entry is live at tick `now` (`max`: the table's longest
+    /// timeout and `BACKWARD_SLACK`, so that an entry whose expiry lies
+    /// further ahead than that is one that wrapped round: expired).
+    #[inline(always)]
+    fn live(&self, now: u32, max: u32) -> bool {
+        self.expires.wrapping_sub(now).wrapping_sub(1) < max
+    }
+}
+
+/// Timeouts (nanoseconds) and limits. Defaults are IPVS's. Timeouts are
+/// kept to a resolution of 2^20 ns and at most about 13 days: an entry
+/// lives at least its timeout after its last packet and at most about 3 ms
+/// longer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CtConfig {
     /// Entries (rounded up to whole buckets; at least one bucket).
@@ -239,10 +387,16 @@ pub struct Conntrack {
     /// In huge pages where the kernel gives them (see `hugemem`); starts
     /// on a 2 MiB boundary, so every bucket starts on a cache line.
     entries: super::hugemem::HugeArray<Entry>,
+    /// The MACs of entries marked `HAS_MAC`, by entry index.
+    macs: super::hugemem::HugeArray<Mac>,
     buckets: u64,
     cfg: CtConfig,
-    /// `cfg`'s timeouts by `CtState as usize` (one load on a hit).
-    timeouts: [u64; 5],
+    /// `cfg`'s timeouts in ticks (plus one), by `CtState as usize` (one
+    /// load on a hit; a 3-bit index needs no bounds check).
+    timeouts: [u32; 8],
+    /// The longest of them, plus `BACKWARD_SLACK`: an expiry further
+    /// ahead than this is one that wrapped round (expired).
+    max_timeout: u32,
     len: usize,
     /// Flood guard window: its start and the inserts in it.
     window: (u64, u32),
@@ -255,11 +409,20 @@ impl Conntrack {
     /// A table of `cfg.capacity` entries (rounded up to whole buckets).
     pub fn new(cfg: CtConfig) -> Conntrack {
         let buckets = cfg.capacity.div_ceil(WAYS).max(1);
+        // One tick more than the timeout: the insert's own tick is
+        // truncated, so an entry lives at least its timeout (and at most
+        // two ticks longer).
+        // Indexed by a state's number in an entry (0-4; 5-7 as Close).
+        let timeouts = [0u64, 1, 2, 3, 4, 4, 4, 4].map(|n| {
+            let t = cfg.timeout(state_of(n)).div_ceil(1 << TICK_SHIFT).clamp(1, u64::from(MAX_TIMEOUT_TICKS));
+            t as u32 + 1
+        });
         Conntrack {
             entries: super::hugemem::HugeArray::zeroed(buckets * WAYS),
+            macs: super::hugemem::HugeArray::zeroed(buckets * WAYS),
             buckets: buckets as u64,
-            timeouts: [CtState::Udp, CtState::SynRecv, CtState::Established, CtState::Fin, CtState::Close]
-                .map(|s| cfg.timeout(s)),
+            max_timeout: timeouts.iter().copied().max().unwrap_or(1) + BACKWARD_SLACK,
+            timeouts,
             cfg,
             len: 0,
             window: (0, 0),
@@ -288,20 +451,17 @@ impl Conntrack {
         self.entries.len()
     }
 
-    #[inline(always)]
-    fn bucket(&self, k0: u64, k1: u64) -> usize {
-        let h = hash2(self.cfg.seed, k0, k1);
-        (((u64::from(h) * self.buckets) >> 32) as usize) * WAYS
-    }
-
     /// The packed key and bucket of `key`: what a lookup needs, computed
     /// once. The burst loop computes it when it prefetches the bucket a few
     /// frames ahead and hands it to the lookup, which then neither packs
     /// nor hashes the key again.
     #[inline(always)]
     pub fn probe(&self, key: &FlowKey) -> Probe {
-        let (k0, k1) = key.pack();
-        Probe { k0, k1, at: self.bucket(k0, k1) }
+        let k0 = (u64::from(key.src) << 32) | u64::from(key.dst);
+        let ports = (u32::from(key.sport) << 16) | u32::from(key.dport);
+        let h = hash2(self.cfg.seed, k0, (u64::from(ports) << 8) | u64::from(key.proto));
+        let at = (((u64::from(h) * self.buckets) >> 32) as usize) * WAYS;
+        Probe { k0, ports, proto: key.proto, at }
     }
 
     /// Prefetches the bucket of `key` (a hint: nothing observable changes),
@@ -317,11 +477,24 @@ impl Conntrack {
     #[inline(always)]
     pub fn prefetch_probe(&self, p: &Probe) {
         let p = self.entries.as_ptr().wrapping_add(p.at).cast::<u8>();
-        // The bucket's 8 entries are 448 bytes: 7 whole cache lines.
+        // The bucket's 8 entries are 256 bytes: 4 whole cache lines.
         const BYTES: usize = WAYS * core::mem::size_of::<Entry>();
         for off in (0..BYTES).step_by(64) {
             crate::wire::prefetch(p.wrapping_add(off));
         }
+    }
+
+    /// The value of the entry at index `i` (with its MAC from the side
+    /// array if it has one).
+    #[inline(always)]
+    fn value_at(&self, i: usize, e: &Entry) -> CtValue {
+        let mut v = e.value();
+        if e.k1 & HAS_MAC != 0
+            && let Some(m) = self.macs.get(i)
+        {
+            v.mac = m.0;
+        }
+        v
     }
 
     /// The live entry of `key` at time `now`, refreshed: its state follows
@@ -346,36 +519,35 @@ impl Conntrack {
     /// [`Conntrack::probe`] of this table).
     #[inline(always)]
     pub fn lookup_probe(&mut self, p: &Probe, now: u64, tcp_flags: u8) -> Result<CtValue, Option<CtValue>> {
-        let (k0, k1) = (p.k0, p.k1);
+        let (t, max) = (tick(now), self.max_timeout);
         let Some(set) = self.entries.get_mut(p.at..p.at + WAYS) else { return Err(None) };
-        for e in set {
-            if e.k1 == k1 && e.k0 == k0 {
-                if e.expires <= now {
-                    let v = e.v;
-                    *e = FREE;
-                    self.len -= 1;
-                    self.stats.expired += 1;
-                    return Err(Some(v));
-                }
-                // The protocol is the key's low byte. An established TCP
-                // connection stays so without SYN, FIN or RST (what
-                // `next_state` says, decided in one test).
-                use tcp_flags::{FIN, RST, SYN};
-                if k1 as u8 == 6 && (e.v.state != CtState::Established || tcp_flags & (SYN | FIN | RST) != 0) {
-                    e.v.state = next_state(e.v.state, tcp_flags);
-                }
-                e.last_seen = now;
-                e.expires = now + self.timeouts[e.v.state as usize];
-                return Ok(e.v);
-            }
+        let Some(w) = set.iter().position(|e| e.matches(p)) else { return Err(None) };
+        let e = &mut set[w];
+        if !e.live(t, max) {
+            let old = *e;
+            *e = FREE;
+            self.len -= 1;
+            self.stats.expired += 1;
+            return Err(Some(self.value_at(p.at + w, &old)));
         }
-        Err(None)
+        // An established TCP connection stays so without SYN, FIN or RST
+        // (what `next_state` says, decided in one test).
+        use tcp_flags::{FIN, RST, SYN};
+        if p.proto == 6
+            && (e.k1 & STATE_BITS != (CtState::Established as u64) << SF_SHIFT || tcp_flags & (SYN | FIN | RST) != 0)
+        {
+            e.set_state(next_state(state_of(e.k1 >> SF_SHIFT), tcp_flags));
+        }
+        e.expires = t.wrapping_add(self.timeouts[e.state_index()]);
+        let e = *e;
+        Ok(self.value_at(p.at + w, &e))
     }
 
     /// Inserts `key` → `v` at time `now` (the caller has looked it up and
     /// found nothing). Takes the first free or expired way of the key's
     /// bucket, else evicts the way seen longest ago; above the flood-guard
-    /// rate it inserts nothing.
+    /// rate it inserts nothing. `v.backend` must fit 16 bits (tables allow
+    /// at most 65535 backends a service) and `v.flags` 4 ([`FLAG_MASK`]).
     pub fn insert(&mut self, key: &FlowKey, v: CtValue, now: u64) -> Inserted {
         let p = self.probe(key);
         self.insert_probe(&p, v, now, true)
@@ -391,7 +563,7 @@ impl Conntrack {
 
     /// [`Conntrack::insert`] (`guarded`) or [`Conntrack::insert_unguarded`]
     /// of the key `p` was made from (by [`Conntrack::probe`] of this table).
-    #[inline]
+    #[inline(always)]
     pub fn insert_probe(&mut self, p: &Probe, v: CtValue, now: u64, guarded: bool) -> Inserted {
         if guarded && self.cfg.max_new_per_sec > 0 {
             if now.saturating_sub(self.window.0) >= SECOND {
@@ -403,48 +575,73 @@ impl Conntrack {
             }
             self.window.1 += 1;
         }
-        let entry = Entry { k0: p.k0, k1: p.k1, expires: now + self.timeouts[v.state as usize], last_seen: now, v };
-        let Some(set) = self.entries.get_mut(p.at..p.at + WAYS) else { return Inserted::Guarded };
+        debug_assert!(v.backend <= u32::from(u16::MAX) && v.flags & !FLAG_MASK == 0, "{v:?} fits an entry");
+        let (t, max) = (tick(now), self.max_timeout);
+        let entry = Entry::new(p, &v, t.wrapping_add(self.timeouts[v.state as usize & 7]));
+        let Some(set) = self.entries.get(p.at..p.at + WAYS) else { return Inserted::Guarded };
         self.stats.inserted += 1;
-        // The first way that is free or expired (a free way's expiry is 0,
-        // so one comparison finds both), else the one seen longest ago
-        // (the first of those): one pass, stopping at the first usable way.
-        let (mut victim, mut oldest) = (0, u64::MAX);
-        for (i, e) in set.iter_mut().enumerate() {
-            if e.expires <= now {
-                let was = (e.k1 != 0).then_some(e.v);
-                *e = entry;
-                if was.is_some() {
-                    self.stats.expired += 1;
-                } else {
-                    self.len += 1;
-                }
-                return Inserted::Fresh(was);
+        // The first way that is free or expired, else the one seen longest
+        // ago (its expiry less its state's timeout is when it was last
+        // seen; the first of those): one pass, stopping at the first
+        // usable way.
+        let (mut victim, mut oldest, mut fresh) = (0, 0u32, false);
+        for (i, e) in set.iter().enumerate() {
+            if e.is_free() || !e.live(t, max) {
+                (victim, fresh) = (i, true);
+                break;
             }
-            if e.last_seen < oldest {
-                (victim, oldest) = (i, e.last_seen);
+            let age = t.wrapping_sub(e.expires.wrapping_sub(self.timeouts[e.state_index()]));
+            if i == 0 || age > oldest {
+                (victim, oldest) = (i, age);
             }
         }
-        let old = set[victim].v;
-        set[victim] = entry;
-        self.stats.evicted += 1;
-        Inserted::Evicted(old)
+        let at = p.at + victim;
+        let old = set[victim];
+        let was = (!old.is_free()).then(|| self.value_at(at, &old));
+        if let Some(e) = self.entries.get_mut(at) {
+            *e = entry;
+        }
+        if entry.k1 & HAS_MAC != 0
+            && let Some(m) = self.macs.get_mut(at)
+        {
+            *m = Mac(v.mac);
+        }
+        match (fresh, was) {
+            (true, None) => {
+                self.len += 1;
+                Inserted::Fresh(None)
+            }
+            (true, Some(old)) => {
+                self.stats.expired += 1;
+                Inserted::Fresh(Some(old))
+            }
+            (false, old) => {
+                self.stats.evicted += 1;
+                Inserted::Evicted(old.unwrap_or(CtValue::ZERO))
+            }
+        }
+    }
+
+    /// The index of `key`'s entry, live or not.
+    fn find(&self, key: &FlowKey) -> Option<usize> {
+        let p = self.probe(key);
+        let set = self.entries.get(p.at..p.at + WAYS)?;
+        set.iter().position(|e| e.matches(&p)).map(|w| p.at + w)
     }
 
     /// True if `key` has a live entry at `now` (nothing is refreshed).
     pub fn contains(&self, key: &FlowKey, now: u64) -> bool {
-        let (k0, k1) = key.pack();
-        let b = self.bucket(k0, k1);
-        self.entries.get(b..b + WAYS).is_some_and(|set| set.iter().any(|e| e.k1 == k1 && e.k0 == k0 && e.expires > now))
+        self.find(key).and_then(|i| self.entries.get(i)).is_some_and(|e| e.live(tick(now), self.max_timeout))
     }
 
     /// Removes `key`'s entry; its value if there was one.
     pub fn remove(&mut self, key: &FlowKey) -> Option<CtValue> {
-        let (k0, k1) = key.pack();
-        let b = self.bucket(k0, k1);
-        let e = self.entries.get_mut(b..b + WAYS)?.iter_mut().find(|e| e.k1 == k1 && e.k0 == k0)?;
-        let v = e.v;
-        *e = FREE;
+        let i = self.find(key)?;
+        let old = *self.entries.get(i)?;
+        let v = self.value_at(i, &old);
+        if let Some(e) = self.entries.get_mut(i) {
+            *e = FREE;
+        }
         self.len -= 1;
         self.stats.removed += 1;
         Some(v)
@@ -453,18 +650,23 @@ impl Conntrack {
     /// Frees expired entries among the next `budget` entries (round robin
     /// over the table), calling `released` with each freed value. A worker
     /// calls it between bursts so that idle flows release their backends
-    /// (connection counts, drained backends) without a timer per entry.
+    /// (connection counts, drained backends) without a timer per entry, and
+    /// so that no expired entry stays unvisited long enough for its 32-bit
+    /// expiry to wrap round.
     pub fn sweep(&mut self, now: u64, budget: usize, mut released: impl FnMut(CtValue)) {
         let n = self.entries.len();
+        let (t, max) = (tick(now), self.max_timeout);
         for _ in 0..budget.min(n) {
             let i = self.sweep_at;
             self.sweep_at = if i + 1 == n { 0 } else { i + 1 };
-            if let Some(e) = self.entries.get_mut(i)
-                && e.k1 != 0
-                && e.expires <= now
+            if let Some(&e) = self.entries.get(i)
+                && !e.is_free()
+                && !e.live(t, max)
             {
-                released(e.v);
-                *e = FREE;
+                released(self.value_at(i, &e));
+                if let Some(e) = self.entries.get_mut(i) {
+                    *e = FREE;
+                }
                 self.len -= 1;
                 self.stats.expired += 1;
             }
@@ -472,34 +674,47 @@ impl Conntrack {
     }
 
     /// Every live entry: its key, value and expiry time (diagnostics:
-    /// `meshplane conntrack ls`).
+    /// `meshplane conntrack ls`; the expiry to the table's resolution).
     pub fn entries(&self, now: u64) -> impl Iterator<Item = (FlowKey, CtValue, u64)> + '_ {
-        self.entries.iter().filter(move |e| e.k1 != 0 && e.expires > now).map(|e| {
-            let key = FlowKey {
-                src: (e.k0 >> 32) as u32,
-                dst: e.k0 as u32,
-                sport: (e.k1 >> 48) as u16,
-                dport: (e.k1 >> 32) as u16,
-                proto: e.k1 as u8,
-            };
-            (key, e.v, e.expires)
+        let (t, max) = (tick(now), self.max_timeout);
+        self.entries.iter().enumerate().filter(move |(_, e)| !e.is_free() && e.live(t, max)).map(move |(i, e)| {
+            let left = u64::from(e.expires.wrapping_sub(t)) << TICK_SHIFT;
+            (e.key(), self.value_at(i, e), now + left)
         })
     }
 
     /// Every live entry's value (diagnostics, tests, draining checks).
     pub fn values(&self, now: u64) -> impl Iterator<Item = CtValue> + '_ {
-        self.entries.iter().filter(move |e| e.k1 != 0 && e.expires > now).map(|e| e.v)
+        self.entries(now).map(|(_, v, _)| v)
     }
 
     /// Rewrites every live entry's value with `f` (returning `None` removes
     /// the entry, reporting its value to the caller through `f`'s side
     /// effects): for backend removal and renumbering when tables change.
+    /// The key, state and expiry stay.
     pub fn retain_map(&mut self, mut f: impl FnMut(CtValue) -> Option<CtValue>) {
-        for e in self.entries.iter_mut().filter(|e| e.k1 != 0) {
-            match f(e.v) {
-                Some(v) => e.v = v,
+        for i in 0..self.entries.len() {
+            let Some(&e) = self.entries.get(i) else { break };
+            if e.is_free() {
+                continue;
+            }
+            match f(self.value_at(i, &e)) {
+                Some(v) => {
+                    let k1 = (e.k1 & KEY1) | Entry::value_bits(&v);
+                    let new = Entry { k0: e.k0, k1, expires: e.expires, ..Entry::value_words(&v) };
+                    if let Some(x) = self.entries.get_mut(i) {
+                        *x = new;
+                    }
+                    if new.k1 & HAS_MAC != 0
+                        && let Some(m) = self.macs.get_mut(i)
+                    {
+                        *m = Mac(v.mac);
+                    }
+                }
                 None => {
-                    *e = FREE;
+                    if let Some(x) = self.entries.get_mut(i) {
+                        *x = FREE;
+                    }
                     self.len -= 1;
                     self.stats.removed += 1;
                 }
@@ -578,57 +793,126 @@ mod tests {
 
     #[test]
     fn timeouts_follow_the_state_with_a_fake_clock() {
+        // An entry outlives its timeout by at most two ticks.
+        const LATE: u64 = 2 << TICK_SHIFT;
         let cfg = CtConfig::default();
         let mut ct = Conntrack::new(CtConfig { capacity: 64, ..cfg });
         // SYN only: gone after 60 s.
         ct.insert(&key(1), val(0, CtState::SynRecv), 0);
         assert!(ct.lookup(&key(1), 60 * SECOND - 1, 0).is_some());
-        assert_eq!(ct.lookup_or_expired(&key(1), 120 * SECOND, 0), Err(Some(val(0, CtState::SynRecv))));
+        assert_eq!(ct.lookup_or_expired(&key(1), 120 * SECOND + LATE, 0), Err(Some(val(0, CtState::SynRecv))));
         assert_eq!(ct.len(), 0);
         // Established: 900 s after the last packet, refreshed by each.
         ct.insert(&key(2), val(0, CtState::SynRecv), 0);
         ct.lookup(&key(2), 1, ACK);
         assert!(ct.lookup(&key(2), 1 + 899 * SECOND, ACK).is_some());
         assert!(ct.lookup(&key(2), 1 + 899 * SECOND + 900 * SECOND - 1, ACK).is_some());
-        assert_eq!(ct.lookup(&key(2), 1 + 899 * SECOND + 1800 * SECOND, ACK), None);
+        assert_eq!(ct.lookup(&key(2), 1 + 899 * SECOND + 1800 * SECOND + LATE, ACK), None);
         // FIN: 120 s; RST: 10 s.
         ct.insert(&key(3), val(0, CtState::Established), 0);
         assert_eq!(ct.lookup(&key(3), 0, FIN | ACK).map(|v| v.state), Some(CtState::Fin));
         assert!(ct.lookup(&key(3), 119 * SECOND, 0).is_some());
-        assert_eq!(ct.lookup(&key(3), 119 * SECOND + 120 * SECOND, 0), None);
+        assert_eq!(ct.lookup(&key(3), 119 * SECOND + 120 * SECOND + LATE, 0), None);
         ct.insert(&key(4), val(0, CtState::Established), 0);
         assert_eq!(ct.lookup(&key(4), 0, RST).map(|v| v.state), Some(CtState::Close));
-        assert_eq!(ct.lookup(&key(4), 10 * SECOND, 0), None);
+        assert_eq!(ct.lookup(&key(4), 10 * SECOND + LATE, 0), None);
         // UDP: 300 s.
         let udp = FlowKey { proto: 17, ..key(5) };
         ct.insert(&udp, val(0, CtState::Udp), 0);
         assert!(ct.lookup(&udp, 299 * SECOND, 0).is_some());
-        assert_eq!(ct.lookup(&udp, 299 * SECOND + 300 * SECOND, 0), None);
-        // Configurable.
+        assert_eq!(ct.lookup(&udp, 299 * SECOND + 300 * SECOND + LATE, 0), None);
+        // Configurable, to the table's resolution: at least the timeout,
+        // at most two ticks more.
         let mut short = Conntrack::new(CtConfig { capacity: 64, udp: 5 * SECOND, ..cfg });
         short.insert(&udp, val(0, CtState::Udp), 0);
-        assert_eq!(short.lookup(&udp, 5 * SECOND, 0), None);
+        assert!(short.lookup(&udp, 5 * SECOND - 1, 0).is_some());
+        short.insert(&FlowKey { sport: 1, ..udp }, val(0, CtState::Udp), 0);
+        assert_eq!(short.lookup(&FlowKey { sport: 1, ..udp }, 5 * SECOND + LATE, 0), None);
+    }
+
+    #[test]
+    fn values_round_trip_through_the_packed_entry() {
+        let mut ct = small(64);
+        let v = CtValue {
+            service: 0x0012_3456,
+            backend: 65535,
+            peer: 0xc612_0001,
+            port: 8080,
+            port2: 30080,
+            mac: [2, 0, 0, 0, 9, 9],
+            state: CtState::Established,
+            flags: FLAG_MASK,
+        };
+        ct.insert(&key(1), v, 0);
+        assert_eq!(ct.lookup(&key(1), 1, ACK), Some(v));
+        // Without a MAC nothing is read from the side array, and a MAC an
+        // earlier entry of the same way left there does not show.
+        assert_eq!(ct.remove(&key(1)), Some(v));
+        let w = CtValue { mac: [0; 6], flags: 1, ..v };
+        ct.insert(&key(1), w, 0);
+        assert_eq!(ct.lookup(&key(1), 1, ACK), Some(w));
+        assert_eq!(ct.entries(1).map(|(k, v, _)| (k, v)).collect::<Vec<_>>(), [(key(1), w)]);
+        // retain_map rewrites the value and keeps the key.
+        ct.retain_map(|v| Some(CtValue { backend: 7, mac: [2, 0, 0, 0, 7, 7], ..v }));
+        assert_eq!(ct.lookup(&key(1), 2, ACK), Some(CtValue { backend: 7, mac: [2, 0, 0, 0, 7, 7], ..w }));
+    }
+
+    #[test]
+    fn expiry_survives_the_tick_counter_wrapping() {
+        // The 32-bit tick counter wraps every 2^32 ticks (about 52 days).
+        const T: u64 = 1 << TICK_SHIFT;
+        let mut ct = small(64);
+        let start = ((1u64 << 32) - 10) * T;
+        let udp = FlowKey { proto: 17, ..key(1) };
+        ct.insert(&udp, val(0, CtState::Udp), start);
+        assert!(ct.lookup(&udp, start + 299 * SECOND, 0).is_some(), "live across the wrap");
+        assert!(ct.contains(&udp, start + 299 * SECOND + 299 * SECOND));
+        assert!(!ct.contains(&udp, start + 299 * SECOND + 301 * SECOND), "expired across the wrap");
+        // An entry left unvisited for half the counter's range (far beyond
+        // any timeout) is expired, not live again.
+        ct.insert(&key(2), val(0, CtState::Established), 0);
+        assert!(!ct.contains(&key(2), (1u64 << 31) * T));
+        // (Only in the last hours before the counter comes round to it
+        // again would it look live: the sweep frees it long before.)
+        assert_eq!(ct.lookup_or_expired(&key(2), (3u64 << 30) * T, ACK), Err(Some(val(0, CtState::Established))));
+        // A caller may ask about a time before the last packet's.
+        ct.insert(&key(3), val(0, CtState::Established), 1000 * SECOND);
+        assert!(ct.contains(&key(3), 10 * SECOND));
+    }
+
+    #[test]
+    fn timeouts_are_cut_to_the_longest_the_table_keeps() {
+        let day = 86_400 * SECOND;
+        let mut ct = Conntrack::new(CtConfig { capacity: 64, tcp_established: 365 * day, ..CtConfig::default() });
+        ct.insert(&key(1), val(0, CtState::Established), 0);
+        assert!(ct.contains(&key(1), 12 * day));
+        assert!(!ct.contains(&key(1), 14 * day));
     }
 
     #[test]
     fn full_bucket_evicts_the_least_recently_seen() {
         // One bucket: WAYS entries fill it; the next evicts the oldest.
+        // (Times in ticks, the table's resolution.)
+        const T: u64 = 1 << TICK_SHIFT;
         let mut ct = small(WAYS);
         for i in 0..WAYS as u32 {
-            assert_eq!(ct.insert(&key(i), val(i, CtState::Established), u64::from(i) + 10), Inserted::Fresh(None));
+            assert_eq!(
+                ct.insert(&key(i), val(i, CtState::Established), (u64::from(i) + 10) * T),
+                Inserted::Fresh(None)
+            );
         }
         // Touch flow 0 so that flow 1 is now the oldest.
-        ct.lookup(&key(0), 100, ACK);
+        ct.lookup(&key(0), 100 * T, ACK);
         assert_eq!(
-            ct.insert(&key(99), val(99, CtState::SynRecv), 101),
+            ct.insert(&key(99), val(99, CtState::SynRecv), 101 * T),
             Inserted::Evicted(val(1, CtState::Established))
         );
-        assert_eq!(ct.lookup(&key(1), 102, ACK), None);
-        assert!(ct.lookup(&key(0), 102, ACK).is_some());
+        assert_eq!(ct.lookup(&key(1), 102 * T, ACK), None);
+        assert!(ct.lookup(&key(0), 102 * T, ACK).is_some());
         assert_eq!((ct.len(), ct.stats.evicted), (WAYS, 1));
         // An expired way is reused before a live one is evicted (every
         // entry has expired by then).
-        let late = 100 + 1000 * SECOND;
+        let late = 100 * T + 1000 * SECOND;
         let r = ct.insert(&key(100), val(100, CtState::SynRecv), late);
         assert!(matches!(r, Inserted::Fresh(Some(_))), "{r:?}");
         assert_eq!(ct.stats.evicted, 1);

@@ -277,11 +277,19 @@ fn schedule(
     };
     let b = b.ok_or(DropReason::NoBackend)?;
     let be = s.backends.get(b).ok_or(DropReason::NoBackend)?;
+    let b = b as u32;
+    Ok((b, forward_value(svc, b, be, key, flags)))
+}
+
+/// The forward entry's value of a new connection of `key` (TCP flags
+/// `flags`) to backend `b` (`be`) of service `svc`, before any mode adds
+/// NAT state.
+#[inline(always)]
+fn forward_value(svc: u32, b: u32, be: &service::Backend, key: &FlowKey, flags: u8) -> CtValue {
     // A SYN opens; a segment of a connection the table lost (a restart, an
     // eviction) is taken as established, as IPVS's sloppy TCP does.
     let state = if key.proto == protocol::TCP { conntrack::next_state(CtState::SynRecv, flags) } else { CtState::Udp };
-    let b = b as u32;
-    Ok((b, CtValue { service: svc, backend: b, peer: u32::from(be.ip), port: be.port, state, ..CtValue::ZERO }))
+    CtValue { service: svc, backend: b, peer: u32::from(be.ip), port: be.port, state, ..CtValue::ZERO }
 }
 
 /// Tracks a new connection to backend `b` of service `svc`: the forward
@@ -292,8 +300,25 @@ fn schedule(
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn track(lb: &mut LbState, svc: u32, b: u32, fp: &conntrack::Probe, f: CtValue, rk: &FlowKey, rv: CtValue, now: u64) {
+    let rp = lb.conntrack.probe(rk);
+    track_probed(lb, svc, b, fp, f, &rp, rv, now);
+}
+
+/// [`track`] of a probed reply key.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn track_probed(
+    lb: &mut LbState,
+    svc: u32,
+    b: u32,
+    fp: &conntrack::Probe,
+    f: CtValue,
+    rp: &conntrack::Probe,
+    rv: CtValue,
+    now: u64,
+) {
     if lb.insert_probe(fp, f, now, true) {
-        lb.insert(rk, rv, now, false);
+        lb.insert_probe(rp, rv, now, false);
         if let Some(bs) = lb.services.get_mut(svc as usize).and_then(|x| x.backends.get_mut(b as usize)) {
             bs.active += 1;
         }
@@ -419,7 +444,7 @@ pub(crate) fn vip_connection(
         let reply = |be: &service::Backend, f: &CtValue| vip_reply(vip, key, be, f);
         return connection(lb, s, svc, &p, found, |_, f, _| Ok(f), reply).map(|(b, _)| b);
     }
-    open_vip(lb, s, svc, key, flags, now, None)
+    open_vip(lb, s, svc, key, flags, now, None, None)
 }
 
 /// The reply entry of a VIP connection of `key` to `vip` whose forward
@@ -432,6 +457,9 @@ fn vip_reply(vip: (Ipv4Addr, u16), key: &FlowKey, be: &service::Backend, f: &CtV
 
 /// [`vip_connection`] of a key with nothing tracked (the common case, and
 /// the fast path's): what `connection` does then, without its generality.
+/// The fast path hands over what it already knows: the key's probe, and
+/// for a stateless scheduler the backend [`stateless_choice`] gave and the
+/// probe of the reply key for it (the same answers, computed once).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn open_vip(
@@ -442,10 +470,22 @@ pub(crate) fn open_vip(
     flags: u8,
     now: u64,
     probe: Option<conntrack::Probe>,
+    chosen: Option<(u32, conntrack::Probe)>,
 ) -> Result<u32, DropReason> {
     let vip = s.vip.ok_or(DropReason::NoRoute)?;
-    let (b, f) = schedule(lb, s, svc, key, flags)?;
     let fp = probe.unwrap_or_else(|| lb.conntrack.probe(key));
+    if let Some((b, rp)) = chosen
+        && let Some(be) = s.backends.get(b as usize)
+    {
+        if lb.services.get(svc as usize).is_none() || lb.sched.get(svc as usize).is_none() {
+            return Err(DropReason::LbNotSynced);
+        }
+        let f = forward_value(svc, b, be, key, flags);
+        let rv = CtValue { peer: u32::from(vip.0), port: vip.1, flags: CT_REPLY, ..f };
+        track_probed(lb, svc, b, &fp, f, &rp, rv, now);
+        return Ok(b);
+    }
+    let (b, f) = schedule(lb, s, svc, key, flags)?;
     let (rk, rv) = vip_reply(vip, key, &s.backends[b as usize], &f);
     track(lb, svc, b, &fp, f, &rk, rv, now);
     Ok(b)
@@ -478,6 +518,9 @@ pub(crate) fn vip_tail(
     }
     crate::overlay::switch(frame, net, be.mac, now, t, lb)
 }
+
+// A connection entry keeps four bits of flags.
+const _: () = assert!((CT_REPLY | CT_MESH_NAT | CT_MESH_PS | CT_PS_RETURN) & !conntrack::FLAG_MASK == 0);
 
 /// `CtValue::flags`: a routing-mesh connection in `nat` mode.
 pub const CT_MESH_NAT: u8 = 2;

@@ -271,6 +271,10 @@ impl Services {
             let Some(target) = s.target_port.or(s.port) else {
                 return Err(format!("service {name:?}: target_port is needed without a vip"));
             };
+            // A connection entry keeps a backend's index in 16 bits.
+            if s.backends.len() > usize::from(u16::MAX) {
+                return Err(format!("service {name:?}: at most 65535 backends"));
+            }
             let mut backends = Vec::with_capacity(s.backends.len());
             for b in &s.backends {
                 let mac = endpoint_mac(net, b.ip).ok_or_else(|| {

@@ -105,6 +105,9 @@ pub(crate) struct VipPre {
     /// The VIP's service if [`prefetch_reply`] looked it up, else
     /// `NO_SERVICE`.
     svc: u32,
+    /// The backend `lb::stateless_choice` gave for the connection and the
+    /// probe of its reply key, if [`prefetch_reply`] found them.
+    chosen: Option<(u32, Probe)>,
 }
 
 /// [`VipPre::svc`] when the service was not looked up.
@@ -133,7 +136,7 @@ pub(crate) fn vip_pre(frame: &Frame<'_>, pf: &PortFast, ct: &crate::lb::conntrac
     };
     let flags = if h[23] == protocol::TCP { *d.get(47)? } else { 0 };
     // `total` is at most the MTU, a u16.
-    Some(VipPre { probe: ct.probe(&key), total: u16::try_from(total).ok()?, flags, svc: NO_SERVICE })
+    Some(VipPre { probe: ct.probe(&key), total: u16::try_from(total).ok()?, flags, svc: NO_SERVICE, chosen: None })
 }
 
 /// For a frame [`vip_pre`] accepted that opens a TCP connection (SYN
@@ -152,9 +155,11 @@ pub(crate) fn prefetch_reply(pre: &mut VipPre, pf: &PortFast, t: &Tables, ct: &c
     // Remembered for the connection's opening (`new_vip_flow`).
     pre.svc = svc;
     if let Some(s) = t.services.list.get(svc as usize)
-        && let Some((_, be)) = crate::lb::stateless_choice(s, &key)
+        && let Some((b, be)) = crate::lb::stateless_choice(s, &key)
     {
-        ct.prefetch(&crate::lb::vip_reply_key(&key, be));
+        let rp = ct.probe(&crate::lb::vip_reply_key(&key, be));
+        ct.prefetch_probe(&rp);
+        pre.chosen = Some((b as u32, rp));
     }
 }
 
@@ -216,7 +221,7 @@ fn new_vip_flow(
     };
     let s = t.services.list.get(svc as usize)?;
     // From here on the connection is decided and tracked: no more `None`.
-    let b = match crate::lb::open_vip(lb, s, svc, key, pre.flags, now, Some(pre.probe)) {
+    let b = match crate::lb::open_vip(lb, s, svc, key, pre.flags, now, Some(pre.probe), pre.chosen) {
         Ok(b) => b,
         Err(e) => return Some(Verdict::Drop(e)),
     };
