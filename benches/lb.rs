@@ -23,7 +23,9 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented public functions
 
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
-use meshplane_dataplane::lb::conntrack::{Conntrack, CtConfig, CtState, CtValue, FlowKey, Inserted, SECOND, tcp_flags};
+use meshplane_dataplane::lb::conntrack::{
+    Bucket, Conntrack, CtConfig, CtState, CtValue, FlowKey, Inserted, SECOND, tcp_flags,
+};
 use meshplane_dataplane::lb::maglev::{DEFAULT_SIZE, Maglev, MaglevBackend};
 
 fn maglev(c: &mut Criterion) {
@@ -77,7 +79,7 @@ fn conntrack(c: &mut Criterion) {
 /// New flows as the target names them: the Maglev choice and the
 /// conntrack inserts (forward entry through the flood guard, reply entry),
 /// 64 new flows a burst in two passes as the data path runs them (pass
-/// one: both keys probed and their buckets prefetched, the Maglev lookup;
+/// one: both keys probed, their one bucket prefetched, the Maglev lookup;
 /// pass two: the inserts). `_2M`: a 2 M-entry table (64 MiB, twice the L3
 /// cache: the buckets miss in DRAM); `_64k`: 64 K entries (2 MiB).
 fn new_flow(c: &mut Criterion) {
@@ -99,7 +101,10 @@ fn new_flow(c: &mut Criterion) {
                 for p in probes.iter_mut() {
                     next = next.wrapping_add(1);
                     let k = key(next);
-                    let fp = ct.probe(&k);
+                    // As the data path does: the forward key's bucket by its
+                    // source, the reply's by its destination (the same
+                    // client endpoint: the same bucket, prefetched once).
+                    let fp = ct.probe_in(&k, Bucket::Src);
                     ct.prefetch_probe(&fp);
                     let h = meshplane_dataplane::wire::flow::hash2(
                         0x5eed,
@@ -108,8 +113,7 @@ fn new_flow(c: &mut Criterion) {
                     );
                     let Some(be) = m.lookup(h) else { continue };
                     let rk = FlowKey { src: 0xc613_0000 + be, dst: k.src, sport: 8080, dport: k.sport, proto: 6 };
-                    let rp = ct.probe(&rk);
-                    ct.prefetch_probe(&rp);
+                    let rp = ct.probe_in(&rk, Bucket::Dst);
                     *p = Some((fp, rp, be));
                 }
                 for (fp, rp, be) in probes.iter().flatten() {

@@ -569,12 +569,17 @@ fn prefetch_flow(f: &Frame<'_>, vxlan_port: u16, lb: &crate::lb::LbState) {
             }
         })
     };
-    let Some(mut k) = key(d) else { return };
-    if k.proto == 17 && k.dport == vxlan_port {
+    let Some(k) = key(d) else { return };
+    use crate::lb::conntrack::Bucket;
+    // Inside VXLAN, mostly replies to a local client (found by their
+    // destination); else a routing-mesh client's packet (by its source).
+    let (k, by) = if k.proto == 17 && k.dport == vxlan_port {
         match d.get(crate::wire::vxlan::ENCAP_LEN..).and_then(key) {
-            Some(inner) => k = inner,
+            Some(inner) => (inner, Bucket::Dst),
             None => return,
         }
-    }
-    lb.conntrack.prefetch(&k);
+    } else {
+        (k, Bucket::Src)
+    };
+    lb.conntrack.prefetch_probe(&lb.conntrack.probe_in(&k, by));
 }

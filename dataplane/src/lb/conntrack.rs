@@ -129,6 +129,27 @@ impl Probe {
     }
 }
 
+/// What chooses a key's bucket ([`Conntrack::probe_in`]).
+///
+/// A connection without source NAT has the same endpoint on the client's
+/// side in both directions: the forward key's source is the reply key's
+/// destination. Hashing only that endpoint puts both entries of the
+/// connection in one bucket, so that opening it touches one random bucket,
+/// not two (the reply's insert finds the lines the forward lookup brought
+/// in). The price: one client address and port (one socket) keeps at most
+/// [`WAYS`] connections through the balancer at once in a bucket; more
+/// from the same socket evict each other, least recently seen first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bucket {
+    /// The whole 5-tuple (entries whose endpoints do not spread: replies
+    /// to a source-NAT address, which all share this node's address).
+    Tuple,
+    /// The source address, port and protocol: a connection's forward key.
+    Src,
+    /// The destination address, port and protocol: its reply key.
+    Dst,
+}
+
 /// The clock's unit in an entry: 2^20 ns (about 1.05 ms). Expiry times are
 /// kept as 32 bits of these ticks and compared with wrap-around, as Linux
 /// keeps `nf_conn`'s timeout in 32-bit jiffies.
@@ -451,15 +472,29 @@ impl Conntrack {
         self.entries.len()
     }
 
-    /// The packed key and bucket of `key`: what a lookup needs, computed
-    /// once. The burst loop computes it when it prefetches the bucket a few
-    /// frames ahead and hands it to the lookup, which then neither packs
-    /// nor hashes the key again.
+    /// The packed key and bucket of `key` (chosen by its whole 5-tuple,
+    /// [`Bucket::Tuple`]): what a lookup needs, computed once. The burst
+    /// loop computes it when it prefetches the bucket a few frames ahead
+    /// and hands it to the lookup, which then neither packs nor hashes the
+    /// key again.
     #[inline(always)]
     pub fn probe(&self, key: &FlowKey) -> Probe {
+        self.probe_in(key, Bucket::Tuple)
+    }
+
+    /// [`Conntrack::probe`] of `key` in the bucket `by` chooses. An entry
+    /// is found only through a probe made the way its insert's was.
+    #[inline(always)]
+    pub fn probe_in(&self, key: &FlowKey, by: Bucket) -> Probe {
         let k0 = (u64::from(key.src) << 32) | u64::from(key.dst);
         let ports = (u32::from(key.sport) << 16) | u32::from(key.dport);
-        let h = hash2(self.cfg.seed, k0, (u64::from(ports) << 8) | u64::from(key.proto));
+        let proto = u64::from(key.proto);
+        let (a, b) = match by {
+            Bucket::Tuple => (k0, (u64::from(ports) << 8) | proto),
+            Bucket::Src => (u64::from(key.src), (u64::from(key.sport) << 8) | proto),
+            Bucket::Dst => (u64::from(key.dst), (u64::from(key.dport) << 8) | proto),
+        };
+        let h = hash2(self.cfg.seed, a, b);
         let at = (((u64::from(h) * self.buckets) >> 32) as usize) * WAYS;
         Probe { k0, ports, proto: key.proto, at }
     }
@@ -622,21 +657,30 @@ impl Conntrack {
         }
     }
 
-    /// The index of `key`'s entry, live or not.
-    fn find(&self, key: &FlowKey) -> Option<usize> {
-        let p = self.probe(key);
+    /// The index of the probed key's entry, live or not.
+    fn find(&self, p: &Probe) -> Option<usize> {
         let set = self.entries.get(p.at..p.at + WAYS)?;
-        set.iter().position(|e| e.matches(&p)).map(|w| p.at + w)
+        set.iter().position(|e| e.matches(p)).map(|w| p.at + w)
     }
 
     /// True if `key` has a live entry at `now` (nothing is refreshed).
     pub fn contains(&self, key: &FlowKey, now: u64) -> bool {
-        self.find(key).and_then(|i| self.entries.get(i)).is_some_and(|e| e.live(tick(now), self.max_timeout))
+        self.contains_probe(&self.probe(key), now)
+    }
+
+    /// [`Conntrack::contains`] of a probed key.
+    pub fn contains_probe(&self, p: &Probe, now: u64) -> bool {
+        self.find(p).and_then(|i| self.entries.get(i)).is_some_and(|e| e.live(tick(now), self.max_timeout))
     }
 
     /// Removes `key`'s entry; its value if there was one.
     pub fn remove(&mut self, key: &FlowKey) -> Option<CtValue> {
-        let i = self.find(key)?;
+        self.remove_probe(&self.probe(key))
+    }
+
+    /// [`Conntrack::remove`] of a probed key.
+    pub fn remove_probe(&mut self, p: &Probe) -> Option<CtValue> {
+        let i = self.find(p)?;
         let old = *self.entries.get(i)?;
         let v = self.value_at(i, &old);
         if let Some(e) = self.entries.get_mut(i) {
@@ -855,6 +899,30 @@ mod tests {
         // retain_map rewrites the value and keeps the key.
         ct.retain_map(|v| Some(CtValue { backend: 7, mac: [2, 0, 0, 0, 7, 7], ..v }));
         assert_eq!(ct.lookup(&key(1), 2, ACK), Some(CtValue { backend: 7, mac: [2, 0, 0, 0, 7, 7], ..w }));
+    }
+
+    #[test]
+    fn both_directions_of_a_connection_share_a_bucket() {
+        let mut ct = small(1 << 12);
+        let fwd = key(7);
+        let reply = FlowKey { src: 0xc613_0002, dst: fwd.src, sport: 8080, dport: fwd.sport, proto: 6 };
+        let (f, r) = (ct.probe_in(&fwd, Bucket::Src), ct.probe_in(&reply, Bucket::Dst));
+        assert_eq!(f.at, r.at);
+        assert_eq!((f.key(), r.key()), (fwd, reply));
+        // Whole tuples spread: of 64 replies to one address and port from
+        // different backends, most land in different buckets.
+        let buckets: std::collections::HashSet<usize> = (0..64)
+            .map(|i| {
+                ct.probe(&FlowKey { src: 0xc613_0000 + i, dst: 0xc613_00fe, sport: 8080, dport: 40000, proto: 6 }).at
+            })
+            .collect();
+        assert!(buckets.len() > 50, "{}", buckets.len());
+        // An entry is found only the way it was put in.
+        ct.insert_probe(&r, val(1, CtState::SynRecv), 0, false);
+        assert!(ct.contains_probe(&r, 1));
+        assert!(!ct.contains(&reply, 1) || ct.probe(&reply).at == r.at);
+        assert_eq!(ct.remove_probe(&r).map(|v| v.backend), Some(1));
+        assert!(!ct.contains_probe(&r, 1));
     }
 
     #[test]

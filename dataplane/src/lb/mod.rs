@@ -22,7 +22,7 @@ use crate::tables::{NetId, Tables};
 use crate::wire::flow;
 use crate::wire::ipv4::protocol;
 use crate::wire::rewrite::{Nat, rewrite_ipv4};
-use conntrack::{Conntrack, CtConfig, CtState, CtValue, FlowKey, Inserted};
+use conntrack::{Bucket, Conntrack, CtConfig, CtState, CtValue, FlowKey, Inserted};
 use core::net::Ipv4Addr;
 use sched::SchedState;
 
@@ -91,11 +91,12 @@ impl LbState {
         release(&mut self.services, v);
     }
 
-    /// The live entry of `key`, refreshed (see `Conntrack::lookup`); an
-    /// expired one is freed and what it held released.
+    /// The live entry of `key` in the bucket `by` chooses, refreshed (see
+    /// `Conntrack::lookup`); an expired one is freed and what it held
+    /// released.
     #[inline]
-    pub(crate) fn lookup(&mut self, key: &FlowKey, now: u64, flags: u8) -> Option<CtValue> {
-        let p = self.conntrack.probe(key);
+    pub(crate) fn lookup(&mut self, key: &FlowKey, by: Bucket, now: u64, flags: u8) -> Option<CtValue> {
+        let p = self.conntrack.probe_in(key, by);
         self.lookup_probe(&p, now, flags)
     }
 
@@ -116,8 +117,8 @@ impl LbState {
     /// Inserts an entry (through the flood guard, or not), releasing what
     /// an entry it displaces held. False if the guard refused it.
     #[inline(always)]
-    fn insert(&mut self, key: &FlowKey, v: CtValue, now: u64, guarded: bool) -> bool {
-        let p = self.conntrack.probe(key);
+    fn insert(&mut self, key: &FlowKey, by: Bucket, v: CtValue, now: u64, guarded: bool) -> bool {
+        let p = self.conntrack.probe_in(key, by);
         self.insert_probe(&p, v, now, guarded)
     }
 
@@ -238,7 +239,8 @@ fn connection(
         Some(stale) => {
             // Tracked, but its backend is gone (or the key is another
             // entry's): replace it rather than track the key twice.
-            lb.conntrack.remove(key);
+            let p = lb.conntrack.probe_in(key, Bucket::Src);
+            lb.conntrack.remove_probe(&p);
             lb.release(stale);
         }
         None => {}
@@ -246,7 +248,7 @@ fn connection(
     let (b, base) = schedule(lb, s, svc, key, flags)?;
     let be = &s.backends[b as usize];
     let f = fwd(be, base, &lb.conntrack)?;
-    let fp = lb.conntrack.probe(key);
+    let fp = lb.conntrack.probe_in(key, Bucket::Src);
     let (rk, rv) = rev(be, &f);
     track(lb, svc, b, &fp, f, &rk, rv, now);
     Ok((b, f))
@@ -300,7 +302,7 @@ fn forward_value(svc: u32, b: u32, be: &service::Backend, key: &FlowKey, flags: 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn track(lb: &mut LbState, svc: u32, b: u32, fp: &conntrack::Probe, f: CtValue, rk: &FlowKey, rv: CtValue, now: u64) {
-    let rp = lb.conntrack.probe(rk);
+    let rp = lb.conntrack.probe_in(rk, reply_bucket(rv.flags));
     track_probed(lb, svc, b, fp, f, &rp, rv, now);
 }
 
@@ -420,7 +422,7 @@ fn vip_inner(
 ) -> Result<Verdict, DropReason> {
     let s = t.services.list.get(svc as usize).ok_or(DropReason::NoBackend)?;
     let (key, flags) = tuple(frame.data()).ok_or(DropReason::Malformed)?;
-    let found = lb.lookup(&key, now, flags);
+    let found = lb.lookup(&key, Bucket::Src, now, flags);
     let b = vip_connection(lb, s, svc, &key, flags, now, found)?;
     Ok(vip_tail(frame, net, s, svc, b, now, t, lb))
 }
@@ -473,7 +475,7 @@ pub(crate) fn open_vip(
     chosen: Option<(u32, conntrack::Probe)>,
 ) -> Result<u32, DropReason> {
     let vip = s.vip.ok_or(DropReason::NoRoute)?;
-    let fp = probe.unwrap_or_else(|| lb.conntrack.probe(key));
+    let fp = probe.unwrap_or_else(|| lb.conntrack.probe_in(key, Bucket::Src));
     if let Some((b, rp)) = chosen
         && let Some(be) = s.backends.get(b as usize)
     {
@@ -572,7 +574,7 @@ fn client_inner(
     // In nat mode the reply comes back to node_ip:snat; the client's
     // own source port is kept unless another connection to the same
     // backend holds it, else one of a few others derived from it.
-    let found = lb.lookup(&key, now, flags);
+    let found = lb.lookup(&key, Bucket::Src, now, flags);
     let (b, f) = connection(
         lb,
         s,
@@ -584,7 +586,7 @@ fn client_inner(
             if nat_mode {
                 let taken = |p: u16| {
                     let rk = FlowKey { src: u32::from(be.ip), dst: node, sport: be.port, dport: p, proto: key.proto };
-                    ct.contains(&rk, now)
+                    ct.contains_probe(&ct.probe_in(&rk, Bucket::Tuple), now)
                 };
                 let mut tries = (0..16u32).map(|i| 1024 + ((u32::from(key.sport) + i * 7919) % 64512) as u16);
                 if taken(port) {
@@ -619,19 +621,31 @@ fn client_inner(
 /// client's connection is restored (source: this node's data-path address
 /// and the published port) and the frame goes out of the uplink to the
 /// client's next hop.
-pub(crate) fn to_node(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
+pub(crate) fn to_node(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
     let Some((key, flags)) = tuple(frame.data()) else {
         return Verdict::Drop(DropReason::NoConnection);
     };
-    match reply_entry(lb, &key, flags, now) {
+    // A `nat` reply is to this node's own address (its entry hashed by the
+    // whole tuple); a `preserve-source` one to the client.
+    let node_ip = t.networks.get(usize::from(net)).and_then(|n| n.node_ip);
+    let by = if node_ip == Some(Ipv4Addr::from(key.dst)) { Bucket::Tuple } else { Bucket::Dst };
+    match reply_entry(lb, &key, by, flags, now) {
         Some(v) if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 => verdict(to_client(frame, &v, t)),
         _ => Verdict::Drop(DropReason::NoConnection),
     }
 }
 
-/// The tracked reply entry of `key`, if any.
-fn reply_entry(lb: &mut LbState, key: &FlowKey, flags: u8, now: u64) -> Option<CtValue> {
-    lb.lookup(key, now, flags).filter(|v| v.flags & CT_REPLY != 0)
+/// The tracked reply entry of `key` (in the bucket `by` chooses), if any.
+fn reply_entry(lb: &mut LbState, key: &FlowKey, by: Bucket, flags: u8, now: u64) -> Option<CtValue> {
+    lb.lookup(key, by, now, flags).filter(|v| v.flags & CT_REPLY != 0)
+}
+
+/// The bucket of a reply entry with `flags`: a connection's reply shares
+/// its forward entry's bucket ([`Bucket::Dst`]) but for a source-NAT one,
+/// whose replies all go to this node's address ([`Bucket::Tuple`]).
+#[inline(always)]
+fn reply_bucket(flags: u8) -> Bucket {
+    if flags & CT_MESH_NAT != 0 { Bucket::Tuple } else { Bucket::Dst }
 }
 
 /// Readdresses a routing-mesh reply to the client (`v` is its reply entry)
@@ -654,7 +668,7 @@ fn to_client(frame: &mut Frame<'_>, v: &CtValue, t: &Tables) -> Result<Verdict, 
 /// `None`: not a tracked reply (no route).
 pub(crate) fn routed(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState) -> Option<Verdict> {
     let (key, flags) = tuple(frame.data())?;
-    let v = reply_entry(lb, &key, flags, now)?;
+    let v = reply_entry(lb, &key, Bucket::Dst, flags, now)?;
     Some(if v.flags & CT_MESH_PS != 0 {
         verdict(to_client(frame, &v, t))
     } else if v.flags & CT_PS_RETURN != 0 {
@@ -695,7 +709,7 @@ pub(crate) fn on_delivery(
         // Remember (or refresh) the way back, keyed as the reply will be.
         let rk = FlowKey { src: key.dst, dst: key.src, sport: key.dport, dport: key.sport, proto: key.proto };
         let mac: [u8; 6] = frame.data()[6..12].try_into().unwrap_or([0; 6]);
-        if lb.lookup(&rk, now, 0).is_none() {
+        if lb.lookup(&rk, Bucket::Dst, now, 0).is_none() {
             let v = CtValue {
                 peer: u32::from(vtep),
                 mac,
@@ -703,11 +717,11 @@ pub(crate) fn on_delivery(
                 flags: CT_REPLY | CT_PS_RETURN,
                 ..CtValue::ZERO
             };
-            lb.insert(&rk, v, now, true);
+            lb.insert(&rk, Bucket::Dst, v, now, true);
         }
         return true;
     }
-    let Some(v) = reply_entry(lb, &key, flags, now) else { return true };
+    let Some(v) = reply_entry(lb, &key, Bucket::Dst, flags, now) else { return true };
     if v.flags & (CT_MESH_NAT | CT_MESH_PS | CT_PS_RETURN) != 0 {
         return true;
     }

@@ -8,7 +8,7 @@
 //! frame the fast path accepts (`pipeline::process_general` is fuzzed
 //! against `pipeline::process`).
 
-use crate::lb::conntrack::{FlowKey, Probe};
+use crate::lb::conntrack::{Bucket, FlowKey, Probe};
 use crate::pipeline::{Frame, Verdict};
 use crate::tables::{Location, PortFast, PortId, Tables, UPLINK, VniNet, mac_key_at, vni_key_at};
 use crate::wire::ipv4::protocol;
@@ -136,7 +136,13 @@ pub(crate) fn vip_pre(frame: &Frame<'_>, pf: &PortFast, ct: &crate::lb::conntrac
     };
     let flags = if h[23] == protocol::TCP { *d.get(47)? } else { 0 };
     // `total` is at most the MTU, a u16.
-    Some(VipPre { probe: ct.probe(&key), total: u16::try_from(total).ok()?, flags, svc: NO_SERVICE, chosen: None })
+    Some(VipPre {
+        probe: ct.probe_in(&key, Bucket::Src),
+        total: u16::try_from(total).ok()?,
+        flags,
+        svc: NO_SERVICE,
+        chosen: None,
+    })
 }
 
 /// For a frame [`vip_pre`] accepted that opens a TCP connection (SYN
@@ -157,8 +163,9 @@ pub(crate) fn prefetch_reply(pre: &mut VipPre, pf: &PortFast, t: &Tables, ct: &c
     if let Some(s) = t.services.list.get(svc as usize)
         && let Some((b, be)) = crate::lb::stateless_choice(s, &key)
     {
-        let rp = ct.probe(&crate::lb::vip_reply_key(&key, be));
-        ct.prefetch_probe(&rp);
+        // The reply entry goes in the forward entry's bucket (Src and Dst
+        // hash the client's endpoint), already prefetched.
+        let rp = ct.probe_in(&crate::lb::vip_reply_key(&key, be), Bucket::Dst);
         pre.chosen = Some((b as u32, rp));
     }
 }

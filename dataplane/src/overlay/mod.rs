@@ -139,7 +139,7 @@ pub(crate) fn from_task(frame: &mut Frame<'_>, in_port: PortId, now: u64, t: &Ta
         if nw.node_mac == Some(dst) {
             // To this node's own address in the network: the routing
             // mesh's replies.
-            return crate::lb::to_node(frame, now, t, lb);
+            return crate::lb::to_node(frame, net, now, t, lb);
         }
     } else if d.len() > usize::from(nw.mtu) + ethernet::HEADER_LEN {
         return Verdict::Drop(D::Oversize);
@@ -304,7 +304,7 @@ pub(crate) fn from_uplink(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut 
     let start = frame.start() + d.inner.start;
     frame.set_window(start, d.inner.len());
     if to_node {
-        return crate::lb::to_node(frame, now, t, lb);
+        return crate::lb::to_node(frame, net, now, t, lb);
     }
     deliver(frame, net, out, Some(d.outer_src), now, t, lb)
 }
