@@ -443,7 +443,7 @@ pub fn process_burst(
                         *p = overlay::fast::vip_pre(&fs[i], pf, &st.lb.conntrack);
                         if let Some(p) = p.as_mut() {
                             st.lb.conntrack.prefetch_probe(&p.probe);
-                            overlay::fast::prefetch_reply(p, pf, t, &st.lb.conntrack);
+                            overlay::fast::note_opening(p, pf, t);
                         }
                     }
                     bytes += burst_loop(fs, vs, st, None, |f, lb, i| match &pre[i] {

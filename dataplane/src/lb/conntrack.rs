@@ -116,6 +116,19 @@ impl Probe {
         u64::from(self.ports) | (u64::from(self.proto) << 32)
     }
 
+    /// For the probe of a key in [`Bucket::Src`], the probe in
+    /// [`Bucket::Dst`] of its reply from `src`:`sport` (to this key's
+    /// source; the same protocol): the same bucket, so no hash.
+    #[inline(always)]
+    pub fn reply_from(&self, src: u32, sport: u16) -> Probe {
+        Probe {
+            k0: (u64::from(src) << 32) | (self.k0 >> 32),
+            ports: (u32::from(sport) << 16) | (self.ports >> 16),
+            proto: self.proto,
+            at: self.at,
+        }
+    }
+
     /// The key this is the probe of.
     #[inline(always)]
     pub fn key(&self) -> FlowKey {
@@ -523,8 +536,15 @@ impl Conntrack {
     /// array if it has one).
     #[inline(always)]
     fn value_at(&self, i: usize, e: &Entry) -> CtValue {
-        let mut v = e.value();
-        if e.k1 & HAS_MAC != 0
+        self.with_mac(i, e.value())
+    }
+
+    /// `v` (the value of the entry at index `i`, with `v.flags` and its
+    /// `HAS_MAC` from it) with the MAC from the side array, if it has one.
+    #[inline(always)]
+    fn with_mac(&self, i: usize, mut v: CtValue) -> CtValue {
+        if let Some(e) = self.entries.get(i)
+            && e.k1 & HAS_MAC != 0
             && let Some(m) = self.macs.get(i)
         {
             v.mac = m.0;
@@ -556,26 +576,31 @@ impl Conntrack {
     pub fn lookup_probe(&mut self, p: &Probe, now: u64, tcp_flags: u8) -> Result<CtValue, Option<CtValue>> {
         let (t, max) = (tick(now), self.max_timeout);
         let Some(set) = self.entries.get_mut(p.at..p.at + WAYS) else { return Err(None) };
-        let Some(w) = set.iter().position(|e| e.matches(p)) else { return Err(None) };
-        let e = &mut set[w];
-        if !e.live(t, max) {
-            let old = *e;
-            *e = FREE;
-            self.len -= 1;
-            self.stats.expired += 1;
-            return Err(Some(self.value_at(p.at + w, &old)));
+        for (w, e) in set.iter_mut().enumerate() {
+            if !e.matches(p) {
+                continue;
+            }
+            if !e.live(t, max) {
+                let old = *e;
+                *e = FREE;
+                self.len -= 1;
+                self.stats.expired += 1;
+                return Err(Some(self.value_at(p.at + w, &old)));
+            }
+            // An established TCP connection stays so without SYN, FIN or
+            // RST (what `next_state` says, decided in one test).
+            use tcp_flags::{FIN, RST, SYN};
+            if p.proto == 6
+                && (e.k1 & STATE_BITS != (CtState::Established as u64) << SF_SHIFT
+                    || tcp_flags & (SYN | FIN | RST) != 0)
+            {
+                e.set_state(next_state(state_of(e.k1 >> SF_SHIFT), tcp_flags));
+            }
+            e.expires = t.wrapping_add(self.timeouts[e.state_index()]);
+            let v = e.value();
+            return Ok(self.with_mac(p.at + w, v));
         }
-        // An established TCP connection stays so without SYN, FIN or RST
-        // (what `next_state` says, decided in one test).
-        use tcp_flags::{FIN, RST, SYN};
-        if p.proto == 6
-            && (e.k1 & STATE_BITS != (CtState::Established as u64) << SF_SHIFT || tcp_flags & (SYN | FIN | RST) != 0)
-        {
-            e.set_state(next_state(state_of(e.k1 >> SF_SHIFT), tcp_flags));
-        }
-        e.expires = t.wrapping_add(self.timeouts[e.state_index()]);
-        let e = *e;
-        Ok(self.value_at(p.at + w, &e))
+        Err(None)
     }
 
     /// Inserts `key` → `v` at time `now` (the caller has looked it up and
@@ -908,6 +933,7 @@ mod tests {
         let reply = FlowKey { src: 0xc613_0002, dst: fwd.src, sport: 8080, dport: fwd.sport, proto: 6 };
         let (f, r) = (ct.probe_in(&fwd, Bucket::Src), ct.probe_in(&reply, Bucket::Dst));
         assert_eq!(f.at, r.at);
+        assert_eq!(f.reply_from(reply.src, reply.sport), r);
         assert_eq!((f.key(), r.key()), (fwd, reply));
         // Whole tuples spread: of 64 replies to one address and port from
         // different backends, most land in different buckets.

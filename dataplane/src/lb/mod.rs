@@ -460,8 +460,8 @@ fn vip_reply(vip: (Ipv4Addr, u16), key: &FlowKey, be: &service::Backend, f: &CtV
 /// [`vip_connection`] of a key with nothing tracked (the common case, and
 /// the fast path's): what `connection` does then, without its generality.
 /// The fast path hands over what it already knows: the key's probe, and
-/// for a stateless scheduler the backend [`stateless_choice`] gave and the
-/// probe of the reply key for it (the same answers, computed once).
+/// for a stateless scheduler the backend [`stateless_choice`] gave (the
+/// same answer, computed once).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn open_vip(
@@ -472,24 +472,24 @@ pub(crate) fn open_vip(
     flags: u8,
     now: u64,
     probe: Option<conntrack::Probe>,
-    chosen: Option<(u32, conntrack::Probe)>,
+    chosen: Option<u32>,
 ) -> Result<u32, DropReason> {
     let vip = s.vip.ok_or(DropReason::NoRoute)?;
     let fp = probe.unwrap_or_else(|| lb.conntrack.probe_in(key, Bucket::Src));
-    if let Some((b, rp)) = chosen
-        && let Some(be) = s.backends.get(b as usize)
-    {
-        if lb.services.get(svc as usize).is_none() || lb.sched.get(svc as usize).is_none() {
-            return Err(DropReason::LbNotSynced);
+    let (b, f) = match chosen {
+        Some(b) if let Some(be) = s.backends.get(b as usize) => {
+            if lb.services.get(svc as usize).is_none() || lb.sched.get(svc as usize).is_none() {
+                return Err(DropReason::LbNotSynced);
+            }
+            (b, forward_value(svc, b, be, key, flags))
         }
-        let f = forward_value(svc, b, be, key, flags);
-        let rv = CtValue { peer: u32::from(vip.0), port: vip.1, flags: CT_REPLY, ..f };
-        track_probed(lb, svc, b, &fp, f, &rp, rv, now);
-        return Ok(b);
-    }
-    let (b, f) = schedule(lb, s, svc, key, flags)?;
-    let (rk, rv) = vip_reply(vip, key, &s.backends[b as usize], &f);
-    track(lb, svc, b, &fp, f, &rk, rv, now);
+        _ => schedule(lb, s, svc, key, flags)?,
+    };
+    // The reply (from the backend to the client) goes in the forward
+    // entry's bucket: the same probe but for the key, no hash.
+    let rp = fp.reply_from(f.peer, f.port);
+    let rv = CtValue { peer: u32::from(vip.0), port: vip.1, flags: CT_REPLY, ..f };
+    track_probed(lb, svc, b, &fp, f, &rp, rv, now);
     Ok(b)
 }
 

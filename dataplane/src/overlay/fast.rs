@@ -102,12 +102,12 @@ pub(crate) struct VipPre {
     pub(crate) probe: Probe,
     total: u16,
     flags: u8,
-    /// The VIP's service if [`prefetch_reply`] looked it up, else
+    /// The VIP's service if [`note_opening`] looked it up, else
     /// `NO_SERVICE`.
     svc: u32,
-    /// The backend `lb::stateless_choice` gave for the connection and the
-    /// probe of its reply key, if [`prefetch_reply`] found them.
-    chosen: Option<(u32, Probe)>,
+    /// The backend `lb::stateless_choice` gave for the connection, if
+    /// [`note_opening`] found one.
+    chosen: Option<u32>,
 }
 
 /// [`VipPre::svc`] when the service was not looked up.
@@ -146,27 +146,24 @@ pub(crate) fn vip_pre(frame: &Frame<'_>, pf: &PortFast, ct: &crate::lb::conntrac
 }
 
 /// For a frame [`vip_pre`] accepted that opens a TCP connection (SYN
-/// without ACK) to a VIP whose scheduler needs no state (`mh`, `sh`):
-/// prefetches the bucket its reply entry will be inserted into (a hint).
-/// That bucket is known only once a backend is chosen, so without this its
-/// cache miss would come after the forward bucket's, not alongside it.
+/// without ACK): the VIP's service, and if its scheduler needs no state
+/// (`mh`, `sh`) the backend it picks, noted for the opening
+/// ([`new_vip_flow`]) while the first pass's bucket prefetches are in
+/// flight (the Maglev slot's own miss overlaps with them). The reply entry
+/// needs no prefetch of its own: it goes in the forward entry's bucket.
 #[inline(always)]
-pub(crate) fn prefetch_reply(pre: &mut VipPre, pf: &PortFast, t: &Tables, ct: &crate::lb::conntrack::Conntrack) {
+pub(crate) fn note_opening(pre: &mut VipPre, pf: &PortFast, t: &Tables) {
     use crate::lb::conntrack::tcp_flags::{ACK, SYN};
     if pre.flags & (SYN | ACK) != SYN {
         return;
     }
     let key = pre.probe.key();
     let Some(svc) = t.services.at(pf.net, key.dst.to_be_bytes(), key.dport, key.proto) else { return };
-    // Remembered for the connection's opening (`new_vip_flow`).
     pre.svc = svc;
     if let Some(s) = t.services.list.get(svc as usize)
-        && let Some((b, be)) = crate::lb::stateless_choice(s, &key)
+        && let Some((b, _)) = crate::lb::stateless_choice(s, &key)
     {
-        // The reply entry goes in the forward entry's bucket (Src and Dst
-        // hash the client's endpoint), already prefetched.
-        let rp = ct.probe_in(&crate::lb::vip_reply_key(&key, be), Bucket::Dst);
-        pre.chosen = Some((b as u32, rp));
+        pre.chosen = Some(b as u32);
     }
 }
 
