@@ -230,6 +230,12 @@ fn bad_services_are_refused_with_clear_errors() {
     assert!(e.contains("already the gateway's, this node's or an endpoint's"), "{e}");
     let e = err(&WEB.replace("ip = \"198.19.0.2\"", "ip = \"198.19.0.77\""));
     assert!(e.contains("backend 198.19.0.77 is not an endpoint of network \"app\""), "{e}");
+    // A connection entry keeps a backend's index in 16 bits.
+    let many: String = (0..65536u32)
+        .map(|i| format!("[[service.backend]]\nip = \"198.{}.{}.{}\"\n", 18 + (i >> 16), (i >> 8) & 255, i & 255))
+        .collect();
+    let e = err(&format!("{WEB}{many}"));
+    assert!(e.contains("service \"web\": at most 65535 backends"), "{e}");
     let e = err(&WEB.replace("network = \"app\"", "network = \"nope\""));
     assert!(e.contains("unknown network \"nope\""), "{e}");
     let e = err(&WEB.replace("scheduler = \"rr\"", "scheduler = \"mh\"\nmaglev_size = 65536"));
