@@ -237,6 +237,11 @@ fn run_static(a: &RunArgs, tables: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The fewest connection-table entries per worker: one bucket.
+const MIN_CONNTRACK: usize = meshplane_dataplane::lb::conntrack::WAYS;
+/// The most: 2^30 (38 GiB with the MAC side array).
+const MAX_CONNTRACK: usize = 1 << 30;
+
 /// Each worker's core (`None`: not pinned): one per `--cores` core, or
 /// `--workers N` unpinned, or one unpinned.
 pub(crate) fn worker_cores(a: &RunArgs) -> Result<Vec<Option<usize>>> {
@@ -248,6 +253,13 @@ pub(crate) fn worker_cores(a: &RunArgs) -> Result<Vec<Option<usize>>> {
     };
     if cores.len() > 64 {
         bail!("at most 64 workers");
+    }
+    // Checked here, with the other worker settings, before any port opens.
+    if !(MIN_CONNTRACK..=MAX_CONNTRACK).contains(&a.conntrack) {
+        bail!(
+            "--conntrack: {MIN_CONNTRACK} to {MAX_CONNTRACK} entries per worker (38 bytes each), not {}",
+            a.conntrack
+        );
     }
     Ok(cores)
 }

@@ -152,6 +152,21 @@ fn cli_mistakes_are_clear_errors() {
     );
 }
 
+#[test]
+fn node_run_refuses_a_connection_table_it_cannot_have() {
+    for n in ["0", "2000000000"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_meshplane"))
+            .args(["node", "run", "--tables"])
+            .arg(root().join("examples/tables.toml"))
+            .args(["--io", "tap", "--uplink", "mp-none", "--conntrack", n])
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--conntrack: 8 to 1073741824 entries per worker") && err.contains(n), "{err}");
+    }
+}
+
 /// The load-balancer samples (examples/tables-lb.toml: a VIP service, a
 /// `nat` and a `preserve-source` published port): the committed expected
 /// captures, byte for byte, and (independently of meshplane's own decoder)

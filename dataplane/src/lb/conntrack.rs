@@ -3,7 +3,8 @@
 //!
 //! Sized when the worker starts and never grown on the packet path: a
 //! set-associative table (buckets of [`WAYS`] entries of 32 bytes: a bucket
-//! is four cache lines), the bucket chosen by a seeded hash of the 5-tuple. A new flow
+//! is four cache lines), the bucket chosen by a seeded hash of the 5-tuple
+//! or of one of its endpoints ([`Bucket`]). A new flow
 //! takes a free or expired way of its bucket; when all ways are live, the
 //! way seen longest ago is evicted (least recently used within the set, as
 //! a CPU cache evicts; counted). Expired entries are found lazily by
@@ -149,9 +150,12 @@ impl Probe {
 /// destination. Hashing only that endpoint puts both entries of the
 /// connection in one bucket, so that opening it touches one random bucket,
 /// not two (the reply's insert finds the lines the forward lookup brought
-/// in). The price: one client address and port (one socket) keeps at most
-/// [`WAYS`] connections through the balancer at once in a bucket; more
-/// from the same socket evict each other, least recently seen first.
+/// in). The price: the connections of one client address and port (one
+/// socket) share a bucket, two entries each, so such a socket keeps at
+/// most [`WAYS`]` / 2` of them at once (fewer where other flows share the
+/// bucket); more evict each other, least recently seen first, and the
+/// balancer then evicts the other half of the evicted connection too
+/// (`lb::LbState`), so none is left tracked in one direction only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bucket {
     /// The whole 5-tuple (entries whose endpoints do not spread: replies
@@ -169,8 +173,9 @@ pub enum Bucket {
 pub const TICK_SHIFT: u32 = 20;
 
 /// The longest timeout a table takes, in ticks (2^30: about 13 days);
-/// longer ones are cut to it. Half the 32-bit tick range, so that "expires
-/// after now" is one wrapping comparison.
+/// longer ones are cut to it. A quarter of the 32-bit tick range, so that
+/// "expires after now, within the longest timeout" is one wrapping
+/// comparison with room to spare.
 const MAX_TIMEOUT_TICKS: u32 = 1 << 30;
 
 /// How far before the latest time a table was given a caller may still
@@ -486,10 +491,10 @@ impl Conntrack {
     }
 
     /// The packed key and bucket of `key` (chosen by its whole 5-tuple,
-    /// [`Bucket::Tuple`]): what a lookup needs, computed once. The burst
-    /// loop computes it when it prefetches the bucket a few frames ahead
-    /// and hands it to the lookup, which then neither packs nor hashes the
-    /// key again.
+    /// [`Bucket::Tuple`]): what a lookup needs, computed once (the burst
+    /// loop makes its probes with [`Conntrack::probe_in`] when it
+    /// prefetches the buckets, and hands them to the lookups, which then
+    /// neither pack nor hash the keys again).
     #[inline(always)]
     pub fn probe(&self, key: &FlowKey) -> Probe {
         self.probe_in(key, Bucket::Tuple)
@@ -536,15 +541,14 @@ impl Conntrack {
     /// array if it has one).
     #[inline(always)]
     fn value_at(&self, i: usize, e: &Entry) -> CtValue {
-        self.with_mac(i, e.value())
+        self.mac_of(i, e, e.value())
     }
 
-    /// `v` (the value of the entry at index `i`, with `v.flags` and its
-    /// `HAS_MAC` from it) with the MAC from the side array, if it has one.
+    /// `v`, the value of entry `e` (which is or was at index `i`), with
+    /// the MAC from the side array if `e` has one.
     #[inline(always)]
-    fn with_mac(&self, i: usize, mut v: CtValue) -> CtValue {
-        if let Some(e) = self.entries.get(i)
-            && e.k1 & HAS_MAC != 0
+    fn mac_of(&self, i: usize, e: &Entry, mut v: CtValue) -> CtValue {
+        if e.k1 & HAS_MAC != 0
             && let Some(m) = self.macs.get(i)
         {
             v.mac = m.0;
@@ -571,7 +575,7 @@ impl Conntrack {
     }
 
     /// [`Conntrack::lookup_or_expired`] of the key `p` was made from (by
-    /// [`Conntrack::probe`] of this table).
+    /// this table's [`Conntrack::probe_in`] or [`Probe::reply_from`]).
     #[inline(always)]
     pub fn lookup_probe(&mut self, p: &Probe, now: u64, tcp_flags: u8) -> Result<CtValue, Option<CtValue>> {
         let (t, max) = (tick(now), self.max_timeout);
@@ -585,7 +589,7 @@ impl Conntrack {
                 *e = FREE;
                 self.len -= 1;
                 self.stats.expired += 1;
-                return Err(Some(self.value_at(p.at + w, &old)));
+                return Err(Some(self.mac_of(p.at + w, &old, old.value())));
             }
             // An established TCP connection stays so without SYN, FIN or
             // RST (what `next_state` says, decided in one test).
@@ -597,8 +601,8 @@ impl Conntrack {
                 e.set_state(next_state(state_of(e.k1 >> SF_SHIFT), tcp_flags));
             }
             e.expires = t.wrapping_add(self.timeouts[e.state_index()]);
-            let v = e.value();
-            return Ok(self.with_mac(p.at + w, v));
+            let (e, v) = (*e, e.value());
+            return Ok(self.mac_of(p.at + w, &e, v));
         }
         Err(None)
     }
@@ -622,42 +626,67 @@ impl Conntrack {
     }
 
     /// [`Conntrack::insert`] (`guarded`) or [`Conntrack::insert_unguarded`]
-    /// of the key `p` was made from (by [`Conntrack::probe`] of this table).
+    /// of the key `p` was made from (by this table's [`Conntrack::probe_in`]
+    /// or [`Probe::reply_from`]).
     #[inline(always)]
     pub fn insert_probe(&mut self, p: &Probe, v: CtValue, now: u64, guarded: bool) -> Inserted {
+        self.insert_keeping(p, v, now, guarded, usize::MAX).0
+    }
+
+    /// [`Conntrack::insert_probe`] that leaves the entry at index `keep`
+    /// alone (the other half of a connection, just inserted into the same
+    /// bucket: in a bucket of entries all seen this tick it would be as
+    /// old as any other). Also the key of the entry it displaced (the
+    /// caller's own key if it displaced none) and the new entry's index.
+    #[inline(always)]
+    pub(crate) fn insert_keeping(
+        &mut self,
+        p: &Probe,
+        v: CtValue,
+        now: u64,
+        guarded: bool,
+        keep: usize,
+    ) -> (Inserted, FlowKey, usize) {
         if guarded && self.cfg.max_new_per_sec > 0 {
             if now.saturating_sub(self.window.0) >= SECOND {
                 self.window = (now, 0);
             }
             if self.window.1 >= self.cfg.max_new_per_sec {
                 self.stats.guarded += 1;
-                return Inserted::Guarded;
+                return (Inserted::Guarded, p.key(), usize::MAX);
             }
             self.window.1 += 1;
         }
         debug_assert!(v.backend <= u32::from(u16::MAX) && v.flags & !FLAG_MASK == 0, "{v:?} fits an entry");
         let (t, max) = (tick(now), self.max_timeout);
         let entry = Entry::new(p, &v, t.wrapping_add(self.timeouts[v.state as usize & 7]));
-        let Some(set) = self.entries.get(p.at..p.at + WAYS) else { return Inserted::Guarded };
+        let Some(set) = self.entries.get(p.at..p.at + WAYS) else { return (Inserted::Guarded, p.key(), usize::MAX) };
         self.stats.inserted += 1;
         // The first way that is free or expired, else the one seen longest
         // ago (its expiry less its state's timeout is when it was last
         // seen; the first of those): one pass, stopping at the first
         // usable way.
-        let (mut victim, mut oldest, mut fresh) = (0, 0u32, false);
+        let keep = keep.wrapping_sub(p.at);
+        let (mut victim, mut oldest, mut fresh) = (usize::MAX, 0u32, false);
         for (i, e) in set.iter().enumerate() {
+            if i == keep {
+                continue;
+            }
             if e.is_free() || !e.live(t, max) {
                 (victim, fresh) = (i, true);
                 break;
             }
             let age = t.wrapping_sub(e.expires.wrapping_sub(self.timeouts[e.state_index()]));
-            if i == 0 || age > oldest {
+            if victim == usize::MAX || age > oldest {
                 (victim, oldest) = (i, age);
             }
         }
+        // (A bucket has more than one way: some way other than `keep`.)
+        let victim = victim.min(WAYS - 1);
         let at = p.at + victim;
         let old = set[victim];
         let was = (!old.is_free()).then(|| self.value_at(at, &old));
+        let old_key = if old.is_free() { p.key() } else { old.key() };
         if let Some(e) = self.entries.get_mut(at) {
             *e = entry;
         }
@@ -666,7 +695,7 @@ impl Conntrack {
         {
             *m = Mac(v.mac);
         }
-        match (fresh, was) {
+        let r = match (fresh, was) {
             (true, None) => {
                 self.len += 1;
                 Inserted::Fresh(None)
@@ -679,7 +708,26 @@ impl Conntrack {
                 self.stats.evicted += 1;
                 Inserted::Evicted(old.unwrap_or(CtValue::ZERO))
             }
+        };
+        (r, old_key, at)
+    }
+
+    /// Evicts the probed key's live entry, if any (the other half of a
+    /// connection whose entry an insert evicted, so that no connection is
+    /// left tracked in one direction only); its value. Counted as evicted.
+    pub(crate) fn evict_probe(&mut self, p: &Probe, now: u64) -> Option<CtValue> {
+        let i = self.find(p)?;
+        let e = *self.entries.get(i)?;
+        if !e.live(tick(now), self.max_timeout) {
+            return None;
         }
+        let v = self.value_at(i, &e);
+        if let Some(x) = self.entries.get_mut(i) {
+            *x = FREE;
+        }
+        self.len -= 1;
+        self.stats.evicted += 1;
+        Some(v)
     }
 
     /// The index of the probed key's entry, live or not.
@@ -757,10 +805,10 @@ impl Conntrack {
         self.entries(now).map(|(_, v, _)| v)
     }
 
-    /// Rewrites every live entry's value with `f` (returning `None` removes
-    /// the entry, reporting its value to the caller through `f`'s side
+    /// Rewrites every entry's value with `f` (returning `None` removes the
+    /// entry, reporting its value to the caller through `f`'s side
     /// effects): for backend removal and renumbering when tables change.
-    /// The key, state and expiry stay.
+    /// The key and expiry stay (a changed state keeps the old expiry).
     pub fn retain_map(&mut self, mut f: impl FnMut(CtValue) -> Option<CtValue>) {
         for i in 0..self.entries.len() {
             let Some(&e) = self.entries.get(i) else { break };
@@ -949,6 +997,37 @@ mod tests {
         assert!(!ct.contains(&reply, 1) || ct.probe(&reply).at == r.at);
         assert_eq!(ct.remove_probe(&r).map(|v| v.backend), Some(1));
         assert!(!ct.contains_probe(&r, 1));
+    }
+
+    #[test]
+    fn an_insert_leaves_the_way_it_is_told_to_keep() {
+        // One bucket, every way live and seen in this same tick: the
+        // forward entry evicts the first way; the reply, told to keep that
+        // way, evicts the next one rather than the forward entry.
+        let mut ct = small(WAYS);
+        for i in 0..WAYS as u32 {
+            ct.insert(&key(i), val(i, CtState::Established), 5);
+        }
+        let (f, r) = (ct.probe(&key(100)), ct.probe(&key(101)));
+        let (got, old, at) = ct.insert_keeping(&f, val(100, CtState::SynRecv), 6, true, usize::MAX);
+        assert_eq!((got, old), (Inserted::Evicted(val(0, CtState::Established)), key(0)));
+        let (got, old, at2) = ct.insert_keeping(&r, val(101, CtState::SynRecv), 6, false, at);
+        assert_eq!((got, old), (Inserted::Evicted(val(1, CtState::Established)), key(1)));
+        assert_ne!(at, at2);
+        assert!(ct.contains(&key(100), 7) && ct.contains(&key(101), 7));
+        // Evicting the other half of a connection: live entries only.
+        assert_eq!(ct.evict_probe(&ct.probe(&key(2)), 7).map(|v| v.backend), Some(2));
+        assert_eq!(ct.evict_probe(&ct.probe(&key(2)), 7), None);
+        assert_eq!((ct.len(), ct.stats.evicted), (WAYS - 1, 3));
+    }
+
+    #[test]
+    fn an_expired_entry_keeps_its_mac() {
+        let mut ct = small(64);
+        let v = CtValue { mac: [2, 0, 0, 0, 1, 2], ..val(1, CtState::Udp) };
+        let udp = FlowKey { proto: 17, ..key(1) };
+        ct.insert(&udp, v, 0);
+        assert_eq!(ct.lookup_or_expired(&udp, 1000 * SECOND, 0), Err(Some(v)));
     }
 
     #[test]

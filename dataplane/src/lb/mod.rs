@@ -119,17 +119,40 @@ impl LbState {
     #[inline(always)]
     fn insert(&mut self, key: &FlowKey, by: Bucket, v: CtValue, now: u64, guarded: bool) -> bool {
         let p = self.conntrack.probe_in(key, by);
-        self.insert_probe(&p, v, now, guarded)
+        self.insert_probe(&p, v, now, guarded, usize::MAX).is_some()
     }
 
-    /// [`LbState::insert`] of a probed key.
+    /// [`LbState::insert`] of a probed key, leaving the entry at index
+    /// `keep` alone (see `Conntrack::insert_keeping`). A live entry it
+    /// evicts takes the other half of its connection with it when that
+    /// half shares its bucket, so that no connection is left tracked in one
+    /// direction only. The new entry's index, or `None` if the guard
+    /// refused it.
     #[inline(always)]
-    fn insert_probe(&mut self, p: &conntrack::Probe, v: CtValue, now: u64, guarded: bool) -> bool {
-        let r = self.conntrack.insert_probe(p, v, now, guarded);
-        if let Inserted::Fresh(Some(old)) | Inserted::Evicted(old) = r {
-            self.release(old);
+    fn insert_probe(
+        &mut self,
+        p: &conntrack::Probe,
+        v: CtValue,
+        now: u64,
+        guarded: bool,
+        keep: usize,
+    ) -> Option<usize> {
+        let (r, old_key, at) = self.conntrack.insert_keeping(p, v, now, guarded, keep);
+        match r {
+            Inserted::Guarded => return None,
+            Inserted::Fresh(None) => {}
+            Inserted::Fresh(Some(old)) => self.release(old),
+            Inserted::Evicted(old) => {
+                self.release(old);
+                if let Some(pp) = partner(&self.conntrack, &old_key, &old)
+                    && pp.key() != p.key()
+                    && let Some(v) = self.conntrack.evict_probe(&pp, now)
+                {
+                    self.release(v);
+                }
+            }
         }
-        r != Inserted::Guarded
+        Some(at)
     }
 
     /// Frees expired connections among the next `budget` entries (a
@@ -137,6 +160,29 @@ impl LbState {
     pub fn sweep(&mut self, now: u64, budget: usize) {
         let LbState { conntrack, services, .. } = self;
         conntrack.sweep(now, budget, |v| release(services, v));
+    }
+}
+
+/// The probe of the other half of the connection whose entry (key `k`,
+/// value `v`) an insert evicted, when that half shares its bucket: the
+/// reply entry of a VIP or `preserve-source` forward entry (from the
+/// backend, `v.peer`:`v.port`, to the client), or the forward entry of a
+/// VIP reply entry (from the client to the VIP, `v.peer`:`v.port`).
+/// `None` for the rest (`nat` connections keep their halves in two
+/// buckets; a `preserve-source` reply's forward key holds this node's
+/// data-path address, which the entry does not keep).
+fn partner(ct: &Conntrack, k: &FlowKey, v: &CtValue) -> Option<conntrack::Probe> {
+    if v.flags & CT_REPLY == 0 {
+        if v.flags & CT_MESH_NAT != 0 {
+            return None;
+        }
+        let rk = FlowKey { src: v.peer, dst: k.src, sport: v.port, dport: k.sport, proto: k.proto };
+        Some(ct.probe_in(&rk, Bucket::Dst))
+    } else if v.flags & (CT_MESH_NAT | CT_MESH_PS | CT_PS_RETURN) == 0 {
+        let fk = FlowKey { src: k.dst, dst: v.peer, sport: k.dport, dport: v.port, proto: k.proto };
+        Some(ct.probe_in(&fk, Bucket::Src))
+    } else {
+        None
     }
 }
 
@@ -319,8 +365,10 @@ fn track_probed(
     rv: CtValue,
     now: u64,
 ) {
-    if lb.insert_probe(fp, f, now, true) {
-        lb.insert_probe(rp, rv, now, false);
+    if let Some(at) = lb.insert_probe(fp, f, now, true, usize::MAX) {
+        // The reply may go in the same bucket: it must not evict the
+        // forward entry just made.
+        lb.insert_probe(rp, rv, now, false, at);
         if let Some(bs) = lb.services.get_mut(svc as usize).and_then(|x| x.backends.get_mut(b as usize)) {
             bs.active += 1;
         }
@@ -353,8 +401,8 @@ fn src_hash(key: &FlowKey) -> u32 {
 /// scheduler needs no state (`mh`, `sh`: the Maglev table alone decides),
 /// else `None`: its index and the backend. What `sched::pick` answers for
 /// these schedulers, without the call: new connections use it, and the
-/// burst loop, to prefetch the reply entry's bucket before the connection
-/// is made.
+/// burst loop's first pass, to note the choice while the bucket prefetches
+/// are in flight (`fast::note_opening`).
 #[inline(always)]
 pub(crate) fn stateless_choice<'s>(s: &'s service::Service, key: &FlowKey) -> Option<(usize, &'s service::Backend)> {
     let m = s.maglev.as_ref()?;
@@ -733,4 +781,76 @@ pub(crate) fn on_delivery(
     }
     d[6..12].copy_from_slice(&gw.0);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forward key of connection `i` of one client socket
+    /// (198.18.0.9:40000) to VIP 198.19.0.(100 + i):80, its reply key
+    /// from backend 198.19.0.(10 + i):8080, and the two values.
+    fn conn(i: u32) -> (FlowKey, CtValue, FlowKey, CtValue) {
+        let (client, vip, be) = (0xc612_0009, 0xc613_0064 + i, 0xc613_000a + i);
+        let f = CtValue { service: i, peer: be, port: 8080, state: CtState::SynRecv, ..CtValue::ZERO };
+        let fk = FlowKey { src: client, dst: vip, sport: 40000, dport: 80, proto: 6 };
+        let rk = FlowKey { src: be, dst: client, sport: 8080, dport: 40000, proto: 6 };
+        (fk, f, rk, CtValue { peer: vip, port: 80, flags: CT_REPLY, ..f })
+    }
+
+    #[test]
+    fn an_evicted_connection_goes_whole() {
+        // One bucket of 8 ways: a socket's 4 connections fill it (both
+        // halves of each share it). A fifth evicts the oldest connection,
+        // both its halves, and is tracked both ways itself.
+        let mut lb = LbState::new(CtConfig { capacity: conntrack::WAYS, ..CtConfig::default() });
+        let ms = 1 << conntrack::TICK_SHIFT;
+        for i in 0..5 {
+            let (fk, f, rk, r) = conn(i);
+            let fp = lb.conntrack.probe_in(&fk, Bucket::Src);
+            let rp = fp.reply_from(rk.src, rk.sport);
+            assert_eq!(rp, lb.conntrack.probe_in(&rk, Bucket::Dst));
+            // The first is the oldest; its reply is then seen again, last,
+            // so its forward entry alone is the oldest entry (without the
+            // pair rule, the fifth connection's reply would evict another
+            // connection's half, the oldest left).
+            let at = match i {
+                0 => 0,
+                4 => 11 * ms,
+                _ => 10 * ms,
+            };
+            track_probed(&mut lb, i, 0, &fp, f, &rp, r, at);
+            if i == 3 {
+                let (_, _, r0, _) = conn(0);
+                assert!(lb.lookup(&r0, Bucket::Dst, 11 * ms, 0x10).is_some());
+            }
+        }
+        let now = 11 * ms;
+        let has = |lb: &LbState, k: &FlowKey, by| lb.conntrack.contains_probe(&lb.conntrack.probe_in(k, by), now);
+        let (f0, _, r0, _) = conn(0);
+        assert!(!has(&lb, &f0, Bucket::Src) && !has(&lb, &r0, Bucket::Dst), "connection 0 gone whole");
+        for i in 1..5 {
+            let (fk, _, rk, _) = conn(i);
+            assert!(has(&lb, &fk, Bucket::Src) && has(&lb, &rk, Bucket::Dst), "connection {i} both ways");
+        }
+        assert_eq!((lb.conntrack.len(), lb.conntrack.stats.evicted), (8, 2));
+    }
+
+    #[test]
+    fn a_new_connection_never_evicts_its_own_half() {
+        // The bucket is full of entries seen in this same tick: the reply
+        // must not take the way its forward entry was just put in.
+        let mut lb = LbState::new(CtConfig { capacity: conntrack::WAYS, ..CtConfig::default() });
+        for i in 0..4 {
+            let (fk, f, rk, r) = conn(i);
+            let fp = lb.conntrack.probe_in(&fk, Bucket::Src);
+            track_probed(&mut lb, i, 0, &fp, f, &fp.reply_from(rk.src, rk.sport), r, 0);
+        }
+        let (fk, f, rk, r) = conn(9);
+        let fp = lb.conntrack.probe_in(&fk, Bucket::Src);
+        let rp = fp.reply_from(rk.src, rk.sport);
+        track_probed(&mut lb, 9, 0, &fp, f, &rp, r, 0);
+        assert!(lb.conntrack.contains_probe(&fp, 0) && lb.conntrack.contains_probe(&rp, 0));
+        assert_eq!(lb.conntrack.len(), 8);
+    }
 }
