@@ -634,10 +634,11 @@ impl Conntrack {
     }
 
     /// [`Conntrack::insert_probe`] that leaves the entry at index `keep`
-    /// alone (the other half of a connection, just inserted into the same
-    /// bucket: in a bucket of entries all seen this tick it would be as
-    /// old as any other). Also the key of the entry it displaced (the
-    /// caller's own key if it displaced none) and the new entry's index.
+    /// alone if it is in the probe's bucket (the other half of a
+    /// connection, just inserted there: in a bucket of entries all seen
+    /// this tick it would be as old as any other; `usize::MAX` for none).
+    /// Also the key of the entry it displaced (the caller's own key if it
+    /// displaced none) and the new entry's index.
     #[inline(always)]
     pub(crate) fn insert_keeping(
         &mut self,
@@ -666,7 +667,8 @@ impl Conntrack {
         // ago (its expiry less its state's timeout is when it was last
         // seen; the first of those): one pass, stopping at the first
         // usable way.
-        let keep = keep.wrapping_sub(p.at);
+        // The way to keep, if it is in this bucket (else WAYS: none).
+        let keep = if keep == usize::MAX { WAYS } else { keep.wrapping_sub(p.at).min(WAYS) };
         let (mut victim, mut oldest, mut fresh) = (usize::MAX, 0u32, false);
         for (i, e) in set.iter().enumerate() {
             if i == keep {
