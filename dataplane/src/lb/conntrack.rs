@@ -517,16 +517,10 @@ impl Conntrack {
         Probe { k0, ports, proto: key.proto, at }
     }
 
-    /// Prefetches the bucket of `key` (a hint: nothing observable changes),
+    /// Prefetches a probe's bucket (a hint: nothing observable changes),
     /// so that a lookup or insert a few frames later finds it in cache: the
     /// burst loop calls it ahead of the frame, as VPP's bihash prefetches a
     /// bucket a stage before its lookup.
-    #[inline(always)]
-    pub fn prefetch(&self, key: &FlowKey) {
-        self.prefetch_probe(&self.probe(key));
-    }
-
-    /// [`Conntrack::prefetch`] of a probe's bucket.
     #[inline(always)]
     pub fn prefetch_probe(&self, p: &Probe) {
         let p = self.entries.as_ptr().wrapping_add(p.at).cast::<u8>();
@@ -534,6 +528,35 @@ impl Conntrack {
         const BYTES: usize = WAYS * core::mem::size_of::<Entry>();
         for off in (0..BYTES).step_by(64) {
             crate::wire::prefetch(p.wrapping_add(off));
+        }
+    }
+
+    /// Frees the entry at index `i`: its value (with its MAC), if it was in
+    /// use. The caller counts why.
+    fn take(&mut self, i: usize) -> Option<CtValue> {
+        let e = *self.entries.get(i)?;
+        if e.is_free() {
+            return None;
+        }
+        let v = self.value_at(i, &e);
+        if let Some(x) = self.entries.get_mut(i) {
+            *x = FREE;
+        }
+        self.len -= 1;
+        Some(v)
+    }
+
+    /// Writes `e` at index `i`, and `mac` to the side array if `e` is
+    /// marked as having one.
+    #[inline(always)]
+    fn put(&mut self, i: usize, e: Entry, mac: [u8; 6]) {
+        if let Some(x) = self.entries.get_mut(i) {
+            *x = e;
+        }
+        if e.k1 & HAS_MAC != 0
+            && let Some(m) = self.macs.get_mut(i)
+        {
+            *m = Mac(mac);
         }
     }
 
@@ -585,11 +608,8 @@ impl Conntrack {
                 continue;
             }
             if !e.live(t, max) {
-                let old = *e;
-                *e = FREE;
-                self.len -= 1;
                 self.stats.expired += 1;
-                return Err(Some(self.mac_of(p.at + w, &old, old.value())));
+                return Err(self.take(p.at + w));
             }
             // An established TCP connection stays so without SYN, FIN or
             // RST (what `next_state` says, decided in one test).
@@ -663,12 +683,12 @@ impl Conntrack {
         let entry = Entry::new(p, &v, t.wrapping_add(self.timeouts[v.state as usize & 7]));
         let Some(set) = self.entries.get(p.at..p.at + WAYS) else { return (Inserted::Guarded, p.key(), usize::MAX) };
         self.stats.inserted += 1;
+        // The way to keep, if it is in this bucket (else WAYS: none).
+        let keep = if keep == usize::MAX { WAYS } else { keep.wrapping_sub(p.at).min(WAYS) };
         // The first way that is free or expired, else the one seen longest
         // ago (its expiry less its state's timeout is when it was last
         // seen; the first of those): one pass, stopping at the first
         // usable way.
-        // The way to keep, if it is in this bucket (else WAYS: none).
-        let keep = if keep == usize::MAX { WAYS } else { keep.wrapping_sub(p.at).min(WAYS) };
         let (mut victim, mut oldest, mut fresh) = (usize::MAX, 0u32, false);
         for (i, e) in set.iter().enumerate() {
             if i == keep {
@@ -689,14 +709,7 @@ impl Conntrack {
         let old = set[victim];
         let was = (!old.is_free()).then(|| self.value_at(at, &old));
         let old_key = if old.is_free() { p.key() } else { old.key() };
-        if let Some(e) = self.entries.get_mut(at) {
-            *e = entry;
-        }
-        if entry.k1 & HAS_MAC != 0
-            && let Some(m) = self.macs.get_mut(at)
-        {
-            *m = Mac(v.mac);
-        }
+        self.put(at, entry, v.mac);
         let r = match (fresh, was) {
             (true, None) => {
                 self.len += 1;
@@ -719,15 +732,10 @@ impl Conntrack {
     /// left tracked in one direction only); its value. Counted as evicted.
     pub(crate) fn evict_probe(&mut self, p: &Probe, now: u64) -> Option<CtValue> {
         let i = self.find(p)?;
-        let e = *self.entries.get(i)?;
-        if !e.live(tick(now), self.max_timeout) {
+        if !self.entries.get(i)?.live(tick(now), self.max_timeout) {
             return None;
         }
-        let v = self.value_at(i, &e);
-        if let Some(x) = self.entries.get_mut(i) {
-            *x = FREE;
-        }
-        self.len -= 1;
+        let v = self.take(i)?;
         self.stats.evicted += 1;
         Some(v)
     }
@@ -755,13 +763,7 @@ impl Conntrack {
 
     /// [`Conntrack::remove`] of a probed key.
     pub fn remove_probe(&mut self, p: &Probe) -> Option<CtValue> {
-        let i = self.find(p)?;
-        let old = *self.entries.get(i)?;
-        let v = self.value_at(i, &old);
-        if let Some(e) = self.entries.get_mut(i) {
-            *e = FREE;
-        }
-        self.len -= 1;
+        let v = self.take(self.find(p)?)?;
         self.stats.removed += 1;
         Some(v)
     }
@@ -778,15 +780,10 @@ impl Conntrack {
         for _ in 0..budget.min(n) {
             let i = self.sweep_at;
             self.sweep_at = if i + 1 == n { 0 } else { i + 1 };
-            if let Some(&e) = self.entries.get(i)
-                && !e.is_free()
-                && !e.live(t, max)
+            if self.entries.get(i).is_some_and(|e| !e.live(t, max))
+                && let Some(v) = self.take(i)
             {
-                released(self.value_at(i, &e));
-                if let Some(e) = self.entries.get_mut(i) {
-                    *e = FREE;
-                }
-                self.len -= 1;
+                released(v);
                 self.stats.expired += 1;
             }
         }
@@ -821,20 +818,10 @@ impl Conntrack {
                 Some(v) => {
                     let k1 = (e.k1 & KEY1) | Entry::value_bits(&v);
                     let new = Entry { k0: e.k0, k1, expires: e.expires, ..Entry::value_words(&v) };
-                    if let Some(x) = self.entries.get_mut(i) {
-                        *x = new;
-                    }
-                    if new.k1 & HAS_MAC != 0
-                        && let Some(m) = self.macs.get_mut(i)
-                    {
-                        *m = Mac(v.mac);
-                    }
+                    self.put(i, new, v.mac);
                 }
                 None => {
-                    if let Some(x) = self.entries.get_mut(i) {
-                        *x = FREE;
-                    }
-                    self.len -= 1;
+                    self.take(i);
                     self.stats.removed += 1;
                 }
             }

@@ -291,7 +291,7 @@ fn connection(
         }
         None => {}
     }
-    let (b, base) = schedule(lb, s, svc, key, flags)?;
+    let (b, base) = schedule(lb, s, svc, key, flags, None)?;
     let be = &s.backends[b as usize];
     let f = fwd(be, base, &lb.conntrack)?;
     let fp = lb.conntrack.probe_in(key, Bucket::Src);
@@ -301,7 +301,7 @@ fn connection(
 }
 
 /// A new connection of `key` to service `svc`: the backend its scheduler
-/// picks and the forward entry's value for it (before any mode adds NAT
+/// picks (or `chosen`, what [`stateless_choice`] gave for it) and the forward entry's value for it (before any mode adds NAT
 /// state). The index is in range of `s.backends`.
 #[inline(always)]
 fn schedule(
@@ -310,14 +310,17 @@ fn schedule(
     svc: u32,
     key: &FlowKey,
     flags: u8,
+    chosen: Option<u32>,
 ) -> Result<(u32, CtValue), DropReason> {
     let (Some(stats), Some(st)) = (lb.services.get(svc as usize), lb.sched.get_mut(svc as usize)) else {
         return Err(DropReason::LbNotSynced);
     };
-    let b = match s.scheduler {
+    let b = match (chosen, s.scheduler) {
+        // What `stateless_choice` gave for this key, already.
+        (Some(b), _) => Some(b as usize),
         // The Maglev table alone decides (what `sched::pick` does for
         // them, without the call): the one hash each reads.
-        sched::Scheduler::Mh | sched::Scheduler::Sh => stateless_choice(s, key).map(|(i, _)| i),
+        (None, sched::Scheduler::Mh | sched::Scheduler::Sh) => stateless_choice(s, key).map(|(i, _)| i),
         _ => {
             let view = View { backends: &s.backends, stats: &stats.backends };
             sched::pick(s.scheduler, &view, st, s.maglev.as_ref(), 0, 0)
@@ -325,19 +328,11 @@ fn schedule(
     };
     let b = b.ok_or(DropReason::NoBackend)?;
     let be = s.backends.get(b).ok_or(DropReason::NoBackend)?;
-    let b = b as u32;
-    Ok((b, forward_value(svc, b, be, key, flags)))
-}
-
-/// The forward entry's value of a new connection of `key` (TCP flags
-/// `flags`) to backend `b` (`be`) of service `svc`, before any mode adds
-/// NAT state.
-#[inline(always)]
-fn forward_value(svc: u32, b: u32, be: &service::Backend, key: &FlowKey, flags: u8) -> CtValue {
     // A SYN opens; a segment of a connection the table lost (a restart, an
     // eviction) is taken as established, as IPVS's sloppy TCP does.
     let state = if key.proto == protocol::TCP { conntrack::next_state(CtState::SynRecv, flags) } else { CtState::Udp };
-    CtValue { service: svc, backend: b, peer: u32::from(be.ip), port: be.port, state, ..CtValue::ZERO }
+    let b = b as u32;
+    Ok((b, CtValue { service: svc, backend: b, peer: u32::from(be.ip), port: be.port, state, ..CtValue::ZERO }))
 }
 
 /// Tracks a new connection to backend `b` of service `svc`: the forward
@@ -417,7 +412,7 @@ pub(crate) fn stateless_choice<'s>(s: &'s service::Service, key: &FlowKey) -> Op
 /// The reply key of a VIP connection of `key` balanced to `be`: from the
 /// backend to the client (what `vip_connection` tracks for the replies).
 #[inline(always)]
-pub(crate) fn vip_reply_key(key: &FlowKey, be: &service::Backend) -> FlowKey {
+fn vip_reply_key(key: &FlowKey, be: &service::Backend) -> FlowKey {
     FlowKey { src: u32::from(be.ip), dst: key.src, sport: be.port, dport: key.sport, proto: key.proto }
 }
 
@@ -502,7 +497,14 @@ pub(crate) fn vip_connection(
 /// client) and value (the VIP:port the replies' source becomes).
 #[inline(always)]
 fn vip_reply(vip: (Ipv4Addr, u16), key: &FlowKey, be: &service::Backend, f: &CtValue) -> (FlowKey, CtValue) {
-    (vip_reply_key(key, be), CtValue { peer: u32::from(vip.0), port: vip.1, flags: CT_REPLY, ..*f })
+    (vip_reply_key(key, be), vip_reply_value(vip, f))
+}
+
+/// The reply entry's value of a VIP connection to `vip` whose forward
+/// entry is `f`.
+#[inline(always)]
+fn vip_reply_value(vip: (Ipv4Addr, u16), f: &CtValue) -> CtValue {
+    CtValue { peer: u32::from(vip.0), port: vip.1, flags: CT_REPLY, ..*f }
 }
 
 /// [`vip_connection`] of a key with nothing tracked (the common case, and
@@ -524,20 +526,11 @@ pub(crate) fn open_vip(
 ) -> Result<u32, DropReason> {
     let vip = s.vip.ok_or(DropReason::NoRoute)?;
     let fp = probe.unwrap_or_else(|| lb.conntrack.probe_in(key, Bucket::Src));
-    let (b, f) = match chosen {
-        Some(b) if let Some(be) = s.backends.get(b as usize) => {
-            if lb.services.get(svc as usize).is_none() || lb.sched.get(svc as usize).is_none() {
-                return Err(DropReason::LbNotSynced);
-            }
-            (b, forward_value(svc, b, be, key, flags))
-        }
-        _ => schedule(lb, s, svc, key, flags)?,
-    };
+    let (b, f) = schedule(lb, s, svc, key, flags, chosen)?;
     // The reply (from the backend to the client) goes in the forward
     // entry's bucket: the same probe but for the key, no hash.
     let rp = fp.reply_from(f.peer, f.port);
-    let rv = CtValue { peer: u32::from(vip.0), port: vip.1, flags: CT_REPLY, ..f };
-    track_probed(lb, svc, b, &fp, f, &rp, rv, now);
+    track_probed(lb, svc, b, &fp, f, &rp, vip_reply_value(vip, &f), now);
     Ok(b)
 }
 
