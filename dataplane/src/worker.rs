@@ -495,7 +495,7 @@ impl Worker {
                     got += 1;
                     report.handed_in += 1;
                     let len = x.len;
-                    if let Some(mut f) = crate::pipeline::Frame::new(&mut x.buf, crate::pipeline::HEADROOM, len)
+                    if let Some(mut f) = crate::packet::Frame::new(&mut x.buf, crate::packet::HEADROOM, len)
                         && let Verdict::Tx(p) = crate::pipeline::process(&mut f, x.port, now, &t, &mut st)
                     {
                         match io_of.get(usize::from(p)).copied().flatten() {
@@ -628,7 +628,7 @@ fn needs_state(d: &[u8], in_port: PortId, t: &Tables) -> bool {
 /// the pool or the inbox is full.
 fn hand(h: &Handoff, port: PortId, data: &[u8]) -> bool {
     let Some(mut buf) = h.pool.pop() else { return false };
-    let at = crate::pipeline::HEADROOM;
+    let at = crate::packet::HEADROOM;
     if data.len() > buf.len() - at {
         let _ = h.pool.push(buf);
         return false;

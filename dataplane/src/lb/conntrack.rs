@@ -17,6 +17,7 @@
 //! established connections. Counted.
 
 use crate::wire::flow::hash2;
+use crate::wire::frame::Head;
 
 /// Entries per bucket.
 pub const WAYS: usize = 8;
@@ -37,6 +38,21 @@ pub struct FlowKey {
     pub dport: u16,
     /// IP protocol (6 TCP, 17 UDP; never 0).
     pub proto: u8,
+}
+
+impl FlowKey {
+    /// The 5-tuple of a frame of the common shape, read from its head (the
+    /// caller has checked it is plain IPv4 carrying TCP or UDP).
+    #[inline(always)]
+    pub fn of(h: &Head<'_>) -> FlowKey {
+        FlowKey {
+            src: u32::from_be_bytes(h.src_ip()),
+            dst: u32::from_be_bytes(h.dst_ip()),
+            sport: h.src_port(),
+            dport: h.dst_port(),
+            proto: h.protocol(),
+        }
+    }
 }
 
 /// TCP connection state, as far as a load balancer follows it.

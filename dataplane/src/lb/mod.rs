@@ -11,20 +11,48 @@
 //! `preserve-source` mode (see ARCHITECTURE.md).
 
 pub mod conntrack;
+pub(crate) mod fast;
 #[allow(unsafe_code)] // mmap/madvise of the connection table; each block has a SAFETY comment
 mod hugemem;
-pub mod maglev;
 pub mod sched;
-pub mod service;
+pub use crate::tables::maglev;
+/// The compiled service tables (they live with the tables the packet path
+/// reads; named here too, where the balancer's users look for them).
+pub use crate::tables::services as service;
 
-use crate::pipeline::{DropReason, Frame, Verdict};
+use crate::packet::{DropReason, Frame, Verdict};
 use crate::tables::{NetId, Tables};
-use crate::wire::flow;
+use crate::wire::frame::{Head, field};
 use crate::wire::ipv4::protocol;
 use crate::wire::rewrite::{Nat, rewrite_ipv4};
+use crate::wire::{MacAddr, flow};
 use conntrack::{Bucket, Conntrack, CtConfig, CtState, CtValue, FlowKey, Inserted};
 use core::net::Ipv4Addr;
 use sched::SchedState;
+
+/// What happens to a frame after the balancer: the pipeline carries it out
+/// (the balancer never calls the overlay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Decided: this verdict.
+    Done(Verdict),
+    /// Readdressed: switch it in network `net` to the endpoint with MAC
+    /// `dst` (a local port, or VXLAN to its node).
+    Switch {
+        /// The network.
+        net: NetId,
+        /// The destination endpoint's MAC.
+        dst: MacAddr,
+    },
+}
+
+impl Next {
+    /// A drop for `r`.
+    #[inline(always)]
+    fn of(r: Result<Next, DropReason>) -> Next {
+        r.unwrap_or_else(|e| Next::Done(Verdict::Drop(e)))
+    }
+}
 
 /// `CtValue::flags` bit: the entry is a reply direction (un-DNAT on
 /// delivery to the client).
@@ -217,34 +245,15 @@ impl sched::Backends for View<'_> {
 
 /// The 5-tuple and TCP flags (0 for UDP) of a frame the balancer handles:
 /// untagged IPv4 without options, not a fragment, carrying TCP or UDP
-/// (`None` for anything else).
+/// (`None` for anything else: the only frames balanced).
 #[inline]
 pub(crate) fn tuple(d: &[u8]) -> Option<(FlowKey, u8)> {
-    if !plain_tcp_udp(d) {
+    let h = Head::new(d)?;
+    if !h.is_plain_ipv4() || !matches!(h.protocol(), protocol::TCP | protocol::UDP) {
         return None;
     }
-    let l3 = d.get(14..)?;
-    let h = l3.first_chunk::<24>()?;
-    let key = FlowKey {
-        src: u32::from_be_bytes([h[12], h[13], h[14], h[15]]),
-        dst: u32::from_be_bytes([h[16], h[17], h[18], h[19]]),
-        sport: u16::from_be_bytes([h[20], h[21]]),
-        dport: u16::from_be_bytes([h[22], h[23]]),
-        proto: h[9],
-    };
-    let flags = if h[9] == protocol::TCP { *l3.get(33)? } else { 0 };
-    Some((key, flags))
-}
-
-/// True for an untagged IPv4 frame without options, not a fragment,
-/// carrying TCP or UDP (the only frames balanced).
-#[inline]
-fn plain_tcp_udp(d: &[u8]) -> bool {
-    d.len() >= 42
-        && d[12..15] == [0x08, 0x00, 0x45]
-        && d[20] & 0x3f == 0
-        && d[21] == 0
-        && matches!(d[23], protocol::TCP | protocol::UDP)
+    let flags = if h.protocol() == protocol::TCP { *d.get(field::TCP_FLAGS)? } else { 0 };
+    Some((FlowKey::of(&h), flags))
 }
 
 /// A packet's connection identity: its 5-tuple, TCP flags and time.
@@ -451,8 +460,8 @@ fn verdict(r: Result<Verdict, DropReason>) -> Verdict {
 /// checked against its source): picks or recalls the backend, DNATs to it,
 /// readdresses the frame from the gateway to the backend's MAC, and sends
 /// it on (a local port, or VXLAN to the backend's node).
-pub(crate) fn to_vip(frame: &mut Frame<'_>, net: NetId, svc: u32, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
-    verdict(vip_inner(frame, net, svc, now, t, lb))
+pub(crate) fn to_vip(frame: &mut Frame<'_>, net: NetId, svc: u32, now: u64, t: &Tables, lb: &mut LbState) -> Next {
+    Next::of(vip_inner(frame, net, svc, now, t, lb))
 }
 
 fn vip_inner(
@@ -462,12 +471,12 @@ fn vip_inner(
     now: u64,
     t: &Tables,
     lb: &mut LbState,
-) -> Result<Verdict, DropReason> {
+) -> Result<Next, DropReason> {
     let s = t.services.list.get(svc as usize).ok_or(DropReason::NoBackend)?;
     let (key, flags) = tuple(frame.data()).ok_or(DropReason::Malformed)?;
     let found = lb.lookup(&key, Bucket::Src, now, flags);
     let b = vip_connection(lb, s, svc, &key, flags, now, found)?;
-    Ok(vip_tail(frame, net, s, svc, b, now, t, lb))
+    Ok(vip_tail(frame, net, s, svc, b, lb))
 }
 
 /// The backend of a task's connection `key` to the VIP of service `svc`
@@ -535,9 +544,8 @@ pub(crate) fn open_vip(
 }
 
 /// A task's packet to a VIP, its backend `b` chosen: counted, DNATed,
-/// readdressed to the backend's MAC (from the client's own), and sent on
-/// (a local port, or VXLAN to the backend's node).
-#[allow(clippy::too_many_arguments)]
+/// readdressed to the backend's MAC (from the client's own), to be
+/// switched on (a local port, or VXLAN to the backend's node).
 #[inline(never)] // the general tail: kept out of the fast path's loop
 pub(crate) fn vip_tail(
     frame: &mut Frame<'_>,
@@ -545,21 +553,18 @@ pub(crate) fn vip_tail(
     s: &service::Service,
     svc: u32,
     b: u32,
-    now: u64,
-    t: &Tables,
     lb: &mut LbState,
-) -> Verdict {
-    let Some(be) = s.backends.get(b as usize) else { return Verdict::Drop(DropReason::NoBackend) };
+) -> Next {
+    let Some(be) = s.backends.get(b as usize) else { return Next::Done(Verdict::Drop(DropReason::NoBackend)) };
     count(lb, svc, b, frame.len());
     let nat = Nat { src_addr: None, dst_addr: Some(be.ip), src_port: None, dst_port: Some(be.port) };
     // The source MAC stays the client's: the frame crosses the overlay as
     // the client's own (as with Swarm's IPVS in the client's namespace),
     // which is what the backend's node accepts from the client's VTEP.
-    let _ = net;
     if let Err(e) = readdress(frame, &nat, be.mac.0, None) {
-        return Verdict::Drop(e);
+        return Next::Done(Verdict::Drop(e));
     }
-    crate::overlay::switch(frame, net, be.mac, now, t, lb)
+    Next::Switch { net, dst: be.mac }
 }
 
 // A connection entry keeps four bits of flags.
@@ -578,16 +583,16 @@ pub const CT_PS_RETURN: u8 = 8;
 /// the published port of service `pubd.service` (an untagged IPv4 TCP/UDP
 /// frame without options, the whole frame): the routing mesh. Picks or
 /// recalls the backend; DNATs to it, and in `nat` mode SNATs to this
-/// node's address in the service's network; sends it on from this node's
-/// MAC in the network.
+/// node's address in the service's network; readdresses it from this
+/// node's MAC in the network, to be switched there.
 pub(crate) fn from_client(
     frame: &mut Frame<'_>,
     pubd: service::Published,
     now: u64,
     t: &Tables,
     lb: &mut LbState,
-) -> Verdict {
-    verdict(client_inner(frame, pubd, now, t, lb))
+) -> Next {
+    Next::of(client_inner(frame, pubd, now, t, lb))
 }
 
 fn client_inner(
@@ -596,7 +601,7 @@ fn client_inner(
     now: u64,
     t: &Tables,
     lb: &mut LbState,
-) -> Result<Verdict, DropReason> {
+) -> Result<Next, DropReason> {
     use DropReason as D;
     let svc = pubd.service;
     let s = t.services.list.get(svc as usize).ok_or(D::NoBackend)?;
@@ -653,7 +658,7 @@ fn client_inner(
         dst_port: Some(be.port),
     };
     readdress(frame, &nat, be.mac.0, Some(node_mac.0))?;
-    Ok(crate::overlay::switch(frame, s.net, be.mac, now, t, lb))
+    Ok(Next::Switch { net: s.net, dst: be.mac })
 }
 
 /// A frame of network `net` to this node's own MAC there: the reply
@@ -707,22 +712,24 @@ fn to_client(frame: &mut Frame<'_>, v: &CtValue, t: &Tables) -> Result<Verdict, 
 /// connection, whose client is outside. At the node it came in through,
 /// it goes back to the client; at another node, back to that node.
 /// `None`: not a tracked reply (no route).
-pub(crate) fn routed(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState) -> Option<Verdict> {
+pub(crate) fn routed(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState) -> Option<Next> {
     let (key, flags) = tuple(frame.data())?;
     let v = reply_entry(lb, &key, Bucket::Dst, flags, now)?;
     Some(if v.flags & CT_MESH_PS != 0 {
-        verdict(to_client(frame, &v, t))
+        Next::Done(verdict(to_client(frame, &v, t)))
     } else if v.flags & CT_PS_RETURN != 0 {
         // Back to the ingress node, to its MAC in this network, from this
         // node's own MAC there (an endpoint behind this node's VTEP, as the
         // ingress node checks; this node needs a `node_ip` in the network).
-        let Some(me) = t.networks[usize::from(net)].node_mac else { return Some(Verdict::Drop(DropReason::NoRoute)) };
+        let Some(me) = t.networks[usize::from(net)].node_mac else {
+            return Some(Next::Done(Verdict::Drop(DropReason::NoRoute)));
+        };
         let d = frame.data_mut();
-        d[0..6].copy_from_slice(&v.mac);
-        d[6..12].copy_from_slice(&me.0);
-        crate::overlay::switch(frame, net, crate::wire::MacAddr(v.mac), now, t, lb)
+        d[field::DST_MAC].copy_from_slice(&v.mac);
+        d[field::SRC_MAC].copy_from_slice(&me.0);
+        Next::Switch { net, dst: MacAddr(v.mac) }
     } else {
-        Verdict::Drop(DropReason::NoRoute)
+        Next::Done(Verdict::Drop(DropReason::NoRoute))
     })
 }
 

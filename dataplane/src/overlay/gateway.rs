@@ -3,7 +3,7 @@
 //! the network MTU with DF set (so path MTU discovery works through the
 //! overlay).
 
-use crate::pipeline::{DropReason, Frame, Verdict};
+use crate::packet::{DropReason, Frame, Verdict};
 use crate::tables::{Network, PortId};
 use crate::wire::MacAddr;
 use crate::wire::ethernet::{self, ethertype};
@@ -14,7 +14,7 @@ use crate::wire::ipv4::{Ipv4Packet, Ipv4Repr, protocol};
 const TTL: u8 = 64;
 
 /// Turns an ICMP echo request to the gateway into the reply, in place.
-pub(super) fn echo(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verdict {
+pub(crate) fn echo(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verdict {
     use DropReason as D;
     let d = frame.data_mut();
     let client = MacAddr([d[6], d[7], d[8], d[9], d[10], d[11]]);
@@ -60,7 +60,7 @@ pub(super) fn echo(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verd
 /// unreachable / fragmentation needed (RFC 1191) from the gateway back to
 /// the sender, quoting the original header and 8 bytes of payload, with the
 /// network MTU as next-hop MTU.
-pub(super) fn frag_needed(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verdict {
+pub(crate) fn frag_needed(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verdict {
     use DropReason as D;
     let d = frame.data();
     let client = MacAddr([d[6], d[7], d[8], d[9], d[10], d[11]]);

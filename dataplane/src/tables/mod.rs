@@ -7,7 +7,15 @@
 //! ARP maps keyed by a packed `u64`, and an outer-header template per
 //! (remote VTEP, network), so encapsulation copies 50 bytes and stores three
 //! fields. Nothing in [`Tables`] changes after compilation.
+//!
+//! [`services`] (VIPs, published ports, backends) and [`maglev`] (the
+//! consistent-hashing rings) are compiled here too: the balancer only reads
+//! them.
 
+pub mod maglev;
+pub mod services;
+
+use crate::wire::frame::{self, Head};
 use crate::wire::vxlan::{self, EncapParams, EncapTemplate};
 use crate::wire::{MacAddr, WireError};
 use core::net::Ipv4Addr;
@@ -15,10 +23,7 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use thiserror::Error;
 
-/// Index of a port in [`Tables::ports`]. Port 0 is always the uplink.
-pub type PortId = u16;
-/// The uplink port: the data-path NIC toward the underlay.
-pub const UPLINK: PortId = 0;
+pub use crate::packet::{PortId, UPLINK};
 /// Bytes VXLAN adds in front of an inner frame on the underlay, counted
 /// against the underlay MTU: IPv4 (20) + UDP (8) + VXLAN (8) + inner
 /// Ethernet (14) = 50.
@@ -224,7 +229,7 @@ pub struct TablesSpec {
     pub endpoints: Vec<EndpointSpec>,
     /// Load-balanced services.
     #[serde(default, rename = "service")]
-    pub services: Vec<crate::lb::service::ServiceSpec>,
+    pub services: Vec<services::ServiceSpec>,
 }
 
 // ---------------------------------------------------------------------------
@@ -509,6 +514,28 @@ pub struct PortFast {
     pub lb: bool,
 }
 
+impl PortFast {
+    /// What the task fast paths check of a frame `d` from this port, its
+    /// head `h`: unicast destination; source MAC, EtherType and IPv4
+    /// source the port's own; IPv4 without options; not a fragment; the
+    /// frame exactly the packet (no trailing bytes to trim; at 42 bytes or
+    /// more that makes the total at least 28), within the network MTU, its
+    /// transport header sane. The IPv4 total length, or `None`.
+    #[inline(always)]
+    pub fn admit(&self, h: &Head<'_>, d: &[u8]) -> Option<usize> {
+        let total = h.total_len();
+        let ok = !h.dst_is_group()
+            && h.src_mac_and_type() == self.l2
+            && h.bytes()[frame::field::VER_IHL] == 0x45
+            && !h.is_fragment()
+            && h.src_ip() == self.ip
+            && total + 14 == d.len()
+            && total <= usize::from(self.mtu)
+            && frame::transport_ok(d, 14, total);
+        ok.then_some(total)
+    }
+}
+
 /// The compiled, immutable tables.
 #[derive(Debug)]
 pub struct Tables {
@@ -543,7 +570,7 @@ pub struct Tables {
     /// Known remote VTEPs: the only accepted outer sources.
     pub vteps: FlatMap<()>,
     /// Services (load balancing).
-    pub services: crate::lb::service::Services,
+    pub services: services::Services,
 }
 
 impl Tables {
@@ -737,7 +764,7 @@ impl Tables {
                 return invalid(format!("network {:?}: an endpoint uses this node's MAC {m}", nw.name));
             }
         }
-        let services = crate::lb::service::Services::compile(
+        let services = services::Services::compile(
             &spec.services,
             &networks,
             |name| by_name.get(name).copied(),
