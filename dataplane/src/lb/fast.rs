@@ -206,7 +206,8 @@ fn vip_remote(
     // per packet, with the same result: RFC 1624, UDP's 0 kept).
     let [ip_delta, l4_delta] = be.vip_csum;
     use crate::wire::rewrite::{apply_delta, transport_csum};
-    let ipc = apply_delta(u16::from_ne_bytes([d[24], d[25]]), ip_delta);
+    let c = field::IP_CHECKSUM.start;
+    let ipc = apply_delta(u16::from_ne_bytes([d[c], d[c + 1]]), ip_delta);
     d[field::IP_CHECKSUM].copy_from_slice(&ipc.to_ne_bytes());
     d[field::DST_IP].copy_from_slice(&be.ip.octets());
     d[field::DST_PORT].copy_from_slice(&be.port.to_be_bytes());

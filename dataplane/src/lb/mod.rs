@@ -442,11 +442,11 @@ pub(crate) fn count(lb: &mut LbState, svc: u32, b: u32, len: usize) {
 /// MAC only if `src_mac` is given).
 fn readdress(frame: &mut Frame<'_>, nat: &Nat, dst_mac: [u8; 6], src_mac: Option<[u8; 6]>) -> Result<(), DropReason> {
     let d = frame.data_mut();
-    let ip = d.get_mut(14..).ok_or(DropReason::Malformed)?;
+    let ip = d.get_mut(field::VER_IHL..).ok_or(DropReason::Malformed)?;
     rewrite_ipv4(ip, nat).map_err(|_| DropReason::Malformed)?;
-    d[0..6].copy_from_slice(&dst_mac);
+    d[field::DST_MAC].copy_from_slice(&dst_mac);
     if let Some(m) = src_mac {
-        d[6..12].copy_from_slice(&m);
+        d[field::SRC_MAC].copy_from_slice(&m);
     }
     Ok(())
 }
@@ -608,12 +608,12 @@ fn client_inner(
     let nw = &t.networks[usize::from(s.net)];
     let (Some(node_ip), Some(node_mac)) = (nw.node_ip, nw.node_mac) else { return Err(D::NoRoute) };
     let d = frame.data();
-    let total = usize::from(u16::from_be_bytes([d[16], d[17]]));
-    if total > usize::from(nw.mtu) {
+    let h = Head::new(d).ok_or(D::Malformed)?;
+    if h.total_len() > usize::from(nw.mtu) {
         return Err(D::MtuExceeded);
     }
     let (key, flags) = tuple(d).ok_or(D::Malformed)?;
-    let client_mac: [u8; 6] = d[6..12].try_into().map_err(|_| D::Malformed)?;
+    let client_mac = h.src_mac().0;
     let pport = key.dport;
     let nat_mode = pubd.mode == service::MeshMode::Nat;
     let node = u32::from(node_ip);
@@ -756,7 +756,7 @@ pub(crate) fn on_delivery(
     {
         // Remember (or refresh) the way back, keyed as the reply will be.
         let rk = FlowKey { src: key.dst, dst: key.src, sport: key.dport, dport: key.sport, proto: key.proto };
-        let mac: [u8; 6] = frame.data()[6..12].try_into().unwrap_or([0; 6]);
+        let mac = Head::new(frame.data()).map_or([0; 6], |h| h.src_mac().0);
         if lb.lookup(&rk, Bucket::Dst, now, 0).is_none() {
             let v = CtValue {
                 peer: u32::from(vtep),
@@ -776,10 +776,10 @@ pub(crate) fn on_delivery(
     let nat = Nat { src_addr: Some(Ipv4Addr::from(v.peer)), dst_addr: None, src_port: Some(v.port), dst_port: None };
     let gw = nw.gateway_mac;
     let d = frame.data_mut();
-    if rewrite_ipv4(&mut d[14..], &nat).is_err() {
+    if rewrite_ipv4(&mut d[field::VER_IHL..], &nat).is_err() {
         return false;
     }
-    d[6..12].copy_from_slice(&gw.0);
+    d[field::SRC_MAC].copy_from_slice(&gw.0);
     true
 }
 

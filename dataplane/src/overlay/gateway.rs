@@ -5,8 +5,8 @@
 
 use crate::packet::{DropReason, Frame, Verdict};
 use crate::tables::{Network, PortId};
-use crate::wire::MacAddr;
 use crate::wire::ethernet::{self, ethertype};
+use crate::wire::frame::{Head, field};
 use crate::wire::icmpv4::{self, Icmpv4Packet};
 use crate::wire::ipv4::{Ipv4Packet, Ipv4Repr, protocol};
 
@@ -17,7 +17,7 @@ const TTL: u8 = 64;
 pub(crate) fn echo(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verdict {
     use DropReason as D;
     let d = frame.data_mut();
-    let client = MacAddr([d[6], d[7], d[8], d[9], d[10], d[11]]);
+    let Some(client) = Head::new(d).map(|h| h.src_mac()) else { return Verdict::Drop(D::Malformed) };
     let Ok(mut ip) = Ipv4Packet::new_checked(&mut d[ethernet::HEADER_LEN..]) else {
         return Verdict::Drop(D::Malformed);
     };
@@ -49,8 +49,8 @@ pub(crate) fn echo(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verd
     };
     icmp.set_kind(icmpv4::kind::ECHO_REPLY);
     let total = ethernet::HEADER_LEN + ip.total_len();
-    d[0..6].copy_from_slice(&client.0);
-    d[6..12].copy_from_slice(&nw.gateway_mac.0);
+    d[field::DST_MAC].copy_from_slice(&client.0);
+    d[field::SRC_MAC].copy_from_slice(&nw.gateway_mac.0);
     let start = frame.start();
     frame.set_window(start, total);
     Verdict::Tx(in_port)
@@ -63,7 +63,7 @@ pub(crate) fn echo(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verd
 pub(crate) fn frag_needed(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verdict {
     use DropReason as D;
     let d = frame.data();
-    let client = MacAddr([d[6], d[7], d[8], d[9], d[10], d[11]]);
+    let Some(client) = Head::new(d).map(|h| h.src_mac()) else { return Verdict::Drop(D::Malformed) };
     let Ok(ip) = Ipv4Packet::new_checked(&d[ethernet::HEADER_LEN..]) else {
         return Verdict::Drop(D::Malformed);
     };

@@ -22,7 +22,7 @@ use crate::packet::{DropReason as D, Frame, PortId, Step, Verdict};
 use crate::tables::{Location, NetId, Network, Tables};
 use crate::wire::MacAddr;
 use crate::wire::ethernet::{self, ethertype};
-use crate::wire::frame::{macs, plain_ipv4};
+use crate::wire::frame::{field, macs, plain_ipv4};
 use crate::wire::ipv4::{Ipv4Packet, protocol};
 use crate::wire::parse_frame;
 use core::net::Ipv4Addr;
@@ -183,7 +183,8 @@ fn ipv4(
             Err(_) => return Err(Verdict::Drop(D::Malformed)),
         },
     };
-    let src = [d[26], d[27], d[28], d[29]];
+    // At its fixed place with or without options (parsed in step 2).
+    let src: [u8; 4] = d[field::SRC_IP].try_into().unwrap_or_default();
     let src_ip_ok = match port_ip {
         Some(a) => a.octets() == src,
         None => arp_lookup(t, net, Ipv4Addr::from(src)) == Some(a.src),
