@@ -119,18 +119,11 @@ impl LbState {
         release(&mut self.services, v);
     }
 
-    /// The live entry of `key` in the bucket `by` chooses, refreshed (see
-    /// `Conntrack::lookup`); an expired one is freed and what it held
+    /// The live entry of a probed key, refreshed (see
+    /// `Conntrack::lookup_probe`); an expired one is freed and what it held
     /// released.
-    #[inline]
-    pub(crate) fn lookup(&mut self, key: &FlowKey, by: Bucket, now: u64, flags: u8) -> Option<CtValue> {
-        let p = self.conntrack.probe_in(key, by);
-        self.lookup_probe(&p, now, flags)
-    }
-
-    /// [`LbState::lookup`] of a probed key.
     #[inline(always)]
-    pub(crate) fn lookup_probe(&mut self, p: &conntrack::Probe, now: u64, flags: u8) -> Option<CtValue> {
+    pub(crate) fn lookup(&mut self, p: &conntrack::Probe, now: u64, flags: u8) -> Option<CtValue> {
         match self.conntrack.lookup_probe(p, now, flags) {
             Ok(v) => Some(v),
             Err(old) => {
@@ -142,15 +135,8 @@ impl LbState {
         }
     }
 
-    /// Inserts an entry (through the flood guard, or not), releasing what
-    /// an entry it displaces held. False if the guard refused it.
-    #[inline(always)]
-    fn insert(&mut self, key: &FlowKey, by: Bucket, v: CtValue, now: u64, guarded: bool) -> bool {
-        let p = self.conntrack.probe_in(key, by);
-        self.insert_probe(&p, v, now, guarded, usize::MAX).is_some()
-    }
-
-    /// [`LbState::insert`] of a probed key, leaving the entry at index
+    /// Inserts an entry for a probed key (through the flood guard, or not),
+    /// releasing what an entry it displaces held, leaving the entry at index
     /// `keep` alone (see `Conntrack::insert_keeping`). A live entry it
     /// evicts takes the other half of its connection with it when that
     /// half shares its bucket, so that no connection is left tracked in one
@@ -474,7 +460,7 @@ fn vip_inner(
 ) -> Result<Next, DropReason> {
     let s = t.services.list.get(svc as usize).ok_or(DropReason::NoBackend)?;
     let (key, flags) = tuple(frame.data()).ok_or(DropReason::Malformed)?;
-    let found = lb.lookup(&key, Bucket::Src, now, flags);
+    let found = lb.lookup(&lb.conntrack.probe_in(&key, Bucket::Src), now, flags);
     let b = vip_connection(lb, s, svc, &key, flags, now, found)?;
     Ok(vip_tail(frame, net, s, svc, b, lb))
 }
@@ -620,7 +606,7 @@ fn client_inner(
     // In nat mode the reply comes back to node_ip:snat; the client's
     // own source port is kept unless another connection to the same
     // backend holds it, else one of a few others derived from it.
-    let found = lb.lookup(&key, Bucket::Src, now, flags);
+    let found = lb.lookup(&lb.conntrack.probe_in(&key, Bucket::Src), now, flags);
     let (b, f) = connection(
         lb,
         s,
@@ -683,7 +669,7 @@ pub(crate) fn to_node(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, l
 
 /// The tracked reply entry of `key` (in the bucket `by` chooses), if any.
 fn reply_entry(lb: &mut LbState, key: &FlowKey, by: Bucket, flags: u8, now: u64) -> Option<CtValue> {
-    lb.lookup(key, by, now, flags).filter(|v| v.flags & CT_REPLY != 0)
+    lb.lookup(&lb.conntrack.probe_in(key, by), now, flags).filter(|v| v.flags & CT_REPLY != 0)
 }
 
 /// The bucket of a reply entry with `flags`: a connection's reply shares
@@ -757,7 +743,8 @@ pub(crate) fn on_delivery(
         // Remember (or refresh) the way back, keyed as the reply will be.
         let rk = FlowKey { src: key.dst, dst: key.src, sport: key.dport, dport: key.sport, proto: key.proto };
         let mac = Head::new(frame.data()).map_or([0; 6], |h| h.src_mac().0);
-        if lb.lookup(&rk, Bucket::Dst, now, 0).is_none() {
+        let rp = lb.conntrack.probe_in(&rk, Bucket::Dst);
+        if lb.lookup(&rp, now, 0).is_none() {
             let v = CtValue {
                 peer: u32::from(vtep),
                 mac,
@@ -765,7 +752,7 @@ pub(crate) fn on_delivery(
                 flags: CT_REPLY | CT_PS_RETURN,
                 ..CtValue::ZERO
             };
-            lb.insert(&rk, Bucket::Dst, v, now, true);
+            lb.insert_probe(&rp, v, now, true, usize::MAX);
         }
         return true;
     }
@@ -822,7 +809,7 @@ mod tests {
             track_probed(&mut lb, i, 0, &fp, f, &rp, r, at);
             if i == 3 {
                 let (_, _, r0, _) = conn(0);
-                assert!(lb.lookup(&r0, Bucket::Dst, 11 * ms, 0x10).is_some());
+                assert!(lb.lookup(&lb.conntrack.probe_in(&r0, Bucket::Dst), 11 * ms, 0x10).is_some());
             }
         }
         let now = 11 * ms;
