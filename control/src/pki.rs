@@ -113,11 +113,6 @@ impl ClusterCa {
         })
     }
 
-    /// The CA certificate (DER).
-    pub fn cert(&self) -> &[u8] {
-        &self.cert
-    }
-
     /// The CA certificate's fingerprint.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.cert)

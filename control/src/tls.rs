@@ -13,7 +13,7 @@
 //! `rpc` and `pki`.
 
 use crate::pki::{ClusterCa, JoinRole, JoinToken, NodeIdentity, PkiError, fingerprint};
-use crate::raft::{Call, NodeId, Raft, RpcClient, TypeConfig, answer, network::parse_node_addr};
+use crate::raft::{Call, NodeId, Raft, RpcClient, TypeConfig, answer_if_running, network::parse_node_addr};
 use crate::rpc::{FrameError, Refusal, Request, Response, read_frame, write_frame};
 use openraft::BasicNode;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -246,22 +246,29 @@ pub fn serve(
     let handler: Handler = Arc::new(move |req, member| {
         let (raft, ca) = (raft.clone(), ca.clone());
         Box::pin(async move {
-            let r = raft.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            match (req, r) {
-                (Request::Join { token, name }, _) => match &ca {
-                    Some(ca) => {
-                        let ca = ca.lock().unwrap_or_else(PoisonError::into_inner).clone();
-                        Response::Join(ca.admit(&token, &name))
-                    }
-                    None => Response::Refused(Refusal::NoCa),
-                },
-                (_, _) if !member => Response::Refused(Refusal::NeedsCertificate),
-                (_, None) => Response::Refused(Refusal::RaftNotRunning),
-                (req, Some(r)) => answer(&r, req).await,
+            match req {
+                Request::Join { token, name } => {
+                    let ca = ca.map(|ca| ca.lock().unwrap_or_else(PoisonError::into_inner).clone());
+                    answer_join(ca.as_ref(), &token, &name)
+                }
+                _ if !member => Response::Refused(Refusal::NeedsCertificate),
+                req => {
+                    let raft = raft.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                    answer_if_running(raft, req).await
+                }
             }
         })
     });
     serve_with(listener, id, handler)
+}
+
+/// The answer to a join: a certificate from `ca` if this node holds the
+/// CA and the token is good.
+pub fn answer_join(ca: Option<&ClusterCa>, token: &str, name: &str) -> Response {
+    match ca {
+        Some(ca) => Response::Join(ca.admit(token, name)),
+        None => Response::Refused(Refusal::NoCa),
+    }
 }
 
 /// Serves on `listener` as `id`: every request goes to `handler`.

@@ -31,10 +31,10 @@ pub use admin::admin_call;
 
 use crate::compile::compile;
 use crate::pki::NodeIdentity;
-use crate::raft::{NodeId, Raft, StateMachine};
+use crate::raft::{NodeId, Raft, StateMachine, answer_if_running};
 use crate::rpc::{Refusal, Request, Response};
 use crate::state::{Availability, ClusterState, Node, Role};
-use crate::tls::{Handler, Server, TlsNetwork, serve_with};
+use crate::tls::{Handler, Server, TlsNetwork, answer_join, serve_with};
 use core::net::{Ipv4Addr, SocketAddr};
 use gossip_loop::GossipSummary;
 use meshplane_dataplane::tables::TablesSpec;
@@ -328,10 +328,7 @@ impl Control {
         match req {
             Request::Join { token, name } => {
                 let ca = self.lock().state.ca.clone();
-                match ca {
-                    Some(ca) => Response::Join(ca.admit(&token, &name)),
-                    None => Response::Refused(Refusal::NoCa),
-                }
+                answer_join(ca.as_ref(), &token, &name)
             }
             _ if !member => Response::Refused(Refusal::NeedsCertificate),
             Request::Write(cmd) => Response::Written(self.write(cmd).await),
@@ -346,10 +343,7 @@ impl Control {
             }
             Request::AddManager { id, name, addr } => Response::Written(self.add_manager(id, name, addr).await),
             Request::Admin(a) => Response::Admin(self.admin(a).await),
-            rpc => match self.raft() {
-                Some(r) => crate::raft::answer(&r, rpc).await,
-                None => Response::Refused(Refusal::RaftNotRunning),
-            },
+            rpc => answer_if_running(self.raft(), rpc).await,
         }
     }
 

@@ -20,7 +20,7 @@ pub mod state_machine;
 
 pub use crate::rpc::{Applied, NodeId, TypeConfig};
 pub use log::LogStore;
-pub use network::{Call, Conn, Router, RouterNetwork, RpcClient, answer, node_addr};
+pub use network::{Call, Conn, Router, RouterNetwork, RpcClient, answer, answer_if_running, node_addr};
 pub use state_machine::StateMachine;
 
 use openraft::{StorageError, StorageIOError};

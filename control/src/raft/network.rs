@@ -28,6 +28,14 @@ pub async fn answer(raft: &Raft, req: Request) -> Response {
     }
 }
 
+/// Answers a Raft request with `raft` if this node runs Raft yet.
+pub async fn answer_if_running(raft: Option<Raft>, req: Request) -> Response {
+    match raft {
+        Some(r) => answer(&r, req).await,
+        None => Response::Refused(Refusal::RaftNotRunning),
+    }
+}
+
 /// The address to put in a member's `BasicNode`: `name@ip:port`.
 pub fn node_addr(name: &str, addr: SocketAddr) -> BasicNode {
     BasicNode::new(format!("{name}@{addr}"))
