@@ -233,10 +233,10 @@ pub enum ApiError {
         detail: String,
     },
     /// The node's TLS set-up failed (its certificate or key).
-    #[error("TLS set-up: {0}")]
+    #[error("{0}")]
     Tls(String),
     /// Raft did not start (its directory, its configuration).
-    #[error("starting Raft: {0}")]
+    #[error("{0}")]
     RaftStart(String),
     /// `cluster init`: Raft is not running after its start.
     #[error("Raft did not start")]
