@@ -240,53 +240,9 @@ impl Services {
                 return Err(format!("service {name:?}: services are limited to the first 32768 networks"));
             }
             let nw = &networks[usize::from(net)];
-            let vip = match (s.vip, s.port) {
-                (Some(vip), Some(port)) => {
-                    if !nw.subnet.contains(vip) || vip == nw.subnet.addr || vip == nw.broadcast() {
-                        return Err(format!("service {name:?}: vip {vip} is not a host address of {}", nw.subnet));
-                    }
-                    if vip == nw.gateway_ip || nw.node_ip == Some(vip) || endpoint_mac(net, vip).is_some() {
-                        return Err(format!(
-                            "service {name:?}: vip {vip} is already the gateway's, this node's or an endpoint's"
-                        ));
-                    }
-                    Some((vip, port))
-                }
-                (None, None) => None,
-                _ => return Err(format!("service {name:?}: give vip and port together")),
-            };
-            if vip.is_none() && s.published.is_empty() {
-                return Err(format!("service {name:?}: neither a vip nor a published port"));
-            }
-            if !s.published.is_empty() && nw.node_ip.is_none() {
-                return Err(format!(
-                    "service {name:?}: published ports need this node's address in network {:?} (node_ip)",
-                    nw.name
-                ));
-            }
-            if s.port == Some(0) || s.target_port == Some(0) || s.published.iter().any(|p| p.port == 0) {
-                return Err(format!("service {name:?}: ports must be 1..=65535"));
-            }
-            let Some(target) = s.target_port.or(s.port) else {
-                return Err(format!("service {name:?}: target_port is needed without a vip"));
-            };
-            // A connection entry keeps a backend's index in 16 bits.
-            if s.backends.len() > usize::from(u16::MAX) {
-                return Err(format!("service {name:?}: at most 65535 backends"));
-            }
-            let mut backends = Vec::with_capacity(s.backends.len());
-            for b in &s.backends {
-                let mac = endpoint_mac(net, b.ip).ok_or_else(|| {
-                    format!("service {name:?}: backend {} is not an endpoint of network {:?}", b.ip, nw.name)
-                })?;
-                if backends.iter().any(|x: &Backend| x.ip == b.ip) {
-                    return Err(format!("service {name:?}: backend {} is listed twice", b.ip));
-                }
-                let weight = if b.state == BackendState::Draining { 0 } else { b.weight };
-                let vip_csum =
-                    vip.map_or([0; 2], |(vip, vport)| crate::wire::rewrite::dnat_delta(vip, vport, b.ip, target));
-                backends.push(Backend { ip: b.ip, port: target, mac, weight, remote: None, vip_csum });
-            }
+            let vip = vip_of(s, net, nw, &endpoint_mac)?;
+            let target = target_port(s, nw)?;
+            let backends = backends_of(s, net, nw, vip, target, &endpoint_mac)?;
             let maglev = if s.scheduler.uses_maglev() {
                 let mb: Vec<MaglevBackend> =
                     backends.iter().map(|b| MaglevBackend { id: backend_id(b), weight: b.weight }).collect();
@@ -294,23 +250,10 @@ impl Services {
             } else {
                 None
             };
-            let proto = s.protocol.number();
-            let pname = if proto == protocol::TCP { "tcp" } else { "udp" };
-            let idx = out.list.len() as u32;
-            if let Some((ip, port)) = vip
-                && out.vips.insert(vip_key(net, ip.octets(), port, proto), idx).is_some()
-            {
-                return Err(format!("service {name:?}: {ip}:{port} ({pname}) is another service's"));
-            }
-            for p in &s.published {
-                let v = Published { service: idx, mode: p.mode };
-                if out.published.insert(published_key(p.port, proto), v).is_some() {
-                    return Err(format!("service {name:?}: published port {} ({pname}) is taken", p.port));
-                }
-            }
+            out.index(s, net, vip)?;
             out.list.push(Service {
                 name: name.clone(),
-                proto,
+                proto: s.protocol.number(),
                 net,
                 vip,
                 published: s.published.iter().map(|p| (p.port, p.mode)).collect(),
@@ -320,6 +263,26 @@ impl Services {
             });
         }
         Ok(out)
+    }
+
+    /// Enters the next service (`s`, in network `net`, at `vip`) in the
+    /// VIP and published-port maps; no VIP or port may be another's.
+    fn index(&mut self, s: &ServiceSpec, net: NetId, vip: Option<(Ipv4Addr, u16)>) -> Result<(), String> {
+        let (name, proto) = (&s.name, s.protocol.number());
+        let pname = if proto == protocol::TCP { "tcp" } else { "udp" };
+        let idx = self.list.len() as u32;
+        if let Some((ip, port)) = vip
+            && self.vips.insert(vip_key(net, ip.octets(), port, proto), idx).is_some()
+        {
+            return Err(format!("service {name:?}: {ip}:{port} ({pname}) is another service's"));
+        }
+        for p in &s.published {
+            let v = Published { service: idx, mode: p.mode };
+            if self.published.insert(published_key(p.port, proto), v).is_some() {
+                return Err(format!("service {name:?}: published port {} ({pname}) is taken", p.port));
+            }
+        }
+        Ok(())
     }
 
     /// The service at a VIP, if any.
@@ -338,6 +301,81 @@ impl Services {
     pub fn in_network(&self, net: NetId) -> bool {
         self.list.iter().any(|s| s.net == net)
     }
+}
+
+/// A service's VIP and port: a host address of its network that nothing
+/// else has, or none (then it needs a published port).
+fn vip_of(
+    s: &ServiceSpec,
+    net: NetId,
+    nw: &Network,
+    endpoint_mac: impl Fn(NetId, Ipv4Addr) -> Option<MacAddr>,
+) -> Result<Option<(Ipv4Addr, u16)>, String> {
+    let name = &s.name;
+    let vip = match (s.vip, s.port) {
+        (Some(vip), Some(port)) => {
+            if !nw.subnet.contains(vip) || vip == nw.subnet.addr || vip == nw.broadcast() {
+                return Err(format!("service {name:?}: vip {vip} is not a host address of {}", nw.subnet));
+            }
+            if vip == nw.gateway_ip || nw.node_ip == Some(vip) || endpoint_mac(net, vip).is_some() {
+                return Err(format!(
+                    "service {name:?}: vip {vip} is already the gateway's, this node's or an endpoint's"
+                ));
+            }
+            Some((vip, port))
+        }
+        (None, None) => None,
+        _ => return Err(format!("service {name:?}: give vip and port together")),
+    };
+    if vip.is_none() && s.published.is_empty() {
+        return Err(format!("service {name:?}: neither a vip nor a published port"));
+    }
+    Ok(vip)
+}
+
+/// The port a service's backends listen on (`target_port`, else the VIP's
+/// port), after the checks of its ports.
+fn target_port(s: &ServiceSpec, nw: &Network) -> Result<u16, String> {
+    let name = &s.name;
+    if !s.published.is_empty() && nw.node_ip.is_none() {
+        return Err(format!(
+            "service {name:?}: published ports need this node's address in network {:?} (node_ip)",
+            nw.name
+        ));
+    }
+    if s.port == Some(0) || s.target_port == Some(0) || s.published.iter().any(|p| p.port == 0) {
+        return Err(format!("service {name:?}: ports must be 1..=65535"));
+    }
+    s.target_port.or(s.port).ok_or_else(|| format!("service {name:?}: target_port is needed without a vip"))
+}
+
+/// A service's backends: endpoints of its network, each once, at most
+/// 65535 (a connection entry keeps a backend's index in 16 bits), with the
+/// checksum differences of a DNAT from the VIP to each.
+fn backends_of(
+    s: &ServiceSpec,
+    net: NetId,
+    nw: &Network,
+    vip: Option<(Ipv4Addr, u16)>,
+    target: u16,
+    endpoint_mac: impl Fn(NetId, Ipv4Addr) -> Option<MacAddr>,
+) -> Result<Vec<Backend>, String> {
+    let name = &s.name;
+    if s.backends.len() > usize::from(u16::MAX) {
+        return Err(format!("service {name:?}: at most 65535 backends"));
+    }
+    let mut backends = Vec::with_capacity(s.backends.len());
+    for b in &s.backends {
+        let mac = endpoint_mac(net, b.ip)
+            .ok_or_else(|| format!("service {name:?}: backend {} is not an endpoint of network {:?}", b.ip, nw.name))?;
+        if backends.iter().any(|x: &Backend| x.ip == b.ip) {
+            return Err(format!("service {name:?}: backend {} is listed twice", b.ip));
+        }
+        let weight = if b.state == BackendState::Draining { 0 } else { b.weight };
+        let vip_csum = vip.map_or([0; 2], |(vip, vport)| crate::wire::rewrite::dnat_delta(vip, vport, b.ip, target));
+        backends.push(Backend { ip: b.ip, port: target, mac, weight, remote: None, vip_csum });
+    }
+    Ok(backends)
 }
 
 /// A backend's identity for Maglev: address and port, the same on every
