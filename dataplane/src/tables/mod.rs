@@ -860,8 +860,7 @@ impl<'s> Builder<'s> {
                 let nw = &networks[usize::from(net)];
                 arp.get(&ip_key(net, ip)).copied().filter(|m| *m != nw.gateway_mac && Some(*m) != nw.node_mac)
             },
-        )
-        .map_err(TablesError::Invalid)?;
+        )?;
         for s in &mut services.list {
             for b in &mut s.backends {
                 b.remote = match self.fdb.get(&mac_key(s.net, b.mac)) {

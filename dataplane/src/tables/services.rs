@@ -7,7 +7,7 @@
 //! mode), or both.
 
 use super::maglev::{self, Maglev, MaglevBackend};
-use super::{FlatMap, NetId, Network};
+use super::{FlatMap, NetId, Network, TablesError, invalid};
 use crate::wire::MacAddr;
 use crate::wire::ipv4::protocol;
 use core::net::Ipv4Addr;
@@ -226,18 +226,18 @@ impl Services {
         networks: &[Network],
         net_by_name: impl Fn(&str) -> Option<NetId>,
         endpoint_mac: impl Fn(NetId, Ipv4Addr) -> Option<MacAddr>,
-    ) -> Result<Services, String> {
+    ) -> Result<Services, TablesError> {
         let mut out = Services::default();
         let mut names = std::collections::HashSet::new();
         for s in specs {
             let name = &s.name;
             if !names.insert(name.as_str()) {
-                return Err(format!("service name {name:?} is used twice"));
+                return invalid(format!("service name {name:?} is used twice"));
             }
-            let net =
-                net_by_name(&s.network).ok_or_else(|| format!("service {name:?}: unknown network {:?}", s.network))?;
+            let net = net_by_name(&s.network)
+                .ok_or_else(|| TablesError::Invalid(format!("service {name:?}: unknown network {:?}", s.network)))?;
             if net > 0x7fff {
-                return Err(format!("service {name:?}: services are limited to the first 32768 networks"));
+                return invalid(format!("service {name:?}: services are limited to the first 32768 networks"));
             }
             let nw = &networks[usize::from(net)];
             let vip = vip_of(s, net, nw, &endpoint_mac)?;
@@ -246,7 +246,10 @@ impl Services {
             let maglev = if s.scheduler.uses_maglev() {
                 let mb: Vec<MaglevBackend> =
                     backends.iter().map(|b| MaglevBackend { id: backend_id(b), weight: b.weight }).collect();
-                Some(Maglev::build(&mb, s.maglev_size, MAGLEV_SEED).map_err(|e| format!("service {name:?}: {e}"))?)
+                Some(
+                    Maglev::build(&mb, s.maglev_size, MAGLEV_SEED)
+                        .map_err(|e| TablesError::Invalid(format!("service {name:?}: {e}")))?,
+                )
             } else {
                 None
             };
@@ -267,19 +270,19 @@ impl Services {
 
     /// Enters the next service (`s`, in network `net`, at `vip`) in the
     /// VIP and published-port maps; no VIP or port may be another's.
-    fn index(&mut self, s: &ServiceSpec, net: NetId, vip: Option<(Ipv4Addr, u16)>) -> Result<(), String> {
+    fn index(&mut self, s: &ServiceSpec, net: NetId, vip: Option<(Ipv4Addr, u16)>) -> Result<(), TablesError> {
         let (name, proto) = (&s.name, s.protocol.number());
         let pname = if proto == protocol::TCP { "tcp" } else { "udp" };
         let idx = self.list.len() as u32;
         if let Some((ip, port)) = vip
             && self.vips.insert(vip_key(net, ip.octets(), port, proto), idx).is_some()
         {
-            return Err(format!("service {name:?}: {ip}:{port} ({pname}) is another service's"));
+            return invalid(format!("service {name:?}: {ip}:{port} ({pname}) is another service's"));
         }
         for p in &s.published {
             let v = Published { service: idx, mode: p.mode };
             if self.published.insert(published_key(p.port, proto), v).is_some() {
-                return Err(format!("service {name:?}: published port {} ({pname}) is taken", p.port));
+                return invalid(format!("service {name:?}: published port {} ({pname}) is taken", p.port));
             }
         }
         Ok(())
@@ -310,43 +313,45 @@ fn vip_of(
     net: NetId,
     nw: &Network,
     endpoint_mac: impl Fn(NetId, Ipv4Addr) -> Option<MacAddr>,
-) -> Result<Option<(Ipv4Addr, u16)>, String> {
+) -> Result<Option<(Ipv4Addr, u16)>, TablesError> {
     let name = &s.name;
     let vip = match (s.vip, s.port) {
         (Some(vip), Some(port)) => {
             if !nw.subnet.contains(vip) || vip == nw.subnet.addr || vip == nw.broadcast() {
-                return Err(format!("service {name:?}: vip {vip} is not a host address of {}", nw.subnet));
+                return invalid(format!("service {name:?}: vip {vip} is not a host address of {}", nw.subnet));
             }
             if vip == nw.gateway_ip || nw.node_ip == Some(vip) || endpoint_mac(net, vip).is_some() {
-                return Err(format!(
+                return invalid(format!(
                     "service {name:?}: vip {vip} is already the gateway's, this node's or an endpoint's"
                 ));
             }
             Some((vip, port))
         }
         (None, None) => None,
-        _ => return Err(format!("service {name:?}: give vip and port together")),
+        _ => return invalid(format!("service {name:?}: give vip and port together")),
     };
     if vip.is_none() && s.published.is_empty() {
-        return Err(format!("service {name:?}: neither a vip nor a published port"));
+        return invalid(format!("service {name:?}: neither a vip nor a published port"));
     }
     Ok(vip)
 }
 
 /// The port a service's backends listen on (`target_port`, else the VIP's
 /// port), after the checks of its ports.
-fn target_port(s: &ServiceSpec, nw: &Network) -> Result<u16, String> {
+fn target_port(s: &ServiceSpec, nw: &Network) -> Result<u16, TablesError> {
     let name = &s.name;
     if !s.published.is_empty() && nw.node_ip.is_none() {
-        return Err(format!(
+        return invalid(format!(
             "service {name:?}: published ports need this node's address in network {:?} (node_ip)",
             nw.name
         ));
     }
     if s.port == Some(0) || s.target_port == Some(0) || s.published.iter().any(|p| p.port == 0) {
-        return Err(format!("service {name:?}: ports must be 1..=65535"));
+        return invalid(format!("service {name:?}: ports must be 1..=65535"));
     }
-    s.target_port.or(s.port).ok_or_else(|| format!("service {name:?}: target_port is needed without a vip"))
+    s.target_port
+        .or(s.port)
+        .ok_or_else(|| TablesError::Invalid(format!("service {name:?}: target_port is needed without a vip")))
 }
 
 /// A service's backends: endpoints of its network, each once, at most
@@ -359,17 +364,21 @@ fn backends_of(
     vip: Option<(Ipv4Addr, u16)>,
     target: u16,
     endpoint_mac: impl Fn(NetId, Ipv4Addr) -> Option<MacAddr>,
-) -> Result<Vec<Backend>, String> {
+) -> Result<Vec<Backend>, TablesError> {
     let name = &s.name;
     if s.backends.len() > usize::from(u16::MAX) {
-        return Err(format!("service {name:?}: at most 65535 backends"));
+        return invalid(format!("service {name:?}: at most 65535 backends"));
     }
     let mut backends = Vec::with_capacity(s.backends.len());
     for b in &s.backends {
-        let mac = endpoint_mac(net, b.ip)
-            .ok_or_else(|| format!("service {name:?}: backend {} is not an endpoint of network {:?}", b.ip, nw.name))?;
+        let mac = endpoint_mac(net, b.ip).ok_or_else(|| {
+            TablesError::Invalid(format!(
+                "service {name:?}: backend {} is not an endpoint of network {:?}",
+                b.ip, nw.name
+            ))
+        })?;
         if backends.iter().any(|x: &Backend| x.ip == b.ip) {
-            return Err(format!("service {name:?}: backend {} is listed twice", b.ip));
+            return invalid(format!("service {name:?}: backend {} is listed twice", b.ip));
         }
         let weight = if b.state == BackendState::Draining { 0 } else { b.weight };
         let vip_csum = vip.map_or([0; 2], |(vip, vport)| crate::wire::rewrite::dnat_delta(vip, vport, b.ip, target));
