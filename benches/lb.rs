@@ -26,7 +26,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, 
 use meshplane_dataplane::lb::conntrack::{
     Bucket, Conntrack, CtConfig, CtState, CtValue, FlowKey, Inserted, SECOND, tcp_flags,
 };
-use meshplane_dataplane::lb::maglev::{DEFAULT_SIZE, Maglev, MaglevBackend};
+use meshplane_dataplane::tables::maglev::{DEFAULT_SIZE, Maglev, MaglevBackend};
 
 fn maglev(c: &mut Criterion) {
     let backends: Vec<MaglevBackend> =

@@ -8,7 +8,7 @@ use meshplane_control::cluster::{AdminRequest, admin_call};
 use meshplane_control::pki::JoinRole;
 use meshplane_control::state::{Availability, Command, PublishRequest};
 use meshplane_dataplane::lb::sched::Scheduler;
-use meshplane_dataplane::lb::service::{MeshMode, Proto};
+use meshplane_dataplane::tables::services::{MeshMode, Proto};
 use serde_json::Value;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;

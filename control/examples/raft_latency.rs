@@ -15,7 +15,7 @@ use meshplane_control::raft::{Router, node_addr, start, start_with};
 use meshplane_control::state::{Availability, Command, Node, PublishRequest, Role};
 use meshplane_control::tls::{TlsNetwork, join, serve};
 use meshplane_dataplane::lb::sched::Scheduler;
-use meshplane_dataplane::lb::service::{MeshMode, Proto};
+use meshplane_dataplane::tables::services::{MeshMode, Proto};
 use openraft::BasicNode;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -12,7 +12,7 @@
 //! with its tasks on live nodes as backends (weight 0 on drained nodes).
 
 use crate::state::{Availability, ClusterState, mac_for};
-use meshplane_dataplane::lb::service::{BackendSpec, BackendState, PublishedSpec, ServiceSpec};
+use meshplane_dataplane::tables::services::{BackendSpec, BackendState, PublishedSpec, ServiceSpec};
 use meshplane_dataplane::tables::{EndpointSpec, NeighbourSpec, NetworkSpec, NodeSpec, PortSpec, TablesSpec};
 use thiserror::Error;
 
@@ -130,7 +130,7 @@ fn services(state: &ClusterState, alive: &dyn Fn(&str) -> bool) -> Vec<ServiceSp
             target_port: Some(s.target_port),
             published: s.published.iter().map(|p| PublishedSpec { port: p.port, mode: p.mode }).collect(),
             scheduler: s.scheduler,
-            maglev_size: meshplane_dataplane::lb::maglev::DEFAULT_SIZE,
+            maglev_size: meshplane_dataplane::tables::maglev::DEFAULT_SIZE,
             backends: state
                 .tasks
                 .values()

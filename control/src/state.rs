@@ -13,8 +13,8 @@
 use crate::pki::ClusterCa;
 use core::net::{Ipv4Addr, SocketAddr};
 use meshplane_dataplane::lb::sched::Scheduler;
-use meshplane_dataplane::lb::service::{MeshMode, Proto};
 use meshplane_dataplane::tables::Subnet;
+use meshplane_dataplane::tables::services::{MeshMode, Proto};
 use meshplane_dataplane::wire::MacAddr;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

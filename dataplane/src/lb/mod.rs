@@ -15,12 +15,9 @@ pub(crate) mod fast;
 #[allow(unsafe_code)] // mmap/madvise of the connection table; each block has a SAFETY comment
 mod hugemem;
 pub mod sched;
-pub use crate::tables::maglev;
-/// The compiled service tables (they live with the tables the packet path
-/// reads; named here too, where the balancer's users look for them).
-pub use crate::tables::services as service;
 
 use crate::packet::{DropReason, Frame, Verdict};
+use crate::tables::services as service;
 use crate::tables::{NetId, Tables};
 use crate::wire::frame::{Head, field};
 use crate::wire::ipv4::protocol;

@@ -101,7 +101,7 @@ fn gcd(a: u32, b: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lb::maglev::{DEFAULT_SIZE, MaglevBackend};
+    use crate::tables::maglev::{DEFAULT_SIZE, MaglevBackend};
 
     #[derive(Debug, Clone, Copy)]
     struct B {
