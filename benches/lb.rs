@@ -138,7 +138,8 @@ fn new_flow(c: &mut Criterion) {
 }
 
 fn vip(c: &mut Criterion) {
-    use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process_burst};
+    use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
+    use meshplane_dataplane::pipeline::{WorkerState, process_burst};
     use meshplane_dataplane::tables::UPLINK;
     use std::time::{Duration, Instant};
     const BURST: usize = 64;

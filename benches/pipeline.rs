@@ -14,7 +14,8 @@
 
 use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
 use meshplane_benches::{arp_request, task_frame, uplink_frame};
-use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process, process_burst};
+use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
+use meshplane_dataplane::pipeline::{WorkerState, process, process_burst};
 use meshplane_dataplane::tables::{Tables, UPLINK};
 use std::time::Instant;
 

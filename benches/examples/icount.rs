@@ -11,7 +11,8 @@
 //! `wrap` is the harness alone (wrapping 64 buffers as frames, counting
 //! verdicts), to subtract from the others.
 
-use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process_burst};
+use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
+use meshplane_dataplane::pipeline::{WorkerState, process_burst};
 use meshplane_dataplane::tables::{Tables, UPLINK};
 use meshplane_dataplane::wire::rewrite::{Nat, rewrite_ipv4};
 

@@ -4,7 +4,8 @@
 use meshplane_control::compile::compile;
 use meshplane_control::state::{Availability, ClusterState, Command, Node, PublishRequest, Role, StateError, mac_for};
 use meshplane_dataplane::lb::sched::Scheduler;
-use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process};
+use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
+use meshplane_dataplane::pipeline::{WorkerState, process};
 use meshplane_dataplane::tables::Tables;
 use meshplane_dataplane::tables::services::{MeshMode, Proto};
 use std::net::Ipv4Addr;

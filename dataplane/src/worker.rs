@@ -17,7 +17,8 @@
 use crate::io::{BURST, IoStats, Port};
 use crate::lb::ServiceStats;
 use crate::lb::conntrack::{CtConfig, CtStats};
-use crate::pipeline::{DropReason, Stats, Verdict, WorkerState, process_burst};
+use crate::packet::{DropReason, Stats, Verdict};
+use crate::pipeline::{WorkerState, process_burst};
 use crate::tables::{PortId, Tables};
 use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;

@@ -5,7 +5,8 @@
 //! rewrite code under test.
 
 use meshplane_dataplane::lb::conntrack::SECOND;
-use meshplane_dataplane::pipeline::{DropReason as D, Frame, HEADROOM, Verdict, WorkerState, process, process_general};
+use meshplane_dataplane::packet::{DropReason as D, Frame, HEADROOM, Verdict};
+use meshplane_dataplane::pipeline::{WorkerState, process, process_general};
 use meshplane_dataplane::tables::{Tables, TablesSpec, UPLINK};
 use meshplane_dataplane::wire::vxlan::{self, Classified};
 

@@ -5,8 +5,9 @@
 //! Only allocations made on the thread that runs the packet path are
 //! counted: the test harness's own threads allocate when they please.
 
+use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
 use meshplane_dataplane::pcap;
-use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process, process_burst};
+use meshplane_dataplane::pipeline::{WorkerState, process, process_burst};
 use meshplane_dataplane::tables::{Tables, UPLINK};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

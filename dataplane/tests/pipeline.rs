@@ -7,10 +7,9 @@
 //! uplink side from frames the Linux kernel's VXLAN device sent.
 
 use core::net::Ipv4Addr;
+use meshplane_dataplane::packet::{DropReason as D, Frame, HEADROOM, Verdict};
 use meshplane_dataplane::pcap;
-use meshplane_dataplane::pipeline::{
-    DropReason as D, Frame, HEADROOM, Verdict, WorkerState, process, process_burst, process_general,
-};
+use meshplane_dataplane::pipeline::{WorkerState, process, process_burst, process_general};
 use meshplane_dataplane::tables::{Tables, UPLINK};
 use meshplane_dataplane::wire::checksum;
 use meshplane_dataplane::wire::{flow, vxlan};

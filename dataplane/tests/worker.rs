@@ -3,7 +3,8 @@
 //! between bursts, stop honoured. (Real ports: tests/e2e.rs.)
 
 use meshplane_dataplane::io::mem::{MemPort, MemQueues};
-use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process};
+use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
+use meshplane_dataplane::pipeline::{WorkerState, process};
 use meshplane_dataplane::tables::Tables;
 use meshplane_dataplane::worker::{Bound, Shared, Worker, WorkerConfig};
 use std::sync::{Arc, Mutex};
@@ -140,7 +141,7 @@ fn a_port_without_io_counts_unbound_and_bad_frames_count_drops() {
     });
     let r = rig.stop();
     let st = r.stats.as_ref().unwrap();
-    assert_eq!(st.dropped(meshplane_dataplane::pipeline::DropReason::Malformed), 1);
+    assert_eq!(st.dropped(meshplane_dataplane::packet::DropReason::Malformed), 1);
     assert!(rig_sent_nothing(&r));
 }
 

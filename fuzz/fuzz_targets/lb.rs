@@ -15,7 +15,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use meshplane_dataplane::lb::conntrack::{CtConfig, SECOND};
-use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process, process_general};
+use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
+use meshplane_dataplane::pipeline::{WorkerState, process, process_general};
 use meshplane_dataplane::tables::{Tables, TablesSpec, UPLINK};
 use meshplane_dataplane::wire::vxlan::{self, Classified};
 use std::collections::HashMap;

@@ -19,7 +19,8 @@ mod common;
 
 use common::{tables, tables_resetting};
 use libfuzzer_sys::fuzz_target;
-use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, process, process_general};
+use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
+use meshplane_dataplane::pipeline::{process, process_general};
 use meshplane_dataplane::tables::UPLINK;
 use meshplane_dataplane::wire::parse_frame;
 use meshplane_dataplane::wire::vxlan::{self, Classified};

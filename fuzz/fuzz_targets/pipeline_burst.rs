@@ -14,7 +14,8 @@ mod common;
 
 use common::tables;
 use libfuzzer_sys::fuzz_target;
-use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, process_burst, process_general};
+use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
+use meshplane_dataplane::pipeline::{process_burst, process_general};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, mut rest)) = data.split_first() else { return };
