@@ -7,12 +7,13 @@
 //! of `crate::stats` and encoded by the `prometheus-client` crate.
 //!
 //! A client that asks for OpenMetrics (`Accept:
-//! application/openmetrics-text`, as Prometheus does) gets it: counter
-//! families named without `_total`, their samples with it, `# EOF` at the
-//! end. Any other client (curl, `promtool check metrics`) gets the
-//! Prometheus text format 0.0.4 it reads, where a counter's family and
-//! samples share one name ending in `_total`. The sample names and labels
-//! are the same in both.
+//! application/openmetrics-text`, as Prometheus does) gets the crate's
+//! OpenMetrics text: counter families named without `_total`, their
+//! samples with it, `# EOF` at the end. Any other client (curl, `promtool
+//! check metrics`, which reads only the Prometheus text format 0.0.4) gets
+//! the same text with the counters' HELP and TYPE lines under the samples'
+//! name (`_total`) and without `# EOF`: the 0.0.4 form. The sample names
+//! and labels are the same in both.
 
 use crate::stats::{AdminStats, NodeStats, from_value};
 use http_body_util::Full;
@@ -46,7 +47,6 @@ enum Format {
 #[derive(Debug)]
 struct Samples<L> {
     kind: MetricType,
-    format: Format,
     samples: Vec<(L, u64)>,
 }
 
@@ -54,9 +54,8 @@ impl<L: EncodeLabelSet + std::fmt::Debug> EncodeMetric for Samples<L> {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         for (labels, v) in &self.samples {
             let mut e = encoder.encode_family(labels)?;
-            match (self.kind, self.format) {
-                (MetricType::Counter, Format::OpenMetrics) => e.encode_counter::<NoLabelSet, u64, u64>(v, None)?,
-                // Prometheus text: the sample under the family's own name.
+            match self.kind {
+                MetricType::Counter => e.encode_counter::<NoLabelSet, u64, u64>(v, None)?,
                 _ => e.encode_gauge(v)?,
             }
         }
@@ -71,21 +70,27 @@ impl<L: EncodeLabelSet + std::fmt::Debug> EncodeMetric for Samples<L> {
 /// The metrics of one scrape, being registered.
 struct Exposition {
     registry: Registry,
-    format: Format,
+    /// The counters' family names (prefixed, without `_total`).
+    counters: Vec<String>,
 }
 
 impl Exposition {
-    /// Registers family `name` (a counter's ends in `_total`).
+    /// Registers family `name` (a counter's ends in `_total`, which the
+    /// encoder adds to its samples).
     fn family<L>(&mut self, name: &str, kind: MetricType, help: &str, samples: Vec<(L, u64)>)
     where
         L: EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
     {
-        let name = match (kind, self.format) {
-            // OpenMetrics adds `_total` to a counter's samples itself.
-            (MetricType::Counter, Format::OpenMetrics) => name.strip_suffix("_total").unwrap_or(name),
+        let name = match kind {
+            MetricType::Counter => {
+                let family = name.strip_suffix("_total").unwrap_or(name);
+                self.counters.push(format!("{PREFIX}_{family}"));
+                family
+            }
             _ => name,
         };
-        self.registry.register(name, help, Samples { kind, format: self.format, samples });
+        // The encoder ends the help text with a full stop itself.
+        self.registry.register(name, help.strip_suffix('.').unwrap_or(help), Samples { kind, samples });
     }
 
     /// Registers a family per worker, one sample each.
@@ -256,22 +261,41 @@ fn control(x: &mut Exposition, stats: &AdminStats, nodes: &[NodeStatus], info: &
     x.family("gossip_rejected_total", COUNTER, "Gossip packets dropped, by reason.", rejected.to_vec());
 }
 
+/// The metric names' prefix.
+const PREFIX: &str = "meshplane";
+
+/// The OpenMetrics text in the Prometheus text format 0.0.4: a counter's
+/// HELP and TYPE lines under its samples' name, no `# EOF`.
+fn prometheus_text(openmetrics: &str, counters: &[String]) -> String {
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines().filter(|l| *l != "# EOF") {
+        let family = line.strip_prefix("# HELP ").or_else(|| line.strip_prefix("# TYPE ")).map(|r| r.split(' ').next());
+        match family {
+            Some(Some(name)) if counters.iter().any(|c| c == name) => {
+                out.push_str(&line.replacen(name, &format!("{name}_total"), 1));
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// The exposition text, in `format`.
 fn render(stats: &AdminStats, nodes: &[NodeStatus], info: &Info, format: Format) -> String {
-    let mut x = Exposition { registry: Registry::with_prefix("meshplane"), format };
+    let mut x = Exposition { registry: Registry::with_prefix(PREFIX), counters: Vec::new() };
     ports(&mut x, &stats.dataplane);
     workers(&mut x, &stats.dataplane);
     services(&mut x, &stats.dataplane);
     control(&mut x, stats, nodes, info);
     let mut text = String::new();
-    let done = match format {
-        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut text, &x.registry),
-        Format::Prometheus => prometheus_client::encoding::text::encode_registry(&mut text, &x.registry),
-    };
-    if let Err(e) = done {
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &x.registry) {
         tracing::warn!("encoding the metrics: {e}");
     }
-    text
+    match format {
+        Format::OpenMetrics => text,
+        Format::Prometheus => prometheus_text(&text, &x.counters),
+    }
 }
 
 /// The exposition from the node's admin API.
