@@ -156,19 +156,23 @@ struct Info {
     tables_version: Option<u64>,
 }
 
+/// A family read from `T`: its name, how to read a sample, its type and
+/// its help.
+type Read<T> = (&'static str, fn(&T) -> u64, MetricType, &'static str);
+
 const COUNTER: MetricType = MetricType::Counter;
 const GAUGE: MetricType = MetricType::Gauge;
 
 /// Per worker and I/O port.
 fn ports(x: &mut Exposition, dp: &NodeStats) {
-    let port_counters: [(&str, fn(&PortStats) -> u64, &str); 5] = [
-        ("port_rx_frames_total", |p| p.rx, "Frames received on a port."),
-        ("port_tx_frames_total", |p| p.tx, "Frames sent on a port."),
-        ("port_tx_full_total", |p| p.tx_full, "Frames not sent: the port's transmit ring was full."),
-        ("port_rx_oversize_total", |p| p.rx_oversize, "Frames received too large for a buffer."),
-        ("port_errors_total", |p| p.errors, "I/O errors on a port."),
+    let port_counters: [Read<PortStats>; 5] = [
+        ("port_rx_frames_total", |p| p.rx, COUNTER, "Frames received on a port."),
+        ("port_tx_frames_total", |p| p.tx, COUNTER, "Frames sent on a port."),
+        ("port_tx_full_total", |p| p.tx_full, COUNTER, "Frames not sent: the port's transmit ring was full."),
+        ("port_rx_oversize_total", |p| p.rx_oversize, COUNTER, "Frames received too large for a buffer."),
+        ("port_errors_total", |p| p.errors, COUNTER, "I/O errors on a port."),
     ];
-    for (name, v, help) in port_counters {
+    for (name, v, kind, help) in port_counters {
         let samples = dp
             .workers
             .iter()
@@ -177,7 +181,7 @@ fn ports(x: &mut Exposition, dp: &NodeStats) {
                 wk.ports.iter().map(move |p| (Port { worker: w.to_string(), port: p.name.clone() }, v(p)))
             })
             .collect();
-        x.family(name, COUNTER, help, samples);
+        x.family(name, kind, help, samples);
     }
     let drops = dp
         .workers
@@ -190,7 +194,7 @@ fn ports(x: &mut Exposition, dp: &NodeStats) {
 
 /// Per worker.
 fn workers(x: &mut Exposition, dp: &NodeStats) {
-    let worker_counters: [(&str, fn(&WorkerStats) -> u64, MetricType, &str); 10] = [
+    let worker_counters: [Read<WorkerStats>; 10] = [
         ("passed_total", |w| w.passed, COUNTER, "Frames passed to the kernel."),
         ("unbound_total", |w| w.unbound, COUNTER, "Frames for a port this worker has no I/O for."),
         ("conntrack_entries", |w| w.conntrack_entries, GAUGE, "Connection-table entries in use."),
@@ -210,16 +214,16 @@ fn workers(x: &mut Exposition, dp: &NodeStats) {
 /// Per worker and service, and per backend.
 fn services(x: &mut Exposition, dp: &NodeStats) {
     let all = || dp.workers.iter().enumerate().flat_map(|(w, wk)| wk.services.iter().map(move |s| (w.to_string(), s)));
-    let service_counters: [(&str, fn(&ServiceStats) -> u64, &str); 3] = [
-        ("service_packets_total", |s| s.packets, "Packets balanced for a service."),
-        ("service_bytes_total", |s| s.bytes, "Bytes balanced for a service."),
-        ("service_new_connections_total", |s| s.new_connections, "Connections scheduled for a service."),
+    let service_counters: [Read<ServiceStats>; 3] = [
+        ("service_packets_total", |s| s.packets, COUNTER, "Packets balanced for a service."),
+        ("service_bytes_total", |s| s.bytes, COUNTER, "Bytes balanced for a service."),
+        ("service_new_connections_total", |s| s.new_connections, COUNTER, "Connections scheduled for a service."),
     ];
-    for (name, v, help) in service_counters {
+    for (name, v, kind, help) in service_counters {
         let samples = all().map(|(w, s)| (Service { worker: w, service: s.name.clone() }, v(s))).collect();
-        x.family(name, COUNTER, help, samples);
+        x.family(name, kind, help, samples);
     }
-    let backend_counters: [(&str, fn(&BackendStats) -> u64, MetricType, &str); 5] = [
+    let backend_counters: [Read<BackendStats>; 5] = [
         ("backend_packets_total", |b| b.packets, COUNTER, "Packets balanced to a backend."),
         ("backend_bytes_total", |b| b.bytes, COUNTER, "Bytes balanced to a backend."),
         ("backend_new_connections_total", |b| b.new_connections, COUNTER, "Connections scheduled to a backend."),
