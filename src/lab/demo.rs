@@ -1,7 +1,7 @@
 //! `meshplane lab status` and `meshplane lab demo`: what runs, and
 //! requests through the routing mesh with who answered them.
 
-use super::{CLIENT_IP, NODES, cluster_state, lab_namespaces, ns_name};
+use super::common::{CLIENT_IP, NODES, cluster_state, lab_namespaces, ns_name};
 use crate::stats::NodeStats;
 use anyhow::{Result, bail};
 use std::collections::BTreeSet;

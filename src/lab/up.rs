@@ -1,7 +1,7 @@
 //! `meshplane lab up`: the namespaces, the nodes, then the cluster built
 //! with the CLI as a user builds it, and the tasks.
 
-use super::{CLIENT_IP, NODES, attach_tap_uplink, cli, cluster_state, lab_namespaces, ns_name, spawn, wait};
+use super::common::{CLIENT_IP, NODES, attach_tap_uplink, cli, cluster_state, lab_namespaces, ns_name, spawn, wait};
 use crate::node::IoKind;
 use crate::sys::{self, in_ns, ip};
 use anyhow::{Context, Result, bail};
