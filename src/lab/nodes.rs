@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Stops node `n`'s process (SIGKILL with `kill`: as if it crashed).
 pub(super) fn stop_node(n: u8, kill: bool, dir: &Path) -> Result<()> {
     let pid = node_pid(dir, n).with_context(|| format!("no node{n} in {}/pids", dir.display()))?;
     let sig = if kill { "-KILL" } else { "-TERM" };
@@ -16,6 +17,7 @@ pub(super) fn stop_node(n: u8, kill: bool, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Starts node `n` again with the arguments it was first started with.
 pub(super) fn start_node(n: u8, dir: &Path) -> Result<()> {
     if let Some(pid) = node_pid(dir, n)
         && Path::new(&format!("/proc/{pid}")).exists()
@@ -37,6 +39,7 @@ pub(super) fn start_node(n: u8, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Stops everything and removes the namespaces (also after a crash).
 pub(super) fn down(dir: &Path) -> Result<()> {
     // Stop what the lab started, by pid, then whatever still runs in its
     // namespaces (after a crash the pid file may be gone).
