@@ -54,7 +54,7 @@ fn conntrack(c: &mut Criterion) {
         let mut ct = Conntrack::new(CtConfig { capacity: n as usize * 2, ..CtConfig::default() });
         let v = CtValue { service: 1, state: CtState::Established, ..CtValue::ZERO };
         for i in 0..n {
-            ct.insert(&key(i), CtValue { backend: i % 1000, ..v }, 0);
+            ct.insert_probe(&ct.probe(&key(i)), CtValue { backend: i % 1000, ..v }, 0, true);
         }
         let mut next = 0u32;
         g.bench_function(BenchmarkId::new(name, n), |b| {
@@ -63,7 +63,7 @@ fn conntrack(c: &mut Criterion) {
                 for _ in 0..64 {
                     // A stride coprime with n walks the whole table.
                     next = (next + 2_654_435_761 % n) % n;
-                    if let Some(v) = ct.lookup(&key(next), 1, tcp_flags::ACK) {
+                    if let Ok(v) = ct.lookup_probe(&ct.probe(&key(next)), 1, tcp_flags::ACK) {
                         acc = acc.wrapping_add(v.backend);
                     }
                 }

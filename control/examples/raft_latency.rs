@@ -11,9 +11,9 @@
 //! system's temporary directory (fsync on each append).
 
 use meshplane_control::pki::{ClusterCa, JoinRole};
-use meshplane_control::raft::{Router, start, start_with};
+use meshplane_control::raft::{Router, node_addr, start, start_with};
 use meshplane_control::state::{Availability, Command, Node, PublishRequest, Role};
-use meshplane_control::transport::{TlsNetwork, join, node_addr, serve};
+use meshplane_control::tls::{TlsNetwork, join, serve};
 use meshplane_dataplane::lb::sched::Scheduler;
 use meshplane_dataplane::lb::service::{MeshMode, Proto};
 use openraft::BasicNode;

@@ -37,7 +37,29 @@ pub fn compile(
     let alive = |n: &str| n == me || up(n);
     let neighbours =
         state.nodes.values().filter(|n| n.id != me).map(|n| NeighbourSpec { ip: n.data_ip, mac: n.data_mac }).collect();
-    let networks = state
+    let (ports, endpoints) = ports_and_endpoints(state, me, &alive);
+    Ok(TablesSpec {
+        version,
+        node: NodeSpec {
+            data_ip: node.data_ip,
+            data_mac: node.data_mac,
+            vxlan_port: meshplane_dataplane::wire::vxlan::DEFAULT_PORT,
+            underlay_mtu: 1500,
+            ttl: 64,
+            next_hop_mac: None,
+            neighbours,
+            reset_closed_ports: false,
+        },
+        networks: networks(state, me),
+        ports,
+        endpoints,
+        services: services(state, &alive),
+    })
+}
+
+/// Every network, with this node's address in it.
+fn networks(state: &ClusterState, me: &str) -> Vec<NetworkSpec> {
+    state
         .networks
         .values()
         .map(|nw| NetworkSpec {
@@ -49,7 +71,17 @@ pub fn compile(
             mtu: Some(nw.mtu),
             node_ip: nw.node_ips.get(me).copied(),
         })
-        .collect();
+        .collect()
+}
+
+/// A port per local task; every task as an endpoint (local ones on their
+/// port, remote ones behind their node's VTEP if it is alive), and the
+/// other live nodes' addresses in each network.
+fn ports_and_endpoints(
+    state: &ClusterState,
+    me: &str,
+    alive: &dyn Fn(&str) -> bool,
+) -> (Vec<PortSpec>, Vec<EndpointSpec>) {
     let net_of = |service: &str| state.services.get(service).map(|s| s.network.clone());
     let mut ports = Vec::new();
     let mut endpoints = Vec::new();
@@ -80,7 +112,13 @@ pub fn compile(
             }
         }
     }
-    let services = state
+    (ports, endpoints)
+}
+
+/// Every service, with its tasks on live nodes as backends (weight 0 and
+/// draining on drained nodes).
+fn services(state: &ClusterState, alive: &dyn Fn(&str) -> bool) -> Vec<ServiceSpec> {
+    state
         .services
         .values()
         .map(|s| ServiceSpec {
@@ -107,22 +145,5 @@ pub fn compile(
                 })
                 .collect(),
         })
-        .collect();
-    Ok(TablesSpec {
-        version,
-        node: NodeSpec {
-            data_ip: node.data_ip,
-            data_mac: node.data_mac,
-            vxlan_port: meshplane_dataplane::wire::vxlan::DEFAULT_PORT,
-            underlay_mtu: 1500,
-            ttl: 64,
-            next_hop_mac: None,
-            neighbours,
-            reset_closed_ports: false,
-        },
-        networks,
-        ports,
-        endpoints,
-        services,
-    })
+        .collect()
 }

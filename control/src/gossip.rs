@@ -66,15 +66,19 @@ impl std::fmt::Debug for Keyring {
 }
 
 /// Why a packet was dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Rejected {
     /// Shorter than the seal's header and tag.
+    #[error("gossip packet shorter than its seal")]
     Short,
     /// Under a key id this member does not hold.
+    #[error("gossip packet sealed under a key this node does not hold (rotated out, or another cluster's)")]
     UnknownKey,
     /// The tag does not verify: tampered with, or a foreign cluster's.
+    #[error("gossip packet whose seal does not verify (tampered with, or another cluster's)")]
     BadTag,
     /// Opened, but foca could not decode it.
+    #[error("gossip packet that opens but does not decode")]
     Undecodable,
 }
 
@@ -88,11 +92,6 @@ impl Keyring {
     pub fn rotate(&mut self, id: u8, key: &[u8; 32]) {
         let old = std::mem::replace(&mut self.current, (id, XChaCha20Poly1305::new(key.into())));
         self.previous = Some(old);
-    }
-
-    /// Drops the previous key (once every member has the current one).
-    pub fn retire_previous(&mut self) {
-        self.previous = None;
     }
 
     /// `plain` sealed: key id, a random 192-bit nonce, ciphertext and tag.
@@ -179,6 +178,15 @@ pub struct Output {
     pub timers: Vec<(Duration, Timer<GossipId>)>,
     /// Membership changes.
     pub events: Vec<MemberEvent>,
+}
+
+impl Output {
+    /// Adds `other`'s packets, timers and events to these.
+    pub fn absorb(&mut self, other: Output) {
+        self.send.extend(other.send);
+        self.timers.extend(other.timers);
+        self.events.extend(other.events);
+    }
 }
 
 /// meshplane's SWIM settings: memberlist's LAN defaults (foca's

@@ -1,18 +1,29 @@
 //! meshplane's control thread: cluster state (Raft), membership (SWIM
-//! gossip), and the compilation of state into the dataplane's tables.
+//! gossip), the management plane (mutual TLS), the admin API, and the
+//! compilation of state into the dataplane's tables.
 //!
-//! Built so far: the state model with its commands, allocators and
-//! validation ([`state`]), and the compilation of state and membership into
-//! one node's tables ([`compile`]). Raft, gossip and the admin API come
-//! next (issue 6); see ARCHITECTURE.md.
+//! Modules, bottom to top (each imports only modules below it):
+//! - leaves: [`state`] (the cluster state, its commands and validation),
+//!   [`pki`] (the CA, certificates, join tokens), [`gossip`] (SWIM with
+//!   sealed packets), [`compile`] (state and liveness → a node's tables;
+//!   imports `state`);
+//! - [`rpc`]: the management plane's messages, their typed errors and
+//!   framing (imports `state`, `pki`);
+//! - [`raft`]: the Raft log, state machine and network (imports `rpc`,
+//!   `state`);
+//! - [`tls`]: TLS set-up, certificate checks, connect and serve helpers,
+//!   Raft's network over TLS (imports `raft`, `rpc`, `pki`);
+//! - [`cluster`]: a node's control plane: the admin API, joins, the gossip
+//!   loop, compiling and publishing tables (imports everything below).
 
 pub mod cluster;
 pub mod compile;
 pub mod gossip;
 pub mod pki;
 pub mod raft;
+pub mod rpc;
 pub mod state;
-pub mod transport;
+pub mod tls;
 
 /// The management-plane port (Raft, admin API, joins), as in Docker Swarm.
 pub const MANAGEMENT_PORT: u16 = 2377;

@@ -15,8 +15,9 @@ use thiserror::Error;
 
 const CA_NAME: &str = "meshplane cluster CA";
 
-/// Why PKI work failed or a token was refused.
-#[derive(Debug, Error, PartialEq, Eq)]
+/// Why PKI work failed or a token was refused (it crosses the wire in a
+/// join's answer, typed).
+#[derive(Debug, Clone, Error, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PkiError {
     /// Certificate generation failed.
     #[error("certificate: {0}")]
@@ -112,11 +113,6 @@ impl ClusterCa {
         })
     }
 
-    /// The CA certificate (DER).
-    pub fn cert(&self) -> &[u8] {
-        &self.cert
-    }
-
     /// The CA certificate's fingerprint.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.cert)
@@ -163,6 +159,13 @@ impl ClusterCa {
         } else {
             Err(PkiError::BadSecret)
         }
+    }
+
+    /// A join's answer: the role `token` gives and a certificate for
+    /// `name`, or why not.
+    pub fn admit(&self, token: &str, name: &str) -> Result<(NodeIdentity, JoinRole), PkiError> {
+        let role = self.check(token)?;
+        Ok((self.issue(name)?, role))
     }
 
     /// A certificate for node `name`, issued by this CA, with a new key.

@@ -251,14 +251,40 @@ pub enum Command {
     },
 }
 
-/// Why a command was refused.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+/// What a [`StateError`] names: a node, a network, a service or a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A node.
+    Node,
+    /// A network.
+    Network,
+    /// A service.
+    Service,
+    /// A task.
+    Task,
+}
+
+impl core::fmt::Display for Kind {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Kind::Node => "node",
+            Kind::Network => "network",
+            Kind::Service => "service",
+            Kind::Task => "task",
+        })
+    }
+}
+
+/// Why a command was refused (it crosses the wire in Raft's answers and
+/// the admin API's, typed).
+#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
 pub enum StateError {
     /// A name already taken.
     #[error("{kind} {name:?} already exists")]
     Exists {
         /// Node, network, service or task.
-        kind: &'static str,
+        kind: Kind,
         /// The name.
         name: String,
     },
@@ -266,7 +292,7 @@ pub enum StateError {
     #[error("no {kind} {name:?}")]
     Unknown {
         /// Node, network, service or task.
-        kind: &'static str,
+        kind: Kind,
         /// The name.
         name: String,
     },
@@ -301,12 +327,12 @@ pub enum StateError {
     #[error("no VNI left")]
     VnisExhausted,
     /// A published port someone else has.
-    #[error("port {port}/{protocol} is already published by service {by:?}")]
+    #[error("port {port}/{} is already published by service {by:?}", proto_name(.protocol))]
     PortTaken {
         /// The port.
         port: u16,
         /// The protocol.
-        protocol: &'static str,
+        protocol: Proto,
         /// The service that has it.
         by: String,
     },
@@ -350,7 +376,7 @@ pub enum StateError {
     #[error("{kind} name {name:?}: 1 to 15 characters, letters, digits, '-', '_' and '.'")]
     BadName {
         /// Node, network, service or task.
-        kind: &'static str,
+        kind: Kind,
         /// The name.
         name: String,
     },
@@ -384,14 +410,25 @@ pub fn mac_for(ip: Ipv4Addr) -> MacAddr {
     MacAddr([0x02, 0x42, o[0], o[1], o[2], o[3]])
 }
 
-fn check_name(kind: &'static str, name: &str) -> Result<(), StateError> {
+fn check_name(kind: Kind, name: &str) -> Result<(), StateError> {
     let ok = !name.is_empty()
         && name.len() <= 15
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if ok { Ok(()) } else { Err(StateError::BadName { kind, name: name.to_owned() }) }
 }
 
-fn proto_name(p: Proto) -> &'static str {
+/// The ports of a `CreateService`.
+struct ServicePorts<'a> {
+    vip_port: Option<u16>,
+    target_port: u16,
+    publish: &'a [PublishRequest],
+}
+
+fn unknown(kind: Kind, name: &str) -> StateError {
+    StateError::Unknown { kind, name: name.to_owned() }
+}
+
+fn proto_name(p: &Proto) -> &'static str {
     match p {
         Proto::Tcp => "tcp",
         Proto::Udp => "udp",
@@ -431,175 +468,239 @@ impl ClusterState {
     }
 
     fn apply_in_place(&mut self, cmd: &Command) -> Result<(), StateError> {
-        use StateError as E;
         match cmd {
-            Command::AddNode(n) => {
-                check_name("node", &n.id)?;
-                if let Some(other) = self.nodes.values().find(|o| o.data_ip == n.data_ip && o.id != n.id) {
-                    return Err(E::DataAddressTaken { ip: n.data_ip, other: other.id.clone() });
-                }
-                self.nodes.insert(n.id.clone(), n.clone());
-                self.allocate_node_ips()?;
-            }
-            Command::RemoveNode { id } => {
-                self.nodes.remove(id).ok_or_else(|| E::Unknown { kind: "node", name: id.clone() })?;
-                self.tasks.retain(|_, t| t.node != *id);
-                for nw in self.networks.values_mut() {
-                    nw.node_ips.remove(id);
-                }
-            }
+            Command::AddNode(n) => self.add_node(n),
+            Command::RemoveNode { id } => self.remove_node(id),
             Command::SetAvailability { id, availability } => {
-                let n = self.nodes.get_mut(id).ok_or_else(|| E::Unknown { kind: "node", name: id.clone() })?;
+                let n = self.nodes.get_mut(id).ok_or_else(|| unknown(Kind::Node, id))?;
                 n.availability = *availability;
+                Ok(())
             }
-            Command::CreateNetwork { name, subnet, gateway, mtu } => {
-                check_name("network", name)?;
-                if self.networks.contains_key(name) {
-                    return Err(E::Exists { kind: "network", name: name.clone() });
-                }
-                if subnet.prefix > 29 {
-                    return Err(E::SubnetTooSmall(*subnet));
-                }
-                if let Some(o) = self.networks.values().find(|o| overlaps(o.subnet, *subnet)) {
-                    return Err(E::SubnetOverlap { subnet: *subnet, other: o.name.clone(), other_subnet: o.subnet });
-                }
-                let h = hosts(*subnet);
-                let gw = gateway.unwrap_or(Ipv4Addr::from(*h.end()));
-                if !h.contains(&u32::from(gw)) {
-                    return Err(E::BadGateway { gateway: gw, subnet: *subnet });
-                }
-                let mtu = mtu.unwrap_or(DEFAULT_MTU);
-                if !(68..=9000).contains(&mtu) {
-                    return Err(E::BadMtu(mtu));
-                }
-                let vni = (FIRST_VNI..=MAX_VNI)
-                    .find(|v| self.networks.values().all(|o| o.vni != *v))
-                    .ok_or(E::VnisExhausted)?;
-                self.networks.insert(
-                    name.clone(),
-                    Network { name: name.clone(), vni, subnet: *subnet, gateway: gw, mtu, node_ips: BTreeMap::new() },
-                );
-            }
-            Command::RemoveNetwork { name } => {
-                if let Some(s) = self.services.values().find(|s| s.network == *name) {
-                    return Err(E::NetworkInUse { network: name.clone(), service: s.name.clone() });
-                }
-                self.networks.remove(name).ok_or_else(|| E::Unknown { kind: "network", name: name.clone() })?;
-            }
+            Command::CreateNetwork { name, subnet, gateway, mtu } => self.create_network(name, *subnet, *gateway, *mtu),
+            Command::RemoveNetwork { name } => self.remove_network(name),
             Command::CreateService { name, network, protocol, vip_port, target_port, publish, scheduler } => {
-                check_name("service", name)?;
-                if self.services.contains_key(name) {
-                    return Err(E::Exists { kind: "service", name: name.clone() });
-                }
-                if !self.networks.contains_key(network) {
-                    return Err(E::Unknown { kind: "network", name: network.clone() });
-                }
-                if *target_port == 0 || *vip_port == Some(0) || publish.iter().any(|p| p.port == Some(0)) {
-                    return Err(E::PortZero);
-                }
-                if vip_port.is_none() && publish.is_empty() {
-                    return Err(E::Unreachable(name.clone()));
-                }
-                let mut published = Vec::new();
-                for req in publish {
-                    published.push(self.allocate_published(name, *protocol, req, &published)?);
-                }
-                let vip = match vip_port {
-                    Some(p) => Some((self.allocate_ip(network)?, *p)),
-                    None => None,
-                };
-                self.services.insert(
-                    name.clone(),
-                    Service {
-                        name: name.clone(),
-                        network: network.clone(),
-                        protocol: *protocol,
-                        vip,
-                        target_port: *target_port,
-                        published,
-                        scheduler: *scheduler,
-                    },
-                );
-                self.allocate_node_ips()?;
+                let ports = ServicePorts { vip_port: *vip_port, target_port: *target_port, publish };
+                self.create_service(name, network, *protocol, ports, *scheduler)
             }
             Command::UpdateService { name, scheduler, publish_add, publish_rm } => {
-                // Out of the map while it changes: its own old ports do not
-                // count as taken by another service.
-                let mut svc =
-                    self.services.remove(name).ok_or_else(|| E::Unknown { kind: "service", name: name.clone() })?;
-                for p in publish_rm {
-                    if !svc.published.iter().any(|x| x.port == *p) {
-                        return Err(E::NotPublished { service: name.clone(), port: *p });
-                    }
-                }
-                svc.published.retain(|x| !publish_rm.contains(&x.port));
-                if publish_add.iter().any(|p| p.port == Some(0)) {
-                    return Err(E::PortZero);
-                }
-                for req in publish_add {
-                    let p = self.allocate_published(name, svc.protocol, req, &svc.published)?;
-                    svc.published.push(p);
-                }
-                if svc.vip.is_none() && svc.published.is_empty() {
-                    return Err(E::Unreachable(name.clone()));
-                }
-                if let Some(s) = scheduler {
-                    svc.scheduler = *s;
-                }
-                self.services.insert(name.clone(), svc);
-                self.allocate_node_ips()?;
+                self.update_service(name, *scheduler, publish_add, publish_rm)
             }
             Command::RemoveService { name } => {
-                self.services.remove(name).ok_or_else(|| E::Unknown { kind: "service", name: name.clone() })?;
+                self.services.remove(name).ok_or_else(|| unknown(Kind::Service, name))?;
                 self.tasks.retain(|_, t| t.service != *name);
+                Ok(())
             }
             Command::AttachTask { id, service, node, weight, netns } => {
-                check_name("task", id)?;
-                if self.tasks.contains_key(id) {
-                    return Err(E::Exists { kind: "task", name: id.clone() });
-                }
-                let s =
-                    self.services.get(service).ok_or_else(|| E::Unknown { kind: "service", name: service.clone() })?;
-                if !self.nodes.contains_key(node) {
-                    return Err(E::Unknown { kind: "node", name: node.clone() });
-                }
-                let network = s.network.clone();
-                let ip = self.allocate_ip(&network)?;
-                self.tasks.insert(
-                    id.clone(),
-                    Task {
-                        id: id.clone(),
-                        service: service.clone(),
-                        node: node.clone(),
-                        ip,
-                        mac: mac_for(ip),
-                        weight: *weight,
-                        netns: netns.clone(),
-                    },
-                );
+                self.attach_task(id, service, node, *weight, netns.clone())
             }
             Command::SetWeight { id, weight } => {
-                let t = self.tasks.get_mut(id).ok_or_else(|| E::Unknown { kind: "task", name: id.clone() })?;
+                let t = self.tasks.get_mut(id).ok_or_else(|| unknown(Kind::Task, id))?;
                 t.weight = *weight;
+                Ok(())
             }
             Command::DetachTask { id } => {
-                self.tasks.remove(id).ok_or_else(|| E::Unknown { kind: "task", name: id.clone() })?;
+                self.tasks.remove(id).ok_or_else(|| unknown(Kind::Task, id))?;
+                Ok(())
             }
-            Command::SetCa(ca) => {
-                if let Some(old) = &self.ca
-                    && old.fingerprint() != ca.fingerprint()
-                {
-                    return Err(E::CaChanged);
-                }
-                self.ca = Some(ca.clone());
-            }
+            Command::SetCa(ca) => self.set_ca(ca),
             Command::RotateGossipKey { id, key } => {
                 // The current key first; one previous key kept.
                 self.gossip_keys.retain(|(i, _)| i != id);
                 self.gossip_keys.insert(0, (*id, *key));
                 self.gossip_keys.truncate(2);
+                Ok(())
             }
         }
+    }
+
+    /// `AddNode`: a node joins, or comes back with new addresses.
+    fn add_node(&mut self, n: &Node) -> Result<(), StateError> {
+        check_name(Kind::Node, &n.id)?;
+        if let Some(other) = self.nodes.values().find(|o| o.data_ip == n.data_ip && o.id != n.id) {
+            return Err(StateError::DataAddressTaken { ip: n.data_ip, other: other.id.clone() });
+        }
+        self.nodes.insert(n.id.clone(), n.clone());
+        self.allocate_node_ips()
+    }
+
+    /// `RemoveNode`: the node, its tasks and its network addresses go.
+    fn remove_node(&mut self, id: &str) -> Result<(), StateError> {
+        self.nodes.remove(id).ok_or_else(|| unknown(Kind::Node, id))?;
+        self.tasks.retain(|_, t| t.node != *id);
+        for nw in self.networks.values_mut() {
+            nw.node_ips.remove(id);
+        }
+        Ok(())
+    }
+
+    /// `CreateNetwork`: checked (name, subnet size and overlap, gateway,
+    /// MTU), with the lowest free VNI.
+    fn create_network(
+        &mut self,
+        name: &str,
+        subnet: Subnet,
+        gateway: Option<Ipv4Addr>,
+        mtu: Option<u16>,
+    ) -> Result<(), StateError> {
+        use StateError as E;
+        check_name(Kind::Network, name)?;
+        if self.networks.contains_key(name) {
+            return Err(E::Exists { kind: Kind::Network, name: name.to_owned() });
+        }
+        if subnet.prefix > 29 {
+            return Err(E::SubnetTooSmall(subnet));
+        }
+        if let Some(o) = self.networks.values().find(|o| overlaps(o.subnet, subnet)) {
+            return Err(E::SubnetOverlap { subnet, other: o.name.clone(), other_subnet: o.subnet });
+        }
+        let h = hosts(subnet);
+        let gw = gateway.unwrap_or(Ipv4Addr::from(*h.end()));
+        if !h.contains(&u32::from(gw)) {
+            return Err(E::BadGateway { gateway: gw, subnet });
+        }
+        let mtu = mtu.unwrap_or(DEFAULT_MTU);
+        if !(68..=9000).contains(&mtu) {
+            return Err(E::BadMtu(mtu));
+        }
+        let vni =
+            (FIRST_VNI..=MAX_VNI).find(|v| self.networks.values().all(|o| o.vni != *v)).ok_or(E::VnisExhausted)?;
+        let nw = Network { name: name.to_owned(), vni, subnet, gateway: gw, mtu, node_ips: BTreeMap::new() };
+        self.networks.insert(name.to_owned(), nw);
+        Ok(())
+    }
+
+    /// `RemoveNetwork`: only a network no service uses.
+    fn remove_network(&mut self, name: &str) -> Result<(), StateError> {
+        if let Some(s) = self.services.values().find(|s| s.network == *name) {
+            return Err(StateError::NetworkInUse { network: name.to_owned(), service: s.name.clone() });
+        }
+        self.networks.remove(name).ok_or_else(|| unknown(Kind::Network, name))?;
+        Ok(())
+    }
+
+    /// `CreateService`: checked (name, network, ports, reachable), its
+    /// published ports and VIP allocated.
+    fn create_service(
+        &mut self,
+        name: &str,
+        network: &str,
+        protocol: Proto,
+        ports: ServicePorts<'_>,
+        scheduler: Scheduler,
+    ) -> Result<(), StateError> {
+        use StateError as E;
+        check_name(Kind::Service, name)?;
+        if self.services.contains_key(name) {
+            return Err(E::Exists { kind: Kind::Service, name: name.to_owned() });
+        }
+        if !self.networks.contains_key(network) {
+            return Err(unknown(Kind::Network, network));
+        }
+        let ServicePorts { vip_port, target_port, publish } = ports;
+        if target_port == 0 || vip_port == Some(0) || publish.iter().any(|p| p.port == Some(0)) {
+            return Err(E::PortZero);
+        }
+        if vip_port.is_none() && publish.is_empty() {
+            return Err(E::Unreachable(name.to_owned()));
+        }
+        let mut published = Vec::new();
+        for req in publish {
+            published.push(self.allocate_published(name, protocol, req, &published)?);
+        }
+        let vip = match vip_port {
+            Some(p) => Some((self.allocate_ip(network)?, p)),
+            None => None,
+        };
+        let svc = Service {
+            name: name.to_owned(),
+            network: network.to_owned(),
+            protocol,
+            vip,
+            target_port,
+            published,
+            scheduler,
+        };
+        self.services.insert(name.to_owned(), svc);
+        self.allocate_node_ips()
+    }
+
+    /// `UpdateService`: ports withdrawn, then ports published, then the
+    /// scheduler; the service must stay reachable.
+    fn update_service(
+        &mut self,
+        name: &str,
+        scheduler: Option<Scheduler>,
+        publish_add: &[PublishRequest],
+        publish_rm: &[u16],
+    ) -> Result<(), StateError> {
+        use StateError as E;
+        // Out of the map while it changes: its own old ports do not count
+        // as taken by another service.
+        let mut svc = self.services.remove(name).ok_or_else(|| unknown(Kind::Service, name))?;
+        for p in publish_rm {
+            if !svc.published.iter().any(|x| x.port == *p) {
+                return Err(E::NotPublished { service: name.to_owned(), port: *p });
+            }
+        }
+        svc.published.retain(|x| !publish_rm.contains(&x.port));
+        if publish_add.iter().any(|p| p.port == Some(0)) {
+            return Err(E::PortZero);
+        }
+        for req in publish_add {
+            let p = self.allocate_published(name, svc.protocol, req, &svc.published)?;
+            svc.published.push(p);
+        }
+        if svc.vip.is_none() && svc.published.is_empty() {
+            return Err(E::Unreachable(name.to_owned()));
+        }
+        if let Some(s) = scheduler {
+            svc.scheduler = s;
+        }
+        self.services.insert(name.to_owned(), svc);
+        self.allocate_node_ips()
+    }
+
+    /// `AttachTask`: checked (name, service, node), its address allocated
+    /// in the service's network and its MAC derived from it.
+    fn attach_task(
+        &mut self,
+        id: &str,
+        service: &str,
+        node: &str,
+        weight: u32,
+        netns: Option<String>,
+    ) -> Result<(), StateError> {
+        check_name(Kind::Task, id)?;
+        if self.tasks.contains_key(id) {
+            return Err(StateError::Exists { kind: Kind::Task, name: id.to_owned() });
+        }
+        let s = self.services.get(service).ok_or_else(|| unknown(Kind::Service, service))?;
+        if !self.nodes.contains_key(node) {
+            return Err(unknown(Kind::Node, node));
+        }
+        let network = s.network.to_owned();
+        let ip = self.allocate_ip(&network)?;
+        let task = Task {
+            id: id.to_owned(),
+            service: service.to_owned(),
+            node: node.to_owned(),
+            ip,
+            mac: mac_for(ip),
+            weight,
+            netns,
+        };
+        self.tasks.insert(id.to_owned(), task);
+        Ok(())
+    }
+
+    /// `SetCa`: the cluster's CA, or its new join secrets (never another CA).
+    fn set_ca(&mut self, ca: &ClusterCa) -> Result<(), StateError> {
+        if let Some(old) = &self.ca
+            && old.fingerprint() != ca.fingerprint()
+        {
+            return Err(StateError::CaChanged);
+        }
+        self.ca = Some(ca.clone());
         Ok(())
     }
 
@@ -623,7 +724,7 @@ impl ClusterState {
         let port = match req.port {
             Some(p) => {
                 if let Some(by) = taken(p) {
-                    return Err(StateError::PortTaken { port: p, protocol: proto_name(protocol), by });
+                    return Err(StateError::PortTaken { port: p, protocol, by });
                 }
                 p
             }
@@ -654,8 +755,7 @@ impl ClusterState {
 
     /// The lowest free host address of `network`.
     fn allocate_ip(&self, network: &str) -> Result<Ipv4Addr, StateError> {
-        let nw =
-            self.networks.get(network).ok_or_else(|| StateError::Unknown { kind: "network", name: network.into() })?;
+        let nw = self.networks.get(network).ok_or_else(|| unknown(Kind::Network, network))?;
         let used = self.used_ips(network);
         hosts(nw.subnet)
             .find(|a| !used.contains(a))

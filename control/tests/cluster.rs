@@ -27,7 +27,11 @@ struct Recorder {
 }
 
 impl Dataplane for Recorder {
-    fn publish(&self, spec: TablesSpec, _tasks: Vec<meshplane_control::cluster::LocalTask>) -> Result<(), String> {
+    fn publish(
+        &self,
+        spec: TablesSpec,
+        _tasks: Vec<meshplane_control::cluster::LocalTask>,
+    ) -> Result<(), meshplane_control::cluster::PublishError> {
         *self.last.lock().unwrap() = Some(spec);
         Ok(())
     }
@@ -65,7 +69,7 @@ fn start(cfg: Config) -> Node {
 impl Node {
     fn admin(&self, req: AdminRequest) -> Result<Value, String> {
         let c = self.control.clone();
-        self.rt.as_ref().unwrap().block_on(async move { c.admin(req).await })
+        self.rt.as_ref().unwrap().block_on(async move { c.admin(req).await }).map_err(|e| e.to_string())
     }
     fn write(&self, command: Command) -> Result<Value, String> {
         self.admin(AdminRequest::Write { command })
@@ -203,14 +207,14 @@ fn a_cluster_of_control_planes() {
     // certificate is enough; one from another CA fails the handshake.
     let saved: Value = serde_json::from_slice(&std::fs::read(dir.join("node3/node.json")).unwrap()).unwrap();
     let id3: meshplane_control::pki::NodeIdentity = serde_json::from_value(saved["identity"].clone()).unwrap();
-    let req = meshplane_control::transport::Request::Admin(AdminRequest::Nodes);
+    let req = meshplane_control::rpc::Request::Admin(AdminRequest::Nodes);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    match rt.block_on(meshplane_control::transport::request(addr1, "node1", &id3, &req)).unwrap() {
-        meshplane_control::transport::Response::Admin(Ok(v)) => assert_eq!(v.as_array().map(Vec::len), Some(3)),
+    match rt.block_on(meshplane_control::tls::request(addr1, "node1", &id3, &req)).unwrap() {
+        meshplane_control::rpc::Response::Admin(Ok(v)) => assert_eq!(v.as_array().map(Vec::len), Some(3)),
         _ => panic!("no admin answer over TLS"),
     }
     let foreign = meshplane_control::pki::ClusterCa::init().unwrap().issue("node3").unwrap();
-    assert!(rt.block_on(meshplane_control::transport::request(addr1, "node1", &foreign, &req)).is_err());
+    assert!(rt.block_on(meshplane_control::tls::request(addr1, "node1", &foreign, &req)).is_err());
 
     // The gossip key rotates through Raft; membership holds across it.
     let before = n1.control.state().0.gossip_keys[0].0;
@@ -322,7 +326,7 @@ fn the_admin_socket_answers_bad_requests_with_errors() {
     let rt = n.rt.as_ref().unwrap();
     // Not JSON of a request: an error answer, and the node goes on.
     for body in [&b"{\"op\":\"launch-missiles\"}"[..], b"[1,2,3]", b"{\"op\":\"write\",\"command\":7}"] {
-        let answer: Result<Value, String> = rt.block_on(async {
+        let answer: meshplane_control::rpc::AdminResponse = rt.block_on(async {
             let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
             s.write_all(&(body.len() as u32).to_le_bytes()).await.unwrap();
             s.write_all(body).await.unwrap();
@@ -332,7 +336,7 @@ fn the_admin_socket_answers_bad_requests_with_errors() {
             s.read_exact(&mut b).await.unwrap();
             serde_json::from_slice(&b).unwrap()
         });
-        let e = answer.unwrap_err();
+        let e = answer.unwrap_err().to_string();
         assert!(e.starts_with("bad admin request"), "{e}");
     }
     // Garbage that is not even a frame: the connection is closed.

@@ -21,12 +21,12 @@ fn seal_open_tamper_foreign_and_rotation() {
     let foreign = Keyring::new(1, &[2; 32]);
     assert_eq!(foreign.open(&p), Err(Rejected::BadTag), "another cluster's key");
     assert_eq!(k.open(&p[..20]), Err(Rejected::Short));
-    // Rotation: the old key still opens until retired.
+    // Rotation: the old key still opens until the next rotation.
     k.rotate(2, &[3; 32]);
     assert_eq!(k.open(&p).unwrap(), b"membership update");
     let q = k.seal(&mut rng, b"new");
     assert_eq!(q[0], 2, "sealed under the new key");
-    k.retire_previous();
+    k.rotate(3, &[4; 32]);
     assert_eq!(k.open(&p), Err(Rejected::UnknownKey));
     assert_eq!(k.open(&q).unwrap(), b"new");
 }

@@ -109,7 +109,7 @@ async fn leader_dies_writes_go_on_nothing_committed_is_lost_and_restart_from_dis
     }
     // A refused command is applied as nothing, everywhere, with its error.
     let dup = c.write(Command::RemoveNode { id: "nobody".into() }).await;
-    assert_eq!(dup, Applied(Err("no node \"nobody\"".into())));
+    assert_eq!(dup.0.map_err(|e| e.to_string()), Err("no node \"nobody\"".into()));
     c.settle().await;
     let before = c.states();
     assert!(before.iter().all(|s| s.nodes.len() == 10 && *s == before[0]));

@@ -4,9 +4,10 @@
 //! writes go on.
 
 use meshplane_control::pki::{ClusterCa, JoinRole, JoinToken, NodeIdentity, PkiError};
-use meshplane_control::raft::{Applied, NodeId, Raft, StateMachine, start_with};
+use meshplane_control::raft::{Applied, NodeId, Raft, StateMachine, node_addr, start_with};
+use meshplane_control::rpc::{Request, Response};
 use meshplane_control::state::{Availability, Command, Node, Role};
-use meshplane_control::transport::{Request, Response, Server, TlsNetwork, join, node_addr, request, serve};
+use meshplane_control::tls::{Server, TlsNetwork, join, request, serve};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

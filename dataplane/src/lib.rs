@@ -13,6 +13,7 @@
 pub mod io;
 pub mod lb;
 pub mod overlay;
+pub mod packet;
 pub mod pcap;
 pub mod pipeline;
 pub mod tables;

@@ -340,6 +340,27 @@ pub fn bind(t: &Tables, ports: &[Bound]) -> Result<(Vec<Option<usize>>, Vec<Port
     Ok((io_of, table_of))
 }
 
+/// The token of a worker's waker.
+const WAKE: mio::Token = mio::Token(usize::MAX);
+
+/// What [`Worker::run`]'s loop keeps from round to round.
+struct Run {
+    /// The tables in use, and their version.
+    t: Arc<Tables>,
+    version: u64,
+    /// The worker's state, sized for `t`.
+    st: WorkerState,
+    /// By table port: the index of its bound port in `Worker::ports`.
+    io_of: Vec<Option<usize>>,
+    /// By bound port: its table port.
+    table_of: Vec<Option<PortId>>,
+    report: Report,
+    verdicts: [Verdict; BURST],
+    /// When a frame was last received, and counters last published.
+    last_frame: u64,
+    last_report: u64,
+}
+
 /// [`bind`] for a running worker: a port the tables do not name maps to
 /// `None` (not read) instead of an error; a second port for one tables port
 /// also maps to `None`.
@@ -376,20 +397,7 @@ impl Worker {
             // Best effort: an absent core leaves the thread unpinned.
             let _ = core_affinity::set_for_current(core_affinity::CoreId { id: core });
         }
-        let mut poll = mio::Poll::new().map_err(|e| WorkerError::Poll(self.index, e))?;
-        for p in &self.ports {
-            let fd = p.io.fd();
-            if fd >= 0 {
-                poll.registry()
-                    .register(&mut mio::unix::SourceFd(&fd), mio::Token(fd as usize), mio::Interest::READABLE)
-                    .map_err(|e| WorkerError::Poll(self.index, e))?;
-            }
-        }
-        const WAKE: mio::Token = mio::Token(usize::MAX);
-        if let Some(slot) = self.shared.wakers.get(self.index) {
-            let w = mio::Waker::new(poll.registry(), WAKE).map_err(|e| WorkerError::Poll(self.index, e))?;
-            let _ = slot.set(w);
-        }
+        let mut poll = self.register()?;
         // Worker 0 owns the connection state; the others hand it the
         // frames that need it.
         let shared = self.shared.clone();
@@ -399,170 +407,238 @@ impl Worker {
         let epoch = Instant::now();
         // The clock starts at 1 s: conntrack times are never 0.
         let clock = || epoch.elapsed().as_nanos() as u64 + 1_000_000_000;
-
-        let mut version = self.shared.version();
-        let mut t = self.shared.tables();
-        let mut st = WorkerState::with_conntrack(t.ports.len(), self.cfg.conntrack);
-        st.sync(&t);
-        let (mut io_of, mut table_of) = bind_lenient(&t, &self.ports);
-        let mut report = Report { tables_version: version, ..Report::default() };
-        if let Some(u) = self.shared.in_use.get(self.index) {
-            u.store(version, Ordering::Release);
-        }
-        let mut verdicts = [Verdict::Pass; BURST];
-        let mut last_frame = clock();
-        let mut last_report = 0u64;
+        let mut r = self.start(clock());
         let spin = self.cfg.spin.as_nanos() as u64;
         let report_every = self.cfg.report_every.as_nanos() as u64;
 
         while !self.shared.stopping() {
-            let v = self.shared.version();
-            if v != version {
-                // Port changes first, then the tables (the publisher gives
-                // ports before the tables that name them): a port the
-                // tables do not name (yet, or any more) is not read.
-                self.take_port_changes(&poll);
-                let nt = self.shared.tables();
-                (io_of, table_of) = bind_lenient(&nt, &self.ports);
-                // New ports keep counting: the counters grow to the new
-                // tables' ports (between bursts, not per packet).
-                if st.stats.ports.len() < nt.ports.len() {
-                    st.stats.ports.resize(nt.ports.len(), Default::default());
-                }
-                st.sync(&nt);
-                t = nt;
-                version = v;
-                report.tables_version = v;
-                if let Some(u) = self.shared.in_use.get(self.index) {
-                    u.store(v, Ordering::Release);
-                }
-            }
+            self.pick_up_tables(&poll, &mut r);
             let now = clock();
-            let mut got = 0;
-            for i in 0..self.ports.len() {
-                let (before, rest) = self.ports.split_at_mut(i);
-                let Some((port, after)) = rest.split_first_mut() else { break };
-                let Some(in_port) = table_of.get(i).copied().flatten() else { continue };
-                let (t, st, io_of, verdicts, rep) = (&*t, &mut st, &io_of, &mut verdicts, &mut report);
-                let wakers = &self.shared.wakers;
-                got += port.io.rx_burst(&mut |frames, back| {
-                    match handoff {
-                        None => process_burst(frames, in_port, now, t, st, verdicts),
-                        Some(h) => {
-                            // Frame by frame: those that touch connection
-                            // state go to worker 0 (dropped here).
-                            let mut pushed = false;
-                            for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
-                                *v = if needs_state(f.data(), in_port, t) {
-                                    if hand(h, in_port, f.data()) {
-                                        rep.handed_off += 1;
-                                        pushed = true;
-                                    } else {
-                                        rep.handoff_full += 1;
-                                    }
-                                    Verdict::Pass
-                                } else {
-                                    crate::pipeline::process(f, in_port, now, t, st)
-                                };
-                            }
-                            if pushed
-                                && h.sleeping.load(Ordering::SeqCst)
-                                && let Some(w) = wakers.first().and_then(|w| w.get())
-                            {
-                                let _ = w.wake();
-                            }
-                        }
-                    }
-                    for (j, v) in verdicts.iter().take(frames.len()).enumerate() {
-                        let Verdict::Tx(p) = *v else { continue };
-                        match io_of.get(usize::from(p)).copied().flatten() {
-                            Some(k) if k == i => back[j] = true,
-                            Some(k) if k < i => {
-                                before[k].io.tx_copy(frames[j].data());
-                            }
-                            Some(k) => {
-                                after[k - i - 1].io.tx_copy(frames[j].data());
-                            }
-                            None => rep.unbound += 1,
-                        }
-                    }
-                });
-            }
+            let mut got = self.receive(&mut r, handoff, now);
             if let Some(h) = inbox {
-                // Frames the other workers handed over.
-                for _ in 0..BURST {
-                    let Some(mut x) = h.inbox.pop() else { break };
-                    got += 1;
-                    report.handed_in += 1;
-                    let len = x.len;
-                    if let Some(mut f) = crate::pipeline::Frame::new(&mut x.buf, crate::pipeline::HEADROOM, len)
-                        && let Verdict::Tx(p) = crate::pipeline::process(&mut f, x.port, now, &t, &mut st)
-                    {
-                        match io_of.get(usize::from(p)).copied().flatten() {
-                            Some(k) => {
-                                self.ports[k].io.tx_copy(f.data());
-                            }
-                            None => report.unbound += 1,
-                        }
-                    }
-                    let _ = h.pool.push(x.buf);
-                }
+                got += self.handed_in(h, &mut r, now);
             }
             for p in &mut self.ports {
                 p.io.flush();
             }
-            st.lb.sweep(now, SWEEP_BUDGET);
-            if let Some(f) = self.shared.dump_wanted.get(self.index)
-                && f.load(Ordering::Acquire)
-            {
-                let dump: Vec<CtDump> = st
-                    .lb
-                    .conntrack
-                    .entries(now)
-                    .take(DUMP_MAX)
-                    .map(|(key, value, exp)| CtDump { key, value, expires_in: exp.saturating_sub(now) })
-                    .collect();
-                if let Some(slot) = self.shared.dumps.get(self.index) {
-                    *slot.lock().unwrap_or_else(PoisonError::into_inner) = dump;
-                }
-                f.store(false, Ordering::Release);
-            }
+            r.st.lb.sweep(now, SWEEP_BUDGET);
+            self.serve_dump(&r.st, now);
             if got > 0 {
-                last_frame = now;
-                report.busy_rounds += 1;
-            } else if !self.cfg.busy_poll && now.saturating_sub(last_frame) > spin {
-                // Tell the other workers to wake this one after a handoff,
-                // then look once more (one of the two sees the other).
-                if let Some(h) = inbox {
-                    h.sleeping.store(true, Ordering::SeqCst);
-                    if !h.inbox.is_empty() {
-                        h.sleeping.store(false, Ordering::SeqCst);
-                        continue;
-                    }
-                }
-                // Publish before sleeping: an idle worker's counters are
-                // current (this wait included).
-                report.idle_waits += 1;
-                self.publish(&mut report, &st);
-                last_report = now;
-                let r = poll.poll(&mut events, Some(self.cfg.max_wait));
-                if let Some(h) = inbox {
-                    h.sleeping.store(false, Ordering::SeqCst);
-                }
-                match r {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(WorkerError::Poll(self.index, e)),
-                }
+                r.last_frame = now;
+                r.report.busy_rounds += 1;
+            } else if !self.cfg.busy_poll && now.saturating_sub(r.last_frame) > spin {
+                self.idle(&mut poll, &mut events, inbox, &mut r, now)?;
                 continue;
             }
-            if now.saturating_sub(last_report) > report_every {
-                self.publish(&mut report, &st);
-                last_report = now;
+            if now.saturating_sub(r.last_report) > report_every {
+                self.publish(&mut r.report, &r.st);
+                r.last_report = now;
             }
         }
-        self.publish(&mut report, &st);
-        Ok(report)
+        self.publish(&mut r.report, &r.st);
+        Ok(r.report)
+    }
+
+    /// Registers the ports' descriptors and this worker's waker.
+    fn register(&self) -> Result<mio::Poll, WorkerError> {
+        let poll = mio::Poll::new().map_err(|e| WorkerError::Poll(self.index, e))?;
+        for p in &self.ports {
+            let fd = p.io.fd();
+            if fd >= 0 {
+                poll.registry()
+                    .register(&mut mio::unix::SourceFd(&fd), mio::Token(fd as usize), mio::Interest::READABLE)
+                    .map_err(|e| WorkerError::Poll(self.index, e))?;
+            }
+        }
+        if let Some(slot) = self.shared.wakers.get(self.index) {
+            let w = mio::Waker::new(poll.registry(), WAKE).map_err(|e| WorkerError::Poll(self.index, e))?;
+            let _ = slot.set(w);
+        }
+        Ok(poll)
+    }
+
+    /// The loop's state at the start: the current tables, state sized for
+    /// them, the ports bound to them.
+    fn start(&self, now: u64) -> Run {
+        let version = self.shared.version();
+        let t = self.shared.tables();
+        let mut st = WorkerState::with_conntrack(t.ports.len(), self.cfg.conntrack);
+        st.sync(&t);
+        let (io_of, table_of) = bind_lenient(&t, &self.ports);
+        if let Some(u) = self.shared.in_use.get(self.index) {
+            u.store(version, Ordering::Release);
+        }
+        Run {
+            t,
+            st,
+            version,
+            io_of,
+            table_of,
+            report: Report { tables_version: version, ..Report::default() },
+            verdicts: [Verdict::Pass; BURST],
+            last_frame: now,
+            last_report: 0,
+        }
+    }
+
+    /// New tables, if there are: port changes first, then the tables (the
+    /// publisher gives ports before the tables that name them): a port the
+    /// tables do not name (yet, or any more) is not read.
+    fn pick_up_tables(&mut self, poll: &mio::Poll, r: &mut Run) {
+        let v = self.shared.version();
+        if v == r.version {
+            return;
+        }
+        self.take_port_changes(poll);
+        let nt = self.shared.tables();
+        (r.io_of, r.table_of) = bind_lenient(&nt, &self.ports);
+        // New ports keep counting: the counters grow to the new tables'
+        // ports (between bursts, not per packet).
+        if r.st.stats.ports.len() < nt.ports.len() {
+            r.st.stats.ports.resize(nt.ports.len(), Default::default());
+        }
+        r.st.sync(&nt);
+        r.t = nt;
+        r.version = v;
+        r.report.tables_version = v;
+        if let Some(u) = self.shared.in_use.get(self.index) {
+            u.store(v, Ordering::Release);
+        }
+    }
+
+    /// One burst from every bound port, each frame sent where its verdict
+    /// says (`handoff`: frames that need connection state go to worker 0).
+    /// The frames received.
+    fn receive(&mut self, r: &mut Run, handoff: Option<&Handoff>, now: u64) -> usize {
+        let mut got = 0;
+        for i in 0..self.ports.len() {
+            let (before, rest) = self.ports.split_at_mut(i);
+            let Some((port, after)) = rest.split_first_mut() else { break };
+            let Some(in_port) = r.table_of.get(i).copied().flatten() else { continue };
+            let Run { t, st, io_of, verdicts, report: rep, .. } = &mut *r;
+            let t = &**t;
+            let wakers = &self.shared.wakers;
+            got += port.io.rx_burst(&mut |frames, back| {
+                match handoff {
+                    None => process_burst(frames, in_port, now, t, st, verdicts),
+                    Some(h) => {
+                        // Frame by frame: those that touch connection
+                        // state go to worker 0 (dropped here).
+                        let mut pushed = false;
+                        for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
+                            *v = if needs_state(f.data(), in_port, t) {
+                                if hand(h, in_port, f.data()) {
+                                    rep.handed_off += 1;
+                                    pushed = true;
+                                } else {
+                                    rep.handoff_full += 1;
+                                }
+                                Verdict::Pass
+                            } else {
+                                crate::pipeline::process(f, in_port, now, t, st)
+                            };
+                        }
+                        if pushed
+                            && h.sleeping.load(Ordering::SeqCst)
+                            && let Some(w) = wakers.first().and_then(|w| w.get())
+                        {
+                            let _ = w.wake();
+                        }
+                    }
+                }
+                for (j, v) in verdicts.iter().take(frames.len()).enumerate() {
+                    let Verdict::Tx(p) = *v else { continue };
+                    match io_of.get(usize::from(p)).copied().flatten() {
+                        Some(k) if k == i => back[j] = true,
+                        Some(k) if k < i => {
+                            before[k].io.tx_copy(frames[j].data());
+                        }
+                        Some(k) => {
+                            after[k - i - 1].io.tx_copy(frames[j].data());
+                        }
+                        None => rep.unbound += 1,
+                    }
+                }
+            });
+        }
+        got
+    }
+
+    /// Frames the other workers handed over (worker 0). The frames taken.
+    fn handed_in(&mut self, h: &Handoff, r: &mut Run, now: u64) -> usize {
+        let mut got = 0;
+        for _ in 0..BURST {
+            let Some(mut x) = h.inbox.pop() else { break };
+            got += 1;
+            r.report.handed_in += 1;
+            let len = x.len;
+            if let Some(mut f) = crate::packet::Frame::new(&mut x.buf, crate::packet::HEADROOM, len)
+                && let Verdict::Tx(p) = crate::pipeline::process(&mut f, x.port, now, &r.t, &mut r.st)
+            {
+                match r.io_of.get(usize::from(p)).copied().flatten() {
+                    Some(k) => {
+                        self.ports[k].io.tx_copy(f.data());
+                    }
+                    None => r.report.unbound += 1,
+                }
+            }
+            let _ = h.pool.push(x.buf);
+        }
+        got
+    }
+
+    /// A copy of the connection table, if `conntrack ls` asked for one.
+    fn serve_dump(&self, st: &WorkerState, now: u64) {
+        if let Some(f) = self.shared.dump_wanted.get(self.index)
+            && f.load(Ordering::Acquire)
+        {
+            let dump: Vec<CtDump> = st
+                .lb
+                .conntrack
+                .entries(now)
+                .take(DUMP_MAX)
+                .map(|(key, value, exp)| CtDump { key, value, expires_in: exp.saturating_sub(now) })
+                .collect();
+            if let Some(slot) = self.shared.dumps.get(self.index) {
+                *slot.lock().unwrap_or_else(PoisonError::into_inner) = dump;
+            }
+            f.store(false, Ordering::Release);
+        }
+    }
+
+    /// No frames for a while: publish the counters and sleep until a port
+    /// is readable, a handoff wakes this worker, or `max_wait` passes.
+    fn idle(
+        &self,
+        poll: &mut mio::Poll,
+        events: &mut mio::Events,
+        inbox: Option<&Handoff>,
+        r: &mut Run,
+        now: u64,
+    ) -> Result<(), WorkerError> {
+        // Tell the other workers to wake this one after a handoff, then
+        // look once more (one of the two sees the other).
+        if let Some(h) = inbox {
+            h.sleeping.store(true, Ordering::SeqCst);
+            if !h.inbox.is_empty() {
+                h.sleeping.store(false, Ordering::SeqCst);
+                return Ok(());
+            }
+        }
+        // Publish before sleeping: an idle worker's counters are current
+        // (this wait included).
+        r.report.idle_waits += 1;
+        self.publish(&mut r.report, &r.st);
+        r.last_report = now;
+        let res = poll.poll(events, Some(self.cfg.max_wait));
+        if let Some(h) = inbox {
+            h.sleeping.store(false, Ordering::SeqCst);
+        }
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(WorkerError::Poll(self.index, e)),
+        }
     }
 
     /// Takes the ports the publisher added and removed (registering and
@@ -628,7 +704,7 @@ fn needs_state(d: &[u8], in_port: PortId, t: &Tables) -> bool {
 /// the pool or the inbox is full.
 fn hand(h: &Handoff, port: PortId, data: &[u8]) -> bool {
     let Some(mut buf) = h.pool.pop() else { return false };
-    let at = crate::pipeline::HEADROOM;
+    let at = crate::packet::HEADROOM;
     if data.len() > buf.len() - at {
         let _ = h.pool.push(buf);
         return false;

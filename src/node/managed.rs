@@ -15,7 +15,7 @@ use super::task_port::{self, TaskPort};
 use super::workers::{open, spawn_workers, stats_writer, stop_workers, summary, worker_cores};
 use crate::stats::to_value;
 use anyhow::{Context, Result, bail};
-use meshplane_control::cluster::{Config, Control, Dataplane, LocalTask};
+use meshplane_control::cluster::{Config, Control, Dataplane, LocalTask, PublishError};
 use meshplane_dataplane::io::afxdp;
 use meshplane_dataplane::tables::{NodeSpec, Tables, TablesSpec};
 use meshplane_dataplane::wire::MacAddr;
@@ -86,7 +86,7 @@ impl Managed {
 }
 
 impl Dataplane for Managed {
-    fn publish(&self, mut spec: TablesSpec, tasks: Vec<LocalTask>) -> Result<(), String> {
+    fn publish(&self, mut spec: TablesSpec, tasks: Vec<LocalTask>) -> Result<(), PublishError> {
         if let Some(p) = self.vxlan_port {
             spec.node.vxlan_port = p;
         }

@@ -13,7 +13,7 @@ pub mod afxdp;
 pub mod mem;
 pub mod tap;
 
-use crate::pipeline::Frame;
+use crate::packet::Frame;
 use std::os::fd::RawFd;
 use thiserror::Error;
 
@@ -72,7 +72,7 @@ pub trait Port: Send {
     /// The port's name (its interface's).
     fn name(&self) -> &str;
 
-    /// Receives up to [`BURST`] frames, each with [`crate::pipeline::HEADROOM`]
+    /// Receives up to [`BURST`] frames, each with [`crate::packet::HEADROOM`]
     /// bytes of headroom, and hands them to `f`; then sends the frames `f`
     /// marked out of this port again and releases the others. Returns the
     /// number of frames received (0: nothing was waiting).
@@ -103,7 +103,7 @@ pub(crate) struct Slots {
 }
 
 /// Bytes per slot.
-pub const SLOT: usize = crate::pipeline::HEADROOM + FRAME_ROOM;
+pub const SLOT: usize = crate::packet::HEADROOM + FRAME_ROOM;
 
 impl Slots {
     pub(crate) fn new() -> Self {
@@ -118,7 +118,7 @@ impl Slots {
 
     /// The frame room of slot `i` (after its headroom), to read a frame into.
     pub(crate) fn room(&mut self, i: usize) -> &mut [u8] {
-        &mut self.buf[i * SLOT + crate::pipeline::HEADROOM..(i + 1) * SLOT]
+        &mut self.buf[i * SLOT + crate::packet::HEADROOM..(i + 1) * SLOT]
     }
 
     /// Records that slot `i` holds a frame of `len` bytes.
@@ -137,7 +137,7 @@ impl Slots {
         let mut frames: [Frame<'_>; BURST] = core::array::from_fn(|i| {
             let c = chunks.next().unwrap_or_default();
             let len = if i < n { lens[i].min(FRAME_ROOM) } else { 0 };
-            Frame::new(c, crate::pipeline::HEADROOM.min(c.len()), len).unwrap_or_else(Frame::detached)
+            Frame::new(c, crate::packet::HEADROOM.min(c.len()), len).unwrap_or_else(Frame::detached)
         });
         f(&mut frames[..n], &mut marks);
         for (fr, m) in frames[..n].iter().zip(marks) {

@@ -17,6 +17,7 @@
 //! established connections. Counted.
 
 use crate::wire::flow::hash2;
+use crate::wire::frame::Head;
 
 /// Entries per bucket.
 pub const WAYS: usize = 8;
@@ -37,6 +38,21 @@ pub struct FlowKey {
     pub dport: u16,
     /// IP protocol (6 TCP, 17 UDP; never 0).
     pub proto: u8,
+}
+
+impl FlowKey {
+    /// The 5-tuple of a frame of the common shape, read from its head (the
+    /// caller has checked it is plain IPv4 carrying TCP or UDP).
+    #[inline(always)]
+    pub fn of(h: &Head<'_>) -> FlowKey {
+        FlowKey {
+            src: u32::from_be_bytes(h.src_ip()),
+            dst: u32::from_be_bytes(h.dst_ip()),
+            sport: h.src_port(),
+            dport: h.dst_port(),
+            proto: h.protocol(),
+        }
+    }
 }
 
 /// TCP connection state, as far as a load balancer follows it.
@@ -579,26 +595,12 @@ impl Conntrack {
         v
     }
 
-    /// The live entry of `key` at time `now`, refreshed: its state follows
-    /// `tcp_flags` (TCP only; pass 0 for UDP) and its timeout restarts.
-    /// `None` if there is none (an expired one is freed and its value
-    /// returned through [`Conntrack::lookup_or_expired`] instead).
-    #[inline]
-    pub fn lookup(&mut self, key: &FlowKey, now: u64, tcp_flags: u8) -> Option<CtValue> {
-        self.lookup_or_expired(key, now, tcp_flags).ok()
-    }
-
-    /// [`Conntrack::lookup`], returning `Err(Some(value))` when the entry
-    /// had expired (it is freed; the caller releases what it held) and
-    /// `Err(None)` when there was none.
-    #[inline]
-    pub fn lookup_or_expired(&mut self, key: &FlowKey, now: u64, tcp_flags: u8) -> Result<CtValue, Option<CtValue>> {
-        let p = self.probe(key);
-        self.lookup_probe(&p, now, tcp_flags)
-    }
-
-    /// [`Conntrack::lookup_or_expired`] of the key `p` was made from (by
-    /// this table's [`Conntrack::probe_in`] or [`Probe::reply_from`]).
+    /// The live entry of the key `p` was made from (by this table's
+    /// [`Conntrack::probe_in`] or [`Probe::reply_from`]) at time `now`,
+    /// refreshed: its state follows `tcp_flags` (TCP only; pass 0 for UDP)
+    /// and its timeout restarts. `Err(Some(value))` when the entry had
+    /// expired (it is freed; the caller releases what it held), `Err(None)`
+    /// when there was none.
     #[inline(always)]
     pub fn lookup_probe(&mut self, p: &Probe, now: u64, tcp_flags: u8) -> Result<CtValue, Option<CtValue>> {
         let (t, max) = (tick(now), self.max_timeout);
@@ -627,27 +629,16 @@ impl Conntrack {
         Err(None)
     }
 
-    /// Inserts `key` → `v` at time `now` (the caller has looked it up and
-    /// found nothing). Takes the first free or expired way of the key's
-    /// bucket, else evicts the way seen longest ago; above the flood-guard
-    /// rate it inserts nothing. `v.backend` must fit 16 bits (tables allow
-    /// at most 65535 backends a service) and `v.flags` 4 ([`FLAG_MASK`]).
-    pub fn insert(&mut self, key: &FlowKey, v: CtValue, now: u64) -> Inserted {
-        let p = self.probe(key);
-        self.insert_probe(&p, v, now, true)
-    }
-
-    /// [`Conntrack::insert`] without the flood guard: for the second entry
-    /// of a connection the guard admitted (its reply direction), so that a
-    /// connection is tracked in both directions or not at all.
-    pub fn insert_unguarded(&mut self, key: &FlowKey, v: CtValue, now: u64) -> Inserted {
-        let p = self.probe(key);
-        self.insert_probe(&p, v, now, false)
-    }
-
-    /// [`Conntrack::insert`] (`guarded`) or [`Conntrack::insert_unguarded`]
-    /// of the key `p` was made from (by this table's [`Conntrack::probe_in`]
-    /// or [`Probe::reply_from`]).
+    /// Inserts the key `p` was made from (by this table's
+    /// [`Conntrack::probe_in`] or [`Probe::reply_from`]) → `v` at time
+    /// `now` (the caller has looked it up and found nothing). Takes the
+    /// first free or expired way of the key's bucket, else evicts the way
+    /// seen longest ago; `guarded`, above the flood-guard rate it inserts
+    /// nothing (a connection's second entry, its reply direction, goes in
+    /// unguarded once the guard admitted the first, so that a connection is
+    /// tracked in both directions or not at all). `v.backend` must fit 16
+    /// bits (tables allow at most 65535 backends a service) and `v.flags` 4
+    /// ([`FLAG_MASK`]).
     #[inline(always)]
     pub fn insert_probe(&mut self, p: &Probe, v: CtValue, now: u64, guarded: bool) -> Inserted {
         self.insert_keeping(p, v, now, guarded, usize::MAX).0
@@ -746,22 +737,13 @@ impl Conntrack {
         set.iter().position(|e| e.matches(p)).map(|w| p.at + w)
     }
 
-    /// True if `key` has a live entry at `now` (nothing is refreshed).
-    pub fn contains(&self, key: &FlowKey, now: u64) -> bool {
-        self.contains_probe(&self.probe(key), now)
-    }
-
-    /// [`Conntrack::contains`] of a probed key.
+    /// True if the probed key has a live entry at `now` (nothing is
+    /// refreshed).
     pub fn contains_probe(&self, p: &Probe, now: u64) -> bool {
         self.find(p).and_then(|i| self.entries.get(i)).is_some_and(|e| e.live(tick(now), self.max_timeout))
     }
 
-    /// Removes `key`'s entry; its value if there was one.
-    pub fn remove(&mut self, key: &FlowKey) -> Option<CtValue> {
-        self.remove_probe(&self.probe(key))
-    }
-
-    /// [`Conntrack::remove`] of a probed key.
+    /// Removes the probed key's entry; its value if there was one.
     pub fn remove_probe(&mut self, p: &Probe) -> Option<CtValue> {
         let v = self.take(self.find(p)?)?;
         self.stats.removed += 1;
@@ -803,30 +785,6 @@ impl Conntrack {
     pub fn values(&self, now: u64) -> impl Iterator<Item = CtValue> + '_ {
         self.entries(now).map(|(_, v, _)| v)
     }
-
-    /// Rewrites every entry's value with `f` (returning `None` removes the
-    /// entry, reporting its value to the caller through `f`'s side
-    /// effects): for backend removal and renumbering when tables change.
-    /// The key and expiry stay (a changed state keeps the old expiry).
-    pub fn retain_map(&mut self, mut f: impl FnMut(CtValue) -> Option<CtValue>) {
-        for i in 0..self.entries.len() {
-            let Some(&e) = self.entries.get(i) else { break };
-            if e.is_free() {
-                continue;
-            }
-            match f(self.value_at(i, &e)) {
-                Some(v) => {
-                    let k1 = (e.k1 & KEY1) | Entry::value_bits(&v);
-                    let new = Entry { k0: e.k0, k1, expires: e.expires, ..Entry::value_words(&v) };
-                    self.put(i, new, v.mac);
-                }
-                None => {
-                    self.take(i);
-                    self.stats.removed += 1;
-                }
-            }
-        }
-    }
 }
 
 /// The TCP state after a segment with `flags`.
@@ -854,6 +812,33 @@ pub fn next_state(s: CtState, flags: u8) -> CtState {
 mod tests {
     use super::*;
     use tcp_flags::*;
+
+    /// The table by 5-tuple (in [`Bucket::Tuple`]), for these tests.
+    trait ByKey {
+        fn lookup(&mut self, key: &FlowKey, now: u64, tcp_flags: u8) -> Option<CtValue>;
+        fn lookup_or_expired(&mut self, key: &FlowKey, now: u64, tcp_flags: u8) -> Result<CtValue, Option<CtValue>>;
+        fn insert(&mut self, key: &FlowKey, v: CtValue, now: u64) -> Inserted;
+        fn contains(&self, key: &FlowKey, now: u64) -> bool;
+        fn remove(&mut self, key: &FlowKey) -> Option<CtValue>;
+    }
+
+    impl ByKey for Conntrack {
+        fn lookup(&mut self, key: &FlowKey, now: u64, tcp_flags: u8) -> Option<CtValue> {
+            self.lookup_or_expired(key, now, tcp_flags).ok()
+        }
+        fn lookup_or_expired(&mut self, key: &FlowKey, now: u64, tcp_flags: u8) -> Result<CtValue, Option<CtValue>> {
+            self.lookup_probe(&self.probe(key), now, tcp_flags)
+        }
+        fn insert(&mut self, key: &FlowKey, v: CtValue, now: u64) -> Inserted {
+            self.insert_probe(&self.probe(key), v, now, true)
+        }
+        fn contains(&self, key: &FlowKey, now: u64) -> bool {
+            self.contains_probe(&self.probe(key), now)
+        }
+        fn remove(&mut self, key: &FlowKey) -> Option<CtValue> {
+            self.remove_probe(&self.probe(key))
+        }
+    }
 
     #[test]
     fn established_stays_established_without_syn_fin_rst() {
@@ -958,8 +943,9 @@ mod tests {
         ct.insert(&key(1), w, 0);
         assert_eq!(ct.lookup(&key(1), 1, ACK), Some(w));
         assert_eq!(ct.entries(1).map(|(k, v, _)| (k, v)).collect::<Vec<_>>(), [(key(1), w)]);
-        // retain_map rewrites the value and keeps the key.
-        ct.retain_map(|v| Some(CtValue { backend: 7, mac: [2, 0, 0, 0, 7, 7], ..v }));
+        // A value written again keeps its key.
+        ct.remove(&key(1));
+        ct.insert(&key(1), CtValue { backend: 7, mac: [2, 0, 0, 0, 7, 7], ..w }, 1);
         assert_eq!(ct.lookup(&key(1), 2, ACK), Some(CtValue { backend: 7, mac: [2, 0, 0, 0, 7, 7], ..w }));
     }
 

@@ -11,20 +11,48 @@
 //! `preserve-source` mode (see ARCHITECTURE.md).
 
 pub mod conntrack;
+pub(crate) mod fast;
 #[allow(unsafe_code)] // mmap/madvise of the connection table; each block has a SAFETY comment
 mod hugemem;
-pub mod maglev;
 pub mod sched;
-pub mod service;
+pub use crate::tables::maglev;
+/// The compiled service tables (they live with the tables the packet path
+/// reads; named here too, where the balancer's users look for them).
+pub use crate::tables::services as service;
 
-use crate::pipeline::{DropReason, Frame, Verdict};
+use crate::packet::{DropReason, Frame, Verdict};
 use crate::tables::{NetId, Tables};
-use crate::wire::flow;
+use crate::wire::frame::{Head, field};
 use crate::wire::ipv4::protocol;
 use crate::wire::rewrite::{Nat, rewrite_ipv4};
+use crate::wire::{MacAddr, flow};
 use conntrack::{Bucket, Conntrack, CtConfig, CtState, CtValue, FlowKey, Inserted};
 use core::net::Ipv4Addr;
 use sched::SchedState;
+
+/// What happens to a frame after the balancer: the pipeline carries it out
+/// (the balancer never calls the overlay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Decided: this verdict.
+    Done(Verdict),
+    /// Readdressed: switch it in network `net` to the endpoint with MAC
+    /// `dst` (a local port, or VXLAN to its node).
+    Switch {
+        /// The network.
+        net: NetId,
+        /// The destination endpoint's MAC.
+        dst: MacAddr,
+    },
+}
+
+impl Next {
+    /// A drop for `r`.
+    #[inline(always)]
+    fn of(r: Result<Next, DropReason>) -> Next {
+        r.unwrap_or_else(|e| Next::Done(Verdict::Drop(e)))
+    }
+}
 
 /// `CtValue::flags` bit: the entry is a reply direction (un-DNAT on
 /// delivery to the client).
@@ -91,18 +119,11 @@ impl LbState {
         release(&mut self.services, v);
     }
 
-    /// The live entry of `key` in the bucket `by` chooses, refreshed (see
-    /// `Conntrack::lookup`); an expired one is freed and what it held
+    /// The live entry of a probed key, refreshed (see
+    /// `Conntrack::lookup_probe`); an expired one is freed and what it held
     /// released.
-    #[inline]
-    pub(crate) fn lookup(&mut self, key: &FlowKey, by: Bucket, now: u64, flags: u8) -> Option<CtValue> {
-        let p = self.conntrack.probe_in(key, by);
-        self.lookup_probe(&p, now, flags)
-    }
-
-    /// [`LbState::lookup`] of a probed key.
     #[inline(always)]
-    pub(crate) fn lookup_probe(&mut self, p: &conntrack::Probe, now: u64, flags: u8) -> Option<CtValue> {
+    pub(crate) fn lookup(&mut self, p: &conntrack::Probe, now: u64, flags: u8) -> Option<CtValue> {
         match self.conntrack.lookup_probe(p, now, flags) {
             Ok(v) => Some(v),
             Err(old) => {
@@ -114,15 +135,8 @@ impl LbState {
         }
     }
 
-    /// Inserts an entry (through the flood guard, or not), releasing what
-    /// an entry it displaces held. False if the guard refused it.
-    #[inline(always)]
-    fn insert(&mut self, key: &FlowKey, by: Bucket, v: CtValue, now: u64, guarded: bool) -> bool {
-        let p = self.conntrack.probe_in(key, by);
-        self.insert_probe(&p, v, now, guarded, usize::MAX).is_some()
-    }
-
-    /// [`LbState::insert`] of a probed key, leaving the entry at index
+    /// Inserts an entry for a probed key (through the flood guard, or not),
+    /// releasing what an entry it displaces held, leaving the entry at index
     /// `keep` alone (see `Conntrack::insert_keeping`). A live entry it
     /// evicts takes the other half of its connection with it when that
     /// half shares its bucket, so that no connection is left tracked in one
@@ -217,34 +231,15 @@ impl sched::Backends for View<'_> {
 
 /// The 5-tuple and TCP flags (0 for UDP) of a frame the balancer handles:
 /// untagged IPv4 without options, not a fragment, carrying TCP or UDP
-/// (`None` for anything else).
+/// (`None` for anything else: the only frames balanced).
 #[inline]
 pub(crate) fn tuple(d: &[u8]) -> Option<(FlowKey, u8)> {
-    if !plain_tcp_udp(d) {
+    let h = Head::new(d)?;
+    if !h.is_plain_ipv4() || !matches!(h.protocol(), protocol::TCP | protocol::UDP) {
         return None;
     }
-    let l3 = d.get(14..)?;
-    let h = l3.first_chunk::<24>()?;
-    let key = FlowKey {
-        src: u32::from_be_bytes([h[12], h[13], h[14], h[15]]),
-        dst: u32::from_be_bytes([h[16], h[17], h[18], h[19]]),
-        sport: u16::from_be_bytes([h[20], h[21]]),
-        dport: u16::from_be_bytes([h[22], h[23]]),
-        proto: h[9],
-    };
-    let flags = if h[9] == protocol::TCP { *l3.get(33)? } else { 0 };
-    Some((key, flags))
-}
-
-/// True for an untagged IPv4 frame without options, not a fragment,
-/// carrying TCP or UDP (the only frames balanced).
-#[inline]
-fn plain_tcp_udp(d: &[u8]) -> bool {
-    d.len() >= 42
-        && d[12..15] == [0x08, 0x00, 0x45]
-        && d[20] & 0x3f == 0
-        && d[21] == 0
-        && matches!(d[23], protocol::TCP | protocol::UDP)
+    let flags = if h.protocol() == protocol::TCP { *d.get(field::TCP_FLAGS)? } else { 0 };
+    Some((FlowKey::of(&h), flags))
 }
 
 /// A packet's connection identity: its 5-tuple, TCP flags and time.
@@ -433,11 +428,11 @@ pub(crate) fn count(lb: &mut LbState, svc: u32, b: u32, len: usize) {
 /// MAC only if `src_mac` is given).
 fn readdress(frame: &mut Frame<'_>, nat: &Nat, dst_mac: [u8; 6], src_mac: Option<[u8; 6]>) -> Result<(), DropReason> {
     let d = frame.data_mut();
-    let ip = d.get_mut(14..).ok_or(DropReason::Malformed)?;
+    let ip = d.get_mut(field::VER_IHL..).ok_or(DropReason::Malformed)?;
     rewrite_ipv4(ip, nat).map_err(|_| DropReason::Malformed)?;
-    d[0..6].copy_from_slice(&dst_mac);
+    d[field::DST_MAC].copy_from_slice(&dst_mac);
     if let Some(m) = src_mac {
-        d[6..12].copy_from_slice(&m);
+        d[field::SRC_MAC].copy_from_slice(&m);
     }
     Ok(())
 }
@@ -451,8 +446,8 @@ fn verdict(r: Result<Verdict, DropReason>) -> Verdict {
 /// checked against its source): picks or recalls the backend, DNATs to it,
 /// readdresses the frame from the gateway to the backend's MAC, and sends
 /// it on (a local port, or VXLAN to the backend's node).
-pub(crate) fn to_vip(frame: &mut Frame<'_>, net: NetId, svc: u32, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
-    verdict(vip_inner(frame, net, svc, now, t, lb))
+pub(crate) fn to_vip(frame: &mut Frame<'_>, net: NetId, svc: u32, now: u64, t: &Tables, lb: &mut LbState) -> Next {
+    Next::of(vip_inner(frame, net, svc, now, t, lb))
 }
 
 fn vip_inner(
@@ -462,12 +457,12 @@ fn vip_inner(
     now: u64,
     t: &Tables,
     lb: &mut LbState,
-) -> Result<Verdict, DropReason> {
+) -> Result<Next, DropReason> {
     let s = t.services.list.get(svc as usize).ok_or(DropReason::NoBackend)?;
     let (key, flags) = tuple(frame.data()).ok_or(DropReason::Malformed)?;
-    let found = lb.lookup(&key, Bucket::Src, now, flags);
+    let found = lb.lookup(&lb.conntrack.probe_in(&key, Bucket::Src), now, flags);
     let b = vip_connection(lb, s, svc, &key, flags, now, found)?;
-    Ok(vip_tail(frame, net, s, svc, b, now, t, lb))
+    Ok(vip_tail(frame, net, s, svc, b, lb))
 }
 
 /// The backend of a task's connection `key` to the VIP of service `svc`
@@ -535,9 +530,8 @@ pub(crate) fn open_vip(
 }
 
 /// A task's packet to a VIP, its backend `b` chosen: counted, DNATed,
-/// readdressed to the backend's MAC (from the client's own), and sent on
-/// (a local port, or VXLAN to the backend's node).
-#[allow(clippy::too_many_arguments)]
+/// readdressed to the backend's MAC (from the client's own), to be
+/// switched on (a local port, or VXLAN to the backend's node).
 #[inline(never)] // the general tail: kept out of the fast path's loop
 pub(crate) fn vip_tail(
     frame: &mut Frame<'_>,
@@ -545,21 +539,18 @@ pub(crate) fn vip_tail(
     s: &service::Service,
     svc: u32,
     b: u32,
-    now: u64,
-    t: &Tables,
     lb: &mut LbState,
-) -> Verdict {
-    let Some(be) = s.backends.get(b as usize) else { return Verdict::Drop(DropReason::NoBackend) };
+) -> Next {
+    let Some(be) = s.backends.get(b as usize) else { return Next::Done(Verdict::Drop(DropReason::NoBackend)) };
     count(lb, svc, b, frame.len());
     let nat = Nat { src_addr: None, dst_addr: Some(be.ip), src_port: None, dst_port: Some(be.port) };
     // The source MAC stays the client's: the frame crosses the overlay as
     // the client's own (as with Swarm's IPVS in the client's namespace),
     // which is what the backend's node accepts from the client's VTEP.
-    let _ = net;
     if let Err(e) = readdress(frame, &nat, be.mac.0, None) {
-        return Verdict::Drop(e);
+        return Next::Done(Verdict::Drop(e));
     }
-    crate::overlay::switch(frame, net, be.mac, now, t, lb)
+    Next::Switch { net, dst: be.mac }
 }
 
 // A connection entry keeps four bits of flags.
@@ -578,16 +569,16 @@ pub const CT_PS_RETURN: u8 = 8;
 /// the published port of service `pubd.service` (an untagged IPv4 TCP/UDP
 /// frame without options, the whole frame): the routing mesh. Picks or
 /// recalls the backend; DNATs to it, and in `nat` mode SNATs to this
-/// node's address in the service's network; sends it on from this node's
-/// MAC in the network.
+/// node's address in the service's network; readdresses it from this
+/// node's MAC in the network, to be switched there.
 pub(crate) fn from_client(
     frame: &mut Frame<'_>,
     pubd: service::Published,
     now: u64,
     t: &Tables,
     lb: &mut LbState,
-) -> Verdict {
-    verdict(client_inner(frame, pubd, now, t, lb))
+) -> Next {
+    Next::of(client_inner(frame, pubd, now, t, lb))
 }
 
 fn client_inner(
@@ -596,26 +587,26 @@ fn client_inner(
     now: u64,
     t: &Tables,
     lb: &mut LbState,
-) -> Result<Verdict, DropReason> {
+) -> Result<Next, DropReason> {
     use DropReason as D;
     let svc = pubd.service;
     let s = t.services.list.get(svc as usize).ok_or(D::NoBackend)?;
     let nw = &t.networks[usize::from(s.net)];
     let (Some(node_ip), Some(node_mac)) = (nw.node_ip, nw.node_mac) else { return Err(D::NoRoute) };
     let d = frame.data();
-    let total = usize::from(u16::from_be_bytes([d[16], d[17]]));
-    if total > usize::from(nw.mtu) {
+    let h = Head::new(d).ok_or(D::Malformed)?;
+    if h.total_len() > usize::from(nw.mtu) {
         return Err(D::MtuExceeded);
     }
     let (key, flags) = tuple(d).ok_or(D::Malformed)?;
-    let client_mac: [u8; 6] = d[6..12].try_into().map_err(|_| D::Malformed)?;
+    let client_mac = h.src_mac().0;
     let pport = key.dport;
     let nat_mode = pubd.mode == service::MeshMode::Nat;
     let node = u32::from(node_ip);
     // In nat mode the reply comes back to node_ip:snat; the client's
     // own source port is kept unless another connection to the same
     // backend holds it, else one of a few others derived from it.
-    let found = lb.lookup(&key, Bucket::Src, now, flags);
+    let found = lb.lookup(&lb.conntrack.probe_in(&key, Bucket::Src), now, flags);
     let (b, f) = connection(
         lb,
         s,
@@ -653,7 +644,7 @@ fn client_inner(
         dst_port: Some(be.port),
     };
     readdress(frame, &nat, be.mac.0, Some(node_mac.0))?;
-    Ok(crate::overlay::switch(frame, s.net, be.mac, now, t, lb))
+    Ok(Next::Switch { net: s.net, dst: be.mac })
 }
 
 /// A frame of network `net` to this node's own MAC there: the reply
@@ -678,7 +669,7 @@ pub(crate) fn to_node(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, l
 
 /// The tracked reply entry of `key` (in the bucket `by` chooses), if any.
 fn reply_entry(lb: &mut LbState, key: &FlowKey, by: Bucket, flags: u8, now: u64) -> Option<CtValue> {
-    lb.lookup(key, by, now, flags).filter(|v| v.flags & CT_REPLY != 0)
+    lb.lookup(&lb.conntrack.probe_in(key, by), now, flags).filter(|v| v.flags & CT_REPLY != 0)
 }
 
 /// The bucket of a reply entry with `flags`: a connection's reply shares
@@ -707,22 +698,24 @@ fn to_client(frame: &mut Frame<'_>, v: &CtValue, t: &Tables) -> Result<Verdict, 
 /// connection, whose client is outside. At the node it came in through,
 /// it goes back to the client; at another node, back to that node.
 /// `None`: not a tracked reply (no route).
-pub(crate) fn routed(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState) -> Option<Verdict> {
+pub(crate) fn routed(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState) -> Option<Next> {
     let (key, flags) = tuple(frame.data())?;
     let v = reply_entry(lb, &key, Bucket::Dst, flags, now)?;
     Some(if v.flags & CT_MESH_PS != 0 {
-        verdict(to_client(frame, &v, t))
+        Next::Done(verdict(to_client(frame, &v, t)))
     } else if v.flags & CT_PS_RETURN != 0 {
         // Back to the ingress node, to its MAC in this network, from this
         // node's own MAC there (an endpoint behind this node's VTEP, as the
         // ingress node checks; this node needs a `node_ip` in the network).
-        let Some(me) = t.networks[usize::from(net)].node_mac else { return Some(Verdict::Drop(DropReason::NoRoute)) };
+        let Some(me) = t.networks[usize::from(net)].node_mac else {
+            return Some(Next::Done(Verdict::Drop(DropReason::NoRoute)));
+        };
         let d = frame.data_mut();
-        d[0..6].copy_from_slice(&v.mac);
-        d[6..12].copy_from_slice(&me.0);
-        crate::overlay::switch(frame, net, crate::wire::MacAddr(v.mac), now, t, lb)
+        d[field::DST_MAC].copy_from_slice(&v.mac);
+        d[field::SRC_MAC].copy_from_slice(&me.0);
+        Next::Switch { net, dst: MacAddr(v.mac) }
     } else {
-        Verdict::Drop(DropReason::NoRoute)
+        Next::Done(Verdict::Drop(DropReason::NoRoute))
     })
 }
 
@@ -749,8 +742,9 @@ pub(crate) fn on_delivery(
     {
         // Remember (or refresh) the way back, keyed as the reply will be.
         let rk = FlowKey { src: key.dst, dst: key.src, sport: key.dport, dport: key.sport, proto: key.proto };
-        let mac: [u8; 6] = frame.data()[6..12].try_into().unwrap_or([0; 6]);
-        if lb.lookup(&rk, Bucket::Dst, now, 0).is_none() {
+        let mac = Head::new(frame.data()).map_or([0; 6], |h| h.src_mac().0);
+        let rp = lb.conntrack.probe_in(&rk, Bucket::Dst);
+        if lb.lookup(&rp, now, 0).is_none() {
             let v = CtValue {
                 peer: u32::from(vtep),
                 mac,
@@ -758,7 +752,7 @@ pub(crate) fn on_delivery(
                 flags: CT_REPLY | CT_PS_RETURN,
                 ..CtValue::ZERO
             };
-            lb.insert(&rk, Bucket::Dst, v, now, true);
+            lb.insert_probe(&rp, v, now, true, usize::MAX);
         }
         return true;
     }
@@ -769,10 +763,10 @@ pub(crate) fn on_delivery(
     let nat = Nat { src_addr: Some(Ipv4Addr::from(v.peer)), dst_addr: None, src_port: Some(v.port), dst_port: None };
     let gw = nw.gateway_mac;
     let d = frame.data_mut();
-    if rewrite_ipv4(&mut d[14..], &nat).is_err() {
+    if rewrite_ipv4(&mut d[field::VER_IHL..], &nat).is_err() {
         return false;
     }
-    d[6..12].copy_from_slice(&gw.0);
+    d[field::SRC_MAC].copy_from_slice(&gw.0);
     true
 }
 
@@ -815,7 +809,7 @@ mod tests {
             track_probed(&mut lb, i, 0, &fp, f, &rp, r, at);
             if i == 3 {
                 let (_, _, r0, _) = conn(0);
-                assert!(lb.lookup(&r0, Bucket::Dst, 11 * ms, 0x10).is_some());
+                assert!(lb.lookup(&lb.conntrack.probe_in(&r0, Bucket::Dst), 11 * ms, 0x10).is_some());
             }
         }
         let now = 11 * ms;

@@ -9,45 +9,8 @@
 //! balances on its own. Backends of weight 0 (draining) get no new
 //! connections from any scheduler.
 
-use super::maglev::Maglev;
-
-/// A scheduling algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scheduler {
-    /// Round robin over backends with a weight.
-    Rr,
-    /// Weighted round robin (IPVS's interleaved algorithm).
-    Wrr,
-    /// Least connections.
-    Lc,
-    /// Weighted least connections: least connections / weight.
-    Wlc,
-    /// Source hashing: the client's address picks the backend (Maglev
-    /// table, so consistent across nodes and under backend changes).
-    Sh,
-    /// Maglev hashing of the 5-tuple.
-    Mh,
-}
-
-impl Scheduler {
-    /// The name as configured (`rr`, `wrr`, ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            Scheduler::Rr => "rr",
-            Scheduler::Wrr => "wrr",
-            Scheduler::Lc => "lc",
-            Scheduler::Wlc => "wlc",
-            Scheduler::Sh => "sh",
-            Scheduler::Mh => "mh",
-        }
-    }
-
-    /// True for the schedulers that need a Maglev table.
-    pub fn uses_maglev(self) -> bool {
-        matches!(self, Scheduler::Sh | Scheduler::Mh)
-    }
-}
+use crate::tables::maglev::Maglev;
+pub use crate::tables::services::Scheduler;
 
 /// Per-worker scheduling state of one service.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! cluster state, as Swarm's overlay does; nothing is flooded.
 
 use super::arp_lookup;
-use crate::pipeline::{DropReason, Frame, Verdict};
+use crate::packet::{DropReason, Frame, Verdict};
 use crate::tables::{NetId, PortId, Tables};
 use crate::wire::MacAddr;
 use crate::wire::arp::{self, ArpRepr, Operation};
@@ -13,7 +13,7 @@ use crate::wire::ethernet::{self, ethertype};
 /// Requests are answered whether broadcast or unicast (Linux re-validates
 /// neighbours with unicast requests). Replies, gratuitous ARP and requests
 /// whose sender address is not the endpoint's own are dropped.
-pub(super) fn proxy(frame: &mut Frame<'_>, in_port: PortId, net: NetId, src: MacAddr, t: &Tables) -> Verdict {
+pub(crate) fn proxy(frame: &mut Frame<'_>, in_port: PortId, net: NetId, src: MacAddr, t: &Tables) -> Verdict {
     use DropReason as D;
     let Ok(req) = ArpRepr::parse(&frame.data()[ethernet::HEADER_LEN..]) else {
         return Verdict::Drop(D::ArpMalformed);
@@ -57,7 +57,7 @@ pub(super) fn proxy(frame: &mut Frame<'_>, in_port: PortId, net: NetId, src: Mac
 /// dataplane owns the uplink outright, as with a TAP uplink; with AF_XDP
 /// the steering program leaves ARP to the kernel). `None` for any other
 /// frame.
-pub(super) fn uplink(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict> {
+pub(crate) fn uplink(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict> {
     let d = frame.data();
     if d.get(12..14)? != [0x08, 0x06] {
         return None;
@@ -79,7 +79,7 @@ pub(super) fn uplink(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict> {
 /// behind a known VTEP (the frame is the inner frame): rewritten in place
 /// into the reply from cluster state, to be encapsulated back. The request
 /// must say what state says of its sender; the target must be in state.
-pub(super) fn overlay(frame: &mut Frame<'_>, net: NetId, src: MacAddr, t: &Tables) -> Result<(), DropReason> {
+pub(crate) fn overlay(frame: &mut Frame<'_>, net: NetId, src: MacAddr, t: &Tables) -> Result<(), DropReason> {
     use DropReason as D;
     let req = ArpRepr::parse(frame.data().get(ethernet::HEADER_LEN..).ok_or(D::InnerMalformed)?)
         .map_err(|_| D::InnerArpSpoofed)?;

@@ -3,10 +3,10 @@
 //! the network MTU with DF set (so path MTU discovery works through the
 //! overlay).
 
-use crate::pipeline::{DropReason, Frame, Verdict};
+use crate::packet::{DropReason, Frame, Verdict};
 use crate::tables::{Network, PortId};
-use crate::wire::MacAddr;
 use crate::wire::ethernet::{self, ethertype};
+use crate::wire::frame::{Head, field};
 use crate::wire::icmpv4::{self, Icmpv4Packet};
 use crate::wire::ipv4::{Ipv4Packet, Ipv4Repr, protocol};
 
@@ -14,10 +14,10 @@ use crate::wire::ipv4::{Ipv4Packet, Ipv4Repr, protocol};
 const TTL: u8 = 64;
 
 /// Turns an ICMP echo request to the gateway into the reply, in place.
-pub(super) fn echo(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verdict {
+pub(crate) fn echo(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verdict {
     use DropReason as D;
     let d = frame.data_mut();
-    let client = MacAddr([d[6], d[7], d[8], d[9], d[10], d[11]]);
+    let Some(client) = Head::new(d).map(|h| h.src_mac()) else { return Verdict::Drop(D::Malformed) };
     let Ok(mut ip) = Ipv4Packet::new_checked(&mut d[ethernet::HEADER_LEN..]) else {
         return Verdict::Drop(D::Malformed);
     };
@@ -49,8 +49,8 @@ pub(super) fn echo(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verd
     };
     icmp.set_kind(icmpv4::kind::ECHO_REPLY);
     let total = ethernet::HEADER_LEN + ip.total_len();
-    d[0..6].copy_from_slice(&client.0);
-    d[6..12].copy_from_slice(&nw.gateway_mac.0);
+    d[field::DST_MAC].copy_from_slice(&client.0);
+    d[field::SRC_MAC].copy_from_slice(&nw.gateway_mac.0);
     let start = frame.start();
     frame.set_window(start, total);
     Verdict::Tx(in_port)
@@ -60,10 +60,10 @@ pub(super) fn echo(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verd
 /// unreachable / fragmentation needed (RFC 1191) from the gateway back to
 /// the sender, quoting the original header and 8 bytes of payload, with the
 /// network MTU as next-hop MTU.
-pub(super) fn frag_needed(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verdict {
+pub(crate) fn frag_needed(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verdict {
     use DropReason as D;
     let d = frame.data();
-    let client = MacAddr([d[6], d[7], d[8], d[9], d[10], d[11]]);
+    let Some(client) = Head::new(d).map(|h| h.src_mac()) else { return Verdict::Drop(D::Malformed) };
     let Ok(ip) = Ipv4Packet::new_checked(&d[ethernet::HEADER_LEN..]) else {
         return Verdict::Drop(D::Malformed);
     };

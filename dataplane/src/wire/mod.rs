@@ -13,6 +13,7 @@ pub mod checksum;
 mod error;
 pub mod ethernet;
 pub mod flow;
+pub mod frame;
 pub mod icmpv4;
 pub mod ipv4;
 pub mod ipv6;

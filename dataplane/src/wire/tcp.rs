@@ -125,6 +125,77 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
     }
 }
 
+/// The reset a host's stack answers a segment to a closed port with
+/// (RFC 9293, 3.10.7.1): to a segment with ACK, a reset with SEQ = its
+/// ACK; else a reset with ACK = its SEQ plus its length (SYN and FIN count
+/// one each). Ports are the answer's own (swapped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResetRepr {
+    /// Source port of the reset (the segment's destination port).
+    pub src_port: u16,
+    /// Destination port of the reset (the segment's source port).
+    pub dst_port: u16,
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgment number (0 without ACK).
+    pub ack: u32,
+    /// `RST`, or `RST | ACK`.
+    pub flags: u8,
+}
+
+impl ResetRepr {
+    /// Length of the frame [`ResetRepr::emit_frame`] writes: Ethernet,
+    /// IPv4 and TCP headers without options.
+    pub const FRAME_LEN: usize = 54;
+
+    /// The reset answering `seg`, or `None` if `seg` is a reset itself (a
+    /// reset never answers a reset).
+    pub fn answering<T: AsRef<[u8]>>(seg: &TcpPacket<T>) -> Option<ResetRepr> {
+        let f = seg.flags();
+        if f & flags::RST != 0 {
+            return None;
+        }
+        let (seq, ack, out) = if f & flags::ACK != 0 {
+            (seg.ack(), 0, flags::RST)
+        } else {
+            let len = seg.payload().len() as u32 + u32::from(f & flags::SYN != 0) + u32::from(f & flags::FIN != 0);
+            (0, seg.seq().wrapping_add(len), flags::RST | flags::ACK)
+        };
+        Some(ResetRepr { src_port: seg.dst_port(), dst_port: seg.src_port(), seq, ack, flags: out })
+    }
+
+    /// Writes the reset as a whole frame (Ethernet from `src_mac` to
+    /// `dst_mac`; IPv4 from `src` to `dst`, DF, TTL 64; TCP window 0) with
+    /// both checksums.
+    pub fn emit_frame(
+        &self,
+        out: &mut [u8; Self::FRAME_LEN],
+        src_mac: [u8; 6],
+        dst_mac: [u8; 6],
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+    ) {
+        use super::ipv4::protocol;
+        out[0..6].copy_from_slice(&dst_mac);
+        out[6..12].copy_from_slice(&src_mac);
+        out[12..14].copy_from_slice(&super::ethernet::ethertype::IPV4.to_be_bytes());
+        // IPv4: 20 bytes, total 40, DF, TTL 64.
+        out[14..34].copy_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, protocol::TCP, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        out[26..30].copy_from_slice(&src.octets());
+        out[30..34].copy_from_slice(&dst.octets());
+        let ipsum = checksum::checksum(&out[14..34]);
+        out[24..26].copy_from_slice(&ipsum.to_be_bytes());
+        // TCP: 20 bytes, window 0.
+        out[34..36].copy_from_slice(&self.src_port.to_be_bytes());
+        out[36..38].copy_from_slice(&self.dst_port.to_be_bytes());
+        out[38..42].copy_from_slice(&self.seq.to_be_bytes());
+        out[42..46].copy_from_slice(&self.ack.to_be_bytes());
+        out[46..54].copy_from_slice(&[0x50, self.flags, 0, 0, 0, 0, 0, 0]);
+        let sum = checksum::sum(&out[34..54], checksum::pseudo_header_v4(src, dst, protocol::TCP, 20));
+        out[50..52].copy_from_slice(&checksum::finish(sum).to_be_bytes());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +227,35 @@ mod tests {
         assert!(matches!(TcpPacket::new_checked(&b[..]), Err(WireError::BadLength { value: 16, .. })));
         b[12] = 6 << 4;
         assert!(matches!(TcpPacket::new_checked(&b[..]), Err(WireError::Truncated { need: 24, .. })));
+    }
+
+    #[test]
+    fn a_reset_answers_as_rfc_9293_says() {
+        let (s, d) = (Ipv4Addr::new(198, 18, 1, 1), Ipv4Addr::new(198, 18, 1, 2));
+        let seg = |f: u8, payload: &[u8]| {
+            let mut b = vec![0u8; 20 + payload.len()];
+            b[0..2].copy_from_slice(&33000u16.to_be_bytes());
+            b[2..4].copy_from_slice(&80u16.to_be_bytes());
+            b[4..8].copy_from_slice(&100u32.to_be_bytes());
+            b[8..12].copy_from_slice(&7u32.to_be_bytes());
+            b[12] = 5 << 4;
+            b[13] = f;
+            b[20..].copy_from_slice(payload);
+            b
+        };
+        let syn = ResetRepr::answering(&TcpPacket::new_checked(seg(flags::SYN | flags::FIN, b"ab")).unwrap());
+        assert_eq!(
+            syn,
+            Some(ResetRepr { src_port: 80, dst_port: 33000, seq: 0, ack: 104, flags: flags::RST | flags::ACK })
+        );
+        let ack = ResetRepr::answering(&TcpPacket::new_checked(seg(flags::ACK, b"")).unwrap()).unwrap();
+        assert_eq!((ack.seq, ack.ack, ack.flags), (7, 0, flags::RST));
+        assert_eq!(ResetRepr::answering(&TcpPacket::new_checked(seg(flags::RST, b"")).unwrap()), None);
+        let mut out = [0u8; ResetRepr::FRAME_LEN];
+        ack.emit_frame(&mut out, [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1], d, s);
+        let ip = crate::wire::ipv4::Ipv4Packet::new_checked(&out[14..]).unwrap();
+        assert!(ip.verify_checksum() && ip.src() == d && ip.dst() == s && ip.total_len() == 40);
+        assert!(TcpPacket::new_checked(&out[34..]).unwrap().verify_checksum_v4(d, s));
+        assert_eq!((&out[0..6], &out[6..12]), (&[2, 0, 0, 0, 0, 1][..], &[2, 0, 0, 0, 0, 2][..]));
     }
 }

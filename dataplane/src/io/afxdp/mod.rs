@@ -23,7 +23,7 @@
 #![allow(unsafe_code)]
 
 use super::{BurstFn, IoError, IoStats, Port};
-use crate::pipeline::Frame;
+use crate::packet::Frame;
 use crate::tables::Tables;
 use core::net::Ipv4Addr;
 use std::ffi::CString;

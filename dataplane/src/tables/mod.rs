@@ -7,7 +7,15 @@
 //! ARP maps keyed by a packed `u64`, and an outer-header template per
 //! (remote VTEP, network), so encapsulation copies 50 bytes and stores three
 //! fields. Nothing in [`Tables`] changes after compilation.
+//!
+//! [`services`] (VIPs, published ports, backends) and [`maglev`] (the
+//! consistent-hashing rings) are compiled here too: the balancer only reads
+//! them.
 
+pub mod maglev;
+pub mod services;
+
+use crate::wire::frame::{self, Head};
 use crate::wire::vxlan::{self, EncapParams, EncapTemplate};
 use crate::wire::{MacAddr, WireError};
 use core::net::Ipv4Addr;
@@ -15,10 +23,7 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use thiserror::Error;
 
-/// Index of a port in [`Tables::ports`]. Port 0 is always the uplink.
-pub type PortId = u16;
-/// The uplink port: the data-path NIC toward the underlay.
-pub const UPLINK: PortId = 0;
+pub use crate::packet::{PortId, UPLINK};
 /// Bytes VXLAN adds in front of an inner frame on the underlay, counted
 /// against the underlay MTU: IPv4 (20) + UDP (8) + VXLAN (8) + inner
 /// Ethernet (14) = 50.
@@ -224,7 +229,7 @@ pub struct TablesSpec {
     pub endpoints: Vec<EndpointSpec>,
     /// Load-balanced services.
     #[serde(default, rename = "service")]
-    pub services: Vec<crate::lb::service::ServiceSpec>,
+    pub services: Vec<services::ServiceSpec>,
 }
 
 // ---------------------------------------------------------------------------
@@ -509,6 +514,28 @@ pub struct PortFast {
     pub lb: bool,
 }
 
+impl PortFast {
+    /// What the task fast paths check of a frame `d` from this port, its
+    /// head `h`: unicast destination; source MAC, EtherType and IPv4
+    /// source the port's own; IPv4 without options; not a fragment; the
+    /// frame exactly the packet (no trailing bytes to trim; at 42 bytes or
+    /// more that makes the total at least 28), within the network MTU, its
+    /// transport header sane. The IPv4 total length, or `None`.
+    #[inline(always)]
+    pub fn admit(&self, h: &Head<'_>, d: &[u8]) -> Option<usize> {
+        let total = h.total_len();
+        let ok = !h.dst_is_group()
+            && h.src_mac_and_type() == self.l2
+            && h.bytes()[frame::field::VER_IHL] == 0x45
+            && !h.is_fragment()
+            && h.src_ip() == self.ip
+            && total + 14 == d.len()
+            && total <= usize::from(self.mtu)
+            && frame::transport_ok(d, 14, total);
+        ok.then_some(total)
+    }
+}
+
 /// The compiled, immutable tables.
 #[derive(Debug)]
 pub struct Tables {
@@ -543,7 +570,7 @@ pub struct Tables {
     /// Known remote VTEPs: the only accepted outer sources.
     pub vteps: FlatMap<()>,
     /// Services (load balancing).
-    pub services: crate::lb::service::Services,
+    pub services: services::Services,
 }
 
 impl Tables {
@@ -563,30 +590,100 @@ impl Tables {
 
     /// Validates a spec and builds the lookup structures.
     pub fn compile(spec: &TablesSpec) -> Result<Tables, TablesError> {
+        check_node(&spec.node)?;
+        let mut b = Builder::networks(spec)?;
+        b.ports()?;
+        b.endpoints()?;
+        let services = b.services()?;
+        b.port_facts(&services);
         let n = &spec.node;
-        if n.underlay_mtu < 68 + VXLAN_OVERHEAD {
-            return invalid(format!(
-                "node.underlay_mtu {} is too small (at least {})",
-                n.underlay_mtu,
-                68 + VXLAN_OVERHEAD
-            ));
-        }
-        if n.vxlan_port == 0 {
-            return invalid("node.vxlan_port must not be 0");
-        }
-        if !n.data_mac.is_unicast() || n.data_mac == MacAddr::ZERO {
-            return invalid(format!("node.data_mac {} must be a unicast address", n.data_mac));
-        }
-        let mut networks: Vec<Network> = Vec::new();
-        let mut by_vni = FlatMap::default();
-        let mut by_name: HashMap<&str, NetId> = HashMap::new();
-        let mut arp = FlatMap::default();
-        let mut fdb = FlatMap::default();
+        Ok(Tables {
+            version: spec.version,
+            data_ip: n.data_ip,
+            data_mac: n.data_mac,
+            reset_closed_ports: n.reset_closed_ports,
+            vxlan_port: n.vxlan_port,
+            underlay_mtu: n.underlay_mtu,
+            ports: b.ports,
+            networks: b.networks,
+            by_vni: b.by_vni,
+            fdb: b.fdb,
+            arp: b.arp,
+            templates: b.templates,
+            template_vtep: b.template_vtep,
+            vteps: b.vteps,
+            services,
+        })
+    }
+
+    /// The port with this name.
+    pub fn port_id(&self, name: &str) -> Option<PortId> {
+        self.ports.iter().position(|p| p.name == name).and_then(|i| PortId::try_from(i).ok())
+    }
+}
+
+/// The node section's own checks.
+fn check_node(n: &NodeSpec) -> Result<(), TablesError> {
+    if n.underlay_mtu < 68 + VXLAN_OVERHEAD {
+        return invalid(format!(
+            "node.underlay_mtu {} is too small (at least {})",
+            n.underlay_mtu,
+            68 + VXLAN_OVERHEAD
+        ));
+    }
+    if n.vxlan_port == 0 {
+        return invalid("node.vxlan_port must not be 0");
+    }
+    if !n.data_mac.is_unicast() || n.data_mac == MacAddr::ZERO {
+        return invalid(format!("node.data_mac {} must be a unicast address", n.data_mac));
+    }
+    Ok(())
+}
+
+/// [`Tables::compile`]'s work in progress, one section of the spec after
+/// the other: networks, ports, endpoints (and the templates toward their
+/// VTEPs), services, then what the fast paths need of each port.
+struct Builder<'s> {
+    spec: &'s TablesSpec,
+    networks: Vec<Network>,
+    by_vni: FlatMap<VniNet>,
+    by_name: HashMap<&'s str, NetId>,
+    arp: FlatMap<MacAddr>,
+    fdb: FlatMap<Location>,
+    ports: Vec<Port>,
+    port_ids: HashMap<&'s str, PortId>,
+    endpoints_on_port: Vec<usize>,
+    templates: Vec<EncapTemplate>,
+    template_vtep: Vec<Ipv4Addr>,
+    template_ids: HashMap<(Ipv4Addr, NetId), u32>,
+    vteps: FlatMap<()>,
+}
+
+impl<'s> Builder<'s> {
+    /// The networks: VNIs, names, MTUs, gateways and this node's address
+    /// in each.
+    fn networks(spec: &'s TablesSpec) -> Result<Self, TablesError> {
+        let n = &spec.node;
+        let mut b = Builder {
+            spec,
+            networks: Vec::new(),
+            by_vni: FlatMap::default(),
+            by_name: HashMap::new(),
+            arp: FlatMap::default(),
+            fdb: FlatMap::default(),
+            ports: vec![Port { name: "uplink".into(), network: None, mac: None, ip: None, fast: None }],
+            port_ids: HashMap::new(),
+            endpoints_on_port: Vec::new(),
+            templates: Vec::new(),
+            template_vtep: Vec::new(),
+            template_ids: HashMap::new(),
+            vteps: FlatMap::default(),
+        };
         for ns in &spec.networks {
             if ns.vni == 0 || ns.vni > vxlan::MAX_VNI {
                 return invalid(format!("network {:?}: vni {} out of range 1..={}", ns.name, ns.vni, vxlan::MAX_VNI));
             }
-            let id = NetId::try_from(networks.len()).map_err(|_| TablesError::Invalid("too many networks".into()))?;
+            let id = NetId::try_from(b.networks.len()).map_err(|_| TablesError::Invalid("too many networks".into()))?;
             let max_mtu = n.underlay_mtu - VXLAN_OVERHEAD;
             let mtu = ns.mtu.unwrap_or(max_mtu);
             if !(68..=max_mtu).contains(&mtu) {
@@ -596,10 +693,10 @@ impl Tables {
                 ));
             }
             let lb = spec.services.iter().any(|sv| sv.network == ns.name);
-            if by_vni.insert(vni_key(ns.vni), VniNet { net: id, mtu, lb }).is_some() {
+            if b.by_vni.insert(vni_key(ns.vni), VniNet { net: id, mtu, lb }).is_some() {
                 return invalid(format!("network {:?}: vni {} is used twice", ns.name, ns.vni));
             }
-            if by_name.insert(ns.name.as_str(), id).is_some() {
+            if b.by_name.insert(ns.name.as_str(), id).is_some() {
                 return invalid(format!("network name {:?} is used twice", ns.name));
             }
             if !ns.subnet.contains(ns.gateway_ip) {
@@ -608,7 +705,7 @@ impl Tables {
             if !ns.gateway_mac.is_unicast() {
                 return invalid(format!("network {:?}: gateway_mac {} must be unicast", ns.name, ns.gateway_mac));
             }
-            arp.insert(ip_key(id, ns.gateway_ip), ns.gateway_mac);
+            b.arp.insert(ip_key(id, ns.gateway_ip), ns.gateway_mac);
             if let Some(ip) = ns.node_ip {
                 if !ns.subnet.contains(ip) || ip == ns.gateway_ip {
                     return invalid(format!(
@@ -618,9 +715,9 @@ impl Tables {
                 }
                 // Tasks resolve it like any address (the routing mesh's
                 // replies in `nat` mode go to it); endpoints may not reuse it.
-                arp.insert(ip_key(id, ip), node_mac_for(ip));
+                b.arp.insert(ip_key(id, ip), node_mac_for(ip));
             }
-            networks.push(Network {
+            b.networks.push(Network {
                 name: ns.name.clone(),
                 vni: ns.vni,
                 subnet: ns.subnet,
@@ -632,33 +729,40 @@ impl Tables {
                 node_mac: ns.node_ip.map(node_mac_for),
             });
         }
-        let mut ports = vec![Port { name: "uplink".into(), network: None, mac: None, ip: None, fast: None }];
-        let mut port_ids: HashMap<&str, PortId> = HashMap::new();
-        for ps in &spec.ports {
+        Ok(b)
+    }
+
+    /// The network named `name`, or an error naming `what` refers to it.
+    fn net(&self, name: &str, what: impl FnOnce() -> String) -> Result<NetId, TablesError> {
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| TablesError::Invalid(format!("{}: unknown network {name:?}", what())))
+    }
+
+    /// The task ports, each in one network (port 0 is the uplink).
+    fn ports(&mut self) -> Result<(), TablesError> {
+        for ps in &self.spec.ports {
             if ps.name == "uplink" {
                 return invalid("port name \"uplink\" is reserved for the data-path NIC");
             }
-            let net = *by_name
-                .get(ps.network.as_str())
-                .ok_or_else(|| TablesError::Invalid(format!("port {:?}: unknown network {:?}", ps.name, ps.network)))?;
-            let id = PortId::try_from(ports.len()).map_err(|_| TablesError::Invalid("too many ports".into()))?;
-            if port_ids.insert(ps.name.as_str(), id).is_some() {
+            let net = self.net(&ps.network, || format!("port {:?}", ps.name))?;
+            let id = PortId::try_from(self.ports.len()).map_err(|_| TablesError::Invalid("too many ports".into()))?;
+            if self.port_ids.insert(ps.name.as_str(), id).is_some() {
                 return invalid(format!("port name {:?} is used twice", ps.name));
             }
-            ports.push(Port { name: ps.name.clone(), network: Some(net), mac: None, ip: None, fast: None });
+            self.ports.push(Port { name: ps.name.clone(), network: Some(net), mac: None, ip: None, fast: None });
         }
+        self.endpoints_on_port = vec![0; self.ports.len()];
+        Ok(())
+    }
 
-        let neighbour: HashMap<Ipv4Addr, MacAddr> = n.neighbours.iter().map(|x| (x.ip, x.mac)).collect();
-        let mut templates = Vec::new();
-        let mut template_vtep = Vec::new();
-        let mut template_ids: HashMap<(Ipv4Addr, NetId), u32> = HashMap::new();
-        let mut vteps = FlatMap::default();
-        let mut endpoints_on_port = vec![0usize; ports.len()];
-        for es in &spec.endpoints {
-            let net = *by_name
-                .get(es.network.as_str())
-                .ok_or_else(|| TablesError::Invalid(format!("endpoint {}: unknown network {:?}", es.ip, es.network)))?;
-            let nw = &networks[usize::from(net)];
+    /// The endpoints: each on a local port or behind a remote VTEP, in the
+    /// forwarding and ARP tables; this node's MAC used by none.
+    fn endpoints(&mut self) -> Result<(), TablesError> {
+        for es in &self.spec.endpoints {
+            let net = self.net(&es.network, || format!("endpoint {}", es.ip))?;
+            let nw = &self.networks[usize::from(net)];
             if !nw.subnet.contains(es.ip) {
                 return invalid(format!("endpoint {}: outside network {:?} ({})", es.ip, nw.name, nw.subnet));
             }
@@ -669,77 +773,88 @@ impl Tables {
                 return invalid(format!("endpoint {}: mac {} must be unicast", es.ip, es.mac));
             }
             let loc = match (&es.port, es.vtep) {
-                (Some(p), None) => {
-                    let id = *port_ids
-                        .get(p.as_str())
-                        .ok_or_else(|| TablesError::Invalid(format!("endpoint {}: unknown port {p:?}", es.ip)))?;
-                    if ports[usize::from(id)].network != Some(net) {
-                        return invalid(format!(
-                            "endpoint {}: port {p:?} is not attached to network {:?}",
-                            es.ip, nw.name
-                        ));
-                    }
-                    endpoints_on_port[usize::from(id)] += 1;
-                    ports[usize::from(id)].mac = Some(es.mac);
-                    ports[usize::from(id)].ip = Some(es.ip);
-                    Location::Local(id)
-                }
-                (None, Some(vtep)) => {
-                    if vtep == n.data_ip {
-                        return invalid(format!(
-                            "endpoint {}: vtep {vtep} is this node; give the local port instead",
-                            es.ip
-                        ));
-                    }
-                    let key = (vtep, net);
-                    let idx = match template_ids.get(&key) {
-                        Some(&i) => i,
-                        None => {
-                            let dst_mac = neighbour.get(&vtep).copied().or(n.next_hop_mac).ok_or_else(|| {
-                                TablesError::Invalid(format!(
-                                    "endpoint {}: no MAC for vtep {vtep}: add a [[node.neighbours]] entry or node.next_hop_mac",
-                                    es.ip
-                                ))
-                            })?;
-                            let tpl = EncapTemplate::new(&EncapParams {
-                                src_mac: n.data_mac,
-                                dst_mac,
-                                src_ip: n.data_ip,
-                                dst_ip: vtep,
-                                dst_port: n.vxlan_port,
-                                vni: nw.vni,
-                                ttl: n.ttl,
-                            })
-                            .map_err(|e: WireError| TablesError::Invalid(e.to_string()))?;
-                            let i = templates.len() as u32;
-                            templates.push(tpl);
-                            template_vtep.push(vtep);
-                            template_ids.insert(key, i);
-                            i
-                        }
-                    };
-                    vteps.insert(u64::from(u32::from(vtep)), ());
-                    Location::Remote(idx)
-                }
+                (Some(p), None) => Location::Local(self.local_endpoint(es, p, net)?),
+                (None, Some(vtep)) => Location::Remote(self.template(es, vtep, net)?),
                 _ => return invalid(format!("endpoint {}: give exactly one of port (local) or vtep (remote)", es.ip)),
             };
-            if fdb.insert(mac_key(net, es.mac), loc).is_some() {
+            let nw = &self.networks[usize::from(net)];
+            if self.fdb.insert(mac_key(net, es.mac), loc).is_some() {
                 return invalid(format!("endpoint {}: mac {} is used twice in network {:?}", es.ip, es.mac, nw.name));
             }
-            if arp.insert(ip_key(net, es.ip), es.mac).is_some() {
+            if self.arp.insert(ip_key(net, es.ip), es.mac).is_some() {
                 return invalid(format!("endpoint {}: address is used twice in network {:?}", es.ip, nw.name));
             }
         }
-        for (i, nw) in networks.iter().enumerate() {
+        for (i, nw) in self.networks.iter().enumerate() {
             if let Some(m) = nw.node_mac
-                && fdb.get(&mac_key(i as NetId, m)).is_some()
+                && self.fdb.get(&mac_key(i as NetId, m)).is_some()
             {
                 return invalid(format!("network {:?}: an endpoint uses this node's MAC {m}", nw.name));
             }
         }
-        let services = crate::lb::service::Services::compile(
-            &spec.services,
-            &networks,
+        Ok(())
+    }
+
+    /// A local endpoint on port `p` of network `net`: the port learns its
+    /// endpoint's MAC and address.
+    fn local_endpoint(&mut self, es: &EndpointSpec, p: &str, net: NetId) -> Result<PortId, TablesError> {
+        let id = *self
+            .port_ids
+            .get(p)
+            .ok_or_else(|| TablesError::Invalid(format!("endpoint {}: unknown port {p:?}", es.ip)))?;
+        if self.ports[usize::from(id)].network != Some(net) {
+            let name = &self.networks[usize::from(net)].name;
+            return invalid(format!("endpoint {}: port {p:?} is not attached to network {name:?}", es.ip));
+        }
+        self.endpoints_on_port[usize::from(id)] += 1;
+        self.ports[usize::from(id)].mac = Some(es.mac);
+        self.ports[usize::from(id)].ip = Some(es.ip);
+        Ok(id)
+    }
+
+    /// The outer-header template toward `vtep` for network `net` (made the
+    /// first time a remote endpoint needs it).
+    fn template(&mut self, es: &EndpointSpec, vtep: Ipv4Addr, net: NetId) -> Result<u32, TablesError> {
+        let n = &self.spec.node;
+        if vtep == n.data_ip {
+            return invalid(format!("endpoint {}: vtep {vtep} is this node; give the local port instead", es.ip));
+        }
+        self.vteps.insert(u64::from(u32::from(vtep)), ());
+        if let Some(&i) = self.template_ids.get(&(vtep, net)) {
+            return Ok(i);
+        }
+        // The last entry for an address wins.
+        let neighbour = n.neighbours.iter().rev().find(|x| x.ip == vtep).map(|x| x.mac);
+        let dst_mac = neighbour.or(n.next_hop_mac).ok_or_else(|| {
+            TablesError::Invalid(format!(
+                "endpoint {}: no MAC for vtep {vtep}: add a [[node.neighbours]] entry or node.next_hop_mac",
+                es.ip
+            ))
+        })?;
+        let tpl = EncapTemplate::new(&EncapParams {
+            src_mac: n.data_mac,
+            dst_mac,
+            src_ip: n.data_ip,
+            dst_ip: vtep,
+            dst_port: n.vxlan_port,
+            vni: self.networks[usize::from(net)].vni,
+            ttl: n.ttl,
+        })
+        .map_err(|e: WireError| TablesError::Invalid(e.to_string()))?;
+        let i = self.templates.len() as u32;
+        self.templates.push(tpl);
+        self.template_vtep.push(vtep);
+        self.template_ids.insert((vtep, net), i);
+        Ok(i)
+    }
+
+    /// The services: compiled against the networks and the ARP table;
+    /// each backend's template found; VIPs resolved to their gateway.
+    fn services(&mut self) -> Result<services::Services, TablesError> {
+        let (networks, arp, by_name) = (&self.networks, &self.arp, &self.by_name);
+        let mut services = services::Services::compile(
+            &self.spec.services,
+            networks,
             |name| by_name.get(name).copied(),
             |net, ip| {
                 let nw = &networks[usize::from(net)];
@@ -747,10 +862,9 @@ impl Tables {
             },
         )
         .map_err(TablesError::Invalid)?;
-        let mut services = services;
         for s in &mut services.list {
             for b in &mut s.backends {
-                b.remote = match fdb.get(&mac_key(s.net, b.mac)) {
+                b.remote = match self.fdb.get(&mac_key(s.net, b.mac)) {
                     Some(&Location::Remote(i)) => Some(i),
                     _ => None,
                 };
@@ -760,18 +874,24 @@ impl Tables {
         // dataplane's balancer.
         for s in &services.list {
             if let Some((vip, _)) = s.vip {
-                arp.insert(ip_key(s.net, vip), networks[usize::from(s.net)].gateway_mac);
+                self.arp.insert(ip_key(s.net, vip), self.networks[usize::from(s.net)].gateway_mac);
             }
-            networks[usize::from(s.net)].has_services = true;
+            self.networks[usize::from(s.net)].has_services = true;
         }
-        for (p, n) in ports.iter_mut().zip(endpoints_on_port) {
-            if n != 1 {
+        Ok(services)
+    }
+
+    /// What the fast paths compare a port's frames with ([`PortFast`]),
+    /// for ports with exactly one endpoint.
+    fn port_facts(&mut self, services: &services::Services) {
+        for (p, n) in self.ports.iter_mut().zip(&self.endpoints_on_port) {
+            if *n != 1 {
                 p.mac = None;
                 p.ip = None;
             }
             p.fast = match (p.network, p.mac, p.ip) {
                 (Some(net), Some(m), Some(ip)) => {
-                    let nw = &networks[usize::from(net)];
+                    let nw = &self.networks[usize::from(net)];
                     let m = m.0;
                     Some(PortFast {
                         net,
@@ -786,28 +906,6 @@ impl Tables {
                 _ => None,
             };
         }
-        Ok(Tables {
-            version: spec.version,
-            data_ip: n.data_ip,
-            data_mac: n.data_mac,
-            reset_closed_ports: n.reset_closed_ports,
-            vxlan_port: n.vxlan_port,
-            underlay_mtu: n.underlay_mtu,
-            ports,
-            networks,
-            by_vni,
-            fdb,
-            arp,
-            templates,
-            template_vtep,
-            vteps,
-            services,
-        })
-    }
-
-    /// The port with this name.
-    pub fn port_id(&self, name: &str) -> Option<PortId> {
-        self.ports.iter().position(|p| p.name == name).and_then(|i| PortId::try_from(i).ok())
     }
 }
 

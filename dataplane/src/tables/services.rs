@@ -7,8 +7,7 @@
 //! mode), or both.
 
 use super::maglev::{self, Maglev, MaglevBackend};
-use super::sched::Scheduler;
-use crate::tables::{FlatMap, NetId, Network};
+use super::{FlatMap, NetId, Network};
 use crate::wire::MacAddr;
 use crate::wire::ipv4::protocol;
 use core::net::Ipv4Addr;
@@ -345,4 +344,42 @@ impl Services {
 /// node.
 pub fn backend_id(b: &Backend) -> u64 {
     (u64::from(u32::from(b.ip)) << 16) | u64::from(b.port)
+}
+
+/// A scheduling algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// Round robin over backends with a weight.
+    Rr,
+    /// Weighted round robin (IPVS's interleaved algorithm).
+    Wrr,
+    /// Least connections.
+    Lc,
+    /// Weighted least connections: least connections / weight.
+    Wlc,
+    /// Source hashing: the client's address picks the backend (Maglev
+    /// table, so consistent across nodes and under backend changes).
+    Sh,
+    /// Maglev hashing of the 5-tuple.
+    Mh,
+}
+
+impl Scheduler {
+    /// The name as configured (`rr`, `wrr`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduler::Rr => "rr",
+            Scheduler::Wrr => "wrr",
+            Scheduler::Lc => "lc",
+            Scheduler::Wlc => "wlc",
+            Scheduler::Sh => "sh",
+            Scheduler::Mh => "mh",
+        }
+    }
+
+    /// True for the schedulers that need a Maglev table.
+    pub fn uses_maglev(self) -> bool {
+        matches!(self, Scheduler::Sh | Scheduler::Mh)
+    }
 }

@@ -1,0 +1,150 @@
+//! The admin API: what the CLI asks a node (over its unix socket, or over
+//! the management plane's TLS from another member), and its answers.
+
+use super::gossip_loop::new_gossip_key;
+use super::{AdminRequest, AdminResponse, ApiError, Control, raft_id};
+use crate::rpc::{FrameError, read_frame, write_frame};
+use crate::state::Command;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+/// One admin request on the admin socket at `socket` (framed as the
+/// management plane's: a 4-byte little-endian length and JSON).
+pub async fn admin_call(socket: &Path, req: &AdminRequest) -> Result<AdminResponse, FrameError> {
+    let mut s = tokio::net::UnixStream::connect(socket).await?;
+    write_frame(&mut s, req).await?;
+    read_frame(&mut s).await
+}
+
+impl Control {
+    /// The admin API.
+    pub async fn admin(self: &Arc<Self>, req: AdminRequest) -> AdminResponse {
+        match req {
+            AdminRequest::Init => self.init().await,
+            AdminRequest::Join { token, addr } => self.join(&token, addr).await,
+            AdminRequest::Token { role, rotate } => {
+                let ca = self.lock().state.ca.clone();
+                let ca = ca.ok_or(ApiError::TokensOnManagers)?;
+                let ca = if rotate {
+                    let next = ca.rotated(role);
+                    self.write(Command::SetCa(next.clone())).await?;
+                    next
+                } else {
+                    ca
+                };
+                Ok(serde_json::json!({ "role": role, "token": ca.token(role) }))
+            }
+            AdminRequest::RotateGossipKey => {
+                let cmd = new_gossip_key(&self.lock().state);
+                let id = match &cmd {
+                    Command::RotateGossipKey { id, .. } => *id,
+                    _ => 0,
+                };
+                self.write(cmd).await?;
+                Ok(serde_json::json!({ "key_id": id }))
+            }
+            AdminRequest::Write { command } => {
+                self.require_member()?;
+                self.write(command).await.map(|()| serde_json::Value::Null)
+            }
+            AdminRequest::State => {
+                let g = self.lock();
+                Ok(serde_json::json!({ "version": g.version, "state": g.state.redacted() }))
+            }
+            AdminRequest::Nodes => Ok(self.nodes()),
+            AdminRequest::Info => Ok(self.info()),
+            AdminRequest::Tables => {
+                serde_json::to_value(&self.lock().last_tables).map_err(|e| ApiError::Tables(e.to_string()))
+            }
+            AdminRequest::Conntrack => {
+                let dp = self.dp.clone();
+                tokio::task::spawn_blocking(move || dp.conntrack())
+                    .await
+                    .map_err(|e| ApiError::Conntrack(e.to_string()))
+            }
+            AdminRequest::Stats => {
+                let dp = self.dp.stats();
+                let gossip = self.lock().gossip.clone();
+                Ok(serde_json::json!({ "dataplane": dp, "gossip": gossip }))
+            }
+        }
+    }
+
+    fn require_member(&self) -> Result<(), ApiError> {
+        match self.lock().saved {
+            Some(_) => Ok(()),
+            None => Err(ApiError::NotInCluster),
+        }
+    }
+
+    fn info(&self) -> serde_json::Value {
+        let g = self.lock();
+        let leader = g.raft.as_ref().and_then(|(r, _)| {
+            let m = r.metrics().borrow().clone();
+            let l = m.current_leader?;
+            m.membership_config.membership().get_node(&l).map(|n| n.addr.clone())
+        });
+        serde_json::json!({
+            "node": self.cfg.name,
+            "role": g.saved.as_ref().map(|s| s.role),
+            "version": g.version,
+            "leader": leader,
+            "tables_version": g.last_tables.as_ref().map(|t| t.version),
+        })
+    }
+
+    fn nodes(&self) -> serde_json::Value {
+        let g = self.lock();
+        let (leader, voters) = match &g.raft {
+            Some((r, _)) => {
+                let m = r.metrics().borrow().clone();
+                (m.current_leader, m.membership_config.membership().voter_ids().collect::<BTreeSet<_>>())
+            }
+            None => (None, BTreeSet::new()),
+        };
+        let list: Vec<serde_json::Value> = g
+            .state
+            .nodes
+            .values()
+            .map(|n| {
+                let id = raft_id(&n.id);
+                serde_json::json!({
+                    "name": n.id,
+                    "role": n.role,
+                    "availability": n.availability,
+                    "status": if g.down.contains(&n.id) { "down" } else { "ready" },
+                    "manager_status": if Some(id) == leader { "leader" } else if voters.contains(&id) { "reachable" } else { "" },
+                    "mgmt": n.mgmt,
+                    "data_ip": n.data_ip,
+                    "self": n.id == self.cfg.name,
+                })
+            })
+            .collect();
+        serde_json::Value::Array(list)
+    }
+
+    pub(super) fn serve_admin_socket(self: Arc<Self>) -> Result<(), ApiError> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.cfg.state_dir.join("admin.sock");
+        let _ = std::fs::remove_file(&path);
+        let socket_err = |e: std::io::Error| ApiError::AdminSocket { path: path.clone(), detail: e.to_string() };
+        let l = tokio::net::UnixListener::bind(&path).map_err(socket_err)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(socket_err)?;
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    // A frame that is not a request gets an answer saying so.
+                    let Ok(v) = read_frame::<_, serde_json::Value>(&mut s).await else { return };
+                    let resp = match serde_json::from_value::<AdminRequest>(v) {
+                        Ok(req) => me.admin(req).await,
+                        Err(e) => Err(ApiError::BadRequest(e.to_string())),
+                    };
+                    let _ = write_frame(&mut s, &resp).await;
+                });
+            }
+        });
+        Ok(())
+    }
+}

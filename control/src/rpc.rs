@@ -1,0 +1,364 @@
+//! The management plane's messages and their framing: what managers and
+//! members say to each other (Raft's RPCs, joins, writes, state watches,
+//! the admin API) and the errors that cross the wire, all typed.
+//!
+//! The bottom of the control crate: it imports only the leaves (`state`,
+//! `pki`) and the Raft type declarations, which live here so that the
+//! messages can carry Raft's RPCs without importing `raft`.
+//!
+//! Framing: each request and response is a 4-byte little-endian length and
+//! a JSON body (on TLS connections and on the admin socket alike).
+
+use crate::pki::{JoinRole, NodeIdentity, PkiError};
+use crate::state::{ClusterState, Command, StateError};
+use core::net::SocketAddr;
+use openraft::BasicNode;
+use openraft::error::{ClientWriteError, InitializeError, InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+use std::io::Cursor;
+use std::path::PathBuf;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Raft node ids.
+pub type NodeId = u64;
+
+/// The outcome of applying a command: `Err` says why the state refused it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied(pub Result<(), StateError>);
+
+openraft::declare_raft_types!(
+    /// meshplane's Raft types: commands in, applied results out.
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+);
+
+/// Why a Raft write (or membership change) failed, as openraft says it.
+pub type RaftWriteError = RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>;
+
+/// A management-plane request.
+#[derive(Serialize, Deserialize)]
+pub enum Request {
+    /// Raft: append entries (heartbeats included).
+    Append(AppendEntriesRequest<TypeConfig>),
+    /// Raft: a vote.
+    Vote(VoteRequest<NodeId>),
+    /// Raft: a snapshot chunk.
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A node asks to join with a token, under a name.
+    Join {
+        /// The token.
+        token: String,
+        /// The node's name.
+        name: String,
+    },
+    /// A member asks for a change to the cluster state (followers and
+    /// workers forward their writes to the leader this way).
+    Write(Command),
+    /// A member waits for the cluster state newer than `since` (a long
+    /// poll: answered at once if there is one, else when there is one or
+    /// after a few seconds with the same version).
+    Watch {
+        /// The version the member has.
+        since: u64,
+    },
+    /// A manager that joined asks to become a Raft voter.
+    AddManager {
+        /// Its Raft id.
+        id: NodeId,
+        /// Its name (its certificate's).
+        name: String,
+        /// Its management address.
+        addr: SocketAddr,
+    },
+    /// An admin API request from a member (the CLI on another node).
+    Admin(AdminRequest),
+}
+
+/// A management-plane response.
+#[derive(Serialize, Deserialize)]
+pub enum Response {
+    /// To `Append`.
+    Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// To `Vote`.
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// To `Snapshot`.
+    Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    /// To `Join`: the node's identity and role, or why not.
+    Join(Result<(NodeIdentity, JoinRole), PkiError>),
+    /// To `Write` and `AddManager`: applied, or why not.
+    Written(Result<(), ApiError>),
+    /// To `Watch`: the state (without secrets) and its version.
+    State {
+        /// The version (the last applied Raft log index).
+        version: u64,
+        /// The state.
+        state: Box<ClusterState>,
+    },
+    /// To `Admin`.
+    Admin(AdminResponse),
+    /// A request this server does not serve (or not for this client).
+    Refused(Refusal),
+}
+
+/// Why a server refused a request outright.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Error)]
+pub enum Refusal {
+    /// A join sent to a node without the CA: send it to a manager.
+    #[error("this node does not hold the cluster CA (not a manager)")]
+    NoCa,
+    /// A member's request from a client without a certificate of the CA.
+    #[error("this request needs a certificate of the cluster CA")]
+    NeedsCertificate,
+    /// A Raft RPC to a node not (yet) running Raft.
+    #[error("Raft is not running here")]
+    RaftNotRunning,
+    /// A state watch sent to a worker: watch a manager.
+    #[error("not a manager")]
+    NotAManager,
+    /// A join sent to Raft's RPC handler.
+    #[error("joins go to a manager holding the CA")]
+    JoinNotHere,
+    /// Something other than a Raft RPC sent to Raft's RPC handler.
+    #[error("not a Raft request")]
+    NotRaft,
+}
+
+/// An admin API request (the CLI's; JSON over the unix socket, or
+/// `Request::Admin` over TLS).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum AdminRequest {
+    /// `cluster init`: a new cluster with this node as its first manager.
+    Init,
+    /// `cluster join`: join through the manager at `addr` with `token`.
+    Join {
+        /// The token.
+        token: String,
+        /// A manager's management address.
+        addr: SocketAddr,
+    },
+    /// `cluster token`: the join token for `role` (a new one if `rotate`).
+    Token {
+        /// Manager or worker.
+        role: JoinRole,
+        /// Rotate the secret first (old tokens stop working).
+        rotate: bool,
+    },
+    /// `cluster rotate-gossip-key`.
+    RotateGossipKey,
+    /// A change to the state (`network create`, `service create`, …).
+    Write {
+        /// The change.
+        command: Command,
+    },
+    /// The cluster state (without secrets) and its version.
+    State,
+    /// `node ls`: every node with its role, availability and liveness.
+    Nodes,
+    /// This node: name, role, cluster version, Raft leader.
+    Info,
+    /// This node's tables as last published.
+    Tables,
+    /// The dataplane's and gossip's counters.
+    Stats,
+    /// The connections this node's workers track.
+    Conntrack,
+}
+
+/// An admin API response: a JSON value, or why not.
+pub type AdminResponse = Result<serde_json::Value, ApiError>;
+
+/// Why a node could not do what the admin API, a write or a join asked
+/// (what the CLI prints). Errors of other crates that cannot travel typed
+/// (I/O, TLS) travel as their message, with what was being done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Error)]
+pub enum ApiError {
+    /// The state refused the command.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The CA could not be made, or a certificate issued, or a token was refused.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// `cluster init` or `cluster join` on a node in a cluster.
+    #[error("this node is already in a cluster")]
+    AlreadyInCluster,
+    /// A member's request on a node in no cluster.
+    #[error("this node is not in a cluster (cluster init or cluster join first)")]
+    NotInCluster,
+    /// `cluster token` on a worker.
+    #[error("join tokens are held by managers: ask a manager")]
+    TokensOnManagers,
+    /// A manager's request (adding a manager) on a worker.
+    #[error("not a manager")]
+    NotAManager,
+    /// The state directory cannot be made or read.
+    #[error("{}: {detail}", path.display())]
+    StateDir {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        detail: String,
+    },
+    /// `node.json` cannot be read, parsed or written.
+    #[error("node.json: {0}")]
+    NodeFile(String),
+    /// The state directory is another node's.
+    #[error("the state directory belongs to node {owner:?}, not {name:?}")]
+    NotThisNode {
+        /// The node it belongs to.
+        owner: String,
+        /// This node's name.
+        name: String,
+    },
+    /// The admin socket cannot be bound.
+    #[error("{}: {detail}", path.display())]
+    AdminSocket {
+        /// Its path.
+        path: PathBuf,
+        /// The I/O error.
+        detail: String,
+    },
+    /// The management address cannot be listened on.
+    #[error("listening on {addr}: {detail}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        detail: String,
+    },
+    /// The node's TLS set-up failed (its certificate or key).
+    #[error("{0}")]
+    Tls(String),
+    /// Raft did not start (its directory, its configuration).
+    #[error("{0}")]
+    RaftStart(String),
+    /// `cluster init`: Raft is not running after its start.
+    #[error("Raft did not start")]
+    RaftNotRunning,
+    /// `cluster init`: Raft's membership could not be initialised.
+    #[error("{0}")]
+    Initialize(Box<RaftError<NodeId, InitializeError<NodeId, BasicNode>>>),
+    /// `cluster init`: this node was not elected in time.
+    #[error("this node did not become the Raft leader within 10 s")]
+    NotLeaderInTime,
+    /// `cluster join`: the manager did not give this node an identity.
+    #[error("joining through {addr}: {detail}")]
+    Join {
+        /// The manager's address.
+        addr: SocketAddr,
+        /// Why (the connection, the TLS check, or the manager's refusal).
+        detail: String,
+    },
+    /// A manager may not leave if it is the only one.
+    #[error("this is the cluster's only manager: it cannot leave")]
+    OnlyManager,
+    /// A write that did not commit in time.
+    #[error("no Raft quorum: the write did not commit within 10 s")]
+    NoQuorum,
+    /// A write Raft refused.
+    #[error("{0}")]
+    Raft(Box<RaftWriteError>),
+    /// A manager left the state but its Raft membership change timed out.
+    #[error("the node left the state, but Raft's membership change timed out")]
+    LeaveTimedOut,
+    /// A manager left the state but Raft's membership change failed.
+    #[error("the node left the state, but not Raft's membership: {0}")]
+    LeaveFailed(Box<RaftWriteError>),
+    /// A joined manager did not catch up with the log in time.
+    #[error("the new manager did not catch up within 10 s")]
+    CatchUpTimedOut,
+    /// A membership change did not commit in time.
+    #[error("the membership change did not commit within 10 s")]
+    MembershipTimedOut,
+    /// A membership change Raft refused.
+    #[error("{0}")]
+    Membership(Box<RaftWriteError>),
+    /// A forwarded request: this node knows no manager.
+    #[error("no manager known")]
+    NoManagerKnown,
+    /// A forwarded request: the manager refused it.
+    #[error("{name}: {why}")]
+    Refused {
+        /// The manager.
+        name: String,
+        /// Why.
+        why: Refusal,
+    },
+    /// A forwarded request: the manager answered something else.
+    #[error("{name}: unexpected answer")]
+    UnexpectedAnswer {
+        /// The manager.
+        name: String,
+    },
+    /// A forwarded request: the manager could not be reached.
+    #[error("{name} ({addr}): {detail}")]
+    Unreachable {
+        /// The manager.
+        name: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// The connection's error.
+        detail: String,
+    },
+    /// A forwarded request: the manager did not answer in time.
+    #[error("{name} ({addr}): no answer")]
+    NoAnswer {
+        /// The manager.
+        name: String,
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// A frame on the admin socket that is not an admin request.
+    #[error("bad admin request: {0}")]
+    BadRequest(String),
+    /// The dataplane's connection dump failed.
+    #[error("dumping the dataplane's connections: {0}")]
+    Conntrack(String),
+    /// The last tables could not be encoded.
+    #[error("encoding the tables: {0}")]
+    Tables(String),
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, Error)]
+pub enum FrameError {
+    /// The connection failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A length over the limit (64 MiB): not a peer of ours.
+    #[error("frame too large ({0} bytes)")]
+    TooLarge(usize),
+    /// A body that is not the JSON expected.
+    #[error("frame body: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// The largest frame accepted.
+const MAX_FRAME: usize = 64 << 20;
+
+/// Writes `v` as one frame: its length, then its JSON.
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, v: &T) -> Result<(), FrameError> {
+    let b = serde_json::to_vec(v)?;
+    w.write_all(&(b.len() as u32).to_le_bytes()).await?;
+    w.write_all(&b).await?;
+    Ok(w.flush().await?)
+}
+
+/// Reads one frame as a `T`.
+pub async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<T, FrameError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut b = vec![0u8; len];
+    r.read_exact(&mut b).await?;
+    Ok(serde_json::from_slice(&b)?)
+}

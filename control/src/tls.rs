@@ -1,0 +1,335 @@
+//! The management plane's TLS (rustls): configurations, certificate
+//! checks, connecting and serving, and Raft's network over it.
+//!
+//! Every connection is TLS with a server certificate of the cluster CA.
+//! Raft RPCs need a client certificate of the same CA (a node whose
+//! certificate the CA did not sign fails the handshake); a joining node,
+//! which has no certificate yet, may connect without one but can only ask
+//! to join: it checks the server against the CA fingerprint in its token
+//! (the server sends the CA certificate after its own), and the server
+//! checks the token's secret before it issues the node a certificate.
+//!
+//! One request per connection, framed as `rpc` says. Imports `raft`,
+//! `rpc` and `pki`.
+
+use crate::pki::{ClusterCa, JoinRole, JoinToken, NodeIdentity, PkiError, fingerprint};
+use crate::raft::{Call, NodeId, Raft, RpcClient, TypeConfig, answer_if_running, network::parse_node_addr};
+use crate::rpc::{FrameError, Refusal, Request, Response, read_frame, write_frame};
+use openraft::BasicNode;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Why a TLS set-up, a connection or a join failed.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    /// The node's certificate, key or CA is not usable by rustls.
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    /// The client-certificate check cannot be built from the CA.
+    #[error("TLS client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// Not a name a certificate can carry.
+    #[error("bad server name {0:?}")]
+    ServerName(String),
+    /// The TCP connection could not be made.
+    #[error("connecting: {0}")]
+    Connect(std::io::Error),
+    /// The TCP connection was not made within 2 s.
+    #[error("connecting: no answer within 2 s")]
+    ConnectTimeout,
+    /// The TLS handshake failed (for example a certificate of another CA).
+    #[error("TLS handshake: {0}")]
+    Handshake(std::io::Error),
+    /// Listening failed.
+    #[error("listening: {0}")]
+    Listen(std::io::Error),
+    /// The request or its response could not be carried.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// A token that is not one, before any connection.
+    #[error(transparent)]
+    Token(PkiError),
+    /// The manager refused the join (the token's secret, most likely).
+    #[error(transparent)]
+    JoinRefused(PkiError),
+    /// The server refused the request.
+    #[error(transparent)]
+    Refused(Refusal),
+    /// An answer that is not one to a join.
+    #[error("unexpected answer to a join")]
+    UnexpectedAnswer,
+    /// A Raft member without a management address.
+    #[error("node {0} has no management address")]
+    NoAddress(NodeId),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(ca: &[u8]) -> Result<rustls::RootCertStore, TlsError> {
+    let mut r = rustls::RootCertStore::empty();
+    r.add(CertificateDer::from(ca.to_vec()))?;
+    Ok(r)
+}
+
+fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(name.to_owned()).map_err(|_| TlsError::ServerName(name.to_owned()))
+}
+
+/// The TLS server side of a node: its certificate (with the CA's after
+/// it), client certificates of the CA verified when presented.
+pub fn server_config(id: &NodeIdentity) -> Result<rustls::ServerConfig, TlsError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&id.ca)?), provider())
+        .allow_unauthenticated()
+        .build()?;
+    Ok(rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from(id.cert.clone()), CertificateDer::from(id.ca.clone())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone())),
+        )?)
+}
+
+/// The TLS client side of a member: the CA as the only root, its own
+/// certificate for client authentication.
+pub fn client_config(id: &NodeIdentity) -> Result<rustls::ClientConfig, TlsError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(&id.ca)?)
+        .with_client_auth_cert(
+            vec![CertificateDer::from(id.cert.clone())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone())),
+        )?)
+}
+
+/// A joining node's server check: the last certificate the server sends
+/// must hash to the token's fingerprint, and the server's own certificate
+/// must be issued by it (then handshake signatures are checked as usual).
+#[derive(Debug)]
+struct PinnedCa {
+    fingerprint: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ca = intermediates.last().ok_or(rustls::Error::General("the server sent no CA certificate".into()))?;
+        if fingerprint(ca) != self.fingerprint {
+            return Err(rustls::Error::General("the server's CA is not the token's".into()));
+        }
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots(ca).map_err(|e| rustls::Error::General(e.to_string()))?),
+            provider(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// One request to the node at `addr` (certificate name `name`) as member
+/// `id` (mutual TLS): its response.
+pub async fn request(addr: SocketAddr, name: &str, id: &NodeIdentity, req: &Request) -> Result<Response, TlsError> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(id)?));
+    call(&connector, addr, name, req).await
+}
+
+async fn call(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    name: &str,
+    req: &Request,
+) -> Result<Response, TlsError> {
+    let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+        .await
+        .map_err(|_| TlsError::ConnectTimeout)?
+        .map_err(TlsError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    let mut s = connector.connect(server_name(name)?, tcp).await.map_err(TlsError::Handshake)?;
+    write_frame(&mut s, req).await?;
+    Ok(read_frame(&mut s).await?)
+}
+
+/// Joins the cluster through the manager at `addr` (whose certificate is
+/// for `manager_name`) with `token`, as node `name`: the node's identity.
+pub async fn join(
+    addr: SocketAddr,
+    manager_name: &str,
+    token: &str,
+    name: &str,
+) -> Result<(NodeIdentity, JoinRole), TlsError> {
+    let t = JoinToken::parse(token).map_err(TlsError::Token)?;
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa { fingerprint: t.fingerprint }))
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await.map_err(TlsError::Connect)?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let mut s = connector.connect(server_name(manager_name)?, tcp).await.map_err(TlsError::Handshake)?;
+    write_frame(&mut s, &Request::Join { token: token.to_owned(), name: name.to_owned() }).await?;
+    match read_frame(&mut s).await? {
+        Response::Join(r) => r.map_err(TlsError::JoinRefused),
+        Response::Refused(why) => Err(TlsError::Refused(why)),
+        _ => Err(TlsError::UnexpectedAnswer),
+    }
+}
+
+/// A manager's management-plane server (stops when dropped).
+pub struct Server {
+    /// The bound address.
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("addr", &self.addr).finish()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a server does with one request: `member` is true if the client
+/// presented a certificate of the cluster CA.
+pub type Handler =
+    Arc<dyn Fn(Request, bool) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>> + Send + Sync>;
+
+/// Serves on `listener` as `id`, answering Raft RPCs with `raft` (set once
+/// the node runs Raft) and joins with `ca` (a server of Raft and joins
+/// only; a node's control plane serves with its own handler).
+pub fn serve(
+    listener: TcpListener,
+    id: &NodeIdentity,
+    raft: Arc<Mutex<Option<Raft>>>,
+    ca: Option<Arc<Mutex<ClusterCa>>>,
+) -> Result<Server, TlsError> {
+    let handler: Handler = Arc::new(move |req, member| {
+        let (raft, ca) = (raft.clone(), ca.clone());
+        Box::pin(async move {
+            match req {
+                Request::Join { token, name } => {
+                    let ca = ca.map(|ca| ca.lock().unwrap_or_else(PoisonError::into_inner).clone());
+                    answer_join(ca.as_ref(), &token, &name)
+                }
+                _ if !member => Response::Refused(Refusal::NeedsCertificate),
+                req => {
+                    let raft = raft.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                    answer_if_running(raft, req).await
+                }
+            }
+        })
+    });
+    serve_with(listener, id, handler)
+}
+
+/// The answer to a join: a certificate from `ca` if this node holds the
+/// CA and the token is good.
+pub fn answer_join(ca: Option<&ClusterCa>, token: &str, name: &str) -> Response {
+    match ca {
+        Some(ca) => Response::Join(ca.admit(token, name)),
+        None => Response::Refused(Refusal::NoCa),
+    }
+}
+
+/// Serves on `listener` as `id`: every request goes to `handler`.
+pub fn serve_with(listener: TcpListener, id: &NodeIdentity, handler: Handler) -> Result<Server, TlsError> {
+    let addr = listener.local_addr().map_err(TlsError::Listen)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(id)?));
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, handler) = (acceptor.clone(), handler.clone());
+            tokio::spawn(async move {
+                // A failed handshake (a certificate the CA did not sign)
+                // ends here.
+                let Ok(mut s) = acceptor.accept(tcp).await else { return };
+                let member = s.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+                let Ok(req) = read_frame::<_, Request>(&mut s).await else { return };
+                let resp = handler(req, member).await;
+                let _ = write_frame(&mut s, &resp).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Ok(Server { addr, task })
+}
+
+/// Raft's network over the management plane: node id → (address, name),
+/// from the Raft membership's nodes (`BasicNode.addr` is `name@ip:port`).
+#[derive(Clone)]
+pub struct TlsNetwork {
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl TlsNetwork {
+    /// The network of member `id`.
+    pub fn new(id: &NodeIdentity) -> Result<TlsNetwork, TlsError> {
+        Ok(TlsNetwork { connector: tokio_rustls::TlsConnector::from(Arc::new(client_config(id)?)) })
+    }
+}
+
+/// A connection target over TLS.
+pub struct TlsConn {
+    connector: tokio_rustls::TlsConnector,
+    target: NodeId,
+    name: String,
+    addr: Option<SocketAddr>,
+}
+
+impl openraft::RaftNetworkFactory<TypeConfig> for TlsNetwork {
+    type Network = RpcClient<TlsConn>;
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        let (name, addr) = parse_node_addr(node).map_or((String::new(), None), |(n, a)| (n.to_owned(), Some(a)));
+        RpcClient(TlsConn { connector: self.connector.clone(), target, name, addr })
+    }
+}
+
+impl Call for TlsConn {
+    type Error = TlsError;
+    fn target(&self) -> NodeId {
+        self.target
+    }
+    async fn call(&self, req: Request) -> Result<Response, TlsError> {
+        let addr = self.addr.ok_or(TlsError::NoAddress(self.target))?;
+        call(&self.connector, addr, &self.name, &req).await
+    }
+}
