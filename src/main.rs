@@ -2,14 +2,17 @@
 
 use clap::Parser;
 
-mod admin;
+mod cli;
 mod lab;
-mod managed;
 mod metrics;
 mod node;
 mod pktgen;
+mod stats;
+mod sys;
 mod tool;
 mod trace;
+
+use cli::args::{Conn, ConntrackCommand, LbCommand};
 
 /// meshplane: a userspace container-networking dataplane (VXLAN overlay,
 /// service VIPs, routing mesh) off the kernel's data path.
@@ -47,36 +50,36 @@ enum Command {
     /// The cluster: init, join, tokens, gossip key, info.
     Cluster {
         #[command(flatten)]
-        conn: admin::Conn,
+        conn: Conn,
         #[command(subcommand)]
-        cmd: admin::ClusterCmd,
+        cmd: cli::args::ClusterCmd,
     },
     /// Overlay networks: create, ls, inspect, rm.
     Network {
         #[command(flatten)]
-        conn: admin::Conn,
+        conn: Conn,
         #[command(subcommand)]
-        cmd: admin::NetworkCmd,
+        cmd: cli::args::NetworkCmd,
     },
     /// Services (VIPs, published ports): create, ls, inspect, rm.
     Service {
         #[command(flatten)]
-        conn: admin::Conn,
+        conn: Conn,
         #[command(subcommand)]
-        cmd: admin::ServiceCmd,
+        cmd: cli::args::ServiceCmd,
     },
     /// A service's tasks: attach, ls, drain, detach.
     Task {
         #[command(flatten)]
-        conn: admin::Conn,
+        conn: Conn,
         #[command(subcommand)]
-        cmd: admin::TaskCmd,
+        cmd: cli::args::TaskCmd,
     },
     /// This node's dataplane counters: per port and worker, drops by
     /// reason; gossip's.
     Stats {
         #[command(flatten)]
-        conn: admin::Conn,
+        conn: Conn,
         /// Print again every second, with rates.
         #[arg(long)]
         watch: bool,
@@ -87,14 +90,14 @@ enum Command {
     /// The connections this node tracks, like `ipvsadm -Lnc`.
     Conntrack {
         #[command(flatten)]
-        conn: admin::Conn,
+        conn: Conn,
         #[command(subcommand)]
         cmd: ConntrackCommand,
     },
     /// This node's balancers, like `ipvsadm -Ln`.
     Lb {
         #[command(flatten)]
-        conn: admin::Conn,
+        conn: Conn,
         #[command(subcommand)]
         cmd: LbCommand,
     },
@@ -117,57 +120,7 @@ enum NodeCommand {
     /// file (static mode; SIGHUP reloads it). SIGTERM stops it cleanly.
     Run(Box<node::RunArgs>),
     #[command(flatten)]
-    Admin(AdminNode),
-}
-
-/// `node ls|inspect|update|rm`, with how to reach the node.
-#[derive(clap::Subcommand, Debug)]
-enum AdminNode {
-    /// List the cluster's nodes.
-    Ls {
-        #[command(flatten)]
-        conn: admin::Conn,
-    },
-    /// One node, in full.
-    Inspect {
-        #[command(flatten)]
-        conn: admin::Conn,
-        /// The node.
-        name: String,
-    },
-    /// Change a node's availability.
-    Update {
-        #[command(flatten)]
-        conn: admin::Conn,
-        /// active, pause or drain.
-        #[arg(long, value_enum)]
-        availability: admin::AvailabilityArg,
-        /// The node.
-        name: String,
-    },
-    /// Remove a node (and its tasks) from the cluster.
-    Rm {
-        #[command(flatten)]
-        conn: admin::Conn,
-        /// The node.
-        name: String,
-    },
-}
-
-#[derive(clap::Subcommand, Debug)]
-enum ConntrackCommand {
-    /// List tracked connections (both directions of each).
-    Ls {
-        /// Only this service's.
-        #[arg(long)]
-        service: Option<String>,
-    },
-}
-
-#[derive(clap::Subcommand, Debug)]
-enum LbCommand {
-    /// Services, backends, weights, active and new connections.
-    Ls,
+    Admin(cli::args::NodeAdmin),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -204,22 +157,15 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Trace(a) => trace::run(&a)?,
         Command::Node(NodeCommand::Run(a)) => node::run(&a)?,
-        Command::Node(NodeCommand::Admin(c)) => match c {
-            AdminNode::Ls { conn } => admin::node(&conn, &admin::NodeAdmin::Ls)?,
-            AdminNode::Inspect { conn, name } => admin::node(&conn, &admin::NodeAdmin::Inspect { name })?,
-            AdminNode::Update { conn, availability, name } => {
-                admin::node(&conn, &admin::NodeAdmin::Update { availability, name })?
-            }
-            AdminNode::Rm { conn, name } => admin::node(&conn, &admin::NodeAdmin::Rm { name })?,
-        },
-        Command::Cluster { conn, cmd } => admin::cluster(&conn, &cmd)?,
-        Command::Network { conn, cmd } => admin::network(&conn, &cmd)?,
-        Command::Service { conn, cmd } => admin::service(&conn, &cmd)?,
-        Command::Task { conn, cmd } => admin::task(&conn, &cmd)?,
-        Command::Stats { conn, watch, count } => admin::stats(&conn, watch, count)?,
-        Command::Lb { conn, cmd: LbCommand::Ls } => admin::lb_ls(&conn)?,
+        Command::Node(NodeCommand::Admin(c)) => cli::node::run(&c)?,
+        Command::Cluster { conn, cmd } => cli::cluster::run(&conn, &cmd)?,
+        Command::Network { conn, cmd } => cli::network::run(&conn, &cmd)?,
+        Command::Service { conn, cmd } => cli::service::run(&conn, &cmd)?,
+        Command::Task { conn, cmd } => cli::task::run(&conn, &cmd)?,
+        Command::Stats { conn, watch, count } => cli::stats::run(&conn, watch, count)?,
+        Command::Lb { conn, cmd: LbCommand::Ls } => cli::lb::ls(&conn)?,
         Command::Conntrack { conn, cmd: ConntrackCommand::Ls { service } } => {
-            admin::conntrack_ls(&conn, service.as_deref())?
+            cli::conntrack::ls(&conn, service.as_deref())?
         }
         Command::Tool(c) => tool::run(&c)?,
         Command::Pktgen(a) => pktgen::run(&a)?,

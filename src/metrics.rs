@@ -1,192 +1,361 @@
 //! Prometheus metrics: `GET /metrics` on the management IP (port 9323 by
-//! default, `--metrics-addr`), plain HTTP, the text exposition format.
-//! Every counter the dataplane keeps, per worker (ports, drops by reason,
-//! connection table, handoffs, services and backends), and the control
-//! plane's (state version, node liveness, gossip).
+//! default, `--metrics-addr`), plain HTTP served by hyper, each request
+//! within a deadline and at most `MAX_CONNECTIONS` at once. Every counter
+//! the dataplane keeps, per worker (ports, drops by reason, connection
+//! table, handoffs, services and backends), and the control plane's (state
+//! version, node liveness, gossip), read from the admin API in the schema
+//! of `crate::stats` and encoded by the `prometheus-client` crate.
+//!
+//! A client that asks for OpenMetrics (`Accept:
+//! application/openmetrics-text`, as Prometheus does) gets the crate's
+//! OpenMetrics text: counter families named without `_total`, their
+//! samples with it, `# EOF` at the end. Any other client (curl, `promtool
+//! check metrics`, which reads only the Prometheus text format 0.0.4) gets
+//! the same text with the counters' HELP and TYPE lines under the samples'
+//! name (`_total`) and without `# EOF`: the 0.0.4 form. The sample names
+//! and labels are the same in both.
 
+use crate::stats::{AdminStats, NodeStats, from_value};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode, header};
+use hyper_util::rt::TokioIo;
 use meshplane_control::cluster::{AdminRequest, Control};
-use serde_json::Value;
-use std::fmt::Write as _;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::Duration;
 
 /// The default metrics port (Docker's daemon metrics port).
 pub(crate) const DEFAULT_PORT: u16 = 9323;
+/// The most connections served at once; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 64;
+/// The most time one connection may take, request and answer.
+const DEADLINE: Duration = Duration::from_secs(5);
 
-/// One metric family being written: HELP and TYPE once, then samples.
-struct Out {
-    text: String,
+/// The exposition formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// OpenMetrics 1.0 text.
+    OpenMetrics,
+    /// Prometheus text 0.0.4.
+    Prometheus,
 }
 
-impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP meshplane_{name} {help}\n# TYPE meshplane_{name} {kind}");
-    }
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: u64) {
-        let l: Vec<String> = labels.iter().map(|(k, x)| format!("{k}=\"{}\"", escape(x))).collect();
-        if l.is_empty() {
-            let _ = writeln!(self.text, "meshplane_{name} {v}");
-        } else {
-            let _ = writeln!(self.text, "meshplane_{name}{{{}}} {v}", l.join(","));
+/// One metric family's samples, each a label set and a value.
+#[derive(Debug)]
+struct Samples<L> {
+    kind: MetricType,
+    samples: Vec<(L, u64)>,
+}
+
+impl<L: EncodeLabelSet + std::fmt::Debug> EncodeMetric for Samples<L> {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (labels, v) in &self.samples {
+            let mut e = encoder.encode_family(labels)?;
+            match self.kind {
+                MetricType::Counter => e.encode_counter::<NoLabelSet, u64, u64>(v, None)?,
+                _ => e.encode_gauge(v)?,
+            }
         }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.kind
     }
 }
 
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+/// The metrics of one scrape, being registered.
+struct Exposition {
+    registry: Registry,
+    /// The counters' family names (prefixed, without `_total`).
+    counters: Vec<String>,
 }
 
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
+impl Exposition {
+    /// Registers family `name` (a counter's ends in `_total`, which the
+    /// encoder adds to its samples).
+    fn family<L>(&mut self, name: &str, kind: MetricType, help: &str, samples: Vec<(L, u64)>)
+    where
+        L: EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+    {
+        let name = match kind {
+            MetricType::Counter => {
+                let family = name.strip_suffix("_total").unwrap_or(name);
+                self.counters.push(format!("{PREFIX}_{family}"));
+                family
+            }
+            _ => name,
+        };
+        // The encoder ends the help text with a full stop itself.
+        self.registry.register(name, help.strip_suffix('.').unwrap_or(help), Samples { kind, samples });
+    }
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(x) => x.clone(),
-        x => x.to_string(),
+    /// Registers a family per worker, one sample each.
+    fn per_worker(&mut self, dp: &NodeStats, name: &str, kind: MetricType, help: &str, v: fn(&WorkerStats) -> u64) {
+        let samples = dp.workers.iter().enumerate().map(|(w, wk)| (Worker { worker: w.to_string() }, v(wk))).collect();
+        self.family(name, kind, help, samples);
     }
 }
 
-/// The exposition text from the admin API's `stats` and `nodes` answers.
-pub(crate) fn render(stats: &Value, nodes: &Value, info: &Value) -> String {
-    let mut o = Out { text: String::new() };
-    let workers: Vec<(String, &Value)> = stats["dataplane"]["workers"]
-        .as_array()
-        .into_iter()
-        .flatten()
+use crate::stats::{BackendStats, PortStats, ServiceStats, WorkerStats};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Worker {
+    worker: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Port {
+    worker: String,
+    port: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Drop {
+    worker: String,
+    reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Service {
+    worker: String,
+    service: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Backend {
+    worker: String,
+    service: String,
+    backend: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Node {
+    node: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+/// A node as the admin API's `nodes` lists it (what the metrics use).
+#[derive(serde::Deserialize)]
+struct NodeStatus {
+    name: String,
+    status: String,
+}
+
+/// This node as the admin API's `info` tells (what the metrics use).
+#[derive(serde::Deserialize)]
+struct Info {
+    version: u64,
+    tables_version: Option<u64>,
+}
+
+/// A family read from `T`: its name, how to read a sample, its type and
+/// its help.
+type Read<T> = (&'static str, fn(&T) -> u64, MetricType, &'static str);
+
+const COUNTER: MetricType = MetricType::Counter;
+const GAUGE: MetricType = MetricType::Gauge;
+
+/// Per worker and I/O port.
+fn ports(x: &mut Exposition, dp: &NodeStats) {
+    let port_counters: [Read<PortStats>; 5] = [
+        ("port_rx_frames_total", |p| p.rx, COUNTER, "Frames received on a port."),
+        ("port_tx_frames_total", |p| p.tx, COUNTER, "Frames sent on a port."),
+        ("port_tx_full_total", |p| p.tx_full, COUNTER, "Frames not sent: the port's transmit ring was full."),
+        ("port_rx_oversize_total", |p| p.rx_oversize, COUNTER, "Frames received too large for a buffer."),
+        ("port_errors_total", |p| p.errors, COUNTER, "I/O errors on a port."),
+    ];
+    for (name, v, kind, help) in port_counters {
+        let samples = dp
+            .workers
+            .iter()
+            .enumerate()
+            .flat_map(|(w, wk)| {
+                wk.ports.iter().map(move |p| (Port { worker: w.to_string(), port: p.name.clone() }, v(p)))
+            })
+            .collect();
+        x.family(name, kind, help, samples);
+    }
+    let drops = dp
+        .workers
+        .iter()
         .enumerate()
-        .map(|(i, w)| (i.to_string(), w))
+        .flat_map(|(w, wk)| wk.drops.iter().map(move |(r, n)| (Drop { worker: w.to_string(), reason: r.clone() }, *n)))
         .collect();
-    let port_counters = [
-        ("port_rx_frames_total", "rx", "Frames received on a port."),
-        ("port_tx_frames_total", "tx", "Frames sent on a port."),
-        ("port_tx_full_total", "tx_full", "Frames not sent: the port's transmit ring was full."),
-        ("port_rx_oversize_total", "rx_oversize", "Frames received too large for a buffer."),
-        ("port_errors_total", "errors", "I/O errors on a port."),
+    x.family("drops_total", COUNTER, "Frames dropped, by reason.", drops);
+}
+
+/// Per worker.
+fn workers(x: &mut Exposition, dp: &NodeStats) {
+    let worker_counters: [Read<WorkerStats>; 10] = [
+        ("passed_total", |w| w.passed, COUNTER, "Frames passed to the kernel."),
+        ("unbound_total", |w| w.unbound, COUNTER, "Frames for a port this worker has no I/O for."),
+        ("conntrack_entries", |w| w.conntrack_entries, GAUGE, "Connection-table entries in use."),
+        ("new_connections_total", |w| w.new_connections, COUNTER, "Connections balanced."),
+        ("handed_off_total", |w| w.handed_off, COUNTER, "Frames handed to worker 0 (connection state)."),
+        ("handed_in_total", |w| w.handed_in, COUNTER, "Frames worker 0 took from the others."),
+        ("handoff_full_total", |w| w.handoff_full, COUNTER, "Frames dropped: worker 0's inbox was full."),
+        ("busy_rounds_total", |w| w.busy_rounds, COUNTER, "Worker rounds that received frames."),
+        ("idle_waits_total", |w| w.idle_waits, COUNTER, "Times a worker slept waiting for frames."),
+        ("worker_tables_version", |w| w.tables_version, GAUGE, "The tables version a worker uses."),
     ];
-    for (name, key, help) in port_counters {
-        o.family(name, "counter", help);
-        for (w, wk) in &workers {
-            for p in wk["ports"].as_array().into_iter().flatten() {
-                o.sample(name, &[("worker", w), ("port", &s(&p["name"]))], u(&p[key]));
+    for (name, v, kind, help) in worker_counters {
+        x.per_worker(dp, name, kind, help, v);
+    }
+}
+
+/// Per worker and service, and per backend.
+fn services(x: &mut Exposition, dp: &NodeStats) {
+    let all = || dp.workers.iter().enumerate().flat_map(|(w, wk)| wk.services.iter().map(move |s| (w.to_string(), s)));
+    let service_counters: [Read<ServiceStats>; 3] = [
+        ("service_packets_total", |s| s.packets, COUNTER, "Packets balanced for a service."),
+        ("service_bytes_total", |s| s.bytes, COUNTER, "Bytes balanced for a service."),
+        ("service_new_connections_total", |s| s.new_connections, COUNTER, "Connections scheduled for a service."),
+    ];
+    for (name, v, kind, help) in service_counters {
+        let samples = all().map(|(w, s)| (Service { worker: w, service: s.name.clone() }, v(s))).collect();
+        x.family(name, kind, help, samples);
+    }
+    let backend_counters: [Read<BackendStats>; 5] = [
+        ("backend_packets_total", |b| b.packets, COUNTER, "Packets balanced to a backend."),
+        ("backend_bytes_total", |b| b.bytes, COUNTER, "Bytes balanced to a backend."),
+        ("backend_new_connections_total", |b| b.new_connections, COUNTER, "Connections scheduled to a backend."),
+        ("backend_active_connections", |b| u64::from(b.active), GAUGE, "Connections to a backend tracked now."),
+        ("backend_weight", |b| u64::from(b.weight), GAUGE, "A backend's weight (0: draining)."),
+    ];
+    for (name, v, kind, help) in backend_counters {
+        let samples = all()
+            .flat_map(|(w, s)| {
+                s.backends.iter().map(move |b| {
+                    let labels =
+                        Backend { worker: w.clone(), service: s.name.clone(), backend: format!("{}:{}", b.ip, b.port) };
+                    (labels, v(b))
+                })
+            })
+            .collect();
+        x.family(name, kind, help, samples);
+    }
+}
+
+/// The control plane's: liveness, versions, gossip.
+fn control(x: &mut Exposition, stats: &AdminStats, nodes: &[NodeStatus], info: &Info) {
+    let up = nodes.iter().map(|n| (Node { node: n.name.clone() }, u64::from(n.status == "ready"))).collect();
+    x.family("node_up", GAUGE, "1 if gossip sees the node alive (this node's view).", up);
+    let one = |v: u64| vec![(Vec::<(String, String)>::new(), v)];
+    x.family("cluster_state_version", GAUGE, "The cluster state version this node has.", one(info.version));
+    let tables = one(info.tables_version.unwrap_or(0));
+    x.family("tables_version", GAUGE, "The version of this node's last published tables.", tables);
+    let g = stats.gossip.clone().unwrap_or_default();
+    x.family("gossip_sent_total", COUNTER, "Gossip packets sent.", one(g.sent));
+    x.family("gossip_received_total", COUNTER, "Gossip packets received and accepted.", one(g.received));
+    let rejected = [
+        ("short", g.rejected_short),
+        ("unknown_key", g.rejected_unknown_key),
+        ("bad_tag", g.rejected_bad_tag),
+        ("undecodable", g.rejected_undecodable),
+    ]
+    .map(|(r, n)| (Reason { reason: r.to_owned() }, n));
+    x.family("gossip_rejected_total", COUNTER, "Gossip packets dropped, by reason.", rejected.to_vec());
+}
+
+/// The metric names' prefix.
+const PREFIX: &str = "meshplane";
+
+/// The OpenMetrics text in the Prometheus text format 0.0.4: a counter's
+/// HELP and TYPE lines under its samples' name, no `# EOF`.
+fn prometheus_text(openmetrics: &str, counters: &[String]) -> String {
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines().filter(|l| *l != "# EOF") {
+        let family = line.strip_prefix("# HELP ").or_else(|| line.strip_prefix("# TYPE ")).map(|r| r.split(' ').next());
+        match family {
+            Some(Some(name)) if counters.iter().any(|c| c == name) => {
+                out.push_str(&line.replacen(name, &format!("{name}_total"), 1));
             }
+            _ => out.push_str(line),
         }
+        out.push('\n');
     }
-    o.family("drops_total", "counter", "Frames dropped, by reason.");
-    for (w, wk) in &workers {
-        for (reason, n) in wk["drops"].as_object().into_iter().flatten() {
-            o.sample("drops_total", &[("worker", w), ("reason", reason)], u(n));
-        }
+    out
+}
+
+/// The exposition text, in `format`.
+fn render(stats: &AdminStats, nodes: &[NodeStatus], info: &Info, format: Format) -> String {
+    let mut x = Exposition { registry: Registry::with_prefix(PREFIX), counters: Vec::new() };
+    ports(&mut x, &stats.dataplane);
+    workers(&mut x, &stats.dataplane);
+    services(&mut x, &stats.dataplane);
+    control(&mut x, stats, nodes, info);
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &x.registry) {
+        tracing::warn!("encoding the metrics: {e}");
     }
-    let worker_counters = [
-        ("passed_total", "passed", "counter", "Frames passed to the kernel."),
-        ("unbound_total", "unbound", "counter", "Frames for a port this worker has no I/O for."),
-        ("conntrack_entries", "conntrack_entries", "gauge", "Connection-table entries in use."),
-        ("new_connections_total", "new_connections", "counter", "Connections balanced."),
-        ("handed_off_total", "handed_off", "counter", "Frames handed to worker 0 (connection state)."),
-        ("handed_in_total", "handed_in", "counter", "Frames worker 0 took from the others."),
-        ("handoff_full_total", "handoff_full", "counter", "Frames dropped: worker 0's inbox was full."),
-        ("busy_rounds_total", "busy_rounds", "counter", "Worker rounds that received frames."),
-        ("idle_waits_total", "idle_waits", "counter", "Times a worker slept waiting for frames."),
-        ("worker_tables_version", "tables_version", "gauge", "The tables version a worker uses."),
-    ];
-    for (name, key, kind, help) in worker_counters {
-        o.family(name, kind, help);
-        for (w, wk) in &workers {
-            o.sample(name, &[("worker", w)], u(&wk[key]));
-        }
+    match format {
+        Format::OpenMetrics => text,
+        Format::Prometheus => prometheus_text(&text, &x.counters),
     }
-    let service_counters = [
-        ("service_packets_total", "packets", "Packets balanced for a service."),
-        ("service_bytes_total", "bytes", "Bytes balanced for a service."),
-        ("service_new_connections_total", "new_connections", "Connections scheduled for a service."),
-    ];
-    for (name, key, help) in service_counters {
-        o.family(name, "counter", help);
-        for (w, wk) in &workers {
-            for sv in wk["services"].as_array().into_iter().flatten() {
-                o.sample(name, &[("worker", w), ("service", &s(&sv["name"]))], u(&sv[key]));
-            }
-        }
+}
+
+/// The exposition from the node's admin API.
+async fn scrape(control: &Arc<Control>, format: Format) -> anyhow::Result<String> {
+    let answer = |r: meshplane_control::cluster::AdminResponse| r.map_err(anyhow::Error::msg);
+    let stats: AdminStats = from_value("stats", answer(control.admin(AdminRequest::Stats).await)?)?;
+    let nodes: Vec<NodeStatus> = from_value("nodes", answer(control.admin(AdminRequest::Nodes).await)?)?;
+    let info: Info = from_value("info", answer(control.admin(AdminRequest::Info).await)?)?;
+    Ok(render(&stats, &nodes, &info, format))
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r
+}
+
+/// One request: `GET /metrics`, or why not.
+async fn handle(
+    control: Arc<Control>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if req.method() != hyper::Method::GET {
+        return Ok(respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET /metrics\n".to_owned()));
     }
-    let backend_counters = [
-        ("backend_packets_total", "packets", "counter", "Packets balanced to a backend."),
-        ("backend_bytes_total", "bytes", "counter", "Bytes balanced to a backend."),
-        ("backend_new_connections_total", "new_connections", "counter", "Connections scheduled to a backend."),
-        ("backend_active_connections", "active", "gauge", "Connections to a backend tracked now."),
-        ("backend_weight", "weight", "gauge", "A backend's weight (0: draining)."),
-    ];
-    for (name, key, kind, help) in backend_counters {
-        o.family(name, kind, help);
-        for (w, wk) in &workers {
-            for sv in wk["services"].as_array().into_iter().flatten() {
-                for b in sv["backends"].as_array().into_iter().flatten() {
-                    let be = format!("{}:{}", s(&b["ip"]), s(&b["port"]));
-                    o.sample(name, &[("worker", w), ("service", &s(&sv["name"])), ("backend", &be)], u(&b[key]));
-                }
-            }
-        }
+    if req.uri().path() != "/metrics" {
+        return Ok(respond(StatusCode::NOT_FOUND, TEXT, "only /metrics here\n".to_owned()));
     }
-    o.family("node_up", "gauge", "1 if gossip sees the node alive (this node's view).");
-    for n in nodes.as_array().into_iter().flatten() {
-        o.sample("node_up", &[("node", &s(&n["name"]))], u64::from(n["status"] == "ready"));
-    }
-    o.family("cluster_state_version", "gauge", "The cluster state version this node has.");
-    o.sample("cluster_state_version", &[], u(&info["version"]));
-    o.family("tables_version", "gauge", "The version of this node's last published tables.");
-    o.sample("tables_version", &[], u(&info["tables_version"]));
-    let g = &stats["gossip"];
-    o.family("gossip_sent_total", "counter", "Gossip packets sent.");
-    o.sample("gossip_sent_total", &[], u(&g["sent"]));
-    o.family("gossip_received_total", "counter", "Gossip packets received and accepted.");
-    o.sample("gossip_received_total", &[], u(&g["received"]));
-    o.family("gossip_rejected_total", "counter", "Gossip packets dropped, by reason.");
-    for (reason, key) in [
-        ("short", "rejected_short"),
-        ("unknown_key", "rejected_unknown_key"),
-        ("bad_tag", "rejected_bad_tag"),
-        ("undecodable", "rejected_undecodable"),
-    ] {
-        o.sample("gossip_rejected_total", &[("reason", reason)], u(&g[key]));
-    }
-    o.text
+    let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let (format, content_type) = if accept.contains("application/openmetrics-text") {
+        (Format::OpenMetrics, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+    } else {
+        (Format::Prometheus, "text/plain; version=0.0.4; charset=utf-8")
+    };
+    Ok(match scrape(&control, format).await {
+        Ok(text) => respond(StatusCode::OK, content_type, text),
+        Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, TEXT, format!("{e:#}\n")),
+    })
 }
 
 /// Serves `/metrics` on `listener` until the runtime stops.
 pub(crate) async fn serve(listener: tokio::net::TcpListener, control: Arc<Control>) {
-    while let Ok((mut sock, _)) = listener.accept().await {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let Ok((sock, _)) = listener.accept().await else { return };
         let control = control.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // The request head (bounded; the body of a GET is ignored).
-            while n < buf.len() {
-                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf[n..])).await {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(k)) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
+            let service = hyper::service::service_fn(move |req| handle(control.clone(), req));
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(sock), service);
+            if tokio::time::timeout(DEADLINE, conn).await.is_err() {
+                tracing::debug!("metrics: a connection took longer than {DEADLINE:?}; closed");
             }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let line = head.lines().next().unwrap_or_default();
-            let (status, body) = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-                ["GET", "/metrics", ..] => {
-                    let stats = control.admin(AdminRequest::Stats).await.unwrap_or_default();
-                    let nodes = control.admin(AdminRequest::Nodes).await.unwrap_or_default();
-                    let info = control.admin(AdminRequest::Info).await.unwrap_or_default();
-                    ("200 OK", render(&stats, &nodes, &info))
-                }
-                ["GET", ..] => ("404 Not Found", "only /metrics here\n".to_owned()),
-                _ => ("405 Method Not Allowed", "GET /metrics\n".to_owned()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
+            drop(slot);
         });
     }
 }
@@ -198,7 +367,7 @@ mod tests {
     #[test]
     fn exposition_of_a_stats_answer() {
         let stats = serde_json::json!({
-            "dataplane": { "workers": [{
+            "dataplane": { "tables_version": 3, "workers": [{
                 "tables_version": 3,
                 "ports": [{ "name": "uplink", "rx": 10, "tx": 7, "tx_full": 0, "rx_oversize": 0, "errors": 0 }],
                 "drops": { "unknown_vni": 2 },
@@ -206,14 +375,17 @@ mod tests {
                 "handed_off": 0, "handed_in": 0, "handoff_full": 0, "busy_rounds": 5, "idle_waits": 9,
                 "services": [{ "name": "web", "packets": 6, "bytes": 600, "new_connections": 2,
                     "backends": [{ "ip": "198.19.0.5", "port": 8080, "weight": 1, "packets": 6, "bytes": 600,
-                        "new_connections": 2, "active": 1 }] }]
+                        "new_connections": 2, "active": 1 }] }],
+                "traffic": []
             }]},
             "gossip": { "sent": 40, "received": 38, "rejected_short": 0, "rejected_unknown_key": 1,
                 "rejected_bad_tag": 0, "rejected_undecodable": 0, "members": [] }
         });
+        let stats: AdminStats = serde_json::from_value(stats).expect("the stats schema");
         let nodes = serde_json::json!([{ "name": "node1", "status": "ready" }, { "name": "node3", "status": "down" }]);
-        let info = serde_json::json!({ "version": 17, "tables_version": 12 });
-        let t = render(&stats, &nodes, &info);
+        let nodes: Vec<NodeStatus> = serde_json::from_value(nodes).expect("nodes");
+        let info = Info { version: 17, tables_version: Some(12) };
+        let t = render(&stats, &nodes, &info, Format::Prometheus);
         for line in [
             "# TYPE meshplane_port_rx_frames_total counter",
             "meshplane_port_rx_frames_total{worker=\"0\",port=\"uplink\"} 10",
@@ -232,5 +404,10 @@ mod tests {
             let (_, v) = l.rsplit_once(' ').expect("a value");
             assert!(v.parse::<u64>().is_ok(), "{l}");
         }
+        // OpenMetrics: the same samples; counter families without `_total`.
+        let om = render(&stats, &nodes, &info, Format::OpenMetrics);
+        assert!(om.contains("# TYPE meshplane_port_rx_frames counter\n"), "{om}");
+        assert!(om.contains("meshplane_port_rx_frames_total{worker=\"0\",port=\"uplink\"} 10\n"), "{om}");
+        assert!(om.ends_with("# EOF\n"), "{om}");
     }
 }

@@ -290,7 +290,9 @@ fn pct(sorted: &[u32], p: f64) -> Option<f64> {
     Some(f64::from(sorted[i]) / 1000.0)
 }
 
-pub(crate) fn run(a: &PktgenArgs) -> Result<()> {
+/// Refuses arguments that would make the generator unbounded or its
+/// frames impossible.
+fn check(a: &PktgenArgs) -> Result<()> {
     if a.count == 0 || !(a.duration > 0.0 && a.duration <= 3600.0) {
         bail!("--count must be above 0 and --duration within (0, 3600] seconds: the generator is always bounded");
     }
@@ -303,40 +305,63 @@ pub(crate) fn run(a: &PktgenArgs) -> Result<()> {
     if a.profile == Profile::Vxlan && a.size != 0 && a.size < 110 {
         bail!("--profile vxlan needs --size 110 or more (outer and inner headers and the stamp)");
     }
-    if let Some(c) = a.core {
-        let _ = core_affinity::set_for_current(core_affinity::CoreId { id: c });
+    Ok(())
+}
+
+/// What a run counts as it goes.
+struct Tally {
+    sent: u64,
+    refused: u64,
+    tx_bytes: u64,
+    /// Stamped frames received: (frames, bytes).
+    rx: (u64, u64),
+    /// Their latencies (sampled), in nanoseconds.
+    lat: Vec<u32>,
+}
+
+/// The ports of a run, and its clock.
+struct Ports {
+    tx: Box<dyn Port>,
+    /// The port returning frames are counted on, if not `tx`.
+    rx: Option<Box<dyn Port>>,
+    start: Instant,
+}
+
+impl Ports {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
     }
-    let mut tx = open(a.io, &a.iface)?;
-    let mut rx_port = match &a.rx {
-        Some(i) if *i != a.iface => Some(open(a.io, i)?),
-        _ => None,
-    };
+
+    /// Counts what came back by `n` on the receive port (or, without
+    /// one, on the transmit port).
+    fn count_back(&mut self, n: u64, t: &mut Tally) -> usize {
+        match self.rx.as_deref_mut() {
+            Some(p) => count_rx(p, n, &mut t.lat, &mut t.rx),
+            None => count_rx(self.tx.as_mut(), n, &mut t.lat, &mut t.rx),
+        }
+    }
+}
+
+/// Sends until `--count` frames or `--duration` seconds, at `--rate`,
+/// counting what comes back meanwhile.
+fn send(a: &PktgenArgs, p: &mut Ports, t: &mut Tally) {
     let g = Gen { a };
-    let start = Instant::now();
-    let now = || start.elapsed().as_nanos() as u64;
     let deadline = Duration::from_secs_f64(a.duration);
     let mut frame = vec![0u8; 1514];
-    let (mut sent, mut refused, mut tx_bytes) = (0u64, 0u64, 0u64);
-    let mut rx = (0u64, 0u64);
-    let mut lat = Vec::with_capacity(1 << 20);
     let mut seq = 0u64;
     // Built frames are reused while the flow and size repeat.
     let mut built: Option<Built> = None;
-    while sent < a.count && start.elapsed() < deadline {
-        let batch = BURST.min((a.count - sent) as usize);
+    while t.sent < a.count && p.start.elapsed() < deadline {
+        let batch = BURST.min((a.count - t.sent) as usize);
         if a.rate > 0 {
             // Send the batch when its time has come.
-            let due = Duration::from_secs_f64(sent as f64 / a.rate as f64);
-            while start.elapsed() < due {
-                if let Some(p) = rx_port.as_deref_mut() {
-                    count_rx(p, now(), &mut lat, &mut rx);
-                } else {
-                    count_rx(tx.as_mut(), now(), &mut lat, &mut rx);
-                }
+            let due = Duration::from_secs_f64(t.sent as f64 / a.rate as f64);
+            while p.start.elapsed() < due {
+                p.count_back(p.now(), t);
                 std::hint::spin_loop();
             }
         }
-        let t = now();
+        let now = p.now();
         for _ in 0..batch {
             let flow = match a.profile {
                 Profile::Syn => seq as u32,
@@ -352,64 +377,82 @@ pub(crate) fn run(a: &PktgenArgs) -> Result<()> {
                 }
             };
             let len = size.max(off + PAYLOAD);
-            Gen::stamp(&mut frame, off, seq as u32, t, tcp, len);
-            if tx.tx_copy(&frame[..len]) {
-                sent += 1;
-                tx_bytes += len as u64;
+            Gen::stamp(&mut frame, off, seq as u32, now, tcp, len);
+            if p.tx.tx_copy(&frame[..len]) {
+                t.sent += 1;
+                t.tx_bytes += len as u64;
             } else {
-                refused += 1;
+                t.refused += 1;
             }
             seq += 1;
         }
-        tx.flush();
-        let n = now();
-        if let Some(p) = rx_port.as_deref_mut() {
-            count_rx(p, n, &mut lat, &mut rx);
+        p.tx.flush();
+        let n = p.now();
+        if let Some(r) = p.rx.as_deref_mut() {
+            count_rx(r, n, &mut t.lat, &mut t.rx);
         }
-        count_rx(tx.as_mut(), n, &mut lat, &mut rx);
-        if refused > 0 && refused % 4096 == 0 {
+        count_rx(p.tx.as_mut(), n, &mut t.lat, &mut t.rx);
+        if t.refused > 0 && t.refused.is_multiple_of(4096) {
             // The ring is full: let the device drain.
             std::thread::yield_now();
         }
     }
-    let send_secs = start.elapsed().as_secs_f64();
-    // What the port took into its ring (frames it had no room for are
-    // refused, not sent).
-    let io = tx.stats();
-    refused += sent.saturating_sub(io.tx);
-    let tx_bytes = (tx_bytes * io.tx.min(sent)).checked_div(sent).unwrap_or(0);
-    let sent = io.tx.min(sent);
-    // Keep counting what is still on its way.
-    let settle = Instant::now();
-    while settle.elapsed() < Duration::from_secs_f64(a.settle) {
-        let n = now();
-        tx.flush();
-        let got = match rx_port.as_deref_mut() {
-            Some(p) => count_rx(p, n, &mut lat, &mut rx),
-            None => count_rx(tx.as_mut(), n, &mut lat, &mut rx),
-        };
-        if got == 0 {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
-    lat.sort_unstable();
+}
+
+/// The figures of a run that sent for `send_secs`.
+fn summary(a: &PktgenArgs, t: &mut Tally, send_secs: f64) -> Summary {
+    t.lat.sort_unstable();
+    let (sent, rx, lat) = (t.sent, t.rx, &t.lat);
     let wire = |frames: u64, bytes: u64| (bytes + frames * 24) as f64 * 8.0 / send_secs / 1e9; // + FCS, preamble, gap
-    let s = Summary {
+    Summary {
         profile: a.profile,
         flows: if a.profile == Profile::Syn { sent.min(u64::from(u32::MAX)) as u32 } else { a.flows },
         sent,
-        refused,
+        refused: t.refused,
         received: rx.0,
         loss_pct: if sent == 0 { 0.0 } else { (sent.saturating_sub(rx.0)) as f64 * 100.0 / sent as f64 },
         seconds: send_secs,
         tx_mpps: sent as f64 / send_secs / 1e6,
-        tx_gbps: wire(sent, tx_bytes),
+        tx_gbps: wire(sent, t.tx_bytes),
         rx_mpps: rx.0 as f64 / send_secs / 1e6,
         rx_gbps: wire(rx.0, rx.1),
-        latency_us_p50: pct(&lat, 0.5),
-        latency_us_p99: pct(&lat, 0.99),
-        latency_us_p999: pct(&lat, 0.999),
+        latency_us_p50: pct(lat, 0.5),
+        latency_us_p99: pct(lat, 0.99),
+        latency_us_p999: pct(lat, 0.999),
+    }
+}
+
+/// Runs the generator and prints its figures.
+pub(crate) fn run(a: &PktgenArgs) -> Result<()> {
+    check(a)?;
+    if let Some(c) = a.core {
+        let _ = core_affinity::set_for_current(core_affinity::CoreId { id: c });
+    }
+    let tx = open(a.io, &a.iface)?;
+    let rx = match &a.rx {
+        Some(i) if *i != a.iface => Some(open(a.io, i)?),
+        _ => None,
     };
+    let mut p = Ports { tx, rx, start: Instant::now() };
+    let mut t = Tally { sent: 0, refused: 0, tx_bytes: 0, rx: (0, 0), lat: Vec::with_capacity(1 << 20) };
+    send(a, &mut p, &mut t);
+    let send_secs = p.start.elapsed().as_secs_f64();
+    // What the port took into its ring (frames it had no room for are
+    // refused, not sent).
+    let io = p.tx.stats();
+    t.refused += t.sent.saturating_sub(io.tx);
+    t.tx_bytes = (t.tx_bytes * io.tx.min(t.sent)).checked_div(t.sent).unwrap_or(0);
+    t.sent = io.tx.min(t.sent);
+    // Keep counting what is still on its way.
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs_f64(a.settle) {
+        let n = p.now();
+        p.tx.flush();
+        if p.count_back(n, &mut t) == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    let s = summary(a, &mut t, send_secs);
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
     } else {

@@ -109,180 +109,199 @@ fn stream_byte(i: u64) -> u8 {
     (x >> 56) as u8 ^ (i as u8)
 }
 
+/// Runs a tool.
 pub(crate) fn run(c: &ToolCommand) -> Result<()> {
     match c {
-        ToolCommand::TcpSink { listen, count, name, timeout } => {
-            let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
-            let mut served = 0;
-            while *count == 0 || served < *count {
-                let (mut s, peer) = l.accept().context("accepting")?;
-                s.set_read_timeout(Some(Duration::from_secs(*timeout)))?;
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut at = 0u64;
-                let mut bad = None;
-                loop {
-                    let n = match s.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => n,
-                        Err(e) => bail!("reading from {peer}: {e}"),
-                    };
-                    if bad.is_none()
-                        && let Some(k) = buf[..n].iter().enumerate().position(|(k, b)| *b != stream_byte(at + k as u64))
-                    {
-                        bad = Some(at + k as u64);
-                    }
-                    at += n as u64;
-                }
-                let who = name.as_ref().map(|n| format!("name={n} ")).unwrap_or_default();
-                let line = match bad {
-                    None => format!("{who}peer={peer} bytes={at} ok"),
-                    Some(o) => format!("{who}peer={peer} bytes={at} bad at {o}"),
-                };
-                println!("{line}");
-                let _ = writeln!(s, "{line}");
-                served += 1;
+        ToolCommand::TcpSink { listen, count, name, timeout } => tcp_sink(listen, count, name, timeout),
+        ToolCommand::TcpSource { connect, bytes, timeout } => tcp_source(connect, bytes, timeout),
+        ToolCommand::UdpEcho { listen, idle } => udp_echo(listen, idle),
+        ToolCommand::HttpName { listen, name } => http_name(listen, name),
+        ToolCommand::HttpGet { url, timeout } => http_get(url, timeout),
+        ToolCommand::Inject { tap, pcap, repeat, pps } => inject(tap, pcap, repeat, pps),
+        ToolCommand::UdpPing { connect, count, size } => udp_ping(connect, count, size),
+    }
+}
+
+/// `tool tcp-sink`: checks every connection's stream, answers one line.
+fn tcp_sink(listen: &SocketAddr, count: &u64, name: &Option<String>, timeout: &u64) -> Result<()> {
+    let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let mut served = 0;
+    while *count == 0 || served < *count {
+        let (mut s, peer) = l.accept().context("accepting")?;
+        s.set_read_timeout(Some(Duration::from_secs(*timeout)))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut at = 0u64;
+        let mut bad = None;
+        loop {
+            let n = match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => bail!("reading from {peer}: {e}"),
+            };
+            if bad.is_none()
+                && let Some(k) = buf[..n].iter().enumerate().position(|(k, b)| *b != stream_byte(at + k as u64))
+            {
+                bad = Some(at + k as u64);
             }
-            Ok(())
+            at += n as u64;
         }
-        ToolCommand::TcpSource { connect, bytes, timeout } => {
-            let t = Duration::from_secs(*timeout);
-            let mut s = TcpStream::connect_timeout(connect, t).with_context(|| format!("connecting to {connect}"))?;
-            s.set_write_timeout(Some(t))?;
-            s.set_read_timeout(Some(t))?;
-            let mut sent = 0u64;
-            let mut chunk = vec![0u8; 64 * 1024];
-            while sent < *bytes {
-                let n = chunk.len().min((*bytes - sent) as usize);
-                for (k, b) in chunk[..n].iter_mut().enumerate() {
-                    *b = stream_byte(sent + k as u64);
-                }
-                s.write_all(&chunk[..n]).with_context(|| format!("sending to {connect}"))?;
-                sent += n as u64;
-            }
-            s.shutdown(std::net::Shutdown::Write)?;
-            let mut line = String::new();
-            BufReader::new(s).read_line(&mut line).context("reading the sink's answer")?;
-            let line = line.trim_end();
-            println!("{line}");
-            if !line.ends_with(" ok") {
-                bail!("the sink did not confirm the stream: {line:?}");
-            }
-            Ok(())
+        let who = name.as_ref().map(|n| format!("name={n} ")).unwrap_or_default();
+        let line = match bad {
+            None => format!("{who}peer={peer} bytes={at} ok"),
+            Some(o) => format!("{who}peer={peer} bytes={at} bad at {o}"),
+        };
+        println!("{line}");
+        let _ = writeln!(s, "{line}");
+        served += 1;
+    }
+    Ok(())
+}
+
+/// `tool tcp-source`: sends the stream, prints the sink's answer.
+fn tcp_source(connect: &SocketAddr, bytes: &u64, timeout: &u64) -> Result<()> {
+    let t = Duration::from_secs(*timeout);
+    let mut s = TcpStream::connect_timeout(connect, t).with_context(|| format!("connecting to {connect}"))?;
+    s.set_write_timeout(Some(t))?;
+    s.set_read_timeout(Some(t))?;
+    let mut sent = 0u64;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while sent < *bytes {
+        let n = chunk.len().min((*bytes - sent) as usize);
+        for (k, b) in chunk[..n].iter_mut().enumerate() {
+            *b = stream_byte(sent + k as u64);
         }
-        ToolCommand::UdpEcho { listen, idle } => {
-            let s = UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
-            s.set_read_timeout(Some(Duration::from_secs(*idle)))?;
-            let mut buf = vec![0u8; 65536];
-            loop {
-                match s.recv_from(&mut buf) {
-                    Ok((n, from)) => {
-                        let _ = s.send_to(&buf[..n], from);
-                    }
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                        return Ok(());
-                    }
-                    Err(e) => bail!("receiving: {e}"),
-                }
+        s.write_all(&chunk[..n]).with_context(|| format!("sending to {connect}"))?;
+        sent += n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).context("reading the sink's answer")?;
+    let line = line.trim_end();
+    println!("{line}");
+    if !line.ends_with(" ok") {
+        bail!("the sink did not confirm the stream: {line:?}");
+    }
+    Ok(())
+}
+
+/// `tool udp-echo`: echoes datagrams until idle.
+fn udp_echo(listen: &SocketAddr, idle: &u64) -> Result<()> {
+    let s = UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(*idle)))?;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match s.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let _ = s.send_to(&buf[..n], from);
             }
-        }
-        ToolCommand::HttpName { listen, name } => {
-            let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
-            loop {
-                let Ok((mut s, peer)) = l.accept() else { continue };
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let body = format!("{name} saw {peer}\n");
-                let _ = write!(
-                    s,
-                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Ok(());
             }
-        }
-        ToolCommand::HttpGet { url, timeout } => {
-            let rest = url.strip_prefix("http://").with_context(|| format!("{url:?}: only http:// URLs"))?;
-            let (host, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
-            let addr: SocketAddr = host.parse().with_context(|| format!("{host:?}: expected IP:PORT"))?;
-            let t = Duration::from_secs(*timeout);
-            let mut s = TcpStream::connect_timeout(&addr, t).with_context(|| format!("connecting to {addr}"))?;
-            s.set_read_timeout(Some(t))?;
-            s.set_write_timeout(Some(t))?;
-            write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
-            let mut resp = String::new();
-            s.read_to_string(&mut resp).with_context(|| format!("reading from {addr}"))?;
-            let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-            if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-                bail!("{addr}: {}", head.lines().next().unwrap_or("no answer"));
-            }
-            print!("{body}");
-            Ok(())
-        }
-        ToolCommand::Inject { tap, pcap, repeat, pps } => {
-            use meshplane_dataplane::io::Port;
-            let f = std::fs::File::open(pcap).with_context(|| format!("opening {}", pcap.display()))?;
-            let frames = meshplane_dataplane::pcap::read(BufReader::new(f))
-                .with_context(|| format!("reading {}", pcap.display()))?;
-            let mut port = meshplane_dataplane::io::tap::TapPort::open(tap)?;
-            // The device's carrier comes up when it is attached: give a
-            // bridge it belongs to a moment to forward from it.
-            std::thread::sleep(Duration::from_millis(200));
-            let gap = Duration::from_secs_f64(1.0 / f64::from((*pps).max(1)));
-            let (mut sent, mut refused) = (0u64, 0u64);
-            let start = Instant::now();
-            let mut next = start;
-            for _ in 0..*repeat {
-                for r in &frames {
-                    let now = Instant::now();
-                    if next > now {
-                        std::thread::sleep(next - now);
-                    }
-                    next += gap;
-                    if port.tx_copy(&r.data) { sent += 1 } else { refused += 1 }
-                }
-            }
-            println!("inject: {sent} frames sent, {refused} refused, in {:.2} s", start.elapsed().as_secs_f64());
-            Ok(())
-        }
-        ToolCommand::UdpPing { connect, count, size } => {
-            let s = UdpSocket::bind(if connect.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
-            s.connect(connect)?;
-            s.set_read_timeout(Some(Duration::from_millis(500)))?;
-            let size = (*size).max(8);
-            let mut ok = 0u32;
-            let start = Instant::now();
-            let mut buf = vec![0u8; size + 16];
-            for i in 0..*count {
-                let mut msg = vec![0u8; size];
-                for (k, b) in msg.iter_mut().enumerate() {
-                    *b = stream_byte(u64::from(i) * 7919 + k as u64);
-                }
-                msg[..4].copy_from_slice(&i.to_be_bytes());
-                s.send(&msg)?;
-                // Wait for this datagram's echo (skipping late ones).
-                let deadline = Instant::now() + Duration::from_millis(500);
-                while Instant::now() < deadline {
-                    match s.recv(&mut buf) {
-                        Ok(n) if buf[..n] == msg[..] => {
-                            ok += 1;
-                            break;
-                        }
-                        Ok(_) => continue,
-                        Err(_) => break,
-                    }
-                }
-            }
-            println!("udp: {ok}/{count} echoed intact in {:.1} ms", start.elapsed().as_secs_f64() * 1e3);
-            if ok != *count {
-                bail!("{} of {count} datagrams lost or damaged", count - ok);
-            }
-            Ok(())
+            Err(e) => bail!("receiving: {e}"),
         }
     }
+}
+
+/// `tool http-name`: answers every request with its name and the client address.
+fn http_name(listen: &SocketAddr, name: &str) -> Result<()> {
+    let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    loop {
+        let Ok((mut s, peer)) = l.accept() else { continue };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+        let body = format!("{name} saw {peer}\n");
+        let _ =
+            write!(s, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    }
+}
+
+/// `tool http-get`: one GET, the body printed.
+fn http_get(url: &str, timeout: &u64) -> Result<()> {
+    let rest = url.strip_prefix("http://").with_context(|| format!("{url:?}: only http:// URLs"))?;
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let addr: SocketAddr = host.parse().with_context(|| format!("{host:?}: expected IP:PORT"))?;
+    let t = Duration::from_secs(*timeout);
+    let mut s = TcpStream::connect_timeout(&addr, t).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(t))?;
+    s.set_write_timeout(Some(t))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).with_context(|| format!("reading from {addr}"))?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("{addr}: {}", head.lines().next().unwrap_or("no answer"));
+    }
+    print!("{body}");
+    Ok(())
+}
+
+/// `tool inject`: a capture's frames into a TAP device.
+fn inject(tap: &str, pcap: &std::path::Path, repeat: &u32, pps: &u32) -> Result<()> {
+    use meshplane_dataplane::io::Port;
+    let f = std::fs::File::open(pcap).with_context(|| format!("opening {}", pcap.display()))?;
+    let frames =
+        meshplane_dataplane::pcap::read(BufReader::new(f)).with_context(|| format!("reading {}", pcap.display()))?;
+    let mut port = meshplane_dataplane::io::tap::TapPort::open(tap)?;
+    // The device's carrier comes up when it is attached: give a
+    // bridge it belongs to a moment to forward from it.
+    std::thread::sleep(Duration::from_millis(200));
+    let gap = Duration::from_secs_f64(1.0 / f64::from((*pps).max(1)));
+    let (mut sent, mut refused) = (0u64, 0u64);
+    let start = Instant::now();
+    let mut next = start;
+    for _ in 0..*repeat {
+        for r in &frames {
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+            next += gap;
+            if port.tx_copy(&r.data) { sent += 1 } else { refused += 1 }
+        }
+    }
+    println!("inject: {sent} frames sent, {refused} refused, in {:.2} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `tool udp-ping`: numbered datagrams to an echo server, one at a time.
+fn udp_ping(connect: &SocketAddr, count: &u32, size: &usize) -> Result<()> {
+    let s = UdpSocket::bind(if connect.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+    s.connect(connect)?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let size = (*size).max(8);
+    let mut ok = 0u32;
+    let start = Instant::now();
+    let mut buf = vec![0u8; size + 16];
+    for i in 0..*count {
+        let mut msg = vec![0u8; size];
+        for (k, b) in msg.iter_mut().enumerate() {
+            *b = stream_byte(u64::from(i) * 7919 + k as u64);
+        }
+        msg[..4].copy_from_slice(&i.to_be_bytes());
+        s.send(&msg)?;
+        // Wait for this datagram's echo (skipping late ones).
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            match s.recv(&mut buf) {
+                Ok(n) if buf[..n] == msg[..] => {
+                    ok += 1;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    println!("udp: {ok}/{count} echoed intact in {:.1} ms", start.elapsed().as_secs_f64() * 1e3);
+    if ok != *count {
+        bail!("{} of {count} datagrams lost or damaged", count - ok);
+    }
+    Ok(())
 }

@@ -1,12 +1,13 @@
 //! `meshplane trace`: the pipeline run offline over a capture.
 
 use anyhow::{Context, Result, bail};
+use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
 use meshplane_dataplane::pcap;
-use meshplane_dataplane::pipeline::{Frame, HEADROOM, Verdict, WorkerState, process};
+use meshplane_dataplane::pipeline::{WorkerState, process};
 use meshplane_dataplane::tables::Tables;
 use meshplane_dataplane::wire::arp::{ArpRepr, Operation};
 use meshplane_dataplane::wire::ipv4::{Ipv4Packet, protocol};
-use meshplane_dataplane::wire::parse::{Fragment, L3, L4, parse_frame};
+use meshplane_dataplane::wire::parse::{Fragment, L3, L4, Parsed, parse_frame};
 use meshplane_dataplane::wire::vxlan::{self, VxlanHeader};
 use meshplane_dataplane::wire::{MacAddr, icmpv4};
 use std::fmt::Write as _;
@@ -129,48 +130,7 @@ pub(crate) fn describe(frame: &[u8]) -> String {
             }
             _ => s.push_str(" ARP"),
         },
-        L3::Ipv4 { fragment, .. } => {
-            let Ok(ip) = Ipv4Packet::new_checked(l3) else { return s };
-            let _ = write!(s, ", {} > {}", ip.src(), ip.dst());
-            if fragment != Fragment::No {
-                let _ = write!(s, " frag off {}{}", ip.frag_offset(), if ip.more_frags() { "+" } else { "" });
-            }
-            if ip.dont_frag() {
-                s.push_str(" DF");
-            }
-            let _ = write!(s, " len {}", ip.total_len());
-            match p.l4 {
-                L4::Udp { src_port, dst_port } => {
-                    let _ = write!(s, " UDP {src_port} > {dst_port}");
-                    let o = p.l4_offset.unwrap_or(p.l3_end) + 8;
-                    if dst_port == vxlan::DEFAULT_PORT
-                        && let Some(payload) = frame.get(o..p.l3_end)
-                        && let Ok(h) = VxlanHeader::parse(payload)
-                    {
-                        let _ = write!(s, " VXLAN vni {} [{}]", h.vni, describe(&payload[vxlan::HEADER_LEN..]));
-                    }
-                }
-                L4::Tcp { src_port, dst_port, flags, .. } => {
-                    let _ = write!(s, " TCP {src_port} > {dst_port} flags {flags:#04x}");
-                }
-                L4::Icmpv4 { kind, code } => {
-                    let what = match (kind, code) {
-                        (icmpv4::kind::ECHO_REQUEST, _) => "echo request".to_string(),
-                        (icmpv4::kind::ECHO_REPLY, _) => "echo reply".to_string(),
-                        (icmpv4::kind::DEST_UNREACHABLE, icmpv4::CODE_FRAG_NEEDED) => {
-                            let o = p.l4_offset.unwrap_or(0);
-                            let mtu = frame.get(o + 6..o + 8).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
-                            format!("unreachable, need to frag (mtu {mtu})")
-                        }
-                        (k, c) => format!("type {k} code {c}"),
-                    };
-                    let _ = write!(s, " ICMP {what}");
-                }
-                L4::Other => {
-                    let _ = write!(s, " proto {}", if ip.protocol() == protocol::ICMP { 1 } else { ip.protocol() });
-                }
-            }
-        }
+        L3::Ipv4 { fragment, .. } => ipv4(&mut s, frame, &p, l3, fragment),
         L3::Ipv6 { protocol, .. } => {
             let _ = write!(s, " IPv6 next-header {protocol}");
         }
@@ -179,4 +139,48 @@ pub(crate) fn describe(frame: &[u8]) -> String {
         }
     }
     s
+}
+
+/// The IPv4 part of a frame's summary, and its transport's.
+fn ipv4(s: &mut String, frame: &[u8], p: &Parsed, l3: &[u8], fragment: Fragment) {
+    let Ok(ip) = Ipv4Packet::new_checked(l3) else { return };
+    let _ = write!(s, ", {} > {}", ip.src(), ip.dst());
+    if fragment != Fragment::No {
+        let _ = write!(s, " frag off {}{}", ip.frag_offset(), if ip.more_frags() { "+" } else { "" });
+    }
+    if ip.dont_frag() {
+        s.push_str(" DF");
+    }
+    let _ = write!(s, " len {}", ip.total_len());
+    match p.l4 {
+        L4::Udp { src_port, dst_port } => {
+            let _ = write!(s, " UDP {src_port} > {dst_port}");
+            let o = p.l4_offset.unwrap_or(p.l3_end) + 8;
+            if dst_port == vxlan::DEFAULT_PORT
+                && let Some(payload) = frame.get(o..p.l3_end)
+                && let Ok(h) = VxlanHeader::parse(payload)
+            {
+                let _ = write!(s, " VXLAN vni {} [{}]", h.vni, describe(&payload[vxlan::HEADER_LEN..]));
+            }
+        }
+        L4::Tcp { src_port, dst_port, flags, .. } => {
+            let _ = write!(s, " TCP {src_port} > {dst_port} flags {flags:#04x}");
+        }
+        L4::Icmpv4 { kind, code } => {
+            let what = match (kind, code) {
+                (icmpv4::kind::ECHO_REQUEST, _) => "echo request".to_string(),
+                (icmpv4::kind::ECHO_REPLY, _) => "echo reply".to_string(),
+                (icmpv4::kind::DEST_UNREACHABLE, icmpv4::CODE_FRAG_NEEDED) => {
+                    let o = p.l4_offset.unwrap_or(0);
+                    let mtu = frame.get(o + 6..o + 8).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+                    format!("unreachable, need to frag (mtu {mtu})")
+                }
+                (k, c) => format!("type {k} code {c}"),
+            };
+            let _ = write!(s, " ICMP {what}");
+        }
+        L4::Other => {
+            let _ = write!(s, " proto {}", if ip.protocol() == protocol::ICMP { 1 } else { ip.protocol() });
+        }
+    }
 }

@@ -148,6 +148,22 @@ pub(crate) fn cluster_on_the_lab(io: &str) {
         "{m}"
     );
     assert!(m.contains("meshplane_node_up{node=\"node3\"} 1"), "{m}");
+    // promtool (Debian's `prometheus` package) accepts the exposition.
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running promtool (scripts/bootstrap installs it)");
+    std::io::Write::write_all(&mut check.stdin.take().expect("stdin"), m.as_bytes()).expect("writing to promtool");
+    let checked = check.wait_with_output().expect("promtool");
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{m}",
+        text(&checked.stdout),
+        text(&checked.stderr)
+    );
 
     // The connections node1 tracks: both directions of the ones it balanced.
     let ct: serde_json::Value =

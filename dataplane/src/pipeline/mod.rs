@@ -10,13 +10,12 @@ mod burst;
 mod task;
 mod uplink;
 
-pub use crate::packet::{DropReason, Frame, HEADROOM, PortCounters, Stats, Verdict};
+use crate::packet::{DropReason, Frame, PortCounters, Stats, UPLINK, Verdict};
 pub use burst::{FLOW_LOOKAHEAD, LOOKAHEAD, VIP_PASS, process_burst};
 
 use crate::lb::{LbState, Next};
 use crate::overlay::fast::BurstCache;
 use crate::overlay::{self};
-use crate::packet::UPLINK;
 use crate::tables::{Location, NetId, PortId, Tables};
 use crate::wire::MacAddr;
 use core::net::Ipv4Addr;

@@ -1,0 +1,288 @@
+//! The arguments of the CLI's nouns that talk to a node's admin API:
+//! `cluster`, `node` (besides `run`), `network`, `service`, `task`,
+//! `conntrack`, `lb`, and how to reach the node (`Conn`).
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+/// How to reach the node and how to print.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct Conn {
+    /// The node's state directory (its admin socket is there).
+    #[arg(long, global = true, env = "MESHPLANE_STATE_DIR", default_value = crate::node::DEFAULT_STATE_DIR)]
+    pub(crate) state_dir: PathBuf,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    pub(crate) format: Format,
+}
+
+/// Output formats.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// Aligned columns.
+    Table,
+    /// JSON, as the admin API answers.
+    Json,
+}
+
+/// `meshplane cluster …`
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum ClusterCmd {
+    /// Make a new cluster with this node as its first manager; prints the
+    /// join tokens.
+    Init,
+    /// Join a cluster through a manager (ADDR: IP or IP:PORT, port 2377).
+    Join {
+        /// The join token (`cluster token` on a manager).
+        #[arg(long)]
+        token: String,
+        /// A manager's management address.
+        addr: String,
+    },
+    /// Print the join token for workers or managers.
+    Token {
+        /// worker or manager.
+        #[arg(value_enum, default_value = "worker")]
+        role: RoleArg,
+        /// Rotate it first: the old token stops working.
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Draw a new gossip key (the previous one still opens packets until
+    /// the next rotation).
+    RotateGossipKey,
+    /// This node: name, role, state version, Raft leader.
+    Info,
+}
+
+/// Join roles.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub(crate) enum RoleArg {
+    /// A worker.
+    Worker,
+    /// A manager.
+    Manager,
+}
+
+/// `meshplane node ls|inspect|update|rm`, with how to reach the node.
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum NodeAdmin {
+    /// List the cluster's nodes.
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// One node, in full.
+    Inspect {
+        #[command(flatten)]
+        conn: Conn,
+        /// The node.
+        name: String,
+    },
+    /// Change a node's availability.
+    Update {
+        #[command(flatten)]
+        conn: Conn,
+        /// active, pause or drain.
+        #[arg(long, value_enum)]
+        availability: AvailabilityArg,
+        /// The node.
+        name: String,
+    },
+    /// Remove a node (and its tasks) from the cluster.
+    Rm {
+        #[command(flatten)]
+        conn: Conn,
+        /// The node.
+        name: String,
+    },
+}
+
+/// Availabilities.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub(crate) enum AvailabilityArg {
+    /// Takes tasks.
+    Active,
+    /// Keeps its tasks, takes no new ones.
+    Pause,
+    /// Its tasks are drained.
+    Drain,
+}
+
+/// `meshplane network …`
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum NetworkCmd {
+    /// Create an overlay network (its VNI is allocated from 4096).
+    Create {
+        /// Subnet, e.g. 198.19.0.0/24.
+        #[arg(long)]
+        subnet: String,
+        /// Gateway (default: the subnet's last host address).
+        #[arg(long)]
+        gateway: Option<Ipv4Addr>,
+        /// MTU of the tasks' interfaces (default 1450).
+        #[arg(long)]
+        mtu: Option<u16>,
+        /// The network's name.
+        name: String,
+    },
+    /// List networks.
+    Ls,
+    /// One network, in full.
+    Inspect {
+        /// The network.
+        name: String,
+    },
+    /// Remove a network without services.
+    Rm {
+        /// The network.
+        name: String,
+    },
+}
+
+/// `meshplane service …`
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum ServiceCmd {
+    /// Create a service: a VIP in its network and/or published ports on
+    /// every node (the routing mesh).
+    Create(ServiceCreate),
+    /// List services.
+    Ls,
+    /// One service, in full, with its tasks.
+    Inspect {
+        /// The service.
+        name: String,
+    },
+    /// Change a service's scheduler or published ports (connections in
+    /// flight keep their backends).
+    Update {
+        /// A new scheduler.
+        #[arg(long, value_enum)]
+        scheduler: Option<SchedArg>,
+        /// Publish a port (as `create --publish`; the target port is the
+        /// service's).
+        #[arg(long)]
+        publish_add: Vec<String>,
+        /// Withdraw a published port.
+        #[arg(long)]
+        publish_rm: Vec<u16>,
+        /// The service.
+        name: String,
+    },
+    /// Remove a service and its tasks.
+    Rm {
+        /// The service.
+        name: String,
+    },
+}
+
+/// `meshplane service create`'s arguments.
+#[derive(clap::Args, Debug)]
+pub(crate) struct ServiceCreate {
+    /// Its name.
+    #[arg(long)]
+    pub(crate) name: String,
+    /// Its tasks' network.
+    #[arg(long)]
+    pub(crate) network: String,
+    /// tcp or udp.
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub(crate) protocol: ProtoArg,
+    /// A VIP in the network on this port (allocated from the subnet).
+    #[arg(long)]
+    pub(crate) vip_port: Option<u16>,
+    /// The tasks' port (or give it in --publish PUB:TARGET).
+    #[arg(long)]
+    pub(crate) target_port: Option<u16>,
+    /// Publish a port: `[mode=nat|preserve-source,]PUB:TARGET`, or
+    /// `:TARGET` for a port chosen from 30000-32767.
+    #[arg(long)]
+    pub(crate) publish: Vec<String>,
+    /// Scheduler.
+    #[arg(long, value_enum, default_value = "mh")]
+    pub(crate) scheduler: SchedArg,
+}
+
+/// Protocols.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub(crate) enum ProtoArg {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// Schedulers.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub(crate) enum SchedArg {
+    /// Maglev consistent hashing.
+    Mh,
+    /// Round robin.
+    Rr,
+    /// Weighted round robin.
+    Wrr,
+    /// Least connections.
+    Lc,
+    /// Weighted least connections.
+    Wlc,
+    /// Source hash.
+    Sh,
+}
+
+/// `meshplane task …`
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum TaskCmd {
+    /// Attach a task of a service on a node: the node makes its port in
+    /// the namespace --netns (address, MAC, default route set).
+    Attach {
+        /// The service.
+        #[arg(long)]
+        service: String,
+        /// The node it runs on.
+        #[arg(long)]
+        node: String,
+        /// The network namespace its port goes into.
+        #[arg(long)]
+        netns: Option<String>,
+        /// Balancing weight.
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Its id (default: SERVICE.N, the lowest N free).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// List tasks.
+    Ls {
+        /// Only this service's.
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Drain a task: weight 0, its connections go on, no new ones.
+    Drain {
+        /// The task.
+        id: String,
+    },
+    /// Detach a task (its port is removed).
+    Detach {
+        /// The task.
+        id: String,
+    },
+}
+
+/// `meshplane conntrack …`
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum ConntrackCommand {
+    /// List tracked connections (both directions of each).
+    Ls {
+        /// Only this service's.
+        #[arg(long)]
+        service: Option<String>,
+    },
+}
+
+/// `meshplane lb …`
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum LbCommand {
+    /// Services, backends, weights, active and new connections.
+    Ls,
+}

@@ -1,0 +1,132 @@
+//! `meshplane stats`: per port and worker, services, drops by reason,
+//! gossip; with `--watch`, again every second with rates.
+
+use super::args::{Conn, Format};
+use super::client;
+use super::render::{human_rate, rate, table};
+use crate::stats::{AdminStats, NodeStats};
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// The previous print: when, and what it showed.
+type Previous = Option<(Instant, AdminStats)>;
+
+/// Prints the node's counters (again every second with `watch`, at most
+/// `count` times).
+pub(crate) fn run(c: &Conn, watch: bool, count: Option<u32>) -> Result<()> {
+    let mut prev: Previous = None;
+    let mut shown = 0u32;
+    loop {
+        let v = client::stats(c)?;
+        let now = Instant::now();
+        if c.format == Format::Json {
+            println!("{}", serde_json::to_string(&v)?);
+        } else {
+            ports(&v.dataplane, &prev);
+            services(&v.dataplane, &prev);
+            drops(&v.dataplane);
+            let g = v.gossip.clone().unwrap_or_default();
+            println!(
+                "\ngossip: {} members, {} sent, {} received, {} rejected (unknown key {}, bad tag {})",
+                g.members.len(),
+                g.sent,
+                g.received,
+                g.rejected(),
+                g.rejected_unknown_key,
+                g.rejected_bad_tag,
+            );
+        }
+        shown += 1;
+        if !watch || count.is_some_and(|n| shown >= n) {
+            return Ok(());
+        }
+        prev = Some((now, v));
+        std::thread::sleep(Duration::from_secs(1));
+        if c.format == Format::Table {
+            println!();
+        }
+    }
+}
+
+/// Per worker and port: frames, and rates since the previous print.
+fn ports(dp: &NodeStats, prev: &Previous) {
+    let mut rows = Vec::new();
+    for (w, wk) in dp.workers.iter().enumerate() {
+        for p in &wk.traffic {
+            let before = prev
+                .as_ref()
+                .and_then(|(t, b)| Some((t, b.dataplane.workers.get(w)?.traffic.iter().find(|x| x.port == p.port)?)));
+            let per_sec = |now: u64, then: fn(&crate::stats::Traffic) -> u64, bits: bool| match before {
+                Some((t, b)) => {
+                    let r = rate(now, then(b), t.elapsed().as_secs_f64());
+                    if bits { human_rate(r * 8.0, "bps") } else { human_rate(r, "pps") }
+                }
+                None => String::new(),
+            };
+            let tx_full = wk.ports.iter().find(|x| x.name == p.port).map_or(String::new(), |x| x.tx_full.to_string());
+            rows.push(vec![
+                w.to_string(),
+                p.port.clone(),
+                p.rx_packets.to_string(),
+                per_sec(p.rx_packets, |b| b.rx_packets, false),
+                per_sec(p.rx_bytes, |b| b.rx_bytes, true),
+                p.tx_packets.to_string(),
+                per_sec(p.tx_packets, |b| b.tx_packets, false),
+                per_sec(p.tx_bytes, |b| b.tx_bytes, true),
+                tx_full,
+            ]);
+        }
+    }
+    table(&["WORKER", "PORT", "RX", "RX PPS", "RX BPS", "TX", "TX PPS", "TX BPS", "TX FULL"], rows);
+}
+
+/// Per service, summed over the workers: new connections, packets, bytes.
+fn service_sums(dp: &NodeStats) -> BTreeMap<String, [u64; 3]> {
+    let mut m = BTreeMap::<String, [u64; 3]>::new();
+    for sv in dp.workers.iter().flat_map(|w| &w.services) {
+        let e = m.entry(sv.name.clone()).or_default();
+        e[0] += sv.new_connections;
+        e[1] += sv.packets;
+        e[2] += sv.bytes;
+    }
+    m
+}
+
+/// Services, summed over the workers, with rates since the previous print.
+fn services(dp: &NodeStats, prev: &Previous) {
+    let svcs = service_sums(dp);
+    if svcs.is_empty() {
+        return;
+    }
+    let before = prev.as_ref().map(|(t, p)| (t.elapsed().as_secs_f64(), service_sums(&p.dataplane)));
+    let rows = svcs
+        .iter()
+        .map(|(name, c)| {
+            let r = |i: usize, bits: bool| match &before {
+                Some((dt, b)) => {
+                    let x = rate(c[i], b.get(name).map_or(0, |v| v[i]), *dt);
+                    if bits { human_rate(x * 8.0, "bps") } else { human_rate(x, "/s") }
+                }
+                None => String::new(),
+            };
+            vec![name.clone(), c[0].to_string(), r(0, false), c[1].to_string(), r(1, false), r(2, true)]
+        })
+        .collect();
+    println!();
+    table(&["SERVICE", "CONNECTIONS", "CONN/S", "PACKETS", "PPS", "BPS"], rows);
+}
+
+/// Drops by reason, summed over the workers.
+fn drops(dp: &NodeStats) {
+    let mut drops = BTreeMap::<String, u64>::new();
+    for (k, n) in dp.workers.iter().flat_map(|w| &w.drops) {
+        *drops.entry(k.clone()).or_default() += n;
+    }
+    println!();
+    if drops.is_empty() {
+        println!("drops: none");
+    } else {
+        table(&["DROP REASON", "FRAMES"], drops.into_iter().map(|(k, n)| vec![k, n.to_string()]).collect());
+    }
+}

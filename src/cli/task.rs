@@ -1,0 +1,94 @@
+//! `meshplane task attach|ls|drain|detach`.
+
+use super::args::{Conn, TaskCmd};
+use super::client::{state, write};
+use super::render::{print, s, table};
+use anyhow::Result;
+use meshplane_control::state::Command;
+use serde_json::Value;
+
+/// Runs a `task` command.
+pub(crate) fn run(c: &Conn, cmd: &TaskCmd) -> Result<()> {
+    match cmd {
+        TaskCmd::Attach { service, node, netns, weight, id } => {
+            attach(c, service, node, netns, *weight, id.as_deref())?
+        }
+        TaskCmd::Ls { service } => {
+            let st = state(c)?;
+            let tasks: Vec<Value> = st["tasks"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(_, t)| t.clone())
+                .filter(|t| service.as_ref().is_none_or(|sv| t["service"] == Value::String(sv.clone())))
+                .collect();
+            print(c, &Value::Array(tasks), |v| {
+                let rows = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|t| {
+                        vec![s(&t["id"]), s(&t["service"]), s(&t["node"]), s(&t["ip"]), s(&t["weight"]), s(&t["netns"])]
+                    })
+                    .collect();
+                table(&["ID", "SERVICE", "NODE", "ADDRESS", "WEIGHT", "NETNS"], rows);
+            });
+        }
+        TaskCmd::Drain { id } => {
+            write(c, Command::SetWeight { id: id.clone(), weight: 0 })?;
+            println!("{id}");
+        }
+        TaskCmd::Detach { id } => {
+            write(c, Command::DetachTask { id: id.clone() })?;
+            println!("{id}");
+        }
+    }
+    Ok(())
+}
+
+/// `task attach`: the task (its id SERVICE.N unless given), then its
+/// address once this node's state has it.
+fn attach(c: &Conn, service: &str, node: &str, netns: &Option<String>, weight: u32, id: Option<&str>) -> Result<()> {
+    // Without --id: SERVICE.N, the lowest N free. This node's copy
+    // of the state may lag the leader's: an id taken meanwhile is
+    // skipped and the next one tried.
+    let mut tried = std::collections::BTreeSet::new();
+    let id = loop {
+        let tid = match id {
+            Some(i) => i.to_owned(),
+            None => {
+                let st = state(c)?;
+                let free = |i: &String| st["tasks"].get(i).is_none() && !tried.contains(i);
+                (1..).map(|n| format!("{service}.{n}")).find(free).unwrap_or_default()
+            }
+        };
+        let cmd = Command::AttachTask {
+            id: tid.clone(),
+            service: service.to_owned(),
+            node: node.to_owned(),
+            weight,
+            netns: netns.clone(),
+        };
+        match write(c, cmd) {
+            Ok(()) => break tid,
+            Err(e) if id.is_none() && tried.len() < 8 && e.to_string().contains("already exists") => {
+                tried.insert(tid);
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    // The address, once this node's copy of the state has the task.
+    let t0 = std::time::Instant::now();
+    let ip = loop {
+        let st = state(c)?;
+        if let Some(ip) = st["tasks"][&id]["ip"].as_str() {
+            break ip.to_owned();
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(3) {
+            break "(address not known here yet)".to_owned();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    println!("{id}: {ip} on {node}");
+    Ok(())
+}

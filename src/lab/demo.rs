@@ -1,0 +1,136 @@
+//! `meshplane lab status` and `meshplane lab demo`: what runs, and
+//! requests through the routing mesh with who answered them.
+
+use super::common::{CLIENT_IP, NODES, cluster_state, lab_namespaces, ns_name};
+use crate::stats::NodeStats;
+use anyhow::{Result, bail};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command as Cmd;
+use std::time::Duration;
+
+/// One node's counters from its stats file: frames in, out, dropped, new
+/// connections.
+fn counters(dir: &Path, n: u8) -> Option<(u64, u64, u64, u64)> {
+    let text = std::fs::read_to_string(dir.join(format!("stats{n}.json"))).ok()?;
+    let v: NodeStats = serde_json::from_str(&text).ok()?;
+    let (mut rx, mut tx, mut drops, mut conns) = (0, 0, 0, 0);
+    for w in &v.workers {
+        for p in &w.ports {
+            rx += p.rx;
+            tx += p.tx;
+        }
+        drops += w.drops.values().sum::<u64>();
+        conns += w.new_connections;
+    }
+    Some((rx, tx, drops, conns))
+}
+
+/// Shows what runs and the nodes' counters.
+pub(super) fn status(dir: &Path) -> Result<()> {
+    let names: Vec<String> = lab_namespaces()?.collect();
+    if names.is_empty() {
+        println!("lab: not up");
+        return Ok(());
+    }
+    println!("lab: {} namespaces ({})", names.len(), names.join(" "));
+    for n in 1..=NODES {
+        match counters(dir, n) {
+            Some((rx, tx, d, c)) => {
+                println!("  node{n} 198.18.0.{n}: {rx} frames in, {tx} out, {d} dropped, {c} connections balanced")
+            }
+            None => println!("  node{n}: no counters (see {}/node{n}.log)", dir.display()),
+        }
+    }
+    Ok(())
+}
+
+/// What the demo's requests came to.
+#[derive(Default)]
+struct Outcome {
+    ok: u32,
+    failed: u32,
+    answered: BTreeSet<String>,
+    ps_all_real: bool,
+}
+
+/// Sends requests through the routing mesh to every node's published
+/// ports, in both modes, and prints who answered and what they saw.
+pub(super) fn demo(requests: u32, dir: &Path) -> Result<()> {
+    let client = ns_name("c");
+    if !lab_namespaces()?.any(|n| n == client) {
+        bail!("the lab is not up: `meshplane lab up` first");
+    }
+    let bin = std::env::current_exe()?.display().to_string();
+    let state = cluster_state(&bin, dir, 1)?;
+    println!("meshplane lab demo: client {CLIENT_IP} -> every node's published ports, {requests} requests each\n");
+    println!("  {:<17} {:<16} {:<12} task saw the client as", "via node", "mode", "answered by");
+    let out = send(&bin, &client, requests, &state)?;
+    // The nodes write their counters every half second.
+    std::thread::sleep(Duration::from_millis(1200));
+    println!("\nper node (counters of the dataplane):");
+    for n in 1..=NODES {
+        if let Some((rx, tx, d, c)) = counters(dir, n) {
+            println!("  node{n}: {rx} frames in, {tx} out, {d} dropped, {c} connections balanced");
+        }
+    }
+    let tasks = state["tasks"].as_array().map_or(0, Vec::len);
+    println!(
+        "\nsummary: {} of {} requests answered; {} of {tasks} tasks answered; preserve-source: {}",
+        out.ok,
+        out.ok + out.failed,
+        out.answered.len(),
+        if out.ps_all_real {
+            "every task saw the client's own address"
+        } else {
+            "a task did NOT see the client's address"
+        }
+    );
+    if out.failed > 0 || out.answered.len() < tasks || !out.ps_all_real {
+        bail!("the demo did not go as it should (see above)");
+    }
+    Ok(())
+}
+
+/// The requests, one line printed for each.
+fn send(bin: &str, client: &str, requests: u32, state: &serde_json::Value) -> Result<Outcome> {
+    let node_addr = |ip: &str| {
+        let app = state["networks"]["app"]["node_ips"].as_object()?;
+        app.iter().find(|(_, a)| a.as_str() == Some(ip)).map(|(n, _)| format!("{n}'s address in the network"))
+    };
+    let mut o = Outcome { ps_all_real: true, ..Outcome::default() };
+    for n in 1..=NODES {
+        for (port, mode) in [(30080, "nat"), (30081, "preserve-source")] {
+            for _ in 0..requests {
+                let url = format!("http://198.18.0.{n}:{port}/");
+                let out = Cmd::new("ip")
+                    .args(["netns", "exec", client, bin, "tool", "http-get", "--url", &url, "--timeout", "5"])
+                    .output()?;
+                let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                if !out.status.success() || body.is_empty() {
+                    o.failed += 1;
+                    println!(
+                        "  198.18.0.{n}:{port:<6} {mode:<16} FAILED: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                    continue;
+                }
+                o.ok += 1;
+                // "web.2 saw 198.19.0.5:40001"
+                let (who, saw) = body.split_once(" saw ").unwrap_or((&body, "?"));
+                let saw_ip = saw.split(':').next().unwrap_or("?");
+                o.answered.insert(who.to_owned());
+                let note = if saw_ip == CLIENT_IP {
+                    "(the client's own address)".to_owned()
+                } else {
+                    node_addr(saw_ip).map(|s| format!("({s})")).unwrap_or_default()
+                };
+                if mode == "preserve-source" && saw_ip != CLIENT_IP {
+                    o.ps_all_real = false;
+                }
+                println!("  198.18.0.{n}:{port:<6} {mode:<16} {who:<12} {saw:<24} {note}");
+            }
+        }
+    }
+    Ok(o)
+}

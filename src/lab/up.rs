@@ -1,0 +1,187 @@
+//! `meshplane lab up`: the namespaces, the nodes, then the cluster built
+//! with the CLI as a user builds it, and the tasks.
+
+use super::common::{CLIENT_IP, NODES, attach_tap_uplink, cli, cluster_state, lab_namespaces, ns_name, spawn, wait};
+use crate::node::IoKind;
+use crate::sys::{self, in_ns, ip};
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+
+/// Builds the lab and starts its nodes and tasks.
+pub(super) fn up(io: IoKind, dir: &Path) -> Result<()> {
+    if lab_namespaces()?.next().is_some() {
+        bail!("a lab is up already: `meshplane lab down` first");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let bin = std::env::current_exe()?.display().to_string();
+    std::fs::write(dir.join("io"), if io == IoKind::Tap { "tap" } else { "afxdp" })?;
+    let fab = fabric()?;
+    client(&fab)?;
+    for n in 1..=NODES {
+        boot_node(io, &bin, dir, &fab, n)?;
+    }
+    build_cluster(&bin, dir)?;
+    start_tasks(&bin, dir)?;
+    let st = cluster_state(&bin, dir, 1)?;
+    let tasks: Vec<String> = st["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            format!(
+                "{} {} on {}",
+                t["id"].as_str().unwrap_or("?"),
+                t["ip"].as_str().unwrap_or("?"),
+                t["node"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    println!(
+        "lab up: {NODES} nodes (198.18.0.1-{NODES}, {} I/O; managers, Raft and gossip on 198.18.1.0/24), client {CLIENT_IP}, service web published on every node at 30080 (nat) and 30081 (preserve-source), tasks {}",
+        if io == IoKind::Tap { "TAP" } else { "AF_XDP" },
+        tasks.join(", ")
+    );
+    println!(
+        "the CLI on the lab: meshplane --state-dir {}/node1 node ls (or service ls, task ls, lb ls, stats)",
+        dir.display()
+    );
+    println!("next: meshplane lab demo; meshplane lab down");
+    Ok(())
+}
+
+/// A namespace with its loopback up.
+fn netns_add(ns: &str) -> Result<()> {
+    ip(&["netns", "add", ns])?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])
+}
+
+/// A veth pair from the fabric's `bridge` (end `fab_end`) to `ns` (end
+/// `ns_end`), the fabric's end up.
+fn fabric_link(fab: &str, bridge: &str, fab_end: &str, ns: &str, ns_end: &str) -> Result<()> {
+    ip(&["link", "add", fab_end, "netns", fab, "type", "veth", "peer", "name", ns_end, "netns", ns])?;
+    ip(&["-n", fab, "link", "set", fab_end, "master", bridge, "up"])
+}
+
+/// The fabric: a namespace with the underlay (br0) and management (br1)
+/// bridges; its name.
+fn fabric() -> Result<String> {
+    let fab = ns_name("fab");
+    netns_add(&fab)?;
+    for br in ["br0", "br1"] {
+        ip(&["-n", &fab, "link", "add", br, "type", "bridge"])?;
+        ip(&["-n", &fab, "link", "set", br, "up"])?;
+    }
+    let _ = in_ns(&fab, &["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"]);
+    Ok(fab)
+}
+
+/// The client, on the underlay.
+fn client(fab: &str) -> Result<()> {
+    let client = ns_name("c");
+    netns_add(&client)?;
+    fabric_link(fab, "br0", "c", &client, "eth0")?;
+    ip(&["-n", &client, "link", "set", "eth0", "address", "02:00:00:00:00:64", "up"])?;
+    ip(&["-n", &client, "addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
+    sys::tx_offload_off(Some(&client), "eth0")
+}
+
+/// Node `n`: its namespace and its task's, its management NIC, its data
+/// NIC (AF_XDP: a veth on the underlay; TAP: the device the node makes,
+/// moved onto the underlay once it runs), and its process.
+fn boot_node(io: IoKind, bin: &str, dir: &Path, fab: &str, n: u8) -> Result<()> {
+    let (ns, tns) = (ns_name(&format!("n{n}")), ns_name(&format!("t{n}")));
+    netns_add(&ns)?;
+    netns_add(&tns)?;
+    // Management NIC on br1 (Raft, joins, gossip).
+    fabric_link(fab, "br1", &format!("m{n}"), &ns, "mg0")?;
+    ip(&["-n", &ns, "link", "set", "mg0", "up"])?;
+    ip(&["-n", &ns, "addr", "add", &format!("198.18.1.{n}/24"), "dev", "mg0"])?;
+    let data_mac = format!("02:00:00:00:00:0{n}");
+    let uplink = match io {
+        IoKind::Afxdp => {
+            fabric_link(fab, "br0", &format!("n{n}"), &ns, "up0")?;
+            ip(&["-n", &ns, "link", "set", "up0", "address", &data_mac, "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("198.18.0.{n}/24"), "dev", "up0"])?;
+            sys::tx_offload_off(Some(&ns), "up0")?;
+            "up0"
+        }
+        IoKind::Tap => "mpup",
+    };
+    let stats = dir.join(format!("stats{n}.json"));
+    let state = dir.join(format!("node{n}"));
+    let args: [&str; 19] = [
+        bin,
+        "node",
+        "run",
+        "--name",
+        &format!("node{n}"),
+        "--state-dir",
+        &state.display().to_string(),
+        "--advertise-addr",
+        &format!("198.18.1.{n}"),
+        "--data-path-addr",
+        &format!("198.18.0.{n}"),
+        "--data-iface",
+        uplink,
+        "--data-mac",
+        &data_mac,
+        "--io",
+        if io == IoKind::Tap { "tap" } else { "afxdp" },
+        "--stats-file",
+        &stats.display().to_string(),
+    ];
+    std::fs::write(dir.join(format!("node{n}.args")), args.join("\n"))?;
+    spawn(dir, &ns, &format!("node{n}.log"), &args)?;
+    wait(&format!("node {n} to start (see {}/node{n}.log)", dir.display()), 20, || {
+        stats.exists() && state.join("admin.sock").exists()
+    })?;
+    if io == IoKind::Tap {
+        attach_tap_uplink(n)?;
+    }
+    Ok(())
+}
+
+/// The cluster, as a user makes it: node1 initialises it, the others
+/// join as managers (three managers: Raft survives one failure); the
+/// network `app` and the service `web`; a task of it on every node.
+fn build_cluster(bin: &str, dir: &Path) -> Result<()> {
+    let init = cli(bin, dir, 1, &["cluster", "init"])?;
+    let token = init
+        .split_whitespace()
+        .find(|w| w.starts_with("MPTKN-") && init.contains(&format!("manager: meshplane cluster join --token {w}")))
+        .context("no manager token in `cluster init`'s output")?
+        .to_owned();
+    for n in 2..=NODES {
+        cli(bin, dir, n, &["cluster", "join", "--token", &token, "198.18.1.1"])?;
+    }
+    cli(bin, dir, 1, &["network", "create", "--subnet", "198.19.0.0/24", "app"])?;
+    #[rustfmt::skip]
+    cli(bin, dir, 2, &["service", "create", "--name", "web", "--network", "app", "--vip-port", "80",
+        "--publish", "30080:8080", "--publish", "mode=preserve-source,30081:8080", "--scheduler", "rr"])?;
+    for n in 1..=NODES {
+        let tns = ns_name(&format!("t{n}"));
+        let id = format!("web.{n}");
+        let node = format!("node{n}");
+        cli(bin, dir, 3, &["task", "attach", "--service", "web", "--node", &node, "--netns", &tns, "--id", &id])?;
+    }
+    Ok(())
+}
+
+/// Each task's server, once its node has made its port (when its tables
+/// arrive).
+fn start_tasks(bin: &str, dir: &Path) -> Result<()> {
+    for n in 1..=NODES {
+        let tns = ns_name(&format!("t{n}"));
+        wait(&format!("web.{n}'s interface in {tns} (see {}/node{n}.log)", dir.display()), 20, || {
+            sys::output("ip", &["-n", &tns, "-4", "route", "show", "default"]).is_ok_and(|o| !o.is_empty())
+        })?;
+        spawn(
+            dir,
+            &tns,
+            &format!("web.{n}.log"),
+            &[bin, "tool", "http-name", "--listen", "0.0.0.0:8080", "--name", &format!("web.{n}")],
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! The arguments of `meshplane node run`, and the addresses a node is
+//! reached at.
+
+use anyhow::{Result, anyhow};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+/// The default state directory.
+pub(crate) const DEFAULT_STATE_DIR: &str = "/var/lib/meshplane";
+
+/// A management address: IP:PORT, or IP (port 2377).
+pub(crate) fn mgmt_addr(a: &str) -> Result<SocketAddr> {
+    a.parse::<SocketAddr>().or_else(|_| {
+        a.parse::<Ipv4Addr>()
+            .map(|ip| SocketAddr::new(ip.into(), meshplane_control::cluster::MGMT_PORT))
+            .map_err(|_| anyhow!("{a:?}: expected IP or IP:PORT"))
+    })
+}
+
+/// The I/O backend.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum IoKind {
+    /// AF_XDP sockets (an XDP program steers only dataplane traffic to them).
+    Afxdp,
+    /// TAP devices (the dataplane creates them, or attaches to persistent ones).
+    Tap,
+}
+
+/// Arguments of `meshplane node run`.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct RunArgs {
+    /// A node configuration file (TOML; keys as the long flags, with `_`
+    /// for `-`: see examples/node.toml); flags given override it.
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// Static mode: the tables file (TOML; see examples/tables.toml); no
+    /// control plane. Without it the node runs its control plane (state
+    /// in --state-dir; `meshplane cluster init|join` next).
+    #[arg(long)]
+    pub(crate) tables: Option<PathBuf>,
+    /// The data-path interface (the uplink; with `--io tap`, the TAP
+    /// device to create).
+    #[arg(long, visible_alias = "data-iface")]
+    pub(crate) uplink: Option<String>,
+    /// The node's name in the cluster (default: the host name).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// Management address (Raft, joins, admin API; gossip on its IP):
+    /// IP or IP:PORT (port 2377 unless given).
+    #[arg(long)]
+    pub(crate) advertise_addr: Option<String>,
+    /// Data-path address (VXLAN, published ports).
+    #[arg(long)]
+    pub(crate) data_path_addr: Option<Ipv4Addr>,
+    /// The data-path NIC's MAC (default: the interface's; with TAP,
+    /// 02:42 and the data-path address).
+    #[arg(long)]
+    pub(crate) data_mac: Option<String>,
+    /// VXLAN UDP port.
+    #[arg(long)]
+    pub(crate) data_path_port: Option<u16>,
+    /// Gossip UDP port.
+    #[arg(long)]
+    pub(crate) gossip_port: Option<u16>,
+    /// Prometheus metrics (`GET /metrics`, plain HTTP): IP:PORT, or `off`
+    /// (default: the management IP, port 9323).
+    #[arg(long)]
+    pub(crate) metrics_addr: Option<String>,
+    /// The node's state directory (identity, Raft log, admin socket).
+    #[arg(long)]
+    pub(crate) state_dir: Option<PathBuf>,
+    /// A task port: the tables port NAME served by interface IFACE.
+    #[arg(long = "task-port", value_name = "NAME=IFACE", value_parser = parse_task_port)]
+    pub(crate) task_ports: Vec<(String, String)>,
+    /// I/O backend.
+    #[arg(long, value_enum)]
+    pub(crate) io: Option<IoKind>,
+    /// Cores to run workers on, one worker per core, pinned (one unpinned
+    /// worker if omitted). Worker k serves queue k of every port; worker 0
+    /// owns the connection state, and the others hand it the frames that
+    /// touch it.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', conflicts_with = "workers")]
+    pub(crate) cores: Vec<usize>,
+    /// Workers to run, not pinned (the scheduler places them); `--cores`
+    /// pins one per core instead.
+    #[arg(long, value_name = "N")]
+    pub(crate) workers: Option<usize>,
+    /// Poll without ever sleeping (lowest latency; one core at 100%); with
+    /// AF_XDP also sets the sockets' busy-poll options.
+    #[arg(long)]
+    pub(crate) busy_poll: bool,
+    /// Connection-table entries per worker.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub(crate) conntrack: usize,
+    /// Write the counters as JSON to this file every half second and at
+    /// exit (written to a temporary file and renamed).
+    #[arg(long)]
+    pub(crate) stats_file: Option<PathBuf>,
+    /// AF_XDP: attach the XDP program in generic (skb) mode instead of
+    /// trying native mode first.
+    #[arg(long)]
+    pub(crate) xdp_generic: bool,
+    /// AF_XDP: entries of each ring (fill, completion, rx, tx); a power of
+    /// two.
+    #[arg(long, default_value_t = 2048)]
+    pub(crate) xdp_ring: u32,
+    /// AF_XDP: UMEM frames (2 KiB each) per socket; at least twice the
+    /// ring.
+    #[arg(long, default_value_t = 8192)]
+    pub(crate) xdp_frames: u32,
+}
+
+fn parse_task_port(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((n, i)) if !n.is_empty() && !i.is_empty() => Ok((n.to_owned(), i.to_owned())),
+        _ => Err(format!("expected NAME=IFACE (a tables port and an interface), got {s:?}")),
+    }
+}

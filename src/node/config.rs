@@ -1,0 +1,73 @@
+//! A node configuration file (`--config node.toml`): its keys are the
+//! long flags' names with `_`; flags given win.
+
+use super::args::{IoKind, RunArgs};
+use anyhow::{Context, Result};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+/// Keys of a node configuration file (`--config node.toml`): the long
+/// flags' names with `_`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    name: Option<String>,
+    advertise_addr: Option<String>,
+    data_path_addr: Option<Ipv4Addr>,
+    data_iface: Option<String>,
+    data_mac: Option<String>,
+    data_path_port: Option<u16>,
+    gossip_port: Option<u16>,
+    metrics_addr: Option<String>,
+    io: Option<IoKind>,
+    cores: Option<Vec<usize>>,
+    workers: Option<usize>,
+    busy_poll: Option<bool>,
+    state_dir: Option<PathBuf>,
+    conntrack: Option<usize>,
+    stats_file: Option<PathBuf>,
+}
+
+/// The arguments with the configuration file's values where no flag was
+/// given.
+pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
+    let mut a = a.clone();
+    let Some(path) = &a.config else { return Ok(a) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let f: FileConfig = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    a.name = a.name.or(f.name);
+    a.advertise_addr = a.advertise_addr.or(f.advertise_addr);
+    a.data_path_addr = a.data_path_addr.or(f.data_path_addr);
+    a.uplink = a.uplink.or(f.data_iface);
+    a.data_mac = a.data_mac.or(f.data_mac);
+    a.data_path_port = a.data_path_port.or(f.data_path_port);
+    a.gossip_port = a.gossip_port.or(f.gossip_port);
+    a.metrics_addr = a.metrics_addr.or(f.metrics_addr);
+    a.io = a.io.or(f.io);
+    if a.cores.is_empty() && a.workers.is_none() {
+        a.cores = f.cores.unwrap_or_default();
+        a.workers = f.workers;
+    }
+    a.busy_poll |= f.busy_poll.unwrap_or(false);
+    a.state_dir = a.state_dir.or(f.state_dir);
+    if let Some(c) = f.conntrack {
+        a.conntrack = c;
+    }
+    a.stats_file = a.stats_file.or(f.stats_file);
+    Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses_and_flags_win() {
+        let f: FileConfig = toml::from_str(include_str!("../../examples/node.toml")).expect("examples/node.toml");
+        assert_eq!(f.name.as_deref(), Some("node1"));
+        assert_eq!(f.io, Some(IoKind::Afxdp));
+        assert_eq!(f.cores, Some(vec![1]));
+        let bad = toml::from_str::<FileConfig>("nmae = \"x\"");
+        assert!(bad.is_err_and(|e| e.to_string().contains("nmae")), "an unknown key is refused by name");
+    }
+}

@@ -1,0 +1,261 @@
+//! Managed mode (`node run` without `--tables`): the pinned workers start
+//! on the uplink alone, the control thread (`control::cluster::Control`,
+//! on a tokio runtime of its own) joins or resumes the cluster and
+//! publishes this node's tables on every change; the dataplane makes the
+//! ports of the node's tasks (`task_port`) and removes them when the
+//! tasks go.
+//!
+//! SIGTERM or SIGINT: workers stop (sockets closed, the XDP program
+//! detached), the task ports this node made are removed, Raft stops; the
+//! state directory stays as it is, and the node resumes from it.
+
+use super::args::{DEFAULT_STATE_DIR, IoKind, RunArgs, mgmt_addr};
+use super::counters::{conntrack_entries, node_stats};
+use super::task_port::{self, TaskPort};
+use super::workers::{open, spawn_workers, stats_writer, stop_workers, summary, worker_cores};
+use crate::stats::to_value;
+use anyhow::{Context, Result, bail};
+use meshplane_control::cluster::{Config, Control, Dataplane, LocalTask, PublishError};
+use meshplane_dataplane::io::afxdp;
+use meshplane_dataplane::tables::{NodeSpec, Tables, TablesSpec};
+use meshplane_dataplane::wire::MacAddr;
+use meshplane_dataplane::worker::{Bound, Shared};
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// The dataplane side of a managed node.
+struct Managed {
+    shared: Arc<Shared>,
+    steering: Option<afxdp::SteeringHandle>,
+    args: RunArgs,
+    io: IoKind,
+    workers: usize,
+    vxlan_port: Option<u16>,
+    ports: Mutex<BTreeMap<String, TaskPort>>,
+}
+
+impl Managed {
+    /// Removes the interfaces this node made (at stop).
+    fn remove_all(&self) {
+        let ports = std::mem::take(&mut *self.ports.lock().unwrap_or_else(PoisonError::into_inner));
+        for p in ports.values() {
+            p.remove();
+        }
+    }
+
+    /// New tasks: their ports, handed to the workers (which take them with
+    /// the tables that name them).
+    fn add_ports(&self, ports: &mut BTreeMap<String, TaskPort>, tasks: &[LocalTask], tables: &Tables) {
+        for t in tasks {
+            if ports.contains_key(&t.id) {
+                continue;
+            }
+            match task_port::make(self.io, self.workers, &self.args, t, tables) {
+                Ok((p, queues)) => {
+                    tracing::info!("task {} on port {} ({})", t.id, p.iface, t.ip);
+                    for (k, q) in queues.into_iter().enumerate() {
+                        self.shared.change_ports(k, vec![Bound::new(&t.id, q)], &[]);
+                    }
+                    ports.insert(t.id.clone(), p);
+                }
+                // Its frames are counted as unbound until a later change
+                // makes the port.
+                Err(e) => tracing::warn!("{e:#}"),
+            }
+        }
+    }
+
+    /// Gone tasks: once every worker has closed their ports (at the swap
+    /// to the tables without them), their interfaces go.
+    fn remove_ports(&self, ports: &mut BTreeMap<String, TaskPort>, gone: Vec<String>) {
+        let v = self.shared.version();
+        let t0 = Instant::now();
+        while (0..self.workers).any(|k| self.shared.in_use(k) < v) && t0.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for id in gone {
+            if let Some(p) = ports.remove(&id) {
+                tracing::info!("task {id} gone; port {} removed", p.iface);
+                p.remove();
+            }
+        }
+    }
+}
+
+impl Dataplane for Managed {
+    fn publish(&self, mut spec: TablesSpec, tasks: Vec<LocalTask>) -> Result<(), PublishError> {
+        if let Some(p) = self.vxlan_port {
+            spec.node.vxlan_port = p;
+        }
+        spec.node.reset_closed_ports = self.io == IoKind::Tap;
+        let tables = Tables::compile(&spec).map_err(|e| e.to_string())?;
+        let mut ports = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
+        self.add_ports(&mut ports, &tasks, &tables);
+        let gone: Vec<String> = ports.keys().filter(|id| !tasks.iter().any(|t| t.id == **id)).cloned().collect();
+        for k in 0..self.workers {
+            self.shared.change_ports(k, vec![], &gone);
+        }
+        if let Some(h) = &self.steering
+            && let Err(e) = h.set(&afxdp::Steering::for_tables(&tables))
+        {
+            tracing::warn!("updating the XDP steering maps: {e}");
+        }
+        self.shared.publish(tables);
+        if !gone.is_empty() {
+            self.remove_ports(&mut ports, gone);
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        to_value(&node_stats(&self.shared))
+    }
+
+    fn conntrack(&self) -> serde_json::Value {
+        to_value(&conntrack_entries(&self.shared))
+    }
+}
+
+fn mac_of(iface: &str) -> Option<MacAddr> {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).ok()?.trim().parse().ok()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+/// The addresses a managed node needs, from its arguments.
+struct Addresses {
+    uplink: String,
+    data_ip: Ipv4Addr,
+    advertise: SocketAddr,
+    metrics: Option<SocketAddr>,
+}
+
+fn addresses(a: &RunArgs) -> Result<Addresses> {
+    let uplink = a.uplink.clone().context("--data-iface (--uplink) is needed")?;
+    let data_ip = a.data_path_addr.context("--data-path-addr is needed")?;
+    let adv = a.advertise_addr.as_deref().context("--advertise-addr is needed (the management address)")?;
+    let advertise = mgmt_addr(adv).context("--advertise-addr")?;
+    let metrics: Option<SocketAddr> = match a.metrics_addr.as_deref() {
+        Some("off") => None,
+        Some(m) => Some(m.parse().with_context(|| format!("--metrics-addr {m:?}: IP:PORT or off"))?),
+        None => Some(SocketAddr::new(advertise.ip(), crate::metrics::DEFAULT_PORT)),
+    };
+    if !a.task_ports.is_empty() {
+        bail!("--task-port is for static mode (--tables); a managed node makes its tasks' ports");
+    }
+    Ok(Addresses { uplink, data_ip, advertise, metrics })
+}
+
+/// The data-path NIC's MAC: `--data-mac`, else the uplink's (AF_XDP) or
+/// one made from the data-path address (TAP).
+fn data_mac(a: &RunArgs, io: IoKind, ad: &Addresses) -> Result<MacAddr> {
+    Ok(match (&a.data_mac, io) {
+        (Some(m), _) => m.parse().map_err(|e| anyhow::anyhow!("--data-mac {m:?}: {e}"))?,
+        (None, IoKind::Afxdp) => mac_of(&ad.uplink).with_context(|| format!("reading {}'s MAC", ad.uplink))?,
+        (None, IoKind::Tap) => meshplane_control::state::mac_for(ad.data_ip),
+    })
+}
+
+/// The tables of a node alone, before the control plane publishes: the
+/// uplink only.
+fn first_tables(a: &RunArgs, io: IoKind, ad: &Addresses, data_mac: MacAddr) -> Result<Tables> {
+    let spec = TablesSpec {
+        version: 0,
+        node: NodeSpec {
+            data_ip: ad.data_ip,
+            data_mac,
+            vxlan_port: a.data_path_port.unwrap_or(meshplane_dataplane::wire::vxlan::DEFAULT_PORT),
+            underlay_mtu: 1500,
+            ttl: 64,
+            next_hop_mac: None,
+            neighbours: vec![],
+            reset_closed_ports: io == IoKind::Tap,
+        },
+        networks: vec![],
+        ports: vec![],
+        endpoints: vec![],
+        services: vec![],
+    };
+    Ok(Tables::compile(&spec)?)
+}
+
+/// Runs a node with its control plane until SIGTERM/SIGINT.
+pub(crate) fn run(a: &RunArgs) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let io = a.io.context("--io afxdp|tap is needed")?;
+    let ad = addresses(a)?;
+    let name = a.name.clone().unwrap_or_else(hostname);
+    let state_dir = a.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let cores = worker_cores(a)?;
+    let n = cores.len();
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+
+    // Until the control plane publishes: this node alone, the uplink only.
+    let data_mac = data_mac(a, io, &ad)?;
+    let t = first_tables(a, io, &ad, data_mac)?;
+    let (uplinks, steering) = open(io, &ad.uplink, true, n, &t, a).context("opening the uplink")?;
+    let shared = Shared::new(t, n);
+    let per_worker = uplinks.into_iter().map(|p| vec![Bound::new("uplink", p)]).collect();
+    let handles = spawn_workers(per_worker, &cores, &shared, a)?;
+    let dp = Arc::new(Managed {
+        shared: shared.clone(),
+        steering,
+        args: a.clone(),
+        io,
+        workers: n,
+        vxlan_port: a.data_path_port,
+        ports: Mutex::new(BTreeMap::new()),
+    });
+
+    // The control thread.
+    let cfg = Config {
+        name: name.clone(),
+        advertise: ad.advertise,
+        data_ip: ad.data_ip,
+        data_mac,
+        gossip_port: a.gossip_port.unwrap_or(meshplane_control::cluster::GOSSIP_PORT),
+        state_dir: state_dir.clone(),
+        snapshot_every: 1000,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("mp-control")
+        .enable_all()
+        .build()
+        .context("starting the control thread")?;
+    let dpc: Arc<dyn Dataplane> = dp.clone();
+    let control = rt.block_on(Control::start(cfg, dpc)).map_err(anyhow::Error::msg)?;
+    if let Some(m) = ad.metrics {
+        match rt.block_on(tokio::net::TcpListener::bind(m)) {
+            Ok(l) => {
+                rt.spawn(crate::metrics::serve(l, control.clone()));
+            }
+            Err(e) => tracing::warn!("metrics on {m}: {e}; no metrics endpoint"),
+        }
+    }
+    tracing::info!(
+        "node {name} running ({io:?} I/O on {}, {n} worker{}); management {}, data {}; admin socket {}; metrics {}",
+        ad.uplink,
+        if n == 1 { "" } else { "s" },
+        ad.advertise,
+        ad.data_ip,
+        state_dir.join("admin.sock").display(),
+        ad.metrics.map_or("off".to_owned(), |m| format!("http://{m}/metrics"))
+    );
+    let stats = stats_writer(a.stats_file.clone(), &shared);
+
+    let _ = signals.forever().next();
+    tracing::info!("stopping");
+    rt.block_on(control.shutdown());
+    drop(control);
+    rt.shutdown_timeout(Duration::from_secs(2));
+    let reports = stop_workers(&shared, handles, stats, a.stats_file.as_deref())?;
+    dp.remove_all();
+    tracing::info!("stopped; {}", summary(&reports));
+    Ok(())
+}

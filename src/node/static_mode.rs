@@ -1,0 +1,87 @@
+//! Static mode (`node run --tables FILE`): the dataplane alone, from a
+//! tables file, with no control plane (as `ipvsadm` is used without an
+//! orchestrator). SIGTERM or SIGINT stops it cleanly; SIGHUP reloads the
+//! tables file (a bad file is reported and the old tables stay).
+
+use super::args::RunArgs;
+use super::workers::{open, spawn_workers, stats_writer, stop_workers, summary, worker_cores};
+use anyhow::{Context, Result};
+use meshplane_dataplane::io::afxdp;
+use meshplane_dataplane::tables::Tables;
+use meshplane_dataplane::worker::{Bound, Shared, bind};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Runs the dataplane from the tables file `tables` until SIGTERM/SIGINT.
+pub(crate) fn run(a: &RunArgs, tables: &Path) -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let path = tables.display().to_string();
+    let io = a.io.context("--io afxdp|tap is needed")?;
+    let uplink = a.uplink.as_deref().context("--uplink (--data-iface) is needed")?;
+    let t = Tables::load(&path)?;
+    let cores = worker_cores(a)?;
+    let n = cores.len();
+    // Signals first: a SIGTERM while the ports are being opened still
+    // stops the node cleanly.
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+
+    // Queue k of every port belongs to worker k.
+    let (uplinks, steering) = open(io, uplink, true, n, &t, a).context("opening the uplink")?;
+    let mut per_worker: Vec<Vec<Bound>> = uplinks.into_iter().map(|p| vec![Bound::new("uplink", p)]).collect();
+    for (name, iface) in &a.task_ports {
+        let (ps, _) = open(io, iface, false, n, &t, a).with_context(|| format!("opening task port {name}"))?;
+        for (k, p) in ps.into_iter().enumerate() {
+            per_worker[k].push(Bound::new(name, p));
+        }
+    }
+    for ports in &per_worker {
+        bind(&t, ports)?;
+    }
+    let names: Vec<String> = per_worker[0].iter().map(|p| format!("{}={}", p.name, p.io.name())).collect();
+    let shared = Shared::new(t, n);
+    let handles = spawn_workers(per_worker, &cores, &shared, a)?;
+    tracing::info!(
+        "node running ({:?} I/O, {n} worker{} on {}): ports {}",
+        io,
+        if n == 1 { "" } else { "s" },
+        if a.cores.is_empty() { "any core".to_owned() } else { format!("cores {:?}", a.cores) },
+        names.join(", ")
+    );
+
+    let stats = stats_writer(a.stats_file.clone(), &shared);
+    for sig in signals.forever() {
+        match sig {
+            SIGHUP => reload(&path, &shared, steering.as_ref()),
+            _ => break,
+        }
+    }
+    let reports = stop_workers(&shared, handles, stats, a.stats_file.as_deref())?;
+    tracing::info!("stopped; {}", summary(&reports));
+    Ok(())
+}
+
+/// SIGHUP: the tables file again, published if it keeps every port this
+/// node serves; else the old tables stay.
+fn reload(path: &str, shared: &Arc<Shared>, steering: Option<&afxdp::SteeringHandle>) {
+    match Tables::load(path) {
+        Ok(nt) => {
+            // The worker takes only tables that keep its ports.
+            let ok = shared.tables().ports.iter().all(|p| nt.port_id(&p.name).is_some());
+            if ok {
+                // The steering program learns new published ports and
+                // VIPs before the worker uses the tables.
+                if let Some(h) = steering
+                    && let Err(e) = h.set(&afxdp::Steering::for_tables(&nt))
+                {
+                    tracing::warn!("updating the XDP steering maps: {e}");
+                }
+                shared.publish(nt);
+                tracing::info!("tables reloaded from {path} (version {})", shared.version());
+            } else {
+                tracing::warn!("{path}: the new tables drop a port this node serves; keeping the old tables");
+            }
+        }
+        Err(e) => tracing::warn!("reloading {path}: {e}; keeping the old tables"),
+    }
+}

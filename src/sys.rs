@@ -1,0 +1,53 @@
+//! The system commands a node and the lab run (`ip`, `ethtool`, `kill`,
+//! …), each given as an argument vector: no command line is ever split
+//! on spaces, so a name with a space in it stays one argument.
+
+use anyhow::{Context, Result, bail};
+use std::process::Command;
+
+/// Runs `program` with `args`; its stderr in the error if it fails.
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Runs `program` with `args`; its stdout (empty if it could not start).
+pub(crate) fn output(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `ip` with `args`.
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
+    run("ip", args)
+}
+
+/// Runs `args` (a program and its arguments) in network namespace `ns`.
+pub(crate) fn in_ns(ns: &str, args: &[&str]) -> Result<()> {
+    let mut v = vec!["netns", "exec", ns];
+    v.extend_from_slice(args);
+    ip(&v)
+}
+
+/// Turns transmit offloads off on `iface` (in `ns`, if given): the
+/// dataplane forwards frames, it does not complete their checksums.
+pub(crate) fn tx_offload_off(ns: Option<&str>, iface: &str) -> Result<()> {
+    let args = ["ethtool", "-K", iface, "tx", "off"];
+    match ns {
+        Some(ns) => in_ns(ns, &args),
+        None => run(args[0], &args[1..]),
+    }
+}
+
+/// Removes interface `iface` (errors ignored: it may be gone already).
+pub(crate) fn link_del(iface: &str) {
+    let _ = ip(&["link", "del", iface]);
+}
+
+/// Sends `signal` (`-TERM`, `-KILL`) to `pid`; whether it was delivered.
+pub(crate) fn kill(signal: &str, pid: &str) -> bool {
+    Command::new("kill").args([signal, pid]).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
+}
