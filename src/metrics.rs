@@ -4,7 +4,7 @@
 //! the dataplane keeps, per worker (ports, drops by reason, connection
 //! table, handoffs, services and backends), and the control plane's (state
 //! version, node liveness, gossip), read from the admin API in the schema
-//! of `crate::stats` and encoded by the `prometheus-client` crate.
+//! of `dataplane::report` (`crate::stats`) and encoded by the `prometheus-client` crate.
 //!
 //! A client that asks for OpenMetrics (`Accept:
 //! application/openmetrics-text`, as Prometheus does) gets the crate's

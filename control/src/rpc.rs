@@ -12,6 +12,7 @@
 use crate::pki::{JoinRole, NodeIdentity, PkiError};
 use crate::state::{ClusterState, Command, StateError};
 use core::net::SocketAddr;
+use meshplane_dataplane::report::NodeStats;
 use openraft::BasicNode;
 use openraft::error::{ClientWriteError, InitializeError, InstallSnapshotError, RaftError};
 use openraft::raft::{
@@ -40,6 +41,42 @@ openraft::declare_raft_types!(
 
 /// Why a Raft write (or membership change) failed, as openraft says it.
 pub type RaftWriteError = RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>;
+
+/// Gossip's counters and view (the control plane's part of `stats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipStats {
+    /// The members gossip sees.
+    pub members: Vec<String>,
+    /// Packets sent.
+    pub sent: u64,
+    /// Packets received and accepted.
+    pub received: u64,
+    /// Packets dropped: too short.
+    pub rejected_short: u64,
+    /// Packets dropped: sealed with a key this node does not have.
+    pub rejected_unknown_key: u64,
+    /// Packets dropped: their tag did not verify.
+    pub rejected_bad_tag: u64,
+    /// Packets dropped: opened but not decodable.
+    pub rejected_undecodable: u64,
+}
+
+impl GossipStats {
+    /// Packets rejected, for any reason.
+    pub fn rejected(&self) -> u64 {
+        self.rejected_short + self.rejected_unknown_key + self.rejected_bad_tag + self.rejected_undecodable
+    }
+}
+
+/// The admin API's `stats` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminStats {
+    /// The dataplane's counters.
+    pub dataplane: NodeStats,
+    /// Gossip's (none before the node is in a cluster).
+    pub gossip: Option<GossipStats>,
+}
 
 /// A management-plane request.
 #[derive(Serialize, Deserialize)]
@@ -289,6 +326,14 @@ pub enum ApiError {
         name: String,
         /// Why.
         why: Refusal,
+    },
+    /// An answer that could not be put into JSON.
+    #[error("encoding the {what} answer: {detail}")]
+    Encode {
+        /// Which answer.
+        what: String,
+        /// The encoder's error.
+        detail: String,
     },
     /// A forwarded request: the manager answered something else.
     #[error("{name}: unexpected answer")]

@@ -13,6 +13,7 @@ use meshplane_control::cluster::{AdminRequest, Config, Control, Dataplane};
 use meshplane_control::pki::JoinRole;
 use meshplane_control::state::{Command, PublishRequest};
 use meshplane_dataplane::lb::sched::Scheduler;
+use meshplane_dataplane::report::NodeStats;
 use meshplane_dataplane::tables::TablesSpec;
 use meshplane_dataplane::tables::services::{MeshMode, Proto};
 use serde_json::Value;
@@ -35,8 +36,8 @@ impl Dataplane for Recorder {
         *self.last.lock().unwrap() = Some(spec);
         Ok(())
     }
-    fn stats(&self) -> Value {
-        Value::Null
+    fn stats(&self) -> NodeStats {
+        NodeStats { tables_version: 0, workers: Vec::new() }
     }
 }
 

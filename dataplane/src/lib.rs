@@ -16,6 +16,7 @@ pub mod overlay;
 pub mod packet;
 pub mod pcap;
 pub mod pipeline;
+pub mod report;
 pub mod tables;
 pub mod wire;
 pub mod worker;

@@ -4,7 +4,7 @@
 //! `args`, the client in `client`, printing in `render`, one module per
 //! noun. Human tables by default, `--format json` for scripts; refused
 //! requests print the node's reason and exit non-zero. The counters are
-//! read in the schema of `crate::stats`.
+//! read in the schema of `dataplane::report` (`crate::stats`).
 
 pub(crate) mod args;
 mod client;

@@ -1,4 +1,4 @@
-//! The node's statistics in the shared schema (`crate::stats`), made from
+//! The node's statistics in the shared schema (`dataplane::report`), made from
 //! the workers' last published counters and named from the tables in use:
 //! for the stats file, and the admin API's `stats` and `conntrack`.
 

@@ -13,7 +13,7 @@ use super::args::{DEFAULT_STATE_DIR, IoKind, RunArgs, mgmt_addr};
 use super::counters::{conntrack_entries, node_stats};
 use super::task_port::{self, TaskPort};
 use super::workers::{open, spawn_workers, stats_writer, stop_workers, summary, worker_cores};
-use crate::stats::to_value;
+use crate::stats::{ConntrackEntry, NodeStats};
 use anyhow::{Context, Result, bail};
 use meshplane_control::cluster::{Config, Control, Dataplane, LocalTask, PublishError};
 use meshplane_dataplane::io::afxdp;
@@ -110,12 +110,12 @@ impl Dataplane for Managed {
         Ok(())
     }
 
-    fn stats(&self) -> serde_json::Value {
-        to_value(&node_stats(&self.shared))
+    fn stats(&self) -> NodeStats {
+        node_stats(&self.shared)
     }
 
-    fn conntrack(&self) -> serde_json::Value {
-        to_value(&conntrack_entries(&self.shared))
+    fn conntrack(&self) -> Vec<ConntrackEntry> {
+        conntrack_entries(&self.shared)
     }
 }
 

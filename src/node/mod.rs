@@ -3,7 +3,7 @@
 //! control plane, which makes the ports of the node's tasks (`managed`,
 //! `task_port`). Both start their workers the same way (`workers`) and
 //! report the same counters (`counters`, in the schema of
-//! `crate::stats`). System commands go through `crate::sys`; nothing here
+//! `dataplane::report`). System commands go through `crate::sys`; nothing here
 //! uses the lab.
 
 pub(crate) mod args;

@@ -3,7 +3,7 @@
 
 use super::gossip_loop::new_gossip_key;
 use super::{AdminRequest, AdminResponse, ApiError, Control, raft_id};
-use crate::rpc::{FrameError, read_frame, write_frame};
+use crate::rpc::{AdminStats, FrameError, read_frame, write_frame};
 use crate::state::Command;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -59,14 +59,14 @@ impl Control {
             }
             AdminRequest::Conntrack => {
                 let dp = self.dp.clone();
-                tokio::task::spawn_blocking(move || dp.conntrack())
+                let entries = tokio::task::spawn_blocking(move || dp.conntrack())
                     .await
-                    .map_err(|e| ApiError::Conntrack(e.to_string()))
+                    .map_err(|e| ApiError::Conntrack(e.to_string()))?;
+                to_json("conntrack", &entries)
             }
             AdminRequest::Stats => {
-                let dp = self.dp.stats();
                 let gossip = self.lock().gossip.clone();
-                Ok(serde_json::json!({ "dataplane": dp, "gossip": gossip }))
+                to_json("stats", &AdminStats { dataplane: self.dp.stats(), gossip })
             }
         }
     }
@@ -147,4 +147,9 @@ impl Control {
         });
         Ok(())
     }
+}
+
+/// An admin answer as the JSON the admin API carries.
+fn to_json<T: serde::Serialize>(what: &'static str, t: &T) -> AdminResponse {
+    serde_json::to_value(t).map_err(|e| ApiError::Encode { what: what.into(), detail: e.to_string() })
 }

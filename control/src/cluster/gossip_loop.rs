@@ -4,25 +4,13 @@
 
 use super::Control;
 use crate::gossip::{Gossip, GossipId, Keyring, MemberEvent, Output};
+use crate::rpc::GossipStats;
 use crate::state::{ClusterState, Command};
 use core::net::{IpAddr, SocketAddr};
-use serde::Serialize;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// Gossip's counters and view, for `stats` and `node ls`.
-#[derive(Debug, Clone, Default, Serialize)]
-pub(super) struct GossipSummary {
-    members: Vec<String>,
-    sent: u64,
-    received: u64,
-    rejected_short: u64,
-    rejected_unknown_key: u64,
-    rejected_bad_tag: u64,
-    rejected_undecodable: u64,
-}
 
 /// The timers gossip asked for, with when each is due.
 type Timers = Vec<(Instant, foca::Timer<GossipId>)>;
@@ -151,8 +139,8 @@ fn due_timers(g: &mut Gossip, timers: &mut Timers) -> Output {
     out
 }
 
-fn summary(g: &Gossip) -> GossipSummary {
-    GossipSummary {
+fn summary(g: &Gossip) -> GossipStats {
+    GossipStats {
         members: g.members().iter().map(|m| m.addr.to_string()).collect(),
         sent: g.stats.sent,
         received: g.stats.received,

@@ -32,11 +32,11 @@ pub use admin::admin_call;
 use crate::compile::compile;
 use crate::pki::NodeIdentity;
 use crate::raft::{NodeId, Raft, StateMachine, answer_if_running};
-use crate::rpc::{Refusal, Request, Response};
+use crate::rpc::{GossipStats, Refusal, Request, Response};
 use crate::state::{Availability, ClusterState, Node, Role};
 use crate::tls::{Handler, Server, TlsNetwork, answer_join, serve_with};
 use core::net::{Ipv4Addr, SocketAddr};
-use gossip_loop::GossipSummary;
+use meshplane_dataplane::report::{ConntrackEntry, NodeStats};
 use meshplane_dataplane::tables::TablesSpec;
 use meshplane_dataplane::wire::MacAddr;
 use serde::{Deserialize, Serialize};
@@ -118,11 +118,11 @@ pub trait Dataplane: Send + Sync + 'static {
     /// from a blocking context; an error is logged and the next change
     /// tries again.
     fn publish(&self, spec: TablesSpec, tasks: Vec<LocalTask>) -> Result<(), PublishError>;
-    /// The dataplane's counters, as JSON (admin `stats`).
-    fn stats(&self) -> serde_json::Value;
-    /// The dataplane's tracked connections, as JSON (admin `conntrack`).
-    fn conntrack(&self) -> serde_json::Value {
-        serde_json::Value::Null
+    /// The dataplane's counters (admin `stats`, under `dataplane`).
+    fn stats(&self) -> NodeStats;
+    /// The dataplane's tracked connections (admin `conntrack`).
+    fn conntrack(&self) -> Vec<ConntrackEntry> {
+        Vec::new()
     }
 }
 
@@ -150,7 +150,7 @@ struct Inner {
     /// Nodes gossip declared down.
     down: BTreeSet<String>,
     last_tables: Option<TablesSpec>,
-    gossip: Option<GossipSummary>,
+    gossip: Option<GossipStats>,
     _server: Option<Server>,
 }
 

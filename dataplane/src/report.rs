@@ -1,0 +1,167 @@
+//! The one schema of a node's statistics, shared by everything that
+//! writes or reads them: the node produces it from its workers' counters,
+//! writes it to the stats file and answers the admin API's `stats` (under
+//! `dataplane`, beside the control plane's gossip counters) and
+//! `conntrack` with it; the CLI (`stats`, `lb ls`, `conntrack ls`), the lab
+//! and the metrics endpoint read it back into the same structs. No field
+//! has a default and unknown fields are refused: a missing or renamed
+//! field is an error where it is read, never a silent 0.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+/// A node's dataplane counters: the stats file, and the admin API's
+/// `stats` answer under `dataplane`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeStats {
+    /// The version of the tables the node published last.
+    pub tables_version: u64,
+    /// Every worker's last published counters.
+    pub workers: Vec<WorkerStats>,
+}
+
+/// One worker's counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerStats {
+    /// The tables version the worker uses.
+    pub tables_version: u64,
+    /// Per I/O port: the port's own counters.
+    pub ports: Vec<PortStats>,
+    /// Frames dropped, by reason (reasons with none are left out).
+    pub drops: BTreeMap<String, u64>,
+    /// Frames passed to the kernel.
+    pub passed: u64,
+    /// Frames for a port this worker has no I/O for.
+    pub unbound: u64,
+    /// Connection-table entries in use.
+    pub conntrack_entries: u64,
+    /// Connections balanced (over the services).
+    pub new_connections: u64,
+    /// Frames handed to worker 0 (connection state).
+    pub handed_off: u64,
+    /// Frames worker 0 took from the others.
+    pub handed_in: u64,
+    /// Frames dropped: worker 0's inbox was full.
+    pub handoff_full: u64,
+    /// Rounds that received frames.
+    pub busy_rounds: u64,
+    /// Times the worker slept waiting for frames.
+    pub idle_waits: u64,
+    /// Per service of the tables in use.
+    pub services: Vec<ServiceStats>,
+    /// The pipeline's counters per tables port (frames and bytes).
+    pub traffic: Vec<Traffic>,
+}
+
+/// The pipeline's counters of one tables port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Traffic {
+    /// The tables port.
+    pub port: String,
+    /// Frames received.
+    pub rx_packets: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Frames sent.
+    pub tx_packets: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+}
+
+/// An I/O port's own counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortStats {
+    /// The tables port it serves.
+    pub name: String,
+    /// Frames received.
+    pub rx: u64,
+    /// Frames sent.
+    pub tx: u64,
+    /// Frames not sent: the transmit ring was full.
+    pub tx_full: u64,
+    /// Frames received too large for a buffer.
+    pub rx_oversize: u64,
+    /// I/O errors.
+    pub errors: u64,
+}
+
+/// A service's counters in one worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceStats {
+    /// The service.
+    pub name: String,
+    /// Packets balanced.
+    pub packets: u64,
+    /// Bytes balanced.
+    pub bytes: u64,
+    /// Connections scheduled.
+    pub new_connections: u64,
+    /// Per backend, in the tables' order.
+    pub backends: Vec<BackendStats>,
+}
+
+/// A backend's counters in one worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendStats {
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// Its port.
+    pub port: u16,
+    /// Its weight (0: draining).
+    pub weight: u32,
+    /// Packets balanced to it.
+    pub packets: u64,
+    /// Bytes balanced to it.
+    pub bytes: u64,
+    /// Connections scheduled to it.
+    pub new_connections: u64,
+    /// Connections to it tracked now.
+    pub active: u32,
+}
+
+/// One direction of a tracked connection (the admin API's `conntrack`
+/// answer is a list of them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConntrackEntry {
+    /// The worker whose table holds it.
+    pub worker: usize,
+    /// `tcp`, `udp` or `other`.
+    pub proto: String,
+    /// Source IP:PORT.
+    pub src: String,
+    /// Destination IP:PORT.
+    pub dst: String,
+    /// `forward` or `reply`.
+    pub direction: String,
+    /// The service (none if the tables no longer have it).
+    pub service: Option<String>,
+    /// The backend IP:PORT (empty if unknown).
+    pub backend: String,
+    /// `udp`, `syn_recv`, `established`, `fin_wait` or `close`.
+    pub state: String,
+    /// Seconds until it expires.
+    pub expires_in_s: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_renamed_or_missing_counter_is_an_error_not_a_zero() {
+        let ok = serde_json::json!({ "name": "uplink", "rx": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0 });
+        assert!(serde_json::from_value::<PortStats>(ok.clone()).is_ok());
+        let renamed = serde_json::json!({ "name": "uplink", "rx_frames": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0 });
+        assert!(serde_json::from_value::<PortStats>(renamed).is_err());
+        let missing = serde_json::json!({ "name": "uplink", "rx": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0 });
+        assert!(serde_json::from_value::<PortStats>(missing).is_err());
+    }
+}
