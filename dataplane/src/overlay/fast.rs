@@ -103,7 +103,7 @@ pub(crate) fn uplink_vxlan(frame: &mut Frame<'_>, t: &Tables, cache: &mut BurstC
         return None;
     }
     let Location::Local(out) = *t.fdb.get(&mac_key_at(net, ih.dst_mac_word()))? else { return None };
-    let Location::Remote(i) = *t.fdb.get(&mac_key_at(net, &ih.src_mac_and_type()))? else { return None };
+    let Location::Remote(i) = *t.fdb.get(&mac_key_at(net, ih.src_mac_and_type()))? else { return None };
     if t.template_vtep.get(i as usize)?.octets() != outer_src {
         return None;
     }

@@ -525,7 +525,7 @@ impl PortFast {
     pub fn admit(&self, h: &Head<'_>, d: &[u8]) -> Option<usize> {
         let total = h.total_len();
         let ok = !h.dst_is_group()
-            && h.src_mac_and_type() == self.l2
+            && *h.src_mac_and_type() == self.l2
             && h.bytes()[frame::field::VER_IHL] == 0x45
             && !h.is_fragment()
             && h.src_ip() == self.ip

@@ -81,9 +81,9 @@ impl<'a> Head<'a> {
     /// The source MAC and the EtherType, as one 8-byte array (what a task
     /// port's own frames start with, after the destination).
     #[inline(always)]
-    pub fn src_mac_and_type(&self) -> [u8; 8] {
-        let h = self.0;
-        [h[6], h[7], h[8], h[9], h[10], h[11], h[12], h[13]]
+    pub fn src_mac_and_type(&self) -> &'a [u8; 8] {
+        let (_, rest) = self.0.split_at(field::SRC_MAC.start);
+        rest.first_chunk().unwrap_or_else(|| unreachable!())
     }
     /// True if the destination MAC is a group (broadcast or multicast) MAC.
     #[inline(always)]
