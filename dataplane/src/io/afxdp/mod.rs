@@ -193,10 +193,21 @@ impl XdpProgram {
         if rc != 0 {
             return Err(neg_errno("loading the steering program (is this root?)", iface, rc));
         }
+        let prog_fd = p.program_fd(iface, prog)?;
+        p.xsks = p.map_fd(iface, "xsks")?;
+        p.config = p.map_fd(iface, "config")?;
+        p.services = p.map_fd(iface, "services")?;
+        p.stats = p.map_fd(iface, "stats")?;
+        p.attach_fd(iface, prog_fd)?;
+        Ok(p)
+    }
+
+    /// The descriptor of the loaded object's program `prog`.
+    fn program_fd(&self, iface: &str, prog: &str) -> Result<RawFd, IoError> {
         let name = CString::new(prog)
             .map_err(|_| IoError::Config { port: iface.to_owned(), msg: "bad program name".into() })?;
         // SAFETY: `obj` is loaded and `name` NUL-terminated.
-        let prog_ptr = unsafe { libxdp_sys::bpf_object__find_program_by_name(p.obj, name.as_ptr()) };
+        let prog_ptr = unsafe { libxdp_sys::bpf_object__find_program_by_name(self.obj, name.as_ptr()) };
         if prog_ptr.is_null() {
             return Err(IoError::Config {
                 port: iface.to_owned(),
@@ -204,46 +215,46 @@ impl XdpProgram {
             });
         }
         // SAFETY: `prog_ptr` is a program of the loaded object.
-        let prog_fd = unsafe { libxdp_sys::bpf_program__fd(prog_ptr) };
-        let map = |n: &str| -> Result<RawFd, IoError> {
-            let c =
-                CString::new(n).map_err(|_| IoError::Config { port: iface.to_owned(), msg: "bad map name".into() })?;
-            // SAFETY: `obj` is loaded and `c` NUL-terminated.
-            let fd = unsafe { libxdp_sys::bpf_object__find_map_fd_by_name(p.obj, c.as_ptr()) };
-            if fd < 0 {
-                return Err(IoError::Config {
-                    port: iface.to_owned(),
-                    msg: format!("no map {n} in the steering object"),
-                });
-            }
-            Ok(fd)
-        };
-        p.xsks = map("xsks")?;
-        p.config = map("config")?;
-        p.services = map("services")?;
-        p.stats = map("stats")?;
+        Ok(unsafe { libxdp_sys::bpf_program__fd(prog_ptr) })
+    }
+
+    /// The descriptor of the loaded object's map `n`.
+    fn map_fd(&self, iface: &str, n: &str) -> Result<RawFd, IoError> {
+        let c = CString::new(n).map_err(|_| IoError::Config { port: iface.to_owned(), msg: "bad map name".into() })?;
+        // SAFETY: `obj` is loaded and `c` NUL-terminated.
+        let fd = unsafe { libxdp_sys::bpf_object__find_map_fd_by_name(self.obj, c.as_ptr()) };
+        if fd < 0 {
+            return Err(IoError::Config { port: iface.to_owned(), msg: format!("no map {n} in the steering object") });
+        }
+        Ok(fd)
+    }
+
+    /// Attaches the program `prog_fd` to the interface: natively unless
+    /// `generic` (or native fails: then generic, logged).
+    fn attach_fd(&mut self, iface: &str, prog_fd: RawFd) -> Result<(), IoError> {
+        let ifindex = self.ifindex;
         let try_attach = |flags: u32| {
             // SAFETY: a valid ifindex and program fd; null options.
-            unsafe { libxdp_sys::bpf_xdp_attach(ifindex as i32, prog_fd, flags, core::ptr::null()) }
+            unsafe { libxdp_sys::bpf_xdp_attach(ifindex, prog_fd, flags, core::ptr::null()) }
         };
-        if !generic {
+        if !self.generic {
             let rc = try_attach(XDP_FLAGS_DRV_MODE);
             if rc == 0 {
-                p.flags = XDP_FLAGS_DRV_MODE;
-                return Ok(p);
+                self.flags = XDP_FLAGS_DRV_MODE;
+                return Ok(());
             }
             tracing::warn!(
                 "{iface}: native XDP unavailable ({}); using generic XDP",
                 std::io::Error::from_raw_os_error(-rc)
             );
-            p.generic = true;
+            self.generic = true;
         }
         let rc = try_attach(XDP_FLAGS_SKB_MODE);
         if rc != 0 {
             return Err(neg_errno("attaching the XDP program", iface, rc));
         }
-        p.flags = XDP_FLAGS_SKB_MODE;
-        Ok(p)
+        self.flags = XDP_FLAGS_SKB_MODE;
+        Ok(())
     }
 
     fn update<K, V>(&self, fd: RawFd, key: &K, value: &V, what: &'static str, port: &str) -> Result<(), IoError> {
