@@ -21,6 +21,8 @@ pub enum Layer {
     Icmpv4,
     /// VXLAN.
     Vxlan,
+    /// The virtio-net header of a TAP with `IFF_VNET_HDR`.
+    VirtioNet,
 }
 
 impl core::fmt::Display for Layer {
@@ -34,6 +36,7 @@ impl core::fmt::Display for Layer {
             Layer::Tcp => "tcp",
             Layer::Icmpv4 => "icmpv4",
             Layer::Vxlan => "vxlan",
+            Layer::VirtioNet => "virtio-net",
         })
     }
 }

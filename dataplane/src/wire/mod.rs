@@ -21,6 +21,7 @@ pub mod parse;
 pub mod rewrite;
 pub mod tcp;
 pub mod udp;
+pub mod virtio_net;
 pub mod vxlan;
 
 pub use error::{Layer, WireError};
