@@ -166,7 +166,7 @@ impl VirtioNetHdr {
                     min: super::ethernet::HEADER_LEN,
                 });
             }
-            if self.csum_offset % 2 != 0 {
+            if !self.csum_offset.is_multiple_of(2) {
                 return Err(WireError::Unsupported {
                     layer: Layer::VirtioNet,
                     field: "csum_offset",
