@@ -75,15 +75,13 @@ impl<'a> Head<'a> {
     /// form the forwarding table's keys are made from (`tables::mac_key_at`).
     #[inline(always)]
     pub fn dst_mac_word(&self) -> &'a [u8; 8] {
-        let (w, _) = self.0.split_first_chunk::<8>().unwrap_or_else(|| unreachable!());
-        w
+        chunk(self.0, 0)
     }
     /// The source MAC and the EtherType, as one 8-byte array (what a task
     /// port's own frames start with, after the destination).
     #[inline(always)]
     pub fn src_mac_and_type(&self) -> &'a [u8; 8] {
-        let (_, rest) = self.0.split_at(field::SRC_MAC.start);
-        rest.first_chunk().unwrap_or_else(|| unreachable!())
+        chunk(self.0, field::SRC_MAC.start)
     }
     /// True if the destination MAC is a group (broadcast or multicast) MAC.
     #[inline(always)]
@@ -93,12 +91,12 @@ impl<'a> Head<'a> {
     /// Destination MAC.
     #[inline(always)]
     pub fn dst_mac(&self) -> MacAddr {
-        macs(self.0.first_chunk().unwrap_or_else(|| unreachable!())).0
+        macs(chunk(self.0, 0)).0
     }
     /// Source MAC.
     #[inline(always)]
     pub fn src_mac(&self) -> MacAddr {
-        macs(self.0.first_chunk().unwrap_or_else(|| unreachable!())).1
+        macs(chunk(self.0, 0)).1
     }
     /// True for untagged IPv4 without options that is not a fragment: the
     /// shape every other accessor assumes.
@@ -159,8 +157,16 @@ impl<'a> Head<'a> {
     /// reads.
     #[inline(always)]
     pub fn through_ports(&self) -> &'a [u8; 38] {
-        self.0.first_chunk().unwrap_or_else(|| unreachable!())
+        chunk(self.0, 0)
     }
+}
+
+/// The `N` bytes of the head at `at` (always there: every caller's `at + N`
+/// is within [`HEAD_LEN`], so the fallback, zeros, is never taken and the
+/// compiler drops it; no panic path either way).
+#[inline(always)]
+fn chunk<const N: usize>(h: &[u8; HEAD_LEN], at: usize) -> &[u8; N] {
+    h.get(at..).and_then(|s| s.first_chunk()).unwrap_or(const { &[0u8; N] })
 }
 
 /// The destination and source MACs of an Ethernet header.
