@@ -523,22 +523,28 @@ impl Worker {
                 match handoff {
                     None => process_burst(frames, in_port, now, t, st, verdicts),
                     Some(h) => {
-                        // Frame by frame: those that touch connection
-                        // state go to worker 0 (dropped here).
+                        // Frames that touch connection state go to
+                        // worker 0 (dropped here); the runs of frames
+                        // between them go through the pipeline a burst
+                        // at a time (the same verdicts as frame by frame).
+                        let n = frames.len().min(verdicts.len());
                         let mut pushed = false;
-                        for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
-                            *v = if needs_state(f.data(), in_port, t) {
-                                if hand(h, in_port, f.data()) {
-                                    rep.handed_off += 1;
-                                    pushed = true;
-                                } else {
-                                    rep.handoff_full += 1;
-                                }
-                                Verdict::Pass
+                        let mut run = 0;
+                        for j in 0..n {
+                            if !needs_state(frames[j].data(), in_port, t) {
+                                continue;
+                            }
+                            process_burst(&mut frames[run..j], in_port, now, t, st, &mut verdicts[run..j]);
+                            if hand(h, in_port, frames[j].data()) {
+                                rep.handed_off += 1;
+                                pushed = true;
                             } else {
-                                crate::pipeline::process(f, in_port, now, t, st)
-                            };
+                                rep.handoff_full += 1;
+                            }
+                            verdicts[j] = Verdict::Pass;
+                            run = j + 1;
                         }
+                        process_burst(&mut frames[run..n], in_port, now, t, st, &mut verdicts[run..n]);
                         if pushed
                             && h.sleeping.load(Ordering::SeqCst)
                             && let Some(w) = wakers.first().and_then(|w| w.get())

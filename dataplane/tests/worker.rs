@@ -263,6 +263,84 @@ fn stateful_frames_are_handed_to_worker_0() {
     assert!(reports[1].services[0].new_conns == 0, "worker 1 tracked nothing");
 }
 
+/// VXLAN from node 2 (198.18.0.2) to this node, around `inner`.
+fn vxlan_from_node2(vni: u32, inner: &[u8]) -> Vec<u8> {
+    let mut payload = vec![0x08, 0, 0, 0];
+    payload.extend_from_slice(&(vni << 8).to_be_bytes());
+    payload.extend_from_slice(inner);
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+        .ipv4([198, 18, 0, 2], [198, 18, 0, 1], 64)
+        .udp(50000, 4789)
+        .write(&mut f, &payload)
+        .unwrap();
+    f
+}
+
+/// Two workers, one burst on worker 1's uplink mixing frames that need no
+/// connection state (VXLAN of network `db`, which has no services) with
+/// one that does (VXLAN of `app`): worker 1 handles the runs around the
+/// stateful frame itself, in order, exactly as the pipeline does frame by
+/// frame, and hands the stateful one to worker 0.
+#[test]
+fn a_burst_is_split_around_the_frames_worker_0_takes() {
+    let t = Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables-lb.toml")).unwrap();
+    let shared =
+        Shared::new(Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables-lb.toml")).unwrap(), 2);
+    let mut queues = Vec::new();
+    let mut handles = Vec::new();
+    for w in 0..2 {
+        let mut ports = Vec::new();
+        let mut q = Vec::new();
+        for n in ["uplink", "task1", "task3", "db1"] {
+            let (p, h) = MemPort::new(n);
+            ports.push(Bound::new(n, Box::new(p)));
+            q.push(h);
+        }
+        let worker = Worker::new(w, ports, shared.clone(), WorkerConfig::default()).unwrap();
+        handles.push(std::thread::spawn(move || worker.run().unwrap()));
+        queues.push(q);
+    }
+    let sent = |w: usize, p: usize| queues[w][p].lock().unwrap().tx.clone();
+    // db: 198.19.1.2 (behind node 2) -> 198.19.1.1 (db1), UDP; app:
+    // 198.19.0.2 (behind node 2) -> 198.19.0.1 (task1), UDP.
+    let udp = |src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16| {
+        let mut f = Vec::new();
+        etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
+            .ipv4(src, dst, 64)
+            .udp(sport, 5353)
+            .write(&mut f, b"payload")
+            .unwrap();
+        f
+    };
+    let db = |sport| {
+        vxlan_from_node2(4097, &udp([2, 0, 0, 0, 2, 2], [2, 0, 0, 0, 2, 1], [198, 19, 1, 2], [198, 19, 1, 1], sport))
+    };
+    let app = vxlan_from_node2(4096, &udp(M2, M1, [198, 19, 0, 2], [198, 19, 0, 1], 7000));
+    let burst = [db(1000), app.clone(), db(1001), db(1002)];
+    {
+        let mut q = queues[1][0].lock().unwrap();
+        for f in &burst {
+            q.rx.push_back(f.clone());
+        }
+    }
+    wait_for("the db frames", || sent(1, 3).len() == 3);
+    wait_for("the app frame", || sent(0, 1).len() == 1);
+    let want: Vec<Vec<u8>> = [&burst[0], &burst[2], &burst[3]]
+        .iter()
+        .map(|f| {
+            let (v, out) = expected(&t, 0, f);
+            assert_eq!(v, Verdict::Tx(3));
+            out
+        })
+        .collect();
+    assert_eq!(sent(1, 3), want, "worker 1 delivered the db frames itself, in order, as the pipeline makes them");
+    assert_eq!(sent(0, 1), vec![expected(&t, 0, &app).1], "worker 0 delivered the app frame");
+    shared.stop();
+    let reports: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!((reports[1].handed_off, reports[0].handed_in), (1, 1));
+}
+
 /// A sleeping worker is woken by new tables (and by stop): with a 10 s
 /// sleep, it still takes them at once.
 #[test]
