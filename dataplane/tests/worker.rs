@@ -201,29 +201,44 @@ fn unknown_and_duplicate_port_names_are_refused() {
     assert!(e.to_string().contains("given twice"), "{e}");
 }
 
+/// Two workers on the tables of `examples/tables-lb.toml`, each with its
+/// own memory ports of these names.
+struct TwoWorkers {
+    t: Tables,
+    shared: Arc<Shared>,
+    /// By worker, then by port: the port's queues.
+    queues: Vec<Vec<Arc<Mutex<MemQueues>>>>,
+    handles: Vec<std::thread::JoinHandle<meshplane_dataplane::worker::Report>>,
+}
+
+impl TwoWorkers {
+    fn start(names: &[&str]) -> TwoWorkers {
+        let lb = || Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables-lb.toml")).unwrap();
+        let shared = Shared::new(lb(), 2);
+        let (mut queues, mut handles) = (Vec::new(), Vec::new());
+        for w in 0..2 {
+            let mut ports = Vec::new();
+            let mut q = Vec::new();
+            for n in names {
+                let (p, h) = MemPort::new(n);
+                ports.push(Bound::new(n, Box::new(p)));
+                q.push(h);
+            }
+            let worker = Worker::new(w, ports, shared.clone(), WorkerConfig::default()).unwrap();
+            handles.push(std::thread::spawn(move || worker.run().unwrap()));
+            queues.push(q);
+        }
+        TwoWorkers { t: lb(), shared, queues, handles }
+    }
+}
+
 /// Two workers: frames that touch connection state (a task's connection to
 /// a VIP) reach worker 0 whichever worker received them, so both
 /// directions meet one connection table; plain overlay frames stay where
 /// they came in.
 #[test]
 fn stateful_frames_are_handed_to_worker_0() {
-    let t = Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables-lb.toml")).unwrap();
-    let shared =
-        Shared::new(Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables-lb.toml")).unwrap(), 2);
-    let mut queues = Vec::new();
-    let mut handles = Vec::new();
-    for w in 0..2 {
-        let mut ports = Vec::new();
-        let mut q = Vec::new();
-        for n in ["uplink", "task1", "task3"] {
-            let (p, h) = MemPort::new(n);
-            ports.push(Bound::new(n, Box::new(p)));
-            q.push(h);
-        }
-        let worker = Worker::new(w, ports, shared.clone(), WorkerConfig::default()).unwrap();
-        handles.push(std::thread::spawn(move || worker.run().unwrap()));
-        queues.push(q);
-    }
+    let TwoWorkers { t, shared, queues, handles } = TwoWorkers::start(&["uplink", "task1", "task3"]);
     let sent = |w: usize, p: usize| queues[w][p].lock().unwrap().tx.clone();
     // Task 1 → VIP 198.19.0.100:80 on worker 1's queue: rr picks T3
     // (local), and the connection is tracked by worker 0.
@@ -284,23 +299,7 @@ fn vxlan_from_node2(vni: u32, inner: &[u8]) -> Vec<u8> {
 /// frame, and hands the stateful one to worker 0.
 #[test]
 fn a_burst_is_split_around_the_frames_worker_0_takes() {
-    let t = Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables-lb.toml")).unwrap();
-    let shared =
-        Shared::new(Tables::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables-lb.toml")).unwrap(), 2);
-    let mut queues = Vec::new();
-    let mut handles = Vec::new();
-    for w in 0..2 {
-        let mut ports = Vec::new();
-        let mut q = Vec::new();
-        for n in ["uplink", "task1", "task3", "db1"] {
-            let (p, h) = MemPort::new(n);
-            ports.push(Bound::new(n, Box::new(p)));
-            q.push(h);
-        }
-        let worker = Worker::new(w, ports, shared.clone(), WorkerConfig::default()).unwrap();
-        handles.push(std::thread::spawn(move || worker.run().unwrap()));
-        queues.push(q);
-    }
+    let TwoWorkers { t, shared, queues, handles } = TwoWorkers::start(&["uplink", "task1", "task3", "db1"]);
     let sent = |w: usize, p: usize| queues[w][p].lock().unwrap().tx.clone();
     // db: 198.19.1.2 (behind node 2) -> 198.19.1.1 (db1), UDP; app:
     // 198.19.0.2 (behind node 2) -> 198.19.0.1 (task1), UDP.

@@ -44,7 +44,7 @@ pub(crate) enum Next {
 }
 
 impl Next {
-    /// A drop for `r`.
+    /// The next step a balancer step gave, or a drop for its error.
     #[inline(always)]
     fn of(r: Result<Next, DropReason>) -> Next {
         r.unwrap_or_else(|e| Next::Done(Verdict::Drop(e)))

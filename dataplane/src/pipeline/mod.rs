@@ -14,8 +14,8 @@ use crate::packet::{DropReason, Frame, PortCounters, Stats, UPLINK, Verdict};
 pub use burst::{FLOW_LOOKAHEAD, LOOKAHEAD, VIP_PASS, process_burst};
 
 use crate::lb::{LbState, Next};
+use crate::overlay;
 use crate::overlay::fast::BurstCache;
-use crate::overlay::{self};
 use crate::tables::{Location, NetId, PortId, Tables};
 use crate::wire::MacAddr;
 use core::net::Ipv4Addr;
@@ -26,7 +26,7 @@ pub struct WorkerState {
     /// Counters.
     pub stats: Stats,
     /// The load balancer's connection table, scheduler state and counters.
-    pub lb: crate::lb::LbState,
+    pub lb: LbState,
 }
 
 /// Connection-table entries of [`WorkerState::new`] (small: for tools and
@@ -49,7 +49,7 @@ impl WorkerState {
     pub fn with_conntrack(max_ports: usize, ct: crate::lb::conntrack::CtConfig) -> Self {
         WorkerState {
             stats: Stats { drops: [0; DropReason::COUNT], passed: 0, ports: vec![PortCounters::default(); max_ports] },
-            lb: crate::lb::LbState::new(ct),
+            lb: LbState::new(ct),
         }
     }
 
