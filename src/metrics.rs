@@ -165,11 +165,23 @@ const GAUGE: MetricType = MetricType::Gauge;
 
 /// Per worker and I/O port.
 fn ports(x: &mut Exposition, dp: &NodeStats) {
-    let port_counters: [Read<PortStats>; 5] = [
+    let port_counters: [Read<PortStats>; 7] = [
         ("port_rx_frames_total", |p| p.rx, COUNTER, "Frames received on a port."),
         ("port_tx_frames_total", |p| p.tx, COUNTER, "Frames sent on a port."),
         ("port_tx_full_total", |p| p.tx_full, COUNTER, "Frames not sent: the port's transmit ring was full."),
         ("port_rx_oversize_total", |p| p.rx_oversize, COUNTER, "Frames received too large for a buffer."),
+        (
+            "port_rx_bad_offload_total",
+            |p| p.rx_bad_offload,
+            COUNTER,
+            "Frames received with a virtio-net header that does not fit them (dropped).",
+        ),
+        (
+            "port_tx_segmented_total",
+            |p| p.tx_segmented,
+            COUNTER,
+            "Super-frames cut into segments in software for this port.",
+        ),
         ("port_errors_total", |p| p.errors, COUNTER, "I/O errors on a port."),
     ];
     for (name, v, kind, help) in port_counters {
@@ -369,7 +381,7 @@ mod tests {
         let stats = serde_json::json!({
             "dataplane": { "tables_version": 3, "workers": [{
                 "tables_version": 3,
-                "ports": [{ "name": "uplink", "rx": 10, "tx": 7, "tx_full": 0, "rx_oversize": 0, "errors": 0 }],
+                "ports": [{ "name": "uplink", "rx": 10, "tx": 7, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0, "tx_segmented": 0 }],
                 "drops": { "unknown_vni": 2 },
                 "passed": 1, "unbound": 0, "conntrack_entries": 4, "new_connections": 2,
                 "handed_off": 0, "handed_in": 0, "handoff_full": 0, "busy_rounds": 5, "idle_waits": 9,

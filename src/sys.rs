@@ -32,8 +32,10 @@ pub(crate) fn in_ns(ns: &str, args: &[&str]) -> Result<()> {
     ip(&v)
 }
 
-/// Turns transmit offloads off on `iface` (in `ns`, if given): the
-/// dataplane forwards frames, it does not complete their checksums.
+/// Turns transmit offloads off on `iface` (in `ns`, if given): for the
+/// lab's underlay veths toward an AF_XDP uplink, which stand for a wire,
+/// where checksums are complete (a veth leaves them partial, and AF_XDP
+/// copy mode does not say so).
 pub(crate) fn tx_offload_off(ns: Option<&str>, iface: &str) -> Result<()> {
     let args = ["ethtool", "-K", iface, "tx", "off"];
     match ns {

@@ -12,12 +12,46 @@ pub const UPLINK: PortId = 0;
 /// dataplane can encapsulate it in place (VXLAN needs 50 bytes).
 pub const HEADROOM: usize = 256;
 
+/// What a frame still asks of whoever transmits it, from the virtio-net
+/// header a TAP port read in front of it: a TCP super-frame (TSO) to be
+/// cut into segments of `gso_size` payload bytes, with its checksum left
+/// partial (the pseudo-header's sum at the field, the rest to be added).
+/// The default is a plain frame, complete. Offsets are from the start of
+/// the buffer, not of the frame, so they stay true when the frame is
+/// encapsulated or decapsulated in place.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offload {
+    /// Payload bytes per segment (0: not a super-frame).
+    pub gso_size: u16,
+    /// TCP over IPv6 (else over IPv4).
+    pub v6: bool,
+    /// The ECN bit of the super-frame (CWR on its first segment only).
+    pub ecn: bool,
+    /// Where the partial checksum's coverage starts, in the buffer (the
+    /// TCP header).
+    pub csum_at: u32,
+    /// Where the checksum field is, from `csum_at`.
+    pub csum_offset: u16,
+}
+
+impl Offload {
+    /// A plain frame.
+    pub const NONE: Offload = Offload { gso_size: 0, v6: false, ecn: false, csum_at: 0, csum_offset: 0 };
+
+    /// True for a super-frame.
+    #[inline(always)]
+    pub fn is_super(&self) -> bool {
+        self.gso_size != 0
+    }
+}
+
 /// A frame in a buffer, with headroom in front of it: `buf[start..start + len]`.
 #[derive(Debug)]
 pub struct Frame<'a> {
     buf: &'a mut [u8],
     start: usize,
     len: usize,
+    offload: Offload,
 }
 
 impl<'a> Frame<'a> {
@@ -25,12 +59,41 @@ impl<'a> Frame<'a> {
     #[inline]
     pub fn new(buf: &'a mut [u8], start: usize, len: usize) -> Option<Self> {
         let end = start.checked_add(len)?;
-        (end <= buf.len()).then_some(Frame { buf, start, len })
+        (end <= buf.len()).then_some(Frame { buf, start, len, offload: Offload::NONE })
     }
     /// An empty frame in no buffer: a placeholder for unused slots.
     #[inline]
     pub fn detached() -> Self {
-        Frame { buf: Default::default(), start: 0, len: 0 }
+        Frame { buf: Default::default(), start: 0, len: 0, offload: Offload::NONE }
+    }
+    /// What the frame still asks of its transmitter.
+    #[inline(always)]
+    pub fn offload(&self) -> Offload {
+        self.offload
+    }
+    /// True for a super-frame.
+    #[inline(always)]
+    pub fn is_super(&self) -> bool {
+        self.offload.is_super()
+    }
+    /// The length of the longest frame this one stands for on the wire:
+    /// its own, or for a super-frame its headers and one segment's
+    /// payload (what MTU checks compare).
+    #[inline]
+    pub fn wire_len(&self) -> usize {
+        if !self.is_super() {
+            return self.len;
+        }
+        let tcp = self.offload.csum_at as usize;
+        let hl = self.buf.get(tcp + 12).map_or(0, |b| usize::from(b >> 4) * 4);
+        (tcp + hl + usize::from(self.offload.gso_size)).saturating_sub(self.start).min(self.len)
+    }
+    /// Sets what the frame asks of its transmitter (a port that read a
+    /// virtio-net header; a step that replaced the frame with a reply of
+    /// its own sets [`Offload::NONE`]).
+    #[inline]
+    pub fn set_offload(&mut self, o: Offload) {
+        self.offload = o;
     }
     /// The frame bytes.
     #[inline]

@@ -88,6 +88,11 @@ pub struct PortStats {
     pub rx_oversize: u64,
     /// I/O errors.
     pub errors: u64,
+    /// Frames received with a virtio-net header that does not fit them
+    /// (TAP): dropped.
+    pub rx_bad_offload: u64,
+    /// Super-frames cut into segments in software for this port.
+    pub tx_segmented: u64,
 }
 
 /// A service's counters in one worker.
@@ -157,11 +162,11 @@ mod tests {
 
     #[test]
     fn a_renamed_or_missing_counter_is_an_error_not_a_zero() {
-        let ok = serde_json::json!({ "name": "uplink", "rx": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0 });
+        let ok = serde_json::json!({ "name": "uplink", "rx": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0, "tx_segmented": 0 });
         assert!(serde_json::from_value::<PortStats>(ok.clone()).is_ok());
-        let renamed = serde_json::json!({ "name": "uplink", "rx_frames": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0 });
+        let renamed = serde_json::json!({ "name": "uplink", "rx_frames": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0, "tx_segmented": 0 });
         assert!(serde_json::from_value::<PortStats>(renamed).is_err());
-        let missing = serde_json::json!({ "name": "uplink", "rx": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0 });
+        let missing = serde_json::json!({ "name": "uplink", "rx": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0 });
         assert!(serde_json::from_value::<PortStats>(missing).is_err());
     }
 }

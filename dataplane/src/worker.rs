@@ -97,6 +97,7 @@ struct Handoff {
 struct Handed {
     port: PortId,
     len: usize,
+    offload: crate::packet::Offload,
     buf: Box<[u8]>,
 }
 
@@ -535,7 +536,7 @@ impl Worker {
                                 continue;
                             }
                             process_burst(&mut frames[run..j], in_port, now, t, st, &mut verdicts[run..j]);
-                            if hand(h, in_port, frames[j].data()) {
+                            if hand(h, in_port, &frames[j]) {
                                 rep.handed_off += 1;
                                 pushed = true;
                             } else {
@@ -558,10 +559,10 @@ impl Worker {
                     match io_of.get(usize::from(p)).copied().flatten() {
                         Some(k) if k == i => back[j] = true,
                         Some(k) if k < i => {
-                            before[k].io.tx_copy(frames[j].data());
+                            before[k].io.tx_frame(&frames[j]);
                         }
                         Some(k) => {
-                            after[k - i - 1].io.tx_copy(frames[j].data());
+                            after[k - i - 1].io.tx_frame(&frames[j]);
                         }
                         None => rep.unbound += 1,
                     }
@@ -579,14 +580,15 @@ impl Worker {
             got += 1;
             r.report.handed_in += 1;
             let len = x.len;
-            if let Some(mut f) = crate::packet::Frame::new(&mut x.buf, crate::packet::HEADROOM, len)
-                && let Verdict::Tx(p) = crate::pipeline::process(&mut f, x.port, now, &r.t, &mut r.st)
-            {
-                match r.io_of.get(usize::from(p)).copied().flatten() {
-                    Some(k) => {
-                        self.ports[k].io.tx_copy(f.data());
+            if let Some(mut f) = crate::packet::Frame::new(&mut x.buf, crate::packet::HEADROOM, len) {
+                f.set_offload(x.offload);
+                if let Verdict::Tx(p) = crate::pipeline::process(&mut f, x.port, now, &r.t, &mut r.st) {
+                    match r.io_of.get(usize::from(p)).copied().flatten() {
+                        Some(k) => {
+                            self.ports[k].io.tx_frame(&f);
+                        }
+                        None => r.report.unbound += 1,
                     }
-                    None => r.report.unbound += 1,
                 }
             }
             let _ = h.pool.push(x.buf);
@@ -708,16 +710,23 @@ fn needs_state(d: &[u8], in_port: PortId, t: &Tables) -> bool {
 }
 
 /// Copies a frame into a pool buffer and queues it for worker 0; false if
-/// the pool or the inbox is full.
-fn hand(h: &Handoff, port: PortId, data: &[u8]) -> bool {
+/// the pool or the inbox is full. A super-frame grows the buffer it gets
+/// to its size (once: the buffer keeps it in the pool).
+fn hand(h: &Handoff, port: PortId, f: &crate::packet::Frame<'_>) -> bool {
+    let data = f.data();
     let Some(mut buf) = h.pool.pop() else { return false };
     let at = crate::packet::HEADROOM;
     if data.len() > buf.len() - at {
-        let _ = h.pool.push(buf);
-        return false;
+        buf = vec![0u8; at + crate::io::SUPER_ROOM.max(data.len())].into_boxed_slice();
     }
     buf[at..at + data.len()].copy_from_slice(data);
-    match h.inbox.push(Handed { port, len: data.len(), buf }) {
+    // The offload's offsets are from the buffer's start: the frame moves
+    // to the headroom's end in the new buffer.
+    let mut offload = f.offload();
+    if offload.is_super() {
+        offload.csum_at = (offload.csum_at as usize + at).wrapping_sub(f.start()) as u32;
+    }
+    match h.inbox.push(Handed { port, len: data.len(), offload, buf }) {
         Ok(()) => true,
         Err(x) => {
             let _ = h.pool.push(x.buf);

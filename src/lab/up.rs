@@ -17,7 +17,7 @@ pub(super) fn up(io: IoKind, dir: &Path) -> Result<()> {
     let bin = std::env::current_exe()?.display().to_string();
     std::fs::write(dir.join("io"), if io == IoKind::Tap { "tap" } else { "afxdp" })?;
     let fab = fabric()?;
-    client(&fab)?;
+    client(&fab, io)?;
     for n in 1..=NODES {
         boot_node(io, &bin, dir, &fab, n)?;
     }
@@ -76,14 +76,18 @@ fn fabric() -> Result<String> {
     Ok(fab)
 }
 
-/// The client, on the underlay.
-fn client(fab: &str) -> Result<()> {
+/// The client, on the underlay (with an AF_XDP uplink, its checksums
+/// complete on the wire; a TAP uplink takes its super-frames).
+fn client(fab: &str, io: IoKind) -> Result<()> {
     let client = ns_name("c");
     netns_add(&client)?;
     fabric_link(fab, "br0", "c", &client, "eth0")?;
     ip(&["-n", &client, "link", "set", "eth0", "address", "02:00:00:00:00:64", "up"])?;
     ip(&["-n", &client, "addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
-    sys::tx_offload_off(Some(&client), "eth0")
+    if io == IoKind::Afxdp {
+        sys::tx_offload_off(Some(&client), "eth0")?;
+    }
+    Ok(())
 }
 
 /// Node `n`: its namespace and its task's, its management NIC, its data

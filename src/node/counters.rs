@@ -29,6 +29,8 @@ fn worker_stats(r: &Report, t: &Tables) -> WorkerStats {
                 tx: s.tx,
                 tx_full: s.tx_full,
                 rx_oversize: s.rx_oversize,
+                rx_bad_offload: s.rx_bad_offload,
+                tx_segmented: s.tx_segmented,
                 errors: s.errors,
             })
             .collect();

@@ -77,26 +77,25 @@ pub(crate) fn make(
 }
 
 /// A veth pair `host` - `peer` with `workers` queues each, `peer` in `ns`;
-/// `host` up with transmit offloads off.
+/// `host` up.
 fn veth(host: &str, peer: &str, ns: &str, workers: usize) -> Result<()> {
     let n = workers.to_string();
     #[rustfmt::skip]
     ip(&["link", "add", host, "numrxqueues", &n, "numtxqueues", &n, "type", "veth",
          "peer", "name", peer, "numrxqueues", &n, "numtxqueues", &n, "netns", ns])?;
-    ip(&["link", "set", host, "up"])?;
-    sys::tx_offload_off(None, host)
+    ip(&["link", "set", host, "up"])
 }
 
 /// In the task's namespace: eth0 if it has none, its address, MAC, MTU,
-/// the default route through the gateway; transmit checksums computed
-/// (the dataplane forwards, it does not complete them).
+/// the default route through the gateway. Transmit offloads stay on: a
+/// TAP hands over super-frames and partial checksums with a virtio-net
+/// header; on a veth (AF_XDP) the node completes the checksums.
 fn address(t: &LocalTask, ns: &str, peer: &str) -> Result<()> {
     let name = if ip(&["-n", ns, "link", "set", peer, "name", "eth0"]).is_ok() { "eth0" } else { peer };
     let (mac, mtu, addr) = (t.mac.to_string(), t.mtu.to_string(), format!("{}/{}", t.ip, t.prefix));
     ip(&["-n", ns, "link", "set", name, "address", &mac, "mtu", &mtu, "up"])?;
     ip(&["-n", ns, "addr", "add", &addr, "dev", name])?;
-    ip(&["-n", ns, "route", "replace", "default", "via", &t.gateway.to_string()])?;
-    sys::tx_offload_off(Some(ns), name)
+    ip(&["-n", ns, "route", "replace", "default", "via", &t.gateway.to_string()])
 }
 
 #[cfg(test)]

@@ -19,7 +19,8 @@ pub(crate) type Opened = (Vec<Box<dyn Port>>, Option<afxdp::SteeringHandle>);
 pub(crate) fn open(kind: IoKind, iface: &str, uplink: bool, n: usize, t: &Tables, a: &RunArgs) -> Result<Opened> {
     Ok(match kind {
         IoKind::Tap => {
-            let v = meshplane_dataplane::io::tap::TapPort::open_queues(iface, n)?;
+            use meshplane_dataplane::io::tap::{TapPort, TapRole};
+            let v = TapPort::open_queues(iface, n, if uplink { TapRole::Uplink } else { TapRole::Task })?;
             (v.into_iter().map(|p| Box::new(p) as Box<dyn Port>).collect(), None)
         }
         IoKind::Afxdp => {
@@ -27,6 +28,7 @@ pub(crate) fn open(kind: IoKind, iface: &str, uplink: bool, n: usize, t: &Tables
             let cfg = afxdp::AfXdpConfig {
                 generic: a.xdp_generic,
                 busy_poll: a.busy_poll,
+                complete_checksums: !uplink,
                 ring: a.xdp_ring,
                 frames: a.xdp_frames,
                 ..afxdp::AfXdpConfig::default()

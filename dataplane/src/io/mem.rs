@@ -33,7 +33,7 @@ impl MemPort {
         let p = MemPort {
             name: name.to_owned(),
             queues: q.clone(),
-            slots: Slots::new(),
+            slots: Slots::new(super::FRAME_ROOM),
             stats: IoStats::default(),
             tx_room: usize::MAX,
         };
@@ -62,13 +62,13 @@ impl Port for MemPort {
                     continue;
                 }
                 self.slots.room(n)[..fr.len()].copy_from_slice(&fr);
-                self.slots.set_len(n, fr.len());
+                self.slots.set(n, fr.len(), crate::packet::Offload::NONE);
                 n += 1;
             }
         }
         self.stats.rx += n as u64;
         let mut out = Vec::new();
-        self.slots.lend(n, f, |d| out.push(d.to_vec()));
+        self.slots.lend(n, f, |d| out.push(d.data().to_vec()));
         for d in out {
             self.tx_copy(&d);
         }
@@ -87,6 +87,11 @@ impl Port for MemPort {
         drop(q);
         self.stats.tx += 1;
         true
+    }
+
+    fn tx_frame(&mut self, f: &crate::packet::Frame<'_>) -> bool {
+        let sent = super::tx_segments(f, |d| self.tx_copy(d));
+        self.stats.count(sent)
     }
 
     fn flush(&mut self) {}

@@ -13,7 +13,7 @@ pub mod afxdp;
 pub mod mem;
 pub mod tap;
 
-use crate::packet::Frame;
+use crate::packet::{Frame, Offload};
 use std::os::fd::RawFd;
 use thiserror::Error;
 
@@ -24,6 +24,14 @@ pub const BURST: usize = 64;
 /// MTU frame, VLAN tags, room to spare; larger frames are dropped and
 /// counted (`IoStats::rx_oversize`).
 pub const FRAME_ROOM: usize = 2048;
+
+/// Bytes of frame a TAP port's receive buffer holds: the largest
+/// super-frame (a 64 KiB IPv4 packet) inside VXLAN, with room to spare.
+pub const SUPER_ROOM: usize = 65_664;
+
+/// Bytes of a segment cut from a super-frame in software: a frame of the
+/// largest MTU meshplane forwards, inside VXLAN.
+pub const SEGMENT_ROOM: usize = FRAME_ROOM;
 
 /// What a port keeps count of itself (below the pipeline's counters).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -38,6 +46,12 @@ pub struct IoStats {
     pub rx_oversize: u64,
     /// Receive or transmit errors other than "full" (dropped frames).
     pub errors: u64,
+    /// Frames received with a virtio-net header that does not fit them
+    /// (bad GSO type, segment size 0, checksum offsets out of the frame,
+    /// a super-frame that is not TCP over IPv4): dropped.
+    pub rx_bad_offload: u64,
+    /// Super-frames cut into segments in software for this port.
+    pub tx_segmented: u64,
 }
 
 /// An I/O error of a port, with what it was doing.
@@ -78,9 +92,15 @@ pub trait Port: Send {
     /// number of frames received (0: nothing was waiting).
     fn rx_burst(&mut self, f: &mut BurstFn<'_>) -> usize;
 
-    /// Transmits a copy of `frame`; false if the port had no room (counted
-    /// in [`IoStats::tx_full`]).
+    /// Transmits a copy of `frame`, a plain frame; false if the port had
+    /// no room (counted in [`IoStats::tx_full`]).
     fn tx_copy(&mut self, frame: &[u8]) -> bool;
+
+    /// Transmits a copy of the frame `f` with what it asks of its
+    /// transmitter ([`Frame::offload`]): a port that takes super-frames
+    /// passes them on; the others cut them into segments
+    /// ([`tx_segments`]). False if not all of it went out.
+    fn tx_frame(&mut self, f: &Frame<'_>) -> bool;
 
     /// Pushes out what was queued for transmission and reclaims what the
     /// device finished with (a no-op for ports that send at once).
@@ -94,55 +114,119 @@ pub trait Port: Send {
     fn stats(&self) -> IoStats;
 }
 
-/// A receive buffer pool of [`BURST`] slots of `HEADROOM + FRAME_ROOM` bytes,
-/// for backends that copy frames in (TAP, memory).
+/// How a frame went out through [`tx_segments`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// A plain frame: sent (true) or not (the port had no room).
+    Plain(bool),
+    /// A super-frame cut into segments: all sent (true) or not.
+    Segmented(bool),
+    /// A super-frame whose headers do not allow cutting it: dropped.
+    Unsegmentable,
+}
+
+impl IoStats {
+    /// Counts how a frame went out; true if all of it did.
+    pub fn count(&mut self, s: Sent) -> bool {
+        match s {
+            Sent::Plain(ok) => ok,
+            Sent::Segmented(ok) => {
+                self.tx_segmented += 1;
+                ok
+            }
+            Sent::Unsegmentable => {
+                self.errors += 1;
+                false
+            }
+        }
+    }
+}
+
+/// Sends the super-frame `f` as the segments it stands for, each through
+/// `tx` (a port's plain transmit); a plain frame goes through `tx` as it
+/// is.
+pub fn tx_segments(f: &Frame<'_>, mut tx: impl FnMut(&[u8]) -> bool) -> Sent {
+    let o = f.offload();
+    if !o.is_super() {
+        return Sent::Plain(tx(f.data()));
+    }
+    let d = f.data();
+    let tcp = (o.csum_at as usize).wrapping_sub(f.start());
+    let mut scratch = [0u8; SEGMENT_ROOM];
+    let mut all = true;
+    match crate::wire::gso::Layout::of(d, tcp)
+        .and_then(|l| crate::wire::gso::segment(d, &l, o.gso_size, &mut scratch, |s| all &= tx(s)))
+    {
+        Ok(_) => Sent::Segmented(all),
+        Err(_) => Sent::Unsegmentable,
+    }
+}
+
+/// A receive buffer pool of [`BURST`] slots of `HEADROOM` and a frame room
+/// each, for backends that copy frames in (TAP, memory).
 #[derive(Debug)]
 pub(crate) struct Slots {
     buf: Vec<u8>,
     lens: [usize; BURST],
+    offloads: [Offload; BURST],
+    slot: usize,
 }
 
-/// Bytes per slot.
+/// Bytes per slot of a port that receives plain frames only.
 pub const SLOT: usize = crate::packet::HEADROOM + FRAME_ROOM;
 
 impl Slots {
-    pub(crate) fn new() -> Self {
-        Slots { buf: vec![0; BURST * SLOT], lens: [0; BURST] }
+    /// Slots for frames of up to `room` bytes.
+    pub(crate) fn new(room: usize) -> Self {
+        let slot = crate::packet::HEADROOM + room;
+        Slots { buf: vec![0; BURST * slot], lens: [0; BURST], offloads: [Offload::NONE; BURST], slot }
     }
 
     /// No slots (a placeholder while the real ones are lent out; allocates
     /// nothing).
     pub(crate) fn empty() -> Self {
-        Slots { buf: Vec::new(), lens: [0; BURST] }
+        Slots { buf: Vec::new(), lens: [0; BURST], offloads: [Offload::NONE; BURST], slot: SLOT }
+    }
+
+    /// Slot `i` whole (headroom and frame room), to read a frame into at
+    /// [`crate::packet::HEADROOM`].
+    pub(crate) fn slot(&mut self, i: usize) -> &mut [u8] {
+        &mut self.buf[i * self.slot..(i + 1) * self.slot]
     }
 
     /// The frame room of slot `i` (after its headroom), to read a frame into.
     pub(crate) fn room(&mut self, i: usize) -> &mut [u8] {
-        &mut self.buf[i * SLOT + crate::packet::HEADROOM..(i + 1) * SLOT]
+        &mut self.slot(i)[crate::packet::HEADROOM..]
     }
 
-    /// Records that slot `i` holds a frame of `len` bytes.
-    pub(crate) fn set_len(&mut self, i: usize, len: usize) {
+    /// Records that slot `i` holds a frame of `len` bytes asking `o` of
+    /// its transmitter.
+    pub(crate) fn set(&mut self, i: usize, len: usize, o: Offload) {
         self.lens[i] = len;
+        self.offloads[i] = o;
     }
 
     /// Runs `f` over the first `n` slots as frames, then calls `back` with
     /// each frame `f` marked for sending back out (in order).
-    pub(crate) fn lend(&mut self, n: usize, f: &mut BurstFn<'_>, mut back: impl FnMut(&[u8])) {
+    pub(crate) fn lend(&mut self, n: usize, f: &mut BurstFn<'_>, mut back: impl FnMut(&Frame<'_>)) {
         let n = n.min(BURST);
         let mut marks = [false; BURST];
-        let lens = self.lens;
-        let mut chunks = self.buf.chunks_exact_mut(SLOT);
+        let (lens, offloads, room) = (self.lens, self.offloads, self.slot - crate::packet::HEADROOM);
+        let mut chunks = self.buf.chunks_exact_mut(self.slot);
         // Every slot is a frame (empty beyond `n`); `f` sees the first `n`.
         let mut frames: [Frame<'_>; BURST] = core::array::from_fn(|i| {
             let c = chunks.next().unwrap_or_default();
-            let len = if i < n { lens[i].min(FRAME_ROOM) } else { 0 };
-            Frame::new(c, crate::packet::HEADROOM.min(c.len()), len).unwrap_or_else(Frame::detached)
+            let len = if i < n { lens[i].min(room) } else { 0 };
+            let mut fr = Frame::new(c, crate::packet::HEADROOM.min(c.len()), len).unwrap_or_else(Frame::detached);
+            if i < n {
+                fr.set_offload(offloads[i]);
+            }
+            fr
         });
         f(&mut frames[..n], &mut marks);
         for (fr, m) in frames[..n].iter().zip(marks) {
             if m {
-                back(fr.data());
+                back(fr);
             }
         }
     }

@@ -592,7 +592,8 @@ fn client_inner(
     let (Some(node_ip), Some(node_mac)) = (nw.node_ip, nw.node_mac) else { return Err(D::NoRoute) };
     let d = frame.data();
     let h = Head::new(d).ok_or(D::Malformed)?;
-    if h.total_len() > usize::from(nw.mtu) {
+    let total = if frame.is_super() { frame.wire_len().saturating_sub(14) } else { h.total_len() };
+    if total > usize::from(nw.mtu) {
         return Err(D::MtuExceeded);
     }
     let (key, flags) = tuple(d).ok_or(D::Malformed)?;

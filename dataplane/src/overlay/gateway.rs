@@ -53,6 +53,7 @@ pub(crate) fn echo(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verd
     d[field::SRC_MAC].copy_from_slice(&nw.gateway_mac.0);
     let start = frame.start();
     frame.set_window(start, total);
+    frame.set_offload(crate::packet::Offload::NONE);
     Verdict::Tx(in_port)
 }
 
@@ -94,6 +95,7 @@ pub(crate) fn frag_needed(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) 
     }
     let start = frame.start();
     frame.set_window(start, total);
+    frame.set_offload(crate::packet::Offload::NONE);
     let d = frame.data_mut();
     let mtu = nw.mtu.to_be_bytes();
     let ok = ethernet::emit_header(d, client, nw.gateway_mac, ethertype::IPV4).is_ok()

@@ -173,7 +173,8 @@ pub(crate) fn decap(frame: &mut Frame<'_>, d: &vxlan::Decap, t: &Tables) -> Resu
         },
         _ => {}
     }
-    if inner.len() > usize::from(t.networks[usize::from(net)].mtu) + ethernet::HEADER_LEN {
+    let inner_len = if frame.is_super() { frame.wire_len().saturating_sub(d.inner.start) } else { inner.len() };
+    if inner_len > usize::from(t.networks[usize::from(net)].mtu) + ethernet::HEADER_LEN {
         return drop(D::Oversize);
     }
     let start = frame.start() + d.inner.start;

@@ -123,7 +123,7 @@ fn vip_burst(
             if let Some(next) = fs.get(i + LOOKAHEAD) {
                 touch(next);
             }
-            *p = lb::fast::vip_pre(&fs[i], pf, &st.lb.conntrack);
+            *p = if fs[i].is_super() { None } else { lb::fast::vip_pre(&fs[i], pf, &st.lb.conntrack) };
             if let Some(p) = p.as_mut() {
                 st.lb.conntrack.prefetch_probe(&p.probe);
                 lb::fast::note_opening(p, pf, t);

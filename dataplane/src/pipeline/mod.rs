@@ -122,11 +122,68 @@ fn decide<const FAST: bool>(
     cache: &mut BurstCache<'_>,
     lb: &mut LbState,
 ) -> Verdict {
+    if frame.is_super() {
+        return super_frame(frame, in_port, now, t, cache, lb);
+    }
+    decide_plain::<FAST>(frame, in_port, now, t, cache, lb)
+}
+
+#[inline(always)]
+fn decide_plain<const FAST: bool>(
+    frame: &mut Frame<'_>,
+    in_port: PortId,
+    now: u64,
+    t: &Tables,
+    cache: &mut BurstCache<'_>,
+    lb: &mut LbState,
+) -> Verdict {
     if in_port == UPLINK {
         uplink::decide::<FAST>(frame, now, t, cache, lb)
     } else {
         task::decide::<FAST>(frame, in_port, now, t, cache, lb)
     }
+}
+
+/// A TCP super-frame ([`Frame::is_super`]): one decision for all its
+/// segments, through the general path (no fast path takes it). Its TCP
+/// checksum is partial: the field holds the pseudo-header's sum, which
+/// covers the addresses but not the ports. The balancer's NAT updates a
+/// complete checksum incrementally (RFC 1624: `C' = ~(~C + Δ)`), so the
+/// field is complemented before it and back after it, and the ports'
+/// share of Δ taken out again: the pseudo-header sum of the new
+/// addresses, as the kernel's `inet_proto_csum_replace4` leaves a
+/// partial checksum.
+#[cold]
+#[inline(never)]
+fn super_frame(
+    frame: &mut Frame<'_>,
+    in_port: PortId,
+    now: u64,
+    t: &Tables,
+    cache: &mut BurstCache<'_>,
+    lb: &mut LbState,
+) -> Verdict {
+    let o = frame.offload();
+    let (tcp, field) = (o.csum_at as usize, o.csum_at as usize + usize::from(o.csum_offset));
+    let rd = |b: &[u8], at: usize| u16::from_be_bytes([b[at], b[at + 1]]);
+    let buf = frame.buf_mut();
+    if buf.len() < (tcp + 4).max(field + 2) {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    let ports = [rd(buf, tcp), rd(buf, tcp + 2)];
+    let partial = rd(buf, field);
+    buf[field..field + 2].copy_from_slice(&(!partial).to_be_bytes());
+    let v = decide_plain::<false>(frame, in_port, now, t, cache, lb);
+    // A step that answered with a frame of its own made it plain.
+    if frame.is_super() {
+        let buf = frame.buf_mut();
+        let mut acc = u32::from(!rd(buf, field));
+        for (i, old) in ports.iter().enumerate() {
+            acc += u32::from(!rd(buf, tcp + 2 * i)) + u32::from(*old);
+        }
+        buf[field..field + 2].copy_from_slice(&crate::wire::checksum::fold(acc).to_be_bytes());
+    }
+    v
 }
 
 /// Counts a verdict (a `Tx` to a port beyond the counters becomes a drop).

@@ -192,7 +192,8 @@ fn ipv4(
     if !src_ip_ok {
         return Err(Verdict::Drop(D::SrcIpSpoofed));
     }
-    if ip.total > usize::from(nw.mtu) {
+    let total = if frame.is_super() { frame.wire_len().saturating_sub(ethernet::HEADER_LEN) } else { ip.total };
+    if total > usize::from(nw.mtu) {
         return Err(if ip.df { gateway::frag_needed(frame, in_port, nw) } else { Verdict::Drop(D::MtuExceeded) });
     }
     Ok(ip)

@@ -114,5 +114,6 @@ fn refuse(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict> {
     let out = buf.get_mut(start..)?.first_chunk_mut::<{ ResetRepr::FRAME_LEN }>()?;
     rst.emit_frame(out, t.data_mac.0, peer_mac.0, t.data_ip, src);
     frame.set_window(start, ResetRepr::FRAME_LEN);
+    frame.set_offload(crate::packet::Offload::NONE);
     Some(Verdict::Tx(UPLINK))
 }

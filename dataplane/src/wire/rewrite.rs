@@ -239,6 +239,19 @@ pub fn rewrite_ipv4_general(ip: &mut [u8], nat: &Nat) -> Result<(), WireError> {
     Ok(())
 }
 
+/// Completes the checksums of an untagged Ethernet frame carrying IPv4
+/// TCP or UDP, as a task's kernel may leave them partial on a veth with
+/// transmit offloads on: recomputed from scratch
+/// ([`recompute_checksums_ipv4`]; a UDP checksum of 0 stays 0). Any other
+/// frame, or one whose IPv4 header does not parse, is left as it is (the
+/// pipeline judges it).
+pub fn complete_frame_checksums(frame: &mut [u8]) {
+    if frame.len() > 14 + 20 && frame[12..14] == [0x08, 0x00] && matches!(frame[14 + 9], protocol::TCP | protocol::UDP)
+    {
+        let _ = recompute_checksums_ipv4(&mut frame[14..]);
+    }
+}
+
 /// Recomputes the IPv4 header checksum and the TCP/UDP checksum from scratch
 /// (a UDP checksum of 0 is left as 0). The reference the incremental path is
 /// tested and fuzzed against; not for the fast path.

@@ -23,6 +23,12 @@ pub const HEADER_LEN: usize = 10;
 /// to 12 bytes with `TUNSETVNETHDRSZ` reads and writes it).
 pub const HEADER_LEN_V1: usize = 12;
 
+/// Length of `struct virtio_net_hdr_v1_hash_tunnel`: the 12-byte header,
+/// the hash fields (unused by TAP) and the offsets of a UDP tunnel's
+/// outer transport and inner network headers. A TAP set to this size
+/// with `TUN_F_UDP_TUNNEL_GSO` reads and writes VXLAN super-frames.
+pub const HEADER_LEN_TUNNEL: usize = 24;
+
 /// `flags` bits.
 pub mod flags {
     /// The checksum from `csum_start` to the end is partial: the sum of
@@ -33,6 +39,9 @@ pub mod flags {
     pub const DATA_VALID: u8 = 2;
     /// Receive segment coalescing information (not used by TAP).
     pub const RSC_INFO: u8 = 4;
+    /// The outer UDP checksum of a tunnel super-frame is partial too
+    /// (`TUN_F_UDP_TUNNEL_GSO_CSUM`, which meshplane does not ask for).
+    pub const UDP_TUNNEL_CSUM: u8 = 8;
 }
 
 /// `gso_type` values.
@@ -49,6 +58,20 @@ pub mod gso {
     pub const UDP_L4: u8 = 5;
     /// Bit: the TCP segments carry ECN (CWR on the first only).
     pub const ECN: u8 = 0x80;
+    /// Bit: the super-frame is inside a UDP tunnel over IPv4 (VXLAN).
+    pub const UDP_TUNNEL_IPV4: u8 = 0x20;
+    /// Bit: the super-frame is inside a UDP tunnel over IPv6.
+    pub const UDP_TUNNEL_IPV6: u8 = 0x40;
+}
+
+/// Where the headers of a UDP-tunnel super-frame are (the tail of a
+/// [`HEADER_LEN_TUNNEL`]-byte header), from the frame's start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tunnel {
+    /// The outer UDP header.
+    pub outer_th: u16,
+    /// The inner IP header.
+    pub inner_nh: u16,
 }
 
 /// What a super-frame is made of, from its `gso_type`.
@@ -123,6 +146,49 @@ impl VirtioNetHdr {
             }
         };
         Ok(VirtioNetHdr { flags, gso, hdr_len: le(2), gso_size: le(4), csum_start: le(6), csum_offset: le(8) })
+    }
+
+    /// Parses a [`HEADER_LEN_TUNNEL`]-byte header: the plain header, and
+    /// where the tunnel's headers are if the frame is a super-frame inside
+    /// a UDP tunnel over IPv4 (an IPv6 tunnel, or an outer checksum left
+    /// partial, is refused: meshplane's underlay is IPv4 and it never
+    /// offers `TUN_F_UDP_TUNNEL_GSO_CSUM`).
+    pub fn parse_tunnel(buf: &[u8]) -> Result<(VirtioNetHdr, Option<Tunnel>), WireError> {
+        let h: &[u8; HEADER_LEN_TUNNEL] = buf.first_chunk().ok_or(WireError::Truncated {
+            layer: Layer::VirtioNet,
+            need: HEADER_LEN_TUNNEL,
+            have: buf.len(),
+        })?;
+        let mut plain = [0u8; HEADER_LEN];
+        plain.copy_from_slice(&h[..HEADER_LEN]);
+        let tunnel = h[1] & (gso::UDP_TUNNEL_IPV4 | gso::UDP_TUNNEL_IPV6);
+        plain[1] &= !tunnel;
+        if tunnel & gso::UDP_TUNNEL_IPV6 != 0 || h[0] & flags::UDP_TUNNEL_CSUM != 0 {
+            return Err(WireError::Unsupported { layer: Layer::VirtioNet, field: "gso_type", value: u32::from(h[1]) });
+        }
+        let hdr = VirtioNetHdr::parse(&plain)?;
+        if tunnel == 0 {
+            return Ok((hdr, None));
+        }
+        if hdr.gso == GsoKind::None {
+            return Err(WireError::Unsupported { layer: Layer::VirtioNet, field: "gso_type", value: u32::from(h[1]) });
+        }
+        let le = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
+        Ok((hdr, Some(Tunnel { outer_th: le(20), inner_nh: le(22) })))
+    }
+
+    /// Writes the header as a [`HEADER_LEN_TUNNEL`]-byte one, with the
+    /// tunnel's offsets and its GSO bit if `tunnel` is given.
+    pub fn emit_tunnel(&self, tunnel: Option<Tunnel>, out: &mut [u8; HEADER_LEN_TUNNEL]) {
+        out.fill(0);
+        if let Some((head, _)) = out.split_first_chunk_mut::<HEADER_LEN>() {
+            self.emit(head);
+        }
+        if let Some(t) = tunnel {
+            out[1] |= gso::UDP_TUNNEL_IPV4;
+            out[20..22].copy_from_slice(&t.outer_th.to_le_bytes());
+            out[22..24].copy_from_slice(&t.inner_nh.to_le_bytes());
+        }
     }
 
     /// Writes the header into the first [`HEADER_LEN`] bytes of `out` (a

@@ -64,11 +64,22 @@ pub struct AfXdpConfig {
     /// Set the busy-poll socket options (SO_PREFER_BUSY_POLL,
     /// SO_BUSY_POLL, SO_BUSY_POLL_BUDGET).
     pub busy_poll: bool,
+    /// Complete the TCP and UDP checksums of every received IPv4 frame: a
+    /// task's port, whose veth leaves them partial with transmit offloads
+    /// on (copy mode carries no flag saying which are).
+    pub complete_checksums: bool,
 }
 
 impl Default for AfXdpConfig {
     fn default() -> Self {
-        AfXdpConfig { frames: 8192, ring: 2048, generic: false, zero_copy: true, busy_poll: false }
+        AfXdpConfig {
+            frames: 8192,
+            ring: 2048,
+            generic: false,
+            zero_copy: true,
+            busy_poll: false,
+            complete_checksums: false,
+        }
     }
 }
 
@@ -406,6 +417,8 @@ pub struct AfXdpPort {
     stats: IoStats,
     bind_mode: &'static str,
     prog: Arc<XdpProgram>,
+    /// [`AfXdpConfig::complete_checksums`].
+    complete_checksums: bool,
 }
 
 // SAFETY: `base` points into the UMEM mapping this port owns (through
@@ -516,6 +529,7 @@ impl AfXdpPort {
             stats: IoStats::default(),
             bind_mode,
             prog,
+            complete_checksums: cfg.complete_checksums,
         };
         port.refill();
         tracing::info!(
@@ -635,7 +649,7 @@ impl Port for AfXdpPort {
             return 0;
         }
         self.stats.rx += n as u64;
-        let (base, umem_len) = (self.base, self.umem_len);
+        let (base, umem_len, complete) = (self.base, self.umem_len, self.complete_checksums);
         let mut marks = [false; super::BURST];
         let mut windows = [(0usize, 0usize); super::BURST];
         {
@@ -649,10 +663,14 @@ impl Port for AfXdpPort {
                 // is a distinct frame of this UMEM, in no ring, so the
                 // slices do not overlap and nothing else touches them
                 // until they are dropped at the end of this block.
-                match unsafe { Self::buffer(base, umem_len, d) } {
+                let mut fr = match unsafe { Self::buffer(base, umem_len, d) } {
                     Some(b) => Frame::new(b, HEADROOM, d.lengths().data()).unwrap_or_else(Frame::detached),
                     None => Frame::detached(),
+                };
+                if complete {
+                    crate::wire::rewrite::complete_frame_checksums(fr.data_mut());
                 }
+                fr
             });
             f(&mut frames[..n], &mut marks);
             for (i, fr) in frames[..n].iter_mut().enumerate() {
@@ -715,6 +733,11 @@ impl Port for AfXdpPort {
         unsafe { self.umem.data_mut(&mut d) }.cursor().set_pos(frame.len());
         self.pending.push(d);
         true
+    }
+
+    fn tx_frame(&mut self, f: &crate::packet::Frame<'_>) -> bool {
+        let sent = super::tx_segments(f, |d| self.tx_copy(d));
+        self.stats.count(sent)
     }
 
     fn flush(&mut self) {
