@@ -3,7 +3,8 @@
 //! the kernel's `tcp_gso_segment` and `inet_gso_segment` would cut, plain
 //! or inside VXLAN. Each segment carries a copy of the headers, the next
 //! `gso_size` bytes of payload, and its own lengths, IP IDs (the first
-//! segment's ID, then one more each), sequence number, flags (FIN and PSH
+//! segment's ID, then one more each; an outer header with DF keeps its
+//! ID), sequence number, flags (FIN and PSH
 //! on the last segment only, CWR on the first only) and complete
 //! checksums (IPv4 headers, TCP, and the outer UDP if it had one: VXLAN's
 //! usual zero stays zero).
@@ -90,12 +91,15 @@ impl Layout {
 }
 
 /// Rewrites the IPv4 header at `at` in `seg` for a segment: total length
-/// up to the segment's end, the ID `base + i`, the header checksum.
-fn fix_ipv4(seg: &mut [u8], at: usize, i: u16) {
+/// up to the segment's end, the ID `base + i` (with `bump`), the header
+/// checksum.
+fn fix_ipv4(seg: &mut [u8], at: usize, i: u16, bump: bool) {
     let ihl = usize::from(seg[at] & 0xf) * 4;
     wr16(seg, at + 2, (seg.len() - at) as u16);
-    let id = rd16(seg, at + 4).wrapping_add(i);
-    wr16(seg, at + 4, id);
+    if bump {
+        let id = rd16(seg, at + 4).wrapping_add(i);
+        wr16(seg, at + 4, id);
+    }
     wr16(seg, at + 10, 0);
     let c = checksum::checksum(&seg[at..at + ihl]);
     wr16(seg, at + 10, c);
@@ -145,7 +149,7 @@ pub fn segment(
         seg[..hdrs].copy_from_slice(&d[..hdrs]);
         seg[hdrs..].copy_from_slice(chunk);
         let k = i as u16;
-        fix_ipv4(seg, l.ip, k);
+        fix_ipv4(seg, l.ip, k, true);
         let t = l.tcp;
         seg[t + 4..t + 8].copy_from_slice(&seq.wrapping_add((i * mss) as u32).to_be_bytes());
         if i + 1 < n {
@@ -157,7 +161,11 @@ pub fn segment(
         let c = transport_checksum(seg, l.ip, t, 16, 6);
         wr16(seg, t + 16, c);
         if let Some(o) = l.outer_ip {
-            fix_ipv4(seg, o, k);
+            // The outer ID moves on only where it means something: an
+            // outer header with DF set (as meshplane's VXLAN has) is an
+            // atomic datagram, whose ID is its sender's (RFC 6864).
+            let df = seg[o + 6] & 0x40 != 0;
+            fix_ipv4(seg, o, k, !df);
             let udp = o + usize::from(seg[o] & 0xf) * 4;
             wr16(seg, udp + 4, (end - udp) as u16);
             if rd16(seg, udp + 6) != 0 {
@@ -280,7 +288,12 @@ mod tests {
             let segs = cut(&f, 50 + 34, 1448);
             let got = check(&segs, true);
             assert_eq!(got.iter().map(|g| g.3.len()).collect::<Vec<_>>(), [1448, 1448, 4]);
-            assert_eq!(segs.iter().map(|s| rd16(s, 18)).collect::<Vec<_>>(), [7, 8, 9], "outer IP IDs");
+            assert_eq!(segs.iter().map(|s| rd16(s, 18)).collect::<Vec<_>>(), [7, 7, 7], "outer IP IDs with DF");
+            let mut no_df = f.clone();
+            no_df[20] = 0;
+            let segs = cut(&no_df, 50 + 34, 1448);
+            check(&segs, true);
+            assert_eq!(segs.iter().map(|s| rd16(s, 18)).collect::<Vec<_>>(), [7, 8, 9], "outer IP IDs without DF");
             assert!(segs.iter().all(|s| (rd16(s, 40) == 0) == (udp_csum == 0)), "a zero UDP checksum stays zero");
         }
     }

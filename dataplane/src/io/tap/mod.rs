@@ -117,39 +117,45 @@ impl TapPort {
     pub fn header_len(&self) -> usize {
         self.vnet
     }
+}
 
-    /// Reads what a received header says into the frame's [`Offload`],
-    /// completing a single frame's partial checksum; `None` if the header
-    /// does not fit the frame.
-    fn accept(vnet: usize, hdr: &[u8], frame: &mut [u8]) -> Option<Offload> {
-        let (h, tunnel) = if vnet == HEADER_LEN_TUNNEL {
-            VirtioNetHdr::parse_tunnel(hdr).ok()?
-        } else {
-            (VirtioNetHdr::parse(hdr).ok()?, None)
-        };
-        h.check(frame.len()).ok()?;
-        let GsoKind::TcpV4 { ecn } = h.gso else {
-            if h.gso != GsoKind::None {
-                return None;
-            }
-            virtio_net::complete_checksum(frame, &h).ok()?;
-            return Some(Offload::NONE);
-        };
-        let l = Layout::of(frame, usize::from(h.csum_start)).ok()?;
-        let fits = match (tunnel, l.outer_ip) {
-            (None, None) => true,
-            (Some(t), Some(o)) => usize::from(t.inner_nh) == l.ip && usize::from(t.outer_th) > o,
-            _ => false,
-        };
-        (fits && h.csum_offset == 16).then_some(Offload {
-            gso_size: h.gso_size,
-            v6: false,
-            ecn,
-            csum_at: (HEADROOM + usize::from(h.csum_start)) as u32,
-            csum_offset: h.csum_offset,
-        })
-    }
+/// What the `vnet`-byte virtio-net header `hdr` (12 or 24 bytes) read
+/// in front of `frame` asks of it, as the frame's [`Offload`] (its
+/// offsets from a buffer in which the frame starts at [`HEADROOM`]); a
+/// single frame's partial checksum is completed here. `None` (a counted
+/// drop) if the header does not fit the frame: an unknown or refused GSO
+/// type, a segment size of 0, a checksum outside the frame, a super-frame
+/// that is not TCP over IPv4 (plain or in VXLAN).
+pub fn offload_of(vnet: usize, hdr: &[u8], frame: &mut [u8]) -> Option<Offload> {
+    let (h, tunnel) = if vnet == HEADER_LEN_TUNNEL {
+        VirtioNetHdr::parse_tunnel(hdr).ok()?
+    } else {
+        (VirtioNetHdr::parse(hdr).ok()?, None)
+    };
+    h.check(frame.len()).ok()?;
+    let GsoKind::TcpV4 { ecn } = h.gso else {
+        if h.gso != GsoKind::None {
+            return None;
+        }
+        virtio_net::complete_checksum(frame, &h).ok()?;
+        return Some(Offload::NONE);
+    };
+    let l = Layout::of(frame, usize::from(h.csum_start)).ok()?;
+    let fits = match (tunnel, l.outer_ip) {
+        (None, None) => true,
+        (Some(t), Some(o)) => usize::from(t.inner_nh) == l.ip && usize::from(t.outer_th) > o,
+        _ => false,
+    };
+    (fits && h.csum_offset == 16).then_some(Offload {
+        gso_size: h.gso_size,
+        v6: false,
+        ecn,
+        csum_at: (HEADROOM + usize::from(h.csum_start)) as u32,
+        csum_offset: h.csum_offset,
+    })
+}
 
+impl TapPort {
     /// The header for transmitting `f` as it is, if this port takes it:
     /// a plain frame, or a super-frame (inside VXLAN only with the
     /// tunnel offload).
@@ -227,7 +233,7 @@ impl Port for TapPort {
                 Ok(len) if len < vnet + 14 => self.stats.errors += 1,
                 Ok(len) => {
                     let (hdr, frame) = into.split_at_mut(vnet);
-                    match Self::accept(vnet, hdr, &mut frame[..len - vnet]) {
+                    match offload_of(vnet, hdr, &mut frame[..len - vnet]) {
                         Some(o) => {
                             self.slots.set(n, len - vnet, o);
                             n += 1;
