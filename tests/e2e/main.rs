@@ -386,6 +386,51 @@ fn overlay(io: Io) {
 
 both_backends!(overlay: overlay_afxdp, overlay_tap);
 
+/// 100 MB each way across the overlay and 100 MB through the routing mesh
+/// in both modes, checked byte for byte, with the tasks' and (TAP) the
+/// client's transmit offloads on. Prints the rates (the debug build; a
+/// check that long streams hold, not a benchmark: `scripts/bench`
+/// measures). With TAP uplinks on a kernel with the UDP-tunnel offload,
+/// the super-frames cross the underlay whole: no segment is cut in
+/// software.
+fn big_transfers(io: Io) {
+    let _g = serial();
+    let mut c = Cluster::two_nodes(&format!("bt-{}", io.arg()), io, true);
+    let client = c.client();
+    let (t1, t2) = (c.tasks[0].clone(), c.tasks[1].clone());
+    const BYTES: u64 = 100_000_000;
+    #[rustfmt::skip]
+    let cases = [
+        (&t1, &t2, "198.19.0.2:5001", "198.19.0.2:5001", "198.19.0.1:", "overlay 1 -> 2"),
+        (&t2, &t1, "198.19.0.1:5001", "198.19.0.1:5001", "198.19.0.2:", "overlay 2 -> 1"),
+        (&client, &t2, "198.19.0.2:5001", "198.18.0.1:30080", "198.19.0.250:", "mesh nat"),
+        (&client, &t2, "198.19.0.2:5001", "198.18.0.1:30081", "198.18.0.100:", "mesh preserve-source"),
+    ];
+    for (from, to, listen, connect, peer, what) in cases {
+        let t0 = std::time::Instant::now();
+        let a = c.tcp(from, to, listen, connect, BYTES);
+        let secs = t0.elapsed().as_secs_f64();
+        assert!(a.starts_with(&format!("peer={peer}")) && a.ends_with(&format!("bytes={BYTES} ok")), "{what}: {a}");
+        eprintln!("{} {what}: 100 MB in {secs:.2} s ({:.2} Gbit/s)", io.arg(), BYTES as f64 * 8.0 / secs / 1e9);
+    }
+    if io == Io::Tap && !c.lab.log(c.nodes[0].proc_).contains("refuses VXLAN super-frames") {
+        wait_for("the counters", 5, || c.stats(0)["workers"][0]["ports"][0]["tx"].as_u64() > Some(0));
+        for i in 0..2 {
+            let up = &c.stats(i)["workers"][0]["ports"][0];
+            assert_eq!(up["tx_segmented"].as_u64(), Some(0), "node {}: uplink cut super-frames: {up}", i + 1);
+            assert!(
+                up["tx"].as_u64() < Some(BYTES / 1400 / 4),
+                "node {}: super-frames crossed the underlay: {up}",
+                i + 1
+            );
+        }
+    }
+    c.stop_node(0);
+    c.stop_node(1);
+}
+
+both_backends!(big_transfers: big_transfers_afxdp, big_transfers_tap);
+
 /// Node 1 is meshplane; node 2 is the Linux kernel's own VXLAN device
 /// (vx0 is task 2's address). ARP crosses the overlay both ways (the
 /// kernel's broadcast requests are answered by meshplane from state), then
