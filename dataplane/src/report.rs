@@ -93,6 +93,8 @@ pub struct PortStats {
     pub rx_bad_offload: u64,
     /// Super-frames cut into segments in software for this port.
     pub tx_segmented: u64,
+    /// Segments coalesced into super-frames for this port (GRO).
+    pub tx_coalesced: u64,
 }
 
 /// A service's counters in one worker.
@@ -162,9 +164,9 @@ mod tests {
 
     #[test]
     fn a_renamed_or_missing_counter_is_an_error_not_a_zero() {
-        let ok = serde_json::json!({ "name": "uplink", "rx": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0, "tx_segmented": 0 });
+        let ok = serde_json::json!({ "name": "uplink", "rx": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0, "tx_segmented": 0, "tx_coalesced": 0 });
         assert!(serde_json::from_value::<PortStats>(ok.clone()).is_ok());
-        let renamed = serde_json::json!({ "name": "uplink", "rx_frames": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0, "tx_segmented": 0 });
+        let renamed = serde_json::json!({ "name": "uplink", "rx_frames": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0, "tx_segmented": 0, "tx_coalesced": 0 });
         assert!(serde_json::from_value::<PortStats>(renamed).is_err());
         let missing = serde_json::json!({ "name": "uplink", "rx": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0 });
         assert!(serde_json::from_value::<PortStats>(missing).is_err());

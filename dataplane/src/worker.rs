@@ -554,18 +554,26 @@ impl Worker {
                         }
                     }
                 }
-                for (j, v) in verdicts.iter().take(frames.len()).enumerate() {
-                    let Verdict::Tx(p) = *v else { continue };
-                    match io_of.get(usize::from(p)).copied().flatten() {
-                        Some(k) if k == i => back[j] = true,
-                        Some(k) if k < i => {
-                            before[k].io.tx_frame(&frames[j]);
-                        }
-                        Some(k) => {
-                            after[k - i - 1].io.tx_frame(&frames[j]);
-                        }
-                        None => rep.unbound += 1,
+                // Runs of consecutive frames to one other port go out
+                // together (a port may coalesce them).
+                let n = frames.len().min(verdicts.len());
+                let mut j = 0;
+                while j < n {
+                    let Verdict::Tx(p) = verdicts[j] else {
+                        j += 1;
+                        continue;
+                    };
+                    let mut m = j + 1;
+                    while m < n && verdicts[m] == Verdict::Tx(p) {
+                        m += 1;
                     }
+                    match io_of.get(usize::from(p)).copied().flatten() {
+                        Some(k) if k == i => back[j..m].fill(true),
+                        Some(k) if k < i => before[k].io.tx_run(&frames[j..m]),
+                        Some(k) => after[k - i - 1].io.tx_run(&frames[j..m]),
+                        None => rep.unbound += (m - j) as u64,
+                    }
+                    j = m;
                 }
             });
         }

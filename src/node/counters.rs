@@ -31,6 +31,7 @@ fn worker_stats(r: &Report, t: &Tables) -> WorkerStats {
                 rx_oversize: s.rx_oversize,
                 rx_bad_offload: s.rx_bad_offload,
                 tx_segmented: s.tx_segmented,
+                tx_coalesced: s.tx_coalesced,
                 errors: s.errors,
             })
             .collect();

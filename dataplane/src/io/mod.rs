@@ -52,6 +52,8 @@ pub struct IoStats {
     pub rx_bad_offload: u64,
     /// Super-frames cut into segments in software for this port.
     pub tx_segmented: u64,
+    /// Segments coalesced into super-frames for this port (GRO).
+    pub tx_coalesced: u64,
 }
 
 /// An I/O error of a port, with what it was doing.
@@ -101,6 +103,15 @@ pub trait Port: Send {
     /// passes them on; the others cut them into segments
     /// ([`tx_segments`]). False if not all of it went out.
     fn tx_frame(&mut self, f: &Frame<'_>) -> bool;
+
+    /// Transmits copies of a run of frames, in order; a port that takes
+    /// super-frames coalesces in-order TCP segments of one flow into one
+    /// (GRO, `wire::gro`).
+    fn tx_run(&mut self, frames: &[Frame<'_>]) {
+        for f in frames {
+            self.tx_frame(f);
+        }
+    }
 
     /// Pushes out what was queued for transmission and reclaims what the
     /// device finished with (a no-op for ports that send at once).

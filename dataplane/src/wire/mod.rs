@@ -14,6 +14,7 @@ mod error;
 pub mod ethernet;
 pub mod flow;
 pub mod frame;
+pub mod gro;
 pub mod gso;
 pub mod icmpv4;
 pub mod ipv4;

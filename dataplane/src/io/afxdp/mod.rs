@@ -504,6 +504,7 @@ impl AfXdpPort {
         if cfg.busy_poll {
             set_busy_poll(fd, iface)?;
         }
+        let tx_budget = set_tx_budget(fd, cfg.ring);
         // The UMEM's base address, from the first frame's data pointer
         // (data starts at the descriptor's address).
         let mut first = *free.first().ok_or_else(|| cerr("no UMEM frames".into()))?;
@@ -533,8 +534,9 @@ impl AfXdpPort {
         };
         port.refill();
         tracing::info!(
-            "{iface} queue {queue}: AF_XDP {bind_mode}, XDP {}",
-            if port.prog.generic { "generic" } else { "native" }
+            "{iface} queue {queue}: AF_XDP {bind_mode}, XDP {}, {} per send",
+            if port.prog.generic { "generic" } else { "native" },
+            if tx_budget { "the whole tx ring" } else { "32 frames (kernel before 6.17)" }
         );
         Ok(port)
     }
@@ -614,6 +616,28 @@ impl AfXdpPort {
         // accesses that frame while the slice lives.
         Some(unsafe { std::slice::from_raw_parts_mut(base.add(start), len) })
     }
+}
+
+/// `XDP_MAX_TX_SKB_BUDGET` (`SOL_XDP`, Linux 6.17): how many descriptors
+/// one `sendto` hands the driver in copy mode (32 by default), raised to
+/// the whole tx ring so that a burst goes out in one system call. False
+/// on an older kernel: the flush then kicks until the ring is drained.
+fn set_tx_budget(fd: RawFd, ring: u32) -> bool {
+    const SOL_XDP: libc::c_int = 283;
+    const XDP_MAX_TX_SKB_BUDGET: libc::c_int = 9;
+    let val: u32 = ring;
+    // SAFETY: `fd` is an open AF_XDP socket with a tx ring; the value is a
+    // live u32 of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            SOL_XDP,
+            XDP_MAX_TX_SKB_BUDGET,
+            (&val as *const u32).cast(),
+            core::mem::size_of::<u32>() as u32,
+        )
+    };
+    rc == 0
 }
 
 fn set_busy_poll(fd: RawFd, port: &str) -> Result<(), IoError> {

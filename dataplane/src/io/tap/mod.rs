@@ -17,6 +17,7 @@ mod dev;
 
 use super::{BurstFn, IoError, IoStats, Port, SUPER_ROOM, Slots};
 use crate::packet::{Frame, HEADROOM, Offload};
+use crate::wire::gro::{self, Seg};
 use crate::wire::gso::Layout;
 use crate::wire::virtio_net::{self, GsoKind, HEADER_LEN_TUNNEL, HEADER_LEN_V1, Tunnel, VirtioNetHdr, flags};
 use std::fs::File;
@@ -42,6 +43,8 @@ pub struct TapPort {
     /// Bytes of virtio-net header in front of every frame: 12, or 24 with
     /// the UDP-tunnel offload.
     vnet: usize,
+    /// Where segments are coalesced (GRO); allocated at the first merge.
+    gro: Vec<u8>,
 }
 
 impl std::fmt::Debug for TapPort {
@@ -108,6 +111,7 @@ impl TapPort {
                 slots: Slots::new(SUPER_ROOM),
                 stats: IoStats::default(),
                 vnet,
+                gro: Vec::new(),
             })
             .collect())
     }
@@ -156,6 +160,50 @@ pub fn offload_of(vnet: usize, hdr: &[u8], frame: &mut [u8]) -> Option<Offload> 
 }
 
 impl TapPort {
+    /// Coalesces the longest chain of in-order segments of one flow at the
+    /// start of `frames` into one super-frame and sends it; the number of
+    /// frames it took (fewer than 2: nothing was sent).
+    fn coalesce(&mut self, frames: &[Frame<'_>]) -> usize {
+        const MAX: usize = 64;
+        let Some((first, rest)) = frames.split_first() else { return 0 };
+        let Some(s0) = (!first.is_super()).then(|| gro::segment_of(first.data())).flatten() else { return 0 };
+        let mut segs: [(&[u8], Seg); MAX] = [(&[], s0); MAX];
+        segs[0] = (first.data(), s0);
+        let (mut n, mut total) = (1, first.len());
+        for f in rest.iter().take(MAX - 1) {
+            let Some(s) = (!f.is_super()).then(|| gro::segment_of(f.data())).flatten() else { break };
+            let (prev, ps) = segs[n - 1];
+            if total + s.payload > SUPER_ROOM || !gro::continues(prev, &ps, f.data(), &s, s0.payload) {
+                break;
+            }
+            segs[n] = (f.data(), s);
+            total += s.payload;
+            n += 1;
+            if s.payload < s0.payload || s.psh {
+                break;
+            }
+        }
+        if n < 2 {
+            return 0;
+        }
+        if self.gro.is_empty() {
+            self.gro = vec![0u8; HEADROOM + SUPER_ROOM];
+        }
+        let mut buf = std::mem::take(&mut self.gro);
+        let Some((len, gso_size)) = gro::merge(&segs[..n], &mut buf[HEADROOM..]) else {
+            self.gro = buf;
+            return 0;
+        };
+        if let Some(mut f) = Frame::new(&mut buf, HEADROOM, len) {
+            let tcp = HEADROOM + 34;
+            f.set_offload(Offload { gso_size, v6: false, ecn: false, csum_at: tcp as u32, csum_offset: 16 });
+            self.stats.tx_coalesced += n as u64;
+            self.send(&f);
+        }
+        self.gro = buf;
+        n
+    }
+
     /// The header for transmitting `f` as it is, if this port takes it:
     /// a plain frame, or a super-frame (inside VXLAN only with the
     /// tunnel offload).
@@ -266,6 +314,19 @@ impl Port for TapPort {
 
     fn tx_frame(&mut self, f: &Frame<'_>) -> bool {
         self.send(f)
+    }
+
+    fn tx_run(&mut self, frames: &[Frame<'_>]) {
+        let mut j = 0;
+        while j < frames.len() {
+            let n = self.coalesce(&frames[j..]);
+            if n < 2 {
+                self.send(&frames[j]);
+                j += 1;
+            } else {
+                j += n;
+            }
+        }
     }
 
     fn flush(&mut self) {}
