@@ -256,6 +256,14 @@ pub struct WorkerConfig {
     pub spin: Duration,
     /// Longest sleep (the stop flag and new tables are noticed within it).
     pub max_wait: Duration,
+    /// When every port is drained down to a descriptor that signals the
+    /// next frame, how long to keep looking for those signals without
+    /// waiting after the last frame, before waiting for them. 0 (the
+    /// default): wait at once, which on a machine whose cores the tasks
+    /// share measured best for request/response (1.5-2.5x the requests
+    /// of spinning) and 15-20% below a 300 us spin for one bulk stream
+    /// (BENCHMARKS.md).
+    pub fd_spin: Duration,
     /// The connection table.
     pub conntrack: CtConfig,
     /// How often counters are published.
@@ -269,6 +277,7 @@ impl Default for WorkerConfig {
             busy_poll: false,
             spin: Duration::from_millis(2),
             max_wait: Duration::from_millis(50),
+            fd_spin: Duration::ZERO,
             conntrack: CtConfig::default(),
             report_every: Duration::from_millis(100),
         }
@@ -285,12 +294,15 @@ pub struct Bound {
     pub name: String,
     /// The I/O port.
     pub io: Box<dyn Port>,
+    /// Drained: not read again until its descriptor signals a frame
+    /// ([`Port::drained`]).
+    waiting: bool,
 }
 
 impl Bound {
     /// `io` serving the tables port `name`.
     pub fn new(name: &str, io: Box<dyn Port>) -> Bound {
-        Bound { name: name.to_owned(), io }
+        Bound { name: name.to_owned(), io, waiting: false }
     }
 }
 
@@ -429,8 +441,26 @@ impl Worker {
                 r.last_frame = now;
                 r.report.busy_rounds += 1;
             } else if !self.cfg.busy_poll && now.saturating_sub(r.last_frame) > spin {
-                self.idle(&mut poll, &mut events, inbox, &mut r, now)?;
+                self.idle(&mut poll, &mut events, inbox, &mut r, now, self.cfg.max_wait)?;
+                self.wake_ports(&events);
                 continue;
+            }
+            // Ports drained down to their descriptors (TAP) are read again
+            // when these signal: when every port waits so, the worker
+            // waits with them instead of spinning on empty reads (VPP's
+            // interrupt mode); otherwise it looks for their signals
+            // without waiting.
+            if self.ports.iter().any(|p| p.waiting) {
+                let block = !self.cfg.busy_poll
+                    && got == 0
+                    && now.saturating_sub(r.last_frame) > self.cfg.fd_spin.as_nanos() as u64
+                    && self.ports.iter().all(|p| p.waiting);
+                if block {
+                    self.idle(&mut poll, &mut events, inbox, &mut r, now, self.cfg.max_wait)?;
+                } else if poll.poll(&mut events, Some(Duration::ZERO)).is_err() {
+                    events.clear();
+                }
+                self.wake_ports(&events);
             }
             if now.saturating_sub(r.last_report) > report_every {
                 self.publish(&mut r.report, &r.st);
@@ -513,6 +543,7 @@ impl Worker {
     /// The frames received.
     fn receive(&mut self, r: &mut Run, handoff: Option<&Handoff>, now: u64) -> usize {
         let mut got = 0;
+        let busy_poll = self.cfg.busy_poll;
         for i in 0..self.ports.len() {
             let (before, rest) = self.ports.split_at_mut(i);
             let Some((port, after)) = rest.split_first_mut() else { break };
@@ -520,6 +551,9 @@ impl Worker {
             let Run { t, st, io_of, verdicts, report: rep, .. } = &mut *r;
             let t = &**t;
             let wakers = &self.shared.wakers;
+            if port.waiting {
+                continue;
+            }
             got += port.io.rx_burst(&mut |frames, back| {
                 match handoff {
                     None => process_burst(frames, in_port, now, t, st, verdicts),
@@ -576,8 +610,30 @@ impl Worker {
                     j = m;
                 }
             });
+            // (Busy-polling reads every port every round: a ring check
+            // costs less than the poll that would say which to read.)
+            port.waiting = !busy_poll && port.io.drained();
         }
         got
+    }
+
+    /// Marks the ports whose descriptors signalled as worth reading; after
+    /// a wait that ended with no signal at all (a timeout, a wake-up),
+    /// every port (a lost edge costs at most one wait).
+    fn wake_ports(&mut self, events: &mio::Events) {
+        let mut any = false;
+        for e in events.iter() {
+            let fd = e.token().0;
+            for p in self.ports.iter_mut().filter(|p| p.io.fd() >= 0 && p.io.fd() as usize == fd) {
+                p.waiting = false;
+                any = true;
+            }
+        }
+        if !any && events.is_empty() {
+            for p in &mut self.ports {
+                p.waiting = false;
+            }
+        }
     }
 
     /// Frames the other workers handed over (worker 0). The frames taken.
@@ -632,6 +688,7 @@ impl Worker {
         inbox: Option<&Handoff>,
         r: &mut Run,
         now: u64,
+        wait: Duration,
     ) -> Result<(), WorkerError> {
         // Tell the other workers to wake this one after a handoff, then
         // look once more (one of the two sees the other).
@@ -647,7 +704,7 @@ impl Worker {
         r.report.idle_waits += 1;
         self.publish(&mut r.report, &r.st);
         r.last_report = now;
-        let res = poll.poll(events, Some(self.cfg.max_wait));
+        let res = poll.poll(events, Some(wait));
         if let Some(h) = inbox {
             h.sleeping.store(false, Ordering::SeqCst);
         }

@@ -113,6 +113,15 @@ pub trait Port: Send {
         }
     }
 
+    /// True if the last [`Port::rx_burst`] read until the device had
+    /// nothing more, and the port's descriptor signals the next frame
+    /// (an edge the worker's poll sees): the worker need not read it again
+    /// until then (a TAP read that would block; an AF_XDP rx ring found
+    /// empty, whose socket wakes its poll when the kernel adds to it).
+    fn drained(&self) -> bool {
+        false
+    }
+
     /// Pushes out what was queued for transmission and reclaims what the
     /// device finished with (a no-op for ports that send at once).
     fn flush(&mut self);

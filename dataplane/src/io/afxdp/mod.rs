@@ -419,6 +419,9 @@ pub struct AfXdpPort {
     prog: Arc<XdpProgram>,
     /// [`AfXdpConfig::complete_checksums`].
     complete_checksums: bool,
+    /// The last receive emptied the rx ring (the socket's descriptor
+    /// signals the next frame).
+    drained: bool,
 }
 
 // SAFETY: `base` points into the UMEM mapping this port owns (through
@@ -531,6 +534,7 @@ impl AfXdpPort {
             bind_mode,
             prog,
             complete_checksums: cfg.complete_checksums,
+            drained: false,
         };
         port.refill();
         tracing::info!(
@@ -666,6 +670,7 @@ impl Port for AfXdpPort {
         // SAFETY: `descs` is scratch space; the rx ring hands over frames
         // of this UMEM that are now ours.
         let n = unsafe { self.rx.consume(&mut self.descs) };
+        self.drained = n < super::BURST;
         if n == 0 {
             if self.fq.needs_wakeup() {
                 let _ = self.fq.wakeup(self.rx.fd_mut(), 0);
@@ -791,6 +796,10 @@ impl Port for AfXdpPort {
             kicks += 1;
         }
         self.reclaim();
+    }
+
+    fn drained(&self) -> bool {
+        self.drained
     }
 
     fn fd(&self) -> RawFd {

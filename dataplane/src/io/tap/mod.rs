@@ -45,6 +45,8 @@ pub struct TapPort {
     vnet: usize,
     /// Where segments are coalesced (GRO); allocated at the first merge.
     gro: Vec<u8>,
+    /// The last receive read until the device said "no more".
+    drained: bool,
 }
 
 impl std::fmt::Debug for TapPort {
@@ -112,6 +114,7 @@ impl TapPort {
                 stats: IoStats::default(),
                 vnet,
                 gro: Vec::new(),
+                drained: false,
             })
             .collect())
     }
@@ -271,6 +274,7 @@ impl Port for TapPort {
     fn rx_burst(&mut self, f: &mut BurstFn<'_>) -> usize {
         let mut n = 0;
         let vnet = self.vnet;
+        self.drained = false;
         while n < super::BURST {
             let slot = self.slots.slot(n);
             let into = &mut slot[HEADROOM - vnet..];
@@ -289,7 +293,10 @@ impl Port for TapPort {
                         None => self.stats.rx_bad_offload += 1,
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.drained = true;
+                    break;
+                }
                 Err(_) => {
                     self.stats.errors += 1;
                     break;
@@ -327,6 +334,10 @@ impl Port for TapPort {
                 j += n;
             }
         }
+    }
+
+    fn drained(&self) -> bool {
+        self.drained
     }
 
     fn flush(&mut self) {}
