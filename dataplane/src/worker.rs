@@ -284,6 +284,10 @@ impl Default for WorkerConfig {
     }
 }
 
+/// Nanoseconds since the last publish after which a worker publishes
+/// before it waits.
+const IDLE_PUBLISH_GAP: u64 = 1_000_000;
+
 /// Entries of the connection table swept per round.
 const SWEEP_BUDGET: usize = 64;
 
@@ -441,7 +445,7 @@ impl Worker {
                 r.last_frame = now;
                 r.report.busy_rounds += 1;
             } else if !self.cfg.busy_poll && now.saturating_sub(r.last_frame) > spin {
-                self.idle(&mut poll, &mut events, inbox, &mut r, now, self.cfg.max_wait)?;
+                self.idle(&mut poll, &mut events, inbox, &mut r, now, false)?;
                 self.wake_ports(&events);
                 continue;
             }
@@ -456,7 +460,7 @@ impl Worker {
                     && now.saturating_sub(r.last_frame) > self.cfg.fd_spin.as_nanos() as u64
                     && self.ports.iter().all(|p| p.waiting);
                 if block {
-                    self.idle(&mut poll, &mut events, inbox, &mut r, now, self.cfg.max_wait)?;
+                    self.idle(&mut poll, &mut events, inbox, &mut r, now, true)?;
                 } else if poll.poll(&mut events, Some(Duration::ZERO)).is_err() {
                     events.clear();
                 }
@@ -688,7 +692,7 @@ impl Worker {
         inbox: Option<&Handoff>,
         r: &mut Run,
         now: u64,
-        wait: Duration,
+        between: bool,
     ) -> Result<(), WorkerError> {
         // Tell the other workers to wake this one after a handoff, then
         // look once more (one of the two sees the other).
@@ -700,11 +704,17 @@ impl Worker {
             }
         }
         // Publish before sleeping: an idle worker's counters are current
-        // (this wait included).
+        // (this wait included). A wait between frames (`between`: every
+        // port drained, frames a moment ago) publishes only if that was
+        // not done within the last millisecond (a worker that waits
+        // between every request would spend more on publishing than on
+        // its frames); its counters are then at most a wait behind.
         r.report.idle_waits += 1;
-        self.publish(&mut r.report, &r.st);
-        r.last_report = now;
-        let res = poll.poll(events, Some(wait));
+        if !between || now.saturating_sub(r.last_report) > IDLE_PUBLISH_GAP {
+            self.publish(&mut r.report, &r.st);
+            r.last_report = now;
+        }
+        let res = poll.poll(events, Some(self.cfg.max_wait));
         if let Some(h) = inbox {
             h.sleeping.store(false, Ordering::SeqCst);
         }
