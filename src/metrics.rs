@@ -165,7 +165,7 @@ const GAUGE: MetricType = MetricType::Gauge;
 
 /// Per worker and I/O port.
 fn ports(x: &mut Exposition, dp: &NodeStats) {
-    let port_counters: [Read<PortStats>; 8] = [
+    let port_counters: [Read<PortStats>; 9] = [
         ("port_rx_frames_total", |p| p.rx, COUNTER, "Frames received on a port."),
         ("port_tx_frames_total", |p| p.tx, COUNTER, "Frames sent on a port."),
         ("port_tx_full_total", |p| p.tx_full, COUNTER, "Frames not sent: the port's transmit ring was full."),
@@ -187,6 +187,12 @@ fn ports(x: &mut Exposition, dp: &NodeStats) {
             |p| p.tx_coalesced,
             COUNTER,
             "Segments coalesced into super-frames for this port (GRO).",
+        ),
+        (
+            "port_rx_kernel_dropped_total",
+            |p| p.rx_kernel_dropped,
+            COUNTER,
+            "Frames the kernel dropped before the port read them (AF_XDP rx ring full, no fill buffer).",
         ),
         ("port_errors_total", |p| p.errors, COUNTER, "I/O errors on a port."),
     ];
@@ -387,7 +393,7 @@ mod tests {
         let stats = serde_json::json!({
             "dataplane": { "tables_version": 3, "workers": [{
                 "tables_version": 3,
-                "ports": [{ "name": "uplink", "rx": 10, "tx": 7, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0, "tx_segmented": 0, "tx_coalesced": 0 }],
+                "ports": [{ "name": "uplink", "rx": 10, "tx": 7, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0, "tx_segmented": 0, "tx_coalesced": 0, "rx_kernel_dropped": 0 }],
                 "drops": { "unknown_vni": 2 },
                 "passed": 1, "unbound": 0, "conntrack_entries": 4, "new_connections": 2,
                 "handed_off": 0, "handed_in": 0, "handoff_full": 0, "busy_rounds": 5, "idle_waits": 9,

@@ -95,6 +95,9 @@ pub struct PortStats {
     pub tx_segmented: u64,
     /// Segments coalesced into super-frames for this port (GRO).
     pub tx_coalesced: u64,
+    /// Frames the kernel dropped before the port read them (AF_XDP: rx
+    /// ring full, no fill buffer).
+    pub rx_kernel_dropped: u64,
 }
 
 /// A service's counters in one worker.
@@ -164,9 +167,9 @@ mod tests {
 
     #[test]
     fn a_renamed_or_missing_counter_is_an_error_not_a_zero() {
-        let ok = serde_json::json!({ "name": "uplink", "rx": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0, "tx_segmented": 0, "tx_coalesced": 0 });
+        let ok = serde_json::json!({ "name": "uplink", "rx": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0, "tx_segmented": 0, "tx_coalesced": 0, "rx_kernel_dropped": 0 });
         assert!(serde_json::from_value::<PortStats>(ok.clone()).is_ok());
-        let renamed = serde_json::json!({ "name": "uplink", "rx_frames": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0, "tx_segmented": 0, "tx_coalesced": 0 });
+        let renamed = serde_json::json!({ "name": "uplink", "rx_frames": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0, "tx_segmented": 0, "tx_coalesced": 0, "rx_kernel_dropped": 0 });
         assert!(serde_json::from_value::<PortStats>(renamed).is_err());
         let missing = serde_json::json!({ "name": "uplink", "rx": 1, "tx": 2, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0 });
         assert!(serde_json::from_value::<PortStats>(missing).is_err());

@@ -32,6 +32,7 @@ fn worker_stats(r: &Report, t: &Tables) -> WorkerStats {
                 rx_bad_offload: s.rx_bad_offload,
                 tx_segmented: s.tx_segmented,
                 tx_coalesced: s.tx_coalesced,
+                rx_kernel_dropped: s.rx_kernel_dropped,
                 errors: s.errors,
             })
             .collect();

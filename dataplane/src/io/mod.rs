@@ -54,6 +54,9 @@ pub struct IoStats {
     pub tx_segmented: u64,
     /// Segments coalesced into super-frames for this port (GRO).
     pub tx_coalesced: u64,
+    /// Frames the kernel dropped before the port could read them (AF_XDP:
+    /// rx ring full, no fill buffer; `XDP_STATISTICS`).
+    pub rx_kernel_dropped: u64,
 }
 
 /// An I/O error of a port, with what it was doing.

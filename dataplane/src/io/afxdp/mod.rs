@@ -422,6 +422,9 @@ pub struct AfXdpPort {
     /// The last receive emptied the rx ring (the socket's descriptor
     /// signals the next frame).
     drained: bool,
+    /// [`AfXdpConfig::busy_poll`]: an empty rx ring drives the device's
+    /// receive from this thread (`recvfrom` with `MSG_DONTWAIT`).
+    busy_poll: bool,
 }
 
 // SAFETY: `base` points into the UMEM mapping this port owns (through
@@ -535,6 +538,7 @@ impl AfXdpPort {
             prog,
             complete_checksums: cfg.complete_checksums,
             drained: false,
+            busy_poll: cfg.busy_poll,
         };
         port.refill();
         tracing::info!(
@@ -671,6 +675,23 @@ impl Port for AfXdpPort {
         // of this UMEM that are now ours.
         let n = unsafe { self.rx.consume(&mut self.descs) };
         self.drained = n < super::BURST;
+        if n == 0 && self.busy_poll {
+            // With SO_PREFER_BUSY_POLL set, a non-blocking receive runs
+            // the device's NAPI poll here (up to SO_BUSY_POLL_BUDGET
+            // frames) instead of waiting for its interrupt.
+            // SAFETY: `fd` is this open socket; a null buffer of length 0
+            // is allowed for an AF_XDP socket, which copies nothing.
+            let _ = unsafe {
+                libc::recvfrom(
+                    self.rx.fd().as_raw_fd(),
+                    std::ptr::null_mut(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            };
+        }
         if n == 0 {
             if self.fq.needs_wakeup() {
                 let _ = self.fq.wakeup(self.rx.fd_mut(), 0);
@@ -807,6 +828,37 @@ impl Port for AfXdpPort {
     }
 
     fn stats(&self) -> IoStats {
-        self.stats
+        let mut s = self.stats;
+        s.rx_kernel_dropped = kernel_drops(self.rx.fd().as_raw_fd());
+        s
     }
+}
+
+/// `struct xdp_statistics` (Linux 5.9 and later).
+#[repr(C)]
+#[derive(Default)]
+struct XdpStatistics {
+    rx_dropped: u64,
+    rx_invalid_descs: u64,
+    tx_invalid_descs: u64,
+    rx_ring_full: u64,
+    rx_fill_ring_empty_descs: u64,
+    tx_ring_empty_descs: u64,
+}
+
+/// Frames the kernel dropped on their way into this socket
+/// (`XDP_STATISTICS`: no room in the rx ring, no fill buffer, other
+/// drops); 0 if the kernel does not say.
+fn kernel_drops(fd: RawFd) -> u64 {
+    const SOL_XDP: libc::c_int = 283;
+    const XDP_STATISTICS: libc::c_int = 7;
+    let mut st = XdpStatistics::default();
+    let mut len = core::mem::size_of::<XdpStatistics>() as libc::socklen_t;
+    // SAFETY: `fd` is an open AF_XDP socket; the kernel writes at most
+    // `len` bytes into `st`, a live struct of that size, and `len` back.
+    let rc = unsafe { libc::getsockopt(fd, SOL_XDP, XDP_STATISTICS, (&mut st as *mut XdpStatistics).cast(), &mut len) };
+    if rc != 0 {
+        return 0;
+    }
+    st.rx_dropped + st.rx_ring_full + st.rx_fill_ring_empty_descs
 }
