@@ -95,6 +95,27 @@ pub(super) fn set_offload(f: &File, bits: u32) -> io::Result<()> {
     check(unsafe { libc::ioctl(f.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(bits)) })
 }
 
+/// `struct ifreq` with the `ifr_qlen` member.
+#[repr(C)]
+struct IfReqQlen {
+    name: [u8; libc::IFNAMSIZ],
+    qlen: libc::c_int,
+    _pad: [u8; 20],
+}
+
+/// Sets the transmit queue length of the interface `name` (as `ip link
+/// set NAME txqueuelen N`): frames the kernel holds for meshplane to read
+/// before it drops them (1000 by default; a burst of new connections
+/// overflows that).
+pub(super) fn set_txqueuelen(name: &str, len: i32) -> io::Result<()> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let mut req = IfReqQlen { name: IfReq::new(name, 0).name, qlen: len, _pad: [0; 20] };
+    // SAFETY: SIOCSIFTXQLEN reads the `struct ifreq` (name, then the
+    // `ifr_qlen` int, padded to 40 bytes) the pointer points at (`req`,
+    // alive across the call).
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFTXQLEN, &mut req as *mut IfReqQlen) })
+}
+
 /// Sets the interface `name` up (as `ip link set NAME up`).
 pub(super) fn set_up(name: &str) -> io::Result<()> {
     let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;

@@ -24,6 +24,9 @@ use std::fs::File;
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 
+/// Frames the kernel may queue on a TAP for meshplane to read.
+const TXQUEUELEN: i32 = 8192;
+
 /// What a TAP port is for: what it asks the kernel to hand it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TapRole {
@@ -105,6 +108,11 @@ impl TapPort {
             }
         }
         dev::set_up(&dev_name).map_err(setup("setting the TAP device up"))?;
+        // Best effort: a short queue only drops sooner (counted by the
+        // kernel as the interface's tx_dropped).
+        if let Err(e) = dev::set_txqueuelen(&dev_name, TXQUEUELEN) {
+            tracing::info!(port = name, "keeping the TAP's transmit queue length: {e}");
+        }
         Ok(files
             .into_iter()
             .map(|file| TapPort {
