@@ -53,6 +53,7 @@ async fn main() {
                 data_mac: format!("02:00:00:00:00:0{n}").parse().expect("mac"),
                 role: Role::Manager,
                 availability: Availability::Active,
+                key_id: None,
             }),
         );
     }

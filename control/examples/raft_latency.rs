@@ -13,7 +13,7 @@
 use meshplane_control::pki::{ClusterCa, JoinRole};
 use meshplane_control::raft::{Router, node_addr, start, start_with};
 use meshplane_control::state::{Availability, Command, Node, PublishRequest, Role};
-use meshplane_control::tls::{TlsNetwork, join, serve};
+use meshplane_control::tls::{TlsNetwork, join_new_key, serve};
 use meshplane_dataplane::lb::sched::Scheduler;
 use meshplane_dataplane::tables::services::{MeshMode, Proto};
 use openraft::BasicNode;
@@ -38,8 +38,8 @@ async fn main() {
         for id in 1..=3u64 {
             let name = format!("m{id}");
             let ident = match first_addr {
-                None => ca.lock().expect("ca").issue(&name).expect("issue"),
-                Some(a) => join(a, "m1", &token, &name).await.expect("join").0,
+                None => ca.lock().expect("ca").issue(&name, JoinRole::Manager).expect("issue"),
+                Some(a) => join_new_key(a, "m1", &token, &name, None).await.expect("join").0,
             };
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
@@ -75,6 +75,7 @@ async fn main() {
             data_mac: "02:00:00:00:00:01".parse().expect("mac"),
             role: Role::Manager,
             availability: Availability::Active,
+            key_id: None,
         }),
         Command::CreateNetwork {
             name: "app".into(),

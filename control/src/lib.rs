@@ -16,6 +16,7 @@
 //! - [`cluster`]: a node's control plane: the admin API, joins, the gossip
 //!   loop, compiling and publishing tables (imports everything below).
 
+pub mod authz;
 pub mod cluster;
 pub mod compile;
 pub mod gossip;

@@ -9,8 +9,8 @@
 //! Framing: each request and response is a 4-byte little-endian length and
 //! a JSON body (on TLS connections and on the admin socket alike).
 
-use crate::pki::{JoinRole, NodeIdentity, PkiError};
-use crate::state::{ClusterState, Command, StateError};
+use crate::pki::{JoinRole, PkiError};
+use crate::state::{ClusterState, Command, Node, StateError};
 use core::net::SocketAddr;
 use meshplane_dataplane::report::NodeStats;
 use openraft::BasicNode;
@@ -87,12 +87,25 @@ pub enum Request {
     Vote(VoteRequest<NodeId>),
     /// Raft: a snapshot chunk.
     Snapshot(InstallSnapshotRequest<TypeConfig>),
-    /// A node asks to join with a token, under a name.
+    /// A node asks to join with a token, under a name, for the key of
+    /// its certificate signing request.
     Join {
         /// The token.
         token: String,
         /// The node's name.
         name: String,
+        /// Its certificate signing request (DER): the node keeps its key.
+        csr: Vec<u8>,
+        /// The node as the state will hold it (addresses; its role comes
+        /// from the token, its key id from the request).
+        node: Option<Node>,
+    },
+    /// A member asks for a new certificate for its key (before its own
+    /// expires, or after its role changed): name and role come from the
+    /// state, not from the request.
+    Renew {
+        /// A certificate signing request for its key (DER).
+        csr: Vec<u8>,
     },
     /// A member asks for a change to the cluster state (followers and
     /// workers forward their writes to the leader this way).
@@ -126,8 +139,10 @@ pub enum Response {
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     /// To `Snapshot`.
     Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
-    /// To `Join`: the node's identity and role, or why not.
-    Join(Result<(NodeIdentity, JoinRole), PkiError>),
+    /// To `Join`: the node's certificate and role, or why not.
+    Join(Result<Issued, ApiError>),
+    /// To `Renew`: the member's new certificate, or why not.
+    Renewed(Result<Issued, ApiError>),
     /// To `Write` and `AddManager`: applied, or why not.
     Written(Result<(), ApiError>),
     /// To `Watch`: the state (without secrets) and its version.
@@ -141,6 +156,17 @@ pub enum Response {
     Admin(AdminResponse),
     /// A request this server does not serve (or not for this client).
     Refused(Refusal),
+}
+
+/// A certificate a manager issued: to a joining node or in a renewal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issued {
+    /// The node's certificate (DER).
+    pub cert: Vec<u8>,
+    /// The CA's certificate (DER).
+    pub ca: Vec<u8>,
+    /// The role it carries.
+    pub role: JoinRole,
 }
 
 /// Why a server refused a request outright.
@@ -164,6 +190,17 @@ pub enum Refusal {
     /// Something other than a Raft RPC sent to Raft's RPC handler.
     #[error("not a Raft request")]
     NotRaft,
+    /// A request only managers may make, from a worker's certificate (or
+    /// a node the state no longer holds as a manager).
+    #[error("only managers may do this: the certificate is a worker's")]
+    ManagersOnly,
+    /// A certificate of a node the state no longer holds, or of another key
+    /// under its name (removed, or replaced).
+    #[error("the certificate is not a current member's (the node was removed or rejoined with a new key)")]
+    Revoked,
+    /// A member reporting or adding another node than itself.
+    #[error("a node may only report itself")]
+    NotYourself,
 }
 
 /// An admin API request (the CLI's; JSON over the unix socket, or
@@ -172,7 +209,11 @@ pub enum Refusal {
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum AdminRequest {
     /// `cluster init`: a new cluster with this node as its first manager.
-    Init,
+    Init {
+        /// How long node certificates are valid (default 90 days).
+        #[serde(default)]
+        cert_expiry_secs: Option<u64>,
+    },
     /// `cluster join`: join through the manager at `addr` with `token`.
     Join {
         /// The token.
@@ -231,8 +272,9 @@ pub enum ApiError {
     /// `cluster token` on a worker.
     #[error("join tokens are held by managers: ask a manager")]
     TokensOnManagers,
-    /// A manager's request (adding a manager) on a worker.
-    #[error("not a manager")]
+    /// A manager's request (a change to the state, adding a manager, a
+    /// token) on a worker.
+    #[error("this node is not a manager: worker nodes cannot change the cluster state (run this on a manager)")]
     NotAManager,
     /// The state directory cannot be made or read.
     #[error("{}: {detail}", path.display())]
@@ -242,6 +284,17 @@ pub enum ApiError {
         /// The I/O error.
         detail: String,
     },
+    /// A secret file others can read.
+    #[error("{}: mode {mode:o} lets others read this node's key: chmod 600 it (and check who read it)", path.display())]
+    SecretReadable {
+        /// The file.
+        path: PathBuf,
+        /// Its mode.
+        mode: u32,
+    },
+    /// A certificate renewal refused or failed.
+    #[error("renewing this node's certificate: {0}")]
+    Renew(String),
     /// `node.json` cannot be read, parsed or written.
     #[error("node.json: {0}")]
     NodeFile(String),

@@ -66,6 +66,11 @@ pub struct Node {
     pub role: Role,
     /// Active, paused or drained.
     pub availability: Availability,
+    /// The id of its key ([`crate::pki::key_id`]), recorded when it joins:
+    /// a certificate for another key (a removed node's, or one issued
+    /// before the name was given to a new node) is refused.
+    #[serde(default)]
+    pub key_id: Option<String>,
 }
 
 /// An overlay network.
@@ -153,6 +158,14 @@ pub enum Command {
     RemoveNode {
         /// The node.
         id: String,
+    },
+    /// A node's role changes (`node promote`, `node demote`): the node
+    /// renews its certificate for the new role and starts or stops Raft.
+    SetRole {
+        /// The node.
+        id: String,
+        /// The new role.
+        role: Role,
     },
     /// A node's availability changes.
     SetAvailability {
@@ -411,10 +424,7 @@ pub fn mac_for(ip: Ipv4Addr) -> MacAddr {
 }
 
 fn check_name(kind: Kind, name: &str) -> Result<(), StateError> {
-    let ok = !name.is_empty()
-        && name.len() <= 15
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok { Ok(()) } else { Err(StateError::BadName { kind, name: name.to_owned() }) }
+    if crate::pki::valid_name(name) { Ok(()) } else { Err(StateError::BadName { kind, name: name.to_owned() }) }
 }
 
 /// The ports of a `CreateService`.
@@ -471,6 +481,11 @@ impl ClusterState {
         match cmd {
             Command::AddNode(n) => self.add_node(n),
             Command::RemoveNode { id } => self.remove_node(id),
+            Command::SetRole { id, role } => {
+                let n = self.nodes.get_mut(id).ok_or_else(|| unknown(Kind::Node, id))?;
+                n.role = *role;
+                Ok(())
+            }
             Command::SetAvailability { id, availability } => {
                 let n = self.nodes.get_mut(id).ok_or_else(|| unknown(Kind::Node, id))?;
                 n.availability = *availability;
@@ -516,6 +531,13 @@ impl ClusterState {
     /// `AddNode`: a node joins, or comes back with new addresses.
     fn add_node(&mut self, n: &Node) -> Result<(), StateError> {
         check_name(Kind::Node, &n.id)?;
+        // A name is one node's: another key under it is another node.
+        if let Some(old) = self.nodes.get(&n.id)
+            && old.key_id.is_some()
+            && old.key_id != n.key_id
+        {
+            return Err(StateError::Exists { kind: Kind::Node, name: n.id.clone() });
+        }
         if let Some(other) = self.nodes.values().find(|o| o.data_ip == n.data_ip && o.id != n.id) {
             return Err(StateError::DataAddressTaken { ip: n.data_ip, other: other.id.clone() });
         }

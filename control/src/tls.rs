@@ -12,13 +12,15 @@
 //! One request per connection, framed as `rpc` says. Imports `raft`,
 //! `rpc` and `pki`.
 
-use crate::pki::{ClusterCa, JoinRole, JoinToken, NodeIdentity, PkiError, fingerprint};
+use crate::authz::authorize_role;
+use crate::pki::{ClusterCa, JoinRole, JoinToken, NodeIdentity, Peer, PkiError, fingerprint};
 use crate::raft::{Call, NodeId, Raft, RpcClient, TypeConfig, answer_if_running, network::parse_node_addr};
-use crate::rpc::{FrameError, Refusal, Request, Response, read_frame, write_frame};
+use crate::rpc::{ApiError, FrameError, Issued, Refusal, Request, Response, read_frame, write_frame};
+use crate::state::Node;
 use openraft::BasicNode;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
@@ -54,9 +56,12 @@ pub enum TlsError {
     /// A token that is not one, before any connection.
     #[error(transparent)]
     Token(PkiError),
-    /// The manager refused the join (the token's secret, most likely).
+    /// The node's key or certificate request could not be made.
+    #[error("making this node's key: {0}")]
+    Key(PkiError),
+    /// The manager refused the join (the token's secret, the name, ...).
     #[error(transparent)]
-    JoinRefused(PkiError),
+    JoinRefused(ApiError),
     /// The server refused the request.
     #[error(transparent)]
     Refused(Refusal),
@@ -185,14 +190,21 @@ async fn call(
     Ok(read_frame(&mut s).await?)
 }
 
+/// What a joining node sends besides its token: its name, a certificate
+/// signing request for its key, and the node as the state will hold it.
+#[derive(Debug, Clone)]
+pub struct JoinAsk {
+    /// The node's name.
+    pub name: String,
+    /// Its certificate signing request (DER).
+    pub csr: Vec<u8>,
+    /// Its addresses (none: a server without the state, in tests).
+    pub node: Option<Node>,
+}
+
 /// Joins the cluster through the manager at `addr` (whose certificate is
-/// for `manager_name`) with `token`, as node `name`: the node's identity.
-pub async fn join(
-    addr: SocketAddr,
-    manager_name: &str,
-    token: &str,
-    name: &str,
-) -> Result<(NodeIdentity, JoinRole), TlsError> {
+/// for `manager_name`) with `token`: the certificate the manager issued.
+pub async fn join(addr: SocketAddr, manager_name: &str, token: &str, ask: JoinAsk) -> Result<Issued, TlsError> {
     let t = JoinToken::parse(token).map_err(TlsError::Token)?;
     let cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
@@ -202,12 +214,28 @@ pub async fn join(
     let tcp = TcpStream::connect(addr).await.map_err(TlsError::Connect)?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let mut s = connector.connect(server_name(manager_name)?, tcp).await.map_err(TlsError::Handshake)?;
-    write_frame(&mut s, &Request::Join { token: token.to_owned(), name: name.to_owned() }).await?;
+    let req = Request::Join { token: token.to_owned(), name: ask.name, csr: ask.csr, node: ask.node };
+    write_frame(&mut s, &req).await?;
     match read_frame(&mut s).await? {
         Response::Join(r) => r.map_err(TlsError::JoinRefused),
         Response::Refused(why) => Err(TlsError::Refused(why)),
         _ => Err(TlsError::UnexpectedAnswer),
     }
+}
+
+/// Joins as [`join`] does with a new key made here: the node's identity
+/// and role.
+pub async fn join_new_key(
+    addr: SocketAddr,
+    manager_name: &str,
+    token: &str,
+    name: &str,
+    node: Option<Node>,
+) -> Result<(NodeIdentity, JoinRole), TlsError> {
+    let key = crate::pki::new_key().map_err(TlsError::Key)?;
+    let csr = crate::pki::csr(&key, name).map_err(TlsError::Key)?;
+    let issued = join(addr, manager_name, token, JoinAsk { name: name.to_owned(), csr, node }).await?;
+    Ok((NodeIdentity { name: name.to_owned(), cert: issued.cert, key, ca: issued.ca }, issued.role))
 }
 
 /// A manager's management-plane server (stops when dropped).
@@ -229,10 +257,13 @@ impl Drop for Server {
     }
 }
 
-/// What a server does with one request: `member` is true if the client
-/// presented a certificate of the cluster CA.
-pub type Handler =
-    Arc<dyn Fn(Request, bool) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>> + Send + Sync>;
+/// What a server does with one request: `peer` is what the client's
+/// certificate of the cluster CA says (none: it presented none).
+pub type Handler = Arc<
+    dyn Fn(Request, Option<Peer>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Serves on `listener` as `id`, answering Raft RPCs with `raft` (set once
 /// the node runs Raft) and joins with `ca` (a server of Raft and joins
@@ -243,15 +274,17 @@ pub fn serve(
     raft: Arc<Mutex<Option<Raft>>>,
     ca: Option<Arc<Mutex<ClusterCa>>>,
 ) -> Result<Server, TlsError> {
-    let handler: Handler = Arc::new(move |req, member| {
+    let handler: Handler = Arc::new(move |req, peer| {
         let (raft, ca) = (raft.clone(), ca.clone());
         Box::pin(async move {
+            if let Err(why) = authorize_role(&req, peer.as_ref()) {
+                return Response::Refused(why);
+            }
             match req {
-                Request::Join { token, name } => {
+                Request::Join { token, name, csr, .. } => {
                     let ca = ca.map(|ca| ca.lock().unwrap_or_else(PoisonError::into_inner).clone());
-                    answer_join(ca.as_ref(), &token, &name)
+                    answer_join(ca.as_ref(), &token, &name, &csr)
                 }
-                _ if !member => Response::Refused(Refusal::NeedsCertificate),
                 req => {
                     let raft = raft.lock().unwrap_or_else(PoisonError::into_inner).clone();
                     answer_if_running(raft, req).await
@@ -259,32 +292,90 @@ pub fn serve(
             }
         })
     });
-    serve_with(listener, id, handler)
+    serve_with(listener, Creds::new(id)?, handler)
 }
 
-/// The answer to a join: a certificate from `ca` if this node holds the
-/// CA and the token is good.
-pub fn answer_join(ca: Option<&ClusterCa>, token: &str, name: &str) -> Response {
+/// The answer to a join from a server without the state: a certificate
+/// from `ca` if this node holds the CA and the token is good (the
+/// cluster's own joins also check the name is free and record the node).
+pub fn answer_join(ca: Option<&ClusterCa>, token: &str, name: &str, csr: &[u8]) -> Response {
     match ca {
-        Some(ca) => Response::Join(ca.admit(token, name)),
+        Some(ca) => Response::Join(
+            ca.admit(token, name, csr)
+                .map(|(cert, role)| Issued { cert, ca: ca.cert().to_vec(), role })
+                .map_err(ApiError::Pki),
+        ),
         None => Response::Refused(Refusal::NoCa),
     }
 }
 
-/// Serves on `listener` as `id`: every request goes to `handler`.
-pub fn serve_with(listener: TcpListener, id: &NodeIdentity, handler: Handler) -> Result<Server, TlsError> {
+/// A node's TLS credentials, replaceable while it runs (a renewed
+/// certificate): servers and Raft's network take the current ones for
+/// each new connection.
+pub struct Creds {
+    inner: RwLock<(NodeIdentity, tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector)>,
+}
+
+impl std::fmt::Debug for Creds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Creds").field("name", &self.identity().name).finish()
+    }
+}
+
+impl Creds {
+    /// Credentials of `id`.
+    pub fn new(id: &NodeIdentity) -> Result<Arc<Creds>, TlsError> {
+        Ok(Arc::new(Creds { inner: RwLock::new(Creds::build(id)?) }))
+    }
+
+    fn build(
+        id: &NodeIdentity,
+    ) -> Result<(NodeIdentity, tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector), TlsError> {
+        Ok((
+            id.clone(),
+            tokio_rustls::TlsAcceptor::from(Arc::new(server_config(id)?)),
+            tokio_rustls::TlsConnector::from(Arc::new(client_config(id)?)),
+        ))
+    }
+
+    /// Uses `id` from now on.
+    pub fn set(&self, id: &NodeIdentity) -> Result<(), TlsError> {
+        let next = Creds::build(id)?;
+        *self.inner.write().unwrap_or_else(PoisonError::into_inner) = next;
+        Ok(())
+    }
+
+    /// The current identity.
+    pub fn identity(&self) -> NodeIdentity {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner).0.clone()
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner).1.clone()
+    }
+
+    fn connector(&self) -> tokio_rustls::TlsConnector {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner).2.clone()
+    }
+}
+
+/// Serves on `listener` with the credentials `creds`: every request goes
+/// to `handler`.
+pub fn serve_with(listener: TcpListener, creds: Arc<Creds>, handler: Handler) -> Result<Server, TlsError> {
     let addr = listener.local_addr().map_err(TlsError::Listen)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(id)?));
     let task = tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, handler) = (acceptor.clone(), handler.clone());
+            let (acceptor, handler) = (creds.acceptor(), handler.clone());
             tokio::spawn(async move {
                 // A failed handshake (a certificate the CA did not sign)
                 // ends here.
                 let Ok(mut s) = acceptor.accept(tcp).await else { return };
-                let member = s.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+                // The handshake verified the chain and the dates; what the
+                // certificate says is read once per connection.
+                let peer =
+                    s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| Peer::from_cert(c).ok());
                 let Ok(req) = read_frame::<_, Request>(&mut s).await else { return };
-                let resp = handler(req, member).await;
+                let resp = handler(req, peer).await;
                 let _ = write_frame(&mut s, &resp).await;
                 let _ = s.shutdown().await;
             });
@@ -297,19 +388,25 @@ pub fn serve_with(listener: TcpListener, id: &NodeIdentity, handler: Handler) ->
 /// from the Raft membership's nodes (`BasicNode.addr` is `name@ip:port`).
 #[derive(Clone)]
 pub struct TlsNetwork {
-    connector: tokio_rustls::TlsConnector,
+    creds: Arc<Creds>,
 }
 
 impl TlsNetwork {
     /// The network of member `id`.
     pub fn new(id: &NodeIdentity) -> Result<TlsNetwork, TlsError> {
-        Ok(TlsNetwork { connector: tokio_rustls::TlsConnector::from(Arc::new(client_config(id)?)) })
+        Ok(TlsNetwork { creds: Creds::new(id)? })
+    }
+
+    /// The network of a member with the credentials `creds` (renewed in
+    /// place).
+    pub fn with_creds(creds: Arc<Creds>) -> TlsNetwork {
+        TlsNetwork { creds }
     }
 }
 
 /// A connection target over TLS.
 pub struct TlsConn {
-    connector: tokio_rustls::TlsConnector,
+    creds: Arc<Creds>,
     target: NodeId,
     name: String,
     addr: Option<SocketAddr>,
@@ -319,7 +416,7 @@ impl openraft::RaftNetworkFactory<TypeConfig> for TlsNetwork {
     type Network = RpcClient<TlsConn>;
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
         let (name, addr) = parse_node_addr(node).map_or((String::new(), None), |(n, a)| (n.to_owned(), Some(a)));
-        RpcClient(TlsConn { connector: self.connector.clone(), target, name, addr })
+        RpcClient(TlsConn { creds: self.creds.clone(), target, name, addr })
     }
 }
 
@@ -330,6 +427,6 @@ impl Call for TlsConn {
     }
     async fn call(&self, req: Request) -> Result<Response, TlsError> {
         let addr = self.addr.ok_or(TlsError::NoAddress(self.target))?;
-        call(&self.connector, addr, &self.name, &req).await
+        call(&self.creds.connector(), addr, &self.name, &req).await
     }
 }

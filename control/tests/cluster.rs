@@ -57,6 +57,7 @@ fn config(i: u8, dir: &Path, gossip_port: u16) -> Config {
         gossip_port,
         state_dir: dir.join(format!("node{i}")),
         snapshot_every: 50,
+        renew_check: Duration::from_millis(500),
     }
 }
 
@@ -93,6 +94,23 @@ impl Node {
     }
 }
 
+/// `CreateNetwork` of `name` on `subnet`, defaults otherwise.
+fn network(name: &str, subnet: &str) -> Command {
+    Command::CreateNetwork { name: name.into(), subnet: subnet.parse().unwrap(), gateway: None, mtu: None }
+}
+
+/// The Raft voters `n` reports (`node ls`'s manager status).
+fn voters(n: &Node) -> Vec<String> {
+    n.admin(AdminRequest::Nodes)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["manager_status"] != "")
+        .map(|x| x["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
     while !f() {
@@ -116,10 +134,10 @@ fn a_cluster_of_control_planes() {
     // Not in a cluster yet: writes are refused with a clear message.
     let e = n1.write(Command::RemoveNode { id: "x".into() }).unwrap_err();
     assert!(e.contains("not in a cluster"), "{e}");
-    let init = n1.admin(AdminRequest::Init).unwrap();
+    let init = n1.admin(AdminRequest::Init { cert_expiry_secs: None }).unwrap();
     let mtoken = init["manager_token"].as_str().unwrap().to_owned();
     let wtoken = init["worker_token"].as_str().unwrap().to_owned();
-    assert!(n1.admin(AdminRequest::Init).unwrap_err().contains("already in a cluster"));
+    assert!(n1.admin(AdminRequest::Init { cert_expiry_secs: None }).unwrap_err().contains("already in a cluster"));
     let addr1 = n1.cfg.advertise;
 
     let n2 = start(config(2, &dir, 17946));
@@ -150,15 +168,12 @@ fn a_cluster_of_control_planes() {
     assert!(n3.control.state().0.ca.is_none());
     assert!(n3.admin(AdminRequest::Token { role: JoinRole::Worker, rotate: false }).is_err());
 
-    // Writes through the follower manager and through the worker.
-    n2.write(Command::CreateNetwork {
-        name: "app".into(),
-        subnet: "198.19.0.0/24".parse().unwrap(),
-        gateway: None,
-        mtu: None,
-    })
-    .unwrap();
-    n3.write(Command::CreateService {
+    // Writes through the follower manager; a worker changes nothing but
+    // its own tasks (as `docker service create` on a worker).
+    n2.write(network("app", "198.19.0.0/24")).unwrap();
+    let e = n3.write(network("other", "198.19.1.0/24")).unwrap_err();
+    assert!(e.contains("this node is not a manager"), "{e}");
+    n2.write(Command::CreateService {
         name: "web".into(),
         network: "app".into(),
         protocol: Proto::Tcp,
@@ -169,16 +184,9 @@ fn a_cluster_of_control_planes() {
     })
     .unwrap();
     // A refused write says why, from wherever it was made.
-    let e = n3
-        .write(Command::CreateNetwork {
-            name: "app".into(),
-            subnet: "198.19.1.0/24".parse().unwrap(),
-            gateway: None,
-            mtu: None,
-        })
-        .unwrap_err();
+    let e = n1.write(network("app", "198.19.1.0/24")).unwrap_err();
     assert!(e.contains("already exists"), "{e}");
-    for i in 1..=3 {
+    for i in 1..=2 {
         n1.write(Command::AttachTask {
             id: format!("web.{i}"),
             service: "web".into(),
@@ -188,6 +196,25 @@ fn a_cluster_of_control_planes() {
         })
         .unwrap();
     }
+    // The worker reports its own task, and no other node's.
+    let e = n3
+        .write(Command::AttachTask {
+            id: "web.9".into(),
+            service: "web".into(),
+            node: "node1".into(),
+            weight: 1,
+            netns: None,
+        })
+        .unwrap_err();
+    assert!(e.contains("this node is not a manager"), "{e}");
+    n3.write(Command::AttachTask {
+        id: "web.3".into(),
+        service: "web".into(),
+        node: "node3".into(),
+        weight: 1,
+        netns: None,
+    })
+    .unwrap();
     let nodes = [&n1, &n2, &n3];
     for n in nodes {
         wait_for("three backends everywhere", 10, || n.backends("web").len() == 3);
@@ -204,17 +231,24 @@ fn a_cluster_of_control_planes() {
             s["gossip"]["members"].as_array().is_some_and(|m| m.len() == 2)
         });
     }
-    // The admin API over the management plane's mutual TLS: a member's
-    // certificate is enough; one from another CA fails the handshake.
-    let saved: Value = serde_json::from_slice(&std::fs::read(dir.join("node3/node.json")).unwrap()).unwrap();
-    let id3: meshplane_control::pki::NodeIdentity = serde_json::from_value(saved["identity"].clone()).unwrap();
+    // The admin API over the management plane's mutual TLS: a manager's
+    // certificate is answered, a worker's refused; one from another CA
+    // fails the handshake.
+    let identity = |name: &str| -> meshplane_control::pki::NodeIdentity {
+        let saved: Value = serde_json::from_slice(&std::fs::read(dir.join(name).join("node.json")).unwrap()).unwrap();
+        serde_json::from_value(saved["identity"].clone()).unwrap()
+    };
     let req = meshplane_control::rpc::Request::Admin(AdminRequest::Nodes);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    match rt.block_on(meshplane_control::tls::request(addr1, "node1", &id3, &req)).unwrap() {
+    match rt.block_on(meshplane_control::tls::request(addr1, "node1", &identity("node2"), &req)).unwrap() {
         meshplane_control::rpc::Response::Admin(Ok(v)) => assert_eq!(v.as_array().map(Vec::len), Some(3)),
         _ => panic!("no admin answer over TLS"),
     }
-    let foreign = meshplane_control::pki::ClusterCa::init().unwrap().issue("node3").unwrap();
+    match rt.block_on(meshplane_control::tls::request(addr1, "node1", &identity("node3"), &req)).unwrap() {
+        meshplane_control::rpc::Response::Refused(meshplane_control::rpc::Refusal::ManagersOnly) => {}
+        _ => panic!("a worker's admin request answered"),
+    }
+    let foreign = meshplane_control::pki::ClusterCa::init().unwrap().issue("node3", JoinRole::Worker).unwrap();
     assert!(rt.block_on(meshplane_control::tls::request(addr1, "node1", &foreign, &req)).is_err());
 
     // The gossip key rotates through Raft; membership holds across it.
@@ -262,23 +296,14 @@ fn a_cluster_of_control_planes() {
 
     // A manager leaves: out of the state and out of Raft (node1 carries on
     // as the only voter; writes still commit).
-    let voters = |n: &Node| {
-        n.admin(AdminRequest::Nodes)
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|x| x["manager_status"] != "")
-            .map(|x| x["name"].as_str().unwrap().to_owned())
-            .collect::<Vec<_>>()
-    };
-    n3.write(Command::AddNode(meshplane_control::state::Node {
+    n1.write(Command::AddNode(meshplane_control::state::Node {
         id: "spare".into(),
         mgmt: "127.0.0.99:23770".parse().unwrap(),
         data_ip: "198.18.0.99".parse().unwrap(),
         data_mac: "02:00:00:00:00:63".parse().unwrap(),
         role: meshplane_control::state::Role::Worker,
         availability: meshplane_control::state::Availability::Active,
+        key_id: None,
     }))
     .unwrap();
     n1.write(Command::RemoveNode { id: "spare".into() }).unwrap();
@@ -287,15 +312,9 @@ fn a_cluster_of_control_planes() {
     wait_for("node2 out of Raft", 10, || voters(&n1) == ["node1"]);
     let cfg2 = n2.kill();
     // The only manager cannot leave.
-    let e = n3.write(Command::RemoveNode { id: "node1".into() }).unwrap_err();
+    let e = n1.write(Command::RemoveNode { id: "node1".into() }).unwrap_err();
     assert!(e.contains("only manager"), "{e}");
-    n3.write(Command::CreateNetwork {
-        name: "after".into(),
-        subnet: "198.19.9.0/24".parse().unwrap(),
-        gateway: None,
-        mtu: None,
-    })
-    .unwrap();
+    n1.write(network("after", "198.19.9.0/24")).unwrap();
     let _ = std::fs::remove_dir_all(&cfg2.state_dir);
     let n2 = start(cfg2);
     n2.admin(AdminRequest::Join { token: mtoken.clone(), addr: addr1 }).unwrap();
@@ -352,5 +371,179 @@ fn the_admin_socket_answers_bad_requests_with_errors() {
     assert_eq!(info["node"], "node9");
     assert!(rt.block_on(meshplane_control::cluster::admin_call(&sock, &AdminRequest::Nodes)).unwrap().is_ok());
     drop(n);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Roles no certificate can exceed (issue 17): what a worker's certificate
+/// may not do, joins under a taken name, expired and renewed certificates,
+/// promotion and demotion, automatic renewal, secrets' modes, and a removed
+/// node's certificate refused from the moment the removal commits.
+#[test]
+fn roles_certificates_and_revocation() {
+    use meshplane_control::pki::{NodeIdentity, csr};
+    use meshplane_control::rpc::{Refusal, Request, Response};
+    use meshplane_control::state::Role;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::SystemTime;
+    let dir = tmpdir("roles");
+    let n4 = start(config(4, &dir, 19946));
+    // Certificates valid one minute: renewed after thirty seconds.
+    let init = n4.admin(AdminRequest::Init { cert_expiry_secs: Some(60) }).unwrap();
+    let mtoken = init["manager_token"].as_str().unwrap().to_owned();
+    let wtoken = init["worker_token"].as_str().unwrap().to_owned();
+    let addr4 = n4.cfg.advertise;
+    let n5 = start(config(5, &dir, 19946));
+    let n6 = start(config(6, &dir, 19946));
+    n5.admin(AdminRequest::Join { token: mtoken, addr: addr4 }).unwrap();
+    n6.admin(AdminRequest::Join { token: wtoken.clone(), addr: addr4 }).unwrap();
+    wait_for("three nodes", 10, || n4.control.state().0.nodes.len() == 3);
+    let identity = |name: &str| -> NodeIdentity {
+        let saved: Value = serde_json::from_slice(&std::fs::read(dir.join(name).join("node.json")).unwrap()).unwrap();
+        serde_json::from_value(saved["identity"].clone()).unwrap()
+    };
+    let (id5, id6) = (identity("node5"), identity("node6"));
+    let p6 = id6.peer().unwrap();
+    assert_eq!((p6.name.as_str(), p6.role), ("node6", JoinRole::Worker));
+    assert!((359..=361).contains(&(p6.not_after - p6.not_before)), "60 s and 5 min of slack: {p6:?}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ask = |id: &NodeIdentity, req: &Request| rt.block_on(meshplane_control::tls::request(addr4, "node4", id, req));
+
+    // A worker's certificate: no Raft RPC, no voter, no write, no token, no
+    // key rotation; a manager's: all of them.
+    let vote = openraft::Vote::new(1, 7);
+    let append = Request::Append(openraft::raft::AppendEntriesRequest {
+        vote,
+        prev_log_id: None,
+        entries: vec![],
+        leader_commit: None,
+    });
+    let ballot = Request::Vote(openraft::raft::VoteRequest::new(vote, None));
+    let snapshot = Request::Snapshot(openraft::raft::InstallSnapshotRequest {
+        vote,
+        meta: Default::default(),
+        offset: 0,
+        data: vec![],
+        done: false,
+    });
+    let add_manager = Request::AddManager { id: 6, name: "node6".into(), addr: n6.cfg.advertise };
+    let network = Request::Write(network("w", "198.19.3.0/24"));
+    let token = Request::Admin(AdminRequest::Token { role: JoinRole::Manager, rotate: false });
+    let rotate = Request::Admin(AdminRequest::RotateGossipKey);
+    for (what, req) in [
+        ("append", &append),
+        ("vote", &ballot),
+        ("snapshot", &snapshot),
+        ("add manager", &add_manager),
+        ("write", &network),
+        ("token", &token),
+        ("key rotation", &rotate),
+    ] {
+        match ask(&id6, req).unwrap() {
+            Response::Refused(Refusal::ManagersOnly) => {}
+            _ => panic!("a worker's {what} was not refused as managers-only"),
+        }
+    }
+    // Not even about itself under another role.
+    let mut me = n4.control.state().0.nodes["node6"].clone();
+    me.role = Role::Manager;
+    assert!(matches!(
+        ask(&id6, &Request::Write(Command::AddNode(me))).unwrap(),
+        Response::Refused(Refusal::NotYourself)
+    ));
+    // A manager may; but becomes a voter only as itself.
+    assert!(matches!(ask(&id5, &token).unwrap(), Response::Admin(Ok(_))));
+    assert!(matches!(ask(&id5, &ballot).unwrap(), Response::Vote(_)));
+    assert!(matches!(ask(&id5, &add_manager).unwrap(), Response::Refused(Refusal::NotYourself)));
+    // And a worker follows the state.
+    assert!(matches!(ask(&id6, &Request::Watch { since: 0 }).unwrap(), Response::State { .. }));
+
+    // A join under a taken name is refused (the CA never signs it).
+    let e = rt
+        .block_on(meshplane_control::tls::join_new_key(addr4, "node4", &wtoken, "node5", None))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("node5") && e.contains("exists"), "{e}");
+
+    // An expired certificate fails the handshake; a renewal (same key, a
+    // certificate from a manager) is accepted.
+    let ca = n4.control.state().0.ca.clone().expect("the CA on a manager");
+    let hour = Duration::from_secs(3600);
+    let now = SystemTime::now();
+    let old = ca.sign_valid(&csr(&id6.key, "node6").unwrap(), "node6", JoinRole::Worker, now - 2 * hour, now - hour);
+    let expired = NodeIdentity { cert: old.unwrap(), ..id6.clone() };
+    assert!(ask(&expired, &Request::Watch { since: 0 }).is_err(), "an expired certificate was accepted");
+    let renewed = match ask(&id6, &Request::Renew { csr: csr(&id6.key, "node6").unwrap() }).unwrap() {
+        Response::Renewed(Ok(i)) => NodeIdentity { cert: i.cert, ..id6.clone() },
+        _ => panic!("no renewal"),
+    };
+    assert_eq!(renewed.peer().unwrap().role, JoinRole::Worker);
+    assert!(matches!(ask(&renewed, &Request::Watch { since: 0 }).unwrap(), Response::State { .. }));
+    // A renewal is for the certificate's own key.
+    let other = meshplane_control::pki::new_key().unwrap();
+    assert!(matches!(
+        ask(&id6, &Request::Renew { csr: csr(&other, "node6").unwrap() }).unwrap(),
+        Response::Renewed(Err(_))
+    ));
+
+    // On a worker, a change to the cluster is refused as on a Swarm worker.
+    let create = |n: &Node| n.write(network("p", "198.19.4.0/24"));
+    assert!(create(&n6).unwrap_err().contains("this node is not a manager"));
+    // Promoted: it renews its certificate as a manager, joins Raft's
+    // voters, and may write.
+    n4.write(Command::SetRole { id: "node6".into(), role: Role::Manager }).unwrap();
+    wait_for("node6 a manager's certificate", 15, || identity("node6").peer().unwrap().role == JoinRole::Manager);
+    wait_for("node6 a voter", 15, || voters(&n4) == ["node4", "node5", "node6"]);
+    create(&n6).unwrap();
+    // Demoted: out of the voters at once, a worker's certificate, refused.
+    n4.write(Command::SetRole { id: "node6".into(), role: Role::Worker }).unwrap();
+    wait_for("node6 out of the voters", 15, || voters(&n4) == ["node4", "node5"]);
+    wait_for("node6 a worker's certificate", 15, || identity("node6").peer().unwrap().role == JoinRole::Worker);
+    wait_for("node6's Raft log removed", 10, || !n6.cfg.state_dir.join("raft").exists());
+    let e = n6.write(Command::RemoveNetwork { name: "p".into() }).unwrap_err();
+    assert!(e.contains("this node is not a manager"), "{e}");
+    n5.write(Command::RemoveNetwork { name: "p".into() }).unwrap();
+
+    // Automatic renewal before expiry: node5's certificate is replaced.
+    let first = id5.peer().unwrap();
+    wait_for("node5's certificate renewed", 45, || identity("node5").peer().unwrap().not_after > first.not_after);
+    // Writes still commit between managers on the renewed certificates.
+    create(&n5).unwrap();
+
+    // Secrets at rest: directories 0700, files 0600.
+    for n in ["node4", "node5", "node6"] {
+        let mut todo = vec![dir.join(n)];
+        while let Some(d) = todo.pop() {
+            let m = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(m, 0o700, "{}", d.display());
+            for e in std::fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                let t = e.file_type().unwrap();
+                let m = e.metadata().unwrap().permissions().mode() & 0o777;
+                if t.is_dir() {
+                    todo.push(e.path());
+                } else if t.is_file() {
+                    assert_eq!(m, 0o600, "{}", e.path().display());
+                }
+            }
+        }
+    }
+    // A node refuses to start with its key readable by others.
+    let cfg6 = n6.kill();
+    let key = cfg6.state_dir.join("node.json");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let rt6 = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let e = rt6.block_on(Control::start(cfg6.clone(), Arc::new(Recorder::default()))).unwrap_err().to_string();
+    assert!(e.contains("node.json") && e.contains("644"), "{e}");
+    drop(rt6);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let n6 = start(cfg6);
+    wait_for("node6 back", 10, || n6.control.state().0.nodes.len() == 3);
+
+    // Removed: node6's certificate is refused at its next connection.
+    let id6 = identity("node6");
+    assert!(matches!(ask(&id6, &Request::Watch { since: 0 }).unwrap(), Response::State { .. }));
+    n4.write(Command::RemoveNode { id: "node6".into() }).unwrap();
+    assert!(matches!(ask(&id6, &Request::Watch { since: 0 }).unwrap(), Response::Refused(Refusal::Revoked)));
+    drop((n4, n5, n6));
     let _ = std::fs::remove_dir_all(&dir);
 }

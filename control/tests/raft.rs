@@ -26,6 +26,7 @@ fn add_node(i: u32) -> Command {
         data_mac: format!("02:00:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap(),
         role: Role::Worker,
         availability: Availability::Active,
+        key_id: None,
     })
 }
 

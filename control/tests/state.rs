@@ -18,6 +18,7 @@ fn node(n: u8) -> Command {
         data_mac: format!("02:00:00:00:00:0{n}").parse().unwrap(),
         role: if n == 1 { Role::Manager } else { Role::Worker },
         availability: Availability::Active,
+        key_id: None,
     })
 }
 

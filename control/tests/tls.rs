@@ -5,9 +5,9 @@
 
 use meshplane_control::pki::{ClusterCa, JoinRole, JoinToken, NodeIdentity, PkiError};
 use meshplane_control::raft::{Applied, NodeId, Raft, StateMachine, node_addr, start_with};
-use meshplane_control::rpc::{Request, Response};
+use meshplane_control::rpc::{Refusal, Request, Response};
 use meshplane_control::state::{Availability, Command, Node, Role};
-use meshplane_control::tls::{Server, TlsNetwork, join, request, serve};
+use meshplane_control::tls::{Server, TlsNetwork, join_new_key, request, serve};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,6 +56,7 @@ fn add_node(i: u32) -> Command {
         data_mac: format!("02:00:00:00:00:{:02x}", i + 1).parse().unwrap(),
         role: Role::Worker,
         availability: Availability::Active,
+        key_id: None,
     })
 }
 
@@ -81,35 +82,41 @@ async fn three_managers_over_mutual_tls() {
     let ca = ClusterCa::init().unwrap();
     let token = ca.token(JoinRole::Manager);
     let ca = Arc::new(Mutex::new(ca));
-    let first = ca.lock().unwrap().issue("m1").unwrap();
+    let first = ca.lock().unwrap().issue("m1", JoinRole::Manager).unwrap();
     let mut ms = vec![manager(1, first, Some(ca.clone())).await];
     let addr1 = ms[0].server.as_ref().unwrap().addr;
 
     // Joins: a wrong token is refused; a token of another cluster fails the
     // server check; the right one gives a certificate of the CA.
     let other = ClusterCa::init().unwrap();
-    let e = join(addr1, "m1", &other.token(JoinRole::Manager), "x").await.unwrap_err();
+    let e = join_new_key(addr1, "m1", &other.token(JoinRole::Manager), "x", None).await.unwrap_err();
     assert!(e.to_string().contains("not the token's"), "{e}");
     // (Tokens are taken out of the lock first: the server locks the CA.)
     let fp = ca.lock().unwrap().fingerprint();
     let forged = format!("MPTKN-1-{fp}-{}", "ab".repeat(16));
-    let e = join(addr1, "m1", &forged, "x").await.unwrap_err();
+    let e = join_new_key(addr1, "m1", &forged, "x", None).await.unwrap_err();
     assert!(e.to_string().contains("invalid join token"), "{e}");
     let worker_token = ca.lock().unwrap().token(JoinRole::Worker);
-    let worker = join(addr1, "m1", &worker_token, "w1").await.unwrap();
+    let worker = join_new_key(addr1, "m1", &worker_token, "w1", None).await.unwrap();
     assert_eq!(worker.1, JoinRole::Worker);
+    assert_eq!(worker.0.peer().unwrap().role, JoinRole::Worker, "the certificate carries the role");
+    let e = join_new_key(addr1, "m1", &worker_token, "-all", None).await.unwrap_err();
+    assert!(e.to_string().contains("bad node name"), "{e}");
     for id in 2..=3u64 {
-        let (ident, role) = join(addr1, "m1", &token, &format!("m{id}")).await.unwrap();
+        let (ident, role) = join_new_key(addr1, "m1", &token, &format!("m{id}"), None).await.unwrap();
         assert_eq!(role, JoinRole::Manager);
         ms.push(manager(id, ident, None).await);
     }
 
     // A node whose certificate the CA did not sign is refused.
-    let evil = other.issue("evil").unwrap();
+    let evil = other.issue("evil", JoinRole::Manager).unwrap();
     let evil = NodeIdentity { ca: ms[0].ident.ca.clone(), ..evil };
     let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(99, 9), None);
     let r = request(addr1, "m1", &evil, &Request::Vote(vote.clone())).await;
     assert!(r.is_err(), "a foreign certificate got an answer");
+    // A worker's certificate may not send Raft's RPCs.
+    let r = request(addr1, "m1", &worker.0, &Request::Vote(vote.clone())).await.unwrap();
+    assert!(matches!(r, Response::Refused(Refusal::ManagersOnly)), "a worker's vote was taken");
     // Without a certificate, Raft is refused (joins only).
     let r = request(addr1, "m1", &ms[1].ident, &Request::Vote(vote)).await.unwrap();
     assert!(matches!(r, Response::Refused(_)), "Raft is not running on m1 yet");

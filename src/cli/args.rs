@@ -30,7 +30,12 @@ pub(crate) enum Format {
 pub(crate) enum ClusterCmd {
     /// Make a new cluster with this node as its first manager; prints the
     /// join tokens.
-    Init,
+    Init {
+        /// How long node certificates are valid, in hours (Swarm's
+        /// --cert-expiry; nodes renew theirs when half of it is gone).
+        #[arg(long = "cert-expiry-hours", default_value_t = 2160, value_parser = clap::value_parser!(u64).range(1..=87600))]
+        cert_expiry_hours: u64,
+    },
     /// Join a cluster through a manager (ADDR: IP or IP:PORT, port 2377).
     Join {
         /// The join token (`cluster token` on a manager).
@@ -89,7 +94,24 @@ pub(crate) enum NodeAdmin {
         /// The node.
         name: String,
     },
-    /// Remove a node (and its tasks) from the cluster.
+    /// Make a worker a manager (it renews its certificate, starts Raft
+    /// and becomes a voter).
+    Promote {
+        #[command(flatten)]
+        conn: Conn,
+        /// The node.
+        name: String,
+    },
+    /// Make a manager a worker (it leaves Raft's voters; not the last
+    /// manager).
+    Demote {
+        #[command(flatten)]
+        conn: Conn,
+        /// The node.
+        name: String,
+    },
+    /// Remove a node (and its tasks) from the cluster; its certificate is
+    /// refused from then on.
     Rm {
         #[command(flatten)]
         conn: Conn,

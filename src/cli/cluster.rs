@@ -10,7 +10,9 @@ use meshplane_control::pki::JoinRole;
 /// Runs a `cluster` command.
 pub(crate) fn run(c: &Conn, cmd: &ClusterCmd) -> Result<()> {
     let v = match cmd {
-        ClusterCmd::Init => call(c, AdminRequest::Init)?,
+        ClusterCmd::Init { cert_expiry_hours } => {
+            call(c, AdminRequest::Init { cert_expiry_secs: Some(cert_expiry_hours * 3600) })?
+        }
         ClusterCmd::Join { token, addr } => {
             call(c, AdminRequest::Join { token: token.clone(), addr: crate::node::mgmt_addr(addr)? })?
         }
@@ -25,7 +27,7 @@ pub(crate) fn run(c: &Conn, cmd: &ClusterCmd) -> Result<()> {
         ClusterCmd::Info => call(c, AdminRequest::Info)?,
     };
     print(c, &v, |v| match cmd {
-        ClusterCmd::Init => {
+        ClusterCmd::Init { .. } => {
             println!("cluster initialised; {} is its first manager", s(&v["node"]));
             println!("join a worker:  meshplane cluster join --token {} <this node's IP>", s(&v["worker_token"]));
             println!("join a manager: meshplane cluster join --token {} <this node's IP>", s(&v["manager_token"]));

@@ -1,11 +1,11 @@
-//! `meshplane node ls|inspect|update|rm`.
+//! `meshplane node ls|inspect|update|promote|demote|rm`.
 
 use super::args::{AvailabilityArg, NodeAdmin};
 use super::client::{call, state, write};
 use super::render::{print, s, table};
 use anyhow::{Result, anyhow};
 use meshplane_control::cluster::AdminRequest;
-use meshplane_control::state::{Availability, Command};
+use meshplane_control::state::{Availability, Command, Role};
 use serde_json::Value;
 
 /// Runs a `node` command (besides `run`).
@@ -46,6 +46,14 @@ pub(crate) fn run(cmd: &NodeAdmin) -> Result<()> {
             };
             write(c, Command::SetAvailability { id: name.clone(), availability })?;
             println!("{name}");
+        }
+        NodeAdmin::Promote { conn: c, name } => {
+            write(c, Command::SetRole { id: name.clone(), role: Role::Manager })?;
+            println!("{name} promoted to a manager");
+        }
+        NodeAdmin::Demote { conn: c, name } => {
+            write(c, Command::SetRole { id: name.clone(), role: Role::Worker })?;
+            println!("{name} demoted to a worker");
         }
         NodeAdmin::Rm { conn: c, name } => {
             write(c, Command::RemoveNode { id: name.clone() })?;

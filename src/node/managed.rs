@@ -221,6 +221,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         gossip_port: a.gossip_port.unwrap_or(meshplane_control::cluster::GOSSIP_PORT),
         state_dir: state_dir.clone(),
         snapshot_every: 1000,
+        renew_check: std::time::Duration::from_secs(30),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

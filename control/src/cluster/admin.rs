@@ -8,6 +8,7 @@ use crate::state::Command;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// One admin request on the admin socket at `socket` (framed as the
 /// management plane's: a 4-byte little-endian length and JSON).
@@ -21,7 +22,7 @@ impl Control {
     /// The admin API.
     pub async fn admin(self: &Arc<Self>, req: AdminRequest) -> AdminResponse {
         match req {
-            AdminRequest::Init => self.init().await,
+            AdminRequest::Init { cert_expiry_secs } => self.init(cert_expiry_secs.map(Duration::from_secs)).await,
             AdminRequest::Join { token, addr } => self.join(&token, addr).await,
             AdminRequest::Token { role, rotate } => {
                 let ca = self.lock().state.ca.clone();
@@ -36,6 +37,7 @@ impl Control {
                 Ok(serde_json::json!({ "role": role, "token": ca.token(role) }))
             }
             AdminRequest::RotateGossipKey => {
+                self.require_manager()?;
                 let cmd = new_gossip_key(&self.lock().state);
                 let id = match &cmd {
                     Command::RotateGossipKey { id, .. } => *id,
@@ -45,7 +47,7 @@ impl Control {
                 Ok(serde_json::json!({ "key_id": id }))
             }
             AdminRequest::Write { command } => {
-                self.require_member()?;
+                self.require_manager_or_itself(&command)?;
                 self.write(command).await.map(|()| serde_json::Value::Null)
             }
             AdminRequest::State => {
@@ -71,9 +73,29 @@ impl Control {
         }
     }
 
-    fn require_member(&self) -> Result<(), ApiError> {
-        match self.lock().saved {
+    /// A worker's own reports (its tasks) are written through it; every
+    /// other change is made on a manager.
+    fn require_manager_or_itself(&self, cmd: &Command) -> Result<(), ApiError> {
+        let inner = self.lock();
+        match inner.saved.as_ref() {
+            Some(s) if s.role == crate::state::Role::Worker => {
+                if crate::authz::reports_itself(cmd, &self.cfg.name, &inner.state) {
+                    Ok(())
+                } else {
+                    Err(ApiError::NotAManager)
+                }
+            }
             Some(_) => Ok(()),
+            None => Err(ApiError::NotInCluster),
+        }
+    }
+
+    /// Changes to the state are made on managers (as `docker service
+    /// create` on a worker: "this node is not a manager").
+    fn require_manager(&self) -> Result<(), ApiError> {
+        match self.lock().saved.as_ref().map(|s| s.role) {
+            Some(crate::state::Role::Manager) => Ok(()),
+            Some(crate::state::Role::Worker) => Err(ApiError::NotAManager),
             None => Err(ApiError::NotInCluster),
         }
     }

@@ -19,7 +19,7 @@ impl Control {
     /// Where to send a write or a watch: the managers of the state (the
     /// Raft leader first if this node knows it), then the one this node
     /// joined through.
-    fn managers(&self) -> Vec<(String, SocketAddr)> {
+    pub(super) fn managers(&self) -> Vec<(String, SocketAddr)> {
         let g = self.lock();
         let mut v: Vec<(String, SocketAddr)> = Vec::new();
         if let Some((r, _)) = &g.raft {
@@ -48,6 +48,9 @@ impl Control {
     pub(super) async fn watch_loop(self: Arc<Self>) {
         loop {
             let Some(id) = self.identity() else { return };
+            if self.raft().is_some() {
+                return; // promoted: Raft brings the state now
+            }
             let since = self.lock().version;
             let mut got = false;
             for (name, addr) in self.managers() {
@@ -92,7 +95,7 @@ impl Control {
     /// refused if it is the only one.
     fn leaving_voter(&self, r: &Raft, cmd: &Command) -> Result<Option<NodeId>, ApiError> {
         let voter = match cmd {
-            Command::RemoveNode { id } => {
+            Command::RemoveNode { id } | Command::SetRole { id, role: Role::Worker } => {
                 let g = self.lock();
                 g.state.nodes.get(id).filter(|n| n.role == Role::Manager).map(|n| raft_id(&n.id))
             }

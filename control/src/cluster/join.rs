@@ -5,23 +5,26 @@
 use super::forward::change_voters;
 use super::gossip_loop::new_gossip_key;
 use super::{AdminResponse, ApiError, Control, Saved, raft_id};
-use crate::pki::{CLUSTER_NAME, ClusterCa, JoinRole};
+use crate::pki::{CLUSTER_NAME, ClusterCa, JoinRole, PkiError, csr_key_id, valid_name};
 use crate::raft::{NodeId, node_addr};
-use crate::rpc::Request;
-use crate::state::{ClusterState, Command, Role};
+use crate::rpc::{Issued, Request};
+use crate::state::{Availability, ClusterState, Command, Kind, Node, Role, StateError};
 use core::net::SocketAddr;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 impl Control {
-    /// `cluster init`.
-    pub(super) async fn init(self: &Arc<Self>) -> AdminResponse {
+    /// `cluster init` (certificates valid for `cert_expiry`, or 90 days).
+    pub(super) async fn init(self: &Arc<Self>, cert_expiry: Option<Duration>) -> AdminResponse {
         if self.lock().saved.is_some() {
             return Err(ApiError::AlreadyInCluster);
         }
-        let ca = ClusterCa::init()?;
-        let identity = ca.issue(&self.cfg.name)?;
+        let mut ca = ClusterCa::init()?;
+        if let Some(d) = cert_expiry {
+            ca = ca.with_cert_expiry(d);
+        }
+        let identity = ca.issue(&self.cfg.name, JoinRole::Manager)?;
         let saved = Saved { identity, role: Role::Manager, joined_via: None };
         self.resume(saved.clone()).await?;
         let raft = self.raft().ok_or(ApiError::RaftNotRunning)?;
@@ -53,13 +56,11 @@ impl Control {
         if self.lock().saved.is_some() {
             return Err(ApiError::AlreadyInCluster);
         }
-        let (identity, role) = crate::tls::join(addr, CLUSTER_NAME, token, &self.cfg.name)
+        let node = Some(self.this_node(Role::Worker));
+        let (identity, role) = crate::tls::join_new_key(addr, CLUSTER_NAME, token, &self.cfg.name, node)
             .await
             .map_err(|e| ApiError::Join { addr, detail: e.to_string() })?;
-        let role = match role {
-            JoinRole::Manager => Role::Manager,
-            JoinRole::Worker => Role::Worker,
-        };
+        let role = role_of(role);
         let saved = Saved { identity: identity.clone(), role, joined_via: Some(addr) };
         self.save(&saved)?;
         self.resume(saved).await?;
@@ -71,8 +72,41 @@ impl Control {
             };
             self.forward(req).await?;
         }
-        self.write(Command::AddNode(self.this_node(role))).await?;
         Ok(serde_json::json!({ "node": self.cfg.name, "role": role }))
+    }
+
+    /// A manager's side of a join: the token checked, the name checked
+    /// and free, the node recorded in the state with its key, then its
+    /// certificate signed (the node's key never leaves the node).
+    pub(super) async fn admit(
+        &self,
+        token: &str,
+        name: &str,
+        csr: &[u8],
+        node: Option<Node>,
+    ) -> Result<Issued, ApiError> {
+        let ca = self.lock().state.ca.clone().ok_or(ApiError::NotAManager)?;
+        let role = ca.check(token)?;
+        if !valid_name(name) {
+            return Err(PkiError::BadName(name.to_owned()).into());
+        }
+        if self.lock().state.nodes.contains_key(name) {
+            return Err(StateError::Exists { kind: Kind::Node, name: name.to_owned() }.into());
+        }
+        let key_id = csr_key_id(csr)?;
+        let node = node.ok_or_else(|| ApiError::BadRequest("a join without the node's addresses".into()))?;
+        let node = Node {
+            id: name.to_owned(),
+            role: role_of(role),
+            availability: Availability::Active,
+            key_id: Some(key_id),
+            ..node
+        };
+        // Refused if the name was taken meanwhile (under another key).
+        self.write(Command::AddNode(node)).await?;
+        let cert = ca.sign(csr, name, role)?;
+        tracing::info!(node = name, ?role, "admitted node {name} as {role:?}");
+        Ok(Issued { cert, ca: ca.cert().to_vec(), role })
     }
 
     /// Makes a joined manager a Raft voter (here if this is the leader,
@@ -90,5 +124,21 @@ impl Control {
             .map_err(|e| ApiError::Membership(Box::new(e)))?;
         let voters = openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id]));
         change_voters(&r, voters, ApiError::MembershipTimedOut, ApiError::Membership).await
+    }
+}
+
+/// The state's role for a certificate's.
+pub(super) fn role_of(r: JoinRole) -> Role {
+    match r {
+        JoinRole::Manager => Role::Manager,
+        JoinRole::Worker => Role::Worker,
+    }
+}
+
+/// The certificate's role for the state's.
+pub(super) fn join_role(r: Role) -> JoinRole {
+    match r {
+        Role::Manager => JoinRole::Manager,
+        Role::Worker => JoinRole::Worker,
     }
 }

@@ -24,17 +24,19 @@ pub mod admin;
 pub mod forward;
 pub mod gossip_loop;
 pub mod join;
+pub mod renew;
 
 pub use crate::rpc::{AdminRequest, AdminResponse, ApiError};
 pub use crate::{GOSSIP_PORT, MANAGEMENT_PORT as MGMT_PORT};
 pub use admin::admin_call;
 
+use crate::authz::authorize;
 use crate::compile::compile;
-use crate::pki::NodeIdentity;
+use crate::pki::{NodeIdentity, Peer};
 use crate::raft::{NodeId, Raft, StateMachine, answer_if_running};
 use crate::rpc::{GossipStats, Refusal, Request, Response};
 use crate::state::{Availability, ClusterState, Node, Role};
-use crate::tls::{Handler, Server, TlsNetwork, answer_join, serve_with};
+use crate::tls::{Creds, Handler, Server, TlsNetwork, serve_with};
 use core::net::{Ipv4Addr, SocketAddr};
 use meshplane_dataplane::report::{ConntrackEntry, NodeStats};
 use meshplane_dataplane::tables::TablesSpec;
@@ -64,6 +66,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Raft snapshot every this many entries.
     pub snapshot_every: u64,
+    /// How often the node checks whether its certificate needs renewing
+    /// (half its validity gone, or its role changed).
+    pub renew_check: Duration,
 }
 
 /// A task on this node, with what its port needs (the tables name the port
@@ -151,6 +156,8 @@ struct Inner {
     down: BTreeSet<String>,
     last_tables: Option<TablesSpec>,
     gossip: Option<GossipStats>,
+    /// The node's TLS credentials (renewed in place).
+    creds: Option<Arc<Creds>>,
     _server: Option<Server>,
 }
 
@@ -181,8 +188,8 @@ impl Control {
     /// TLS server and gossip if the node is in a cluster already (its
     /// state directory says so), else after `init` or `join`.
     pub async fn start(cfg: Config, dp: Arc<dyn Dataplane>) -> Result<Arc<Control>, ApiError> {
-        std::fs::create_dir_all(&cfg.state_dir)
-            .map_err(|e| ApiError::StateDir { path: cfg.state_dir.clone(), detail: e.to_string() })?;
+        private_dir(&cfg.state_dir)?;
+        check_private(&cfg.state_dir.join("node.json"))?;
         let saved: Option<Saved> = match std::fs::read(cfg.state_dir.join("node.json")) {
             Ok(b) => Some(serde_json::from_slice(&b).map_err(node_file)?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -204,6 +211,7 @@ impl Control {
         c.clone().serve_admin_socket()?;
         tokio::spawn(c.clone().publish_loop());
         tokio::spawn(c.clone().gossip_loop());
+        tokio::spawn(c.clone().renew_loop());
         if let Some(s) = saved {
             c.resume(s).await?;
         }
@@ -260,15 +268,14 @@ impl Control {
     }
 
     async fn resume_inner(self: &Arc<Self>, s: Saved) -> Result<(), ApiError> {
-        self.lock().saved = Some(s.clone());
+        let creds = Creds::new(&s.identity).map_err(|e| ApiError::Tls(e.to_string()))?;
+        {
+            let mut g = self.lock();
+            g.saved = Some(s.clone());
+            g.creds = Some(creds.clone());
+        }
         if s.role == Role::Manager {
-            let net = TlsNetwork::new(&s.identity).map_err(|e| ApiError::Tls(e.to_string()))?;
-            let dir = self.cfg.state_dir.join("raft");
-            let (raft, sm) = crate::raft::start_with(raft_id(&self.cfg.name), &dir, net, self.cfg.snapshot_every)
-                .await
-                .map_err(|e| ApiError::RaftStart(e.to_string()))?;
-            self.lock().raft = Some((raft.clone(), sm.clone()));
-            tokio::spawn(self.clone().follow_raft(raft, sm));
+            self.start_raft(creds.clone()).await?;
         } else {
             tokio::spawn(self.clone().watch_loop());
         }
@@ -276,12 +283,24 @@ impl Control {
         let listener =
             tokio::net::TcpListener::bind(addr).await.map_err(|e| ApiError::Listen { addr, detail: e.to_string() })?;
         let me = self.clone();
-        let handler: Handler = Arc::new(move |req, member| {
+        let handler: Handler = Arc::new(move |req, peer| {
             let me = me.clone();
-            Box::pin(async move { me.handle(req, member).await })
+            Box::pin(async move { me.handle(req, peer).await })
         });
-        let server = serve_with(listener, &s.identity, handler).map_err(|e| ApiError::Tls(e.to_string()))?;
+        let server = serve_with(listener, creds, handler).map_err(|e| ApiError::Tls(e.to_string()))?;
         self.lock()._server = Some(server);
+        Ok(())
+    }
+
+    /// Starts Raft on this node (a manager) from its directory.
+    async fn start_raft(self: &Arc<Self>, creds: Arc<Creds>) -> Result<(), ApiError> {
+        let dir = self.cfg.state_dir.join("raft");
+        let net = TlsNetwork::with_creds(creds);
+        let (raft, sm) = crate::raft::start_with(raft_id(&self.cfg.name), &dir, net, self.cfg.snapshot_every)
+            .await
+            .map_err(|e| ApiError::RaftStart(e.to_string()))?;
+        self.lock().raft = Some((raft.clone(), sm.clone()));
+        tokio::spawn(self.clone().follow_raft(raft, sm));
         Ok(())
     }
 
@@ -323,14 +342,17 @@ impl Control {
         }
     }
 
-    /// The management plane's requests.
-    async fn handle(self: Arc<Self>, req: Request, member: bool) -> Response {
+    /// The management plane's requests, each authorized first
+    /// ([`authorize`]: by the client's certificate and the state).
+    async fn handle(self: Arc<Self>, req: Request, peer: Option<Peer>) -> Response {
+        let allowed = authorize(&req, peer.as_ref(), &self.lock().state);
+        if let Err(why) = allowed {
+            tracing::info!(peer = ?peer.as_ref().map(|p| &p.name), "management plane: refused: {why}");
+            return Response::Refused(why);
+        }
         match req {
-            Request::Join { token, name } => {
-                let ca = self.lock().state.ca.clone();
-                answer_join(ca.as_ref(), &token, &name)
-            }
-            _ if !member => Response::Refused(Refusal::NeedsCertificate),
+            Request::Join { token, name, csr, node } => Response::Join(self.admit(&token, &name, &csr, node).await),
+            Request::Renew { csr } => Response::Renewed(self.renew_for(peer.as_ref(), &csr)),
             Request::Write(cmd) => Response::Written(self.write(cmd).await),
             Request::Watch { since } => {
                 let mut rx = self.version_tx.subscribe();
@@ -355,6 +377,7 @@ impl Control {
             data_mac: self.cfg.data_mac,
             role,
             availability: Availability::Active,
+            key_id: self.identity().and_then(|i| i.peer().ok()).map(|p| p.key_id),
         }
     }
 
@@ -388,5 +411,31 @@ impl Control {
                 Err(e) => tracing::warn!("publishing tables: {e}"),
             }
         }
+    }
+}
+
+/// Makes `dir` (the state directory) if it is missing, private to its
+/// owner (0700); tightens an existing one that others can read.
+fn private_dir(dir: &std::path::Path) -> Result<(), ApiError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |e: std::io::Error| ApiError::StateDir { path: dir.to_owned(), detail: e.to_string() };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+    let mode = std::fs::metadata(dir).map_err(err)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!("{}: mode {:o} lets others in: set to 0700", dir.display(), mode & 0o777);
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Refuses a secret file (a node's key) that others can read: whoever
+/// could read it may hold the node's identity.
+fn check_private(path: &std::path::Path) -> Result<(), ApiError> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+            Err(ApiError::SecretReadable { path: path.to_owned(), mode: m.permissions().mode() & 0o777 })
+        }
+        _ => Ok(()),
     }
 }
