@@ -191,7 +191,7 @@ async fn five_managers_survive_two_failures_and_snapshots_compact_the_log() {
     let m = c.nodes[&leader].0.metrics().borrow().clone();
     assert!(m.snapshot.is_some(), "{m:?}");
     assert!(m.purged.is_some(), "the log was compacted: {m:?}");
-    assert!(Path::new(&c.dir.join(leader.to_string()).join("sm").join("snapshot")).exists());
+    assert!(Path::new(&c.dir.join(leader.to_string()).join("raft.redb")).exists());
     // Two managers die (a majority of 3 of 5 remains).
     let l = c.leader().await;
     c.kill(l).await;
