@@ -123,7 +123,7 @@ fn sigkill_at_random_points_loses_no_acknowledged_write() {
             .env(CHILD_ENV, &dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.with_extension("stderr")).map(Stdio::from).unwrap_or(Stdio::null()))
             .spawn()
             .unwrap();
         let (tx, rx) = mpsc::channel::<String>();
@@ -139,7 +139,8 @@ fn sigkill_at_random_points_loses_no_acknowledged_write() {
         // Ready, with every write acknowledged so far applied.
         let names = loop {
             let line = rx.recv_timeout(Duration::from_secs(30)).expect("the child starts");
-            if let Some(n) = line.strip_prefix("ready ") {
+            // (after the harness's "test raft_child ... ", on the same line)
+            if let Some(n) = line.split_once("ready ").map(|(_, n)| n) {
                 break n.split(',').filter(|x| !x.is_empty()).map(str::to_owned).collect::<Vec<_>>();
             }
         };
@@ -204,18 +205,38 @@ async fn run_single(dir: &Path, from: u32, to: u32) {
     raft.shutdown().await.unwrap();
 }
 
+fn append(path: &Path, bytes: &[u8]) {
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_tail_on_the_database_file_is_survived() {
     let dir = tmpdir("torn");
     run_single(&dir, 0, 20).await;
     let db = dir.join("raft.redb");
-    // Garbage appended to the file (a torn write past the last commit).
-    let mut f = std::fs::OpenOptions::new().append(true).open(&db).unwrap();
-    f.write_all(&[0xa5; 10_000]).unwrap();
-    drop(f);
+    // Garbage appended to the file, not a whole page (a torn write past
+    // the last commit): cut on open; everything committed is there.
+    append(&db, &[0xa5; 10_000]);
     run_single(&dir, 20, 30).await;
+    // Whole pages of garbage: redb's recovery takes them in.
+    append(&db, &[0x5a; 3 * 4096]);
+    run_single(&dir, 30, 40).await;
     // Later writes survive the next restart.
-    run_single(&dir, 30, 31).await;
+    run_single(&dir, 40, 41).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_database_file_is_refused_with_a_clear_error() {
+    let dir = tmpdir("truncated");
+    run_single(&dir, 0, 20).await;
+    let db = dir.join("raft.redb");
+    let len = std::fs::metadata(&db).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&db).unwrap().set_len(len - 4096).unwrap();
+    let e = Store::open(&dir).unwrap_err();
+    assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    assert!(e.to_string().contains("is damaged and cannot be opened"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -260,11 +281,12 @@ async fn snapshot_chunks_with_a_wrong_or_huge_offset_are_refused() {
         Response::Snapshot(Err(openraft::error::RaftError::Fatal(openraft::error::Fatal::StorageError(e)))) => {
             assert!(e.to_string().contains(what), "{e}");
         }
-        other => panic!("not refused: {other:?}"),
+        Response::Snapshot(other) => panic!("not refused: {other:?}"),
+        _ => panic!("not a snapshot answer"),
     };
     // The first chunk of a snapshot must start at 0.
     let r = answer(&raft, chunk(5, vec![1; 10])).await;
-    assert!(matches!(r, Response::Snapshot(Err(openraft::error::RaftError::APIError(_)))), "{r:?}");
+    assert!(matches!(r, Response::Snapshot(Err(openraft::error::RaftError::APIError(_)))), "an offset not 0 first");
     assert!(matches!(answer(&raft, chunk(0, vec![1; 10])).await, Response::Snapshot(Ok(_))));
     // A gap, or a rewind to anywhere but 0.
     refused(answer(&raft, chunk(100, vec![1; 10])).await, "but 10 bytes were received so far");

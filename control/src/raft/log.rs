@@ -8,7 +8,7 @@ use super::store::{LOG, META, Store, StoreError};
 use crate::rpc::{NodeId, TypeConfig};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{Entry, LogId, LogState, RaftLogReader, Vote};
-use redb::ReadableTable;
+use redb::{ReadableDatabase, ReadableTable};
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 

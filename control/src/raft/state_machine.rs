@@ -6,6 +6,7 @@
 
 use super::SE;
 use super::store::{META, Store, StoreError};
+use redb::ReadableDatabase;
 use crate::rpc::{Applied, NodeId, TypeConfig};
 use crate::snapshot_data::{MAX_SNAPSHOT_BYTES, SnapshotData, SnapshotRefusal};
 use crate::state::ClusterState;

@@ -6,7 +6,7 @@
 //! blocking pool, never on the async threads.
 
 use openraft::{StorageError, StorageIOError};
-use redb::{Database, TableDefinition};
+use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fs::{DirBuilder, OpenOptions};
@@ -22,6 +22,10 @@ use crate::rpc::NodeId;
 pub(super) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 /// Everything else: name → value (JSON, or the snapshot's bytes).
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// redb's page size (its default, which the database uses): it sizes the
+/// file in whole pages.
+const DB_PAGE: u64 = 4096;
 
 /// The database's file name in the Raft directory.
 pub const DB_FILE: &str = "raft.redb";
@@ -49,6 +53,15 @@ pub enum StoreError {
          {DB_FILE} and does not read it: move it away and re-join this manager to the cluster"
     )]
     OldFormat(PathBuf),
+    /// redb could not make sense of the file (it is shorter than its
+    /// header says, or damaged otherwise): refused, never opened half.
+    #[error("{path} is damaged and cannot be opened ({detail}); restore it or re-join this manager")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What redb said.
+        detail: String,
+    },
     /// The blocking task died.
     #[error("Raft storage task: {0}")]
     Task(String),
@@ -120,11 +133,21 @@ impl Store {
             sync_dir(dir)?;
         }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io(&path))?;
+        cut_partial_page(&path)?;
         // A database still held by a Raft being shut down in this process
         // is released in a moment.
         let mut tries = 0;
         let db = loop {
-            match Database::create(&path) {
+            // redb asserts (panics) on some damaged files: a refusal here.
+            let opened = std::panic::catch_unwind(|| Database::create(&path)).map_err(|p| StoreError::Corrupt {
+                path: path.clone(),
+                detail: p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_default(),
+            })?;
+            match opened {
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) if tries < 100 => {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(50));
@@ -173,4 +196,17 @@ impl Store {
         })
         .await
     }
+}
+
+/// Cuts bytes past the file's last whole page (a torn tail: redb sizes the
+/// file in whole pages, so they were never part of a commit), durably.
+fn cut_partial_page(path: &Path) -> Result<(), StoreError> {
+    let len = std::fs::metadata(path).map_err(io(path))?.len();
+    let extra = len % DB_PAGE;
+    if extra != 0 {
+        tracing::warn!(path = %path.display(), bytes = extra, "cutting a torn tail off the Raft database");
+        let f = OpenOptions::new().write(true).open(path).map_err(io(path))?;
+        f.set_len(len - extra).and_then(|()| f.sync_all()).map_err(io(path))?;
+    }
+    Ok(())
 }
