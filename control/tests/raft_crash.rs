@@ -263,11 +263,8 @@ async fn snapshot_chunks_with_a_wrong_or_huge_offset_are_refused() {
     let (raft, _sm) = start(1, &dir, &router, 1_000_000).await.unwrap();
     raft.initialize(BTreeMap::from([(1, BasicNode::new("m1"))])).await.unwrap();
     raft.wait(Some(Duration::from_secs(10))).current_leader(1, "leader").await.unwrap();
-    let meta = SnapshotMeta {
-        last_log_id: None,
-        last_membership: StoredMembership::default(),
-        snapshot_id: "evil-1".into(),
-    };
+    let meta =
+        SnapshotMeta { last_log_id: None, last_membership: StoredMembership::default(), snapshot_id: "evil-1".into() };
     let chunk = |offset: u64, data: Vec<u8>| {
         Request::Snapshot(InstallSnapshotRequest {
             vote: Vote::new(1000, 2),

@@ -129,7 +129,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SE> {
         let purged = serde_json::to_vec(&Some(log_id)).map_err(StoreError::from)?;
-        Ok(self.store.run(move |db| remove(db, (Bound::Unbounded, Bound::Included(log_id.index)), Some(purged))).await?)
+        Ok(self
+            .store
+            .run(move |db| remove(db, (Bound::Unbounded, Bound::Included(log_id.index)), Some(purged)))
+            .await?)
     }
 }
 

@@ -4,15 +4,15 @@
 
 use super::{Raft, RaftNodeError};
 use crate::rpc::{NodeId, Refusal, Request, Response, TypeConfig};
-use core::net::SocketAddr;
 use crate::snapshot_data::SnapshotRefusal;
-use openraft::{BasicNode, StorageError};
+use core::net::SocketAddr;
 use openraft::error::{InstallSnapshotError, RPCError, RaftError};
 use openraft::network::RPCOption;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
+use openraft::{BasicNode, StorageError};
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};

@@ -6,12 +6,12 @@
 
 use super::SE;
 use super::store::{META, Store, StoreError};
-use redb::ReadableDatabase;
 use crate::rpc::{Applied, NodeId, TypeConfig};
 use crate::snapshot_data::{MAX_SNAPSHOT_BYTES, SnapshotData, SnapshotRefusal};
 use crate::state::ClusterState;
 use openraft::storage::RaftStateMachine;
 use openraft::{BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StoredMembership};
+use redb::ReadableDatabase;
 use serde::{Deserialize, Serialize};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};

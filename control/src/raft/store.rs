@@ -76,13 +76,7 @@ macro_rules! from_redb {
         }
     )*};
 }
-from_redb!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
 impl From<StoreError> for StorageError<NodeId> {
     fn from(e: StoreError) -> Self {
@@ -173,7 +167,10 @@ impl Store {
     }
 
     /// The value of `key` in `meta`, decoded.
-    pub(super) async fn get<T: DeserializeOwned + Send + 'static>(&self, key: &'static str) -> Result<Option<T>, StoreError> {
+    pub(super) async fn get<T: DeserializeOwned + Send + 'static>(
+        &self,
+        key: &'static str,
+    ) -> Result<Option<T>, StoreError> {
         self.run(move |db| {
             let r = db.begin_read()?;
             let t = r.open_table(META)?;
