@@ -4,30 +4,14 @@
 //! to the same state; a minority cannot commit; snapshots compact the log.
 
 use meshplane_control::raft::{Applied, NodeId, Raft, Router, StateMachine, start};
-use meshplane_control::state::{Availability, ClusterState, Command, Node, Role};
+use meshplane_control::state::{ClusterState, Command};
 use openraft::BasicNode;
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("meshplane-raft-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn add_node(i: u32) -> Command {
-    Command::AddNode(Node {
-        id: format!("n{i}"),
-        mgmt: format!("198.18.1.{}:2377", i % 250 + 1).parse().unwrap(),
-        data_ip: Ipv4Addr::from(0xc612_0000 + i + 1),
-        data_mac: format!("02:00:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap(),
-        role: Role::Worker,
-        availability: Availability::Active,
-    })
-}
+mod common;
+use common::{add_node, tmpdir};
 
 struct Cluster {
     router: Router,

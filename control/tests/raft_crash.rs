@@ -8,37 +8,21 @@
 
 use meshplane_control::raft::{LogStore, Router, Store, StoreError, answer, start};
 use meshplane_control::rpc::{Request, Response};
-use meshplane_control::state::{Availability, Command, Node, Role};
+use meshplane_control::state::Command;
 use openraft::raft::InstallSnapshotRequest;
 use openraft::{BasicNode, EntryPayload, SnapshotMeta, StoredMembership, Vote};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::net::Ipv4Addr;
 use std::ops::Bound;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command as Proc, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{add_node, tmpdir};
+
 const CHILD_ENV: &str = "MESHPLANE_RAFT_CHILD";
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("meshplane-raft-crash-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn add_node(i: u32) -> Command {
-    Command::AddNode(Node {
-        id: format!("n{i}"),
-        mgmt: format!("198.18.{}.{}:2377", i / 250, i % 250 + 1).parse().unwrap(),
-        data_ip: Ipv4Addr::from(0xc612_0000 + i + 1),
-        data_mac: format!("02:00:00:{:02x}:{:02x}:{:02x}", i >> 16, (i >> 8) & 0xff, i & 0xff).parse().unwrap(),
-        role: Role::Worker,
-        availability: Availability::Active,
-    })
-}
 
 /// The child: a single-manager cluster in `$MESHPLANE_RAFT_CHILD`; prints
 /// `ready <node names>`, then for each `w <i>` line on stdin writes node
