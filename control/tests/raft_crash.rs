@@ -6,21 +6,19 @@
 //! and in its state after the restart. A torn tail written by hand on the
 //! database file; snapshot chunks with a wrong or huge offset refused.
 
-use meshplane_control::raft::{LogStore, Router, Store, StoreError, answer, start};
+use meshplane_control::raft::{Router, Store, StoreError, answer, start};
 use meshplane_control::rpc::{Request, Response};
-use meshplane_control::state::Command;
 use openraft::raft::InstallSnapshotRequest;
-use openraft::{BasicNode, EntryPayload, SnapshotMeta, StoredMembership, Vote};
+use openraft::{BasicNode, SnapshotMeta, StoredMembership, Vote};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::ops::Bound;
 use std::path::Path;
 use std::process::{Command as Proc, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{add_node, tmpdir};
+use common::{add_node, logged_writes, tmpdir};
 
 const CHILD_ENV: &str = "MESHPLANE_RAFT_CHILD";
 
@@ -72,20 +70,10 @@ impl Rng {
     }
 }
 
-/// The log's node writes, in log order: (node number, log index).
-fn logged_writes(dir: &Path) -> Vec<(u32, u64)> {
+/// The log's node writes of the stopped child, in log order.
+fn logged(dir: &Path) -> Vec<(u32, u64)> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let store = Store::open(dir).expect("the database opens after a SIGKILL");
-        let entries = LogStore::new(store).entries((Bound::Unbounded, Bound::Unbounded)).await.expect("read");
-        entries
-            .into_iter()
-            .filter_map(|e| match e.payload {
-                EntryPayload::Normal(Command::AddNode(n)) => Some((n.id[1..].parse().unwrap(), e.log_id.index)),
-                _ => None,
-            })
-            .collect()
-    })
+    rt.block_on(logged_writes(dir))
 }
 
 #[test]
@@ -151,7 +139,7 @@ fn sigkill_at_random_points_loses_no_acknowledged_write() {
         }
         // The log: every acknowledged write once, in order, where it was
         // acknowledged; no write twice.
-        let logged = logged_writes(&dir);
+        let logged = logged(&dir);
         let mut seen = std::collections::BTreeSet::new();
         for (i, _) in &logged {
             assert!(seen.insert(*i), "round {round}: n{i} twice in the log");

@@ -2,7 +2,7 @@
 
 use meshplane_control::state::{Availability, Command, Node, Role};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A fresh directory for test `tag` of this process.
 pub(crate) fn tmpdir(tag: &str) -> PathBuf {
@@ -22,4 +22,20 @@ pub(crate) fn add_node(i: u32) -> Command {
         role: Role::Worker,
         availability: Availability::Active,
     })
+}
+
+/// Each write's node number and log index, in log order, from a stopped
+/// manager's database.
+pub(crate) async fn logged_writes(dir: &Path) -> Vec<(u32, u64)> {
+    let store = meshplane_control::raft::Store::open(dir).expect("open");
+    let all = meshplane_control::raft::LogStore::new(store)
+        .entries((std::ops::Bound::Unbounded, std::ops::Bound::Unbounded))
+        .await
+        .expect("read");
+    all.into_iter()
+        .filter_map(|e| match e.payload {
+            openraft::EntryPayload::Normal(Command::AddNode(n)) => Some((n.id[1..].parse().unwrap(), e.log_id.index)),
+            _ => None,
+        })
+        .collect()
 }
