@@ -6,7 +6,7 @@
 //! - leaves: [`state`] (the cluster state, its commands and validation),
 //!   [`pki`] (the CA, certificates, join tokens), [`gossip`] (SWIM with
 //!   sealed packets), [`compile`] (state and liveness → a node's tables;
-//!   imports `state`);
+//!   imports `state`), [`snapshot_data`] (a Raft snapshot's bytes, bounded);
 //! - [`rpc`]: the management plane's messages, their typed errors and
 //!   framing (imports `state`, `pki`);
 //! - [`raft`]: the Raft log, state machine and network (imports `rpc`,
@@ -23,6 +23,7 @@ pub mod gossip;
 pub mod pki;
 pub mod raft;
 pub mod rpc;
+pub mod snapshot_data;
 pub mod state;
 pub mod tls;
 

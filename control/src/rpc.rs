@@ -20,7 +20,6 @@ use openraft::raft::{
     VoteResponse,
 };
 use serde::{Deserialize, Serialize};
-use std::io::Cursor;
 use std::path::PathBuf;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -37,6 +36,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = Command,
         R = Applied,
+        SnapshotData = crate::snapshot_data::SnapshotData,
 );
 
 /// Why a Raft write (or membership change) failed, as openraft says it.

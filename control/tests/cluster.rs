@@ -426,7 +426,7 @@ fn roles_certificates_and_revocation() {
         done: false,
     });
     let add_manager = Request::AddManager { id: 6, name: "node6".into(), addr: n6.cfg.advertise };
-    let network = Request::Write(network("w", "198.19.3.0/24"));
+    let write = Request::Write(network("w", "198.19.3.0/24"));
     let token = Request::Admin(AdminRequest::Token { role: JoinRole::Manager, rotate: false });
     let rotate = Request::Admin(AdminRequest::RotateGossipKey);
     for (what, req) in [
@@ -434,7 +434,7 @@ fn roles_certificates_and_revocation() {
         ("vote", &ballot),
         ("snapshot", &snapshot),
         ("add manager", &add_manager),
-        ("write", &network),
+        ("write", &write),
         ("token", &token),
         ("key rotation", &rotate),
     ] {

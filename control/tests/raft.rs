@@ -4,31 +4,14 @@
 //! to the same state; a minority cannot commit; snapshots compact the log.
 
 use meshplane_control::raft::{Applied, NodeId, Raft, Router, StateMachine, start};
-use meshplane_control::state::{Availability, ClusterState, Command, Node, Role};
+use meshplane_control::state::{ClusterState, Command};
 use openraft::BasicNode;
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("meshplane-raft-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn add_node(i: u32) -> Command {
-    Command::AddNode(Node {
-        id: format!("n{i}"),
-        mgmt: format!("198.18.1.{}:2377", i % 250 + 1).parse().unwrap(),
-        data_ip: Ipv4Addr::from(0xc612_0000 + i + 1),
-        data_mac: format!("02:00:00:00:{:02x}:{:02x}", i / 256, i % 256).parse().unwrap(),
-        role: Role::Worker,
-        availability: Availability::Active,
-        key_id: None,
-    })
-}
+mod common;
+use common::{add_node, logged_writes, tmpdir};
 
 struct Cluster {
     router: Router,
@@ -192,7 +175,7 @@ async fn five_managers_survive_two_failures_and_snapshots_compact_the_log() {
     let m = c.nodes[&leader].0.metrics().borrow().clone();
     assert!(m.snapshot.is_some(), "{m:?}");
     assert!(m.purged.is_some(), "the log was compacted: {m:?}");
-    assert!(Path::new(&c.dir.join(leader.to_string()).join("sm").join("snapshot")).exists());
+    assert!(Path::new(&c.dir.join(leader.to_string()).join("raft.redb")).exists());
     // Two managers die (a majority of 3 of 5 remains).
     let l = c.leader().await;
     c.kill(l).await;
@@ -240,6 +223,38 @@ async fn managers_are_added_and_removed() {
     assert!(c.states().iter().all(|s| s.nodes.len() == 8));
     for id in c.nodes.keys().copied().collect::<Vec<_>>() {
         c.kill(id).await;
+    }
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_whose_storage_is_dropped_and_reopened_again_and_again_loses_nothing() {
+    let mut c = Cluster::new("reopen", 3, 1000).await;
+    let mut acked: Vec<(u32, u64)> = Vec::new();
+    let mut i = 0;
+    for round in 0..6u64 {
+        // One manager (the leader every third round) stops: its storage is
+        // dropped; the other two go on; it starts again from its database.
+        let victim = round % 3 + 1;
+        c.kill(victim).await;
+        for _ in 0..5 {
+            assert_eq!(c.write(add_node(i)).await, Applied(Ok(())));
+            acked.push((i, *c.last.lock().unwrap()));
+            i += 1;
+        }
+        let n = start(victim, &c.dir.join(victim.to_string()), &c.router, 1000).await.unwrap();
+        c.nodes.insert(victim, n);
+        c.settle().await;
+        let states = c.states();
+        assert!(states.iter().all(|s| s.nodes.len() == i as usize && *s == states[0]), "round {round}");
+    }
+    // Every manager's log: each acknowledged write once, in order, at the
+    // index it was acknowledged at, and nothing else.
+    for id in [1, 2, 3] {
+        c.kill(id).await;
+    }
+    for id in [1u64, 2, 3] {
+        assert_eq!(logged_writes(&c.dir.join(id.to_string())).await, acked, "manager {id}");
     }
     let _ = std::fs::remove_dir_all(&c.dir);
 }

@@ -4,14 +4,15 @@
 
 use super::{Raft, RaftNodeError};
 use crate::rpc::{NodeId, Refusal, Request, Response, TypeConfig};
+use crate::snapshot_data::SnapshotRefusal;
 use core::net::SocketAddr;
-use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, RPCError, RaftError};
 use openraft::network::RPCOption;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
+use openraft::{BasicNode, StorageError};
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,15 @@ pub async fn answer(raft: &Raft, req: Request) -> Response {
     match req {
         Request::Append(rpc) => Response::Append(raft.append_entries(rpc).await),
         Request::Vote(rpc) => Response::Vote(raft.vote(rpc).await),
-        Request::Snapshot(rpc) => Response::Snapshot(raft.install_snapshot(rpc).await),
+        Request::Snapshot(rpc) => match SnapshotRefusal::check_chunk(rpc.offset, rpc.data.len() as u64) {
+            // The offset against the bytes received is checked as the chunk
+            // is written (`SnapshotData`).
+            Ok(()) => Response::Snapshot(raft.install_snapshot(rpc).await),
+            Err(r) => {
+                let e = openraft::StorageIOError::write_snapshot(Some(rpc.meta.signature()), &r);
+                Response::Snapshot(Err(RaftError::Fatal(openraft::error::Fatal::from(StorageError::from(e)))))
+            }
+        },
         Request::Join { .. } => Response::Refused(Refusal::JoinNotHere),
         _ => Response::Refused(Refusal::NotRaft),
     }
