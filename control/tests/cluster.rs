@@ -57,6 +57,7 @@ fn config(i: u8, dir: &Path, gossip_port: u16) -> Config {
         gossip_port,
         state_dir: dir.join(format!("node{i}")),
         snapshot_every: 50,
+        gossip_key_interval: meshplane_control::cluster::gossip_loop::GOSSIP_KEY_INTERVAL,
     }
 }
 
@@ -218,11 +219,11 @@ fn a_cluster_of_control_planes() {
     assert!(rt.block_on(meshplane_control::tls::request(addr1, "node1", &foreign, &req)).is_err());
 
     // The gossip key rotates through Raft; membership holds across it.
-    let before = n1.control.state().0.gossip_keys[0].0;
+    let before = n1.control.state().0.gossip_keys[0].id;
     n2.admin(AdminRequest::RotateGossipKey).unwrap();
     for n in nodes {
         wait_for("the new gossip key everywhere", 10, || {
-            n.control.state().0.gossip_keys[0].0 == before.wrapping_add(1)
+            n.control.state().0.gossip_keys[0].id == before.wrapping_add(1)
         });
     }
     std::thread::sleep(Duration::from_secs(3));

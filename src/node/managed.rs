@@ -221,6 +221,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         gossip_port: a.gossip_port.unwrap_or(meshplane_control::cluster::GOSSIP_PORT),
         state_dir: state_dir.clone(),
         snapshot_every: 1000,
+        gossip_key_interval: meshplane_control::cluster::gossip_loop::GOSSIP_KEY_INTERVAL,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -64,6 +64,11 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Raft snapshot every this many entries.
     pub snapshot_every: u64,
+    /// How often the Raft leader rotates the gossip key
+    /// ([`gossip_loop::GOSSIP_KEY_INTERVAL`], 12 hours, unless a test
+    /// wants it sooner); the previous key is retired after a grace period
+    /// ([`gossip_loop::key_grace`]).
+    pub gossip_key_interval: Duration,
 }
 
 /// A task on this node, with what its port needs (the tables name the port
