@@ -609,7 +609,8 @@ impl Gossip {
         if !self.fresh(&h) {
             return Err(Rejected::Replayed);
         }
-        let inner: foca::Header<GossipId> = PostcardCodec.decode_header(plain.as_slice()).map_err(|_| Rejected::Undecodable)?;
+        let inner: foca::Header<GossipId> =
+            PostcardCodec.decode_header(plain.as_slice()).map_err(|_| Rejected::Undecodable)?;
         if canonical(inner.src.addr) != h.sender.addr {
             return Err(Rejected::WrongSender);
         }
@@ -652,6 +653,9 @@ pub mod sim {
     use std::cmp::Reverse;
     use std::collections::{BinaryHeap, HashMap};
 
+    /// Packets with their sources.
+    type Captured = Vec<(SocketAddr, Vec<u8>)>;
+
     enum Event {
         Packet(usize, SocketAddr, Vec<u8>),
         Timer(usize, Timer<GossipId>),
@@ -674,7 +678,7 @@ pub mod sim {
         pub seen: Vec<(u64, usize, MemberEvent)>,
         next_rejoin_us: u64,
         /// The member whose incoming packets are kept, and them.
-        capture: Option<(usize, Vec<(SocketAddr, Vec<u8>)>)>,
+        capture: Option<(usize, Captured)>,
     }
 
     impl std::fmt::Debug for Sim {

@@ -355,3 +355,40 @@ fn the_admin_socket_answers_bad_requests_with_errors() {
     drop(n);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The gossip key rotates on its own (every 8 s here): after the interval
+/// a new key is current on every node, the previous one still held during
+/// the grace period and retired after it, every node sealing with the new
+/// one; membership holds throughout.
+#[test]
+fn the_gossip_key_rotates_and_the_previous_one_retires() {
+    let dir = tmpdir("gossip-keys");
+    let cfg = |i| Config { gossip_key_interval: Duration::from_secs(8), ..config(i, &dir, 18946) };
+    let n1 = start(cfg(21));
+    let init = n1.admin(AdminRequest::Init).unwrap();
+    let wtoken = init["worker_token"].as_str().unwrap().to_owned();
+    let n2 = start(cfg(22));
+    n2.admin(AdminRequest::Join { token: wtoken, addr: n1.cfg.advertise }).unwrap();
+    let gossip = |n: &Node| n.admin(AdminRequest::Stats).unwrap()["gossip"].clone();
+    let nodes = [&n1, &n2];
+    for n in nodes {
+        wait_for("gossip membership", 15, || gossip(n)["members"].as_array().is_some_and(|m| m.len() == 1));
+    }
+    let first = n1.control.state().0.gossip_keys[0].id;
+    let (both, second) = (serde_json::json!([first, first + 1]), serde_json::json!([first + 1]));
+    for n in nodes {
+        wait_for("the new key held with the previous one", 15, || gossip(n)["key_ids"] == both);
+    }
+    for n in nodes {
+        wait_for("the previous key retired", 10, || {
+            let g = gossip(n);
+            g["key_ids"] == second && g["sealing_key"] == first + 1
+        });
+    }
+    assert_eq!(n1.control.state().0.gossip_keys.len(), 1);
+    for n in nodes {
+        assert!(n.control.down().is_empty(), "a node declared down across the rotation: {:?}", n.control.down());
+        let g = gossip(n);
+        assert_eq!(g["members"].as_array().map(Vec::len), Some(1), "{g}");
+    }
+}

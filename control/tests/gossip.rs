@@ -55,8 +55,7 @@ fn seal_open_tamper_foreign_and_rotation() {
 /// `MESHPLANE_NONCE_SEALS=1000000` for the million each.
 #[test]
 fn no_nonce_repeats_across_two_members_with_the_same_clock_and_seed() {
-    let seals: usize =
-        std::env::var("MESHPLANE_NONCE_SEALS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let seals: usize = std::env::var("MESHPLANE_NONCE_SEALS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     let me = GossipId::starting_now("198.18.0.1:7946".parse().unwrap());
     let keys = Keyring::new(1, &[9; 32]);
     let mut a = Gossip::with_seed(me, keys.clone(), 3, 42);
