@@ -284,6 +284,9 @@ fn control(x: &mut Exposition, stats: &AdminStats, nodes: &[NodeStatus], info: &
         ("unknown_key", g.rejected_unknown_key),
         ("bad_tag", g.rejected_bad_tag),
         ("undecodable", g.rejected_undecodable),
+        ("retired_key", g.rejected_retired_key),
+        ("wrong_sender", g.rejected_wrong_sender),
+        ("replayed", g.rejected_replayed),
     ]
     .map(|(r, n)| (Reason { reason: r.to_owned() }, n));
     x.family("gossip_rejected_total", COUNTER, "Gossip packets dropped, by reason.", rejected.to_vec());
@@ -420,6 +423,7 @@ mod tests {
             "meshplane_node_up{node=\"node3\"} 0",
             "meshplane_cluster_state_version 17",
             "meshplane_gossip_rejected_total{reason=\"unknown_key\"} 1",
+            "meshplane_gossip_rejected_total{reason=\"replayed\"} 0",
         ] {
             assert!(t.lines().any(|l| l == line), "missing {line:?} in:\n{t}");
         }

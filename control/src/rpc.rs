@@ -59,12 +59,37 @@ pub struct GossipStats {
     pub rejected_bad_tag: u64,
     /// Packets dropped: opened but not decodable.
     pub rejected_undecodable: u64,
+    /// Packets dropped: sealed with a key the cluster retired.
+    #[serde(default)]
+    pub rejected_retired_key: u64,
+    /// Packets dropped: their sealed sender is not where they came from.
+    #[serde(default)]
+    pub rejected_wrong_sender: u64,
+    /// Packets dropped: replayed (a sequence number seen or too old, or an
+    /// earlier epoch of the sender).
+    #[serde(default)]
+    pub rejected_replayed: u64,
+    /// Packets not sent: the OS's random source gave no nonce.
+    #[serde(default)]
+    pub seal_failed: u64,
+    /// The ids of the gossip keys this node holds (each opens).
+    #[serde(default)]
+    pub key_ids: Vec<u32>,
+    /// The id of the key this node seals with.
+    #[serde(default)]
+    pub sealing_key: u32,
 }
 
 impl GossipStats {
     /// Packets rejected, for any reason.
     pub fn rejected(&self) -> u64 {
-        self.rejected_short + self.rejected_unknown_key + self.rejected_bad_tag + self.rejected_undecodable
+        self.rejected_short
+            + self.rejected_unknown_key
+            + self.rejected_bad_tag
+            + self.rejected_undecodable
+            + self.rejected_retired_key
+            + self.rejected_wrong_sender
+            + self.rejected_replayed
     }
 }
 

@@ -254,13 +254,29 @@ pub enum Command {
     /// The cluster CA (at `cluster init`), or its new join secrets (token
     /// rotation: the caller draws them, so every manager applies the same).
     SetCa(ClusterCa),
-    /// A new gossip key (the caller draws it): it seals from now on, the
-    /// previous one still opens until the next rotation.
+    /// A new gossip key (the caller draws it, and the time): it becomes
+    /// the current key (members seal with it once they all have it), the
+    /// current one becomes the previous one (it still opens until retired)
+    /// and any older one is dropped. Refused unless its id is above the
+    /// current key's (ids only grow: a key id below the newest one a
+    /// member holds is a retired key).
     RotateGossipKey {
-        /// The key's id (one more than the last, wrapping).
-        id: u8,
+        /// The key's id (one more than the current one's).
+        id: u32,
         /// The key.
         key: [u8; 32],
+        /// When the leader drew it, milliseconds since the Unix epoch (the
+        /// rotation schedule counts from it).
+        #[serde(default)]
+        at_ms: u64,
+    },
+    /// The previous gossip key is retired (after the grace period that
+    /// lets every member have the current one): packets under it are
+    /// refused from then on. Refused for the current key; nothing changes
+    /// if the key is gone already.
+    RetireGossipKey {
+        /// The key's id.
+        id: u32,
     },
 }
 
@@ -385,6 +401,17 @@ pub enum StateError {
     /// `SetCa` with another CA than the cluster's.
     #[error("the cluster already has another CA")]
     CaChanged,
+    /// A gossip key whose id is not above the current key's.
+    #[error("gossip key {id} is not newer than the current key {current}")]
+    StaleGossipKey {
+        /// The new key's id.
+        id: u32,
+        /// The current key's id.
+        current: u32,
+    },
+    /// Retiring the gossip key that seals.
+    #[error("gossip key {0} is the current key: rotate first")]
+    RetiringCurrentGossipKey(u32),
     /// A name that cannot be a port or map key.
     #[error("{kind} name {name:?}: 1 to 15 characters, letters, digits, '-', '_' and '.'")]
     BadName {
@@ -411,9 +438,23 @@ pub struct ClusterState {
     /// ([`ClusterState::redacted`]).
     #[serde(default)]
     pub ca: Option<ClusterCa>,
-    /// The gossip keys: the current one, and the one before it.
+    /// The gossip keys: the current one first, then the previous one
+    /// until it is retired.
     #[serde(default)]
-    pub gossip_keys: Vec<(u8, [u8; 32])>,
+    pub gossip_keys: Vec<GossipKey>,
+}
+
+/// A gossip key of the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipKey {
+    /// Its id (ids only grow).
+    pub id: u32,
+    /// The key (XChaCha20-Poly1305's 256 bits).
+    pub key: [u8; 32],
+    /// When it was drawn (the `RotateGossipKey`'s time), milliseconds since
+    /// the Unix epoch; 0 for a key of a state older than the field.
+    #[serde(default)]
+    pub added_ms: u64,
 }
 
 /// The MAC derived from an address: 02:42 and the four octets (as Docker
@@ -518,11 +559,22 @@ impl ClusterState {
                 Ok(())
             }
             Command::SetCa(ca) => self.set_ca(ca),
-            Command::RotateGossipKey { id, key } => {
+            Command::RotateGossipKey { id, key, at_ms } => {
+                if let Some(current) = self.gossip_keys.first()
+                    && *id <= current.id
+                {
+                    return Err(StateError::StaleGossipKey { id: *id, current: current.id });
+                }
                 // The current key first; one previous key kept.
-                self.gossip_keys.retain(|(i, _)| i != id);
-                self.gossip_keys.insert(0, (*id, *key));
+                self.gossip_keys.insert(0, GossipKey { id: *id, key: *key, added_ms: *at_ms });
                 self.gossip_keys.truncate(2);
+                Ok(())
+            }
+            Command::RetireGossipKey { id } => {
+                if self.gossip_keys.first().is_some_and(|k| k.id == *id) {
+                    return Err(StateError::RetiringCurrentGossipKey(*id));
+                }
+                self.gossip_keys.retain(|k| k.id != *id);
                 Ok(())
             }
         }

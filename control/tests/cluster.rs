@@ -58,6 +58,7 @@ fn config(i: u8, dir: &Path, gossip_port: u16) -> Config {
         state_dir: dir.join(format!("node{i}")),
         snapshot_every: 50,
         renew_check: Duration::from_millis(500),
+        gossip_key_interval: meshplane_control::cluster::gossip_loop::GOSSIP_KEY_INTERVAL,
     }
 }
 
@@ -252,11 +253,11 @@ fn a_cluster_of_control_planes() {
     assert!(rt.block_on(meshplane_control::tls::request(addr1, "node1", &foreign, &req)).is_err());
 
     // The gossip key rotates through Raft; membership holds across it.
-    let before = n1.control.state().0.gossip_keys[0].0;
+    let before = n1.control.state().0.gossip_keys[0].id;
     n2.admin(AdminRequest::RotateGossipKey).unwrap();
     for n in nodes {
         wait_for("the new gossip key everywhere", 10, || {
-            n.control.state().0.gossip_keys[0].0 == before.wrapping_add(1)
+            n.control.state().0.gossip_keys[0].id == before.wrapping_add(1)
         });
     }
     std::thread::sleep(Duration::from_secs(3));
@@ -546,4 +547,41 @@ fn roles_certificates_and_revocation() {
     assert!(matches!(ask(&id6, &Request::Watch { since: 0 }).unwrap(), Response::Refused(Refusal::Revoked)));
     drop((n4, n5, n6));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The gossip key rotates on its own (every 8 s here): after the interval
+/// a new key is current on every node, the previous one still held during
+/// the grace period and retired after it, every node sealing with the new
+/// one; membership holds throughout.
+#[test]
+fn the_gossip_key_rotates_and_the_previous_one_retires() {
+    let dir = tmpdir("gossip-keys");
+    let cfg = |i| Config { gossip_key_interval: Duration::from_secs(8), ..config(i, &dir, 18946) };
+    let n1 = start(cfg(21));
+    let init = n1.admin(AdminRequest::Init { cert_expiry_secs: None }).unwrap();
+    let wtoken = init["worker_token"].as_str().unwrap().to_owned();
+    let n2 = start(cfg(22));
+    n2.admin(AdminRequest::Join { token: wtoken, addr: n1.cfg.advertise }).unwrap();
+    let gossip = |n: &Node| n.admin(AdminRequest::Stats).unwrap()["gossip"].clone();
+    let nodes = [&n1, &n2];
+    for n in nodes {
+        wait_for("gossip membership", 15, || gossip(n)["members"].as_array().is_some_and(|m| m.len() == 1));
+    }
+    let first = n1.control.state().0.gossip_keys[0].id;
+    let (both, second) = (serde_json::json!([first, first + 1]), serde_json::json!([first + 1]));
+    for n in nodes {
+        wait_for("the new key held with the previous one", 15, || gossip(n)["key_ids"] == both);
+    }
+    for n in nodes {
+        wait_for("the previous key retired", 10, || {
+            let g = gossip(n);
+            g["key_ids"] == second && g["sealing_key"] == first + 1
+        });
+    }
+    assert_eq!(n1.control.state().0.gossip_keys.len(), 1);
+    for n in nodes {
+        assert!(n.control.down().is_empty(), "a node declared down across the rotation: {:?}", n.control.down());
+        let g = gossip(n);
+        assert_eq!(g["members"].as_array().map(Vec::len), Some(1), "{g}");
+    }
 }

@@ -28,13 +28,16 @@ pub(crate) fn run(c: &Conn, watch: bool, count: Option<u32>) -> Result<()> {
             drops(&v.dataplane);
             let g = v.gossip.clone().unwrap_or_default();
             println!(
-                "\ngossip: {} members, {} sent, {} received, {} rejected (unknown key {}, bad tag {})",
+                "\ngossip: {} members, {} sent, {} received, {} rejected (unknown key {}, retired key {}, bad tag {}, wrong sender {}, replayed {})",
                 g.members.len(),
                 g.sent,
                 g.received,
                 g.rejected(),
                 g.rejected_unknown_key,
+                g.rejected_retired_key,
                 g.rejected_bad_tag,
+                g.rejected_wrong_sender,
+                g.rejected_replayed,
             );
         }
         shown += 1;

@@ -222,6 +222,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         state_dir: state_dir.clone(),
         snapshot_every: 1000,
         renew_check: std::time::Duration::from_secs(30),
+        gossip_key_interval: meshplane_control::cluster::gossip_loop::GOSSIP_KEY_INTERVAL,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -69,6 +69,11 @@ pub struct Config {
     /// How often the node checks whether its certificate needs renewing
     /// (half its validity gone, or its role changed).
     pub renew_check: Duration,
+    /// How often the Raft leader rotates the gossip key
+    /// ([`gossip_loop::GOSSIP_KEY_INTERVAL`], 12 hours, unless a test
+    /// wants it sooner); the previous key is retired after a grace period
+    /// ([`gossip_loop::key_grace`]).
+    pub gossip_key_interval: Duration,
 }
 
 /// A task on this node, with what its port needs (the tables name the port
