@@ -441,7 +441,10 @@ fn task_attached_by_process_namespace() {
     let _g = crate::serial();
     let m = Managers::start("np-ta", 1);
     m.cli_ok(0, &["network", "create", "--subnet", "198.19.0.0/24", "app"]);
-    m.cli_ok(0, &["service", "create", "--name", "web", "--network", "app", "--vip-port", "80"]);
+    m.cli_ok(
+        0,
+        &["service", "create", "--name", "web", "--network", "app", "--vip-port", "80", "--target-port", "8080"],
+    );
     for (bad, says) in [
         ("a b", "--netns: task namespace \"a b\""),
         ("-all", "task namespace \"-all\""),
@@ -449,7 +452,7 @@ fn task_attached_by_process_namespace() {
         ("/etc/passwd", "/proc/PID/ns/net"),
         ("/proc/12x/ns/net", "task namespace \"/proc/12x/ns/net\""),
     ] {
-        let o = m.cli(0, &["task", "attach", "--service", "web", "--node", "node1", "--netns", bad]);
+        let o = m.cli(0, &["task", "attach", "--service", "web", "--node", "node1", &format!("--netns={bad}")]);
         assert!(!o.status.success(), "--netns {bad:?} was taken");
         assert!(text(&o.stderr).contains(says), "--netns {bad:?}: {}", text(&o.stderr));
     }
