@@ -340,11 +340,11 @@ fn partitions_lose_no_acknowledged_write() {
         writes.extend(round_writes);
         // Healed: every node takes writes again (the cut-off one once it
         // has caught up).
-        for node in 0..3 {
+        for (node, state) in states.iter().enumerate() {
             let t = Instant::now();
             loop {
                 let name = format!("h{round}n{}w{}", node + 1, writes.len());
-                let (start, end, acked, err) = write(&states[node], &next, &name);
+                let (start, end, acked, err) = write(state, &next, &name);
                 writes.push(Write { round, node, name, minority: false, start, end, acked, err: err.clone() });
                 if acked {
                     break;
