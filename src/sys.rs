@@ -25,6 +25,16 @@ pub(crate) fn ip(args: &[&str]) -> Result<()> {
     run("ip", args)
 }
 
+/// Runs `ip` with `args` in the network namespace whose file is `path`
+/// (`/proc/PID/ns/net`: a namespace without a name, which `ip -n` cannot
+/// enter), through util-linux's `nsenter --net=PATH`.
+pub(crate) fn ip_in_netns_file(path: &str, args: &[&str]) -> Result<()> {
+    let net = format!("--net={path}");
+    let mut v = vec![net.as_str(), "ip"];
+    v.extend_from_slice(args);
+    run("nsenter", &v)
+}
+
 /// Runs `args` (a program and its arguments) in network namespace `ns`.
 pub(crate) fn in_ns(ns: &str, args: &[&str]) -> Result<()> {
     let mut v = vec!["netns", "exec", ns];

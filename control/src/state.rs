@@ -420,6 +420,76 @@ pub enum StateError {
         /// The name.
         name: String,
     },
+    /// A task's network namespace that is neither a namespace name nor a
+    /// process's namespace.
+    #[error(
+        "task namespace {0:?}: a name of 1 to 64 letters, digits, '_', '.' and '-' (not starting with '-' or '.'), /var/run/netns/NAME, /run/netns/NAME or /proc/PID/ns/net"
+    )]
+    BadNetns(String),
+}
+
+/// A task's network namespace, validated ([`TaskNetns::parse`]): what a
+/// node may move a task's port into and configure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskNetns {
+    /// A named namespace (`ip netns`): `/var/run/netns/NAME`.
+    Named(String),
+    /// The namespace of process `PID`: `/proc/PID/ns/net`.
+    Process(u32),
+}
+
+impl TaskNetns {
+    /// Longest namespace name.
+    pub const MAX_NAME: usize = 64;
+
+    /// Parses a task's `--netns`: a name (`[A-Za-z0-9_.-]{1,64}`, not
+    /// starting with '-' or '.'), `/var/run/netns/NAME` or
+    /// `/run/netns/NAME` (the name), or `/proc/PID/ns/net`; anything else
+    /// is refused (it would reach `ip` as an option, a path elsewhere, or
+    /// another namespace than meant).
+    pub fn parse(s: &str) -> Result<TaskNetns, StateError> {
+        let bad = || StateError::BadNetns(s.to_owned());
+        let named = |n: &str| {
+            let ok = !n.is_empty()
+                && n.len() <= Self::MAX_NAME
+                && !n.starts_with(['-', '.'])
+                && n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if ok { Ok(TaskNetns::Named(n.to_owned())) } else { Err(bad()) }
+        };
+        if !s.starts_with('/') {
+            return named(s);
+        }
+        if let Some(n) = s.strip_prefix("/var/run/netns/").or_else(|| s.strip_prefix("/run/netns/")) {
+            return named(n);
+        }
+        let pid = s.strip_prefix("/proc/").and_then(|r| r.strip_suffix("/ns/net")).ok_or_else(bad)?;
+        // Digits only (no sign, no spaces), a pid that can exist (> 0).
+        if pid.is_empty() || pid.len() > 10 || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        match pid.parse::<u32>() {
+            Ok(p) if p > 0 => Ok(TaskNetns::Process(p)),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The namespace's file: `/var/run/netns/NAME` or `/proc/PID/ns/net`.
+    pub fn path(&self) -> String {
+        match self {
+            TaskNetns::Named(n) => format!("/var/run/netns/{n}"),
+            TaskNetns::Process(p) => format!("/proc/{p}/ns/net"),
+        }
+    }
+}
+
+impl core::fmt::Display for TaskNetns {
+    /// The normalised form the state keeps: the name, or `/proc/PID/ns/net`.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TaskNetns::Named(n) => f.write_str(n),
+            TaskNetns::Process(p) => write!(f, "/proc/{p}/ns/net"),
+        }
+    }
 }
 
 /// The cluster's desired state.
@@ -745,6 +815,7 @@ impl ClusterState {
         netns: Option<String>,
     ) -> Result<(), StateError> {
         check_name(Kind::Task, id)?;
+        let netns = netns.map(|n| TaskNetns::parse(&n).map(|t| t.to_string())).transpose()?;
         if self.tasks.contains_key(id) {
             return Err(StateError::Exists { kind: Kind::Task, name: id.to_owned() });
         }
@@ -858,5 +929,125 @@ impl ClusterState {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod netns_tests {
+    use super::*;
+
+    #[test]
+    fn task_namespaces_are_names_or_namespace_files() {
+        let ok = |s: &str| TaskNetns::parse(s).map(|t| t.to_string());
+        for (given, kept) in [
+            ("mp-lab-t1", "mp-lab-t1"),
+            ("a", "a"),
+            ("web_1.ns", "web_1.ns"),
+            ("9", "9"),
+            ("/var/run/netns/mp-t1", "mp-t1"),
+            ("/run/netns/mp-t1", "mp-t1"),
+            ("/proc/1234/ns/net", "/proc/1234/ns/net"),
+            ("/proc/0042/ns/net", "/proc/42/ns/net"),
+        ] {
+            assert_eq!(ok(given).as_deref(), Ok(kept), "{given}");
+        }
+        assert_eq!(ok(&"x".repeat(64)), Ok("x".repeat(64)));
+        let long = "x".repeat(65);
+        let under_run = format!("/run/netns/{long}");
+        for bad in [
+            "",
+            "-all",
+            "--help",
+            ".",
+            "..",
+            ".hidden",
+            "a b",
+            "a\tb",
+            "../x",
+            "a/b",
+            "x;reboot",
+            "/etc/passwd",
+            "/var/run/netns/",
+            "/var/run/netns/../x",
+            "/var/run/netns/a/b",
+            "/run/netns/-all",
+            "/proc/12x/ns/net",
+            "/proc//ns/net",
+            "/proc/0/ns/net",
+            "/proc/-1/ns/net",
+            "/proc/+1/ns/net",
+            "/proc/ 1/ns/net",
+            "/proc/self/ns/net",
+            "/proc/1/ns/mnt",
+            "/proc/1/ns/net/",
+            "/proc/99999999999/ns/net",
+            "/proc/1/../1/ns/net",
+            "relative/path",
+            "netns\u{e9}",
+            &long,
+            &under_run,
+        ] {
+            assert_eq!(TaskNetns::parse(bad), Err(StateError::BadNetns(bad.to_owned())), "{bad:?}");
+        }
+        assert_eq!(TaskNetns::parse("/proc/7/ns/net").map(|t| t.path()), Ok("/proc/7/ns/net".to_owned()));
+        assert_eq!(TaskNetns::parse("/run/netns/t").map(|t| t.path()), Ok("/var/run/netns/t".to_owned()));
+        let msg = StateError::BadNetns("a b".into()).to_string();
+        assert!(msg.contains("/proc/PID/ns/net") && msg.contains("1 to 64"), "{msg}");
+    }
+
+    /// A cluster with network `app`, service `web` and node `n1`.
+    fn cluster() -> ClusterState {
+        let mut st = ClusterState::new();
+        st.apply(&Command::AddNode(Node {
+            id: "n1".into(),
+            role: Role::Manager,
+            mgmt: "198.18.1.1:2377".parse().expect("addr"),
+            data_ip: Ipv4Addr::new(198, 18, 0, 1),
+            data_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            availability: Availability::Active,
+        }))
+        .expect("node");
+        st.apply(&Command::CreateNetwork {
+            name: "app".into(),
+            subnet: "198.19.0.0/24".parse().expect("subnet"),
+            gateway: None,
+            mtu: None,
+        })
+        .expect("network");
+        st.apply(&Command::CreateService {
+            name: "web".into(),
+            network: "app".into(),
+            protocol: Proto::Tcp,
+            vip_port: Some(80),
+            target_port: 8080,
+            publish: Vec::new(),
+            scheduler: Scheduler::Rr,
+        })
+        .expect("service");
+        st
+    }
+
+    fn attach(id: &str, netns: &str) -> Command {
+        Command::AttachTask {
+            id: id.into(),
+            service: "web".into(),
+            node: "n1".into(),
+            weight: 1,
+            netns: Some(netns.into()),
+        }
+    }
+
+    #[test]
+    fn attach_task_refuses_a_bad_namespace_and_keeps_a_normalised_one() {
+        let mut st = cluster();
+        let before = st.clone();
+        for bad in ["-all", "a b", "../x", "/etc/passwd", "/proc/12x/ns/net"] {
+            assert_eq!(st.apply(&attach("web.1", bad)), Err(StateError::BadNetns(bad.into())), "{bad}");
+            assert_eq!(st, before, "a refused command changes nothing");
+        }
+        st.apply(&attach("web.1", "/var/run/netns/mp-t1")).expect("a namespace file");
+        st.apply(&attach("web.2", "/proc/4321/ns/net")).expect("a process's namespace");
+        assert_eq!(st.tasks["web.1"].netns.as_deref(), Some("mp-t1"));
+        assert_eq!(st.tasks["web.2"].netns.as_deref(), Some("/proc/4321/ns/net"));
     }
 }

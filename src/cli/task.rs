@@ -3,8 +3,8 @@
 use super::args::{Conn, TaskCmd};
 use super::client::{state, write};
 use super::render::{print, s, table};
-use anyhow::Result;
-use meshplane_control::state::Command;
+use anyhow::{Result, anyhow};
+use meshplane_control::state::{Command, TaskNetns};
 use serde_json::Value;
 
 /// Runs a `task` command.
@@ -49,6 +49,12 @@ pub(crate) fn run(c: &Conn, cmd: &TaskCmd) -> Result<()> {
 /// `task attach`: the task (its id SERVICE.N unless given), then its
 /// address once this node's state has it.
 fn attach(c: &Conn, service: &str, node: &str, netns: &Option<String>, weight: u32, id: Option<&str>) -> Result<()> {
+    // The namespace checked here as every manager checks it (a clear
+    // message before anything is sent), sent in its normalised form.
+    let netns = match netns {
+        Some(n) => Some(TaskNetns::parse(n).map_err(|e| anyhow!("--netns: {e}"))?.to_string()),
+        None => None,
+    };
     // Without --id: SERVICE.N, the lowest N free. This node's copy
     // of the state may lag the leader's: an id taken meanwhile is
     // skipped and the next one tried.

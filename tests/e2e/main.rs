@@ -15,6 +15,7 @@
 
 mod cluster;
 mod lab;
+mod partition;
 
 use lab::{BIN, Lab, in_ns, in_ns_ok, ip, run, wait_for};
 use std::path::PathBuf;
