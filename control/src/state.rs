@@ -1005,6 +1005,7 @@ mod netns_tests {
             data_ip: Ipv4Addr::new(198, 18, 0, 1),
             data_mac: MacAddr([2, 0, 0, 0, 0, 1]),
             availability: Availability::Active,
+            key_id: None,
         }))
         .expect("node");
         st.apply(&Command::CreateNetwork {
