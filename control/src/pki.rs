@@ -158,8 +158,12 @@ impl Peer {
         })
     }
 
-    /// Whether the certificate has lived past `fraction` of its validity
-    /// at `now` (renewal is due).
+    /// Whether the certificate is past its end of validity at `now`.
+    pub fn expired(&self, now: SystemTime) -> bool {
+        now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64) > self.not_after
+    }
+
+    /// Whether at `now` a `fraction` of its validity is gone (renew it).
     pub fn renewal_due(&self, now: SystemTime, fraction: f64) -> bool {
         let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         // Issued CLOCK_SLACK after the start of its validity (see sign).

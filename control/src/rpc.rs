@@ -454,34 +454,55 @@ pub enum FrameError {
     /// The connection failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    /// A length over the limit (64 MiB): not a peer of ours.
-    #[error("frame too large ({0} bytes)")]
-    TooLarge(usize),
+    /// A length over the reader's limit: not a request this peer may send.
+    #[error("frame too large ({len} bytes, at most {limit})")]
+    TooLarge {
+        /// The length the frame announced.
+        len: usize,
+        /// The reader's limit.
+        limit: usize,
+    },
     /// A body that is not the JSON expected.
     #[error("frame body: {0}")]
     Json(#[from] serde_json::Error),
 }
 
-/// The largest frame accepted.
-const MAX_FRAME: usize = 64 << 20;
+/// The largest frame read from a peer this side chose to trust: an answer
+/// from a server whose certificate it checked, a request on the admin
+/// socket (root only). A server's requests have their own, smaller
+/// limits (`tls::Limits`).
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// How much of a frame's body is made room for before it arrives: the
+/// rest grows with what is read, so an announced length costs nothing
+/// until its bytes come.
+const FIRST_ALLOCATION: usize = 64 << 10;
 
 /// Writes `v` as one frame: its length, then its JSON.
 pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, v: &T) -> Result<(), FrameError> {
     let b = serde_json::to_vec(v)?;
-    w.write_all(&(b.len() as u32).to_le_bytes()).await?;
+    let len = u32::try_from(b.len()).map_err(|_| FrameError::TooLarge { len: b.len(), limit: u32::MAX as usize })?;
+    w.write_all(&len.to_le_bytes()).await?;
     w.write_all(&b).await?;
     Ok(w.flush().await?)
 }
 
-/// Reads one frame as a `T`.
-pub async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(r: &mut R) -> Result<T, FrameError> {
+/// Reads one frame of at most `limit` bytes as a `T`; a longer one is
+/// refused from its length, before its body is read.
+pub async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+    limit: usize,
+) -> Result<T, FrameError> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await?;
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
+    if len > limit {
+        return Err(FrameError::TooLarge { len, limit });
     }
-    let mut b = vec![0u8; len];
-    r.read_exact(&mut b).await?;
+    let mut b = Vec::with_capacity(len.min(FIRST_ALLOCATION));
+    r.take(len as u64).read_to_end(&mut b).await?;
+    if b.len() < len {
+        return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
     Ok(serde_json::from_slice(&b)?)
 }

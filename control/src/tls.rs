@@ -9,13 +9,24 @@
 //! (the server sends the CA certificate after its own), and the server
 //! checks the token's secret before it issues the node a certificate.
 //!
-//! One request per connection, framed as `rpc` says. Imports `raft`,
-//! `rpc` and `pki`.
+//! Requests and answers are framed as `rpc` says. The server holds its
+//! connections under [`Limits`] (caps at accept, deadlines for the
+//! handshake, each request, idle connections and answers, a size limit
+//! before and after authentication; `server`), and counts what it
+//! refused or closed ([`ConnStats`]). A member keeps its connection for
+//! many requests; Raft's network keeps one per peer (`pool`). Imports
+//! `authz`, `raft`, `rpc` and `pki`.
+
+mod limits;
+mod pool;
+mod server;
+
+pub use limits::{ConnStats, Limits};
 
 use crate::authz::authorize_role;
 use crate::pki::{ClusterCa, JoinRole, JoinToken, NodeIdentity, Peer, PkiError, fingerprint};
 use crate::raft::{Call, NodeId, Raft, RpcClient, TypeConfig, answer_if_running, network::parse_node_addr};
-use crate::rpc::{ApiError, FrameError, Issued, Refusal, Request, Response, read_frame, write_frame};
+use crate::rpc::{ApiError, FrameError, Issued, MAX_FRAME, Refusal, Request, Response, read_frame, write_frame};
 use crate::state::Node;
 use openraft::BasicNode;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -23,8 +34,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 use thiserror::Error;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::client::TlsStream;
+
+/// Making the TCP connection.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(2);
+/// The TLS handshake, once connected.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Why a TLS set-up, a connection or a join failed.
 #[derive(Debug, Error)]
@@ -47,6 +64,12 @@ pub enum TlsError {
     /// The TLS handshake failed (for example a certificate of another CA).
     #[error("TLS handshake: {0}")]
     Handshake(std::io::Error),
+    /// The TLS handshake did not end within 5 s.
+    #[error("TLS handshake: no answer within 5 s")]
+    HandshakeTimeout,
+    /// A request on a connection got no answer in time.
+    #[error("no answer to the request within 10 s")]
+    NoAnswer,
     /// Listening failed.
     #[error("listening: {0}")]
     Listen(std::io::Error),
@@ -180,14 +203,33 @@ async fn call(
     name: &str,
     req: &Request,
 ) -> Result<Response, TlsError> {
-    let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+    let mut s = connect(connector, addr, name).await?;
+    exchange(&mut s, req).await
+}
+
+/// A TLS connection to the node at `addr` (certificate name `name`),
+/// each step within its deadline.
+async fn connect(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    name: &str,
+) -> Result<TlsStream<TcpStream>, TlsError> {
+    let name = server_name(name)?;
+    let tcp = tokio::time::timeout(CONNECT_DEADLINE, TcpStream::connect(addr))
         .await
         .map_err(|_| TlsError::ConnectTimeout)?
         .map_err(TlsError::Connect)?;
     let _ = tcp.set_nodelay(true);
-    let mut s = connector.connect(server_name(name)?, tcp).await.map_err(TlsError::Handshake)?;
-    write_frame(&mut s, req).await?;
-    Ok(read_frame(&mut s).await?)
+    tokio::time::timeout(HANDSHAKE_DEADLINE, connector.connect(name, tcp))
+        .await
+        .map_err(|_| TlsError::HandshakeTimeout)?
+        .map_err(TlsError::Handshake)
+}
+
+/// One request and its answer on a connection.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: &Request) -> Result<Response, TlsError> {
+    write_frame(s, req).await?;
+    Ok(read_frame(s, MAX_FRAME).await?)
 }
 
 /// What a joining node sends besides its token: its name, a certificate
@@ -211,12 +253,10 @@ pub async fn join(addr: SocketAddr, manager_name: &str, token: &str, ask: JoinAs
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCa { fingerprint: t.fingerprint }))
         .with_no_client_auth();
-    let tcp = TcpStream::connect(addr).await.map_err(TlsError::Connect)?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let mut s = connector.connect(server_name(manager_name)?, tcp).await.map_err(TlsError::Handshake)?;
+    let mut s = connect(&connector, addr, manager_name).await?;
     let req = Request::Join { token: token.to_owned(), name: ask.name, csr: ask.csr, node: ask.node };
-    write_frame(&mut s, &req).await?;
-    match read_frame(&mut s).await? {
+    match exchange(&mut s, &req).await? {
         Response::Join(r) => r.map_err(TlsError::JoinRefused),
         Response::Refused(why) => Err(TlsError::Refused(why)),
         _ => Err(TlsError::UnexpectedAnswer),
@@ -242,7 +282,20 @@ pub async fn join_new_key(
 pub struct Server {
     /// The bound address.
     pub addr: SocketAddr,
+    gate: Arc<limits::Gate>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Its connection counters now.
+    pub fn stats(&self) -> ConnStats {
+        self.gate.stats()
+    }
+
+    /// Its limits.
+    pub fn limits(&self) -> &Limits {
+        &self.gate.limits
+    }
 }
 
 impl std::fmt::Debug for Server {
@@ -274,7 +327,13 @@ pub fn serve(
     raft: Arc<Mutex<Option<Raft>>>,
     ca: Option<Arc<Mutex<ClusterCa>>>,
 ) -> Result<Server, TlsError> {
-    let handler: Handler = Arc::new(move |req, peer| {
+    serve_with(listener, Creds::new(id)?, raft_handler(raft, ca))
+}
+
+/// The handler of [`serve`]: Raft RPCs answered with `raft`, joins with
+/// `ca`, each authorized by the role in the client's certificate.
+pub fn raft_handler(raft: Arc<Mutex<Option<Raft>>>, ca: Option<Arc<Mutex<ClusterCa>>>) -> Handler {
+    Arc::new(move |req, peer| {
         let (raft, ca) = (raft.clone(), ca.clone());
         Box::pin(async move {
             if let Err(why) = authorize_role(&req, peer.as_ref()) {
@@ -291,8 +350,7 @@ pub fn serve(
                 }
             }
         })
-    });
-    serve_with(listener, Creds::new(id)?, handler)
+    })
 }
 
 /// The answer to a join from a server without the state: a certificate
@@ -350,7 +408,7 @@ impl Creds {
         self.inner.read().unwrap_or_else(PoisonError::into_inner).0.clone()
     }
 
-    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         self.inner.read().unwrap_or_else(PoisonError::into_inner).1.clone()
     }
 
@@ -359,54 +417,53 @@ impl Creds {
     }
 }
 
-/// Serves on `listener` with the credentials `creds`: every request goes
-/// to `handler`.
+/// Serves on `listener` with the credentials `creds` (the current ones
+/// for each new connection) under the default [`Limits`]: every request
+/// goes to `handler`.
 pub fn serve_with(listener: TcpListener, creds: Arc<Creds>, handler: Handler) -> Result<Server, TlsError> {
+    serve_with_limits(listener, creds, handler, Limits::default())
+}
+
+/// Serves on `listener` with the credentials `creds` under `limits`:
+/// every request goes to `handler`.
+pub fn serve_with_limits(
+    listener: TcpListener,
+    creds: Arc<Creds>,
+    handler: Handler,
+    limits: Limits,
+) -> Result<Server, TlsError> {
     let addr = listener.local_addr().map_err(TlsError::Listen)?;
-    let task = tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, handler) = (creds.acceptor(), handler.clone());
-            tokio::spawn(async move {
-                // A failed handshake (a certificate the CA did not sign)
-                // ends here.
-                let Ok(mut s) = acceptor.accept(tcp).await else { return };
-                // The handshake verified the chain and the dates; what the
-                // certificate says is read once per connection.
-                let peer =
-                    s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| Peer::from_cert(c).ok());
-                let Ok(req) = read_frame::<_, Request>(&mut s).await else { return };
-                let resp = handler(req, peer).await;
-                let _ = write_frame(&mut s, &resp).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    Ok(Server { addr, task })
+    let gate = limits::Gate::new(limits);
+    let task = tokio::spawn(server::accept_loop(listener, creds, handler, gate.clone()));
+    Ok(Server { addr, gate, task })
 }
 
 /// Raft's network over the management plane: node id → (address, name),
 /// from the Raft membership's nodes (`BasicNode.addr` is `name@ip:port`).
+/// Connections to the peers are kept and shared by its clients.
 #[derive(Clone)]
 pub struct TlsNetwork {
     creds: Arc<Creds>,
+    pool: Arc<pool::Pool>,
 }
 
 impl TlsNetwork {
     /// The network of member `id`.
     pub fn new(id: &NodeIdentity) -> Result<TlsNetwork, TlsError> {
-        Ok(TlsNetwork { creds: Creds::new(id)? })
+        Ok(TlsNetwork::with_creds(Creds::new(id)?))
     }
 
     /// The network of a member with the credentials `creds` (renewed in
     /// place).
     pub fn with_creds(creds: Arc<Creds>) -> TlsNetwork {
-        TlsNetwork { creds }
+        TlsNetwork { creds, pool: Arc::default() }
     }
 }
 
-/// A connection target over TLS.
+/// A connection target over TLS (on the network's kept connections).
 pub struct TlsConn {
     creds: Arc<Creds>,
+    pool: Arc<pool::Pool>,
     target: NodeId,
     name: String,
     addr: Option<SocketAddr>,
@@ -416,7 +473,7 @@ impl openraft::RaftNetworkFactory<TypeConfig> for TlsNetwork {
     type Network = RpcClient<TlsConn>;
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
         let (name, addr) = parse_node_addr(node).map_or((String::new(), None), |(n, a)| (n.to_owned(), Some(a)));
-        RpcClient(TlsConn { creds: self.creds.clone(), target, name, addr })
+        RpcClient(TlsConn { creds: self.creds.clone(), pool: self.pool.clone(), target, name, addr })
     }
 }
 
@@ -427,6 +484,6 @@ impl Call for TlsConn {
     }
     async fn call(&self, req: Request) -> Result<Response, TlsError> {
         let addr = self.addr.ok_or(TlsError::NoAddress(self.target))?;
-        call(&self.creds.connector(), addr, &self.name, &req).await
+        self.pool.call(self.creds.connector(), addr, &self.name, &req).await
     }
 }

@@ -3,7 +3,7 @@
 
 use super::gossip_loop::new_gossip_key;
 use super::{AdminRequest, AdminResponse, ApiError, Control, raft_id};
-use crate::rpc::{AdminStats, FrameError, read_frame, write_frame};
+use crate::rpc::{AdminStats, FrameError, MAX_FRAME, read_frame, write_frame};
 use crate::state::Command;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -15,7 +15,7 @@ use std::time::Duration;
 pub async fn admin_call(socket: &Path, req: &AdminRequest) -> Result<AdminResponse, FrameError> {
     let mut s = tokio::net::UnixStream::connect(socket).await?;
     write_frame(&mut s, req).await?;
-    read_frame(&mut s).await
+    read_frame(&mut s, MAX_FRAME).await
 }
 
 impl Control {
@@ -158,7 +158,7 @@ impl Control {
                 let me = self.clone();
                 tokio::spawn(async move {
                     // A frame that is not a request gets an answer saying so.
-                    let Ok(v) = read_frame::<_, serde_json::Value>(&mut s).await else { return };
+                    let Ok(v) = read_frame::<_, serde_json::Value>(&mut s, MAX_FRAME).await else { return };
                     let resp = match serde_json::from_value::<AdminRequest>(v) {
                         Ok(req) => me.admin(req).await,
                         Err(e) => Err(ApiError::BadRequest(e.to_string())),
