@@ -160,5 +160,6 @@ fn state_name(s: CtState) -> &'static str {
         CtState::Established => "established",
         CtState::Fin => "fin_wait",
         CtState::Close => "close",
+        CtState::Unconfirmed => "unconfirmed",
     }
 }
