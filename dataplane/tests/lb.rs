@@ -512,13 +512,22 @@ fn flood_guard_drops_new_connections_above_the_rate_and_counts_them() {
     assert_eq!(st.lb.services[0].new_conns, 3);
     // A tracked connection goes on; a new one a second later is admitted.
     assert!(matches!(run(&t, &mut st, TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, 41000, 80, false), 1).0, Verdict::Tx(_)));
-    assert!(matches!(run(&t, &mut st, TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, 41005, 80, true), SECOND).0, Verdict::Tx(_)));
+    assert!(matches!(
+        run(&t, &mut st, TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, 41005, 80, true), SECOND).0,
+        Verdict::Tx(_)
+    ));
 }
 
 /// A TCP reset (RST|ACK) frame.
 fn rst(dst: [u8; 6], src: [u8; 6], sip: [u8; 4], dip: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     let mut f = Vec::new();
-    etherparse::PacketBuilder::ethernet2(src, dst).ipv4(sip, dip, 64).tcp(sport, dport, 1, 0).rst().ack(1).write(&mut f, &[]).unwrap();
+    etherparse::PacketBuilder::ethernet2(src, dst)
+        .ipv4(sip, dip, 64)
+        .tcp(sport, dport, 1, 0)
+        .rst()
+        .ack(1)
+        .write(&mut f, &[])
+        .unwrap();
     f
 }
 
@@ -577,7 +586,9 @@ fn one_backend_nat(proto: &str) -> Tables {
         "gateway_mac = \"02:42:c6:13:00:fe\"",
         "gateway_mac = \"02:42:c6:13:00:fe\"\nnode_ip = \"198.19.0.250\"",
     );
-    let svc = format!("[[service]]\nname = \"one\"\nprotocol = \"{proto}\"\nnetwork = \"app\"\ntarget_port = 53\npublished = [{{ port = 30053 }}]\n[[service.backend]]\nip = \"198.19.0.3\"\n");
+    let svc = format!(
+        "[[service]]\nname = \"one\"\nprotocol = \"{proto}\"\nnetwork = \"app\"\ntarget_port = 53\npublished = [{{ port = 30053 }}]\n[[service.backend]]\nip = \"198.19.0.3\"\n"
+    );
     Tables::compile(&toml::from_str(&format!("{base}\n{svc}")).unwrap()).unwrap()
 }
 
@@ -585,12 +596,17 @@ fn one_backend_nat(proto: &str) -> Tables {
 fn nat_source_ports_one_client_holds_at_most_half_a_backends_pool() {
     use meshplane_dataplane::lb::NAT_PORTS_PER_CLIENT;
     let t = one_backend_nat("udp");
-    let ct = meshplane_dataplane::lb::conntrack::CtConfig { capacity: 1 << 18, max_new_per_sec: 0, ..Default::default() };
+    let ct =
+        meshplane_dataplane::lb::conntrack::CtConfig { capacity: 1 << 18, max_new_per_sec: 0, ..Default::default() };
     let mut st = WorkerState::with_conntrack(t.ports.len(), ct);
     st.sync(&t);
     let udp = |src: [u8; 4], sport: u16| {
         let mut f = Vec::new();
-        etherparse::PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC).ipv4(src, NODE1, 64).udp(sport, 30053).write(&mut f, b"q").unwrap();
+        etherparse::PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC)
+            .ipv4(src, NODE1, 64)
+            .udp(sport, 30053)
+            .write(&mut f, b"q")
+            .unwrap();
         f
     };
     // (A flow whose entry a full bucket evicts gives its port back: count
@@ -626,7 +642,9 @@ fn nat_source_ports_held_by_unconfirmed_pickups_give_way() {
     let t = one_backend_nat("tcp");
     let mut st = WorkerState::for_tables(&t);
     let sport = 40000u16;
-    let candidates: Vec<u16> = std::iter::once(sport).chain((0..16u32).map(|i| 1024 + ((u32::from(sport) + i * 7919) % 64512) as u16)).collect();
+    let candidates: Vec<u16> = std::iter::once(sport)
+        .chain((0..16u32).map(|i| 1024 + ((u32::from(sport) + i * 7919) % 64512) as u16))
+        .collect();
     for (i, &p) in candidates.iter().enumerate() {
         let src = [198, 18, 7, i as u8 + 1];
         let ack = tcp(NODE1_MAC, CLIENT_MAC, src, NODE1, p, 30053, false);

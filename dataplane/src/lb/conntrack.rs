@@ -1309,7 +1309,10 @@ mod tests {
         }
         // A new connection takes the oldest unconfirmed way, though every
         // confirmed entry was seen longer ago.
-        assert_eq!(ct.insert(&key(20), val(20, CtState::SynRecv), 20 * T), Inserted::Evicted(val(4, CtState::Unconfirmed)));
+        assert_eq!(
+            ct.insert(&key(20), val(20, CtState::SynRecv), 20 * T),
+            Inserted::Evicted(val(4, CtState::Unconfirmed))
+        );
         // So does a new unconfirmed one.
         assert_eq!(
             ct.insert(&key(21), val(21, CtState::Unconfirmed), 20 * T),
@@ -1358,7 +1361,8 @@ mod tests {
     fn the_default_hash_seed_is_random_per_table() {
         let (a, b) = (CtConfig::default(), CtConfig::default());
         assert_ne!(a.seed, b.seed);
-        let (ta, tb) = (Conntrack::new(CtConfig { capacity: 1 << 12, ..a }), Conntrack::new(CtConfig { capacity: 1 << 12, ..b }));
+        let (ta, tb) =
+            (Conntrack::new(CtConfig { capacity: 1 << 12, ..a }), Conntrack::new(CtConfig { capacity: 1 << 12, ..b }));
         let same = (0..1000).filter(|&i| ta.probe(&key(i)).at == tb.probe(&key(i)).at).count();
         assert!(same < 20, "{same} of 1000 keys in the same bucket in both tables");
         // An explicit seed gives the same buckets every time.

@@ -992,7 +992,7 @@ mod tests {
                 4 => 11 * ms,
                 _ => 10 * ms,
             };
-            track_probed(&mut lb, i, 0, &fp, f, &rp, r, at);
+            assert!(track_probed(&mut lb, i, 0, &fp, f, &rp, r, at).is_ok());
             if i == 3 {
                 let (_, _, r0, _) = conn(0);
                 assert!(lb.lookup(&lb.conntrack.probe_in(&r0, Bucket::Dst), 11 * ms, 0x10).is_some());
@@ -1017,12 +1017,12 @@ mod tests {
         for i in 0..4 {
             let (fk, f, rk, r) = conn(i);
             let fp = lb.conntrack.probe_in(&fk, Bucket::Src);
-            track_probed(&mut lb, i, 0, &fp, f, &fp.reply_from(rk.src, rk.sport), r, 0);
+            assert!(track_probed(&mut lb, i, 0, &fp, f, &fp.reply_from(rk.src, rk.sport), r, 0).is_ok());
         }
         let (fk, f, rk, r) = conn(9);
         let fp = lb.conntrack.probe_in(&fk, Bucket::Src);
         let rp = fp.reply_from(rk.src, rk.sport);
-        track_probed(&mut lb, 9, 0, &fp, f, &rp, r, 0);
+        assert!(track_probed(&mut lb, 9, 0, &fp, f, &rp, r, 0).is_ok());
         assert!(lb.conntrack.contains_probe(&fp, 0) && lb.conntrack.contains_probe(&rp, 0));
         assert_eq!(lb.conntrack.len(), 8);
     }
