@@ -138,7 +138,7 @@ fn new_flow(c: &mut Criterion) {
 }
 
 fn vip(c: &mut Criterion) {
-    use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
+    use meshplane_dataplane::packet::{DropReason, Frame, HEADROOM, Verdict};
     use meshplane_dataplane::pipeline::{WorkerState, process_burst};
     use meshplane_dataplane::tables::UPLINK;
     use std::time::{Duration, Instant};
@@ -216,7 +216,14 @@ fn vip(c: &mut Criterion) {
                     let start = Instant::now();
                     process_burst(&mut frames, task1, now, &t, &mut st, &mut verdicts);
                     total += start.elapsed();
-                    assert!(verdicts.iter().all(|v| *v == Verdict::Tx(UPLINK)), "{name}: {verdicts:?}");
+                    // (`_64k_conns`: the few connections whose entries a
+                    // full bucket evicted while they opened come back as
+                    // unconfirmed pickups, which find no room in a bucket
+                    // of confirmed connections: dropped, as on a node.)
+                    let ok = |v: &Verdict| {
+                        *v == Verdict::Tx(UPLINK) || (many && *v == Verdict::Drop(DropReason::UnconfirmedNoRoom))
+                    };
+                    assert!(verdicts.iter().all(ok), "{name}: {verdicts:?}");
                 }
                 total
             })

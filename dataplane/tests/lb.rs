@@ -336,11 +336,17 @@ ip = "198.19.0.3"
 ip = "198.19.0.2"
 "#;
 
-fn mesh_tables() -> Tables {
-    let base = include_str!("../../examples/tables.toml").replace(
+/// The example tables with this node's address in network `app`
+/// (198.19.0.250), as the routing mesh needs.
+fn base_with_node_ip() -> String {
+    include_str!("../../examples/tables.toml").replace(
         "gateway_mac = \"02:42:c6:13:00:fe\"",
         "gateway_mac = \"02:42:c6:13:00:fe\"\nnode_ip = \"198.19.0.250\"",
-    );
+    )
+}
+
+fn mesh_tables() -> Tables {
+    let base = base_with_node_ip();
     let spec: TablesSpec = toml::from_str(&format!("{base}\n{MESH}")).expect("spec parses");
     Tables::compile(&spec).expect("tables compile")
 }
@@ -400,10 +406,7 @@ fn routing_mesh_nat_mode_keeps_source_ports_apart() {
     // One backend: two clients with the same source port must not share
     // this node's address and port toward it.
     let t = {
-        let base = include_str!("../../examples/tables.toml").replace(
-            "gateway_mac = \"02:42:c6:13:00:fe\"",
-            "gateway_mac = \"02:42:c6:13:00:fe\"\nnode_ip = \"198.19.0.250\"",
-        );
+        let base = base_with_node_ip();
         let svc = "[[service]]\nname = \"one\"\nprotocol = \"udp\"\nnetwork = \"app\"\ntarget_port = 53\npublished = [{ port = 30053 }]\n[[service.backend]]\nip = \"198.19.0.3\"\n";
         Tables::compile(&toml::from_str(&format!("{base}\n{svc}")).unwrap()).unwrap()
     };
@@ -582,10 +585,7 @@ fn an_untracked_segment_is_picked_up_unconfirmed_until_the_backend_answers() {
 /// Tables with one `nat` UDP or TCP service on port 30053 with one backend,
 /// T3.
 fn one_backend_nat(proto: &str) -> Tables {
-    let base = include_str!("../../examples/tables.toml").replace(
-        "gateway_mac = \"02:42:c6:13:00:fe\"",
-        "gateway_mac = \"02:42:c6:13:00:fe\"\nnode_ip = \"198.19.0.250\"",
-    );
+    let base = base_with_node_ip();
     let svc = format!(
         "[[service]]\nname = \"one\"\nprotocol = \"{proto}\"\nnetwork = \"app\"\ntarget_port = 53\npublished = [{{ port = 30053 }}]\n[[service.backend]]\nip = \"198.19.0.3\"\n"
     );
