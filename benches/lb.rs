@@ -51,7 +51,7 @@ fn conntrack(c: &mut Criterion) {
         // Sized as a worker should be for that many flows: twice as many
         // entries (a set-associative table at load 1/2 evicts well under 1%
         // of flows for lack of a way; at 0.8 about 5%).
-        let mut ct = Conntrack::new(CtConfig { capacity: n as usize * 2, ..CtConfig::default() });
+        let mut ct = Conntrack::new(CtConfig { capacity: n as usize * 2, ..bench_ct() });
         let v = CtValue { service: 1, state: CtState::Established, ..CtValue::ZERO };
         for i in 0..n {
             ct.insert_probe(&ct.probe(&key(i)), CtValue { backend: i % 1000, ..v }, 0, true);
@@ -89,7 +89,7 @@ fn new_flow(c: &mut Criterion) {
         (0..100u64).map(|i| MaglevBackend { id: (0xc613_0000 + i) << 16 | 8080, weight: 1 }).collect();
     let m = Maglev::build(&backends, DEFAULT_SIZE, 0x5eed).expect("builds");
     for (name, capacity) in [("new_flow_maglev_insert_2M", 1usize << 21), ("new_flow_maglev_insert_64k", 1 << 16)] {
-        let mut ct = Conntrack::new(CtConfig { capacity, ..CtConfig::default() });
+        let mut ct = Conntrack::new(CtConfig { capacity, ..bench_ct() });
         let mut next = 0u32;
         // One second a burst: a key comes round again after 65536 bursts,
         // long after its SYN-only entry (60 s) expired.
@@ -138,7 +138,7 @@ fn new_flow(c: &mut Criterion) {
 }
 
 fn vip(c: &mut Criterion) {
-    use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
+    use meshplane_dataplane::packet::{DropReason, Frame, HEADROOM, Verdict};
     use meshplane_dataplane::pipeline::{WorkerState, process_burst};
     use meshplane_dataplane::tables::UPLINK;
     use std::time::{Duration, Instant};
@@ -160,7 +160,7 @@ fn vip(c: &mut Criterion) {
         ("new_flow_vip_encap_64k", true, 1 << 16),
     ] {
         let many = name.ends_with("_64k_conns");
-        let mut st = WorkerState::with_conntrack(t.ports.len(), CtConfig { capacity, ..CtConfig::default() });
+        let mut st = WorkerState::with_conntrack(t.ports.len(), CtConfig { capacity, ..bench_ct() });
         st.sync(&t);
         let mut bufs: Vec<Vec<u8>> = (0..BURST).map(|_| vec![0u8; HEADROOM + 2048]).collect();
         let mut verdicts = [Verdict::Pass; BURST];
@@ -216,7 +216,14 @@ fn vip(c: &mut Criterion) {
                     let start = Instant::now();
                     process_burst(&mut frames, task1, now, &t, &mut st, &mut verdicts);
                     total += start.elapsed();
-                    assert!(verdicts.iter().all(|v| *v == Verdict::Tx(UPLINK)), "{name}: {verdicts:?}");
+                    // (`_64k_conns`: the few connections whose entries a
+                    // full bucket evicted while they opened come back as
+                    // unconfirmed pickups, which find no room in a bucket
+                    // of confirmed connections: dropped, as on a node.)
+                    let ok = |v: &Verdict| {
+                        *v == Verdict::Tx(UPLINK) || (many && *v == Verdict::Drop(DropReason::UnconfirmedNoRoom))
+                    };
+                    assert!(verdicts.iter().all(ok), "{name}: {verdicts:?}");
                 }
                 total
             })
@@ -229,3 +236,10 @@ fn vip(c: &mut Criterion) {
 
 criterion_group!(benches, maglev, conntrack, new_flow, vip);
 criterion_main!(benches);
+
+/// The benches' table settings: a fixed seed (the same buckets every run)
+/// and no flood guard (they open connections far faster than a second's
+/// budget, at one fixed time).
+fn bench_ct() -> CtConfig {
+    CtConfig { max_new_per_sec: 0, seed: 0x636f_6e6e_7472_6163, ..CtConfig::default() }
+}

@@ -103,7 +103,12 @@ fn vip(new_flows: bool, bursts: usize) {
     let task1 = t.port_id("task1").expect("task1");
     let mut st = WorkerState::with_conntrack(
         t.ports.len(),
-        meshplane_dataplane::lb::conntrack::CtConfig { capacity: 1 << 16, ..Default::default() },
+        meshplane_dataplane::lb::conntrack::CtConfig {
+            capacity: 1 << 16,
+            max_new_per_sec: 0,
+            seed: 0x636f_6e6e_7472_6163,
+            ..Default::default()
+        },
     );
     st.sync(&t);
     let mut bufs: Vec<Vec<u8>> = (0..BURST).map(|_| vec![0u8; HEADROOM + 2048]).collect();

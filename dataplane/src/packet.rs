@@ -268,6 +268,18 @@ drop_reasons! {
     /// A routing-mesh connection in `nat` mode found no free source port
     /// on this node's address toward its backend.
     NatPortsExhausted = "nat_ports_exhausted",
+    /// A routing-mesh connection in `nat` mode from a client address that
+    /// already holds its share of source ports toward the backend (half
+    /// the backend's pool: `lb::NAT_PORTS_PER_CLIENT`).
+    NatClientLimit = "nat_client_limit",
+    /// A new connection above the flood guard's rate
+    /// (`--max-new-conns-per-sec`; pickups of unconfirmed connections: a
+    /// quarter of it): not tracked, not balanced.
+    NewConnRateLimited = "new_conn_rate_limited",
+    /// A TCP segment without SYN of a connection the table does not know,
+    /// whose bucket holds only confirmed connections (an unconfirmed pickup
+    /// never evicts one): not tracked, not balanced.
+    UnconfirmedNoRoom = "unconfirmed_no_room",
     /// A frame to this node's own address in a network (the routing mesh's
     /// reply direction) that belongs to no tracked connection.
     NoConnection = "no_connection",

@@ -38,6 +38,16 @@ pub struct WorkerStats {
     pub unbound: u64,
     /// Connection-table entries in use.
     pub conntrack_entries: u64,
+    /// Connection-table entries made unconfirmed: TCP segments without SYN
+    /// of connections the table did not know (a restart, or spoofed).
+    pub conntrack_unconfirmed: u64,
+    /// Unconfirmed entries a reply from the backend confirmed.
+    pub conntrack_confirmed: u64,
+    /// New connections the flood guard refused (`--max-new-conns-per-sec`):
+    /// dropped, also under the drop reason `new_conn_rate_limited`.
+    pub conntrack_guarded: u64,
+    /// Live entries evicted to make room.
+    pub conntrack_evicted: u64,
     /// Connections balanced (over the services).
     pub new_connections: u64,
     /// Frames handed to worker 0 (connection state).

@@ -4,7 +4,7 @@
 //! known. Expected frames are built with etherparse, independently of the
 //! rewrite code under test.
 
-use meshplane_dataplane::lb::conntrack::SECOND;
+use meshplane_dataplane::lb::conntrack::{CtState, SECOND};
 use meshplane_dataplane::packet::{DropReason as D, Frame, HEADROOM, Verdict};
 use meshplane_dataplane::pipeline::{WorkerState, process, process_general};
 use meshplane_dataplane::tables::{Tables, TablesSpec, UPLINK};
@@ -336,11 +336,17 @@ ip = "198.19.0.3"
 ip = "198.19.0.2"
 "#;
 
-fn mesh_tables() -> Tables {
-    let base = include_str!("../../examples/tables.toml").replace(
+/// The example tables with this node's address in network `app`
+/// (198.19.0.250), as the routing mesh needs.
+fn base_with_node_ip() -> String {
+    include_str!("../../examples/tables.toml").replace(
         "gateway_mac = \"02:42:c6:13:00:fe\"",
         "gateway_mac = \"02:42:c6:13:00:fe\"\nnode_ip = \"198.19.0.250\"",
-    );
+    )
+}
+
+fn mesh_tables() -> Tables {
+    let base = base_with_node_ip();
     let spec: TablesSpec = toml::from_str(&format!("{base}\n{MESH}")).expect("spec parses");
     Tables::compile(&spec).expect("tables compile")
 }
@@ -400,10 +406,7 @@ fn routing_mesh_nat_mode_keeps_source_ports_apart() {
     // One backend: two clients with the same source port must not share
     // this node's address and port toward it.
     let t = {
-        let base = include_str!("../../examples/tables.toml").replace(
-            "gateway_mac = \"02:42:c6:13:00:fe\"",
-            "gateway_mac = \"02:42:c6:13:00:fe\"\nnode_ip = \"198.19.0.250\"",
-        );
+        let base = base_with_node_ip();
         let svc = "[[service]]\nname = \"one\"\nprotocol = \"udp\"\nnetwork = \"app\"\ntarget_port = 53\npublished = [{ port = 30053 }]\n[[service.backend]]\nip = \"198.19.0.3\"\n";
         Tables::compile(&toml::from_str(&format!("{base}\n{svc}")).unwrap()).unwrap()
     };
@@ -490,25 +493,182 @@ fn routing_mesh_preserve_source_both_directions_and_both_nodes() {
 }
 
 #[test]
-fn flood_guard_balances_new_connections_without_tracking_them() {
-    // Above 3 new connections a second, Maglev still balances the next
-    // ones (the same choice it would make with state) but they are not
-    // inserted; connections already tracked are untouched.
-    let svc = WEB.replace("scheduler = \"rr\"", "scheduler = \"mh\"");
-    let t = tables_with(&svc);
+fn flood_guard_drops_new_connections_above_the_rate_and_counts_them() {
+    // Above 3 new connections a second the next ones are neither tracked
+    // nor balanced (a connection that is not tracked could not have its
+    // replies reversed): dropped, counted under their own reason;
+    // connections already tracked are untouched; the next second admits
+    // more.
+    let t = tables_with(WEB);
     let ct = meshplane_dataplane::lb::conntrack::CtConfig { capacity: 4096, max_new_per_sec: 3, ..Default::default() };
     let mut st = WorkerState::with_conntrack(t.ports.len(), ct);
     st.sync(&t);
-    let mut unguarded = WorkerState::for_tables(&t);
+    let mut verdicts = Vec::new();
     for sport in 41000..41010u16 {
-        let syn = tcp(GW_MAC, T1_MAC, T1, VIP, sport, 80, true);
-        let (v, out) = run(&t, &mut st, TASK1, &syn, 0);
-        assert!(matches!(v, Verdict::Tx(_)), "{v:?}");
-        assert_eq!((v, out), run(&t, &mut unguarded, TASK1, &syn, 0), "the same backend as with state");
+        verdicts.push(run(&t, &mut st, TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, sport, 80, true), 0).0);
     }
+    assert!(verdicts[..3].iter().all(|v| matches!(v, Verdict::Tx(_))), "{verdicts:?}");
+    assert!(verdicts[3..].iter().all(|v| *v == Verdict::Drop(D::NewConnRateLimited)), "{verdicts:?}");
     let s = st.lb.conntrack.stats;
     assert_eq!((s.inserted, s.guarded), (2 * 3, 7), "3 connections tracked (both directions), 7 not");
-    assert_eq!(st.lb.services[0].new_conns, 10);
+    assert_eq!(st.stats.dropped(D::NewConnRateLimited), 7);
+    assert_eq!(st.lb.services[0].new_conns, 3);
+    // A tracked connection goes on; a new one a second later is admitted.
+    assert!(matches!(run(&t, &mut st, TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, 41000, 80, false), 1).0, Verdict::Tx(_)));
+    assert!(matches!(
+        run(&t, &mut st, TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, 41005, 80, true), SECOND).0,
+        Verdict::Tx(_)
+    ));
+}
+
+/// A TCP reset (RST|ACK) frame.
+fn rst(dst: [u8; 6], src: [u8; 6], sip: [u8; 4], dip: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2(src, dst)
+        .ipv4(sip, dip, 64)
+        .tcp(sport, dport, 1, 0)
+        .rst()
+        .ack(1)
+        .write(&mut f, &[])
+        .unwrap();
+    f
+}
+
+/// The states of the live entries of `st`'s table at `now`.
+fn states(st: &WorkerState, now: u64) -> Vec<CtState> {
+    st.lb.conntrack.values(now).map(|v| v.state).collect()
+}
+
+#[test]
+fn an_untracked_segment_is_picked_up_unconfirmed_until_the_backend_answers() {
+    use meshplane_dataplane::lb::conntrack::CtState::{Established, Unconfirmed};
+    let t = mesh_tables();
+    let mut st = WorkerState::for_tables(&t);
+    // A mid-stream ACK of a connection the table does not know (nat mode):
+    // balanced (T3), both directions tracked, unconfirmed.
+    let ack = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40001, 30080, false);
+    let (v, out) = run(&t, &mut st, UPLINK, &ack, 0);
+    assert_eq!((v, out), (Verdict::Tx(TASK3), tcp(T3_MAC, NODE1_APP_MAC, NODE1_APP, T3, 40001, 8080, false)));
+    assert_eq!(states(&st, 0), [Unconfirmed, Unconfirmed]);
+    assert_eq!(st.lb.conntrack.stats.unconfirmed, 2);
+    // The backend does not know it and resets it: the reset reaches the
+    // client, the connection stays unconfirmed and is gone within seconds.
+    let reset = rst(NODE1_APP_MAC, T3_MAC, T3, NODE1_APP, 8080, 40001);
+    let (v, out) = run(&t, &mut st, TASK3, &reset, SECOND);
+    assert_eq!((v, out), (Verdict::Tx(UPLINK), rst(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 30080, 40001)));
+    assert_eq!(states(&st, SECOND), [Unconfirmed, Unconfirmed]);
+    assert!(states(&st, 7 * SECOND).is_empty(), "expired 5 s after the last segment");
+    // Another one the backend answers (a connection from before a
+    // restart): both entries confirmed, established, for 900 s.
+    let ack = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40002, 30080, false);
+    let (v, _) = run(&t, &mut st, UPLINK, &ack, 10 * SECOND);
+    assert_eq!(v, Verdict::Tx(UPLINK), "T2 on node 2 (round robin)");
+    let back = from_node2(&tcp(NODE1_APP_MAC, T2_MAC, T2, NODE1_APP, 8080, 40002, false));
+    let (v, out) = run(&t, &mut st, UPLINK, &back, 10 * SECOND);
+    assert_eq!((v, out), (Verdict::Tx(UPLINK), tcp(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 30080, 40002, false)));
+    assert_eq!(states(&st, 10 * SECOND), [Established, Established]);
+    assert_eq!(st.lb.conntrack.stats.confirmed, 1);
+    assert_eq!(states(&st, 10 * SECOND + 800 * SECOND), [Established, Established]);
+
+    // The same for a VIP: T1's mid-stream ACK to the VIP, T3's reply.
+    let t = tables_with(WEB);
+    let mut st = WorkerState::for_tables(&t);
+    let ack = tcp(GW_MAC, T1_MAC, T1, VIP, 41000, 80, false);
+    assert_eq!(run(&t, &mut st, TASK1, &ack, 0).0, Verdict::Tx(TASK3));
+    assert_eq!(states(&st, 0), [Unconfirmed, Unconfirmed]);
+    let reply = tcp(T1_MAC, T3_MAC, T3, T1, 8080, 41000, false);
+    let (v, out) = run(&t, &mut st, TASK3, &reply, 0);
+    assert_eq!((v, out), (Verdict::Tx(TASK1), tcp(T1_MAC, GW_MAC, VIP, T1, 80, 41000, false)));
+    assert_eq!(states(&st, 0), [Established, Established]);
+}
+
+/// Tables with one `nat` UDP or TCP service on port 30053 with one backend,
+/// T3.
+fn one_backend_nat(proto: &str) -> Tables {
+    let base = base_with_node_ip();
+    let svc = format!(
+        "[[service]]\nname = \"one\"\nprotocol = \"{proto}\"\nnetwork = \"app\"\ntarget_port = 53\npublished = [{{ port = 30053 }}]\n[[service.backend]]\nip = \"198.19.0.3\"\n"
+    );
+    Tables::compile(&toml::from_str(&format!("{base}\n{svc}")).unwrap()).unwrap()
+}
+
+#[test]
+fn nat_source_ports_one_client_holds_at_most_half_a_backends_pool() {
+    use meshplane_dataplane::lb::NAT_PORTS_PER_CLIENT;
+    let t = one_backend_nat("udp");
+    let ct =
+        meshplane_dataplane::lb::conntrack::CtConfig { capacity: 1 << 18, max_new_per_sec: 0, ..Default::default() };
+    let mut st = WorkerState::with_conntrack(t.ports.len(), ct);
+    st.sync(&t);
+    let udp = |src: [u8; 4], sport: u16| {
+        let mut f = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC)
+            .ipv4(src, NODE1, 64)
+            .udp(sport, 30053)
+            .write(&mut f, b"q")
+            .unwrap();
+        f
+    };
+    // (A flow whose entry a full bucket evicts gives its port back: count
+    // until the first refusal.)
+    let (client, backend) = (CLIENT.into(), T3.into());
+    let mut admitted = 0u32;
+    for sport in 1024..=u16::MAX {
+        match run(&t, &mut st, UPLINK, &udp(CLIENT, sport), 0).0 {
+            Verdict::Tx(TASK3) => admitted += 1,
+            v => {
+                assert_eq!(v, Verdict::Drop(D::NatClientLimit), "flow {sport}");
+                break;
+            }
+        }
+    }
+    assert!(admitted >= u32::from(NAT_PORTS_PER_CLIENT) && admitted < 64512, "{admitted}");
+    assert_eq!(st.lb.nat_ports_held(client, backend), NAT_PORTS_PER_CLIENT);
+    // The client's next flow is refused, counted; another client's is not.
+    assert_eq!(run(&t, &mut st, UPLINK, &udp(CLIENT, 60000), 0).0, Verdict::Drop(D::NatClientLimit));
+    assert_eq!(st.stats.dropped(D::NatClientLimit), 2);
+    assert_eq!(run(&t, &mut st, UPLINK, &udp([198, 18, 5, 6], 60000), 0).0, Verdict::Tx(TASK3));
+    // Ports come back to the client as its flows expire.
+    st.lb.sweep(400 * SECOND, usize::MAX);
+    assert_eq!(st.lb.nat_ports_held(client, backend), 0);
+    assert_eq!(run(&t, &mut st, UPLINK, &udp(CLIENT, 60000), 400 * SECOND).0, Verdict::Tx(TASK3));
+}
+
+#[test]
+fn nat_source_ports_held_by_unconfirmed_pickups_give_way() {
+    // A connection's candidate ports (its own, then 16 derived from it)
+    // all held by spoofed-looking pickups (one each from other sources):
+    // a real SYN takes the first, whose holder goes, both its entries.
+    let t = one_backend_nat("tcp");
+    let mut st = WorkerState::for_tables(&t);
+    let sport = 40000u16;
+    let candidates: Vec<u16> = std::iter::once(sport)
+        .chain((0..16u32).map(|i| 1024 + ((u32::from(sport) + i * 7919) % 64512) as u16))
+        .collect();
+    for (i, &p) in candidates.iter().enumerate() {
+        let src = [198, 18, 7, i as u8 + 1];
+        let ack = tcp(NODE1_MAC, CLIENT_MAC, src, NODE1, p, 30053, false);
+        let (v, out) = run(&t, &mut st, UPLINK, &ack, 0);
+        assert_eq!(v, Verdict::Tx(TASK3));
+        assert_eq!(u16::from_be_bytes([out[34], out[35]]), p, "the pickup holds its own port");
+    }
+    let held = st.lb.conntrack.len();
+    let syn = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, sport, 30053, true);
+    let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
+    assert_eq!((v, u16::from_be_bytes([out[34], out[35]])), (Verdict::Tx(TASK3), sport));
+    assert_eq!(st.lb.conntrack.len(), held, "the holder's two entries out, the new connection's two in");
+    // Its reply reaches the real client.
+    let reply = tcp(NODE1_APP_MAC, T3_MAC, T3, NODE1_APP, 53, sport, false);
+    let (v, out) = run(&t, &mut st, TASK3, &reply, 0);
+    assert_eq!((v, &out[30..34]), (Verdict::Tx(UPLINK), &CLIENT[..]));
+    // Confirmed holders do not give way: with every candidate of another
+    // port held by confirmed connections, a new one is refused.
+    let mut st = WorkerState::for_tables(&t);
+    for (i, &p) in candidates.iter().enumerate() {
+        let src = [198, 18, 7, i as u8 + 1];
+        run(&t, &mut st, UPLINK, &tcp(NODE1_MAC, CLIENT_MAC, src, NODE1, p, 30053, true), 0);
+    }
+    assert_eq!(run(&t, &mut st, UPLINK, &syn, 0).0, Verdict::Drop(D::NatPortsExhausted));
 }
 
 /// The reset a host's stack sends for a segment to a closed port: exact

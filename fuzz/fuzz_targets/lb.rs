@@ -86,7 +86,7 @@ fuzz_target!(|data: &[u8]| {
     // A small connection table, so that eviction happens too, and half the
     // time a flood guard of 4 new connections a second.
     let guard = if first & 0x80 != 0 { 4 } else { 0 };
-    let ct = CtConfig { capacity: 64, max_new_per_sec: guard, ..CtConfig::default() };
+    let ct = CtConfig { capacity: 64, max_new_per_sec: guard, seed: 1, ..CtConfig::default() };
     let mut st = WorkerState::with_conntrack(t.ports.len(), ct);
     st.sync(t);
     let mut now = 0u64;

@@ -93,6 +93,12 @@ pub(crate) struct RunArgs {
     /// Connection-table entries per worker.
     #[arg(long, default_value_t = 1 << 20)]
     pub(crate) conntrack: usize,
+    /// Flood guard: new connections a second the node tracks (worker 0
+    /// owns the connection state); more are dropped and counted
+    /// (`new_conn_rate_limited`). Pickups of TCP connections seen without
+    /// their SYN may use a quarter of it. 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = meshplane_dataplane::lb::conntrack::DEFAULT_MAX_NEW_PER_SEC)]
+    pub(crate) max_new_conns_per_sec: u32,
     /// Write the counters as JSON to this file every half second and at
     /// exit (written to a temporary file and renamed).
     #[arg(long)]

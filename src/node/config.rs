@@ -25,6 +25,7 @@ struct FileConfig {
     busy_poll: Option<bool>,
     state_dir: Option<PathBuf>,
     conntrack: Option<usize>,
+    max_new_conns_per_sec: Option<u32>,
     stats_file: Option<PathBuf>,
 }
 
@@ -52,6 +53,9 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
     a.state_dir = a.state_dir.or(f.state_dir);
     if let Some(c) = f.conntrack {
         a.conntrack = c;
+    }
+    if let Some(n) = f.max_new_conns_per_sec {
+        a.max_new_conns_per_sec = n;
     }
     a.stats_file = a.stats_file.or(f.stats_file);
     Ok(a)

@@ -65,6 +65,10 @@ fn worker_stats(r: &Report, t: &Tables) -> WorkerStats {
         passed: r.stats.as_ref().map_or(0, |s| s.passed),
         unbound: r.unbound,
         conntrack_entries: r.conntrack_len as u64,
+        conntrack_unconfirmed: r.conntrack.unconfirmed,
+        conntrack_confirmed: r.conntrack.confirmed,
+        conntrack_guarded: r.conntrack.guarded,
+        conntrack_evicted: r.conntrack.evicted,
         new_connections: r.services.iter().map(|s| s.new_conns).sum(),
         handed_off: r.handed_off,
         handed_in: r.handed_in,
@@ -160,5 +164,6 @@ fn state_name(s: CtState) -> &'static str {
         CtState::Established => "established",
         CtState::Fin => "fin_wait",
         CtState::Close => "close",
+        CtState::Unconfirmed => "unconfirmed",
     }
 }

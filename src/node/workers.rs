@@ -87,7 +87,11 @@ pub(crate) fn spawn_workers(
         let cfg = WorkerConfig {
             core: *core,
             busy_poll: a.busy_poll,
-            conntrack: meshplane_dataplane::lb::conntrack::CtConfig { capacity: a.conntrack, ..Default::default() },
+            conntrack: meshplane_dataplane::lb::conntrack::CtConfig {
+                capacity: a.conntrack,
+                max_new_per_sec: a.max_new_conns_per_sec,
+                ..Default::default()
+            },
             ..WorkerConfig::default()
         };
         let worker = Worker::new(k, ports, shared.clone(), cfg)?;

@@ -838,3 +838,5 @@ fn cluster_cli(io: Io) {
     cluster::cluster_on_the_lab(if io == Io::Tap { "tap" } else { "afxdp" });
 }
 both_backends!(cluster_cli: cluster_cli_afxdp, cluster_cli_tap);
+
+mod flood;

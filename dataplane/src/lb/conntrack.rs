@@ -11,10 +11,25 @@
 //! lookups and inserts, and by [`Conntrack::sweep`], which a worker calls
 //! between bursts with a small budget.
 //!
+//! Unconfirmed entries: a TCP segment without SYN of a connection the
+//! table does not know (a connection from before a restart, or a spoofed
+//! ACK) is picked up, as the kernel's `nf_conntrack_tcp_loose` does, but
+//! as [`CtState::Unconfirmed`]: a few seconds' timeout, promoted only when
+//! a reply-direction packet is seen ([`Conntrack::lookup_reply_probe`],
+//! [`Conntrack::confirm_probe`]; a reset from the backend, which is what
+//! it answers to a segment of a connection it does not have, does not
+//! promote), evicted before any confirmed entry whatever its age, and
+//! never evicting a confirmed entry itself (no room: not inserted,
+//! counted).
+//!
 //! Flood guard (Katran's): above a configured rate of new flows per second,
-//! new flows are still balanced (by the caller, with the Maglev table, which
-//! needs no state) but not inserted, so a SYN flood cannot evict the
-//! established connections. Counted.
+//! new flows are not inserted (the caller drops them, counted), so a flood
+//! cannot churn the table or evict established connections; pickups of
+//! unconfirmed connections get a quarter of the rate, so a flood of
+//! spoofed segments cannot starve real SYNs of it.
+//!
+//! The hash seed is random per process by default ([`CtConfig::default`]),
+//! so that nobody outside can aim flows at one bucket.
 
 use crate::wire::flow::hash2;
 use crate::wire::frame::Head;
@@ -69,6 +84,9 @@ pub enum CtState {
     Fin = 3,
     /// TCP: a RST seen.
     Close = 4,
+    /// TCP: picked up from a segment without SYN, no reply seen yet (see
+    /// the module's doc).
+    Unconfirmed = 5,
 }
 
 /// TCP flags the state machine reads.
@@ -271,6 +289,7 @@ fn state_of(bits: u64) -> CtState {
         1 => CtState::SynRecv,
         2 => CtState::Established,
         3 => CtState::Fin,
+        5 => CtState::Unconfirmed,
         _ => CtState::Close,
     }
 }
@@ -372,12 +391,34 @@ pub struct CtConfig {
     pub tcp_syn: u64,
     /// TCP after a RST (IPVS CLOSE: 10 s).
     pub tcp_close: u64,
+    /// TCP picked up without SYN, until a reply confirms it (5 s).
+    pub tcp_unconfirmed: u64,
     /// UDP (IPVS: 300 s).
     pub udp: u64,
-    /// Flood guard: new entries per second per worker; 0 for no limit.
+    /// Flood guard: new connections per second per worker; 0 for no
+    /// limit. Pickups of unconfirmed connections may use a quarter of it.
     pub max_new_per_sec: u32,
-    /// Hash seed.
+    /// Hash seed (random per process by default; tests that need the same
+    /// buckets every run set one).
     pub seed: u64,
+}
+
+/// The flood guard's default rate: new connections per second per worker
+/// (worker 0 owns the connection state, so per node). Far above what a
+/// node's backends accept (a busy nginx: tens of thousands a second),
+/// far below what fills the table: a flood of spoofed segments at the
+/// pickup share (a quarter) keeps at most about 2 x 12 500 x 5 s = 125 000
+/// unconfirmed entries, an eighth of the default table.
+pub const DEFAULT_MAX_NEW_PER_SEC: u32 = 50_000;
+
+/// A random 64-bit seed from the OS's random source (`getrandom`); if that
+/// fails (no such source: never on Linux), one from the clock and the
+/// process id, so the table still works.
+pub fn random_seed() -> u64 {
+    getrandom::u64().unwrap_or_else(|_| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        hash2(t, u64::from(std::process::id()), 0x7365_6564) as u64 | (t << 32)
+    })
 }
 
 impl Default for CtConfig {
@@ -388,9 +429,10 @@ impl Default for CtConfig {
             tcp_fin: 120 * SECOND,
             tcp_syn: 60 * SECOND,
             tcp_close: 10 * SECOND,
+            tcp_unconfirmed: 5 * SECOND,
             udp: 300 * SECOND,
-            max_new_per_sec: 0,
-            seed: 0x636f_6e6e_7472_6163, // "conntrac"
+            max_new_per_sec: DEFAULT_MAX_NEW_PER_SEC,
+            seed: random_seed(),
         }
     }
 }
@@ -405,6 +447,7 @@ impl CtConfig {
             CtState::Established => self.tcp_established,
             CtState::Fin => self.tcp_fin,
             CtState::Close => self.tcp_close,
+            CtState::Unconfirmed => self.tcp_unconfirmed,
         }
     }
 }
@@ -422,6 +465,13 @@ pub struct CtStats {
     pub guarded: u64,
     /// Entries removed by the caller.
     pub removed: u64,
+    /// Unconfirmed entries inserted (TCP picked up without SYN).
+    pub unconfirmed: u64,
+    /// Unconfirmed entries confirmed by a reply.
+    pub confirmed: u64,
+    /// Unconfirmed entries not inserted: their bucket held only live
+    /// confirmed entries.
+    pub no_room: u64,
 }
 
 /// What [`Conntrack::insert`] did.
@@ -434,6 +484,9 @@ pub enum Inserted {
     Evicted(CtValue),
     /// Not inserted: the flood guard is on.
     Guarded,
+    /// Not inserted: an unconfirmed entry whose bucket holds only live
+    /// confirmed entries (it never evicts one).
+    NoRoom,
 }
 
 /// A worker's connection table.
@@ -453,8 +506,9 @@ pub struct Conntrack {
     /// ahead than this is one that wrapped round (expired).
     max_timeout: u32,
     len: usize,
-    /// Flood guard window: its start and the inserts in it.
-    window: (u64, u32),
+    /// Flood guard window: its start, the inserts in it, and of those the
+    /// unconfirmed ones.
+    window: (u64, u32, u32),
     sweep_at: usize,
     /// Counters.
     pub stats: CtStats,
@@ -467,8 +521,8 @@ impl Conntrack {
         // One tick more than the timeout: the insert's own tick is
         // truncated, so an entry lives at least its timeout (and at most
         // two ticks longer).
-        // Indexed by a state's number in an entry (0-4; 5-7 as Close).
-        let timeouts = [0u64, 1, 2, 3, 4, 4, 4, 4].map(|n| {
+        // Indexed by a state's number in an entry (0-5; 6-7 as Close).
+        let timeouts = [0u64, 1, 2, 3, 4, 5, 4, 4].map(|n| {
             let t = cfg.timeout(state_of(n)).div_ceil(1 << TICK_SHIFT).clamp(1, u64::from(MAX_TIMEOUT_TICKS));
             t as u32 + 1
         });
@@ -480,7 +534,7 @@ impl Conntrack {
             timeouts,
             cfg,
             len: 0,
-            window: (0, 0),
+            window: (0, 0, 0),
             sweep_at: 0,
             stats: CtStats::default(),
         }
@@ -603,6 +657,34 @@ impl Conntrack {
     /// when there was none.
     #[inline(always)]
     pub fn lookup_probe(&mut self, p: &Probe, now: u64, tcp_flags: u8) -> Result<CtValue, Option<CtValue>> {
+        self.lookup_in::<false>(p, now, tcp_flags).map(|(v, _)| v)
+    }
+
+    /// [`Conntrack::lookup_probe`] of a reply-direction packet (from the
+    /// backend): an unconfirmed entry is confirmed by it, unless it is a
+    /// reset (what a backend answers a segment of a connection it does not
+    /// have), and takes the state of an established connection that saw
+    /// it. Also true if this confirmed the entry: the caller then confirms
+    /// the connection's other entry ([`Conntrack::confirm_probe`]).
+    #[inline(always)]
+    pub fn lookup_reply_probe(
+        &mut self,
+        p: &Probe,
+        now: u64,
+        tcp_flags: u8,
+    ) -> Result<(CtValue, bool), Option<CtValue>> {
+        self.lookup_in::<true>(p, now, tcp_flags)
+    }
+
+    /// The lookup of either direction (`REPLY`: a reply's, which may
+    /// confirm).
+    #[inline(always)]
+    fn lookup_in<const REPLY: bool>(
+        &mut self,
+        p: &Probe,
+        now: u64,
+        tcp_flags: u8,
+    ) -> Result<(CtValue, bool), Option<CtValue>> {
         let (t, max) = (tick(now), self.max_timeout);
         let Some(set) = self.entries.get_mut(p.at..p.at + WAYS) else { return Err(None) };
         for (w, e) in set.iter_mut().enumerate() {
@@ -616,17 +698,54 @@ impl Conntrack {
             // An established TCP connection stays so without SYN, FIN or
             // RST (what `next_state` says, decided in one test).
             use tcp_flags::{FIN, RST, SYN};
+            let mut confirmed = false;
             if p.proto == 6
                 && (e.k1 & STATE_BITS != (CtState::Established as u64) << SF_SHIFT
                     || tcp_flags & (SYN | FIN | RST) != 0)
             {
-                e.set_state(next_state(state_of(e.k1 >> SF_SHIFT), tcp_flags));
+                let s = state_of(e.k1 >> SF_SHIFT);
+                let next = if REPLY && s == CtState::Unconfirmed && tcp_flags & RST == 0 {
+                    confirmed = true;
+                    next_state(CtState::Established, tcp_flags)
+                } else {
+                    next_state(s, tcp_flags)
+                };
+                e.set_state(next);
             }
             e.expires = t.wrapping_add(self.timeouts[e.state_index()]);
             let (e, v) = (*e, e.value());
-            return Ok(self.mac_of(p.at + w, &e, v));
+            if confirmed {
+                self.stats.confirmed += 1;
+            }
+            return Ok((self.mac_of(p.at + w, &e, v), confirmed));
         }
         Err(None)
+    }
+
+    /// Confirms the probed key's live entry if it is unconfirmed: it takes
+    /// `state` (the state its connection's reply entry took, confirmed by
+    /// [`Conntrack::lookup_reply_probe`]) and that state's timeout from
+    /// `now`. True if it did.
+    pub fn confirm_probe(&mut self, p: &Probe, state: CtState, now: u64) -> bool {
+        let (t, max) = (tick(now), self.max_timeout);
+        let Some(i) = self.find(p) else { return false };
+        let timeout = self.timeouts[state as usize & 7];
+        match self.entries.get_mut(i) {
+            Some(e) if e.live(t, max) && e.state_index() == CtState::Unconfirmed as usize => {
+                e.set_state(state);
+                e.expires = t.wrapping_add(timeout);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The value of the probed key's live entry, if it has one (nothing is
+    /// refreshed).
+    pub fn peek_probe(&self, p: &Probe, now: u64) -> Option<CtValue> {
+        let i = self.find(p)?;
+        let e = self.entries.get(i)?;
+        e.live(tick(now), self.max_timeout).then(|| self.value_at(i, e))
     }
 
     /// Inserts the key `p` was made from (by this table's
@@ -659,28 +778,32 @@ impl Conntrack {
         guarded: bool,
         keep: usize,
     ) -> (Inserted, FlowKey, usize) {
+        let pickup = v.state == CtState::Unconfirmed;
         if guarded && self.cfg.max_new_per_sec > 0 {
+            let max = self.cfg.max_new_per_sec;
             if now.saturating_sub(self.window.0) >= SECOND {
-                self.window = (now, 0);
+                self.window = (now, 0, 0);
             }
-            if self.window.1 >= self.cfg.max_new_per_sec {
+            if self.window.1 >= max || (pickup && self.window.2 >= max.div_ceil(4)) {
                 self.stats.guarded += 1;
                 return (Inserted::Guarded, p.key(), usize::MAX);
             }
             self.window.1 += 1;
+            self.window.2 += u32::from(pickup);
         }
         debug_assert!(v.backend <= u32::from(u16::MAX) && v.flags & !FLAG_MASK == 0, "{v:?} fits an entry");
         let (t, max) = (tick(now), self.max_timeout);
         let entry = Entry::new(p, &v, t.wrapping_add(self.timeouts[v.state as usize & 7]));
-        let Some(set) = self.entries.get(p.at..p.at + WAYS) else { return (Inserted::Guarded, p.key(), usize::MAX) };
-        self.stats.inserted += 1;
+        let Some(set) = self.entries.get(p.at..p.at + WAYS) else { return (Inserted::NoRoom, p.key(), usize::MAX) };
         // The way to keep, if it is in this bucket (else WAYS: none).
         let keep = if keep == usize::MAX { WAYS } else { keep.wrapping_sub(p.at).min(WAYS) };
-        // The first way that is free or expired, else the one seen longest
-        // ago (its expiry less its state's timeout is when it was last
-        // seen; the first of those): one pass, stopping at the first
-        // usable way.
-        let (mut victim, mut oldest, mut fresh) = (usize::MAX, 0u32, false);
+        // The first way that is free or expired, else an unconfirmed one,
+        // else the one seen longest ago (its expiry less its state's
+        // timeout is when it was last seen; the first of those): one pass,
+        // stopping at the first usable way. The rank is the age, plus 2^32
+        // for an unconfirmed entry.
+        const UNCONFIRMED: u64 = 1 << 32;
+        let (mut victim, mut rank, mut fresh) = (usize::MAX, 0u64, false);
         for (i, e) in set.iter().enumerate() {
             if i == keep {
                 continue;
@@ -689,11 +812,21 @@ impl Conntrack {
                 (victim, fresh) = (i, true);
                 break;
             }
-            let age = t.wrapping_sub(e.expires.wrapping_sub(self.timeouts[e.state_index()]));
-            if victim == usize::MAX || age > oldest {
-                (victim, oldest) = (i, age);
+            let s = e.state_index();
+            let age = t.wrapping_sub(e.expires.wrapping_sub(self.timeouts[s]));
+            let r = u64::from(age) | if s == CtState::Unconfirmed as usize { UNCONFIRMED } else { 0 };
+            if victim == usize::MAX || r > rank {
+                (victim, rank) = (i, r);
             }
         }
+        if pickup && !fresh && rank < UNCONFIRMED {
+            // Only confirmed entries to evict: an unconfirmed entry never
+            // takes the place of one.
+            self.stats.no_room += 1;
+            return (Inserted::NoRoom, p.key(), usize::MAX);
+        }
+        self.stats.inserted += 1;
+        self.stats.unconfirmed += u64::from(pickup);
         // (A bucket has more than one way: some way other than `keep`.)
         let victim = victim.min(WAYS - 1);
         let at = p.at + victim;
@@ -756,16 +889,17 @@ impl Conntrack {
     /// (connection counts, drained backends) without a timer per entry, and
     /// so that no expired entry stays unvisited long enough for its 32-bit
     /// expiry to wrap round.
-    pub fn sweep(&mut self, now: u64, budget: usize, mut released: impl FnMut(CtValue)) {
+    pub fn sweep(&mut self, now: u64, budget: usize, mut released: impl FnMut(&FlowKey, CtValue)) {
         let n = self.entries.len();
         let (t, max) = (tick(now), self.max_timeout);
         for _ in 0..budget.min(n) {
             let i = self.sweep_at;
             self.sweep_at = if i + 1 == n { 0 } else { i + 1 };
-            if self.entries.get(i).is_some_and(|e| !e.live(t, max))
+            if let Some(e) = self.entries.get(i).copied()
+                && !e.live(t, max)
                 && let Some(v) = self.take(i)
             {
-                released(v);
+                released(&e.key(), v);
                 self.stats.expired += 1;
             }
         }
@@ -791,7 +925,13 @@ impl Conntrack {
 #[inline]
 pub fn next_state(s: CtState, flags: u8) -> CtState {
     use tcp_flags::*;
-    if flags & RST != 0 {
+    if s == CtState::Unconfirmed {
+        // Only a reply confirms it (`Conntrack::lookup_reply_probe`): no
+        // segment from the side that may be spoofing moves it to a state
+        // that lives longer, but a SYN, which opens the connection anew
+        // (as a SYN to an empty table would).
+        if flags & (SYN | ACK | RST) == SYN { CtState::SynRecv } else { s }
+    } else if flags & RST != 0 {
         CtState::Close
     } else if flags & FIN != 0 {
         CtState::Fin
@@ -1106,12 +1246,128 @@ mod tests {
         ct.insert(&FlowKey { proto: 17, ..key(1000) }, val(7, CtState::Udp), 200 * SECOND);
         let mut released = Vec::new();
         // Half the table per call; two calls cover it.
-        ct.sweep(301 * SECOND, ct.capacity() / 2, |v| released.push(v.backend));
-        ct.sweep(301 * SECOND, ct.capacity() / 2, |v| released.push(v.backend));
+        ct.sweep(301 * SECOND, ct.capacity() / 2, |_, v| released.push(v.backend));
+        ct.sweep(301 * SECOND, ct.capacity() / 2, |_, v| released.push(v.backend));
         released.sort_unstable();
         assert_eq!(released, (0..50).collect::<Vec<_>>());
         assert_eq!(ct.len(), 1);
         assert_eq!(ct.values(301 * SECOND).map(|v| v.backend).collect::<Vec<_>>(), [7]);
+    }
+
+    #[test]
+    fn an_unconfirmed_entry_expires_within_seconds_whatever_the_client_sends() {
+        const LATE: u64 = 2 << TICK_SHIFT;
+        let mut ct = small(64);
+        assert_eq!(ct.insert(&key(1), val(0, CtState::Unconfirmed), 0), Inserted::Fresh(None));
+        assert_eq!(ct.stats.unconfirmed, 1);
+        // Segments from the client side (ACK, FIN, RST) keep it unconfirmed,
+        // with its short timeout.
+        for (t, f) in [(SECOND, ACK), (2 * SECOND, FIN | ACK), (3 * SECOND, RST)] {
+            assert_eq!(ct.lookup(&key(1), t, f).map(|v| v.state), Some(CtState::Unconfirmed));
+        }
+        assert!(ct.contains(&key(1), 3 * SECOND + 5 * SECOND - 1));
+        assert!(!ct.contains(&key(1), 3 * SECOND + 5 * SECOND + LATE), "gone 5 s after its last segment");
+        // A SYN opens it anew.
+        ct.insert(&key(2), val(0, CtState::Unconfirmed), 0);
+        assert_eq!(ct.lookup(&key(2), 1, SYN).map(|v| v.state), Some(CtState::SynRecv));
+    }
+
+    #[test]
+    fn a_reply_confirms_an_unconfirmed_entry_but_a_reset_does_not() {
+        let mut ct = small(64);
+        let (fwd, reply) = (key(1), key(2));
+        ct.insert(&fwd, val(0, CtState::Unconfirmed), 0);
+        ct.insert(&reply, val(0, CtState::Unconfirmed), 0);
+        let rp = ct.probe(&reply);
+        // The backend's reset: still unconfirmed, nothing to confirm.
+        assert_eq!(ct.lookup_reply_probe(&rp, SECOND, RST | ACK), Ok((val(0, CtState::Unconfirmed), false)));
+        // Its ACK: established, and the caller confirms the forward entry.
+        assert_eq!(ct.lookup_reply_probe(&rp, 2 * SECOND, ACK), Ok((val(0, CtState::Established), true)));
+        assert_eq!(ct.stats.confirmed, 1);
+        assert!(ct.confirm_probe(&ct.probe(&fwd), CtState::Established, 2 * SECOND));
+        assert!(!ct.confirm_probe(&ct.probe(&fwd), CtState::Established, 2 * SECOND), "once");
+        // Both now live as established connections do.
+        for k in [fwd, reply] {
+            assert!(ct.contains(&k, 2 * SECOND + 899 * SECOND), "{k:?}");
+        }
+        assert_eq!(ct.lookup(&fwd, 3 * SECOND, ACK).map(|v| v.state), Some(CtState::Established));
+        // A forward lookup never confirms.
+        ct.insert(&key(3), val(0, CtState::Unconfirmed), 0);
+        assert_eq!(ct.lookup(&key(3), 1, ACK).map(|v| v.state), Some(CtState::Unconfirmed));
+    }
+
+    #[test]
+    fn unconfirmed_entries_are_evicted_first_and_never_evict_confirmed_ones() {
+        const T: u64 = 1 << TICK_SHIFT;
+        let mut ct = small(WAYS);
+        // Four old confirmed connections, four newer unconfirmed ones.
+        for i in 0..4u32 {
+            ct.insert(&key(i), val(i, CtState::Established), T);
+        }
+        for i in 4..8u32 {
+            ct.insert(&key(i), val(i, CtState::Unconfirmed), (10 + u64::from(i)) * T);
+        }
+        // A new connection takes the oldest unconfirmed way, though every
+        // confirmed entry was seen longer ago.
+        assert_eq!(
+            ct.insert(&key(20), val(20, CtState::SynRecv), 20 * T),
+            Inserted::Evicted(val(4, CtState::Unconfirmed))
+        );
+        // So does a new unconfirmed one.
+        assert_eq!(
+            ct.insert(&key(21), val(21, CtState::Unconfirmed), 20 * T),
+            Inserted::Evicted(val(5, CtState::Unconfirmed))
+        );
+        for i in 0..4 {
+            assert!(ct.contains(&key(i), 20 * T), "confirmed {i} kept");
+        }
+        // A bucket of confirmed entries only: an unconfirmed one finds no
+        // room (counted), a SYN still evicts the least recently seen.
+        let mut full = small(WAYS);
+        for i in 0..WAYS as u32 {
+            full.insert(&key(i), val(i, CtState::Established), T);
+        }
+        assert_eq!(full.insert(&key(30), val(30, CtState::Unconfirmed), 2 * T), Inserted::NoRoom);
+        assert_eq!((full.len(), full.stats.no_room, full.stats.evicted), (WAYS, 1, 0));
+        assert!(matches!(full.insert(&key(31), val(31, CtState::SynRecv), 2 * T), Inserted::Evicted(_)));
+    }
+
+    #[test]
+    fn flood_guard_gives_pickups_a_quarter_of_the_rate() {
+        let cfg = CtConfig { capacity: 4096, max_new_per_sec: 100, ..CtConfig::default() };
+        let mut ct = Conntrack::new(cfg);
+        let (mut admitted, mut guarded) = (0, 0);
+        for i in 0..100 {
+            match ct.insert(&key(i), val(0, CtState::Unconfirmed), 1000 + u64::from(i)) {
+                Inserted::Guarded => guarded += 1,
+                _ => admitted += 1,
+            }
+        }
+        assert_eq!((admitted, guarded, ct.stats.guarded), (25, 75, 75));
+        // SYNs still have the rest of the second's budget.
+        for i in 100..175 {
+            assert_eq!(ct.insert(&key(i), val(0, CtState::SynRecv), 2000), Inserted::Fresh(None), "{i}");
+        }
+        assert_eq!(ct.insert(&key(175), val(0, CtState::SynRecv), 2000), Inserted::Guarded);
+        // On by default, and 0 turns it off.
+        assert_eq!(CtConfig::default().max_new_per_sec, DEFAULT_MAX_NEW_PER_SEC);
+        let mut off = Conntrack::new(CtConfig { max_new_per_sec: 0, ..cfg });
+        for i in 0..1000 {
+            assert_ne!(off.insert(&key(i), val(0, CtState::Unconfirmed), 0), Inserted::Guarded);
+        }
+    }
+
+    #[test]
+    fn the_default_hash_seed_is_random_per_table() {
+        let (a, b) = (CtConfig::default(), CtConfig::default());
+        assert_ne!(a.seed, b.seed);
+        let (ta, tb) =
+            (Conntrack::new(CtConfig { capacity: 1 << 12, ..a }), Conntrack::new(CtConfig { capacity: 1 << 12, ..b }));
+        let same = (0..1000).filter(|&i| ta.probe(&key(i)).at == tb.probe(&key(i)).at).count();
+        assert!(same < 20, "{same} of 1000 keys in the same bucket in both tables");
+        // An explicit seed gives the same buckets every time.
+        let (c, d) = (Conntrack::new(CtConfig { seed: 7, ..ta.cfg }), Conntrack::new(CtConfig { seed: 7, ..tb.cfg }));
+        assert!((0..1000).all(|i| c.probe(&key(i)).at == d.probe(&key(i)).at));
     }
 
     #[test]
@@ -1125,5 +1381,9 @@ mod tests {
         assert_eq!(next_state(Fin, SYN), SynRecv, "port reuse starts over");
         assert_eq!(next_state(Established, RST), Close);
         assert_eq!(next_state(Close, ACK), Close);
+        for f in [ACK, FIN | ACK, RST, RST | ACK, SYN | ACK, 0] {
+            assert_eq!(next_state(Unconfirmed, f), Unconfirmed, "flags {f:#x}");
+        }
+        assert_eq!(next_state(Unconfirmed, SYN), SynRecv);
     }
 }

@@ -90,13 +90,77 @@ pub struct LbState {
     sched: Vec<SchedState>,
     /// Counters, by service index.
     pub services: Vec<ServiceStats>,
+    /// `nat` source ports held, per client and backend address.
+    nat: NatShares,
+}
+
+/// `nat` mode's source ports on this node's address: each backend address
+/// has its own pool (a port is unique only together with the backend's
+/// address and port, the reply's source), of which one client address
+/// holds at most [`NAT_PORTS_PER_CLIENT`] at once, counted here per
+/// (client, backend) address pair: in a fixed array indexed by a hash of
+/// the pair, seeded with the connection table's random seed (pairs that
+/// share a slot share its count; nobody outside can choose to share one).
+#[derive(Debug, Clone)]
+struct NatShares {
+    held: Vec<u16>,
+    seed: u64,
+}
+
+/// Slots of [`NatShares`] (a power of two).
+const NAT_SHARE_SLOTS: usize = 1 << 14;
+
+/// Ports of the `nat` pool: 1024-65535.
+const NAT_POOL: u16 = 64512;
+
+/// The most `nat` source ports one client address holds toward one backend
+/// address at once: half the backend's pool, so that no client can take
+/// all of it (a real client's own ephemeral range, 28 232 ports on Linux,
+/// fits under it).
+pub const NAT_PORTS_PER_CLIENT: u16 = NAT_POOL / 2;
+
+impl NatShares {
+    fn new(seed: u64) -> NatShares {
+        NatShares { held: vec![0; NAT_SHARE_SLOTS], seed: seed ^ 0x6e61_7473_6861_7265 }
+    }
+
+    /// The slot of a client and backend address.
+    #[inline(always)]
+    fn slot(&self, client: u32, backend: u32) -> usize {
+        flow::hash2(self.seed, (u64::from(client) << 32) | u64::from(backend), 0) as usize & (NAT_SHARE_SLOTS - 1)
+    }
+
+    /// Ports the client holds toward the backend (with the pairs that share
+    /// its slot).
+    fn held(&self, client: u32, backend: u32) -> u16 {
+        self.held.get(self.slot(client, backend)).copied().unwrap_or(0)
+    }
+
+    /// One more (`true`) or one fewer held.
+    fn count(&mut self, client: u32, backend: u32, more: bool) {
+        let i = self.slot(client, backend);
+        if let Some(n) = self.held.get_mut(i) {
+            *n = if more { n.saturating_add(1) } else { n.saturating_sub(1) };
+        }
+    }
 }
 
 impl LbState {
     /// State with a connection table of `cfg`, for no services yet (see
     /// [`LbState::sync`]).
     pub fn new(cfg: CtConfig) -> Self {
-        LbState { conntrack: Conntrack::new(cfg), sched: Vec::new(), services: Vec::new() }
+        LbState {
+            conntrack: Conntrack::new(cfg),
+            sched: Vec::new(),
+            services: Vec::new(),
+            nat: NatShares::new(cfg.seed),
+        }
+    }
+
+    /// The `nat` source ports a client address holds toward a backend
+    /// address on this worker (diagnostics, tests).
+    pub fn nat_ports_held(&self, client: Ipv4Addr, backend: Ipv4Addr) -> u16 {
+        self.nat.held(u32::from(client), u32::from(backend))
     }
 
     /// Sizes the per-service state for `t` (when a worker starts or picks
@@ -111,9 +175,10 @@ impl LbState {
         }
     }
 
-    /// Releases what a tracked connection held (its backend's load).
-    pub(crate) fn release(&mut self, v: CtValue) {
-        release(&mut self.services, v);
+    /// Releases what a tracked connection's entry (key `k`, value `v`)
+    /// held (its backend's load, its `nat` port).
+    pub(crate) fn release(&mut self, k: &FlowKey, v: CtValue) {
+        release(&mut self.services, &mut self.nat, k, v);
     }
 
     /// The live entry of a probed key, refreshed (see
@@ -125,11 +190,52 @@ impl LbState {
             Ok(v) => Some(v),
             Err(old) => {
                 if let Some(old) = old {
-                    self.release(old);
+                    self.release(&p.key(), old);
                 }
                 None
             }
         }
+    }
+
+    /// [`LbState::lookup`] of a reply-direction packet's entry
+    /// (`Conntrack::lookup_reply_probe`): a reply confirms an unconfirmed
+    /// connection, both its entries (`data_ip`: this node's data-path
+    /// address, the routing mesh's forward entries' destination).
+    #[inline(always)]
+    fn lookup_reply(&mut self, p: &conntrack::Probe, now: u64, flags: u8, data_ip: Ipv4Addr) -> Option<CtValue> {
+        match self.conntrack.lookup_reply_probe(p, now, flags) {
+            Ok((v, confirmed)) => {
+                if confirmed && v.flags & CT_REPLY != 0 {
+                    self.confirm_forward(&p.key(), &v, data_ip, now);
+                }
+                Some(v)
+            }
+            Err(old) => {
+                if let Some(old) = old {
+                    self.release(&p.key(), old);
+                }
+                None
+            }
+        }
+    }
+
+    /// Confirms the forward entry of the connection whose reply entry (key
+    /// `k`, value `v`) a reply just confirmed, with the state the reply
+    /// entry took. A `preserve-source` return entry (at the task's node)
+    /// has none here.
+    #[inline(never)] // once a connection
+    fn confirm_forward(&mut self, k: &FlowKey, v: &CtValue, data_ip: Ipv4Addr, now: u64) {
+        let fk = if v.flags & CT_PS_RETURN != 0 {
+            return;
+        } else if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 {
+            // From the client (`peer`:`port`) to the published port.
+            FlowKey { src: v.peer, dst: u32::from(data_ip), sport: v.port, dport: v.port2, proto: k.proto }
+        } else {
+            // From the client (the reply's destination) to the VIP.
+            FlowKey { src: k.dst, dst: v.peer, sport: k.dport, dport: v.port, proto: k.proto }
+        };
+        let fp = self.conntrack.probe_in(&fk, Bucket::Src);
+        self.conntrack.confirm_probe(&fp, v.state, now);
     }
 
     /// Inserts an entry for a probed key (through the flood guard, or not),
@@ -137,8 +243,8 @@ impl LbState {
     /// `keep` alone (see `Conntrack::insert_keeping`). A live entry it
     /// evicts takes the other half of its connection with it when that
     /// half shares its bucket, so that no connection is left tracked in one
-    /// direction only. The new entry's index, or `None` if the guard
-    /// refused it.
+    /// direction only. The new entry's index, or why it was not inserted:
+    /// the flood guard refused it, or an unconfirmed entry found no room.
     #[inline(always)]
     fn insert_probe(
         &mut self,
@@ -147,30 +253,31 @@ impl LbState {
         now: u64,
         guarded: bool,
         keep: usize,
-    ) -> Option<usize> {
+    ) -> Result<usize, DropReason> {
         let (r, old_key, at) = self.conntrack.insert_keeping(p, v, now, guarded, keep);
         match r {
-            Inserted::Guarded => return None,
+            Inserted::Guarded => return Err(DropReason::NewConnRateLimited),
+            Inserted::NoRoom => return Err(DropReason::UnconfirmedNoRoom),
             Inserted::Fresh(None) => {}
-            Inserted::Fresh(Some(old)) => self.release(old),
+            Inserted::Fresh(Some(old)) => self.release(&old_key, old),
             Inserted::Evicted(old) => {
-                self.release(old);
+                self.release(&old_key, old);
                 if let Some(pp) = partner(&self.conntrack, &old_key, &old)
                     && pp.key() != p.key()
                     && let Some(v) = self.conntrack.evict_probe(&pp, now)
                 {
-                    self.release(v);
+                    self.release(&pp.key(), v);
                 }
             }
         }
-        Some(at)
+        Ok(at)
     }
 
     /// Frees expired connections among the next `budget` entries (a
     /// worker calls this between bursts), releasing their backends.
     pub fn sweep(&mut self, now: u64, budget: usize) {
-        let LbState { conntrack, services, .. } = self;
-        conntrack.sweep(now, budget, |v| release(services, v));
+        let LbState { conntrack, services, nat, .. } = self;
+        conntrack.sweep(now, budget, |k, v| release(services, nat, k, v));
     }
 }
 
@@ -197,13 +304,17 @@ fn partner(ct: &Conntrack, k: &FlowKey, v: &CtValue) -> Option<conntrack::Probe>
     }
 }
 
-/// Releases what a tracked connection held: its backend's load (the
-/// forward entry holds it; the reply entry holds nothing).
-fn release(services: &mut [ServiceStats], v: CtValue) {
-    if v.flags & CT_REPLY == 0
-        && let Some(b) = services.get_mut(v.service as usize).and_then(|s| s.backends.get_mut(v.backend as usize))
-    {
-        b.active = b.active.saturating_sub(1);
+/// Releases what a tracked connection's entry (key `k`, value `v`) held:
+/// its backend's load (the forward entry holds it), its `nat` source port
+/// (the reply entry of a `nat` connection, from the backend `k.src` to
+/// this node, holds it for the client `v.peer`).
+fn release(services: &mut [ServiceStats], nat: &mut NatShares, k: &FlowKey, v: CtValue) {
+    if v.flags & CT_REPLY == 0 {
+        if let Some(b) = services.get_mut(v.service as usize).and_then(|s| s.backends.get_mut(v.backend as usize)) {
+            b.active = b.active.saturating_sub(1);
+        }
+    } else if v.flags & CT_MESH_NAT != 0 {
+        nat.count(v.peer, k.src, false);
     }
 }
 
@@ -262,7 +373,7 @@ fn connection(
     svc: u32,
     p: &Packet,
     found: Option<CtValue>,
-    fwd: impl FnOnce(&service::Backend, CtValue, &Conntrack) -> Result<CtValue, DropReason>,
+    fwd: impl FnOnce(&service::Backend, CtValue, &mut LbState) -> Result<CtValue, DropReason>,
     rev: impl FnOnce(&service::Backend, &CtValue) -> (FlowKey, CtValue),
 ) -> Result<(u32, CtValue), DropReason> {
     let (key, flags, now) = (&p.key, p.flags, p.now);
@@ -278,17 +389,18 @@ fn connection(
             // Tracked, but its backend is gone (or the key is another
             // entry's): replace it rather than track the key twice.
             let p = lb.conntrack.probe_in(key, Bucket::Src);
-            lb.conntrack.remove_probe(&p);
-            lb.release(stale);
+            if lb.conntrack.remove_probe(&p).is_some() {
+                lb.release(key, stale);
+            }
         }
         None => {}
     }
     let (b, base) = schedule(lb, s, svc, key, flags, None)?;
     let be = &s.backends[b as usize];
-    let f = fwd(be, base, &lb.conntrack)?;
+    let f = fwd(be, base, lb)?;
     let fp = lb.conntrack.probe_in(key, Bucket::Src);
     let (rk, rv) = rev(be, &f);
-    track(lb, svc, b, &fp, f, &rk, rv, now);
+    track(lb, svc, b, &fp, f, &rk, rv, now)?;
     Ok((b, f))
 }
 
@@ -320,23 +432,44 @@ fn schedule(
     };
     let b = b.ok_or(DropReason::NoBackend)?;
     let be = s.backends.get(b).ok_or(DropReason::NoBackend)?;
-    // A SYN opens; a segment of a connection the table lost (a restart, an
-    // eviction) is taken as established, as IPVS's sloppy TCP does.
-    let state = if key.proto == protocol::TCP { conntrack::next_state(CtState::SynRecv, flags) } else { CtState::Udp };
+    // A SYN opens; a segment of a connection the table does not know (lost
+    // in a restart or an eviction, or spoofed) is picked up unconfirmed,
+    // until the backend answers (see `conntrack`).
+    let state = if key.proto == protocol::TCP { opening_state(flags) } else { CtState::Udp };
     let b = b as u32;
     Ok((b, CtValue { service: svc, backend: b, peer: u32::from(be.ip), port: be.port, state, ..CtValue::ZERO }))
+}
+
+/// The state of a new TCP connection's entries, from its first segment's
+/// flags: a SYN (without ACK) opens it; anything else is picked up
+/// unconfirmed.
+#[inline(always)]
+fn opening_state(flags: u8) -> CtState {
+    use conntrack::tcp_flags::{ACK, RST, SYN};
+    if flags & (SYN | ACK | RST) == SYN { CtState::SynRecv } else { CtState::Unconfirmed }
 }
 
 /// Tracks a new connection to backend `b` of service `svc`: the forward
 /// entry `f` under the probed key `fp` through the flood guard, and only
 /// if it is admitted the reply entry `rk` → `rv` (a connection is tracked
-/// in both directions or not at all) and the backend's load; counts the
-/// new connection either way.
+/// in both directions or not at all), the backend's load and the new
+/// connection. A connection not tracked is not balanced either: the
+/// caller drops its packet (why: the guard, or no room for an
+/// unconfirmed connection).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn track(lb: &mut LbState, svc: u32, b: u32, fp: &conntrack::Probe, f: CtValue, rk: &FlowKey, rv: CtValue, now: u64) {
+fn track(
+    lb: &mut LbState,
+    svc: u32,
+    b: u32,
+    fp: &conntrack::Probe,
+    f: CtValue,
+    rk: &FlowKey,
+    rv: CtValue,
+    now: u64,
+) -> Result<(), DropReason> {
     let rp = lb.conntrack.probe_in(rk, reply_bucket(rv.flags));
-    track_probed(lb, svc, b, fp, f, &rp, rv, now);
+    track_probed(lb, svc, b, fp, f, &rp, rv, now)
 }
 
 /// [`track`] of a probed reply key.
@@ -351,21 +484,29 @@ fn track_probed(
     rp: &conntrack::Probe,
     rv: CtValue,
     now: u64,
-) {
-    if let Some(at) = lb.insert_probe(fp, f, now, true, usize::MAX) {
-        // The reply may go in the same bucket: it must not evict the
-        // forward entry just made.
-        lb.insert_probe(rp, rv, now, false, at);
-        if let Some(bs) = lb.services.get_mut(svc as usize).and_then(|x| x.backends.get_mut(b as usize)) {
-            bs.active += 1;
+) -> Result<(), DropReason> {
+    let at = lb.insert_probe(fp, f, now, true, usize::MAX)?;
+    // The reply may go in the same bucket: it must not evict the forward
+    // entry just made.
+    if let Err(e) = lb.insert_probe(rp, rv, now, false, at) {
+        // (Only an unconfirmed reply entry finds no room.) Both
+        // directions or neither.
+        if let Some(v) = lb.conntrack.remove_probe(fp) {
+            lb.release(&fp.key(), v);
         }
+        return Err(e);
+    }
+    if rv.flags & CT_MESH_NAT != 0 {
+        lb.nat.count(rv.peer, rp.key().src, true);
     }
     if let Some(x) = lb.services.get_mut(svc as usize) {
         x.new_conns += 1;
         if let Some(bs) = x.backends.get_mut(b as usize) {
             bs.new_conns += 1;
+            bs.active += 1;
         }
     }
+    Ok(())
 }
 
 /// The hash `mh` reads for a new connection of `key`: of the 5-tuple.
@@ -522,7 +663,7 @@ pub(crate) fn open_vip(
     // The reply (from the backend to the client) goes in the forward
     // entry's bucket: the same probe but for the key, no hash.
     let rp = fp.reply_from(f.peer, f.port);
-    track_probed(lb, svc, b, &fp, f, &rp, vip_reply_value(vip, &f), now);
+    track_probed(lb, svc, b, &fp, f, &rp, vip_reply_value(vip, &f), now)?;
     Ok(b)
 }
 
@@ -611,18 +752,8 @@ fn client_inner(
         svc,
         &Packet { key, flags, now },
         found,
-        |be, f, ct| {
-            let mut port = key.sport;
-            if nat_mode {
-                let taken = |p: u16| {
-                    let rk = FlowKey { src: u32::from(be.ip), dst: node, sport: be.port, dport: p, proto: key.proto };
-                    ct.contains_probe(&ct.probe_in(&rk, Bucket::Tuple), now)
-                };
-                let mut tries = (0..16u32).map(|i| 1024 + ((u32::from(key.sport) + i * 7919) % 64512) as u16);
-                if taken(port) {
-                    port = tries.find(|&p| !taken(p)).ok_or(D::NatPortsExhausted)?;
-                }
-            }
+        |be, f, lb| {
+            let port = if nat_mode { nat_port(lb, &key, be, node, t.data_ip, now)? } else { key.sport };
             let flags = if nat_mode { CT_MESH_NAT } else { CT_MESH_PS };
             Ok(CtValue { port2: port, mac: client_mac, flags, ..f })
         },
@@ -645,6 +776,59 @@ fn client_inner(
     Ok(Next::Switch { net: s.net, dst: be.mac })
 }
 
+/// Candidate `nat` source ports a connection tries: its client's own port
+/// first, then ports derived from it.
+const NAT_TRIES: u32 = 16;
+
+/// A source port on this node's address `node` (in the service's network)
+/// for a new `nat` connection of `key` to backend `be`, from the backend's
+/// pool (see [`NatShares`]): the client's own port if it is free toward
+/// this backend, else the first free of a few derived from it; if none is
+/// free, one held by a connection no reply has confirmed (an unconfirmed
+/// pickup, perhaps spoofed), which gives way, both its entries
+/// (`data_ip`: the published address, its forward entry's destination).
+/// Refused (counted drops) when the client already holds its share, or
+/// every candidate is held by a confirmed connection.
+fn nat_port(
+    lb: &mut LbState,
+    key: &FlowKey,
+    be: &service::Backend,
+    node: u32,
+    data_ip: Ipv4Addr,
+    now: u64,
+) -> Result<u16, DropReason> {
+    let backend = u32::from(be.ip);
+    if lb.nat.held(key.src, backend) >= NAT_PORTS_PER_CLIENT {
+        return Err(DropReason::NatClientLimit);
+    }
+    let probe = |ct: &Conntrack, p: u16| {
+        let rk = FlowKey { src: backend, dst: node, sport: be.port, dport: p, proto: key.proto };
+        ct.probe_in(&rk, Bucket::Tuple)
+    };
+    let derived = (0..NAT_TRIES).map(|i| 1024 + ((u32::from(key.sport) + i * 7919) % u32::from(NAT_POOL)) as u16);
+    let mut unconfirmed = None;
+    for port in core::iter::once(key.sport).chain(derived) {
+        let rp = probe(&lb.conntrack, port);
+        match lb.conntrack.peek_probe(&rp, now) {
+            None => return Ok(port),
+            Some(v) if v.state == CtState::Unconfirmed && unconfirmed.is_none() => unconfirmed = Some((port, rp)),
+            Some(_) => {}
+        }
+    }
+    let (port, rp) = unconfirmed.ok_or(DropReason::NatPortsExhausted)?;
+    if let Some(v) = lb.conntrack.evict_probe(&rp, now) {
+        lb.release(&rp.key(), v);
+        let fk = FlowKey { src: v.peer, dst: u32::from(data_ip), sport: v.port, dport: v.port2, proto: key.proto };
+        let fp = lb.conntrack.probe_in(&fk, Bucket::Src);
+        if lb.conntrack.peek_probe(&fp, now).is_some_and(|f| f.flags & CT_MESH_NAT != 0 && f.port2 == port)
+            && let Some(f) = lb.conntrack.evict_probe(&fp, now)
+        {
+            lb.release(&fk, f);
+        }
+    }
+    Ok(port)
+}
+
 /// A frame of network `net` to this node's own MAC there: the reply
 /// direction of a routing-mesh connection (in `nat` mode to this node's
 /// address; in `preserve-source` mode returned by the task's node). The
@@ -659,15 +843,17 @@ pub(crate) fn to_node(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, l
     // whole tuple); a `preserve-source` one to the client.
     let node_ip = t.networks.get(usize::from(net)).and_then(|n| n.node_ip);
     let by = if node_ip == Some(Ipv4Addr::from(key.dst)) { Bucket::Tuple } else { Bucket::Dst };
-    match reply_entry(lb, &key, by, flags, now) {
+    match reply_entry(lb, &key, by, flags, now, t) {
         Some(v) if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 => verdict(to_client(frame, &v, t)),
         _ => Verdict::Drop(DropReason::NoConnection),
     }
 }
 
-/// The tracked reply entry of `key` (in the bucket `by` chooses), if any.
-fn reply_entry(lb: &mut LbState, key: &FlowKey, by: Bucket, flags: u8, now: u64) -> Option<CtValue> {
-    lb.lookup(&lb.conntrack.probe_in(key, by), now, flags).filter(|v| v.flags & CT_REPLY != 0)
+/// The tracked reply entry of `key` (in the bucket `by` chooses), if any;
+/// a reply confirms an unconfirmed connection (`LbState::lookup_reply`).
+#[inline(always)]
+fn reply_entry(lb: &mut LbState, key: &FlowKey, by: Bucket, flags: u8, now: u64, t: &Tables) -> Option<CtValue> {
+    lb.lookup_reply(&lb.conntrack.probe_in(key, by), now, flags, t.data_ip).filter(|v| v.flags & CT_REPLY != 0)
 }
 
 /// The bucket of a reply entry with `flags`: a connection's reply shares
@@ -698,7 +884,7 @@ fn to_client(frame: &mut Frame<'_>, v: &CtValue, t: &Tables) -> Result<Verdict, 
 /// `None`: not a tracked reply (no route).
 pub(crate) fn routed(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState) -> Option<Next> {
     let (key, flags) = tuple(frame.data())?;
-    let v = reply_entry(lb, &key, Bucket::Dst, flags, now)?;
+    let v = reply_entry(lb, &key, Bucket::Dst, flags, now, t)?;
     Some(if v.flags & CT_MESH_PS != 0 {
         Next::Done(verdict(to_client(frame, &v, t)))
     } else if v.flags & CT_PS_RETURN != 0 {
@@ -746,15 +932,17 @@ pub(crate) fn on_delivery(
             let v = CtValue {
                 peer: u32::from(vtep),
                 mac,
-                state: if key.proto == protocol::TCP { CtState::Established } else { CtState::Udp },
+                state: if key.proto == protocol::TCP { opening_state(flags) } else { CtState::Udp },
                 flags: CT_REPLY | CT_PS_RETURN,
                 ..CtValue::ZERO
             };
-            lb.insert_probe(&rp, v, now, true, usize::MAX);
+            // Not tracked (the guard, no room): the task's replies find no
+            // way back and are dropped, counted, where they come out.
+            let _ = lb.insert_probe(&rp, v, now, true, usize::MAX);
         }
         return true;
     }
-    let Some(v) = reply_entry(lb, &key, Bucket::Dst, flags, now) else { return true };
+    let Some(v) = reply_entry(lb, &key, Bucket::Dst, flags, now, t) else { return true };
     if v.flags & (CT_MESH_NAT | CT_MESH_PS | CT_PS_RETURN) != 0 {
         return true;
     }
@@ -804,7 +992,7 @@ mod tests {
                 4 => 11 * ms,
                 _ => 10 * ms,
             };
-            track_probed(&mut lb, i, 0, &fp, f, &rp, r, at);
+            assert!(track_probed(&mut lb, i, 0, &fp, f, &rp, r, at).is_ok());
             if i == 3 {
                 let (_, _, r0, _) = conn(0);
                 assert!(lb.lookup(&lb.conntrack.probe_in(&r0, Bucket::Dst), 11 * ms, 0x10).is_some());
@@ -829,12 +1017,12 @@ mod tests {
         for i in 0..4 {
             let (fk, f, rk, r) = conn(i);
             let fp = lb.conntrack.probe_in(&fk, Bucket::Src);
-            track_probed(&mut lb, i, 0, &fp, f, &fp.reply_from(rk.src, rk.sport), r, 0);
+            assert!(track_probed(&mut lb, i, 0, &fp, f, &fp.reply_from(rk.src, rk.sport), r, 0).is_ok());
         }
         let (fk, f, rk, r) = conn(9);
         let fp = lb.conntrack.probe_in(&fk, Bucket::Src);
         let rp = fp.reply_from(rk.src, rk.sport);
-        track_probed(&mut lb, 9, 0, &fp, f, &rp, r, 0);
+        assert!(track_probed(&mut lb, 9, 0, &fp, f, &rp, r, 0).is_ok());
         assert!(lb.conntrack.contains_probe(&fp, 0) && lb.conntrack.contains_probe(&rp, 0));
         assert_eq!(lb.conntrack.len(), 8);
     }
