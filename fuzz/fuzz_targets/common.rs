@@ -28,5 +28,8 @@ pub fn tables_resetting() -> &'static Tables {
 /// example tables have no services; a full-size table would be allocated
 /// and cleared on every run, which under the sanitizer costs most of it).
 pub fn worker(t: &Tables) -> WorkerState {
-    WorkerState::with_conntrack(t.ports.len(), CtConfig { capacity: 8, max_new_per_sec: 0, seed: 1, ..CtConfig::default() })
+    WorkerState::with_conntrack(
+        t.ports.len(),
+        CtConfig { capacity: 8, max_new_per_sec: 0, seed: 1, ..CtConfig::default() },
+    )
 }

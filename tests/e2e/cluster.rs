@@ -250,6 +250,25 @@ pub(crate) fn cluster_on_the_lab(io: &str) {
     assert!(e.contains("refused"), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(2), "refused at once, not timed out ({:?})", t0.elapsed());
 
+    // A worker cannot change the cluster (as `docker service create` on a
+    // worker): node3 demoted renews its certificate as a worker, leaves
+    // Raft and is refused; promoted again, it is a manager and may.
+    let role3 = || {
+        let o = g.cli(3, &["cluster", "info", "--format", "json"]);
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap_or_default()["role"].as_str().map(str::to_owned)
+    };
+    let create = ["service", "create", "--name", "api", "--network", "app", "--vip-port", "81"];
+    g.cli_ok(1, &["node", "demote", "node3"]);
+    wait("node3 a worker", 20, || role3().as_deref() == Some("worker"));
+    let o = g.cli(3, &create);
+    assert!(!o.status.success(), "a worker created a service");
+    assert!(text(&o.stderr).contains("this node is not a manager"), "{}", text(&o.stderr));
+    wait("node3's Raft log removed", 10, || !g.0.join("node3/raft").exists());
+    g.cli_ok(2, &["node", "promote", "node3"]);
+    wait("node3 a manager again", 20, || role3().as_deref() == Some("manager"));
+    wait("a write through node3 as a manager", 20, || g.cli(3, &create).status.success());
+    g.cli_ok(3, &["service", "rm", "api"]);
+
     // SIGTERM: a clean stop (XDP program detached, the task port it made
     // removed, the state directory kept; it resumes from it).
     let stop = g.lab(&["stop-node", "2"]);
