@@ -263,7 +263,9 @@ pub(crate) enum TaskCmd {
         /// The node it runs on.
         #[arg(long)]
         node: String,
-        /// The network namespace its port goes into.
+        /// The network namespace its port goes into: a name made by `ip
+        /// netns add` ([A-Za-z0-9_.-], up to 64), /var/run/netns/NAME, or
+        /// /proc/PID/ns/net (a container's process).
         #[arg(long)]
         netns: Option<String>,
         /// Balancing weight.

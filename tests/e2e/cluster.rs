@@ -257,7 +257,8 @@ pub(crate) fn cluster_on_the_lab(io: &str) {
         let o = g.cli(3, &["cluster", "info", "--format", "json"]);
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap_or_default()["role"].as_str().map(str::to_owned)
     };
-    let create = ["service", "create", "--name", "api", "--network", "app", "--vip-port", "81"];
+    let create =
+        ["service", "create", "--name", "api", "--network", "app", "--vip-port", "81", "--target-port", "8080"];
     g.cli_ok(1, &["node", "demote", "node3"]);
     wait("node3 a worker", 20, || role3().as_deref() == Some("worker"));
     let o = g.cli(3, &create);

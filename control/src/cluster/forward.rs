@@ -80,7 +80,11 @@ impl Control {
                 Ok(Ok(resp)) => {
                     resp.data.0.clone()?;
                     if let Some(v) = voter {
-                        remove_voter(&r, v).await?;
+                        // Committed: if leadership moved meanwhile, the
+                        // leader's voters_loop finishes the change.
+                        if let Err(e) = remove_voter(&r, v).await {
+                            tracing::warn!("a manager left the state; its Raft vote goes later: {e}");
+                        }
                     }
                     return Ok(());
                 }
@@ -108,6 +112,49 @@ impl Control {
             }
         }
         Ok(voter)
+    }
+
+    /// On the leader, keeps Raft's voters to the state's managers: a voter
+    /// whose node left the state or was demoted is taken out (the write
+    /// that made the change takes it out at once; this finishes it if
+    /// leadership moved in between, or the leader died). Checked every
+    /// second and on every change of state.
+    pub(super) async fn voters_loop(self: Arc<Self>) {
+        let mut versions = self.version_tx.subscribe();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                r = versions.changed() => if r.is_err() { return },
+            }
+            let Some(r) = self.raft() else { continue };
+            if r.metrics().borrow().current_leader != Some(raft_id(&self.cfg.name)) {
+                continue;
+            }
+            let stale = self.stale_voters(&r);
+            if !stale.is_empty() {
+                let change = ChangeMembers::RemoveVoters(stale.clone());
+                match change_voters(&r, change, ApiError::LeaveTimedOut, ApiError::LeaveFailed).await {
+                    Ok(()) => tracing::info!(?stale, "Raft voters no longer managers in the state removed"),
+                    Err(e) => tracing::warn!(?stale, "removing Raft voters that are no longer managers: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    /// Raft's voters that the state (once it has nodes) does not hold as
+    /// managers; never all of them.
+    fn stale_voters(&self, r: &Raft) -> BTreeSet<NodeId> {
+        let managers: BTreeSet<NodeId> = {
+            let g = self.lock();
+            g.state.nodes.values().filter(|n| n.role == Role::Manager).map(|n| raft_id(&n.id)).collect()
+        };
+        if managers.is_empty() {
+            return BTreeSet::new();
+        }
+        let voters: BTreeSet<NodeId> = r.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let stale: BTreeSet<NodeId> = voters.difference(&managers).copied().collect();
+        if stale.len() == voters.len() { BTreeSet::new() } else { stale }
     }
 
     /// Sends a write-like request to the managers until one answers.

@@ -217,6 +217,7 @@ impl Control {
         tokio::spawn(c.clone().publish_loop());
         tokio::spawn(c.clone().gossip_loop());
         tokio::spawn(c.clone().renew_loop());
+        tokio::spawn(c.clone().voters_loop());
         if let Some(s) = saved {
             c.resume(s).await?;
         }
