@@ -310,7 +310,7 @@ pub enum ApiError {
         detail: String,
     },
     /// A secret file others can read.
-    #[error("{}: mode {mode:o} lets others read this node's key: chmod 600 it (and check who read it)", path.display())]
+    #[error("{}: mode {mode:o} lets others read the secrets in it (this node's key, or the CA key in the Raft log): chmod 600 it (and check who read it)", path.display())]
     SecretReadable {
         /// The file.
         path: PathBuf,

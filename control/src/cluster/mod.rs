@@ -195,6 +195,8 @@ impl Control {
     pub async fn start(cfg: Config, dp: Arc<dyn Dataplane>) -> Result<Arc<Control>, ApiError> {
         private_dir(&cfg.state_dir)?;
         check_private(&cfg.state_dir.join("node.json"))?;
+        // The Raft log holds the CA key and the join secrets.
+        check_private(&cfg.state_dir.join("raft").join("raft.redb"))?;
         let saved: Option<Saved> = match std::fs::read(cfg.state_dir.join("node.json")) {
             Ok(b) => Some(serde_json::from_slice(&b).map_err(node_file)?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -434,8 +436,9 @@ fn private_dir(dir: &std::path::Path) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Refuses a secret file (a node's key) that others can read: whoever
-/// could read it may hold the node's identity.
+/// Refuses a secret file (a node's key, the Raft log with the CA key)
+/// that others can read: whoever could read it may hold the node's
+/// identity, or the cluster's.
 fn check_private(path: &std::path::Path) -> Result<(), ApiError> {
     use std::os::unix::fs::PermissionsExt;
     match std::fs::metadata(path) {
