@@ -725,3 +725,191 @@ fn closed_ports_on_the_data_address_are_reset_when_the_node_owns_it() {
     let plain = tables_with("");
     assert_eq!(run(&plain, &mut WorkerState::for_tables(&plain), UPLINK, &syn, 0).0, Verdict::Pass);
 }
+
+// ---------------------------------------------------------------------------
+// The routing mesh's ICMP and MSS: network `app` has MTU 1450 (underlay
+// 1500 − 50), so an MSS of 1410 fits it.
+
+/// RFC 1071, written here again so that the expected frames do not come
+/// from the code under test.
+fn rfc1071(b: &[u8]) -> u16 {
+    let mut acc: u32 = b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+/// A TCP segment from the client to a published port with `payload`
+/// bytes, DF set or not.
+fn client_tcp(dport: u16, sport: u16, payload: usize, df: bool) -> Vec<u8> {
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC)
+        .ipv4(CLIENT, NODE1, 64)
+        .tcp(sport, dport, 1000, 65535)
+        .ack(1)
+        .write(&mut f, &vec![0x5a; payload])
+        .unwrap();
+    if !df {
+        f[20] &= !0x40;
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = rfc1071(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+    }
+    f
+}
+
+/// The fragmentation-needed this node (198.18.0.1, its uplink MAC) must
+/// send the client for `orig`, byte by byte: Ethernet back to the client's
+/// MAC; IPv4 with TTL 64, no DF, ident 0; ICMP type 3 code 4 with the
+/// next-hop MTU, quoting the original IPv4 header and 8 bytes.
+fn mesh_frag_needed(orig: &[u8], mtu: u16) -> Vec<u8> {
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(&orig[14..14 + 20 + 8]);
+    let c = rfc1071(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 20 + icmp.len() as u8, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip.extend_from_slice(&NODE1);
+    ip.extend_from_slice(&CLIENT);
+    let c = rfc1071(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = [CLIENT_MAC, NODE1_MAC].concat();
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+#[test]
+fn routing_mesh_answers_oversize_df_packets_with_frag_needed_from_the_published_address() {
+    let t = mesh_tables();
+    assert_eq!(t.networks[0].mtu, 1450);
+    let mut st = WorkerState::for_tables(&t);
+    // Both modes, and both a local and a remote task (the connection is
+    // not scheduled: the answer comes before the balancer).
+    for (i, port) in [30080u16, 30081].into_iter().enumerate() {
+        let big = client_tcp(port, 41000 + i as u16, 1450 - 40 + 1, true);
+        assert_eq!(u16::from_be_bytes([big[16], big[17]]), 1451);
+        let (v, out) = run(&t, &mut st, UPLINK, &big, 0);
+        assert_eq!(v, Verdict::Tx(UPLINK), "port {port}");
+        let want = mesh_frag_needed(&big, 1450);
+        assert_eq!(out.len(), 14 + 20 + 8 + 28);
+        assert_eq!(out, want, "port {port}");
+        // And etherparse reads it as what it is, checksums right.
+        let p = etherparse::SlicedPacket::from_ethernet(&out).unwrap();
+        let Some(etherparse::TransportSlice::Icmpv4(icmp)) = p.transport else { panic!("not ICMP") };
+        assert_eq!(
+            icmp.icmp_type(),
+            etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1450 }
+            )
+        );
+        assert_eq!(icmp.header().checksum, icmp.icmp_type().calc_checksum(icmp.payload()));
+        // No connection was opened for it.
+        assert_eq!(st.lb.services[i].new_conns, 0);
+    }
+    assert_eq!(st.lb.mesh.frag_needed, 2);
+    // Without DF: dropped as before (the balancer does not fragment).
+    let big = client_tcp(30080, 41005, 1411, false);
+    assert_eq!(run(&t, &mut st, UPLINK, &big, 0).0, Verdict::Drop(D::MtuExceeded));
+    // Exactly the MTU goes through (to T3 or T2, balanced).
+    let fits = client_tcp(30080, 41006, 1410, true);
+    let (v, _) = run(&t, &mut st, UPLINK, &fits, 0);
+    assert!(matches!(v, Verdict::Tx(TASK3) | Verdict::Tx(UPLINK)), "{v:?}");
+    assert_eq!(st.lb.services[0].new_conns, 1);
+    assert_eq!(st.lb.mesh.frag_needed, 2);
+}
+
+#[test]
+fn routing_mesh_frag_needed_is_rate_limited_per_worker_and_counted() {
+    use meshplane_dataplane::lb::{ICMP_BURST, ICMP_PER_SEC};
+    let t = mesh_tables();
+    let mut st = WorkerState::for_tables(&t);
+    let big = client_tcp(30080, 42000, 1500, true);
+    let burst = ICMP_BURST as usize;
+    let mut verdicts: Vec<Verdict> = (0..burst + 10).map(|_| run(&t, &mut st, UPLINK, &big, 0).0).collect();
+    assert!(verdicts[..burst].iter().all(|v| *v == Verdict::Tx(UPLINK)), "{verdicts:?}");
+    assert!(verdicts[burst..].iter().all(|v| *v == Verdict::Drop(D::IcmpRateLimited)), "{verdicts:?}");
+    // Three token periods later, three more.
+    let later = 3 * SECOND / ICMP_PER_SEC;
+    verdicts = (0..5).map(|_| run(&t, &mut st, UPLINK, &big, later).0).collect();
+    let sent = verdicts.iter().filter(|v| **v == Verdict::Tx(UPLINK)).count();
+    assert_eq!(sent, 3, "{verdicts:?}");
+    assert_eq!(st.lb.mesh.frag_needed, burst as u64 + 3);
+    assert_eq!(st.stats.dropped(D::IcmpRateLimited), 12);
+    // A second later the bucket is full again, no fuller.
+    verdicts = (0..burst + 1).map(|_| run(&t, &mut st, UPLINK, &big, later + SECOND).0).collect();
+    assert_eq!(verdicts.iter().filter(|v| **v == Verdict::Tx(UPLINK)).count(), burst);
+}
+
+/// A SYN (or SYN-ACK with `ack`) with an MSS option, and the window scale
+/// and SACK-permitted a Linux client sends after it.
+fn syn_mss(
+    dst: [u8; 6],
+    src: [u8; 6],
+    sip: [u8; 4],
+    dip: [u8; 4],
+    sport: u16,
+    dport: u16,
+    mss: Option<u16>,
+    ack: bool,
+) -> Vec<u8> {
+    use etherparse::TcpOptionElement as O;
+    let mut f = Vec::new();
+    let b = etherparse::PacketBuilder::ethernet2(src, dst).ipv4(sip, dip, 64).tcp(sport, dport, 7000, 64240).syn();
+    let b = if ack { b.ack(1) } else { b };
+    let opts: Vec<O> = mss
+        .map(O::MaximumSegmentSize)
+        .into_iter()
+        .chain([O::Noop, O::WindowScale(7), O::SelectiveAcknowledgementPermitted, O::Noop, O::Noop])
+        .collect();
+    b.options(&opts).unwrap().write(&mut f, &[]).unwrap();
+    f
+}
+
+#[test]
+fn routing_mesh_clamps_the_mss_of_syns_and_syn_acks_to_the_network_mtu() {
+    let t = mesh_tables();
+    let mut st = WorkerState::for_tables(&t);
+    // nat mode, local task T3: the client (MTU 9000) announces 8960; the
+    // task gets 1410 (1450 − 40), the checksum right (etherparse computed
+    // the expected frame's whole).
+    let syn = syn_mss(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 43001, 30080, Some(8960), false);
+    let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
+    assert_eq!(v, Verdict::Tx(TASK3));
+    assert_eq!(out, syn_mss(T3_MAC, NODE1_APP_MAC, NODE1_APP, T3, 43001, 8080, Some(1410), false));
+    assert_eq!(st.lb.mesh.mss_clamped, 1);
+    // The SYN-ACK back: T3 announces 65495 (a loopback-sized MSS); the
+    // client gets 1410.
+    let sa = syn_mss(NODE1_APP_MAC, T3_MAC, T3, NODE1_APP, 8080, 43001, Some(65495), true);
+    let (v, out) = run(&t, &mut st, TASK3, &sa, 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(out, syn_mss(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 30080, 43001, Some(1410), true));
+    assert_eq!(st.lb.mesh.mss_clamped, 2);
+    // preserve-source, local task T3 first (round robin of its own).
+    let syn = syn_mss(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 43002, 30081, Some(1460), false);
+    let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
+    assert_eq!(v, Verdict::Tx(TASK3));
+    assert_eq!(out, syn_mss(T3_MAC, NODE1_APP_MAC, CLIENT, T3, 43002, 8080, Some(1410), false));
+    assert_eq!(st.lb.mesh.mss_clamped, 3);
+    // Then remote task T2, a smaller MSS: untouched inside the VXLAN frame.
+    let syn = syn_mss(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 43003, 30081, Some(1200), false);
+    let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(decap(&out), (4096, syn_mss(T2_MAC, NODE1_APP_MAC, CLIENT, T2, 43003, 8080, Some(1200), false)));
+    // Its SYN-ACK, returned by node 2 over VXLAN, announcing 8960:
+    // clamped on its way to the client.
+    let sa = syn_mss(NODE1_APP_MAC, NODE2_APP_MAC, T2, CLIENT, 8080, 43003, Some(8960), true);
+    let (v, out) = run(&t, &mut st, UPLINK, &from_node2(&sa), 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(out, syn_mss(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 30081, 43003, Some(1410), true));
+    assert_eq!(st.lb.mesh.mss_clamped, 4);
+    // A SYN without the option (RFC 9293's 536 applies) goes through
+    // untouched.
+    let syn = syn_mss(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 43004, 30081, None, false);
+    let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
+    assert_eq!(v, Verdict::Tx(TASK3));
+    assert_eq!(out, syn_mss(T3_MAC, NODE1_APP_MAC, CLIENT, T3, 43004, 8080, None, false));
+    assert_eq!(st.lb.mesh.mss_clamped, 4);
+}
