@@ -913,3 +913,18 @@ fn routing_mesh_clamps_the_mss_of_syns_and_syn_acks_to_the_network_mtu() {
     assert_eq!(out, syn_mss(T3_MAC, NODE1_APP_MAC, CLIENT, T3, 43004, 8080, None, false));
     assert_eq!(st.lb.mesh.mss_clamped, 4);
 }
+
+/// `nat` mode to the task on node 2: the SYN is clamped before it is
+/// encapsulated (as the e2e test sees it at the task).
+#[test]
+fn routing_mesh_clamps_a_syn_before_the_overlay() {
+    let t = mesh_tables();
+    let mut st = WorkerState::for_tables(&t);
+    let _ =
+        run(&t, &mut st, UPLINK, &syn_mss(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 43001, 30080, Some(8960), false), 0);
+    let syn = syn_mss(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 43002, 30080, Some(8960), false);
+    let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(decap(&out), (4096, syn_mss(T2_MAC, NODE1_APP_MAC, NODE1_APP, T2, 43002, 8080, Some(1410), false)));
+    assert_eq!(st.lb.mesh.mss_clamped, 2);
+}

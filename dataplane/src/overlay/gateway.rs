@@ -6,10 +6,10 @@
 
 use crate::packet::{DropReason, Frame, Verdict};
 use crate::tables::{Network, PortId};
+use crate::wire::MacAddr;
 use crate::wire::ethernet::{self, ethertype};
 use crate::wire::frame::{Head, field};
 use crate::wire::icmpv4::{self, Icmpv4Packet};
-use crate::wire::MacAddr;
 use crate::wire::ipv4::{Ipv4Packet, Ipv4Repr, protocol};
 use core::net::Ipv4Addr;
 
@@ -105,8 +105,7 @@ pub(crate) fn frag_needed_from(
     // fragment, to a source that is not one host, or about a datagram to a
     // multicast or broadcast address.
     let src = ip.src();
-    let not_one_host =
-        src.is_unspecified() || src.is_broadcast() || src.is_multicast() || Some(src) == from.broadcast;
+    let not_one_host = src.is_unspecified() || src.is_broadcast() || src.is_multicast() || Some(src) == from.broadcast;
     let dst = ip.dst();
     let to_group = dst.is_broadcast() || dst.is_multicast() || Some(dst) == from.broadcast;
     let icmp_error = ip.protocol() == protocol::ICMP

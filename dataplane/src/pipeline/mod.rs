@@ -14,8 +14,8 @@ use crate::packet::{DropReason, Frame, PortCounters, Stats, UPLINK, Verdict};
 pub use burst::{FLOW_LOOKAHEAD, LOOKAHEAD, VIP_PASS, process_burst};
 
 use crate::lb::{LbState, Next};
-use crate::overlay::{self, gateway};
 use crate::overlay::fast::BurstCache;
+use crate::overlay::{self, gateway};
 use crate::tables::{Location, NetId, PortId, Tables};
 use crate::wire::MacAddr;
 use core::net::Ipv4Addr;

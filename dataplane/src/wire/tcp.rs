@@ -299,7 +299,8 @@ mod tests {
     fn clamp_mss_leaves_what_it_must_not_touch() {
         // Already small enough; no MSS option; END before it; a zero-length
         // option (malformed); an MSS option of the wrong length.
-        for opts in [&[2, 4, 0x05, 0x82][..], &[1, 1, 4, 2], &[0, 0, 2, 4, 0x23, 0], &[8, 0, 2, 4, 0x23, 0], &[2, 3, 0x23, 0]]
+        for opts in
+            [&[2, 4, 0x05, 0x82][..], &[1, 1, 4, 2], &[0, 0, 2, 4, 0x23, 0], &[8, 0, 2, 4, 0x23, 0], &[2, 3, 0x23, 0]]
         {
             let (mut b, ..) = syn(opts);
             let orig = b.clone();
