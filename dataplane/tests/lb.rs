@@ -843,15 +843,13 @@ fn routing_mesh_frag_needed_is_rate_limited_per_worker_and_counted() {
     assert_eq!(verdicts.iter().filter(|v| **v == Verdict::Tx(UPLINK)).count(), burst);
 }
 
-/// A SYN (or SYN-ACK with `ack`) with an MSS option, and the window scale
-/// and SACK-permitted a Linux client sends after it.
+/// A SYN (or SYN-ACK with `ack`) between these MACs, addresses and ports,
+/// with an MSS option, and the window scale and SACK-permitted a Linux
+/// client sends after it.
 fn syn_mss(
-    dst: [u8; 6],
-    src: [u8; 6],
-    sip: [u8; 4],
-    dip: [u8; 4],
-    sport: u16,
-    dport: u16,
+    (dst, src): ([u8; 6], [u8; 6]),
+    (sip, dip): ([u8; 4], [u8; 4]),
+    (sport, dport): (u16, u16),
     mss: Option<u16>,
     ack: bool,
 ) -> Vec<u8> {
@@ -872,59 +870,49 @@ fn syn_mss(
 fn routing_mesh_clamps_the_mss_of_syns_and_syn_acks_to_the_network_mtu() {
     let t = mesh_tables();
     let mut st = WorkerState::for_tables(&t);
-    // nat mode, local task T3: the client (MTU 9000) announces 8960; the
-    // task gets 1410 (1450 − 40), the checksum right (etherparse computed
-    // the expected frame's whole).
-    let syn = syn_mss(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 43001, 30080, Some(8960), false);
-    let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
-    assert_eq!(v, Verdict::Tx(TASK3));
-    assert_eq!(out, syn_mss(T3_MAC, NODE1_APP_MAC, NODE1_APP, T3, 43001, 8080, Some(1410), false));
-    assert_eq!(st.lb.mesh.mss_clamped, 1);
-    // The SYN-ACK back: T3 announces 65495 (a loopback-sized MSS); the
-    // client gets 1410.
-    let sa = syn_mss(NODE1_APP_MAC, T3_MAC, T3, NODE1_APP, 8080, 43001, Some(65495), true);
-    let (v, out) = run(&t, &mut st, TASK3, &sa, 0);
-    assert_eq!(v, Verdict::Tx(UPLINK));
-    assert_eq!(out, syn_mss(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 30080, 43001, Some(1410), true));
-    assert_eq!(st.lb.mesh.mss_clamped, 2);
-    // preserve-source, local task T3 first (round robin of its own).
-    let syn = syn_mss(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 43002, 30081, Some(1460), false);
-    let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
-    assert_eq!(v, Verdict::Tx(TASK3));
-    assert_eq!(out, syn_mss(T3_MAC, NODE1_APP_MAC, CLIENT, T3, 43002, 8080, Some(1410), false));
-    assert_eq!(st.lb.mesh.mss_clamped, 3);
-    // Then remote task T2, a smaller MSS: untouched inside the VXLAN frame.
-    let syn = syn_mss(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 43003, 30081, Some(1200), false);
-    let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
-    assert_eq!(v, Verdict::Tx(UPLINK));
-    assert_eq!(decap(&out), (4096, syn_mss(T2_MAC, NODE1_APP_MAC, CLIENT, T2, 43003, 8080, Some(1200), false)));
-    // Its SYN-ACK, returned by node 2 over VXLAN, announcing 8960:
-    // clamped on its way to the client.
-    let sa = syn_mss(NODE1_APP_MAC, NODE2_APP_MAC, T2, CLIENT, 8080, 43003, Some(8960), true);
-    let (v, out) = run(&t, &mut st, UPLINK, &from_node2(&sa), 0);
-    assert_eq!(v, Verdict::Tx(UPLINK));
-    assert_eq!(out, syn_mss(CLIENT_MAC, NODE1_MAC, NODE1, CLIENT, 30081, 43003, Some(1410), true));
-    assert_eq!(st.lb.mesh.mss_clamped, 4);
-    // A SYN without the option (RFC 9293's 536 applies) goes through
-    // untouched.
-    let syn = syn_mss(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 43004, 30081, None, false);
-    let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
-    assert_eq!(v, Verdict::Tx(TASK3));
-    assert_eq!(out, syn_mss(T3_MAC, NODE1_APP_MAC, CLIENT, T3, 43004, 8080, None, false));
-    assert_eq!(st.lb.mesh.mss_clamped, 4);
-}
-
-/// `nat` mode to the task on node 2: the SYN is clamped before it is
-/// encapsulated (as the e2e test sees it at the task).
-#[test]
-fn routing_mesh_clamps_a_syn_before_the_overlay() {
-    let t = mesh_tables();
-    let mut st = WorkerState::for_tables(&t);
-    let _ =
-        run(&t, &mut st, UPLINK, &syn_mss(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 43001, 30080, Some(8960), false), 0);
-    let syn = syn_mss(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 43002, 30080, Some(8960), false);
-    let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
-    assert_eq!(v, Verdict::Tx(UPLINK));
-    assert_eq!(decap(&out), (4096, syn_mss(T2_MAC, NODE1_APP_MAC, NODE1_APP, T2, 43002, 8080, Some(1410), false)));
-    assert_eq!(st.lb.mesh.mss_clamped, 2);
+    let (to_node1, to_t3, to_t2) = ((NODE1_MAC, CLIENT_MAC), (T3_MAC, NODE1_APP_MAC), (T2_MAC, NODE1_APP_MAC));
+    let to_client = (CLIENT_MAC, NODE1_MAC);
+    let syn = |macs, ips, ports, mss| syn_mss(macs, ips, ports, mss, false);
+    let syn_ack = |macs, ips, ports, mss| syn_mss(macs, ips, ports, mss, true);
+    // Each step: what it is, the input port and frame, the verdict, the
+    // frame that comes out (inside VXLAN to node 2 if `vx`), the clamps
+    // counted so far. The expected frames' checksums are etherparse's,
+    // computed whole.
+    #[rustfmt::skip]
+    let steps = [
+        ("nat, local task: the client (MTU 9000) announces 8960, T3 gets 1410 (1450 - 40)",
+            UPLINK, syn(to_node1, (CLIENT, NODE1), (43001, 30080), Some(8960)),
+            Verdict::Tx(TASK3), false, syn(to_t3, (NODE1_APP, T3), (43001, 8080), Some(1410)), 1),
+        ("its SYN-ACK: T3 announces 65495 (loopback-sized), the client gets 1410",
+            TASK3, syn_ack((NODE1_APP_MAC, T3_MAC), (T3, NODE1_APP), (8080, 43001), Some(65495)),
+            Verdict::Tx(UPLINK), false, syn_ack(to_client, (NODE1, CLIENT), (30080, 43001), Some(1410)), 2),
+        ("preserve-source, local task T3 (round robin of its own)",
+            UPLINK, syn(to_node1, (CLIENT, NODE1), (43002, 30081), Some(1460)),
+            Verdict::Tx(TASK3), false, syn(to_t3, (CLIENT, T3), (43002, 8080), Some(1410)), 3),
+        ("then remote task T2, a smaller MSS: untouched inside the VXLAN frame",
+            UPLINK, syn(to_node1, (CLIENT, NODE1), (43003, 30081), Some(1200)),
+            Verdict::Tx(UPLINK), true, syn(to_t2, (CLIENT, T2), (43003, 8080), Some(1200)), 3),
+        ("its SYN-ACK, returned by node 2 over VXLAN announcing 8960: clamped on its way to the client",
+            UPLINK, from_node2(&syn_ack((NODE1_APP_MAC, NODE2_APP_MAC), (T2, CLIENT), (8080, 43003), Some(8960))),
+            Verdict::Tx(UPLINK), false, syn_ack(to_client, (NODE1, CLIENT), (30081, 43003), Some(1410)), 4),
+        ("a SYN without the option (RFC 9293's 536 applies): untouched",
+            UPLINK, syn(to_node1, (CLIENT, NODE1), (43004, 30081), None),
+            Verdict::Tx(TASK3), false, syn(to_t3, (CLIENT, T3), (43004, 8080), None), 4),
+        ("nat, remote task T2: clamped before the overlay",
+            UPLINK, syn(to_node1, (CLIENT, NODE1), (43005, 30080), Some(8960)),
+            Verdict::Tx(UPLINK), true, syn(to_t2, (NODE1_APP, T2), (43005, 8080), Some(1410)), 5),
+    ];
+    for (what, port, input, verdict, vx, want, clamped) in steps {
+        let (v, out) = run(&t, &mut st, port, &input, 0);
+        assert_eq!(v, verdict, "{what}");
+        let out = if vx {
+            let (vni, inner) = decap(&out);
+            assert_eq!(vni, 4096, "{what}");
+            inner
+        } else {
+            out
+        };
+        assert_eq!(out, want, "{what}");
+        assert_eq!(st.lb.mesh.mss_clamped, clamped, "{what}");
+    }
 }
