@@ -840,3 +840,4 @@ fn cluster_cli(io: Io) {
 both_backends!(cluster_cli: cluster_cli_afxdp, cluster_cli_tap);
 
 mod flood;
+mod mesh_icmp;
