@@ -31,9 +31,9 @@
 
 use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use meshplane_dataplane::wire::MacAddr;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
-use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
@@ -48,6 +48,9 @@ const REFRESH: Duration = Duration::from_secs(5);
 /// How soon an unresolved next hop is looked at again (the kernel's
 /// answer normally arrives as a notification first).
 const RETRY: Duration = Duration::from_millis(250);
+/// How long one round of lookups may take (the kernel answers in
+/// microseconds; a lost answer must not stop the following).
+const ROUND: Duration = Duration::from_secs(2);
 /// How often one next hop is handed to the kernel to resolve, at most.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
@@ -210,7 +213,13 @@ async fn follow<E: futures_util::Stream + Unpin>(inner: &Inner, h: &Handle, mut 
     let mut warned: BTreeSet<Ipv4Addr> = BTreeSet::new();
     while !inner.stop.load(Ordering::Acquire) {
         let peers: Vec<Ipv4Addr> = inner.peers.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().collect();
-        let hops = resolve(h, &peers, &mut probed, &mut warned).await;
+        let hops = match tokio::time::timeout(ROUND, resolve(h, &peers, &mut probed, &mut warned)).await {
+            Ok(hops) => hops,
+            Err(_) => {
+                tracing::warn!("underlay: the kernel did not answer within {ROUND:?}; trying again");
+                continue;
+            }
+        };
         let unresolved = hops.values().any(|x| x.mac.is_none());
         let changed = {
             let mut cur = inner.hops.lock().unwrap_or_else(PoisonError::into_inner);
@@ -454,7 +463,10 @@ mod tests {
         .expect("the starting thread")
         .expect("the resolver starts");
         let (peer, lost) = ("198.18.201.2".parse().expect("ip"), "198.18.250.9".parse().expect("ip"));
-        let neigh = || String::from_utf8_lossy(&Command::new("ip").args(["-n", "mp-ru-n", "neigh"]).output().expect("ip").stdout).into_owned();
+        let neigh = || {
+            String::from_utf8_lossy(&Command::new("ip").args(["-n", "mp-ru-n", "neigh"]).output().expect("ip").stdout)
+                .into_owned()
+        };
         assert!(!neigh().contains("198.18.200.254"), "the kernel knew the gateway before: {}", neigh());
         u.watch([peer, lost]);
 

@@ -841,3 +841,4 @@ both_backends!(cluster_cli: cluster_cli_afxdp, cluster_cli_tap);
 
 mod flood;
 mod mesh_icmp;
+mod routed;
