@@ -16,7 +16,7 @@
 //! node's kernel has a leg of its own on the same segment (k0,
 //! 198.18.x.11) whose FIB and neighbour table the node reads.
 
-use crate::lab::{BIN, Lab, in_ns, in_ns_ok, ip, run, wait_for};
+use crate::lab::{BIN, Lab, in_ns, in_ns_ok, ip, run, task_ip, wait_for};
 use crate::{Io, need_root, serial};
 use std::path::PathBuf;
 use std::process::Command;
@@ -98,41 +98,16 @@ fn reply_times(log: &str) -> Vec<f64> {
         .collect()
 }
 
-/// A TCP transfer of `bytes` from `from` to a sink in `to` at `addr`.
-fn tcp(lab: &mut Lab, from: &str, to: &str, addr: &str, bytes: u64) -> String {
-    let sink = lab.spawn(to, "tcp-sink", &[BIN, "tool", "tcp-sink", "--listen", addr, "--timeout", "20"]);
-    let port = addr.rsplit(':').next().unwrap_or_default().to_owned();
-    wait_for("the sink to listen", 10, || {
-        assert!(lab.running(sink), "sink exited: {}", lab.log(sink));
-        String::from_utf8_lossy(&in_ns(to, &["ss", "-ltn"]).stdout).contains(&format!(":{port} "))
-    });
-    #[rustfmt::skip]
-    let out = in_ns_ok(from, &[BIN, "tool", "tcp-source", "--connect", addr, "--bytes", &bytes.to_string(), "--timeout", "20"]);
-    wait_for("the sink to finish", 10, || !lab.running(sink));
-    out.trim().to_owned()
-}
-
-/// `count` UDP datagrams echoed from `to` at `addr`, sent from `from`.
-fn udp(lab: &mut Lab, from: &str, to: &str, addr: &str, count: u32) -> String {
-    let echo = lab.spawn(to, "udp-echo", &[BIN, "tool", "udp-echo", "--listen", addr, "--idle", "20"]);
-    let port = addr.rsplit(':').next().unwrap_or_default().to_owned();
-    wait_for("the echo server", 10, || {
-        assert!(lab.running(echo), "echo exited: {}", lab.log(echo));
-        String::from_utf8_lossy(&in_ns(to, &["ss", "-lun"]).stdout).contains(&format!(":{port} "))
-    });
-    let out = in_ns_ok(from, &[BIN, "tool", "udp-ping", "--connect", addr, "--count", &count.to_string()]);
-    lab.stop(echo);
-    out.trim().to_owned()
-}
-
 /// Ping, TCP both ways and UDP between the tasks.
 fn traffic(lab: &mut Lab, t: [&str; 2], ips: [&str; 2], what: &str) {
     in_ns_ok(t[0], &["ping", "-c", "3", "-i", "0.2", "-W", "2", ips[1]]);
-    let a = tcp(lab, t[0], t[1], &format!("{}:5001", ips[1]), 4_000_000);
+    let (a1, a0) = (format!("{}:5001", ips[1]), format!("{}:5001", ips[0]));
+    let a = lab.tcp(t[0], t[1], &a1, &a1, 4_000_000);
     assert!(a.starts_with(&format!("peer={}:", ips[0])) && a.ends_with("bytes=4000000 ok"), "{what}: {a}");
-    let b = tcp(lab, t[1], t[0], &format!("{}:5001", ips[0]), 2_000_000);
+    let b = lab.tcp(t[1], t[0], &a0, &a0, 2_000_000);
     assert!(b.starts_with(&format!("peer={}:", ips[1])) && b.ends_with("bytes=2000000 ok"), "{what}: {b}");
-    let u = udp(lab, t[0], t[1], &format!("{}:5002", ips[1]), 200);
+    let u5 = format!("{}:5002", ips[1]);
+    let u = lab.udp(t[0], t[1], &u5, &u5, 200);
     assert!(u.starts_with("udp: 200/200"), "{what}: {u}");
 }
 
@@ -182,16 +157,7 @@ fn routed(io: Io) {
     }
     let tasks: serde_json::Value =
         serde_json::from_str(&cli_ok(&n1.state, &["task", "ls", "--format", "json"])).expect("json");
-    let ip_of = |id: &str| {
-        tasks
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|x| x["id"] == id)
-            .and_then(|x| x["ip"].as_str())
-            .expect("task ip")
-            .to_owned()
-    };
+    let ip_of = |id: &str| task_ip(&tasks, id);
     let ips = [ip_of("web.1"), ip_of("web.2")];
     let (tr, ir) = ([t[0].as_str(), t[1].as_str()], [ips[0].as_str(), ips[1].as_str()]);
 
@@ -232,7 +198,17 @@ fn routed(io: Io) {
     assert!(gap < 1.0, "traffic stopped for {gap:.3} s:\n{log}");
     let last = times.last().copied().unwrap_or_default();
     assert!(times.iter().filter(|&&x| x > last - 1.5).count() > 50, "replies stopped after the route moved:\n{log}");
-    // Node 1 now sends to the second leg's MAC.
+    // Node 1 followed both: the new MAC, then the second leg.
+    let log1 = lab.log(n1.proc_);
+    for (via, mac) in [("via 198.18.10.254 ", "MAC 02:00:00:00:0a:ee"), ("via 198.18.10.253 ", "MAC 02:00:00:00:0a:fd")]
+    {
+        assert!(
+            log1.lines().any(|l| l.contains("underlay: peer 198.18.20.2 ") && l.contains(via) && l.contains(mac)),
+            "node1 never used {via}{mac}:\n{log1}"
+        );
+    }
+    // The kernel's entry for the second leg, which node 1's resolver had
+    // it learn.
     let neigh = in_ns_ok(&n1.ns, &["ip", "neigh", "show", "198.18.10.253"]);
     assert!(neigh.contains("02:00:00:00:0a:fd"), "{neigh}");
     traffic(&mut lab, tr, ir, "over the second leg");
