@@ -3,8 +3,9 @@
 //! into lookup structures; Maglev rings are built there, on the control
 //! side of the swap).
 //!
-//! What a node gets: every other node as an underlay neighbour (one L2
-//! fabric: their data MACs), every network (its VNI, subnet, gateway, MTU
+//! What a node gets: every other node as an underlay neighbour (with its
+//! own data MAC, right on one L2 segment; a managed node replaces it with
+//! its kernel's next hop toward that peer, `src/node/underlay.rs`), every network (its VNI, subnet, gateway, MTU
 //! and this node's address in it), a port per local task (named after the
 //! task), every task as an endpoint — local ones on their port, remote
 //! ones behind their node's VTEP, and only on nodes that are up — the

@@ -3,7 +3,9 @@
 //! on a tokio runtime of its own) joins or resumes the cluster and
 //! publishes this node's tables on every change; the dataplane makes the
 //! ports of the node's tasks (`task_port`) and removes them when the
-//! tasks go.
+//! tasks go. Each peer's MAC in the control plane's tables is replaced
+//! with the kernel's next hop toward it (`underlay`), and the tables are
+//! published again when a next hop changes.
 //!
 //! SIGTERM or SIGINT: workers stop (sockets closed, the XDP program
 //! detached), the task ports this node made are removed, Raft stops; the
