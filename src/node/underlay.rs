@@ -148,17 +148,33 @@ impl Underlay {
                     }
                 };
                 rt.block_on(async move {
-                    let groups = [MulticastGroup::Ipv4Route, MulticastGroup::Neigh];
-                    let (conn, handle, events) = match rtnetlink::new_multicast_connection(&groups) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            let _ = tx.send(Err(UnderlayError::Socket(e)));
-                            return;
+                    let mut started = Some(tx);
+                    while !th.stop.load(Ordering::Acquire) {
+                        let groups = [MulticastGroup::Ipv4Route, MulticastGroup::Neigh];
+                        match rtnetlink::new_multicast_connection(&groups) {
+                            Ok((conn, handle, events)) => {
+                                let conn = tokio::spawn(conn);
+                                if let Some(tx) = started.take() {
+                                    let _ = tx.send(Ok(()));
+                                }
+                                follow(&th, &handle, events, &on_change).await;
+                                conn.abort();
+                            }
+                            Err(e) => match started.take() {
+                                Some(tx) => {
+                                    let _ = tx.send(Err(UnderlayError::Socket(e)));
+                                    return;
+                                }
+                                None => tracing::warn!("underlay: {}", UnderlayError::Socket(e)),
+                            },
                         }
-                    };
-                    tokio::spawn(conn);
-                    let _ = tx.send(Ok(()));
-                    follow(&th, &handle, events, &on_change).await;
+                        // The socket closed (or could not be opened again):
+                        // a new one in a second.
+                        tokio::select! {
+                            () = th.wake.notified() => {}
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
                 });
             })
             .map_err(UnderlayError::Thread)?;
@@ -213,19 +229,24 @@ async fn follow<E: futures_util::Stream + Unpin>(inner: &Inner, h: &Handle, mut 
     let mut warned: BTreeSet<Ipv4Addr> = BTreeSet::new();
     while !inner.stop.load(Ordering::Acquire) {
         let peers: Vec<Ipv4Addr> = inner.peers.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().collect();
-        let hops = match tokio::time::timeout(ROUND, resolve(h, &peers, &mut probed, &mut warned)).await {
-            Ok(hops) => hops,
+        let round = tokio::time::timeout(ROUND, resolve(h, &peers, &mut probed, &mut warned)).await;
+        let answered = matches!(round, Ok(Ok(_)));
+        let mut hops = match round {
+            Ok(Ok(hops)) => hops,
+            Ok(Err(e)) => {
+                // The hops in use stay as they are.
+                tracing::warn!("underlay: {e}; trying again");
+                BTreeMap::clone(&inner.hops.lock().unwrap_or_else(PoisonError::into_inner))
+            }
             Err(_) => {
                 tracing::warn!("underlay: the kernel did not answer within {ROUND:?}; trying again");
-                continue;
+                BTreeMap::clone(&inner.hops.lock().unwrap_or_else(PoisonError::into_inner))
             }
         };
-        let unresolved = hops.values().any(|x| x.mac.is_none());
+        let unresolved = hops.values().any(|x| x.mac.is_none()) || !answered;
         let changed = {
             let mut cur = inner.hops.lock().unwrap_or_else(PoisonError::into_inner);
-            let macs = |m: &BTreeMap<Ipv4Addr, Hop>| m.iter().map(|(k, v)| (*k, v.mac)).collect::<Vec<_>>();
-            let changed = macs(&cur) != macs(&hops);
-            for (peer, hop) in &hops {
+            for (peer, hop) in &mut hops {
                 if cur.get(peer) != Some(hop) {
                     tracing::info!(
                         "underlay: peer {peer} via {} (ifindex {}), next-hop MAC {}",
@@ -234,7 +255,15 @@ async fn follow<E: futures_util::Stream + Unpin>(inner: &Inner, h: &Handle, mut 
                         hop.mac.map_or("unresolved".to_owned(), |m| m.to_string())
                     );
                 }
+                // Until the kernel knows the new next hop's MAC, the last
+                // one this peer had stays in use (a gateway that was
+                // reachable a moment ago beats the peer's own MAC).
+                if hop.mac.is_none() {
+                    hop.mac = cur.get(peer).and_then(|h| h.mac);
+                }
             }
+            let macs = |m: &BTreeMap<Ipv4Addr, Hop>| m.iter().map(|(k, v)| (*k, v.mac)).collect::<Vec<_>>();
+            let changed = macs(&cur) != macs(&hops);
             *cur = hops;
             changed
         };
@@ -245,7 +274,7 @@ async fn follow<E: futures_util::Stream + Unpin>(inner: &Inner, h: &Handle, mut 
         tokio::select! {
             () = inner.wake.notified() => {}
             ev = events.next() => if ev.is_none() {
-                tracing::warn!("underlay: the netlink socket closed; next hops are no longer followed");
+                tracing::warn!("underlay: the netlink socket closed; opening another");
                 return;
             },
             () = tokio::time::sleep(wait) => {}
@@ -255,25 +284,20 @@ async fn follow<E: futures_util::Stream + Unpin>(inner: &Inner, h: &Handle, mut 
     }
 }
 
-/// Every peer's hop (peers without a route are left out); next hops
+/// Every peer's hop as the kernel has it now (peers without a route are
+/// left out; a hop's MAC is `None` until the kernel knows it); next hops
 /// without a usable MAC handed to the kernel to resolve.
 async fn resolve(
     h: &Handle,
     peers: &[Ipv4Addr],
     probed: &mut HashMap<(u32, Ipv4Addr), Instant>,
     warned: &mut BTreeSet<Ipv4Addr>,
-) -> BTreeMap<Ipv4Addr, Hop> {
+) -> Result<BTreeMap<Ipv4Addr, Hop>, UnderlayError> {
     let mut out = BTreeMap::new();
     if peers.is_empty() {
-        return out;
+        return Ok(out);
     }
-    let neigh = match neighbours(h).await {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!("underlay: {e}");
-            return out;
-        }
-    };
+    let neigh = neighbours(h).await?;
     for &peer in peers {
         let (via, ifindex) = match route(h, peer).await {
             Ok(r) => {
@@ -306,7 +330,7 @@ async fn resolve(
         out.insert(peer, hop);
     }
     probed.retain(|_, t| t.elapsed() < REFRESH * 2);
-    out
+    Ok(out)
 }
 
 /// The kernel's route to `peer`: its gateway (if any) and output interface.
