@@ -316,8 +316,12 @@ async fn resolve(
         let entry = neigh.get(&(ifindex, next));
         hop.mac = entry.and_then(|e| e.1);
         let state = entry.map(|e| e.0);
+        // No entry: asking creates one (INCOMPLETE), so this does not
+        // repeat; a failed one is retried once a second, a stale one
+        // re-verified every few seconds.
         let (need, every) = match state {
-            None | Some(NeighbourState::Failed | NeighbourState::None) => (true, PROBE_EVERY),
+            None => (true, Duration::ZERO),
+            Some(NeighbourState::Failed | NeighbourState::None) => (true, PROBE_EVERY),
             Some(NeighbourState::Stale) => (true, REFRESH),
             _ => (false, PROBE_EVERY),
         };
@@ -521,6 +525,20 @@ mod tests {
             u.hop(peer).is_some_and(|h| h.via == g2 && h.mac == Some(mac("02:00:00:00:ca:01")))
         });
         eprintln!("route change followed in {t:?}");
+
+        // The entry flushed from the kernel's table: learned again.
+        ip("-n mp-ru-n neigh flush dev b0");
+        wait("the flushed entry learned again", Duration::from_secs(1), || {
+            neigh().contains("198.18.202.254 dev b0 lladdr 02:00:00:00:ca:01")
+        });
+        assert_eq!(u.hop(peer).and_then(|h| h.mac), Some(mac("02:00:00:00:ca:01")));
+
+        // A peer on a connected subnet: its own MAC, no gateway.
+        let direct = Ipv4Addr::new(198, 18, 202, 254);
+        u.watch([peer, lost, direct]);
+        wait("a directly connected peer", Duration::from_secs(1), || {
+            u.hop(direct).is_some_and(|h| h.via.is_none() && h.mac == Some(mac("02:00:00:00:ca:01")))
+        });
 
         // Forgotten peers are no longer reported.
         u.watch([lost]);
