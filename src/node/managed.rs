@@ -169,6 +169,10 @@ fn mac_of(iface: &str) -> Option<MacAddr> {
     std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).ok()?.trim().parse().ok()
 }
 
+fn ifindex_of(iface: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/ifindex")).ok()?.trim().parse().ok()
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
@@ -262,11 +266,18 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     // The next hops toward the peers, from this namespace's kernel; a
     // change publishes the tables again.
     let weak = Arc::downgrade(&dp);
-    match Underlay::start(Box::new(move || {
+    // With AF_XDP the kernel holds the data NIC: routes to peers must
+    // leave through it.
+    let data_nic = match io {
+        IoKind::Afxdp => ifindex_of(&ad.uplink),
+        IoKind::Tap => None,
+    };
+    let republish = Box::new(move || {
         if let Some(dp) = weak.upgrade() {
             dp.republish();
         }
-    })) {
+    });
+    match Underlay::start(republish, data_nic) {
         Ok(u) => {
             let _ = dp.underlay.set(u);
         }

@@ -75,6 +75,16 @@ pub(crate) enum UnderlayError {
     /// The route the kernel gave is not a unicast route out of an interface.
     #[error("the kernel's route to {0} is not a unicast route out of an interface")]
     NotUnicast(Ipv4Addr),
+    /// The route leaves through another interface than the data NIC.
+    #[error("the kernel routes {peer} out of interface {oif}, not the data NIC (interface {want}): fix the routes")]
+    OtherInterface {
+        /// The peer looked up.
+        peer: Ipv4Addr,
+        /// The route's interface.
+        oif: u32,
+        /// The data NIC's.
+        want: u32,
+    },
     /// The neighbour table could not be read.
     #[error("reading the kernel's neighbour table: {0}")]
     Neighbours(#[source] rtnetlink::Error),
@@ -113,6 +123,9 @@ struct Inner {
     hops: Mutex<BTreeMap<Ipv4Addr, Hop>>,
     wake: tokio::sync::Notify,
     stop: AtomicBool,
+    /// The interface every route to a peer must leave through (the data
+    /// NIC, when the kernel holds it: AF_XDP).
+    oif: Option<u32>,
 }
 
 /// The resolver: started once per node, told the peers, asked their MACs.
@@ -127,13 +140,15 @@ pub(crate) type OnChange = Box<dyn Fn() + Send + Sync>;
 impl Underlay {
     /// Starts the resolver in the calling thread's network namespace;
     /// `on_change` runs (on the resolver's thread) whenever a peer's
-    /// next-hop MAC changes.
-    pub(crate) fn start(on_change: OnChange) -> Result<Underlay, UnderlayError> {
+    /// next-hop MAC changes. With `oif`, a route to a peer out of another
+    /// interface is refused (logged; the peer keeps its own MAC).
+    pub(crate) fn start(on_change: OnChange, oif: Option<u32>) -> Result<Underlay, UnderlayError> {
         let inner = Arc::new(Inner {
             peers: Mutex::new(BTreeSet::new()),
             hops: Mutex::new(BTreeMap::new()),
             wake: tokio::sync::Notify::new(),
             stop: AtomicBool::new(false),
+            oif,
         });
         let (tx, rx) = std::sync::mpsc::channel();
         let th = inner.clone();
@@ -229,7 +244,7 @@ async fn follow<E: futures_util::Stream + Unpin>(inner: &Inner, h: &Handle, mut 
     let mut warned: BTreeSet<Ipv4Addr> = BTreeSet::new();
     while !inner.stop.load(Ordering::Acquire) {
         let peers: Vec<Ipv4Addr> = inner.peers.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().collect();
-        let round = tokio::time::timeout(ROUND, resolve(h, &peers, &mut probed, &mut warned)).await;
+        let round = tokio::time::timeout(ROUND, resolve(h, &peers, inner.oif, &mut probed, &mut warned)).await;
         let answered = matches!(round, Ok(Ok(_)));
         let mut hops = match round {
             Ok(Ok(hops)) => hops,
@@ -290,6 +305,7 @@ async fn follow<E: futures_util::Stream + Unpin>(inner: &Inner, h: &Handle, mut 
 async fn resolve(
     h: &Handle,
     peers: &[Ipv4Addr],
+    want_oif: Option<u32>,
     probed: &mut HashMap<(u32, Ipv4Addr), Instant>,
     warned: &mut BTreeSet<Ipv4Addr>,
 ) -> Result<BTreeMap<Ipv4Addr, Hop>, UnderlayError> {
@@ -299,7 +315,11 @@ async fn resolve(
     }
     let neigh = neighbours(h).await?;
     for &peer in peers {
-        let (via, ifindex) = match route(h, peer).await {
+        let r = route(h, peer).await.and_then(|(via, oif)| match want_oif {
+            Some(want) if want != oif => Err(UnderlayError::OtherInterface { peer, oif, want }),
+            _ => Ok((via, oif)),
+        });
+        let (via, ifindex) = match r {
             Ok(r) => {
                 warned.remove(&peer);
                 r
@@ -443,6 +463,19 @@ mod tests {
         t0.elapsed()
     }
 
+    /// A resolver started in namespace `ns`.
+    fn start_in(ns: &str, oif: Option<u32>, on_change: OnChange) -> Underlay {
+        let path = format!("/var/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(path).expect("the node's namespace");
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("entering the node's namespace");
+            Underlay::start(on_change, oif)
+        })
+        .join()
+        .expect("the starting thread")
+        .expect("the resolver starts")
+    }
+
     fn mac(s: &str) -> MacAddr {
         s.parse().expect("a MAC")
     }
@@ -480,16 +513,13 @@ mod tests {
 
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
-        let u = std::thread::spawn(move || {
-            let f = std::fs::File::open("/var/run/netns/mp-ru-n").expect("the node's namespace");
-            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("entering the node's namespace");
-            Underlay::start(Box::new(move || {
+        let u = start_in(
+            "mp-ru-n",
+            None,
+            Box::new(move || {
                 let _ = tx.lock().unwrap_or_else(PoisonError::into_inner).send(());
-            }))
-        })
-        .join()
-        .expect("the starting thread")
-        .expect("the resolver starts");
+            }),
+        );
         let (peer, lost) = ("198.18.201.2".parse().expect("ip"), "198.18.250.9".parse().expect("ip"));
         let neigh = || {
             String::from_utf8_lossy(&Command::new("ip").args(["-n", "mp-ru-n", "neigh"]).output().expect("ip").stdout)
@@ -539,6 +569,23 @@ mod tests {
         wait("a directly connected peer", Duration::from_secs(1), || {
             u.hop(direct).is_some_and(|h| h.via.is_none() && h.mac == Some(mac("02:00:00:00:ca:01")))
         });
+
+        // A resolver bound to a0 (as an AF_XDP node is to its data NIC)
+        // refuses the route out of b0, and takes a0's own subnet.
+        let out = Command::new("ip").args(["-n", "mp-ru-n", "-o", "link", "show", "a0"]).output().expect("ip");
+        let a0: u32 = String::from_utf8_lossy(&out.stdout)
+            .split(':')
+            .next()
+            .and_then(|x| x.trim().parse().ok())
+            .expect("a0's index");
+        let bound = start_in("mp-ru-n", Some(a0), Box::new(|| {}));
+        let on_a0 = Ipv4Addr::new(198, 18, 200, 254);
+        bound.watch([peer, on_a0]);
+        wait("a0's neighbour through the bound resolver", Duration::from_secs(1), || {
+            bound.hop(on_a0).is_some_and(|h| h.via.is_none() && h.ifindex == a0 && h.mac.is_some())
+        });
+        assert!(bound.hop(peer).is_none(), "a route out of another interface was taken: {:?}", bound.hop(peer));
+        drop(bound);
 
         // Forgotten peers are no longer reported.
         u.watch([lost]);
