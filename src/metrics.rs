@@ -316,6 +316,35 @@ fn control(x: &mut Exposition, stats: &AdminStats, nodes: &[NodeStatus], info: &
     ]
     .map(|(r, n)| (Reason { reason: r.to_owned() }, n));
     x.family("gossip_rejected_total", COUNTER, "Gossip packets dropped, by reason.", rejected.to_vec());
+    let m = stats.management.clone().unwrap_or_default();
+    x.family("management_connections_open", GAUGE, "Management plane connections open.", one(m.open));
+    x.family(
+        "management_connections_accepted_total",
+        COUNTER,
+        "Management plane connections admitted.",
+        one(m.accepted),
+    );
+    x.family("management_requests_total", COUNTER, "Management plane requests answered.", one(m.requests));
+    let closed = [
+        ("refused_total", m.refused_total),
+        ("refused_per_ip", m.refused_per_ip),
+        ("accept_error", m.accept_errors),
+        ("handshake_timeout", m.handshake_timeouts),
+        ("handshake_failed", m.handshake_failed),
+        ("request_timeout", m.request_timeouts),
+        ("idle", m.idle_closed),
+        ("write_timeout", m.write_timeouts),
+        ("too_large", m.too_large),
+        ("bad_frame", m.bad_frames),
+        ("expired_certificate", m.expired_closed),
+    ]
+    .map(|(r, n)| (Reason { reason: r.to_owned() }, n));
+    x.family(
+        "management_connections_closed_total",
+        COUNTER,
+        "Management plane connections refused or closed by its limits, by reason.",
+        closed.to_vec(),
+    );
 }
 
 /// The metric names' prefix.
@@ -433,7 +462,10 @@ mod tests {
                 "traffic": []
             }]},
             "gossip": { "sent": 40, "received": 38, "rejected_short": 0, "rejected_unknown_key": 1,
-                "rejected_bad_tag": 0, "rejected_undecodable": 0, "members": [] }
+                "rejected_bad_tag": 0, "rejected_undecodable": 0, "members": [] },
+            "management": { "open": 3, "accepted": 9, "refused_total": 0, "refused_per_ip": 2, "accept_errors": 0,
+                "handshake_timeouts": 1, "handshake_failed": 0, "request_timeouts": 4, "idle_closed": 0,
+                "write_timeouts": 0, "too_large": 0, "bad_frames": 0, "expired_closed": 0, "requests": 20 }
         });
         let stats: AdminStats = serde_json::from_value(stats).expect("the stats schema");
         let nodes = serde_json::json!([{ "name": "node1", "status": "ready" }, { "name": "node3", "status": "down" }]);
@@ -455,6 +487,9 @@ mod tests {
             "meshplane_cluster_state_version 17",
             "meshplane_gossip_rejected_total{reason=\"unknown_key\"} 1",
             "meshplane_gossip_rejected_total{reason=\"replayed\"} 0",
+            "meshplane_management_connections_open 3",
+            "meshplane_management_connections_closed_total{reason=\"request_timeout\"} 4",
+            "meshplane_management_connections_closed_total{reason=\"refused_per_ip\"} 2",
         ] {
             assert!(t.lines().any(|l| l == line), "missing {line:?} in:\n{t}");
         }

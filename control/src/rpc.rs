@@ -101,6 +101,63 @@ pub struct AdminStats {
     pub dataplane: NodeStats,
     /// Gossip's (none before the node is in a cluster).
     pub gossip: Option<GossipStats>,
+    /// The management plane server's connections (none before the node
+    /// is in a cluster).
+    #[serde(default)]
+    pub management: Option<ConnStats>,
+}
+
+/// A server's connection counters (all since it started, but `open`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnStats {
+    /// Connections open now.
+    pub open: u64,
+    /// Connections admitted.
+    pub accepted: u64,
+    /// Closed at accept: `max_connections` reached (for this address).
+    pub refused_total: u64,
+    /// Closed at accept: `max_per_ip` reached.
+    pub refused_per_ip: u64,
+    /// `accept` failed (out of descriptors, ...); the server waited and
+    /// went on.
+    pub accept_errors: u64,
+    /// Closed: no TLS handshake within `handshake`.
+    pub handshake_timeouts: u64,
+    /// Closed: the handshake failed (a certificate the CA did not sign, not
+    /// TLS).
+    pub handshake_failed: u64,
+    /// Closed: a request not read whole within `request` (slow clients).
+    pub request_timeouts: u64,
+    /// Closed: a member's connection idle for `idle`.
+    pub idle_closed: u64,
+    /// Closed: an answer not written within `write`.
+    pub write_timeouts: u64,
+    /// Closed: a request over the size limit (`join_frame` without a
+    /// certificate, `request_frame` with one).
+    pub too_large: u64,
+    /// Closed: a request that is not one.
+    pub bad_frames: u64,
+    /// Closed: the client's certificate expired while its connection was
+    /// open.
+    pub expired_closed: u64,
+    /// Requests answered.
+    pub requests: u64,
+}
+
+impl ConnStats {
+    /// Every connection the server closed or refused for breaking a limit.
+    pub fn closed_by_limits(&self) -> u64 {
+        self.refused_total
+            + self.refused_per_ip
+            + self.handshake_timeouts
+            + self.handshake_failed
+            + self.request_timeouts
+            + self.idle_closed
+            + self.write_timeouts
+            + self.too_large
+            + self.bad_frames
+            + self.expired_closed
+    }
 }
 
 /// A management-plane request.

@@ -21,7 +21,8 @@ mod limits;
 mod pool;
 mod server;
 
-pub use limits::{ConnStats, Limits};
+pub use crate::rpc::ConnStats;
+pub use limits::Limits;
 
 use crate::authz::authorize_role;
 use crate::pki::{ClusterCa, JoinRole, JoinToken, NodeIdentity, Peer, PkiError, fingerprint};

@@ -39,6 +39,23 @@ pub(crate) fn run(c: &Conn, watch: bool, count: Option<u32>) -> Result<()> {
                 g.rejected_wrong_sender,
                 g.rejected_replayed,
             );
+            if let Some(m) = &v.management {
+                println!(
+                    "management plane: {} connections open, {} accepted, {} requests, {} closed by limits (refused at accept {}, per address {}, handshake deadline {}, handshake failed {}, request deadline {}, idle {}, too large {}, expired certificate {})",
+                    m.open,
+                    m.accepted,
+                    m.requests,
+                    m.closed_by_limits(),
+                    m.refused_total,
+                    m.refused_per_ip,
+                    m.handshake_timeouts,
+                    m.handshake_failed,
+                    m.request_timeouts,
+                    m.idle_closed,
+                    m.too_large,
+                    m.expired_closed,
+                );
+            }
         }
         shown += 1;
         if !watch || count.is_some_and(|n| shown >= n) {

@@ -67,8 +67,11 @@ impl Control {
                 to_json("conntrack", &entries)
             }
             AdminRequest::Stats => {
-                let gossip = self.lock().gossip.clone();
-                to_json("stats", &AdminStats { dataplane: self.dp.stats(), gossip })
+                let (gossip, management) = {
+                    let g = self.lock();
+                    (g.gossip.clone(), g._server.as_ref().map(|s| s.stats()))
+                };
+                to_json("stats", &AdminStats { dataplane: self.dp.stats(), gossip, management })
             }
         }
     }

@@ -8,7 +8,7 @@
 //! use the last `reserved_for_members` places, so a flood from elsewhere
 //! cannot keep the managers from reconnecting to each other.
 
-use serde::{Deserialize, Serialize};
+use crate::rpc::ConnStats;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -58,43 +58,6 @@ impl Default for Limits {
             request_frame: 16 << 20,
         }
     }
-}
-
-/// A server's connection counters (all since it started, but `open`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ConnStats {
-    /// Connections open now.
-    pub open: u64,
-    /// Connections admitted.
-    pub accepted: u64,
-    /// Closed at accept: `max_connections` reached (for this address).
-    pub refused_total: u64,
-    /// Closed at accept: `max_per_ip` reached.
-    pub refused_per_ip: u64,
-    /// `accept` failed (out of descriptors, ...); the server waited and
-    /// went on.
-    pub accept_errors: u64,
-    /// Closed: no TLS handshake within `handshake`.
-    pub handshake_timeouts: u64,
-    /// Closed: the handshake failed (a certificate the CA did not sign, not
-    /// TLS).
-    pub handshake_failed: u64,
-    /// Closed: a request not read whole within `request` (slow clients).
-    pub request_timeouts: u64,
-    /// Closed: a member's connection idle for `idle`.
-    pub idle_closed: u64,
-    /// Closed: an answer not written within `write`.
-    pub write_timeouts: u64,
-    /// Closed: a request over the size limit (`join_frame` without a
-    /// certificate, `request_frame` with one).
-    pub too_large: u64,
-    /// Closed: a request that is not one.
-    pub bad_frames: u64,
-    /// Closed: the client's certificate expired while its connection was
-    /// open.
-    pub expired_closed: u64,
-    /// Requests answered.
-    pub requests: u64,
 }
 
 struct GateInner {
