@@ -98,7 +98,13 @@ impl Node {
 
 /// `CreateNetwork` of `name` on `subnet`, defaults otherwise.
 fn network(name: &str, subnet: &str) -> Command {
-    Command::CreateNetwork { name: name.into(), subnet: subnet.parse().unwrap(), gateway: None, mtu: None, internal: false }
+    Command::CreateNetwork {
+        name: name.into(),
+        subnet: subnet.parse().unwrap(),
+        gateway: None,
+        mtu: None,
+        internal: false,
+    }
 }
 
 /// The Raft voters `n` reports (`node ls`'s manager status).
@@ -139,7 +145,11 @@ fn a_cluster_of_control_planes() {
     let init = n1.admin(AdminRequest::Init { cert_expiry_secs: None, data_path_port: None }).unwrap();
     let mtoken = init["manager_token"].as_str().unwrap().to_owned();
     let wtoken = init["worker_token"].as_str().unwrap().to_owned();
-    assert!(n1.admin(AdminRequest::Init { cert_expiry_secs: None, data_path_port: None }).unwrap_err().contains("already in a cluster"));
+    assert!(
+        n1.admin(AdminRequest::Init { cert_expiry_secs: None, data_path_port: None })
+            .unwrap_err()
+            .contains("already in a cluster")
+    );
     let addr1 = n1.cfg.advertise;
 
     let n2 = start(config(2, &dir, 17946));

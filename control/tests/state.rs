@@ -24,7 +24,13 @@ fn node(n: u8) -> Command {
 }
 
 fn network(name: &str, subnet: &str) -> Command {
-    Command::CreateNetwork { name: name.into(), subnet: subnet.parse().unwrap(), gateway: None, mtu: None, internal: false }
+    Command::CreateNetwork {
+        name: name.into(),
+        subnet: subnet.parse().unwrap(),
+        gateway: None,
+        mtu: None,
+        internal: false,
+    }
 }
 
 fn service(name: &str, vip: Option<u16>, publish: &[(Option<u16>, MeshMode)]) -> Command {
@@ -406,9 +412,8 @@ fn a_state_older_than_the_mtu_port_and_internal_fields_loads_with_the_defaults()
     assert_eq!(old, s, "1500-byte underlays, port 4789, networks not internal");
     assert_eq!((old.data_path_port, old.nodes["node1"].underlay_mtu), (4789, 1500));
     // An old log entry: CreateNetwork without `internal`.
-    let cmd: Command = serde_json::from_str(
-        r#"{"CreateNetwork":{"name":"n","subnet":"198.19.9.0/24","gateway":null,"mtu":null}}"#,
-    )
-    .unwrap();
+    let cmd: Command =
+        serde_json::from_str(r#"{"CreateNetwork":{"name":"n","subnet":"198.19.9.0/24","gateway":null,"mtu":null}}"#)
+            .unwrap();
     assert_eq!(cmd, network_mtu("n", "198.19.9.0/24", None));
 }

@@ -856,7 +856,11 @@ fn internal_network_drops_egress_with_its_own_reason() {
     let cases = [
         ("udp to an address outside every network", udp(GW_MAC, T1_MAC, T1, outside, b"x"), D::EgressInternal),
         ("ping outside", ping(GW_MAC, T1_MAC, T1, outside, b"out?"), D::EgressInternal),
-        ("udp to the db network's subnet (a cluster network)", udp(GW_MAC, T1_MAC, T1, [198, 19, 1, 7], b"x"), D::NoRoute),
+        (
+            "udp to the db network's subnet (a cluster network)",
+            udp(GW_MAC, T1_MAC, T1, [198, 19, 1, 7], b"x"),
+            D::NoRoute,
+        ),
         ("udp to the gateway address", udp(GW_MAC, T1_MAC, T1, GW, b"x"), D::NoRoute),
     ];
     let mut st = WorkerState::new(internal.ports.len());

@@ -11,7 +11,13 @@ pub(crate) fn run(c: &Conn, cmd: &NetworkCmd) -> Result<()> {
     match cmd {
         NetworkCmd::Create { subnet, gateway, mtu, internal, name } => {
             let subnet = subnet.parse().map_err(|e| anyhow!("--subnet {subnet:?}: {e}"))?;
-            let cmd = Command::CreateNetwork { name: name.clone(), subnet, gateway: *gateway, mtu: *mtu, internal: *internal };
+            let cmd = Command::CreateNetwork {
+                name: name.clone(),
+                subnet,
+                gateway: *gateway,
+                mtu: *mtu,
+                internal: *internal,
+            };
             write(c, cmd)?;
             println!("{name}");
         }

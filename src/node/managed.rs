@@ -163,9 +163,12 @@ fn underlay_mtu(a: &RunArgs, io: IoKind, uplink: &str) -> Result<u16> {
 /// Interface `iface`'s MTU, from sysfs (this namespace's, as `ip netns
 /// exec` mounts it); `None` if there is no such interface.
 fn nic_mtu(iface: &str) -> Option<u16> {
-    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu")).ok()?.trim().parse::<u32>().ok().map(|m| {
-        u16::try_from(m).unwrap_or(u16::MAX)
-    })
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
+        .ok()?
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .map(|m| u16::try_from(m).unwrap_or(u16::MAX))
 }
 
 /// The addresses a managed node needs, from its arguments.
@@ -230,7 +233,9 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let io = a.io.context("--io afxdp|tap is needed")?;
     if a.data_path_port.is_some() {
-        bail!("--data-path-port (data_path_port) is the cluster's: give it to `meshplane cluster init --data-path-port`");
+        bail!(
+            "--data-path-port (data_path_port) is the cluster's: give it to `meshplane cluster init --data-path-port`"
+        );
     }
     let ad = addresses(a)?;
     let name = a.name.clone().unwrap_or_else(hostname);

@@ -131,7 +131,10 @@ impl Managed {
     /// its namespace); waits for both tasks' interfaces. The tasks'
     /// addresses.
     pub(crate) fn tasks_on(&self, net: &str) -> Vec<String> {
-        self.cli_ok(1, &["service", "create", "--name", "web", "--network", net, "--vip-port", "80", "--target-port", "5001"]);
+        self.cli_ok(
+            1,
+            &["service", "create", "--name", "web", "--network", net, "--vip-port", "80", "--target-port", "5001"],
+        );
         for n in 1..=2u8 {
             let (node, id) = (format!("node{n}"), format!("web.{n}"));
             let ns = &self.tasks[usize::from(n) - 1];
