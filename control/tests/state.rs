@@ -24,13 +24,7 @@ fn node(n: u8) -> Command {
 }
 
 fn network(name: &str, subnet: &str) -> Command {
-    Command::CreateNetwork {
-        name: name.into(),
-        subnet: subnet.parse().unwrap(),
-        gateway: None,
-        mtu: None,
-        internal: false,
-    }
+    network_mtu(name, subnet, None)
 }
 
 fn service(name: &str, vip: Option<u16>, publish: &[(Option<u16>, MeshMode)]) -> Command {

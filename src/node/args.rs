@@ -64,7 +64,7 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "BYTES")]
     pub(crate) data_path_mtu: Option<u16>,
     /// Refused: the VXLAN port is the cluster's (`cluster init
-    /// --data-path-port`).
+    /// --data-path-port`; static mode: the tables' `node.vxlan_port`).
     #[arg(long, hide = true)]
     pub(crate) data_path_port: Option<u16>,
     /// Gossip UDP port.

@@ -232,11 +232,6 @@ fn first_tables(io: IoKind, ad: &Addresses, data_mac: MacAddr, underlay_mtu: u16
 pub(crate) fn run(a: &RunArgs) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let io = a.io.context("--io afxdp|tap is needed")?;
-    if a.data_path_port.is_some() {
-        bail!(
-            "--data-path-port (data_path_port) is the cluster's: give it to `meshplane cluster init --data-path-port`"
-        );
-    }
     let ad = addresses(a)?;
     let name = a.name.clone().unwrap_or_else(hostname);
     let state_dir = a.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));

@@ -186,6 +186,11 @@ impl Managed {
 /// (1450) is taken. Read from the NIC (AF_XDP: up0's 1500; TAP: the
 /// device's default 1500).
 pub(crate) fn mtu_refused_on_a_small_underlay(io: Io) {
+    // The VXLAN port is the cluster's: a node's own is refused before it
+    // touches anything.
+    let o =
+        Command::new(BIN).args(["node", "run", "--io", io.arg(), "--data-path-port", "4790"]).output().expect("run");
+    assert!(!o.status.success() && text(&o.stderr).contains("is the cluster's"), "{}", text(&o.stderr));
     let c = Managed::nodes(&format!("r{}", &io.arg()[..1]), io, 1500, &[]);
     c.cluster(&[]);
     let o = c.cli(1, &["network", "create", "--subnet", "198.19.0.0/24", "--mtu", "9000", "big"]);
