@@ -218,7 +218,7 @@ fn ports(x: &mut Exposition, dp: &NodeStats) {
 
 /// Per worker.
 fn workers(x: &mut Exposition, dp: &NodeStats) {
-    let worker_counters: [Read<WorkerStats>; 14] = [
+    let worker_counters: [Read<WorkerStats>; 16] = [
         ("passed_total", |w| w.passed, COUNTER, "Frames passed to the kernel."),
         ("unbound_total", |w| w.unbound, COUNTER, "Frames for a port this worker has no I/O for."),
         ("conntrack_entries", |w| w.conntrack_entries, GAUGE, "Connection-table entries in use."),
@@ -241,6 +241,13 @@ fn workers(x: &mut Exposition, dp: &NodeStats) {
             "New connections dropped by the flood guard (--max-new-conns-per-sec).",
         ),
         ("conntrack_evicted_total", |w| w.conntrack_evicted, COUNTER, "Live connection-table entries evicted."),
+        (
+            "mesh_frag_needed_total",
+            |w| w.mesh_frag_needed,
+            COUNTER,
+            "ICMP fragmentation-needed sent to routing-mesh clients.",
+        ),
+        ("mesh_mss_clamped_total", |w| w.mesh_mss_clamped, COUNTER, "Routing-mesh SYNs whose MSS was clamped."),
         ("new_connections_total", |w| w.new_connections, COUNTER, "Connections balanced."),
         ("handed_off_total", |w| w.handed_off, COUNTER, "Frames handed to worker 0 (connection state)."),
         ("handed_in_total", |w| w.handed_in, COUNTER, "Frames worker 0 took from the others."),
@@ -418,7 +425,7 @@ mod tests {
                 "ports": [{ "name": "uplink", "rx": 10, "tx": 7, "tx_full": 0, "rx_oversize": 0, "errors": 0, "rx_bad_offload": 0, "tx_segmented": 0, "tx_coalesced": 0, "rx_kernel_dropped": 0 }],
                 "drops": { "unknown_vni": 2 },
                 "passed": 1, "unbound": 0, "conntrack_entries": 4, "new_connections": 2,
-                "conntrack_unconfirmed": 6, "conntrack_confirmed": 1, "conntrack_guarded": 3, "conntrack_evicted": 0,
+                "conntrack_unconfirmed": 6, "conntrack_confirmed": 1, "conntrack_guarded": 3, "conntrack_evicted": 0, "mesh_frag_needed": 2, "mesh_mss_clamped": 1,
                 "handed_off": 0, "handed_in": 0, "handoff_full": 0, "busy_rounds": 5, "idle_waits": 9,
                 "services": [{ "name": "web", "packets": 6, "bytes": 600, "new_connections": 2,
                     "backends": [{ "ip": "198.19.0.5", "port": 8080, "weight": 1, "packets": 6, "bytes": 600,
@@ -440,6 +447,8 @@ mod tests {
             "meshplane_conntrack_entries{worker=\"0\"} 4",
             "meshplane_conntrack_unconfirmed_total{worker=\"0\"} 6",
             "meshplane_conntrack_flood_guard_drops_total{worker=\"0\"} 3",
+            "meshplane_mesh_frag_needed_total{worker=\"0\"} 2",
+            "meshplane_mesh_mss_clamped_total{worker=\"0\"} 1",
             "meshplane_service_bytes_total{worker=\"0\",service=\"web\"} 600",
             "meshplane_backend_active_connections{worker=\"0\",service=\"web\",backend=\"198.19.0.5:8080\"} 1",
             "meshplane_node_up{node=\"node3\"} 0",

@@ -4,9 +4,11 @@
 //! side of the swap).
 //!
 //! What a node gets: the cluster's data-path port and its own underlay
-//! MTU, every other node as an underlay neighbour (one L2 fabric: their
-//! data MACs), every network (its VNI, subnet, gateway, MTU, whether it is
-//! internal, and this node's address in it), a port per local task (named after the
+//! MTU, every other node as an underlay neighbour (with its own data MAC,
+//! right on one L2 segment; a managed node replaces it with its kernel's
+//! next hop toward that peer, `src/node/underlay.rs`), every network (its
+//! VNI, subnet, gateway, MTU, whether it is internal, and this node's
+//! address in it), a port per local task (named after the
 //! task), every task as an endpoint — local ones on their port, remote
 //! ones behind their node's VTEP, and only on nodes that are up — the
 //! other nodes' addresses in each network as endpoints, and every service

@@ -91,6 +91,9 @@ pub enum TlsError {
     /// An answer that is not one to a join.
     #[error("unexpected answer to a join")]
     UnexpectedAnswer,
+    /// The server's certificate is not a manager's.
+    #[error("the server's certificate is not a manager's")]
+    NotAManagerServer,
     /// A Raft member without a management address.
     #[error("node {0} has no management address")]
     NoAddress(NodeId),
@@ -220,10 +223,19 @@ async fn connect(
         .map_err(|_| TlsError::ConnectTimeout)?
         .map_err(TlsError::Connect)?;
     let _ = tcp.set_nodelay(true);
-    tokio::time::timeout(HANDSHAKE_DEADLINE, connector.connect(name, tcp))
+    let s = tokio::time::timeout(HANDSHAKE_DEADLINE, connector.connect(name, tcp))
         .await
         .map_err(|_| TlsError::HandshakeTimeout)?
-        .map_err(TlsError::Handshake)
+        .map_err(TlsError::Handshake)?;
+    // Every client of the management plane talks to managers (joins,
+    // Raft, forwarded writes, watches, renewals): a worker's certificate,
+    // valid as it is, does not serve them (it could otherwise stand in for
+    // a manager reached by address only).
+    let server = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| Peer::from_cert(c).ok());
+    match server {
+        Some(p) if p.role == JoinRole::Manager => Ok(s),
+        _ => Err(TlsError::NotAManagerServer),
+    }
 }
 
 /// One request and its answer on a connection.

@@ -118,6 +118,14 @@ async fn three_managers_over_mutual_tls() {
     // A worker's certificate may not send Raft's RPCs.
     let r = request(addr1, "m1", &worker.0, &Request::Vote(vote.clone())).await.unwrap();
     assert!(matches!(r, Response::Refused(Refusal::ManagersOnly)), "a worker's vote was taken");
+    // Nor may it serve as a manager: a client refuses a worker's server
+    // certificate (valid as it is).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake = serve(listener, &worker.0, Arc::new(Mutex::new(None)), None).unwrap();
+    match request(fake.addr, "w1", &ms[0].ident, &Request::Vote(vote.clone())).await {
+        Err(e) => assert!(e.to_string().contains("not a manager's"), "{e}"),
+        Ok(_) => panic!("a worker's server was taken for a manager"),
+    }
     // Without a certificate, Raft is refused (joins only).
     let r = request(addr1, "m1", &ms[1].ident, &Request::Vote(vote)).await.unwrap();
     assert!(matches!(r, Response::Refused(_)), "Raft is not running on m1 yet");

@@ -234,6 +234,10 @@ drop_reasons! {
     /// RFC 1122 forbids the ICMP error (ICMP error, later fragment, source
     /// not one host, destination a group).
     MtuExceeded = "mtu_exceeded",
+    /// An IPv4 packet larger than the network MTU, with DF, from a
+    /// routing-mesh client, whose fragmentation-needed answer the worker's
+    /// ICMP rate limit refused (`lb::ICMP_PER_SEC`, burst `lb::ICMP_BURST`).
+    IcmpRateLimited = "icmp_rate_limited",
     /// A non-IPv4 frame larger than the network MTU allows.
     Oversize = "oversize",
     /// Not enough headroom in the buffer to encapsulate.

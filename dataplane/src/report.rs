@@ -48,6 +48,12 @@ pub struct WorkerStats {
     pub conntrack_guarded: u64,
     /// Live entries evicted to make room.
     pub conntrack_evicted: u64,
+    /// ICMP fragmentation-needed the routing mesh sent to clients (those
+    /// the rate limit refused: the drop reason `icmp_rate_limited`).
+    pub mesh_frag_needed: u64,
+    /// Routing-mesh SYNs and SYN-ACKs whose MSS was clamped to the network
+    /// MTU − 40.
+    pub mesh_mss_clamped: u64,
     /// Connections balanced (over the services).
     pub new_connections: u64,
     /// Frames handed to worker 0 (connection state).

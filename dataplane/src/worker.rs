@@ -229,6 +229,8 @@ pub struct Report {
     pub conntrack: CtStats,
     /// Live connection-table entries.
     pub conntrack_len: usize,
+    /// The routing mesh's ICMP and MSS counters.
+    pub mesh: crate::lb::MeshStats,
     /// Frames sent toward a tables port this worker has no I/O port for.
     pub unbound: u64,
     /// Frames this worker handed to worker 0 (connection state).
@@ -759,6 +761,7 @@ impl Worker {
         report.services.clone_from(&st.lb.services);
         report.conntrack = st.lb.conntrack.stats;
         report.conntrack_len = st.lb.conntrack.len();
+        report.mesh = st.lb.mesh;
         if let Some(slot) = self.shared.reports.get(self.index)
             && let Ok(mut r) = slot.try_lock()
         {

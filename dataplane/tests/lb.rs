@@ -725,3 +725,194 @@ fn closed_ports_on_the_data_address_are_reset_when_the_node_owns_it() {
     let plain = tables_with("");
     assert_eq!(run(&plain, &mut WorkerState::for_tables(&plain), UPLINK, &syn, 0).0, Verdict::Pass);
 }
+
+// ---------------------------------------------------------------------------
+// The routing mesh's ICMP and MSS: network `app` has MTU 1450 (underlay
+// 1500 − 50), so an MSS of 1410 fits it.
+
+/// RFC 1071, written here again so that the expected frames do not come
+/// from the code under test.
+fn rfc1071(b: &[u8]) -> u16 {
+    let mut acc: u32 = b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+/// A TCP segment from the client to a published port with `payload`
+/// bytes, DF set or not.
+fn client_tcp(dport: u16, sport: u16, payload: usize, df: bool) -> Vec<u8> {
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2(CLIENT_MAC, NODE1_MAC)
+        .ipv4(CLIENT, NODE1, 64)
+        .tcp(sport, dport, 1000, 65535)
+        .ack(1)
+        .write(&mut f, &vec![0x5a; payload])
+        .unwrap();
+    if !df {
+        f[20] &= !0x40;
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = rfc1071(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+    }
+    f
+}
+
+/// The fragmentation-needed this node (198.18.0.1, its uplink MAC) must
+/// send the client for `orig`, byte by byte: Ethernet back to the client's
+/// MAC; IPv4 with TTL 64, no DF, ident 0; ICMP type 3 code 4 with the
+/// next-hop MTU, quoting the original IPv4 header and 8 bytes.
+fn mesh_frag_needed(orig: &[u8], mtu: u16) -> Vec<u8> {
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(&orig[14..14 + 20 + 8]);
+    let c = rfc1071(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 20 + icmp.len() as u8, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip.extend_from_slice(&NODE1);
+    ip.extend_from_slice(&CLIENT);
+    let c = rfc1071(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = [CLIENT_MAC, NODE1_MAC].concat();
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+#[test]
+fn routing_mesh_answers_oversize_df_packets_with_frag_needed_from_the_published_address() {
+    let t = mesh_tables();
+    assert_eq!(t.networks[0].mtu, 1450);
+    let mut st = WorkerState::for_tables(&t);
+    // Both modes, and both a local and a remote task (the connection is
+    // not scheduled: the answer comes before the balancer).
+    for (i, port) in [30080u16, 30081].into_iter().enumerate() {
+        let big = client_tcp(port, 41000 + i as u16, 1450 - 40 + 1, true);
+        assert_eq!(u16::from_be_bytes([big[16], big[17]]), 1451);
+        let (v, out) = run(&t, &mut st, UPLINK, &big, 0);
+        assert_eq!(v, Verdict::Tx(UPLINK), "port {port}");
+        let want = mesh_frag_needed(&big, 1450);
+        assert_eq!(out.len(), 14 + 20 + 8 + 28);
+        assert_eq!(out, want, "port {port}");
+        // And etherparse reads it as what it is, checksums right.
+        let p = etherparse::SlicedPacket::from_ethernet(&out).unwrap();
+        let Some(etherparse::TransportSlice::Icmpv4(icmp)) = p.transport else { panic!("not ICMP") };
+        assert_eq!(
+            icmp.icmp_type(),
+            etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1450 }
+            )
+        );
+        assert_eq!(icmp.header().checksum, icmp.icmp_type().calc_checksum(icmp.payload()));
+        // No connection was opened for it.
+        assert_eq!(st.lb.services[i].new_conns, 0);
+    }
+    assert_eq!(st.lb.mesh.frag_needed, 2);
+    // Without DF: dropped as before (the balancer does not fragment).
+    let big = client_tcp(30080, 41005, 1411, false);
+    assert_eq!(run(&t, &mut st, UPLINK, &big, 0).0, Verdict::Drop(D::MtuExceeded));
+    // Exactly the MTU goes through (to T3 or T2, balanced).
+    let fits = client_tcp(30080, 41006, 1410, true);
+    let (v, _) = run(&t, &mut st, UPLINK, &fits, 0);
+    assert!(matches!(v, Verdict::Tx(TASK3) | Verdict::Tx(UPLINK)), "{v:?}");
+    assert_eq!(st.lb.services[0].new_conns, 1);
+    assert_eq!(st.lb.mesh.frag_needed, 2);
+}
+
+#[test]
+fn routing_mesh_frag_needed_is_rate_limited_per_worker_and_counted() {
+    use meshplane_dataplane::lb::{ICMP_BURST, ICMP_PER_SEC};
+    let t = mesh_tables();
+    let mut st = WorkerState::for_tables(&t);
+    let big = client_tcp(30080, 42000, 1500, true);
+    let burst = ICMP_BURST as usize;
+    let mut verdicts: Vec<Verdict> = (0..burst + 10).map(|_| run(&t, &mut st, UPLINK, &big, 0).0).collect();
+    assert!(verdicts[..burst].iter().all(|v| *v == Verdict::Tx(UPLINK)), "{verdicts:?}");
+    assert!(verdicts[burst..].iter().all(|v| *v == Verdict::Drop(D::IcmpRateLimited)), "{verdicts:?}");
+    // Three token periods later, three more.
+    let later = 3 * SECOND / ICMP_PER_SEC;
+    verdicts = (0..5).map(|_| run(&t, &mut st, UPLINK, &big, later).0).collect();
+    let sent = verdicts.iter().filter(|v| **v == Verdict::Tx(UPLINK)).count();
+    assert_eq!(sent, 3, "{verdicts:?}");
+    assert_eq!(st.lb.mesh.frag_needed, burst as u64 + 3);
+    assert_eq!(st.stats.dropped(D::IcmpRateLimited), 12);
+    // A second later the bucket is full again, no fuller.
+    verdicts = (0..burst + 1).map(|_| run(&t, &mut st, UPLINK, &big, later + SECOND).0).collect();
+    assert_eq!(verdicts.iter().filter(|v| **v == Verdict::Tx(UPLINK)).count(), burst);
+}
+
+/// A SYN (or SYN-ACK with `ack`) between these MACs, addresses and ports,
+/// with an MSS option, and the window scale and SACK-permitted a Linux
+/// client sends after it.
+fn syn_mss(
+    (dst, src): ([u8; 6], [u8; 6]),
+    (sip, dip): ([u8; 4], [u8; 4]),
+    (sport, dport): (u16, u16),
+    mss: Option<u16>,
+    ack: bool,
+) -> Vec<u8> {
+    use etherparse::TcpOptionElement as O;
+    let mut f = Vec::new();
+    let b = etherparse::PacketBuilder::ethernet2(src, dst).ipv4(sip, dip, 64).tcp(sport, dport, 7000, 64240).syn();
+    let b = if ack { b.ack(1) } else { b };
+    let opts: Vec<O> = mss
+        .map(O::MaximumSegmentSize)
+        .into_iter()
+        .chain([O::Noop, O::WindowScale(7), O::SelectiveAcknowledgementPermitted, O::Noop, O::Noop])
+        .collect();
+    b.options(&opts).unwrap().write(&mut f, &[]).unwrap();
+    f
+}
+
+#[test]
+fn routing_mesh_clamps_the_mss_of_syns_and_syn_acks_to_the_network_mtu() {
+    let t = mesh_tables();
+    let mut st = WorkerState::for_tables(&t);
+    let (to_node1, to_t3, to_t2) = ((NODE1_MAC, CLIENT_MAC), (T3_MAC, NODE1_APP_MAC), (T2_MAC, NODE1_APP_MAC));
+    let to_client = (CLIENT_MAC, NODE1_MAC);
+    let syn = |macs, ips, ports, mss| syn_mss(macs, ips, ports, mss, false);
+    let syn_ack = |macs, ips, ports, mss| syn_mss(macs, ips, ports, mss, true);
+    // Each step: what it is, the input port and frame, the verdict, the
+    // frame that comes out (inside VXLAN to node 2 if `vx`), the clamps
+    // counted so far. The expected frames' checksums are etherparse's,
+    // computed whole.
+    #[rustfmt::skip]
+    let steps = [
+        ("nat, local task: the client (MTU 9000) announces 8960, T3 gets 1410 (1450 - 40)",
+            UPLINK, syn(to_node1, (CLIENT, NODE1), (43001, 30080), Some(8960)),
+            Verdict::Tx(TASK3), false, syn(to_t3, (NODE1_APP, T3), (43001, 8080), Some(1410)), 1),
+        ("its SYN-ACK: T3 announces 65495 (loopback-sized), the client gets 1410",
+            TASK3, syn_ack((NODE1_APP_MAC, T3_MAC), (T3, NODE1_APP), (8080, 43001), Some(65495)),
+            Verdict::Tx(UPLINK), false, syn_ack(to_client, (NODE1, CLIENT), (30080, 43001), Some(1410)), 2),
+        ("preserve-source, local task T3 (round robin of its own)",
+            UPLINK, syn(to_node1, (CLIENT, NODE1), (43002, 30081), Some(1460)),
+            Verdict::Tx(TASK3), false, syn(to_t3, (CLIENT, T3), (43002, 8080), Some(1410)), 3),
+        ("then remote task T2, a smaller MSS: untouched inside the VXLAN frame",
+            UPLINK, syn(to_node1, (CLIENT, NODE1), (43003, 30081), Some(1200)),
+            Verdict::Tx(UPLINK), true, syn(to_t2, (CLIENT, T2), (43003, 8080), Some(1200)), 3),
+        ("its SYN-ACK, returned by node 2 over VXLAN announcing 8960: clamped on its way to the client",
+            UPLINK, from_node2(&syn_ack((NODE1_APP_MAC, NODE2_APP_MAC), (T2, CLIENT), (8080, 43003), Some(8960))),
+            Verdict::Tx(UPLINK), false, syn_ack(to_client, (NODE1, CLIENT), (30081, 43003), Some(1410)), 4),
+        ("a SYN without the option (RFC 9293's 536 applies): untouched",
+            UPLINK, syn(to_node1, (CLIENT, NODE1), (43004, 30081), None),
+            Verdict::Tx(TASK3), false, syn(to_t3, (CLIENT, T3), (43004, 8080), None), 4),
+        ("nat, remote task T2: clamped before the overlay",
+            UPLINK, syn(to_node1, (CLIENT, NODE1), (43005, 30080), Some(8960)),
+            Verdict::Tx(UPLINK), true, syn(to_t2, (NODE1_APP, T2), (43005, 8080), Some(1410)), 5),
+    ];
+    for (what, port, input, verdict, vx, want, clamped) in steps {
+        let (v, out) = run(&t, &mut st, port, &input, 0);
+        assert_eq!(v, verdict, "{what}");
+        let out = if vx {
+            let (vni, inner) = decap(&out);
+            assert_eq!(vni, 4096, "{what}");
+            inner
+        } else {
+            out
+        };
+        assert_eq!(out, want, "{what}");
+        assert_eq!(st.lb.mesh.mss_clamped, clamped, "{what}");
+    }
+}

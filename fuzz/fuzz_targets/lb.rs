@@ -6,7 +6,9 @@
 //! service has at that moment (drained ones included: they keep their
 //! connections), with that backend's port; and the fast paths agree with
 //! the general path (`process_general` on a copy of the worker's state):
-//! same verdict, bytes and counters.
+//! same verdict, bytes and counters. A client's oversize packet is
+//! answered with frag-needed quoting it; a SYN's MSS is clamped to the
+//! network's MTU.
 //!
 //! Input: byte 0 picks the scheduler (low bits) and a flood guard (top
 //! bit); then a sequence of operations, each a selector byte and its
@@ -77,6 +79,24 @@ fn tcp(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u1
     f
 }
 
+/// A SYN announcing `mss` (then window scale and SACK-permitted).
+fn syn_mss(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, mss: u16) -> Vec<u8> {
+    use etherparse::TcpOptionElement as O;
+    let mut f = Vec::new();
+    let opts = [O::MaximumSegmentSize(mss), O::Noop, O::WindowScale(7), O::SelectiveAcknowledgementPermitted];
+    let b = etherparse::PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).tcp(sport, dport, 1, 1024).syn();
+    b.options(&opts).expect("fits").write(&mut f, &[]).expect("builds");
+    f
+}
+
+/// A segment with `n` bytes of payload (DF set, as etherparse does).
+fn tcp_sized(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, n: usize) -> Vec<u8> {
+    let mut f = Vec::new();
+    let b = etherparse::PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).tcp(sport, dport, 1, 1024);
+    b.ack(1).write(&mut f, &vec![0; n]).expect("builds");
+    f
+}
+
 fuzz_target!(|data: &[u8]| {
     let scheds = ["rr", "wrr", "lc", "wlc", "sh", "mh"];
     let Some((&first, mut ops)) = data.split_first() else { return };
@@ -108,12 +128,23 @@ fuzz_target!(|data: &[u8]| {
                 (1, tcp(GW, T1_MAC, [198, 19, 0, 1], [198, 19, 0, 100], sport, 80, *b.get(2).unwrap_or(&0)), Some(0))
             }
             1 => {
-                // A client to a published port (nat or preserve-source).
+                // A client to a published port (nat or preserve-source);
+                // bit 1 of the last byte: its SYN announces an MSS (from
+                // the client byte), bit 2: 1500 bytes of payload with DF
+                // (too large for the network: frag-needed).
                 let b = take(4);
                 let sport = u16::from_le_bytes([*b.first().unwrap_or(&0), *b.get(1).unwrap_or(&0)]);
-                let which = usize::from(*b.get(3).unwrap_or(&0) & 1);
-                let client = [198, 18, 5, *b.get(2).unwrap_or(&0)];
-                let f = tcp(NODE1_MAC, [2, 0, 0, 0, 5, 5], client, [198, 18, 0, 1], sport, 30080 + which as u16, 0);
+                let sel = *b.get(3).unwrap_or(&0);
+                let which = usize::from(sel & 1);
+                let c = *b.get(2).unwrap_or(&0);
+                let client = [198, 18, 5, c];
+                let (dst, src, ip) = (NODE1_MAC, [2, 0, 0, 0, 5, 5], [198, 18, 0, 1]);
+                let dport = 30080 + which as u16;
+                let f = match (sel & 2 != 0, sel & 4 != 0) {
+                    (_, true) => tcp_sized(dst, src, client, ip, sport, dport, 1500),
+                    (true, false) => syn_mss(dst, src, client, ip, sport, dport, 1000 + u16::from(c) * 40),
+                    _ => tcp(dst, src, client, ip, sport, dport, 0),
+                };
                 (UPLINK, f, Some(1 + which))
             }
             2 => {
@@ -154,9 +185,17 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(st.stats.drops, general.stats.drops);
         assert_eq!(st.stats.ports, general.stats.ports);
         assert_eq!(st.lb.services, general.lb.services);
+        assert_eq!(st.lb.mesh, general.lb.mesh);
         let (Some(svc), Verdict::Tx(out)) = (service, v) else { continue };
-        // Where did it go? The frame itself, or the frame inside VXLAN.
+        // Where did it go? The frame itself, or the frame inside VXLAN; or
+        // (a published port's oversize packet) ICMP back to the client.
         let sent = f.data();
+        if out == UPLINK && sent.get(23) == Some(&1) {
+            assert_eq!((sent[34], sent[35], &sent[26..30], &sent[30..34]), (3, 4, &[198, 18, 0, 1][..], &frame[26..30]));
+            assert_eq!(&sent[42..62], &frame[14..34], "the quote is the client's header");
+            continue;
+        }
+        // A SYN's MSS fits the network (1450 − 40) when it announced one.
         let inner = if out == UPLINK {
             match vxlan::classify(sent, core::net::Ipv4Addr::new(198, 18, 0, 2), 4789) {
                 Ok(Classified::Vxlan(d)) => &sent[d.inner],
@@ -165,6 +204,9 @@ fuzz_target!(|data: &[u8]| {
         } else {
             sent
         };
+        if inner.get(47).is_some_and(|f| f & 2 != 0) && inner.get(54) == Some(&2) {
+            assert!(u16::from_be_bytes([inner[56], inner[57]]) <= 1410, "MSS not clamped");
+        }
         let dst = core::net::Ipv4Addr::new(inner[30], inner[31], inner[32], inner[33]);
         let dport = u16::from_be_bytes([inner[36], inner[37]]);
         let s = &t.services.list[svc];

@@ -69,6 +69,8 @@ fn worker_stats(r: &Report, t: &Tables) -> WorkerStats {
         conntrack_confirmed: r.conntrack.confirmed,
         conntrack_guarded: r.conntrack.guarded,
         conntrack_evicted: r.conntrack.evicted,
+        mesh_frag_needed: r.mesh.frag_needed,
+        mesh_mss_clamped: r.mesh.mss_clamped,
         new_connections: r.services.iter().map(|s| s.new_conns).sum(),
         handed_off: r.handed_off,
         handed_in: r.handed_in,

@@ -3,7 +3,9 @@
 //! on a tokio runtime of its own) joins or resumes the cluster and
 //! publishes this node's tables on every change; the dataplane makes the
 //! ports of the node's tasks (`task_port`) and removes them when the
-//! tasks go.
+//! tasks go. Each peer's MAC in the control plane's tables is replaced
+//! with the kernel's next hop toward it (`underlay`), and the tables are
+//! published again when a next hop changes.
 //!
 //! SIGTERM or SIGINT: workers stop (sockets closed, the XDP program
 //! detached), the task ports this node made are removed, Raft stops; the
@@ -12,6 +14,7 @@
 use super::args::{DEFAULT_STATE_DIR, IoKind, RunArgs, mgmt_addr};
 use super::counters::{conntrack_entries, node_stats};
 use super::task_port::{self, TaskPort};
+use super::underlay::Underlay;
 use super::workers::{open, spawn_workers, stats_writer, stop_workers, summary, worker_cores};
 use crate::stats::{ConntrackEntry, NodeStats};
 use anyhow::{Context, Result, bail};
@@ -23,7 +26,7 @@ use meshplane_dataplane::worker::{Bound, Shared};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The dataplane side of a managed node.
@@ -34,6 +37,13 @@ struct Managed {
     io: IoKind,
     workers: usize,
     ports: Mutex<BTreeMap<String, TaskPort>>,
+    /// The control plane's last tables and tasks, before the next hops
+    /// are filled in: compiled again when a next hop changes (and the
+    /// lock that keeps two publications from crossing).
+    last: Mutex<Option<(TablesSpec, Vec<LocalTask>)>>,
+    /// The kernel's next hops toward the peers (none if netlink could not
+    /// be opened: then the peers' own MACs, one L2 segment).
+    underlay: OnceLock<Underlay>,
 }
 
 impl Managed {
@@ -84,12 +94,39 @@ impl Managed {
     }
 }
 
-impl Dataplane for Managed {
-    fn publish(&self, mut spec: TablesSpec, tasks: Vec<LocalTask>) -> Result<(), PublishError> {
+impl Managed {
+    /// Each peer's next-hop MAC from the kernel (the control plane's
+    /// compile leaves the peers' own data MACs, right on one L2 segment);
+    /// the peers handed to the resolver to follow.
+    fn fill_next_hops(&self, spec: &mut TablesSpec) {
+        let Some(u) = self.underlay.get() else { return };
+        u.watch(spec.node.neighbours.iter().map(|n| n.ip));
+        for n in &mut spec.node.neighbours {
+            if let Some(mac) = u.hop(n.ip).and_then(|h| h.mac) {
+                n.mac = mac;
+            }
+        }
+    }
+
+    /// The last tables again, with the next hops as they are now (the
+    /// resolver's callback).
+    fn republish(&self) {
+        let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((spec, tasks)) = last.as_ref()
+            && let Err(e) = self.apply(spec.clone(), tasks)
+        {
+            tracing::warn!("publishing the tables with new next hops: {e}");
+        }
+    }
+
+    /// Compiles `spec` with the next hops filled in and publishes it; the
+    /// task ports follow `tasks`.
+    fn apply(&self, mut spec: TablesSpec, tasks: &[LocalTask]) -> Result<(), PublishError> {
         spec.node.reset_closed_ports = self.io == IoKind::Tap;
+        self.fill_next_hops(&mut spec);
         let tables = Tables::compile(&spec).map_err(|e| e.to_string())?;
         let mut ports = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
-        self.add_ports(&mut ports, &tasks, &tables);
+        self.add_ports(&mut ports, tasks, &tables);
         let gone: Vec<String> = ports.keys().filter(|id| !tasks.iter().any(|t| t.id == **id)).cloned().collect();
         for k in 0..self.workers {
             self.shared.change_ports(k, vec![], &gone);
@@ -105,6 +142,15 @@ impl Dataplane for Managed {
         }
         Ok(())
     }
+}
+
+impl Dataplane for Managed {
+    fn publish(&self, spec: TablesSpec, tasks: Vec<LocalTask>) -> Result<(), PublishError> {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let r = self.apply(spec.clone(), &tasks);
+        *last = Some((spec, tasks));
+        r
+    }
 
     fn stats(&self) -> NodeStats {
         node_stats(&self.shared)
@@ -117,6 +163,10 @@ impl Dataplane for Managed {
 
 fn mac_of(iface: &str) -> Option<MacAddr> {
     std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).ok()?.trim().parse().ok()
+}
+
+fn ifindex_of(iface: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/ifindex")).ok()?.trim().parse().ok()
 }
 
 fn hostname() -> String {
@@ -259,7 +309,29 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         io,
         workers: n,
         ports: Mutex::new(BTreeMap::new()),
+        last: Mutex::new(None),
+        underlay: OnceLock::new(),
     });
+    // The next hops toward the peers, from this namespace's kernel; a
+    // change publishes the tables again.
+    let weak = Arc::downgrade(&dp);
+    // With AF_XDP the kernel holds the data NIC: routes to peers must
+    // leave through it.
+    let data_nic = match io {
+        IoKind::Afxdp => ifindex_of(&ad.uplink),
+        IoKind::Tap => None,
+    };
+    let republish = Box::new(move || {
+        if let Some(dp) = weak.upgrade() {
+            dp.republish();
+        }
+    });
+    match Underlay::start(republish, data_nic) {
+        Ok(u) => {
+            let _ = dp.underlay.set(u);
+        }
+        Err(e) => tracing::warn!("{e}; the peers' own MACs are used (one L2 segment)"),
+    }
 
     // The control thread.
     let cfg = Config {

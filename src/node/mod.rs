@@ -12,6 +12,7 @@ mod counters;
 mod managed;
 mod static_mode;
 mod task_port;
+mod underlay;
 mod workers;
 
 use anyhow::Result;

@@ -9,7 +9,7 @@
 //! removed), service rm (connections refused at once); bad CLI input gets a
 //! clear error and a non-zero exit.
 
-use crate::lab::{BIN, run};
+use crate::lab::{BIN, run, task_ip};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -109,16 +109,7 @@ pub(crate) fn cluster_on_the_lab(io: &str) {
     assert!(up.status.success(), "lab up: {}{}", text(&up.stdout), text(&up.stderr));
     let tasks: serde_json::Value =
         serde_json::from_str(&g.cli_ok(1, &["task", "ls", "--format", "json"])).expect("task ls json");
-    let ip_of = |id: &str| {
-        tasks
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|t| t["id"] == id)
-            .and_then(|t| t["ip"].as_str())
-            .unwrap()
-            .to_owned()
-    };
+    let ip_of = |id: &str| task_ip(&tasks, id);
     let (ip1, ip3) = (ip_of("web.1"), ip_of("web.3"));
     let has = |n: u8, ips: &[&String]| {
         let mut b = g.backends(n);

@@ -167,6 +167,51 @@ impl Lab {
     pub(crate) fn running(&mut self, i: usize) -> bool {
         matches!(self.procs[i].child.try_wait(), Ok(None))
     }
+
+    /// Starts server `args` (`args[2]` names it) in `ns` and waits until
+    /// `ss SS_FLAGS` there shows it on `listen`'s port; its index.
+    fn server(&mut self, ns: &str, ss_flags: &str, listen: &str, args: &[&str]) -> usize {
+        let p = self.spawn(ns, args[2], args);
+        let port = listen.rsplit(':').next().unwrap_or_default().to_owned();
+        wait_for(&format!("{} to listen on {listen}", args[2]), 10, || {
+            assert!(self.running(p), "{} exited: {}", args[2], self.log(p));
+            String::from_utf8_lossy(&in_ns(ns, &["ss", ss_flags]).stdout).contains(&format!(":{port} "))
+        });
+        p
+    }
+
+    /// Runs a TCP transfer of `bytes` from `from` to a sink in `to`
+    /// listening on `listen`, connecting to `connect`; the sink's answer
+    /// line.
+    pub(crate) fn tcp(&mut self, from: &str, to: &str, listen: &str, connect: &str, bytes: u64) -> String {
+        let sink = self.server(to, "-ltn", listen, &[BIN, "tool", "tcp-sink", "--listen", listen, "--timeout", "20"]);
+        let out = in_ns_ok(
+            from,
+            &[BIN, "tool", "tcp-source", "--connect", connect, "--bytes", &bytes.to_string(), "--timeout", "20"],
+        );
+        wait_for("the sink to finish", 10, || !self.running(sink));
+        out.trim().to_owned()
+    }
+
+    /// `count` UDP datagrams echoed from a server in `to`, sent from `from`.
+    pub(crate) fn udp(&mut self, from: &str, to: &str, listen: &str, connect: &str, count: u32) -> String {
+        let echo = self.server(to, "-lun", listen, &[BIN, "tool", "udp-echo", "--listen", listen, "--idle", "20"]);
+        let out = in_ns_ok(from, &[BIN, "tool", "udp-ping", "--connect", connect, "--count", &count.to_string()]);
+        self.stop(echo);
+        out.trim().to_owned()
+    }
+}
+
+/// The address of task `id` in `task ls --format json`'s answer.
+pub(crate) fn task_ip(tasks: &serde_json::Value, id: &str) -> String {
+    tasks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["id"] == id)
+        .and_then(|t| t["ip"].as_str())
+        .unwrap_or_else(|| panic!("no task {id} in {tasks}"))
+        .to_owned()
 }
 
 impl Drop for Lab {

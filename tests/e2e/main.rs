@@ -318,33 +318,12 @@ impl Cluster {
     /// Runs a TCP transfer of `bytes` from `from` to a sink in `to` at
     /// `addr`; the sink's answer line.
     fn tcp(&mut self, from: &str, to: &str, listen: &str, connect: &str, bytes: u64) -> String {
-        let sink = self.lab.spawn(to, "tcp-sink", &[BIN, "tool", "tcp-sink", "--listen", listen, "--timeout", "20"]);
-        let port = listen.rsplit(':').next().unwrap_or_default().to_owned();
-        let lab = &mut self.lab;
-        wait_for("the sink to listen", 10, || {
-            assert!(lab.running(sink), "sink exited: {}", lab.log(sink));
-            String::from_utf8_lossy(&in_ns(to, &["ss", "-ltn"]).stdout).contains(&format!(":{port} "))
-        });
-        let out = in_ns_ok(
-            from,
-            &[BIN, "tool", "tcp-source", "--connect", connect, "--bytes", &bytes.to_string(), "--timeout", "20"],
-        );
-        wait_for("the sink to finish", 10, || !lab.running(sink));
-        out.trim().to_owned()
+        self.lab.tcp(from, to, listen, connect, bytes)
     }
 
     /// `count` UDP datagrams echoed from a server in `to`, sent from `from`.
     fn udp(&mut self, from: &str, to: &str, listen: &str, connect: &str, count: u32) -> String {
-        let echo = self.lab.spawn(to, "udp-echo", &[BIN, "tool", "udp-echo", "--listen", listen, "--idle", "20"]);
-        let port = listen.rsplit(':').next().unwrap_or_default().to_owned();
-        let lab = &mut self.lab;
-        wait_for("the echo server", 10, || {
-            assert!(lab.running(echo), "echo exited: {}", lab.log(echo));
-            String::from_utf8_lossy(&in_ns(to, &["ss", "-lun"]).stdout).contains(&format!(":{port} "))
-        });
-        let out = in_ns_ok(from, &[BIN, "tool", "udp-ping", "--connect", connect, "--count", &count.to_string()]);
-        lab.stop(echo);
-        out.trim().to_owned()
+        self.lab.udp(from, to, listen, connect, count)
     }
 }
 
@@ -841,6 +820,8 @@ fn cluster_cli(io: Io) {
 both_backends!(cluster_cli: cluster_cli_afxdp, cluster_cli_tap);
 
 mod flood;
+mod mesh_icmp;
+mod routed;
 
 /// The underlay MTU and the data-path port (see `mtu.rs`).
 fn mtu_refused(io: Io) {

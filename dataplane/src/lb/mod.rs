@@ -22,7 +22,7 @@ use crate::tables::{NetId, Tables};
 use crate::wire::frame::{Head, field};
 use crate::wire::ipv4::protocol;
 use crate::wire::rewrite::{Nat, rewrite_ipv4};
-use crate::wire::{MacAddr, flow};
+use crate::wire::{MacAddr, flow, tcp};
 use conntrack::{Bucket, Conntrack, CtConfig, CtState, CtValue, FlowKey, Inserted};
 use core::net::Ipv4Addr;
 use sched::SchedState;
@@ -40,6 +40,14 @@ pub(crate) enum Next {
         net: NetId,
         /// The destination endpoint's MAC.
         dst: MacAddr,
+    },
+    /// A routing-mesh client's packet too large for the service's network,
+    /// with DF: answer it with ICMP fragmentation-needed, next-hop MTU
+    /// `mtu`, from the published address (the pipeline does, through the
+    /// gateway's builder and [`LbState::icmp_allow`]).
+    FragNeeded {
+        /// What fits: the network MTU.
+        mtu: u16,
     },
 }
 
@@ -92,6 +100,60 @@ pub struct LbState {
     pub services: Vec<ServiceStats>,
     /// `nat` source ports held, per client and backend address.
     nat: NatShares,
+    /// The routing mesh's ICMP and MSS counters.
+    pub mesh: MeshStats,
+    /// The ICMP errors' token bucket.
+    icmp: TokenBucket,
+}
+
+/// The routing mesh's ICMP and MSS counters, per worker (rate-limited
+/// errors are the drop reason `icmp_rate_limited`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MeshStats {
+    /// ICMP fragmentation-needed sent to clients.
+    pub frag_needed: u64,
+    /// SYNs and SYN-ACKs whose MSS option was lowered to the network
+    /// MTU − 40.
+    pub mss_clamped: u64,
+}
+
+/// ICMP errors a worker sends per second at most: the kernel's
+/// `net.ipv4.icmp_msgs_per_sec` default.
+pub const ICMP_PER_SEC: u64 = 1000;
+/// ICMP errors a worker may send at once after a quiet time: the kernel's
+/// `net.ipv4.icmp_msgs_burst` default.
+pub const ICMP_BURST: u32 = 50;
+
+/// A token bucket: [`ICMP_BURST`] tokens, one more every
+/// 1 s / [`ICMP_PER_SEC`].
+#[derive(Debug, Clone, Copy)]
+struct TokenBucket {
+    tokens: u32,
+    /// When the last token was added (ns).
+    last: u64,
+}
+
+impl TokenBucket {
+    const FULL: TokenBucket = TokenBucket { tokens: ICMP_BURST, last: 0 };
+    /// The nanoseconds between two tokens.
+    const EVERY: u64 = conntrack::SECOND / ICMP_PER_SEC;
+
+    /// Takes a token at `now` (ns) if there is one.
+    fn take(&mut self, now: u64) -> bool {
+        let since = now.saturating_sub(self.last);
+        let add = since / Self::EVERY;
+        if add > 0 {
+            self.tokens = u64::from(self.tokens).saturating_add(add).min(u64::from(ICMP_BURST)) as u32;
+            self.last = now - since % Self::EVERY;
+        }
+        match self.tokens.checked_sub(1) {
+            Some(t) => {
+                self.tokens = t;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// `nat` mode's source ports on this node's address: each backend address
@@ -154,7 +216,15 @@ impl LbState {
             sched: Vec::new(),
             services: Vec::new(),
             nat: NatShares::new(cfg.seed),
+            mesh: MeshStats::default(),
+            icmp: TokenBucket::FULL,
         }
+    }
+
+    /// Whether the routing mesh may send an ICMP error at `now` (ns): the
+    /// worker's token bucket ([`ICMP_PER_SEC`], burst [`ICMP_BURST`]).
+    pub(crate) fn icmp_allow(&mut self, now: u64) -> bool {
+        self.icmp.take(now)
     }
 
     /// The `nat` source ports a client address holds toward a backend
@@ -735,7 +805,9 @@ fn client_inner(
     let h = Head::new(d).ok_or(D::Malformed)?;
     let total = if frame.is_super() { frame.wire_len().saturating_sub(14) } else { h.total_len() };
     if total > usize::from(nw.mtu) {
-        return Err(D::MtuExceeded);
+        // Answered from the published address if DF is set (the pipeline
+        // builds it); without DF dropped (the balancer does not fragment).
+        return if h.dont_frag() { Ok(Next::FragNeeded { mtu: nw.mtu }) } else { Err(D::MtuExceeded) };
     }
     let (key, flags) = tuple(d).ok_or(D::Malformed)?;
     let client_mac = h.src_mac().0;
@@ -773,7 +845,27 @@ fn client_inner(
         dst_port: Some(be.port),
     };
     readdress(frame, &nat, be.mac.0, Some(node_mac.0))?;
+    clamp_syn(frame, flags, nw.mtu, &mut lb.mesh);
     Ok(Next::Switch { net: s.net, dst: be.mac })
+}
+
+/// Lowers the MSS a routing-mesh SYN or SYN-ACK (TCP `flags`, of the
+/// frame: untagged IPv4 without options) announces to what fits network
+/// MTU `mtu` (`mtu` − 40, as `iptables -j TCPMSS --clamp-mss-to-pmtu`),
+/// counted. A SYN without the option is left as it is (see
+/// `wire::tcp::clamp_mss`). A super-frame is never a SYN.
+#[inline(always)]
+fn clamp_syn(frame: &mut Frame<'_>, flags: u8, mtu: u16, mesh: &mut MeshStats) {
+    if flags & conntrack::tcp_flags::SYN == 0 || frame.is_super() {
+        return;
+    }
+    let d = frame.data_mut();
+    if d.get(field::PROTOCOL) == Some(&protocol::TCP)
+        && let Some(seg) = d.get_mut(field::L4..)
+        && tcp::clamp_mss(seg, mtu.saturating_sub(40)).is_some()
+    {
+        mesh.mss_clamped += 1;
+    }
 }
 
 /// Candidate `nat` source ports a connection tries: its client's own port
@@ -844,7 +936,10 @@ pub(crate) fn to_node(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, l
     let node_ip = t.networks.get(usize::from(net)).and_then(|n| n.node_ip);
     let by = if node_ip == Some(Ipv4Addr::from(key.dst)) { Bucket::Tuple } else { Bucket::Dst };
     match reply_entry(lb, &key, by, flags, now, t) {
-        Some(v) if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 => verdict(to_client(frame, &v, t)),
+        Some(v) if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 => {
+            let mtu = t.networks.get(usize::from(net)).map_or(0, |n| n.mtu);
+            verdict(to_client(frame, &v, flags, mtu, t, &mut lb.mesh))
+        }
         _ => Verdict::Drop(DropReason::NoConnection),
     }
 }
@@ -865,8 +960,16 @@ fn reply_bucket(flags: u8) -> Bucket {
 }
 
 /// Readdresses a routing-mesh reply to the client (`v` is its reply entry)
-/// and sends it out of the uplink.
-fn to_client(frame: &mut Frame<'_>, v: &CtValue, t: &Tables) -> Result<Verdict, DropReason> {
+/// and sends it out of the uplink; a SYN-ACK's MSS is clamped to network
+/// MTU `mtu` (TCP `flags`).
+fn to_client(
+    frame: &mut Frame<'_>,
+    v: &CtValue,
+    flags: u8,
+    mtu: u16,
+    t: &Tables,
+    mesh: &mut MeshStats,
+) -> Result<Verdict, DropReason> {
     let nat = Nat {
         src_addr: Some(t.data_ip),
         dst_addr: Some(Ipv4Addr::from(v.peer)),
@@ -874,6 +977,7 @@ fn to_client(frame: &mut Frame<'_>, v: &CtValue, t: &Tables) -> Result<Verdict, 
         dst_port: Some(v.port),
     };
     readdress(frame, &nat, v.mac, Some(t.data_mac.0))?;
+    clamp_syn(frame, flags, mtu, mesh);
     Ok(Verdict::Tx(crate::tables::UPLINK))
 }
 
@@ -886,7 +990,8 @@ pub(crate) fn routed(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb
     let (key, flags) = tuple(frame.data())?;
     let v = reply_entry(lb, &key, Bucket::Dst, flags, now, t)?;
     Some(if v.flags & CT_MESH_PS != 0 {
-        Next::Done(verdict(to_client(frame, &v, t)))
+        let mtu = t.networks.get(usize::from(net)).map_or(0, |n| n.mtu);
+        Next::Done(verdict(to_client(frame, &v, flags, mtu, t, &mut lb.mesh)))
     } else if v.flags & CT_PS_RETURN != 0 {
         // Back to the ingress node, to its MAC in this network, from this
         // node's own MAC there (an endpoint behind this node's VTEP, as the

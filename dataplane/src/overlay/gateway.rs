@@ -1,14 +1,17 @@
 //! What the network gateway answers itself: ICMP echo (so `ping <gateway>`
 //! works from a task) and ICMP fragmentation-needed for packets larger than
 //! the network MTU with DF set (so path MTU discovery works through the
-//! overlay).
+//! overlay). The routing mesh answers its clients' oversize packets with
+//! the same error, from the published address (`pipeline::follow`).
 
 use crate::packet::{DropReason, Frame, Verdict};
 use crate::tables::{Network, PortId};
+use crate::wire::MacAddr;
 use crate::wire::ethernet::{self, ethertype};
 use crate::wire::frame::{Head, field};
 use crate::wire::icmpv4::{self, Icmpv4Packet};
 use crate::wire::ipv4::{Ipv4Packet, Ipv4Repr, protocol};
+use core::net::Ipv4Addr;
 
 /// TTL of packets the gateway originates.
 const TTL: u8 = 64;
@@ -62,6 +65,36 @@ pub(crate) fn echo(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verd
 /// the sender, quoting the original header and 8 bytes of payload, with the
 /// network MTU as next-hop MTU.
 pub(crate) fn frag_needed(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) -> Verdict {
+    let from = Origin { ip: nw.gateway_ip, mac: nw.gateway_mac, broadcast: Some(nw.broadcast()) };
+    frag_needed_from(frame, in_port, from, nw.mtu, || true)
+}
+
+/// Where an ICMP error comes from: its source address and MAC, and the
+/// broadcast address of the sender's subnet if it is known (a packet to it
+/// or from it is never answered).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin {
+    /// The error's source address.
+    pub ip: Ipv4Addr,
+    /// The error's source MAC.
+    pub mac: MacAddr,
+    /// The subnet broadcast address, if any.
+    pub broadcast: Option<Ipv4Addr>,
+}
+
+/// [`frag_needed`] from any address (`from`: the gateway for a task, the
+/// published address for a routing-mesh client), out of `out_port` back to
+/// the sender's MAC (its next hop), with next-hop MTU `mtu`. `allow` is the
+/// rate limit, asked only once RFC 1122 lets the error be sent (as the
+/// kernel's `icmp_send` checks before `icmpv4_xrlim_allow`): refused, the
+/// packet is dropped as `icmp_rate_limited`.
+pub(crate) fn frag_needed_from(
+    frame: &mut Frame<'_>,
+    out_port: PortId,
+    from: Origin,
+    mtu: u16,
+    allow: impl FnOnce() -> bool,
+) -> Verdict {
     use DropReason as D;
     let d = frame.data();
     let Some(client) = Head::new(d).map(|h| h.src_mac()) else { return Verdict::Drop(D::Malformed) };
@@ -72,14 +105,17 @@ pub(crate) fn frag_needed(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) 
     // fragment, to a source that is not one host, or about a datagram to a
     // multicast or broadcast address.
     let src = ip.src();
-    let not_one_host = src.is_unspecified() || src.is_broadcast() || src.is_multicast() || src == nw.broadcast();
+    let not_one_host = src.is_unspecified() || src.is_broadcast() || src.is_multicast() || Some(src) == from.broadcast;
     let dst = ip.dst();
-    let to_group = dst.is_broadcast() || dst.is_multicast() || dst == nw.broadcast();
+    let to_group = dst.is_broadcast() || dst.is_multicast() || Some(dst) == from.broadcast;
     let icmp_error = ip.protocol() == protocol::ICMP
         && !ip.is_later_fragment()
         && ip.payload().first().is_some_and(|k| !matches!(*k, icmpv4::kind::ECHO_REQUEST | icmpv4::kind::ECHO_REPLY));
     if ip.is_later_fragment() || not_one_host || to_group || icmp_error {
         return Verdict::Drop(D::MtuExceeded);
+    }
+    if !allow() {
+        return Verdict::Drop(D::IcmpRateLimited);
     }
     let mut quote = [0u8; 60 + 8];
     let qlen = (ip.header_len() + 8).min(ip.total_len());
@@ -97,10 +133,10 @@ pub(crate) fn frag_needed(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) 
     frame.set_window(start, total);
     frame.set_offload(crate::packet::Offload::NONE);
     let d = frame.data_mut();
-    let mtu = nw.mtu.to_be_bytes();
-    let ok = ethernet::emit_header(d, client, nw.gateway_mac, ethertype::IPV4).is_ok()
+    let mtu = mtu.to_be_bytes();
+    let ok = ethernet::emit_header(d, client, from.mac, ethertype::IPV4).is_ok()
         && Ipv4Repr {
-            src: nw.gateway_ip,
+            src: from.ip,
             dst: sender,
             protocol: protocol::ICMP,
             payload_len: icmp_len as u16,
@@ -126,5 +162,5 @@ pub(crate) fn frag_needed(frame: &mut Frame<'_>, in_port: PortId, nw: &Network) 
         Ok(mut icmp) => icmp.fill_checksum(),
         Err(_) => return Verdict::Drop(D::Malformed),
     }
-    Verdict::Tx(in_port)
+    Verdict::Tx(out_port)
 }

@@ -14,8 +14,8 @@ use crate::packet::{DropReason, Frame, PortCounters, Stats, UPLINK, Verdict};
 pub use burst::{FLOW_LOOKAHEAD, LOOKAHEAD, VIP_PASS, process_burst};
 
 use crate::lb::{LbState, Next};
-use crate::overlay;
 use crate::overlay::fast::BurstCache;
+use crate::overlay::{self, gateway};
 use crate::tables::{Location, NetId, PortId, Tables};
 use crate::wire::MacAddr;
 use core::net::Ipv4Addr;
@@ -213,6 +213,15 @@ fn follow(frame: &mut Frame<'_>, next: Next, now: u64, t: &Tables, lb: &mut LbSt
     match next {
         Next::Done(v) => v,
         Next::Switch { net, dst } => switch(frame, net, dst, now, t, lb),
+        Next::FragNeeded { mtu } => {
+            // From the published address, back to the client's next hop.
+            let from = gateway::Origin { ip: t.data_ip, mac: t.data_mac, broadcast: None };
+            let v = gateway::frag_needed_from(frame, UPLINK, from, mtu, || lb.icmp_allow(now));
+            if matches!(v, Verdict::Tx(_)) {
+                lb.mesh.frag_needed += 1;
+            }
+            v
+        }
     }
 }
 

@@ -7,7 +7,10 @@
 //!                                               vxlan_malformed; Pass (malformed below VXLAN)
 //!   not VXLAN:
 //!   2a arp       ARP request for our address    Tx(uplink) reply
-//!   2b published TCP/UDP to a published port    lb::from_client (routing mesh) → switch
+//!   2b published TCP/UDP to a published port    lb::from_client (routing mesh) → switch (SYN's MSS
+//!                                               clamped); over the network MTU with DF: Tx(uplink)
+//!                                               frag-needed from data_ip; drop icmp_rate_limited,
+//!                                               mtu_exceeded (no DF)
 //!   2c refuse    TCP to a closed port (TAP)     Tx(uplink) reset
 //!   2d kernel    anything else                  Pass
 //!   VXLAN:

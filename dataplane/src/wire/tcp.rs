@@ -125,6 +125,70 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
     }
 }
 
+/// TCP option kinds (RFC 9293, 3.2).
+pub mod option {
+    /// End of option list.
+    pub const END: u8 = 0;
+    /// No-operation (padding).
+    pub const NOP: u8 = 1;
+    /// Maximum segment size (length 4).
+    pub const MSS: u8 = 2;
+}
+
+/// Lowers the MSS option of the segment whose TCP header starts `seg` to
+/// `max` if it announces more (what `iptables -j TCPMSS --clamp-mss-to-pmtu`
+/// does), updating the checksum incrementally (RFC 1624) over the 16-bit
+/// words the value touches (it may sit at an odd offset). Returns the old
+/// and new MSS if it was lowered; `None` (nothing written) when the header
+/// does not parse, has no MSS option, or the option list is malformed
+/// before one, or the MSS is already `max` or less. A segment without the
+/// option is left as is (see ARCHITECTURE.md: RFC 9293's default of 536
+/// bytes applies to it, below any network MTU − 40 meshplane allows).
+pub fn clamp_mss(seg: &mut [u8], max: u16) -> Option<(u16, u16)> {
+    let hl = usize::from(*seg.get(12)? >> 4) * 4;
+    if hl < MIN_HEADER_LEN || seg.len() < hl {
+        return None;
+    }
+    let mut i = MIN_HEADER_LEN;
+    let at = loop {
+        let kind = *seg.get(i).filter(|_| i < hl)?;
+        match kind {
+            option::END => return None,
+            option::NOP => i += 1,
+            _ => {
+                let len = usize::from(*seg.get(i + 1).filter(|_| i + 1 < hl)?);
+                if len < 2 || i + len > hl {
+                    return None;
+                }
+                if kind == option::MSS {
+                    if len != 4 {
+                        return None;
+                    }
+                    break i + 2;
+                }
+                i += len;
+            }
+        }
+    };
+    let old = u16::from_be_bytes([seg[at], seg[at + 1]]);
+    if old <= max {
+        return None;
+    }
+    // The aligned words covering the value: one if it is even, two if odd
+    // (the header is a whole number of words, so both are in it).
+    let (w0, w1) = (at & !1, (at + 2).next_multiple_of(2));
+    let mut before = [0u8; 4];
+    before[..w1 - w0].copy_from_slice(&seg[w0..w1]);
+    seg[at..at + 2].copy_from_slice(&max.to_be_bytes());
+    let mut csum = u16::from_be_bytes([seg[16], seg[17]]);
+    for w in (w0..w1).step_by(2) {
+        let o = u16::from_be_bytes([before[w - w0], before[w - w0 + 1]]);
+        csum = checksum::update16(csum, o, u16::from_be_bytes([seg[w], seg[w + 1]]));
+    }
+    seg[16..18].copy_from_slice(&csum.to_be_bytes());
+    Some((old, max))
+}
+
 /// The reset a host's stack answers a segment to a closed port with
 /// (RFC 9293, 3.10.7.1): to a segment with ACK, a reset with SEQ = its
 /// ACK; else a reset with ACK = its SEQ plus its length (SYN and FIN count
@@ -199,6 +263,54 @@ impl ResetRepr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A SYN from 198.18.0.9 to 198.18.1.1 with these options (padded to
+    /// words with END), its checksum filled.
+    fn syn(opts: &[u8]) -> (Vec<u8>, Ipv4Addr, Ipv4Addr) {
+        let hl = MIN_HEADER_LEN + opts.len().next_multiple_of(4);
+        let mut b = vec![0u8; hl];
+        b[0..4].copy_from_slice(&[0x9c, 0x40, 0, 80]);
+        b[12] = ((hl / 4) as u8) << 4;
+        b[13] = flags::SYN;
+        b[MIN_HEADER_LEN..MIN_HEADER_LEN + opts.len()].copy_from_slice(opts);
+        let (s, d) = (Ipv4Addr::new(198, 18, 0, 9), Ipv4Addr::new(198, 18, 1, 1));
+        TcpPacket::new_checked(&mut b[..]).unwrap().fill_checksum_v4(s, d);
+        (b, s, d)
+    }
+
+    #[test]
+    fn clamp_mss_lowers_an_even_or_odd_option_with_a_valid_checksum() {
+        // MSS 8960 first (even offset), then after one NOP (odd offset),
+        // between a window scale and SACK-permitted.
+        for opts in [&[2, 4, 0x23, 0x00, 1, 3, 3, 7][..], &[1, 2, 4, 0x23, 0x00, 4, 2, 1, 3, 3, 7][..]] {
+            let (mut b, s, d) = syn(opts);
+            let at = MIN_HEADER_LEN + opts.iter().position(|&k| k == 2).unwrap() + 2;
+            assert_eq!(clamp_mss(&mut b, 1410), Some((8960, 1410)), "{opts:?}");
+            assert_eq!(&b[at..at + 2], &1410u16.to_be_bytes());
+            let seg = TcpPacket::new_checked(&b[..]).unwrap();
+            assert!(seg.verify_checksum_v4(s, d), "{opts:?}");
+            let mut full = b.clone();
+            TcpPacket::new_checked(&mut full[..]).unwrap().fill_checksum_v4(s, d);
+            assert_eq!(b, full, "the incremental checksum is the recomputed one");
+        }
+    }
+
+    #[test]
+    fn clamp_mss_leaves_what_it_must_not_touch() {
+        // Already small enough; no MSS option; END before it; a zero-length
+        // option (malformed); an MSS option of the wrong length.
+        for opts in
+            [&[2, 4, 0x05, 0x82][..], &[1, 1, 4, 2], &[0, 0, 2, 4, 0x23, 0], &[8, 0, 2, 4, 0x23, 0], &[2, 3, 0x23, 0]]
+        {
+            let (mut b, ..) = syn(opts);
+            let orig = b.clone();
+            assert_eq!(clamp_mss(&mut b, 1410), None, "{opts:?}");
+            assert_eq!(b, orig);
+        }
+        // A header longer than the buffer.
+        let (mut b, ..) = syn(&[2, 4, 0x23, 0]);
+        assert_eq!(clamp_mss(&mut b[..22], 1410), None);
+    }
 
     #[test]
     fn fields_and_checksum() {
