@@ -42,6 +42,7 @@ async fn main() {
         subnet: "198.19.0.0/24".parse().expect("subnet"),
         gateway: None,
         mtu: None,
+        internal: false,
     }];
     for n in 1..=3u8 {
         setup.insert(
@@ -54,6 +55,7 @@ async fn main() {
                 role: Role::Manager,
                 availability: Availability::Active,
                 key_id: None,
+                underlay_mtu: 1500,
             }),
         );
     }

@@ -76,12 +76,14 @@ async fn main() {
             role: Role::Manager,
             availability: Availability::Active,
             key_id: None,
+            underlay_mtu: 1500,
         }),
         Command::CreateNetwork {
             name: "app".into(),
             subnet: "198.19.0.0/24".parse().expect("subnet"),
             gateway: None,
             mtu: None,
+            internal: false,
         },
         Command::CreateService {
             name: "web".into(),

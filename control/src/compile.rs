@@ -3,10 +3,12 @@
 //! into lookup structures; Maglev rings are built there, on the control
 //! side of the swap).
 //!
-//! What a node gets: every other node as an underlay neighbour (with its
-//! own data MAC, right on one L2 segment; a managed node replaces it with
-//! its kernel's next hop toward that peer, `src/node/underlay.rs`), every network (its VNI, subnet, gateway, MTU
-//! and this node's address in it), a port per local task (named after the
+//! What a node gets: the cluster's data-path port and its own underlay
+//! MTU, every other node as an underlay neighbour (with its own data MAC,
+//! right on one L2 segment; a managed node replaces it with its kernel's
+//! next hop toward that peer, `src/node/underlay.rs`), every network (its
+//! VNI, subnet, gateway, MTU, whether it is internal, and this node's
+//! address in it), a port per local task (named after the
 //! task), every task as an endpoint — local ones on their port, remote
 //! ones behind their node's VTEP, and only on nodes that are up — the
 //! other nodes' addresses in each network as endpoints, and every service
@@ -44,8 +46,8 @@ pub fn compile(
         node: NodeSpec {
             data_ip: node.data_ip,
             data_mac: node.data_mac,
-            vxlan_port: meshplane_dataplane::wire::vxlan::DEFAULT_PORT,
-            underlay_mtu: 1500,
+            vxlan_port: state.data_path_port,
+            underlay_mtu: node.underlay_mtu,
             ttl: 64,
             next_hop_mac: None,
             neighbours,
@@ -71,6 +73,7 @@ fn networks(state: &ClusterState, me: &str) -> Vec<NetworkSpec> {
             gateway_mac: mac_for(nw.gateway),
             mtu: Some(nw.mtu),
             node_ip: nw.node_ips.get(me).copied(),
+            internal: nw.internal,
         })
         .collect()
 }

@@ -295,6 +295,9 @@ pub enum AdminRequest {
         /// How long node certificates are valid (default 90 days).
         #[serde(default)]
         cert_expiry_secs: Option<u64>,
+        /// The cluster's data-path (VXLAN) UDP port (default 4789).
+        #[serde(default)]
+        data_path_port: Option<u16>,
     },
     /// `cluster join`: join through the manager at `addr` with `token`.
     Join {

@@ -26,8 +26,35 @@ pub const FIRST_VNI: u32 = 4096;
 pub const MAX_VNI: u32 = (1 << 24) - 1;
 /// The range published ports are auto-assigned from.
 pub const PUBLISHED_RANGE: core::ops::RangeInclusive<u16> = 30000..=32767;
-/// A network's MTU unless given: a 1500-byte underlay minus VXLAN's 50.
+/// A network's MTU unless given: a 1500-byte underlay minus VXLAN's 50
+/// (less if a node's underlay carries less).
 pub const DEFAULT_MTU: u16 = 1450;
+/// What VXLAN adds to a network's packets on the underlay (outer IPv4,
+/// UDP, VXLAN and the inner Ethernet header): a network's MTU is at most
+/// the smallest underlay MTU of the cluster's nodes minus this.
+pub const VXLAN_OVERHEAD: u16 = meshplane_dataplane::tables::VXLAN_OVERHEAD;
+/// A node's underlay MTU when its state entry predates the field.
+pub const DEFAULT_UNDERLAY_MTU: u16 = 1500;
+/// The smallest underlay MTU a node may have: a 68-byte network MTU (the
+/// IPv4 minimum) inside VXLAN.
+pub const MIN_UNDERLAY_MTU: u16 = 68 + VXLAN_OVERHEAD;
+/// The data-path (VXLAN) port unless `cluster init --data-path-port` says.
+pub const DEFAULT_DATA_PATH_PORT: u16 = meshplane_dataplane::wire::vxlan::DEFAULT_PORT;
+
+fn default_underlay_mtu() -> u16 {
+    DEFAULT_UNDERLAY_MTU
+}
+
+fn default_data_path_port() -> u16 {
+    DEFAULT_DATA_PATH_PORT
+}
+
+/// True if `port` may be the cluster's data-path port: Docker's rule for
+/// `swarm init --data-path-port`, 1024 to 49151, or 4789 (IANA's VXLAN
+/// port); below 1024 are system ports, above 49151 the ephemeral range.
+pub fn valid_data_path_port(port: u16) -> bool {
+    port == DEFAULT_DATA_PATH_PORT || (1024..=49151).contains(&port)
+}
 
 /// A node's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +98,11 @@ pub struct Node {
     /// before the name was given to a new node) is refused.
     #[serde(default)]
     pub key_id: Option<String>,
+    /// The MTU of its data-path NIC (the underlay): read from the NIC
+    /// when the node starts, or `--data-path-mtu`; 1500 in a state older
+    /// than the field.
+    #[serde(default = "default_underlay_mtu")]
+    pub underlay_mtu: u16,
 }
 
 /// An overlay network.
@@ -90,6 +122,10 @@ pub struct Network {
     /// first has a published service): the routing mesh's source in `nat`
     /// mode and the node's identity in `preserve-source` returns.
     pub node_ips: BTreeMap<String, Ipv4Addr>,
+    /// Internal (Docker's `--internal`): no way out of the cluster's
+    /// networks for its tasks.
+    #[serde(default)]
+    pub internal: bool,
 }
 
 /// A published port of a service.
@@ -182,8 +218,12 @@ pub enum Command {
         subnet: Subnet,
         /// Its gateway (default: the last host address).
         gateway: Option<Ipv4Addr>,
-        /// Its MTU (default 1450).
+        /// Its MTU (default 1450, or less if a node's underlay carries
+        /// less).
         mtu: Option<u16>,
+        /// Internal: its tasks have no egress.
+        #[serde(default)]
+        internal: bool,
     },
     /// A network with no services is removed.
     RemoveNetwork {
@@ -254,6 +294,12 @@ pub enum Command {
     /// The cluster CA (at `cluster init`), or its new join secrets (token
     /// rotation: the caller draws them, so every manager applies the same).
     SetCa(ClusterCa),
+    /// The cluster's data-path (VXLAN) UDP port (`cluster init
+    /// --data-path-port`): only before any node is in the state.
+    SetDataPathPort {
+        /// The port.
+        port: u16,
+    },
     /// A new gossip key (the caller draws it, and the time): it becomes
     /// the current key (members seal with it once they all have it), the
     /// current one becomes the previous one (it still opens until retired)
@@ -346,9 +392,51 @@ pub enum StateError {
         /// The subnet.
         subnet: Subnet,
     },
-    /// An MTU out of range.
-    #[error("mtu {0} is out of range (68 to 9000)")]
+    /// An MTU below IPv4's minimum.
+    #[error("mtu {0} is below 68 (the IPv4 minimum)")]
     BadMtu(u16),
+    /// A network MTU larger than a node's underlay carries inside VXLAN.
+    #[error(
+        "mtu {mtu} is too large: node {node:?}'s underlay MTU is {underlay_mtu}, so a network's MTU is at most {} (VXLAN takes {VXLAN_OVERHEAD})",
+        .underlay_mtu.saturating_sub(VXLAN_OVERHEAD)
+    )]
+    MtuAboveUnderlay {
+        /// The requested MTU.
+        mtu: u16,
+        /// The node with the smallest underlay MTU.
+        node: String,
+        /// Its underlay MTU.
+        underlay_mtu: u16,
+    },
+    /// A node whose underlay cannot carry a network's packets.
+    #[error(
+        "node {node:?}'s underlay MTU {underlay_mtu} is too small for network {network:?} (mtu {mtu} needs an underlay of {} with VXLAN): raise the node's MTU (--data-path-mtu, the NIC's) or remove the network",
+        u32::from(*.mtu) + u32::from(VXLAN_OVERHEAD)
+    )]
+    UnderlayTooSmall {
+        /// The node.
+        node: String,
+        /// Its underlay MTU.
+        underlay_mtu: u16,
+        /// The network.
+        network: String,
+        /// The network's MTU.
+        mtu: u16,
+    },
+    /// A node's underlay MTU below what VXLAN needs.
+    #[error("node {node:?}'s underlay MTU {mtu} is below {MIN_UNDERLAY_MTU} (68 inside VXLAN's {VXLAN_OVERHEAD})")]
+    BadUnderlayMtu {
+        /// The node.
+        node: String,
+        /// Its underlay MTU.
+        mtu: u16,
+    },
+    /// A data-path port outside Docker's rule.
+    #[error("data-path port {0} is not allowed: 1024 to 49151, or 4789")]
+    BadDataPathPort(u16),
+    /// The data-path port changed once nodes are in the cluster.
+    #[error("the data-path port is chosen at cluster init, before any node joins")]
+    DataPathPortFixed,
     /// Every address of a subnet is in use.
     #[error("network {0:?} has no free address left")]
     SubnetExhausted(String),
@@ -493,7 +581,7 @@ impl core::fmt::Display for TaskNetns {
 }
 
 /// The cluster's desired state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     /// Nodes by id.
     pub nodes: BTreeMap<String, Node>,
@@ -512,6 +600,24 @@ pub struct ClusterState {
     /// until it is retired.
     #[serde(default)]
     pub gossip_keys: Vec<GossipKey>,
+    /// The data-path (VXLAN) UDP port every node uses (`cluster init
+    /// --data-path-port`); 4789 in a state older than the field.
+    #[serde(default = "default_data_path_port")]
+    pub data_path_port: u16,
+}
+
+impl Default for ClusterState {
+    fn default() -> Self {
+        ClusterState {
+            nodes: BTreeMap::new(),
+            networks: BTreeMap::new(),
+            services: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+            ca: None,
+            gossip_keys: Vec::new(),
+            data_path_port: DEFAULT_DATA_PATH_PORT,
+        }
+    }
 }
 
 /// A gossip key of the cluster.
@@ -602,7 +708,9 @@ impl ClusterState {
                 n.availability = *availability;
                 Ok(())
             }
-            Command::CreateNetwork { name, subnet, gateway, mtu } => self.create_network(name, *subnet, *gateway, *mtu),
+            Command::CreateNetwork { name, subnet, gateway, mtu, internal } => {
+                self.create_network(name, *subnet, *gateway, *mtu, *internal)
+            }
             Command::RemoveNetwork { name } => self.remove_network(name),
             Command::CreateService { name, network, protocol, vip_port, target_port, publish, scheduler } => {
                 let ports = ServicePorts { vip_port: *vip_port, target_port: *target_port, publish };
@@ -629,6 +737,16 @@ impl ClusterState {
                 Ok(())
             }
             Command::SetCa(ca) => self.set_ca(ca),
+            Command::SetDataPathPort { port } => {
+                if !valid_data_path_port(*port) {
+                    return Err(StateError::BadDataPathPort(*port));
+                }
+                if !self.nodes.is_empty() && *port != self.data_path_port {
+                    return Err(StateError::DataPathPortFixed);
+                }
+                self.data_path_port = *port;
+                Ok(())
+            }
             Command::RotateGossipKey { id, key, at_ms } => {
                 if let Some(current) = self.gossip_keys.first()
                     && *id <= current.id
@@ -663,6 +781,19 @@ impl ClusterState {
         if let Some(other) = self.nodes.values().find(|o| o.data_ip == n.data_ip && o.id != n.id) {
             return Err(StateError::DataAddressTaken { ip: n.data_ip, other: other.id.clone() });
         }
+        // Refused rather than joined with a blackhole: every network's
+        // packets must fit this node's underlay inside VXLAN.
+        if n.underlay_mtu < MIN_UNDERLAY_MTU {
+            return Err(StateError::BadUnderlayMtu { node: n.id.clone(), mtu: n.underlay_mtu });
+        }
+        if let Some(nw) = self.networks.values().find(|nw| nw.mtu > n.underlay_mtu - VXLAN_OVERHEAD) {
+            return Err(StateError::UnderlayTooSmall {
+                node: n.id.clone(),
+                underlay_mtu: n.underlay_mtu,
+                network: nw.name.clone(),
+                mtu: nw.mtu,
+            });
+        }
         self.nodes.insert(n.id.clone(), n.clone());
         self.allocate_node_ips()
     }
@@ -677,14 +808,28 @@ impl ClusterState {
         Ok(())
     }
 
+    /// The node with the smallest underlay MTU (the first by name among
+    /// equals), if any: what bounds every network's MTU.
+    pub fn smallest_underlay(&self) -> Option<&Node> {
+        self.nodes.values().min_by_key(|n| n.underlay_mtu)
+    }
+
+    /// The largest network MTU every node carries: the smallest underlay
+    /// MTU minus VXLAN's overhead (`None` without nodes; a node that joins
+    /// later is checked against the networks then).
+    pub fn max_network_mtu(&self) -> Option<u16> {
+        self.smallest_underlay().map(|n| n.underlay_mtu.saturating_sub(VXLAN_OVERHEAD))
+    }
+
     /// `CreateNetwork`: checked (name, subnet size and overlap, gateway,
-    /// MTU), with the lowest free VNI.
+    /// MTU against every node's underlay), with the lowest free VNI.
     fn create_network(
         &mut self,
         name: &str,
         subnet: Subnet,
         gateway: Option<Ipv4Addr>,
         mtu: Option<u16>,
+        internal: bool,
     ) -> Result<(), StateError> {
         use StateError as E;
         check_name(Kind::Network, name)?;
@@ -702,13 +847,19 @@ impl ClusterState {
         if !h.contains(&u32::from(gw)) {
             return Err(E::BadGateway { gateway: gw, subnet });
         }
-        let mtu = mtu.unwrap_or(DEFAULT_MTU);
-        if !(68..=9000).contains(&mtu) {
+        let max = self.max_network_mtu();
+        let mtu = mtu.unwrap_or_else(|| max.map_or(DEFAULT_MTU, |m| m.min(DEFAULT_MTU)));
+        if mtu < 68 {
             return Err(E::BadMtu(mtu));
+        }
+        if max.is_some_and(|m| mtu > m)
+            && let Some(n) = self.smallest_underlay()
+        {
+            return Err(E::MtuAboveUnderlay { mtu, node: n.id.clone(), underlay_mtu: n.underlay_mtu });
         }
         let vni =
             (FIRST_VNI..=MAX_VNI).find(|v| self.networks.values().all(|o| o.vni != *v)).ok_or(E::VnisExhausted)?;
-        let nw = Network { name: name.to_owned(), vni, subnet, gateway: gw, mtu, node_ips: BTreeMap::new() };
+        let nw = Network { name: name.to_owned(), vni, subnet, gateway: gw, mtu, node_ips: BTreeMap::new(), internal };
         self.networks.insert(name.to_owned(), nw);
         Ok(())
     }
@@ -1006,6 +1157,7 @@ mod netns_tests {
             data_mac: MacAddr([2, 0, 0, 0, 0, 1]),
             availability: Availability::Active,
             key_id: None,
+            underlay_mtu: 1500,
         }))
         .expect("node");
         st.apply(&Command::CreateNetwork {
@@ -1013,6 +1165,7 @@ mod netns_tests {
             subnet: "198.19.0.0/24".parse().expect("subnet"),
             gateway: None,
             mtu: None,
+            internal: false,
         })
         .expect("network");
         st.apply(&Command::CreateService {

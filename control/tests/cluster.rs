@@ -54,6 +54,7 @@ fn config(i: u8, dir: &Path, gossip_port: u16) -> Config {
         advertise: format!("127.0.0.{}:{}", 10 + i, 23770).parse().unwrap(),
         data_ip: format!("198.18.0.{i}").parse().unwrap(),
         data_mac: format!("02:00:00:00:00:{i:02x}").parse().unwrap(),
+        underlay_mtu: 1500,
         gossip_port,
         state_dir: dir.join(format!("node{i}")),
         snapshot_every: 50,
@@ -97,7 +98,13 @@ impl Node {
 
 /// `CreateNetwork` of `name` on `subnet`, defaults otherwise.
 fn network(name: &str, subnet: &str) -> Command {
-    Command::CreateNetwork { name: name.into(), subnet: subnet.parse().unwrap(), gateway: None, mtu: None }
+    Command::CreateNetwork {
+        name: name.into(),
+        subnet: subnet.parse().unwrap(),
+        gateway: None,
+        mtu: None,
+        internal: false,
+    }
 }
 
 /// The Raft voters `n` reports (`node ls`'s manager status).
@@ -135,10 +142,14 @@ fn a_cluster_of_control_planes() {
     // Not in a cluster yet: writes are refused with a clear message.
     let e = n1.write(Command::RemoveNode { id: "x".into() }).unwrap_err();
     assert!(e.contains("not in a cluster"), "{e}");
-    let init = n1.admin(AdminRequest::Init { cert_expiry_secs: None }).unwrap();
+    let init = n1.admin(AdminRequest::Init { cert_expiry_secs: None, data_path_port: None }).unwrap();
     let mtoken = init["manager_token"].as_str().unwrap().to_owned();
     let wtoken = init["worker_token"].as_str().unwrap().to_owned();
-    assert!(n1.admin(AdminRequest::Init { cert_expiry_secs: None }).unwrap_err().contains("already in a cluster"));
+    assert!(
+        n1.admin(AdminRequest::Init { cert_expiry_secs: None, data_path_port: None })
+            .unwrap_err()
+            .contains("already in a cluster")
+    );
     let addr1 = n1.cfg.advertise;
 
     let n2 = start(config(2, &dir, 17946));
@@ -305,6 +316,7 @@ fn a_cluster_of_control_planes() {
         role: meshplane_control::state::Role::Worker,
         availability: meshplane_control::state::Availability::Active,
         key_id: None,
+        underlay_mtu: 1500,
     }))
     .unwrap();
     n1.write(Command::RemoveNode { id: "spare".into() }).unwrap();
@@ -389,7 +401,7 @@ fn roles_certificates_and_revocation() {
     let dir = tmpdir("roles");
     let n4 = start(config(4, &dir, 19946));
     // Certificates valid one minute: renewed after thirty seconds.
-    let init = n4.admin(AdminRequest::Init { cert_expiry_secs: Some(60) }).unwrap();
+    let init = n4.admin(AdminRequest::Init { cert_expiry_secs: Some(60), data_path_port: None }).unwrap();
     let mtoken = init["manager_token"].as_str().unwrap().to_owned();
     let wtoken = init["worker_token"].as_str().unwrap().to_owned();
     let addr4 = n4.cfg.advertise;
@@ -558,7 +570,7 @@ fn the_gossip_key_rotates_and_the_previous_one_retires() {
     let dir = tmpdir("gossip-keys");
     let cfg = |i| Config { gossip_key_interval: Duration::from_secs(8), ..config(i, &dir, 18946) };
     let n1 = start(cfg(21));
-    let init = n1.admin(AdminRequest::Init { cert_expiry_secs: None }).unwrap();
+    let init = n1.admin(AdminRequest::Init { cert_expiry_secs: None, data_path_port: None }).unwrap();
     let wtoken = init["worker_token"].as_str().unwrap().to_owned();
     let n2 = start(cfg(22));
     n2.admin(AdminRequest::Join { token: wtoken, addr: n1.cfg.advertise }).unwrap();

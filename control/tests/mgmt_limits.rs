@@ -126,6 +126,7 @@ async fn limits_before_and_after_authentication() {
         role: Role::Worker,
         availability: Availability::Active,
         key_id: None,
+        underlay_mtu: 1500,
     };
     write_frame(&mut s, &Request::Write(Command::AddNode(big.clone()))).await.unwrap();
     let r: Response = read_frame(&mut s, MAX_FRAME).await.unwrap();
@@ -357,6 +358,7 @@ async fn raft_keeps_committing_under_a_connection_flood() {
         role: Role::Worker,
         availability: Availability::Active,
         key_id: None,
+        underlay_mtu: 1500,
     };
     leader.raft.client_write(Command::AddNode(n0)).await.unwrap();
 

@@ -19,11 +19,12 @@ fn node(n: u8) -> Command {
         role: if n == 1 { Role::Manager } else { Role::Worker },
         availability: Availability::Active,
         key_id: None,
+        underlay_mtu: 1500,
     })
 }
 
 fn network(name: &str, subnet: &str) -> Command {
-    Command::CreateNetwork { name: name.into(), subnet: subnet.parse().unwrap(), gateway: None, mtu: None }
+    network_mtu(name, subnet, None)
 }
 
 fn service(name: &str, vip: Option<u16>, publish: &[(Option<u16>, MeshMode)]) -> Command {
@@ -108,6 +109,7 @@ fn mistakes_are_refused_with_clear_errors_and_change_nothing() {
                 subnet: "198.19.6.0/24".parse().unwrap(),
                 gateway: Some(Ipv4Addr::new(198, 19, 7, 1)),
                 mtu: None,
+                internal: false,
             },
             "gateway 198.19.7.1 is not a host address of 198.19.6.0/24",
         ),
@@ -283,4 +285,129 @@ fn a_service_update_publishes_and_withdraws_ports() {
         Command::UpdateService { name: "nosuch".into(), scheduler: None, publish_add: vec![], publish_rm: vec![] };
     assert!(matches!(s.apply(&nosuch), Err(StateError::Unknown { .. })));
     assert_eq!(s, before);
+}
+
+/// Node `n` with an underlay (data NIC) MTU of `mtu`.
+fn node_mtu(n: u8, mtu: u16) -> Command {
+    let Command::AddNode(nd) = node(n) else { unreachable!("node() adds a node") };
+    Command::AddNode(Node { underlay_mtu: mtu, ..nd })
+}
+
+fn network_mtu(name: &str, subnet: &str, mtu: Option<u16>) -> Command {
+    Command::CreateNetwork { name: name.into(), subnet: subnet.parse().unwrap(), gateway: None, mtu, internal: false }
+}
+
+fn state_of(cmds: &[Command]) -> ClusterState {
+    let mut s = ClusterState::new();
+    for c in cmds {
+        s.apply(c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
+    s
+}
+
+#[test]
+fn a_network_mtu_is_checked_against_the_smallest_underlay() {
+    // A jumbo node and a 1500-byte one: 1450 at most, and the error names
+    // the node that limits it.
+    let mut s = state_of(&[node_mtu(1, 9000), node_mtu(2, 1500)]);
+    let before = s.clone();
+    let e = s.apply(&network_mtu("big", "198.19.0.0/24", Some(9000))).unwrap_err();
+    assert_eq!(e, StateError::MtuAboveUnderlay { mtu: 9000, node: "node2".into(), underlay_mtu: 1500 });
+    assert_eq!(
+        e.to_string(),
+        "mtu 9000 is too large: node \"node2\"'s underlay MTU is 1500, so a network's MTU is at most 1450 (VXLAN takes 50)"
+    );
+    assert!(matches!(
+        s.apply(&network_mtu("big", "198.19.0.0/24", Some(1451))),
+        Err(StateError::MtuAboveUnderlay { mtu: 1451, underlay_mtu: 1500, .. })
+    ));
+    assert_eq!(s, before, "a refused network changes nothing");
+    s.apply(&network_mtu("ok", "198.19.0.0/24", Some(1450))).unwrap();
+    assert_eq!(s.apply(&network_mtu("tiny", "198.19.1.0/24", Some(67))), Err(StateError::BadMtu(67)));
+
+    // Every node jumbo: up to 8950, the default stays 1450.
+    let mut j = state_of(&[node_mtu(1, 9000), node_mtu(2, 9000)]);
+    j.apply(&network_mtu("jumbo", "198.19.0.0/24", Some(8950))).unwrap();
+    assert_eq!(j.networks["jumbo"].mtu, 8950);
+    assert!(matches!(
+        j.apply(&network_mtu("over", "198.19.1.0/24", Some(8951))),
+        Err(StateError::MtuAboveUnderlay { mtu: 8951, underlay_mtu: 9000, .. })
+    ));
+    j.apply(&network("plain", "198.19.2.0/24")).unwrap();
+    assert_eq!(j.networks["plain"].mtu, 1450);
+
+    // A node on a smaller underlay: the default shrinks to fit it.
+    let mut small = state_of(&[node_mtu(1, 1400)]);
+    small.apply(&network("app", "198.19.0.0/24")).unwrap();
+    assert_eq!(small.networks["app"].mtu, 1350);
+}
+
+#[test]
+fn a_node_whose_underlay_is_too_small_for_a_network_is_refused_at_join() {
+    let mut s = state_of(&[node_mtu(1, 9000), network_mtu("jumbo", "198.19.0.0/24", Some(8950))]);
+    let before = s.clone();
+    let e = s.apply(&node_mtu(2, 1500)).unwrap_err();
+    assert_eq!(
+        e,
+        StateError::UnderlayTooSmall { node: "node2".into(), underlay_mtu: 1500, network: "jumbo".into(), mtu: 8950 }
+    );
+    let msg = e.to_string();
+    assert!(msg.contains("node \"node2\"'s underlay MTU 1500") && msg.contains("needs an underlay of 9000"), "{msg}");
+    assert_eq!(s, before);
+    // Large enough: joins.
+    s.apply(&node_mtu(2, 9000)).unwrap();
+    // An underlay that cannot carry even 68 bytes inside VXLAN.
+    assert_eq!(s.apply(&node_mtu(3, 117)), Err(StateError::BadUnderlayMtu { node: "node3".into(), mtu: 117 }));
+}
+
+#[test]
+fn the_data_path_port_is_chosen_before_nodes_and_follows_dockers_rule() {
+    let mut s = ClusterState::new();
+    assert_eq!(s.data_path_port, 4789);
+    for bad in [0u16, 80, 1023, 49152, 65535] {
+        assert_eq!(s.apply(&Command::SetDataPathPort { port: bad }), Err(StateError::BadDataPathPort(bad)), "{bad}");
+    }
+    s.apply(&Command::SetDataPathPort { port: 4790 }).unwrap();
+    s.apply(&node(1)).unwrap();
+    assert_eq!(s.apply(&Command::SetDataPathPort { port: 5000 }), Err(StateError::DataPathPortFixed));
+    assert_eq!(s.data_path_port, 4790);
+    // Every node's tables use it, and each node's own underlay MTU; an
+    // internal network is marked internal.
+    s.apply(&node_mtu(2, 9000)).unwrap();
+    s.apply(&Command::CreateNetwork {
+        name: "app".into(),
+        subnet: "198.19.0.0/24".parse().unwrap(),
+        gateway: None,
+        mtu: None,
+        internal: true,
+    })
+    .unwrap();
+    let one = compile(&s, "node1", &|_| true, 1).unwrap();
+    let two = compile(&s, "node2", &|_| true, 1).unwrap();
+    assert_eq!((one.node.vxlan_port, one.node.underlay_mtu), (4790, 1500));
+    assert_eq!((two.node.vxlan_port, two.node.underlay_mtu), (4790, 9000));
+    assert!(one.networks[0].internal);
+    let t = Tables::compile(&two).unwrap();
+    assert_eq!((t.vxlan_port, t.underlay_mtu, t.networks[0].internal), (4790, 9000, true));
+}
+
+#[test]
+fn a_state_older_than_the_mtu_port_and_internal_fields_loads_with_the_defaults() {
+    let s = cluster();
+    let mut v = serde_json::to_value(&s).unwrap();
+    v.as_object_mut().unwrap().remove("data_path_port");
+    for n in v["nodes"].as_object_mut().unwrap().values_mut() {
+        assert!(n.as_object_mut().unwrap().remove("underlay_mtu").is_some());
+    }
+    for n in v["networks"].as_object_mut().unwrap().values_mut() {
+        assert!(n.as_object_mut().unwrap().remove("internal").is_some());
+    }
+    let old: ClusterState = serde_json::from_value(v).unwrap();
+    assert_eq!(old, s, "1500-byte underlays, port 4789, networks not internal");
+    assert_eq!((old.data_path_port, old.nodes["node1"].underlay_mtu), (4789, 1500));
+    // An old log entry: CreateNetwork without `internal`.
+    let cmd: Command =
+        serde_json::from_str(r#"{"CreateNetwork":{"name":"n","subnet":"198.19.9.0/24","gateway":null,"mtu":null}}"#)
+            .unwrap();
+    assert_eq!(cmd, network_mtu("n", "198.19.9.0/24", None));
 }

@@ -226,6 +226,9 @@ drop_reasons! {
     /// To the gateway MAC, but not something the gateway answers (routing
     /// beyond the network comes with the load balancer).
     NoRoute = "no_route",
+    /// From a task of an internal network (`network create --internal`)
+    /// to an address outside every cluster network: no egress.
+    EgressInternal = "egress_internal",
     /// An IPv4 packet larger than the network MTU that is not answered with
     /// fragmentation-needed: no DF (the fast path does not fragment), or
     /// RFC 1122 forbids the ICMP error (ICMP error, later fragment, source

@@ -838,3 +838,56 @@ fn a_burst_gives_what_frame_by_frame_gives() {
         }
     }
 }
+
+/// An internal network (`network create --internal`): a task's packet to
+/// an address outside every network is dropped as `egress_internal` and
+/// counted; inside the cluster's networks nothing changes (same frames,
+/// same verdicts as without `internal`), and a network that is not
+/// internal keeps `no_route` for the same packet.
+#[test]
+fn internal_network_drops_egress_with_its_own_reason() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables.toml")).unwrap();
+    let mut spec: meshplane_dataplane::tables::TablesSpec = toml::from_str(&text).unwrap();
+    assert!(!spec.networks[0].internal, "serde default: not internal");
+    spec.networks[0].internal = true; // "app"
+    let internal = Tables::compile(&spec).unwrap();
+    let plain = tables();
+    let outside = [198, 18, 99, 1];
+    let cases = [
+        ("udp to an address outside every network", udp(GW_MAC, T1_MAC, T1, outside, b"x"), D::EgressInternal),
+        ("ping outside", ping(GW_MAC, T1_MAC, T1, outside, b"out?"), D::EgressInternal),
+        (
+            "udp to the db network's subnet (a cluster network)",
+            udp(GW_MAC, T1_MAC, T1, [198, 19, 1, 7], b"x"),
+            D::NoRoute,
+        ),
+        ("udp to the gateway address", udp(GW_MAC, T1_MAC, T1, GW, b"x"), D::NoRoute),
+    ];
+    let mut st = WorkerState::new(internal.ports.len());
+    for (what, f, want) in &cases {
+        let (v, _) = run(&internal, &mut st, TASK1, f);
+        assert_eq!(v, Verdict::Drop(*want), "internal: {what}");
+        let (v, _) = run(&plain, &mut WorkerState::new(plain.ports.len()), TASK1, f);
+        assert_eq!(v, Verdict::Drop(D::NoRoute), "not internal: {what}");
+    }
+    // Within the network: switched to the remote task as before.
+    let within = udp(T2_MAC, T1_MAC, T1, T2, b"inside");
+    assert_eq!(run(&internal, &mut st, TASK1, &within), run(&plain, &mut st, TASK1, &within));
+    // Counted: through the burst driver, one counter per reason.
+    let mut burst = WorkerState::new(internal.ports.len());
+    let mut bufs: Vec<Vec<u8>> = cases
+        .iter()
+        .map(|(_, f, _)| {
+            let mut b = vec![0u8; HEADROOM + f.len() + 64];
+            b[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
+            b
+        })
+        .collect();
+    let mut frames: Vec<Frame<'_>> =
+        bufs.iter_mut().zip(&cases).map(|(b, (_, f, _))| Frame::new(b, HEADROOM, f.len()).unwrap()).collect();
+    let mut verdicts = vec![Verdict::Drop(D::Malformed); frames.len()];
+    process_burst(&mut frames, TASK1, 0, &internal, &mut burst, &mut verdicts);
+    assert_eq!(burst.stats.drops[D::EgressInternal as usize], 2);
+    assert_eq!(burst.stats.drops[D::NoRoute as usize], 2);
+    assert_eq!(D::EgressInternal.name(), "egress_internal");
+}

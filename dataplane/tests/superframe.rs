@@ -235,3 +235,22 @@ fn a_tap_header_that_does_not_fit_its_frame_is_refused() {
     assert_eq!(offload_of(HEADER_LEN_V1, &hdr(single), &mut f), Some(Offload::NONE));
     checksums_verify(&[f]);
 }
+
+/// A jumbo underlay (9000; the network's MTU 8950): a super-frame with
+/// segments of 8910 bytes of payload crosses as one decision, and cutting
+/// it in software (a port without the offload) makes full-size jumbo
+/// segments, each a 9014-byte VXLAN frame with its checksums right, not a
+/// drop for want of room.
+#[test]
+fn a_jumbo_super_frame_is_cut_into_jumbo_segments() {
+    let base = include_str!("../../examples/tables.toml").replace("underlay_mtu = 1500", "underlay_mtu = 9000");
+    let t = Tables::compile(&toml::from_str::<TablesSpec>(&base).expect("spec")).expect("tables");
+    assert_eq!(t.networks[0].mtu, 8950);
+    let input = tcp(T2_MAC, T1_MAC, T1, T2, 40000, 5001, 20_000, true);
+    let jumbo = Offload { gso_size: 8910, ..tso() };
+    let (v, segs) = run(&t, &mut WorkerState::for_tables(&t), TASK1, &input, jumbo);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    let lens: Vec<usize> = segs.iter().map(Vec::len).collect();
+    assert_eq!(lens, vec![14 + 50 + 40 + 8910, 14 + 50 + 40 + 8910, 14 + 50 + 40 + 20_000 - 2 * 8910]);
+    checksums_verify(&segs);
+}

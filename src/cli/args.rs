@@ -35,6 +35,11 @@ pub(crate) enum ClusterCmd {
         /// --cert-expiry; nodes renew theirs when half of it is gone).
         #[arg(long = "cert-expiry-hours", default_value_t = 2160, value_parser = clap::value_parser!(u64).range(1..=87600))]
         cert_expiry_hours: u64,
+        /// The UDP port of the data path (VXLAN) on every node (Swarm's
+        /// --data-path-port): 1024 to 49151, or 4789; fixed for the
+        /// cluster's life.
+        #[arg(long, default_value_t = 4789, value_parser = parse_data_path_port)]
+        data_path_port: u16,
     },
     /// Join a cluster through a manager (ADDR: IP or IP:PORT, port 2377).
     Join {
@@ -142,9 +147,16 @@ pub(crate) enum NetworkCmd {
         /// Gateway (default: the subnet's last host address).
         #[arg(long)]
         gateway: Option<Ipv4Addr>,
-        /// MTU of the tasks' interfaces (default 1450).
+        /// MTU of the tasks' interfaces (default 1450, or less if a node's
+        /// underlay carries less); at most the smallest underlay MTU of the
+        /// cluster's nodes minus 50 (jumbo underlays: up to 8950 on 9000).
         #[arg(long)]
         mtu: Option<u16>,
+        /// No egress (Docker's --internal): the tasks reach the cluster's
+        /// networks and services only; packets to anything else are
+        /// dropped and counted (`egress_internal`).
+        #[arg(long)]
+        internal: bool,
         /// The network's name.
         name: String,
     },
@@ -309,4 +321,14 @@ pub(crate) enum ConntrackCommand {
 pub(crate) enum LbCommand {
     /// Services, backends, weights, active and new connections.
     Ls,
+}
+
+/// `cluster init --data-path-port`: Docker's rule (1024 to 49151, or 4789).
+fn parse_data_path_port(s: &str) -> std::result::Result<u16, String> {
+    let p: u16 = s.parse().map_err(|_| format!("{s:?} is not a port"))?;
+    if meshplane_control::state::valid_data_path_port(p) {
+        Ok(p)
+    } else {
+        Err(format!("{p}: the data-path port is 1024 to 49151, or 4789"))
+    }
 }

@@ -10,9 +10,13 @@ use meshplane_control::pki::JoinRole;
 /// Runs a `cluster` command.
 pub(crate) fn run(c: &Conn, cmd: &ClusterCmd) -> Result<()> {
     let v = match cmd {
-        ClusterCmd::Init { cert_expiry_hours } => {
-            call(c, AdminRequest::Init { cert_expiry_secs: Some(cert_expiry_hours * 3600) })?
-        }
+        ClusterCmd::Init { cert_expiry_hours, data_path_port } => call(
+            c,
+            AdminRequest::Init {
+                cert_expiry_secs: Some(cert_expiry_hours * 3600),
+                data_path_port: Some(*data_path_port),
+            },
+        )?,
         ClusterCmd::Join { token, addr } => {
             call(c, AdminRequest::Join { token: token.clone(), addr: crate::node::mgmt_addr(addr)? })?
         }
@@ -28,7 +32,11 @@ pub(crate) fn run(c: &Conn, cmd: &ClusterCmd) -> Result<()> {
     };
     print(c, &v, |v| match cmd {
         ClusterCmd::Init { .. } => {
-            println!("cluster initialised; {} is its first manager", s(&v["node"]));
+            println!(
+                "cluster initialised; {} is its first manager; data path on udp port {}",
+                s(&v["node"]),
+                s(&v["data_path_port"])
+            );
             println!("join a worker:  meshplane cluster join --token {} <this node's IP>", s(&v["worker_token"]));
             println!("join a manager: meshplane cluster join --token {} <this node's IP>", s(&v["manager_token"]));
         }

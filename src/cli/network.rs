@@ -9,9 +9,16 @@ use meshplane_control::state::Command;
 /// Runs a `network` command.
 pub(crate) fn run(c: &Conn, cmd: &NetworkCmd) -> Result<()> {
     match cmd {
-        NetworkCmd::Create { subnet, gateway, mtu, name } => {
+        NetworkCmd::Create { subnet, gateway, mtu, internal, name } => {
             let subnet = subnet.parse().map_err(|e| anyhow!("--subnet {subnet:?}: {e}"))?;
-            write(c, Command::CreateNetwork { name: name.clone(), subnet, gateway: *gateway, mtu: *mtu })?;
+            let cmd = Command::CreateNetwork {
+                name: name.clone(),
+                subnet,
+                gateway: *gateway,
+                mtu: *mtu,
+                internal: *internal,
+            };
+            write(c, cmd)?;
             println!("{name}");
         }
         NetworkCmd::Ls => {
@@ -21,9 +28,12 @@ pub(crate) fn run(c: &Conn, cmd: &NetworkCmd) -> Result<()> {
                     .as_object()
                     .into_iter()
                     .flatten()
-                    .map(|(k, n)| vec![k.clone(), s(&n["vni"]), s(&n["subnet"]), s(&n["gateway"]), s(&n["mtu"])])
+                    .map(|(k, n)| {
+                        let internal = if n["internal"].as_bool() == Some(true) { "yes" } else { "no" };
+                        vec![k.clone(), s(&n["vni"]), s(&n["subnet"]), s(&n["gateway"]), s(&n["mtu"]), internal.into()]
+                    })
                     .collect();
-                table(&["NAME", "VNI", "SUBNET", "GATEWAY", "MTU"], rows);
+                table(&["NAME", "VNI", "SUBNET", "GATEWAY", "MTU", "INTERNAL"], rows);
             });
         }
         NetworkCmd::Inspect { name } => {

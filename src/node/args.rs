@@ -57,8 +57,15 @@ pub(crate) struct RunArgs {
     /// 02:42 and the data-path address).
     #[arg(long)]
     pub(crate) data_mac: Option<String>,
-    /// VXLAN UDP port.
-    #[arg(long)]
+    /// The data-path NIC's MTU (the underlay's), which bounds every
+    /// network's MTU (minus 50 for VXLAN). Default: read from the NIC
+    /// (AF_XDP: at most 1714, one UMEM frame; TAP: the device's, set to
+    /// this when given, at most 9216).
+    #[arg(long, value_name = "BYTES")]
+    pub(crate) data_path_mtu: Option<u16>,
+    /// Refused: the VXLAN port is the cluster's (`cluster init
+    /// --data-path-port`; static mode: the tables' `node.vxlan_port`).
+    #[arg(long, hide = true)]
     pub(crate) data_path_port: Option<u16>,
     /// Gossip UDP port.
     #[arg(long)]

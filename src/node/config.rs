@@ -17,6 +17,7 @@ struct FileConfig {
     data_iface: Option<String>,
     data_mac: Option<String>,
     data_path_port: Option<u16>,
+    data_path_mtu: Option<u16>,
     gossip_port: Option<u16>,
     metrics_addr: Option<String>,
     io: Option<IoKind>,
@@ -42,6 +43,7 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
     a.uplink = a.uplink.or(f.data_iface);
     a.data_mac = a.data_mac.or(f.data_mac);
     a.data_path_port = a.data_path_port.or(f.data_path_port);
+    a.data_path_mtu = a.data_path_mtu.or(f.data_path_mtu);
     a.gossip_port = a.gossip_port.or(f.gossip_port);
     a.metrics_addr = a.metrics_addr.or(f.metrics_addr);
     a.io = a.io.or(f.io);

@@ -36,7 +36,6 @@ struct Managed {
     args: RunArgs,
     io: IoKind,
     workers: usize,
-    vxlan_port: Option<u16>,
     ports: Mutex<BTreeMap<String, TaskPort>>,
     /// The control plane's last tables and tasks, before the next hops
     /// are filled in: compiled again when a next hop changes (and the
@@ -123,9 +122,6 @@ impl Managed {
     /// Compiles `spec` with the next hops filled in and publishes it; the
     /// task ports follow `tasks`.
     fn apply(&self, mut spec: TablesSpec, tasks: &[LocalTask]) -> Result<(), PublishError> {
-        if let Some(p) = self.vxlan_port {
-            spec.node.vxlan_port = p;
-        }
         spec.node.reset_closed_ports = self.io == IoKind::Tap;
         self.fill_next_hops(&mut spec);
         let tables = Tables::compile(&spec).map_err(|e| e.to_string())?;
@@ -177,6 +173,54 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
+/// The underlay MTU this node reports: `--data-path-mtu`, else the data
+/// NIC's (read from sysfs, as its MAC is; a TAP the node has yet to make
+/// has the kernel's default, 1500), at most what the I/O backend carries
+/// (AF_XDP: one UMEM frame; TAP: a jumbo frame). A given MTU above that,
+/// or above an AF_XDP NIC's own, is refused: frames would be dropped.
+fn underlay_mtu(a: &RunArgs, io: IoKind, uplink: &str) -> Result<u16> {
+    use meshplane_control::state::MIN_UNDERLAY_MTU;
+    let (max, why) = match io {
+        IoKind::Afxdp => (afxdp::MAX_MTU, "an AF_XDP uplink carries one 2 KiB UMEM frame"),
+        IoKind::Tap => (meshplane_dataplane::io::MAX_TAP_MTU, "a TAP uplink carries jumbo frames up to this"),
+    };
+    let nic = nic_mtu(uplink);
+    if let Some(m) = a.data_path_mtu {
+        if !(MIN_UNDERLAY_MTU..=max).contains(&m) {
+            bail!("--data-path-mtu {m}: {MIN_UNDERLAY_MTU} to {max} ({why})");
+        }
+        if io == IoKind::Afxdp
+            && let Some(n) = nic.filter(|n| m > *n)
+        {
+            bail!("--data-path-mtu {m} is above {uplink}'s MTU {n}: raise the NIC's MTU first");
+        }
+        return Ok(m);
+    }
+    let mtu = match (io, nic) {
+        (_, Some(n)) => n,
+        (IoKind::Tap, None) => meshplane_control::state::DEFAULT_UNDERLAY_MTU,
+        (IoKind::Afxdp, None) => bail!("reading {uplink}'s MTU (/sys/class/net/{uplink}/mtu); or give --data-path-mtu"),
+    };
+    if mtu < MIN_UNDERLAY_MTU {
+        bail!("{uplink}'s MTU {mtu} is below {MIN_UNDERLAY_MTU}: VXLAN needs 50 bytes of it");
+    }
+    if mtu > max {
+        tracing::warn!("{uplink}'s MTU is {mtu}, but {why}: this node's underlay MTU is {max}");
+    }
+    Ok(mtu.min(max))
+}
+
+/// Interface `iface`'s MTU, from sysfs (this namespace's, as `ip netns
+/// exec` mounts it); `None` if there is no such interface.
+fn nic_mtu(iface: &str) -> Option<u16> {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
+        .ok()?
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .map(|m| u16::try_from(m).unwrap_or(u16::MAX))
+}
+
 /// The addresses a managed node needs, from its arguments.
 struct Addresses {
     uplink: String,
@@ -213,14 +257,14 @@ fn data_mac(a: &RunArgs, io: IoKind, ad: &Addresses) -> Result<MacAddr> {
 
 /// The tables of a node alone, before the control plane publishes: the
 /// uplink only.
-fn first_tables(a: &RunArgs, io: IoKind, ad: &Addresses, data_mac: MacAddr) -> Result<Tables> {
+fn first_tables(io: IoKind, ad: &Addresses, data_mac: MacAddr, underlay_mtu: u16) -> Result<Tables> {
     let spec = TablesSpec {
         version: 0,
         node: NodeSpec {
             data_ip: ad.data_ip,
             data_mac,
-            vxlan_port: a.data_path_port.unwrap_or(meshplane_dataplane::wire::vxlan::DEFAULT_PORT),
-            underlay_mtu: 1500,
+            vxlan_port: meshplane_dataplane::wire::vxlan::DEFAULT_PORT,
+            underlay_mtu,
             ttl: 64,
             next_hop_mac: None,
             neighbours: vec![],
@@ -247,8 +291,14 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
 
     // Until the control plane publishes: this node alone, the uplink only.
     let data_mac = data_mac(a, io, &ad)?;
-    let t = first_tables(a, io, &ad, data_mac)?;
+    let mtu = underlay_mtu(a, io, &ad.uplink)?;
+    let t = first_tables(io, &ad, data_mac, mtu)?;
     let (uplinks, steering) = open(io, &ad.uplink, true, n, &t, a).context("opening the uplink")?;
+    if io == IoKind::Tap {
+        // The TAP is the data NIC: it carries the underlay MTU.
+        crate::sys::ip(&["link", "set", "dev", &ad.uplink, "mtu", &mtu.to_string()])
+            .context("setting the TAP uplink's MTU")?;
+    }
     let shared = Shared::new(t, n);
     let per_worker = uplinks.into_iter().map(|p| vec![Bound::new("uplink", p)]).collect();
     let handles = spawn_workers(per_worker, &cores, &shared, a)?;
@@ -258,7 +308,6 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         args: a.clone(),
         io,
         workers: n,
-        vxlan_port: a.data_path_port,
         ports: Mutex::new(BTreeMap::new()),
         last: Mutex::new(None),
         underlay: OnceLock::new(),
@@ -290,6 +339,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         advertise: ad.advertise,
         data_ip: ad.data_ip,
         data_mac,
+        underlay_mtu: mtu,
         gossip_port: a.gossip_port.unwrap_or(meshplane_control::cluster::GOSSIP_PORT),
         state_dir: state_dir.clone(),
         snapshot_every: 1000,
@@ -313,7 +363,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         }
     }
     tracing::info!(
-        "node {name} running ({io:?} I/O on {}, {n} worker{}); management {}, data {}; admin socket {}; metrics {}",
+        "node {name} running ({io:?} I/O on {}, underlay MTU {mtu}, {n} worker{}); management {}, data {}; admin socket {}; metrics {}",
         ad.uplink,
         if n == 1 { "" } else { "s" },
         ad.advertise,

@@ -22,6 +22,11 @@ pub(crate) use args::{DEFAULT_STATE_DIR, IoKind, RunArgs, mgmt_addr};
 /// with its control plane.
 pub(crate) fn run(a: &RunArgs) -> Result<()> {
     let a = config::with_config_file(a)?;
+    if a.data_path_port.is_some() {
+        anyhow::bail!(
+            "--data-path-port (data_path_port) is the cluster's: `meshplane cluster init --data-path-port` (static mode: the tables' node.vxlan_port)"
+        );
+    }
     match &a.tables {
         Some(path) => static_mode::run(&a, path),
         None => managed::run(&a),

@@ -65,7 +65,7 @@ pub(crate) fn make(
     // A port left by a node that crashed goes first.
     sys::link_del(&host);
     let queues = match io {
-        IoKind::Afxdp => veth(&host, &peer, &ns, workers)
+        IoKind::Afxdp => veth(&host, &peer, &ns, workers, t.mtu)
             .and_then(|()| open(io, &host, false, workers, tables, args))
             .map(|(q, _)| q)
             .inspect_err(|_| sys::link_del(&host))?,
@@ -129,13 +129,14 @@ impl Netns {
 }
 
 /// A veth pair `host` - `peer` with `workers` queues each, `peer` in `ns`;
-/// `host` up.
-fn veth(host: &str, peer: &str, ns: &Netns, workers: usize) -> Result<()> {
+/// `host` up with the network's MTU (a veth drops what its receiving end's
+/// MTU does not take).
+fn veth(host: &str, peer: &str, ns: &Netns, workers: usize, mtu: u16) -> Result<()> {
     let n = workers.to_string();
     #[rustfmt::skip]
     ip(&["link", "add", host, "numrxqueues", &n, "numtxqueues", &n, "type", "veth",
          "peer", "name", peer, "numrxqueues", &n, "numtxqueues", &n, "netns", &ns.target()])?;
-    ip(&["link", "set", host, "up"])
+    ip(&["link", "set", host, "mtu", &mtu.to_string(), "up"])
 }
 
 /// In the task's namespace: eth0 if it has none, its address, MAC, MTU,

@@ -15,6 +15,7 @@
 
 mod cluster;
 mod lab;
+mod mtu;
 mod partition;
 
 use lab::{BIN, Lab, in_ns, in_ns_ok, ip, run, wait_for};
@@ -821,3 +822,22 @@ both_backends!(cluster_cli: cluster_cli_afxdp, cluster_cli_tap);
 mod flood;
 mod mesh_icmp;
 mod routed;
+
+/// The underlay MTU and the data-path port (see `mtu.rs`).
+fn mtu_refused(io: Io) {
+    let _g = serial();
+    mtu::mtu_refused_on_a_small_underlay(io);
+}
+both_backends!(mtu_refused: mtu_refused_afxdp, mtu_refused_tap);
+
+fn jumbo(io: Io) {
+    let _g = serial();
+    mtu::jumbo_underlay(io);
+}
+both_backends!(jumbo: jumbo_underlay_afxdp, jumbo_underlay_tap);
+
+fn dp_port(io: Io) {
+    let _g = serial();
+    mtu::data_path_port(io);
+}
+both_backends!(dp_port: data_path_port_afxdp, data_path_port_tap);

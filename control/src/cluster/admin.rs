@@ -22,7 +22,9 @@ impl Control {
     /// The admin API.
     pub async fn admin(self: &Arc<Self>, req: AdminRequest) -> AdminResponse {
         match req {
-            AdminRequest::Init { cert_expiry_secs } => self.init(cert_expiry_secs.map(Duration::from_secs)).await,
+            AdminRequest::Init { cert_expiry_secs, data_path_port } => {
+                self.init(cert_expiry_secs.map(Duration::from_secs), data_path_port).await
+            }
             AdminRequest::Join { token, addr } => self.join(&token, addr).await,
             AdminRequest::Token { role, rotate } => {
                 let ca = self.lock().state.ca.clone();

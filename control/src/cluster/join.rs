@@ -15,10 +15,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 impl Control {
-    /// `cluster init` (certificates valid for `cert_expiry`, or 90 days).
-    pub(super) async fn init(self: &Arc<Self>, cert_expiry: Option<Duration>) -> AdminResponse {
+    /// `cluster init` (certificates valid for `cert_expiry`, or 90 days;
+    /// VXLAN on `data_path_port`, or 4789).
+    pub(super) async fn init(
+        self: &Arc<Self>,
+        cert_expiry: Option<Duration>,
+        data_path_port: Option<u16>,
+    ) -> AdminResponse {
         if self.lock().saved.is_some() {
             return Err(ApiError::AlreadyInCluster);
+        }
+        // Checked before anything is made (a refused init leaves nothing).
+        let port = data_path_port.unwrap_or(crate::state::DEFAULT_DATA_PATH_PORT);
+        if !crate::state::valid_data_path_port(port) {
+            return Err(StateError::BadDataPathPort(port).into());
         }
         let mut ca = ClusterCa::init()?;
         if let Some(d) = cert_expiry {
@@ -40,12 +50,14 @@ impl Control {
         }
         self.write(Command::SetCa(ca.clone())).await?;
         self.write(new_gossip_key(&ClusterState::default())).await?;
+        self.write(Command::SetDataPathPort { port }).await?;
         self.write(Command::AddNode(self.this_node(Role::Manager))).await?;
         // Saved last: a node that fails half way can be initialised again
         // after its state directory is cleared.
         self.save(&saved)?;
         Ok(serde_json::json!({
             "node": self.cfg.name,
+            "data_path_port": port,
             "manager_token": ca.token(JoinRole::Manager),
             "worker_token": ca.token(JoinRole::Worker),
         }))

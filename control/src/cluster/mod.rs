@@ -60,6 +60,9 @@ pub struct Config {
     pub data_ip: Ipv4Addr,
     /// MAC of the data-path NIC.
     pub data_mac: MacAddr,
+    /// MTU of the data-path NIC (the underlay), recorded in the node's
+    /// state entry when it joins.
+    pub underlay_mtu: u16,
     /// Gossip UDP port.
     pub gossip_port: u16,
     /// State directory.
@@ -386,6 +389,7 @@ impl Control {
             role,
             availability: Availability::Active,
             key_id: self.identity().and_then(|i| i.peer().ok()).map(|p| p.key_id),
+            underlay_mtu: self.cfg.underlay_mtu,
         }
     }
 

@@ -22,6 +22,7 @@ pub(crate) fn add_node(i: u32) -> Command {
         role: Role::Worker,
         availability: Availability::Active,
         key_id: None,
+        underlay_mtu: 1500,
     })
 }
 

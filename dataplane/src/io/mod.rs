@@ -29,9 +29,14 @@ pub const FRAME_ROOM: usize = 2048;
 /// super-frame (a 64 KiB IPv4 packet) inside VXLAN, with room to spare.
 pub const SUPER_ROOM: usize = 65_664;
 
+/// The largest underlay MTU a TAP uplink carries (the usual jumbo
+/// ceiling): segments cut in software must fit [`SEGMENT_ROOM`].
+pub const MAX_TAP_MTU: u16 = 9216;
+
 /// Bytes of a segment cut from a super-frame in software: a frame of the
-/// largest MTU meshplane forwards, inside VXLAN.
-pub const SEGMENT_ROOM: usize = FRAME_ROOM;
+/// largest MTU meshplane forwards (a jumbo underlay's, [`MAX_TAP_MTU`]),
+/// its Ethernet header and room to spare.
+pub const SEGMENT_ROOM: usize = MAX_TAP_MTU as usize + 128;
 
 /// What a port keeps count of itself (below the pipeline's counters).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -175,11 +180,21 @@ pub fn tx_segments(f: &Frame<'_>, mut tx: impl FnMut(&[u8]) -> bool) -> Sent {
     }
     let d = f.data();
     let tcp = (o.csum_at as usize).wrapping_sub(f.start());
-    let mut scratch = [0u8; SEGMENT_ROOM];
     let mut all = true;
-    match crate::wire::gso::Layout::of(d, tcp)
-        .and_then(|l| crate::wire::gso::segment(d, &l, o.gso_size, &mut scratch, |s| all &= tx(s)))
-    {
+    let cut = |l: crate::wire::gso::Layout, scratch: &mut [u8], tx: &mut dyn FnMut(&[u8]) -> bool, all: &mut bool| {
+        crate::wire::gso::segment(d, &l, o.gso_size, scratch, |s| *all &= tx(s))
+    };
+    let sent = crate::wire::gso::Layout::of(d, tcp).and_then(|l| {
+        // Segments of a 1500-byte underlay in a small buffer (the usual
+        // case: no larger buffer to clear per super-frame); jumbo ones in
+        // a buffer of SEGMENT_ROOM.
+        if l.headers(d) + usize::from(o.gso_size) <= FRAME_ROOM {
+            cut(l, &mut [0u8; FRAME_ROOM], &mut tx, &mut all)
+        } else {
+            cut(l, &mut [0u8; SEGMENT_ROOM], &mut tx, &mut all)
+        }
+    });
+    match sent {
         Ok(_) => Sent::Segmented(all),
         Err(_) => Sent::Unsegmentable,
     }

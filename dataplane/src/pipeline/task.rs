@@ -9,7 +9,9 @@
 //! 3 arp       proxy ARP from cluster state            Tx(in_port) reply; drop arp_*
 //! 4 flood     no broadcast or multicast               drop broadcast_not_flooded
 //! 5 ipv4      endpoint's address, network MTU         drop src_ip_spoofed, mtu_exceeded; Tx(in_port) frag-needed
-//! 6 gateway   to the gateway MAC                      Tx(in_port) echo reply; lb::to_vip; lb::routed; drop no_route
+//! 6 gateway   to the gateway MAC                      Tx(in_port) echo reply; lb::to_vip; lb::routed;
+//!                                                     drop egress_internal (internal network, outside
+//!                                                     every network), no_route
 //! 7 node      to this node's own MAC in the network   lb::to_node (routing-mesh replies)
 //! 8 switch    within the network                      drop hairpin; pipeline::switch
 //! ```
@@ -203,7 +205,9 @@ fn ipv4(
 /// answered; a plain TCP/UDP packet (no options, not a fragment) to a
 /// service VIP is balanced (proxy ARP answers VIPs with the gateway's
 /// MAC); the reply of a `preserve-source` connection goes back toward its
-/// client outside the network; anything else has no route.
+/// client outside the network; anything else has no route (from an
+/// internal network to an address outside every network: no egress,
+/// counted apart).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn to_gateway(
@@ -231,6 +235,9 @@ fn to_gateway(
         && let Some(next) = lb::routed(frame, net, now, t, lb)
     {
         return follow(frame, next, now, t, lb);
+    }
+    if nw.internal && !t.in_any_network(ip.dst) {
+        return Verdict::Drop(D::EgressInternal);
     }
     Verdict::Drop(D::NoRoute)
 }

@@ -178,6 +178,11 @@ pub struct NetworkSpec {
     /// (02:42 and the four address bytes, as Docker derives MACs).
     #[serde(default)]
     pub node_ip: Option<Ipv4Addr>,
+    /// An internal network (Docker's `--internal`): its tasks' packets to
+    /// an address outside every network of the tables are dropped
+    /// (`egress_internal`), never given a way out.
+    #[serde(default)]
+    pub internal: bool,
 }
 
 /// A port of this node's dataplane other than the uplink: a task's
@@ -452,6 +457,8 @@ pub struct Network {
     pub node_ip: Option<Ipv4Addr>,
     /// Its MAC (derived from the address).
     pub node_mac: Option<MacAddr>,
+    /// See [`NetworkSpec::internal`].
+    pub internal: bool,
 }
 
 impl Network {
@@ -578,6 +585,13 @@ impl Tables {
     #[inline]
     pub fn net_of_vni(&self, vni: u32) -> Option<NetId> {
         self.by_vni.get(&vni_key(vni)).map(|v| v.net)
+    }
+
+    /// True if `ip` is inside the subnet of one of the networks (every
+    /// cluster network; service VIPs are allocated from them).
+    #[inline]
+    pub fn in_any_network(&self, ip: Ipv4Addr) -> bool {
+        self.networks.iter().any(|n| n.subnet.contains(ip))
     }
 
     /// Reads and compiles a TOML tables file.
@@ -727,6 +741,7 @@ impl<'s> Builder<'s> {
                 has_services: false,
                 node_ip: ns.node_ip,
                 node_mac: ns.node_ip.map(node_mac_for),
+                internal: ns.internal,
             });
         }
         Ok(b)

@@ -43,6 +43,11 @@ const HEADROOM: usize = 64;
 const FRAME_SIZE: u32 = 2048;
 /// Bytes the kernel reserves in front of each UMEM frame (XDP_PACKET_HEADROOM).
 const XDP_HEADROOM: usize = 256;
+/// The largest IPv4 MTU an AF_XDP port carries: one UMEM frame (no
+/// multi-buffer XDP) after the kernel's and the pipeline's headroom, less
+/// the Ethernet header (1714). A node with an AF_XDP uplink takes it as
+/// its underlay MTU when the NIC's is larger.
+pub const MAX_MTU: u16 = (FRAME_SIZE as usize - XDP_HEADROOM - HEADROOM - crate::wire::ethernet::HEADER_LEN) as u16;
 /// Frames kept back from the fill ring for copies into this port.
 const TX_RESERVE: usize = 512;
 /// Transmit kicks per flush at most (each sends up to 32 frames in copy
