@@ -80,7 +80,15 @@ fn tcp(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u1
 }
 
 /// A SYN announcing `mss` (then window scale and SACK-permitted).
-fn syn_mss(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, mss: u16) -> Vec<u8> {
+fn syn_mss(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    mss: u16,
+) -> Vec<u8> {
     use etherparse::TcpOptionElement as O;
     let mut f = Vec::new();
     let opts = [O::MaximumSegmentSize(mss), O::Noop, O::WindowScale(7), O::SelectiveAcknowledgementPermitted];
@@ -90,7 +98,15 @@ fn syn_mss(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport
 }
 
 /// A segment with `n` bytes of payload (DF set, as etherparse does).
-fn tcp_sized(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, n: usize) -> Vec<u8> {
+fn tcp_sized(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    n: usize,
+) -> Vec<u8> {
     let mut f = Vec::new();
     let b = etherparse::PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).tcp(sport, dport, 1, 1024);
     b.ack(1).write(&mut f, &vec![0; n]).expect("builds");
@@ -191,7 +207,10 @@ fuzz_target!(|data: &[u8]| {
         // (a published port's oversize packet) ICMP back to the client.
         let sent = f.data();
         if out == UPLINK && sent.get(23) == Some(&1) {
-            assert_eq!((sent[34], sent[35], &sent[26..30], &sent[30..34]), (3, 4, &[198, 18, 0, 1][..], &frame[26..30]));
+            assert_eq!(
+                (sent[34], sent[35], &sent[26..30], &sent[30..34]),
+                (3, 4, &[198, 18, 0, 1][..], &frame[26..30])
+            );
             assert_eq!(&sent[42..62], &frame[14..34], "the quote is the client's header");
             continue;
         }
