@@ -90,6 +90,20 @@ fn loopback(a: u8, b: u8) -> IpAddr {
     IpAddr::from([127, 0, a, b])
 }
 
+/// A worker node of the state named `id` (fixed addresses).
+fn worker_node(id: String) -> Node {
+    Node {
+        id,
+        mgmt: "198.18.1.1:2377".parse().unwrap(),
+        data_ip: "198.18.0.1".parse().unwrap(),
+        data_mac: "02:00:00:00:00:01".parse().unwrap(),
+        role: Role::Worker,
+        availability: Availability::Active,
+        key_id: None,
+        underlay_mtu: 1500,
+    }
+}
+
 fn local() -> IpAddr {
     loopback(0, 1)
 }
@@ -118,16 +132,7 @@ async fn limits_before_and_after_authentication() {
     // A member: a request over the join limit is read and answered, and
     // the connection serves the next one too.
     let mut s = tls(&mem, local(), to, "m1").await;
-    let mut big = Node {
-        id: "x".repeat(200 << 10),
-        mgmt: "198.18.1.1:2377".parse().unwrap(),
-        data_ip: "198.18.0.1".parse().unwrap(),
-        data_mac: "02:00:00:00:00:01".parse().unwrap(),
-        role: Role::Worker,
-        availability: Availability::Active,
-        key_id: None,
-        underlay_mtu: 1500,
-    };
+    let mut big = worker_node("x".repeat(200 << 10));
     write_frame(&mut s, &Request::Write(Command::AddNode(big.clone()))).await.unwrap();
     let r: Response = read_frame(&mut s, MAX_FRAME).await.unwrap();
     assert!(matches!(r, Response::Refused(Refusal::RaftNotRunning)));
@@ -350,16 +355,7 @@ async fn raft_keeps_committing_under_a_connection_flood() {
     }
     let leader = ms.iter().find(|m| Some(m.id) == leader).expect("a leader");
     let target = ms.iter().find(|m| m.id != leader.id).unwrap();
-    let n0 = Node {
-        id: "n0".into(),
-        mgmt: "198.18.1.1:2377".parse().unwrap(),
-        data_ip: "198.18.0.1".parse().unwrap(),
-        data_mac: "02:00:00:00:00:01".parse().unwrap(),
-        role: Role::Worker,
-        availability: Availability::Active,
-        key_id: None,
-        underlay_mtu: 1500,
-    };
+    let n0 = worker_node("n0".into());
     leader.raft.client_write(Command::AddNode(n0)).await.unwrap();
 
     // Before: Raft's connections are kept, not made per RPC.
