@@ -181,18 +181,19 @@ pub fn tx_segments(f: &Frame<'_>, mut tx: impl FnMut(&[u8]) -> bool) -> Sent {
     let d = f.data();
     let tcp = (o.csum_at as usize).wrapping_sub(f.start());
     let mut all = true;
-    let cut = |l: crate::wire::gso::Layout, scratch: &mut [u8], tx: &mut dyn FnMut(&[u8]) -> bool, all: &mut bool| {
-        crate::wire::gso::segment(d, &l, o.gso_size, scratch, |s| *all &= tx(s))
-    };
     let sent = crate::wire::gso::Layout::of(d, tcp).and_then(|l| {
         // Segments of a 1500-byte underlay in a small buffer (the usual
         // case: no larger buffer to clear per super-frame); jumbo ones in
         // a buffer of SEGMENT_ROOM.
-        if l.headers(d) + usize::from(o.gso_size) <= FRAME_ROOM {
-            cut(l, &mut [0u8; FRAME_ROOM], &mut tx, &mut all)
+        let mut small = [0u8; FRAME_ROOM];
+        let mut jumbo;
+        let scratch: &mut [u8] = if l.headers(d) + usize::from(o.gso_size) <= FRAME_ROOM {
+            &mut small
         } else {
-            cut(l, &mut [0u8; SEGMENT_ROOM], &mut tx, &mut all)
-        }
+            jumbo = [0u8; SEGMENT_ROOM];
+            &mut jumbo
+        };
+        crate::wire::gso::segment(d, &l, o.gso_size, scratch, |s| all &= tx(s))
     });
     match sent {
         Ok(_) => Sent::Segmented(all),
