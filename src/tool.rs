@@ -249,9 +249,7 @@ fn inject(tap: &str, pcap: &std::path::Path, repeat: &u32, pps: &u32) -> Result<
     let frames =
         meshplane_dataplane::pcap::read(BufReader::new(f)).with_context(|| format!("reading {}", pcap.display()))?;
     let mut port = meshplane_dataplane::io::tap::TapPort::open(tap)?;
-    // The device's carrier comes up when it is attached: give a
-    // bridge it belongs to a moment to forward from it.
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until_forwarding(tap);
     let gap = Duration::from_secs_f64(1.0 / f64::from((*pps).max(1)));
     let (mut sent, mut refused) = (0u64, 0u64);
     let start = Instant::now();
@@ -268,6 +266,24 @@ fn inject(tap: &str, pcap: &std::path::Path, repeat: &u32, pps: &u32) -> Result<
     }
     println!("inject: {sent} frames sent, {refused} refused, in {:.2} s", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The device's carrier comes up when it is attached, and a bridge it
+/// belongs to starts forwarding from it only when the kernel's link watch
+/// gets to it (up to a second later): until then every frame is dropped.
+/// Waits (at most 5 s) for the bridge port to forward; a device in no
+/// bridge is ready at once.
+fn wait_until_forwarding(dev: &str) {
+    const FORWARDING: &str = "3";
+    let state = format!("/sys/class/net/{dev}/brport/state");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match std::fs::read_to_string(&state) {
+            Ok(s) if s.trim() != FORWARDING => std::thread::sleep(Duration::from_millis(10)),
+            _ => return,
+        }
+    }
+    eprintln!("inject: {dev} is still not forwarding in its bridge after 5 s; sending anyway");
 }
 
 /// `tool udp-ping`: numbered datagrams to an echo server, one at a time.
