@@ -52,6 +52,7 @@ pub fn compile(
             next_hop_mac: None,
             neighbours,
             reset_closed_ports: false,
+            egress: None,
         },
         networks: networks(state, me),
         ports,

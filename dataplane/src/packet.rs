@@ -293,6 +293,27 @@ drop_reasons! {
     /// To a service VIP, but the worker's balancer state was not sized for
     /// these tables (`WorkerState::sync` not called: an I/O layer bug).
     LbNotSynced = "lb_not_synced",
+    /// Egress: no free source port on the egress address toward the
+    /// destination (every candidate held by a confirmed connection).
+    EgressPortsExhausted = "egress_ports_exhausted",
+    /// Egress: the task already holds half the egress ports toward this
+    /// destination address.
+    EgressTaskLimit = "egress_task_limit",
+    /// Egress: the node's FIB has no route (or the next hop no MAC yet)
+    /// toward the destination.
+    EgressNoNextHop = "egress_no_next_hop",
+    /// Egress: a packet to the egress address (or a host-link reply) of
+    /// no tracked connection.
+    EgressNoConnection = "egress_no_connection",
+    /// Egress: a packet egress does not translate (a fragment, another
+    /// protocol than TCP, UDP and ICMP echo, an ICMP error about nothing
+    /// tracked).
+    EgressUnsupported = "egress_unsupported",
+    /// Egress: VXLAN to a peer's data-path address from a task (it would
+    /// reach the peer as VXLAN from a known VTEP).
+    EgressToVtep = "egress_to_vtep",
+    /// Egress: to this node's own published port (use the service's VIP).
+    EgressHairpin = "egress_hairpin",
 }
 
 /// Packet and byte counters of one port.

@@ -167,5 +167,6 @@ fn state_name(s: CtState) -> &'static str {
         CtState::Fin => "fin_wait",
         CtState::Close => "close",
         CtState::Unconfirmed => "unconfirmed",
+        CtState::Icmp => "icmp",
     }
 }

@@ -269,6 +269,7 @@ fn first_tables(io: IoKind, ad: &Addresses, data_mac: MacAddr, underlay_mtu: u16
             next_hop_mac: None,
             neighbours: vec![],
             reset_closed_ports: io == IoKind::Tap,
+            egress: None,
         },
         networks: vec![],
         ports: vec![],

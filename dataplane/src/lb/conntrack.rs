@@ -87,6 +87,8 @@ pub enum CtState {
     /// TCP: picked up from a segment without SYN, no reply seen yet (see
     /// the module's doc).
     Unconfirmed = 5,
+    /// An ICMP query (echo) mapping.
+    Icmp = 6,
 }
 
 /// TCP flags the state machine reads.
@@ -122,7 +124,7 @@ pub struct CtValue {
     pub mac: [u8; 6],
     /// State.
     pub state: CtState,
-    /// Four bits for the caller (direction, mode; [`FLAG_MASK`]).
+    /// Five bits for the caller (direction, mode; [`FLAG_MASK`]).
     pub flags: u8,
 }
 
@@ -224,8 +226,11 @@ fn tick(now: u64) -> u32 {
     (now >> TICK_SHIFT) as u32
 }
 
-/// `CtValue::flags` bits an entry keeps (the low four).
-pub const FLAG_MASK: u8 = 0x0f;
+/// `CtValue::flags` bits an entry keeps (the low five).
+pub const FLAG_MASK: u8 = 0x1f;
+
+/// Service indices an entry keeps (31 bits).
+pub const MAX_SERVICE: u32 = (1 << 31) - 1;
 
 /// A table entry: 32 bytes, eight to a bucket of four cache lines. The key
 /// and every value field but the MAC; a MAC (only routing-mesh entries
@@ -237,9 +242,9 @@ struct Entry {
     /// Source address << 32 | destination address.
     k0: u64,
     /// Bits 0-31: source port << 16 | destination port; 32-39: the IP
-    /// protocol (0 marks a free entry); 40-47: state (bits 40-42), the
-    /// caller's flags (43-46) and `HAS_MAC` (47); 48-63: the service
-    /// index's high half. The key is the low 40 bits ([`KEY1`]).
+    /// protocol (0 marks a free entry); 40-47: state (bits 40-42) and the
+    /// caller's flags (43-47); 48-62: the service index's high 15 bits;
+    /// 63: `HAS_MAC`. The key is the low 40 bits ([`KEY1`]).
     k1: u64,
     /// Expiry, in ticks (wrapping).
     expires: u32,
@@ -255,12 +260,14 @@ struct Entry {
 const KEY1: u64 = (1 << 40) - 1;
 /// `Entry::k1`: the protocol's bits (zero: a free entry).
 const PROTO_BITS: u64 = 0xff << 32;
-/// `Entry::k1`: where the state, flags and `HAS_MAC` byte starts.
+/// `Entry::k1`: where the state and flags byte starts.
 const SF_SHIFT: u32 = 40;
 /// `Entry::k1`: the state's bits.
 const STATE_BITS: u64 = 7 << SF_SHIFT;
 /// `Entry::k1`: the entry's MAC is kept in the side array.
-const HAS_MAC: u64 = 0x80 << SF_SHIFT;
+const HAS_MAC: u64 = 1 << 63;
+/// `Entry::k1`: the service index's high bits.
+const SVC_HI: u64 = 0x7fff << 48;
 
 const _: () = assert!(core::mem::size_of::<Entry>() == 32, "a conntrack entry is 32 bytes");
 // A bucket is whole cache lines (4 of them), so buckets of a table that
@@ -290,6 +297,7 @@ fn state_of(bits: u64) -> CtState {
         2 => CtState::Established,
         3 => CtState::Fin,
         5 => CtState::Unconfirmed,
+        6 => CtState::Icmp,
         _ => CtState::Close,
     }
 }
@@ -308,7 +316,7 @@ impl Entry {
         let mac = if v.mac != [0; 6] { HAS_MAC } else { 0 };
         ((u64::from(v.state as u8) | u64::from((v.flags & FLAG_MASK) << 3)) << SF_SHIFT)
             | mac
-            | (u64::from(v.service >> 16) << 48)
+            | ((u64::from(v.service >> 16) << 48) & SVC_HI)
     }
 
     /// The value's words outside `k1`.
@@ -350,7 +358,7 @@ impl Entry {
     fn value(&self) -> CtValue {
         let sf = (self.k1 >> SF_SHIFT) as u8;
         CtValue {
-            service: (((self.k1 >> 48) as u32) << 16) | u32::from(self.svc_lo),
+            service: ((((self.k1 & SVC_HI) >> 48) as u32) << 16) | u32::from(self.svc_lo),
             backend: u32::from(self.backend),
             peer: self.peer,
             port: self.port,
@@ -395,6 +403,8 @@ pub struct CtConfig {
     pub tcp_unconfirmed: u64,
     /// UDP (IPVS: 300 s).
     pub udp: u64,
+    /// ICMP query (echo) mappings (RFC 5508 REQ-1: at least 60 s).
+    pub icmp: u64,
     /// Flood guard: new connections per second per worker; 0 for no
     /// limit. Pickups of unconfirmed connections may use a quarter of it.
     pub max_new_per_sec: u32,
@@ -431,6 +441,7 @@ impl Default for CtConfig {
             tcp_close: 10 * SECOND,
             tcp_unconfirmed: 5 * SECOND,
             udp: 300 * SECOND,
+            icmp: 60 * SECOND,
             max_new_per_sec: DEFAULT_MAX_NEW_PER_SEC,
             seed: random_seed(),
         }
@@ -448,6 +459,7 @@ impl CtConfig {
             CtState::Fin => self.tcp_fin,
             CtState::Close => self.tcp_close,
             CtState::Unconfirmed => self.tcp_unconfirmed,
+            CtState::Icmp => self.icmp,
         }
     }
 }
@@ -521,8 +533,8 @@ impl Conntrack {
         // One tick more than the timeout: the insert's own tick is
         // truncated, so an entry lives at least its timeout (and at most
         // two ticks longer).
-        // Indexed by a state's number in an entry (0-5; 6-7 as Close).
-        let timeouts = [0u64, 1, 2, 3, 4, 5, 4, 4].map(|n| {
+        // Indexed by a state's number in an entry (0-6; 7 as Close).
+        let timeouts = [0u64, 1, 2, 3, 4, 5, 6, 4].map(|n| {
             let t = cfg.timeout(state_of(n)).div_ceil(1 << TICK_SHIFT).clamp(1, u64::from(MAX_TIMEOUT_TICKS));
             t as u32 + 1
         });
@@ -791,7 +803,10 @@ impl Conntrack {
             self.window.1 += 1;
             self.window.2 += u32::from(pickup);
         }
-        debug_assert!(v.backend <= u32::from(u16::MAX) && v.flags & !FLAG_MASK == 0, "{v:?} fits an entry");
+        debug_assert!(
+            v.backend <= u32::from(u16::MAX) && v.service <= MAX_SERVICE && v.flags & !FLAG_MASK == 0,
+            "{v:?} fits an entry"
+        );
         let (t, max) = (tick(now), self.max_timeout);
         let entry = Entry::new(p, &v, t.wrapping_add(self.timeouts[v.state as usize & 7]));
         let Some(set) = self.entries.get(p.at..p.at + WAYS) else { return (Inserted::NoRoom, p.key(), usize::MAX) };
@@ -925,7 +940,10 @@ impl Conntrack {
 #[inline]
 pub fn next_state(s: CtState, flags: u8) -> CtState {
     use tcp_flags::*;
-    if s == CtState::Unconfirmed {
+    if matches!(s, CtState::Udp | CtState::Icmp) {
+        // Datagrams and queries have no flags to follow.
+        s
+    } else if s == CtState::Unconfirmed {
         // Only a reply confirms it (`Conntrack::lookup_reply_probe`): no
         // segment from the side that may be spoofing moves it to a state
         // that lives longer, but a SYN, which opens the connection anew
@@ -1008,6 +1026,30 @@ mod tests {
     /// bucket overflow one run in many).
     fn small(capacity: usize) -> Conntrack {
         Conntrack::new(CtConfig { capacity, seed: 0x636f_6e6e_7472_6163, ..CtConfig::default() })
+    }
+
+    #[test]
+    fn five_flag_bits_a_mac_and_31_bit_services_round_trip() {
+        let mut ct = small(64);
+        for (i, (flags, service, mac)) in
+            [(FLAG_MASK, MAX_SERVICE, [2, 0, 0, 0, 0, 9]), (0x10, 1 << 30, [0; 6]), (0x0f, 0x7fff_0000, [1; 6])]
+                .into_iter()
+                .enumerate()
+        {
+            let v = CtValue { service, flags, mac, state: CtState::Icmp, peer: 7, port: 8, port2: 9, backend: 3 };
+            ct.insert(&key(i as u32), v, 0);
+            assert_eq!(ct.lookup(&key(i as u32), 1, 0), Some(v), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn an_icmp_mapping_lives_its_own_timeout() {
+        let cfg = CtConfig { capacity: 64, icmp: 60 * SECOND, udp: 300 * SECOND, ..CtConfig::default() };
+        let mut ct = Conntrack::new(cfg);
+        ct.insert(&key(1), CtValue { state: CtState::Icmp, ..CtValue::ZERO }, 0);
+        assert_eq!(ct.lookup(&key(1), 59 * SECOND, SYN | ACK).map(|v| v.state), Some(CtState::Icmp), "no TCP moves");
+        assert!(ct.contains(&key(1), 118 * SECOND));
+        assert!(!ct.contains(&key(1), 120 * SECOND), "60 s after the last packet");
     }
 
     #[test]

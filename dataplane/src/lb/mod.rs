@@ -761,8 +761,8 @@ pub(crate) fn vip_tail(
     Next::Switch { net, dst: be.mac }
 }
 
-// A connection entry keeps four bits of flags.
-const _: () = assert!((CT_REPLY | CT_MESH_NAT | CT_MESH_PS | CT_PS_RETURN) & !conntrack::FLAG_MASK == 0);
+// A connection entry keeps five bits of flags.
+const _: () = assert!((CT_REPLY | CT_MESH_NAT | CT_MESH_PS | CT_PS_RETURN | CT_EGRESS) & !conntrack::FLAG_MASK == 0);
 
 /// `CtValue::flags`: a routing-mesh connection in `nat` mode.
 pub const CT_MESH_NAT: u8 = 2;
@@ -772,6 +772,9 @@ pub const CT_MESH_PS: u8 = 4;
 /// came in through another node; replies go back through it (`peer` is
 /// that node's VTEP, `mac` its MAC in the network).
 pub const CT_PS_RETURN: u8 = 8;
+/// `CtValue::flags`: a task's connection out of the cluster (egress,
+/// source-NATed to the node's egress address or its host link).
+pub const CT_EGRESS: u8 = 16;
 
 /// A client's packet from the uplink to this node's data-path address and
 /// the published port of service `pubd.service` (an untagged IPv4 TCP/UDP

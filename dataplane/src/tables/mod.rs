@@ -12,6 +12,7 @@
 //! consistent-hashing rings) are compiled here too: the balancer only reads
 //! them.
 
+pub mod egress;
 pub mod maglev;
 pub mod services;
 
@@ -60,6 +61,10 @@ pub struct NodeSpec {
     /// address); otherwise such frames are the kernel's (AF_XDP).
     #[serde(default)]
     pub reset_closed_ports: bool,
+    /// Egress: tasks reach addresses outside the cluster through this node
+    /// (none without it: such packets have no route).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<egress::EgressSpec>,
 }
 
 fn default_vxlan_port() -> u16 {
@@ -578,6 +583,8 @@ pub struct Tables {
     pub vteps: FlatMap<()>,
     /// Services (load balancing).
     pub services: services::Services,
+    /// Egress, if the node has it.
+    pub egress: Option<egress::Egress>,
 }
 
 impl Tables {
@@ -611,6 +618,10 @@ impl Tables {
         let services = b.services()?;
         b.port_facts(&services);
         let n = &spec.node;
+        let egress = match &n.egress {
+            Some(e) => Some(egress::compile(e, n.data_ip, b.networks.iter().map(|nw| nw.subnet))?),
+            None => None,
+        };
         Ok(Tables {
             version: spec.version,
             data_ip: n.data_ip,
@@ -627,6 +638,7 @@ impl Tables {
             template_vtep: b.template_vtep,
             vteps: b.vteps,
             services,
+            egress,
         })
     }
 

@@ -17,7 +17,12 @@ pub mod kind {
     pub const ECHO_REQUEST: u8 = 8;
     /// Time exceeded.
     pub const TIME_EXCEEDED: u8 = 11;
+    /// Parameter problem.
+    pub const PARAM_PROBLEM: u8 = 12;
 }
+
+/// Code of time-exceeded: time to live exceeded in transit.
+pub const CODE_TTL_EXCEEDED: u8 = 0;
 
 /// Code of destination-unreachable: fragmentation needed and DF set (RFC 1191).
 pub const CODE_FRAG_NEEDED: u8 = 4;

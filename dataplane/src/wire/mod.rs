@@ -16,6 +16,7 @@ pub mod flow;
 pub mod frame;
 pub mod gro;
 pub mod gso;
+pub mod icmp_nat;
 pub mod icmpv4;
 pub mod ipv4;
 pub mod ipv6;
