@@ -3,6 +3,7 @@
 
 use super::args::{IoKind, RunArgs};
 use anyhow::{Context, Result};
+use meshplane_dataplane::tables::egress::PortRange;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -28,6 +29,9 @@ struct FileConfig {
     conntrack: Option<usize>,
     max_new_conns_per_sec: Option<u32>,
     stats_file: Option<PathBuf>,
+    egress_addr: Option<Ipv4Addr>,
+    egress_ports: Option<PortRange>,
+    no_egress: Option<bool>,
 }
 
 /// The arguments with the configuration file's values where no flag was
@@ -60,6 +64,15 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
         a.max_new_conns_per_sec = n;
     }
     a.stats_file = a.stats_file.or(f.stats_file);
+    // Egress flags given win over the file's egress keys as a whole.
+    if a.egress_addr.is_none() && a.egress_ports.is_none() && !a.no_egress {
+        a.egress_addr = f.egress_addr;
+        a.egress_ports = f.egress_ports;
+        a.no_egress = f.no_egress.unwrap_or(false);
+        if a.no_egress && (a.egress_addr.is_some() || a.egress_ports.is_some()) {
+            anyhow::bail!("{}: no_egress = true with egress_addr or egress_ports", path.display());
+        }
+    }
     Ok(a)
 }
 
