@@ -218,7 +218,7 @@ fn ports(x: &mut Exposition, dp: &NodeStats) {
 
 /// Per worker.
 fn workers(x: &mut Exposition, dp: &NodeStats) {
-    let worker_counters: [Read<WorkerStats>; 16] = [
+    let worker_counters: [Read<WorkerStats>; 25] = [
         ("passed_total", |w| w.passed, COUNTER, "Frames passed to the kernel."),
         ("unbound_total", |w| w.unbound, COUNTER, "Frames for a port this worker has no I/O for."),
         ("conntrack_entries", |w| w.conntrack_entries, GAUGE, "Connection-table entries in use."),
@@ -248,6 +248,20 @@ fn workers(x: &mut Exposition, dp: &NodeStats) {
             "ICMP fragmentation-needed sent to routing-mesh clients.",
         ),
         ("mesh_mss_clamped_total", |w| w.mesh_mss_clamped, COUNTER, "Routing-mesh SYNs whose MSS was clamped."),
+        ("egress_connections_total", |w| w.egress.new_conns, COUNTER, "Egress connections opened by tasks."),
+        ("egress_tx_packets_total", |w| w.egress.tx_packets, COUNTER, "Egress packets sent out, source-NATed."),
+        ("egress_tx_bytes_total", |w| w.egress.tx_bytes, COUNTER, "Egress bytes sent out."),
+        ("egress_rx_packets_total", |w| w.egress.rx_packets, COUNTER, "Egress replies delivered to tasks."),
+        ("egress_rx_bytes_total", |w| w.egress.rx_bytes, COUNTER, "Egress reply bytes delivered to tasks."),
+        ("egress_icmp_in_total", |w| w.egress.icmp_in, COUNTER, "ICMP errors translated back to tasks."),
+        ("egress_icmp_out_total", |w| w.egress.icmp_out, COUNTER, "ICMP errors from tasks translated out."),
+        ("egress_time_exceeded_total", |w| w.egress.time_exceeded, COUNTER, "Time-exceeded sent to tasks."),
+        (
+            "egress_alloc_slow_total",
+            |w| w.egress.alloc_slow,
+            COUNTER,
+            "Egress port allocations that needed a second round (a range filling up).",
+        ),
         ("new_connections_total", |w| w.new_connections, COUNTER, "Connections balanced."),
         ("handed_off_total", |w| w.handed_off, COUNTER, "Frames handed to worker 0 (connection state)."),
         ("handed_in_total", |w| w.handed_in, COUNTER, "Frames worker 0 took from the others."),
@@ -455,6 +469,8 @@ mod tests {
                 "drops": { "unknown_vni": 2 },
                 "passed": 1, "unbound": 0, "conntrack_entries": 4, "new_connections": 2,
                 "conntrack_unconfirmed": 6, "conntrack_confirmed": 1, "conntrack_guarded": 3, "conntrack_evicted": 0, "mesh_frag_needed": 2, "mesh_mss_clamped": 1,
+                "egress": { "new_conns": 7, "tx_packets": 70, "tx_bytes": 7000, "rx_packets": 60, "rx_bytes": 6000,
+                    "icmp_in": 1, "icmp_out": 0, "time_exceeded": 2, "alloc_slow": 0, "neigh_miss": null },
                 "handed_off": 0, "handed_in": 0, "handoff_full": 0, "busy_rounds": 5, "idle_waits": 9,
                 "services": [{ "name": "web", "packets": 6, "bytes": 600, "new_connections": 2,
                     "backends": [{ "ip": "198.19.0.5", "port": 8080, "weight": 1, "packets": 6, "bytes": 600,
@@ -481,6 +497,8 @@ mod tests {
             "meshplane_conntrack_flood_guard_drops_total{worker=\"0\"} 3",
             "meshplane_mesh_frag_needed_total{worker=\"0\"} 2",
             "meshplane_mesh_mss_clamped_total{worker=\"0\"} 1",
+            "meshplane_egress_connections_total{worker=\"0\"} 7",
+            "meshplane_egress_rx_bytes_total{worker=\"0\"} 6000",
             "meshplane_service_bytes_total{worker=\"0\",service=\"web\"} 600",
             "meshplane_backend_active_connections{worker=\"0\",service=\"web\",backend=\"198.19.0.5:8080\"} 1",
             "meshplane_node_up{node=\"node3\"} 0",

@@ -314,6 +314,9 @@ drop_reasons! {
     EgressToVtep = "egress_to_vtep",
     /// Egress: to this node's own published port (use the service's VIP).
     EgressHairpin = "egress_hairpin",
+    /// A packet whose TTL ran out at the gateway that gets no
+    /// time-exceeded (an ICMP error about an ICMP error, the rate limit).
+    TtlExceeded = "ttl_exceeded",
 }
 
 /// Packet and byte counters of one port.

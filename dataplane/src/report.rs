@@ -54,6 +54,8 @@ pub struct WorkerStats {
     /// Routing-mesh SYNs and SYN-ACKs whose MSS was clamped to the network
     /// MTU − 40.
     pub mesh_mss_clamped: u64,
+    /// Egress: tasks' connections out of the cluster through this node.
+    pub egress: crate::lb::egress::EgressStats,
     /// Connections balanced (over the services).
     pub new_connections: u64,
     /// Frames handed to worker 0 (connection state).
@@ -167,11 +169,13 @@ pub struct ConntrackEntry {
     pub dst: String,
     /// `forward` or `reply`.
     pub direction: String,
-    /// The service (none if the tables no longer have it).
+    /// The service (none if the tables no longer have it; `egress` for a
+    /// task's connection out of the cluster).
     pub service: Option<String>,
     /// The backend IP:PORT (empty if unknown).
     pub backend: String,
-    /// `udp`, `syn_recv`, `established`, `fin_wait` or `close`.
+    /// `udp`, `syn_recv`, `established`, `fin_wait`, `close`,
+    /// `unconfirmed` or `icmp`.
     pub state: String,
     /// Seconds until it expires.
     pub expires_in_s: u64,

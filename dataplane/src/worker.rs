@@ -231,6 +231,8 @@ pub struct Report {
     pub conntrack_len: usize,
     /// The routing mesh's ICMP and MSS counters.
     pub mesh: crate::lb::MeshStats,
+    /// Egress counters.
+    pub egress: crate::lb::egress::EgressStats,
     /// Frames sent toward a tables port this worker has no I/O port for.
     pub unbound: u64,
     /// Frames this worker handed to worker 0 (connection state).
@@ -762,6 +764,7 @@ impl Worker {
         report.conntrack = st.lb.conntrack.stats;
         report.conntrack_len = st.lb.conntrack.len();
         report.mesh = st.lb.mesh;
+        report.egress = st.lb.egress_stats();
         if let Some(slot) = self.shared.reports.get(self.index)
             && let Ok(mut r) = slot.try_lock()
         {
@@ -771,13 +774,17 @@ impl Worker {
 }
 
 /// True if a frame received on `in_port` may touch connection state
-/// (worker 0's): from a task port in a network with services; from the
-/// uplink, VXLAN of such a network, or anything that is not VXLAN for us
-/// (published ports, and the rare rest).
+/// (worker 0's): from a task port in a network with services, or to its
+/// network's gateway MAC when the node has egress; from the uplink, VXLAN
+/// of a network with services, or anything that is not VXLAN for us
+/// (published ports, egress replies, and the rare rest).
 fn needs_state(d: &[u8], in_port: PortId, t: &Tables) -> bool {
     let has_services = |net: crate::tables::NetId| t.networks.get(usize::from(net)).is_some_and(|n| n.has_services);
     if in_port != crate::tables::UPLINK {
-        return t.ports.get(usize::from(in_port)).and_then(|p| p.network).is_some_and(has_services);
+        let Some(net) = t.ports.get(usize::from(in_port)).and_then(|p| p.network) else { return false };
+        return has_services(net)
+            || (t.egress.is_some()
+                && t.networks.get(usize::from(net)).is_some_and(|n| d.get(..6) == Some(&n.gateway_mac.0[..])));
     }
     match crate::wire::vxlan::classify(d, t.data_ip, t.vxlan_port) {
         Ok(crate::wire::vxlan::Classified::Vxlan(x)) => t.net_of_vni(x.vni).is_some_and(has_services),

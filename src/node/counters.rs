@@ -71,6 +71,7 @@ fn worker_stats(r: &Report, t: &Tables) -> WorkerStats {
         conntrack_evicted: r.conntrack.evicted,
         mesh_frag_needed: r.mesh.frag_needed,
         mesh_mss_clamped: r.mesh.mss_clamped,
+        egress: r.egress,
         new_connections: r.services.iter().map(|s| s.new_conns).sum(),
         handed_off: r.handed_off,
         handed_in: r.handed_in,
@@ -130,18 +131,22 @@ pub(crate) fn conntrack_entries(shared: &Arc<Shared>) -> Vec<ConntrackEntry> {
     for (w, entries) in dumps.iter().enumerate() {
         for e in entries {
             let (k, v) = (&e.key, &e.value);
-            let svc = t.services.list.get(v.service as usize);
+            let egress = v.flags & meshplane_dataplane::lb::CT_EGRESS != 0;
+            let svc = t.services.list.get(v.service as usize).filter(|_| !egress);
             let reply = v.flags & meshplane_dataplane::lb::CT_REPLY != 0;
             let backend = svc
                 .and_then(|s| s.backends.get(v.backend as usize))
                 .map(|b| format!("{}:{}", b.ip, b.port))
                 .unwrap_or_default();
+            let service = if egress { Some("egress".to_owned()) } else { svc.map(|s| s.name.clone()) };
             out.push(ConntrackEntry {
                 worker: w,
                 proto: (if k.proto == 6 {
                     "tcp"
                 } else if k.proto == 17 {
                     "udp"
+                } else if k.proto == 1 {
+                    "icmp"
                 } else {
                     "other"
                 })
@@ -149,7 +154,7 @@ pub(crate) fn conntrack_entries(shared: &Arc<Shared>) -> Vec<ConntrackEntry> {
                 src: format!("{}:{}", Ipv4Addr::from(k.src), k.sport),
                 dst: format!("{}:{}", Ipv4Addr::from(k.dst), k.dport),
                 direction: (if reply { "reply" } else { "forward" }).to_owned(),
-                service: svc.map(|s| s.name.clone()),
+                service,
                 backend,
                 state: state_name(v.state).to_owned(),
                 expires_in_s: e.expires_in / 1_000_000_000,

@@ -11,6 +11,7 @@
 //! `preserve-source` mode (see ARCHITECTURE.md).
 
 pub mod conntrack;
+pub mod egress;
 pub(crate) mod fast;
 #[allow(unsafe_code)] // mmap/madvise of the connection table; each block has a SAFETY comment
 mod hugemem;
@@ -49,6 +50,10 @@ pub(crate) enum Next {
         /// What fits: the network MTU.
         mtu: u16,
     },
+    /// An egress packet whose TTL ran out at the gateway: answer it with
+    /// ICMP time-exceeded from the gateway (the pipeline does, back to
+    /// the task's port).
+    TimeExceeded,
 }
 
 impl Next {
@@ -104,6 +109,8 @@ pub struct LbState {
     pub mesh: MeshStats,
     /// The ICMP errors' token bucket.
     icmp: TokenBucket,
+    /// Egress: counters and port shares.
+    pub(crate) egress: egress::EgressState,
 }
 
 /// The routing mesh's ICMP and MSS counters, per worker (rate-limited
@@ -218,6 +225,7 @@ impl LbState {
             nat: NatShares::new(cfg.seed),
             mesh: MeshStats::default(),
             icmp: TokenBucket::FULL,
+            egress: egress::EgressState::new(cfg.seed),
         }
     }
 
@@ -225,6 +233,17 @@ impl LbState {
     /// worker's token bucket ([`ICMP_PER_SEC`], burst [`ICMP_BURST`]).
     pub(crate) fn icmp_allow(&mut self, now: u64) -> bool {
         self.icmp.take(now)
+    }
+
+    /// This worker's egress counters.
+    pub fn egress_stats(&self) -> egress::EgressStats {
+        self.egress.stats
+    }
+
+    /// The egress ports a task address holds toward a destination address
+    /// on this worker (diagnostics, tests).
+    pub fn egress_ports_held(&self, task: Ipv4Addr, dst: Ipv4Addr) -> u16 {
+        self.egress.shares.held(u32::from(task), u32::from(dst))
     }
 
     /// The `nat` source ports a client address holds toward a backend
@@ -248,7 +267,7 @@ impl LbState {
     /// Releases what a tracked connection's entry (key `k`, value `v`)
     /// held (its backend's load, its `nat` port).
     pub(crate) fn release(&mut self, k: &FlowKey, v: CtValue) {
-        release(&mut self.services, &mut self.nat, k, v);
+        release(&mut self.services, &mut self.nat, &mut self.egress.shares, k, v);
     }
 
     /// The live entry of a probed key, refreshed (see
@@ -297,6 +316,8 @@ impl LbState {
     fn confirm_forward(&mut self, k: &FlowKey, v: &CtValue, data_ip: Ipv4Addr, now: u64) {
         let fk = if v.flags & CT_PS_RETURN != 0 {
             return;
+        } else if v.flags & CT_EGRESS != 0 {
+            egress::forward_key(k, v)
         } else if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 {
             // From the client (`peer`:`port`) to the published port.
             FlowKey { src: v.peer, dst: u32::from(data_ip), sport: v.port, dport: v.port2, proto: k.proto }
@@ -346,8 +367,8 @@ impl LbState {
     /// Frees expired connections among the next `budget` entries (a
     /// worker calls this between bursts), releasing their backends.
     pub fn sweep(&mut self, now: u64, budget: usize) {
-        let LbState { conntrack, services, nat, .. } = self;
-        conntrack.sweep(now, budget, |k, v| release(services, nat, k, v));
+        let LbState { conntrack, services, nat, egress, .. } = self;
+        conntrack.sweep(now, budget, |k, v| release(services, nat, &mut egress.shares, k, v));
     }
 }
 
@@ -361,12 +382,12 @@ impl LbState {
 /// data-path address, which the entry does not keep).
 fn partner(ct: &Conntrack, k: &FlowKey, v: &CtValue) -> Option<conntrack::Probe> {
     if v.flags & CT_REPLY == 0 {
-        if v.flags & CT_MESH_NAT != 0 {
+        if v.flags & (CT_MESH_NAT | CT_EGRESS) != 0 {
             return None;
         }
         let rk = FlowKey { src: v.peer, dst: k.src, sport: v.port, dport: k.sport, proto: k.proto };
         Some(ct.probe_in(&rk, Bucket::Dst))
-    } else if v.flags & (CT_MESH_NAT | CT_MESH_PS | CT_PS_RETURN) == 0 {
+    } else if v.flags & (CT_MESH_NAT | CT_MESH_PS | CT_PS_RETURN | CT_EGRESS) == 0 {
         let fk = FlowKey { src: k.dst, dst: v.peer, sport: k.dport, dport: v.port, proto: k.proto };
         Some(ct.probe_in(&fk, Bucket::Src))
     } else {
@@ -377,9 +398,15 @@ fn partner(ct: &Conntrack, k: &FlowKey, v: &CtValue) -> Option<conntrack::Probe>
 /// Releases what a tracked connection's entry (key `k`, value `v`) held:
 /// its backend's load (the forward entry holds it), its `nat` source port
 /// (the reply entry of a `nat` connection, from the backend `k.src` to
-/// this node, holds it for the client `v.peer`).
-fn release(services: &mut [ServiceStats], nat: &mut NatShares, k: &FlowKey, v: CtValue) {
-    if v.flags & CT_REPLY == 0 {
+/// this node, holds it for the client `v.peer`), its egress port (the
+/// reply entry of an egress connection, from the destination `k.src`,
+/// holds it for the task `v.peer`).
+fn release(services: &mut [ServiceStats], nat: &mut NatShares, egress: &mut NatShares, k: &FlowKey, v: CtValue) {
+    if v.flags & CT_EGRESS != 0 {
+        if v.flags & CT_REPLY != 0 {
+            egress.count(v.peer, k.src, false);
+        }
+    } else if v.flags & CT_REPLY == 0 {
         if let Some(b) = services.get_mut(v.service as usize).and_then(|s| s.backends.get_mut(v.backend as usize)) {
             b.active = b.active.saturating_sub(1);
         }

@@ -95,6 +95,38 @@ pub(crate) fn frag_needed_from(
     mtu: u16,
     allow: impl FnOnce() -> bool,
 ) -> Verdict {
+    let mtu = mtu.to_be_bytes();
+    let what = (icmpv4::kind::DEST_UNREACHABLE, icmpv4::CODE_FRAG_NEEDED, [0, 0, mtu[0], mtu[1]]);
+    error_from(frame, out_port, from, what, DropReason::MtuExceeded, allow)
+}
+
+/// Replaces an IPv4 packet whose TTL ran out at the gateway (egress) by an
+/// ICMP time-exceeded from the gateway back to the task, as a router does
+/// (`traceroute` from a task then shows the gateway as the first hop).
+pub(crate) fn time_exceeded(
+    frame: &mut Frame<'_>,
+    in_port: PortId,
+    nw: &Network,
+    allow: impl FnOnce() -> bool,
+) -> Verdict {
+    let from = Origin { ip: nw.gateway_ip, mac: nw.gateway_mac, broadcast: Some(nw.broadcast()) };
+    let what = (icmpv4::kind::TIME_EXCEEDED, icmpv4::CODE_TTL_EXCEEDED, [0; 4]);
+    error_from(frame, in_port, from, what, DropReason::TtlExceeded, allow)
+}
+
+/// An ICMP error `(type, code, rest of header)` about the frame's IPv4
+/// packet, written over it: from `from`, out of `out_port` back to the
+/// sender's MAC, quoting the packet's header and 8 bytes. Where RFC 1122
+/// forbids the error, the packet is dropped as `otherwise`; where the rate
+/// limit `allow` refuses it, as `icmp_rate_limited`.
+fn error_from(
+    frame: &mut Frame<'_>,
+    out_port: PortId,
+    from: Origin,
+    (kind, code, rest): (u8, u8, [u8; 4]),
+    otherwise: DropReason,
+    allow: impl FnOnce() -> bool,
+) -> Verdict {
     use DropReason as D;
     let d = frame.data();
     let Some(client) = Head::new(d).map(|h| h.src_mac()) else { return Verdict::Drop(D::Malformed) };
@@ -112,7 +144,7 @@ pub(crate) fn frag_needed_from(
         && !ip.is_later_fragment()
         && ip.payload().first().is_some_and(|k| !matches!(*k, icmpv4::kind::ECHO_REQUEST | icmpv4::kind::ECHO_REPLY));
     if ip.is_later_fragment() || not_one_host || to_group || icmp_error {
-        return Verdict::Drop(D::MtuExceeded);
+        return Verdict::Drop(otherwise);
     }
     if !allow() {
         return Verdict::Drop(D::IcmpRateLimited);
@@ -127,13 +159,12 @@ pub(crate) fn frag_needed_from(
     // The error is written over the original, in the same buffer; with a
     // tiny MTU and a long IPv4 header it can be longer than the original.
     if total > frame.capacity() {
-        return Verdict::Drop(D::MtuExceeded);
+        return Verdict::Drop(otherwise);
     }
     let start = frame.start();
     frame.set_window(start, total);
     frame.set_offload(crate::packet::Offload::NONE);
     let d = frame.data_mut();
-    let mtu = mtu.to_be_bytes();
     let ok = ethernet::emit_header(d, client, from.mac, ethertype::IPV4).is_ok()
         && Ipv4Repr {
             src: from.ip,
@@ -147,13 +178,7 @@ pub(crate) fn frag_needed_from(
         }
         .emit(&mut d[14..34])
         .is_ok()
-        && icmpv4::emit_header(
-            &mut d[34..],
-            icmpv4::kind::DEST_UNREACHABLE,
-            icmpv4::CODE_FRAG_NEEDED,
-            [0, 0, mtu[0], mtu[1]],
-        )
-        .is_ok();
+        && icmpv4::emit_header(&mut d[34..], kind, code, rest).is_ok();
     if !ok {
         return Verdict::Drop(D::Malformed);
     }

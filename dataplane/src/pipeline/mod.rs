@@ -222,6 +222,9 @@ fn follow(frame: &mut Frame<'_>, next: Next, now: u64, t: &Tables, lb: &mut LbSt
             }
             v
         }
+        // Answered where the packet came in (`task::to_gateway`); never
+        // reaches here.
+        Next::TimeExceeded => Verdict::Drop(DropReason::TtlExceeded),
     }
 }
 

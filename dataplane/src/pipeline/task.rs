@@ -11,7 +11,9 @@
 //! 5 ipv4      endpoint's address, network MTU         drop src_ip_spoofed, mtu_exceeded; Tx(in_port) frag-needed
 //! 6 gateway   to the gateway MAC                      Tx(in_port) echo reply; lb::to_vip; lb::routed;
 //!                                                     drop egress_internal (internal network, outside
-//!                                                     every network), no_route
+//!                                                     every network); lb::egress::from_task (SNAT,
+//!                                                     TTL − 1) → Tx(uplink); Tx(in_port) time-exceeded;
+//!                                                     drop egress_*, ttl_exceeded, no_route
 //! 7 node      to this node's own MAC in the network   lb::to_node (routing-mesh replies)
 //! 8 switch    within the network                      drop hairpin; pipeline::switch
 //! ```
@@ -205,9 +207,9 @@ fn ipv4(
 /// answered; a plain TCP/UDP packet (no options, not a fragment) to a
 /// service VIP is balanced (proxy ARP answers VIPs with the gateway's
 /// MAC); the reply of a `preserve-source` connection goes back toward its
-/// client outside the network; anything else has no route (from an
-/// internal network to an address outside every network: no egress,
-/// counted apart).
+/// client outside the network; an address outside every cluster network
+/// leaves through this node (egress: `lb::egress`), but from an internal
+/// network (no egress, counted apart); anything else has no route.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn to_gateway(
@@ -239,5 +241,15 @@ fn to_gateway(
     if nw.internal && !t.in_any_network(ip.dst) {
         return Verdict::Drop(D::EgressInternal);
     }
-    Verdict::Drop(D::NoRoute)
+    match lb::egress::from_task(frame, net, now, t, lb) {
+        Some(lb::Next::TimeExceeded) => {
+            let v = gateway::time_exceeded(frame, in_port, nw, || lb.icmp_allow(now));
+            if matches!(v, Verdict::Tx(_)) {
+                lb.egress.stats.time_exceeded += 1;
+            }
+            v
+        }
+        Some(next) => follow(frame, next, now, t, lb),
+        None => Verdict::Drop(D::NoRoute),
+    }
 }

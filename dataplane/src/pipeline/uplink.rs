@@ -7,12 +7,15 @@
 //!                                               vxlan_malformed; Pass (malformed below VXLAN)
 //!   not VXLAN:
 //!   2a arp       ARP request for our address    Tx(uplink) reply
-//!   2b published TCP/UDP to a published port    lb::from_client (routing mesh) → switch (SYN's MSS
+//!   2b egress    to the egress address: a reply lb::egress::from_outside → Tx(task port) (DNAT back;
+//!                (TCP/UDP to the range, echo    ICMP errors translated with their quote); drop
+//!                reply, ICMP error quoting us)  egress_no_connection
+//!   2c published TCP/UDP to a published port    lb::from_client (routing mesh) → switch (SYN's MSS
 //!                                               clamped); over the network MTU with DF: Tx(uplink)
 //!                                               frag-needed from data_ip; drop icmp_rate_limited,
 //!                                               mtu_exceeded (no DF)
-//!   2c refuse    TCP to a closed port (TAP)     Tx(uplink) reset
-//!   2d kernel    anything else                  Pass
+//!   2d refuse    TCP to a closed port (TAP)     Tx(uplink) reset
+//!   2e kernel    anything else                  Pass
 //!   VXLAN:
 //!   3 decap      VNI, VTEP, inner frame         drop unknown_vni, unknown_vtep, inner_*, oversize;
 //!                                               Tx(uplink) answer to an inner ARP broadcast
@@ -57,6 +60,7 @@ pub(super) fn from_uplink(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut 
         // 2 not VXLAN
         Ok(None) => {
             return overlay::arp::uplink(frame, t)
+                .or_else(|| lb::egress::from_outside(frame, now, t, lb))
                 .or_else(|| published(frame, now, t, lb))
                 .or_else(|| refuse(frame, t))
                 .unwrap_or(Verdict::Pass);
@@ -75,7 +79,7 @@ pub(super) fn from_uplink(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut 
     }
 }
 
-/// Step 2b: TCP or UDP to this node's data-path address and a published
+/// Step 2c: TCP or UDP to this node's data-path address and a published
 /// port goes to the routing mesh (`None` for anything else).
 fn published(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> Option<Verdict> {
     let (h, total) = plain_ipv4(frame.data())?;
@@ -88,7 +92,7 @@ fn published(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> O
     Some(follow(frame, next, now, t, lb))
 }
 
-/// Step 2c: a TCP segment to this node's data-path address that no
+/// Step 2d: a TCP segment to this node's data-path address that no
 /// published port takes (the service was removed, or never was) is
 /// answered with a reset back to the sender, as a host's stack answers a
 /// closed port (RFC 9293, 3.10.7.1), so the client is refused at once

@@ -1,0 +1,464 @@
+//! Egress: a task's connections to addresses outside every cluster network
+//! leave through its own node, source-NATed to the node's egress address
+//! (as Swarm's `docker_gwbridge` masquerades to the host's), and their
+//! replies come back on the uplink to the task.
+//!
+//! State is the balancer's connection table. A connection has two
+//! entries: the forward one (`Bucket::Src`, the task's 5-tuple: the SNAT
+//! address and port) and the reply one (`Bucket::Tuple`, the reply's
+//! 5-tuple toward the egress address: the task's address, port and MAC).
+//! The table is the port allocator, as Linux's `nf_nat` does it: a
+//! candidate port is free when its reply key is not tracked, so a port is
+//! unique per (protocol, destination address and port) and serves many
+//! destinations at once. Candidates start at a keyed offset (RFC 6056
+//! algorithm 3: ports cannot be guessed), a bounded number are tried, and
+//! an unconfirmed holder gives way; one task holds at most half the range
+//! toward one destination address.
+//!
+//! ICMP echo is mapped by identifier; ICMP errors about an egress
+//! connection (fragmentation-needed, time-exceeded, unreachable) are
+//! translated back to the task, quoted packet included (RFC 5508), so path
+//! MTU discovery and `traceroute` work from a task; the TTL of what leaves
+//! is decremented, and a packet whose TTL runs out is answered with
+//! time-exceeded from the gateway.
+
+use super::conntrack::{self, Bucket, CtState, CtValue, FlowKey};
+use super::{CT_EGRESS, CT_REPLY, LbState, NatShares, Next, opening_state, tuple};
+use crate::packet::{DropReason as D, Frame, UPLINK, Verdict};
+use crate::tables::egress::{Dest, PortRange};
+use crate::tables::{Location, NetId, Tables, mac_key};
+use crate::wire::frame::field;
+use crate::wire::icmp_nat::{self, Quote};
+use crate::wire::icmpv4::kind;
+use crate::wire::ipv4::protocol;
+use crate::wire::rewrite::{Nat, rewrite_ipv4};
+use crate::wire::{MacAddr, ethernet, flow};
+use core::net::Ipv4Addr;
+
+/// Egress counters of one worker (also their form in the node's stats,
+/// `report::WorkerStats::egress`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressStats {
+    /// Connections opened.
+    pub new_conns: u64,
+    /// Packets sent out (task to the world).
+    pub tx_packets: u64,
+    /// Bytes sent out.
+    pub tx_bytes: u64,
+    /// Replies delivered to tasks.
+    pub rx_packets: u64,
+    /// Bytes of replies delivered.
+    pub rx_bytes: u64,
+    /// ICMP errors from the world translated back to a task.
+    pub icmp_in: u64,
+    /// ICMP errors from a task translated out.
+    pub icmp_out: u64,
+    /// Time-exceeded sent to tasks (TTL ran out at the gateway).
+    pub time_exceeded: u64,
+    /// Port allocations that needed more than one round of candidates
+    /// (the range toward one destination is filling up).
+    pub alloc_slow: u64,
+    /// The last destination that found no next hop's MAC (dropped
+    /// `egress_no_next_hop`): the node asks the kernel to resolve it.
+    pub neigh_miss: Option<Ipv4Addr>,
+}
+
+/// A worker's egress state: counters, per-task port shares, and the
+/// random source of the second round of candidates.
+#[derive(Debug, Clone)]
+pub(crate) struct EgressState {
+    pub(crate) stats: EgressStats,
+    /// Ports held per (task address, destination address).
+    pub(super) shares: NatShares,
+    rng: u64,
+    seed: u64,
+}
+
+impl EgressState {
+    pub(super) fn new(seed: u64) -> EgressState {
+        let seed = seed ^ 0x6567_7265_7373_2121;
+        EgressState { stats: EgressStats::default(), shares: NatShares::new(seed), rng: seed | 1, seed }
+    }
+
+    /// The next value of a xorshift64 generator.
+    fn next_random(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+}
+
+/// Candidates one round of the allocator tries.
+const ROUND: u32 = 16;
+/// Ranges of at most this many ports are searched whole when two rounds
+/// found nothing free.
+const SMALL_RANGE: u32 = 256;
+
+/// The reply key of a connection of `key` (from a task) translated to
+/// `snat`:`port`: from the destination to the egress address.
+#[inline(always)]
+fn reply_key(key: &FlowKey, snat: u32, port: u16) -> FlowKey {
+    FlowKey { src: key.dst, dst: snat, sport: key.dport, dport: port, proto: key.proto }
+}
+
+/// The forward key of the connection whose reply entry (key `k`, value
+/// `v`) is an egress one.
+#[inline(always)]
+pub(super) fn forward_key(k: &FlowKey, v: &CtValue) -> FlowKey {
+    FlowKey { src: v.peer, dst: k.src, sport: v.port, dport: k.sport, proto: k.proto }
+}
+
+/// What a task's packet to its gateway is, for egress.
+enum Kind {
+    /// TCP or UDP (its flags).
+    Flow(u8),
+    /// An ICMP echo request.
+    Echo,
+    /// An ICMP error about a packet from the world.
+    Error(Quote),
+}
+
+/// A task's IPv4 packet to its gateway MAC, for an address outside its
+/// network that is not a VIP nor a tracked routing-mesh reply (`net`: the
+/// task's network). `None` when the node has no egress (the caller drops
+/// it as `no_route`). Otherwise: sent out of the uplink source-NATed, or
+/// time-exceeded from the gateway (`Next::TimeExceeded`), or a counted
+/// drop.
+pub(crate) fn from_task(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState) -> Option<Next> {
+    t.egress.as_ref()?;
+    Some(Next::of(out(frame, net, now, t, lb)))
+}
+
+fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState) -> Result<Next, D> {
+    let e = t.egress.as_ref().ok_or(D::NoRoute)?;
+    let d = frame.data();
+    let ip = d.get(ethernet::HEADER_LEN..).ok_or(D::Malformed)?;
+    let (key, what) = classify_out(d, ip)?;
+    let live = ttl_left(frame)?;
+    if let Kind::Error(q) = what {
+        if !live {
+            return Err(D::TtlExceeded);
+        }
+        return error_out(frame, &q, now, t, lb);
+    }
+    let flags = match what {
+        Kind::Flow(f) => f,
+        _ => 0,
+    };
+    let fp = lb.conntrack.probe_in(&key, Bucket::Src);
+    let found = lb.lookup(&fp, now, flags);
+    let (snat, port) = match found {
+        Some(v) if v.flags == CT_EGRESS => (v.peer, v.port2),
+        Some(_) => return Err(D::NoRoute),
+        None => {
+            match t.egress_class(Ipv4Addr::from(key.dst), key.proto, key.dport) {
+                Some(Dest::Outside) => {}
+                Some(Dest::Vtep) => return Err(D::EgressToVtep),
+                Some(Dest::Hairpin) => return Err(D::EgressHairpin),
+                Some(Dest::Cluster | Dest::Host) | None => return Err(D::NoRoute),
+            }
+            if !live {
+                return Ok(Next::TimeExceeded);
+            }
+            hop(t, key.dst, lb)?;
+            let snat = u32::from(e.addr);
+            let state = match what {
+                Kind::Flow(f) if key.proto == protocol::TCP => opening_state(f),
+                Kind::Echo => CtState::Icmp,
+                _ => CtState::Udp,
+            };
+            let port = open(lb, t, &fp, &key, snat, e.ports, state, net, frame_src_mac(frame), now)?;
+            (snat, port)
+        }
+    };
+    if !live {
+        return Ok(Next::TimeExceeded);
+    }
+    let mac = hop(t, key.dst, lb)?;
+    let nat = Nat { src_addr: Some(Ipv4Addr::from(snat)), ..Nat::default() };
+    let d = frame.data_mut();
+    let ip = &mut d[field::VER_IHL..];
+    let r = if key.proto == protocol::ICMP {
+        icmp_nat::rewrite_echo(ip, &nat, port)
+    } else {
+        rewrite_ipv4(ip, &Nat { src_port: Some(port), ..nat })
+    };
+    r.map_err(|_| D::Malformed)?;
+    icmp_nat::dec_ttl(ip).map_err(|_| D::Malformed)?;
+    d[field::DST_MAC].copy_from_slice(&mac.0);
+    d[field::SRC_MAC].copy_from_slice(&t.data_mac.0);
+    lb.egress.stats.tx_packets += 1;
+    lb.egress.stats.tx_bytes += frame.len() as u64;
+    Ok(Next::Done(Verdict::Tx(UPLINK)))
+}
+
+/// The task's source MAC (to deliver replies to).
+fn frame_src_mac(frame: &Frame<'_>) -> [u8; 6] {
+    frame.data().get(field::SRC_MAC).and_then(|m| m.try_into().ok()).unwrap_or_default()
+}
+
+/// Whether the packet may cross the gateway: a TTL of 1 or less ends
+/// there (answered with time-exceeded).
+#[inline(always)]
+fn ttl_left(frame: &Frame<'_>) -> Result<bool, D> {
+    frame.data().get(field::VER_IHL + 8).map(|&ttl| ttl > 1).ok_or(D::Malformed)
+}
+
+/// The next hop's MAC toward `dst`, or the drop (remembering the miss for
+/// the node to resolve).
+#[inline(always)]
+fn hop(t: &Tables, dst: u32, lb: &mut LbState) -> Result<MacAddr, D> {
+    t.egress_hop(Ipv4Addr::from(dst)).ok_or_else(|| {
+        lb.egress.stats.neigh_miss = Some(Ipv4Addr::from(dst));
+        D::EgressNoNextHop
+    })
+}
+
+/// The key and kind of a task's packet for egress (`d`: the frame, `ip`:
+/// its IPv4 packet): plain TCP/UDP, an ICMP echo request (its identifier
+/// as the source port), or an ICMP error about a packet from the world.
+/// Fragments and other protocols are not translated.
+fn classify_out(d: &[u8], ip: &[u8]) -> Result<(FlowKey, Kind), D> {
+    if let Some((key, flags)) = tuple(d) {
+        return Ok((key, Kind::Flow(flags)));
+    }
+    let src = u32::from_be_bytes(ip.get(12..16).and_then(|s| s.try_into().ok()).ok_or(D::Malformed)?);
+    let dst = u32::from_be_bytes(ip.get(16..20).and_then(|s| s.try_into().ok()).ok_or(D::Malformed)?);
+    if ip.get(9) != Some(&protocol::ICMP) {
+        return Err(D::EgressUnsupported);
+    }
+    if let Ok((kind::ECHO_REQUEST, id)) = icmp_nat::echo_id(ip) {
+        return Ok((FlowKey { src, dst, sport: id, dport: 0, proto: protocol::ICMP }, Kind::Echo));
+    }
+    let q = icmp_nat::quote(ip).map_err(|_| D::EgressUnsupported)?;
+    Ok((FlowKey { src, dst, sport: 0, dport: 0, proto: protocol::ICMP }, Kind::Error(q)))
+}
+
+/// Opens an egress connection of `key` (its forward probe `fp`) from the
+/// task with MAC `mac` in network `net`: a source port on `snat` from
+/// `range`, both entries tracked (through the flood guard). The port.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)] // once a connection
+fn open(
+    lb: &mut LbState,
+    t: &Tables,
+    fp: &conntrack::Probe,
+    key: &FlowKey,
+    snat: u32,
+    range: PortRange,
+    state: CtState,
+    net: NetId,
+    mac: [u8; 6],
+    now: u64,
+) -> Result<u16, D> {
+    let half = (range.len() / 2).min(u32::from(u16::MAX)) as u16;
+    if lb.egress.shares.held(key.src, key.dst) >= half {
+        return Err(D::EgressTaskLimit);
+    }
+    let port = alloc_port(lb, t, key, snat, range, now)?;
+    let f = CtValue { service: u32::from(net), peer: snat, port2: port, state, flags: CT_EGRESS, ..CtValue::ZERO };
+    let rv = CtValue {
+        service: u32::from(net),
+        peer: key.src,
+        port: key.sport,
+        mac,
+        state,
+        flags: CT_EGRESS | CT_REPLY,
+        ..CtValue::ZERO
+    };
+    let rp = lb.conntrack.probe_in(&reply_key(key, snat, port), Bucket::Tuple);
+    let at = lb.insert_probe(fp, f, now, true, usize::MAX)?;
+    if let Err(e) = lb.insert_probe(&rp, rv, now, false, at) {
+        if let Some(v) = lb.conntrack.remove_probe(fp) {
+            lb.release(&fp.key(), v);
+        }
+        return Err(e);
+    }
+    lb.egress.shares.count(key.src, key.dst, true);
+    lb.egress.stats.new_conns += 1;
+    Ok(port)
+}
+
+/// A free source port on `snat` for a new connection of `key`, from
+/// `range` (see the module's doc): the task's own port if it is in range
+/// and free, else a round from a keyed offset, then a round from a random
+/// one (then, for a small range, the whole range); a port held by an unconfirmed connection gives way (both its
+/// entries) when nothing is free. A published port of this node's
+/// data-path address is never handed out (its replies are the mesh's).
+fn alloc_port(lb: &mut LbState, t: &Tables, key: &FlowKey, snat: u32, range: PortRange, now: u64) -> Result<u16, D> {
+    let n = range.len();
+    let shared_with_mesh = snat == u32::from(t.data_ip);
+    let off = flow::hash2(
+        lb.egress.seed,
+        (u64::from(key.src) << 32) | u64::from(key.dst),
+        (u64::from(key.sport) << 32) | (u64::from(key.dport) << 16) | u64::from(key.proto),
+    ) % n;
+    let off2 = (lb.egress.next_random() % u64::from(n)) as u32;
+    let own = range.contains(key.sport).then_some(key.sport);
+    let first = (0..ROUND).map(|i| range.lo + ((off + i) % n) as u16);
+    let second = (0..ROUND).map(|i| range.lo + ((off2 + i) % n) as u16);
+    // A small range is searched whole at last (its size bounds the work).
+    let rest = (0..if n <= SMALL_RANGE { n } else { 0 }).map(|i| range.lo + ((off + ROUND + i) % n) as u16);
+    let mut unconfirmed = None;
+    for (i, port) in own.into_iter().chain(first).chain(second).chain(rest).enumerate() {
+        if shared_with_mesh && key.proto != protocol::ICMP && t.services.published(port, key.proto).is_some() {
+            continue;
+        }
+        let rp = lb.conntrack.probe_in(&reply_key(key, snat, port), Bucket::Tuple);
+        match lb.conntrack.peek_probe(&rp, now) {
+            None => {
+                if i > ROUND as usize {
+                    lb.egress.stats.alloc_slow += 1;
+                }
+                return Ok(port);
+            }
+            Some(v) if v.state == CtState::Unconfirmed && unconfirmed.is_none() => unconfirmed = Some((port, rp)),
+            Some(_) => {}
+        }
+    }
+    let (port, rp) = unconfirmed.ok_or(D::EgressPortsExhausted)?;
+    if let Some(v) = lb.conntrack.evict_probe(&rp, now) {
+        let rk = rp.key();
+        lb.release(&rk, v);
+        if v.flags & CT_EGRESS != 0 {
+            let fp = lb.conntrack.probe_in(&forward_key(&rk, &v), Bucket::Src);
+            if let Some(f) = lb.conntrack.evict_probe(&fp, now) {
+                lb.release(&fp.key(), f);
+            }
+        }
+    }
+    lb.egress.stats.alloc_slow += 1;
+    Ok(port)
+}
+
+/// A task's ICMP error about a packet it got from the world through
+/// egress (a port unreachable answering a UDP reply): translated to come
+/// from the egress address about the packet as the world sent it.
+fn error_out(frame: &mut Frame<'_>, q: &Quote, now: u64, t: &Tables, lb: &mut LbState) -> Result<Next, D> {
+    // The quoted packet went from the world (q.src) to the task (q.dst):
+    // the connection's forward key is the reverse.
+    let fk = FlowKey { src: u32::from(q.dst), dst: u32::from(q.src), sport: q.dport, dport: q.sport, proto: q.proto };
+    let fp = lb.conntrack.probe_in(&fk, Bucket::Src);
+    let v = lb.conntrack.peek_probe(&fp, now).filter(|v| v.flags == CT_EGRESS).ok_or(D::EgressUnsupported)?;
+    let mac = hop(t, fk.dst, lb)?;
+    let snat = Ipv4Addr::from(v.peer);
+    let d = frame.data_mut();
+    let ip = &mut d[field::VER_IHL..];
+    let outer = Nat { src_addr: Some(snat), ..Nat::default() };
+    icmp_nat::rewrite_error(ip, q, &outer, None, Some((snat, v.port2))).map_err(|_| D::Malformed)?;
+    icmp_nat::dec_ttl(ip).map_err(|_| D::Malformed)?;
+    d[field::DST_MAC].copy_from_slice(&mac.0);
+    d[field::SRC_MAC].copy_from_slice(&t.data_mac.0);
+    lb.egress.stats.icmp_out += 1;
+    Ok(Next::Done(Verdict::Tx(UPLINK)))
+}
+
+/// A frame from the uplink to the egress address: a reply of an egress
+/// connection (TCP/UDP to a port of the range, an echo reply to an
+/// identifier of it, an ICMP error quoting a packet egress sent) goes to
+/// its task. `None` for what is not egress's (to another address, another
+/// port, a published port inside the range; ICMP about the kernel's own
+/// packets), which the uplink's later steps take.
+pub(crate) fn from_outside(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> Option<Verdict> {
+    let e = t.egress.as_ref()?;
+    let d = frame.data();
+    let ip = d.get(ethernet::HEADER_LEN..)?;
+    if ip.get(16..20)? != e.addr.octets() {
+        return None;
+    }
+    let r = if let Some((key, flags)) = tuple(d) {
+        if !e.ports.contains(key.dport) {
+            return None;
+        }
+        match reply(lb, &key, flags, now, t) {
+            Some(v) => deliver(frame, &v, None, t, lb),
+            None if u32::from(e.addr) == u32::from(t.data_ip)
+                && t.services.published(key.dport, key.proto).is_some() =>
+            {
+                return None;
+            }
+            None => Err(D::EgressNoConnection),
+        }
+    } else if ip.get(9) == Some(&protocol::ICMP) {
+        let src = u32::from_be_bytes(ip.get(12..16)?.try_into().ok()?);
+        if let Ok((kind::ECHO_REPLY, id)) = icmp_nat::echo_id(ip) {
+            if !e.ports.contains(id) {
+                return None;
+            }
+            let key = FlowKey { src, dst: u32::from(e.addr), sport: 0, dport: id, proto: protocol::ICMP };
+            match reply(lb, &key, 0, now, t) {
+                Some(v) => deliver(frame, &v, None, t, lb),
+                None => Err(D::EgressNoConnection),
+            }
+        } else {
+            let q = icmp_nat::quote(ip).ok()?;
+            if q.src != e.addr || !e.ports.contains(q.sport) {
+                return None;
+            }
+            // The connection's reply key: from the quoted packet's
+            // destination back to the egress address. An error neither
+            // refreshes nor confirms it (it may be spoofed).
+            let rk = FlowKey {
+                src: u32::from(q.dst),
+                dst: u32::from(q.src),
+                sport: q.dport,
+                dport: q.sport,
+                proto: q.proto,
+            };
+            let rp = lb.conntrack.probe_in(&rk, Bucket::Tuple);
+            match lb.conntrack.peek_probe(&rp, now).filter(|v| v.flags == CT_EGRESS | CT_REPLY) {
+                Some(v) => deliver(frame, &v, Some(&q), t, lb),
+                None => Err(D::EgressNoConnection),
+            }
+        }
+    } else {
+        return None;
+    };
+    Some(r.unwrap_or_else(Verdict::Drop))
+}
+
+/// The live egress reply entry of `key` (a reply confirms its connection).
+fn reply(lb: &mut LbState, key: &FlowKey, flags: u8, now: u64, t: &Tables) -> Option<CtValue> {
+    let p = lb.conntrack.probe_in(key, Bucket::Tuple);
+    lb.lookup_reply(&p, now, flags, t.data_ip).filter(|v| v.flags == CT_EGRESS | CT_REPLY)
+}
+
+/// Readdresses a reply (or, with `quote`, an ICMP error about the
+/// connection) to the task of the egress reply entry `v` and sends it to
+/// the task's port, from its network's gateway.
+fn deliver(
+    frame: &mut Frame<'_>,
+    v: &CtValue,
+    quote: Option<&Quote>,
+    t: &Tables,
+    lb: &mut LbState,
+) -> Result<Verdict, D> {
+    let net = NetId::try_from(v.service).map_err(|_| D::EgressNoConnection)?;
+    let nw = t.networks.get(usize::from(net)).ok_or(D::EgressNoConnection)?;
+    let Some(Location::Local(p)) = t.fdb.get(&mac_key(net, MacAddr(v.mac))).copied() else {
+        return Err(D::EgressNoConnection);
+    };
+    let task = Ipv4Addr::from(v.peer);
+    let d = frame.data_mut();
+    let ip = &mut d[field::VER_IHL..];
+    let to_task = Nat { dst_addr: Some(task), ..Nat::default() };
+    let r = match (quote, ip.get(9).copied()) {
+        (Some(q), _) => icmp_nat::rewrite_error(ip, q, &to_task, Some((task, v.port)), None),
+        (None, Some(protocol::ICMP)) => icmp_nat::rewrite_echo(ip, &to_task, v.port),
+        (None, _) => rewrite_ipv4(ip, &Nat { dst_port: Some(v.port), ..to_task }),
+    };
+    r.map_err(|_| D::Malformed)?;
+    d[field::DST_MAC].copy_from_slice(&v.mac);
+    d[field::SRC_MAC].copy_from_slice(&nw.gateway_mac.0);
+    if quote.is_some() {
+        lb.egress.stats.icmp_in += 1;
+    } else {
+        lb.egress.stats.rx_packets += 1;
+        lb.egress.stats.rx_bytes += frame.len() as u64;
+    }
+    Ok(Verdict::Tx(p))
+}

@@ -1,0 +1,343 @@
+//! Egress through the pipeline, frame in / frame out: the example tables
+//! (node 198.18.0.1, tasks T1 and T3 in `app`, DB1 in `db`) with
+//! `[node.egress]`: a 64-port range and a default route to a router
+//! (MAC 02:00:00:00:00:fe). Servers outside are 198.18.3.10 and
+//! 198.18.3.11. Expected frames are built with etherparse, independently
+//! of the rewrite code under test (so every checksum is checked too).
+
+use meshplane_dataplane::lb::conntrack::SECOND;
+use meshplane_dataplane::packet::{DropReason as D, Frame, HEADROOM, Verdict};
+use meshplane_dataplane::pipeline::{WorkerState, process, process_general};
+use meshplane_dataplane::tables::{Tables, TablesSpec, UPLINK};
+use meshplane_dataplane::wire::icmpv4::Icmpv4Packet;
+
+const TASK1: u16 = 1;
+const TASK3: u16 = 2;
+const DB1: u16 = 3;
+const NODE1: [u8; 4] = [198, 18, 0, 1];
+const NODE1_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const ROUTER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
+const GW_MAC: [u8; 6] = [0x02, 0x42, 0xc6, 0x13, 0x00, 0xfe];
+const DB_GW_MAC: [u8; 6] = [0x02, 0x42, 0xc6, 0x13, 0x01, 0xfe];
+const T1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
+const T3_MAC: [u8; 6] = [2, 0, 0, 0, 1, 3];
+const DB1_MAC: [u8; 6] = [2, 0, 0, 0, 2, 1];
+const T1: [u8; 4] = [198, 19, 0, 1];
+const T3: [u8; 4] = [198, 19, 0, 3];
+const DB1_IP: [u8; 4] = [198, 19, 1, 1];
+const SERVER: [u8; 4] = [198, 18, 3, 10];
+const SERVER2: [u8; 4] = [198, 18, 3, 11];
+const ROUTER: [u8; 4] = [198, 18, 2, 1];
+const LO: u16 = 61000;
+const HI: u16 = 61063;
+
+const EGRESS: &str = r#"
+[node.egress]
+ports = "61000-61063"
+route = [{ prefix = "0.0.0.0/0", mac = "02:00:00:00:00:fe" }]
+"#;
+
+fn tables(extra: &str) -> Tables {
+    let base = include_str!("../../examples/tables.toml");
+    let spec: TablesSpec = toml::from_str(&format!("{base}\n{extra}")).expect("spec parses");
+    Tables::compile(&spec).expect("tables compile")
+}
+
+/// Runs one frame through the pipeline and, on a copy of the state, the
+/// general path alone: both must agree. The verdict and the frame after.
+fn run(t: &Tables, st: &mut WorkerState, in_port: u16, input: &[u8], now: u64) -> (Verdict, Vec<u8>) {
+    let go = |st: &mut WorkerState, general: bool| {
+        let mut buf = vec![0u8; HEADROOM + input.len().max(128) + 64];
+        buf[HEADROOM..HEADROOM + input.len()].copy_from_slice(input);
+        let mut f = Frame::new(&mut buf, HEADROOM, input.len()).expect("frame");
+        let v =
+            if general { process_general(&mut f, in_port, now, t, st) } else { process(&mut f, in_port, now, t, st) };
+        (v, f.data().to_vec())
+    };
+    let mut copy = st.clone();
+    let general = go(&mut copy, true);
+    let out = go(st, false);
+    assert_eq!(out, general, "the general path agrees");
+    out
+}
+
+/// A TCP frame with flags SYN (`syn`), SYN-ACK (`syn && ack`) or ACK.
+#[allow(clippy::too_many_arguments)]
+fn tcp(src: [u8; 6], dst: [u8; 6], sip: [u8; 4], dip: [u8; 4], ttl: u8, sport: u16, dport: u16, syn: bool) -> Vec<u8> {
+    let mut f = Vec::new();
+    let b = etherparse::PacketBuilder::ethernet2(src, dst).ipv4(sip, dip, ttl).tcp(sport, dport, 1000, 65535);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    b.write(&mut f, b"hello").expect("tcp");
+    f
+}
+
+fn udp(src: [u8; 6], dst: [u8; 6], sip: [u8; 4], dip: [u8; 4], ttl: u8, sport: u16, dport: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2(src, dst)
+        .ipv4(sip, dip, ttl)
+        .udp(sport, dport)
+        .write(&mut f, b"dgram")
+        .expect("udp");
+    f
+}
+
+fn echo(src: [u8; 6], dst: [u8; 6], sip: [u8; 4], dip: [u8; 4], ttl: u8, id: u16, reply: bool) -> Vec<u8> {
+    let mut f = Vec::new();
+    let b = etherparse::PacketBuilder::ethernet2(src, dst).ipv4(sip, dip, ttl);
+    let b = if reply { b.icmpv4_echo_reply(id, 3) } else { b.icmpv4_echo_request(id, 3) };
+    b.write(&mut f, b"ping").expect("echo");
+    f
+}
+
+/// An ICMP error of `kind`/`code` from `sip` to `dip` quoting the first
+/// `n` bytes of the IPv4 packet of frame `quoted`.
+#[allow(clippy::too_many_arguments)]
+fn icmp_error(
+    src: [u8; 6],
+    dst: [u8; 6],
+    sip: [u8; 4],
+    dip: [u8; 4],
+    kind: u8,
+    code: u8,
+    quoted: &[u8],
+    n: usize,
+) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0, 0, 0, 0x05, 0x14];
+    icmp.extend_from_slice(&quoted[14..14 + n]);
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2(src, dst)
+        .ipv4(sip, dip, 64)
+        .write(&mut f, etherparse::IpNumber::ICMP, &icmp)
+        .expect("icmp");
+    Icmpv4Packet::new_checked(&mut f[34..]).expect("icmp").fill_checksum();
+    f
+}
+
+fn sport(f: &[u8]) -> u16 {
+    u16::from_be_bytes([f[34], f[35]])
+}
+
+#[test]
+fn tcp_leaves_source_natted_to_the_next_hop_and_the_reply_returns() {
+    let t = tables(EGRESS);
+    let mut st = WorkerState::for_tables(&t);
+    let syn = tcp(T1_MAC, GW_MAC, T1, SERVER, 64, 40000, 80, true);
+    let (v, out) = run(&t, &mut st, TASK1, &syn, 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    let p = sport(&out);
+    assert!((LO..=HI).contains(&p), "port {p} in the range");
+    assert_eq!(out, tcp(NODE1_MAC, ROUTER_MAC, NODE1, SERVER, 63, p, 80, true), "SNAT, TTL − 1, MACs");
+    // The SYN-ACK comes back to the egress address and port.
+    let mut synack = Vec::new();
+    etherparse::PacketBuilder::ethernet2(ROUTER_MAC, NODE1_MAC)
+        .ipv4(SERVER, NODE1, 60)
+        .tcp(80, p, 7, 1000)
+        .syn()
+        .ack(1001)
+        .write(&mut synack, b"")
+        .expect("syn-ack");
+    let (v, back) = run(&t, &mut st, UPLINK, &synack, SECOND);
+    assert_eq!(v, Verdict::Tx(TASK1));
+    let mut want = Vec::new();
+    etherparse::PacketBuilder::ethernet2(GW_MAC, T1_MAC)
+        .ipv4(SERVER, T1, 60)
+        .tcp(80, 40000, 7, 1000)
+        .syn()
+        .ack(1001)
+        .write(&mut want, b"")
+        .expect("syn-ack");
+    assert_eq!(back, want, "DNAT back to the task, from its gateway");
+    // The next segment of the task uses the same port.
+    let (v, out) = run(&t, &mut st, TASK1, &tcp(T1_MAC, GW_MAC, T1, SERVER, 64, 40000, 80, false), 2 * SECOND);
+    assert_eq!((v, sport(&out)), (Verdict::Tx(UPLINK), p));
+    let e = st.lb.egress_stats();
+    assert_eq!((e.new_conns, e.tx_packets, e.rx_packets), (1, 2, 1));
+}
+
+#[test]
+fn udp_leaves_and_expires_with_the_balancers_timeout() {
+    let t = tables(EGRESS);
+    let mut st = WorkerState::for_tables(&t);
+    let (v, out) = run(&t, &mut st, TASK3, &udp(T3_MAC, GW_MAC, T3, SERVER, 64, 5353, 53), 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    let p = sport(&out);
+    assert_eq!(out, udp(NODE1_MAC, ROUTER_MAC, NODE1, SERVER, 63, p, 53));
+    let reply = udp(ROUTER_MAC, NODE1_MAC, SERVER, NODE1, 60, 53, p);
+    let (v, back) = run(&t, &mut st, UPLINK, &reply, 299 * SECOND);
+    assert_eq!((v, back), (Verdict::Tx(TASK3), udp(GW_MAC, T3_MAC, SERVER, T3, 60, 53, 5353)));
+    // 300 s after the last packet it is gone.
+    let (v, _) = run(&t, &mut st, UPLINK, &reply, 600 * SECOND);
+    assert_eq!(v, Verdict::Drop(D::EgressNoConnection));
+}
+
+#[test]
+fn ping_ids_are_translated_per_task() {
+    let t = tables(EGRESS);
+    let mut st = WorkerState::for_tables(&t);
+    let (v1, o1) = run(&t, &mut st, TASK1, &echo(T1_MAC, GW_MAC, T1, SERVER, 64, 7, false), 0);
+    let (v3, o3) = run(&t, &mut st, TASK3, &echo(T3_MAC, GW_MAC, T3, SERVER, 64, 7, false), 0);
+    assert_eq!((v1, v3), (Verdict::Tx(UPLINK), Verdict::Tx(UPLINK)));
+    let id = |f: &[u8]| u16::from_be_bytes([f[38], f[39]]);
+    let (i1, i3) = (id(&o1), id(&o3));
+    assert_ne!(i1, i3, "the same id from two tasks gets two ids");
+    assert_eq!(o1, echo(NODE1_MAC, ROUTER_MAC, NODE1, SERVER, 63, i1, false));
+    for (i, port, mac, ip) in [(i1, TASK1, T1_MAC, T1), (i3, TASK3, T3_MAC, T3)] {
+        let (v, back) = run(&t, &mut st, UPLINK, &echo(ROUTER_MAC, NODE1_MAC, SERVER, NODE1, 60, i, true), SECOND);
+        assert_eq!((v, back), (Verdict::Tx(port), echo(GW_MAC, mac, SERVER, ip, 60, 7, true)));
+    }
+    // An echo mapping lives 60 s.
+    let late = echo(ROUTER_MAC, NODE1_MAC, SERVER, NODE1, 60, i1, true);
+    assert_eq!(run(&t, &mut st, UPLINK, &late, 62 * SECOND).0, Verdict::Drop(D::EgressNoConnection));
+}
+
+#[test]
+fn icmp_errors_about_a_connection_reach_the_task_translated() {
+    let t = tables(EGRESS);
+    let mut st = WorkerState::for_tables(&t);
+    for (n, tcp_quote) in [(28, true), (45, true), (28, false)] {
+        let (sent_by_task, sport_task) = if tcp_quote {
+            (tcp(T1_MAC, GW_MAC, T1, SERVER, 64, 40000 + n as u16, 80, true), 40000 + n as u16)
+        } else {
+            (udp(T1_MAC, GW_MAC, T1, SERVER, 64, 40000 + n as u16, 53), 40000 + n as u16)
+        };
+        let (v, out) = run(&t, &mut st, TASK1, &sent_by_task, 0);
+        assert_eq!(v, Verdict::Tx(UPLINK));
+        // The router's frag-needed quotes what it got (TTL 63).
+        let err = icmp_error(ROUTER_MAC, NODE1_MAC, ROUTER, NODE1, 3, 4, &out, n);
+        let (v, back) = run(&t, &mut st, UPLINK, &err, SECOND);
+        assert_eq!(v, Verdict::Tx(TASK1), "n {n}");
+        let as_task_sent = if tcp_quote {
+            tcp(T1_MAC, GW_MAC, T1, SERVER, 63, sport_task, 80, true)
+        } else {
+            udp(T1_MAC, GW_MAC, T1, SERVER, 63, sport_task, 53)
+        };
+        assert_eq!(back, icmp_error(GW_MAC, T1_MAC, ROUTER, T1, 3, 4, &as_task_sent, n), "n {n}");
+    }
+    assert_eq!(st.lb.egress_stats().icmp_in, 3);
+    // An error about a port nobody holds: dropped, counted.
+    let stray = icmp_error(
+        ROUTER_MAC,
+        NODE1_MAC,
+        ROUTER,
+        NODE1,
+        11,
+        0,
+        &udp(NODE1_MAC, ROUTER_MAC, NODE1, SERVER, 63, LO + 5, 9),
+        28,
+    );
+    let (v, _) = run(&t, &mut st, UPLINK, &stray, SECOND);
+    assert!(matches!(v, Verdict::Drop(D::EgressNoConnection)), "{v:?}");
+    // One about the kernel's own packets (a port outside the range): the kernel's.
+    let kernel = icmp_error(
+        ROUTER_MAC,
+        NODE1_MAC,
+        ROUTER,
+        NODE1,
+        3,
+        3,
+        &udp(NODE1_MAC, ROUTER_MAC, NODE1, SERVER, 63, 7946, 7946),
+        28,
+    );
+    assert_eq!(run(&t, &mut st, UPLINK, &kernel, SECOND).0, Verdict::Pass);
+}
+
+#[test]
+fn ttl_one_is_answered_with_time_exceeded_from_the_gateway() {
+    let t = tables(EGRESS);
+    let mut st = WorkerState::for_tables(&t);
+    let probe = udp(T1_MAC, GW_MAC, T1, SERVER, 1, 33434, 33434);
+    let (v, back) = run(&t, &mut st, TASK1, &probe, 0);
+    assert_eq!(v, Verdict::Tx(TASK1));
+    let want = {
+        let mut f = icmp_error(GW_MAC, T1_MAC, [198, 19, 0, 254], T1, 11, 0, &probe, 28);
+        // The gateway's errors have no rest-of-header (the test's builder
+        // writes an MTU there), and no DF.
+        f[38..42].fill(0);
+        f[20] = 0;
+        f[24..26].fill(0);
+        let c = meshplane_dataplane::wire::checksum::checksum(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        Icmpv4Packet::new_checked(&mut f[34..]).expect("icmp").fill_checksum();
+        f
+    };
+    assert_eq!(back, want);
+    assert_eq!((st.lb.egress_stats().time_exceeded, st.lb.egress_stats().new_conns), (1, 0), "nothing opened");
+}
+
+#[test]
+fn ports_are_shared_across_destinations_one_task_holds_half_and_the_range_runs_out() {
+    let t = tables(EGRESS);
+    let mut st = WorkerState::for_tables(&t);
+    let mut toward_server = std::collections::BTreeSet::new();
+    for i in 0..32u16 {
+        let (v, out) = run(&t, &mut st, TASK1, &tcp(T1_MAC, GW_MAC, T1, SERVER, 64, 40000 + i, 80, true), 0);
+        assert_eq!(v, Verdict::Tx(UPLINK), "T1 connection {i}");
+        toward_server.insert(sport(&out));
+    }
+    let (v, _) = run(&t, &mut st, TASK1, &tcp(T1_MAC, GW_MAC, T1, SERVER, 64, 41000, 80, true), 0);
+    assert_eq!(v, Verdict::Drop(D::EgressTaskLimit), "half the range is one task's share");
+    for i in 0..32u16 {
+        let (v, out) = run(&t, &mut st, TASK3, &tcp(T3_MAC, GW_MAC, T3, SERVER, 64, 40000 + i, 80, true), 0);
+        assert_eq!(v, Verdict::Tx(UPLINK), "T3 connection {i}");
+        assert!(toward_server.insert(sport(&out)), "no port twice toward one destination");
+    }
+    assert_eq!(toward_server.len(), 64, "the whole range toward {SERVER:?}:80");
+    let (v, _) = run(&t, &mut st, DB1, &tcp(DB1_MAC, DB_GW_MAC, DB1_IP, SERVER, 64, 40000, 80, true), 0);
+    assert_eq!(v, Verdict::Drop(D::EgressPortsExhausted));
+    // Another destination has a pool of its own: the same ports again.
+    let (v, out) = run(&t, &mut st, DB1, &tcp(DB1_MAC, DB_GW_MAC, DB1_IP, SERVER2, 64, 40000, 80, true), 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert!(toward_server.contains(&sport(&out)));
+    // A reset frees a port: 10 s later it is handed out again.
+    let (_, first) = run(&t, &mut st, TASK3, &tcp(T3_MAC, GW_MAC, T3, SERVER, 64, 40000, 80, false), SECOND);
+    let mut rst = Vec::new();
+    etherparse::PacketBuilder::ethernet2(ROUTER_MAC, NODE1_MAC)
+        .ipv4(SERVER, NODE1, 60)
+        .tcp(80, sport(&first), 7, 0)
+        .rst()
+        .write(&mut rst, b"")
+        .expect("rst");
+    assert_eq!(run(&t, &mut st, UPLINK, &rst, SECOND).0, Verdict::Tx(TASK3));
+    let (v, _) = run(&t, &mut st, DB1, &tcp(DB1_MAC, DB_GW_MAC, DB1_IP, SERVER, 64, 40000, 80, true), 12 * SECOND);
+    assert_eq!(v, Verdict::Tx(UPLINK), "the reset connection's port is free again");
+    assert_eq!(st.lb.egress_ports_held(T1.into(), SERVER.into()), 32);
+}
+
+#[test]
+fn what_egress_refuses_is_counted() {
+    let t = tables(EGRESS);
+    let mut st = WorkerState::for_tables(&t);
+    let cases = [
+        // Another cluster network: networks stay isolated.
+        (TASK1, tcp(T1_MAC, GW_MAC, T1, DB1_IP, 64, 1, 80, true), D::NoRoute),
+        // VXLAN to a peer: it would arrive as VXLAN from a known VTEP.
+        (TASK1, udp(T1_MAC, GW_MAC, T1, [198, 18, 0, 2], 64, 1, 4789), D::EgressToVtep),
+    ];
+    for (port, f, why) in cases {
+        assert_eq!(run(&t, &mut st, port, &f, 0).0, Verdict::Drop(why), "{why:?}");
+    }
+    // To the egress address, nothing tracked: a port of the range is
+    // egress's (dropped); another port is the kernel's.
+    let stray = tcp(ROUTER_MAC, NODE1_MAC, SERVER, NODE1, 60, 80, LO + 9, false);
+    assert_eq!(run(&t, &mut st, UPLINK, &stray, 0).0, Verdict::Drop(D::EgressNoConnection));
+    let ssh = tcp(ROUTER_MAC, NODE1_MAC, SERVER, NODE1, 60, 40000, 22, true);
+    assert_eq!(run(&t, &mut st, UPLINK, &ssh, 0).0, Verdict::Pass);
+    // Without a route: no next hop (and the miss remembered for the node).
+    let t = tables("[node.egress]\nports = \"61000-61063\"");
+    let mut st = WorkerState::for_tables(&t);
+    let (v, _) = run(&t, &mut st, TASK1, &tcp(T1_MAC, GW_MAC, T1, SERVER, 64, 1, 80, true), 0);
+    assert_eq!(v, Verdict::Drop(D::EgressNoNextHop));
+    assert_eq!(st.lb.egress_stats().neigh_miss, Some(SERVER.into()));
+    // Without egress: as before, no route.
+    let t = tables("");
+    let mut st = WorkerState::for_tables(&t);
+    let (v, _) = run(&t, &mut st, TASK1, &tcp(T1_MAC, GW_MAC, T1, SERVER, 64, 1, 80, true), 0);
+    assert_eq!(v, Verdict::Drop(D::NoRoute));
+    // An internal network reaches nothing outside.
+    let internal = include_str!("../../examples/tables.toml").replace("mtu = 1400", "mtu = 1400\ninternal = true");
+    let spec: TablesSpec = toml::from_str(&format!("{internal}\n{EGRESS}")).expect("spec");
+    let t = Tables::compile(&spec).expect("tables");
+    let mut st = WorkerState::for_tables(&t);
+    let (v, _) = run(&t, &mut st, DB1, &tcp(DB1_MAC, DB_GW_MAC, DB1_IP, SERVER, 64, 1, 80, true), 0);
+    assert_eq!(v, Verdict::Drop(D::EgressInternal));
+}
