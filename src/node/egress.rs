@@ -244,6 +244,39 @@ fn local_matches(ip: &str, addr: Ipv4Addr) -> bool {
     }
 }
 
+/// The most on-link destinations the workers missed that the node keeps
+/// asking the kernel about (the oldest is forgotten).
+pub(crate) const MAX_MISSES: usize = 64;
+
+/// The destinations the workers found no next-hop MAC for
+/// (`EgressStats.neigh_miss`), newest last, at most [`MAX_MISSES`].
+#[derive(Debug, Default)]
+pub(crate) struct Misses(std::collections::VecDeque<Ipv4Addr>);
+
+impl Misses {
+    /// Takes the workers' last misses; true if one is new (the set to
+    /// resolve changed).
+    pub(crate) fn add(&mut self, seen: impl IntoIterator<Item = Option<Ipv4Addr>>) -> bool {
+        let mut changed = false;
+        for ip in seen.into_iter().flatten() {
+            if self.0.contains(&ip) {
+                continue;
+            }
+            if self.0.len() == MAX_MISSES {
+                self.0.pop_front();
+            }
+            self.0.push_back(ip);
+            changed = true;
+        }
+        changed
+    }
+
+    /// The destinations, oldest first.
+    pub(crate) fn list(&self) -> Vec<Ipv4Addr> {
+        self.0.iter().copied().collect()
+    }
+}
+
 /// The range written into the namespace's reserved local ports (added to
 /// what was there), and the old value put back on drop.
 #[derive(Debug)]
@@ -380,6 +413,23 @@ mod tests {
         let mut s = file(with);
         static_override(&args(&["--no-egress"]).expect("flags"), &mut s);
         assert!(s.node.egress.is_none());
+    }
+
+    #[test]
+    fn misses_are_kept_once_and_the_oldest_forgotten() {
+        let ip = |n: u32| Ipv4Addr::from(0xc612_0000 + n);
+        let mut m = Misses::default();
+        assert!(!m.add([None, None]), "no miss, no change");
+        assert!(m.add([Some(ip(1)), None]));
+        assert!(!m.add([Some(ip(1)), Some(ip(1))]), "a known miss changes nothing");
+        assert!(m.add([Some(ip(2)), Some(ip(1))]));
+        assert_eq!(m.list(), [ip(1), ip(2)]);
+        for n in 3..=70 {
+            m.add([Some(ip(n))]);
+        }
+        let l = m.list();
+        assert_eq!(l.len(), MAX_MISSES);
+        assert_eq!((l[0], l[MAX_MISSES - 1]), (ip(7), ip(70)), "the oldest forgotten");
     }
 
     /// A namespace removed on drop (also when the test fails).

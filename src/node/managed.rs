@@ -310,6 +310,39 @@ fn first_tables(
     Ok(Tables::compile(&spec)?)
 }
 
+/// How often the workers' egress misses are read.
+const MISS_POLL: Duration = Duration::from_millis(100);
+
+/// With egress and the underlay resolver: a thread that hands the
+/// destinations the workers found no next-hop MAC for (each worker's last
+/// `egress.neigh_miss`, read every 100 ms; at most 64 kept) to the
+/// resolver, until the workers stop.
+fn miss_follower(shared: &Arc<Shared>, dp: &Arc<Managed>) -> Option<std::thread::JoinHandle<()>> {
+    dp.egress.as_ref()?;
+    dp.underlay.get()?;
+    let (shared, dp) = (shared.clone(), Arc::downgrade(dp));
+    let r = std::thread::Builder::new().name("mp-egress-miss".into()).spawn(move || {
+        let mut misses = egress::Misses::default();
+        while !shared.stopping() {
+            let seen = (0..shared.workers()).filter_map(|i| shared.report(i)).map(|r| r.egress.neigh_miss);
+            if misses.add(seen) {
+                let Some(dp) = dp.upgrade() else { return };
+                if let Some(u) = dp.underlay.get() {
+                    u.want(&misses.list());
+                }
+            }
+            std::thread::sleep(MISS_POLL);
+        }
+    });
+    match r {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!("starting the egress miss follower: {e}; on-link destinations need the kernel to know them");
+            None
+        }
+    }
+}
+
 /// Runs a node with its control plane until SIGTERM/SIGINT.
 pub(crate) fn run(a: &RunArgs) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
@@ -417,6 +450,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         ad.metrics.map_or("off".to_owned(), |m| format!("http://{m}/metrics"))
     );
     let stats = stats_writer(a.stats_file.clone(), &shared);
+    let misses = miss_follower(&shared, &dp);
 
     let _ = signals.forever().next();
     tracing::info!("stopping");
@@ -424,6 +458,9 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     drop(control);
     rt.shutdown_timeout(Duration::from_secs(2));
     let reports = stop_workers(&shared, handles, stats, a.stats_file.as_deref())?;
+    if let Some(m) = misses {
+        let _ = m.join();
+    }
     dp.remove_all();
     tracing::info!("stopped; {}", summary(&reports));
     Ok(())
