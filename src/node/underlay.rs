@@ -529,6 +529,19 @@ fn within(ip: Ipv4Addr, (net, len): (Ipv4Addr, u8)) -> bool {
     u32::from(ip) & mask == u32::from(net) & mask
 }
 
+/// `found`, else the MAC `key` had in `last` (and `unresolved` set).
+fn or_last<K: PartialEq>(
+    found: Option<MacAddr>,
+    key: K,
+    last: &[(K, MacAddr)],
+    unresolved: &mut bool,
+) -> Option<MacAddr> {
+    found.or_else(|| {
+        *unresolved = true;
+        last.iter().find(|e| e.0 == key).map(|e| e.1)
+    })
+}
+
 /// The routes toward the world with their gateways' MACs, and the wanted
 /// on-link destinations' MACs (a gateway or destination without one
 /// keeps its last MAC, or is left out); true if something is unresolved.
@@ -553,14 +566,8 @@ async fn world(
     let mut unresolved = false;
     for (&prefix, &gw) in &routes {
         let Some(g) = gw else { continue };
-        let mac = match next_hop_mac(h, neigh, oif, g, probed).await {
-            Some(m) => Some(m),
-            None => {
-                unresolved = true;
-                last.routes.iter().find(|r| r.0 == prefix).map(|r| r.1)
-            }
-        };
-        if let Some(m) = mac {
+        let found = next_hop_mac(h, neigh, oif, g, probed).await;
+        if let Some(m) = or_last(found, prefix, &last.routes, &mut unresolved) {
             w.routes.push((prefix, m));
         }
     }
@@ -580,14 +587,8 @@ async fn world(
         if !matches!(best, Some((_, None))) {
             continue;
         }
-        let mac = match next_hop_mac(h, neigh, oif, dst, probed).await {
-            Some(m) => Some(m),
-            None => {
-                unresolved = true;
-                last.neigh.iter().find(|n| n.0 == dst).map(|n| n.1)
-            }
-        };
-        if let Some(m) = mac {
+        let found = next_hop_mac(h, neigh, oif, dst, probed).await;
+        if let Some(m) = or_last(found, dst, &last.neigh, &mut unresolved) {
             w.neigh.push((dst, m));
         }
     }
@@ -713,26 +714,42 @@ mod tests {
         .expect("the resolver starts")
     }
 
+    /// Fresh namespaces `names` (lo up), removed when the guard drops;
+    /// `None` (the test skips) without root.
+    fn namespaces(names: &[&str]) -> Option<Netns> {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) != 0 {
+            eprintln!("skipped: needs root (network namespaces)");
+            return None;
+        }
+        for n in names {
+            let _ = Command::new("ip").args(["netns", "del", n]).stderr(std::process::Stdio::null()).status();
+        }
+        let guard = Netns(names.iter().map(|s| (*s).to_owned()).collect());
+        for n in names {
+            ip(&format!("netns add {n}"));
+            ip(&format!("-n {n} link set lo up"));
+        }
+        Some(guard)
+    }
+
+    /// Interface `iface`'s index in namespace `ns`.
+    fn index_of(ns: &str, iface: &str) -> u32 {
+        let out = Command::new("ip").args(["-n", ns, "-o", "link", "show", iface]).output().expect("ip");
+        String::from_utf8_lossy(&out.stdout)
+            .split(':')
+            .next()
+            .and_then(|x| x.trim().parse().ok())
+            .expect("the interface's index")
+    }
+
     fn mac(s: &str) -> MacAddr {
         s.parse().expect("a MAC")
     }
 
     #[test]
     fn next_hops_learned_and_followed() {
-        use std::os::unix::fs::MetadataExt;
-        if std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) != 0 {
-            eprintln!("skipped: needs root (network namespaces)");
-            return;
-        }
-        let names = ["mp-ru-n", "mp-ru-g1", "mp-ru-g2"];
-        for n in names {
-            let _ = Command::new("ip").args(["netns", "del", n]).stderr(std::process::Stdio::null()).status();
-        }
-        let _guard = Netns(names.iter().map(|s| (*s).to_owned()).collect());
-        for n in names {
-            ip(&format!("netns add {n}"));
-            ip(&format!("-n {n} link set lo up"));
-        }
+        let Some(_guard) = namespaces(&["mp-ru-n", "mp-ru-g1", "mp-ru-g2"]) else { return };
         ip("link add a0 netns mp-ru-n type veth peer name a0 netns mp-ru-g1");
         ip("link add b0 netns mp-ru-n type veth peer name b0 netns mp-ru-g2");
         ip("-n mp-ru-g1 link set a0 address 02:00:00:00:c8:01 up");
@@ -809,12 +826,7 @@ mod tests {
 
         // A resolver bound to a0 (as an AF_XDP node is to its data NIC)
         // refuses the route out of b0, and takes a0's own subnet.
-        let out = Command::new("ip").args(["-n", "mp-ru-n", "-o", "link", "show", "a0"]).output().expect("ip");
-        let a0: u32 = String::from_utf8_lossy(&out.stdout)
-            .split(':')
-            .next()
-            .and_then(|x| x.trim().parse().ok())
-            .expect("a0's index");
+        let a0 = index_of("mp-ru-n", "a0");
         let bound = start_in("mp-ru-n", Some(a0), Box::new(|| {}));
         let on_a0 = Ipv4Addr::new(198, 18, 200, 254);
         bound.watch([peer, on_a0]);
@@ -835,20 +847,7 @@ mod tests {
     /// 198.18.210.9; b0 toward `mp-en-s` with 198.18.220.0/24 behind it).
     #[test]
     fn egress_routes_and_on_link_neighbours_learned_and_followed() {
-        use std::os::unix::fs::MetadataExt;
-        if std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) != 0 {
-            eprintln!("skipped: needs root (network namespaces)");
-            return;
-        }
-        let names = ["mp-en-n", "mp-en-r", "mp-en-s"];
-        for n in names {
-            let _ = Command::new("ip").args(["netns", "del", n]).stderr(std::process::Stdio::null()).status();
-        }
-        let _guard = Netns(names.iter().map(|s| (*s).to_owned()).collect());
-        for n in names {
-            ip(&format!("netns add {n}"));
-            ip(&format!("-n {n} link set lo up"));
-        }
+        let Some(_guard) = namespaces(&["mp-en-n", "mp-en-r", "mp-en-s"]) else { return };
         ip("link add a0 netns mp-en-n type veth peer name a0 netns mp-en-r");
         ip("link add b0 netns mp-en-n type veth peer name b0 netns mp-en-s");
         ip("-n mp-en-r link set a0 address 02:00:00:00:d2:fe up");
@@ -863,12 +862,7 @@ mod tests {
         ip("-n mp-en-n route add default via 198.18.210.254");
         ip("-n mp-en-n route add 198.18.220.0/24 via 198.18.212.254");
         ip("netns exec mp-en-r sysctl -qw net.ipv4.conf.all.arp_notify=1");
-        let out = Command::new("ip").args(["-n", "mp-en-n", "-o", "link", "show", "a0"]).output().expect("ip");
-        let a0: u32 = String::from_utf8_lossy(&out.stdout)
-            .split(':')
-            .next()
-            .and_then(|x| x.trim().parse().ok())
-            .expect("a0's index");
+        let a0 = index_of("mp-en-n", "a0");
 
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);

@@ -970,8 +970,9 @@ mod tests {
         v
     }
 
-    /// The packet `src` sent (no Ethernet header): UDP, TCP with `opts`
-    /// 4-byte words of IPv4 options, or an ICMP echo.
+    /// The packet `src` sent (no Ethernet header) with `opts` 4-byte words
+    /// of IPv4 options: UDP or TCP from port `sport`, or (ICMP) an echo
+    /// request (`sport` its id; 0: an echo reply with id 61040).
     fn quoted(src: [u8; 4], proto: u8, sport: u16, opts: usize) -> Vec<u8> {
         let mut v = Vec::new();
         let mut h = etherparse::Ipv4Header::new(0, 63, etherparse::IpNumber(proto), src, OUTSIDE).expect("ip");
@@ -987,9 +988,10 @@ mod tests {
             }
             6 => etherparse::TcpHeader::new(sport, 443, 5, 1000).to_bytes().to_vec(),
             _ => {
-                // Type, code, checksum, id, sequence (echo request: 8; reply: 0).
-                let mut b = vec![if sport == 0 { 0 } else { 8 }, 0, 0, 0];
-                b.extend_from_slice(&sport.max(61040).to_be_bytes());
+                // Type, code, checksum, id, sequence.
+                let (kind, id) = if sport == 0 { (0, 61040) } else { (8, sport) };
+                let mut b = vec![kind, 0, 0, 0];
+                b.extend_from_slice(&u16::to_be_bytes(id));
                 b.extend_from_slice(&[0, 1]);
                 b
             }
@@ -998,6 +1000,12 @@ mod tests {
         h.write(&mut v).expect("header");
         v.extend_from_slice(&l4);
         v
+    }
+
+    /// An ICMP error (`kind`, `code`) to the egress address quoting
+    /// `quoted(src, proto, sport, opts)` cut to `cut` bytes.
+    fn err_about(kind: u8, code: u8, src: [u8; 4], proto: u8, sport: u16, opts: usize, cut: usize) -> Vec<u8> {
+        error(kind, code, EGRESS, &quoted(src, proto, sport, opts), cut)
     }
 
     struct Loaded {
@@ -1061,7 +1069,6 @@ mod tests {
         let (p, prog) = XdpProgram::load("lo", "steer_uplink", false).expect("the steering program loads");
         let l = Loaded { p, prog };
         set_steering(&l.p, &steering(true), "lo").expect("config written");
-        let (tcp_, udp_, icmp) = (6u8, 17u8, 1u8);
         let cases: Vec<(&str, Vec<u8>, bool)> = vec![
             ("TCP to the range's first port", tcp(EGRESS, 443, 61000), true),
             ("TCP to the range's last port", tcp(EGRESS, 443, 61099), true),
@@ -1077,44 +1084,24 @@ mod tests {
             ("echo reply, id outside", echo(true, EGRESS, 100), false),
             ("echo reply, id in the range, to another address", echo(true, OTHER, 61010), false),
             ("echo request to the egress address (the kernel answers)", echo(false, EGRESS, 61010), false),
-            ("frag-needed quoting egress UDP", error(3, 4, EGRESS, &quoted(EGRESS, udp_, 61020, 0), 28), true),
-            (
-                "port unreachable quoting egress UDP, whole",
-                error(3, 3, EGRESS, &quoted(EGRESS, udp_, 61020, 0), 999),
-                true,
-            ),
-            ("frag-needed quoting the kernel's UDP", error(3, 4, EGRESS, &quoted(EGRESS, udp_, 5000, 0), 28), false),
-            ("frag-needed quoting another source", error(3, 4, EGRESS, &quoted(OTHER, udp_, 61020, 0), 28), false),
-            ("time exceeded quoting TCP with options", error(11, 0, EGRESS, &quoted(EGRESS, tcp_, 61030, 3), 40), true),
-            (
-                "time exceeded quoting TCP with 15-word header",
-                error(11, 0, EGRESS, &quoted(EGRESS, tcp_, 61030, 10), 68),
-                true,
-            ),
-            (
-                "time exceeded, options, quote cut short",
-                error(11, 0, EGRESS, &quoted(EGRESS, tcp_, 61030, 3), 39),
-                false,
-            ),
-            (
-                "parameter problem quoting an echo request",
-                error(12, 0, EGRESS, &quoted(EGRESS, icmp, 61040, 0), 28),
-                true,
-            ),
-            ("parameter problem quoting an echo reply", error(12, 0, EGRESS, &quoted(EGRESS, icmp, 0, 0), 28), false),
-            (
-                "redirect quoting egress UDP (not an error we take)",
-                error(5, 1, EGRESS, &quoted(EGRESS, udp_, 61020, 0), 28),
-                false,
-            ),
-            ("an error to another address", error(3, 4, OTHER, &quoted(EGRESS, udp_, 61020, 0), 28), false),
-            ("an error with 4 quoted L4 bytes", error(3, 4, EGRESS, &quoted(EGRESS, udp_, 61020, 0), 24), false),
+            ("frag-needed quoting egress UDP", err_about(3, 4, EGRESS, 17, 61020, 0, 28), true),
+            ("port unreachable quoting egress UDP, whole", err_about(3, 3, EGRESS, 17, 61020, 0, 999), true),
+            ("frag-needed quoting the kernel's UDP", err_about(3, 4, EGRESS, 17, 5000, 0, 28), false),
+            ("frag-needed quoting another source", err_about(3, 4, OTHER, 17, 61020, 0, 28), false),
+            ("time exceeded quoting TCP with options", err_about(11, 0, EGRESS, 6, 61030, 3, 40), true),
+            ("time exceeded quoting TCP, 15-word header", err_about(11, 0, EGRESS, 6, 61030, 10, 68), true),
+            ("time exceeded, options, quote cut short", err_about(11, 0, EGRESS, 6, 61030, 3, 39), false),
+            ("parameter problem quoting an echo request", err_about(12, 0, EGRESS, 1, 61040, 0, 28), true),
+            ("parameter problem quoting an echo reply", err_about(12, 0, EGRESS, 1, 0, 0, 28), false),
+            ("a redirect (not an error we take)", err_about(5, 1, EGRESS, 17, 61020, 0, 28), false),
+            ("an error to another address", error(3, 4, OTHER, &quoted(EGRESS, 17, 61020, 0), 28), false),
+            ("an error with 4 quoted L4 bytes", err_about(3, 4, EGRESS, 17, 61020, 0, 24), false),
         ];
         for (what, f, want) in &cases {
             assert_eq!(l.steers(f), *want, "{what}");
         }
         // A quoted header that claims ihl < 5.
-        let mut bad = error(3, 4, EGRESS, &quoted(EGRESS, udp_, 61020, 0), 28);
+        let mut bad = err_about(3, 4, EGRESS, 17, 61020, 0, 28);
         bad[14 + 20 + 8] = 0x44;
         assert!(!l.steers(&bad), "a quote with ihl 4");
         // A later fragment carries no ports.
