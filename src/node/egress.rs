@@ -48,12 +48,12 @@ pub(crate) enum EgressError {
     },
     /// A kernel socket holds a port of the range on the egress address.
     #[error(
-        "a kernel {proto} socket on {local} holds port {port} of the egress range {range}: its replies would go to meshplane; stop it, or give --egress-ports (or node.egress.ports) a range without it"
+        "a kernel {proto} socket on {local}:{port} holds a port of the egress range {range}: its replies would go to meshplane; stop it, or give --egress-ports (or node.egress.ports) a range without it"
     )]
     PortHeld {
         /// tcp, udp, tcp6 or udp6.
         proto: &'static str,
-        /// The socket's local address as the kernel shows it.
+        /// The socket's local address.
         local: String,
         /// The port.
         port: u16,
@@ -199,8 +199,8 @@ pub(crate) fn check_sockets(addr: Ipv4Addr, range: PortRange) -> Result<(), Egre
 }
 
 /// The first socket of a `/proc/net/{tcp,udp}[6]` table on `addr` (or
-/// the wildcard) with a local port in `range`: its local address as
-/// printed, and the port.
+/// the wildcard) with a local port in `range`: its local address, and
+/// the port.
 fn held(text: &str, tcp: bool, addr: Ipv4Addr, range: PortRange) -> Option<(String, u16)> {
     const TIME_WAIT: &str = "06";
     const CLOSE: &str = "07";
@@ -215,32 +215,31 @@ fn held(text: &str, tcp: bool, addr: Ipv4Addr, range: PortRange) -> Option<(Stri
         if !range.contains(port) {
             continue;
         }
-        if local_matches(ip, addr) {
-            return Some((local.to_owned(), port));
+        if let Some(shown) = local_matches(ip, addr) {
+            return Some((shown, port));
         }
     }
     None
 }
 
-/// True if the kernel's hex address `ip` (an IPv4 address as one native
-/// u32 word, or an IPv6 address as four) is `addr`, the wildcard, or
-/// `addr` mapped into IPv6.
-fn local_matches(ip: &str, addr: Ipv4Addr) -> bool {
-    let words: Option<Vec<[u8; 4]>> = (0..ip.len() / 8)
+/// The kernel's hex address `ip` (an IPv4 address as one native u32
+/// word, or an IPv6 address as four) written out, if it is `addr`, the
+/// wildcard, or `addr` mapped into IPv6.
+fn local_matches(ip: &str, addr: Ipv4Addr) -> Option<String> {
+    let words: Vec<[u8; 4]> = (0..ip.len() / 8)
         .map(|i| ip.get(i * 8..i * 8 + 8).and_then(|w| u32::from_str_radix(w, 16).ok()).map(u32::to_ne_bytes))
-        .collect();
-    let Some(words) = words else { return false };
+        .collect::<Option<_>>()?;
     match words.as_slice() {
-        [v4] => *v4 == [0; 4] || *v4 == addr.octets(),
+        [v4] => (*v4 == [0; 4] || *v4 == addr.octets()).then(|| Ipv4Addr::from(*v4).to_string()),
         [a, b, c, d] => {
             let mut v6 = [0u8; 16];
             for (k, w) in [a, b, c, d].into_iter().enumerate() {
                 v6[k * 4..k * 4 + 4].copy_from_slice(w);
             }
             let v6 = std::net::Ipv6Addr::from(v6);
-            v6.is_unspecified() || v6.to_ipv4_mapped() == Some(addr)
+            (v6.is_unspecified() || v6.to_ipv4_mapped() == Some(addr)).then(|| format!("[{v6}]"))
         }
-        _ => false,
+        _ => None,
     }
 }
 
@@ -345,26 +344,14 @@ mod tests {
         let a = Ipv4Addr::new(198, 18, 0, 1);
         // 0xEE48 = 61000 on 198.18.0.1 (established), 0xEE49 in TIME_WAIT,
         // 0xFDE8 = 65000 on 0.0.0.0, 22 on 127.0.0.1.
-        assert_eq!(held(TCP, true, a, range("61000-61099")), Some(("010012C6:EE48".into(), 61000)));
+        assert_eq!(held(TCP, true, a, range("61000-61099")), Some(("198.18.0.1".into(), 61000)));
         assert_eq!(held(TCP, true, a, range("61001-61099")), None, "TIME_WAIT does not hold a port");
-        assert_eq!(held(TCP, true, a, range("64000-65535")), Some(("00000000:FDE8".into(), 65000)));
+        assert_eq!(held(TCP, true, a, range("64000-65535")), Some(("0.0.0.0".into(), 65000)));
         assert_eq!(held(TCP, true, Ipv4Addr::new(198, 18, 0, 2), range("61000-61099")), None, "another address");
-        assert_eq!(held(TCP, false, a, range("61001-61099")), Some(("010012C6:EE49".into(), 61001)), "UDP: any");
+        assert_eq!(held(TCP, false, a, range("61001-61099")), Some(("198.18.0.1".into(), 61001)), "UDP: any");
         // ::ffff:198.18.0.1 port 61008 and ::1 port 61009.
-        assert_eq!(held(TCP6, true, a, range("61005-61099")).map(|x| x.1), Some(61008));
+        assert_eq!(held(TCP6, true, a, range("61005-61099")), Some(("[::ffff:198.18.0.1]".into(), 61008)));
         assert_eq!(held(TCP6, true, a, range("61009-61099")), None, "::1 is not the egress address");
-    }
-
-    #[test]
-    fn a_live_socket_on_the_wildcard_refuses_the_range() {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
-        let p = s.local_addr().expect("its address").port();
-        let lo = p.saturating_sub(10).max(1024);
-        let r = PortRange { lo, hi: lo.saturating_add(100) };
-        let e = check_sockets(Ipv4Addr::new(198, 18, 0, 1), r).expect_err("the socket holds a port");
-        let m = e.to_string();
-        assert!(m.contains(&format!("holds port {p} of the egress range {r}")), "{m}");
-        drop(s);
     }
 
     #[test]
@@ -477,7 +464,7 @@ mod tests {
         let host_before = std::fs::read_to_string(RESERVED).expect("the host's reserved ports");
         let read = || std::fs::read_to_string(RESERVED).expect("reserved ports").trim().to_owned();
         let data = Ipv4Addr::new(198, 18, 0, 1);
-        let (during, after, with_old, refused, not_on, on, udp_held) = inside(ns, move || {
+        let (during, after, with_old, refused, not_on, on, udp_held, wild, free) = inside(ns, move || {
             let g = claim_kernel_ports("up0", data, data, range("61000-65535")).expect("claimed");
             let during = read();
             drop(g);
@@ -498,7 +485,14 @@ mod tests {
                 .expect_err("a socket holds a port")
                 .to_string();
             drop(s);
-            (during, after, with_old, refused, not_on, on, udp_held)
+            // A TCP listener on the wildcard.
+            let l = std::net::TcpListener::bind("0.0.0.0:61600").expect("listening");
+            let wild = check_sockets(Ipv4Addr::new(198, 18, 0, 7), range("61000-61999"))
+                .expect_err("the listener holds a port")
+                .to_string();
+            let free = check_sockets(Ipv4Addr::new(198, 18, 0, 7), range("62000-62999")).is_ok();
+            drop(l);
+            (during, after, with_old, refused, not_on, on, udp_held, wild, free)
         });
         assert_eq!(during, "61000-65535");
         assert_eq!(after, "", "the old (empty) value restored");
@@ -506,7 +500,9 @@ mod tests {
         assert_eq!(refused, "egress address 198.18.0.8 is not on the data NIC up0: ip addr add 198.18.0.8/32 dev up0");
         assert_eq!(not_on, "8080", "restored, and nothing reserved when refused");
         assert!(on, "the data address is on up0");
-        assert!(udp_held.contains("udp socket on 070012C6:F03C holds port 61500"), "{udp_held}");
+        assert!(udp_held.contains("udp socket on 198.18.0.7:61500 holds a port"), "{udp_held}");
+        assert!(wild.starts_with("a kernel tcp socket on 0.0.0.0:61600 holds a port of the egress range"), "{wild}");
+        assert!(free, "a range the listener is not in");
         assert_eq!(std::fs::read_to_string(RESERVED).expect("host"), host_before, "the host's value untouched");
     }
 }
