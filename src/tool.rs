@@ -71,6 +71,23 @@ pub(crate) enum ToolCommand {
         #[arg(long, default_value_t = 5)]
         timeout: u64,
     },
+    /// Open CONNS TCP connections to an HTTP server and hold them all open
+    /// at once, then send a GET on each and count the `200` answers;
+    /// non-zero exit unless every one was answered.
+    TcpHold {
+        /// The server's address.
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Connections.
+        #[arg(long, default_value_t = 100)]
+        conns: u32,
+        /// Milliseconds to hold them all open before the requests.
+        #[arg(long, default_value_t = 1000)]
+        hold_ms: u64,
+        /// Seconds for the whole run.
+        #[arg(long, default_value_t = 20)]
+        timeout: u64,
+    },
     /// Write the frames of a capture into a TAP device (created, or a
     /// persistent one attached), REPEAT times, at most PPS frames a second:
     /// for feeding crafted frames into a bridge.
@@ -117,9 +134,42 @@ pub(crate) fn run(c: &ToolCommand) -> Result<()> {
         ToolCommand::UdpEcho { listen, idle } => udp_echo(listen, idle),
         ToolCommand::HttpName { listen, name } => http_name(listen, name),
         ToolCommand::HttpGet { url, timeout } => http_get(url, timeout),
+        ToolCommand::TcpHold { connect, conns, hold_ms, timeout } => tcp_hold(connect, *conns, *hold_ms, *timeout),
         ToolCommand::Inject { tap, pcap, repeat, pps } => inject(tap, pcap, repeat, pps),
         ToolCommand::UdpPing { connect, count, size } => udp_ping(connect, count, size),
     }
+}
+
+/// `tool tcp-hold`: many connections open at once, then one request on
+/// each.
+fn tcp_hold(addr: &SocketAddr, conns: u32, hold_ms: u64, timeout: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let mut open = Vec::with_capacity(conns as usize);
+    for i in 0..conns {
+        let s = TcpStream::connect_timeout(addr, left().min(Duration::from_secs(5)))
+            .with_context(|| format!("connection {i} of {conns} to {addr}"))?;
+        open.push(s);
+    }
+    println!("tcp-hold: {} connections open at once", open.len());
+    std::thread::sleep(Duration::from_millis(hold_ms).min(left()));
+    for s in &mut open {
+        write!(s, "GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    }
+    let mut ok = 0u32;
+    for s in &mut open {
+        s.set_read_timeout(Some(left()))?;
+        let mut resp = Vec::new();
+        if s.read_to_end(&mut resp).is_ok() && (resp.starts_with(b"HTTP/1.1 200") || resp.starts_with(b"HTTP/1.0 200"))
+        {
+            ok += 1;
+        }
+    }
+    println!("tcp-hold: {ok}/{conns} answered");
+    if ok != conns {
+        bail!("{} of {conns} connections were not answered", conns - ok);
+    }
+    Ok(())
 }
 
 /// `tool tcp-sink`: checks every connection's stream, answers one line.

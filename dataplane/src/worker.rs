@@ -775,11 +775,15 @@ impl Worker {
 
 /// True if a frame received on `in_port` may touch connection state
 /// (worker 0's): from a task port in a network with services, or to its
-/// network's gateway MAC when the node has egress; from the uplink, VXLAN
+/// network's gateway MAC when the node has egress; from the host link;
+/// from the uplink, VXLAN
 /// of a network with services, or anything that is not VXLAN for us
 /// (published ports, egress replies, and the rare rest).
 fn needs_state(d: &[u8], in_port: PortId, t: &Tables) -> bool {
     let has_services = |net: crate::tables::NetId| t.networks.get(usize::from(net)).is_some_and(|n| n.has_services);
+    if t.host_port == Some(in_port) {
+        return true;
+    }
     if in_port != crate::tables::UPLINK {
         let Some(net) = t.ports.get(usize::from(in_port)).and_then(|p| p.network) else { return false };
         return has_services(net)

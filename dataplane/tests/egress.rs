@@ -341,3 +341,61 @@ fn what_egress_refuses_is_counted() {
     let (v, _) = run(&t, &mut st, DB1, &tcp(DB1_MAC, DB_GW_MAC, DB1_IP, SERVER, 64, 1, 80, true), 0);
     assert_eq!(v, Verdict::Drop(D::EgressInternal));
 }
+
+const HOST_PORT: u16 = 4;
+const LINK_MAC: [u8; 6] = [2, 0x4d, 0x50, 0, 0, 2];
+const KERNEL_MAC: [u8; 6] = [2, 0x4d, 0x50, 0, 0, 1];
+const LINK: [u8; 4] = [198, 18, 99, 2];
+const KERNEL: [u8; 4] = [198, 18, 99, 1];
+
+fn host_link(dnat: bool) -> String {
+    format!(
+        "{EGRESS}[node.egress.host_link]\nip = \"198.18.99.2\"\npeer_ip = \"198.18.99.1\"\nmac = \"02:4d:50:00:00:02\"\npeer_mac = \"02:4d:50:00:00:01\"\ndnat_data_ip = {dnat}\n"
+    )
+}
+
+#[test]
+fn a_task_reaches_its_hosts_data_address_through_the_host_link() {
+    for dnat in [false, true] {
+        let t = tables(&host_link(dnat));
+        assert_eq!((t.host_port, t.port_id("mp-host")), (Some(HOST_PORT), Some(HOST_PORT)));
+        let mut st = WorkerState::for_tables(&t);
+        let syn = tcp(T1_MAC, GW_MAC, T1, NODE1, 64, 40000, 8088, true);
+        let (v, out) = run(&t, &mut st, TASK1, &syn, 0);
+        assert_eq!(v, Verdict::Tx(HOST_PORT), "dnat {dnat}");
+        let p = sport(&out);
+        let to = if dnat { KERNEL } else { NODE1 };
+        assert_eq!(out, tcp(LINK_MAC, KERNEL_MAC, LINK, to, 63, p, 8088, true), "dnat {dnat}");
+        // The kernel answers from where the SYN went.
+        let (v, back) = run(&t, &mut st, HOST_PORT, &tcp(KERNEL_MAC, LINK_MAC, to, LINK, 64, 8088, p, false), SECOND);
+        assert_eq!((v, back), (Verdict::Tx(TASK1), tcp(GW_MAC, T1_MAC, NODE1, T1, 64, 8088, 40000, false)));
+        // The kernel's ARP for meshplane's end is answered; a frame from
+        // another MAC, or opening a connection, is not taken.
+        let mut arp = [[0xff; 6], KERNEL_MAC].concat();
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&KERNEL_MAC);
+        arp.extend_from_slice(&KERNEL);
+        arp.extend_from_slice(&[0; 6]);
+        arp.extend_from_slice(&LINK);
+        let (v, reply) = run(&t, &mut st, HOST_PORT, &arp, SECOND);
+        assert_eq!((v, &reply[0..12]), (Verdict::Tx(HOST_PORT), &[KERNEL_MAC, LINK_MAC].concat()[..]));
+        let spoofed = tcp(T3_MAC, LINK_MAC, to, LINK, 64, 8088, p, false);
+        assert_eq!(run(&t, &mut st, HOST_PORT, &spoofed, SECOND).0, Verdict::Drop(D::SrcMacSpoofed));
+        let opening = tcp(KERNEL_MAC, LINK_MAC, to, LINK, 64, 8088, p + 1, true);
+        assert_eq!(run(&t, &mut st, HOST_PORT, &opening, SECOND).0, Verdict::Drop(D::EgressNoConnection));
+    }
+}
+
+#[test]
+fn a_host_link_inside_the_cluster_or_named_as_a_task_port_is_refused() {
+    let bad = host_link(false).replace("198.18.99.2", "198.19.0.77");
+    let spec: TablesSpec =
+        toml::from_str(&format!("{}\n{bad}", include_str!("../../examples/tables.toml"))).expect("spec");
+    let e = Tables::compile(&spec).expect_err("refused").to_string();
+    assert!(e.contains("lies in the cluster subnet 198.19.0.0/24"), "{e}");
+    let bad = format!("{}port = \"task1\"\n", host_link(false));
+    let spec: TablesSpec =
+        toml::from_str(&format!("{}\n{bad}", include_str!("../../examples/tables.toml"))).expect("spec");
+    let e = Tables::compile(&spec).expect_err("refused").to_string();
+    assert!(e.contains("\"task1\" is already a port's name"), "{e}");
+}

@@ -26,6 +26,7 @@ pub(crate) fn run(c: &Conn, watch: bool, count: Option<u32>) -> Result<()> {
             ports(&v.dataplane, &prev);
             services(&v.dataplane, &prev);
             drops(&v.dataplane);
+            egress(&v.dataplane);
             let g = v.gossip.clone().unwrap_or_default();
             println!(
                 "\ngossip: {} members, {} sent, {} received, {} rejected (unknown key {}, retired key {}, bad tag {}, wrong sender {}, replayed {})",
@@ -135,6 +136,38 @@ fn services(dp: &NodeStats, prev: &Previous) {
         .collect();
     println!();
     table(&["SERVICE", "CONNECTIONS", "CONN/S", "PACKETS", "PPS", "BPS"], rows);
+}
+
+/// The egress counters, summed over the workers (nothing if egress never
+/// carried anything).
+fn egress(dp: &NodeStats) {
+    let mut e = meshplane_dataplane::lb::egress::EgressStats::default();
+    for w in &dp.workers {
+        let x = &w.egress;
+        e.new_conns += x.new_conns;
+        e.tx_packets += x.tx_packets;
+        e.tx_bytes += x.tx_bytes;
+        e.rx_packets += x.rx_packets;
+        e.rx_bytes += x.rx_bytes;
+        e.icmp_in += x.icmp_in;
+        e.icmp_out += x.icmp_out;
+        e.time_exceeded += x.time_exceeded;
+        e.alloc_slow += x.alloc_slow;
+    }
+    if e.new_conns + e.tx_packets + e.rx_packets + e.time_exceeded > 0 {
+        println!(
+            "\negress: {} connections opened; out {} packets ({} bytes), back {} packets ({} bytes); ICMP errors translated {} in, {} out; {} time-exceeded sent; {} slow port allocations",
+            e.new_conns,
+            e.tx_packets,
+            e.tx_bytes,
+            e.rx_packets,
+            e.rx_bytes,
+            e.icmp_in,
+            e.icmp_out,
+            e.time_exceeded,
+            e.alloc_slow
+        );
+    }
 }
 
 /// Drops by reason, summed over the workers.

@@ -13,6 +13,13 @@ pub(super) const PREFIX: &str = "mp-lab-";
 pub(super) const NODES: u8 = 3;
 /// The client's address on the underlay.
 pub(super) const CLIENT_IP: &str = "198.18.0.100";
+/// The underlay's router (the fabric namespace, forwarding), every node's
+/// default route.
+pub(super) const ROUTER_IP: &str = "198.18.0.254";
+/// The "outside world" behind the router: a server tasks reach by egress.
+pub(super) const OUTSIDE_IP: &str = "198.18.2.10";
+/// Its port.
+pub(super) const OUTSIDE_PORT: u16 = 8080;
 
 /// The lab's namespace `s`.
 pub(super) fn ns_name(s: &str) -> String {

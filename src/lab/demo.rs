@@ -1,7 +1,7 @@
 //! `meshplane lab status` and `meshplane lab demo`: what runs, and
 //! requests through the routing mesh with who answered them.
 
-use super::common::{CLIENT_IP, NODES, cluster_state, lab_namespaces, ns_name};
+use super::common::{CLIENT_IP, NODES, OUTSIDE_IP, OUTSIDE_PORT, cluster_state, lab_namespaces, ns_name};
 use crate::stats::NodeStats;
 use anyhow::{Result, bail};
 use std::collections::BTreeSet;
@@ -66,6 +66,9 @@ pub(super) fn demo(requests: u32, dir: &Path) -> Result<()> {
     println!("meshplane lab demo: client {CLIENT_IP} -> every node's published ports, {requests} requests each\n");
     println!("  {:<17} {:<16} {:<12} task saw the client as", "via node", "mode", "answered by");
     let out = send(&bin, &client, requests, &state)?;
+    println!("\ntasks -> the outside server {OUTSIDE_IP}:{OUTSIDE_PORT} (egress through their own node):\n");
+    println!("  {:<8} {:<8} {:<12} the outside saw", "task", "on", "answered by");
+    let egress_ok = egress(&bin, &state);
     // The nodes write their counters every half second.
     std::thread::sleep(Duration::from_millis(1200));
     println!("\nper node (counters of the dataplane):");
@@ -76,7 +79,7 @@ pub(super) fn demo(requests: u32, dir: &Path) -> Result<()> {
     }
     let tasks = state["tasks"].as_array().map_or(0, Vec::len);
     println!(
-        "\nsummary: {} of {} requests answered; {} of {tasks} tasks answered; preserve-source: {}",
+        "\nsummary: {} of {} requests answered; {} of {tasks} tasks answered; preserve-source: {}; egress: {}",
         out.ok,
         out.ok + out.failed,
         out.answered.len(),
@@ -84,12 +87,40 @@ pub(super) fn demo(requests: u32, dir: &Path) -> Result<()> {
             "every task saw the client's own address"
         } else {
             "a task did NOT see the client's address"
+        },
+        if egress_ok {
+            "every task reached the outside from its node's address"
+        } else {
+            "a task did NOT reach the outside from its node's address"
         }
     );
-    if out.failed > 0 || out.answered.len() < tasks || !out.ps_all_real {
+    if out.failed > 0 || out.answered.len() < tasks || !out.ps_all_real || !egress_ok {
         bail!("the demo did not go as it should (see above)");
     }
     Ok(())
+}
+
+/// From every task, a request to the outside server, which must answer
+/// and have seen the task's node's data address; one line printed each.
+fn egress(bin: &str, state: &serde_json::Value) -> bool {
+    let mut all = true;
+    for t in state["tasks"].as_array().into_iter().flatten() {
+        let (id, node) = (t["id"].as_str().unwrap_or("?"), t["node"].as_str().unwrap_or("?"));
+        let n = node.trim_start_matches("node");
+        let tns = ns_name(&format!("t{n}"));
+        let url = format!("http://{OUTSIDE_IP}:{OUTSIDE_PORT}/");
+        let out = Cmd::new("ip")
+            .args(["netns", "exec", &tns, bin, "tool", "http-get", "--url", &url, "--timeout", "5"])
+            .output();
+        let body = out.as_ref().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
+        let (who, saw) = body.split_once(" saw ").unwrap_or(("-", "-"));
+        let node_ip = format!("198.18.0.{n}");
+        let ok = out.is_ok_and(|o| o.status.success()) && saw.split(':').next() == Some(node_ip.as_str());
+        all &= ok;
+        let note = if ok { format!("({node}'s data address)") } else { "FAILED".to_owned() };
+        println!("  {id:<8} {node:<8} {who:<12} {saw:<22} {note}");
+    }
+    all
 }
 
 /// The requests, one line printed for each.

@@ -1,7 +1,10 @@
 //! `meshplane lab up`: the namespaces, the nodes, then the cluster built
 //! with the CLI as a user builds it, and the tasks.
 
-use super::common::{CLIENT_IP, NODES, attach_tap_uplink, cli, cluster_state, lab_namespaces, ns_name, spawn, wait};
+use super::common::{
+    CLIENT_IP, NODES, OUTSIDE_IP, OUTSIDE_PORT, ROUTER_IP, attach_tap_uplink, cli, cluster_state, lab_namespaces,
+    ns_name, spawn, wait,
+};
 use crate::node::IoKind;
 use crate::sys::{self, in_ns, ip};
 use anyhow::{Context, Result, bail};
@@ -18,6 +21,7 @@ pub(super) fn up(io: IoKind, dir: &Path) -> Result<()> {
     std::fs::write(dir.join("io"), if io == IoKind::Tap { "tap" } else { "afxdp" })?;
     let fab = fabric()?;
     client(&fab, io)?;
+    outside(&bin, dir, &fab)?;
     for n in 1..=NODES {
         boot_node(io, &bin, dir, &fab, n)?;
     }
@@ -38,7 +42,7 @@ pub(super) fn up(io: IoKind, dir: &Path) -> Result<()> {
         })
         .collect();
     println!(
-        "lab up: {NODES} nodes (198.18.0.1-{NODES}, {} I/O; managers, Raft and gossip on 198.18.1.0/24), client {CLIENT_IP}, service web published on every node at 30080 (nat) and 30081 (preserve-source), tasks {}",
+        "lab up: {NODES} nodes (198.18.0.1-{NODES}, {} I/O; managers, Raft and gossip on 198.18.1.0/24), client {CLIENT_IP}, router {ROUTER_IP} to the outside server {OUTSIDE_IP}:{OUTSIDE_PORT}, service web published on every node at 30080 (nat) and 30081 (preserve-source), tasks {}",
         if io == IoKind::Tap { "TAP" } else { "AF_XDP" },
         tasks.join(", ")
     );
@@ -76,6 +80,25 @@ fn fabric() -> Result<String> {
     Ok(fab)
 }
 
+/// The outside world: a namespace behind the fabric's router (198.18.2.0/24;
+/// the fabric namespace forwards, inside itself only) with a server that
+/// answers with the address it saw.
+fn outside(bin: &str, dir: &Path, fab: &str) -> Result<()> {
+    let out = ns_name("out");
+    netns_add(&out)?;
+    ip(&["-n", fab, "addr", "add", &format!("{ROUTER_IP}/24"), "dev", "br0"])?;
+    ip(&["link", "add", "o0", "netns", fab, "type", "veth", "peer", "name", "eth0", "netns", &out])?;
+    ip(&["-n", fab, "addr", "add", "198.18.2.1/24", "dev", "o0"])?;
+    ip(&["-n", fab, "link", "set", "o0", "up"])?;
+    ip(&["-n", &out, "addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"])?;
+    ip(&["-n", &out, "link", "set", "eth0", "up"])?;
+    ip(&["-n", &out, "route", "add", "default", "via", "198.18.2.1"])?;
+    in_ns(fab, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    let listen = format!("{OUTSIDE_IP}:{OUTSIDE_PORT}");
+    spawn(dir, &out, "outside.log", &[bin, "tool", "http-name", "--listen", &listen, "--name", "outside"])?;
+    Ok(())
+}
+
 /// The client, on the underlay (with an AF_XDP uplink, its checksums
 /// complete on the wire; a TAP uplink takes its super-frames).
 fn client(fab: &str, io: IoKind) -> Result<()> {
@@ -110,8 +133,17 @@ fn boot_node(io: IoKind, bin: &str, dir: &Path, fab: &str, n: u8) -> Result<()> 
             sys::tx_offload_off(Some(&ns), "up0")?;
             "up0"
         }
-        IoKind::Tap => "mpup",
+        IoKind::Tap => {
+            // The kernel's own leg on the underlay (meshplane holds the
+            // data address on its TAP): the node's FIB and neighbours.
+            fabric_link(fab, "br0", &format!("k{n}"), &ns, "k0")?;
+            ip(&["-n", &ns, "link", "set", "k0", "address", &format!("02:00:00:00:02:0{n}"), "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("198.18.0.1{n}/24"), "dev", "k0"])?;
+            "mpup"
+        }
     };
+    // Egress: the tasks' way out is the node's default route.
+    ip(&["-n", &ns, "route", "add", "default", "via", ROUTER_IP])?;
     let stats = dir.join(format!("stats{n}.json"));
     let state = dir.join(format!("node{n}"));
     let args: [&str; 19] = [

@@ -23,14 +23,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A managed node of the routed lab.
-struct RNode {
-    ns: String,
-    state: PathBuf,
-    proc_: usize,
+pub(super) struct RNode {
+    pub(super) ns: String,
+    pub(super) state: PathBuf,
+    pub(super) proc_: usize,
 }
 
 /// The CLI against `state`'s admin socket; must succeed.
-fn cli_ok(state: &std::path::Path, args: &[&str]) -> String {
+pub(super) fn cli_ok(state: &std::path::Path, args: &[&str]) -> String {
     let o = Command::new(BIN).args(args).arg("--state-dir").arg(state).output().expect("running meshplane");
     assert!(
         o.status.success(),
@@ -43,7 +43,7 @@ fn cli_ok(state: &std::path::Path, args: &[&str]) -> String {
 
 /// A veth from bridge `br` in `fab` (end `fab_if`) to `ns` (end `ifname`
 /// with `mac` and `addr`/24).
-fn leg(fab: &str, br: &str, fab_if: &str, ns: &str, ifname: &str, mac: &str, addr: &str) {
+pub(super) fn leg(fab: &str, br: &str, fab_if: &str, ns: &str, ifname: &str, mac: &str, addr: &str) {
     ip(&format!("link add {fab_if} netns {fab} type veth peer name {ifname} netns {ns}"));
     ip(&format!("-n {fab} link set {fab_if} master {br} up"));
     ip(&format!("-n {ns} link set {ifname} address {mac} up"));
@@ -52,7 +52,7 @@ fn leg(fab: &str, br: &str, fab_if: &str, ns: &str, ifname: &str, mac: &str, add
 
 /// Node `n` on subnet 198.18.`side`.0/24 (bridge `br`), its route to the
 /// other subnet through the router's `gw`.
-fn boot(lab: &mut Lab, io: Io, fab: &str, n: u8, br: &str, side: u8, other: u8) -> RNode {
+pub(super) fn boot(lab: &mut Lab, io: Io, fab: &str, n: u8, br: &str, side: u8, other: u8) -> RNode {
     let ns = lab.ns(&format!("n{n}"));
     leg(fab, "br1", &format!("m{n}"), &ns, "mg0", &format!("02:00:00:00:01:f{n}"), &format!("198.18.1.{n}"));
     let data_ip = format!("198.18.{side}.{n}");

@@ -25,7 +25,7 @@
 use super::conntrack::{self, Bucket, CtState, CtValue, FlowKey};
 use super::{CT_EGRESS, CT_REPLY, LbState, NatShares, Next, opening_state, tuple};
 use crate::packet::{DropReason as D, Frame, UPLINK, Verdict};
-use crate::tables::egress::{Dest, PortRange};
+use crate::tables::egress::{Dest, HOST_PORTS, HostLinkSpec, PortRange};
 use crate::tables::{Location, NetId, Tables, mac_key};
 use crate::wire::frame::field;
 use crate::wire::icmp_nat::{self, Quote};
@@ -98,18 +98,41 @@ const ROUND: u32 = 16;
 /// found nothing free.
 const SMALL_RANGE: u32 = 256;
 
+/// Where an egress connection goes (its entries' `backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// Out of the uplink, to the world.
+    Out = 0,
+    /// Through the host link, to an address of the node's host.
+    Host = 1,
+    /// Through the host link to the kernel's end, for the data-path
+    /// address (which the kernel does not hold: a TAP uplink).
+    HostDnat = 2,
+}
+
+impl Way {
+    fn of(backend: u32) -> Way {
+        match backend {
+            1 => Way::Host,
+            2 => Way::HostDnat,
+            _ => Way::Out,
+        }
+    }
+}
+
 /// The reply key of a connection of `key` (from a task) translated to
-/// `snat`:`port`: from the destination to the egress address.
+/// `snat`:`port` and sent to `to`: from there to the SNAT address.
 #[inline(always)]
-fn reply_key(key: &FlowKey, snat: u32, port: u16) -> FlowKey {
-    FlowKey { src: key.dst, dst: snat, sport: key.dport, dport: port, proto: key.proto }
+fn reply_key(key: &FlowKey, to: u32, snat: u32, port: u16) -> FlowKey {
+    FlowKey { src: to, dst: snat, sport: key.dport, dport: port, proto: key.proto }
 }
 
 /// The forward key of the connection whose reply entry (key `k`, value
-/// `v`) is an egress one.
+/// `v`) is an egress one (`data_ip`: what a `HostDnat` connection was to).
 #[inline(always)]
-pub(super) fn forward_key(k: &FlowKey, v: &CtValue) -> FlowKey {
-    FlowKey { src: v.peer, dst: k.src, sport: v.port, dport: k.sport, proto: k.proto }
+pub(super) fn forward_key(k: &FlowKey, v: &CtValue, data_ip: Ipv4Addr) -> FlowKey {
+    let dst = if Way::of(v.backend) == Way::HostDnat { u32::from(data_ip) } else { k.src };
+    FlowKey { src: v.peer, dst, sport: v.port, dport: k.sport, proto: k.proto }
 }
 
 /// What a task's packet to its gateway is, for egress.
@@ -151,32 +174,47 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
     };
     let fp = lb.conntrack.probe_in(&key, Bucket::Src);
     let found = lb.lookup(&fp, now, flags);
-    let (snat, port) = match found {
-        Some(v) if v.flags == CT_EGRESS => (v.peer, v.port2),
+    let (snat, port, way) = match found {
+        Some(v) if v.flags == CT_EGRESS => (v.peer, v.port2, Way::of(v.backend)),
         Some(_) => return Err(D::NoRoute),
         None => {
-            match t.egress_class(Ipv4Addr::from(key.dst), key.proto, key.dport) {
-                Some(Dest::Outside) => {}
+            let way = match t.egress_class(Ipv4Addr::from(key.dst), key.proto, key.dport) {
+                Some(Dest::Outside) => Way::Out,
+                Some(Dest::Host) if e.host_link.is_some() => {
+                    let dnat = e.host_link.as_ref().is_some_and(|h| h.dnat_data_ip) && key.dst == u32::from(t.data_ip);
+                    if dnat { Way::HostDnat } else { Way::Host }
+                }
                 Some(Dest::Vtep) => return Err(D::EgressToVtep),
                 Some(Dest::Hairpin) => return Err(D::EgressHairpin),
                 Some(Dest::Cluster | Dest::Host) | None => return Err(D::NoRoute),
-            }
+            };
             if !live {
                 return Ok(Next::TimeExceeded);
             }
-            hop(t, key.dst, lb)?;
-            let snat = u32::from(e.addr);
+            let (snat, range, to) = match (way, &e.host_link) {
+                (Way::Out, _) | (_, None) => {
+                    hop(t, key.dst, lb)?;
+                    (u32::from(e.addr), e.ports, key.dst)
+                }
+                (Way::Host, Some(h)) => (u32::from(h.ip), HOST_PORTS, key.dst),
+                (Way::HostDnat, Some(h)) => (u32::from(h.ip), HOST_PORTS, u32::from(h.peer_ip)),
+            };
             let state = match what {
                 Kind::Flow(f) if key.proto == protocol::TCP => opening_state(f),
                 Kind::Echo => CtState::Icmp,
                 _ => CtState::Udp,
             };
-            let port = open(lb, t, &fp, &key, snat, e.ports, state, net, frame_src_mac(frame), now)?;
-            (snat, port)
+            let port = open(lb, t, &fp, &key, (to, snat, range, way), state, net, frame_src_mac(frame), now)?;
+            (snat, port, way)
         }
     };
     if !live {
         return Ok(Next::TimeExceeded);
+    }
+    if way != Way::Out
+        && let (Some(h), Some(hp)) = (&e.host_link, t.host_port)
+    {
+        return to_host(frame, &key, h, hp, way, port, lb);
     }
     let mac = hop(t, key.dst, lb)?;
     let nat = Nat { src_addr: Some(Ipv4Addr::from(snat)), ..Nat::default() };
@@ -194,6 +232,39 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
     lb.egress.stats.tx_packets += 1;
     lb.egress.stats.tx_bytes += frame.len() as u64;
     Ok(Next::Done(Verdict::Tx(UPLINK)))
+}
+
+/// A task's packet to its host, through the host link: source-NATed to
+/// the link's address (and for `HostDnat` to the kernel's end), TTL − 1.
+fn to_host(
+    frame: &mut Frame<'_>,
+    key: &FlowKey,
+    h: &HostLinkSpec,
+    host_port: crate::packet::PortId,
+    way: Way,
+    port: u16,
+    lb: &mut LbState,
+) -> Result<Next, D> {
+    let nat = Nat {
+        src_addr: Some(h.ip),
+        dst_addr: (way == Way::HostDnat).then_some(h.peer_ip),
+        src_port: None,
+        dst_port: None,
+    };
+    let d = frame.data_mut();
+    let ip = &mut d[field::VER_IHL..];
+    let r = if key.proto == protocol::ICMP {
+        icmp_nat::rewrite_echo(ip, &nat, port)
+    } else {
+        rewrite_ipv4(ip, &Nat { src_port: Some(port), ..nat })
+    };
+    r.map_err(|_| D::Malformed)?;
+    icmp_nat::dec_ttl(ip).map_err(|_| D::Malformed)?;
+    d[field::DST_MAC].copy_from_slice(&h.peer_mac.0);
+    d[field::SRC_MAC].copy_from_slice(&h.mac.0);
+    lb.egress.stats.tx_packets += 1;
+    lb.egress.stats.tx_bytes += frame.len() as u64;
+    Ok(Next::Done(Verdict::Tx(host_port)))
 }
 
 /// The task's source MAC (to deliver replies to).
@@ -248,21 +319,22 @@ fn open(
     t: &Tables,
     fp: &conntrack::Probe,
     key: &FlowKey,
-    snat: u32,
-    range: PortRange,
+    (to, snat, range, way): (u32, u32, PortRange, Way),
     state: CtState,
     net: NetId,
     mac: [u8; 6],
     now: u64,
 ) -> Result<u16, D> {
     let half = (range.len() / 2).min(u32::from(u16::MAX)) as u16;
-    if lb.egress.shares.held(key.src, key.dst) >= half {
+    if lb.egress.shares.held(key.src, to) >= half {
         return Err(D::EgressTaskLimit);
     }
-    let port = alloc_port(lb, t, key, snat, range, now)?;
-    let f = CtValue { service: u32::from(net), peer: snat, port2: port, state, flags: CT_EGRESS, ..CtValue::ZERO };
+    let port = alloc_port(lb, t, key, to, snat, range, now)?;
+    let (service, backend) = (u32::from(net), way as u32);
+    let f = CtValue { service, backend, peer: snat, port2: port, state, flags: CT_EGRESS, ..CtValue::ZERO };
     let rv = CtValue {
-        service: u32::from(net),
+        service,
+        backend,
         peer: key.src,
         port: key.sport,
         mac,
@@ -270,7 +342,7 @@ fn open(
         flags: CT_EGRESS | CT_REPLY,
         ..CtValue::ZERO
     };
-    let rp = lb.conntrack.probe_in(&reply_key(key, snat, port), Bucket::Tuple);
+    let rp = lb.conntrack.probe_in(&reply_key(key, to, snat, port), Bucket::Tuple);
     let at = lb.insert_probe(fp, f, now, true, usize::MAX)?;
     if let Err(e) = lb.insert_probe(&rp, rv, now, false, at) {
         if let Some(v) = lb.conntrack.remove_probe(fp) {
@@ -278,7 +350,7 @@ fn open(
         }
         return Err(e);
     }
-    lb.egress.shares.count(key.src, key.dst, true);
+    lb.egress.shares.count(key.src, to, true);
     lb.egress.stats.new_conns += 1;
     Ok(port)
 }
@@ -289,7 +361,15 @@ fn open(
 /// one (then, for a small range, the whole range); a port held by an unconfirmed connection gives way (both its
 /// entries) when nothing is free. A published port of this node's
 /// data-path address is never handed out (its replies are the mesh's).
-fn alloc_port(lb: &mut LbState, t: &Tables, key: &FlowKey, snat: u32, range: PortRange, now: u64) -> Result<u16, D> {
+fn alloc_port(
+    lb: &mut LbState,
+    t: &Tables,
+    key: &FlowKey,
+    to: u32,
+    snat: u32,
+    range: PortRange,
+    now: u64,
+) -> Result<u16, D> {
     let n = range.len();
     let shared_with_mesh = snat == u32::from(t.data_ip);
     let off = flow::hash2(
@@ -308,7 +388,7 @@ fn alloc_port(lb: &mut LbState, t: &Tables, key: &FlowKey, snat: u32, range: Por
         if shared_with_mesh && key.proto != protocol::ICMP && t.services.published(port, key.proto).is_some() {
             continue;
         }
-        let rp = lb.conntrack.probe_in(&reply_key(key, snat, port), Bucket::Tuple);
+        let rp = lb.conntrack.probe_in(&reply_key(key, to, snat, port), Bucket::Tuple);
         match lb.conntrack.peek_probe(&rp, now) {
             None => {
                 if i > ROUND as usize {
@@ -325,7 +405,7 @@ fn alloc_port(lb: &mut LbState, t: &Tables, key: &FlowKey, snat: u32, range: Por
         let rk = rp.key();
         lb.release(&rk, v);
         if v.flags & CT_EGRESS != 0 {
-            let fp = lb.conntrack.probe_in(&forward_key(&rk, &v), Bucket::Src);
+            let fp = lb.conntrack.probe_in(&forward_key(&rk, &v, t.data_ip), Bucket::Src);
             if let Some(f) = lb.conntrack.evict_probe(&fp, now) {
                 lb.release(&fp.key(), f);
             }
@@ -365,20 +445,47 @@ fn error_out(frame: &mut Frame<'_>, q: &Quote, now: u64, t: &Tables, lb: &mut Lb
 /// packets), which the uplink's later steps take.
 pub(crate) fn from_outside(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> Option<Verdict> {
     let e = t.egress.as_ref()?;
+    replies(frame, e.addr, e.ports, now, t, lb)
+}
+
+/// A frame from the host link (the node's kernel): a reply of a task's
+/// connection to its host goes to the task; anything else (the kernel's
+/// own chatter, connections it tries to open) is dropped, counted.
+pub(crate) fn from_host(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
+    let Some(h) = t.egress.as_ref().and_then(|e| e.host_link.as_ref()) else {
+        return Verdict::Drop(D::UnknownPort);
+    };
+    if frame.data().get(field::SRC_MAC) != Some(&h.peer_mac.0[..]) {
+        return Verdict::Drop(D::SrcMacSpoofed);
+    }
+    if let Some(v) = crate::overlay::arp::answer(frame, h.ip, h.mac, t.host_port.unwrap_or(UPLINK)) {
+        return v;
+    }
+    replies(frame, h.ip, HOST_PORTS, now, t, lb).unwrap_or(Verdict::Drop(D::EgressNoConnection))
+}
+
+/// A frame to `addr` (the egress address, or the host link's), whose
+/// connections use the ports of `range`: see [`from_outside`].
+fn replies(
+    frame: &mut Frame<'_>,
+    addr: Ipv4Addr,
+    range: PortRange,
+    now: u64,
+    t: &Tables,
+    lb: &mut LbState,
+) -> Option<Verdict> {
     let d = frame.data();
     let ip = d.get(ethernet::HEADER_LEN..)?;
-    if ip.get(16..20)? != e.addr.octets() {
+    if ip.get(16..20)? != addr.octets() {
         return None;
     }
     let r = if let Some((key, flags)) = tuple(d) {
-        if !e.ports.contains(key.dport) {
+        if !range.contains(key.dport) {
             return None;
         }
         match reply(lb, &key, flags, now, t) {
             Some(v) => deliver(frame, &v, None, t, lb),
-            None if u32::from(e.addr) == u32::from(t.data_ip)
-                && t.services.published(key.dport, key.proto).is_some() =>
-            {
+            None if addr == t.data_ip && t.services.published(key.dport, key.proto).is_some() => {
                 return None;
             }
             None => Err(D::EgressNoConnection),
@@ -386,17 +493,17 @@ pub(crate) fn from_outside(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut
     } else if ip.get(9) == Some(&protocol::ICMP) {
         let src = u32::from_be_bytes(ip.get(12..16)?.try_into().ok()?);
         if let Ok((kind::ECHO_REPLY, id)) = icmp_nat::echo_id(ip) {
-            if !e.ports.contains(id) {
+            if !range.contains(id) {
                 return None;
             }
-            let key = FlowKey { src, dst: u32::from(e.addr), sport: 0, dport: id, proto: protocol::ICMP };
+            let key = FlowKey { src, dst: u32::from(addr), sport: 0, dport: id, proto: protocol::ICMP };
             match reply(lb, &key, 0, now, t) {
                 Some(v) => deliver(frame, &v, None, t, lb),
                 None => Err(D::EgressNoConnection),
             }
         } else {
             let q = icmp_nat::quote(ip).ok()?;
-            if q.src != e.addr || !e.ports.contains(q.sport) {
+            if q.src != addr || !range.contains(q.sport) {
                 return None;
             }
             // The connection's reply key: from the quoted packet's
@@ -445,7 +552,10 @@ fn deliver(
     let task = Ipv4Addr::from(v.peer);
     let d = frame.data_mut();
     let ip = &mut d[field::VER_IHL..];
-    let to_task = Nat { dst_addr: Some(task), ..Nat::default() };
+    // A connection to the data-path address that went to the kernel's end
+    // of the host link comes back from the data-path address.
+    let from = (Way::of(v.backend) == Way::HostDnat).then_some(t.data_ip);
+    let to_task = Nat { dst_addr: Some(task), src_addr: from, ..Nat::default() };
     let r = match (quote, ip.get(9).copied()) {
         (Some(q), _) => icmp_nat::rewrite_error(ip, q, &to_task, Some((task, v.port)), None),
         (None, Some(protocol::ICMP)) => icmp_nat::rewrite_echo(ip, &to_task, v.port),

@@ -317,7 +317,7 @@ impl LbState {
         let fk = if v.flags & CT_PS_RETURN != 0 {
             return;
         } else if v.flags & CT_EGRESS != 0 {
-            egress::forward_key(k, v)
+            egress::forward_key(k, v, data_ip)
         } else if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 {
             // From the client (`peer`:`port`) to the published port.
             FlowKey { src: v.peer, dst: u32::from(data_ip), sport: v.port, dport: v.port2, proto: k.proto }

@@ -77,6 +77,29 @@ pub(crate) fn uplink(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict> {
     Some(Verdict::Tx(crate::tables::UPLINK))
 }
 
+/// An ARP request for `ip` on a link of its own (the host link): the
+/// reply from `mac`, in place, back out of `out`; another ARP frame is
+/// dropped (`arp_unknown_target`). `None` for a frame that is not ARP.
+pub(crate) fn answer(frame: &mut Frame<'_>, ip: core::net::Ipv4Addr, mac: MacAddr, out: PortId) -> Option<Verdict> {
+    let d = frame.data();
+    if d.get(12..14)? != [0x08, 0x06] {
+        return None;
+    }
+    let Some(req) = d.get(ethernet::HEADER_LEN..).and_then(|a| ArpRepr::parse(a).ok()) else {
+        return Some(Verdict::Drop(DropReason::ArpMalformed));
+    };
+    if req.operation != Operation::Request || req.target_ip != ip || req.sender_ip == req.target_ip {
+        return Some(Verdict::Drop(DropReason::ArpUnknownTarget));
+    }
+    let reply = req.reply_from(mac);
+    let start = frame.start();
+    frame.set_window(start, ethernet::HEADER_LEN + arp::PACKET_LEN);
+    let d = frame.data_mut();
+    ethernet::emit_header(d, req.sender_mac, mac, ethertype::ARP).ok()?;
+    reply.emit(&mut d[ethernet::HEADER_LEN..]).ok()?;
+    Some(Verdict::Tx(out))
+}
+
 /// A broadcast ARP request that came over VXLAN from the endpoint `src`
 /// behind a known VTEP (the frame is the inner frame): rewritten in place
 /// into the reply from cluster state, to be encapsulated back. The request

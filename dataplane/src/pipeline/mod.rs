@@ -139,6 +139,8 @@ fn decide_plain<const FAST: bool>(
 ) -> Verdict {
     if in_port == UPLINK {
         uplink::decide::<FAST>(frame, now, t, cache, lb)
+    } else if t.host_port == Some(in_port) {
+        crate::lb::egress::from_host(frame, now, t, lb)
     } else {
         task::decide::<FAST>(frame, in_port, now, t, cache, lb)
     }

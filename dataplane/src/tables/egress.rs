@@ -43,7 +43,47 @@ pub struct EgressSpec {
     /// world).
     #[serde(default)]
     pub host_addrs: Vec<Ipv4Addr>,
+    /// The link to this node's own host (a TAP into the node's kernel),
+    /// through which tasks reach the host's addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_link: Option<HostLinkSpec>,
 }
+
+/// The host link: a TAP device the node opens in its own namespace, whose
+/// kernel end has `peer_ip`; tasks' connections to the host are
+/// source-NATed to `ip` (meshplane's end), so the host answers through
+/// the link's connected route.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HostLinkSpec {
+    /// meshplane's end: the source the host sees.
+    pub ip: Ipv4Addr,
+    /// The kernel's end.
+    pub peer_ip: Ipv4Addr,
+    /// meshplane's end's MAC.
+    pub mac: MacAddr,
+    /// The kernel's end's MAC.
+    pub peer_mac: MacAddr,
+    /// The TAP device (a tables port of its own).
+    #[serde(default = "default_host_port")]
+    pub port: String,
+    /// The kernel does not hold the data-path address (a TAP uplink):
+    /// connections to it go to `peer_ip` instead, replies come back from
+    /// the data-path address.
+    #[serde(default)]
+    pub dnat_data_ip: bool,
+}
+
+/// The host link's TAP device's default name.
+pub const DEFAULT_HOST_PORT: &str = "mp-host";
+
+fn default_host_port() -> String {
+    DEFAULT_HOST_PORT.into()
+}
+
+/// The ports connections to the host use on the host link's address (no
+/// one else uses that address).
+pub const HOST_PORTS: PortRange = PortRange { lo: 1024, hi: 65535 };
 
 /// One egress route.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
@@ -148,6 +188,8 @@ pub struct Egress {
     pub host_addrs: Vec<u32>,
     /// Every cluster subnet, (network, mask).
     pub cluster: Vec<(u32, u32)>,
+    /// The link to the host, if any.
+    pub host_link: Option<HostLinkSpec>,
 }
 
 /// What a task's packet to the gateway for address `dst` is, once it is
@@ -217,9 +259,24 @@ pub(super) fn compile(
     }
     let mut host_addrs = vec![u32::from(data_ip), u32::from(addr)];
     host_addrs.extend(s.host_addrs.iter().map(|&a| u32::from(a)));
+    if let Some(h) = &s.host_link {
+        for a in [h.ip, h.peer_ip] {
+            if let Some(&(net, mask)) = cluster.iter().find(|&&(net, mask)| u32::from(a) & mask == net) {
+                return invalid(format!(
+                    "node.egress.host_link: {a} lies in the cluster subnet {}/{}",
+                    Ipv4Addr::from(net),
+                    mask.count_ones()
+                ));
+            }
+        }
+        if h.ip == h.peer_ip || !h.mac.is_unicast() || !h.peer_mac.is_unicast() || h.mac == h.peer_mac {
+            return invalid("node.egress.host_link: two different unicast addresses and MACs are needed");
+        }
+        host_addrs.push(u32::from(h.peer_ip));
+    }
     host_addrs.sort_unstable();
     host_addrs.dedup();
-    Ok(Egress { addr, ports: r, routes, neigh, host_addrs, cluster })
+    Ok(Egress { addr, ports: r, routes, neigh, host_addrs, cluster, host_link: s.host_link.clone() })
 }
 
 /// Routes an egress table holds at most (the packet path scans them).
@@ -242,7 +299,7 @@ impl Tables {
             && self.services.published(dport, proto).is_some()
         {
             Dest::Hairpin
-        } else if e.host_addrs.contains(&d) {
+        } else if e.host_addrs.contains(&d) || e.host_link.as_ref().is_some_and(|h| h.ip == dst) {
             Dest::Host
         } else {
             Dest::Outside

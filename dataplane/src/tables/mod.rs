@@ -585,6 +585,9 @@ pub struct Tables {
     pub services: services::Services,
     /// Egress, if the node has it.
     pub egress: Option<egress::Egress>,
+    /// The port of the link to the node's host (egress), if any: a port
+    /// in no network.
+    pub host_port: Option<PortId>,
 }
 
 impl Tables {
@@ -622,6 +625,10 @@ impl Tables {
             Some(e) => Some(egress::compile(e, n.data_ip, b.networks.iter().map(|nw| nw.subnet))?),
             None => None,
         };
+        let host_port = match egress.as_ref().and_then(|e| e.host_link.as_ref()) {
+            Some(h) => Some(b.host_port(&h.port)?),
+            None => None,
+        };
         Ok(Tables {
             version: spec.version,
             data_ip: n.data_ip,
@@ -639,6 +646,7 @@ impl Tables {
             vteps: b.vteps,
             services,
             egress,
+            host_port,
         })
     }
 
@@ -782,6 +790,16 @@ impl<'s> Builder<'s> {
         }
         self.endpoints_on_port = vec![0; self.ports.len()];
         Ok(())
+    }
+
+    /// The host link's port (after the task ports; in no network).
+    fn host_port(&mut self, name: &str) -> Result<PortId, TablesError> {
+        if name == "uplink" || self.port_ids.contains_key(name) {
+            return invalid(format!("node.egress.host_link.port {name:?} is already a port's name"));
+        }
+        let id = PortId::try_from(self.ports.len()).map_err(|_| TablesError::Invalid("too many ports".into()))?;
+        self.ports.push(Port { name: name.to_owned(), network: None, mac: None, ip: None, fast: None });
+        Ok(id)
     }
 
     /// The endpoints: each on a local port or behind a remote VTEP, in the
