@@ -86,6 +86,12 @@ mod tests {
         assert_eq!(f.name.as_deref(), Some("node1"));
         assert_eq!(f.io, Some(IoKind::Afxdp));
         assert_eq!(f.cores, Some(vec![1]));
+        let f: FileConfig =
+            toml::from_str("egress_addr = \"198.18.0.7\"\negress_ports = \"62000-62999\"").expect("egress keys");
+        assert_eq!(f.egress_addr, Some(Ipv4Addr::new(198, 18, 0, 7)));
+        assert_eq!(f.egress_ports.map(|r| (r.lo, r.hi)), Some((62000, 62999)));
+        let bad = toml::from_str::<FileConfig>("egress_ports = \"100-200\"");
+        assert!(bad.is_err_and(|e| e.to_string().contains("at least 1024")), "a bad range is refused");
         let bad = toml::from_str::<FileConfig>("nmae = \"x\"");
         assert!(bad.is_err_and(|e| e.to_string().contains("nmae")), "an unknown key is refused by name");
     }
