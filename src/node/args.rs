@@ -2,6 +2,7 @@
 //! reached at.
 
 use anyhow::{Result, anyhow};
+use meshplane_dataplane::tables::egress::PortRange;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
@@ -67,6 +68,19 @@ pub(crate) struct RunArgs {
     /// --data-path-port`; static mode: the tables' `node.vxlan_port`).
     #[arg(long, hide = true)]
     pub(crate) data_path_port: Option<u16>,
+    /// Egress: the source address the world sees from this node's tasks
+    /// (default: the data-path address). With AF_XDP it must be an
+    /// address of the data NIC (`ip addr add A/32 dev NIC`).
+    #[arg(long, value_name = "A")]
+    pub(crate) egress_addr: Option<Ipv4Addr>,
+    /// Egress source ports, LO-HI inclusive (default: AF_XDP 61000-65535,
+    /// reserved from the kernel while the node runs; TAP 32768-65535).
+    #[arg(long, value_name = "LO-HI")]
+    pub(crate) egress_ports: Option<PortRange>,
+    /// No egress: tasks reach nothing outside the cluster's networks
+    /// (static mode: drops the tables' `[node.egress]`).
+    #[arg(long, conflicts_with_all = ["egress_addr", "egress_ports"])]
+    pub(crate) no_egress: bool,
     /// Gossip UDP port.
     #[arg(long)]
     pub(crate) gossip_port: Option<u16>,

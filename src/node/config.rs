@@ -3,6 +3,7 @@
 
 use super::args::{IoKind, RunArgs};
 use anyhow::{Context, Result};
+use meshplane_dataplane::tables::egress::PortRange;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -28,6 +29,9 @@ struct FileConfig {
     conntrack: Option<usize>,
     max_new_conns_per_sec: Option<u32>,
     stats_file: Option<PathBuf>,
+    egress_addr: Option<Ipv4Addr>,
+    egress_ports: Option<PortRange>,
+    no_egress: Option<bool>,
 }
 
 /// The arguments with the configuration file's values where no flag was
@@ -60,6 +64,15 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
         a.max_new_conns_per_sec = n;
     }
     a.stats_file = a.stats_file.or(f.stats_file);
+    // Egress flags given win over the file's egress keys as a whole.
+    if a.egress_addr.is_none() && a.egress_ports.is_none() && !a.no_egress {
+        a.egress_addr = f.egress_addr;
+        a.egress_ports = f.egress_ports;
+        a.no_egress = f.no_egress.unwrap_or(false);
+        if a.no_egress && (a.egress_addr.is_some() || a.egress_ports.is_some()) {
+            anyhow::bail!("{}: no_egress = true with egress_addr or egress_ports", path.display());
+        }
+    }
     Ok(a)
 }
 
@@ -73,6 +86,12 @@ mod tests {
         assert_eq!(f.name.as_deref(), Some("node1"));
         assert_eq!(f.io, Some(IoKind::Afxdp));
         assert_eq!(f.cores, Some(vec![1]));
+        let f: FileConfig =
+            toml::from_str("egress_addr = \"198.18.0.7\"\negress_ports = \"62000-62999\"").expect("egress keys");
+        assert_eq!(f.egress_addr, Some(Ipv4Addr::new(198, 18, 0, 7)));
+        assert_eq!(f.egress_ports.map(|r| (r.lo, r.hi)), Some((62000, 62999)));
+        let bad = toml::from_str::<FileConfig>("egress_ports = \"100-200\"");
+        assert!(bad.is_err_and(|e| e.to_string().contains("at least 1024")), "a bad range is refused");
         let bad = toml::from_str::<FileConfig>("nmae = \"x\"");
         assert!(bad.is_err_and(|e| e.to_string().contains("nmae")), "an unknown key is refused by name");
     }

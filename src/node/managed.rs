@@ -7,12 +7,19 @@
 //! with the kernel's next hop toward it (`underlay`), and the tables are
 //! published again when a next hop changes.
 //!
+//! Egress is on unless `--no-egress` (`egress`): the node's tables carry
+//! the egress address and range from the first tables on (so that the
+//! steering program takes the first replies), and the routes and
+//! neighbours toward the world from the kernel's FIB (`underlay`). With
+//! AF_XDP the range is reserved from the kernel while the node runs.
+//!
 //! SIGTERM or SIGINT: workers stop (sockets closed, the XDP program
 //! detached), the task ports this node made are removed, Raft stops; the
 //! state directory stays as it is, and the node resumes from it.
 
 use super::args::{DEFAULT_STATE_DIR, IoKind, RunArgs, mgmt_addr};
 use super::counters::{conntrack_entries, node_stats};
+use super::egress;
 use super::task_port::{self, TaskPort};
 use super::underlay::Underlay;
 use super::workers::{open, spawn_workers, stats_writer, stop_workers, summary, worker_cores};
@@ -20,6 +27,7 @@ use crate::stats::{ConntrackEntry, NodeStats};
 use anyhow::{Context, Result, bail};
 use meshplane_control::cluster::{Config, Control, Dataplane, LocalTask, PublishError};
 use meshplane_dataplane::io::afxdp;
+use meshplane_dataplane::tables::egress::EgressSpec;
 use meshplane_dataplane::tables::{NodeSpec, Tables, TablesSpec};
 use meshplane_dataplane::wire::MacAddr;
 use meshplane_dataplane::worker::{Bound, Shared};
@@ -44,6 +52,9 @@ struct Managed {
     /// The kernel's next hops toward the peers (none if netlink could not
     /// be opened: then the peers' own MACs, one L2 segment).
     underlay: OnceLock<Underlay>,
+    /// This node's egress (address and range; the routes and neighbours
+    /// are filled at each publication), `None` with `--no-egress`.
+    egress: Option<EgressSpec>,
 }
 
 impl Managed {
@@ -119,11 +130,24 @@ impl Managed {
         }
     }
 
-    /// Compiles `spec` with the next hops filled in and publishes it; the
-    /// task ports follow `tasks`.
+    /// This node's egress with the routes and neighbours toward the world
+    /// as the kernel has them now (every cluster network is in the
+    /// tables, so no `cluster_subnets` are needed).
+    fn fill_egress(&self, spec: &mut TablesSpec) {
+        spec.node.egress = self.egress.clone().map(|mut e| {
+            if let Some(u) = self.underlay.get() {
+                (e.route, e.neighbour) = u.egress();
+            }
+            e
+        });
+    }
+
+    /// Compiles `spec` with the next hops and egress filled in and
+    /// publishes it; the task ports follow `tasks`.
     fn apply(&self, mut spec: TablesSpec, tasks: &[LocalTask]) -> Result<(), PublishError> {
         spec.node.reset_closed_ports = self.io == IoKind::Tap;
         self.fill_next_hops(&mut spec);
+        self.fill_egress(&mut spec);
         let tables = Tables::compile(&spec).map_err(|e| e.to_string())?;
         let mut ports = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
         self.add_ports(&mut ports, tasks, &tables);
@@ -256,8 +280,15 @@ fn data_mac(a: &RunArgs, io: IoKind, ad: &Addresses) -> Result<MacAddr> {
 }
 
 /// The tables of a node alone, before the control plane publishes: the
-/// uplink only.
-fn first_tables(io: IoKind, ad: &Addresses, data_mac: MacAddr, underlay_mtu: u16) -> Result<Tables> {
+/// uplink only, and egress (so that the steering program takes egress
+/// replies from the start).
+fn first_tables(
+    io: IoKind,
+    ad: &Addresses,
+    data_mac: MacAddr,
+    underlay_mtu: u16,
+    egress: Option<EgressSpec>,
+) -> Result<Tables> {
     let spec = TablesSpec {
         version: 0,
         node: NodeSpec {
@@ -269,7 +300,7 @@ fn first_tables(io: IoKind, ad: &Addresses, data_mac: MacAddr, underlay_mtu: u16
             next_hop_mac: None,
             neighbours: vec![],
             reset_closed_ports: io == IoKind::Tap,
-            egress: None,
+            egress,
         },
         networks: vec![],
         ports: vec![],
@@ -277,6 +308,39 @@ fn first_tables(io: IoKind, ad: &Addresses, data_mac: MacAddr, underlay_mtu: u16
         services: vec![],
     };
     Ok(Tables::compile(&spec)?)
+}
+
+/// How often the workers' egress misses are read.
+const MISS_POLL: Duration = Duration::from_millis(100);
+
+/// With egress and the underlay resolver: a thread that hands the
+/// destinations the workers found no next-hop MAC for (each worker's last
+/// `egress.neigh_miss`, read every 100 ms; at most 64 kept) to the
+/// resolver, until the workers stop.
+fn miss_follower(shared: &Arc<Shared>, dp: &Arc<Managed>) -> Option<std::thread::JoinHandle<()>> {
+    dp.egress.as_ref()?;
+    dp.underlay.get()?;
+    let (shared, dp) = (shared.clone(), Arc::downgrade(dp));
+    let r = std::thread::Builder::new().name("mp-egress-miss".into()).spawn(move || {
+        let mut misses = egress::Misses::default();
+        while !shared.stopping() {
+            let seen = (0..shared.workers()).filter_map(|i| shared.report(i)).map(|r| r.egress.neigh_miss);
+            if misses.add(seen) {
+                let Some(dp) = dp.upgrade() else { return };
+                if let Some(u) = dp.underlay.get() {
+                    u.want(&misses.list());
+                }
+            }
+            std::thread::sleep(MISS_POLL);
+        }
+    });
+    match r {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!("starting the egress miss follower: {e}; on-link destinations need the kernel to know them");
+            None
+        }
+    }
 }
 
 /// Runs a node with its control plane until SIGTERM/SIGINT.
@@ -293,7 +357,17 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     // Until the control plane publishes: this node alone, the uplink only.
     let data_mac = data_mac(a, io, &ad)?;
     let mtu = underlay_mtu(a, io, &ad.uplink)?;
-    let t = first_tables(io, &ad, data_mac, mtu)?;
+    let egress = egress::managed(a, io, ad.data_ip);
+    // The kernel's ports (with AF_XDP it holds the egress address), kept
+    // until the node stops.
+    let _reserved = match (&egress, io) {
+        (Some(e), IoKind::Afxdp) => {
+            let addr = e.addr.unwrap_or(ad.data_ip);
+            Some(egress::claim_kernel_ports(&ad.uplink, addr, ad.data_ip, e.ports)?)
+        }
+        _ => None,
+    };
+    let t = first_tables(io, &ad, data_mac, mtu, egress.clone())?;
     let (uplinks, steering) = open(io, &ad.uplink, true, n, &t, a).context("opening the uplink")?;
     if io == IoKind::Tap {
         // The TAP is the data NIC: it carries the underlay MTU.
@@ -312,6 +386,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         ports: Mutex::new(BTreeMap::new()),
         last: Mutex::new(None),
         underlay: OnceLock::new(),
+        egress,
     });
     // The next hops toward the peers, from this namespace's kernel; a
     // change publishes the tables again.
@@ -329,6 +404,8 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     });
     match Underlay::start(republish, data_nic) {
         Ok(u) => {
+            // With egress on, the routes toward the world too.
+            u.set_egress(dp.egress.as_ref().map(|_| ad.data_ip));
             let _ = dp.underlay.set(u);
         }
         Err(e) => tracing::warn!("{e}; the peers' own MACs are used (one L2 segment)"),
@@ -373,6 +450,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         ad.metrics.map_or("off".to_owned(), |m| format!("http://{m}/metrics"))
     );
     let stats = stats_writer(a.stats_file.clone(), &shared);
+    let misses = miss_follower(&shared, &dp);
 
     let _ = signals.forever().next();
     tracing::info!("stopping");
@@ -380,6 +458,9 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     drop(control);
     rt.shutdown_timeout(Duration::from_secs(2));
     let reports = stop_workers(&shared, handles, stats, a.stats_file.as_deref())?;
+    if let Some(m) = misses {
+        let _ = m.join();
+    }
     dp.remove_all();
     tracing::info!("stopped; {}", summary(&reports));
     Ok(())

@@ -9,6 +9,7 @@
 pub(crate) mod args;
 mod config;
 mod counters;
+mod egress;
 mod managed;
 mod static_mode;
 mod task_port;

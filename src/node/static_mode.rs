@@ -2,12 +2,18 @@
 //! tables file, with no control plane (as `ipvsadm` is used without an
 //! orchestrator). SIGTERM or SIGINT stops it cleanly; SIGHUP reloads the
 //! tables file (a bad file is reported and the old tables stay).
+//!
+//! Egress is the tables file's `[node.egress]`, with `--egress-addr`,
+//! `--egress-ports` and `--no-egress` overriding it; with an AF_XDP uplink
+//! the range is reserved from the kernel while the node runs, and a
+//! reload that changes the egress address or range is refused.
 
-use super::args::RunArgs;
+use super::args::{IoKind, RunArgs};
+use super::egress;
 use super::workers::{open, spawn_workers, stats_writer, stop_workers, summary, worker_cores};
 use anyhow::{Context, Result};
 use meshplane_dataplane::io::afxdp;
-use meshplane_dataplane::tables::Tables;
+use meshplane_dataplane::tables::{Tables, TablesError, TablesSpec};
 use meshplane_dataplane::worker::{Bound, Shared, bind};
 use std::path::Path;
 use std::sync::Arc;
@@ -18,8 +24,14 @@ pub(crate) fn run(a: &RunArgs, tables: &Path) -> Result<()> {
     let path = tables.display().to_string();
     let io = a.io.context("--io afxdp|tap is needed")?;
     let uplink = a.uplink.as_deref().context("--uplink (--data-iface) is needed")?;
-    let t = Tables::load(&path)?;
+    let t = load(&path, a)?;
     let cores = worker_cores(a)?;
+    // The kernel's ports (it holds the egress address with AF_XDP), kept
+    // until the node stops.
+    let _reserved = match (&t.egress, io) {
+        (Some(e), IoKind::Afxdp) => Some(egress::claim_kernel_ports(uplink, e.addr, t.data_ip, e.ports)?),
+        _ => None,
+    };
     let n = cores.len();
     // Signals first: a SIGTERM while the ports are being opened still
     // stops the node cleanly.
@@ -52,7 +64,7 @@ pub(crate) fn run(a: &RunArgs, tables: &Path) -> Result<()> {
     let stats = stats_writer(a.stats_file.clone(), &shared);
     for sig in signals.forever() {
         match sig {
-            SIGHUP => reload(&path, &shared, steering.as_ref()),
+            SIGHUP => reload(&path, a, &shared, steering.as_ref()),
             _ => break,
         }
     }
@@ -61,14 +73,28 @@ pub(crate) fn run(a: &RunArgs, tables: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The tables file `path`, with the egress flags applied.
+fn load(path: &str, a: &RunArgs) -> Result<Tables, TablesError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TablesError::Io { path: path.into(), source })?;
+    let mut spec: TablesSpec =
+        toml::from_str(&text).map_err(|e| TablesError::Syntax { path: path.into(), message: e.to_string() })?;
+    egress::static_override(a, &mut spec);
+    Tables::compile(&spec)
+}
+
 /// SIGHUP: the tables file again, published if it keeps every port this
-/// node serves; else the old tables stay.
-fn reload(path: &str, shared: &Arc<Shared>, steering: Option<&afxdp::SteeringHandle>) {
-    match Tables::load(path) {
+/// node serves and its egress address and range; else the old tables stay.
+fn reload(path: &str, a: &RunArgs, shared: &Arc<Shared>, steering: Option<&afxdp::SteeringHandle>) {
+    match load(path, a) {
         Ok(nt) => {
             // The worker takes only tables that keep its ports.
             let ok = shared.tables().ports.iter().all(|p| nt.port_id(&p.name).is_some());
-            if ok {
+            let same_egress = |t: &Tables| t.egress.as_ref().map(|e| (e.addr, e.ports));
+            if same_egress(&shared.tables()) != same_egress(&nt) {
+                tracing::warn!(
+                    "{path}: the new tables change the egress address or ports (fixed while the node runs); keeping the old tables"
+                );
+            } else if ok {
                 // The steering program learns new published ports and
                 // VIPs before the worker uses the tables.
                 if let Some(h) = steering

@@ -52,8 +52,9 @@ pub(crate) fn proxy(frame: &mut Frame<'_>, in_port: PortId, net: NetId, src: Mac
     Verdict::Tx(in_port)
 }
 
-/// An ARP request on the uplink for this node's data-path address: the
-/// reply from the data-path MAC, in place, back out of the uplink (when the
+/// An ARP request on the uplink for this node's data-path address, or for
+/// its egress address (`Tables.egress`, when it is another one): the reply
+/// from the data-path MAC, in place, back out of the uplink (when the
 /// dataplane owns the uplink outright, as with a TAP uplink; with AF_XDP
 /// the steering program leaves ARP to the kernel). `None` for any other
 /// frame.
@@ -63,7 +64,8 @@ pub(crate) fn uplink(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict> {
         return None;
     }
     let req = ArpRepr::parse(d.get(ethernet::HEADER_LEN..)?).ok()?;
-    if req.operation != Operation::Request || req.target_ip != t.data_ip || req.sender_ip == req.target_ip {
+    let ours = req.target_ip == t.data_ip || t.egress.as_ref().is_some_and(|e| e.addr == req.target_ip);
+    if req.operation != Operation::Request || !ours || req.sender_ip == req.target_ip {
         return None;
     }
     let reply = req.reply_from(t.data_mac);
@@ -120,4 +122,55 @@ pub(crate) fn overlay(frame: &mut Frame<'_>, net: NetId, src: MacAddr, t: &Table
     ethernet::emit_header(d, src, mac, ethertype::ARP).map_err(|_| D::InnerMalformed)?;
     reply.emit(&mut d[ethernet::HEADER_LEN..]).map_err(|_| D::InnerMalformed)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tables::TablesSpec;
+
+    fn tables(egress: &str) -> Tables {
+        let spec: TablesSpec =
+            toml::from_str(&format!("[node]\ndata_ip = \"198.18.0.1\"\ndata_mac = \"02:00:00:00:00:aa\"\n{egress}"))
+                .expect("spec");
+        Tables::compile(&spec).expect("tables")
+    }
+
+    /// A broadcast request from 198.18.0.9 for `target`.
+    fn request(target: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&[2, 0, 0, 0, 0, 9, 0x08, 0x06]);
+        f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 9, 198, 18, 0, 9]);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&target);
+        f
+    }
+
+    /// The reply `uplink` made for `target`, if any: (Ethernet destination,
+    /// sender MAC, sender IP).
+    fn answer(t: &Tables, target: [u8; 4]) -> Option<([u8; 6], [u8; 6], [u8; 4])> {
+        let mut buf = request(target);
+        let len = buf.len();
+        let mut f = Frame::new(&mut buf, 0, len).expect("frame");
+        let v = uplink(&mut f, t)?;
+        assert_eq!(v, Verdict::Tx(crate::tables::UPLINK));
+        let d = f.data();
+        assert_eq!(&d[20..22], &[0, 2], "a reply");
+        let six = |r: core::ops::Range<usize>| <[u8; 6]>::try_from(&d[r]).expect("6 bytes");
+        Some((six(0..6), six(22..28), <[u8; 4]>::try_from(&d[28..32]).expect("4 bytes")))
+    }
+
+    #[test]
+    fn the_egress_address_is_answered_like_the_data_address() {
+        let aa = [2, 0, 0, 0, 0, 0xaa];
+        let nine = [2, 0, 0, 0, 0, 9];
+        let t = tables("[node.egress]\naddr = \"198.18.0.7\"\n");
+        assert_eq!(answer(&t, [198, 18, 0, 1]), Some((nine, aa, [198, 18, 0, 1])));
+        assert_eq!(answer(&t, [198, 18, 0, 7]), Some((nine, aa, [198, 18, 0, 7])));
+        assert_eq!(answer(&t, [198, 18, 0, 8]), None);
+        // Without egress the egress address is nobody's.
+        let t = tables("");
+        assert_eq!(answer(&t, [198, 18, 0, 7]), None);
+        assert_eq!(answer(&t, [198, 18, 0, 1]), Some((nine, aa, [198, 18, 0, 1])));
+    }
 }

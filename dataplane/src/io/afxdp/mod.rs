@@ -13,7 +13,8 @@
 //! to each interface directly (libxdp's multi-program dispatcher is not
 //! used, so sockets are created with program loading inhibited): on the
 //! uplink it redirects only dataplane traffic (VXLAN to the data-path
-//! address, published ports and VIPs) and passes the rest to the kernel;
+//! address, published ports and VIPs, replies to the tasks' egress
+//! connections) and passes the rest to the kernel;
 //! on a task port it redirects everything. It is detached when the port is
 //! dropped.
 //!
@@ -97,11 +98,28 @@ pub struct Steering {
     pub vxlan_port: u16,
     /// (address, port, protocol) of every published port and VIP.
     pub services: Vec<(Ipv4Addr, u16, u8)>,
+    /// The egress address and source ports, whose replies (TCP/UDP to a
+    /// port in the range, ICMP echo replies and errors about them) are the
+    /// dataplane's; `None`: egress off.
+    pub egress: Option<EgressSteer>,
+}
+
+/// The replies the steering program takes for egress: to `ip`, ports (or
+/// ICMP echo ids) `lo..=hi`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressSteer {
+    /// The egress (SNAT) address.
+    pub ip: Ipv4Addr,
+    /// The first port of the range.
+    pub lo: u16,
+    /// The last port of the range.
+    pub hi: u16,
 }
 
 impl Steering {
     /// The steering for `t`: its data-path address and VXLAN port, its
-    /// published ports (on the data-path address) and its VIPs.
+    /// published ports (on the data-path address), its VIPs and its egress
+    /// address and range (`Tables.egress`).
     pub fn for_tables(t: &Tables) -> Steering {
         let mut services = Vec::new();
         for s in &t.services.list {
@@ -114,7 +132,8 @@ impl Steering {
         }
         services.sort_unstable();
         services.dedup();
-        Steering { data_ip: t.data_ip, vxlan_port: t.vxlan_port, services }
+        let egress = t.egress.as_ref().map(|e| EgressSteer { ip: e.addr, lo: e.ports.lo, hi: e.ports.hi });
+        Steering { data_ip: t.data_ip, vxlan_port: t.vxlan_port, services, egress }
     }
 }
 
@@ -124,6 +143,26 @@ struct BpfConfig {
     data_ip: u32,
     vxlan_port: u16,
     pad: u16,
+    egress_ip: u32,
+    egress_lo: u16,
+    egress_hi: u16,
+}
+
+impl BpfConfig {
+    fn new(s: &Steering) -> Self {
+        // Addresses and the VXLAN port in network order, as the program
+        // compares them with the packet's; the range in host order.
+        let (egress_ip, egress_lo, egress_hi) =
+            s.egress.map_or((0, 0, 0), |e| (u32::from_ne_bytes(e.ip.octets()), e.lo, e.hi));
+        BpfConfig {
+            data_ip: u32::from_ne_bytes(s.data_ip.octets()),
+            vxlan_port: s.vxlan_port.to_be(),
+            pad: 0,
+            egress_ip,
+            egress_lo,
+            egress_hi,
+        }
+    }
 }
 
 /// `services` map key (steer.bpf.c `struct service_key`).
@@ -179,6 +218,15 @@ impl XdpProgram {
     /// Loads the steering object and attaches `prog` to `iface`, natively
     /// unless `generic` (or native fails: then generic, logged).
     fn attach(iface: &str, prog: &str, generic: bool) -> Result<XdpProgram, IoError> {
+        let (mut p, prog_fd) = Self::load(iface, prog, generic)?;
+        p.attach_fd(iface, prog_fd)?;
+        Ok(p)
+    }
+
+    /// Loads the steering object (not attached: dropping it detaches
+    /// nothing) and finds `prog` and the maps; `iface` names the interface
+    /// in errors and is looked up.
+    fn load(iface: &str, prog: &str, generic: bool) -> Result<(XdpProgram, RawFd), IoError> {
         let cname = CString::new(iface)
             .map_err(|_| IoError::Config { port: iface.to_owned(), msg: "interface name has a NUL byte".into() })?;
         // SAFETY: `cname` is a valid NUL-terminated string.
@@ -214,8 +262,7 @@ impl XdpProgram {
         p.config = p.map_fd(iface, "config")?;
         p.services = p.map_fd(iface, "services")?;
         p.stats = p.map_fd(iface, "stats")?;
-        p.attach_fd(iface, prog_fd)?;
-        Ok(p)
+        Ok((p, prog_fd))
     }
 
     /// The descriptor of the loaded object's program `prog`.
@@ -296,7 +343,7 @@ impl Drop for XdpProgram {
 /// Writes the uplink program's maps: the config and the service set
 /// (stale entries deleted).
 fn set_steering(p: &XdpProgram, s: &Steering, port: &str) -> Result<(), IoError> {
-    let cfg = BpfConfig { data_ip: u32::from_ne_bytes(s.data_ip.octets()), vxlan_port: s.vxlan_port.to_be(), pad: 0 };
+    let cfg = BpfConfig::new(s);
     p.update(p.config, &0u32, &cfg, "writing the steering config", port)?;
     let want: Vec<BpfServiceKey> = s.services.iter().map(|&(ip, pt, pr)| BpfServiceKey::new(ip, pt, pr)).collect();
     for k in &want {
@@ -330,14 +377,17 @@ fn set_steering(p: &XdpProgram, s: &Steering, port: &str) -> Result<(), IoError>
     Ok(())
 }
 
-/// The steering program's counters: frames redirected to the socket, and
-/// passed to the kernel.
+/// The steering program's counters: frames redirected to the socket,
+/// passed to the kernel, and chosen for the socket (redirected, or passed
+/// for want of a socket in the queue's slot).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SteeringStats {
     /// Frames redirected to the dataplane.
     pub redirected: u64,
     /// Frames passed to the kernel.
     pub passed: u64,
+    /// Frames the program chose for the socket.
+    pub matched: u64,
 }
 
 /// A handle to update an uplink's steering maps from another thread while
@@ -382,7 +432,7 @@ impl SteeringHandle {
             };
             if rc == 0 { v } else { 0 }
         };
-        SteeringStats { redirected: read(0), passed: read(1) }
+        SteeringStats { redirected: read(0), passed: read(1), matched: read(2) }
     }
 }
 
@@ -866,4 +916,222 @@ fn kernel_drops(fd: RawFd) -> u64 {
         return 0;
     }
     st.rx_dropped + st.rx_ring_full + st.rx_fill_ring_empty_descs
+}
+
+#[cfg(test)]
+mod tests {
+    //! `steer_uplink` run by the kernel on frames (`BPF_PROG_TEST_RUN`,
+    //! root; skipped otherwise): no socket is bound, so every frame is
+    //! passed, and the program's choice is read from the `matched` slot.
+    use super::*;
+    use etherparse::PacketBuilder;
+
+    const EGRESS: [u8; 4] = [198, 18, 0, 1];
+    const OTHER: [u8; 4] = [198, 18, 0, 2];
+    const OUTSIDE: [u8; 4] = [198, 18, 3, 10];
+    const ROUTER: [u8; 4] = [198, 18, 0, 254];
+    const MACS: ([u8; 6], [u8; 6]) = ([2, 0, 0, 0, 0, 0xfe], [2, 0, 0, 0, 0, 1]);
+
+    fn is_root() -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) == 0
+    }
+
+    fn eth() -> etherparse::PacketBuilderStep<etherparse::Ethernet2Header> {
+        PacketBuilder::ethernet2(MACS.0, MACS.1)
+    }
+
+    fn tcp(dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        let mut v = Vec::new();
+        eth().ipv4(OUTSIDE, dst, 60).tcp(sport, dport, 1, 1000).syn().ack(1).write(&mut v, &[]).expect("tcp");
+        v
+    }
+
+    fn udp(dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        let mut v = Vec::new();
+        eth().ipv4(OUTSIDE, dst, 60).udp(sport, dport).write(&mut v, b"reply").expect("udp");
+        v
+    }
+
+    fn echo(reply: bool, dst: [u8; 4], id: u16) -> Vec<u8> {
+        let mut v = Vec::new();
+        let b = eth().ipv4(OUTSIDE, dst, 60);
+        let b = if reply { b.icmpv4_echo_reply(id, 7) } else { b.icmpv4_echo_request(id, 7) };
+        b.write(&mut v, b"ping").expect("echo");
+        v
+    }
+
+    /// An ICMP error of `kind` from the router to `dst`, quoting `quoted`
+    /// (an IPv4 packet, cut to `cut` bytes).
+    fn error(kind: u8, code: u8, dst: [u8; 4], quoted: &[u8], cut: usize) -> Vec<u8> {
+        let mut v = Vec::new();
+        let q = &quoted[..cut.min(quoted.len())];
+        eth().ipv4(ROUTER, dst, 60).icmpv4_raw(kind, code, [0, 0, 5, 20]).write(&mut v, q).expect("error");
+        v
+    }
+
+    /// The packet `src` sent (no Ethernet header) with `opts` 4-byte words
+    /// of IPv4 options: UDP or TCP from port `sport`, or (ICMP) an echo
+    /// request (`sport` its id; 0: an echo reply with id 61040).
+    fn quoted(src: [u8; 4], proto: u8, sport: u16, opts: usize) -> Vec<u8> {
+        let mut v = Vec::new();
+        let mut h = etherparse::Ipv4Header::new(0, 63, etherparse::IpNumber(proto), src, OUTSIDE).expect("ip");
+        if opts > 0 {
+            h.options = etherparse::Ipv4Options::try_from(&[1u8; 40][..opts * 4]).expect("options");
+        }
+        let l4: Vec<u8> = match proto {
+            17 => {
+                let u = etherparse::UdpHeader { source_port: sport, destination_port: 53, length: 12, checksum: 9 };
+                let mut b = u.to_bytes().to_vec();
+                b.extend_from_slice(b"dns?");
+                b
+            }
+            6 => etherparse::TcpHeader::new(sport, 443, 5, 1000).to_bytes().to_vec(),
+            _ => {
+                // Type, code, checksum, id, sequence.
+                let (kind, id) = if sport == 0 { (0, 61040) } else { (8, sport) };
+                let mut b = vec![kind, 0, 0, 0];
+                b.extend_from_slice(&u16::to_be_bytes(id));
+                b.extend_from_slice(&[0, 1]);
+                b
+            }
+        };
+        h.set_payload_len(l4.len()).expect("length");
+        h.write(&mut v).expect("header");
+        v.extend_from_slice(&l4);
+        v
+    }
+
+    /// An ICMP error (`kind`, `code`) to the egress address quoting
+    /// `quoted(src, proto, sport, opts)` cut to `cut` bytes.
+    fn err_about(kind: u8, code: u8, src: [u8; 4], proto: u8, sport: u16, opts: usize, cut: usize) -> Vec<u8> {
+        error(kind, code, EGRESS, &quoted(src, proto, sport, opts), cut)
+    }
+
+    struct Loaded {
+        p: XdpProgram,
+        prog: RawFd,
+    }
+
+    impl Loaded {
+        fn matched(&self) -> u64 {
+            let (i, mut v) = (2u32, 0u64);
+            // SAFETY: key and value point to live u32 and u64 values, the
+            // map's key and value sizes.
+            let rc = unsafe {
+                libxdp_sys::bpf_map_lookup_elem(self.p.stats, (&i as *const u32).cast(), (&mut v as *mut u64).cast())
+            };
+            assert_eq!(rc, 0, "reading stats[2]");
+            v
+        }
+
+        /// True if the program chose the socket for `f` (it returns
+        /// XDP_PASS either way: no socket is bound).
+        fn steers(&self, f: &[u8]) -> bool {
+            let before = self.matched();
+            let mut out = vec![0u8; f.len() + 256];
+            // SAFETY: all-zero is a valid value of this plain C struct.
+            let mut o: libxdp_sys::bpf_test_run_opts = unsafe { core::mem::zeroed() };
+            o.sz = core::mem::size_of::<libxdp_sys::bpf_test_run_opts>();
+            o.data_in = f.as_ptr().cast();
+            o.data_size_in = f.len() as u32;
+            o.data_out = out.as_mut_ptr().cast();
+            o.data_size_out = out.len() as u32;
+            o.repeat = 1;
+            // SAFETY: `o` describes live buffers of the given sizes, and
+            // `prog` is a loaded XDP program.
+            let rc = unsafe { libxdp_sys::bpf_prog_test_run_opts(self.prog, &mut o) };
+            assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+            assert_eq!(o.retval, 2, "without a socket every frame is XDP_PASS");
+            match self.matched() - before {
+                0 => false,
+                1 => true,
+                n => panic!("matched counted {n} times for one frame"),
+            }
+        }
+    }
+
+    fn steering(egress: bool) -> Steering {
+        Steering {
+            data_ip: Ipv4Addr::from(EGRESS),
+            vxlan_port: 4789,
+            services: vec![(Ipv4Addr::from(EGRESS), 30080, 6)],
+            egress: egress.then_some(EgressSteer { ip: Ipv4Addr::from(EGRESS), lo: 61000, hi: 61099 }),
+        }
+    }
+
+    #[test]
+    fn egress_replies_reach_the_socket_and_the_rest_the_kernel() {
+        if !is_root() {
+            eprintln!("skipped: needs root (loads an XDP program)");
+            return;
+        }
+        let (p, prog) = XdpProgram::load("lo", "steer_uplink", false).expect("the steering program loads");
+        let l = Loaded { p, prog };
+        set_steering(&l.p, &steering(true), "lo").expect("config written");
+        let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+            ("TCP to the range's first port", tcp(EGRESS, 443, 61000), true),
+            ("TCP to the range's last port", tcp(EGRESS, 443, 61099), true),
+            ("TCP below the range", tcp(EGRESS, 443, 60999), false),
+            ("TCP above the range", tcp(EGRESS, 443, 61100), false),
+            ("UDP in the range", udp(EGRESS, 53, 61050), true),
+            ("UDP in the range to another address", udp(OTHER, 53, 61050), false),
+            ("TCP in the range to another address", tcp(OTHER, 443, 61000), false),
+            ("a published port (as before)", tcp(EGRESS, 5555, 30080), true),
+            ("VXLAN (as before)", udp(EGRESS, 5555, 4789), true),
+            ("SSH to the data address", tcp(EGRESS, 5555, 22), false),
+            ("echo reply, id in the range", echo(true, EGRESS, 61010), true),
+            ("echo reply, id outside", echo(true, EGRESS, 100), false),
+            ("echo reply, id in the range, to another address", echo(true, OTHER, 61010), false),
+            ("echo request to the egress address (the kernel answers)", echo(false, EGRESS, 61010), false),
+            ("frag-needed quoting egress UDP", err_about(3, 4, EGRESS, 17, 61020, 0, 28), true),
+            ("port unreachable quoting egress UDP, whole", err_about(3, 3, EGRESS, 17, 61020, 0, 999), true),
+            ("frag-needed quoting the kernel's UDP", err_about(3, 4, EGRESS, 17, 5000, 0, 28), false),
+            ("frag-needed quoting another source", err_about(3, 4, OTHER, 17, 61020, 0, 28), false),
+            ("time exceeded quoting TCP with options", err_about(11, 0, EGRESS, 6, 61030, 3, 40), true),
+            ("time exceeded quoting TCP, 15-word header", err_about(11, 0, EGRESS, 6, 61030, 10, 68), true),
+            ("time exceeded, options, quote cut short", err_about(11, 0, EGRESS, 6, 61030, 3, 39), false),
+            ("parameter problem quoting an echo request", err_about(12, 0, EGRESS, 1, 61040, 0, 28), true),
+            ("parameter problem quoting an echo reply", err_about(12, 0, EGRESS, 1, 0, 0, 28), false),
+            ("a redirect (not an error we take)", err_about(5, 1, EGRESS, 17, 61020, 0, 28), false),
+            ("an error to another address", error(3, 4, OTHER, &quoted(EGRESS, 17, 61020, 0), 28), false),
+            ("an error with 4 quoted L4 bytes", err_about(3, 4, EGRESS, 17, 61020, 0, 24), false),
+        ];
+        for (what, f, want) in &cases {
+            assert_eq!(l.steers(f), *want, "{what}");
+        }
+        // A quoted header that claims ihl < 5.
+        let mut bad = err_about(3, 4, EGRESS, 17, 61020, 0, 28);
+        bad[14 + 20 + 8] = 0x44;
+        assert!(!l.steers(&bad), "a quote with ihl 4");
+        // A later fragment carries no ports.
+        let mut frag = tcp(EGRESS, 443, 61000);
+        frag[14 + 6] = 0x00;
+        frag[14 + 7] = 0x10;
+        assert!(!l.steers(&frag), "a later fragment");
+
+        // Egress off: all of it is the kernel's; the rest as before.
+        set_steering(&l.p, &steering(false), "lo").expect("config written");
+        for (what, f, want) in &cases {
+            let vxlan_or_published = what.contains("as before");
+            assert_eq!(l.steers(f), *want && vxlan_or_published, "egress off: {what}");
+        }
+    }
+
+    #[test]
+    fn steering_follows_the_tables_egress() {
+        let spec: crate::tables::TablesSpec = toml::from_str(
+            "[node]\ndata_ip = \"198.18.0.1\"\ndata_mac = \"02:00:00:00:00:aa\"\n[node.egress]\naddr = \"198.18.0.7\"\nports = \"61000-61099\"\n",
+        )
+        .expect("spec");
+        let t = Tables::compile(&spec).expect("tables");
+        let s = Steering::for_tables(&t);
+        assert_eq!(s.egress, Some(EgressSteer { ip: Ipv4Addr::new(198, 18, 0, 7), lo: 61000, hi: 61099 }));
+        let c = BpfConfig::new(&s);
+        assert_eq!((c.egress_ip.to_ne_bytes(), c.egress_lo, c.egress_hi), ([198, 18, 0, 7], 61000, 61099));
+        let mut spec = spec;
+        spec.node.egress = None;
+        let s = Steering::for_tables(&Tables::compile(&spec).expect("tables"));
+        assert_eq!((s.egress, BpfConfig::new(&s).egress_ip), (None, 0));
+    }
 }
