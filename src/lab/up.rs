@@ -93,6 +93,9 @@ fn outside(bin: &str, dir: &Path, fab: &str) -> Result<()> {
     ip(&["-n", &out, "addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"])?;
     ip(&["-n", &out, "link", "set", "eth0", "up"])?;
     ip(&["-n", &out, "route", "add", "default", "via", "198.18.2.1"])?;
+    // Its checksums complete on the wire, as a real server's are (a veth
+    // leaves them partial, and an AF_XDP uplink cannot tell).
+    sys::tx_offload_off(Some(&out), "eth0")?;
     in_ns(fab, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     let listen = format!("{OUTSIDE_IP}:{OUTSIDE_PORT}");
     spawn(dir, &out, "outside.log", &[bin, "tool", "http-name", "--listen", &listen, "--name", "outside"])?;
@@ -146,7 +149,7 @@ fn boot_node(io: IoKind, bin: &str, dir: &Path, fab: &str, n: u8) -> Result<()> 
     ip(&["-n", &ns, "route", "add", "default", "via", ROUTER_IP])?;
     let stats = dir.join(format!("stats{n}.json"));
     let state = dir.join(format!("node{n}"));
-    let args: [&str; 19] = [
+    let args: [&str; 21] = [
         bin,
         "node",
         "run",
@@ -166,6 +169,8 @@ fn boot_node(io: IoKind, bin: &str, dir: &Path, fab: &str, n: u8) -> Result<()> 
         if io == IoKind::Tap { "tap" } else { "afxdp" },
         "--stats-file",
         &stats.display().to_string(),
+        "--host-link",
+        &format!("198.18.250.{}/30", 4 * n),
     ];
     std::fs::write(dir.join(format!("node{n}.args")), args.join("\n"))?;
     spawn(dir, &ns, &format!("node{n}.log"), &args)?;

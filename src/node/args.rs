@@ -81,6 +81,15 @@ pub(crate) struct RunArgs {
     /// (static mode: drops the tables' `[node.egress]`).
     #[arg(long, conflicts_with_all = ["egress_addr", "egress_ports"])]
     pub(crate) no_egress: bool,
+    /// The link to this node's own host, through which tasks reach the
+    /// host's addresses (a TAP device `mp-host`): a /30, the kernel's end
+    /// the first address, meshplane's the second (default
+    /// 169.254.77.0/30; managed mode, with egress).
+    #[arg(long, value_name = "A.B.C.D/30")]
+    pub(crate) host_link: Option<meshplane_dataplane::tables::Subnet>,
+    /// No host link: tasks do not reach this node's host.
+    #[arg(long, conflicts_with = "host_link")]
+    pub(crate) no_host_link: bool,
     /// Gossip UDP port.
     #[arg(long)]
     pub(crate) gossip_port: Option<u16>,

@@ -357,7 +357,11 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     // Until the control plane publishes: this node alone, the uplink only.
     let data_mac = data_mac(a, io, &ad)?;
     let mtu = underlay_mtu(a, io, &ad.uplink)?;
-    let egress = egress::managed(a, io, ad.data_ip);
+    let mut egress = egress::managed(a, io, ad.data_ip);
+    let host_link = super::host_port::managed(a, io, egress.is_some())?;
+    if let Some(e) = &mut egress {
+        e.host_link.clone_from(&host_link);
+    }
     // The kernel's ports (with AF_XDP it holds the egress address), kept
     // until the node stops.
     let _reserved = match (&egress, io) {
@@ -377,6 +381,14 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     let shared = Shared::new(t, n);
     let per_worker = uplinks.into_iter().map(|p| vec![Bound::new("uplink", p)]).collect();
     let handles = spawn_workers(per_worker, &cores, &shared, a)?;
+    // The host link, served like a task port (its tables port is in every
+    // tables this node publishes).
+    if let Some(h) = &host_link {
+        let queues = super::host_port::open_link(h, mtu, n, &shared.tables(), a)?;
+        for (k, q) in queues.into_iter().enumerate() {
+            shared.change_ports(k, vec![Bound::new(&h.port, q)], &[]);
+        }
+    }
     let dp = Arc::new(Managed {
         shared: shared.clone(),
         steering,
@@ -462,6 +474,9 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         let _ = m.join();
     }
     dp.remove_all();
+    if let Some(h) = &host_link {
+        super::host_port::close_link(h);
+    }
     tracing::info!("stopped; {}", summary(&reports));
     Ok(())
 }

@@ -10,6 +10,7 @@ pub(crate) mod args;
 mod config;
 mod counters;
 mod egress;
+mod host_port;
 mod managed;
 mod static_mode;
 mod task_port;

@@ -47,6 +47,14 @@ pub(crate) fn run(a: &RunArgs, tables: &Path) -> Result<()> {
             per_worker[k].push(Bound::new(name, p));
         }
     }
+    // The tables' host link, if any, served like a task port.
+    let host_link = t.egress.as_ref().and_then(|e| e.host_link.clone());
+    if let Some(h) = &host_link {
+        let queues = super::host_port::open_link(h, t.underlay_mtu, n, &t, a)?;
+        for (k, q) in queues.into_iter().enumerate() {
+            per_worker[k].push(Bound::new(&h.port, q));
+        }
+    }
     for ports in &per_worker {
         bind(&t, ports)?;
     }
@@ -69,6 +77,9 @@ pub(crate) fn run(a: &RunArgs, tables: &Path) -> Result<()> {
         }
     }
     let reports = stop_workers(&shared, handles, stats, a.stats_file.as_deref())?;
+    if let Some(h) = &host_link {
+        super::host_port::close_link(h);
+    }
     tracing::info!("stopped; {}", summary(&reports));
     Ok(())
 }

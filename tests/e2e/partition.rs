@@ -101,6 +101,8 @@ impl Managers {
                     &format!("198.18.1.{n}"),
                     "--data-path-addr",
                     &format!("198.18.0.{n}"),
+                    "--host-link",
+                    &format!("198.18.250.{}/30", 4 * n),
                     "--data-iface",
                     "mpup",
                     "--data-mac",

@@ -75,7 +75,8 @@ pub(super) fn boot(lab: &mut Lab, io: Io, fab: &str, n: u8, br: &str, side: u8, 
     #[rustfmt::skip]
     let p = lab.spawn(&ns, &format!("node{n}"), &[BIN, "node", "run", "--name", &format!("node{n}"),
         "--state-dir", &st, "--advertise-addr", &format!("198.18.1.{n}"), "--data-path-addr", &data_ip,
-        "--data-iface", uplink, "--data-mac", &data_mac, "--io", io.arg()]);
+        "--data-iface", uplink, "--data-mac", &data_mac, "--io", io.arg(),
+        "--host-link", &format!("198.18.250.{}/30", 4 * n)]);
     let sock = state.join("admin.sock");
     wait_for(&format!("node{n} to start"), 20, || {
         assert!(lab.running(p), "node{n} exited:\n{}", lab.log(p));
