@@ -24,6 +24,19 @@ pub fn tables_resetting() -> &'static Tables {
     })
 }
 
+/// The example tables with egress (a 64-port range, a default route, a
+/// host link) and network `db` internal.
+pub fn tables_egress() -> &'static Tables {
+    static T: OnceLock<Tables> = OnceLock::new();
+    T.get_or_init(|| {
+        let spec = include_str!("../../examples/tables.toml").replace("mtu = 1400", "mtu = 1400\ninternal = true")
+            + "\n[node.egress]\nports = \"61000-61063\"\nroute = [{ prefix = \"0.0.0.0/0\", mac = \"02:00:00:00:00:fe\" }]\n\
+               [node.egress.host_link]\nip = \"198.18.99.2\"\npeer_ip = \"198.18.99.1\"\n\
+               mac = \"02:4d:50:00:00:02\"\npeer_mac = \"02:4d:50:00:00:01\"\n";
+        Tables::compile(&toml::from_str(&spec).expect("egress tables parse")).expect("egress tables compile")
+    })
+}
+
 /// A worker's state for these tables with a tiny connection table (the
 /// example tables have no services; a full-size table would be allocated
 /// and cleared on every run, which under the sanitizer costs most of it).

@@ -9,15 +9,22 @@
 //! `process_general` give the same verdict, the same bytes and the same
 //! counters for every input.
 //!
-//! Input: byte 0 picks the input port (its low 7 bits modulo ports + 1, so
+//! With egress (tables with `[node.egress]`, a host link and an internal
+//! network): a task's packet leaves the uplink plain only from the egress
+//! address and data MAC, TTL one less, a TCP/UDP source port in the range,
+//! never from an internal network nor to a cluster network; to the host
+//! link only from the link's address; from the host link only ARP
+//! answers go back (a fresh state tracks nothing).
+//!
+//! Input: byte 0 picks the input port (its low 6 bits modulo ports + 1, so
 //! unknown ports occur too) and the tables (its top bit: with closed TCP
-//! ports reset), the rest is the frame.
+//! ports reset; the next: with egress), the rest is the frame.
 #![no_main]
 
 #[path = "common.rs"]
 mod common;
 
-use common::{tables, tables_resetting};
+use common::{tables, tables_egress, tables_resetting};
 use libfuzzer_sys::fuzz_target;
 use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
 use meshplane_dataplane::pipeline::{process, process_general};
@@ -27,8 +34,12 @@ use meshplane_dataplane::wire::vxlan::{self, Classified};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, frame)) = data.split_first() else { return };
-    let t = if sel & 0x80 != 0 { tables_resetting() } else { tables() };
-    let in_port = u16::from(sel & 0x7f) % (t.ports.len() as u16 + 1);
+    let t = match sel >> 6 {
+        0 => tables(),
+        1 => tables_egress(),
+        _ => tables_resetting(),
+    };
+    let in_port = u16::from(sel & 0x3f) % (t.ports.len() as u16 + 1);
     let mut buf = vec![0u8; HEADROOM + frame.len()];
     buf[HEADROOM..].copy_from_slice(frame);
     let mut st = common::worker(t);
@@ -50,6 +61,18 @@ fuzz_target!(|data: &[u8]| {
     let sent = f.data();
     parse_frame(sent).expect("a transmitted frame parses");
     let out_net = t.ports[usize::from(out)].network;
+    if t.host_port.is_some() && t.host_port == Some(in_port) {
+        assert_eq!(Some(out), t.host_port, "nothing from the host link goes anywhere but back");
+        assert_eq!(&sent[12..14], &[0x08, 0x06], "only ARP answers");
+        return;
+    }
+    if t.host_port.is_some() && t.host_port == Some(out) {
+        let link = t.egress.as_ref().and_then(|e| e.host_link.as_ref()).expect("a host link");
+        let in_net = t.ports[usize::from(in_port)].network.expect("from a task port");
+        assert!(!t.networks[usize::from(in_net)].internal, "an internal network reached the host");
+        assert_eq!(&sent[26..30], &link.ip.octets(), "to the host from the link's address");
+        return;
+    }
     if in_port == UPLINK && out == UPLINK {
         // Back out of the uplink: only answers to ARP requests, for the
         // data-path address (plain) or from a peer over the overlay (the
@@ -96,7 +119,17 @@ fuzz_target!(|data: &[u8]| {
         let in_net = t.ports[usize::from(in_port)].network.expect("task ports have a network");
         if out == UPLINK {
             let Ok(Classified::Vxlan(d)) = vxlan::classify(sent, sent_dst(sent), t.vxlan_port) else {
-                panic!("a frame to the uplink is VXLAN");
+                let e = t.egress.as_ref().expect("a frame to the uplink is VXLAN, or egress");
+                assert!(!t.networks[usize::from(in_net)].internal, "an internal network has no egress");
+                assert_eq!(&sent[12..14], &[0x08, 0x00], "egress is IPv4");
+                assert_eq!(&sent[6..12], &t.data_mac.0, "egress leaves from the data MAC");
+                assert_eq!(&sent[26..30], &e.addr.octets(), "egress leaves from the egress address");
+                assert!(!t.in_any_network(sent_dst(sent)), "egress to a cluster network");
+                assert_eq!(sent[22], frame[22].wrapping_sub(1), "TTL one less");
+                if matches!(sent[23], 6 | 17) && sent[14] == 0x45 {
+                    assert!(e.ports.contains(u16::from_be_bytes([sent[34], sent[35]])), "a source port of the range");
+                }
+                return;
             };
             assert_eq!(d.vni, t.networks[usize::from(in_net)].vni, "encapsulated with another VNI");
             assert_eq!(d.outer_src, t.data_ip, "outer source is always this node");
