@@ -399,3 +399,23 @@ fn a_host_link_inside_the_cluster_or_named_as_a_task_port_is_refused() {
     let e = Tables::compile(&spec).expect_err("refused").to_string();
     assert!(e.contains("\"task1\" is already a port's name"), "{e}");
 }
+
+#[test]
+fn a_one_way_stream_keeps_its_way_back() {
+    // Only the task speaks for longer than the UDP timeout: the reply
+    // half is kept (put back) by the task's packets, so a late reply still
+    // finds it, on the same port.
+    let t = tables(EGRESS);
+    let mut st = WorkerState::for_tables(&t);
+    let mut ports = std::collections::BTreeSet::new();
+    for s in [0, 200, 400] {
+        let (v, out) = run(&t, &mut st, TASK1, &udp(T1_MAC, GW_MAC, T1, SERVER, 64, 5000, 514), s * SECOND);
+        assert_eq!(v, Verdict::Tx(UPLINK));
+        ports.insert(sport(&out));
+    }
+    assert_eq!(ports.len(), 1, "one mapping all along");
+    let p = *ports.first().expect("a port");
+    let reply = udp(ROUTER_MAC, NODE1_MAC, SERVER, NODE1, 60, 514, p);
+    assert_eq!(run(&t, &mut st, UPLINK, &reply, 450 * SECOND).0, Verdict::Tx(TASK1));
+    assert_eq!(st.lb.egress_stats().new_conns, 1);
+}

@@ -10,6 +10,14 @@
 //! answered with frag-needed quoting it; a SYN's MSS is clamped to the
 //! network's MTU.
 //!
+//! Egress (the tables have `[node.egress]`, a 64-port range): tasks'
+//! TCP, UDP and pings to outside addresses leave from the egress address
+//! and the data MAC with a port of the range, and the reply to what left
+//! (tried on a copy of the state) comes back to the very task and port
+//! that sent it: no two live connections share a mapping. Replies, ICMP
+//! errors quoting egress packets (mutated or truncated), and raw frames
+//! to the egress address come in from the outside too.
+//!
 //! Input: byte 0 picks the scheduler (low bits) and a flood guard (top
 //! bit); then a sequence of operations, each a selector byte and its
 //! operands.
@@ -33,6 +41,10 @@ fn spec(weights: [Option<u32>; 3], sched: &str) -> String {
     let base = include_str!("../../examples/tables.toml").replace(
         "gateway_mac = \"02:42:c6:13:00:fe\"",
         "gateway_mac = \"02:42:c6:13:00:fe\"\nnode_ip = \"198.19.0.250\"",
+    );
+    let base = base.replace(
+        "[[node.neighbours]]",
+        "[node.egress]\nports = \"61000-61063\"\nroute = [{ prefix = \"0.0.0.0/0\", mac = \"02:00:00:00:00:fe\" }]\n[[node.neighbours]]",
     );
     let mut s = format!(
         "{base}\n[[endpoint]]\nnetwork = \"app\"\nip = \"198.19.0.4\"\nmac = \"02:00:00:00:01:04\"\nvtep = \"198.18.0.2\"\n"
@@ -113,6 +125,88 @@ fn tcp_sized(
     f
 }
 
+const GW: [u8; 6] = [0x02, 0x42, 0xc6, 0x13, 0x00, 0xfe];
+const T1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
+const T3_MAC: [u8; 6] = [2, 0, 0, 0, 1, 3];
+const NODE1_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const ROUTER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
+
+fn udp(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    let b = etherparse::PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64).udp(sport, dport);
+    b.write(&mut f, b"d").expect("builds");
+    f
+}
+
+fn echo(dst_mac: [u8; 6], src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], id: u16, reply: bool) -> Vec<u8> {
+    let mut f = Vec::new();
+    let b = etherparse::PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src, dst, 64);
+    let b = if reply { b.icmpv4_echo_reply(id, 1) } else { b.icmpv4_echo_request(id, 1) };
+    b.write(&mut f, b"p").expect("builds");
+    f
+}
+
+/// An ICMP error of type `kind` from the router to node 1 quoting the
+/// first `n` bytes of the IPv4 packet of `quoted`.
+fn icmp_error(kind: u8, quoted: &[u8], n: usize) -> Vec<u8> {
+    let mut icmp = vec![kind, 4, 0, 0, 0, 0, 5, 0];
+    icmp.extend_from_slice(&quoted[14..(14 + n).min(quoted.len())]);
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2(ROUTER_MAC, NODE1_MAC)
+        .ipv4([198, 18, 2, 1], [198, 18, 0, 1], 64)
+        .write(&mut f, etherparse::IpNumber::ICMP, &icmp)
+        .expect("builds");
+    f
+}
+
+/// A task's egress frame `f` from task port `tport`, run on a copy of the
+/// state: if it leaves the uplink, it does so from the egress address and
+/// the data MAC with a port (or echo id) of the range, and the reply to it
+/// comes back to the same task, address and port.
+fn egress(f: &[u8], tport: u16, now: u64, t: &Tables, st: &WorkerState) {
+    let mut st = st.clone();
+    let mut buf = vec![0u8; HEADROOM + f.len()];
+    buf[HEADROOM..].copy_from_slice(f);
+    let Some(mut fr) = Frame::new(&mut buf, HEADROOM, f.len()) else { return };
+    if process(&mut fr, tport, now, t, &mut st) != Verdict::Tx(UPLINK) {
+        return;
+    }
+    let out = fr.data().to_vec();
+    let e = t.egress.as_ref().expect("egress");
+    assert_eq!((&out[6..12], &out[26..30]), (&t.data_mac.0[..], &e.addr.octets()[..]), "from the egress address");
+    let proto = out[23];
+    let (mapped, reply) = match proto {
+        6 | 17 => {
+            let p = u16::from_be_bytes([out[34], out[35]]);
+            let dport = u16::from_be_bytes([out[36], out[37]]);
+            let src = [out[30], out[31], out[32], out[33]];
+            let r = if proto == 6 {
+                tcp(NODE1_MAC, ROUTER_MAC, src, e.addr.octets(), dport, p, 1)
+            } else {
+                udp(NODE1_MAC, ROUTER_MAC, src, e.addr.octets(), dport, p)
+            };
+            (p, r)
+        }
+        _ => {
+            let id = u16::from_be_bytes([out[38], out[39]]);
+            (id, echo(NODE1_MAC, ROUTER_MAC, [out[30], out[31], out[32], out[33]], e.addr.octets(), id, true))
+        }
+    };
+    assert!(e.ports.contains(mapped), "port {mapped} outside the range");
+    let mut rbuf = vec![0u8; HEADROOM + reply.len()];
+    rbuf[HEADROOM..].copy_from_slice(&reply);
+    let mut r = Frame::new(&mut rbuf, HEADROOM, reply.len()).expect("fits");
+    let v = process(&mut r, UPLINK, now, t, &mut st);
+    assert_eq!(v, Verdict::Tx(tport), "the reply goes back to the task that sent it");
+    let back = r.data();
+    assert_eq!(&back[30..34], &f[26..30], "to the task's address");
+    let (sent_port, back_port) = match proto {
+        6 | 17 => ([f[34], f[35]], [back[36], back[37]]),
+        _ => ([f[38], f[39]], [back[38], back[39]]),
+    };
+    assert_eq!(sent_port, back_port, "to the task's own port (or echo id)");
+}
+
 fuzz_target!(|data: &[u8]| {
     let scheds = ["rr", "wrr", "lc", "wlc", "sh", "mh"];
     let Some((&first, mut ops)) = data.split_first() else { return };
@@ -126,9 +220,6 @@ fuzz_target!(|data: &[u8]| {
     let mut st = WorkerState::with_conntrack(t.ports.len(), ct);
     st.sync(t);
     let mut now = 0u64;
-    const GW: [u8; 6] = [0x02, 0x42, 0xc6, 0x13, 0x00, 0xfe];
-    const T1_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
-    const NODE1_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
     while let Some((&op, rest)) = ops.split_first() {
         ops = rest;
         let mut take = |n: usize| {
@@ -136,7 +227,7 @@ fuzz_target!(|data: &[u8]| {
             ops = b;
             a
         };
-        let (port, frame, service): (u16, Vec<u8>, Option<usize>) = match op % 6 {
+        let (port, frame, service): (u16, Vec<u8>, Option<usize>) = match op % 8 {
             0 => {
                 // Task 1 to the VIP.
                 let b = take(3);
@@ -177,6 +268,46 @@ fuzz_target!(|data: &[u8]| {
                 now += u64::from(*take(1).first().unwrap_or(&0)) * 4 * SECOND;
                 continue;
             }
+            6 => {
+                // A task (1 or 3) to an outside address: TCP, UDP or a
+                // ping; what leaves is checked, and its reply tried.
+                let b = take(5);
+                let g = |i: usize| *b.get(i).unwrap_or(&0);
+                let (tport, mac, ip) =
+                    if g(0) & 1 == 0 { (1, T1_MAC, [198, 19, 0, 1]) } else { (2, T3_MAC, [198, 19, 0, 3]) };
+                let dst = [198, 18, 3, g(1) % 4];
+                let sport = u16::from_le_bytes([g(2), g(3) % 8]);
+                let f = match g(0) >> 1 & 3 {
+                    0 => tcp(GW, mac, ip, dst, sport, 80, g(4)),
+                    1 => udp(GW, mac, ip, dst, sport, 53),
+                    _ => echo(GW, mac, ip, dst, sport, false),
+                };
+                egress(&f, tport, now, t, &st);
+                (tport, f, None)
+            }
+            7 => {
+                // From the outside to the egress address: a reply to a
+                // port of the range (or near it), or an ICMP error quoting
+                // an egress packet (its bytes mutated, its length cut).
+                let b = take(6);
+                let g = |i: usize| *b.get(i).unwrap_or(&0);
+                let src = [198, 18, 3, g(1) % 4];
+                let port = 60990 + u16::from(g(2) % 96);
+                let f = match g(0) % 4 {
+                    0 => tcp(NODE1_MAC, ROUTER_MAC, src, [198, 18, 0, 1], 80, port, g(3)),
+                    1 => udp(NODE1_MAC, ROUTER_MAC, src, [198, 18, 0, 1], 53, port),
+                    2 => echo(NODE1_MAC, ROUTER_MAC, src, [198, 18, 0, 1], port, true),
+                    _ => {
+                        let quoted = tcp(ROUTER_MAC, NODE1_MAC, [198, 18, 0, 1], src, port, 80, 0);
+                        let mut e = icmp_error(g(3) % 13, &quoted, 28 + usize::from(g(4) % 20));
+                        if let Some(x) = e.get_mut(34 + usize::from(g(5))) {
+                            *x ^= g(4);
+                        }
+                        e
+                    }
+                };
+                (UPLINK, f, None)
+            }
             _ => {
                 // Raw bytes on a port.
                 let b = take(1);
@@ -202,6 +333,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(st.stats.ports, general.stats.ports);
         assert_eq!(st.lb.services, general.lb.services);
         assert_eq!(st.lb.mesh, general.lb.mesh);
+        assert_eq!(st.lb.egress_stats(), general.lb.egress_stats());
         let (Some(svc), Verdict::Tx(out)) = (service, v) else { continue };
         // Where did it go? The frame itself, or the frame inside VXLAN; or
         // (a published port's oversize packet) ICMP back to the client.

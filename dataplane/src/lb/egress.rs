@@ -173,10 +173,24 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
         _ => 0,
     };
     let fp = lb.conntrack.probe_in(&key, Bucket::Src);
-    let found = lb.lookup(&fp, now, flags);
-    let (snat, port, way) = match found {
-        Some(v) if v.flags == CT_EGRESS => (v.peer, v.port2, Way::of(v.backend)),
+    let found = match lb.lookup(&fp, now, flags) {
+        Some(v) if v.flags == CT_EGRESS => {
+            if keep_reply(lb, e, &key, &v, net, frame_src_mac(frame), now) {
+                Some(v)
+            } else {
+                // Its port is another connection's now: this one starts
+                // again with a new port.
+                if let Some(old) = lb.conntrack.remove_probe(&fp) {
+                    lb.release(&key, old);
+                }
+                None
+            }
+        }
         Some(_) => return Err(D::NoRoute),
+        None => None,
+    };
+    let (snat, port, way) = match found {
+        Some(v) => (v.peer, v.port2, Way::of(v.backend)),
         None => {
             let way = match t.egress_class(Ipv4Addr::from(key.dst), key.proto, key.dport) {
                 Some(Dest::Outside) => Way::Out,
@@ -232,6 +246,52 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
     lb.egress.stats.tx_packets += 1;
     lb.egress.stats.tx_bytes += frame.len() as u64;
     Ok(Next::Done(Verdict::Tx(UPLINK)))
+}
+
+/// The reply half of the egress connection whose forward entry (key
+/// `key`, value `v`) a task's packet just hit: refreshed, or put back if
+/// it was lost (evicted from a full table; expired while only the task
+/// spoke, as a one-way UDP stream does), so the next reply still finds
+/// the task. False if its key is another connection's now (the forward
+/// entry is stale).
+fn keep_reply(
+    lb: &mut LbState,
+    e: &crate::tables::egress::Egress,
+    key: &FlowKey,
+    v: &CtValue,
+    net: NetId,
+    mac: [u8; 6],
+    now: u64,
+) -> bool {
+    let way = Way::of(v.backend);
+    let to = match (way, &e.host_link) {
+        (Way::HostDnat, Some(h)) => u32::from(h.peer_ip),
+        _ => key.dst,
+    };
+    let rp = lb.conntrack.probe_in(&reply_key(key, to, v.peer, v.port2), Bucket::Tuple);
+    match lb.conntrack.lookup_probe(&rp, now, 0) {
+        Ok(r) => r.flags == CT_EGRESS | CT_REPLY && r.peer == key.src && r.port == key.sport,
+        Err(old) => {
+            if let Some(old) = old {
+                lb.release(&rp.key(), old);
+            }
+            let rv = CtValue {
+                service: u32::from(net),
+                backend: v.backend,
+                peer: key.src,
+                port: key.sport,
+                mac,
+                state: v.state,
+                flags: CT_EGRESS | CT_REPLY,
+                ..CtValue::ZERO
+            };
+            let back = lb.insert_probe(&rp, rv, now, false, usize::MAX).is_ok();
+            if back {
+                lb.egress.shares.count(key.src, to, true);
+            }
+            back
+        }
+    }
 }
 
 /// A task's packet to its host, through the host link: source-NATed to
