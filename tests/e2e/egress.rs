@@ -21,7 +21,7 @@
 //! own host, on its data address, is reached through the host link.
 
 use crate::lab::{BIN, Lab, in_ns, in_ns_ok, ip, task_ip, wait_for};
-use crate::routed::{RNode, boot, cli_ok, leg};
+use crate::routed::{RNode, boot, cli_ok, init_and_join, leg};
 use crate::{Io, need_root, serial};
 use std::collections::BTreeSet;
 use std::time::Instant;
@@ -103,14 +103,7 @@ pub(super) fn egress(io: Io) {
     }
     let (nginx, access) = nginx(&mut lab, &out);
 
-    let init = cli_ok(&n1.state, &["cluster", "init"]);
-    let token = init
-        .split_whitespace()
-        .find(|w| w.starts_with("MPTKN-") && init.contains(&format!("manager: meshplane cluster join --token {w}")))
-        .unwrap_or_else(|| panic!("no manager token in: {init}"))
-        .to_owned();
-    cli_ok(&n2.state, &["cluster", "join", "--token", &token, "198.18.1.1"]);
-    cli_ok(&n1.state, &["network", "create", "--subnet", "198.19.0.0/24", "app"]);
+    init_and_join(&n1, &n2);
     cli_ok(&n1.state, &["network", "create", "--subnet", "198.19.9.0/24", "--internal", "vault"]);
     #[rustfmt::skip]
     cli_ok(&n1.state, &["service", "create", "--name", "web", "--network", "app", "--vip-port", "80", "--target-port", "8080"]);

@@ -91,6 +91,19 @@ pub(super) fn boot(lab: &mut Lab, io: Io, fab: &str, n: u8, br: &str, side: u8, 
     RNode { ns, state, proc_: p }
 }
 
+/// Node 1 makes the cluster, node 2 joins it as a manager; network `app`
+/// (198.19.0.0/24).
+pub(super) fn init_and_join(n1: &RNode, n2: &RNode) {
+    let init = cli_ok(&n1.state, &["cluster", "init"]);
+    let token = init
+        .split_whitespace()
+        .find(|w| w.starts_with("MPTKN-") && init.contains(&format!("manager: meshplane cluster join --token {w}")))
+        .unwrap_or_else(|| panic!("no manager token in: {init}"))
+        .to_owned();
+    cli_ok(&n2.state, &["cluster", "join", "--token", &token, "198.18.1.1"]);
+    cli_ok(&n1.state, &["network", "create", "--subnet", "198.19.0.0/24", "app"]);
+}
+
 /// Reply times (seconds, from `ping -D`) in a ping log.
 fn reply_times(log: &str) -> Vec<f64> {
     log.lines()
@@ -134,15 +147,7 @@ fn routed(io: Io) {
     leg(&fab, "brB", "rb", &rt, "rb", "02:00:00:00:14:fe", "198.18.20.254");
     let n1 = boot(&mut lab, io, &fab, 1, "brA", 10, 20);
     let n2 = boot(&mut lab, io, &fab, 2, "brB", 20, 10);
-
-    let init = cli_ok(&n1.state, &["cluster", "init"]);
-    let token = init
-        .split_whitespace()
-        .find(|w| w.starts_with("MPTKN-") && init.contains(&format!("manager: meshplane cluster join --token {w}")))
-        .unwrap_or_else(|| panic!("no manager token in: {init}"))
-        .to_owned();
-    cli_ok(&n2.state, &["cluster", "join", "--token", &token, "198.18.1.1"]);
-    cli_ok(&n1.state, &["network", "create", "--subnet", "198.19.0.0/24", "app"]);
+    init_and_join(&n1, &n2);
     #[rustfmt::skip]
     cli_ok(&n1.state, &["service", "create", "--name", "web", "--network", "app", "--vip-port", "80", "--target-port", "8080"]);
     let t = [lab.ns("t1"), lab.ns("t2")];

@@ -232,17 +232,7 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
     }
     let mac = hop(t, key.dst, lb)?;
     let nat = Nat { src_addr: Some(Ipv4Addr::from(snat)), ..Nat::default() };
-    let d = frame.data_mut();
-    let ip = &mut d[field::VER_IHL..];
-    let r = if key.proto == protocol::ICMP {
-        icmp_nat::rewrite_echo(ip, &nat, port)
-    } else {
-        rewrite_ipv4(ip, &Nat { src_port: Some(port), ..nat })
-    };
-    r.map_err(|_| D::Malformed)?;
-    icmp_nat::dec_ttl(ip).map_err(|_| D::Malformed)?;
-    d[field::DST_MAC].copy_from_slice(&mac.0);
-    d[field::SRC_MAC].copy_from_slice(&t.data_mac.0);
+    translate_out(frame, key.proto, &nat, port, (mac, t.data_mac))?;
     lb.egress.stats.tx_packets += 1;
     lb.egress.stats.tx_bytes += frame.len() as u64;
     Ok(Next::Done(Verdict::Tx(UPLINK)))
@@ -311,20 +301,34 @@ fn to_host(
         src_port: None,
         dst_port: None,
     };
-    let d = frame.data_mut();
-    let ip = &mut d[field::VER_IHL..];
-    let r = if key.proto == protocol::ICMP {
-        icmp_nat::rewrite_echo(ip, &nat, port)
-    } else {
-        rewrite_ipv4(ip, &Nat { src_port: Some(port), ..nat })
-    };
-    r.map_err(|_| D::Malformed)?;
-    icmp_nat::dec_ttl(ip).map_err(|_| D::Malformed)?;
-    d[field::DST_MAC].copy_from_slice(&h.peer_mac.0);
-    d[field::SRC_MAC].copy_from_slice(&h.mac.0);
+    translate_out(frame, key.proto, &nat, port, (h.peer_mac, h.mac))?;
     lb.egress.stats.tx_packets += 1;
     lb.egress.stats.tx_bytes += frame.len() as u64;
     Ok(Next::Done(Verdict::Tx(host_port)))
+}
+
+/// A task's packet (IP protocol `proto`) translated on its way out:
+/// `nat`'s addresses, `port` as its source port (an echo's identifier),
+/// TTL − 1, and the MACs (destination, source).
+fn translate_out(
+    frame: &mut Frame<'_>,
+    proto: u8,
+    nat: &Nat,
+    port: u16,
+    (dst, src): (MacAddr, MacAddr),
+) -> Result<(), D> {
+    let d = frame.data_mut();
+    let ip = &mut d[field::VER_IHL..];
+    let r = if proto == protocol::ICMP {
+        icmp_nat::rewrite_echo(ip, nat, port)
+    } else {
+        rewrite_ipv4(ip, &Nat { src_port: Some(port), ..*nat })
+    };
+    r.map_err(|_| D::Malformed)?;
+    icmp_nat::dec_ttl(ip).map_err(|_| D::Malformed)?;
+    d[field::DST_MAC].copy_from_slice(&dst.0);
+    d[field::SRC_MAC].copy_from_slice(&src.0);
+    Ok(())
 }
 
 /// The task's source MAC (to deliver replies to).
