@@ -115,9 +115,14 @@ fn egress(bin: &str, state: &serde_json::Value) -> bool {
         let body = out.as_ref().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
         let (who, saw) = body.split_once(" saw ").unwrap_or(("-", "-"));
         let node_ip = format!("198.18.0.{n}");
-        let ok = out.is_ok_and(|o| o.status.success()) && saw.split(':').next() == Some(node_ip.as_str());
+        let ok = out.as_ref().is_ok_and(|o| o.status.success()) && saw.split(':').next() == Some(node_ip.as_str());
         all &= ok;
-        let note = if ok { format!("({node}'s data address)") } else { "FAILED".to_owned() };
+        let note = if ok {
+            format!("({node}'s data address)")
+        } else {
+            let err = out.as_ref().map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned()).unwrap_or_default();
+            format!("FAILED {}", err.lines().find(|l| l.starts_with("Error")).unwrap_or(""))
+        };
         println!("  {id:<8} {node:<8} {who:<12} {saw:<22} {note}");
     }
     all

@@ -86,6 +86,10 @@ fn fabric() -> Result<String> {
 fn outside(bin: &str, dir: &Path, fab: &str) -> Result<()> {
     let out = ns_name("out");
     netns_add(&out)?;
+    // A MAC of its own: a bridge takes its ports' lowest otherwise, which
+    // changes as nodes join it, and the nodes' neighbour entries for the
+    // router would go stale.
+    ip(&["-n", fab, "link", "set", "br0", "address", "02:00:00:00:00:fe"])?;
     ip(&["-n", fab, "addr", "add", &format!("{ROUTER_IP}/24"), "dev", "br0"])?;
     ip(&["link", "add", "o0", "netns", fab, "type", "veth", "peer", "name", "eth0", "netns", &out])?;
     ip(&["-n", fab, "addr", "add", "198.18.2.1/24", "dev", "o0"])?;
