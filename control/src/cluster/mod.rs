@@ -241,6 +241,12 @@ impl Control {
         self.lock().saved.as_ref().map(|s| s.identity.clone())
     }
 
+    /// How many voters this node's Raft membership has (every config of a
+    /// joint one counted): 0 on a node without Raft (diagnostics, tests).
+    pub fn raft_voter_count(&self) -> usize {
+        self.raft().map_or(0, |r| r.metrics().borrow().membership_config.membership().voter_ids().count())
+    }
+
     /// The state as this node knows it, and its version.
     pub fn state(&self) -> (ClusterState, u64) {
         let g = self.lock();
