@@ -90,7 +90,10 @@ impl Node {
     }
     fn kill(mut self) -> Config {
         if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
+            // Every task dropped at once (a crash, not a stop), and the
+            // runtime's threads waited for, so that its sockets are closed
+            // before the node starts again on the same address.
+            rt.shutdown_timeout(Duration::from_secs(5));
         }
         self.cfg.clone()
     }
