@@ -32,6 +32,8 @@ struct FileConfig {
     egress_addr: Option<Ipv4Addr>,
     egress_ports: Option<PortRange>,
     no_egress: Option<bool>,
+    host_link: Option<meshplane_dataplane::tables::Subnet>,
+    no_host_link: Option<bool>,
 }
 
 /// The arguments with the configuration file's values where no flag was
@@ -73,6 +75,14 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
             anyhow::bail!("{}: no_egress = true with egress_addr or egress_ports", path.display());
         }
     }
+    // Likewise the host link's.
+    if a.host_link.is_none() && !a.no_host_link {
+        a.host_link = f.host_link;
+        a.no_host_link = f.no_host_link.unwrap_or(false);
+        if a.no_host_link && a.host_link.is_some() {
+            anyhow::bail!("{}: no_host_link = true with host_link", path.display());
+        }
+    }
     Ok(a)
 }
 
@@ -86,8 +96,11 @@ mod tests {
         assert_eq!(f.name.as_deref(), Some("node1"));
         assert_eq!(f.io, Some(IoKind::Afxdp));
         assert_eq!(f.cores, Some(vec![1]));
-        let f: FileConfig =
-            toml::from_str("egress_addr = \"198.18.0.7\"\negress_ports = \"62000-62999\"").expect("egress keys");
+        let f: FileConfig = toml::from_str(
+            "egress_addr = \"198.18.0.7\"\negress_ports = \"62000-62999\"\nhost_link = \"198.18.250.4/30\"",
+        )
+        .expect("egress keys");
+        assert_eq!(f.host_link.map(|s| s.to_string()), Some("198.18.250.4/30".to_owned()));
         assert_eq!(f.egress_addr, Some(Ipv4Addr::new(198, 18, 0, 7)));
         assert_eq!(f.egress_ports.map(|r| (r.lo, r.hi)), Some((62000, 62999)));
         let bad = toml::from_str::<FileConfig>("egress_ports = \"100-200\"");
