@@ -185,6 +185,19 @@ fn vip_arp_ping_and_other_ports() {
     // Another port, or UDP, at the VIP is no service: no route.
     let other = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 81, true);
     assert_eq!(run(&t, &mut st, TASK1, &other, 0).0, Verdict::Drop(D::NoRoute));
+    // Ping to the VIP is answered, from the VIP (as Swarm's VIPs answer).
+    let ping = |dst: [u8; 4], reply: bool, src: [u8; 4], from: [u8; 6], to: [u8; 6]| {
+        let mut f = Vec::new();
+        let b = etherparse::PacketBuilder::ethernet2(from, to).ipv4(src, dst, 64);
+        let b = if reply { b.icmpv4_echo_reply(9, 1) } else { b.icmpv4_echo_request(9, 1) };
+        b.write(&mut f, b"abcd").expect("echo");
+        f
+    };
+    let (v, out) = run(&t, &mut st, TASK1, &ping(VIP, false, T1, T1_MAC, GW_MAC), 0);
+    assert_eq!((v, out), (Verdict::Tx(TASK1), ping(T1, true, VIP, GW_MAC, T1_MAC)));
+    // Not an address of no VIP.
+    let (v, _) = run(&t, &mut st, TASK1, &ping([198, 19, 0, 101], false, T1, T1_MAC, GW_MAC), 0);
+    assert_ne!(v, Verdict::Tx(TASK1));
 }
 
 #[test]

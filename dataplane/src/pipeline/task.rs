@@ -9,7 +9,7 @@
 //! 3 arp       proxy ARP from cluster state            Tx(in_port) reply; drop arp_*
 //! 4 flood     no broadcast or multicast               drop broadcast_not_flooded
 //! 5 ipv4      endpoint's address, network MTU         drop src_ip_spoofed, mtu_exceeded; Tx(in_port) frag-needed
-//! 6 gateway   to the gateway MAC                      Tx(in_port) echo reply; lb::to_vip; lb::routed;
+//! 6 gateway   to the gateway MAC                      Tx(in_port) echo reply (gateway, VIPs); lb::to_vip; lb::routed;
 //!                                                     drop egress_internal (internal network, outside
 //!                                                     every network); lb::egress::from_task (SNAT,
 //!                                                     TTL − 1) → Tx(uplink); Tx(in_port) time-exceeded;
@@ -222,7 +222,9 @@ fn to_gateway(
     t: &Tables,
     lb: &mut LbState,
 ) -> Verdict {
-    if ip.dst == nw.gateway_ip && ip.protocol == protocol::ICMP {
+    if ip.protocol == protocol::ICMP && (ip.dst == nw.gateway_ip || t.services.is_vip(net, ip.dst)) {
+        // The gateway answers ping for itself and for every VIP (as
+        // Swarm's VIPs answer it): the reply comes from the address pinged.
         return gateway::echo(frame, in_port, nw);
     }
     if let Some(dport) = ip.common_dport

@@ -300,6 +300,12 @@ impl Services {
         self.published.get(&published_key(port, proto)).copied()
     }
 
+    /// True if `ip` is the VIP of a service of network `net` (a linear
+    /// scan: only ICMP to a VIP asks).
+    pub fn is_vip(&self, net: NetId, ip: Ipv4Addr) -> bool {
+        self.list.iter().any(|s| s.net == net && s.vip.is_some_and(|(v, _)| v == ip))
+    }
+
     /// True if any service has its tasks in network `net`.
     pub fn in_network(&self, net: NetId) -> bool {
         self.list.iter().any(|s| s.net == net)
