@@ -67,6 +67,7 @@ async fn main() {
         target_port: 8080,
         publish: vec![PublishRequest { port: None, mode: MeshMode::Nat }],
         scheduler: Scheduler::Mh,
+        endpoint_mode: meshplane_control::state::EndpointMode::Vip,
     });
     for n in 1..=3u8 {
         setup.push(Command::AttachTask {

@@ -93,6 +93,7 @@ async fn main() {
             target_port: 8080,
             publish: vec![PublishRequest { port: None, mode: MeshMode::Nat }],
             scheduler: Scheduler::Mh,
+            endpoint_mode: meshplane_control::state::EndpointMode::Vip,
         },
         Command::AttachTask { id: "web.1".into(), service: "web".into(), node: "node1".into(), weight: 1, netns: None },
     ];

@@ -120,12 +120,14 @@ fn ports_and_endpoints(
     (ports, endpoints)
 }
 
-/// Every service, with its tasks on live nodes as backends (weight 0 and
-/// draining on drained nodes).
+/// Every service balanced through a VIP (`dnsrr` services have no VIP and
+/// no routing mesh: DNS answers with their tasks), with its tasks on live
+/// nodes as backends (weight 0 and draining on drained nodes).
 fn services(state: &ClusterState, alive: &dyn Fn(&str) -> bool) -> Vec<ServiceSpec> {
     state
         .services
         .values()
+        .filter(|s| s.endpoint_mode == crate::state::EndpointMode::Vip)
         .map(|s| ServiceSpec {
             name: s.name.clone(),
             protocol: s.protocol,

@@ -154,6 +154,21 @@ pub struct Service {
     pub published: Vec<Published>,
     /// Scheduler.
     pub scheduler: Scheduler,
+    /// How its tasks are reached: through a VIP, or by DNS round robin.
+    #[serde(default)]
+    pub endpoint_mode: EndpointMode,
+}
+
+/// How a service's tasks are reached (Docker's `--endpoint-mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    /// Through a VIP the balancers spread over its tasks.
+    #[default]
+    Vip,
+    /// DNS round robin: its name answers with its tasks' addresses; no VIP,
+    /// no routing mesh.
+    Dnsrr,
 }
 
 /// A task: a service's endpoint on a node.
@@ -246,6 +261,9 @@ pub enum Command {
         publish: Vec<PublishRequest>,
         /// Scheduler.
         scheduler: Scheduler,
+        /// VIP (default) or DNS round robin.
+        #[serde(default)]
+        endpoint_mode: EndpointMode,
     },
     /// A service's scheduler or published ports change (its VIP, network
     /// and tasks stay; connections in flight keep their backends).
@@ -462,6 +480,16 @@ pub enum StateError {
     /// A service with neither a VIP nor a published port.
     #[error("service {0:?} needs a vip port or a published port")]
     Unreachable(String),
+    /// A `dnsrr` service given a VIP port.
+    #[error(
+        "service {0:?}: --vip-port needs --endpoint-mode vip (dnsrr answers DNS with the tasks' addresses and has no VIP)"
+    )]
+    DnsrrVip(String),
+    /// A `dnsrr` service published through the routing mesh.
+    #[error(
+        "service {0:?}: endpoint mode dnsrr cannot be published through the routing mesh: it has no VIP (as in Swarm); use --endpoint-mode vip"
+    )]
+    DnsrrPublished(String),
     /// A network still used by services.
     #[error("network {network:?} is used by service {service:?}")]
     NetworkInUse {
@@ -712,9 +740,18 @@ impl ClusterState {
                 self.create_network(name, *subnet, *gateway, *mtu, *internal)
             }
             Command::RemoveNetwork { name } => self.remove_network(name),
-            Command::CreateService { name, network, protocol, vip_port, target_port, publish, scheduler } => {
+            Command::CreateService {
+                name,
+                network,
+                protocol,
+                vip_port,
+                target_port,
+                publish,
+                scheduler,
+                endpoint_mode,
+            } => {
                 let ports = ServicePorts { vip_port: *vip_port, target_port: *target_port, publish };
-                self.create_service(name, network, *protocol, ports, *scheduler)
+                self.create_service(name, network, *protocol, ports, *scheduler, *endpoint_mode)
             }
             Command::UpdateService { name, scheduler, publish_add, publish_rm } => {
                 self.update_service(name, *scheduler, publish_add, publish_rm)
@@ -882,6 +919,7 @@ impl ClusterState {
         protocol: Proto,
         ports: ServicePorts<'_>,
         scheduler: Scheduler,
+        endpoint_mode: EndpointMode,
     ) -> Result<(), StateError> {
         use StateError as E;
         check_name(Kind::Service, name)?;
@@ -895,8 +933,13 @@ impl ClusterState {
         if target_port == 0 || vip_port == Some(0) || publish.iter().any(|p| p.port == Some(0)) {
             return Err(E::PortZero);
         }
-        if vip_port.is_none() && publish.is_empty() {
-            return Err(E::Unreachable(name.to_owned()));
+        match endpoint_mode {
+            EndpointMode::Vip if vip_port.is_none() && publish.is_empty() => {
+                return Err(E::Unreachable(name.to_owned()));
+            }
+            EndpointMode::Dnsrr if vip_port.is_some() => return Err(E::DnsrrVip(name.to_owned())),
+            EndpointMode::Dnsrr if !publish.is_empty() => return Err(E::DnsrrPublished(name.to_owned())),
+            _ => {}
         }
         let mut published = Vec::new();
         for req in publish {
@@ -914,6 +957,7 @@ impl ClusterState {
             target_port,
             published,
             scheduler,
+            endpoint_mode,
         };
         self.services.insert(name.to_owned(), svc);
         self.allocate_node_ips()
@@ -931,6 +975,10 @@ impl ClusterState {
         use StateError as E;
         // Out of the map while it changes: its own old ports do not count
         // as taken by another service.
+        let svc0 = self.services.get(name).ok_or_else(|| unknown(Kind::Service, name))?;
+        if svc0.endpoint_mode == EndpointMode::Dnsrr && !publish_add.is_empty() {
+            return Err(E::DnsrrPublished(name.to_owned()));
+        }
         let mut svc = self.services.remove(name).ok_or_else(|| unknown(Kind::Service, name))?;
         for p in publish_rm {
             if !svc.published.iter().any(|x| x.port == *p) {
@@ -945,7 +993,7 @@ impl ClusterState {
             let p = self.allocate_published(name, svc.protocol, req, &svc.published)?;
             svc.published.push(p);
         }
-        if svc.vip.is_none() && svc.published.is_empty() {
+        if svc.endpoint_mode == EndpointMode::Vip && svc.vip.is_none() && svc.published.is_empty() {
             return Err(E::Unreachable(name.to_owned()));
         }
         if let Some(s) = scheduler {
@@ -1176,9 +1224,46 @@ mod netns_tests {
             target_port: 8080,
             publish: Vec::new(),
             scheduler: Scheduler::Rr,
+            endpoint_mode: EndpointMode::Vip,
         })
         .expect("service");
         st
+    }
+
+    fn dnsrr(name: &str, vip_port: Option<u16>, publish: Vec<PublishRequest>) -> Command {
+        Command::CreateService {
+            name: name.into(),
+            network: "app".into(),
+            protocol: Proto::Tcp,
+            vip_port,
+            target_port: 5432,
+            publish,
+            scheduler: Scheduler::Rr,
+            endpoint_mode: EndpointMode::Dnsrr,
+        }
+    }
+
+    #[test]
+    fn a_dnsrr_service_has_no_vip_and_no_published_port() {
+        let mut st = cluster();
+        st.apply(&dnsrr("db", None, vec![])).expect("a dnsrr service needs neither");
+        assert_eq!((st.services["db"].vip, st.services["db"].endpoint_mode), (None, EndpointMode::Dnsrr));
+        let e = st.apply(&dnsrr("db2", Some(5432), vec![])).expect_err("a VIP port");
+        assert!(e.to_string().contains("--vip-port needs --endpoint-mode vip"), "{e}");
+        let p = PublishRequest { port: Some(30432), mode: MeshMode::Nat };
+        let e = st.apply(&dnsrr("db3", None, vec![p])).expect_err("published");
+        assert!(e.to_string().contains("cannot be published through the routing mesh"), "{e}");
+        let add =
+            Command::UpdateService { name: "db".into(), scheduler: None, publish_add: vec![p], publish_rm: vec![] };
+        let e = st.apply(&add).expect_err("published later");
+        assert!(e.to_string().contains("cannot be published"), "{e}");
+        assert!(st.services.contains_key("db"), "a refused update keeps the service");
+        // A command written before endpoint modes existed reads as vip.
+        let old = r#"{"CreateService":{"name":"w","network":"app","protocol":"tcp","vip_port":80,"target_port":80,"publish":[],"scheduler":"rr"}}"#;
+        match serde_json::from_str::<Command>(old) {
+            Ok(Command::CreateService { endpoint_mode, .. }) => assert_eq!(endpoint_mode, EndpointMode::Vip),
+            other => panic!("{other:?}"),
+        }
     }
 
     fn attach(id: &str, netns: &str) -> Command {

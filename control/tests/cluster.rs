@@ -196,6 +196,7 @@ fn a_cluster_of_control_planes() {
         target_port: 8080,
         publish: vec![PublishRequest { port: None, mode: MeshMode::Nat }],
         scheduler: Scheduler::Mh,
+        endpoint_mode: meshplane_control::state::EndpointMode::Vip,
     })
     .unwrap();
     // A refused write says why, from wherever it was made.

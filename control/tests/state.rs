@@ -36,6 +36,7 @@ fn service(name: &str, vip: Option<u16>, publish: &[(Option<u16>, MeshMode)]) ->
         target_port: 8080,
         publish: publish.iter().map(|&(port, mode)| PublishRequest { port, mode }).collect(),
         scheduler: Scheduler::Rr,
+        endpoint_mode: meshplane_control::state::EndpointMode::Vip,
     }
 }
 
@@ -128,6 +129,7 @@ fn mistakes_are_refused_with_clear_errors_and_change_nothing() {
                 target_port: 53,
                 publish: vec![],
                 scheduler: Scheduler::Mh,
+                endpoint_mode: meshplane_control::state::EndpointMode::Vip,
             },
             "no network \"nope\"",
         ),
@@ -410,4 +412,26 @@ fn a_state_older_than_the_mtu_port_and_internal_fields_loads_with_the_defaults()
         serde_json::from_str(r#"{"CreateNetwork":{"name":"n","subnet":"198.19.9.0/24","gateway":null,"mtu":null}}"#)
             .unwrap();
     assert_eq!(cmd, network_mtu("n", "198.19.9.0/24", None));
+}
+
+#[test]
+fn a_dnsrr_service_is_no_balancer_but_its_tasks_keep_their_ports() {
+    let mut s = cluster();
+    let db = Command::CreateService {
+        name: "db".into(),
+        network: "app".into(),
+        protocol: Proto::Tcp,
+        vip_port: None,
+        target_port: 5432,
+        publish: vec![],
+        scheduler: Scheduler::Rr,
+        endpoint_mode: meshplane_control::state::EndpointMode::Dnsrr,
+    };
+    for c in [db, task("db.1", "db", "node1")] {
+        s.apply(&c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
+    let spec = compile(&s, "node1", &|_| true, 9).unwrap();
+    assert_eq!(spec.services.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["web"], "no balancer for db");
+    assert!(spec.ports.iter().any(|p| p.name == "db.1"), "its task has its port");
+    assert!(Tables::compile(&spec).is_ok());
 }

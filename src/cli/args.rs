@@ -235,6 +235,19 @@ pub(crate) struct ServiceCreate {
     /// Scheduler.
     #[arg(long, value_enum, default_value = "mh")]
     pub(crate) scheduler: SchedArg,
+    /// How the tasks are reached: `vip` (a VIP balanced over them) or
+    /// `dnsrr` (DNS answers with their addresses; no VIP, no --publish).
+    #[arg(long, value_enum, default_value = "vip")]
+    pub(crate) endpoint_mode: EndpointModeArg,
+}
+
+/// Endpoint modes (Docker's `--endpoint-mode`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EndpointModeArg {
+    /// A VIP.
+    Vip,
+    /// DNS round robin.
+    Dnsrr,
 }
 
 /// Protocols.

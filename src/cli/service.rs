@@ -1,11 +1,11 @@
 //! `meshplane service create|ls|inspect|update|rm`, and the `--publish`
 //! syntax.
 
-use super::args::{Conn, ProtoArg, SchedArg, ServiceCmd, ServiceCreate};
+use super::args::{Conn, EndpointModeArg, ProtoArg, SchedArg, ServiceCmd, ServiceCreate};
 use super::client::{state, write};
 use super::render::{print, s, table};
 use anyhow::{Context, Result, anyhow, bail};
-use meshplane_control::state::{Command, PublishRequest};
+use meshplane_control::state::{Command, EndpointMode, PublishRequest};
 use meshplane_dataplane::lb::sched::Scheduler;
 use meshplane_dataplane::tables::services::{MeshMode, Proto};
 use serde_json::Value;
@@ -59,7 +59,7 @@ pub(crate) fn run(c: &Conn, cmd: &ServiceCmd) -> Result<()> {
 /// `service create`: the service, then its VIP and published ports as
 /// the state has them.
 fn create(c: &Conn, a: &ServiceCreate) -> Result<()> {
-    let ServiceCreate { name, network, protocol, vip_port, target_port, publish, scheduler } = a;
+    let ServiceCreate { name, network, protocol, vip_port, target_port, publish, scheduler, endpoint_mode } = a;
     let mut target = *target_port;
     let mut reqs = Vec::new();
     for p in publish {
@@ -73,8 +73,23 @@ fn create(c: &Conn, a: &ServiceCreate) -> Result<()> {
         reqs.push(r);
     }
     let target_port = target.context("the tasks' port: --target-port or --publish PUB:TARGET")?;
-    if vip_port.is_none() && reqs.is_empty() {
-        bail!("a service needs a VIP (--vip-port) or a published port (--publish), or both");
+    let endpoint_mode = match endpoint_mode {
+        EndpointModeArg::Vip => EndpointMode::Vip,
+        EndpointModeArg::Dnsrr => EndpointMode::Dnsrr,
+    };
+    match endpoint_mode {
+        EndpointMode::Vip if vip_port.is_none() && reqs.is_empty() => {
+            bail!("a service needs a VIP (--vip-port) or a published port (--publish), or both");
+        }
+        EndpointMode::Dnsrr if vip_port.is_some() => {
+            bail!("--vip-port needs --endpoint-mode vip (dnsrr answers DNS with the tasks' addresses and has no VIP)");
+        }
+        EndpointMode::Dnsrr if !reqs.is_empty() => {
+            bail!(
+                "endpoint mode dnsrr cannot be published through the routing mesh: it has no VIP (as in Swarm); use --endpoint-mode vip"
+            );
+        }
+        _ => {}
     }
     let protocol = match protocol {
         ProtoArg::Tcp => Proto::Tcp,
@@ -91,6 +106,7 @@ fn create(c: &Conn, a: &ServiceCreate) -> Result<()> {
             target_port,
             publish: reqs,
             scheduler,
+            endpoint_mode,
         },
     )?;
     let st = state(c)?;
@@ -130,11 +146,12 @@ fn ls(c: &Conn) -> Result<()> {
                     vip_text(&sv["vip"]),
                     tasks.to_string(),
                     s(&sv["scheduler"]),
+                    sv["endpoint_mode"].as_str().unwrap_or("vip").to_owned(),
                     published.join(" "),
                 ]
             })
             .collect();
-        table(&["NAME", "NETWORK", "PROTO", "VIP", "TASKS", "SCHED", "PORTS"], rows);
+        table(&["NAME", "NETWORK", "PROTO", "VIP", "TASKS", "SCHED", "MODE", "PORTS"], rows);
     });
     Ok(())
 }

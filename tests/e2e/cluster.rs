@@ -14,6 +14,25 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+/// `service create` of a `dnsrr` service with a published port: refused.
+const DNSRR_PUBLISHED: [&str; 10] =
+    ["service", "create", "--name", "db", "--network", "app", "--endpoint-mode", "dnsrr", "--publish", "30095:5432"];
+/// `service create` of a `dnsrr` service with a VIP port: refused.
+const DNSRR_VIP: [&str; 12] = [
+    "service",
+    "create",
+    "--name",
+    "db",
+    "--network",
+    "app",
+    "--endpoint-mode",
+    "dnsrr",
+    "--vip-port",
+    "5432",
+    "--target-port",
+    "5432",
+];
+
 /// The lab, taken down when dropped (also when the test fails).
 struct LabGuard(PathBuf);
 
@@ -180,12 +199,20 @@ pub(crate) fn cluster_on_the_lab(io: &str) {
         (vec!["network", "create", "--subnet", "198.19.0.0/25", "n2"], "overlaps"),
         (vec!["node", "update", "--availability", "sideways", "node1"], "sideways"),
         (vec!["task", "detach", "web.9"], "no task"),
+        (DNSRR_PUBLISHED.to_vec(), "dnsrr cannot be published through the routing mesh"),
+        (DNSRR_VIP.to_vec(), "--vip-port needs --endpoint-mode vip"),
     ] {
         let o = g.cli(1, &args);
         assert!(!o.status.success(), "{args:?} succeeded");
         assert!(text(&o.stderr).contains(says), "{args:?}: {}", text(&o.stderr));
     }
     assert!(g.cli_ok(1, &["service", "ls"]).lines().count() == 2, "the refused service was not made");
+    // A dnsrr service: no VIP, no routing mesh (DNS answers with its tasks).
+    #[rustfmt::skip]
+    g.cli_ok(1, &["service", "create", "--name", "db", "--network", "app", "--endpoint-mode", "dnsrr", "--target-port", "5432"]);
+    let ls = g.cli_ok(1, &["service", "ls"]);
+    assert!(ls.lines().any(|l| l.starts_with("db ") && l.contains("dnsrr")), "{ls}");
+    g.cli_ok(1, &["service", "rm", "db"]);
 
     // node3 crashes: its task leaves node1's and node2's balancers within
     // seconds, every request is still answered, by the others.
