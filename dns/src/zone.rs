@@ -1,0 +1,56 @@
+//! The names of one node's networks, compiled from the cluster state (by
+//! the control plane) and handed to the DNS server with each publication.
+
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+
+/// How a service's name answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// With its VIP.
+    #[default]
+    Vip,
+    /// With its serving tasks' addresses (DNS round robin).
+    Dnsrr,
+}
+
+/// One network's names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetZone {
+    /// The network's name (`SERVICE.NETWORK`).
+    pub name: String,
+    /// Its subnet (address, prefix): the reverse space it owns.
+    pub subnet: (Ipv4Addr, u8),
+    /// An internal network (nothing is forwarded from it).
+    pub internal: bool,
+    /// Its services.
+    pub services: Vec<SvcRec>,
+    /// Its tasks.
+    pub tasks: Vec<TaskRec>,
+}
+
+/// A service's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SvcRec {
+    /// Its name.
+    pub name: String,
+    /// VIP or DNS round robin.
+    pub mode: Mode,
+    /// Its VIP, if it has one.
+    pub vip: Option<Ipv4Addr>,
+}
+
+/// A task's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRec {
+    /// Its name (the task id).
+    pub name: String,
+    /// Its service.
+    pub service: String,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// Balanced to now (a live node, weight > 0, not drained): the tasks
+    /// `tasks.SERVICE` and a dnsrr name answer with.
+    pub serving: bool,
+}
