@@ -14,9 +14,10 @@
 //! other nodes' addresses in each network as endpoints, and every service
 //! with its tasks on live nodes as backends (weight 0 on drained nodes).
 
-use crate::state::{Availability, ClusterState, mac_for};
+use crate::state::{Availability, ClusterState, EndpointMode, mac_for};
 use meshplane_dataplane::tables::services::{BackendSpec, BackendState, PublishedSpec, ServiceSpec};
 use meshplane_dataplane::tables::{EndpointSpec, NeighbourSpec, NetworkSpec, NodeSpec, PortSpec, TablesSpec};
+use meshplane_dns::zone::{Mode, NetZone, SvcRec, TaskRec, Zone};
 use thiserror::Error;
 
 /// Why a node's tables could not be compiled.
@@ -153,4 +154,55 @@ fn services(state: &ClusterState, alive: &dyn Fn(&str) -> bool) -> Vec<ServiceSp
                 .collect(),
         })
         .collect()
+}
+
+/// The names node `me` serves (`up(node)`: which nodes gossip says are
+/// alive): every network in which it has a task, with the network's
+/// services and tasks. A task is serving (in `tasks.SERVICE` and a dnsrr
+/// name's answer) when the balancers send to it: on a live node that is
+/// not drained, with a weight above 0. Pure, as `compile` is.
+pub fn zone(state: &ClusterState, me: &str, up: &dyn Fn(&str) -> bool) -> Zone {
+    let alive = |n: &str| n == me || up(n);
+    let local: std::collections::BTreeSet<&str> = state
+        .tasks
+        .values()
+        .filter(|t| t.node == me)
+        .filter_map(|t| state.services.get(&t.service).map(|s| s.network.as_str()))
+        .collect();
+    let networks = state
+        .networks
+        .values()
+        .filter(|nw| local.contains(nw.name.as_str()))
+        .map(|nw| {
+            let services = state.services.values().filter(|s| s.network == nw.name);
+            NetZone {
+                name: nw.name.clone(),
+                subnet: (nw.subnet.addr, nw.subnet.prefix),
+                internal: nw.internal,
+                services: services
+                    .clone()
+                    .map(|s| SvcRec {
+                        name: s.name.clone(),
+                        mode: if s.endpoint_mode == EndpointMode::Dnsrr { Mode::Dnsrr } else { Mode::Vip },
+                        vip: s.vip.map(|(ip, _)| ip),
+                    })
+                    .collect(),
+                tasks: state
+                    .tasks
+                    .values()
+                    .filter(|t| services.clone().any(|s| s.name == t.service))
+                    .map(|t| {
+                        let drained = state.nodes.get(&t.node).is_none_or(|n| n.availability == Availability::Drain);
+                        TaskRec {
+                            name: t.id.clone(),
+                            service: t.service.clone(),
+                            ip: t.ip,
+                            serving: alive(&t.node) && !drained && t.weight > 0,
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    Zone { networks }
 }

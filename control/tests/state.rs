@@ -435,3 +435,35 @@ fn a_dnsrr_service_is_no_balancer_but_its_tasks_keep_their_ports() {
     assert!(spec.ports.iter().any(|p| p.name == "db.1"), "its task has its port");
     assert!(Tables::compile(&spec).is_ok());
 }
+
+#[test]
+fn the_zone_of_a_node_is_its_tasks_networks_and_who_serves() {
+    let mut s = cluster();
+    for c in [
+        network("other", "198.19.5.0/24"),
+        Command::CreateService {
+            name: "far".into(),
+            network: "other".into(),
+            protocol: Proto::Tcp,
+            vip_port: Some(80),
+            target_port: 80,
+            publish: vec![],
+            scheduler: Scheduler::Rr,
+            endpoint_mode: meshplane_control::state::EndpointMode::Vip,
+        },
+        task("far.1", "far", "node2"),
+    ] {
+        s.apply(&c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
+    let z = meshplane_control::compile::zone(&s, "node1", &|n| n != "node2");
+    assert_eq!(z.networks.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["app"], "only its tasks' networks");
+    let app = &z.networks[0];
+    assert_eq!(app.services.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["web"]);
+    assert!(app.services[0].vip.is_some());
+    let serving: Vec<(&str, bool)> = app.tasks.iter().map(|t| (t.name.as_str(), t.serving)).collect();
+    assert_eq!(serving, [("web.1", true), ("web.2", false)], "node2 is down: its task is not serving");
+    // The names answer through the view.
+    let v = meshplane_dns::view::View::build(app);
+    let web1 = s.tasks["web.1"].ip;
+    assert_eq!(v.lookup("tasks.web", meshplane_dns::view::Kind::A), meshplane_dns::view::Lookup::A(vec![web1]));
+}

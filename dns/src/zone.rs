@@ -15,6 +15,14 @@ pub enum Mode {
     Dnsrr,
 }
 
+/// The names a node serves: those of every network in which it has a
+/// task (a task only ever asks its own node).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Zone {
+    /// By network.
+    pub networks: Vec<NetZone>,
+}
+
 /// One network's names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetZone {
