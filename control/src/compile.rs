@@ -76,6 +76,7 @@ fn networks(state: &ClusterState, me: &str) -> Vec<NetworkSpec> {
             mtu: Some(nw.mtu),
             node_ip: nw.node_ips.get(me).copied(),
             internal: nw.internal,
+            dns_port: None,
         })
         .collect()
 }

@@ -188,6 +188,13 @@ pub struct NetworkSpec {
     /// (`egress_internal`), never given a way out.
     #[serde(default)]
     pub internal: bool,
+    /// The embedded DNS server's port for this network on the kernel end
+    /// of the host link: a task's query to `gateway_ip:53` (UDP or TCP) is
+    /// forwarded there (`Way::Dns`), its answer comes back from
+    /// `gateway_ip:53`. `None`: no DNS (the query is `no_route`). Needs
+    /// `node.egress.host_link`.
+    #[serde(default)]
+    pub dns_port: Option<u16>,
 }
 
 /// A port of this node's dataplane other than the uplink: a task's
@@ -464,6 +471,8 @@ pub struct Network {
     pub node_mac: Option<MacAddr>,
     /// See [`NetworkSpec::internal`].
     pub internal: bool,
+    /// See [`NetworkSpec::dns_port`].
+    pub dns_port: Option<u16>,
 }
 
 impl Network {
@@ -629,6 +638,7 @@ impl Tables {
             Some(h) => Some(b.host_port(&h.port)?),
             None => None,
         };
+        check_dns_ports(&b.networks, host_port.is_some())?;
         Ok(Tables {
             version: spec.version,
             data_ip: n.data_ip,
@@ -654,6 +664,24 @@ impl Tables {
     pub fn port_id(&self, name: &str) -> Option<PortId> {
         self.ports.iter().position(|p| p.name == name).and_then(|i| PortId::try_from(i).ok())
     }
+}
+
+/// Every network's DNS port needs the host link, and no two networks share one.
+fn check_dns_ports(networks: &[Network], host_link: bool) -> Result<(), TablesError> {
+    let mut seen = HashMap::new();
+    for nw in networks {
+        let Some(p) = nw.dns_port else { continue };
+        if !host_link {
+            return invalid(format!("network {:?}: dns_port needs the host link (node.egress.host_link)", nw.name));
+        }
+        if p == 0 {
+            return invalid(format!("network {:?}: dns_port 0 is not a port", nw.name));
+        }
+        if let Some(other) = seen.insert(p, nw.name.as_str()) {
+            return invalid(format!("networks {other:?} and {:?}: dns_port {p} is used twice", nw.name));
+        }
+    }
+    Ok(())
 }
 
 /// The node section's own checks.
@@ -762,6 +790,7 @@ impl<'s> Builder<'s> {
                 node_ip: ns.node_ip,
                 node_mac: ns.node_ip.map(node_mac_for),
                 internal: ns.internal,
+                dns_port: ns.dns_port,
             });
         }
         Ok(b)
