@@ -419,3 +419,123 @@ fn a_one_way_stream_keeps_its_way_back() {
     assert_eq!(run(&t, &mut st, UPLINK, &reply, 450 * SECOND).0, Verdict::Tx(TASK1));
     assert_eq!(st.lb.egress_stats().new_conns, 1);
 }
+
+const GW: [u8; 4] = [198, 19, 0, 254];
+const DB_GW: [u8; 4] = [198, 19, 1, 254];
+
+/// The example tables with the host link and a DNS port per network
+/// (`app` 25300, `db` 25301), `db` internal if asked.
+fn dns_tables(db_internal: bool) -> Tables {
+    let base = include_str!("../../examples/tables.toml");
+    let mut spec: TablesSpec = toml::from_str(&format!("{base}\n{}", host_link(false))).expect("spec parses");
+    spec.networks[0].dns_port = Some(25300);
+    spec.networks[1].dns_port = Some(25301);
+    spec.networks[1].internal = db_internal;
+    Tables::compile(&spec).expect("tables compile")
+}
+
+#[test]
+fn dns_queries_go_to_their_networks_port_on_the_host_link_and_answers_come_from_the_gateway() {
+    for db_internal in [false, true] {
+        let t = dns_tables(db_internal);
+        let mut st = WorkerState::for_tables(&t);
+        let cases = [(TASK1, T1_MAC, T1, GW_MAC, GW, 25300), (DB1, DB1_MAC, DB1_IP, DB_GW_MAC, DB_GW, 25301)];
+        for (port, mac, ip, gw_mac, gw, dns) in cases {
+            // A TTL of 1 is legal: the query is for the gateway.
+            for ttl in [64, 1] {
+                let q = udp(mac, gw_mac, ip, gw, ttl, 41000 + u16::from(ttl), 53);
+                let (v, out) = run(&t, &mut st, port, &q, 0);
+                assert_eq!(v, Verdict::Tx(HOST_PORT), "internal db {db_internal}, port {port}, ttl {ttl}");
+                let p = sport(&out);
+                assert_eq!(out, udp(LINK_MAC, KERNEL_MAC, LINK, KERNEL, ttl, p, dns), "DNAT + SNAT, TTL kept");
+                let answer = udp(KERNEL_MAC, LINK_MAC, KERNEL, LINK, 64, dns, p);
+                let (v, back) = run(&t, &mut st, HOST_PORT, &answer, SECOND);
+                assert_eq!(v, Verdict::Tx(port));
+                assert_eq!(back, udp(gw_mac, mac, gw, ip, 64, 53, 41000 + u16::from(ttl)), "from the gateway's :53");
+            }
+        }
+        let e = st.lb.egress_stats();
+        assert_eq!((e.dns_conns, e.new_conns, e.tx_packets, e.rx_packets), (4, 0, 4, 4));
+    }
+}
+
+#[test]
+fn dns_over_tcp_follows_the_connection() {
+    let t = dns_tables(false);
+    let mut st = WorkerState::for_tables(&t);
+    let (v, out) = run(&t, &mut st, TASK1, &tcp(T1_MAC, GW_MAC, T1, GW, 64, 42000, 53, true), 0);
+    assert_eq!(v, Verdict::Tx(HOST_PORT));
+    let p = sport(&out);
+    assert_eq!(out, tcp(LINK_MAC, KERNEL_MAC, LINK, KERNEL, 64, p, 25300, true));
+    let mut synack = Vec::new();
+    etherparse::PacketBuilder::ethernet2(KERNEL_MAC, LINK_MAC)
+        .ipv4(KERNEL, LINK, 64)
+        .tcp(25300, p, 7, 1000)
+        .syn()
+        .ack(1001)
+        .write(&mut synack, b"")
+        .expect("syn-ack");
+    let (v, back) = run(&t, &mut st, HOST_PORT, &synack, SECOND);
+    assert_eq!(v, Verdict::Tx(TASK1));
+    let mut want = Vec::new();
+    etherparse::PacketBuilder::ethernet2(GW_MAC, T1_MAC)
+        .ipv4(GW, T1, 64)
+        .tcp(53, 42000, 7, 1000)
+        .syn()
+        .ack(1001)
+        .write(&mut want, b"")
+        .expect("syn-ack");
+    assert_eq!(back, want);
+    // The query itself, on the same mapping; the answer back.
+    let (v, out) = run(&t, &mut st, TASK1, &tcp(T1_MAC, GW_MAC, T1, GW, 64, 42000, 53, false), 2 * SECOND);
+    assert_eq!((v, out), (Verdict::Tx(HOST_PORT), tcp(LINK_MAC, KERNEL_MAC, LINK, KERNEL, 64, p, 25300, false)));
+    let (v, back) =
+        run(&t, &mut st, HOST_PORT, &tcp(KERNEL_MAC, LINK_MAC, KERNEL, LINK, 64, 25300, p, false), 3 * SECOND);
+    assert_eq!((v, back), (Verdict::Tx(TASK1), tcp(GW_MAC, T1_MAC, GW, T1, 64, 53, 42000, false)));
+    assert_eq!(st.lb.egress_stats().dns_conns, 1);
+}
+
+#[test]
+fn a_port_unreachable_about_a_query_is_quoted_from_the_gateway() {
+    // No server listens yet: the kernel answers port unreachable, and the
+    // task sees it from its resolver about the query it sent.
+    let t = dns_tables(false);
+    let mut st = WorkerState::for_tables(&t);
+    let q = udp(T1_MAC, GW_MAC, T1, GW, 64, 43000, 53);
+    let (v, out) = run(&t, &mut st, TASK1, &q, 0);
+    assert_eq!(v, Verdict::Tx(HOST_PORT));
+    let err = icmp_error(KERNEL_MAC, LINK_MAC, KERNEL, LINK, 3, 3, &out, 28);
+    let (v, back) = run(&t, &mut st, HOST_PORT, &err, SECOND);
+    assert_eq!(v, Verdict::Tx(TASK1));
+    assert_eq!(back, icmp_error(GW_MAC, T1_MAC, GW, T1, 3, 3, &q, 28));
+}
+
+#[test]
+fn dns_entries_live_ten_seconds_and_a_network_without_a_dns_port_has_no_route() {
+    let t = dns_tables(false);
+    let mut st = WorkerState::for_tables(&t);
+    let (_, out) = run(&t, &mut st, TASK1, &udp(T1_MAC, GW_MAC, T1, GW, 64, 44000, 53), 0);
+    let p = sport(&out);
+    let answer = udp(KERNEL_MAC, LINK_MAC, KERNEL, LINK, 64, 25300, p);
+    assert_eq!(run(&t, &mut st, HOST_PORT, &answer, 9 * SECOND).0, Verdict::Tx(TASK1));
+    assert_eq!(run(&t, &mut st, HOST_PORT, &answer, 20 * SECOND).0, Verdict::Drop(D::EgressNoConnection));
+    // Without a DNS port, a query to the gateway is no one's.
+    let t = tables(&host_link(false));
+    let mut st = WorkerState::for_tables(&t);
+    let (v, _) = run(&t, &mut st, TASK1, &udp(T1_MAC, GW_MAC, T1, GW, 64, 44000, 53), 0);
+    assert_eq!(v, Verdict::Drop(D::NoRoute));
+}
+
+#[test]
+fn a_dns_port_needs_the_host_link_and_is_one_networks() {
+    let base = include_str!("../../examples/tables.toml");
+    let mut spec: TablesSpec = toml::from_str(&format!("{base}\n{EGRESS}")).expect("spec");
+    spec.networks[0].dns_port = Some(25300);
+    let e = Tables::compile(&spec).expect_err("refused").to_string();
+    assert!(e.contains("network \"app\": dns_port needs the host link"), "{e}");
+    let mut spec: TablesSpec = toml::from_str(&format!("{base}\n{}", host_link(false))).expect("spec");
+    spec.networks[0].dns_port = Some(25300);
+    spec.networks[1].dns_port = Some(25300);
+    let e = Tables::compile(&spec).expect_err("refused").to_string();
+    assert!(e.contains("dns_port 25300 is used twice"), "{e}");
+}

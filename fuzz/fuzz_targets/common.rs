@@ -29,7 +29,10 @@ pub fn tables_resetting() -> &'static Tables {
 pub fn tables_egress() -> &'static Tables {
     static T: OnceLock<Tables> = OnceLock::new();
     T.get_or_init(|| {
-        let spec = include_str!("../../examples/tables.toml").replace("mtu = 1400", "mtu = 1400\ninternal = true")
+        let spec = include_str!("../../examples/tables.toml")
+            .replace("mtu = 1400", "mtu = 1400\ninternal = true")
+            .replace("vni = 4096", "vni = 4096\ndns_port = 25300")
+            .replace("vni = 4097", "vni = 4097\ndns_port = 25301")
             + "\n[node.egress]\nports = \"61000-61063\"\nroute = [{ prefix = \"0.0.0.0/0\", mac = \"02:00:00:00:00:fe\" }]\n\
                [node.egress.host_link]\nip = \"198.18.99.2\"\npeer_ip = \"198.18.99.1\"\n\
                mac = \"02:4d:50:00:00:02\"\npeer_mac = \"02:4d:50:00:00:01\"\n";

@@ -69,8 +69,20 @@ fuzz_target!(|data: &[u8]| {
     if t.host_port.is_some() && t.host_port == Some(out) {
         let link = t.egress.as_ref().and_then(|e| e.host_link.as_ref()).expect("a host link");
         let in_net = t.ports[usize::from(in_port)].network.expect("from a task port");
-        assert!(!t.networks[usize::from(in_net)].internal, "an internal network reached the host");
+        let nw = &t.networks[usize::from(in_net)];
         assert_eq!(&sent[26..30], &link.ip.octets(), "to the host from the link's address");
+        // A DNS query to the gateway goes to its network's DNS port on
+        // the kernel's end; an internal network reaches the host no other way.
+        let dns = frame.get(14) == Some(&0x45)
+            && frame.get(30..34) == Some(&nw.gateway_ip.octets()[..])
+            && frame.get(36..38) == Some(&[0, 53][..])
+            && matches!(frame[23], 6 | 17);
+        if dns {
+            assert_eq!(&sent[30..34], &link.peer_ip.octets(), "DNS to the kernel's end");
+            assert_eq!(sent.get(36..38), nw.dns_port.map(u16::to_be_bytes).as_ref().map(|p| &p[..]), "to its DNS port");
+        } else {
+            assert!(!nw.internal, "an internal network reached the host");
+        }
         return;
     }
     if in_port == UPLINK && out == UPLINK {

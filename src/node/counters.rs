@@ -173,5 +173,6 @@ fn state_name(s: CtState) -> &'static str {
         CtState::Close => "close",
         CtState::Unconfirmed => "unconfirmed",
         CtState::Icmp => "icmp",
+        CtState::Dns => "dns",
     }
 }

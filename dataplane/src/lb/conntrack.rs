@@ -89,6 +89,9 @@ pub enum CtState {
     Unconfirmed = 5,
     /// An ICMP query (echo) mapping.
     Icmp = 6,
+    /// A UDP query to the node's DNS server (short-lived: a resolver uses
+    /// a fresh source port per query).
+    Dns = 7,
 }
 
 /// TCP flags the state machine reads.
@@ -298,6 +301,7 @@ fn state_of(bits: u64) -> CtState {
         3 => CtState::Fin,
         5 => CtState::Unconfirmed,
         6 => CtState::Icmp,
+        7 => CtState::Dns,
         _ => CtState::Close,
     }
 }
@@ -405,6 +409,9 @@ pub struct CtConfig {
     pub udp: u64,
     /// ICMP query (echo) mappings (RFC 5508 REQ-1: at least 60 s).
     pub icmp: u64,
+    /// UDP queries to the node's DNS server (10 s: as Kubernetes'
+    /// NodeLocal DNSCache keeps DNS out of long UDP tracking).
+    pub dns: u64,
     /// Flood guard: new connections per second per worker; 0 for no
     /// limit. Pickups of unconfirmed connections may use a quarter of it.
     pub max_new_per_sec: u32,
@@ -442,6 +449,7 @@ impl Default for CtConfig {
             tcp_unconfirmed: 5 * SECOND,
             udp: 300 * SECOND,
             icmp: 60 * SECOND,
+            dns: 10 * SECOND,
             max_new_per_sec: DEFAULT_MAX_NEW_PER_SEC,
             seed: random_seed(),
         }
@@ -460,6 +468,7 @@ impl CtConfig {
             CtState::Close => self.tcp_close,
             CtState::Unconfirmed => self.tcp_unconfirmed,
             CtState::Icmp => self.icmp,
+            CtState::Dns => self.dns,
         }
     }
 }
@@ -534,7 +543,7 @@ impl Conntrack {
         // truncated, so an entry lives at least its timeout (and at most
         // two ticks longer).
         // Indexed by a state's number in an entry (0-6; 7 as Close).
-        let timeouts = [0u64, 1, 2, 3, 4, 5, 6, 4].map(|n| {
+        let timeouts = [0u64, 1, 2, 3, 4, 5, 6, 7].map(|n| {
             let t = cfg.timeout(state_of(n)).div_ceil(1 << TICK_SHIFT).clamp(1, u64::from(MAX_TIMEOUT_TICKS));
             t as u32 + 1
         });
@@ -940,7 +949,7 @@ impl Conntrack {
 #[inline]
 pub fn next_state(s: CtState, flags: u8) -> CtState {
     use tcp_flags::*;
-    if matches!(s, CtState::Udp | CtState::Icmp) {
+    if matches!(s, CtState::Udp | CtState::Icmp | CtState::Dns) {
         // Datagrams and queries have no flags to follow.
         s
     } else if s == CtState::Unconfirmed {

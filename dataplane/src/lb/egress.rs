@@ -59,6 +59,10 @@ pub struct EgressStats {
     /// Port allocations that needed more than one round of candidates
     /// (the range toward one destination is filling up).
     pub alloc_slow: u64,
+    /// DNS queries (flows) sent to the node's DNS server (`Way::Dns`;
+    /// their packets count in `tx_packets`/`rx_packets`).
+    #[serde(default)]
+    pub dns_conns: u64,
     /// The last destination that found no next hop's MAC (dropped
     /// `egress_no_next_hop`): the node asks the kernel to resolve it.
     pub neigh_miss: Option<Ipv4Addr>,
@@ -108,6 +112,10 @@ enum Way {
     /// Through the host link to the kernel's end, for the data-path
     /// address (which the kernel does not hold: a TAP uplink).
     HostDnat = 2,
+    /// A DNS query to the network's gateway, through the host link to the
+    /// node's DNS server for the network (the kernel's end, the network's
+    /// DNS port); its answers come back from the gateway's port 53.
+    Dns = 3,
 }
 
 impl Way {
@@ -115,24 +123,37 @@ impl Way {
         match backend {
             1 => Way::Host,
             2 => Way::HostDnat,
+            3 => Way::Dns,
             _ => Way::Out,
         }
     }
 }
 
+/// The port DNS queries are sent to (on the gateway).
+const DNS_PORT: u16 = 53;
+
 /// The reply key of a connection of `key` (from a task) translated to
-/// `snat`:`port` and sent to `to`: from there to the SNAT address.
+/// `snat`:`port` and sent to `to` (address, port): from there to the SNAT
+/// address.
 #[inline(always)]
-fn reply_key(key: &FlowKey, to: u32, snat: u32, port: u16) -> FlowKey {
-    FlowKey { src: to, dst: snat, sport: key.dport, dport: port, proto: key.proto }
+fn reply_key(key: &FlowKey, to: (u32, u16), snat: u32, port: u16) -> FlowKey {
+    FlowKey { src: to.0, dst: snat, sport: to.1, dport: port, proto: key.proto }
 }
 
 /// The forward key of the connection whose reply entry (key `k`, value
-/// `v`) is an egress one (`data_ip`: what a `HostDnat` connection was to).
+/// `v`) is an egress one: a `HostDnat` connection was to the data-path
+/// address, a `Dns` one to its network's gateway on port 53.
 #[inline(always)]
-pub(super) fn forward_key(k: &FlowKey, v: &CtValue, data_ip: Ipv4Addr) -> FlowKey {
-    let dst = if Way::of(v.backend) == Way::HostDnat { u32::from(data_ip) } else { k.src };
-    FlowKey { src: v.peer, dst, sport: v.port, dport: k.sport, proto: k.proto }
+pub(super) fn forward_key(k: &FlowKey, v: &CtValue, t: &Tables) -> FlowKey {
+    let (dst, dport) = match Way::of(v.backend) {
+        Way::HostDnat => (u32::from(t.data_ip), k.sport),
+        Way::Dns => {
+            let gw = t.networks.get(v.service as usize).map_or(0, |n| u32::from(n.gateway_ip));
+            (gw, DNS_PORT)
+        }
+        Way::Out | Way::Host => (k.src, k.sport),
+    };
+    FlowKey { src: v.peer, dst, sport: v.port, dport, proto: k.proto }
 }
 
 /// What a task's packet to its gateway is, for egress.
@@ -174,8 +195,12 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
     };
     let fp = lb.conntrack.probe_in(&key, Bucket::Src);
     let found = match lb.lookup(&fp, now, flags) {
-        Some(v) if v.flags == CT_EGRESS => {
-            if keep_reply(lb, e, &key, &v, net, frame_src_mac(frame), now) {
+        Some(v) if v.flags == CT_EGRESS && Way::of(v.backend) != Way::Dns => {
+            let to = match (Way::of(v.backend), &e.host_link) {
+                (Way::HostDnat, Some(h)) => u32::from(h.peer_ip),
+                _ => key.dst,
+            };
+            if keep_reply(lb, &key, &v, (to, key.dport), net, frame_src_mac(frame), now) {
                 Some(v)
             } else {
                 // Its port is another connection's now: this one starts
@@ -206,7 +231,7 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
                 return Ok(Next::TimeExceeded);
             }
             let (snat, range, to) = match (way, &e.host_link) {
-                (Way::Out, _) | (_, None) => {
+                (Way::Out | Way::Dns, _) | (_, None) => {
                     hop(t, key.dst, lb)?;
                     (u32::from(e.addr), e.ports, key.dst)
                 }
@@ -218,7 +243,8 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
                 Kind::Echo => CtState::Icmp,
                 _ => CtState::Udp,
             };
-            let port = open(lb, t, &fp, &key, (to, snat, range, way), state, net, frame_src_mac(frame), now)?;
+            let port =
+                open(lb, t, &fp, &key, ((to, key.dport), snat, range, way), state, net, frame_src_mac(frame), now)?;
             (snat, port, way)
         }
     };
@@ -238,6 +264,55 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
     Ok(Next::Done(Verdict::Tx(UPLINK)))
 }
 
+/// A task's DNS query (TCP or UDP to its gateway's port 53; `net`: the
+/// task's network, `port`: the network's DNS port): to the node's DNS
+/// server on the kernel's end of the host link, source-NATed to
+/// meshplane's end as a connection to the host is. The TTL is neither
+/// checked nor decremented (the packet is for the gateway). Without a
+/// host link: `no_route`.
+pub(crate) fn to_dns(frame: &mut Frame<'_>, net: NetId, port: u16, now: u64, t: &Tables, lb: &mut LbState) -> Next {
+    Next::of(dns_out(frame, net, port, now, t, lb))
+}
+
+fn dns_out(frame: &mut Frame<'_>, net: NetId, port: u16, now: u64, t: &Tables, lb: &mut LbState) -> Result<Next, D> {
+    let (Some(h), Some(hp)) = (t.egress.as_ref().and_then(|e| e.host_link.as_ref()), t.host_port) else {
+        return Err(D::NoRoute);
+    };
+    let (key, flags) = tuple(frame.data()).ok_or(D::Malformed)?;
+    let to = (u32::from(h.peer_ip), port);
+    let mac = frame_src_mac(frame);
+    let fp = lb.conntrack.probe_in(&key, Bucket::Src);
+    let found = match lb.lookup(&fp, now, flags) {
+        Some(v) if v.flags == CT_EGRESS && Way::of(v.backend) == Way::Dns => {
+            if keep_reply(lb, &key, &v, to, net, mac, now) {
+                Some(v.port2)
+            } else {
+                if let Some(old) = lb.conntrack.remove_probe(&fp) {
+                    lb.release(&key, old);
+                }
+                None
+            }
+        }
+        Some(_) => return Err(D::NoRoute),
+        None => None,
+    };
+    let sport = match found {
+        Some(p) => p,
+        None => {
+            let state = if key.proto == protocol::TCP { opening_state(flags) } else { CtState::Dns };
+            open(lb, t, &fp, &key, (to, u32::from(h.ip), HOST_PORTS, Way::Dns), state, net, mac, now)?
+        }
+    };
+    let nat = Nat { src_addr: Some(h.ip), dst_addr: Some(h.peer_ip), src_port: Some(sport), dst_port: Some(port) };
+    let d = frame.data_mut();
+    rewrite_ipv4(&mut d[field::VER_IHL..], &nat).map_err(|_| D::Malformed)?;
+    d[field::DST_MAC].copy_from_slice(&h.peer_mac.0);
+    d[field::SRC_MAC].copy_from_slice(&h.mac.0);
+    lb.egress.stats.tx_packets += 1;
+    lb.egress.stats.tx_bytes += frame.len() as u64;
+    Ok(Next::Done(Verdict::Tx(hp)))
+}
+
 /// The reply half of the egress connection whose forward entry (key
 /// `key`, value `v`) a task's packet just hit: refreshed, or put back if
 /// it was lost (evicted from a full table; expired while only the task
@@ -246,18 +321,13 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
 /// entry is stale).
 fn keep_reply(
     lb: &mut LbState,
-    e: &crate::tables::egress::Egress,
     key: &FlowKey,
     v: &CtValue,
+    to: (u32, u16),
     net: NetId,
     mac: [u8; 6],
     now: u64,
 ) -> bool {
-    let way = Way::of(v.backend);
-    let to = match (way, &e.host_link) {
-        (Way::HostDnat, Some(h)) => u32::from(h.peer_ip),
-        _ => key.dst,
-    };
     let rp = lb.conntrack.probe_in(&reply_key(key, to, v.peer, v.port2), Bucket::Tuple);
     match lb.conntrack.lookup_probe(&rp, now, 0) {
         Ok(r) => r.flags == CT_EGRESS | CT_REPLY && r.peer == key.src && r.port == key.sport,
@@ -277,7 +347,7 @@ fn keep_reply(
             };
             let back = lb.insert_probe(&rp, rv, now, false, usize::MAX).is_ok();
             if back {
-                lb.egress.shares.count(key.src, to, true);
+                lb.egress.shares.count(key.src, to.0, true);
             }
             back
         }
@@ -383,14 +453,14 @@ fn open(
     t: &Tables,
     fp: &conntrack::Probe,
     key: &FlowKey,
-    (to, snat, range, way): (u32, u32, PortRange, Way),
+    (to, snat, range, way): ((u32, u16), u32, PortRange, Way),
     state: CtState,
     net: NetId,
     mac: [u8; 6],
     now: u64,
 ) -> Result<u16, D> {
     let half = (range.len() / 2).min(u32::from(u16::MAX)) as u16;
-    if lb.egress.shares.held(key.src, to) >= half {
+    if lb.egress.shares.held(key.src, to.0) >= half {
         return Err(D::EgressTaskLimit);
     }
     let port = alloc_port(lb, t, key, to, snat, range, now)?;
@@ -414,8 +484,12 @@ fn open(
         }
         return Err(e);
     }
-    lb.egress.shares.count(key.src, to, true);
-    lb.egress.stats.new_conns += 1;
+    lb.egress.shares.count(key.src, to.0, true);
+    if way == Way::Dns {
+        lb.egress.stats.dns_conns += 1;
+    } else {
+        lb.egress.stats.new_conns += 1;
+    }
     Ok(port)
 }
 
@@ -429,7 +503,7 @@ fn alloc_port(
     lb: &mut LbState,
     t: &Tables,
     key: &FlowKey,
-    to: u32,
+    to: (u32, u16),
     snat: u32,
     range: PortRange,
     now: u64,
@@ -469,7 +543,7 @@ fn alloc_port(
         let rk = rp.key();
         lb.release(&rk, v);
         if v.flags & CT_EGRESS != 0 {
-            let fp = lb.conntrack.probe_in(&forward_key(&rk, &v, t.data_ip), Bucket::Src);
+            let fp = lb.conntrack.probe_in(&forward_key(&rk, &v, t), Bucket::Src);
             if let Some(f) = lb.conntrack.evict_probe(&fp, now) {
                 lb.release(&fp.key(), f);
             }
@@ -595,7 +669,7 @@ fn replies(
 /// The live egress reply entry of `key` (a reply confirms its connection).
 fn reply(lb: &mut LbState, key: &FlowKey, flags: u8, now: u64, t: &Tables) -> Option<CtValue> {
     let p = lb.conntrack.probe_in(key, Bucket::Tuple);
-    lb.lookup_reply(&p, now, flags, t.data_ip).filter(|v| v.flags == CT_EGRESS | CT_REPLY)
+    lb.lookup_reply(&p, now, flags, t).filter(|v| v.flags == CT_EGRESS | CT_REPLY)
 }
 
 /// Readdresses a reply (or, with `quote`, an ICMP error about the
@@ -617,13 +691,22 @@ fn deliver(
     let d = frame.data_mut();
     let ip = &mut d[field::VER_IHL..];
     // A connection to the data-path address that went to the kernel's end
-    // of the host link comes back from the data-path address.
-    let from = (Way::of(v.backend) == Way::HostDnat).then_some(t.data_ip);
+    // of the host link comes back from the data-path address; a DNS query
+    // is answered by the gateway, from port 53 (an ICMP error about it
+    // quotes the query as the task sent it).
+    let (from, from_port) = match Way::of(v.backend) {
+        Way::HostDnat => (Some(t.data_ip), None),
+        Way::Dns => (Some(nw.gateway_ip), Some(DNS_PORT)),
+        Way::Out | Way::Host => (None, None),
+    };
     let to_task = Nat { dst_addr: Some(task), src_addr: from, ..Nat::default() };
     let r = match (quote, ip.get(9).copied()) {
-        (Some(q), _) => icmp_nat::rewrite_error(ip, q, &to_task, Some((task, v.port)), None),
+        (Some(q), _) => {
+            let inner_dst = from.zip(from_port);
+            icmp_nat::rewrite_error(ip, q, &to_task, Some((task, v.port)), inner_dst)
+        }
         (None, Some(protocol::ICMP)) => icmp_nat::rewrite_echo(ip, &to_task, v.port),
-        (None, _) => rewrite_ipv4(ip, &Nat { dst_port: Some(v.port), ..to_task }),
+        (None, _) => rewrite_ipv4(ip, &Nat { dst_port: Some(v.port), src_port: from_port, ..to_task }),
     };
     r.map_err(|_| D::Malformed)?;
     d[field::DST_MAC].copy_from_slice(&v.mac);

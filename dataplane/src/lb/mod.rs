@@ -288,14 +288,14 @@ impl LbState {
 
     /// [`LbState::lookup`] of a reply-direction packet's entry
     /// (`Conntrack::lookup_reply_probe`): a reply confirms an unconfirmed
-    /// connection, both its entries (`data_ip`: this node's data-path
-    /// address, the routing mesh's forward entries' destination).
+    /// connection, both its entries (the tables tell where its forward
+    /// entry's packets went).
     #[inline(always)]
-    fn lookup_reply(&mut self, p: &conntrack::Probe, now: u64, flags: u8, data_ip: Ipv4Addr) -> Option<CtValue> {
+    fn lookup_reply(&mut self, p: &conntrack::Probe, now: u64, flags: u8, t: &Tables) -> Option<CtValue> {
         match self.conntrack.lookup_reply_probe(p, now, flags) {
             Ok((v, confirmed)) => {
                 if confirmed && v.flags & CT_REPLY != 0 {
-                    self.confirm_forward(&p.key(), &v, data_ip, now);
+                    self.confirm_forward(&p.key(), &v, t, now);
                 }
                 Some(v)
             }
@@ -313,11 +313,12 @@ impl LbState {
     /// entry took. A `preserve-source` return entry (at the task's node)
     /// has none here.
     #[inline(never)] // once a connection
-    fn confirm_forward(&mut self, k: &FlowKey, v: &CtValue, data_ip: Ipv4Addr, now: u64) {
+    fn confirm_forward(&mut self, k: &FlowKey, v: &CtValue, t: &Tables, now: u64) {
+        let data_ip = t.data_ip;
         let fk = if v.flags & CT_PS_RETURN != 0 {
             return;
         } else if v.flags & CT_EGRESS != 0 {
-            egress::forward_key(k, v, data_ip)
+            egress::forward_key(k, v, t)
         } else if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 {
             // From the client (`peer`:`port`) to the published port.
             FlowKey { src: v.peer, dst: u32::from(data_ip), sport: v.port, dport: v.port2, proto: k.proto }
@@ -978,7 +979,7 @@ pub(crate) fn to_node(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, l
 /// a reply confirms an unconfirmed connection (`LbState::lookup_reply`).
 #[inline(always)]
 fn reply_entry(lb: &mut LbState, key: &FlowKey, by: Bucket, flags: u8, now: u64, t: &Tables) -> Option<CtValue> {
-    lb.lookup_reply(&lb.conntrack.probe_in(key, by), now, flags, t.data_ip).filter(|v| v.flags & CT_REPLY != 0)
+    lb.lookup_reply(&lb.conntrack.probe_in(key, by), now, flags, t).filter(|v| v.flags & CT_REPLY != 0)
 }
 
 /// The bucket of a reply entry with `flags`: a connection's reply shares

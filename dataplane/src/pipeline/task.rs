@@ -9,7 +9,10 @@
 //! 3 arp       proxy ARP from cluster state            Tx(in_port) reply; drop arp_*
 //! 4 flood     no broadcast or multicast               drop broadcast_not_flooded
 //! 5 ipv4      endpoint's address, network MTU         drop src_ip_spoofed, mtu_exceeded; Tx(in_port) frag-needed
-//! 6 gateway   to the gateway MAC                      Tx(in_port) echo reply (gateway, VIPs); lb::to_vip; lb::routed;
+//! 6 gateway   to the gateway MAC                      Tx(in_port) echo reply (gateway, VIPs);
+//!                                                     6a TCP/UDP to gateway:53 with a DNS port: lb::egress::to_dns
+//!                                                     (DNAT to the node's DNS server) → Tx(host port);
+//!                                                     lb::to_vip; lb::routed;
 //!                                                     drop egress_internal (internal network, outside
 //!                                                     every network); lb::egress::from_task (SNAT,
 //!                                                     TTL − 1) → Tx(uplink); Tx(in_port) time-exceeded;
@@ -204,7 +207,8 @@ fn ipv4(
 }
 
 /// Step 6: a packet to the gateway MAC. Echo to the gateway's address is
-/// answered; a plain TCP/UDP packet (no options, not a fragment) to a
+/// answered; a DNS query to the gateway goes to the node's DNS server
+/// (when the network has one, internal or not); a plain TCP/UDP packet (no options, not a fragment) to a
 /// service VIP is balanced (proxy ARP answers VIPs with the gateway's
 /// MAC); the reply of a `preserve-source` connection goes back toward its
 /// client outside the network; an address outside every cluster network
@@ -226,6 +230,17 @@ fn to_gateway(
         // The gateway answers ping for itself and for every VIP (as
         // Swarm's VIPs answer it): the reply comes from the address pinged.
         return gateway::echo(frame, in_port, nw);
+    }
+    if ip.dst == nw.gateway_ip
+        && ip.common_dport == Some(53)
+        && matches!(ip.protocol, protocol::TCP | protocol::UDP)
+        && let Some(port) = nw.dns_port
+    {
+        // 6a: a query to the network's resolver (the gateway) goes to the
+        // node's DNS server for this network, over the host link.
+        frame.truncate(ip.total + ethernet::HEADER_LEN);
+        let next = lb::egress::to_dns(frame, net, port, now, t, lb);
+        return follow(frame, next, now, t, lb);
     }
     if let Some(dport) = ip.common_dport
         && matches!(ip.protocol, protocol::TCP | protocol::UDP)
