@@ -929,3 +929,59 @@ fn routing_mesh_clamps_the_mss_of_syns_and_syn_acks_to_the_network_mtu() {
         assert_eq!(st.lb.mesh.mss_clamped, clamped, "{what}");
     }
 }
+
+const EVERY_PORT: &str = r#"
+[[service]]
+name = "web"
+protocol = "tcp"
+network = "app"
+vip = "198.19.0.100"
+port = 0
+scheduler = "rr"
+[[service.backend]]
+ip = "198.19.0.3"
+[[service.backend]]
+ip = "198.19.0.2"
+"#;
+
+fn udp(dst: [u8; 6], src: [u8; 6], sip: [u8; 4], dip: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2(src, dst).ipv4(sip, dip, 64).udp(sport, dport).write(&mut f, b"q").unwrap();
+    f
+}
+
+#[test]
+fn an_every_port_vip_carries_each_tcp_and_udp_port_untranslated() {
+    let t = tables_with(EVERY_PORT);
+    let mut st = WorkerState::for_tables(&t);
+    // Through the fast path (`run`) and the general path alone (on a copy
+    // of the state): the same verdicts and bytes.
+    let mut go = |port: u16, f: &[u8], now: u64| {
+        let mut copy = st.clone();
+        let mut buf = vec![0u8; HEADROOM + f.len() + 64];
+        buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
+        let mut g = Frame::new(&mut buf, HEADROOM, f.len()).unwrap();
+        let gv = process_general(&mut g, port, now, &t, &mut copy);
+        let out = run(&t, &mut st, port, f, now);
+        assert_eq!(out, (gv, g.data().to_vec()), "the general path agrees");
+        out
+    };
+    // TCP 80 → T3:80 (local), TCP 5432 → T2:5432 (node 2), UDP 53 → T3:53.
+    let (v, out) = go(TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, true), 0);
+    assert_eq!((v, out), (Verdict::Tx(TASK3), tcp(T3_MAC, T1_MAC, T1, T3, 40001, 80, true)));
+    let (v, out) = go(TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, 40002, 5432, true), 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(decap(&out), (4096, tcp(T2_MAC, T1_MAC, T1, T2, 40002, 5432, true)));
+    let (v, out) = go(TASK1, &udp(GW_MAC, T1_MAC, T1, VIP, 40003, 53), 0);
+    assert_eq!((v, out), (Verdict::Tx(TASK3), udp(T3_MAC, T1_MAC, T1, T3, 40003, 53)));
+    // Later packets of the 5432 connection stay on T2, on its port.
+    let (v, out) = go(TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, 40002, 5432, false), SECOND);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    assert_eq!(decap(&out), (4096, tcp(T2_MAC, T1_MAC, T1, T2, 40002, 5432, false)));
+    // Replies come from the VIP and the port asked.
+    let (v, out) = go(TASK3, &tcp(T1_MAC, T3_MAC, T3, T1, 80, 40001, false), SECOND);
+    assert_eq!((v, out), (Verdict::Tx(TASK1), tcp(T1_MAC, GW_MAC, VIP, T1, 80, 40001, false)));
+    let (v, out) = go(TASK3, &udp(T1_MAC, T3_MAC, T3, T1, 53, 40003), SECOND);
+    assert_eq!((v, out), (Verdict::Tx(TASK1), udp(T1_MAC, GW_MAC, VIP, T1, 53, 40003)));
+    assert_eq!(st.lb.services[0].new_conns, 3);
+}

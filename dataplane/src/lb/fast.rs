@@ -123,16 +123,15 @@ pub(crate) fn vip_hit(
     // the service the general path would find) and the backend.
     let s = t.services.list.get(v.service as usize)?;
     let be = s.backends.get(v.backend as usize)?;
-    if s.vip != Some((core::net::Ipv4Addr::from(key.dst), key.dport))
+    if !s.vip_is(core::net::Ipv4Addr::from(key.dst), key.dport, key.proto)
         || s.net != pf.net
-        || s.proto != key.proto
         || v.flags & super::CT_REPLY != 0
         || u32::from(be.ip) != v.peer
     {
         return None;
     }
     let len = frame.len();
-    let verdict = vip_remote(frame, total, &key, be, t)?;
+    let verdict = vip_remote(frame, total, &key, be, s.vip_target(be, key.dport), t)?;
     super::count(lb, v.service, v.backend, len);
     Some(Next::Done(verdict))
 }
@@ -166,7 +165,7 @@ fn new_vip_flow(
     };
     let len = frame.len();
     if let Some(be) = s.backends.get(b as usize)
-        && let Some(v) = vip_remote(frame, total, key, be, t)
+        && let Some(v) = vip_remote(frame, total, key, be, s.vip_target(be, key.dport), t)
     {
         super::count(lb, svc, b, len);
         return Some(Next::Done(v));
@@ -175,7 +174,7 @@ fn new_vip_flow(
 }
 
 /// DNAT of the frame with 5-tuple `key` (to a VIP of the service `be`
-/// belongs to, checked by the caller) to backend `be`, its MACs, and
+/// belongs to, checked by the caller) to backend `be` on port `bport`, its MACs, and
 /// encapsulation toward the backend's node, for a backend on another node.
 /// `None` (nothing changed) for anything else.
 #[inline(always)]
@@ -184,6 +183,7 @@ fn vip_remote(
     total: usize,
     key: &FlowKey,
     be: &super::service::Backend,
+    bport: u16,
     t: &Tables,
 ) -> Option<Verdict> {
     // The backend's node's template, found when the tables were compiled
@@ -210,7 +210,7 @@ fn vip_remote(
     let ipc = apply_delta(u16::from_ne_bytes([d[c], d[c + 1]]), ip_delta);
     d[field::IP_CHECKSUM].copy_from_slice(&ipc.to_ne_bytes());
     d[field::DST_IP].copy_from_slice(&be.ip.octets());
-    d[field::DST_PORT].copy_from_slice(&be.port.to_be_bytes());
+    d[field::DST_PORT].copy_from_slice(&bport.to_be_bytes());
     let l4c = transport_csum(key.proto, u16::from_ne_bytes([d[csum_at], d[csum_at + 1]]), l4_delta);
     d[csum_at..csum_at + 2].copy_from_slice(&l4c.to_ne_bytes());
     // To the backend's MAC, from the client's own (see `lb::vip_tail`).
@@ -220,7 +220,7 @@ fn vip_remote(
     let hash = flow::hash2(
         flow::DEFAULT_SEED,
         (u64::from(key.src) << 32) | u64::from(u32::from(be.ip)),
-        (((u64::from(key.sport) << 16) | u64::from(be.port)) << 8) | u64::from(key.proto),
+        (((u64::from(key.sport) << 16) | u64::from(bport)) << 8) | u64::from(key.proto),
     );
     tpl.write_header(hdr, ip_len, vxlan::src_port_for_hash(hash));
     frame.set_window(start - vxlan::ENCAP_LEN, len + vxlan::ENCAP_LEN);

@@ -640,13 +640,6 @@ pub(crate) fn stateless_choice<'s>(s: &'s service::Service, key: &FlowKey) -> Op
     Some((i, s.backends.get(i)?))
 }
 
-/// The reply key of a VIP connection of `key` balanced to `be`: from the
-/// backend to the client (what `vip_connection` tracks for the replies).
-#[inline(always)]
-fn vip_reply_key(key: &FlowKey, be: &service::Backend) -> FlowKey {
-    FlowKey { src: u32::from(be.ip), dst: key.src, sport: be.port, dport: key.sport, proto: key.proto }
-}
-
 /// Counts a packet balanced to backend `b` of service `svc`.
 #[inline(always)]
 pub(crate) fn count(lb: &mut LbState, svc: u32, b: u32, len: usize) {
@@ -717,25 +710,29 @@ pub(crate) fn vip_connection(
     let vip = s.vip.ok_or(DropReason::NoRoute)?;
     if found.is_some() {
         let p = Packet { key: *key, flags, now };
-        let reply = |be: &service::Backend, f: &CtValue| vip_reply(vip, key, be, f);
-        return connection(lb, s, svc, &p, found, |_, f, _| Ok(f), reply).map(|(b, _)| b);
+        let fwd =
+            |be: &service::Backend, f: CtValue, _: &mut LbState| Ok(CtValue { port: s.vip_target(be, key.dport), ..f });
+        return connection(lb, s, svc, &p, found, fwd, |_, f| vip_reply(vip, key, f)).map(|(b, _)| b);
     }
     open_vip(lb, s, svc, key, flags, now, None, None)
 }
 
 /// The reply entry of a VIP connection of `key` to `vip` whose forward
-/// entry is `f`, balanced to `be`: its key (from the backend to the
-/// client) and value (the VIP:port the replies' source becomes).
+/// entry is `f` (its backend's address and port): its key (from the
+/// backend to the client) and value (the VIP:port the replies' source
+/// becomes).
 #[inline(always)]
-fn vip_reply(vip: (Ipv4Addr, u16), key: &FlowKey, be: &service::Backend, f: &CtValue) -> (FlowKey, CtValue) {
-    (vip_reply_key(key, be), vip_reply_value(vip, f))
+fn vip_reply(vip: (Ipv4Addr, u16), key: &FlowKey, f: &CtValue) -> (FlowKey, CtValue) {
+    let rk = FlowKey { src: f.peer, dst: key.src, sport: f.port, dport: key.sport, proto: key.proto };
+    (rk, vip_reply_value(vip, key, f))
 }
 
-/// The reply entry's value of a VIP connection to `vip` whose forward
-/// entry is `f`.
+/// The reply entry's value of a VIP connection of `key` to `vip` whose
+/// forward entry is `f` (an every-port VIP answers from the port asked).
 #[inline(always)]
-fn vip_reply_value(vip: (Ipv4Addr, u16), f: &CtValue) -> CtValue {
-    CtValue { peer: u32::from(vip.0), port: vip.1, flags: CT_REPLY, ..*f }
+fn vip_reply_value(vip: (Ipv4Addr, u16), key: &FlowKey, f: &CtValue) -> CtValue {
+    let port = if vip.1 == 0 { key.dport } else { vip.1 };
+    CtValue { peer: u32::from(vip.0), port, flags: CT_REPLY, ..*f }
 }
 
 /// [`vip_connection`] of a key with nothing tracked (the common case, and
@@ -758,10 +755,14 @@ pub(crate) fn open_vip(
     let vip = s.vip.ok_or(DropReason::NoRoute)?;
     let fp = probe.unwrap_or_else(|| lb.conntrack.probe_in(key, Bucket::Src));
     let (b, f) = schedule(lb, s, svc, key, flags, chosen)?;
+    let f = match s.backends.get(b as usize) {
+        Some(be) => CtValue { port: s.vip_target(be, key.dport), ..f },
+        None => f,
+    };
     // The reply (from the backend to the client) goes in the forward
     // entry's bucket: the same probe but for the key, no hash.
     let rp = fp.reply_from(f.peer, f.port);
-    track_probed(lb, svc, b, &fp, f, &rp, vip_reply_value(vip, &f), now)?;
+    track_probed(lb, svc, b, &fp, f, &rp, vip_reply_value(vip, key, &f), now)?;
     Ok(b)
 }
 
@@ -779,7 +780,9 @@ pub(crate) fn vip_tail(
 ) -> Next {
     let Some(be) = s.backends.get(b as usize) else { return Next::Done(Verdict::Drop(DropReason::NoBackend)) };
     count(lb, svc, b, frame.len());
-    let nat = Nat { src_addr: None, dst_addr: Some(be.ip), src_port: None, dst_port: Some(be.port) };
+    // An every-port VIP keeps the port.
+    let dst_port = (!matches!(s.vip, Some((_, 0)))).then_some(be.port);
+    let nat = Nat { src_addr: None, dst_addr: Some(be.ip), src_port: None, dst_port };
     // The source MAC stays the client's: the frame crosses the overlay as
     // the client's own (as with Swarm's IPVS in the client's namespace),
     // which is what the backend's node accepts from the client's VTEP.

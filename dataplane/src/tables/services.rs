@@ -29,7 +29,9 @@ pub struct ServiceSpec {
     /// gateway's address (optional: a service may only be published).
     #[serde(default)]
     pub vip: Option<Ipv4Addr>,
-    /// The VIP's port (with `vip`).
+    /// The VIP's port (with `vip`), translated to `target_port`; 0: every
+    /// TCP and UDP port, untranslated (Swarm's VIPs, balanced by firewall
+    /// mark).
     #[serde(default)]
     pub port: Option<u16>,
     /// The port the tasks listen on (default: `port`).
@@ -177,6 +179,26 @@ pub struct Service {
     pub maglev: Option<Maglev>,
 }
 
+impl Service {
+    /// Whether a packet to `dst`:`dport` (of the service's network) is to
+    /// the VIP: its port, or any for an every-port VIP.
+    #[inline(always)]
+    pub fn vip_is(&self, dst: Ipv4Addr, dport: u16, proto: u8) -> bool {
+        match self.vip {
+            Some((ip, 0)) => ip == dst && matches!(proto, protocol::TCP | protocol::UDP),
+            Some(v) => v == (dst, dport) && proto == self.proto,
+            None => false,
+        }
+    }
+
+    /// The backend port of a VIP connection to port `dport`: the target
+    /// port, or for an every-port VIP the port itself.
+    #[inline(always)]
+    pub fn vip_target(&self, be: &Backend, dport: u16) -> u16 {
+        if matches!(self.vip, Some((_, 0))) { dport } else { be.port }
+    }
+}
+
 /// Cluster-wide seed of the Maglev tables: every node builds the same
 /// tables from the same backends.
 pub const MAGLEV_SEED: u64 = 0x6d61_676c_6576_2121; // "maglev!!"
@@ -274,10 +296,14 @@ impl Services {
         let (name, proto) = (&s.name, s.protocol.number());
         let pname = if proto == protocol::TCP { "tcp" } else { "udp" };
         let idx = self.list.len() as u32;
-        if let Some((ip, port)) = vip
-            && self.vips.insert(vip_key(net, ip.octets(), port, proto), idx).is_some()
-        {
-            return invalid(format!("service {name:?}: {ip}:{port} ({pname}) is another service's"));
+        if let Some((ip, port)) = vip {
+            // An every-port VIP (port 0) takes both protocols.
+            let protos: &[u8] = if port == 0 { &[protocol::TCP, protocol::UDP] } else { &[proto] };
+            for &p in protos {
+                if self.vips.insert(vip_key(net, ip.octets(), port, p), idx).is_some() {
+                    return invalid(format!("service {name:?}: {ip}:{port} ({pname}) is another service's"));
+                }
+            }
         }
         for p in &s.published {
             let v = Published { service: idx, mode: p.mode };
@@ -288,10 +314,14 @@ impl Services {
         Ok(())
     }
 
-    /// The service at a VIP, if any.
+    /// The service at a VIP and port, if any: the VIP:port's, else an
+    /// every-port VIP's.
     #[inline]
     pub fn at(&self, net: NetId, ip: [u8; 4], port: u16, proto: u8) -> Option<u32> {
-        self.vips.get(&vip_key(net, ip, port, proto)).copied()
+        match self.vips.get(&vip_key(net, ip, port, proto)) {
+            Some(&s) => Some(s),
+            None => self.vips.get(&vip_key(net, ip, 0, proto)).copied(),
+        }
     }
 
     /// The service and mode of a published port, if any.
@@ -352,12 +382,14 @@ fn target_port(s: &ServiceSpec, nw: &Network) -> Result<u16, TablesError> {
             nw.name
         ));
     }
-    if s.port == Some(0) || s.target_port == Some(0) || s.published.iter().any(|p| p.port == 0) {
+    if s.target_port == Some(0) || s.published.iter().any(|p| p.port == 0) {
         return invalid(format!("service {name:?}: ports must be 1..=65535"));
     }
-    s.target_port
-        .or(s.port)
-        .ok_or_else(|| TablesError::Invalid(format!("service {name:?}: target_port is needed without a vip")))
+    match (s.target_port.or(s.port), s.published.is_empty()) {
+        (Some(0), false) => invalid(format!("service {name:?}: published ports need a target_port")),
+        (Some(p), _) => Ok(p),
+        (None, _) => invalid(format!("service {name:?}: target_port is needed without a vip")),
+    }
 }
 
 /// A service's backends: endpoints of its network, each once, at most
@@ -387,7 +419,11 @@ fn backends_of(
             return invalid(format!("service {name:?}: backend {} is listed twice", b.ip));
         }
         let weight = if b.state == BackendState::Draining { 0 } else { b.weight };
-        let vip_csum = vip.map_or([0; 2], |(vip, vport)| crate::wire::rewrite::dnat_delta(vip, vport, b.ip, target));
+        // An every-port VIP keeps the port: the difference is the address's.
+        let vip_csum = vip.map_or([0; 2], |(vip, vport)| {
+            let to = if vport == 0 { 0 } else { target };
+            crate::wire::rewrite::dnat_delta(vip, vport, b.ip, to)
+        });
         backends.push(Backend { ip: b.ip, port: target, mac, weight, remote: None, vip_csum });
     }
     Ok(backends)

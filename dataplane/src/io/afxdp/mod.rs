@@ -26,6 +26,7 @@
 use super::{BurstFn, IoError, IoStats, Port};
 use crate::packet::Frame;
 use crate::tables::Tables;
+use crate::wire::ipv4::protocol;
 use core::net::Ipv4Addr;
 use std::ffi::CString;
 use std::num::NonZeroU32;
@@ -126,8 +127,12 @@ impl Steering {
             for &(port, _) in &s.published {
                 services.push((t.data_ip, port, s.proto));
             }
-            if let Some((ip, port)) = s.vip {
-                services.push((ip, port, s.proto));
+            match s.vip {
+                // An every-port VIP: port 0 of both protocols (the
+                // program's second lookup).
+                Some((ip, 0)) => services.extend([(ip, 0, protocol::TCP), (ip, 0, protocol::UDP)]),
+                Some((ip, port)) => services.push((ip, port, s.proto)),
+                None => {}
             }
         }
         services.sort_unstable();

@@ -5,7 +5,8 @@
 // steer_uplink: on the data-path NIC, only dataplane traffic goes to the
 //   AF_XDP socket of the receiving queue: UDP to the VXLAN port on the
 //   data-path address, TCP/UDP to an (address, port, protocol) in the
-//   `services` map (published ports on the data-path address, VIPs), and
+//   `services` map (published ports on the data-path address, VIPs; an
+//   every-port VIP with port 0), and
 //   with egress on (config.egress_ip not 0) the replies to the tasks'
 //   egress connections: TCP/UDP to the egress address with a destination
 //   port in the egress range, ICMP echo replies to it with an id in the
@@ -174,6 +175,10 @@ int steer_uplink(struct xdp_md *ctx)
     if (egress && egress_port(cfg, dport))
         return to_socket(ctx);
     struct service_key k = { .ip = ip->daddr, .port = dport, .proto = ip->protocol, .pad = 0 };
+    if (bpf_map_lookup_elem(&services, &k))
+        return to_socket(ctx);
+    // An every-port VIP is in the map with port 0.
+    k.port = 0;
     if (bpf_map_lookup_elem(&services, &k))
         return to_socket(ctx);
     return count(1, XDP_PASS);
