@@ -985,3 +985,62 @@ fn an_every_port_vip_carries_each_tcp_and_udp_port_untranslated() {
     assert_eq!((v, out), (Verdict::Tx(TASK1), udp(T1_MAC, GW_MAC, VIP, T1, 53, 40003)));
     assert_eq!(st.lb.services[0].new_conns, 3);
 }
+
+const HAIRPIN: &str = r#"
+[[service]]
+name = "web"
+protocol = "tcp"
+network = "app"
+vip = "198.19.0.100"
+port = 80
+target_port = 8080
+scheduler = "rr"
+[[service.backend]]
+ip = "198.19.0.1"
+[[service.backend]]
+ip = "198.19.0.3"
+"#;
+
+#[test]
+fn a_task_balanced_to_itself_through_its_vip_is_answered_from_the_vip() {
+    const GW: [u8; 4] = [198, 19, 0, 254];
+    let every_port = EVERY_PORT.replace("198.19.0.2\"", "198.19.0.1\"");
+    for (svc, vport, tport) in [(HAIRPIN.to_string(), 80, 8080), (every_port, 5432, 5432)] {
+        let t = tables_with(&svc);
+        let mut st = WorkerState::for_tables(&t);
+        let mut go = |port: u16, f: &[u8], now: u64| {
+            let mut copy = st.clone();
+            let mut buf = vec![0u8; HEADROOM + f.len() + 64];
+            buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
+            let mut g = Frame::new(&mut buf, HEADROOM, f.len()).unwrap();
+            let gv = process_general(&mut g, port, now, &t, &mut copy);
+            let out = run(&t, &mut st, port, f, now);
+            assert_eq!(out, (gv, g.data().to_vec()), "the general path agrees");
+            out
+        };
+        let mut served = 0;
+        for i in 0..20u16 {
+            let cp = 41000 + i;
+            let (v, out) = go(TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, cp, vport, true), 0);
+            if v == Verdict::Tx(TASK3) || v == Verdict::Tx(UPLINK) {
+                continue; // the other backend
+            }
+            // To T1 itself: from the gateway, on a port of its own.
+            assert_eq!(v, Verdict::Tx(TASK1), "{svc}");
+            let hp = u16::from_be_bytes([out[34], out[35]]);
+            assert_eq!(out, tcp(T1_MAC, GW_MAC, GW, T1, hp, tport, true), "DNAT to itself, SNAT to the gateway");
+            // Its answer, to the gateway, comes back from the VIP:port asked.
+            let (v, back) = go(TASK1, &tcp(GW_MAC, T1_MAC, T1, GW, tport, hp, false), SECOND);
+            assert_eq!((v, back), (Verdict::Tx(TASK1), tcp(T1_MAC, GW_MAC, VIP, T1, vport, cp, false)));
+            // The connection's next packet takes the same way.
+            let (v, out) = go(TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, cp, vport, false), 2 * SECOND);
+            assert_eq!((v, out), (Verdict::Tx(TASK1), tcp(T1_MAC, GW_MAC, GW, T1, hp, tport, false)));
+            served += 1;
+        }
+        assert_eq!(served, 10, "rr: every other connection is the task's own");
+        // An answer to a gateway port nobody holds is no route.
+        let (v, _) = go(TASK1, &tcp(GW_MAC, T1_MAC, T1, GW, tport, 3333, false), 3 * SECOND);
+        assert_eq!(v, Verdict::Drop(D::NoRoute));
+        assert_eq!(st.lb.egress_stats().hairpin_conns, 10);
+    }
+}

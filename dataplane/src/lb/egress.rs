@@ -59,6 +59,10 @@ pub struct EgressStats {
     /// Port allocations that needed more than one round of candidates
     /// (the range toward one destination is filling up).
     pub alloc_slow: u64,
+    /// Hairpin connections: a task balanced to itself through its own
+    /// service's VIP, source-NATed to the gateway (`Way::Hairpin`).
+    #[serde(default)]
+    pub hairpin_conns: u64,
     /// DNS queries (flows) sent to the node's DNS server (`Way::Dns`;
     /// their packets count in `tx_packets`/`rx_packets`).
     #[serde(default)]
@@ -116,6 +120,10 @@ enum Way {
     /// node's DNS server for the network (the kernel's end, the network's
     /// DNS port); its answers come back from the gateway's port 53.
     Dns = 3,
+    /// A task's connection to its own service's VIP balanced to itself
+    /// (hairpin): source-NATed to its network's gateway, so that its
+    /// answer comes back through the balancer.
+    Hairpin = 4,
 }
 
 impl Way {
@@ -124,6 +132,7 @@ impl Way {
             1 => Way::Host,
             2 => Way::HostDnat,
             3 => Way::Dns,
+            4 => Way::Hairpin,
             _ => Way::Out,
         }
     }
@@ -151,7 +160,7 @@ pub(super) fn forward_key(k: &FlowKey, v: &CtValue, t: &Tables) -> FlowKey {
             let gw = t.networks.get(v.service as usize).map_or(0, |n| u32::from(n.gateway_ip));
             (gw, DNS_PORT)
         }
-        Way::Out | Way::Host => (k.src, k.sport),
+        Way::Out | Way::Host | Way::Hairpin => (k.src, k.sport),
     };
     FlowKey { src: v.peer, dst, sport: v.port, dport, proto: k.proto }
 }
@@ -195,7 +204,7 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
     };
     let fp = lb.conntrack.probe_in(&key, Bucket::Src);
     let found = match lb.lookup(&fp, now, flags) {
-        Some(v) if v.flags == CT_EGRESS && Way::of(v.backend) != Way::Dns => {
+        Some(v) if v.flags == CT_EGRESS && matches!(Way::of(v.backend), Way::Out | Way::Host | Way::HostDnat) => {
             let to = match (Way::of(v.backend), &e.host_link) {
                 (Way::HostDnat, Some(h)) => u32::from(h.peer_ip),
                 _ => key.dst,
@@ -231,7 +240,7 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
                 return Ok(Next::TimeExceeded);
             }
             let (snat, range, to) = match (way, &e.host_link) {
-                (Way::Out | Way::Dns, _) | (_, None) => {
+                (Way::Out | Way::Dns | Way::Hairpin, _) | (_, None) => {
                     hop(t, key.dst, lb)?;
                     (u32::from(e.addr), e.ports, key.dst)
                 }
@@ -311,6 +320,98 @@ fn dns_out(frame: &mut Frame<'_>, net: NetId, port: u16, now: u64, t: &Tables, l
     lb.egress.stats.tx_packets += 1;
     lb.egress.stats.tx_bytes += frame.len() as u64;
     Ok(Next::Done(Verdict::Tx(hp)))
+}
+
+/// A task's packet to a VIP balanced to the task itself (`be`; the port
+/// kept for an every-port VIP): DNATed to it and source-NATed to its
+/// network's gateway, on a port of the gateway tracked as an egress
+/// connection (`Way::Hairpin`) whose key is the packet after the DNAT.
+/// The task's answer goes to the gateway and comes back through
+/// [`hairpin_back`].
+pub(crate) fn hairpin(
+    frame: &mut Frame<'_>,
+    net: NetId,
+    be: &crate::tables::services::Backend,
+    keep_port: bool,
+    now: u64,
+    t: &Tables,
+    lb: &mut LbState,
+) -> Next {
+    Next::of(hairpin_out(frame, net, be, keep_port, now, t, lb))
+}
+
+fn hairpin_out(
+    frame: &mut Frame<'_>,
+    net: NetId,
+    be: &crate::tables::services::Backend,
+    keep_port: bool,
+    now: u64,
+    t: &Tables,
+    lb: &mut LbState,
+) -> Result<Next, D> {
+    let nw = t.networks.get(usize::from(net)).ok_or(D::NoRoute)?;
+    let (key, flags) = tuple(frame.data()).ok_or(D::Malformed)?;
+    let bport = if keep_port { key.dport } else { be.port };
+    // The connection as the task will see it: to itself, from the gateway.
+    let inner = FlowKey { dst: u32::from(be.ip), dport: bport, ..key };
+    let to = (inner.dst, bport);
+    let mac = frame_src_mac(frame);
+    let fp = lb.conntrack.probe_in(&inner, Bucket::Src);
+    let found = match lb.lookup(&fp, now, flags) {
+        Some(v) if v.flags == CT_EGRESS && Way::of(v.backend) == Way::Hairpin => {
+            if keep_reply(lb, &inner, &v, to, net, mac, now) {
+                Some(v.port2)
+            } else {
+                if let Some(old) = lb.conntrack.remove_probe(&fp) {
+                    lb.release(&inner, old);
+                }
+                None
+            }
+        }
+        Some(_) => return Err(D::NoRoute),
+        None => None,
+    };
+    let sport = match found {
+        Some(p) => p,
+        None => {
+            let state = if key.proto == protocol::TCP { opening_state(flags) } else { CtState::Udp };
+            let gw = u32::from(nw.gateway_ip);
+            open(lb, t, &fp, &inner, (to, gw, HOST_PORTS, Way::Hairpin), state, net, mac, now)?
+        }
+    };
+    let nat = Nat {
+        src_addr: Some(nw.gateway_ip),
+        dst_addr: Some(be.ip),
+        src_port: Some(sport),
+        dst_port: (!keep_port).then_some(bport),
+    };
+    let d = frame.data_mut();
+    rewrite_ipv4(&mut d[field::VER_IHL..], &nat).map_err(|_| D::Malformed)?;
+    d[field::DST_MAC].copy_from_slice(&be.mac.0);
+    d[field::SRC_MAC].copy_from_slice(&nw.gateway_mac.0);
+    Ok(Next::Switch { net, dst: be.mac })
+}
+
+/// A task's packet to its network's gateway: the answer of a hairpin
+/// connection ([`hairpin`]) has its destination put back (the task, on
+/// the port it connected from) and is switched to it, where delivery
+/// gives it the VIP's address as its source (`lb::on_delivery`). `None`
+/// for anything else.
+pub(crate) fn hairpin_back(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState) -> Option<Next> {
+    let (key, flags) = tuple(frame.data())?;
+    let nw = t.networks.get(usize::from(net))?;
+    if key.dst != u32::from(nw.gateway_ip) || !HOST_PORTS.contains(key.dport) {
+        return None;
+    }
+    let v =
+        reply(lb, &key, flags, now, t).filter(|v| Way::of(v.backend) == Way::Hairpin && v.service == u32::from(net))?;
+    let nat = Nat { dst_addr: Some(Ipv4Addr::from(v.peer)), dst_port: Some(v.port), ..Nat::default() };
+    let d = frame.data_mut();
+    if rewrite_ipv4(&mut d[field::VER_IHL..], &nat).is_err() {
+        return Some(Next::Done(Verdict::Drop(D::Malformed)));
+    }
+    d[field::DST_MAC].copy_from_slice(&v.mac);
+    Some(Next::Switch { net, dst: MacAddr(v.mac) })
 }
 
 /// The reply half of the egress connection whose forward entry (key
@@ -485,10 +586,10 @@ fn open(
         return Err(e);
     }
     lb.egress.shares.count(key.src, to.0, true);
-    if way == Way::Dns {
-        lb.egress.stats.dns_conns += 1;
-    } else {
-        lb.egress.stats.new_conns += 1;
+    match way {
+        Way::Dns => lb.egress.stats.dns_conns += 1,
+        Way::Hairpin => lb.egress.stats.hairpin_conns += 1,
+        Way::Out | Way::Host | Way::HostDnat => lb.egress.stats.new_conns += 1,
     }
     Ok(port)
 }
@@ -697,7 +798,7 @@ fn deliver(
     let (from, from_port) = match Way::of(v.backend) {
         Way::HostDnat => (Some(t.data_ip), None),
         Way::Dns => (Some(nw.gateway_ip), Some(DNS_PORT)),
-        Way::Out | Way::Host => (None, None),
+        Way::Out | Way::Host | Way::Hairpin => (None, None),
     };
     let to_task = Nat { dst_addr: Some(task), src_addr: from, ..Nat::default() };
     let r = match (quote, ip.get(9).copied()) {

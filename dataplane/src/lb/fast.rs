@@ -170,7 +170,7 @@ fn new_vip_flow(
         super::count(lb, svc, b, len);
         return Some(Next::Done(v));
     }
-    Some(super::vip_tail(frame, pf.net, s, svc, b, lb))
+    Some(super::vip_tail(frame, pf.net, s, svc, b, now, t, lb))
 }
 
 /// DNAT of the frame with 5-tuple `key` (to a VIP of the service `be`

@@ -691,7 +691,7 @@ fn vip_inner(
     let (key, flags) = tuple(frame.data()).ok_or(DropReason::Malformed)?;
     let found = lb.lookup(&lb.conntrack.probe_in(&key, Bucket::Src), now, flags);
     let b = vip_connection(lb, s, svc, &key, flags, now, found)?;
-    Ok(vip_tail(frame, net, s, svc, b, lb))
+    Ok(vip_tail(frame, net, s, svc, b, now, t, lb))
 }
 
 /// The backend of a task's connection `key` to the VIP of service `svc`
@@ -768,7 +768,11 @@ pub(crate) fn open_vip(
 
 /// A task's packet to a VIP, its backend `b` chosen: counted, DNATed,
 /// readdressed to the backend's MAC (from the client's own), to be
-/// switched on (a local port, or VXLAN to the backend's node).
+/// switched on (a local port, or VXLAN to the backend's node). A task
+/// that is itself the backend chosen (hairpin) gets its packet from the
+/// gateway (`egress::hairpin`), or its answer would never come back
+/// through the balancer.
+#[allow(clippy::too_many_arguments)]
 #[inline(never)] // the general tail: kept out of the fast path's loop
 pub(crate) fn vip_tail(
     frame: &mut Frame<'_>,
@@ -776,10 +780,15 @@ pub(crate) fn vip_tail(
     s: &service::Service,
     svc: u32,
     b: u32,
+    now: u64,
+    t: &Tables,
     lb: &mut LbState,
 ) -> Next {
     let Some(be) = s.backends.get(b as usize) else { return Next::Done(Verdict::Drop(DropReason::NoBackend)) };
     count(lb, svc, b, frame.len());
+    if frame.data().get(field::SRC_IP) == Some(&be.ip.octets()[..]) {
+        return egress::hairpin(frame, net, be, s.vip_target_is_port(), now, t, lb);
+    }
     // An every-port VIP keeps the port.
     let dst_port = (!matches!(s.vip, Some((_, 0)))).then_some(be.port);
     let nat = Nat { src_addr: None, dst_addr: Some(be.ip), src_port: None, dst_port };

@@ -12,6 +12,8 @@
 //! 6 gateway   to the gateway MAC                      Tx(in_port) echo reply (gateway, VIPs);
 //!                                                     6a TCP/UDP to gateway:53 with a DNS port: lb::egress::to_dns
 //!                                                     (DNAT to the node's DNS server) → Tx(host port);
+//!                                                     6b TCP/UDP to the gateway, a hairpin connection's
+//!                                                     answer: lb::egress::hairpin_back → switch;
 //!                                                     lb::to_vip; lb::routed;
 //!                                                     drop egress_internal (internal network, outside
 //!                                                     every network); lb::egress::from_task (SNAT,
@@ -240,6 +242,16 @@ fn to_gateway(
         // node's DNS server for this network, over the host link.
         frame.truncate(ip.total + ethernet::HEADER_LEN);
         let next = lb::egress::to_dns(frame, net, port, now, t, lb);
+        return follow(frame, next, now, t, lb);
+    }
+    if ip.dst == nw.gateway_ip
+        && ip.common_dport.is_some()
+        && nw.has_services
+        && let Some(next) = lb::egress::hairpin_back(frame, net, now, t, lb)
+    {
+        // 6b: a task's answer to a hairpin connection (its own service's
+        // VIP balanced to itself), which came from the gateway.
+        frame.truncate(ip.total + ethernet::HEADER_LEN);
         return follow(frame, next, now, t, lb);
     }
     if let Some(dport) = ip.common_dport

@@ -191,6 +191,12 @@ impl Service {
         }
     }
 
+    /// Whether the VIP is an every-port one (the port is kept).
+    #[inline(always)]
+    pub fn vip_target_is_port(&self) -> bool {
+        matches!(self.vip, Some((_, 0)))
+    }
+
     /// The backend port of a VIP connection to port `dport`: the target
     /// port, or for an every-port VIP the port itself.
     #[inline(always)]
