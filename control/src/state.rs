@@ -146,7 +146,9 @@ pub struct Service {
     pub network: String,
     /// TCP or UDP.
     pub protocol: Proto,
-    /// Its VIP in the network (allocated) and port, if it has one.
+    /// Its VIP in the network (allocated) and port: 0 for every TCP and
+    /// UDP port, untranslated (Swarm's VIPs); `None` in dnsrr mode (and
+    /// for services created before every vip-mode service had a VIP).
     pub vip: Option<(Ipv4Addr, u16)>,
     /// The port its tasks listen on.
     pub target_port: u16,
@@ -934,9 +936,6 @@ impl ClusterState {
             return Err(E::PortZero);
         }
         match endpoint_mode {
-            EndpointMode::Vip if vip_port.is_none() && publish.is_empty() => {
-                return Err(E::Unreachable(name.to_owned()));
-            }
             EndpointMode::Dnsrr if vip_port.is_some() => return Err(E::DnsrrVip(name.to_owned())),
             EndpointMode::Dnsrr if !publish.is_empty() => return Err(E::DnsrrPublished(name.to_owned())),
             _ => {}
@@ -945,9 +944,12 @@ impl ClusterState {
         for req in publish {
             published.push(self.allocate_published(name, protocol, req, &published)?);
         }
-        let vip = match vip_port {
-            Some(p) => Some((self.allocate_ip(network)?, p)),
-            None => None,
+        // Every vip-mode service has a VIP, as in Swarm: on `--vip-port`
+        // only (translated to the target port), else on every TCP and UDP
+        // port, untranslated (port 0).
+        let vip = match endpoint_mode {
+            EndpointMode::Vip => Some((self.allocate_ip(network)?, vip_port.unwrap_or(0))),
+            EndpointMode::Dnsrr => None,
         };
         let svc = Service {
             name: name.to_owned(),

@@ -119,7 +119,6 @@ fn mistakes_are_refused_with_clear_errors_and_change_nothing() {
             "port 30000/tcp is already published by service \"web\"",
         ),
         (service("web", Some(80), &[]), "service \"web\" already exists"),
-        (service("nothing", None, &[]), "needs a vip port or a published port"),
         (
             Command::CreateService {
                 name: "x".into(),
@@ -270,8 +269,7 @@ fn a_service_update_publishes_and_withdraws_ports() {
     s.apply(&upd(&[(Some(30000), MeshMode::PreserveSource)], &[30000], None)).unwrap();
     assert!(ports(&s).contains(&(30000, MeshMode::PreserveSource)));
     // Refused, and nothing changes: another service's port, a port twice,
-    // a port not published, an unknown service, a service left with no
-    // VIP and no port.
+    // a port not published, an unknown service.
     let before = s.clone();
     let taken = s.apply(&upd(&[(Some(30100), MeshMode::Nat)], &[], None)).unwrap_err();
     assert!(taken.to_string().contains("30100") && taken.to_string().contains("api"), "{taken}");
@@ -280,13 +278,32 @@ fn a_service_update_publishes_and_withdraws_ports() {
         s.apply(&upd(&[], &[31999], None)),
         Err(StateError::NotPublished { service: "web".into(), port: 31999 })
     );
-    let api_rm =
-        Command::UpdateService { name: "api".into(), scheduler: None, publish_add: vec![], publish_rm: vec![30100] };
-    assert!(matches!(s.apply(&api_rm), Err(StateError::Unreachable(_))));
     let nosuch =
         Command::UpdateService { name: "nosuch".into(), scheduler: None, publish_add: vec![], publish_rm: vec![] };
     assert!(matches!(s.apply(&nosuch), Err(StateError::Unknown { .. })));
     assert_eq!(s, before);
+    // A service whose last published port goes keeps its VIP (every
+    // vip-mode service has one, on every port without --vip-port).
+    let api_rm =
+        Command::UpdateService { name: "api".into(), scheduler: None, publish_add: vec![], publish_rm: vec![30100] };
+    s.apply(&api_rm).unwrap();
+    assert!(s.services["api"].published.is_empty());
+    assert!(matches!(s.services["api"].vip, Some((_, 0))), "{:?}", s.services["api"].vip);
+}
+
+#[test]
+fn every_vip_mode_service_has_a_vip_on_every_port_unless_a_vip_port_maps_one() {
+    let mut s = cluster();
+    s.apply(&service("plain", None, &[])).unwrap();
+    s.apply(&service("mapped", Some(80), &[])).unwrap();
+    let (a, b) = (s.services["plain"].vip.unwrap(), s.services["mapped"].vip.unwrap());
+    assert_eq!((a.1, b.1), (0, 80));
+    assert_ne!(a.0, b.0);
+    // The tables: port 0 for the every-port VIP, compiled by the dataplane.
+    let spec = compile(&s, "node1", &|_| true, 1).unwrap();
+    let plain = spec.services.iter().find(|x| x.name == "plain").unwrap();
+    assert_eq!((plain.vip, plain.port), (Some(a.0), Some(0)));
+    Tables::compile(&spec).unwrap();
 }
 
 /// Node `n` with an underlay (data NIC) MTU of `mtu`.

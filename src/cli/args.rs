@@ -222,7 +222,9 @@ pub(crate) struct ServiceCreate {
     /// tcp or udp.
     #[arg(long, value_enum, default_value = "tcp")]
     pub(crate) protocol: ProtoArg,
-    /// A VIP in the network on this port (allocated from the subnet).
+    /// The VIP's port, translated to the target port. Without it the VIP
+    /// (every vip-mode service has one, allocated from the subnet) carries
+    /// every TCP and UDP port untranslated, as Swarm's VIPs do.
     #[arg(long)]
     pub(crate) vip_port: Option<u16>,
     /// The tasks' port (or give it in --publish PUB:TARGET).

@@ -41,8 +41,11 @@ pub(crate) fn ls(c: &Conn) -> Result<()> {
         let proto = s(&sv["protocol"]).to_uppercase();
         let target = s(&sv["target_port"]);
         let mut addrs = Vec::new();
-        if let (Value::String(vip), Some(p)) = (&sv["vip"], sv["port"].as_u64()) {
-            addrs.push(format!("{vip}:{p}"));
+        match (&sv["vip"], sv["port"].as_u64()) {
+            // An every-port VIP (both protocols, untranslated).
+            (Value::String(vip), Some(0)) => addrs.push(format!("{vip}:*")),
+            (Value::String(vip), Some(p)) => addrs.push(format!("{vip}:{p}")),
+            _ => {}
         }
         for p in sv["published"].as_array().into_iter().flatten() {
             addrs.push(format!("{data_ip}:{} ({})", s(&p["port"]), s(&p["mode"])));

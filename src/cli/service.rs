@@ -78,9 +78,6 @@ fn create(c: &Conn, a: &ServiceCreate) -> Result<()> {
         EndpointModeArg::Dnsrr => EndpointMode::Dnsrr,
     };
     match endpoint_mode {
-        EndpointMode::Vip if vip_port.is_none() && reqs.is_empty() => {
-            bail!("a service needs a VIP (--vip-port) or a published port (--publish), or both");
-        }
         EndpointMode::Dnsrr if vip_port.is_some() => {
             bail!("--vip-port needs --endpoint-mode vip (dnsrr answers DNS with the tasks' addresses and has no VIP)");
         }
@@ -221,6 +218,8 @@ fn sched(s: SchedArg) -> Scheduler {
 
 fn vip_text(v: &Value) -> String {
     match v.as_array() {
+        // Port 0: every port (untranslated).
+        Some(a) if a.len() == 2 && a[1] == 0 => format!("{}:*", s(&a[0])),
         Some(a) if a.len() == 2 => format!("{}:{}", s(&a[0]), s(&a[1])),
         _ => "-".into(),
     }
