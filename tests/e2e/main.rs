@@ -819,6 +819,7 @@ fn cluster_cli(io: Io) {
 }
 both_backends!(cluster_cli: cluster_cli_afxdp, cluster_cli_tap);
 
+mod discovery;
 mod egress;
 mod flood;
 mod mesh_icmp;
