@@ -15,7 +15,7 @@
 //! with its tasks on live nodes as backends (weight 0 on drained nodes).
 
 use crate::state::{Availability, ClusterState, EndpointMode, mac_for};
-use meshplane_dataplane::tables::services::{BackendSpec, BackendState, PublishedSpec, ServiceSpec};
+use meshplane_dataplane::tables::services::{BackendSpec, BackendState, MeshMode, PublishedSpec, ServiceSpec};
 use meshplane_dataplane::tables::{EndpointSpec, NeighbourSpec, NetworkSpec, NodeSpec, PortSpec, TablesSpec};
 use meshplane_dns::zone::{Mode, NetZone, SvcRec, TaskRec, Zone};
 use thiserror::Error;
@@ -58,7 +58,7 @@ pub fn compile(
         networks: networks(state, me),
         ports,
         endpoints,
-        services: services(state, &alive),
+        services: services(state, me, &alive),
     })
 }
 
@@ -124,26 +124,18 @@ fn ports_and_endpoints(
 
 /// Every service balanced through a VIP (`dnsrr` services have no VIP and
 /// no routing mesh: DNS answers with their tasks), with its tasks on live
-/// nodes as backends (weight 0 and draining on drained nodes).
-fn services(state: &ClusterState, alive: &dyn Fn(&str) -> bool) -> Vec<ServiceSpec> {
-    state
-        .services
-        .values()
-        .filter(|s| s.endpoint_mode == crate::state::EndpointMode::Vip)
-        .map(|s| ServiceSpec {
-            name: s.name.clone(),
-            protocol: s.protocol,
-            network: s.network.clone(),
-            vip: s.vip.map(|(ip, _)| ip),
-            port: s.vip.map(|(_, p)| p),
-            target_port: Some(s.target_port),
-            published: s.published.iter().map(|p| PublishedSpec { port: p.port, mode: p.mode }).collect(),
-            scheduler: s.scheduler,
-            maglev_size: meshplane_dataplane::tables::maglev::DEFAULT_SIZE,
-            backends: state
+/// nodes as backends (weight 0 and draining on drained nodes); and for a
+/// service with `mode=host` ports and a task on this node (`me`), a
+/// service `NAME@host` of those ports alone, in `preserve-source` mode, to
+/// this node's own tasks (Swarm's host-mode publishing).
+fn services(state: &ClusterState, me: &str, alive: &dyn Fn(&str) -> bool) -> Vec<ServiceSpec> {
+    let mut out = Vec::new();
+    for s in state.services.values() {
+        let backends = |local_only: bool| -> Vec<BackendSpec> {
+            state
                 .tasks
                 .values()
-                .filter(|t| t.service == s.name && alive(&t.node))
+                .filter(|t| t.service == s.name && alive(&t.node) && (!local_only || t.node == me))
                 .map(|t| {
                     let drained = state.nodes.get(&t.node).is_some_and(|n| n.availability == Availability::Drain);
                     BackendSpec {
@@ -152,9 +144,36 @@ fn services(state: &ClusterState, alive: &dyn Fn(&str) -> bool) -> Vec<ServiceSp
                         state: if drained || t.weight == 0 { BackendState::Draining } else { BackendState::Active },
                     }
                 })
-                .collect(),
-        })
-        .collect()
+                .collect()
+        };
+        let (host, mesh): (Vec<&crate::state::Published>, Vec<_>) =
+            s.published.iter().partition(|p| p.mode == MeshMode::Host);
+        let spec = |name: String, vip: Option<(std::net::Ipv4Addr, u16)>, published: Vec<PublishedSpec>, backends| {
+            ServiceSpec {
+                name,
+                protocol: s.protocol,
+                network: s.network.clone(),
+                vip: vip.map(|(ip, _)| ip),
+                port: vip.map(|(_, p)| p),
+                target_port: Some(s.target_port),
+                published,
+                scheduler: s.scheduler,
+                maglev_size: meshplane_dataplane::tables::maglev::DEFAULT_SIZE,
+                backends,
+            }
+        };
+        if s.endpoint_mode == EndpointMode::Vip && (s.vip.is_some() || !mesh.is_empty()) {
+            let published = mesh.iter().map(|p| PublishedSpec { port: p.port, mode: p.mode }).collect();
+            out.push(spec(s.name.clone(), s.vip, published, backends(false)));
+        }
+        let local = if host.is_empty() { Vec::new() } else { backends(true) };
+        if !local.is_empty() {
+            let published =
+                host.iter().map(|p| PublishedSpec { port: p.port, mode: MeshMode::PreserveSource }).collect();
+            out.push(spec(format!("{}@host", s.name), None, published, local));
+        }
+    }
+    out
 }
 
 /// The names node `me` serves (`up(node)`: which nodes gossip says are

@@ -489,7 +489,7 @@ pub enum StateError {
     DnsrrVip(String),
     /// A `dnsrr` service published through the routing mesh.
     #[error(
-        "service {0:?}: endpoint mode dnsrr cannot be published through the routing mesh: it has no VIP (as in Swarm); use --endpoint-mode vip"
+        "service {0:?}: endpoint mode dnsrr cannot be published through the routing mesh: it has no VIP (as in Swarm); use --endpoint-mode vip, or --publish mode=host,PUB:TARGET"
     )]
     DnsrrPublished(String),
     /// A network still used by services.
@@ -937,7 +937,10 @@ impl ClusterState {
         }
         match endpoint_mode {
             EndpointMode::Dnsrr if vip_port.is_some() => return Err(E::DnsrrVip(name.to_owned())),
-            EndpointMode::Dnsrr if !publish.is_empty() => return Err(E::DnsrrPublished(name.to_owned())),
+            // Host-mode ports need no VIP: allowed with dnsrr, as in Swarm.
+            EndpointMode::Dnsrr if publish.iter().any(|p| p.mode != MeshMode::Host) => {
+                return Err(E::DnsrrPublished(name.to_owned()));
+            }
             _ => {}
         }
         let mut published = Vec::new();
@@ -978,7 +981,7 @@ impl ClusterState {
         // Out of the map while it changes: its own old ports do not count
         // as taken by another service.
         let svc0 = self.services.get(name).ok_or_else(|| unknown(Kind::Service, name))?;
-        if svc0.endpoint_mode == EndpointMode::Dnsrr && !publish_add.is_empty() {
+        if svc0.endpoint_mode == EndpointMode::Dnsrr && publish_add.iter().any(|p| p.mode != MeshMode::Host) {
             return Err(E::DnsrrPublished(name.to_owned()));
         }
         let mut svc = self.services.remove(name).ok_or_else(|| unknown(Kind::Service, name))?;

@@ -484,3 +484,40 @@ fn the_zone_of_a_node_is_its_tasks_networks_and_who_serves() {
     let web1 = s.tasks["web.1"].ip;
     assert_eq!(v.lookup("tasks.web", meshplane_dns::view::Kind::A), meshplane_dns::view::Lookup::A(vec![web1]));
 }
+
+#[test]
+fn host_mode_ports_open_only_where_a_task_runs_and_go_to_its_own_tasks() {
+    let mut s = cluster();
+    s.apply(&service("hm", None, &[(Some(30300), MeshMode::Host), (Some(30301), MeshMode::Nat)])).unwrap();
+    s.apply(&task("hm.1", "hm", "node1")).unwrap();
+    s.apply(&task("hm.2", "hm", "node1")).unwrap();
+    // A dnsrr service may be published in host mode (it needs no VIP).
+    let mut db = service("db", None, &[(Some(30302), MeshMode::Host)]);
+    if let Command::CreateService { endpoint_mode, .. } = &mut db {
+        *endpoint_mode = meshplane_control::state::EndpointMode::Dnsrr;
+    }
+    s.apply(&db).unwrap();
+    let hm_ips = [s.tasks["hm.1"].ip, s.tasks["hm.2"].ip];
+    let one = compile(&s, "node1", &|_| true, 1).unwrap();
+    let host = one.services.iter().find(|x| x.name == "hm@host").expect("node1 publishes hm in host mode");
+    assert_eq!(
+        host.published.iter().map(|p| (p.port, p.mode)).collect::<Vec<_>>(),
+        [(30300, MeshMode::PreserveSource)]
+    );
+    assert_eq!(host.backends.iter().map(|b| b.ip).collect::<Vec<_>>(), hm_ips);
+    assert_eq!(host.vip, None);
+    // The service itself keeps its VIP and its routing-mesh port only.
+    let hm = one.services.iter().find(|x| x.name == "hm").expect("hm");
+    assert_eq!(hm.published.iter().map(|p| p.port).collect::<Vec<_>>(), [30301]);
+    Tables::compile(&one).unwrap();
+    // node2 runs no task of hm: no host-mode port there; db has no task.
+    let two = compile(&s, "node2", &|_| true, 1).unwrap();
+    assert!(two.services.iter().all(|x| !x.name.ends_with("@host")), "{:?}", two.services);
+    Tables::compile(&two).unwrap();
+    // dnsrr: still no routing mesh.
+    let mut bad = service("db2", None, &[(Some(30303), MeshMode::Nat)]);
+    if let Command::CreateService { endpoint_mode, .. } = &mut bad {
+        *endpoint_mode = meshplane_control::state::EndpointMode::Dnsrr;
+    }
+    assert!(matches!(s.apply(&bad), Err(StateError::DnsrrPublished(_))));
+}

@@ -22,7 +22,8 @@ fn parse_publish(spec: &str) -> Result<(PublishRequest, Option<u16>)> {
         match part.split_once('=') {
             Some(("mode", "nat" | "ingress")) => mode = MeshMode::Nat,
             Some(("mode", "preserve-source")) => mode = MeshMode::PreserveSource,
-            Some(("mode", m)) => bail!("--publish {spec:?}: mode {m:?} (nat or preserve-source)"),
+            Some(("mode", "host")) => mode = MeshMode::Host,
+            Some(("mode", m)) => bail!("--publish {spec:?}: mode {m:?} (nat, preserve-source or host)"),
             Some(("published", p)) => port = Some(num(p, "published")?),
             Some(("target", p)) => target = Some(num(p, "target")?),
             Some((k, _)) => bail!("--publish {spec:?}: unknown key {k:?}"),
@@ -81,9 +82,9 @@ fn create(c: &Conn, a: &ServiceCreate) -> Result<()> {
         EndpointMode::Dnsrr if vip_port.is_some() => {
             bail!("--vip-port needs --endpoint-mode vip (dnsrr answers DNS with the tasks' addresses and has no VIP)");
         }
-        EndpointMode::Dnsrr if !reqs.is_empty() => {
+        EndpointMode::Dnsrr if reqs.iter().any(|r| r.mode != MeshMode::Host) => {
             bail!(
-                "endpoint mode dnsrr cannot be published through the routing mesh: it has no VIP (as in Swarm); use --endpoint-mode vip"
+                "endpoint mode dnsrr cannot be published through the routing mesh: it has no VIP (as in Swarm); use --endpoint-mode vip, or --publish mode=host,PUB:TARGET"
             );
         }
         _ => {}
@@ -236,6 +237,7 @@ mod tests {
         assert_eq!(p("mode=preserve-source,30081:8080"), Ok((Some(30081), MeshMode::PreserveSource, Some(8080))));
         assert_eq!(p("published=30082,target=80,mode=ingress"), Ok((Some(30082), MeshMode::Nat, Some(80))));
         assert_eq!(p(":8080"), Ok((None, MeshMode::Nat, Some(8080))));
+        assert_eq!(p("mode=host,30083:80"), Ok((Some(30083), MeshMode::Host, Some(80))));
         for (bad, says) in [
             ("70000:80", "bad published port"),
             ("30080:0", "bad target port"),

@@ -22,16 +22,44 @@ pub(crate) fn run(c: &Conn, cmd: &TaskCmd) -> Result<()> {
                 .map(|(_, t)| t.clone())
                 .filter(|t| service.as_ref().is_none_or(|sv| t["service"] == Value::String(sv.clone())))
                 .collect();
+            // Where each task is published in host mode: its node's data
+            // address, the port, the target port (Swarm's `PORTS`).
+            let tasks: Vec<Value> = tasks
+                .into_iter()
+                .map(|mut t| {
+                    let sv = &st["services"][s(&t["service"])];
+                    let at = s(&st["nodes"][s(&t["node"])]["data_ip"]);
+                    let published: Vec<Value> = sv["published"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|p| p["mode"] == "host")
+                        .map(|p| Value::String(format!("{at}:{}->{}", s(&p["port"]), s(&sv["target_port"]))))
+                        .collect();
+                    t["published"] = Value::Array(published);
+                    t
+                })
+                .collect();
             print(c, &Value::Array(tasks), |v| {
                 let rows = v
                     .as_array()
                     .into_iter()
                     .flatten()
                     .map(|t| {
-                        vec![s(&t["id"]), s(&t["service"]), s(&t["node"]), s(&t["ip"]), s(&t["weight"]), s(&t["netns"])]
+                        let published: Vec<String> = t["published"].as_array().into_iter().flatten().map(s).collect();
+                        let published = if published.is_empty() { "-".to_owned() } else { published.join(" ") };
+                        vec![
+                            s(&t["id"]),
+                            s(&t["service"]),
+                            s(&t["node"]),
+                            s(&t["ip"]),
+                            s(&t["weight"]),
+                            s(&t["netns"]),
+                            published,
+                        ]
                     })
                     .collect();
-                table(&["ID", "SERVICE", "NODE", "ADDRESS", "WEIGHT", "NETNS"], rows);
+                table(&["ID", "SERVICE", "NODE", "ADDRESS", "WEIGHT", "NETNS", "PUBLISHED"], rows);
             });
         }
         TaskCmd::Drain { id } => {

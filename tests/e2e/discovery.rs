@@ -14,9 +14,9 @@ use crate::{Io, need_root, serial};
 use std::collections::BTreeMap;
 
 /// The routed lab, managed, with `web`'s two tasks serving and a client
-/// task; returns the lab, the nodes and the task namespaces (web.1,
-/// web.2, client).
-fn lab(io: Io, tag: &str) -> (Lab, RNode, RNode, [String; 3]) {
+/// task; returns the lab, the nodes, the task namespaces (web.1, web.2,
+/// client) and the fabric's.
+fn lab(io: Io, tag: &str) -> (Lab, RNode, RNode, [String; 3], String) {
     let mut lab = Lab::new(&format!("{tag}-{}", io.arg()));
     let fab = lab.ns("fab");
     for br in ["brA", "brB", "br1"] {
@@ -62,7 +62,7 @@ fn lab(io: Io, tag: &str) -> (Lab, RNode, RNode, [String; 3]) {
             });
         }
     }
-    (lab, n1, n2, t)
+    (lab, n1, n2, t, fab)
 }
 
 /// A service's VIP and port from the state (`service ls`).
@@ -89,7 +89,7 @@ fn answers(tns: &str, url: &str, n: usize) -> BTreeMap<String, usize> {
 
 fn vips(io: Io) {
     let _g = serial();
-    let (mut lab, n1, n2, t) = lab(io, "vip");
+    let (mut lab, n1, n2, t, fab) = lab(io, "vip");
     let (vip, port) = vip(&n1, "web");
     assert_eq!(port, 0, "no --vip-port: every port");
     let ls = cli_ok(&n1.state, &["service", "ls"]);
@@ -115,6 +115,35 @@ fn vips(io: Io) {
         serde_json::from_str(&cli_ok(&n1.state, &["stats", "--format", "json"])).expect("stats json");
     let hairpins = w["dataplane"]["workers"][0]["egress"]["hairpin_conns"].as_u64().unwrap_or(0);
     assert!(hairpins > 0, "{}", w["dataplane"]["workers"][0]["egress"]);
+
+    // Host mode: service hm's port 30300 opens only on node 1, which runs
+    // its task, and its task sees the client's own address.
+    let cl = lab.ns("cl");
+    crate::routed::leg(&fab, "brA", "cl0", &cl, "cl0", "02:00:00:00:0a:64", "198.18.10.100");
+    ip(&format!("-n {cl} route add default via 198.18.10.254"));
+    // Checksums complete on the wire, as a real client's are (a veth
+    // leaves them partial, and an AF_XDP uplink cannot tell).
+    in_ns_ok(&cl, &["ethtool", "-K", "cl0", "tx", "off"]);
+    #[rustfmt::skip]
+    cli_ok(&n1.state, &["service", "create", "--name", "hm", "--network", "app", "--publish", "mode=host,30300:80"]);
+    let h1 = lab.ns("h1");
+    cli_ok(&n1.state, &["task", "attach", "--service", "hm", "--node", "node1", "--netns", &h1, "--id", "hm.1"]);
+    wait_for("hm.1's port", 20, || {
+        String::from_utf8_lossy(&in_ns(&h1, &["ip", "-4", "route", "show", "default"]).stdout).contains("via")
+    });
+    let p = lab.spawn(&h1, "hm.1", &[BIN, "tool", "http-name", "--listen", "0.0.0.0:80", "--name", "hm.1"]);
+    wait_for("hm.1 on 80", 10, || {
+        assert!(lab.running(p), "{}", lab.log(p));
+        String::from_utf8_lossy(&in_ns(&h1, &["ss", "-ltn"]).stdout).contains(":80 ")
+    });
+    let ls = cli_ok(&n1.state, &["task", "ls", "--service", "hm"]);
+    assert!(ls.contains("198.18.10.1:30300->80"), "{ls}");
+    let url = "http://198.18.10.1:30300/";
+    wait_for("host mode on node 1", 15, || in_ns(&cl, &["curl", "-sf", "--max-time", "2", url]).status.success());
+    let body = in_ns_ok(&cl, &["curl", "-sf", "--max-time", "3", url]);
+    assert!(body.starts_with("hm.1 saw 198.18.10.100:"), "the client's address is kept: {body}");
+    let o = in_ns(&cl, &["curl", "-sf", "--max-time", "3", "http://198.18.20.2:30300/"]);
+    assert!(!o.status.success(), "node 2 runs no task of hm but answered: {}", String::from_utf8_lossy(&o.stdout));
     for n in [&n1, &n2] {
         assert!(lab.stop(n.proc_), "{} did not stop cleanly:\n{}", n.ns, lab.log(n.proc_));
     }

@@ -76,6 +76,12 @@ pub enum MeshMode {
     /// remembers which node the connection came in through and returns the
     /// replies through it (moby/moby#25526).
     PreserveSource,
+    /// Swarm's `mode=host`: the port is open only on the nodes running a
+    /// task of the service, and goes to those local tasks, the client's
+    /// address preserved. A cluster-state mode: the control plane compiles
+    /// it, per node, into a `preserve-source` port of a service of the
+    /// node's own tasks; the tables refuse it.
+    Host,
 }
 
 fn default_scheduler() -> Scheduler {
@@ -312,6 +318,12 @@ impl Services {
             }
         }
         for p in &s.published {
+            if p.mode == MeshMode::Host {
+                return invalid(format!(
+                    "service {name:?}: published port {}: mode host is compiled by the control plane (a preserve-source port of the node's own tasks)",
+                    p.port
+                ));
+            }
             let v = Published { service: idx, mode: p.mode };
             if self.published.insert(published_key(p.port, proto), v).is_some() {
                 return invalid(format!("service {name:?}: published port {} ({pname}) is taken", p.port));
