@@ -197,6 +197,7 @@ fn a_cluster_of_control_planes() {
         publish: vec![PublishRequest { port: None, mode: MeshMode::Nat }],
         scheduler: Scheduler::Mh,
         endpoint_mode: meshplane_control::state::EndpointMode::Vip,
+        health: None,
     })
     .unwrap();
     // A refused write says why, from wherever it was made.

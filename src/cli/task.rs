@@ -4,7 +4,7 @@ use super::args::{Conn, TaskCmd};
 use super::client::{state, write};
 use super::render::{print, s, table};
 use anyhow::{Result, anyhow};
-use meshplane_control::state::{Command, TaskNetns};
+use meshplane_control::state::{Command, TaskHealth, TaskNetns};
 use serde_json::Value;
 
 /// Runs a `task` command.
@@ -28,10 +28,18 @@ pub(crate) fn run(c: &Conn, cmd: &TaskCmd) -> Result<()> {
                     .into_iter()
                     .flatten()
                     .map(|t| {
-                        vec![s(&t["id"]), s(&t["service"]), s(&t["node"]), s(&t["ip"]), s(&t["weight"]), s(&t["netns"])]
+                        vec![
+                            s(&t["id"]),
+                            s(&t["service"]),
+                            s(&t["node"]),
+                            s(&t["ip"]),
+                            s(&t["weight"]),
+                            health_cell(&t["health"]),
+                            s(&t["netns"]),
+                        ]
                     })
                     .collect();
-                table(&["ID", "SERVICE", "NODE", "ADDRESS", "WEIGHT", "NETNS"], rows);
+                table(&["ID", "SERVICE", "NODE", "ADDRESS", "WEIGHT", "HEALTH", "NETNS"], rows);
             });
         }
         TaskCmd::Drain { id } => {
@@ -44,6 +52,12 @@ pub(crate) fn run(c: &Conn, cmd: &TaskCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A task's health as `task ls` shows it: starting, healthy, unhealthy,
+/// or `-` for a task that is not checked (and a state without the field).
+fn health_cell(v: &Value) -> String {
+    serde_json::from_value::<TaskHealth>(v.clone()).unwrap_or_default().name().to_owned()
 }
 
 /// `task attach`: the task (its id SERVICE.N unless given), then its
