@@ -862,6 +862,13 @@ struct ServicePorts<'a> {
     publish: &'a [PublishRequest],
 }
 
+/// How a `CreateService`'s tasks are reached and checked.
+struct ServiceHow<'a> {
+    scheduler: Scheduler,
+    endpoint_mode: EndpointMode,
+    health: Option<&'a HealthCheck>,
+}
+
 fn unknown(kind: Kind, name: &str) -> StateError {
     StateError::Unknown { kind, name: name.to_owned() }
 }
@@ -935,7 +942,8 @@ impl ClusterState {
                 health,
             } => {
                 let ports = ServicePorts { vip_port: *vip_port, target_port: *target_port, publish };
-                self.create_service(name, network, *protocol, ports, *scheduler, *endpoint_mode, health.as_ref())
+                let how = ServiceHow { scheduler: *scheduler, endpoint_mode: *endpoint_mode, health: health.as_ref() };
+                self.create_service(name, network, *protocol, ports, how)
             }
             Command::UpdateService { name, scheduler, publish_add, publish_rm, health } => {
                 self.update_service(name, *scheduler, publish_add, publish_rm, health)
@@ -1103,11 +1111,10 @@ impl ClusterState {
         network: &str,
         protocol: Proto,
         ports: ServicePorts<'_>,
-        scheduler: Scheduler,
-        endpoint_mode: EndpointMode,
-        health: Option<&HealthCheck>,
+        how: ServiceHow<'_>,
     ) -> Result<(), StateError> {
         use StateError as E;
+        let ServiceHow { scheduler, endpoint_mode, health } = how;
         check_name(Kind::Service, name)?;
         if self.services.contains_key(name) {
             return Err(E::Exists { kind: Kind::Service, name: name.to_owned() });
@@ -1475,8 +1482,13 @@ mod netns_tests {
         let p = PublishRequest { port: Some(30432), mode: MeshMode::Nat };
         let e = st.apply(&dnsrr("db3", None, vec![p])).expect_err("published");
         assert!(e.to_string().contains("cannot be published through the routing mesh"), "{e}");
-        let add =
-            Command::UpdateService { name: "db".into(), scheduler: None, publish_add: vec![p], publish_rm: vec![], health: Default::default() };
+        let add = Command::UpdateService {
+            name: "db".into(),
+            scheduler: None,
+            publish_add: vec![p],
+            publish_rm: vec![],
+            health: Default::default(),
+        };
         let e = st.apply(&add).expect_err("published later");
         assert!(e.to_string().contains("cannot be published"), "{e}");
         assert!(st.services.contains_key("db"), "a refused update keeps the service");

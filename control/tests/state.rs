@@ -3,8 +3,8 @@
 
 use meshplane_control::compile::compile;
 use meshplane_control::state::{
-    Availability, ClusterState, Command, HealthCheck, HealthUpdate, Kind, Node, Probe, PublishRequest, Role, StateError,
-    TaskHealth, mac_for,
+    Availability, ClusterState, Command, HealthCheck, HealthUpdate, Kind, Node, Probe, PublishRequest, Role,
+    StateError, TaskHealth, mac_for,
 };
 use meshplane_dataplane::lb::sched::Scheduler;
 use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
@@ -286,11 +286,21 @@ fn a_service_update_publishes_and_withdraws_ports() {
         s.apply(&upd(&[], &[31999], None)),
         Err(StateError::NotPublished { service: "web".into(), port: 31999 })
     );
-    let api_rm =
-        Command::UpdateService { name: "api".into(), scheduler: None, publish_add: vec![], publish_rm: vec![30100], health: Default::default() };
+    let api_rm = Command::UpdateService {
+        name: "api".into(),
+        scheduler: None,
+        publish_add: vec![],
+        publish_rm: vec![30100],
+        health: Default::default(),
+    };
     assert!(matches!(s.apply(&api_rm), Err(StateError::Unreachable(_))));
-    let nosuch =
-        Command::UpdateService { name: "nosuch".into(), scheduler: None, publish_add: vec![], publish_rm: vec![], health: Default::default() };
+    let nosuch = Command::UpdateService {
+        name: "nosuch".into(),
+        scheduler: None,
+        publish_add: vec![],
+        publish_rm: vec![],
+        health: Default::default(),
+    };
     assert!(matches!(s.apply(&nosuch), Err(StateError::Unknown { .. })));
     assert_eq!(s, before);
 }
@@ -485,22 +495,11 @@ fn health_update(name: &str, health: HealthUpdate) -> Command {
 }
 
 fn checked_service(name: &str, health: HealthCheck) -> Command {
-    match service(name, Some(80), &[]) {
-        Command::CreateService { name, network, protocol, vip_port, target_port, publish, scheduler, endpoint_mode, .. } => {
-            Command::CreateService {
-                name,
-                network,
-                protocol,
-                vip_port,
-                target_port,
-                publish,
-                scheduler,
-                endpoint_mode,
-                health: Some(health),
-            }
-        }
-        _ => unreachable!(),
+    let mut c = service(name, Some(80), &[]);
+    if let Command::CreateService { health: h, .. } = &mut c {
+        *h = Some(health);
     }
+    c
 }
 
 fn set_health(task: &str, health: TaskHealth) -> Command {
@@ -644,7 +643,10 @@ fn a_state_and_commands_older_than_health_checks_load_as_unchecked() {
     let h = HealthCheck { probe: Probe::Http { path: "/h".into() }, ..tcp_check(5000, 2000, 3) };
     assert!(serde_json::to_string(&h).unwrap().contains(r#""probe":{"http":{"path":"/h"}}"#));
     assert_eq!(serde_json::to_string(&TaskHealth::Unchecked).unwrap(), r#""none""#);
-    assert_eq!(serde_json::to_string(&set_health("t", TaskHealth::Unhealthy)).unwrap(), r#"{"SetTaskHealth":{"task":"t","health":"unhealthy"}}"#);
+    assert_eq!(
+        serde_json::to_string(&set_health("t", TaskHealth::Unhealthy)).unwrap(),
+        r#"{"SetTaskHealth":{"task":"t","health":"unhealthy"}}"#
+    );
 }
 
 #[test]

@@ -258,7 +258,9 @@ fn health_update(a: &HealthArgs, has: Option<&HealthCheck>) -> Result<HealthUpda
         (None, _) if !any => return Ok(HealthUpdate::Keep),
         (Some(cmd), has) => HealthCheck { probe: parse_probe(cmd)?, ..has.cloned().unwrap_or_else(default_check) },
         (None, Some(has)) => has.clone(),
-        (None, None) => bail!("--health-interval, --health-timeout, --health-retries and --health-start-period need --health-cmd tcp|http:/PATH"),
+        (None, None) => bail!(
+            "--health-interval, --health-timeout, --health-retries and --health-start-period need --health-cmd tcp|http:/PATH"
+        ),
     };
     if let Some(ms) = a.health_interval {
         h.interval_ms = ms;
@@ -405,9 +407,9 @@ mod tests {
             }
             _ => panic!("not an update"),
         }
-        let e = parse(&["update", "--health-interval", "5 parsecs", "web"]).err().expect("refused").to_string();
+        let e = parse(&["update", "--health-interval", "5 parsecs", "web"]).expect_err("refused").to_string();
         assert!(e.contains("e.g. 5s"), "{e}");
-        let e = parse(&["update", "--no-healthcheck", "--health-cmd", "tcp", "web"]).err().expect("refused").to_string();
+        let e = parse(&["update", "--no-healthcheck", "--health-cmd", "tcp", "web"]).expect_err("refused").to_string();
         assert!(e.contains("cannot be used with"), "{e}");
         assert!(health_text(&serde_json::to_value(default_check()).unwrap()).starts_with("tcp every 5s (timeout 2s"));
         assert_eq!(health_text(&Value::Null), "none");

@@ -311,14 +311,17 @@ struct Shared {
 /// changed), gone ones stopped.
 pub(crate) async fn run(cluster: Arc<dyn Cluster>, counters: Arc<Counters>) {
     let (tx, view) = tokio::sync::watch::channel(Arc::new(BTreeMap::new()));
-    let shared = Arc::new(Shared { cluster: cluster.clone(), counters: counters.clone(), sockets: NsSockets::new(), view });
+    let shared =
+        Arc::new(Shared { cluster: cluster.clone(), counters: counters.clone(), sockets: NsSockets::new(), view });
     let mut running = Running::default();
     let mut warned = std::collections::BTreeSet::new();
     loop {
         let (now, blind) = cluster.targets();
         for t in blind {
             if warned.insert(t.clone()) {
-                tracing::warn!("task {t}: its service has a health check, but the task has no --netns to run it in: not checked (it stays starting)");
+                tracing::warn!(
+                    "task {t}: its service has a health check, but the task has no --netns to run it in: not checked (it stays starting)"
+                );
             }
         }
         tx.send_replace(Arc::new(now.clone()));
@@ -330,9 +333,9 @@ pub(crate) async fn run(cluster: Arc<dyn Cluster>, counters: Arc<Counters>) {
             keep
         });
         for (id, t) in now {
-            if !running.0.contains_key(&id) {
+            if let std::collections::btree_map::Entry::Vacant(e) = running.0.entry(id) {
                 let h = tokio::spawn(probe_loop(t.clone(), shared.clone()));
-                running.0.insert(id, (t, h));
+                e.insert((t, h));
             }
         }
         counters.tasks.store(running.0.len() as u64, Ordering::Relaxed);
@@ -386,8 +389,10 @@ pub(crate) async fn probe(t: &Target, sockets: &NsSockets) -> Result<(), HealthE
     let limit = Duration::from_millis(t.check.timeout_ms);
     let once = async {
         let sock = sockets.socket(&t.netns).await?;
-        let stream =
-            sock.connect(SocketAddr::V4(t.addr)).await.map_err(|source| HealthError::Connect { addr: t.addr, source })?;
+        let stream = sock
+            .connect(SocketAddr::V4(t.addr))
+            .await
+            .map_err(|source| HealthError::Connect { addr: t.addr, source })?;
         match &t.check.probe {
             Probe::Tcp => Ok(()),
             Probe::Http { path } => http_get(stream, t.addr, path).await,
@@ -624,13 +629,10 @@ mod tests {
         for c in [
             node("n1", 1),
             node("n2", 2),
-            Command::CreateNetwork {
-                name: "app".into(),
-                subnet: "198.19.0.0/24".parse().expect("subnet"),
-                gateway: None,
-                mtu: None,
-                internal: false,
-            },
+            serde_json::from_str(
+                r#"{"CreateNetwork":{"name":"app","subnet":"198.19.0.0/24","gateway":null,"mtu":null}}"#,
+            )
+            .expect("a network"),
             svc("web", Some(check(Probe::Http { path: "/healthz".into() }, 1000, 3, 0))),
             svc("plain", None),
             task("web.1", "web", "n1", Some("mp-hc-a")),
@@ -677,8 +679,7 @@ mod tests {
 
     // ---- in namespaces (root) ----
 
-    const NS: &str = "mp-hc-t";
-    /// The task's address in the namespace.
+    /// The task's address in its namespace.
     const TASK_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 77, 2);
 
     /// Namespaces removed on drop (also when the test fails).
@@ -697,20 +698,23 @@ mod tests {
         assert!(o.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
     }
 
-    /// Namespace `ns` with lo up and the task's address on a dummy
-    /// interface; `None` (the test skips) without root.
+    /// Namespace `ns` with lo up and the task's address on `eth0` (one
+    /// end of a veth pair inside it); `None` (the test skips) without
+    /// root.
     fn task_namespace(ns: &'static str) -> Option<Netns> {
         use std::os::unix::fs::MetadataExt;
         if std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) != 0 {
             eprintln!("skipped: needs root (network namespaces)");
             return None;
         }
-        let _ = std::process::Command::new("ip").args(["netns", "del", ns]).stderr(std::process::Stdio::null()).status();
+        let _ =
+            std::process::Command::new("ip").args(["netns", "del", ns]).stderr(std::process::Stdio::null()).status();
         let guard = Netns(vec![ns]);
         ip(&["netns", "add", ns]);
         ip(&["-n", ns, "link", "set", "lo", "up"]);
-        ip(&["-n", ns, "link", "add", "eth0", "type", "dummy"]);
+        ip(&["-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
         ip(&["-n", ns, "addr", "add", "198.18.77.2/24", "dev", "eth0"]);
+        ip(&["-n", ns, "link", "set", "eth0p", "up"]);
         ip(&["-n", ns, "link", "set", "eth0", "up"]);
         Some(guard)
     }
@@ -771,10 +775,10 @@ mod tests {
         }
     }
 
-    fn target(task: &str, port: u16, check: HealthCheck) -> Target {
+    fn target(ns: &str, task: &str, port: u16, check: HealthCheck) -> Target {
         Target {
             task: task.into(),
-            netns: PathBuf::from(format!("/var/run/netns/{NS}")),
+            netns: PathBuf::from(format!("/var/run/netns/{ns}")),
             addr: SocketAddrV4::new(TASK_IP, port),
             check,
             health: TaskHealth::Starting,
@@ -783,8 +787,8 @@ mod tests {
 
     /// A TCP listener on the task's address inside the namespace, made
     /// there by a thread of its own (as the checker's sockets are).
-    fn listen_in_namespace(port: u16) -> std::net::TcpListener {
-        let path = format!("/var/run/netns/{NS}");
+    fn listen_in_namespace(ns: &str, port: u16) -> std::net::TcpListener {
+        let path = format!("/var/run/netns/{ns}");
         std::thread::spawn(move || {
             let f = std::fs::File::open(path).expect("the namespace");
             nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("entering the namespace");
@@ -812,7 +816,8 @@ mod tests {
 
     #[test]
     fn a_tcp_check_in_the_tasks_namespace_follows_its_server_within_the_windows() {
-        let Some(_ns) = task_namespace(NS) else { return };
+        let ns = "mp-hc-tcp";
+        let Some(_ns) = task_namespace(ns) else { return };
         let rt = runtime();
         rt.block_on(async {
             let (interval, retries) = (Duration::from_millis(400), 3u32);
@@ -820,10 +825,11 @@ mod tests {
             let slow_start = HealthCheck { retries: 1, start_period_ms: 1500, ..tcp.clone() };
             // web.1: a server on 8080; web.2: nothing on 8081 and a start
             // period; web.3: a namespace that does not exist.
-            let mut gone = target("web.3", 8080, tcp.clone());
+            let mut gone = target(ns, "web.3", 8080, tcp.clone());
             gone.netns = PathBuf::from("/var/run/netns/mp-hc-absent");
-            let fake = Fake::new(&[target("web.1", 8080, tcp.clone()), target("web.2", 8081, slow_start), gone], 2);
-            let server = serve(listen_in_namespace(8080));
+            let fake =
+                Fake::new(&[target(ns, "web.1", 8080, tcp.clone()), target(ns, "web.2", 8081, slow_start), gone], 2);
+            let server = serve(listen_in_namespace(ns, 8080));
             // No server on the node's side: the probe must run inside.
             let counters = Arc::new(Counters::default());
             let t0 = Instant::now();
@@ -845,10 +851,13 @@ mod tests {
             let down = fake.until("web.1", TaskHealth::Unhealthy, Duration::from_secs(10)).await;
             let took = down - stopped;
             let (lo, hi) = (interval * (retries - 1), interval * retries + Duration::from_millis(500));
-            assert!(took >= lo - Duration::from_millis(50) && took <= hi, "unhealthy after {took:?}, not in {lo:?}..{hi:?}");
+            assert!(
+                took >= lo - Duration::from_millis(50) && took <= hi,
+                "unhealthy after {took:?}, not in {lo:?}..{hi:?}"
+            );
 
             // Back: healthy at the next probe.
-            let server = serve(listen_in_namespace(8080));
+            let server = serve(listen_in_namespace(ns, 8080));
             let back = Instant::now();
             let up = fake.until("web.1", TaskHealth::Healthy, Duration::from_secs(5)).await;
             assert!(up - back <= interval + Duration::from_millis(500), "healthy again after {:?}", up - back);
@@ -857,7 +866,11 @@ mod tests {
             // then unhealthy at the first probe that counts.
             let sick = fake.until("web.2", TaskHealth::Unhealthy, Duration::from_secs(10)).await;
             assert!(sick - t0 >= Duration::from_millis(1500), "failures in the start period counted: {:?}", sick - t0);
-            assert!(sick - t0 <= Duration::from_millis(1500) + interval + Duration::from_millis(500), "{:?}", sick - t0);
+            assert!(
+                sick - t0 <= Duration::from_millis(1500) + interval + Duration::from_millis(500),
+                "{:?}",
+                sick - t0
+            );
             // web.3's namespace is not there: a failure, never a crash.
             fake.until("web.3", TaskHealth::Unhealthy, Duration::from_secs(10)).await;
 
@@ -885,9 +898,9 @@ mod tests {
     struct HttpServer(std::process::Child);
 
     impl HttpServer {
-        fn start(dir: &std::path::Path, port: u16) -> HttpServer {
+        fn start(ns: &str, dir: &std::path::Path, port: u16) -> HttpServer {
             let child = std::process::Command::new("ip")
-                .args(["netns", "exec", NS, "python3", "-m", "http.server", &port.to_string()])
+                .args(["netns", "exec", ns, "python3", "-m", "http.server", &port.to_string()])
                 .args(["--bind", &TASK_IP.to_string(), "--directory"])
                 .arg(dir)
                 .stdout(std::process::Stdio::null())
@@ -907,7 +920,8 @@ mod tests {
 
     #[test]
     fn an_http_check_passes_on_2xx_fails_on_404_and_follows_a_real_server() {
-        let Some(_ns) = task_namespace(NS) else { return };
+        let ns = "mp-hc-http";
+        let Some(_ns) = task_namespace(ns) else { return };
         if std::process::Command::new("python3").arg("--version").output().is_err() {
             eprintln!("skipped: needs python3 (its http.server is the task's server)");
             return;
@@ -920,8 +934,8 @@ mod tests {
             let interval = Duration::from_millis(400);
             let ok = check(Probe::Http { path: "/healthz".into() }, 400, 2, 0);
             let missing = check(Probe::Http { path: "/missing".into() }, 400, 2, 0);
-            let fake = Fake::new(&[target("web.1", 8090, ok), target("web.2", 8090, missing)], 0);
-            let server = HttpServer::start(&dir, 8090);
+            let fake = Fake::new(&[target(ns, "web.1", 8090, ok), target(ns, "web.2", 8090, missing)], 0);
+            let server = HttpServer::start(ns, &dir, 8090);
             let counters = Arc::new(Counters::default());
             let checker = AbortOnDrop(tokio::spawn(run(fake.clone(), counters.clone())));
             // Python takes a moment to listen: failures until then count,
@@ -932,8 +946,12 @@ mod tests {
             drop(server);
             let stopped = Instant::now();
             let down = fake.until("web.1", TaskHealth::Unhealthy, Duration::from_secs(10)).await;
-            assert!(down - stopped <= interval * 2 + Duration::from_millis(500), "unhealthy after {:?}", down - stopped);
-            let _server = HttpServer::start(&dir, 8090);
+            assert!(
+                down - stopped <= interval * 2 + Duration::from_millis(500),
+                "unhealthy after {:?}",
+                down - stopped
+            );
+            let _server = HttpServer::start(ns, &dir, 8090);
             fake.until("web.1", TaskHealth::Healthy, Duration::from_secs(10)).await;
             assert_eq!(fake.health("web.2"), TaskHealth::Unhealthy);
             drop(checker);
