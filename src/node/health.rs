@@ -839,7 +839,7 @@ mod tests {
             // first, and are made again at the next probes).
             let up = fake.until("web.1", TaskHealth::Healthy, Duration::from_secs(5)).await;
             let took = up - t0;
-            assert!(took <= 2 * interval + Duration::from_millis(600), "healthy after {took:?}");
+            assert!(took <= 2 * interval + SLACK, "healthy after {took:?}");
             assert!(counters.snapshot().propose_errors >= 1, "{:?}", counters.snapshot());
 
             // The server stops: unhealthy after `retries` failed probes,
@@ -850,7 +850,7 @@ mod tests {
             let stopped = Instant::now();
             let down = fake.until("web.1", TaskHealth::Unhealthy, Duration::from_secs(10)).await;
             let took = down - stopped;
-            let (lo, hi) = (interval * (retries - 1), interval * retries + Duration::from_millis(500));
+            let (lo, hi) = (interval * (retries - 1), interval * retries + SLACK);
             assert!(
                 took >= lo - Duration::from_millis(50) && took <= hi,
                 "unhealthy after {took:?}, not in {lo:?}..{hi:?}"
@@ -860,17 +860,13 @@ mod tests {
             let server = serve(listen_in_namespace(ns, 8080));
             let back = Instant::now();
             let up = fake.until("web.1", TaskHealth::Healthy, Duration::from_secs(5)).await;
-            assert!(up - back <= interval + Duration::from_millis(500), "healthy again after {:?}", up - back);
+            assert!(up - back <= interval + SLACK, "healthy again after {:?}", up - back);
 
             // web.2 never answered: starting through its start period,
             // then unhealthy at the first probe that counts.
             let sick = fake.until("web.2", TaskHealth::Unhealthy, Duration::from_secs(10)).await;
             assert!(sick - t0 >= Duration::from_millis(1500), "failures in the start period counted: {:?}", sick - t0);
-            assert!(
-                sick - t0 <= Duration::from_millis(1500) + interval + Duration::from_millis(500),
-                "{:?}",
-                sick - t0
-            );
+            assert!(sick - t0 <= Duration::from_millis(1500) + interval + SLACK, "{:?}", sick - t0);
             // web.3's namespace is not there: a failure, never a crash.
             fake.until("web.3", TaskHealth::Unhealthy, Duration::from_secs(10)).await;
 
@@ -892,6 +888,10 @@ mod tests {
             drop(server);
         });
     }
+
+    /// What a loaded machine (two cores shared with builds) may add to a
+    /// window's upper end.
+    const SLACK: Duration = Duration::from_millis(900);
 
     /// Python's HTTP server in the namespace, serving `dir` on the task's
     /// address; killed (by its pid) when dropped.
@@ -946,11 +946,7 @@ mod tests {
             drop(server);
             let stopped = Instant::now();
             let down = fake.until("web.1", TaskHealth::Unhealthy, Duration::from_secs(10)).await;
-            assert!(
-                down - stopped <= interval * 2 + Duration::from_millis(500),
-                "unhealthy after {:?}",
-                down - stopped
-            );
+            assert!(down - stopped <= interval * 2 + SLACK, "unhealthy after {:?}", down - stopped);
             let _server = HttpServer::start(ns, &dir, 8090);
             fake.until("web.1", TaskHealth::Healthy, Duration::from_secs(10)).await;
             assert_eq!(fake.health("web.2"), TaskHealth::Unhealthy);
