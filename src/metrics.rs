@@ -3,7 +3,7 @@
 //! within a deadline and at most `MAX_CONNECTIONS` at once. Every counter
 //! the dataplane keeps, per worker (ports, drops by reason, connection
 //! table, handoffs, services and backends), and the control plane's (state
-//! version, node liveness, gossip), read from the admin API in the schema
+//! version, node liveness, gossip, health checks), read from the admin API in the schema
 //! of `dataplane::report` (`crate::stats`) and encoded by the `prometheus-client` crate.
 //!
 //! A client that asks for OpenMetrics (`Accept:
@@ -359,6 +359,24 @@ fn control(x: &mut Exposition, stats: &AdminStats, nodes: &[NodeStatus], info: &
         "Management plane connections refused or closed by its limits, by reason.",
         closed.to_vec(),
     );
+    let h = stats.health.clone().unwrap_or_default();
+    x.family("health_checked_tasks", GAUGE, "Tasks of this node whose health checks it runs.", one(h.tasks));
+    x.family("health_checks_total", COUNTER, "Health probes run.", one(h.checks));
+    x.family("health_check_failures_total", COUNTER, "Health probes that failed.", one(h.failures));
+    let to = |state: &str, n: u64| (vec![("to".to_owned(), state.to_owned())], n);
+    x.family(
+        "health_transitions_total",
+        COUNTER,
+        "Tasks that became healthy or unhealthy, by health.",
+        vec![to("healthy", h.to_healthy), to("unhealthy", h.to_unhealthy)],
+    );
+    x.family("health_proposals_total", COUNTER, "Health transitions the cluster took.", one(h.proposed));
+    x.family(
+        "health_proposal_errors_total",
+        COUNTER,
+        "Health transitions the cluster could not take (proposed again).",
+        one(h.propose_errors),
+    );
 }
 
 /// The metric names' prefix.
@@ -481,7 +499,9 @@ mod tests {
                 "rejected_bad_tag": 0, "rejected_undecodable": 0, "members": [] },
             "management": { "open": 3, "accepted": 9, "refused_total": 0, "refused_per_ip": 2, "accept_errors": 0,
                 "handshake_timeouts": 1, "handshake_failed": 0, "request_timeouts": 4, "idle_closed": 0,
-                "write_timeouts": 0, "too_large": 0, "bad_frames": 0, "expired_closed": 0, "requests": 20 }
+                "write_timeouts": 0, "too_large": 0, "bad_frames": 0, "expired_closed": 0, "requests": 20 },
+            "health": { "tasks": 2, "checks": 50, "failures": 4, "to_healthy": 3, "to_unhealthy": 1,
+                "proposed": 4, "propose_errors": 1 }
         });
         let stats: AdminStats = serde_json::from_value(stats).expect("the stats schema");
         let nodes = serde_json::json!([{ "name": "node1", "status": "ready" }, { "name": "node3", "status": "down" }]);
@@ -508,6 +528,11 @@ mod tests {
             "meshplane_management_connections_open 3",
             "meshplane_management_connections_closed_total{reason=\"request_timeout\"} 4",
             "meshplane_management_connections_closed_total{reason=\"refused_per_ip\"} 2",
+            "meshplane_health_checked_tasks 2",
+            "meshplane_health_checks_total 50",
+            "meshplane_health_check_failures_total 4",
+            "meshplane_health_transitions_total{to=\"unhealthy\"} 1",
+            "meshplane_health_proposal_errors_total 1",
         ] {
             assert!(t.lines().any(|l| l == line), "missing {line:?} in:\n{t}");
         }

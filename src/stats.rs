@@ -6,7 +6,7 @@
 //! an error where it is read (the schema refuses unknown fields and has no
 //! defaults), never a silent 0.
 
-pub(crate) use meshplane_control::rpc::AdminStats;
+pub(crate) use meshplane_control::rpc::{AdminStats, HealthStats};
 pub(crate) use meshplane_dataplane::report::{
     BackendStats, ConntrackEntry, NodeStats, PortStats, ServiceStats, Traffic, WorkerStats,
 };

@@ -68,6 +68,7 @@ async fn main() {
         publish: vec![PublishRequest { port: None, mode: MeshMode::Nat }],
         scheduler: Scheduler::Mh,
         endpoint_mode: meshplane_control::state::EndpointMode::Vip,
+        health: None,
     });
     for n in 1..=3u8 {
         setup.push(Command::AttachTask {

@@ -94,6 +94,7 @@ async fn main() {
             publish: vec![PublishRequest { port: None, mode: MeshMode::Nat }],
             scheduler: Scheduler::Mh,
             endpoint_mode: meshplane_control::state::EndpointMode::Vip,
+            health: None,
         },
         Command::AttachTask { id: "web.1".into(), service: "web".into(), node: "node1".into(), weight: 1, netns: None },
     ];

@@ -14,7 +14,8 @@
 //!   name, role and key (new addresses after a restart), and the tasks
 //!   that run on them (`AttachTask` on itself, `SetWeight` and
 //!   `DetachTask` of its own tasks: a container started on a worker joins
-//!   through that worker).
+//!   through that worker; `SetTaskHealth` of its own tasks: the node runs
+//!   their health checks).
 //! - Only managers (a manager's certificate *and* a manager in the state)
 //!   may write to the state, use the admin API remotely, send Raft's RPCs,
 //!   and ask to become a Raft voter (themselves only). A promoted worker
@@ -92,7 +93,11 @@ pub fn authorize(req: &Request, peer: Option<&Peer>, state: &ClusterState) -> Re
 fn about_itself(cmd: &Command) -> bool {
     matches!(
         cmd,
-        Command::AddNode(_) | Command::AttachTask { .. } | Command::SetWeight { .. } | Command::DetachTask { .. }
+        Command::AddNode(_)
+            | Command::AttachTask { .. }
+            | Command::SetWeight { .. }
+            | Command::DetachTask { .. }
+            | Command::SetTaskHealth { .. }
     )
 }
 
@@ -105,7 +110,9 @@ pub fn reports_itself(cmd: &Command, name: &str, state: &ClusterState) -> bool {
             n.id == name && state.nodes.get(name).is_some_and(|cur| cur.role == n.role && cur.key_id == n.key_id)
         }
         Command::AttachTask { node, id, .. } => node == name && (!state.tasks.contains_key(id) || own_task(id)),
-        Command::SetWeight { id, .. } | Command::DetachTask { id } => own_task(id),
+        Command::SetWeight { id, .. } | Command::DetachTask { id } | Command::SetTaskHealth { task: id, .. } => {
+            own_task(id)
+        }
         _ => false,
     }
 }

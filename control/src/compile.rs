@@ -12,9 +12,14 @@
 //! task), every task as an endpoint — local ones on their port, remote
 //! ones behind their node's VTEP, and only on nodes that are up — the
 //! other nodes' addresses in each network as endpoints, and every service
-//! with its tasks on live nodes as backends (weight 0 on drained nodes).
+//! with its tasks on live nodes as backends (weight 0 on drained nodes;
+//! none that is starting or failing its health check).
+//!
+//! Who serves is decided in one place, [`serving`], for the balancers and
+//! for DNS ([`zone`]) alike, so that a name never answers with a task the
+//! balancers leave out, nor the other way round.
 
-use crate::state::{Availability, ClusterState, EndpointMode, mac_for};
+use crate::state::{Availability, ClusterState, EndpointMode, Task, mac_for};
 use meshplane_dataplane::tables::services::{BackendSpec, BackendState, MeshMode, PublishedSpec, ServiceSpec};
 use meshplane_dataplane::tables::{EndpointSpec, NeighbourSpec, NetworkSpec, NodeSpec, PortSpec, TablesSpec};
 use meshplane_dns::zone::{Mode, NetZone, SvcRec, TaskRec, Zone};
@@ -122,12 +127,39 @@ fn ports_and_endpoints(
     (ports, endpoints)
 }
 
+/// What a task is to the balancers and to DNS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    /// A backend taking new connections, and in DNS answers.
+    Yes,
+    /// A backend at weight 0: its connections go on, it takes no new ones
+    /// (a drained node's task, or weight 0); not in DNS answers.
+    Draining,
+    /// No backend at all and not in DNS answers: on a node that is down
+    /// (or not in the state), or starting or failing its health check
+    /// (its connections are balanced again on their next packet).
+    No,
+}
+
+/// The one predicate of who serves (`alive`: whether a node is up): the
+/// balancers' backends and DNS's answers both come from it.
+pub fn serving(state: &ClusterState, t: &Task, alive: &dyn Fn(&str) -> bool) -> Serving {
+    let Some(node) = state.nodes.get(&t.node) else { return Serving::No };
+    if !alive(&t.node) || !t.health.serves() {
+        Serving::No
+    } else if node.availability == Availability::Drain || t.weight == 0 {
+        Serving::Draining
+    } else {
+        Serving::Yes
+    }
+}
+
 /// Every service balanced through a VIP (`dnsrr` services have no VIP and
-/// no routing mesh: DNS answers with their tasks), with its tasks on live
-/// nodes as backends (weight 0 and draining on drained nodes); and for a
-/// service with `mode=host` ports and a task on this node (`me`), a
+/// no routing mesh: DNS answers with their tasks), with its serving tasks
+/// as backends ([`serving`]: weight 0 and draining on drained nodes); and
+/// for a service with `mode=host` ports and a task on this node (`me`), a
 /// service `NAME@host` of those ports alone, in `preserve-source` mode, to
-/// this node's own tasks (Swarm's host-mode publishing).
+/// this node's own serving tasks (Swarm's host-mode publishing).
 fn services(state: &ClusterState, me: &str, alive: &dyn Fn(&str) -> bool) -> Vec<ServiceSpec> {
     let mut out = Vec::new();
     for s in state.services.values() {
@@ -135,14 +167,11 @@ fn services(state: &ClusterState, me: &str, alive: &dyn Fn(&str) -> bool) -> Vec
             state
                 .tasks
                 .values()
-                .filter(|t| t.service == s.name && alive(&t.node) && (!local_only || t.node == me))
-                .map(|t| {
-                    let drained = state.nodes.get(&t.node).is_some_and(|n| n.availability == Availability::Drain);
-                    BackendSpec {
-                        ip: t.ip,
-                        weight: if drained { 0 } else { t.weight },
-                        state: if drained || t.weight == 0 { BackendState::Draining } else { BackendState::Active },
-                    }
+                .filter(|t| t.service == s.name && (!local_only || t.node == me))
+                .filter_map(|t| match serving(state, t, alive) {
+                    Serving::Yes => Some(BackendSpec { ip: t.ip, weight: t.weight, state: BackendState::Active }),
+                    Serving::Draining => Some(BackendSpec { ip: t.ip, weight: 0, state: BackendState::Draining }),
+                    Serving::No => None,
                 })
                 .collect()
         };
@@ -179,8 +208,9 @@ fn services(state: &ClusterState, me: &str, alive: &dyn Fn(&str) -> bool) -> Vec
 /// The names node `me` serves (`up(node)`: which nodes gossip says are
 /// alive): every network in which it has a task, with the network's
 /// services and tasks. A task is serving (in `tasks.SERVICE` and a dnsrr
-/// name's answer) when the balancers send to it: on a live node that is
-/// not drained, with a weight above 0. Pure, as `compile` is.
+/// name's answer) when the balancers send new connections to it
+/// ([`serving`]: on a live node that is not drained, with a weight above
+/// 0, not starting or failing its health check). Pure, as `compile` is.
 pub fn zone(state: &ClusterState, me: &str, up: &dyn Fn(&str) -> bool) -> Zone {
     let alive = |n: &str| n == me || up(n);
     let local: std::collections::BTreeSet<&str> = state
@@ -211,14 +241,11 @@ pub fn zone(state: &ClusterState, me: &str, up: &dyn Fn(&str) -> bool) -> Zone {
                     .tasks
                     .values()
                     .filter(|t| services.clone().any(|s| s.name == t.service))
-                    .map(|t| {
-                        let drained = state.nodes.get(&t.node).is_none_or(|n| n.availability == Availability::Drain);
-                        TaskRec {
-                            name: t.id.clone(),
-                            service: t.service.clone(),
-                            ip: t.ip,
-                            serving: alive(&t.node) && !drained && t.weight > 0,
-                        }
+                    .map(|t| TaskRec {
+                        name: t.id.clone(),
+                        service: t.service.clone(),
+                        ip: t.ip,
+                        serving: serving(state, t, &alive) == Serving::Yes,
                     })
                     .collect(),
             }

@@ -105,6 +105,31 @@ pub struct AdminStats {
     /// is in a cluster).
     #[serde(default)]
     pub management: Option<ConnStats>,
+    /// The health checks this node runs for its tasks (none on a node
+    /// without a checker).
+    #[serde(default)]
+    pub health: Option<HealthStats>,
+}
+
+/// The counters of a node's health checker (all since it started, but
+/// `tasks`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthStats {
+    /// Tasks of this node checked now.
+    pub tasks: u64,
+    /// Probes run.
+    pub checks: u64,
+    /// Probes that failed (refused, timed out, or an HTTP status that is
+    /// not 2xx or 3xx).
+    pub failures: u64,
+    /// Transitions to healthy.
+    pub to_healthy: u64,
+    /// Transitions to unhealthy.
+    pub to_unhealthy: u64,
+    /// Transitions proposed to the cluster and accepted.
+    pub proposed: u64,
+    /// Proposals that failed (tried again at the next probe).
+    pub propose_errors: u64,
 }
 
 /// A server's connection counters (all since it started, but `open`).

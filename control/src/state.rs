@@ -159,6 +159,134 @@ pub struct Service {
     /// How its tasks are reached: through a VIP, or by DNS round robin.
     #[serde(default)]
     pub endpoint_mode: EndpointMode,
+    /// Its health check, if it has one: each task's node runs it, and a
+    /// task that has not passed it yet or fails it is no backend and no
+    /// DNS answer ([`Task::health`]).
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+}
+
+/// The longest health check interval, timeout or start period: an hour.
+pub const MAX_HEALTH_MS: u64 = 3_600_000;
+/// The most consecutive failures a health check may wait for.
+pub const MAX_HEALTH_RETRIES: u32 = 100;
+/// The longest HTTP path a health check may request.
+pub const MAX_HEALTH_PATH: usize = 1024;
+
+/// A service's health check (Docker's `HEALTHCHECK` options): the task's
+/// node probes the task's target port from inside the task's network
+/// namespace every `interval_ms`, each probe given `timeout_ms`; `retries`
+/// consecutive failures make the task unhealthy, one success healthy;
+/// failures in the first `start_period_ms` after the node starts checking
+/// a starting task do not count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// What a probe does.
+    pub probe: Probe,
+    /// Time between the starts of two probes (1 ms to 1 h).
+    pub interval_ms: u64,
+    /// Time a probe may take (1 ms to 1 h, at most the interval).
+    pub timeout_ms: u64,
+    /// Consecutive failures that make a task unhealthy (1 to 100).
+    pub retries: u32,
+    /// Time after the start during which failures do not count (0 to 1 h).
+    pub start_period_ms: u64,
+}
+
+/// What a health probe does, on the task's own address and target port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Probe {
+    /// A TCP connection is accepted.
+    Tcp,
+    /// An HTTP/1.1 `GET path` is answered with a 2xx or 3xx status (as
+    /// `curl -f` in a Docker `HEALTHCHECK`).
+    Http {
+        /// The path requested (starts with '/').
+        path: String,
+    },
+}
+
+impl HealthCheck {
+    /// Checked: durations within 1 h (interval and timeout above 0, the
+    /// timeout at most the interval), retries 1 to 100, an HTTP path
+    /// starting with '/' of visible ASCII.
+    pub fn validate(&self) -> Result<(), StateError> {
+        use StateError as E;
+        let in_range = |ms: u64| (1..=MAX_HEALTH_MS).contains(&ms);
+        if !in_range(self.interval_ms) {
+            return Err(E::HealthInterval(self.interval_ms));
+        }
+        if !in_range(self.timeout_ms) {
+            return Err(E::HealthTimeout(self.timeout_ms));
+        }
+        if self.timeout_ms > self.interval_ms {
+            return Err(E::HealthTimeoutAboveInterval { timeout_ms: self.timeout_ms, interval_ms: self.interval_ms });
+        }
+        if self.start_period_ms > MAX_HEALTH_MS {
+            return Err(E::HealthStartPeriod(self.start_period_ms));
+        }
+        if !(1..=MAX_HEALTH_RETRIES).contains(&self.retries) {
+            return Err(E::HealthRetries(self.retries));
+        }
+        if let Probe::Http { path } = &self.probe {
+            let visible = path.bytes().all(|b| b.is_ascii_graphic());
+            if !path.starts_with('/') || !visible || path.len() > MAX_HEALTH_PATH {
+                return Err(E::HealthPath(path.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A task's health as its node's checks found it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskHealth {
+    /// Not checked: its service has no health check (or was given one
+    /// after the task started and no probe has answered yet). Serving.
+    #[default]
+    #[serde(rename = "none")]
+    Unchecked,
+    /// Its service has a check that has not passed yet. Not serving.
+    Starting,
+    /// The last probe passed. Serving.
+    Healthy,
+    /// `retries` probes in a row failed. Not serving.
+    Unhealthy,
+}
+
+impl TaskHealth {
+    /// Whether a task in this health may take new connections and be
+    /// answered by DNS (a task that is not checked, or passed its check).
+    pub fn serves(self) -> bool {
+        matches!(self, TaskHealth::Unchecked | TaskHealth::Healthy)
+    }
+
+    /// Its name as the CLI shows it (`-` for a task that is not checked).
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskHealth::Unchecked => "-",
+            TaskHealth::Starting => "starting",
+            TaskHealth::Healthy => "healthy",
+            TaskHealth::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// What a `service update` does to the service's health check.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthUpdate {
+    /// Leaves it as it is.
+    #[default]
+    Keep,
+    /// Sets (or replaces) it. Tasks keep their health until their node's
+    /// next probe answers (a task not checked before stays serving until
+    /// then, so that adding a check does not empty the balancers).
+    Set(HealthCheck),
+    /// Removes it: every task of the service is unchecked (serving).
+    Remove,
 }
 
 /// How a service's tasks are reached (Docker's `--endpoint-mode`).
@@ -191,6 +319,12 @@ pub struct Task {
     /// The network namespace of the task's port, if the node makes it.
     #[serde(default)]
     pub netns: Option<String>,
+    /// Its health: starting when attached to a service with a health
+    /// check, then as its node's checks find it (`SetTaskHealth`);
+    /// unchecked for a service without one (and in a state older than
+    /// the field).
+    #[serde(default)]
+    pub health: TaskHealth,
 }
 
 /// A request to publish a port.
@@ -266,9 +400,13 @@ pub enum Command {
         /// VIP (default) or DNS round robin.
         #[serde(default)]
         endpoint_mode: EndpointMode,
+        /// Its health check, if any.
+        #[serde(default)]
+        health: Option<HealthCheck>,
     },
-    /// A service's scheduler or published ports change (its VIP, network
-    /// and tasks stay; connections in flight keep their backends).
+    /// A service's scheduler, published ports or health check change (its
+    /// VIP, network and tasks stay; connections in flight keep their
+    /// backends).
     UpdateService {
         /// Its name.
         name: String,
@@ -278,6 +416,9 @@ pub enum Command {
         publish_add: Vec<PublishRequest>,
         /// Published ports to withdraw.
         publish_rm: Vec<u16>,
+        /// The health check set, removed or kept.
+        #[serde(default)]
+        health: HealthUpdate,
     },
     /// A service and its tasks are removed.
     RemoveService {
@@ -310,6 +451,14 @@ pub enum Command {
     DetachTask {
         /// The task.
         id: String,
+    },
+    /// A task's health as its node's checks found it (the node proposes
+    /// transitions only; the same health again changes nothing).
+    SetTaskHealth {
+        /// The task.
+        task: String,
+        /// Starting, healthy or unhealthy.
+        health: TaskHealth,
     },
     /// The cluster CA (at `cluster init`), or its new join secrets (token
     /// rotation: the caller draws them, so every manager applies the same).
@@ -538,6 +687,40 @@ pub enum StateError {
         /// The name.
         name: String,
     },
+    /// A health check interval out of range.
+    #[error("health check interval {0} ms: more than 0 and at most 1h")]
+    HealthInterval(u64),
+    /// A health check timeout out of range.
+    #[error("health check timeout {0} ms: more than 0 and at most 1h")]
+    HealthTimeout(u64),
+    /// A health check timeout longer than its interval.
+    #[error("health check timeout {timeout_ms} ms is longer than its interval {interval_ms} ms")]
+    HealthTimeoutAboveInterval {
+        /// The timeout.
+        timeout_ms: u64,
+        /// The interval.
+        interval_ms: u64,
+    },
+    /// A health check start period out of range.
+    #[error("health check start period {0} ms: at most 1h")]
+    HealthStartPeriod(u64),
+    /// A health check's retries out of range.
+    #[error("health check retries {0}: 1 to 100")]
+    HealthRetries(u32),
+    /// An HTTP health check path that is not a path.
+    #[error("health check path {0:?}: starts with '/', visible ASCII only (no spaces), at most 1024 bytes")]
+    HealthPath(String),
+    /// A task's health set while its service has no health check.
+    #[error("task {task:?}: service {service:?} has no health check")]
+    NoHealthCheck {
+        /// The task.
+        task: String,
+        /// Its service.
+        service: String,
+    },
+    /// A task's health set to "none" (that is for services without a check).
+    #[error("task {0:?}: a checked task is starting, healthy or unhealthy, not none")]
+    HealthUnchecked(String),
     /// A task's network namespace that is neither a namespace name nor a
     /// process's namespace.
     #[error(
@@ -681,6 +864,13 @@ struct ServicePorts<'a> {
     publish: &'a [PublishRequest],
 }
 
+/// How a `CreateService`'s tasks are reached and checked.
+struct ServiceHow<'a> {
+    scheduler: Scheduler,
+    endpoint_mode: EndpointMode,
+    health: Option<&'a HealthCheck>,
+}
+
 fn unknown(kind: Kind, name: &str) -> StateError {
     StateError::Unknown { kind, name: name.to_owned() }
 }
@@ -751,12 +941,14 @@ impl ClusterState {
                 publish,
                 scheduler,
                 endpoint_mode,
+                health,
             } => {
                 let ports = ServicePorts { vip_port: *vip_port, target_port: *target_port, publish };
-                self.create_service(name, network, *protocol, ports, *scheduler, *endpoint_mode)
+                let how = ServiceHow { scheduler: *scheduler, endpoint_mode: *endpoint_mode, health: health.as_ref() };
+                self.create_service(name, network, *protocol, ports, how)
             }
-            Command::UpdateService { name, scheduler, publish_add, publish_rm } => {
-                self.update_service(name, *scheduler, publish_add, publish_rm)
+            Command::UpdateService { name, scheduler, publish_add, publish_rm, health } => {
+                self.update_service(name, *scheduler, publish_add, publish_rm, health)
             }
             Command::RemoveService { name } => {
                 self.services.remove(name).ok_or_else(|| unknown(Kind::Service, name))?;
@@ -775,6 +967,7 @@ impl ClusterState {
                 self.tasks.remove(id).ok_or_else(|| unknown(Kind::Task, id))?;
                 Ok(())
             }
+            Command::SetTaskHealth { task, health } => self.set_task_health(task, *health),
             Command::SetCa(ca) => self.set_ca(ca),
             Command::SetDataPathPort { port } => {
                 if !valid_data_path_port(*port) {
@@ -920,10 +1113,10 @@ impl ClusterState {
         network: &str,
         protocol: Proto,
         ports: ServicePorts<'_>,
-        scheduler: Scheduler,
-        endpoint_mode: EndpointMode,
+        how: ServiceHow<'_>,
     ) -> Result<(), StateError> {
         use StateError as E;
+        let ServiceHow { scheduler, endpoint_mode, health } = how;
         check_name(Kind::Service, name)?;
         if self.services.contains_key(name) {
             return Err(E::Exists { kind: Kind::Service, name: name.to_owned() });
@@ -942,6 +1135,9 @@ impl ClusterState {
                 return Err(E::DnsrrPublished(name.to_owned()));
             }
             _ => {}
+        }
+        if let Some(h) = health {
+            h.validate()?;
         }
         let mut published = Vec::new();
         for req in publish {
@@ -963,19 +1159,21 @@ impl ClusterState {
             published,
             scheduler,
             endpoint_mode,
+            health: health.cloned(),
         };
         self.services.insert(name.to_owned(), svc);
         self.allocate_node_ips()
     }
 
     /// `UpdateService`: ports withdrawn, then ports published, then the
-    /// scheduler; the service must stay reachable.
+    /// scheduler and the health check; the service must stay reachable.
     fn update_service(
         &mut self,
         name: &str,
         scheduler: Option<Scheduler>,
         publish_add: &[PublishRequest],
         publish_rm: &[u16],
+        health: &HealthUpdate,
     ) -> Result<(), StateError> {
         use StateError as E;
         // Out of the map while it changes: its own old ports do not count
@@ -1004,8 +1202,35 @@ impl ClusterState {
         if let Some(s) = scheduler {
             svc.scheduler = s;
         }
+        match health {
+            HealthUpdate::Keep => {}
+            HealthUpdate::Set(h) => {
+                h.validate()?;
+                svc.health = Some(h.clone());
+            }
+            HealthUpdate::Remove => {
+                svc.health = None;
+                for t in self.tasks.values_mut().filter(|t| t.service == name) {
+                    t.health = TaskHealth::Unchecked;
+                }
+            }
+        }
         self.services.insert(name.to_owned(), svc);
         self.allocate_node_ips()
+    }
+
+    /// `SetTaskHealth`: a checked task's health (the same again is no
+    /// change).
+    fn set_task_health(&mut self, task: &str, health: TaskHealth) -> Result<(), StateError> {
+        let t = self.tasks.get_mut(task).ok_or_else(|| unknown(Kind::Task, task))?;
+        if self.services.get(&t.service).is_none_or(|s| s.health.is_none()) {
+            return Err(StateError::NoHealthCheck { task: task.to_owned(), service: t.service.clone() });
+        }
+        if health == TaskHealth::Unchecked {
+            return Err(StateError::HealthUnchecked(task.to_owned()));
+        }
+        t.health = health;
+        Ok(())
     }
 
     /// `AttachTask`: checked (name, service, node), its address allocated
@@ -1028,6 +1253,7 @@ impl ClusterState {
             return Err(unknown(Kind::Node, node));
         }
         let network = s.network.to_owned();
+        let health = if s.health.is_some() { TaskHealth::Starting } else { TaskHealth::Unchecked };
         let ip = self.allocate_ip(&network)?;
         let task = Task {
             id: id.to_owned(),
@@ -1037,6 +1263,7 @@ impl ClusterState {
             mac: mac_for(ip),
             weight,
             netns,
+            health,
         };
         self.tasks.insert(id.to_owned(), task);
         Ok(())
@@ -1230,6 +1457,7 @@ mod netns_tests {
             publish: Vec::new(),
             scheduler: Scheduler::Rr,
             endpoint_mode: EndpointMode::Vip,
+            health: None,
         })
         .expect("service");
         st
@@ -1245,6 +1473,7 @@ mod netns_tests {
             publish,
             scheduler: Scheduler::Rr,
             endpoint_mode: EndpointMode::Dnsrr,
+            health: None,
         }
     }
 
@@ -1258,8 +1487,13 @@ mod netns_tests {
         let p = PublishRequest { port: Some(30432), mode: MeshMode::Nat };
         let e = st.apply(&dnsrr("db3", None, vec![p])).expect_err("published");
         assert!(e.to_string().contains("cannot be published through the routing mesh"), "{e}");
-        let add =
-            Command::UpdateService { name: "db".into(), scheduler: None, publish_add: vec![p], publish_rm: vec![] };
+        let add = Command::UpdateService {
+            name: "db".into(),
+            scheduler: None,
+            publish_add: vec![p],
+            publish_rm: vec![],
+            health: Default::default(),
+        };
         let e = st.apply(&add).expect_err("published later");
         assert!(e.to_string().contains("cannot be published"), "{e}");
         assert!(st.services.contains_key("db"), "a refused update keeps the service");

@@ -11,7 +11,7 @@
 
 use meshplane_control::cluster::{AdminRequest, Config, Control, Dataplane};
 use meshplane_control::pki::JoinRole;
-use meshplane_control::state::{Command, PublishRequest};
+use meshplane_control::state::{Command, HealthCheck, HealthUpdate, Probe, PublishRequest, TaskHealth};
 use meshplane_dataplane::lb::sched::Scheduler;
 use meshplane_dataplane::report::NodeStats;
 use meshplane_dataplane::tables::TablesSpec;
@@ -197,6 +197,7 @@ fn a_cluster_of_control_planes() {
         publish: vec![PublishRequest { port: None, mode: MeshMode::Nat }],
         scheduler: Scheduler::Mh,
         endpoint_mode: meshplane_control::state::EndpointMode::Vip,
+        health: None,
     })
     .unwrap();
     // A refused write says why, from wherever it was made.
@@ -239,6 +240,36 @@ fn a_cluster_of_control_planes() {
     let (_, v) = n1.control.state();
     let task3 = n1.control.state().0.tasks["web.3"].ip.to_string();
     assert!(all.contains(&task3));
+
+    // Health: a check added keeps every task serving; the worker reports
+    // its own task's health the way its checker does (`Control::write`,
+    // forwarded to the leader), and no other node's; an unhealthy task
+    // leaves every node's balancer and comes back when healthy.
+    let check = HealthCheck { probe: Probe::Tcp, interval_ms: 1000, timeout_ms: 500, retries: 3, start_period_ms: 0 };
+    n1.write(Command::UpdateService {
+        name: "web".into(),
+        scheduler: None,
+        publish_add: vec![],
+        publish_rm: vec![],
+        health: HealthUpdate::Set(check),
+    })
+    .unwrap();
+    let report = |n: &Node, task: &str, health: TaskHealth| {
+        let c = n.control.clone();
+        let cmd = Command::SetTaskHealth { task: task.into(), health };
+        n.rt.as_ref().unwrap().block_on(async move { c.write(cmd).await }).map_err(|e| e.to_string())
+    };
+    let e = report(&n3, "web.1", TaskHealth::Unhealthy).unwrap_err();
+    assert!(e.contains("only report itself"), "{e}");
+    report(&n3, "web.3", TaskHealth::Unhealthy).unwrap();
+    for n in nodes {
+        wait_for("web.3 out of every balancer", 10, || n.backends("web").len() == 2);
+        assert!(!n.backends("web").contains(&task3));
+    }
+    report(&n3, "web.3", TaskHealth::Healthy).unwrap();
+    for n in nodes {
+        wait_for("web.3 back in every balancer", 10, || n.backends("web").len() == 3);
+    }
 
     // Gossip: every node sees the other two, under the key Raft gave out.
     for n in nodes {

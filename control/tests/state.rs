@@ -2,7 +2,10 @@
 //! into a node's tables that the dataplane accepts and forwards by.
 
 use meshplane_control::compile::compile;
-use meshplane_control::state::{Availability, ClusterState, Command, Node, PublishRequest, Role, StateError, mac_for};
+use meshplane_control::state::{
+    Availability, ClusterState, Command, HealthCheck, HealthUpdate, Kind, Node, Probe, PublishRequest, Role,
+    StateError, TaskHealth, mac_for,
+};
 use meshplane_dataplane::lb::sched::Scheduler;
 use meshplane_dataplane::packet::{Frame, HEADROOM, Verdict};
 use meshplane_dataplane::pipeline::{WorkerState, process};
@@ -37,6 +40,7 @@ fn service(name: &str, vip: Option<u16>, publish: &[(Option<u16>, MeshMode)]) ->
         publish: publish.iter().map(|&(port, mode)| PublishRequest { port, mode }).collect(),
         scheduler: Scheduler::Rr,
         endpoint_mode: meshplane_control::state::EndpointMode::Vip,
+        health: None,
     }
 }
 
@@ -129,6 +133,7 @@ fn mistakes_are_refused_with_clear_errors_and_change_nothing() {
                 publish: vec![],
                 scheduler: Scheduler::Mh,
                 endpoint_mode: meshplane_control::state::EndpointMode::Vip,
+                health: None,
             },
             "no network \"nope\"",
         ),
@@ -258,6 +263,7 @@ fn a_service_update_publishes_and_withdraws_ports() {
         scheduler: sched,
         publish_add: add.iter().map(|&(port, mode)| PublishRequest { port, mode }).collect(),
         publish_rm: rm.to_vec(),
+        health: Default::default(),
     };
     // Add a chosen port and an automatic one (the lowest free: 30001),
     // change the scheduler.
@@ -278,14 +284,24 @@ fn a_service_update_publishes_and_withdraws_ports() {
         s.apply(&upd(&[], &[31999], None)),
         Err(StateError::NotPublished { service: "web".into(), port: 31999 })
     );
-    let nosuch =
-        Command::UpdateService { name: "nosuch".into(), scheduler: None, publish_add: vec![], publish_rm: vec![] };
+    let nosuch = Command::UpdateService {
+        name: "nosuch".into(),
+        scheduler: None,
+        publish_add: vec![],
+        publish_rm: vec![],
+        health: Default::default(),
+    };
     assert!(matches!(s.apply(&nosuch), Err(StateError::Unknown { .. })));
     assert_eq!(s, before);
     // A service whose last published port goes keeps its VIP (every
     // vip-mode service has one, on every port without --vip-port).
-    let api_rm =
-        Command::UpdateService { name: "api".into(), scheduler: None, publish_add: vec![], publish_rm: vec![30100] };
+    let api_rm = Command::UpdateService {
+        name: "api".into(),
+        scheduler: None,
+        publish_add: vec![],
+        publish_rm: vec![30100],
+        health: Default::default(),
+    };
     s.apply(&api_rm).unwrap();
     assert!(s.services["api"].published.is_empty());
     assert!(matches!(s.services["api"].vip, Some((_, 0))), "{:?}", s.services["api"].vip);
@@ -443,6 +459,7 @@ fn a_dnsrr_service_is_no_balancer_but_its_tasks_keep_their_ports() {
         publish: vec![],
         scheduler: Scheduler::Rr,
         endpoint_mode: meshplane_control::state::EndpointMode::Dnsrr,
+        health: None,
     };
     for c in [db, task("db.1", "db", "node1")] {
         s.apply(&c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
@@ -467,6 +484,7 @@ fn the_zone_of_a_node_is_its_tasks_networks_and_who_serves() {
             publish: vec![],
             scheduler: Scheduler::Rr,
             endpoint_mode: meshplane_control::state::EndpointMode::Vip,
+            health: None,
         },
         task("far.1", "far", "node2"),
     ] {
@@ -520,4 +538,214 @@ fn host_mode_ports_open_only_where_a_task_runs_and_go_to_its_own_tasks() {
         *endpoint_mode = meshplane_control::state::EndpointMode::Dnsrr;
     }
     assert!(matches!(s.apply(&bad), Err(StateError::DnsrrPublished(_))));
+}
+
+fn tcp_check(interval_ms: u64, timeout_ms: u64, retries: u32) -> HealthCheck {
+    HealthCheck { probe: Probe::Tcp, interval_ms, timeout_ms, retries, start_period_ms: 0 }
+}
+
+fn health_update(name: &str, health: HealthUpdate) -> Command {
+    Command::UpdateService { name: name.into(), scheduler: None, publish_add: vec![], publish_rm: vec![], health }
+}
+
+fn checked_service(name: &str, health: HealthCheck) -> Command {
+    let mut c = service(name, Some(80), &[]);
+    if let Command::CreateService { health: h, .. } = &mut c {
+        *h = Some(health);
+    }
+    c
+}
+
+fn set_health(task: &str, health: TaskHealth) -> Command {
+    Command::SetTaskHealth { task: task.into(), health }
+}
+
+#[test]
+fn health_checks_are_validated_with_clear_errors_and_change_nothing() {
+    let mut s = cluster();
+    let http = |path: &str| HealthCheck { probe: Probe::Http { path: path.into() }, ..tcp_check(5000, 2000, 3) };
+    let hour = 3_600_000;
+    for (bad, want, says) in [
+        (tcp_check(0, 0, 3), StateError::HealthInterval(0), "interval 0 ms"),
+        (tcp_check(hour + 1, 1000, 3), StateError::HealthInterval(hour + 1), "at most 1h"),
+        (tcp_check(5000, 0, 3), StateError::HealthTimeout(0), "timeout 0 ms"),
+        (
+            tcp_check(1000, 2000, 3),
+            StateError::HealthTimeoutAboveInterval { timeout_ms: 2000, interval_ms: 1000 },
+            "longer than its interval",
+        ),
+        (tcp_check(5000, 2000, 0), StateError::HealthRetries(0), "retries 0: 1 to 100"),
+        (tcp_check(5000, 2000, 101), StateError::HealthRetries(101), "retries 101"),
+        (
+            HealthCheck { start_period_ms: hour + 1, ..tcp_check(5000, 2000, 3) },
+            StateError::HealthStartPeriod(hour + 1),
+            "start period",
+        ),
+        (http("healthz"), StateError::HealthPath("healthz".into()), "starts with '/'"),
+        (http(""), StateError::HealthPath(String::new()), "path \"\""),
+        (http("/a b"), StateError::HealthPath("/a b".into()), "no spaces"),
+        (http("/a\r\nX: y"), StateError::HealthPath("/a\r\nX: y".into()), "visible ASCII"),
+    ] {
+        let before = s.clone();
+        let e = s.apply(&checked_service("api", bad.clone())).expect_err("refused at create");
+        assert_eq!(e, want);
+        assert!(e.to_string().contains(says), "{e}");
+        assert_eq!(s.apply(&health_update("web", HealthUpdate::Set(bad))), Err(want), "refused at update");
+        assert_eq!(s, before, "a refused command changes nothing");
+    }
+    // The bounds themselves are fine.
+    for ok in [tcp_check(1, 1, 1), tcp_check(hour, hour, 100), http("/"), http("/healthz?full=1")] {
+        let mut s2 = s.clone();
+        s2.apply(&checked_service("api", ok.clone())).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        assert_eq!(s2.services["api"].health, Some(ok));
+    }
+}
+
+#[test]
+fn a_tasks_health_starts_moves_by_its_nodes_reports_and_refuses_what_makes_no_sense() {
+    let mut s = cluster();
+    s.apply(&checked_service("api", tcp_check(1000, 500, 3))).unwrap();
+    s.apply(&task("api.1", "api", "node1")).unwrap();
+    assert_eq!(s.tasks["api.1"].health, TaskHealth::Starting, "a new task of a checked service");
+    assert_eq!(s.tasks["web.1"].health, TaskHealth::Unchecked, "a task of a service without a check");
+    s.apply(&set_health("api.1", TaskHealth::Healthy)).unwrap();
+    assert_eq!(s.tasks["api.1"].health, TaskHealth::Healthy);
+    let before = s.clone();
+    s.apply(&set_health("api.1", TaskHealth::Healthy)).expect("the same again");
+    assert_eq!(s, before, "no change");
+    s.apply(&set_health("api.1", TaskHealth::Unhealthy)).unwrap();
+    assert_eq!(s.tasks["api.1"].health, TaskHealth::Unhealthy);
+    let before = s.clone();
+    for (cmd, want) in [
+        (set_health("api.9", TaskHealth::Healthy), StateError::Unknown { kind: Kind::Task, name: "api.9".into() }),
+        (set_health("api.1", TaskHealth::Unchecked), StateError::HealthUnchecked("api.1".into())),
+        (
+            set_health("web.1", TaskHealth::Unhealthy),
+            StateError::NoHealthCheck { task: "web.1".into(), service: "web".into() },
+        ),
+    ] {
+        assert_eq!(s.apply(&cmd), Err(want.clone()), "{cmd:?}");
+        assert!(!want.to_string().is_empty());
+        assert_eq!(s, before);
+    }
+    // A check added to a running service: its tasks keep serving until
+    // their node's first probe answers.
+    s.apply(&health_update("web", HealthUpdate::Set(tcp_check(2000, 1000, 2)))).unwrap();
+    assert_eq!(s.services["web"].health, Some(tcp_check(2000, 1000, 2)));
+    assert_eq!(s.tasks["web.1"].health, TaskHealth::Unchecked);
+    s.apply(&set_health("web.1", TaskHealth::Unhealthy)).unwrap();
+    // A check changed: the health stays until the next probe.
+    s.apply(&health_update("web", HealthUpdate::Set(tcp_check(3000, 1000, 2)))).unwrap();
+    assert_eq!(s.tasks["web.1"].health, TaskHealth::Unhealthy);
+    // Removed: every task of the service unchecked (serving), the others'
+    // untouched.
+    s.apply(&health_update("web", HealthUpdate::Remove)).unwrap();
+    assert_eq!((s.services["web"].health.as_ref(), s.tasks["web.1"].health), (None, TaskHealth::Unchecked));
+    assert_eq!(s.tasks["api.1"].health, TaskHealth::Unhealthy);
+    // An update that is refused for another reason keeps the check.
+    let e = s.apply(&Command::UpdateService {
+        name: "api".into(),
+        scheduler: None,
+        publish_add: vec![],
+        publish_rm: vec![31999],
+        health: HealthUpdate::Remove,
+    });
+    assert!(e.is_err());
+    assert!(s.services["api"].health.is_some());
+}
+
+#[test]
+fn a_node_reports_the_health_of_its_own_tasks_only() {
+    use meshplane_control::authz::reports_itself;
+    let mut s = cluster();
+    s.apply(&health_update("web", HealthUpdate::Set(tcp_check(1000, 500, 3)))).unwrap();
+    assert!(reports_itself(&set_health("web.1", TaskHealth::Healthy), "node1", &s));
+    assert!(!reports_itself(&set_health("web.2", TaskHealth::Healthy), "node1", &s), "node2's task");
+    assert!(!reports_itself(&set_health("web.9", TaskHealth::Healthy), "node1", &s), "no such task");
+}
+
+#[test]
+fn a_state_and_commands_older_than_health_checks_load_as_unchecked() {
+    let s = cluster();
+    let mut v = serde_json::to_value(&s).unwrap();
+    for sv in v["services"].as_object_mut().unwrap().values_mut() {
+        assert!(sv.as_object_mut().unwrap().remove("health").is_some());
+    }
+    for t in v["tasks"].as_object_mut().unwrap().values_mut() {
+        assert!(t.as_object_mut().unwrap().remove("health").is_some());
+    }
+    let old: ClusterState = serde_json::from_value(v).unwrap();
+    assert_eq!(old, s);
+    assert!(old.tasks.values().all(|t| t.health == TaskHealth::Unchecked && t.health.serves()));
+    // Log entries written before the field.
+    let create = r#"{"CreateService":{"name":"w","network":"app","protocol":"tcp","vip_port":80,"target_port":80,"publish":[],"scheduler":"rr"}}"#;
+    match serde_json::from_str::<Command>(create).unwrap() {
+        Command::CreateService { health, .. } => assert_eq!(health, None),
+        other => panic!("{other:?}"),
+    }
+    let update = r#"{"UpdateService":{"name":"w","scheduler":null,"publish_add":[],"publish_rm":[]}}"#;
+    match serde_json::from_str::<Command>(update).unwrap() {
+        Command::UpdateService { health, .. } => assert_eq!(health, HealthUpdate::Keep),
+        other => panic!("{other:?}"),
+    }
+    // And what the new fields look like in the log and the state.
+    let c = serde_json::to_string(&checked_service("w", tcp_check(5000, 2000, 3))).unwrap();
+    assert!(
+        c.contains(r#""health":{"probe":"tcp","interval_ms":5000,"timeout_ms":2000,"retries":3,"start_period_ms":0}"#),
+        "{c}"
+    );
+    let h = HealthCheck { probe: Probe::Http { path: "/h".into() }, ..tcp_check(5000, 2000, 3) };
+    assert!(serde_json::to_string(&h).unwrap().contains(r#""probe":{"http":{"path":"/h"}}"#));
+    assert_eq!(serde_json::to_string(&TaskHealth::Unchecked).unwrap(), r#""none""#);
+    assert_eq!(
+        serde_json::to_string(&set_health("t", TaskHealth::Unhealthy)).unwrap(),
+        r#"{"SetTaskHealth":{"task":"t","health":"unhealthy"}}"#
+    );
+}
+
+#[test]
+fn a_task_that_is_starting_or_unhealthy_is_no_backend_and_no_answer_but_keeps_its_port() {
+    use meshplane_control::compile::{Serving, serving, zone};
+    let mut s = cluster();
+    s.apply(&health_update("web", HealthUpdate::Set(tcp_check(1000, 500, 3)))).unwrap();
+    s.apply(&task("web.3", "web", "node1")).unwrap();
+    let (w1, w2, w3) = (s.tasks["web.1"].ip, s.tasks["web.2"].ip, s.tasks["web.3"].ip);
+    // web.1 unchecked (serving), web.2 unhealthy, web.3 starting.
+    s.apply(&set_health("web.2", TaskHealth::Unhealthy)).unwrap();
+    let all = |_: &str| true;
+    let backends = |s: &ClusterState| {
+        let spec = compile(s, "node1", &all, 1).unwrap();
+        spec.services[0].backends.iter().map(|b| (b.ip, b.weight)).collect::<Vec<_>>()
+    };
+    let answers = |s: &ClusterState| {
+        let z = zone(s, "node1", &all);
+        z.networks[0].tasks.iter().map(|t| (t.name.clone(), t.serving)).collect::<Vec<_>>()
+    };
+    assert_eq!(backends(&s), [(w1, 1)], "neither the unhealthy nor the starting task");
+    assert_eq!(answers(&s), [("web.1".into(), true), ("web.2".into(), false), ("web.3".into(), false)]);
+    // The tasks keep their ports, endpoints and names.
+    let spec = compile(&s, "node1", &all, 1).unwrap();
+    assert!(spec.ports.iter().any(|p| p.name == "web.3"));
+    assert!(spec.endpoints.iter().any(|e| e.ip == w2) && spec.endpoints.iter().any(|e| e.ip == w3));
+    // Every new connection goes to web.1 (frames through the pipeline).
+    let t = Tables::compile(&spec).unwrap();
+    let mut st = WorkerState::for_tables(&t);
+    for sport in 42000..42006 {
+        let (v, o) = run(&t, &mut st, "web.1", &vip_syn(&s, sport));
+        assert_eq!(v, Verdict::Tx(t.port_id("web.1").unwrap()), "only the serving backend");
+        assert_eq!(&o[30..34], &w1.octets());
+    }
+    // Healthy: back in both; drained: a draining backend, not answered.
+    s.apply(&set_health("web.2", TaskHealth::Healthy)).unwrap();
+    s.apply(&set_health("web.3", TaskHealth::Healthy)).unwrap();
+    assert_eq!(backends(&s), [(w1, 1), (w2, 1), (w3, 1)]);
+    assert!(answers(&s).iter().all(|(_, serving)| *serving));
+    s.apply(&Command::SetAvailability { id: "node2".into(), availability: Availability::Drain }).unwrap();
+    assert_eq!(backends(&s), [(w1, 1), (w2, 0), (w3, 1)]);
+    assert_eq!(serving(&s, &s.tasks["web.2"], &all), Serving::Draining);
+    assert_eq!(answers(&s)[1], ("web.2".into(), false));
+    // Unhealthy on a drained node: out altogether; a node that is down too.
+    s.apply(&set_health("web.2", TaskHealth::Unhealthy)).unwrap();
+    assert_eq!(serving(&s, &s.tasks["web.2"], &all), Serving::No);
+    assert_eq!(serving(&s, &s.tasks["web.1"], &|n: &str| n != "node1"), Serving::No);
 }

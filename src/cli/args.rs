@@ -187,12 +187,16 @@ pub(crate) enum ServiceCmd {
         /// The service.
         name: String,
     },
-    /// Change a service's scheduler or published ports (connections in
-    /// flight keep their backends).
+    /// Change a service's scheduler, published ports or health check
+    /// (connections in flight keep their backends).
     Update {
         /// A new scheduler.
         #[arg(long, value_enum)]
         scheduler: Option<SchedArg>,
+        /// The health check: a new one, fields of the one it has changed
+        /// (the others kept), or removed with --no-healthcheck.
+        #[command(flatten)]
+        health: HealthArgs,
         /// Publish a port (as `create --publish`; the target port is the
         /// service's).
         #[arg(long)]
@@ -241,6 +245,38 @@ pub(crate) struct ServiceCreate {
     /// `dnsrr` (DNS answers with their addresses; no VIP, no --publish).
     #[arg(long, value_enum, default_value = "vip")]
     pub(crate) endpoint_mode: EndpointModeArg,
+    /// A health check of the tasks (none unless --health-cmd).
+    #[command(flatten)]
+    pub(crate) health: HealthArgs,
+}
+
+/// A service's health check, as Docker's `--health-*` options: each task's
+/// node probes the task's target port from inside the task's namespace;
+/// a task that has not passed yet, or failed `retries` probes in a row,
+/// leaves every balancer and DNS answer until a probe passes.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct HealthArgs {
+    /// The probe: `tcp` (a connection to the target port is accepted) or
+    /// `http:/PATH` (an HTTP GET of PATH answers 2xx or 3xx, as `curl -f`).
+    #[arg(long, value_name = "tcp|http:/PATH")]
+    pub(crate) health_cmd: Option<String>,
+    /// Time between probes, e.g. 5s, 500ms, 1m [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+    pub(crate) health_interval: Option<u64>,
+    /// Time a probe may take, at most the interval [default: 2s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+    pub(crate) health_timeout: Option<u64>,
+    /// Failed probes in a row that make a task unhealthy, 1 to 100
+    /// [default: 3].
+    #[arg(long, value_name = "N")]
+    pub(crate) health_retries: Option<u32>,
+    /// Time after a task starts during which failed probes do not count
+    /// [default: 0s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+    pub(crate) health_start_period: Option<u64>,
+    /// No health check (`service update`: remove the one it has).
+    #[arg(long, conflicts_with_all = ["health_cmd", "health_interval", "health_timeout", "health_retries", "health_start_period"])]
+    pub(crate) no_healthcheck: bool,
 }
 
 /// Endpoint modes (Docker's `--endpoint-mode`).
@@ -336,6 +372,13 @@ pub(crate) enum ConntrackCommand {
 pub(crate) enum LbCommand {
     /// Services, backends, weights, active and new connections.
     Ls,
+}
+
+/// A duration as Docker's `--health-*` options take it (`5s`, `500ms`,
+/// `1m30s`), in milliseconds.
+fn parse_duration_ms(s: &str) -> std::result::Result<u64, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 5s, 500ms, 1m30s)"))?;
+    u64::try_from(d.as_millis()).map_err(|_| format!("{s:?}: too long"))
 }
 
 /// `cluster init --data-path-port`: Docker's rule (1024 to 49151, or 4789).

@@ -1,5 +1,5 @@
 //! `meshplane stats`: per port and worker, services, drops by reason,
-//! gossip; with `--watch`, again every second with rates.
+//! gossip, health checks; with `--watch`, again every second with rates.
 
 use super::args::{Conn, Format};
 use super::client;
@@ -55,6 +55,12 @@ pub(crate) fn run(c: &Conn, watch: bool, count: Option<u32>) -> Result<()> {
                     m.idle_closed,
                     m.too_large,
                     m.expired_closed,
+                );
+            }
+            if let Some(h) = &v.health {
+                println!(
+                    "health checks: {} tasks checked, {} probes, {} failed, {} to healthy, {} to unhealthy, {} proposed ({} errors)",
+                    h.tasks, h.checks, h.failures, h.to_healthy, h.to_unhealthy, h.proposed, h.propose_errors,
                 );
             }
         }

@@ -4,7 +4,7 @@ use super::args::{Conn, TaskCmd};
 use super::client::{state, write};
 use super::render::{print, s, table};
 use anyhow::{Result, anyhow};
-use meshplane_control::state::{Command, TaskNetns};
+use meshplane_control::state::{Command, TaskHealth, TaskNetns};
 use serde_json::Value;
 
 /// Runs a `task` command.
@@ -54,12 +54,13 @@ pub(crate) fn run(c: &Conn, cmd: &TaskCmd) -> Result<()> {
                             s(&t["node"]),
                             s(&t["ip"]),
                             s(&t["weight"]),
+                            health_cell(&t["health"]),
                             s(&t["netns"]),
                             published,
                         ]
                     })
                     .collect();
-                table(&["ID", "SERVICE", "NODE", "ADDRESS", "WEIGHT", "NETNS", "PUBLISHED"], rows);
+                table(&["ID", "SERVICE", "NODE", "ADDRESS", "WEIGHT", "HEALTH", "NETNS", "PUBLISHED"], rows);
             });
         }
         TaskCmd::Drain { id } => {
@@ -72,6 +73,12 @@ pub(crate) fn run(c: &Conn, cmd: &TaskCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A task's health as `task ls` shows it: starting, healthy, unhealthy,
+/// or `-` for a task that is not checked (and a state without the field).
+fn health_cell(v: &Value) -> String {
+    serde_json::from_value::<TaskHealth>(v.clone()).unwrap_or_default().name().to_owned()
 }
 
 /// `task attach`: the task (its id SERVICE.N unless given), then its

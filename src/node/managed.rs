@@ -13,6 +13,10 @@
 //! neighbours toward the world from the kernel's FIB (`underlay`). With
 //! AF_XDP the range is reserved from the kernel while the node runs.
 //!
+//! The node runs the health checks of its tasks (`health`, on the
+//! control thread's runtime) and proposes their transitions through the
+//! control plane.
+//!
 //! SIGTERM or SIGINT: workers stop (sockets closed, the XDP program
 //! detached), the task ports this node made are removed, Raft stops; the
 //! state directory stays as it is, and the node resumes from it.
@@ -20,6 +24,7 @@
 use super::args::{DEFAULT_STATE_DIR, IoKind, RunArgs, mgmt_addr};
 use super::counters::{conntrack_entries, node_stats};
 use super::egress;
+use super::health;
 use super::task_port::{self, TaskPort};
 use super::underlay::Underlay;
 use super::workers::{open, spawn_workers, stats_writer, stop_workers, summary, worker_cores};
@@ -55,6 +60,8 @@ struct Managed {
     /// This node's egress (address and range; the routes and neighbours
     /// are filled at each publication), `None` with `--no-egress`.
     egress: Option<EgressSpec>,
+    /// The health checker's counters.
+    health: Arc<health::Counters>,
 }
 
 impl Managed {
@@ -182,6 +189,10 @@ impl Dataplane for Managed {
 
     fn conntrack(&self) -> Vec<ConntrackEntry> {
         conntrack_entries(&self.shared)
+    }
+
+    fn health(&self) -> Option<crate::stats::HealthStats> {
+        Some(self.health.snapshot())
     }
 }
 
@@ -399,6 +410,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         last: Mutex::new(None),
         underlay: OnceLock::new(),
         egress,
+        health: Arc::default(),
     });
     // The next hops toward the peers, from this namespace's kernel; a
     // change publishes the tables again.
@@ -444,6 +456,9 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         .context("starting the control thread")?;
     let dpc: Arc<dyn Dataplane> = dp.clone();
     let control = rt.block_on(Control::start(cfg, dpc)).map_err(anyhow::Error::msg)?;
+    // The health checks of this node's tasks, stopped with the runtime.
+    let checks = Arc::new(health::ControlCluster { control: control.clone(), me: name.clone() });
+    rt.spawn(health::run(checks, dp.health.clone()));
     if let Some(m) = ad.metrics {
         match rt.block_on(tokio::net::TcpListener::bind(m)) {
             Ok(l) => {

@@ -1,7 +1,7 @@
 //! `meshplane node run`: a node, in one of two modes. With `--tables` the
 //! dataplane alone from a tables file (`static_mode`); without, with its
 //! control plane, which makes the ports of the node's tasks (`managed`,
-//! `task_port`). Both start their workers the same way (`workers`) and
+//! `task_port`) and runs their health checks (`health`). Both start their workers the same way (`workers`) and
 //! report the same counters (`counters`, in the schema of
 //! `dataplane::report`). System commands go through `crate::sys`; nothing here
 //! uses the lab.
@@ -10,6 +10,7 @@ pub(crate) mod args;
 mod config;
 mod counters;
 mod egress;
+mod health;
 mod host_port;
 mod managed;
 mod static_mode;

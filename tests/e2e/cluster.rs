@@ -34,17 +34,17 @@ const DNSRR_VIP: [&str; 12] = [
 ];
 
 /// The lab, taken down when dropped (also when the test fails).
-struct LabGuard(PathBuf);
+pub(crate) struct LabGuard(pub(crate) PathBuf);
 
 impl LabGuard {
-    fn lab(&self, args: &[&str]) -> Output {
+    pub(crate) fn lab(&self, args: &[&str]) -> Output {
         let mut v = vec!["lab"];
         v.extend_from_slice(args);
         v.extend_from_slice(&["--dir", self.0.to_str().expect("utf-8")]);
         Command::new(BIN).args(&v).output().expect("running meshplane lab")
     }
     /// The CLI against node `n`'s admin socket.
-    fn cli(&self, n: u8, args: &[&str]) -> Output {
+    pub(crate) fn cli(&self, n: u8, args: &[&str]) -> Output {
         Command::new(BIN)
             .args(args)
             .arg("--state-dir")
@@ -52,13 +52,13 @@ impl LabGuard {
             .output()
             .expect("running meshplane")
     }
-    fn cli_ok(&self, n: u8, args: &[&str]) -> String {
+    pub(crate) fn cli_ok(&self, n: u8, args: &[&str]) -> String {
         let o = self.cli(n, args);
         assert!(o.status.success(), "meshplane {args:?} on node{n}: {}{}", text(&o.stdout), text(&o.stderr));
         text(&o.stdout)
     }
     /// Backend addresses of service `web` in node `n`'s tables.
-    fn backends(&self, n: u8) -> Vec<String> {
+    pub(crate) fn backends(&self, n: u8) -> Vec<String> {
         let o = self.cli(n, &["lb", "ls", "--format", "json"]);
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
         v["tables"]["service"]
@@ -82,13 +82,13 @@ impl Drop for LabGuard {
     }
 }
 
-fn text(b: &[u8]) -> String {
+pub(crate) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
 /// One HTTP request from the client to `node`'s published `port`: the
 /// task's answer ("web.2 saw 198.19.0.3:40000"), or the error.
-fn get(node: u8, port: u16) -> Result<String, String> {
+pub(crate) fn get(node: u8, port: u16) -> Result<String, String> {
     let url = format!("http://198.18.0.{node}:{port}/");
     let o = Command::new("ip")
         .args(["netns", "exec", "mp-lab-c", BIN, "tool", "http-get", "--url", &url, "--timeout", "3"])
@@ -98,7 +98,7 @@ fn get(node: u8, port: u16) -> Result<String, String> {
 }
 
 /// Who answered `n` requests through `node`:30080 (all must be answered).
-fn answered(node: u8, n: usize) -> std::collections::BTreeSet<String> {
+pub(crate) fn answered(node: u8, n: usize) -> std::collections::BTreeSet<String> {
     (0..n)
         .map(|_| {
             let body = get(node, 30080).unwrap_or_else(|e| panic!("a request through node{node} failed: {e}"));
@@ -107,7 +107,7 @@ fn answered(node: u8, n: usize) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
-fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Duration {
+pub(crate) fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
     while !f() {
         assert!(t0.elapsed() < Duration::from_secs(secs), "timed out after {secs} s waiting for {what}");
@@ -116,7 +116,7 @@ fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Duration {
     t0.elapsed()
 }
 
-fn set(names: &[&str]) -> std::collections::BTreeSet<String> {
+pub(crate) fn set(names: &[&str]) -> std::collections::BTreeSet<String> {
     names.iter().map(|s| (*s).to_owned()).collect()
 }
 

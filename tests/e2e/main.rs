@@ -843,3 +843,12 @@ fn dp_port(io: Io) {
     mtu::data_path_port(io);
 }
 both_backends!(dp_port: data_path_port_afxdp, data_path_port_tap);
+
+mod health;
+
+/// Health checks on the lab (see `health.rs`), with both I/O backends.
+fn health_checks(io: Io) {
+    let _g = serial();
+    health::health_on_the_lab(io.arg());
+}
+both_backends!(health_checks: health_checks_afxdp, health_checks_tap);

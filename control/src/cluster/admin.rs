@@ -73,7 +73,10 @@ impl Control {
                     let g = self.lock();
                     (g.gossip.clone(), g._server.as_ref().map(|s| s.stats()))
                 };
-                to_json("stats", &AdminStats { dataplane: self.dp.stats(), gossip, management })
+                to_json(
+                    "stats",
+                    &AdminStats { dataplane: self.dp.stats(), gossip, management, health: self.dp.health() },
+                )
             }
         }
     }

@@ -137,6 +137,11 @@ pub trait Dataplane: Send + Sync + 'static {
     fn conntrack(&self) -> Vec<ConntrackEntry> {
         Vec::new()
     }
+    /// The node's health checker's counters (admin `stats`, under
+    /// `health`), if it runs one.
+    fn health(&self) -> Option<crate::rpc::HealthStats> {
+        None
+    }
 }
 
 /// What a node keeps in `node.json`.
