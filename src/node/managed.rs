@@ -19,6 +19,7 @@
 
 use super::args::{DEFAULT_STATE_DIR, IoKind, RunArgs, mgmt_addr};
 use super::counters::{conntrack_entries, node_stats};
+use super::dns::{self, Dns, DnsConfig, Upstreams};
 use super::egress;
 use super::task_port::{self, TaskPort};
 use super::underlay::Underlay;
@@ -27,7 +28,7 @@ use crate::stats::{ConntrackEntry, NodeStats};
 use anyhow::{Context, Result, bail};
 use meshplane_control::cluster::{Config, Control, Dataplane, LocalTask, PublishError};
 use meshplane_dataplane::io::afxdp;
-use meshplane_dataplane::tables::egress::EgressSpec;
+use meshplane_dataplane::tables::egress::{EgressSpec, HostLinkSpec, PortRange};
 use meshplane_dataplane::tables::{NodeSpec, Tables, TablesSpec};
 use meshplane_dataplane::wire::MacAddr;
 use meshplane_dataplane::worker::{Bound, Shared};
@@ -55,6 +56,8 @@ struct Managed {
     /// This node's egress (address and range; the routes and neighbours
     /// are filled at each publication), `None` with `--no-egress`.
     egress: Option<EgressSpec>,
+    /// The embedded DNS server and its ports (`None`: DNS is off).
+    dns: Option<(Dns, PortRange)>,
 }
 
 impl Managed {
@@ -142,12 +145,23 @@ impl Managed {
         });
     }
 
-    /// Compiles `spec` with the next hops and egress filled in and
-    /// publishes it; the task ports follow `tasks`.
+    /// Every network's DNS port (from its VNI) when this node serves DNS
+    /// (which needs the host link): the dataplane sends the tasks'
+    /// queries to the gateway there.
+    fn fill_dns(&self, spec: &mut TablesSpec) {
+        let link = spec.node.egress.as_ref().is_some_and(|e| e.host_link.is_some());
+        for n in &mut spec.networks {
+            n.dns_port = self.dns.as_ref().filter(|_| link).and_then(|(_, ports)| dns::port_for(*ports, n.vni));
+        }
+    }
+
+    /// Compiles `spec` with the next hops, egress and DNS ports filled in
+    /// and publishes it; the task ports follow `tasks`.
     fn apply(&self, mut spec: TablesSpec, tasks: &[LocalTask]) -> Result<(), PublishError> {
         spec.node.reset_closed_ports = self.io == IoKind::Tap;
         self.fill_next_hops(&mut spec);
         self.fill_egress(&mut spec);
+        self.fill_dns(&mut spec);
         let tables = Tables::compile(&spec).map_err(|e| e.to_string())?;
         let mut ports = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
         self.add_ports(&mut ports, tasks, &tables);
@@ -176,8 +190,16 @@ impl Dataplane for Managed {
         r
     }
 
+    fn names(&self, zone: meshplane_dns::zone::Zone) {
+        if let Some((d, _)) = &self.dns {
+            d.set_zone(zone);
+        }
+    }
+
     fn stats(&self) -> NodeStats {
-        node_stats(&self.shared)
+        let mut s = node_stats(&self.shared);
+        s.dns = self.dns.as_ref().map(|(d, _)| d.stats());
+        s
     }
 
     fn conntrack(&self) -> Vec<ConntrackEntry> {
@@ -343,6 +365,35 @@ fn miss_follower(shared: &Arc<Shared>, dp: &Arc<Managed>) -> Option<std::thread:
     }
 }
 
+/// The embedded DNS server on the host link's kernel end, unless
+/// `--no-dns`; without the host link (`--no-egress`, `--no-host-link`)
+/// DNS is off, said once.
+fn start_dns(a: &RunArgs, link: Option<&HostLinkSpec>) -> Result<Option<(Dns, PortRange)>> {
+    if a.no_dns {
+        return Ok(None);
+    }
+    let Some(link) = link else {
+        tracing::info!("embedded DNS needs the host link (egress and the host link on): off");
+        return Ok(None);
+    };
+    let ports = a.dns_ports.unwrap_or(dns::DEFAULT_PORTS);
+    let upstreams = if a.dns_upstream.is_empty() {
+        Upstreams::ResolvConf(PathBuf::from("/etc/resolv.conf"))
+    } else {
+        Upstreams::Fixed(a.dns_upstream.clone())
+    };
+    let cfg = DnsConfig {
+        listen: link.peer_ip,
+        ports,
+        upstreams,
+        never: vec![link.peer_ip, link.ip],
+        limits: dns::Limits::default(),
+    };
+    let d = Dns::start(cfg).context("the embedded DNS server")?;
+    tracing::info!("embedded DNS on {} ports {ports} (one per network)", link.peer_ip);
+    Ok(Some((d, ports)))
+}
+
 /// Runs a node with its control plane until SIGTERM/SIGINT.
 pub(crate) fn run(a: &RunArgs) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
@@ -389,6 +440,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
             shared.change_ports(k, vec![Bound::new(&h.port, q)], &[]);
         }
     }
+    let dns = start_dns(a, host_link.as_ref())?;
     let dp = Arc::new(Managed {
         shared: shared.clone(),
         steering,
@@ -399,6 +451,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         last: Mutex::new(None),
         underlay: OnceLock::new(),
         egress,
+        dns,
     });
     // The next hops toward the peers, from this namespace's kernel; a
     // change publishes the tables again.
@@ -474,6 +527,9 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         let _ = m.join();
     }
     dp.remove_all();
+    if let Some((d, _)) = &dp.dns {
+        d.stop();
+    }
     if let Some(h) = &host_link {
         super::host_port::close_link(h);
     }
