@@ -166,7 +166,7 @@ pub(crate) fn run(c: &ToolCommand) -> Result<()> {
 /// Bytes from hex digits (whitespace ignored).
 fn unhex(h: &str) -> Result<Vec<u8>> {
     let digits: Vec<u8> = h.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         bail!("--hex: an odd number of digits");
     }
     digits
