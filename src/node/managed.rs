@@ -145,23 +145,13 @@ impl Managed {
         });
     }
 
-    /// Every network's DNS port (from its VNI) when this node serves DNS
-    /// (which needs the host link): the dataplane sends the tasks'
-    /// queries to the gateway there.
-    fn fill_dns(&self, spec: &mut TablesSpec) {
-        let link = spec.node.egress.as_ref().is_some_and(|e| e.host_link.is_some());
-        for n in &mut spec.networks {
-            n.dns_port = self.dns.as_ref().filter(|_| link).and_then(|(_, ports)| dns::port_for(*ports, n.vni));
-        }
-    }
-
     /// Compiles `spec` with the next hops, egress and DNS ports filled in
     /// and publishes it; the task ports follow `tasks`.
     fn apply(&self, mut spec: TablesSpec, tasks: &[LocalTask]) -> Result<(), PublishError> {
         spec.node.reset_closed_ports = self.io == IoKind::Tap;
         self.fill_next_hops(&mut spec);
         self.fill_egress(&mut spec);
-        self.fill_dns(&mut spec);
+        fill_dns(&mut spec, self.dns.as_ref().map(|(_, ports)| *ports));
         let tables = Tables::compile(&spec).map_err(|e| e.to_string())?;
         let mut ports = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
         self.add_ports(&mut ports, tasks, &tables);
@@ -204,6 +194,17 @@ impl Dataplane for Managed {
 
     fn conntrack(&self) -> Vec<ConntrackEntry> {
         conntrack_entries(&self.shared)
+    }
+}
+
+/// Every network's DNS port (from its VNI) when this node serves DNS on
+/// `ports` and the tables have the host link (DNS needs it): the
+/// dataplane sends the tasks' queries to the gateway there. Otherwise
+/// none.
+fn fill_dns(spec: &mut TablesSpec, ports: Option<PortRange>) {
+    let link = spec.node.egress.as_ref().is_some_and(|e| e.host_link.is_some());
+    for n in &mut spec.networks {
+        n.dns_port = ports.filter(|_| link).and_then(|p| dns::port_for(p, n.vni));
     }
 }
 
@@ -535,4 +536,28 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     }
     tracing::info!("stopped; {}", summary(&reports));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_ports_follow_the_vni_only_with_the_host_link_and_the_tables_take_them() {
+        let mut spec: TablesSpec = toml::from_str(include_str!("../../examples/tables.toml")).expect("the example");
+        let link = super::super::host_port::spec(super::super::host_port::DEFAULT_LINK).expect("link");
+        spec.node.egress = Some(EgressSpec { host_link: Some(link), ..EgressSpec::default() });
+        fill_dns(&mut spec, Some(dns::DEFAULT_PORTS));
+        let ports: Vec<(u32, Option<u16>)> = spec.networks.iter().map(|n| (n.vni, n.dns_port)).collect();
+        assert_eq!(ports, vec![(4096, Some(25300)), (4097, Some(25301))]);
+        let t = Tables::compile(&spec).expect("the tables take them");
+        assert_eq!(t.networks.iter().map(|n| n.dns_port).collect::<Vec<_>>(), vec![Some(25300), Some(25301)]);
+        fill_dns(&mut spec, None);
+        assert!(spec.networks.iter().all(|n| n.dns_port.is_none()), "DNS off: no ports");
+        fill_dns(&mut spec, Some(dns::DEFAULT_PORTS));
+        spec.node.egress = None;
+        fill_dns(&mut spec, Some(dns::DEFAULT_PORTS));
+        assert!(spec.networks.iter().all(|n| n.dns_port.is_none()), "no host link: no ports");
+        Tables::compile(&spec).expect("and the tables compile");
+    }
 }
