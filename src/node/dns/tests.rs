@@ -368,3 +368,28 @@ fn ports_follow_the_vni_inside_the_range() {
     assert_eq!(port_for(r, FIRST_VNI - 1), None);
     assert_eq!(port_for(PortRange { lo: 65500, hi: 65535 }, FIRST_VNI + 100), None);
 }
+
+#[test]
+fn tcp_connections_past_the_cap_are_closed_at_once_and_a_freed_place_is_reused() {
+    let (dns, p) = start(5, vec![], Limits::default(), Zone { networks: vec![net(0, "app", false)] });
+    let open: Vec<std::net::TcpStream> =
+        (0..TCP_CONNS).map(|_| std::net::TcpStream::connect(at(p.lo)).expect("connect")).collect();
+    settle(|| dns.stats().tcp_conns == TCP_CONNS as u64, "every connection accepted");
+    let mut over = std::net::TcpStream::connect(at(p.lo)).expect("the kernel accepts it");
+    over.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    let mut b = [0u8; 2];
+    assert_eq!(over.read(&mut b).ok(), Some(0), "closed by the server at once");
+    assert_eq!(dns.stats().tcp_refused, 1);
+    drop(open);
+    settle(
+        || {
+            let mut s = std::net::TcpStream::connect(at(p.lo)).expect("connect");
+            let q = query(3, "web.", RecordType::A);
+            let _ = s.write_all(&(q.len() as u16).to_be_bytes()).and_then(|()| s.write_all(&q));
+            s.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).is_ok()
+        },
+        "answered again once the others closed",
+    );
+}
