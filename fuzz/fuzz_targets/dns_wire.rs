@@ -15,7 +15,12 @@ use std::sync::LazyLock;
 
 static VIEW: LazyLock<View> = LazyLock::new(|| {
     let ip = |last| Ipv4Addr::new(198, 19, 0, last);
-    let task = |name: &str, service: &str, last| TaskRec { name: name.into(), service: service.into(), ip: ip(last), serving: last % 2 == 1 };
+    let task = |name: &str, service: &str, last| TaskRec {
+        name: name.into(),
+        service: service.into(),
+        ip: ip(last),
+        serving: last % 2 == 1,
+    };
     View::build(&NetZone {
         name: "app".into(),
         vni: 4096,
