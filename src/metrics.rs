@@ -328,6 +328,7 @@ fn dns(x: &mut Exposition, dp: &NodeStats) {
             ("notimp", d.notimp),
             ("refused", d.refused),
             ("badvers", d.badvers),
+            ("other", d.other),
         ],
     );
     x.family("dns_answers_total", COUNTER, "DNS answers sent to tasks, by result.", answers);
@@ -518,7 +519,7 @@ mod tests {
                 "traffic": []
             }],
             "dns": { "queries_udp": 11, "queries_tcp": 2, "noerror": 8, "nodata": 1, "nxdomain": 1, "servfail": 2,
-                "formerr": 1, "notimp": 0, "refused": 0, "badvers": 0, "truncated": 0, "forwarded": 3,
+                "formerr": 1, "notimp": 0, "refused": 0, "badvers": 0, "other": 0, "truncated": 0, "forwarded": 3,
                 "forward_timeouts": 1, "forward_errors": 0, "forward_over_cap": 0, "tcp_conns": 1, "tcp_refused": 0,
                 "ignored": 0, "networks": 2 }},
             "gossip": { "sent": 40, "received": 38, "rejected_short": 0, "rejected_unknown_key": 1,

@@ -50,6 +50,8 @@ pub struct DnsReport {
     pub refused: u64,
     /// BADVERS (EDNS version above 0).
     pub badvers: u64,
+    /// Any other result (an upstream's YXDOMAIN, NOTAUTH, …, passed on).
+    pub other: u64,
     /// UDP answers cut to fit, with TC set.
     pub truncated: u64,
     /// Queries forwarded upstream (names not the cluster's).

@@ -175,7 +175,7 @@ fn egress(dp: &NodeStats) {
 fn dns(dp: &NodeStats) {
     let Some(d) = &dp.dns else { return };
     println!(
-        "\ndns: {} networks; {} queries (udp {}, tcp {}); answers: {} noerror, {} nodata, {} nxdomain, {} servfail, {} formerr, {} notimp, {} refused, {} badvers; {} truncated; forwarded {} ({} timeouts, {} errors, {} over the cap); tcp {} connections ({} refused); {} ignored",
+        "\ndns: {} networks; {} queries (udp {}, tcp {}); answers: {} noerror, {} nodata, {} nxdomain, {} servfail, {} formerr, {} notimp, {} refused, {} badvers, {} other; {} truncated; forwarded {} ({} timeouts, {} errors, {} over the cap); tcp {} connections ({} refused); {} ignored",
         d.networks,
         d.queries_udp + d.queries_tcp,
         d.queries_udp,
@@ -188,6 +188,7 @@ fn dns(dp: &NodeStats) {
         d.notimp,
         d.refused,
         d.badvers,
+        d.other,
         d.truncated,
         d.forwarded,
         d.forward_timeouts,

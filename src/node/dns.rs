@@ -141,6 +141,7 @@ counters!(
     notimp,
     refused,
     badvers,
+    other,
     truncated,
     forwarded,
     forward_timeouts,
@@ -173,8 +174,9 @@ impl Counters {
             1 => &self.formerr,
             3 => &self.nxdomain,
             4 => &self.notimp,
+            2 => &self.servfail,
             5 => &self.refused,
-            _ => &self.servfail,
+            _ => &self.other,
         });
     }
 
