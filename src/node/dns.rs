@@ -554,8 +554,8 @@ async fn tcp_loop(server: Arc<Server>, net: Arc<Net>, l: TcpListener) {
 }
 
 /// One TCP connection: length-prefixed queries answered in order until
-/// the client closes, 10 s pass without a query, or a malformed message
-/// (closed after its FORMERR).
+/// the client closes, 10 s pass without a query (or without taking an
+/// answer), or a malformed message (closed after its FORMERR).
 async fn tcp_conn(server: &Arc<Server>, net: &Arc<Net>, mut s: TcpStream) {
     loop {
         let mut len = [0u8; 2];
@@ -579,7 +579,10 @@ async fn tcp_conn(server: &Arc<Server>, net: &Arc<Net>, mut s: TcpStream) {
         let mut out = Vec::with_capacity(reply.len() + 2);
         out.extend_from_slice(&n.to_be_bytes());
         out.extend_from_slice(&reply);
-        if s.write_all(&out).await.is_err() || last {
+        // A client that does not read its answers loses the connection
+        // (and its place under the cap).
+        let sent = tokio::time::timeout(TCP_IDLE, s.write_all(&out)).await;
+        if !matches!(sent, Ok(Ok(()))) || last {
             return;
         }
     }
