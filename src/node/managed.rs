@@ -13,9 +13,16 @@
 //! neighbours toward the world from the kernel's FIB (`underlay`). With
 //! AF_XDP the range is reserved from the kernel while the node runs.
 //!
+//! The embedded DNS server (`dns`) runs unless `--no-dns` or there is no
+//! host link: the control plane hands it the names with every
+//! publication (`Dataplane::names`), and each network in the tables gets
+//! its DNS port (`fill_dns`).
+//!
 //! SIGTERM or SIGINT: workers stop (sockets closed, the XDP program
-//! detached), the task ports this node made are removed, Raft stops; the
-//! state directory stays as it is, and the node resumes from it.
+//! detached), the task ports this node made are removed (with the
+//! resolv.conf files written for them), Raft stops, the DNS server stops
+//! before the host link goes; the state directory stays as it is, and the
+//! node resumes from it.
 
 use super::args::{DEFAULT_STATE_DIR, IoKind, RunArgs, mgmt_addr};
 use super::counters::{conntrack_entries, node_stats};
@@ -368,14 +375,15 @@ fn miss_follower(shared: &Arc<Shared>, dp: &Arc<Managed>) -> Option<std::thread:
 
 /// The embedded DNS server on the host link's kernel end, unless
 /// `--no-dns`; without the host link (`--no-egress`, `--no-host-link`)
-/// DNS is off, said once.
-fn start_dns(a: &RunArgs, link: Option<&HostLinkSpec>) -> Result<Option<(Dns, PortRange)>> {
+/// DNS is off, said once. A server that cannot start leaves the node
+/// running without DNS (logged).
+fn start_dns(a: &RunArgs, link: Option<&HostLinkSpec>) -> Option<(Dns, PortRange)> {
     if a.no_dns {
-        return Ok(None);
+        return None;
     }
     let Some(link) = link else {
         tracing::info!("embedded DNS needs the host link (egress and the host link on): off");
-        return Ok(None);
+        return None;
     };
     let ports = a.dns_ports.unwrap_or(dns::DEFAULT_PORTS);
     let upstreams = if a.dns_upstream.is_empty() {
@@ -390,9 +398,16 @@ fn start_dns(a: &RunArgs, link: Option<&HostLinkSpec>) -> Result<Option<(Dns, Po
         never: vec![link.peer_ip, link.ip],
         limits: dns::Limits::default(),
     };
-    let d = Dns::start(cfg).context("the embedded DNS server")?;
-    tracing::info!("embedded DNS on {} ports {ports} (one per network)", link.peer_ip);
-    Ok(Some((d, ports)))
+    match Dns::start(cfg) {
+        Ok(d) => {
+            tracing::info!("embedded DNS on {} ports {ports} (one per network)", link.peer_ip);
+            Some((d, ports))
+        }
+        Err(e) => {
+            tracing::warn!("{e}: no embedded DNS");
+            None
+        }
+    }
 }
 
 /// Runs a node with its control plane until SIGTERM/SIGINT.
@@ -441,7 +456,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
             shared.change_ports(k, vec![Bound::new(&h.port, q)], &[]);
         }
     }
-    let dns = start_dns(a, host_link.as_ref())?;
+    let dns = start_dns(a, host_link.as_ref());
     let dp = Arc::new(Managed {
         shared: shared.clone(),
         steering,
