@@ -308,6 +308,46 @@ fn services(x: &mut Exposition, dp: &NodeStats) {
     }
 }
 
+/// The embedded DNS server's (none when DNS is off).
+fn dns(x: &mut Exposition, dp: &NodeStats) {
+    let Some(d) = &dp.dns else { return };
+    let one = |v: u64| vec![(Vec::<(String, String)>::new(), v)];
+    let by = |label: &str, v: &[(&str, u64)]| -> Vec<(Vec<(String, String)>, u64)> {
+        v.iter().map(|(k, n)| (vec![(label.to_owned(), (*k).to_owned())], *n)).collect()
+    };
+    let queries = by("transport", &[("udp", d.queries_udp), ("tcp", d.queries_tcp)]);
+    x.family("dns_queries_total", COUNTER, "DNS queries received from tasks.", queries);
+    let answers = by(
+        "rcode",
+        &[
+            ("noerror", d.noerror),
+            ("nodata", d.nodata),
+            ("nxdomain", d.nxdomain),
+            ("servfail", d.servfail),
+            ("formerr", d.formerr),
+            ("notimp", d.notimp),
+            ("refused", d.refused),
+            ("badvers", d.badvers),
+            ("other", d.other),
+        ],
+    );
+    x.family("dns_answers_total", COUNTER, "DNS answers sent to tasks, by result.", answers);
+    let counters: [(&str, u64, &str); 8] = [
+        ("dns_truncated_total", d.truncated, "UDP answers cut to fit, with TC set."),
+        ("dns_forwarded_total", d.forwarded, "DNS queries forwarded upstream."),
+        ("dns_forward_timeouts_total", d.forward_timeouts, "Upstream tries that timed out."),
+        ("dns_forward_errors_total", d.forward_errors, "Upstream tries that failed (errors, SERVFAIL, REFUSED, none)."),
+        ("dns_forward_over_cap_total", d.forward_over_cap, "DNS queries not forwarded: too many in flight."),
+        ("dns_tcp_connections_total", d.tcp_conns, "DNS TCP connections accepted."),
+        ("dns_tcp_refused_total", d.tcp_refused, "DNS TCP connections refused: too many open."),
+        ("dns_ignored_total", d.ignored, "DNS datagrams ignored (too short, or responses)."),
+    ];
+    for (name, v, help) in counters {
+        x.family(name, COUNTER, help, one(v));
+    }
+    x.family("dns_networks", GAUGE, "Networks the embedded DNS serves now.", one(d.networks));
+}
+
 /// The control plane's: liveness, versions, gossip.
 fn control(x: &mut Exposition, stats: &AdminStats, nodes: &[NodeStatus], info: &Info) {
     let up = nodes.iter().map(|n| (Node { node: n.name.clone() }, u64::from(n.status == "ready"))).collect();
@@ -405,6 +445,7 @@ fn render(stats: &AdminStats, nodes: &[NodeStatus], info: &Info, format: Format)
     ports(&mut x, &stats.dataplane);
     workers(&mut x, &stats.dataplane);
     services(&mut x, &stats.dataplane);
+    dns(&mut x, &stats.dataplane);
     control(&mut x, stats, nodes, info);
     let mut text = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &x.registry) {
@@ -494,7 +535,11 @@ mod tests {
                     "backends": [{ "ip": "198.19.0.5", "port": 8080, "weight": 1, "packets": 6, "bytes": 600,
                         "new_connections": 2, "active": 1 }] }],
                 "traffic": []
-            }]},
+            }],
+            "dns": { "queries_udp": 11, "queries_tcp": 2, "noerror": 8, "nodata": 1, "nxdomain": 1, "servfail": 2,
+                "formerr": 1, "notimp": 0, "refused": 0, "badvers": 0, "other": 0, "truncated": 0, "forwarded": 3,
+                "forward_timeouts": 1, "forward_errors": 0, "forward_over_cap": 0, "tcp_conns": 1, "tcp_refused": 0,
+                "ignored": 0, "networks": 2 }},
             "gossip": { "sent": 40, "received": 38, "rejected_short": 0, "rejected_unknown_key": 1,
                 "rejected_bad_tag": 0, "rejected_undecodable": 0, "members": [] },
             "management": { "open": 3, "accepted": 9, "refused_total": 0, "refused_per_ip": 2, "accept_errors": 0,
@@ -522,6 +567,10 @@ mod tests {
             "meshplane_service_bytes_total{worker=\"0\",service=\"web\"} 600",
             "meshplane_backend_active_connections{worker=\"0\",service=\"web\",backend=\"198.19.0.5:8080\"} 1",
             "meshplane_node_up{node=\"node3\"} 0",
+            "meshplane_dns_queries_total{transport=\"udp\"} 11",
+            "meshplane_dns_answers_total{rcode=\"servfail\"} 2",
+            "meshplane_dns_forward_timeouts_total 1",
+            "meshplane_dns_networks 2",
             "meshplane_cluster_state_version 17",
             "meshplane_gossip_rejected_total{reason=\"unknown_key\"} 1",
             "meshplane_gossip_rejected_total{reason=\"replayed\"} 0",

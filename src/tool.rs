@@ -118,6 +118,24 @@ pub(crate) enum ToolCommand {
         #[arg(long, default_value_t = 512)]
         size: usize,
     },
+    /// Send a DNS message given as hex bytes (malformed ones too) to a
+    /// server, over UDP or TCP (with the 2-byte length), and print the
+    /// reply's header: `rcode=… id=… flags=… qd=… an=… ns=… ar=…`. Exit
+    /// non-zero if no reply came within the timeout.
+    DnsRaw {
+        /// The server, IP:PORT.
+        #[arg(long)]
+        server: SocketAddr,
+        /// The message, hex (spaces allowed).
+        #[arg(long)]
+        hex: String,
+        /// Over TCP.
+        #[arg(long)]
+        tcp: bool,
+        /// Seconds to wait for the reply.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
 }
 
 /// Byte `i` of the deterministic stream.
@@ -137,7 +155,79 @@ pub(crate) fn run(c: &ToolCommand) -> Result<()> {
         ToolCommand::TcpHold { connect, conns, hold_ms, timeout } => tcp_hold(connect, *conns, *hold_ms, *timeout),
         ToolCommand::Inject { tap, pcap, repeat, pps } => inject(tap, pcap, repeat, pps),
         ToolCommand::UdpPing { connect, count, size } => udp_ping(connect, count, size),
+        ToolCommand::DnsRaw { server, hex, tcp, timeout } => {
+            let reply = dns_raw(*server, &unhex(hex)?, *tcp, Duration::from_secs(*timeout))?;
+            println!("{}", dns_header(&reply));
+            Ok(())
+        }
     }
+}
+
+/// Bytes from hex digits (whitespace ignored).
+fn unhex(h: &str) -> Result<Vec<u8>> {
+    let digits: Vec<u8> = h.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if !digits.len().is_multiple_of(2) {
+        bail!("--hex: an odd number of digits");
+    }
+    digits
+        .chunks(2)
+        .map(|p| {
+            std::str::from_utf8(p).ok().and_then(|d| u8::from_str_radix(d, 16).ok()).context("--hex: not hex digits")
+        })
+        .collect()
+}
+
+/// `tool dns-raw`: `msg` to `server`, the reply back.
+fn dns_raw(server: SocketAddr, msg: &[u8], tcp: bool, wait: Duration) -> Result<Vec<u8>> {
+    if tcp {
+        let mut s = TcpStream::connect_timeout(&server, wait).with_context(|| format!("connecting to {server}"))?;
+        s.set_read_timeout(Some(wait))?;
+        let n = u16::try_from(msg.len()).context("a DNS message over TCP is at most 65535 bytes")?;
+        s.write_all(&n.to_be_bytes())?;
+        s.write_all(msg)?;
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).with_context(|| format!("{server}: no reply (closed or timed out)"))?;
+        let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut reply).with_context(|| format!("{server}: the reply was cut short"))?;
+        return Ok(reply);
+    }
+    let any: SocketAddr = if server.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    let s = UdpSocket::bind(any)?;
+    s.connect(server)?;
+    s.set_read_timeout(Some(wait))?;
+    s.send(msg)?;
+    let mut buf = vec![0u8; 65535];
+    let n = s.recv(&mut buf).with_context(|| format!("{server}: no reply within {wait:?}"))?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// A DNS reply's header, one line.
+fn dns_header(r: &[u8]) -> String {
+    let Some(h) = r.first_chunk::<12>() else { return format!("short reply: {} bytes", r.len()) };
+    let word = |i: usize| u16::from_be_bytes([h[i], h[i + 1]]);
+    let rcode = match h[3] & 0x0f {
+        0 => "NOERROR".to_owned(),
+        1 => "FORMERR".to_owned(),
+        2 => "SERVFAIL".to_owned(),
+        3 => "NXDOMAIN".to_owned(),
+        4 => "NOTIMP".to_owned(),
+        5 => "REFUSED".to_owned(),
+        n => format!("RCODE{n}"),
+    };
+    let names = [(h[2], 0x80, "qr"), (h[2], 0x04, "aa"), (h[2], 0x02, "tc"), (h[2], 0x01, "rd"), (h[3], 0x80, "ra")];
+    let flags: Vec<&str> = names.iter().filter(|(b, m, _)| b & m != 0).map(|(_, _, n)| *n).collect();
+    format!(
+        "rcode={rcode} id=0x{:04x} opcode={} flags={} qd={} an={} ns={} ar={} bytes={}",
+        word(0),
+        (h[2] >> 3) & 0x0f,
+        flags.join(","),
+        word(4),
+        word(6),
+        word(8),
+        word(10),
+        r.len()
+    )
 }
 
 /// `tool tcp-hold`: many connections open at once, then one request on
@@ -370,4 +460,33 @@ fn udp_ping(connect: &SocketAddr, count: &u32, size: &usize) -> Result<()> {
         bail!("{} of {count} datagrams lost or damaged", count - ok);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod dns_raw_tests {
+    use super::*;
+
+    #[test]
+    fn dns_raw_sends_the_bytes_and_prints_the_replys_header() {
+        assert_eq!(unhex("12 34 01").ok(), Some(vec![0x12, 0x34, 0x01]));
+        assert!(unhex("123").is_err() && unhex("zz").is_err());
+        let srv = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let at = srv.local_addr().expect("addr");
+        let echo = std::thread::spawn(move || {
+            let mut b = [0u8; 64];
+            let (n, from) = srv.recv_from(&mut b).expect("the query");
+            // FORMERR back, the ID kept, QR and RA set, no counts.
+            let mut r = b[..12].to_vec();
+            r[2] = 0x81;
+            r[3] = 0x81;
+            r[4..].fill(0);
+            srv.send_to(&r, from).expect("reply");
+            b[..n].to_vec()
+        });
+        let reply = dns_raw(at, &unhex("abcd 0100 0000 0000 0000 0000").expect("hex"), false, Duration::from_secs(2))
+            .expect("a reply");
+        assert_eq!(echo.join().ok(), Some(vec![0xab, 0xcd, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]), "sent as given");
+        assert_eq!(dns_header(&reply), "rcode=FORMERR id=0xabcd opcode=0 flags=qr,rd,ra qd=0 an=0 ns=0 ar=0 bytes=12");
+        assert_eq!(dns_header(&[1, 2]), "short reply: 2 bytes");
+    }
 }

@@ -227,6 +227,8 @@ pub fn zone(state: &ClusterState, me: &str, up: &dyn Fn(&str) -> bool) -> Zone {
             let services = state.services.values().filter(|s| s.network == nw.name);
             NetZone {
                 name: nw.name.clone(),
+                vni: nw.vni,
+                gateway: nw.gateway,
                 subnet: (nw.subnet.addr, nw.subnet.prefix),
                 internal: nw.internal,
                 services: services

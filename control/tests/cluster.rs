@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 #[derive(Default)]
 struct Recorder {
     last: Mutex<Option<TablesSpec>>,
+    names: Mutex<Option<meshplane_dns::zone::Zone>>,
 }
 
 impl Dataplane for Recorder {
@@ -36,8 +37,11 @@ impl Dataplane for Recorder {
         *self.last.lock().unwrap() = Some(spec);
         Ok(())
     }
+    fn names(&self, zone: meshplane_dns::zone::Zone) {
+        *self.names.lock().unwrap() = Some(zone);
+    }
     fn stats(&self) -> NodeStats {
-        NodeStats { tables_version: 0, workers: Vec::new() }
+        NodeStats { tables_version: 0, workers: Vec::new(), dns: None }
     }
 }
 
@@ -87,6 +91,14 @@ impl Node {
             .find(|s| s.name == svc)
             .map(|s| s.backends.iter().map(|b| b.ip.to_string()).collect())
             .unwrap_or_default()
+    }
+    /// The tasks in network `nw` of the names last handed over.
+    fn named_tasks(&self, nw: &str) -> Vec<String> {
+        let z = self.dp.names.lock().unwrap();
+        let tasks = z.as_ref().and_then(|z| z.networks.iter().find(|n| n.name == nw)).map(|n| n.tasks.clone());
+        let mut v: Vec<String> = tasks.unwrap_or_default().into_iter().map(|t| t.name).collect();
+        v.sort();
+        v
     }
     fn kill(mut self) -> Config {
         if let Some(rt) = self.rt.take() {
@@ -235,6 +247,11 @@ fn a_cluster_of_control_planes() {
     let nodes = [&n1, &n2, &n3];
     for n in nodes {
         wait_for("three backends everywhere", 10, || n.backends("web").len() == 3);
+    }
+    // Every node has a task in app: each is handed app's names, with the
+    // other nodes' tasks too.
+    for n in nodes {
+        wait_for("app's names everywhere", 10, || n.named_tasks("app") == ["web.1", "web.2", "web.3"]);
     }
     let all = n1.backends("web");
     let (_, v) = n1.control.state();

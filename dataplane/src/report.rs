@@ -20,6 +20,58 @@ pub struct NodeStats {
     pub tables_version: u64,
     /// Every worker's last published counters.
     pub workers: Vec<WorkerStats>,
+    /// The embedded DNS server's counters (`None`: DNS is off, or static
+    /// mode).
+    pub dns: Option<DnsReport>,
+}
+
+/// The embedded DNS server's counters (`src/node/dns.rs`), node-wide.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsReport {
+    /// Queries received over UDP (everything with a DNS header).
+    pub queries_udp: u64,
+    /// Queries received over TCP.
+    pub queries_tcp: u64,
+    /// Answers with records (NOERROR).
+    pub noerror: u64,
+    /// NOERROR without records: a name of ours without the type asked.
+    pub nodata: u64,
+    /// NXDOMAIN.
+    pub nxdomain: u64,
+    /// SERVFAIL (a forward that failed, over the cap, or from an internal
+    /// network).
+    pub servfail: u64,
+    /// FORMERR (a malformed query).
+    pub formerr: u64,
+    /// NOTIMP (an opcode other than QUERY).
+    pub notimp: u64,
+    /// REFUSED (a class other than IN).
+    pub refused: u64,
+    /// BADVERS (EDNS version above 0).
+    pub badvers: u64,
+    /// Any other result (an upstream's YXDOMAIN, NOTAUTH, …, passed on).
+    pub other: u64,
+    /// UDP answers cut to fit, with TC set.
+    pub truncated: u64,
+    /// Queries forwarded upstream (names not the cluster's).
+    pub forwarded: u64,
+    /// Upstream tries that timed out.
+    pub forward_timeouts: u64,
+    /// Upstream tries that failed otherwise (socket errors, SERVFAIL or
+    /// REFUSED from the upstream, no upstream at all).
+    pub forward_errors: u64,
+    /// Queries not forwarded: too many in flight (node or network cap).
+    pub forward_over_cap: u64,
+    /// TCP connections accepted.
+    pub tcp_conns: u64,
+    /// TCP connections refused: too many open.
+    pub tcp_refused: u64,
+    /// Datagrams too short for a DNS header, and responses sent to us
+    /// (ignored).
+    pub ignored: u64,
+    /// Networks served now (a listener pair each).
+    pub networks: u64,
 }
 
 /// One worker's counters.

@@ -138,6 +138,8 @@ mod tests {
         };
         NetZone {
             name: "app".into(),
+            vni: 4097,
+            gateway: Ipv4Addr::new(198, 19, 0, 254),
             subnet: (Ipv4Addr::new(198, 19, 0, 0), 24),
             internal: false,
             services: vec![

@@ -28,6 +28,11 @@ pub struct Zone {
 pub struct NetZone {
     /// The network's name (`SERVICE.NETWORK`).
     pub name: String,
+    /// Its VXLAN network identifier (the node's DNS port for the network
+    /// follows from it).
+    pub vni: u32,
+    /// Its gateway address (the tasks' resolver; never an upstream).
+    pub gateway: Ipv4Addr,
     /// Its subnet (address, prefix): the reverse space it owns.
     pub subnet: (Ipv4Addr, u8),
     /// An internal network (nothing is forwarded from it).

@@ -338,7 +338,7 @@ mod tests {
         for (bad, says) in [
             ("70000:80", "bad published port"),
             ("30080:0", "bad target port"),
-            ("mode=host,1:2", "mode \"host\""),
+            ("mode=direct,1:2", "mode \"direct\""),
             ("colour=red", "unknown key"),
             ("8080", "PUB:TARGET"),
         ] {

@@ -27,6 +27,7 @@ pub(crate) fn run(c: &Conn, watch: bool, count: Option<u32>) -> Result<()> {
             services(&v.dataplane, &prev);
             drops(&v.dataplane);
             egress(&v.dataplane);
+            dns(&v.dataplane);
             let g = v.gossip.clone().unwrap_or_default();
             println!(
                 "\ngossip: {} members, {} sent, {} received, {} rejected (unknown key {}, retired key {}, bad tag {}, wrong sender {}, replayed {})",
@@ -174,6 +175,35 @@ fn egress(dp: &NodeStats) {
             e.alloc_slow
         );
     }
+}
+
+/// The embedded DNS server's counters (nothing when DNS is off).
+fn dns(dp: &NodeStats) {
+    let Some(d) = &dp.dns else { return };
+    println!(
+        "\ndns: {} networks; {} queries (udp {}, tcp {}); answers: {} noerror, {} nodata, {} nxdomain, {} servfail, {} formerr, {} notimp, {} refused, {} badvers, {} other; {} truncated; forwarded {} ({} timeouts, {} errors, {} over the cap); tcp {} connections ({} refused); {} ignored",
+        d.networks,
+        d.queries_udp + d.queries_tcp,
+        d.queries_udp,
+        d.queries_tcp,
+        d.noerror,
+        d.nodata,
+        d.nxdomain,
+        d.servfail,
+        d.formerr,
+        d.notimp,
+        d.refused,
+        d.badvers,
+        d.other,
+        d.truncated,
+        d.forwarded,
+        d.forward_timeouts,
+        d.forward_errors,
+        d.forward_over_cap,
+        d.tcp_conns,
+        d.tcp_refused,
+        d.ignored
+    );
 }
 
 /// Drops by reason, summed over the workers.

@@ -118,18 +118,50 @@ fn attach(c: &Conn, service: &str, node: &str, netns: &Option<String>, weight: u
             Err(e) => return Err(e),
         }
     };
-    // The address, once this node's copy of the state has the task.
+    // The address, once this node's copy of the state has the task; the
+    // resolver is the network's gateway (the node's embedded DNS).
     let t0 = std::time::Instant::now();
-    let ip = loop {
+    let (ip, gateway) = loop {
         let st = state(c)?;
         if let Some(ip) = st["tasks"][&id]["ip"].as_str() {
-            break ip.to_owned();
+            let network = &st["services"][service]["network"];
+            let gw = network.as_str().and_then(|n| st["networks"][n]["gateway"].as_str()).map(str::to_owned);
+            break (ip.to_owned(), gw);
         }
         if t0.elapsed() > std::time::Duration::from_secs(3) {
-            break "(address not known here yet)".to_owned();
+            break ("(address not known here yet)".to_owned(), None);
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    println!("{id}: {ip} on {node}");
+    print(c, &attached(&id, &ip, node, gateway.as_deref()), |_| match &gateway {
+        Some(gw) => println!("{id}: {ip} on {node}, DNS {gw}"),
+        None => println!("{id}: {ip} on {node}"),
+    });
     Ok(())
+}
+
+/// What `task attach --format json` prints: the task, and its DNS in the
+/// shape of a CNI result's `dns`.
+fn attached(id: &str, ip: &str, node: &str, gateway: Option<&str>) -> Value {
+    let mut v = serde_json::json!({ "id": id, "ip": ip, "node": node });
+    if let Some(gw) = gateway {
+        v["dns"] = serde_json::json!({ "nameservers": [gw], "options": ["ndots:0"] });
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attach_json_carries_the_dns_as_cni_does() {
+        let v = attached("web.1", "198.19.0.5", "node1", Some("198.19.0.254"));
+        assert_eq!(
+            v,
+            serde_json::json!({ "id": "web.1", "ip": "198.19.0.5", "node": "node1",
+                "dns": { "nameservers": ["198.19.0.254"], "options": ["ndots:0"] } })
+        );
+        assert!(attached("web.1", "?", "node1", None).get("dns").is_none());
+    }
 }

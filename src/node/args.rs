@@ -90,6 +90,21 @@ pub(crate) struct RunArgs {
     /// No host link: tasks do not reach this node's host.
     #[arg(long, conflicts_with = "host_link")]
     pub(crate) no_host_link: bool,
+    /// No embedded DNS: tasks' queries to their gateway get no answer
+    /// (managed mode; DNS needs the host link, so `--no-egress` and
+    /// `--no-host-link` turn it off too).
+    #[arg(long, conflicts_with_all = ["dns_ports", "dns_upstream"])]
+    pub(crate) no_dns: bool,
+    /// The embedded DNS server's ports on the host link's kernel end, one
+    /// per network (LO plus the network's VNI less 4096), LO-HI inclusive
+    /// (default 25300-26323: 1024 networks).
+    #[arg(long, value_name = "LO-HI")]
+    pub(crate) dns_ports: Option<PortRange>,
+    /// Where the embedded DNS forwards names outside the cluster: IP or
+    /// IP:PORT, repeatable, at most three used (default: the `nameserver`
+    /// lines of this node's /etc/resolv.conf, read again when it changes).
+    #[arg(long, value_name = "IP[:PORT]", value_parser = super::dns::parse_upstream)]
+    pub(crate) dns_upstream: Vec<SocketAddr>,
     /// Gossip UDP port.
     #[arg(long)]
     pub(crate) gossip_port: Option<u16>,

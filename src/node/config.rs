@@ -34,6 +34,9 @@ struct FileConfig {
     no_egress: Option<bool>,
     host_link: Option<meshplane_dataplane::tables::Subnet>,
     no_host_link: Option<bool>,
+    no_dns: Option<bool>,
+    dns_ports: Option<PortRange>,
+    dns_upstream: Option<Vec<String>>,
 }
 
 /// The arguments with the configuration file's values where no flag was
@@ -83,6 +86,21 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
             anyhow::bail!("{}: no_host_link = true with host_link", path.display());
         }
     }
+    // Likewise the embedded DNS's.
+    if a.dns_ports.is_none() && a.dns_upstream.is_empty() && !a.no_dns {
+        a.no_dns = f.no_dns.unwrap_or(false);
+        a.dns_ports = f.dns_ports;
+        a.dns_upstream = f
+            .dns_upstream
+            .unwrap_or_default()
+            .iter()
+            .map(|u| super::dns::parse_upstream(u))
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("{}: dns_upstream: {e}", path.display()))?;
+        if a.no_dns && (a.dns_ports.is_some() || !a.dns_upstream.is_empty()) {
+            anyhow::bail!("{}: no_dns = true with dns_ports or dns_upstream", path.display());
+        }
+    }
     Ok(a)
 }
 
@@ -105,6 +123,11 @@ mod tests {
         assert_eq!(f.egress_ports.map(|r| (r.lo, r.hi)), Some((62000, 62999)));
         let bad = toml::from_str::<FileConfig>("egress_ports = \"100-200\"");
         assert!(bad.is_err_and(|e| e.to_string().contains("at least 1024")), "a bad range is refused");
+        let f: FileConfig =
+            toml::from_str("dns_ports = \"25000-25999\"\ndns_upstream = [\"198.18.30.10\", \"198.18.30.11:5353\"]")
+                .expect("dns keys");
+        assert_eq!(f.dns_ports.map(|r| (r.lo, r.hi)), Some((25000, 25999)));
+        assert_eq!(f.dns_upstream.map(|v| v.len()), Some(2));
         let bad = toml::from_str::<FileConfig>("nmae = \"x\"");
         assert!(bad.is_err_and(|e| e.to_string().contains("nmae")), "an unknown key is refused by name");
     }

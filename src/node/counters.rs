@@ -17,7 +17,7 @@ use std::time::Duration;
 pub(crate) fn node_stats(shared: &Arc<Shared>) -> NodeStats {
     let t = shared.tables();
     let workers = (0..shared.workers()).filter_map(|i| shared.report(i)).map(|r| worker_stats(&r, &t)).collect();
-    NodeStats { tables_version: shared.version(), workers }
+    NodeStats { tables_version: shared.version(), workers, dns: None }
 }
 
 fn worker_stats(r: &Report, t: &Tables) -> WorkerStats {

@@ -17,12 +17,20 @@
 //! control thread's runtime) and proposes their transitions through the
 //! control plane.
 //!
+//! The embedded DNS server (`dns`) runs unless `--no-dns` or there is no
+//! host link: the control plane hands it the names with every
+//! publication (`Dataplane::names`), and each network in the tables gets
+//! its DNS port (`fill_dns`).
+//!
 //! SIGTERM or SIGINT: workers stop (sockets closed, the XDP program
-//! detached), the task ports this node made are removed, Raft stops; the
-//! state directory stays as it is, and the node resumes from it.
+//! detached), the task ports this node made are removed (with the
+//! resolv.conf files written for them), Raft stops, the DNS server stops
+//! before the host link goes; the state directory stays as it is, and the
+//! node resumes from it.
 
 use super::args::{DEFAULT_STATE_DIR, IoKind, RunArgs, mgmt_addr};
 use super::counters::{conntrack_entries, node_stats};
+use super::dns::{self, Dns, DnsConfig, Upstreams};
 use super::egress;
 use super::health;
 use super::task_port::{self, TaskPort};
@@ -32,7 +40,7 @@ use crate::stats::{ConntrackEntry, NodeStats};
 use anyhow::{Context, Result, bail};
 use meshplane_control::cluster::{Config, Control, Dataplane, LocalTask, PublishError};
 use meshplane_dataplane::io::afxdp;
-use meshplane_dataplane::tables::egress::EgressSpec;
+use meshplane_dataplane::tables::egress::{EgressSpec, HostLinkSpec, PortRange};
 use meshplane_dataplane::tables::{NodeSpec, Tables, TablesSpec};
 use meshplane_dataplane::wire::MacAddr;
 use meshplane_dataplane::worker::{Bound, Shared};
@@ -62,6 +70,8 @@ struct Managed {
     egress: Option<EgressSpec>,
     /// The health checker's counters.
     health: Arc<health::Counters>,
+    /// The embedded DNS server and its ports (`None`: DNS is off).
+    dns: Option<(Dns, PortRange)>,
 }
 
 impl Managed {
@@ -149,12 +159,13 @@ impl Managed {
         });
     }
 
-    /// Compiles `spec` with the next hops and egress filled in and
-    /// publishes it; the task ports follow `tasks`.
+    /// Compiles `spec` with the next hops, egress and DNS ports filled in
+    /// and publishes it; the task ports follow `tasks`.
     fn apply(&self, mut spec: TablesSpec, tasks: &[LocalTask]) -> Result<(), PublishError> {
         spec.node.reset_closed_ports = self.io == IoKind::Tap;
         self.fill_next_hops(&mut spec);
         self.fill_egress(&mut spec);
+        fill_dns(&mut spec, self.dns.as_ref().map(|(_, ports)| *ports));
         let tables = Tables::compile(&spec).map_err(|e| e.to_string())?;
         let mut ports = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
         self.add_ports(&mut ports, tasks, &tables);
@@ -183,8 +194,16 @@ impl Dataplane for Managed {
         r
     }
 
+    fn names(&self, zone: meshplane_dns::zone::Zone) {
+        if let Some((d, _)) = &self.dns {
+            d.set_zone(zone);
+        }
+    }
+
     fn stats(&self) -> NodeStats {
-        node_stats(&self.shared)
+        let mut s = node_stats(&self.shared);
+        s.dns = self.dns.as_ref().map(|(d, _)| d.stats());
+        s
     }
 
     fn conntrack(&self) -> Vec<ConntrackEntry> {
@@ -193,6 +212,17 @@ impl Dataplane for Managed {
 
     fn health(&self) -> Option<crate::stats::HealthStats> {
         Some(self.health.snapshot())
+    }
+}
+
+/// Every network's DNS port (from its VNI) when this node serves DNS on
+/// `ports` and the tables have the host link (DNS needs it): the
+/// dataplane sends the tasks' queries to the gateway there. Otherwise
+/// none.
+fn fill_dns(spec: &mut TablesSpec, ports: Option<PortRange>) {
+    let link = spec.node.egress.as_ref().is_some_and(|e| e.host_link.is_some());
+    for n in &mut spec.networks {
+        n.dns_port = ports.filter(|_| link).and_then(|p| dns::port_for(p, n.vni));
     }
 }
 
@@ -354,6 +384,43 @@ fn miss_follower(shared: &Arc<Shared>, dp: &Arc<Managed>) -> Option<std::thread:
     }
 }
 
+/// The embedded DNS server on the host link's kernel end, unless
+/// `--no-dns`; without the host link (`--no-egress`, `--no-host-link`)
+/// DNS is off, said once. A server that cannot start leaves the node
+/// running without DNS (logged).
+fn start_dns(a: &RunArgs, link: Option<&HostLinkSpec>) -> Option<(Dns, PortRange)> {
+    if a.no_dns {
+        return None;
+    }
+    let Some(link) = link else {
+        tracing::info!("embedded DNS needs the host link (egress and the host link on): off");
+        return None;
+    };
+    let ports = a.dns_ports.unwrap_or(dns::DEFAULT_PORTS);
+    let upstreams = if a.dns_upstream.is_empty() {
+        Upstreams::ResolvConf(PathBuf::from("/etc/resolv.conf"))
+    } else {
+        Upstreams::Fixed(a.dns_upstream.clone())
+    };
+    let cfg = DnsConfig {
+        listen: link.peer_ip,
+        ports,
+        upstreams,
+        never: vec![link.peer_ip, link.ip],
+        limits: dns::Limits::default(),
+    };
+    match Dns::start(cfg) {
+        Ok(d) => {
+            tracing::info!("embedded DNS on {} ports {ports} (one per network)", link.peer_ip);
+            Some((d, ports))
+        }
+        Err(e) => {
+            tracing::warn!("{e}: no embedded DNS");
+            None
+        }
+    }
+}
+
 /// Runs a node with its control plane until SIGTERM/SIGINT.
 pub(crate) fn run(a: &RunArgs) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
@@ -400,6 +467,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
             shared.change_ports(k, vec![Bound::new(&h.port, q)], &[]);
         }
     }
+    let dns = start_dns(a, host_link.as_ref());
     let dp = Arc::new(Managed {
         shared: shared.clone(),
         steering,
@@ -411,6 +479,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         underlay: OnceLock::new(),
         egress,
         health: Arc::default(),
+        dns,
     });
     // The next hops toward the peers, from this namespace's kernel; a
     // change publishes the tables again.
@@ -489,9 +558,36 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         let _ = m.join();
     }
     dp.remove_all();
+    if let Some((d, _)) = &dp.dns {
+        d.stop();
+    }
     if let Some(h) = &host_link {
         super::host_port::close_link(h);
     }
     tracing::info!("stopped; {}", summary(&reports));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_ports_follow_the_vni_only_with_the_host_link_and_the_tables_take_them() {
+        let mut spec: TablesSpec = toml::from_str(include_str!("../../examples/tables.toml")).expect("the example");
+        let link = super::super::host_port::spec(super::super::host_port::DEFAULT_LINK).expect("link");
+        spec.node.egress = Some(EgressSpec { host_link: Some(link), ..EgressSpec::default() });
+        fill_dns(&mut spec, Some(dns::DEFAULT_PORTS));
+        let ports: Vec<(u32, Option<u16>)> = spec.networks.iter().map(|n| (n.vni, n.dns_port)).collect();
+        assert_eq!(ports, vec![(4096, Some(25300)), (4097, Some(25301))]);
+        let t = Tables::compile(&spec).expect("the tables take them");
+        assert_eq!(t.networks.iter().map(|n| n.dns_port).collect::<Vec<_>>(), vec![Some(25300), Some(25301)]);
+        fill_dns(&mut spec, None);
+        assert!(spec.networks.iter().all(|n| n.dns_port.is_none()), "DNS off: no ports");
+        fill_dns(&mut spec, Some(dns::DEFAULT_PORTS));
+        spec.node.egress = None;
+        fill_dns(&mut spec, Some(dns::DEFAULT_PORTS));
+        assert!(spec.networks.iter().all(|n| n.dns_port.is_none()), "no host link: no ports");
+        Tables::compile(&spec).expect("and the tables compile");
+    }
 }

@@ -9,6 +9,7 @@
 pub(crate) mod args;
 mod config;
 mod counters;
+mod dns;
 mod egress;
 mod health;
 mod host_port;

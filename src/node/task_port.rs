@@ -18,6 +18,8 @@ use meshplane_control::cluster::LocalTask;
 use meshplane_control::state::TaskNetns;
 use meshplane_dataplane::io::Port;
 use meshplane_dataplane::tables::Tables;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 
 /// The name of a task's port on the node's side: `mpt` and a hash of the
 /// task id (interface names are at most 15 bytes).
@@ -32,15 +34,88 @@ pub(crate) struct TaskPort {
     pub(crate) iface: String,
     /// Made by this node (removed when the task goes).
     pub(crate) made: bool,
+    /// The resolv.conf this node wrote for the task's named namespace
+    /// (removed when the task goes).
+    pub(crate) resolv: Option<PathBuf>,
 }
 
 impl TaskPort {
-    /// Removes its interface if this node made it.
+    /// Removes its interface if this node made it, and the resolv.conf it
+    /// wrote (and its directory, if that is left empty).
     pub(crate) fn remove(&self) {
         if self.made {
             sys::link_del(&self.iface);
         }
+        if let Some(p) = &self.resolv {
+            if let Err(e) = std::fs::remove_file(p)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!("removing {}: {e}", p.display());
+            }
+            if let Some(dir) = p.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
     }
+}
+
+/// The first line of every resolv.conf this node writes (a file without it
+/// is someone else's, and left alone).
+const RESOLV_MARK: &str = "# meshplane:";
+
+/// Writes `dir/resolv.conf` for task `task` of `network` (`ip netns exec`
+/// mounts `/etc/netns/NAME/resolv.conf` over `/etc/resolv.conf`): the
+/// network's gateway as the resolver, the node's own `search` line,
+/// `options ndots:0`. The directory is made 0755 if missing, the file 0644
+/// through a temporary file renamed. A file already there without our
+/// first line is left alone (`None`, with a warning).
+pub(crate) fn resolv_conf(
+    dir: &Path,
+    task: &str,
+    network: &str,
+    gateway: Ipv4Addr,
+    search: Option<&str>,
+) -> Result<Option<PathBuf>> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let path = dir.join("resolv.conf");
+    if let Ok(old) = std::fs::read_to_string(&path)
+        && !old.starts_with(RESOLV_MARK)
+    {
+        tracing::warn!("{} has a resolv.conf of its own; not replaced", path.display());
+        return Ok(None);
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .with_context(|| format!("making {}", dir.display()))?;
+    let search = search.map(|s| format!("search {s}\n")).unwrap_or_default();
+    let text = format!(
+        "{RESOLV_MARK} task {task} in network {network} (removed when the task goes)\nnameserver {gateway}\n{search}options ndots:0\n"
+    );
+    let tmp = dir.join(".resolv.conf.meshplane");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().with_context(|| format!("writing {}", path.display()))?;
+    Ok(Some(path))
+}
+
+/// For a task in a named namespace of a network this node serves DNS for
+/// (its `dns_port` set in `tables`): its resolv.conf in
+/// `/etc/netns/NAME/`. A failure is logged: the task runs without it.
+fn task_resolv(t: &LocalTask, tables: &Tables) -> Option<PathBuf> {
+    let TaskNetns::Named(name) = TaskNetns::parse(t.netns.as_deref()?).ok()? else { return None };
+    let nw = tables.networks.iter().find(|n| n.gateway_ip == t.gateway && n.dns_port.is_some())?;
+    let search = std::fs::read_to_string("/etc/resolv.conf").ok().and_then(|s| super::dns::search(&s));
+    let dir = Path::new("/etc/netns").join(&name);
+    resolv_conf(&dir, &t.id, &nw.name, t.gateway, search.as_deref())
+        .inspect_err(|e| tracing::warn!("task {}: {e:#}", t.id))
+        .ok()
+        .flatten()
 }
 
 /// Makes the port of task `t` in its namespace and opens its `workers`
@@ -57,7 +132,7 @@ pub(crate) fn make(
         // someone else, is served if it exists.
         let (qs, _) = open(io, &t.id, false, workers, tables, args)
             .with_context(|| format!("task {}: no --netns and no interface {:?}", t.id, t.id))?;
-        return Ok((TaskPort { iface: t.id.clone(), made: false }, qs));
+        return Ok((TaskPort { iface: t.id.clone(), made: false, resolv: None }, qs));
     };
     let ns = Netns::new(given).with_context(|| format!("task {}", t.id))?;
     let host = host_name(&t.id);
@@ -82,7 +157,8 @@ pub(crate) fn make(
         }
         return Err(e.context(format!("task {}: setting up its interface in {}", t.id, ns.0)));
     }
-    Ok((TaskPort { iface: host, made: io == IoKind::Afxdp }, queues))
+    let resolv = task_resolv(t, tables);
+    Ok((TaskPort { iface: host, made: io == IoKind::Afxdp, resolv }, queues))
 }
 
 /// A task's namespace, validated, and how to reach it.
@@ -178,5 +254,52 @@ mod tests {
     fn a_named_namespace_is_moved_to_by_its_file_and_a_process_by_its_pid() {
         assert_eq!(Netns(TaskNetns::Named("7".into())).target(), "/var/run/netns/7");
         assert_eq!(Netns(TaskNetns::Process(7)).target(), "7");
+    }
+
+    /// A namespace `mp-ds-…` of this test's own and its /etc/netns
+    /// directory, removed when dropped (also on failure).
+    struct Ns(String);
+
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.0));
+        }
+    }
+
+    #[test]
+    fn resolv_conf_is_what_the_namespace_sees_and_goes_with_the_task() {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata("/proc/self").map(|m| m.uid()).ok() != Some(0) {
+            eprintln!("skipped: resolv_conf_is_what_the_namespace_sees_and_goes_with_the_task needs root (ip netns)");
+            return;
+        }
+        let ns = Ns(format!("mp-ds-rc{}", std::process::id() % 100_000));
+        let ok = std::process::Command::new("ip").args(["netns", "add", &ns.0]).status().is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {}", ns.0);
+        let dir = Path::new("/etc/netns").join(&ns.0);
+        let gw = Ipv4Addr::new(198, 19, 0, 254);
+        let path = resolv_conf(&dir, "web.1", "app", gw, Some("example.com")).expect("written").expect("ours");
+        let seen = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.0, "cat", "/etc/resolv.conf"])
+            .output()
+            .expect("ip netns exec");
+        let seen = String::from_utf8_lossy(&seen.stdout).into_owned();
+        assert_eq!(
+            seen,
+            "# meshplane: task web.1 in network app (removed when the task goes)\nnameserver 198.19.0.254\nsearch example.com\noptions ndots:0\n"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o777).ok(), Some(0o644));
+        // Written again (a restarted node): ours, replaced.
+        assert!(resolv_conf(&dir, "web.1", "app", gw, None).expect("again").is_some());
+        let port = TaskPort { iface: "mp-ds-none".into(), made: false, resolv: Some(path.clone()) };
+        port.remove();
+        assert!(!path.exists() && !dir.exists(), "the file and its empty directory went with the task");
+        // Someone else's file stays as it is.
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("resolv.conf"), "nameserver 198.18.30.10\n").expect("write");
+        assert!(resolv_conf(&dir, "web.2", "app", gw, None).expect("no error").is_none());
+        assert_eq!(std::fs::read_to_string(dir.join("resolv.conf")).ok().as_deref(), Some("nameserver 198.18.30.10\n"));
     }
 }

@@ -31,7 +31,7 @@ pub use crate::{GOSSIP_PORT, MANAGEMENT_PORT as MGMT_PORT};
 pub use admin::admin_call;
 
 use crate::authz::authorize;
-use crate::compile::compile;
+use crate::compile::{compile, zone};
 use crate::pki::{NodeIdentity, Peer};
 use crate::raft::{NodeId, Raft, StateMachine, answer_if_running};
 use crate::rpc::{GossipStats, Refusal, Request, Response};
@@ -131,6 +131,11 @@ pub trait Dataplane: Send + Sync + 'static {
     /// from a blocking context; an error is logged and the next change
     /// tries again.
     fn publish(&self, spec: TablesSpec, tasks: Vec<LocalTask>) -> Result<(), PublishError>;
+    /// The names this node serves (its tasks' networks), compiled from the
+    /// same state as the tables published right after: handed to the
+    /// embedded DNS server (a quick hand-over; called from the control
+    /// thread). Test doubles keep the default, which drops them.
+    fn names(&self, _zone: meshplane_dns::zone::Zone) {}
     /// The dataplane's counters (admin `stats`, under `dataplane`).
     fn stats(&self) -> NodeStats;
     /// The dataplane's tracked connections (admin `conntrack`).
@@ -425,6 +430,9 @@ impl Control {
                     continue;
                 }
             };
+            // The names first, from the same snapshot: a new task's name
+            // exists before its port does.
+            self.dp.names(zone(&state, &self.cfg.name, &|n| !down.contains(n)));
             let dp = self.dp.clone();
             let s2 = spec.clone();
             let tasks = local_tasks(&state, &self.cfg.name);
