@@ -150,3 +150,188 @@ fn vips(io: Io) {
 }
 
 both_backends!(vips: vips_afxdp, vips_tap);
+
+/// The outside resolver's address (dnsmasq in namespace `out`).
+const RESOLVER: &str = "198.18.30.10";
+
+/// `dig` from `tns` (its resolv.conf: the gateway): the `+short` lines.
+fn dig(tns: &str, args: &[&str]) -> Vec<String> {
+    let mut a = vec!["dig", "+short", "+time=2", "+tries=2"];
+    a.extend_from_slice(args);
+    let o = in_ns_ok(tns, &a);
+    o.lines().map(str::to_owned).filter(|l| !l.is_empty()).collect()
+}
+
+/// The status `dig` reports (NOERROR, NXDOMAIN, SERVFAIL, …).
+fn dig_status(tns: &str, name: &str) -> String {
+    let o = in_ns(tns, &["dig", "+time=6", "+tries=1", name]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    out.split("status: ").nth(1).and_then(|r| r.split(',').next()).unwrap_or("none").to_owned()
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+fn names(io: Io) {
+    let _g = serial();
+    let mut lab = Lab::new(&format!("dns-{}", io.arg()));
+    let fab = lab.ns("fab");
+    for br in ["brA", "brB", "brC", "br1"] {
+        ip(&format!("-n {fab} link add {br} type bridge"));
+        ip(&format!("-n {fab} link set {br} up"));
+    }
+    for f in ["iptables", "ip6tables", "arptables"] {
+        let _ = in_ns(&fab, &["sysctl", "-qw", &format!("net.bridge.bridge-nf-call-{f}=0")]);
+    }
+    let rt = lab.ns("rt");
+    in_ns_ok(&rt, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    crate::routed::leg(&fab, "brA", "ra1", &rt, "ra1", "02:00:00:00:0a:fe", "198.18.10.254");
+    crate::routed::leg(&fab, "brB", "rb", &rt, "rb", "02:00:00:00:14:fe", "198.18.20.254");
+    crate::routed::leg(&fab, "brC", "rc", &rt, "rc", "02:00:00:00:1e:fe", "198.18.30.254");
+    // The outside resolver: dnsmasq answering outside.test.
+    let out = lab.ns("out");
+    crate::routed::leg(&fab, "brC", "o0", &out, "o0", "02:00:00:00:1e:0a", RESOLVER);
+    ip(&format!("-n {out} route add default via 198.18.30.254"));
+    in_ns_ok(&out, &["ethtool", "-K", "o0", "tx", "off"]);
+    let pid = lab.dir.join("dnsmasq.pid");
+    #[rustfmt::skip]
+    let dnsmasq = lab.spawn(&out, "dnsmasq", &["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv",
+        "--no-hosts", "--bind-interfaces", &format!("--listen-address={RESOLVER}"), "--user=root",
+        &format!("--pid-file={}", pid.display()), "--address=/outside.test/198.18.30.10"]);
+    wait_for("dnsmasq", 10, || {
+        assert!(lab.running(dnsmasq), "{}", lab.log(dnsmasq));
+        String::from_utf8_lossy(&in_ns(&out, &["ss", "-lun"]).stdout).contains(&format!("{RESOLVER}:53"))
+    });
+    let up = ["--dns-upstream", RESOLVER];
+    let n1 = crate::routed::boot_with(&mut lab, io, &fab, (1, "brA", 10, 20), &up);
+    let n2 = crate::routed::boot_with(&mut lab, io, &fab, (2, "brB", 20, 10), &up);
+    for (n, side) in [(&n1, 10), (&n2, 20)] {
+        ip(&format!("-n {} route add default via 198.18.{side}.254", n.ns));
+    }
+    init_and_join(&n1, &n2);
+    cli_ok(&n1.state, &["network", "create", "--subnet", "198.19.9.0/24", "--internal", "vault"]);
+    for args in [
+        &["--name", "web", "--network", "app", "--target-port", "80"][..],
+        &["--name", "db", "--network", "app", "--target-port", "5432", "--endpoint-mode", "dnsrr"],
+        &["--name", "client", "--network", "app", "--target-port", "80"],
+        &["--name", "safe", "--network", "vault", "--target-port", "80"],
+    ] {
+        cli_ok(&n1.state, &[&["service", "create"][..], args].concat());
+    }
+    let mut ns = BTreeMap::new();
+    let mut attached = BTreeMap::new();
+    for (id, node) in [
+        ("web.1", "node1"),
+        ("web.2", "node2"),
+        ("web.3", "node2"),
+        ("db.1", "node1"),
+        ("db.2", "node2"),
+        ("client.1", "node1"),
+        ("safe.1", "node1"),
+    ] {
+        let tns = lab.ns(&id.replace('.', ""));
+        let svc = id.split('.').next().unwrap_or_default();
+        let o = cli_ok(&n1.state, &["task", "attach", "--service", svc, "--node", node, "--netns", &tns, "--id", id]);
+        attached.insert(id, o);
+        ns.insert(id, tns);
+    }
+    for tns in ns.values() {
+        wait_for(&format!("the task port in {tns}"), 20, || {
+            String::from_utf8_lossy(&in_ns(tns, &["ip", "-4", "route", "show", "default"]).stdout).contains("via")
+        });
+    }
+    for id in ["web.1", "web.2", "web.3"] {
+        let p = lab.spawn(&ns[id], id, &[BIN, "tool", "http-name", "--listen", "0.0.0.0:80", "--name", id]);
+        wait_for(&format!("{id} on 80"), 10, || {
+            assert!(lab.running(p), "{}", lab.log(p));
+            String::from_utf8_lossy(&in_ns(&ns[id], &["ss", "-ltn"]).stdout).contains(":80 ")
+        });
+    }
+    let tasks: serde_json::Value =
+        serde_json::from_str(&cli_ok(&n1.state, &["task", "ls", "--format", "json"])).expect("json");
+    let addr = |id: &str| crate::lab::task_ip(&tasks, id);
+    let (web_vip, _) = vip(&n1, "web");
+    let (safe_vip, _) = vip(&n1, "safe");
+    let c = &ns["client.1"];
+
+    // What the attacher was told, and what the namespace sees.
+    assert!(attached["client.1"].contains("DNS 198.19.0.254"), "{}", attached["client.1"]);
+    let rc = std::fs::read_to_string(format!("/etc/netns/{c}/resolv.conf")).expect("resolv.conf");
+    assert!(rc.contains("nameserver 198.19.0.254") && rc.contains("ndots:0"), "{rc}");
+
+    // Cluster names, from the client on node 1.
+    wait_for("the first answer", 15, || in_ns(c, &["dig", "+short", "+time=1", "+tries=1", "web"]).status.success());
+    assert_eq!(dig(c, &["web"]), [web_vip.clone()]);
+    assert_eq!(dig(c, &["web.app"]), [web_vip.clone()]);
+    assert_eq!(sorted(dig(c, &["tasks.web"])), sorted(vec![addr("web.1"), addr("web.2"), addr("web.3")]));
+    assert_eq!(sorted(dig(c, &["+tcp", "tasks.web"])), sorted(vec![addr("web.1"), addr("web.2"), addr("web.3")]));
+    assert_eq!(dig(c, &["web.2"]), [addr("web.2")]);
+    assert_eq!(sorted(dig(c, &["db"])), sorted(vec![addr("db.1"), addr("db.2")]));
+    let firsts: std::collections::BTreeSet<String> =
+        (0..20).filter_map(|_| dig(c, &["db"]).into_iter().next()).collect();
+    assert_eq!(firsts.len(), 2, "dnsrr answers are shuffled: {firsts:?}");
+    assert_eq!(dig(c, &["-x", &web_vip]), ["web.app."]);
+    assert_eq!(dig(c, &["-x", &addr("web.2")]), ["web.2.app."]);
+    let full = in_ns_ok(c, &["dig", "+noall", "+answer", "+time=2", "web"]);
+    assert!(full.split_whitespace().nth(1) == Some("600"), "TTL 600: {full}");
+    // The resolver of libc, and a client by name.
+    let g = in_ns_ok(c, &["getent", "hosts", "web"]);
+    assert!(g.starts_with(&format!("{web_vip} ")), "{g}");
+    let body = in_ns_ok(c, &["curl", "-sf", "--max-time", "5", "http://web/"]);
+    assert!(body.starts_with("web."), "{body}");
+    // From node 2 too.
+    assert_eq!(dig(&ns["web.2"], &["web"]), [web_vip.clone()]);
+
+    // Outside names: forwarded to the node's upstream; never from an
+    // internal network, whose own names still answer.
+    assert_eq!(dig(c, &["outside.test"]), [RESOLVER]);
+    let s = &ns["safe.1"];
+    assert_eq!(dig(s, &["safe"]), [safe_vip]);
+    assert_eq!(dig_status(s, "outside.test"), "SERVFAIL");
+    // Another network's names do not exist for a task.
+    assert_eq!(dig_status(s, "web"), "SERVFAIL", "an internal network forwards nothing, not even unknown names");
+
+    // Malformed queries get FORMERR, and the server keeps answering.
+    for (what, hex) in [
+        ("truncated", "1234 0100 0001 0000 0000 0000 0377 65"),
+        ("pointer loop", "1234 0100 0001 0000 0000 0000 c00c 0001 0001"),
+        ("no question", "1234 0100 0000 0000 0000 0000"),
+        ("65535 questions", "1234 0100 ffff 0000 0000 0000 0377 6562 0000 0100 01"),
+        ("65535 additional", "1234 0100 0001 0000 0000 ffff 0377 6562 0000 0100 01"),
+    ] {
+        let o = in_ns_ok(c, &[BIN, "tool", "dns-raw", "--server", "198.19.0.254:53", "--hex", hex]);
+        assert!(o.contains("rcode=FORMERR"), "{what}: {o}");
+    }
+    assert_eq!(dig(c, &["web"]), [web_vip.clone()]);
+
+    // dnsperf: 20 000 queries/s of cluster names for 10 s, none lost.
+    let names = lab.dir.join("names.txt");
+    std::fs::write(&names, "web A\ntasks.web A\nweb.1 A\ndb A\nweb.app A\n").expect("names");
+    #[rustfmt::skip]
+    let perf = in_ns_ok(c, &["dnsperf", "-s", "198.19.0.254", "-d", names.to_str().unwrap_or_default(),
+        "-Q", "20000", "-l", "10", "-c", "4", "-q", "500", "-t", "2"]);
+    eprintln!("{}: dnsperf:\n{perf}", io.arg());
+    let field = |k: &str| {
+        perf.lines()
+            .find(|l| l.trim_start().starts_with(k))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(field("Queries lost"), 0.0, "{perf}");
+    assert!(field("Queries completed") >= 199_000.0, "{perf}");
+
+    let st: serde_json::Value =
+        serde_json::from_str(&cli_ok(&n1.state, &["stats", "--format", "json"])).expect("stats json");
+    eprintln!("{}: node1 dns {}", io.arg(), st["dataplane"]["dns"]);
+    assert!(lab.stop(dnsmasq));
+    for n in [&n1, &n2] {
+        assert!(lab.stop(n.proc_), "{} did not stop cleanly:\n{}", n.ns, lab.log(n.proc_));
+    }
+    assert!(!std::path::Path::new(&format!("/etc/netns/{c}/resolv.conf")).exists(), "resolv.conf left behind");
+}
+
+both_backends!(names: dns_afxdp, dns_tap);

@@ -53,6 +53,12 @@ pub(super) fn leg(fab: &str, br: &str, fab_if: &str, ns: &str, ifname: &str, mac
 /// Node `n` on subnet 198.18.`side`.0/24 (bridge `br`), its route to the
 /// other subnet through the router's `gw`.
 pub(super) fn boot(lab: &mut Lab, io: Io, fab: &str, n: u8, br: &str, side: u8, other: u8) -> RNode {
+    boot_with(lab, io, fab, (n, br, side, other), &[])
+}
+
+/// [`boot`] with more `node run` arguments.
+pub(super) fn boot_with(lab: &mut Lab, io: Io, fab: &str, at: (u8, &str, u8, u8), extra: &[&str]) -> RNode {
+    let (n, br, side, other) = at;
     let ns = lab.ns(&format!("n{n}"));
     leg(fab, "br1", &format!("m{n}"), &ns, "mg0", &format!("02:00:00:00:01:f{n}"), &format!("198.18.1.{n}"));
     let data_ip = format!("198.18.{side}.{n}");
@@ -76,7 +82,7 @@ pub(super) fn boot(lab: &mut Lab, io: Io, fab: &str, n: u8, br: &str, side: u8, 
     let p = lab.spawn(&ns, &format!("node{n}"), &[BIN, "node", "run", "--name", &format!("node{n}"),
         "--state-dir", &st, "--advertise-addr", &format!("198.18.1.{n}"), "--data-path-addr", &data_ip,
         "--data-iface", uplink, "--data-mac", &data_mac, "--io", io.arg(),
-        "--host-link", &format!("198.18.250.{}/30", 4 * n)]);
+        "--host-link", &format!("198.18.250.{}/30", 4 * n)].into_iter().chain(extra.iter().copied()).collect::<Vec<_>>());
     let sock = state.join("admin.sock");
     wait_for(&format!("node{n} to start"), 20, || {
         assert!(lab.running(p), "node{n} exited:\n{}", lab.log(p));
