@@ -9,7 +9,14 @@
 //! about half are balanced to itself).
 
 use crate::lab::{BIN, Lab, in_ns, in_ns_ok, ip, wait_for};
-use crate::routed::{RNode, boot, cli_ok, init_and_join};
+use crate::routed::{RNode, boot, cli_ok, fabric, init_and_join, router};
+
+/// The router's legs: node 1's side, node 2's, the outside's.
+const LEGS: [(&str, &str, &str, &str); 3] = [
+    ("brA", "ra1", "02:00:00:00:0a:fe", "198.18.10.254"),
+    ("brB", "rb", "02:00:00:00:14:fe", "198.18.20.254"),
+    ("brC", "rc", "02:00:00:00:1e:fe", "198.18.30.254"),
+];
 use crate::{Io, need_root, serial};
 use std::collections::BTreeMap;
 
@@ -18,18 +25,8 @@ use std::collections::BTreeMap;
 /// client) and the fabric's.
 fn lab(io: Io, tag: &str) -> (Lab, RNode, RNode, [String; 3], String) {
     let mut lab = Lab::new(&format!("{tag}-{}", io.arg()));
-    let fab = lab.ns("fab");
-    for br in ["brA", "brB", "br1"] {
-        ip(&format!("-n {fab} link add {br} type bridge"));
-        ip(&format!("-n {fab} link set {br} up"));
-    }
-    for f in ["iptables", "ip6tables", "arptables"] {
-        let _ = in_ns(&fab, &["sysctl", "-qw", &format!("net.bridge.bridge-nf-call-{f}=0")]);
-    }
-    let rt = lab.ns("rt");
-    in_ns_ok(&rt, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    crate::routed::leg(&fab, "brA", "ra1", &rt, "ra1", "02:00:00:00:0a:fe", "198.18.10.254");
-    crate::routed::leg(&fab, "brB", "rb", &rt, "rb", "02:00:00:00:14:fe", "198.18.20.254");
+    let fab = fabric(&mut lab, &["brA", "brB", "br1"]);
+    router(&mut lab, &fab, &LEGS[..2]);
     let n1 = boot(&mut lab, io, &fab, 1, "brA", 10, 20);
     let n2 = boot(&mut lab, io, &fab, 2, "brB", 20, 10);
     init_and_join(&n1, &n2);
@@ -177,19 +174,8 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 fn names(io: Io) {
     let _g = serial();
     let mut lab = Lab::new(&format!("dns-{}", io.arg()));
-    let fab = lab.ns("fab");
-    for br in ["brA", "brB", "brC", "br1"] {
-        ip(&format!("-n {fab} link add {br} type bridge"));
-        ip(&format!("-n {fab} link set {br} up"));
-    }
-    for f in ["iptables", "ip6tables", "arptables"] {
-        let _ = in_ns(&fab, &["sysctl", "-qw", &format!("net.bridge.bridge-nf-call-{f}=0")]);
-    }
-    let rt = lab.ns("rt");
-    in_ns_ok(&rt, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    crate::routed::leg(&fab, "brA", "ra1", &rt, "ra1", "02:00:00:00:0a:fe", "198.18.10.254");
-    crate::routed::leg(&fab, "brB", "rb", &rt, "rb", "02:00:00:00:14:fe", "198.18.20.254");
-    crate::routed::leg(&fab, "brC", "rc", &rt, "rc", "02:00:00:00:1e:fe", "198.18.30.254");
+    let fab = fabric(&mut lab, &["brA", "brB", "brC", "br1"]);
+    router(&mut lab, &fab, &LEGS);
     // The outside resolver: dnsmasq answering outside.test.
     let out = lab.ns("out");
     crate::routed::leg(&fab, "brC", "o0", &out, "o0", "02:00:00:00:1e:0a", RESOLVER);

@@ -131,17 +131,34 @@ fn traffic(lab: &mut Lab, t: [&str; 2], ips: [&str; 2], what: &str) {
     assert!(u.starts_with("udp: 200/200"), "{what}: {u}");
 }
 
-fn routed(io: Io) {
-    let _g = serial();
-    let mut lab = Lab::new(&format!("ru-{}", io.arg()));
+/// The fabric namespace with `bridges` up (no netfilter on them); its name.
+pub(super) fn fabric(lab: &mut Lab, bridges: &[&str]) -> String {
     let fab = lab.ns("fab");
-    for br in ["brA", "brB", "br1"] {
+    for br in bridges {
         ip(&format!("-n {fab} link add {br} type bridge"));
         ip(&format!("-n {fab} link set {br} up"));
     }
     for f in ["iptables", "ip6tables", "arptables"] {
         let _ = in_ns(&fab, &["sysctl", "-qw", &format!("net.bridge.bridge-nf-call-{f}=0")]);
     }
+    fab
+}
+
+/// The router `rt` forwarding between its legs on the fabric: (bridge,
+/// leg name, MAC, address).
+pub(super) fn router(lab: &mut Lab, fab: &str, legs: &[(&str, &str, &str, &str)]) -> String {
+    let rt = lab.ns("rt");
+    in_ns_ok(&rt, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    for (br, name, mac, addr) in legs {
+        leg(fab, br, name, &rt, name, mac, addr);
+    }
+    rt
+}
+
+fn routed(io: Io) {
+    let _g = serial();
+    let mut lab = Lab::new(&format!("ru-{}", io.arg()));
+    let fab = fabric(&mut lab, &["brA", "brB", "br1"]);
     // The router: forwarding, gratuitous ARP when a MAC changes, and each
     // leg answering ARP only for its own address (two legs on brA).
     let rt = lab.ns("rt");

@@ -273,6 +273,47 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
     Ok(Next::Done(Verdict::Tx(UPLINK)))
 }
 
+/// A source-NAT mapping of the host-port kind (`Way::Dns`,
+/// `Way::Hairpin`): where the packet goes after translation (`to`), the
+/// address it comes from (`snat`, ports from `HOST_PORTS`), the way, and
+/// the state of a new datagram flow.
+struct Mapping {
+    to: (u32, u16),
+    snat: u32,
+    way: Way,
+    datagram: CtState,
+}
+
+/// The source port of `key`'s mapping `m` (tracked as an egress
+/// connection with its reply half kept, or opened), or the drop.
+#[allow(clippy::too_many_arguments)]
+fn mapping(
+    lb: &mut LbState,
+    t: &Tables,
+    key: &FlowKey,
+    flags: u8,
+    m: &Mapping,
+    net: NetId,
+    mac: [u8; 6],
+    now: u64,
+) -> Result<u16, D> {
+    let fp = lb.conntrack.probe_in(key, Bucket::Src);
+    match lb.lookup(&fp, now, flags) {
+        Some(v) if v.flags == CT_EGRESS && Way::of(v.backend) == m.way => {
+            if keep_reply(lb, key, &v, m.to, net, mac, now) {
+                return Ok(v.port2);
+            }
+            if let Some(old) = lb.conntrack.remove_probe(&fp) {
+                lb.release(key, old);
+            }
+        }
+        Some(_) => return Err(D::NoRoute),
+        None => {}
+    }
+    let state = if key.proto == protocol::TCP { opening_state(flags) } else { m.datagram };
+    open(lb, t, &fp, key, (m.to, m.snat, HOST_PORTS, m.way), state, net, mac, now)
+}
+
 /// A task's DNS query (TCP or UDP to its gateway's port 53; `net`: the
 /// task's network, `port`: the network's DNS port): to the node's DNS
 /// server on the kernel's end of the host link, source-NATed to
@@ -289,29 +330,8 @@ fn dns_out(frame: &mut Frame<'_>, net: NetId, port: u16, now: u64, t: &Tables, l
     };
     let (key, flags) = tuple(frame.data()).ok_or(D::Malformed)?;
     let to = (u32::from(h.peer_ip), port);
-    let mac = frame_src_mac(frame);
-    let fp = lb.conntrack.probe_in(&key, Bucket::Src);
-    let found = match lb.lookup(&fp, now, flags) {
-        Some(v) if v.flags == CT_EGRESS && Way::of(v.backend) == Way::Dns => {
-            if keep_reply(lb, &key, &v, to, net, mac, now) {
-                Some(v.port2)
-            } else {
-                if let Some(old) = lb.conntrack.remove_probe(&fp) {
-                    lb.release(&key, old);
-                }
-                None
-            }
-        }
-        Some(_) => return Err(D::NoRoute),
-        None => None,
-    };
-    let sport = match found {
-        Some(p) => p,
-        None => {
-            let state = if key.proto == protocol::TCP { opening_state(flags) } else { CtState::Dns };
-            open(lb, t, &fp, &key, (to, u32::from(h.ip), HOST_PORTS, Way::Dns), state, net, mac, now)?
-        }
-    };
+    let m = Mapping { to, snat: u32::from(h.ip), way: Way::Dns, datagram: CtState::Dns };
+    let sport = mapping(lb, t, &key, flags, &m, net, frame_src_mac(frame), now)?;
     let nat = Nat { src_addr: Some(h.ip), dst_addr: Some(h.peer_ip), src_port: Some(sport), dst_port: Some(port) };
     let d = frame.data_mut();
     rewrite_ipv4(&mut d[field::VER_IHL..], &nat).map_err(|_| D::Malformed)?;
@@ -355,30 +375,8 @@ fn hairpin_out(
     // The connection as the task will see it: to itself, from the gateway.
     let inner = FlowKey { dst: u32::from(be.ip), dport: bport, ..key };
     let to = (inner.dst, bport);
-    let mac = frame_src_mac(frame);
-    let fp = lb.conntrack.probe_in(&inner, Bucket::Src);
-    let found = match lb.lookup(&fp, now, flags) {
-        Some(v) if v.flags == CT_EGRESS && Way::of(v.backend) == Way::Hairpin => {
-            if keep_reply(lb, &inner, &v, to, net, mac, now) {
-                Some(v.port2)
-            } else {
-                if let Some(old) = lb.conntrack.remove_probe(&fp) {
-                    lb.release(&inner, old);
-                }
-                None
-            }
-        }
-        Some(_) => return Err(D::NoRoute),
-        None => None,
-    };
-    let sport = match found {
-        Some(p) => p,
-        None => {
-            let state = if key.proto == protocol::TCP { opening_state(flags) } else { CtState::Udp };
-            let gw = u32::from(nw.gateway_ip);
-            open(lb, t, &fp, &inner, (to, gw, HOST_PORTS, Way::Hairpin), state, net, mac, now)?
-        }
-    };
+    let m = Mapping { to, snat: u32::from(nw.gateway_ip), way: Way::Hairpin, datagram: CtState::Udp };
+    let sport = mapping(lb, t, &inner, flags, &m, net, frame_src_mac(frame), now)?;
     let nat = Nat {
         src_addr: Some(nw.gateway_ip),
         dst_addr: Some(be.ip),
