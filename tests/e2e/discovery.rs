@@ -249,8 +249,8 @@ fn names(io: Io) {
 
     // Cluster names, from the client on node 1.
     wait_for("the first answer", 15, || in_ns(c, &["dig", "+short", "+time=1", "+tries=1", "web"]).status.success());
-    assert_eq!(dig(c, &["web"]), [web_vip.clone()]);
-    assert_eq!(dig(c, &["web.app"]), [web_vip.clone()]);
+    assert_eq!(dig(c, &["web"]), [web_vip.as_str()]);
+    assert_eq!(dig(c, &["web.app"]), [web_vip.as_str()]);
     assert_eq!(sorted(dig(c, &["tasks.web"])), sorted(vec![addr("web.1"), addr("web.2"), addr("web.3")]));
     assert_eq!(sorted(dig(c, &["+tcp", "tasks.web"])), sorted(vec![addr("web.1"), addr("web.2"), addr("web.3")]));
     assert_eq!(dig(c, &["web.2"]), [addr("web.2")]);
@@ -268,7 +268,7 @@ fn names(io: Io) {
     let body = in_ns_ok(c, &["curl", "-sf", "--max-time", "5", "http://web/"]);
     assert!(body.starts_with("web."), "{body}");
     // From node 2 too.
-    assert_eq!(dig(&ns["web.2"], &["web"]), [web_vip.clone()]);
+    assert_eq!(dig(&ns["web.2"], &["web"]), [web_vip.as_str()]);
 
     // Outside names: forwarded to the node's upstream; never from an
     // internal network, whose own names still answer.
@@ -290,7 +290,7 @@ fn names(io: Io) {
         let o = in_ns_ok(c, &[BIN, "tool", "dns-raw", "--server", "198.19.0.254:53", "--hex", hex]);
         assert!(o.contains("rcode=FORMERR"), "{what}: {o}");
     }
-    assert_eq!(dig(c, &["web"]), [web_vip.clone()]);
+    assert_eq!(dig(c, &["web"]), [web_vip.as_str()]);
 
     // dnsperf: 20 000 queries/s of cluster names for 10 s, none lost.
     let names = lab.dir.join("names.txt");
