@@ -22,7 +22,7 @@
 use crate::state::{Availability, ClusterState, EndpointMode, Task, mac_for};
 use meshplane_dataplane::tables::services::{BackendSpec, BackendState, MeshMode, PublishedSpec, ServiceSpec};
 use meshplane_dataplane::tables::{EndpointSpec, NeighbourSpec, NetworkSpec, NodeSpec, PortSpec, TablesSpec};
-use meshplane_dns::zone::{Mode, NetZone, SvcRec, TaskRec, Zone};
+use meshplane_dns::zone::{Mode, NetZone, SrvPort, SvcRec, TaskRec, Zone};
 use thiserror::Error;
 
 /// Why a node's tables could not be compiled.
@@ -205,6 +205,20 @@ fn services(state: &ClusterState, me: &str, alive: &dyn Fn(&str) -> bool) -> Vec
     out
 }
 
+/// A service's ports as SRV records name them: its target port, and a
+/// VIP port mapped to it (`--vip-port`), in its protocol.
+fn srv_ports(s: &crate::state::Service) -> Vec<SrvPort> {
+    let udp = s.protocol == meshplane_dataplane::tables::services::Proto::Udp;
+    let mut ports = vec![SrvPort { port: s.target_port, udp, target: s.target_port }];
+    if let Some((_, p)) = s.vip
+        && p != 0
+        && p != s.target_port
+    {
+        ports.push(SrvPort { port: p, udp, target: s.target_port });
+    }
+    ports
+}
+
 /// The names node `me` serves (`up(node)`: which nodes gossip says are
 /// alive): every network in which it has a task, with the network's
 /// services and tasks. A task is serving (in `tasks.SERVICE` and a dnsrr
@@ -237,6 +251,7 @@ pub fn zone(state: &ClusterState, me: &str, up: &dyn Fn(&str) -> bool) -> Zone {
                         name: s.name.clone(),
                         mode: if s.endpoint_mode == EndpointMode::Dnsrr { Mode::Dnsrr } else { Mode::Vip },
                         vip: s.vip.map(|(ip, _)| ip),
+                        ports: srv_ports(s),
                     })
                     .collect(),
                 tasks: state

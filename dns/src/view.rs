@@ -16,6 +16,9 @@ pub enum Lookup {
     A(Vec<Ipv4Addr>),
     /// A reverse name: the name it points to (`NAME.NETWORK.`).
     Ptr(String),
+    /// Service records: each serving task's port, name (`TASK.NETWORK.`)
+    /// and address (in the zone's order; the answer shuffles them).
+    Srv(Vec<(u16, String, Ipv4Addr)>),
     /// A name of ours without records of the type asked (NOERROR, no
     /// answer: never forwarded).
     NoData,
@@ -32,6 +35,8 @@ pub enum Kind {
     A,
     /// Reverse.
     Ptr,
+    /// Service records.
+    Srv,
     /// Anything else.
     Other,
 }
@@ -45,6 +50,8 @@ pub struct View {
     names: HashMap<String, Vec<Ipv4Addr>>,
     /// Address → `NAME.NETWORK.`.
     reverse: HashMap<Ipv4Addr, String>,
+    /// Lower-case `_port._proto.service` → its records.
+    srv: HashMap<String, Vec<(u16, String, Ipv4Addr)>>,
     internal: bool,
 }
 
@@ -70,6 +77,16 @@ impl View {
                 }
                 _ => serving.clone(),
             };
+            for p in &s.ports {
+                let key = format!("_{}._{}.{name}", p.port, if p.udp { "udp" } else { "tcp" });
+                let recs = z
+                    .tasks
+                    .iter()
+                    .filter(|t| t.service == s.name && t.serving)
+                    .map(|t| (p.target, format!("{}.{}.", t.name, z.name), t.ip))
+                    .collect();
+                v.srv.insert(key, recs);
+            }
             v.names.insert(format!("tasks.{name}"), serving);
             v.names.insert(name, answer);
         }
@@ -92,10 +109,16 @@ impl View {
         if let Some(rev) = name.strip_suffix(".in-addr.arpa") {
             return self.reverse(rev, kind);
         }
-        let found = self.names.get(&name).or_else(|| {
-            let stripped = name.strip_suffix(self.network.as_str())?.strip_suffix('.')?;
-            self.names.get(stripped)
-        });
+        let stripped = name.strip_suffix(self.network.as_str()).and_then(|n| n.strip_suffix('.'));
+        if name.starts_with('_') {
+            let srv = self.srv.get(&name).or_else(|| self.srv.get(stripped?));
+            return match (srv, kind) {
+                (Some(recs), Kind::Srv) if !recs.is_empty() => Lookup::Srv(recs.clone()),
+                (Some(_), _) => Lookup::NoData,
+                (None, _) => Lookup::NotOurs,
+            };
+        }
+        let found = self.names.get(&name).or_else(|| self.names.get(stripped?));
         match (found, kind) {
             (Some(ips), Kind::A) if ips.is_empty() => Lookup::NoData,
             (Some(ips), Kind::A) => Lookup::A(ips.clone()),
@@ -127,7 +150,7 @@ impl View {
 #[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::zone::{SvcRec, TaskRec};
+    use crate::zone::{SrvPort, SvcRec, TaskRec};
 
     fn zone() -> NetZone {
         let task = |name: &str, service: &str, last: u8, serving: bool| TaskRec {
@@ -143,9 +166,14 @@ mod tests {
             subnet: (Ipv4Addr::new(198, 19, 0, 0), 24),
             internal: false,
             services: vec![
-                SvcRec { name: "web".into(), mode: Mode::Vip, vip: Some(Ipv4Addr::new(198, 19, 0, 2)) },
-                SvcRec { name: "db".into(), mode: Mode::Dnsrr, vip: None },
-                SvcRec { name: "idle".into(), mode: Mode::Dnsrr, vip: None },
+                SvcRec {
+                    name: "web".into(),
+                    mode: Mode::Vip,
+                    vip: Some(Ipv4Addr::new(198, 19, 0, 2)),
+                    ports: vec![SrvPort { port: 80, udp: false, target: 8080 }],
+                },
+                SvcRec { name: "db".into(), mode: Mode::Dnsrr, vip: None, ports: vec![] },
+                SvcRec { name: "idle".into(), mode: Mode::Dnsrr, vip: None, ports: vec![] },
             ],
             tasks: vec![
                 task("web.1", "web", 5, true),
@@ -185,5 +213,17 @@ mod tests {
         assert_eq!(v.lookup("8.8.8.8.in-addr.arpa", Kind::Ptr), Lookup::NotOurs);
         assert_eq!(v.lookup("0.19.198.in-addr.arpa", Kind::Ptr), Lookup::NotOurs, "not an address");
         assert_eq!(v.lookup("6.0.19.198.in-addr.arpa", Kind::A), Lookup::NoData);
+    }
+
+    #[test]
+    fn srv_records_name_each_serving_task_on_the_target_port() {
+        let v = View::build(&zone());
+        let recs = vec![(8080, "web.1.app.".to_owned(), ip(5)), (8080, "web.2.app.".to_owned(), ip(6))];
+        assert_eq!(v.lookup("_80._tcp.web", Kind::Srv), Lookup::Srv(recs.clone()));
+        assert_eq!(v.lookup("_80._TCP.Web.app.", Kind::Srv), Lookup::Srv(recs), "with the network, any case");
+        assert_eq!(v.lookup("_80._tcp.web", Kind::A), Lookup::NoData, "a known SRV name, asked for A");
+        assert_eq!(v.lookup("_80._udp.web", Kind::Srv), Lookup::NotOurs, "not a port of the service");
+        assert_eq!(v.lookup("_81._tcp.web", Kind::Srv), Lookup::NotOurs);
+        assert_eq!(v.lookup("web", Kind::Srv), Lookup::NoData, "a service name without a port");
     }
 }

@@ -6,7 +6,7 @@
 use crate::TTL;
 use crate::view::{Kind, Lookup};
 use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, PTR};
+use hickory_proto::rr::rdata::{A, PTR, SRV};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
@@ -39,6 +39,7 @@ impl Request {
         match self.query.query_type() {
             RecordType::A => Kind::A,
             RecordType::PTR => Kind::Ptr,
+            RecordType::SRV => Kind::Srv,
             _ => Kind::Other,
         }
     }
@@ -148,6 +149,17 @@ pub fn answer(req: &Request, found: &Lookup, seed: u64) -> Vec<u8> {
             }
             Err(_) => m.metadata.response_code = ResponseCode::ServFail,
         },
+        Lookup::Srv(recs) => {
+            // Swarm's shape: priority 0, weight 1, the task's name, and
+            // its address in the additional section (in the same order).
+            let mut recs = recs.clone();
+            shuffle(&mut recs, seed);
+            for (port, target, ip) in recs {
+                let Ok(n) = Name::from_ascii(&target) else { continue };
+                m.add_answer(Record::from_rdata(owner.clone(), TTL, RData::SRV(SRV::new(0, 1, port, n.clone()))));
+                m.add_additional(Record::from_rdata(n, TTL, RData::A(A(ip))));
+            }
+        }
         Lookup::NoData => {}
         Lookup::NxDomain => m.metadata.response_code = ResponseCode::NXDomain,
         Lookup::NotOurs => m.metadata.response_code = ResponseCode::ServFail,
@@ -160,15 +172,18 @@ pub fn servfail(req: &Request) -> Vec<u8> {
     answer(req, &Lookup::NotOurs, 0)
 }
 
-/// `m` encoded within `limit` bytes: answers dropped from the end, with TC
-/// set, until it fits.
+/// `m` encoded within `limit` bytes: additional records dropped first
+/// (an SRV answer's addresses), then answers from the end, with TC set,
+/// until it fits.
 fn encode(mut m: Message, limit: usize) -> Vec<u8> {
     loop {
         let out = m.to_vec().unwrap_or_default();
-        if out.len() <= limit || m.answers.is_empty() {
+        if out.len() <= limit || (m.answers.is_empty() && m.additionals.is_empty()) {
             return out;
         }
-        m.answers.pop();
+        if m.additionals.pop().is_none() {
+            m.answers.pop();
+        }
         m.metadata.truncation = true;
     }
 }
@@ -204,6 +219,44 @@ mod tests {
 
     fn rcode(b: &[u8]) -> u8 {
         b[3] & 0x0f
+    }
+
+    #[test]
+    fn srv_answers_name_the_tasks_with_their_addresses_additional_and_truncate_those_first() {
+        let Parsed::Query(req) = parse(&query("_80._tcp.web.", RecordType::SRV, false), false) else {
+            panic!("a query")
+        };
+        assert_eq!(req.kind(), Kind::Srv);
+        let recs: Vec<(u16, String, Ipv4Addr)> =
+            (1..=2).map(|i| (8080, format!("web.{i}.app."), Ipv4Addr::new(198, 19, 0, i))).collect();
+        let m = Message::from_vec(&answer(&req, &Lookup::Srv(recs), 7)).unwrap();
+        let mut got: Vec<(u16, u16, u16, String, u32)> = m
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::SRV(v) => (v.priority, v.weight, v.port, v.target.to_ascii(), r.ttl),
+                d => panic!("not SRV: {d:?}"),
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, [(0, 1, 8080, "web.1.app.".into(), 600), (0, 1, 8080, "web.2.app.".into(), 600)]);
+        let mut extra: Vec<(String, RData)> =
+            m.additionals.iter().map(|r| (r.name.to_ascii(), r.data.clone())).collect();
+        extra.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            extra,
+            [
+                ("web.1.app.".into(), RData::A(A(Ipv4Addr::new(198, 19, 0, 1)))),
+                ("web.2.app.".into(), RData::A(A(Ipv4Addr::new(198, 19, 0, 2))))
+            ]
+        );
+        // Too many for 512 bytes: the addresses go first, then records, TC set.
+        let many: Vec<(u16, String, Ipv4Addr)> =
+            (1..=30).map(|i| (8080, format!("web.{i}.app."), Ipv4Addr::new(198, 19, 0, i))).collect();
+        let out = answer(&req, &Lookup::Srv(many), 7);
+        let m = Message::from_vec(&out).unwrap();
+        assert!(out.len() <= 512 && m.metadata.truncation, "{} bytes", out.len());
+        assert!(m.additionals.is_empty() && !m.answers.is_empty());
     }
 
     #[test]

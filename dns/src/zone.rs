@@ -52,6 +52,20 @@ pub struct SvcRec {
     pub mode: Mode,
     /// Its VIP, if it has one.
     pub vip: Option<Ipv4Addr>,
+    /// Its ports for SRV records (`_PORT._PROTO.SERVICE`).
+    #[serde(default)]
+    pub ports: Vec<SrvPort>,
+}
+
+/// A port of a service, as SRV records name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SrvPort {
+    /// The port in the name (`_PORT`): the VIP's, or the tasks'.
+    pub port: u16,
+    /// UDP (`_udp`), else TCP (`_tcp`).
+    pub udp: bool,
+    /// The port the tasks listen on (the records' port).
+    pub target: u16,
 }
 
 /// A task's record.

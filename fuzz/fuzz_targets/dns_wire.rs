@@ -28,8 +28,13 @@ static VIEW: LazyLock<View> = LazyLock::new(|| {
         subnet: (ip(0), 24),
         internal: false,
         services: vec![
-            SvcRec { name: "web".into(), mode: Mode::Vip, vip: Some(ip(2)) },
-            SvcRec { name: "db".into(), mode: Mode::Dnsrr, vip: None },
+            SvcRec {
+                name: "web".into(),
+                mode: Mode::Vip,
+                vip: Some(ip(2)),
+                ports: vec![meshplane_dns::zone::SrvPort { port: 80, udp: false, target: 80 }],
+            },
+            SvcRec { name: "db".into(), mode: Mode::Dnsrr, vip: None, ports: vec![] },
         ],
         tasks: (0..120u8).map(|i| task(&format!("db.{i}"), "db", i + 3)).chain([task("web.1", "web", 200)]).collect(),
     })

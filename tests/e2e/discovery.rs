@@ -260,6 +260,13 @@ fn names(io: Io) {
     assert_eq!(firsts.len(), 2, "dnsrr answers are shuffled: {firsts:?}");
     assert_eq!(dig(c, &["-x", &web_vip]), ["web.app."]);
     assert_eq!(dig(c, &["-x", &addr("web.2")]), ["web.2.app."]);
+    // SRV: a record per serving task on its port, its address additional.
+    let srv = sorted(dig(c, &["SRV", "_80._tcp.web"]));
+    assert_eq!(srv, ["0 1 80 web.1.app.", "0 1 80 web.2.app.", "0 1 80 web.3.app."]);
+    let add = in_ns_ok(c, &["dig", "+noall", "+additional", "+time=2", "SRV", "_80._tcp.web.app"]);
+    for id in ["web.1", "web.2", "web.3"] {
+        assert!(add.contains(&format!("{id}.app.")) && add.contains(&addr(id)), "{add}");
+    }
     let full = in_ns_ok(c, &["dig", "+noall", "+answer", "+time=2", "web"]);
     assert!(full.split_whitespace().nth(1) == Some("600"), "TTL 600: {full}");
     // The resolver of libc, and a client by name.
@@ -294,7 +301,7 @@ fn names(io: Io) {
 
     // dnsperf: 20 000 queries/s of cluster names for 10 s, none lost.
     let names = lab.dir.join("names.txt");
-    std::fs::write(&names, "web A\ntasks.web A\nweb.1 A\ndb A\nweb.app A\n").expect("names");
+    std::fs::write(&names, "web A\ntasks.web A\nweb.1 A\ndb A\n_80._tcp.web SRV\n").expect("names");
     #[rustfmt::skip]
     let perf = in_ns_ok(c, &["dnsperf", "-s", "198.19.0.254", "-d", names.to_str().unwrap_or_default(),
         "-Q", "20000", "-l", "10", "-c", "4", "-q", "500", "-t", "2"]);

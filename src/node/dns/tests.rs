@@ -31,7 +31,7 @@ fn net(n: u8, name: &str, internal: bool) -> NetZone {
         gateway: ip(n, 254),
         subnet: (ip(n, 0), 24),
         internal,
-        services: vec![SvcRec { name: "web".into(), mode: Mode::Vip, vip: Some(ip(n, 2)) }],
+        services: vec![SvcRec { name: "web".into(), mode: Mode::Vip, vip: Some(ip(n, 2)), ports: vec![] }],
         tasks: vec![task(&format!("web.{}", 1), 5), task("web.2", 6)],
     }
 }
