@@ -287,6 +287,46 @@ fn a_removed_backends_connections_move_at_once() {
 }
 
 #[test]
+fn a_connection_keeps_its_backend_when_another_is_added_before_it() {
+    // T2 (index 1) carries the connection; T1 is added first in the list
+    // (a task back from failing its health check): T2 moves to index 2
+    // and the connection stays on T2, in both directions.
+    let t = tables_with(WEB);
+    let mut st = WorkerState::for_tables(&t);
+    assert_eq!(run(&t, &mut st, TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, true), 0).0, Verdict::Tx(TASK3));
+    let syn = tcp(GW_MAC, T3_MAC, T3, VIP, 40002, 80, true);
+    assert_eq!(run(&t, &mut st, TASK3, &syn, 0).0, Verdict::Tx(UPLINK), "rr: the second to T2");
+    let added = tables_with(&WEB.replace(
+        "[[service.backend]]\nip = \"198.19.0.3\"\n",
+        "[[service.backend]]\nip = \"198.19.0.1\"\n[[service.backend]]\nip = \"198.19.0.3\"\n",
+    ));
+    assert_eq!(added.services.list[0].backends[2].ip, core::net::Ipv4Addr::from(T2));
+    st.sync(&added);
+    for now in [SECOND, 2 * SECOND] {
+        let (v, out) = run(&added, &mut st, TASK3, &tcp(GW_MAC, T3_MAC, T3, VIP, 40002, 80, false), now);
+        assert_eq!(v, Verdict::Tx(UPLINK));
+        assert_eq!(decap(&out), (4096, tcp(T2_MAC, T3_MAC, T3, T2, 40002, 8080, false)));
+        let (v, _) = run(&added, &mut st, TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, false), now);
+        assert_eq!(v, Verdict::Tx(TASK3), "T3 keeps its connection too");
+    }
+}
+
+#[test]
+fn a_new_syn_on_a_closed_connections_tuple_is_scheduled_again() {
+    // rr: T3, then T2. The client resets its connection and reuses the
+    // port: the new SYN is a new connection (IPVS's conn_reuse_mode 1),
+    // not the old one's backend again; a retransmitted SYN stays.
+    let t = tables_with(WEB);
+    let mut st = WorkerState::for_tables(&t);
+    let syn = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, true);
+    assert_eq!(run(&t, &mut st, TASK1, &syn, 0).0, Verdict::Tx(TASK3));
+    assert_eq!(run(&t, &mut st, TASK1, &syn, SECOND).0, Verdict::Tx(TASK3), "a retransmitted SYN stays");
+    assert_eq!(run(&t, &mut st, TASK1, &rst(GW_MAC, T1_MAC, T1, VIP, 40001, 80), SECOND).0, Verdict::Tx(TASK3));
+    assert_eq!(run(&t, &mut st, TASK1, &syn, 2 * SECOND).0, Verdict::Tx(UPLINK), "scheduled again: T2");
+    assert_eq!(st.lb.services[0].new_conns, 2);
+}
+
+#[test]
 fn maglev_picks_the_same_backend_on_independent_nodes() {
     // Two independently compiled tables and workers (two nodes) send the
     // same flows to the same backends, with no shared state.

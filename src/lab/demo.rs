@@ -62,13 +62,21 @@ pub(super) fn demo(requests: u32, dir: &Path) -> Result<()> {
         bail!("the lab is not up: `meshplane lab up` first");
     }
     let bin = std::env::current_exe()?.display().to_string();
-    let state = cluster_state(&bin, dir, 1)?;
+    let mut state = cluster_state(&bin, dir, 1)?;
+    // The routing mesh and egress rows are web's tasks' (api's task is
+    // called by name below).
+    let web: Vec<serde_json::Value> =
+        state["tasks"].as_array().into_iter().flatten().filter(|t| t["service"] == "web").cloned().collect();
+    state["tasks"] = serde_json::Value::Array(web);
     println!("meshplane lab demo: client {CLIENT_IP} -> every node's published ports, {requests} requests each\n");
     println!("  {:<17} {:<16} {:<12} task saw the client as", "via node", "mode", "answered by");
     let out = send(&bin, &client, requests, &state)?;
     println!("\ntasks -> the outside server {OUTSIDE_IP}:{OUTSIDE_PORT} (egress through their own node):\n");
     println!("  {:<8} {:<8} {:<12} the outside saw", "task", "on", "answered by");
     let egress_ok = egress(&bin, &state);
+    println!("\ntasks -> the service api by name (the embedded DNS at their gateway, then api's VIP):\n");
+    println!("  {:<8} {:<8} {:<26} answered by", "task", "on", "api resolved to");
+    let names_ok = by_name(&state);
     // The nodes write their counters every half second.
     std::thread::sleep(Duration::from_millis(1200));
     println!("\nper node (counters of the dataplane):");
@@ -79,7 +87,7 @@ pub(super) fn demo(requests: u32, dir: &Path) -> Result<()> {
     }
     let tasks = state["tasks"].as_array().map_or(0, Vec::len);
     println!(
-        "\nsummary: {} of {} requests answered; {} of {tasks} tasks answered; preserve-source: {}; egress: {}",
+        "\nsummary: {} of {} requests answered; {} of {tasks} tasks answered; preserve-source: {}; egress: {}; by name: {}",
         out.ok,
         out.ok + out.failed,
         out.answered.len(),
@@ -92,12 +100,41 @@ pub(super) fn demo(requests: u32, dir: &Path) -> Result<()> {
             "every task reached the outside from its node's address"
         } else {
             "a task did NOT reach the outside from its node's address"
-        }
+        },
+        if names_ok { "every task reached api by its name" } else { "a task did NOT reach api by its name" }
     );
-    if out.failed > 0 || out.answered.len() < tasks || !out.ps_all_real || !egress_ok {
+    if out.failed > 0 || out.answered.len() < tasks || !out.ps_all_real || !egress_ok || !names_ok {
         bail!("the demo did not go as it should (see above)");
     }
     Ok(())
+}
+
+/// From every task, `getent hosts api` (libc's resolver: the namespace's
+/// resolv.conf, the gateway) and `curl http://api:8080/`, which api.1 must
+/// answer; one line printed each.
+fn by_name(state: &serde_json::Value) -> bool {
+    let mut all = true;
+    for t in state["tasks"].as_array().into_iter().flatten() {
+        let (id, node) = (t["id"].as_str().unwrap_or("?"), t["node"].as_str().unwrap_or("?"));
+        let tns = ns_name(&format!("t{}", node.trim_start_matches("node")));
+        let run = |args: &[&str]| {
+            Cmd::new("ip")
+                .args(["netns", "exec", &tns])
+                .args(args)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        };
+        let resolved = run(&["getent", "hosts", "api"]).and_then(|l| l.split_whitespace().next().map(str::to_owned));
+        let body = run(&["curl", "-sf", "--max-time", "5", "http://api:8080/"]);
+        let who = body.as_deref().and_then(|b| b.split_once(" saw ")).map(|(w, _)| w.to_owned());
+        let ok = resolved.is_some() && who.as_deref() == Some("api.1");
+        all &= ok;
+        let resolved = resolved.map_or_else(|| "FAILED (no answer)".to_owned(), |a| format!("{a} (api's VIP)"));
+        println!("  {id:<8} {node:<8} {resolved:<26} {}", who.as_deref().unwrap_or("FAILED"));
+    }
+    all
 }
 
 /// From every task, a request to the outside server, which must answer

@@ -189,7 +189,9 @@ fn boot_node(io: IoKind, bin: &str, dir: &Path, fab: &str, n: u8) -> Result<()> 
 
 /// The cluster, as a user makes it: node1 initialises it, the others
 /// join as managers (three managers: Raft survives one failure); the
-/// network `app` and the service `web`; a task of it on every node.
+/// network `app` and the service `web`, a task of it on every node; the
+/// service `api` (a VIP on every port), its task on node 3, which the
+/// demo calls by name from web's tasks.
 fn build_cluster(bin: &str, dir: &Path) -> Result<()> {
     let init = cli(bin, dir, 1, &["cluster", "init"])?;
     let token = init
@@ -210,6 +212,10 @@ fn build_cluster(bin: &str, dir: &Path) -> Result<()> {
         let node = format!("node{n}");
         cli(bin, dir, 3, &["task", "attach", "--service", "web", "--node", &node, "--netns", &tns, "--id", &id])?;
     }
+    cli(bin, dir, 1, &["service", "create", "--name", "api", "--network", "app", "--target-port", "8080"])?;
+    let ans = ns_name("a1");
+    netns_add(&ans)?;
+    cli(bin, dir, 1, &["task", "attach", "--service", "api", "--node", "node3", "--netns", &ans, "--id", "api.1"])?;
     Ok(())
 }
 
@@ -228,5 +234,10 @@ fn start_tasks(bin: &str, dir: &Path) -> Result<()> {
             &[bin, "tool", "http-name", "--listen", "0.0.0.0:8080", "--name", &format!("web.{n}")],
         )?;
     }
+    let ans = ns_name("a1");
+    wait(&format!("api.1's interface in {ans} (see {}/node3.log)", dir.display()), 20, || {
+        sys::output("ip", &["-n", &ans, "-4", "route", "show", "default"]).is_ok_and(|o| !o.is_empty())
+    })?;
+    spawn(dir, &ans, "api.1.log", &[bin, "tool", "http-name", "--listen", "0.0.0.0:8080", "--name", "api.1"])?;
     Ok(())
 }

@@ -12,6 +12,52 @@ use crate::lab::{BIN, run, task_ip};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
+/// `wrk` from the lab's client through node 1's published port 30080 for
+/// `secs` seconds (8 keep-alive connections), started now (killed by its
+/// pid if the test fails first).
+struct Wrk(Option<Child>);
+
+fn wrk(secs: u32) -> Wrk {
+    let child = Command::new("ip")
+        .args(["netns", "exec", "mp-lab-c", "wrk", "-t1", "-c8", &format!("-d{secs}s"), "--timeout", "2s"])
+        .arg("http://198.18.0.1:30080/")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("wrk");
+    Wrk(Some(child))
+}
+
+impl Wrk {
+    /// Waits for it and returns what it printed.
+    fn finish(mut self) -> String {
+        let Some(child) = self.0.take() else { return String::new() };
+        let o = child.wait_with_output().expect("waiting for wrk");
+        format!("{}{}", text(&o.stdout), text(&o.stderr))
+    }
+}
+
+impl Drop for Wrk {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The requests `wrk` made, and whether it saw any error (socket errors,
+/// or answers other than 2xx/3xx).
+fn wrk_result(out: &str) -> (u64, bool) {
+    let requests = out
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    (requests, out.contains("Socket errors") || out.contains("Non-2xx"))
+}
+
 /// A process the test started, killed (by its pid) when dropped.
 struct Started(Child);
 
@@ -55,6 +101,10 @@ pub(crate) fn health_on_the_lab(io: &str) {
     // balancer; every request is answered by web.1 and web.3.
     let pids = std::fs::read_to_string(dir.join("pids")).expect("the lab's pids");
     let pid = pids.lines().find_map(|l| l.strip_suffix(" web.2.log")).expect("web.2's server in the lab's pids");
+    // wrk across the failure: the connections that were on web.2, and
+    // those balanced to it before its check fails, see errors (reported).
+    let during = wrk(5);
+    std::thread::sleep(std::time::Duration::from_millis(500));
     run(&["kill", "-TERM", pid]);
     let t0 = Instant::now();
     wait("web.2 unhealthy", 15, || health("web.2") == "unhealthy");
@@ -68,6 +118,14 @@ pub(crate) fn health_on_the_lab(io: &str) {
         assert_eq!(answered(n, 6), set(&["web.1", "web.3"]), "through node{n} with web.2 unhealthy");
     }
     assert_eq!((health("web.1"), health("web.3")), ("healthy".into(), "healthy".into()));
+    let out = during.finish();
+    eprintln!("{io}: wrk across web.2's death (5 s, -c8): {:?}\n{out}", wrk_result(&out));
+    // Once it is out of the balancers: no error at all.
+    let out = wrk(3).finish();
+    let (requests, errors) = wrk_result(&out);
+    assert!(requests > 100 && !errors, "wrk with web.2 out of the balancers:\n{out}");
+    // wrk across its return: no error either.
+    let back = wrk(4);
 
     // Its server back: healthy at the next probe, balanced again.
     let server = Started(
@@ -83,6 +141,10 @@ pub(crate) fn health_on_the_lab(io: &str) {
     for n in 1..=3 {
         wait("web.2 back in the balancer", 5, || g.backends(n).contains(&ip2));
     }
+    let out = back.finish();
+    let (requests, errors) = wrk_result(&out);
+    eprintln!("{io}: wrk across web.2's return: {requests} requests\n{out}");
+    assert!(requests > 100 && !errors, "wrk across web.2's return:\n{out}");
     wait("web.2 answering again", 10, || get(1, 30080).is_ok_and(|b| b.starts_with("web.2")));
 
     // node2 logged the transitions and counted them.

@@ -806,6 +806,7 @@ fn lab_demo_runs_to_the_end() {
         assert!(demo.status.success(), "{io}: lab demo:\n{text}{}", String::from_utf8_lossy(&demo.stderr));
         assert!(text.contains("12 of 12 requests answered; 3 of 3 tasks answered"), "{text}");
         assert!(text.contains("every task saw the client's own address"), "{text}");
+        assert!(text.contains("every task reached api by its name"), "{text}");
         assert!(down.status.success());
         let left = String::from_utf8_lossy(&run(&["ip", "netns", "list"]).stdout).into_owned();
         assert!(!left.contains("mp-lab-"), "lab down left namespaces: {left}");

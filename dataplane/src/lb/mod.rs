@@ -286,6 +286,27 @@ impl LbState {
         }
     }
 
+    /// [`LbState::lookup`] of a balanced connection's forward entry, but
+    /// a bare SYN on the tuple of a connection that is closing or closed
+    /// (FIN or RST seen: a client reusing its port) starts a new
+    /// connection, scheduled again, as IPVS's `conn_reuse_mode` 1 does:
+    /// the old entry is dropped and `None` returned. Otherwise a client
+    /// that cycles through its ports keeps landing on its old backends
+    /// (one added since never gets its share).
+    #[inline(always)]
+    pub(crate) fn lookup_forward(&mut self, p: &conntrack::Probe, now: u64, flags: u8) -> Option<CtValue> {
+        use conntrack::tcp_flags::{ACK, SYN};
+        if flags & (SYN | ACK) == SYN
+            && self.conntrack.peek_probe(p, now).is_some_and(|v| matches!(v.state, CtState::Fin | CtState::Close))
+        {
+            if let Some(old) = self.conntrack.remove_probe(p) {
+                self.release(&p.key(), old);
+            }
+            return None;
+        }
+        self.lookup(p, now, flags)
+    }
+
     /// [`LbState::lookup`] of a reply-direction packet's entry
     /// (`Conntrack::lookup_reply_probe`): a reply confirms an unconfirmed
     /// connection, both its entries (the tables tell where its forward
@@ -448,6 +469,19 @@ pub(crate) fn tuple(d: &[u8]) -> Option<(FlowKey, u8)> {
     Some((FlowKey::of(&h), flags))
 }
 
+/// The index of a tracked connection's backend (`v.peer`) in the service
+/// now: where the entry says, else (the tables changed: a backend added or
+/// removed before it moves the others) wherever it is, found by address;
+/// `None` if it is gone. A connection keeps its backend across table
+/// changes, as IPVS keeps a connection when real servers are added.
+#[inline(always)]
+fn backend_of(s: &service::Service, v: &CtValue) -> Option<u32> {
+    if s.backends.get(v.backend as usize).is_some_and(|b| u32::from(b.ip) == v.peer) {
+        return Some(v.backend);
+    }
+    s.backends.iter().position(|b| u32::from(b.ip) == v.peer).and_then(|i| u32::try_from(i).ok())
+}
+
 /// A packet's connection identity: its 5-tuple, TCP flags and time.
 struct Packet {
     key: FlowKey,
@@ -479,9 +513,9 @@ fn connection(
         Some(v)
             if v.service == svc
                 && v.flags & CT_REPLY == 0
-                && s.backends.get(v.backend as usize).is_some_and(|b| u32::from(b.ip) == v.peer) =>
+                && let Some(b) = backend_of(s, &v) =>
         {
-            return Ok((v.backend, v));
+            return Ok((b, CtValue { backend: b, ..v }));
         }
         Some(stale) => {
             // Tracked, but its backend is gone (or the key is another
@@ -689,7 +723,7 @@ fn vip_inner(
 ) -> Result<Next, DropReason> {
     let s = t.services.list.get(svc as usize).ok_or(DropReason::NoBackend)?;
     let (key, flags) = tuple(frame.data()).ok_or(DropReason::Malformed)?;
-    let found = lb.lookup(&lb.conntrack.probe_in(&key, Bucket::Src), now, flags);
+    let found = lb.lookup_forward(&lb.conntrack.probe_in(&key, Bucket::Src), now, flags);
     let b = vip_connection(lb, s, svc, &key, flags, now, found)?;
     Ok(vip_tail(frame, net, s, svc, b, now, t, lb))
 }
@@ -860,7 +894,7 @@ fn client_inner(
     // In nat mode the reply comes back to node_ip:snat; the client's
     // own source port is kept unless another connection to the same
     // backend holds it, else one of a few others derived from it.
-    let found = lb.lookup(&lb.conntrack.probe_in(&key, Bucket::Src), now, flags);
+    let found = lb.lookup_forward(&lb.conntrack.probe_in(&key, Bucket::Src), now, flags);
     let (b, f) = connection(
         lb,
         s,
