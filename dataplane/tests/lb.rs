@@ -1084,3 +1084,30 @@ fn a_task_balanced_to_itself_through_its_vip_is_answered_from_the_vip() {
         assert_eq!(st.lb.egress_stats().hairpin_conns, 10);
     }
 }
+
+#[test]
+fn a_task_reaches_a_published_port_of_its_own_node() {
+    // T1 calls 198.18.0.1:30080 (nat) and :30081 (preserve-source, taken
+    // in nat mode: a backend would answer a task's address directly): the
+    // routing mesh, SNAT to this node's address in the network; the answer
+    // comes back to T1's port from the published address and the gateway.
+    let t = mesh_tables();
+    let mut st = WorkerState::for_tables(&t);
+    for (port, sport) in [(30080, 41001), (30081, 41002)] {
+        let syn = tcp(GW_MAC, T1_MAC, T1, NODE1, sport, port, true);
+        let (v, out) = run(&t, &mut st, TASK1, &syn, 0);
+        let to_t3 = tcp(T3_MAC, NODE1_APP_MAC, NODE1_APP, T3, sport, 8080, true);
+        if v == Verdict::Tx(TASK3) {
+            assert_eq!(out, to_t3, "port {port}");
+            let reply = tcp(NODE1_APP_MAC, T3_MAC, T3, NODE1_APP, 8080, sport, false);
+            let (v, back) = run(&t, &mut st, TASK3, &reply, SECOND);
+            assert_eq!((v, back), (Verdict::Tx(TASK1), tcp(T1_MAC, GW_MAC, NODE1, T1, port, sport, false)));
+        } else {
+            assert_eq!(v, Verdict::Tx(UPLINK), "port {port}");
+            assert_eq!(decap(&out), (4096, tcp(T2_MAC, NODE1_APP_MAC, NODE1_APP, T2, sport, 8080, true)));
+            let back = from_node2(&tcp(NODE1_APP_MAC, T2_MAC, T2, NODE1_APP, 8080, sport, false));
+            let (v, out) = run(&t, &mut st, UPLINK, &back, SECOND);
+            assert_eq!((v, out), (Verdict::Tx(TASK1), tcp(T1_MAC, GW_MAC, NODE1, T1, port, sport, false)));
+        }
+    }
+}

@@ -8,6 +8,7 @@
 //! on node 1: 100 calls to its own service's VIP all answered (hairpin:
 //! about half are balanced to itself).
 
+use crate::lab::wait_for as wait;
 use crate::lab::{BIN, Lab, in_ns, in_ns_ok, ip, wait_for};
 use crate::routed::{RNode, boot, cli_ok, fabric, init_and_join, router};
 
@@ -112,6 +113,18 @@ fn vips(io: Io) {
         serde_json::from_str(&cli_ok(&n1.state, &["stats", "--format", "json"])).expect("stats json");
     let hairpins = w["dataplane"]["workers"][0]["egress"]["hairpin_conns"].as_u64().unwrap_or(0);
     assert!(hairpins > 0, "{}", w["dataplane"]["workers"][0]["egress"]);
+
+    // A task reaches a published port: its own node's (the routing mesh
+    // with the task as its client) and another node's (through egress).
+    cli_ok(&n1.state, &["service", "update", "--publish-add", "30400:80", "web"]);
+    for url in ["http://198.18.10.1:30400/", "http://198.18.20.2:30400/"] {
+        wait(&format!("{url} from the client task"), 15, || {
+            in_ns(&t[2], &["curl", "-sf", "--max-time", "2", url]).status.success()
+        });
+        let by = answers(&t[2], url, 10);
+        eprintln!("{}: {url} from the client task: {by:?}", io.arg());
+        assert_eq!(by.values().sum::<usize>(), 10);
+    }
 
     // Host mode: service hm's port 30300 opens only on node 1, which runs
     // its task, and its task sees the client's own address.

@@ -19,7 +19,7 @@ pub mod sched;
 
 use crate::packet::{DropReason, Frame, Verdict};
 use crate::tables::services as service;
-use crate::tables::{NetId, Tables};
+use crate::tables::{Location, NetId, Tables};
 use crate::wire::frame::{Head, field};
 use crate::wire::ipv4::protocol;
 use crate::wire::rewrite::{Nat, rewrite_ipv4};
@@ -1053,9 +1053,29 @@ fn to_client(
         src_port: Some(v.port2),
         dst_port: Some(v.port),
     };
+    // A task of this node as the client (it called its own node's
+    // published port): to its port, from its network's gateway.
+    if let Some((p, gw)) = local_client(t, v) {
+        readdress(frame, &nat, v.mac, Some(gw.0))?;
+        clamp_syn(frame, flags, mtu, mesh);
+        return Ok(Verdict::Tx(p));
+    }
     readdress(frame, &nat, v.mac, Some(t.data_mac.0))?;
     clamp_syn(frame, flags, mtu, mesh);
     Ok(Verdict::Tx(crate::tables::UPLINK))
+}
+
+/// The port and gateway MAC of a routing-mesh client that is a task of
+/// this node (reply entry `v`: its address and MAC), if it is one.
+#[inline(always)]
+fn local_client(t: &Tables, v: &CtValue) -> Option<(crate::packet::PortId, MacAddr)> {
+    let ip = Ipv4Addr::from(v.peer);
+    let (i, nw) = t.networks.iter().enumerate().find(|(_, n)| n.subnet.contains(ip))?;
+    let net = NetId::try_from(i).ok()?;
+    match t.fdb.get(&crate::tables::mac_key(net, MacAddr(v.mac))) {
+        Some(&Location::Local(p)) => Some((p, nw.gateway_mac)),
+        _ => None,
+    }
 }
 
 /// A task's packet to the gateway MAC for an address outside its network

@@ -14,6 +14,8 @@
 //!                                                     (DNAT to the node's DNS server) → Tx(host port);
 //!                                                     6b TCP/UDP to the gateway, a hairpin connection's
 //!                                                     answer: lb::egress::hairpin_back → switch;
+//!                                                     6c a published port of this node: lb::from_client
+//!                                                     (nat mode; the answer back to the task's port);
 //!                                                     lb::to_vip; lb::routed;
 //!                                                     drop egress_internal (internal network, outside
 //!                                                     every network); lb::egress::from_task (SNAT,
@@ -28,6 +30,7 @@ use crate::lb::{self, LbState};
 use crate::overlay::fast::BurstCache;
 use crate::overlay::{self, arp_lookup, gateway};
 use crate::packet::{DropReason as D, Frame, PortId, Step, Verdict};
+use crate::tables::services::{MeshMode, Published};
 use crate::tables::{Location, NetId, Network, Tables};
 use crate::wire::MacAddr;
 use crate::wire::ethernet::{self, ethertype};
@@ -269,6 +272,19 @@ fn to_gateway(
     }
     if nw.internal && !t.in_any_network(ip.dst) {
         return Verdict::Drop(D::EgressInternal);
+    }
+    if ip.dst == t.data_ip
+        && let Some(dport) = ip.common_dport
+        && matches!(ip.protocol, protocol::TCP | protocol::UDP)
+        && let Some(pubd) = t.services.published(dport, ip.protocol)
+    {
+        // 6c: a published port of this node: the routing mesh, the task
+        // as its client, in `nat` mode whatever the port's (the task's
+        // address is a cluster one: a backend would answer it directly).
+        frame.truncate(ip.total + ethernet::HEADER_LEN);
+        let pubd = Published { mode: MeshMode::Nat, ..pubd };
+        let next = lb::from_client(frame, pubd, now, t, lb);
+        return follow(frame, next, now, t, lb);
     }
     match lb::egress::from_task(frame, net, now, t, lb) {
         Some(lb::Next::TimeExceeded) => {
