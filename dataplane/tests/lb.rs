@@ -1111,3 +1111,31 @@ fn a_task_reaches_a_published_port_of_its_own_node() {
         }
     }
 }
+
+#[test]
+fn the_nodes_own_processes_reach_a_published_port_over_the_host_link() {
+    // The node's nftables send 127.0.0.1:30080 to meshplane's end of the
+    // host link (198.18.99.2), from the kernel's end (198.18.99.1): the
+    // routing mesh in nat mode, the answer back over the link from
+    // 198.18.99.2:30080.
+    const LINK: [u8; 4] = [198, 18, 99, 2];
+    const KERNEL: [u8; 4] = [198, 18, 99, 1];
+    const LINK_MAC: [u8; 6] = [2, 0x4d, 0x50, 0, 0, 2];
+    const KERNEL_MAC: [u8; 6] = [2, 0x4d, 0x50, 0, 0, 1];
+    let egress = "[node.egress]\nports = \"61000-61063\"\nroute = [{ prefix = \"0.0.0.0/0\", mac = \"02:00:00:00:00:fe\" }]\n\
+        [node.egress.host_link]\nip = \"198.18.99.2\"\npeer_ip = \"198.18.99.1\"\nmac = \"02:4d:50:00:00:02\"\npeer_mac = \"02:4d:50:00:00:01\"\n";
+    let spec: TablesSpec = toml::from_str(&format!("{}\n{MESH}\n{egress}", base_with_node_ip())).expect("spec");
+    let t = Tables::compile(&spec).expect("tables");
+    let hp = t.host_port.expect("a host port");
+    let mut st = WorkerState::for_tables(&t);
+    let syn = tcp(LINK_MAC, KERNEL_MAC, KERNEL, LINK, 45000, 30080, true);
+    let (v, out) = run(&t, &mut st, hp, &syn, 0);
+    assert_eq!(v, Verdict::Tx(TASK3), "rr: T3 first");
+    assert_eq!(out, tcp(T3_MAC, NODE1_APP_MAC, NODE1_APP, T3, 45000, 8080, true));
+    let reply = tcp(NODE1_APP_MAC, T3_MAC, T3, NODE1_APP, 8080, 45000, false);
+    let (v, back) = run(&t, &mut st, TASK3, &reply, SECOND);
+    assert_eq!((v, back), (Verdict::Tx(hp), tcp(KERNEL_MAC, LINK_MAC, LINK, KERNEL, 30080, 45000, false)));
+    // Another port of the link's address is no one's.
+    let other = tcp(LINK_MAC, KERNEL_MAC, KERNEL, LINK, 45001, 30999, true);
+    assert_eq!(run(&t, &mut st, hp, &other, SECOND).0, Verdict::Drop(D::EgressNoConnection));
+}

@@ -33,6 +33,7 @@ use super::counters::{conntrack_entries, node_stats};
 use super::dns::{self, Dns, DnsConfig, Upstreams};
 use super::egress;
 use super::health;
+use super::local_publish::LocalPublish;
 use super::task_port::{self, TaskPort};
 use super::underlay::Underlay;
 use super::workers::{open, spawn_workers, stats_writer, stop_workers, summary, worker_cores};
@@ -72,6 +73,9 @@ struct Managed {
     health: Arc<health::Counters>,
     /// The embedded DNS server and its ports (`None`: DNS is off).
     dns: Option<(Dns, PortRange)>,
+    /// The node's own processes' way to its published ports (with the
+    /// host link).
+    local: Option<LocalPublish>,
 }
 
 impl Managed {
@@ -167,6 +171,9 @@ impl Managed {
         self.fill_egress(&mut spec);
         fill_dns(&mut spec, self.dns.as_ref().map(|(_, ports)| *ports));
         let tables = Tables::compile(&spec).map_err(|e| e.to_string())?;
+        if let Some(l) = &self.local {
+            l.update(&tables);
+        }
         let mut ports = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
         self.add_ports(&mut ports, tasks, &tables);
         let gone: Vec<String> = ports.keys().filter(|id| !tasks.iter().any(|t| t.id == **id)).cloned().collect();
@@ -468,6 +475,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         }
     }
     let dns = start_dns(a, host_link.as_ref());
+    let local = host_link.as_ref().map(LocalPublish::start);
     let dp = Arc::new(Managed {
         shared: shared.clone(),
         steering,
@@ -480,6 +488,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         egress,
         health: Arc::default(),
         dns,
+        local,
     });
     // The next hops toward the peers, from this namespace's kernel; a
     // change publishes the tables again.
@@ -560,6 +569,9 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     dp.remove_all();
     if let Some((d, _)) = &dp.dns {
         d.stop();
+    }
+    if let Some(l) = &dp.local {
+        l.stop();
     }
     if let Some(h) = &host_link {
         super::host_port::close_link(h);

@@ -13,6 +13,7 @@ mod dns;
 mod egress;
 mod health;
 mod host_port;
+mod local_publish;
 mod managed;
 mod static_mode;
 mod task_port;

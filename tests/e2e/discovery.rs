@@ -126,6 +126,18 @@ fn vips(io: Io) {
         assert_eq!(by.values().sum::<usize>(), 10);
     }
 
+    // A process on a node reaches a published port at 127.0.0.1 and at
+    // the node's own address (the node's nftables, the host link).
+    for (n, addr) in [(&n1, "198.18.10.1"), (&n2, "198.18.20.2")] {
+        for url in ["http://127.0.0.1:30400/".to_owned(), format!("http://{addr}:30400/")] {
+            wait(&format!("{url} from {}", n.ns), 15, || {
+                in_ns(&n.ns, &["curl", "-sf", "--max-time", "2", &url]).status.success()
+            });
+            let by = answers(&n.ns, &url, 6);
+            eprintln!("{}: {url} from {}: {by:?}", io.arg(), n.ns);
+        }
+    }
+
     // Host mode: service hm's port 30300 opens only on node 1, which runs
     // its task, and its task sees the client's own address.
     let cl = lab.ns("cl");
@@ -156,6 +168,9 @@ fn vips(io: Io) {
     assert!(!o.status.success(), "node 2 runs no task of hm but answered: {}", String::from_utf8_lossy(&o.stdout));
     for n in [&n1, &n2] {
         assert!(lab.stop(n.proc_), "{} did not stop cleanly:\n{}", n.ns, lab.log(n.proc_));
+        // Its nftables table went with it.
+        let tables = in_ns_ok(&n.ns, &["nft", "list", "tables"]);
+        assert!(!tables.contains("meshplane-local"), "{}: {tables}", n.ns);
     }
 }
 

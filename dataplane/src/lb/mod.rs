@@ -1053,6 +1053,16 @@ fn to_client(
         src_port: Some(v.port2),
         dst_port: Some(v.port),
     };
+    // The node's own kernel as the client (over the host link): back
+    // over the link, from meshplane's end of it (what it connected to).
+    if let Some(h) = t.egress.as_ref().and_then(|e| e.host_link.as_ref())
+        && v.peer == u32::from(h.peer_ip)
+        && let Some(hp) = t.host_port
+    {
+        readdress(frame, &Nat { src_addr: Some(h.ip), ..nat }, h.peer_mac.0, Some(h.mac.0))?;
+        clamp_syn(frame, flags, mtu, mesh);
+        return Ok(Verdict::Tx(hp));
+    }
     // A task of this node as the client (it called its own node's
     // published port): to its port, from its network's gateway.
     if let Some((p, gw)) = local_client(t, v) {

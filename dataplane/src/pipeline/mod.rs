@@ -16,8 +16,12 @@ pub use burst::{FLOW_LOOKAHEAD, LOOKAHEAD, VIP_PASS, process_burst};
 use crate::lb::{LbState, Next};
 use crate::overlay::fast::BurstCache;
 use crate::overlay::{self, gateway};
+use crate::tables::services::{MeshMode, Published};
 use crate::tables::{Location, NetId, PortId, Tables};
 use crate::wire::MacAddr;
+use crate::wire::ethernet;
+use crate::wire::frame::plain_ipv4;
+use crate::wire::ipv4::protocol;
 use core::net::Ipv4Addr;
 
 /// Everything a worker owns and writes.
@@ -140,10 +144,33 @@ fn decide_plain<const FAST: bool>(
     if in_port == UPLINK {
         uplink::decide::<FAST>(frame, now, t, cache, lb)
     } else if t.host_port == Some(in_port) {
-        crate::lb::egress::from_host(frame, now, t, lb)
+        from_host(frame, now, t, lb)
     } else {
         task::decide::<FAST>(frame, in_port, now, t, cache, lb)
     }
+}
+
+/// A frame from the host link (the node's kernel): the replies of tasks'
+/// connections to the host (`lb::egress::from_host`), and the node's own
+/// processes calling a published port (its nftables send 127.0.0.1:PUB
+/// and its addresses' PUB to meshplane's end of the link): the routing
+/// mesh with the kernel's end as the client, in `nat` mode, whose answer
+/// goes back over the link (`lb::to_client`).
+fn from_host(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> Verdict {
+    if let Some(h) = t.egress.as_ref().and_then(|e| e.host_link.as_ref())
+        && let Some((ip, total)) = plain_ipv4(frame.data())
+        && ip.dst_ip() == h.ip.octets()
+        && ip.src_ip() == h.peer_ip.octets()
+        && frame.data().get(crate::wire::frame::field::SRC_MAC) == Some(&h.peer_mac.0[..])
+        && matches!(ip.protocol(), protocol::TCP | protocol::UDP)
+        && let Some(pubd) = t.services.published(ip.dst_port(), ip.protocol())
+    {
+        frame.truncate(total + ethernet::HEADER_LEN);
+        let pubd = Published { mode: MeshMode::Nat, ..pubd };
+        let next = crate::lb::from_client(frame, pubd, now, t, lb);
+        return follow(frame, next, now, t, lb);
+    }
+    crate::lb::egress::from_host(frame, now, t, lb)
 }
 
 /// A TCP super-frame ([`Frame::is_super`]): one decision for all its
