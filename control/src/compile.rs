@@ -59,6 +59,7 @@ pub fn compile(
             neighbours,
             reset_closed_ports: false,
             egress: None,
+            mesh_addrs: Vec::new(),
         },
         networks: networks(state, me),
         ports,

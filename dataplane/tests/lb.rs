@@ -1139,3 +1139,41 @@ fn the_nodes_own_processes_reach_a_published_port_over_the_host_link() {
     let other = tcp(LINK_MAC, KERNEL_MAC, KERNEL, LINK, 45001, 30999, true);
     assert_eq!(run(&t, &mut st, hp, &other, SECOND).0, Verdict::Drop(D::EgressNoConnection));
 }
+
+#[test]
+fn the_routing_mesh_answers_on_every_address_of_the_node() {
+    // A second address (198.18.0.21, node.mesh_addrs): connections to it
+    // are balanced and answered from it; those to the data-path address
+    // still from that; ARP for it is answered with the data MAC.
+    const SECOND_ADDR: [u8; 4] = [198, 18, 0, 21];
+    let base = base_with_node_ip().replacen(
+        "data_mac = \"02:00:00:00:00:01\"",
+        "data_mac = \"02:00:00:00:00:01\"\nmesh_addrs = [\"198.18.0.21\"]",
+        1,
+    );
+    let spec: TablesSpec = toml::from_str(&format!("{base}\n{MESH}")).expect("spec");
+    let t = Tables::compile(&spec).expect("tables");
+    assert_eq!(t.mesh_addrs, [core::net::Ipv4Addr::from(SECOND_ADDR)]);
+    let mut st = WorkerState::for_tables(&t);
+    for (addr, sport) in [(SECOND_ADDR, 40001), (NODE1, 40003)] {
+        let syn = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, addr, sport, 30080, true);
+        let (v, out) = run(&t, &mut st, UPLINK, &syn, 0);
+        assert_eq!(v, Verdict::Tx(TASK3), "rr: T3 (local) for each, {addr:?}");
+        assert_eq!(out, tcp(T3_MAC, NODE1_APP_MAC, NODE1_APP, T3, sport, 8080, true));
+        let reply = tcp(NODE1_APP_MAC, T3_MAC, T3, NODE1_APP, 8080, sport, false);
+        let (v, back) = run(&t, &mut st, TASK3, &reply, 0);
+        assert_eq!((v, back), (Verdict::Tx(UPLINK), tcp(CLIENT_MAC, NODE1_MAC, addr, CLIENT, 30080, sport, false)));
+        // (rr: the other backend in between.)
+        let other = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, addr, sport + 1, 30080, true);
+        assert_eq!(run(&t, &mut st, UPLINK, &other, 0).0, Verdict::Tx(UPLINK));
+    }
+    // An address of a cluster network is refused.
+    let bad = base_with_node_ip().replacen(
+        "data_mac = \"02:00:00:00:00:01\"",
+        "data_mac = \"02:00:00:00:00:01\"\nmesh_addrs = [\"198.19.0.77\"]",
+        1,
+    );
+    let spec: TablesSpec = toml::from_str(&format!("{bad}\n{MESH}")).expect("spec");
+    let e = Tables::compile(&spec).expect_err("refused").to_string();
+    assert!(e.contains("lies in the cluster subnet"), "{e}");
+}

@@ -105,6 +105,11 @@ pub(crate) struct RunArgs {
     /// lines of this node's /etc/resolv.conf, read again when it changes).
     #[arg(long, value_name = "IP[:PORT]", value_parser = super::dns::parse_upstream)]
     pub(crate) dns_upstream: Vec<SocketAddr>,
+    /// More addresses the routing mesh answers on besides the data-path
+    /// address, repeatable (with `--io afxdp` every IPv4 address of the
+    /// data NIC is one already, followed at each publication).
+    #[arg(long, value_name = "IP")]
+    pub(crate) mesh_addr: Vec<Ipv4Addr>,
     /// Gossip UDP port.
     #[arg(long)]
     pub(crate) gossip_port: Option<u16>,

@@ -37,6 +37,7 @@ struct FileConfig {
     no_dns: Option<bool>,
     dns_ports: Option<PortRange>,
     dns_upstream: Option<Vec<String>>,
+    mesh_addrs: Option<Vec<Ipv4Addr>>,
 }
 
 /// The arguments with the configuration file's values where no flag was
@@ -100,6 +101,9 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
         if a.no_dns && (a.dns_ports.is_some() || !a.dns_upstream.is_empty()) {
             anyhow::bail!("{}: no_dns = true with dns_ports or dns_upstream", path.display());
         }
+    }
+    if a.mesh_addr.is_empty() {
+        a.mesh_addr = f.mesh_addrs.unwrap_or_default();
     }
     Ok(a)
 }

@@ -76,6 +76,9 @@ struct Managed {
     /// The node's own processes' way to its published ports (with the
     /// host link).
     local: Option<LocalPublish>,
+    /// The data NIC whose addresses the routing mesh answers on (AF_XDP:
+    /// the kernel holds them), read at each publication.
+    mesh_nic: Option<String>,
 }
 
 impl Managed {
@@ -151,6 +154,19 @@ impl Managed {
         }
     }
 
+    /// The routing mesh's addresses besides the data-path address:
+    /// `--mesh-addr`, and with AF_XDP every IPv4 address of the data NIC.
+    fn mesh_addrs(&self) -> Vec<Ipv4Addr> {
+        let mut v = self.args.mesh_addr.clone();
+        if let Some(nic) = &self.mesh_nic {
+            match nic_addrs(nic) {
+                Ok(a) => v.extend(a),
+                Err(e) => tracing::warn!("reading {nic}'s addresses: {e}"),
+            }
+        }
+        v
+    }
+
     /// This node's egress with the routes and neighbours toward the world
     /// as the kernel has them now (every cluster network is in the
     /// tables, so no `cluster_subnets` are needed).
@@ -170,6 +186,7 @@ impl Managed {
         self.fill_next_hops(&mut spec);
         self.fill_egress(&mut spec);
         fill_dns(&mut spec, self.dns.as_ref().map(|(_, ports)| *ports));
+        spec.node.mesh_addrs = self.mesh_addrs();
         let tables = Tables::compile(&spec).map_err(|e| e.to_string())?;
         if let Some(l) = &self.local {
             l.update(&tables);
@@ -231,6 +248,18 @@ fn fill_dns(spec: &mut TablesSpec, ports: Option<PortRange>) {
     for n in &mut spec.networks {
         n.dns_port = ports.filter(|_| link).and_then(|p| dns::port_for(p, n.vni));
     }
+}
+
+/// The IPv4 addresses of interface `nic` (`ip -j -4 addr show`).
+fn nic_addrs(nic: &str) -> Result<Vec<Ipv4Addr>> {
+    let out = crate::sys::output("ip", &["-j", "-4", "addr", "show", "dev", nic])?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("ip -j addr: not JSON")?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().into_iter().flatten())
+        .filter_map(|a| a["local"].as_str()?.parse().ok())
+        .collect())
 }
 
 fn mac_of(iface: &str) -> Option<MacAddr> {
@@ -349,6 +378,7 @@ fn first_tables(
             neighbours: vec![],
             reset_closed_ports: io == IoKind::Tap,
             egress,
+            mesh_addrs: Vec::new(),
         },
         networks: vec![],
         ports: vec![],
@@ -489,6 +519,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         health: Arc::default(),
         dns,
         local,
+        mesh_nic: (io == IoKind::Afxdp).then(|| ad.uplink.clone()),
     });
     // The next hops toward the peers, from this namespace's kernel; a
     // change publishes the tables again.

@@ -28,7 +28,10 @@ fn lab(io: Io, tag: &str) -> (Lab, RNode, RNode, [String; 3], String) {
     let mut lab = Lab::new(&format!("{tag}-{}", io.arg()));
     let fab = fabric(&mut lab, &["brA", "brB", "br1"]);
     router(&mut lab, &fab, &LEGS[..2]);
-    let n1 = boot(&mut lab, io, &fab, 1, "brA", 10, 20);
+    // Node 1's second address for the routing mesh: with TAP a flag; with
+    // AF_XDP an address of the data NIC (added below).
+    let extra: &[&str] = if io == Io::Tap { &["--mesh-addr", SECOND] } else { &[] };
+    let n1 = crate::routed::boot_with(&mut lab, io, &fab, (1, "brA", 10, 20), extra);
     let n2 = boot(&mut lab, io, &fab, 2, "brB", 20, 10);
     init_and_join(&n1, &n2);
     #[rustfmt::skip]
@@ -62,6 +65,9 @@ fn lab(io: Io, tag: &str) -> (Lab, RNode, RNode, [String; 3], String) {
     }
     (lab, n1, n2, t, fab)
 }
+
+/// Node 1's second address (the routing mesh answers on it too).
+const SECOND: &str = "198.18.10.21";
 
 /// A service's VIP and port from the state (`service ls`).
 fn vip(n: &RNode, svc: &str) -> (String, u64) {
@@ -160,6 +166,17 @@ fn vips(io: Io) {
     });
     let ls = cli_ok(&n1.state, &["task", "ls", "--service", "hm"]);
     assert!(ls.contains("198.18.10.1:30300->80"), "{ls}");
+    // Every address: node 1's second one serves the routing mesh, answered
+    // from it (with AF_XDP an address added to the data NIC, taken at the
+    // next publication: the service created above made one).
+    if io == Io::Afxdp {
+        ip(&format!("-n {} addr add {SECOND}/24 dev up0", n1.ns));
+        cli_ok(&n1.state, &["service", "update", "--scheduler", "rr", "web"]);
+    }
+    let url2 = format!("http://{SECOND}:30400/");
+    wait_for("the second address", 15, || in_ns(&cl, &["curl", "-sf", "--max-time", "2", &url2]).status.success());
+    let by = answers(&cl, &url2, 6);
+    eprintln!("{}: {url2} from the underlay client: {by:?}", io.arg());
     let url = "http://198.18.10.1:30300/";
     wait_for("host mode on node 1", 15, || in_ns(&cl, &["curl", "-sf", "--max-time", "2", url]).status.success());
     let body = in_ns_ok(&cl, &["curl", "-sf", "--max-time", "3", url]);

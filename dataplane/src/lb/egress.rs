@@ -611,7 +611,7 @@ fn alloc_port(
     // A published port is the routing mesh's on the data-path address,
     // and on the host link's (the node's own processes call it there).
     let link = t.egress.as_ref().and_then(|e| e.host_link.as_ref()).map(|h| u32::from(h.ip));
-    let shared_with_mesh = snat == u32::from(t.data_ip) || link == Some(snat);
+    let shared_with_mesh = t.is_mesh_addr(Ipv4Addr::from(snat)) || link == Some(snat);
     let off = flow::hash2(
         lb.egress.seed,
         (u64::from(key.src) << 32) | u64::from(key.dst),

@@ -1015,7 +1015,7 @@ pub(crate) fn to_node(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, l
     match reply_entry(lb, &key, by, flags, now, t) {
         Some(v) if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 => {
             let mtu = t.networks.get(usize::from(net)).map_or(0, |n| n.mtu);
-            verdict(to_client(frame, &v, flags, mtu, t, &mut lb.mesh))
+            verdict(to_client(frame, &v, flags, mtu, now, t, lb))
         }
         _ => Verdict::Drop(DropReason::NoConnection),
     }
@@ -1044,11 +1044,14 @@ fn to_client(
     v: &CtValue,
     flags: u8,
     mtu: u16,
+    now: u64,
     t: &Tables,
-    mesh: &mut MeshStats,
+    lb: &mut LbState,
 ) -> Result<Verdict, DropReason> {
+    let src = mesh_addr_of(&lb.conntrack, v, frame, now, t);
+    let mesh = &mut lb.mesh;
     let nat = Nat {
-        src_addr: Some(t.data_ip),
+        src_addr: Some(src),
         dst_addr: Some(Ipv4Addr::from(v.peer)),
         src_port: Some(v.port2),
         dst_port: Some(v.port),
@@ -1075,6 +1078,26 @@ fn to_client(
     Ok(Verdict::Tx(crate::tables::UPLINK))
 }
 
+/// The address of this node a routing-mesh client connected to (`v`: the
+/// connection's reply entry; `frame`: its reply, whose protocol it is):
+/// the data-path address, or the one of `mesh_addrs` whose forward entry
+/// (client to that address and the published port) is tracked. Only a
+/// node with more mesh addresses looks (one probe per extra address).
+#[inline(always)]
+fn mesh_addr_of(ct: &Conntrack, v: &CtValue, frame: &Frame<'_>, now: u64, t: &Tables) -> Ipv4Addr {
+    if t.mesh_addrs.is_empty() {
+        return t.data_ip;
+    }
+    let proto = frame.data().get(field::PROTOCOL).copied().unwrap_or(protocol::TCP);
+    for &a in &t.mesh_addrs {
+        let fk = FlowKey { src: v.peer, dst: u32::from(a), sport: v.port, dport: v.port2, proto };
+        if ct.peek_probe(&ct.probe_in(&fk, Bucket::Src), now).is_some() {
+            return a;
+        }
+    }
+    t.data_ip
+}
+
 /// The port and gateway MAC of a routing-mesh client that is a task of
 /// this node (reply entry `v`: its address and MAC), if it is one.
 #[inline(always)]
@@ -1098,7 +1121,7 @@ pub(crate) fn routed(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb
     let v = reply_entry(lb, &key, Bucket::Dst, flags, now, t)?;
     Some(if v.flags & CT_MESH_PS != 0 {
         let mtu = t.networks.get(usize::from(net)).map_or(0, |n| n.mtu);
-        Next::Done(verdict(to_client(frame, &v, flags, mtu, t, &mut lb.mesh)))
+        Next::Done(verdict(to_client(frame, &v, flags, mtu, now, t, lb)))
     } else if v.flags & CT_PS_RETURN != 0 {
         // Back to the ingress node, to its MAC in this network, from this
         // node's own MAC there (an endpoint behind this node's VTEP, as the

@@ -64,7 +64,7 @@ pub(crate) fn uplink(frame: &mut Frame<'_>, t: &Tables) -> Option<Verdict> {
         return None;
     }
     let req = ArpRepr::parse(d.get(ethernet::HEADER_LEN..)?).ok()?;
-    let ours = req.target_ip == t.data_ip || t.egress.as_ref().is_some_and(|e| e.addr == req.target_ip);
+    let ours = t.is_mesh_addr(req.target_ip) || t.egress.as_ref().is_some_and(|e| e.addr == req.target_ip);
     if req.operation != Operation::Request || !ours || req.sender_ip == req.target_ip {
         return None;
     }

@@ -83,7 +83,7 @@ pub(super) fn from_uplink(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut 
 /// port goes to the routing mesh (`None` for anything else).
 fn published(frame: &mut Frame<'_>, now: u64, t: &Tables, lb: &mut LbState) -> Option<Verdict> {
     let (h, total) = plain_ipv4(frame.data())?;
-    if h.dst_ip() != t.data_ip.octets() || !matches!(h.protocol(), protocol::TCP | protocol::UDP) {
+    if !t.is_mesh_addr(Ipv4Addr::from(h.dst_ip())) || !matches!(h.protocol(), protocol::TCP | protocol::UDP) {
         return None;
     }
     let pubd = t.services.published(h.dst_port(), h.protocol())?;

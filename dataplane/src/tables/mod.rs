@@ -65,6 +65,10 @@ pub struct NodeSpec {
     /// (none without it: such packets have no route).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<egress::EgressSpec>,
+    /// More addresses of this node the routing mesh answers on (the data
+    /// NIC's others, or a configured list), besides `data_ip`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mesh_addrs: Vec<Ipv4Addr>,
 }
 
 fn default_vxlan_port() -> u16 {
@@ -597,6 +601,8 @@ pub struct Tables {
     /// The port of the link to the node's host (egress), if any: a port
     /// in no network.
     pub host_port: Option<PortId>,
+    /// See [`NodeSpec::mesh_addrs`] (without `data_ip`, each once).
+    pub mesh_addrs: Vec<Ipv4Addr>,
 }
 
 impl Tables {
@@ -604,6 +610,13 @@ impl Tables {
     #[inline]
     pub fn net_of_vni(&self, vni: u32) -> Option<NetId> {
         self.by_vni.get(&vni_key(vni)).map(|v| v.net)
+    }
+
+    /// True if the routing mesh answers on `ip`: the data-path address or
+    /// one of `mesh_addrs`.
+    #[inline]
+    pub fn is_mesh_addr(&self, ip: Ipv4Addr) -> bool {
+        ip == self.data_ip || self.mesh_addrs.contains(&ip)
     }
 
     /// True if `ip` is inside the subnet of one of the networks (every
@@ -639,6 +652,7 @@ impl Tables {
             None => None,
         };
         check_dns_ports(&b.networks, host_port.is_some())?;
+        let mesh_addrs = mesh_addrs(n, b.networks.iter().map(|nw| nw.subnet))?;
         Ok(Tables {
             version: spec.version,
             data_ip: n.data_ip,
@@ -657,6 +671,7 @@ impl Tables {
             services,
             egress,
             host_port,
+            mesh_addrs,
         })
     }
 
@@ -664,6 +679,25 @@ impl Tables {
     pub fn port_id(&self, name: &str) -> Option<PortId> {
         self.ports.iter().position(|p| p.name == name).and_then(|i| PortId::try_from(i).ok())
     }
+}
+
+/// The node's extra routing-mesh addresses: unicast, outside every
+/// cluster network, without `data_ip`, each once.
+fn mesh_addrs(n: &NodeSpec, subnets: impl Iterator<Item = Subnet>) -> Result<Vec<Ipv4Addr>, TablesError> {
+    let mut out: Vec<Ipv4Addr> = Vec::new();
+    let subnets: Vec<Subnet> = subnets.collect();
+    for &a in &n.mesh_addrs {
+        if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+            return invalid(format!("node.mesh_addrs: {a} is not a unicast address"));
+        }
+        if let Some(s) = subnets.iter().find(|s| s.contains(a)) {
+            return invalid(format!("node.mesh_addrs: {a} lies in the cluster subnet {s}"));
+        }
+        if a != n.data_ip && !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    Ok(out)
 }
 
 /// Every network's DNS port needs the host link, and no two networks share one.

@@ -125,7 +125,9 @@ impl Steering {
         let mut services = Vec::new();
         for s in &t.services.list {
             for &(port, _) in &s.published {
-                services.push((t.data_ip, port, s.proto));
+                for &a in core::iter::once(&t.data_ip).chain(&t.mesh_addrs) {
+                    services.push((a, port, s.proto));
+                }
             }
             match s.vip {
                 // An every-port VIP: port 0 of both protocols (the
