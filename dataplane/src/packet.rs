@@ -312,8 +312,13 @@ drop_reasons! {
     /// Egress: VXLAN to a peer's data-path address from a task (it would
     /// reach the peer as VXLAN from a known VTEP).
     EgressToVtep = "egress_to_vtep",
-    /// Egress: to this node's own published port (use the service's VIP).
+    /// Egress: to this node's own published port, neither TCP nor UDP
+    /// (TCP and UDP take the routing mesh).
     EgressHairpin = "egress_hairpin",
+    /// A backend refused a new connection (a reset answering its SYN): the
+    /// reset is held back and the client's next SYN goes to another
+    /// backend, which this worker prefers for a while (passive health).
+    BackendRefused = "backend_refused",
     /// A packet whose TTL ran out at the gateway that gets no
     /// time-exceeded (an ICMP error about an ICMP error, the rate limit).
     TtlExceeded = "ttl_exceeded",

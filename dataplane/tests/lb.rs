@@ -1177,3 +1177,32 @@ fn the_routing_mesh_answers_on_every_address_of_the_node() {
     let e = Tables::compile(&spec).expect_err("refused").to_string();
     assert!(e.contains("lies in the cluster subnet"), "{e}");
 }
+
+#[test]
+fn a_backend_that_refuses_is_passed_over_and_its_reset_held_back() {
+    // rr over T3 (local) and T2. T3's server is gone: its kernel answers
+    // the SYN with a reset. The reset is held back (backend_refused), the
+    // client's retransmitted SYN goes to T2, and so does the next new
+    // connection (T3 passed over on that port for 10 s); after that T3
+    // is tried again.
+    let t = tables_with(WEB);
+    let mut st = WorkerState::for_tables(&t);
+    let syn = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, true);
+    assert_eq!(run(&t, &mut st, TASK1, &syn, 0).0, Verdict::Tx(TASK3));
+    let refusal = rst(T1_MAC, T3_MAC, T3, T1, 8080, 40001);
+    assert_eq!(run(&t, &mut st, TASK3, &refusal, 0).0, Verdict::Drop(D::BackendRefused));
+    assert_eq!(run(&t, &mut st, TASK1, &syn, SECOND).0, Verdict::Tx(UPLINK), "the retransmitted SYN: T2");
+    let syn2 = tcp(GW_MAC, T1_MAC, T1, VIP, 40002, 80, true);
+    assert_eq!(run(&t, &mut st, TASK1, &syn2, SECOND).0, Verdict::Tx(UPLINK), "T3 passed over");
+    assert_eq!(st.lb.services[0].backends[0].refused, 1);
+    let syn3 = tcp(GW_MAC, T1_MAC, T1, VIP, 40003, 80, true);
+    assert_eq!(run(&t, &mut st, TASK1, &syn3, 12 * SECOND).0, Verdict::Tx(TASK3), "tried again after 10 s");
+    // When every backend refuses, the reset reaches the client (from the
+    // VIP): it is refused, not left waiting.
+    let one = tables_with(&WEB.replace("[[service.backend]]\nip = \"198.19.0.2\"\n", ""));
+    let mut st = WorkerState::for_tables(&one);
+    assert_eq!(run(&one, &mut st, TASK1, &syn, 0).0, Verdict::Tx(TASK3));
+    let (v, out) = run(&one, &mut st, TASK3, &refusal, 0);
+    assert_eq!(v, Verdict::Tx(TASK1));
+    assert_eq!(&out[26..30], &VIP, "from the VIP");
+}

@@ -79,6 +79,26 @@ pub struct BackendStats {
     pub new_conns: u64,
     /// Connections to it this worker tracks now (the `lc`/`wlc` load).
     pub active: u32,
+    /// New connections it refused (a reset answering the SYN).
+    pub refused: u64,
+    /// Until when (ns) this worker schedules no new connection to it on
+    /// `refused_port` (its port that refused), unless no other backend
+    /// is left (see [`refused`]); 0: never.
+    pub refused_until: u64,
+    /// The backend port that refused.
+    pub refused_port: u16,
+}
+
+/// How long a backend that refused a connection is passed over (or until
+/// the tables change): the health check's business after that.
+pub const REFUSED_HOLD: u64 = 10 * conntrack::SECOND;
+
+impl BackendStats {
+    /// Whether new connections to its port `port` pass it over at `now`.
+    #[inline(always)]
+    fn refusing(&self, port: u16, now: u64) -> bool {
+        self.refused_until > now && self.refused_port == port
+    }
 }
 
 /// Counters of one service, per worker.
@@ -261,6 +281,10 @@ impl LbState {
         self.services.resize(list.len(), ServiceStats::default());
         for (s, st) in list.iter().zip(&mut self.services) {
             st.backends.resize(s.backends.len(), BackendStats::default());
+            // The backends' indices may mean others now: forget refusals.
+            for b in &mut st.backends {
+                b.refused_until = 0;
+            }
         }
     }
 
@@ -442,6 +466,8 @@ fn release(services: &mut [ServiceStats], nat: &mut NatShares, egress: &mut NatS
 struct View<'a> {
     backends: &'a [service::Backend],
     stats: &'a [BackendStats],
+    /// Pass over backends refusing this port now (`None`: take them too).
+    avoid: Option<(u16, u64)>,
 }
 
 impl sched::Backends for View<'_> {
@@ -449,6 +475,11 @@ impl sched::Backends for View<'_> {
         self.backends.len()
     }
     fn weight(&self, i: usize) -> u32 {
+        if let Some((port, now)) = self.avoid
+            && self.stats.get(i).is_some_and(|b| b.refusing(port, now))
+        {
+            return 0;
+        }
         self.backends.get(i).map_or(0, |b| b.weight)
     }
     fn active(&self, i: usize) -> u32 {
@@ -527,7 +558,7 @@ fn connection(
         }
         None => {}
     }
-    let (b, base) = schedule(lb, s, svc, key, flags, None)?;
+    let (b, base) = schedule(lb, s, svc, key, flags, None, now)?;
     let be = &s.backends[b as usize];
     let f = fwd(be, base, lb)?;
     let fp = lb.conntrack.probe_in(key, Bucket::Src);
@@ -547,19 +578,28 @@ fn schedule(
     key: &FlowKey,
     flags: u8,
     chosen: Option<u32>,
+    now: u64,
 ) -> Result<(u32, CtValue), DropReason> {
     let (Some(stats), Some(st)) = (lb.services.get(svc as usize), lb.sched.get_mut(svc as usize)) else {
         return Err(DropReason::LbNotSynced);
     };
+    let port = backend_port(s, key);
+    let refusing = |i: usize| stats.backends.get(i).is_some_and(|b| b.refusing(port, now));
     let b = match (chosen, s.scheduler) {
         // What `stateless_choice` gave for this key, already.
-        (Some(b), _) => Some(b as usize),
+        (Some(b), _) if !refusing(b as usize) => Some(b as usize),
         // The Maglev table alone decides (what `sched::pick` does for
         // them, without the call): the one hash each reads.
-        (None, sched::Scheduler::Mh | sched::Scheduler::Sh) => stateless_choice(s, key).map(|(i, _)| i),
+        (_, sched::Scheduler::Mh | sched::Scheduler::Sh) => {
+            stateless_choice(s, key).map(|(i, _)| if refusing(i) { maglev_avoiding(s, key, i, &refusing) } else { i })
+        }
         _ => {
-            let view = View { backends: &s.backends, stats: &stats.backends };
-            sched::pick(s.scheduler, &view, st, s.maglev.as_ref(), 0, 0)
+            let mut view = View { backends: &s.backends, stats: &stats.backends, avoid: Some((port, now)) };
+            sched::pick(s.scheduler, &view, st, s.maglev.as_ref(), 0, 0).or_else(|| {
+                // Every backend refusing: take them as they are.
+                view.avoid = None;
+                sched::pick(s.scheduler, &view, st, s.maglev.as_ref(), 0, 0)
+            })
         }
     };
     let b = b.ok_or(DropReason::NoBackend)?;
@@ -570,6 +610,88 @@ fn schedule(
     let state = if key.proto == protocol::TCP { opening_state(flags) } else { CtState::Udp };
     let b = b as u32;
     Ok((b, CtValue { service: svc, backend: b, peer: u32::from(be.ip), port: be.port, state, ..CtValue::ZERO }))
+}
+
+/// The backend port a new connection of `key` to service `s` goes to: the
+/// VIP's (`vip_target`), or for the routing mesh the target port (the same
+/// for every backend of a service).
+#[inline(always)]
+fn backend_port(s: &service::Service, key: &FlowKey) -> u16 {
+    match (s.vip, s.backends.first()) {
+        (Some((ip, _)), Some(be)) if u32::from(ip) == key.dst => s.vip_target(be, key.dport),
+        (_, Some(be)) => be.port,
+        (_, None) => 0,
+    }
+}
+
+/// Another backend than `first` for a Maglev service, by the table with
+/// the key's hash moved on (up to 8 times), that is not refusing; `first`
+/// if every one tried is.
+#[cold]
+fn maglev_avoiding(s: &service::Service, key: &FlowKey, first: usize, refusing: &dyn Fn(usize) -> bool) -> usize {
+    let Some(m) = s.maglev.as_ref() else { return first };
+    let h = if s.scheduler == sched::Scheduler::Sh { src_hash(key) } else { flow_hash(key) };
+    (1..=8u32)
+        .filter_map(|k| m.lookup(h.wrapping_add(k.wrapping_mul(0x9e37_79b9))).map(|i| i as usize))
+        .find(|&i| !refusing(i))
+        .unwrap_or(first)
+}
+
+/// Passive health: a backend's reset answering the SYN of a balanced
+/// connection it never accepted (`key`, `flags`: the reset; `by`: the
+/// reply entry's bucket) means it refuses connections on that port (its
+/// server died, before its health check says so). The backend is passed
+/// over by this worker for [`REFUSED_HOLD`] on that port, and if another
+/// backend can take the connection, both entries are dropped and true
+/// returned: the caller holds the reset back (`backend_refused`), so the
+/// client's next SYN is a new connection, scheduled elsewhere, and the
+/// client sees a retransmission, not an error. False (the reset goes on
+/// as any reply) for anything else, or when every backend refuses.
+#[inline(never)] // a refusal is rare
+pub(crate) fn refused(lb: &mut LbState, key: &FlowKey, by: Bucket, flags: u8, now: u64, t: &Tables) -> bool {
+    use conntrack::tcp_flags::RST;
+    if flags & RST == 0 || key.proto != protocol::TCP {
+        return false;
+    }
+    let p = lb.conntrack.probe_in(key, by);
+    let Some(v) = lb.conntrack.peek_probe(&p, now) else { return false };
+    if v.flags & CT_REPLY == 0 || v.flags & (CT_EGRESS | CT_PS_RETURN) != 0 || v.state != CtState::SynRecv {
+        return false;
+    }
+    let Some(s) = t.services.list.get(v.service as usize) else { return false };
+    let Some(stats) = lb.services.get_mut(v.service as usize) else { return false };
+    if let Some(b) = stats.backends.get_mut(v.backend as usize) {
+        b.refused += 1;
+        b.refused_until = now + REFUSED_HOLD;
+        b.refused_port = key.sport;
+    }
+    let others = s.backends.iter().enumerate().any(|(i, b)| {
+        i != v.backend as usize && b.weight > 0 && !stats.backends.get(i).is_some_and(|x| x.refusing(key.sport, now))
+    });
+    if !others {
+        return false;
+    }
+    // Both entries go: the forward one first (found from the reply's).
+    let fk = if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 {
+        let to =
+            |a: Ipv4Addr| FlowKey { src: v.peer, dst: u32::from(a), sport: v.port, dport: v.port2, proto: key.proto };
+        core::iter::once(t.data_ip)
+            .chain(t.mesh_addrs.iter().copied())
+            .map(to)
+            .find(|k| lb.conntrack.peek_probe(&lb.conntrack.probe_in(k, Bucket::Src), now).is_some())
+    } else {
+        Some(FlowKey { src: key.dst, dst: v.peer, sport: key.dport, dport: v.port, proto: key.proto })
+    };
+    if let Some(fk) = fk {
+        let fp = lb.conntrack.probe_in(&fk, Bucket::Src);
+        if let Some(f) = lb.conntrack.remove_probe(&fp) {
+            lb.release(&fk, f);
+        }
+    }
+    if let Some(r) = lb.conntrack.remove_probe(&p) {
+        lb.release(key, r);
+    }
+    true
 }
 
 /// The state of a new TCP connection's entries, from its first segment's
@@ -788,7 +910,7 @@ pub(crate) fn open_vip(
 ) -> Result<u32, DropReason> {
     let vip = s.vip.ok_or(DropReason::NoRoute)?;
     let fp = probe.unwrap_or_else(|| lb.conntrack.probe_in(key, Bucket::Src));
-    let (b, f) = schedule(lb, s, svc, key, flags, chosen)?;
+    let (b, f) = schedule(lb, s, svc, key, flags, chosen, now)?;
     let f = match s.backends.get(b as usize) {
         Some(be) => CtValue { port: s.vip_target(be, key.dport), ..f },
         None => f,
@@ -1012,6 +1134,9 @@ pub(crate) fn to_node(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, l
     // whole tuple); a `preserve-source` one to the client.
     let node_ip = t.networks.get(usize::from(net)).and_then(|n| n.node_ip);
     let by = if node_ip == Some(Ipv4Addr::from(key.dst)) { Bucket::Tuple } else { Bucket::Dst };
+    if refused(lb, &key, by, flags, now, t) {
+        return Verdict::Drop(DropReason::BackendRefused);
+    }
     match reply_entry(lb, &key, by, flags, now, t) {
         Some(v) if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 => {
             let mtu = t.networks.get(usize::from(net)).map_or(0, |n| n.mtu);
@@ -1118,6 +1243,9 @@ fn local_client(t: &Tables, v: &CtValue) -> Option<(crate::packet::PortId, MacAd
 /// `None`: not a tracked reply (no route).
 pub(crate) fn routed(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState) -> Option<Next> {
     let (key, flags) = tuple(frame.data())?;
+    if refused(lb, &key, Bucket::Dst, flags, now, t) {
+        return Some(Next::Done(Verdict::Drop(DropReason::BackendRefused)));
+    }
     let v = reply_entry(lb, &key, Bucket::Dst, flags, now, t)?;
     Some(if v.flags & CT_MESH_PS != 0 {
         let mtu = t.networks.get(usize::from(net)).map_or(0, |n| n.mtu);
@@ -1144,8 +1272,9 @@ pub(crate) fn routed(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb
 /// gets its source back (the VIP:port, from the gateway's MAC); a
 /// `preserve-source` connection from another node's routing mesh (the
 /// source is outside the network) is remembered so that the task's
-/// replies return through that node. Returns false if the packet could not
-/// be rewritten (malformed).
+/// replies return through that node. The drop if the packet could not be
+/// rewritten (malformed), or is a backend's refusal held back
+/// ([`refused`]).
 pub(crate) fn on_delivery(
     frame: &mut Frame<'_>,
     net: NetId,
@@ -1153,8 +1282,8 @@ pub(crate) fn on_delivery(
     now: u64,
     t: &Tables,
     lb: &mut LbState,
-) -> bool {
-    let Some((key, flags)) = tuple(frame.data()) else { return true };
+) -> Result<(), DropReason> {
+    let Some((key, flags)) = tuple(frame.data()) else { return Ok(()) };
     let nw = &t.networks[usize::from(net)];
     if let Some(vtep) = outer_src
         && !nw.subnet.contains(Ipv4Addr::from(key.src))
@@ -1175,20 +1304,23 @@ pub(crate) fn on_delivery(
             // way back and are dropped, counted, where they come out.
             let _ = lb.insert_probe(&rp, v, now, true, usize::MAX);
         }
-        return true;
+        return Ok(());
     }
-    let Some(v) = reply_entry(lb, &key, Bucket::Dst, flags, now, t) else { return true };
+    if refused(lb, &key, Bucket::Dst, flags, now, t) {
+        return Err(DropReason::BackendRefused);
+    }
+    let Some(v) = reply_entry(lb, &key, Bucket::Dst, flags, now, t) else { return Ok(()) };
     if v.flags & (CT_MESH_NAT | CT_MESH_PS | CT_PS_RETURN) != 0 {
-        return true;
+        return Ok(());
     }
     let nat = Nat { src_addr: Some(Ipv4Addr::from(v.peer)), dst_addr: None, src_port: Some(v.port), dst_port: None };
     let gw = nw.gateway_mac;
     let d = frame.data_mut();
     if rewrite_ipv4(&mut d[field::VER_IHL..], &nat).is_err() {
-        return false;
+        return Err(DropReason::Malformed);
     }
     d[field::SRC_MAC].copy_from_slice(&gw.0);
-    true
+    Ok(())
 }
 
 #[cfg(test)]

@@ -284,8 +284,8 @@ fn deliver(
     lb: &mut LbState,
 ) -> Verdict {
     let has_services = t.networks.get(usize::from(net)).is_some_and(|n| n.has_services);
-    if has_services && !crate::lb::on_delivery(frame, net, outer_src, now, t, lb) {
-        return Verdict::Drop(DropReason::Malformed);
+    if has_services && let Err(d) = crate::lb::on_delivery(frame, net, outer_src, now, t, lb) {
+        return Verdict::Drop(d);
     }
     Verdict::Tx(p)
 }
