@@ -4,7 +4,8 @@
 //! healthy; web.2's server killed → web.2 unhealthy within the check's
 //! interval × retries (and a probe's timeout), out of every node's
 //! balancer, every request answered by the others; its server started
-//! again → healthy and balanced again; the transitions in node2's log,
+//! again → healthy and balanced again (and in and out of DNS's
+//! `tasks.web` with it); the transitions in node2's log,
 //! its counters and metrics; `--no-healthcheck` → every task unchecked.
 
 use crate::cluster::{LabGuard, answered, get, set, text, wait};
@@ -91,6 +92,15 @@ pub(crate) fn health_on_the_lab(io: &str) {
         t["health"].as_str().unwrap_or("none").to_owned()
     };
     let all = |h: &str| ["web.1", "web.2", "web.3"].iter().all(|t| health(t) == h);
+    // `dig +short tasks.web` from web.1's namespace (its resolver: the
+    // embedded DNS at its gateway).
+    let tasks_web = || -> Vec<String> {
+        let o = Command::new("ip")
+            .args(["netns", "exec", "mp-lab-t1", "dig", "+short", "+time=2", "+tries=2", "tasks.web"])
+            .output()
+            .expect("dig");
+        text(&o.stdout).lines().map(str::to_owned).filter(|l| !l.is_empty()).collect()
+    };
 
     // The check: the tasks serve (unchecked) until their first probe, then
     // are healthy.
@@ -125,6 +135,9 @@ pub(crate) fn health_on_the_lab(io: &str) {
         assert_eq!(answered(n, 6), set(&["web.1", "web.3"]), "through node{n} with web.2 unhealthy");
     }
     assert_eq!((health("web.1"), health("web.3")), ("healthy".into(), "healthy".into()));
+    // And out of DNS: tasks.web from web.1 no longer has it.
+    assert!(!tasks_web().contains(&ip2), "tasks.web with web.2 unhealthy: {:?}", tasks_web());
+    assert_eq!(tasks_web().len(), 2, "{:?}", tasks_web());
     let out = during.finish();
     eprintln!("{io}: wrk across web.2's death (5 s, -c8): {:?}\n{out}", wrk_result(&out));
     // Errors only on the connections that were on web.2 (at most wrk's 8):
@@ -152,6 +165,7 @@ pub(crate) fn health_on_the_lab(io: &str) {
     for n in 1..=3 {
         wait("web.2 back in the balancer", 5, || g.backends(n).contains(&ip2));
     }
+    wait("web.2 back in DNS", 5, || tasks_web().contains(&ip2));
     let out = back.finish();
     let (requests, errors) = wrk_result(&out);
     eprintln!("{io}: wrk across web.2's return: {requests} requests\n{out}");

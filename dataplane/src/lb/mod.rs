@@ -659,15 +659,19 @@ pub(crate) fn refused(lb: &mut LbState, key: &FlowKey, by: Bucket, flags: u8, no
         return false;
     }
     let Some(s) = t.services.list.get(v.service as usize) else { return false };
+    // The backend is the reset's sender, found by address (the entry's
+    // index may be another backend's since the tables changed).
+    let Some(bi) = s.backends.iter().position(|b| u32::from(b.ip) == key.src) else { return false };
     let Some(stats) = lb.services.get_mut(v.service as usize) else { return false };
-    if let Some(b) = stats.backends.get_mut(v.backend as usize) {
+    if let Some(b) = stats.backends.get_mut(bi) {
         b.refused += 1;
         b.refused_until = now + REFUSED_HOLD;
         b.refused_port = key.sport;
     }
-    let others = s.backends.iter().enumerate().any(|(i, b)| {
-        i != v.backend as usize && b.weight > 0 && !stats.backends.get(i).is_some_and(|x| x.refusing(key.sport, now))
-    });
+    let others =
+        s.backends.iter().enumerate().any(|(i, b)| {
+            i != bi && b.weight > 0 && !stats.backends.get(i).is_some_and(|x| x.refusing(key.sport, now))
+        });
     if !others {
         return false;
     }
