@@ -277,7 +277,7 @@ pub(crate) fn cluster_on_the_lab(io: &str) {
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap_or_default()["role"].as_str().map(str::to_owned)
     };
     let create =
-        ["service", "create", "--name", "api", "--network", "app", "--vip-port", "81", "--target-port", "8080"];
+        ["service", "create", "--name", "admin", "--network", "app", "--vip-port", "81", "--target-port", "8080"];
     g.cli_ok(1, &["node", "demote", "node3"]);
     wait("node3 a worker", 20, || role3().as_deref() == Some("worker"));
     let o = g.cli(3, &create);
@@ -287,7 +287,7 @@ pub(crate) fn cluster_on_the_lab(io: &str) {
     g.cli_ok(2, &["node", "promote", "node3"]);
     wait("node3 a manager again", 20, || role3().as_deref() == Some("manager"));
     wait("a write through node3 as a manager", 20, || g.cli(3, &create).status.success());
-    g.cli_ok(3, &["service", "rm", "api"]);
+    g.cli_ok(3, &["service", "rm", "admin"]);
 
     // SIGTERM: a clean stop (XDP program detached, the task port it made
     // removed, the state directory kept; it resumes from it).
