@@ -539,3 +539,31 @@ fn a_dns_port_needs_the_host_link_and_is_one_networks() {
     let e = Tables::compile(&spec).expect_err("refused").to_string();
     assert!(e.contains("dns_port 25300 is used twice"), "{e}");
 }
+
+#[test]
+fn a_closed_egress_connections_tuple_keeps_its_port_on_every_path() {
+    // The task closes its connection and opens it again from the same
+    // port (a bare SYN on a closing tuple): the balancer's port-reuse
+    // rule is for balanced connections only, so the mapping stays, and the
+    // fast and general paths agree (`run` checks). Network app has a
+    // service, so the fast path looks the task's flows up too.
+    let t = tables(&format!(
+        "{EGRESS}[[service]]\nname = \"web\"\nprotocol = \"tcp\"\nnetwork = \"app\"\nvip = \"198.19.0.100\"\nport = 80\n\
+         target_port = 8080\n[[service.backend]]\nip = \"198.19.0.3\"\n"
+    ));
+    let mut st = WorkerState::for_tables(&t);
+    let syn = tcp(T1_MAC, GW_MAC, T1, SERVER, 64, 40100, 80, true);
+    let (_, out) = run(&t, &mut st, TASK1, &syn, 0);
+    let p = sport(&out);
+    let mut fin = Vec::new();
+    etherparse::PacketBuilder::ethernet2(T1_MAC, GW_MAC)
+        .ipv4(T1, SERVER, 64)
+        .tcp(40100, 80, 1001, 1000)
+        .fin()
+        .ack(1)
+        .write(&mut fin, b"")
+        .expect("fin");
+    assert_eq!(run(&t, &mut st, TASK1, &fin, SECOND).0, Verdict::Tx(UPLINK));
+    let (v, out) = run(&t, &mut st, TASK1, &syn, 2 * SECOND);
+    assert_eq!((v, sport(&out)), (Verdict::Tx(UPLINK), p));
+}

@@ -320,9 +320,12 @@ impl LbState {
     #[inline(always)]
     pub(crate) fn lookup_forward(&mut self, p: &conntrack::Probe, now: u64, flags: u8) -> Option<CtValue> {
         use conntrack::tcp_flags::{ACK, SYN};
-        if flags & (SYN | ACK) == SYN
-            && self.conntrack.peek_probe(p, now).is_some_and(|v| matches!(v.state, CtState::Fin | CtState::Close))
-        {
+        // Balanced connections only (VIP and routing mesh): an egress
+        // mapping keeps its port, whatever its state.
+        let balanced_closing = |v: CtValue| {
+            matches!(v.state, CtState::Fin | CtState::Close) && v.flags & (CT_EGRESS | CT_REPLY | CT_PS_RETURN) == 0
+        };
+        if flags & (SYN | ACK) == SYN && self.conntrack.peek_probe(p, now).is_some_and(balanced_closing) {
             if let Some(old) = self.conntrack.remove_probe(p) {
                 self.release(&p.key(), old);
             }
