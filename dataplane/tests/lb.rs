@@ -62,6 +62,19 @@ fn run(t: &Tables, st: &mut WorkerState, in_port: u16, input: &[u8], now: u64) -
     (v, f.data().to_vec())
 }
 
+/// [`run`], and the general path alone on a copy of the state: both must
+/// give the same verdict and bytes.
+fn run_agreeing(t: &Tables, st: &mut WorkerState, port: u16, f: &[u8], now: u64) -> (Verdict, Vec<u8>) {
+    let mut copy = st.clone();
+    let mut buf = vec![0u8; HEADROOM + f.len() + 64];
+    buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
+    let mut g = Frame::new(&mut buf, HEADROOM, f.len()).unwrap();
+    let gv = process_general(&mut g, port, now, t, &mut copy);
+    let out = run(t, st, port, f, now);
+    assert_eq!(out, (gv, g.data().to_vec()), "the general path agrees");
+    out
+}
+
 fn decap(out: &[u8]) -> (u32, Vec<u8>) {
     let Ok(Classified::Vxlan(d)) = vxlan::classify(out, core::net::Ipv4Addr::new(198, 18, 0, 2), 4789) else {
         panic!("not VXLAN to node 2");
@@ -996,16 +1009,7 @@ fn an_every_port_vip_carries_each_tcp_and_udp_port_untranslated() {
     let mut st = WorkerState::for_tables(&t);
     // Through the fast path (`run`) and the general path alone (on a copy
     // of the state): the same verdicts and bytes.
-    let mut go = |port: u16, f: &[u8], now: u64| {
-        let mut copy = st.clone();
-        let mut buf = vec![0u8; HEADROOM + f.len() + 64];
-        buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
-        let mut g = Frame::new(&mut buf, HEADROOM, f.len()).unwrap();
-        let gv = process_general(&mut g, port, now, &t, &mut copy);
-        let out = run(&t, &mut st, port, f, now);
-        assert_eq!(out, (gv, g.data().to_vec()), "the general path agrees");
-        out
-    };
+    let mut go = |port: u16, f: &[u8], now: u64| run_agreeing(&t, &mut st, port, f, now);
     // TCP 80 → T3:80 (local), TCP 5432 → T2:5432 (node 2), UDP 53 → T3:53.
     let (v, out) = go(TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, true), 0);
     assert_eq!((v, out), (Verdict::Tx(TASK3), tcp(T3_MAC, T1_MAC, T1, T3, 40001, 80, true)));
@@ -1048,16 +1052,7 @@ fn a_task_balanced_to_itself_through_its_vip_is_answered_from_the_vip() {
     for (svc, vport, tport) in [(HAIRPIN.to_string(), 80, 8080), (every_port, 5432, 5432)] {
         let t = tables_with(&svc);
         let mut st = WorkerState::for_tables(&t);
-        let mut go = |port: u16, f: &[u8], now: u64| {
-            let mut copy = st.clone();
-            let mut buf = vec![0u8; HEADROOM + f.len() + 64];
-            buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
-            let mut g = Frame::new(&mut buf, HEADROOM, f.len()).unwrap();
-            let gv = process_general(&mut g, port, now, &t, &mut copy);
-            let out = run(&t, &mut st, port, f, now);
-            assert_eq!(out, (gv, g.data().to_vec()), "the general path agrees");
-            out
-        };
+        let mut go = |port: u16, f: &[u8], now: u64| run_agreeing(&t, &mut st, port, f, now);
         let mut served = 0;
         for i in 0..20u16 {
             let cp = 41000 + i;
