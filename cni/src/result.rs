@@ -4,11 +4,12 @@
 
 use crate::SUPPORTED;
 use crate::failure::Failure;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use std::net::Ipv4Addr;
 
 /// What the node attached: the facts an ADD result reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attached {
     /// The host end of the task's port, if it has one (AF_XDP: a veth).
     pub host_iface: Option<String>,
