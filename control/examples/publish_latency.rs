@@ -77,6 +77,7 @@ async fn main() {
             node: format!("node{n}"),
             weight: 1,
             netns: None,
+            container: None,
         });
     }
     for c in setup {

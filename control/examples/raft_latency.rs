@@ -96,7 +96,14 @@ async fn main() {
             endpoint_mode: meshplane_control::state::EndpointMode::Vip,
             health: None,
         },
-        Command::AttachTask { id: "web.1".into(), service: "web".into(), node: "node1".into(), weight: 1, netns: None },
+        Command::AttachTask {
+            id: "web.1".into(),
+            service: "web".into(),
+            node: "node1".into(),
+            weight: 1,
+            netns: None,
+            container: None,
+        },
     ];
     for c in setup {
         raft.client_write(c).await.expect("setup write");

@@ -109,6 +109,26 @@ pub struct AdminStats {
     /// without a checker).
     #[serde(default)]
     pub health: Option<HealthStats>,
+    /// The CNI requests this node served.
+    #[serde(default)]
+    pub cni: CniStats,
+}
+
+/// A node's CNI counters (since it started).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniStats {
+    /// ADDs asked.
+    pub adds: u64,
+    /// ADDs that failed.
+    pub add_failures: u64,
+    /// DELs asked.
+    pub dels: u64,
+    /// GCs asked.
+    pub gcs: u64,
+    /// Tasks detached because their container's namespace went.
+    pub reaped: u64,
+    /// DELs spooled because they could not commit.
+    pub spooled: u64,
 }
 
 /// The counters of a node's health checker (all since it started, but
@@ -357,6 +377,11 @@ pub enum AdminRequest {
     Stats,
     /// The connections this node's workers track.
     Conntrack,
+    /// A CNI plugin's request (on the admin socket only).
+    Cni {
+        /// The command.
+        request: meshplane_cni::proto::CniRequest,
+    },
 }
 
 /// An admin API response: a JSON value, or why not.
@@ -370,6 +395,9 @@ pub enum ApiError {
     /// The state refused the command.
     #[error(transparent)]
     State(#[from] StateError),
+    /// A CNI request failed (the plugin reports its code).
+    #[error(transparent)]
+    Cni(meshplane_cni::failure::Failure),
     /// The CA could not be made, or a certificate issued, or a token was refused.
     #[error(transparent)]
     Pki(#[from] PkiError),

@@ -325,6 +325,88 @@ pub struct Task {
     /// the field).
     #[serde(default)]
     pub health: TaskHealth,
+    /// The container the task is (a CNI attachment, or a process attached
+    /// by `task attach --pid`): its node detaches the task when the
+    /// container's namespace goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerRef>,
+}
+
+/// The container a task is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRef {
+    /// Its id (`CNI_CONTAINERID`, Docker's id): `[A-Za-z0-9][A-Za-z0-9_.-]*`,
+    /// at most 256 bytes.
+    pub id: String,
+    /// The CNI attachment, if a runtime attached it through CNI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<CniAttachment>,
+    /// The inode of its network namespace when it was attached (a
+    /// `/proc/PID` namespace with another inode is another process's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_ino: Option<u64>,
+    /// A name to show (the runtime's container name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A CNI attachment: the network (the conflist's name) and the interface
+/// in the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniAttachment {
+    /// The conflist's `name`.
+    pub network: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+}
+
+impl ContainerRef {
+    /// The longest container id.
+    pub const MAX_ID: usize = 256;
+
+    /// Checks its fields (the id's characters and length, the CNI
+    /// network's and interface's, the name's).
+    pub fn check(&self) -> Result<(), StateError> {
+        let bad = |why: String| Err(StateError::BadContainer(why));
+        let id_ok = |v: &str, max: usize| {
+            !v.is_empty()
+                && v.len() <= max
+                && v.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        };
+        if !id_ok(&self.id, Self::MAX_ID) {
+            return bad(format!(
+                "container id {:?}: [A-Za-z0-9][A-Za-z0-9_.-]*, at most {} bytes",
+                self.id,
+                Self::MAX_ID
+            ));
+        }
+        if let Some(c) = &self.cni {
+            if !id_ok(&c.network, 128) {
+                return bad(format!("CNI network {:?}: [A-Za-z0-9][A-Za-z0-9_.-]*, at most 128 bytes", c.network));
+            }
+            let ifname_ok = !c.ifname.is_empty()
+                && c.ifname.len() <= 15
+                && c.ifname != "."
+                && c.ifname != ".."
+                && c.ifname.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+            if !ifname_ok {
+                return bad(format!("interface name {:?}: 1 to 15 bytes, no '/', ':' or whitespace", c.ifname));
+            }
+        }
+        if let Some(n) = &self.name
+            && (n.is_empty() || n.len() > 253 || !n.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return bad(format!("container name {n:?}: 1 to 253 visible ASCII characters"));
+        }
+        Ok(())
+    }
+
+    /// The same attachment: the same id, and the same CNI network and
+    /// interface (or neither a CNI attachment).
+    pub fn same_attachment(&self, other: &ContainerRef) -> bool {
+        self.id == other.id && self.cni == other.cni
+    }
 }
 
 /// A request to publish a port.
@@ -439,6 +521,9 @@ pub enum Command {
         /// the port is made for an interface someone else wires up).
         #[serde(default)]
         netns: Option<String>,
+        /// The container the task is, if it is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        container: Option<ContainerRef>,
     },
     /// A task's weight changes (0 drains it).
     SetWeight {
@@ -724,9 +809,25 @@ pub enum StateError {
     /// A task's network namespace that is neither a namespace name nor a
     /// process's namespace.
     #[error(
-        "task namespace {0:?}: a name of 1 to 64 letters, digits, '_', '.' and '-' (not starting with '-' or '.'), /var/run/netns/NAME, /run/netns/NAME or /proc/PID/ns/net"
+        "task namespace {0:?}: a name of 1 to 64 letters, digits, '_', '.' and '-' (not starting with '-' or '.'), /var/run/netns/NAME, /run/netns/NAME, /proc/PID/ns/net or an absolute path to a namespace file (a runtime's bind mount)"
     )]
     BadNetns(String),
+    /// A task's container reference that is not valid.
+    #[error("{0}")]
+    BadContainer(String),
+    /// A container (attachment) that already is a task on the node.
+    #[error("container {container} is already task {task} on node {node}")]
+    ContainerAttached {
+        /// The task it is.
+        task: String,
+        /// The container (and its CNI attachment).
+        container: String,
+        /// The node.
+        node: String,
+    },
+    /// A container attached without a namespace.
+    #[error("task {0:?}: a container's task needs its network namespace")]
+    ContainerWithoutNetns(String),
 }
 
 /// A task's network namespace, validated ([`TaskNetns::parse`]): what a
@@ -737,17 +838,26 @@ pub enum TaskNetns {
     Named(String),
     /// The namespace of process `PID`: `/proc/PID/ns/net`.
     Process(u32),
+    /// Any other namespace file (a runtime's bind mount, such as
+    /// podman's `/run/netns/netns-UUID` under another directory): an
+    /// absolute path the node checks is a network namespace.
+    File(String),
 }
 
 impl TaskNetns {
     /// Longest namespace name.
     pub const MAX_NAME: usize = 64;
 
+    /// The longest namespace file path.
+    pub const MAX_PATH: usize = 1024;
+
     /// Parses a task's `--netns`: a name (`[A-Za-z0-9_.-]{1,64}`, not
     /// starting with '-' or '.'), `/var/run/netns/NAME` or
-    /// `/run/netns/NAME` (the name), or `/proc/PID/ns/net`; anything else
-    /// is refused (it would reach `ip` as an option, a path elsewhere, or
-    /// another namespace than meant).
+    /// `/run/netns/NAME` (the name), `/proc/PID/ns/net`, or another
+    /// absolute path of visible ASCII (no empty, `.` or `..` component, at
+    /// most 1024 bytes, not under `/proc/`: `/proc/self` would be the
+    /// node's); anything else is refused (it would reach `ip` as an
+    /// option, or another namespace than meant).
     pub fn parse(s: &str) -> Result<TaskNetns, StateError> {
         let bad = || StateError::BadNetns(s.to_owned());
         let named = |n: &str| {
@@ -760,10 +870,18 @@ impl TaskNetns {
         if !s.starts_with('/') {
             return named(s);
         }
-        if let Some(n) = s.strip_prefix("/var/run/netns/").or_else(|| s.strip_prefix("/run/netns/")) {
+        if let Some(n) = s.strip_prefix("/var/run/netns/").or_else(|| s.strip_prefix("/run/netns/"))
+            && !n.contains('/')
+        {
             return named(n);
         }
-        let pid = s.strip_prefix("/proc/").and_then(|r| r.strip_suffix("/ns/net")).ok_or_else(bad)?;
+        let Some(pid) = s.strip_prefix("/proc/").map(|r| r.strip_suffix("/ns/net")) else {
+            let ok = s.len() <= Self::MAX_PATH
+                && s.bytes().all(|b| b.is_ascii_graphic())
+                && s.split('/').skip(1).all(|c| !c.is_empty() && c != "." && c != "..");
+            return if ok { Ok(TaskNetns::File(s.to_owned())) } else { Err(bad()) };
+        };
+        let pid = pid.ok_or_else(bad)?;
         // Digits only (no sign, no spaces), a pid that can exist (> 0).
         if pid.is_empty() || pid.len() > 10 || !pid.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
@@ -774,21 +892,25 @@ impl TaskNetns {
         }
     }
 
-    /// The namespace's file: `/var/run/netns/NAME` or `/proc/PID/ns/net`.
+    /// The namespace's file: `/var/run/netns/NAME`, `/proc/PID/ns/net` or
+    /// the path given.
     pub fn path(&self) -> String {
         match self {
             TaskNetns::Named(n) => format!("/var/run/netns/{n}"),
             TaskNetns::Process(p) => format!("/proc/{p}/ns/net"),
+            TaskNetns::File(f) => f.clone(),
         }
     }
 }
 
 impl core::fmt::Display for TaskNetns {
-    /// The normalised form the state keeps: the name, or `/proc/PID/ns/net`.
+    /// The normalised form the state keeps: the name, `/proc/PID/ns/net`
+    /// or the path.
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             TaskNetns::Named(n) => f.write_str(n),
             TaskNetns::Process(p) => write!(f, "/proc/{p}/ns/net"),
+            TaskNetns::File(p) => f.write_str(p),
         }
     }
 }
@@ -955,8 +1077,8 @@ impl ClusterState {
                 self.tasks.retain(|_, t| t.service != *name);
                 Ok(())
             }
-            Command::AttachTask { id, service, node, weight, netns } => {
-                self.attach_task(id, service, node, *weight, netns.clone())
+            Command::AttachTask { id, service, node, weight, netns, container } => {
+                self.attach_task(id, service, node, *weight, netns.clone(), container.clone())
             }
             Command::SetWeight { id, weight } => {
                 let t = self.tasks.get_mut(id).ok_or_else(|| unknown(Kind::Task, id))?;
@@ -1242,11 +1364,29 @@ impl ClusterState {
         node: &str,
         weight: u32,
         netns: Option<String>,
+        container: Option<ContainerRef>,
     ) -> Result<(), StateError> {
         check_name(Kind::Task, id)?;
         let netns = netns.map(|n| TaskNetns::parse(&n).map(|t| t.to_string())).transpose()?;
         if self.tasks.contains_key(id) {
             return Err(StateError::Exists { kind: Kind::Task, name: id.to_owned() });
+        }
+        if let Some(c) = &container {
+            c.check()?;
+            if netns.is_none() {
+                return Err(StateError::ContainerWithoutNetns(id.to_owned()));
+            }
+            if let Some(t) = self.container_task(node, c) {
+                let what = match &c.cni {
+                    Some(a) => format!("{}/{} (CNI network {})", c.id, a.ifname, a.network),
+                    None => c.id.clone(),
+                };
+                return Err(StateError::ContainerAttached {
+                    task: t.id.clone(),
+                    container: what,
+                    node: node.to_owned(),
+                });
+            }
         }
         let s = self.services.get(service).ok_or_else(|| unknown(Kind::Service, service))?;
         if !self.nodes.contains_key(node) {
@@ -1264,9 +1404,16 @@ impl ClusterState {
             weight,
             netns,
             health,
+            container,
         };
         self.tasks.insert(id.to_owned(), task);
         Ok(())
+    }
+
+    /// The task on `node` that is container attachment `c` (the same id
+    /// and CNI attachment), if there is one.
+    pub fn container_task(&self, node: &str, c: &ContainerRef) -> Option<&Task> {
+        self.tasks.values().find(|t| t.node == node && t.container.as_ref().is_some_and(|x| x.same_attachment(c)))
     }
 
     /// `SetCa`: the cluster's CA, or its new join secrets (never another CA).
@@ -1329,8 +1476,8 @@ impl ClusterState {
         used
     }
 
-    /// The lowest free host address of `network`.
-    fn allocate_ip(&self, network: &str) -> Result<Ipv4Addr, StateError> {
+    /// The lowest free host address of `network` (what the next task gets).
+    pub fn allocate_ip(&self, network: &str) -> Result<Ipv4Addr, StateError> {
         let nw = self.networks.get(network).ok_or_else(|| unknown(Kind::Network, network))?;
         let used = self.used_ips(network);
         hosts(nw.subnet)
@@ -1379,6 +1526,9 @@ mod netns_tests {
             ("/run/netns/mp-t1", "mp-t1"),
             ("/proc/1234/ns/net", "/proc/1234/ns/net"),
             ("/proc/0042/ns/net", "/proc/42/ns/net"),
+            ("/run/user/1000/netns/netns-6f1c", "/run/user/1000/netns/netns-6f1c"),
+            ("/var/run/netns/a/b", "/var/run/netns/a/b"),
+            ("/etc/passwd", "/etc/passwd"),
         ] {
             assert_eq!(ok(given).as_deref(), Ok(kept), "{given}");
         }
@@ -1397,10 +1547,8 @@ mod netns_tests {
             "../x",
             "a/b",
             "x;reboot",
-            "/etc/passwd",
             "/var/run/netns/",
             "/var/run/netns/../x",
-            "/var/run/netns/a/b",
             "/run/netns/-all",
             "/proc/12x/ns/net",
             "/proc//ns/net",
@@ -1414,6 +1562,15 @@ mod netns_tests {
             "/proc/99999999999/ns/net",
             "/proc/1/../1/ns/net",
             "relative/path",
+            "/a/../b",
+            "/a/./b",
+            "/a//b",
+            "/a b",
+            "/",
+            "/x/",
+            "/proc/self/task/1/ns/net",
+            "/proc/1/task/1/ns/net",
+            "/run/netns/x\u{e9}",
             "netns\u{e9}",
             &long,
             &under_run,
@@ -1422,6 +1579,9 @@ mod netns_tests {
         }
         assert_eq!(TaskNetns::parse("/proc/7/ns/net").map(|t| t.path()), Ok("/proc/7/ns/net".to_owned()));
         assert_eq!(TaskNetns::parse("/run/netns/t").map(|t| t.path()), Ok("/var/run/netns/t".to_owned()));
+        assert_eq!(TaskNetns::parse("/x/y"), Ok(TaskNetns::File("/x/y".into())));
+        let very_long = format!("/{}", "x".repeat(TaskNetns::MAX_PATH));
+        assert_eq!(TaskNetns::parse(&very_long), Err(StateError::BadNetns(very_long.clone())));
         let msg = StateError::BadNetns("a b".into()).to_string();
         assert!(msg.contains("/proc/PID/ns/net") && msg.contains("1 to 64"), "{msg}");
     }
@@ -1512,6 +1672,7 @@ mod netns_tests {
             node: "n1".into(),
             weight: 1,
             netns: Some(netns.into()),
+            container: None,
         }
     }
 
@@ -1519,7 +1680,7 @@ mod netns_tests {
     fn attach_task_refuses_a_bad_namespace_and_keeps_a_normalised_one() {
         let mut st = cluster();
         let before = st.clone();
-        for bad in ["-all", "a b", "../x", "/etc/passwd", "/proc/12x/ns/net"] {
+        for bad in ["-all", "a b", "../x", "/a/../b", "/proc/12x/ns/net"] {
             assert_eq!(st.apply(&attach("web.1", bad)), Err(StateError::BadNetns(bad.into())), "{bad}");
             assert_eq!(st, before, "a refused command changes nothing");
         }
@@ -1527,5 +1688,85 @@ mod netns_tests {
         st.apply(&attach("web.2", "/proc/4321/ns/net")).expect("a process's namespace");
         assert_eq!(st.tasks["web.1"].netns.as_deref(), Some("mp-t1"));
         assert_eq!(st.tasks["web.2"].netns.as_deref(), Some("/proc/4321/ns/net"));
+    }
+
+    fn container(id: &str, cni: Option<(&str, &str)>) -> ContainerRef {
+        ContainerRef {
+            id: id.into(),
+            cni: cni.map(|(network, ifname)| CniAttachment { network: network.into(), ifname: ifname.into() }),
+            netns_ino: Some(4026532000),
+            name: None,
+        }
+    }
+
+    fn attach_container(id: &str, netns: &str, c: ContainerRef) -> Command {
+        match attach(id, netns) {
+            Command::AttachTask { id, service, node, weight, netns, .. } => {
+                Command::AttachTask { id, service, node, weight, netns, container: Some(c) }
+            }
+            other => other,
+        }
+    }
+
+    #[test]
+    fn a_container_is_one_task_per_node_and_attachment() {
+        let mut st = cluster();
+        let c = container("3f2a9c1b", Some(("web-net", "eth0")));
+        st.apply(&attach_container("web.1", "/run/user/0/netns/x", c.clone())).expect("attached");
+        assert_eq!(st.tasks["web.1"].container.as_ref(), Some(&c));
+        assert_eq!(st.tasks["web.1"].netns.as_deref(), Some("/run/user/0/netns/x"));
+        let before = st.clone();
+        let again = st.apply(&attach_container("web.2", "/proc/9/ns/net", c.clone()));
+        assert_eq!(
+            again,
+            Err(StateError::ContainerAttached {
+                task: "web.1".into(),
+                container: "3f2a9c1b/eth0 (CNI network web-net)".into(),
+                node: "n1".into()
+            })
+        );
+        assert_eq!(st, before);
+        // Another interface of the same container, or the same id without
+        // CNI, is another attachment.
+        st.apply(&attach_container("web.2", "/proc/9/ns/net", container("3f2a9c1b", Some(("web-net", "eth1")))))
+            .expect("another interface");
+        st.apply(&attach_container("web.3", "/proc/9/ns/net", container("3f2a9c1b", None))).expect("by pid");
+        let msg = st.apply(&attach_container("web.4", "/proc/9/ns/net", container("3f2a9c1b", None)));
+        assert!(matches!(msg, Err(StateError::ContainerAttached { ref task, .. }) if task == "web.3"), "{msg:?}");
+        assert_eq!(st.container_task("n1", &c).map(|t| t.id.as_str()), Some("web.1"));
+        assert_eq!(st.container_task("n2", &c), None);
+    }
+
+    #[test]
+    fn bad_containers_are_refused_and_old_tasks_load() {
+        let mut st = cluster();
+        let before = st.clone();
+        for c in [
+            container("", None),
+            container("-x", None),
+            container("a b", None),
+            container(&"a".repeat(257), None),
+            container("ok", Some(("web net", "eth0"))),
+            container("ok", Some(("web-net", "eth 0"))),
+            container("ok", Some(("web-net", ".."))),
+            container("ok", Some(("web-net", "a/b"))),
+            container("ok", Some(("web-net", "sixteen-bytes-xx"))),
+            ContainerRef { name: Some("two words".into()), ..container("ok", None) },
+        ] {
+            let r = st.apply(&attach_container("web.1", "/proc/9/ns/net", c.clone()));
+            assert!(matches!(r, Err(StateError::BadContainer(_))), "{c:?}: {r:?}");
+            assert_eq!(st, before);
+        }
+        let no_netns = match attach_container("web.1", "x", container("ok", None)) {
+            Command::AttachTask { id, service, node, weight, container, .. } => {
+                Command::AttachTask { id, service, node, weight, netns: None, container }
+            }
+            other => other,
+        };
+        assert_eq!(st.apply(&no_netns), Err(StateError::ContainerWithoutNetns("web.1".into())));
+        let old = r#"{"id":"web.1","service":"web","node":"n1","ip":"198.19.0.1","mac":"02:42:c6:13:00:01","weight":1,"netns":"t1"}"#;
+        let t: Task = serde_json::from_str(old).expect("a task without a container loads");
+        assert_eq!(t.container, None);
+        assert!(!serde_json::to_string(&t).expect("json").contains("container"), "none: not written");
     }
 }

@@ -222,6 +222,7 @@ fn a_cluster_of_control_planes() {
             node: format!("node{i}"),
             weight: 1,
             netns: None,
+            container: None,
         })
         .unwrap();
     }
@@ -233,6 +234,7 @@ fn a_cluster_of_control_planes() {
             node: "node1".into(),
             weight: 1,
             netns: None,
+            container: None,
         })
         .unwrap_err();
     assert!(e.contains("this node is not a manager"), "{e}");
@@ -242,6 +244,7 @@ fn a_cluster_of_control_planes() {
         node: "node3".into(),
         weight: 1,
         netns: None,
+        container: None,
     })
     .unwrap();
     let nodes = [&n1, &n2, &n3];

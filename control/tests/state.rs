@@ -45,7 +45,14 @@ fn service(name: &str, vip: Option<u16>, publish: &[(Option<u16>, MeshMode)]) ->
 }
 
 fn task(id: &str, service: &str, node: &str) -> Command {
-    Command::AttachTask { id: id.into(), service: service.into(), node: node.into(), weight: 1, netns: None }
+    Command::AttachTask {
+        id: id.into(),
+        service: service.into(),
+        node: node.into(),
+        weight: 1,
+        netns: None,
+        container: None,
+    }
 }
 
 /// Two nodes, network app (198.19.0.0/24), service web (VIP :80, published

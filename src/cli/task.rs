@@ -109,6 +109,7 @@ fn attach(c: &Conn, service: &str, node: &str, netns: &Option<String>, weight: u
             node: node.to_owned(),
             weight,
             netns: netns.clone(),
+            container: None,
         };
         match write(c, cmd) {
             Ok(()) => break tid,

@@ -625,6 +625,7 @@ mod tests {
             node: node.into(),
             weight: 1,
             netns: netns.map(str::to_owned),
+            container: None,
         };
         for c in [
             node("n1", 1),

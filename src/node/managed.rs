@@ -17,6 +17,11 @@
 //! control thread's runtime) and proposes their transitions through the
 //! control plane.
 //!
+//! The reaper (`reaper`) detaches container tasks whose namespace is
+//! gone and finishes the CNI DELs spooled while the node was down; CNI
+//! ADD waits for the outcome of making its task's port
+//! (`Dataplane::task_port`).
+//!
 //! The embedded DNS server (`dns`) runs unless `--no-dns` or there is no
 //! host link: the control plane hands it the names with every
 //! publication (`Dataplane::names`), and each network in the tables gets
@@ -39,7 +44,8 @@ use super::underlay::Underlay;
 use super::workers::{open, spawn_workers, stats_writer, stop_workers, summary, worker_cores};
 use crate::stats::{ConntrackEntry, NodeStats};
 use anyhow::{Context, Result, bail};
-use meshplane_control::cluster::{Config, Control, Dataplane, LocalTask, PublishError};
+use meshplane_cni::failure::Failure;
+use meshplane_control::cluster::{Config, Control, Dataplane, LocalTask, PortInfo, PublishError};
 use meshplane_dataplane::io::afxdp;
 use meshplane_dataplane::tables::egress::{EgressSpec, HostLinkSpec, PortRange};
 use meshplane_dataplane::tables::{NodeSpec, Tables, TablesSpec};
@@ -48,7 +54,7 @@ use meshplane_dataplane::worker::{Bound, Shared};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The dataplane side of a managed node.
@@ -59,6 +65,10 @@ struct Managed {
     io: IoKind,
     workers: usize,
     ports: Mutex<BTreeMap<String, TaskPort>>,
+    /// What making each task's port came to (CNI ADD waits for it), and
+    /// the condition its waiters wait on; dropped with the task.
+    outcomes: Mutex<BTreeMap<String, Result<PortInfo, Failure>>>,
+    made: Condvar,
     /// The control plane's last tables and tasks, before the next hops
     /// are filled in: compiled again when a next hop changes (and the
     /// lock that keeps two publications from crossing).
@@ -97,19 +107,38 @@ impl Managed {
             if ports.contains_key(&t.id) {
                 continue;
             }
-            match task_port::make(self.io, self.workers, &self.args, t, tables) {
+            let outcome = match task_port::make(self.io, self.workers, &self.args, t, tables) {
                 Ok((p, queues)) => {
                     tracing::info!("task {} on port {} ({})", t.id, p.iface, t.ip);
                     for (k, q) in queues.into_iter().enumerate() {
                         self.shared.change_ports(k, vec![Bound::new(&t.id, q)], &[]);
                     }
+                    let info = PortInfo {
+                        host_iface: (self.io == IoKind::Afxdp).then(|| p.iface.clone()),
+                        dns_search: self.dns_search(t, tables),
+                    };
                     ports.insert(t.id.clone(), p);
+                    Ok(info)
                 }
                 // Its frames are counted as unbound until a later change
                 // makes the port.
-                Err(e) => tracing::warn!("{e:#}"),
-            }
+                Err(e) => {
+                    tracing::warn!("{e:#}");
+                    Err(e.downcast_ref::<Failure>().cloned().unwrap_or_else(|| Failure::Later(format!("{e:#}"))))
+                }
+            };
+            self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).insert(t.id.clone(), outcome);
         }
+        self.made.notify_all();
+    }
+
+    /// The search domains a CNI result gives task `t`, if the node serves
+    /// DNS for its network (the node's own `search`).
+    fn dns_search(&self, t: &LocalTask, tables: &Tables) -> Option<Vec<String>> {
+        self.dns.as_ref()?;
+        tables.networks.iter().find(|n| n.gateway_ip == t.gateway && n.dns_port.is_some())?;
+        let search = std::fs::read_to_string("/etc/resolv.conf").ok().and_then(|s| dns::search(&s));
+        Some(search.map(|s| s.split_whitespace().map(str::to_owned).collect()).unwrap_or_default())
     }
 
     /// Gone tasks: once every worker has closed their ports (at the swap
@@ -206,6 +235,9 @@ impl Managed {
         if !gone.is_empty() {
             self.remove_ports(&mut ports, gone);
         }
+        drop(ports);
+        self.outcomes.lock().unwrap_or_else(PoisonError::into_inner).retain(|id, _| tasks.iter().any(|t| t.id == *id));
+        self.made.notify_all();
         Ok(())
     }
 }
@@ -236,6 +268,41 @@ impl Dataplane for Managed {
 
     fn health(&self) -> Option<crate::stats::HealthStats> {
         Some(self.health.snapshot())
+    }
+
+    fn netns_check(&self, netns: &str, ifname: &str) -> Result<u64, Failure> {
+        task_port::check_netns(netns, ifname)
+    }
+
+    fn task_port(&self, id: &str, until: Instant) -> Result<PortInfo, Failure> {
+        let t0 = Instant::now();
+        let mut outcomes = self.outcomes.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(r) = outcomes.get(id) {
+                return r.clone();
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Err(Failure::Later(format!(
+                    "task {id}'s port was not made in {:.1} s (see the node's log)",
+                    (now - t0).as_secs_f64()
+                )));
+            }
+            outcomes = self.made.wait_timeout(outcomes, until - now).unwrap_or_else(PoisonError::into_inner).0;
+        }
+    }
+
+    fn task_port_gone(&self, id: &str, until: Instant) {
+        while self.ports.lock().unwrap_or_else(PoisonError::into_inner).contains_key(id) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn verify_port(&self, t: &LocalTask) -> Result<(), Failure> {
+        if !self.ports.lock().unwrap_or_else(PoisonError::into_inner).contains_key(&t.id) {
+            return Err(Failure::Mismatch(format!("task {}'s port is not made (see the node's log)", t.id)));
+        }
+        task_port::verify(t)
     }
 }
 
@@ -513,6 +580,8 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
         io,
         workers: n,
         ports: Mutex::new(BTreeMap::new()),
+        outcomes: Mutex::new(BTreeMap::new()),
+        made: Condvar::new(),
         last: Mutex::new(None),
         underlay: OnceLock::new(),
         egress,
@@ -568,6 +637,8 @@ pub(crate) fn run(a: &RunArgs) -> Result<()> {
     // The health checks of this node's tasks, stopped with the runtime.
     let checks = Arc::new(health::ControlCluster { control: control.clone(), me: name.clone() });
     rt.spawn(health::run(checks, dp.health.clone()));
+    // Container tasks whose namespace went, and DELs spooled meanwhile.
+    rt.spawn(super::reaper::run(control.clone(), name.clone()));
     if let Some(m) = ad.metrics {
         match rt.block_on(tokio::net::TcpListener::bind(m)) {
             Ok(l) => {

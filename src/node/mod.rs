@@ -15,6 +15,7 @@ mod health;
 mod host_port;
 mod local_publish;
 mod managed;
+mod reaper;
 mod static_mode;
 mod task_port;
 mod underlay;

@@ -3,17 +3,23 @@
 //! namespace, addressed, with its default route through the network's
 //! gateway; removed when the task goes.
 //!
-//! The namespace is a name (`ip netns`, entered with `ip -n NAME`) or a
-//! process's (`/proc/PID/ns/net`, entered with `nsenter --net=…`), checked
-//! again here ([`TaskNetns::parse`]; the state refuses anything else) and
-//! refused if it is the node's own namespace or the host's: a task's port
-//! never renames the node's interfaces or replaces its default route.
-//! Every command is an argument vector.
+//! The namespace is a name (`ip netns`, entered with `ip -n NAME`), a
+//! process's (`/proc/PID/ns/net`) or another namespace file (a runtime's
+//! bind mount), the last two entered with `nsenter --net=…`. It is checked
+//! again here ([`TaskNetns::parse`]; the state refuses anything else), must
+//! be a network namespace (a file of nsfs), and is refused if it is the
+//! node's own namespace or the host's: a task's port never renames the
+//! node's interfaces or replaces its default route. A container's task
+//! (CNI, `task attach --pid`) records the namespace's inode: a
+//! `/proc/PID` whose pid now belongs to another process is refused, and
+//! its port gets the interface name the runtime asked for. Every command
+//! is an argument vector.
 
 use super::args::{IoKind, RunArgs};
 use super::workers::open;
 use crate::sys::{self, ip};
 use anyhow::{Context, Result, bail};
+use meshplane_cni::failure::Failure;
 use meshplane_control::cluster::LocalTask;
 use meshplane_control::state::TaskNetns;
 use meshplane_dataplane::io::Port;
@@ -134,7 +140,8 @@ pub(crate) fn make(
             .with_context(|| format!("task {}: no --netns and no interface {:?}", t.id, t.id))?;
         return Ok((TaskPort { iface: t.id.clone(), made: false, resolv: None }, qs));
     };
-    let ns = Netns::new(given).with_context(|| format!("task {}", t.id))?;
+    let ino = t.container.as_ref().and_then(|c| c.netns_ino);
+    let ns = Netns::new(given, ino).map_err(anyhow::Error::new).with_context(|| format!("task {}", t.id))?;
     let host = host_name(&t.id);
     let peer = format!("{host}p");
     // A port left by a node that crashed goes first.
@@ -155,53 +162,138 @@ pub(crate) fn make(
         if io == IoKind::Afxdp {
             sys::link_del(&host);
         }
-        return Err(e.context(format!("task {}: setting up its interface in {}", t.id, ns.0)));
+        return Err(e.context(format!("task {}: setting up its interface in {}", t.id, ns.ns)));
     }
     let resolv = task_resolv(t, tables);
     Ok((TaskPort { iface: host, made: io == IoKind::Afxdp, resolv }, queues))
 }
 
 /// A task's namespace, validated, and how to reach it.
-struct Netns(TaskNetns);
+pub(crate) struct Netns {
+    ns: TaskNetns,
+    /// Its inode.
+    pub(crate) ino: u64,
+}
 
 impl Netns {
-    /// `given` parsed, and refused if it is the node's own namespace or
-    /// the host's (that of pid 1).
-    fn new(given: &str) -> Result<Netns> {
-        let ns = TaskNetns::parse(given)?;
+    /// `given` parsed, checked to be a network namespace (nsfs), and
+    /// refused if it is the node's own namespace or the host's (that of
+    /// pid 1), or if its inode is not `ino` (a pid reused by another
+    /// process).
+    pub(crate) fn new(given: &str, ino: Option<u64>) -> Result<Netns, Failure> {
+        let bad = |why: String| Failure::Netns { netns: given.to_owned(), why };
+        let ns = TaskNetns::parse(given).map_err(|e| bad(e.to_string()))?;
         let id = |path: &str| {
             use std::os::unix::fs::MetadataExt;
             std::fs::metadata(path).map(|m| (m.dev(), m.ino()))
         };
-        let task = id(&ns.path()).with_context(|| format!("no network namespace {ns}"))?;
+        let task = match id(&ns.path()) {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(bad("no such namespace (is gone: did the container exit?)".into()));
+            }
+            Err(e) => return Err(bad(format!("cannot be read: {e}"))),
+        };
+        // Every network namespace is a file of one nsfs superblock.
+        let nsfs = id("/proc/self/ns/net").map_err(|e| bad(format!("reading this node's namespace: {e}")))?;
+        if task.0 != nsfs.0 {
+            return Err(bad("is not a network namespace".into()));
+        }
         for (whose, path) in [("the node's own", "/proc/self/ns/net"), ("the host's", "/proc/1/ns/net")] {
             if id(path).is_ok_and(|x| x == task) {
-                bail!("network namespace {ns} is {whose}: a task's port never goes there");
+                return Err(bad(format!("is {whose}: a task's port never goes there")));
             }
         }
-        Ok(Netns(ns))
+        if let Some(want) = ino
+            && want != task.1
+        {
+            return Err(bad("is now another namespace (the container is gone and its pid or path reused)".into()));
+        }
+        Ok(Netns { ns, ino: task.1 })
     }
 
     /// What `ip link … netns` takes: the namespace's file for a name (a
-    /// name of digits is never read as a pid), the pid for a process.
+    /// name of digits is never read as a pid) or a file, the pid for a
+    /// process.
     fn target(&self) -> String {
-        match &self.0 {
-            TaskNetns::Named(_) => self.0.path(),
+        match &self.ns {
+            TaskNetns::Named(_) | TaskNetns::File(_) => self.ns.path(),
             TaskNetns::Process(pid) => pid.to_string(),
         }
     }
 
     /// Runs `ip args` in the namespace.
     fn ip(&self, args: &[&str]) -> Result<()> {
-        match &self.0 {
+        match &self.ns {
             TaskNetns::Named(name) => {
                 let mut v = vec!["-n", name.as_str()];
                 v.extend_from_slice(args);
                 ip(&v)
             }
-            TaskNetns::Process(_) => sys::ip_in_netns_file(&self.0.path(), args),
+            TaskNetns::Process(_) | TaskNetns::File(_) => sys::ip_in_netns_file(&self.ns.path(), args),
         }
     }
+
+    /// Runs `ip args` in the namespace; its output, or why it failed.
+    fn ip_output(&self, args: &[&str]) -> Result<String> {
+        let path = format!("--net={}", self.ns.path());
+        let mut v = vec![path.as_str(), "ip"];
+        v.extend_from_slice(args);
+        let out = std::process::Command::new("nsenter").args(&v).output().context("running nsenter")?;
+        if !out.status.success() {
+            bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Whether interface `ifname` exists in the namespace.
+    pub(crate) fn has_link(&self, ifname: &str) -> bool {
+        self.ip_output(&["link", "show", "dev", ifname]).is_ok()
+    }
+}
+
+/// CNI ADD, before anything is written: `netns` is a namespace a task's
+/// port may go into and has no interface `ifname`; its inode.
+pub(crate) fn check_netns(netns: &str, ifname: &str) -> Result<u64, Failure> {
+    let ns = Netns::new(netns, None)?;
+    if ns.has_link(ifname) {
+        return Err(Failure::Ifname { ifname: ifname.to_owned(), netns: netns.to_owned() });
+    }
+    Ok(ns.ino)
+}
+
+/// CNI CHECK: task `t`'s interface in its namespace is up, has its MAC and
+/// its address.
+pub(crate) fn verify(t: &LocalTask) -> Result<(), Failure> {
+    let given = t.netns.as_deref().ok_or_else(|| Failure::Mismatch(format!("task {} has no namespace", t.id)))?;
+    let ns = Netns::new(given, t.container.as_ref().and_then(|c| c.netns_ino))?;
+    let ifname = t.ifname().unwrap_or("eth0");
+    let out = ns
+        .ip_output(&["-j", "addr", "show", "dev", ifname])
+        .map_err(|e| Failure::Mismatch(format!("{ifname} in {given}: {e:#}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| Failure::Mismatch(format!("{ifname} in {given}: ip -j: {e}")))?;
+    let link = &v[0];
+    let up = link["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == "UP"));
+    if !up {
+        return Err(Failure::Mismatch(format!("{ifname} in {given} is down")));
+    }
+    let mac = t.mac.to_string();
+    if link["address"].as_str() != Some(mac.as_str()) {
+        return Err(Failure::Mismatch(format!(
+            "{ifname} in {given} has MAC {}, not {mac}",
+            link["address"].as_str().unwrap_or("none")
+        )));
+    }
+    let want = t.ip.to_string();
+    let has = link["addr_info"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|x| x["local"].as_str() == Some(want.as_str()) && x["prefixlen"].as_u64() == Some(u64::from(t.prefix)))
+    });
+    if !has {
+        return Err(Failure::Mismatch(format!("{ifname} in {given} has no address {want}/{}", t.prefix)));
+    }
+    Ok(())
 }
 
 /// A veth pair `host` - `peer` with `workers` queues each, `peer` in `ns`;
@@ -220,7 +312,18 @@ fn veth(host: &str, peer: &str, ns: &Netns, workers: usize, mtu: u16) -> Result<
 /// TAP hands over super-frames and partial checksums with a virtio-net
 /// header; on a veth (AF_XDP) the node completes the checksums.
 fn address(t: &LocalTask, ns: &Netns, peer: &str) -> Result<()> {
-    let name = if ns.ip(&["link", "set", peer, "name", "eth0"]).is_ok() { "eth0" } else { peer };
+    let name = match t.ifname() {
+        // A runtime asked for this name: it must be that.
+        Some(want) => {
+            ns.ip(&["link", "set", peer, "name", want])
+                .map_err(|_| Failure::Ifname { ifname: want.to_owned(), netns: ns.ns.to_string() })?;
+            // ctr leaves the container's loopback down.
+            ns.ip(&["link", "set", "lo", "up"])?;
+            want
+        }
+        None if ns.ip(&["link", "set", peer, "name", "eth0"]).is_ok() => "eth0",
+        None => peer,
+    };
     let (mac, mtu, addr) = (t.mac.to_string(), t.mtu.to_string(), format!("{}/{}", t.ip, t.prefix));
     ns.ip(&["link", "set", name, "address", &mac, "mtu", &mtu, "up"])?;
     ns.ip(&["addr", "add", &addr, "dev", name])?;
@@ -242,18 +345,23 @@ mod tests {
     #[test]
     fn the_nodes_own_namespace_and_bad_names_are_refused() {
         let own = format!("/proc/{}/ns/net", std::process::id());
-        let e = Netns::new(&own).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        let e = Netns::new(&own, None).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("the node's own"), "{e}");
-        let e = Netns::new("-all").err().map(|e| format!("{e:#}")).unwrap_or_default();
+        let e = Netns::new("-all", None).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("task namespace \"-all\""), "{e}");
-        let e = Netns::new("mp-np-surely-absent").err().map(|e| format!("{e:#}")).unwrap_or_default();
-        assert!(e.contains("no network namespace mp-np-surely-absent"), "{e}");
+        let e = Netns::new("mp-np-surely-absent", None).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("network namespace mp-np-surely-absent: no such namespace"), "{e}");
+        // A regular file is not a namespace.
+        let e = Netns::new("/etc/hostname", None).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("is not a network namespace"), "{e}");
     }
 
     #[test]
     fn a_named_namespace_is_moved_to_by_its_file_and_a_process_by_its_pid() {
-        assert_eq!(Netns(TaskNetns::Named("7".into())).target(), "/var/run/netns/7");
-        assert_eq!(Netns(TaskNetns::Process(7)).target(), "7");
+        let n = |ns| Netns { ns, ino: 0 };
+        assert_eq!(n(TaskNetns::Named("7".into())).target(), "/var/run/netns/7");
+        assert_eq!(n(TaskNetns::Process(7)).target(), "7");
+        assert_eq!(n(TaskNetns::File("/run/user/0/netns/x".into())).target(), "/run/user/0/netns/x");
     }
 
     /// A namespace `mp-ds-…` of this test's own and its /etc/netns

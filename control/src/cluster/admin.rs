@@ -68,6 +68,7 @@ impl Control {
                     .map_err(|e| ApiError::Conntrack(e.to_string()))?;
                 to_json("conntrack", &entries)
             }
+            AdminRequest::Cni { request } => self.cni(request).await,
             AdminRequest::Stats => {
                 let (gossip, management) = {
                     let g = self.lock();
@@ -75,7 +76,13 @@ impl Control {
                 };
                 to_json(
                     "stats",
-                    &AdminStats { dataplane: self.dp.stats(), gossip, management, health: self.dp.health() },
+                    &AdminStats {
+                        dataplane: self.dp.stats(),
+                        gossip,
+                        management,
+                        health: self.dp.health(),
+                        cni: self.cni_stats(),
+                    },
                 )
             }
         }

@@ -21,6 +21,7 @@
 //! ([`ApiError`], defined with the messages in `rpc`).
 
 pub mod admin;
+pub mod cni;
 pub mod forward;
 pub mod gossip_loop;
 pub mod join;
@@ -38,6 +39,7 @@ use crate::rpc::{GossipStats, Refusal, Request, Response};
 use crate::state::{Availability, ClusterState, Node, Role};
 use crate::tls::{Creds, Handler, Server, TlsNetwork, serve_with};
 use core::net::{Ipv4Addr, SocketAddr};
+use meshplane_cni::failure::Failure;
 use meshplane_dataplane::report::{ConntrackEntry, NodeStats};
 use meshplane_dataplane::tables::TablesSpec;
 use meshplane_dataplane::wire::MacAddr;
@@ -46,7 +48,7 @@ use sha2::Digest;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How a node runs its control plane.
 #[derive(Debug, Clone)]
@@ -97,6 +99,16 @@ pub struct LocalTask {
     pub gateway: Ipv4Addr,
     /// The network's MTU.
     pub mtu: u16,
+    /// The container the task is (its interface name, its namespace's
+    /// inode), if it is one.
+    pub container: Option<crate::state::ContainerRef>,
+}
+
+impl LocalTask {
+    /// The interface name the container asked for (CNI's `CNI_IFNAME`).
+    pub fn ifname(&self) -> Option<&str> {
+        self.container.as_ref()?.cni.as_ref().map(|c| c.ifname.as_str())
+    }
 }
 
 /// The tasks of node `me` in `state`.
@@ -115,6 +127,7 @@ pub fn local_tasks(state: &ClusterState, me: &str) -> Vec<LocalTask> {
                 mac: t.mac,
                 gateway: nw.gateway,
                 mtu: nw.mtu,
+                container: t.container.clone(),
             })
         })
         .collect()
@@ -147,6 +160,35 @@ pub trait Dataplane: Send + Sync + 'static {
     fn health(&self) -> Option<crate::rpc::HealthStats> {
         None
     }
+    /// CNI ADD: checks the namespace a container's task is about to be
+    /// attached in (it exists, is a network namespace, is neither the
+    /// node's nor the host's, has no interface `ifname`); its inode.
+    /// Called from a blocking context.
+    fn netns_check(&self, _netns: &str, _ifname: &str) -> Result<u64, Failure> {
+        Ok(0)
+    }
+    /// CNI ADD: waits (until `until`) for the publication naming task `id`
+    /// to have made its port, or failed to. Called from a blocking context.
+    fn task_port(&self, _id: &str, _until: Instant) -> Result<PortInfo, Failure> {
+        Ok(PortInfo::default())
+    }
+    /// CNI DEL: waits (until `until`) for the port of a gone task to be
+    /// removed. Called from a blocking context.
+    fn task_port_gone(&self, _id: &str, _until: Instant) {}
+    /// CNI CHECK: the task's interface in its namespace is as the task
+    /// says (up, its MAC, its address). Called from a blocking context.
+    fn verify_port(&self, _t: &LocalTask) -> Result<(), Failure> {
+        Ok(())
+    }
+}
+
+/// What the dataplane made for a task (a CNI ADD's result reports it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortInfo {
+    /// The host end of its port (AF_XDP's veth; a TAP is in the task).
+    pub host_iface: Option<String>,
+    /// The search domains, if the node serves DNS for the task's network.
+    pub dns_search: Option<Vec<String>>,
 }
 
 /// What a node keeps in `node.json`.
@@ -188,6 +230,8 @@ pub struct Control {
     changed: tokio::sync::Notify,
     /// The state version, for watchers.
     version_tx: tokio::sync::watch::Sender<u64>,
+    /// CNI requests served.
+    cni_counters: cni::CniCounters,
 }
 
 impl std::fmt::Debug for Control {
@@ -227,6 +271,7 @@ impl Control {
             inner: Mutex::new(Inner::default()),
             changed: tokio::sync::Notify::new(),
             version_tx,
+            cni_counters: cni::CniCounters::default(),
         });
         c.clone().serve_admin_socket()?;
         tokio::spawn(c.clone().publish_loop());
@@ -391,6 +436,12 @@ impl Control {
                 Response::State { version: g.version, state: Box::new(g.state.redacted()) }
             }
             Request::AddManager { id, name, addr } => Response::Written(self.add_manager(id, name, addr).await),
+            // A CNI request names a namespace on the node it is made on.
+            Request::Admin(AdminRequest::Cni { .. }) => {
+                Response::Admin(Err(ApiError::Cni(meshplane_cni::failure::Failure::Refused(
+                    "CNI requests are served on the node's admin socket only".into(),
+                ))))
+            }
             Request::Admin(a) => Response::Admin(self.admin(a).await),
             rpc => answer_if_running(self.raft(), rpc).await,
         }

@@ -1,0 +1,387 @@
+//! CNI requests (`AdminRequest::Cni`, on the admin socket only): a
+//! container runtime's plugin (`meshplane-cni`) asks its node to attach a
+//! container's namespace as a task, to detach it, to check it, to forget
+//! the containers the runtime no longer has (GC), and whether an ADD
+//! could succeed now (STATUS). `docs/cni-design.md` section 5.
+//!
+//! ADD checks the namespace before anything is written, writes
+//! `AttachTask` with the container (`ContainerRef`, which `apply` keeps
+//! unique per node and attachment), waits until this node's dataplane has
+//! made the port, and answers with what the runtime's result needs; a
+//! failure after the write detaches the task again. DEL never fails for
+//! a container the node does not know, and a DEL that cannot commit now
+//! (no quorum) is spooled to the state directory and retried by the
+//! node's reaper. Failures are the plugin's [`Failure`]s: the codes the
+//! runtime sees.
+
+use super::{ApiError, Control, local_tasks};
+use crate::state::{ClusterState, CniAttachment, Command, ContainerRef, Kind, StateError, Task, TaskNetns};
+use meshplane_cni::failure::Failure;
+use meshplane_cni::proto::{AddReq, CheckReq, CniAnswer, CniRequest, GcReq, Key, StatusReq};
+use meshplane_cni::result::Attached;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long DEL waits for the port of the detached task to go.
+const DEL_WAIT: Duration = Duration::from_secs(5);
+
+/// The node's CNI counters (admin `stats`, under `cni`).
+#[derive(Debug, Default)]
+pub struct CniCounters {
+    adds: AtomicU64,
+    add_failures: AtomicU64,
+    dels: AtomicU64,
+    gcs: AtomicU64,
+    reaped: AtomicU64,
+    spooled: AtomicU64,
+}
+
+impl CniCounters {
+    /// A snapshot.
+    pub fn snapshot(&self) -> crate::rpc::CniStats {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        crate::rpc::CniStats {
+            adds: g(&self.adds),
+            add_failures: g(&self.add_failures),
+            dels: g(&self.dels),
+            gcs: g(&self.gcs),
+            reaped: g(&self.reaped),
+            spooled: g(&self.spooled),
+        }
+    }
+}
+
+/// The task of node `me` that is attachment `key`, if any.
+pub fn find_key<'a>(state: &'a ClusterState, me: &str, key: &Key) -> Option<&'a Task> {
+    state.tasks.values().find(|t| {
+        t.node == me
+            && t.container.as_ref().is_some_and(|c| {
+                c.id == key.container_id
+                    && c.cni.as_ref().is_some_and(|a| a.network == key.network && a.ifname == key.ifname)
+            })
+    })
+}
+
+/// What a refused state change means to the runtime.
+fn state_failure(e: StateError) -> Failure {
+    match e {
+        StateError::Unknown { kind: Kind::Service, name } => Failure::UnknownService(name),
+        StateError::SubnetExhausted(network) => Failure::NetworkFull(network),
+        StateError::BadNetns(netns) => {
+            Failure::Netns { netns, why: "not a path meshplane takes for a namespace".into() }
+        }
+        other => Failure::Refused(other.to_string()),
+    }
+}
+
+/// What a failed write means to the runtime: the state's refusal, or
+/// "try again later" (code 11).
+fn api_failure(e: ApiError) -> Failure {
+    match e {
+        ApiError::State(s) => state_failure(s),
+        ApiError::Cni(f) => f,
+        ApiError::NoQuorum => {
+            Failure::Later("no Raft quorum: the write did not commit in 10 s (meshplane node ls on a manager)".into())
+        }
+        ApiError::NotInCluster => Failure::Refused(ApiError::NotInCluster.to_string()),
+        other => Failure::Later(other.to_string()),
+    }
+}
+
+/// The pending-DEL spool of a node whose state directory is `dir` (the
+/// plugin writes there when the node is down; the node when a DEL cannot
+/// commit).
+pub fn spool_dir(dir: &std::path::Path) -> PathBuf {
+    dir.join("cni-pending")
+}
+
+impl Control {
+    /// A CNI request, answered with a [`CniAnswer`] or `ApiError::Cni`.
+    pub async fn cni(self: &Arc<Self>, r: CniRequest) -> Result<serde_json::Value, ApiError> {
+        let answer = match r {
+            CniRequest::Add(a) => {
+                self.cni_counters.adds.fetch_add(1, Ordering::Relaxed);
+                let r = self.cni_add(a).await.map(CniAnswer::Added);
+                if r.is_err() {
+                    self.cni_counters.add_failures.fetch_add(1, Ordering::Relaxed);
+                }
+                r
+            }
+            CniRequest::Del(k) => {
+                self.cni_counters.dels.fetch_add(1, Ordering::Relaxed);
+                self.cni_del(&k).await.map(|()| CniAnswer::Done)
+            }
+            CniRequest::Check(c) => self.cni_check(c).await.map(|()| CniAnswer::Done),
+            CniRequest::Gc(g) => {
+                self.cni_counters.gcs.fetch_add(1, Ordering::Relaxed);
+                self.cni_gc(g).await.map(CniAnswer::Removed)
+            }
+            CniRequest::Status(s) => self.cni_status(&s).map(|()| CniAnswer::Done),
+        };
+        let answer = answer.map_err(ApiError::Cni)?;
+        serde_json::to_value(answer).map_err(|e| ApiError::Cni(Failure::Io(e.to_string())))
+    }
+
+    /// The CNI counters.
+    pub fn cni_stats(&self) -> crate::rpc::CniStats {
+        self.cni_counters.snapshot()
+    }
+
+    /// Counts a task detached because its container's namespace went.
+    pub fn count_reaped(&self) {
+        self.cni_counters.reaped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// This node's pending-DEL spool directory.
+    pub fn cni_spool(&self) -> PathBuf {
+        spool_dir(&self.cfg.state_dir)
+    }
+
+    /// CNI needs the node in a cluster.
+    fn cni_member(&self) -> Result<(), Failure> {
+        if self.lock().saved.is_none() {
+            return Err(Failure::Refused("this node is in no cluster (cluster init or join first)".into()));
+        }
+        Ok(())
+    }
+
+    async fn cni_add(self: &Arc<Self>, a: AddReq) -> Result<Attached, Failure> {
+        self.cni_member()?;
+        let me = self.cfg.name.clone();
+        let deadline = Instant::now() + Duration::from_secs(a.timeout_secs.clamp(1, 120));
+        let netns =
+            TaskNetns::parse(&a.netns).map_err(|e| Failure::Netns { netns: a.netns.clone(), why: e.to_string() })?;
+        let mut cref = ContainerRef {
+            id: a.key.container_id.clone(),
+            cni: Some(CniAttachment { network: a.key.network.clone(), ifname: a.key.ifname.clone() }),
+            netns_ino: None,
+            name: a.name.clone(),
+        };
+        cref.check().map_err(state_failure)?;
+        // The same attachment again: the same task if it is in the same
+        // namespace (nothing written); a reused container id in another
+        // namespace replaces it.
+        let existing = self.state().0.container_task(&me, &cref).cloned();
+        if let Some(t) = existing {
+            if t.netns.as_deref() == Some(netns.to_string().as_str()) {
+                tracing::info!("cni add {}: already task {}", a.key, t.id);
+                return self.attached(&t.id, deadline).await;
+            }
+            tracing::warn!("cni add {}: task {} is in {:?}; replaced by one in {netns}", a.key, t.id, t.netns);
+            self.write(Command::DetachTask { id: t.id.clone() }).await.map_err(api_failure)?;
+            self.port_gone(&t.id).await;
+        }
+        let dp = self.dp.clone();
+        let (path, ifname) = (netns.path(), a.key.ifname.clone());
+        let ino = tokio::task::spawn_blocking(move || dp.netns_check(&path, &ifname))
+            .await
+            .map_err(|e| Failure::Io(e.to_string()))??;
+        cref.netns_ino = (ino != 0).then_some(ino);
+        let id = self.attach_container(&a, &netns, cref).await?;
+        tracing::info!("cni add {}: task {id} in {netns}", a.key);
+        match self.attached(&id, deadline).await {
+            Ok(x) => Ok(x),
+            Err(f) => {
+                // Nothing left behind: the task goes again.
+                match self.write(Command::DetachTask { id: id.clone() }).await {
+                    Ok(()) | Err(ApiError::State(StateError::Unknown { .. })) => Err(f),
+                    Err(e) => Err(Failure::Later(format!(
+                        "{f}; detaching task {id} failed too ({e}): the runtime's DEL or the node's reaper removes it"
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Writes the container's task (`SERVICE.N`, the lowest N free; an id
+    /// taken meanwhile is skipped), each write checked on a copy of the
+    /// state first so that a refusal has its own code. A racing ADD of
+    /// the same attachment that won: its task.
+    async fn attach_container(&self, a: &AddReq, netns: &TaskNetns, cref: ContainerRef) -> Result<String, Failure> {
+        let me = self.cfg.name.clone();
+        let mut tried = std::collections::BTreeSet::new();
+        for _ in 0..8 {
+            let mut st = self.state().0;
+            let id = (1..)
+                .map(|n| format!("{}.{n}", a.service))
+                .find(|i| !st.tasks.contains_key(i) && !tried.contains(i))
+                .unwrap_or_default();
+            let cmd = Command::AttachTask {
+                id: id.clone(),
+                service: a.service.clone(),
+                node: me.clone(),
+                weight: a.weight,
+                netns: Some(netns.to_string()),
+                container: Some(cref.clone()),
+            };
+            if let Err(e) = st.apply(&cmd) {
+                return match e {
+                    StateError::ContainerAttached { task, .. } => Ok(task),
+                    other => Err(state_failure(other)),
+                };
+            }
+            match self.write(cmd).await {
+                Ok(()) => return Ok(id),
+                Err(ApiError::State(StateError::Exists { kind: Kind::Task, .. })) => {
+                    tried.insert(id);
+                }
+                Err(ApiError::State(StateError::ContainerAttached { task, .. })) => return Ok(task),
+                Err(e) => return Err(api_failure(e)),
+            }
+        }
+        Err(Failure::Later(format!("no free task id for service {} after 8 tries", a.service)))
+    }
+
+    /// Waits until this node's state has task `id` and its port is made;
+    /// what the runtime's result says of it.
+    async fn attached(&self, id: &str, deadline: Instant) -> Result<Attached, Failure> {
+        let me = self.cfg.name.clone();
+        let local = loop {
+            let st = self.state().0;
+            if let Some(t) = local_tasks(&st, &me).into_iter().find(|t| t.id == id) {
+                break t;
+            }
+            if Instant::now() >= deadline {
+                return Err(Failure::Later(format!("task {id} did not reach this node's state in time")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let dp = self.dp.clone();
+        let tid = id.to_owned();
+        let port = tokio::task::spawn_blocking(move || dp.task_port(&tid, deadline))
+            .await
+            .map_err(|e| Failure::Io(e.to_string()))??;
+        Ok(Attached {
+            host_iface: port.host_iface,
+            ifname: local.ifname().unwrap_or("eth0").to_owned(),
+            mac: local.mac.to_string(),
+            mtu: local.mtu,
+            ip: (local.ip, local.prefix),
+            gateway: local.gateway,
+            dns: port.dns_search,
+        })
+    }
+
+    /// Waits (at most [`DEL_WAIT`]) until the port of a detached task is
+    /// gone.
+    async fn port_gone(&self, id: &str) {
+        let dp = self.dp.clone();
+        let id = id.to_owned();
+        let _ = tokio::task::spawn_blocking(move || dp.task_port_gone(&id, Instant::now() + DEL_WAIT)).await;
+    }
+
+    /// DEL: the attachment's task detached, if there is one. A detach
+    /// that cannot commit now is spooled and retried by the reaper.
+    pub async fn cni_del(&self, key: &Key) -> Result<(), Failure> {
+        if self.lock().saved.is_none() {
+            return Ok(()); // in no cluster: nothing to delete
+        }
+        let Some(t) = find_key(&self.state().0, &self.cfg.name, key).cloned() else {
+            tracing::info!("cni del {key}: no task (done)");
+            return Ok(());
+        };
+        match self.write(Command::DetachTask { id: t.id.clone() }).await {
+            Ok(()) | Err(ApiError::State(StateError::Unknown { .. })) => {
+                tracing::info!("cni del {key}: task {} detached", t.id);
+                self.port_gone(&t.id).await;
+                Ok(())
+            }
+            Err(ApiError::State(e)) => Err(state_failure(e)),
+            Err(e) => {
+                tracing::warn!("cni del {key}: detaching task {} failed ({e}); spooled, retried", t.id);
+                self.spool(key);
+                Ok(())
+            }
+        }
+    }
+
+    /// Spools DEL `key` for the reaper (as the plugin does when the node
+    /// is down).
+    fn spool(&self, key: &Key) {
+        let dir = self.cni_spool();
+        let r = std::fs::create_dir_all(&dir)
+            .and_then(|()| serde_json::to_vec(key).map_err(std::io::Error::other))
+            .and_then(|body| {
+                let name = key.spool_name();
+                let tmp = dir.join(format!(".{name}.tmp"));
+                std::fs::write(&tmp, body)?;
+                std::fs::rename(&tmp, dir.join(name))
+            });
+        match r {
+            Ok(()) => {
+                self.cni_counters.spooled.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!("cni del {key}: spooling to {}: {e}", dir.display()),
+        }
+    }
+
+    /// CHECK: the task exists, has the previous result's address, and its
+    /// interface in the namespace is as the task says.
+    async fn cni_check(&self, c: CheckReq) -> Result<(), Failure> {
+        self.cni_member()?;
+        let me = self.cfg.name.clone();
+        let st = self.state().0;
+        let t = find_key(&st, &me, &c.key).ok_or_else(|| Failure::NoTask(format!("{} on {me}", c.key)))?;
+        if let Some((ip, _)) = c.ip
+            && ip != t.ip
+        {
+            return Err(Failure::Mismatch(format!(
+                "the previous result's address {ip} is not task {}'s ({})",
+                t.id, t.ip
+            )));
+        }
+        let local = local_tasks(&st, &me)
+            .into_iter()
+            .find(|l| l.id == t.id)
+            .ok_or_else(|| Failure::NoTask(format!("{} on {me}", c.key)))?;
+        let dp = self.dp.clone();
+        tokio::task::spawn_blocking(move || dp.verify_port(&local)).await.map_err(|e| Failure::Io(e.to_string()))?
+    }
+
+    /// GC: this node's tasks of the CNI network whose attachment the
+    /// runtime no longer has are detached; their ids.
+    async fn cni_gc(&self, g: GcReq) -> Result<Vec<String>, Failure> {
+        self.cni_member()?;
+        let me = self.cfg.name.clone();
+        let stale: Vec<String> = self
+            .state()
+            .0
+            .tasks
+            .values()
+            .filter(|t| t.node == me)
+            .filter(|t| {
+                t.container.as_ref().and_then(|c| c.cni.as_ref().map(|a| (c, a))).is_some_and(|(c, a)| {
+                    a.network == g.network && !g.valid.iter().any(|(id, ifname)| *id == c.id && *ifname == a.ifname)
+                })
+            })
+            .map(|t| t.id.clone())
+            .collect();
+        let mut removed = Vec::new();
+        for id in stale {
+            match self.write(Command::DetachTask { id: id.clone() }).await {
+                Ok(()) => {
+                    tracing::info!("cni gc {}: task {id} detached (its container is gone)", g.network);
+                    removed.push(id);
+                }
+                Err(ApiError::State(StateError::Unknown { .. })) => {}
+                Err(e) => return Err(api_failure(e)),
+            }
+        }
+        for id in &removed {
+            self.port_gone(id).await;
+        }
+        Ok(removed)
+    }
+
+    /// STATUS: the node is in a cluster, the service exists and its
+    /// network has a free address.
+    fn cni_status(&self, s: &StatusReq) -> Result<(), Failure> {
+        self.cni_member()?;
+        let Some(service) = &s.service else { return Ok(()) };
+        let st = self.state().0;
+        let sv = st.services.get(service).ok_or_else(|| Failure::UnknownService(service.clone()))?;
+        st.allocate_ip(&sv.network).map(|_| ()).map_err(state_failure)
+    }
+}
