@@ -270,10 +270,9 @@ impl Node<'_> {
         let until = Instant::now() + deadline;
         let lost = |e: std::io::Error| {
             Fault::Lost(match e.kind() {
-                ErrorKind::WouldBlock | ErrorKind::TimedOut => Failure::Later(format!(
-                    "the node at {sock} did not answer in {} s (see the node's log)",
-                    deadline.as_secs()
-                )),
+                ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+                    Failure::Later(format!("the node at {sock} did not answer in {deadline:?} (see the node's log)"))
+                }
                 ErrorKind::UnexpectedEof => {
                     Failure::Io(format!("talking to the node at {sock}: it closed the connection without an answer"))
                 }
@@ -654,6 +653,28 @@ mod tests {
         assert_eq!(error(&out).0, 1);
         assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["cniVersion"], "1.1.0");
         assert!(spooled(&d).is_empty());
+    }
+
+    #[test]
+    fn a_node_that_does_not_answer_in_time_is_code_11() {
+        let d = TempDir::new();
+        let l = UnixListener::bind(d.sock()).unwrap();
+        // Takes the request and holds the connection open, answering nothing.
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink);
+        });
+        let node = Node { socket: &d.sock(), network: "web-net" };
+        let req = CniRequest::Status(StatusReq { service: None });
+        let started = Instant::now();
+        let Err(Fault::Lost(f)) = node.send(&req, Duration::from_millis(300)) else { panic!("an answer") };
+        assert!(started.elapsed() >= Duration::from_millis(300) && started.elapsed() < Duration::from_secs(5));
+        assert_eq!(f.code(), 11);
+        assert!(f.to_string().contains("did not answer in 300ms"), "{f}");
+        let _ = std::fs::remove_file(d.sock());
+        drop(node);
+        t.join().unwrap();
     }
 
     #[test]
