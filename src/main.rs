@@ -101,6 +101,14 @@ enum Command {
         #[command(subcommand)]
         cmd: LbCommand,
     },
+    /// Container runtimes (podman, containerd, Kubernetes): install the
+    /// CNI plugin and a network's conflist, or remove them.
+    Cni {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: cli::args::CniCmd,
+    },
     /// A cluster on this machine in network namespaces: up, status, demo,
     /// down.
     #[command(subcommand)]
@@ -137,6 +145,7 @@ fn main() -> anyhow::Result<()> {
             | Command::Conntrack { .. }
             | Command::Node(NodeCommand::Admin(_))
             | Command::Ports
+            | Command::Cni { .. }
     );
     if printer {
         // A command that prints, piped into `head`: ends quietly when the
@@ -167,6 +176,7 @@ fn main() -> anyhow::Result<()> {
         Command::Conntrack { conn, cmd: ConntrackCommand::Ls { service } } => {
             cli::conntrack::ls(&conn, service.as_deref())?
         }
+        Command::Cni { conn, cmd } => cli::cni::run(&conn, &cmd)?,
         Command::Tool(c) => tool::run(&c)?,
         Command::Pktgen(a) => pktgen::run(&a)?,
         Command::Lab(c) => lab::run(&c)?,

@@ -76,8 +76,14 @@ pub enum Failure {
     Refused(String),
 }
 
+/// The code of every failed STATUS, whatever the cause (the spec's "the
+/// plugin is not available": it could not serve an ADD now). The message
+/// is the cause's.
+pub const STATUS_CODE: u32 = 50;
+
 impl Failure {
-    /// Its code in the error object.
+    /// Its code in the error object (of any command but STATUS:
+    /// [`STATUS_CODE`]).
     pub fn code(&self) -> u32 {
         match self {
             Failure::Version(_) => 1,

@@ -3,7 +3,7 @@
 //! answer.
 
 use crate::SUPPORTED;
-use crate::failure::Failure;
+use crate::failure::{Failure, STATUS_CODE};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use std::net::Ipv4Addr;
@@ -70,6 +70,17 @@ pub fn error_json(version: Option<&str>, f: &Failure) -> Value {
     json!({ "cniVersion": version.unwrap_or("1.1.0"), "code": f.code(), "msg": f.to_string() })
 }
 
+/// STATUS's error object for `f`: code [`STATUS_CODE`] whatever the
+/// cause, with the cause's message, and its own code in `details`.
+pub fn status_error_json(version: Option<&str>, f: &Failure) -> Value {
+    json!({
+        "cniVersion": version.unwrap_or("1.1.0"),
+        "code": STATUS_CODE,
+        "msg": f.to_string(),
+        "details": format!("meshplane could not serve an ADD now (code {})", f.code()),
+    })
+}
+
 /// VERSION's answer to a configuration of `asked` (any string: VERSION
 /// answers even a version it does not speak, with the versions it does).
 pub fn version_json(asked: Option<&str>) -> Value {
@@ -127,6 +138,9 @@ mod tests {
         assert_eq!((e["cniVersion"].as_str(), e["code"].as_u64()), (Some("1.0.0"), Some(100)));
         assert!(e["msg"].as_str().unwrap().contains("service \"wbe\" does not exist"));
         assert_eq!(error_json(None, &Failure::Later("node down".into()))["code"], 11);
+        let s = status_error_json(Some("1.1.0"), &Failure::Later("node down".into()));
+        assert_eq!((s["code"].as_u64(), s["msg"].as_str()), (Some(50), Some("node down")));
+        assert!(s["details"].as_str().unwrap().contains("code 11"), "{s}");
         assert_eq!(version_json(Some("0.3.1")), json!({ "cniVersion": "0.3.1", "supportedVersions": SUPPORTED }));
     }
 

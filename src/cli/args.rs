@@ -1,6 +1,7 @@
 //! The arguments of the CLI's nouns that talk to a node's admin API:
 //! `cluster`, `node` (besides `run`), `network`, `service`, `task`,
-//! `conntrack`, `lb`, and how to reach the node (`Conn`).
+//! `conntrack`, `lb`, and how to reach the node (`Conn`); and `cni`'s
+//! (which installs files for container runtimes).
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -354,6 +355,82 @@ pub(crate) enum TaskCmd {
         /// The task.
         id: String,
     },
+}
+
+/// `meshplane cni …`
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum CniCmd {
+    /// Install the CNI plugin in a runtime's CNI bin directory, and with
+    /// --network a conflist for it; then print what each runtime needs.
+    Install(CniInstall),
+    /// Remove a network's conflist (--network), or the plugin.
+    Uninstall(CniUninstall),
+}
+
+/// `meshplane cni install`'s arguments.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct CniInstall {
+    /// The runtime's CNI plugin directory (the plugin goes in as
+    /// `meshplane`).
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub(crate) bin_dir: PathBuf,
+    /// The runtime's CNI configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub(crate) conf_dir: PathBuf,
+    /// The plugin to install [default: meshplane-cni beside this binary].
+    #[arg(long)]
+    pub(crate) plugin: Option<PathBuf>,
+    /// Write a conflist for the network NAME (the name runtimes know it
+    /// by: `podman run --network NAME`).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) network: Option<String>,
+    /// The service the network's containers join.
+    #[arg(long, requires = "network")]
+    pub(crate) service: Option<String>,
+    /// The services a container may choose instead (CNI_ARGS
+    /// MESHPLANE_SERVICE=, or the pod annotation meshplane.io/service):
+    /// a,b, or * for any.
+    #[arg(long, requires = "network", value_delimiter = ',')]
+    pub(crate) services: Vec<String>,
+    /// The node's admin socket [default: the --state-dir's when it is not
+    /// the default, else the plugin's default, /var/lib/meshplane/admin.sock].
+    #[arg(long, requires = "network")]
+    pub(crate) socket: Option<PathBuf>,
+    /// The conflist's cniVersion (0.4.0, 1.0.0 or 1.1.0; the runtimes of
+    /// Debian bookworm need 1.0.0 or older).
+    #[arg(long, default_value = "1.0.0", requires = "network")]
+    pub(crate) cni_version: String,
+    /// Declare the capability io.kubernetes.cri.pod-annotations
+    /// (Kubernetes on containerd: the pod annotation meshplane.io/service
+    /// may choose a service of --services).
+    #[arg(long, requires = "network")]
+    pub(crate) pod_annotations: bool,
+    /// The conflist's file name starts with it (runtimes that use one
+    /// network take the first by name: ctr run --cni).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=99))]
+    pub(crate) priority: u8,
+    /// Replace a different plugin or conflist already there.
+    #[arg(long)]
+    pub(crate) force: bool,
+}
+
+/// `meshplane cni uninstall`'s arguments.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct CniUninstall {
+    /// The runtime's CNI plugin directory.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub(crate) bin_dir: PathBuf,
+    /// The runtime's CNI configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub(crate) conf_dir: PathBuf,
+    /// Remove this network's conflist (else: the plugin, once no conflist
+    /// uses it).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) network: Option<String>,
+    /// Remove the plugin even though conflists use it, or though it is
+    /// not meshplane's.
+    #[arg(long)]
+    pub(crate) force: bool,
 }
 
 /// `meshplane conntrack …`
