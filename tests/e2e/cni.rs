@@ -34,10 +34,13 @@
 //!   `/etc/docker/key.json` (no flag moves it), so it runs in `unshare
 //!   --mount --propagation private` with `/etc/docker` bind-mounted from
 //!   the work directory. `/proc/PID/cgroup` shows `…:/docker/<64 hex>`.
+//!   The containerd it starts makes `/opt/containerd` (removed again).
 //!
-//! A node runs under `ip netns exec` (a slave mount namespace): a
-//! `/run/netns/netns-<uuid>` podman makes after the node started is
-//! visible to it (checked by hand: the bind mount propagates).
+//! The containers' httpd listens on 0.0.0.0:8080, so that `REMOTE_ADDR`
+//! is `198.18.0.100`, not `[::ffff:198.18.0.100]`. A node runs under `ip
+//! netns exec` (a slave mount namespace): a `/run/netns/netns-<uuid>`
+//! podman makes after the node started is visible to it (the bind mount
+//! propagates; `cni_runtimes_run_the_rootfs` checks it).
 
 use crate::cluster::{LabGuard, text};
 use crate::lab::BIN;
@@ -231,23 +234,43 @@ fn stop_child(child: &mut Child, secs: u64) {
     let _ = child.wait();
 }
 
-/// Kills (SIGKILL) every process whose command line mentions `dir`, a
-/// work directory of this test's: what a runtime left (conmon, a shim, a
-/// daemon's own containerd). Never this process.
-fn kill_leftovers(dir: &Path) {
+/// A process the test started, killed (by its pid) when dropped.
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Live processes whose command line mentions a path in `dir` (never
+/// this process): pid and command line.
+fn leftovers(dir: &Path) -> Vec<(u32, String)> {
     let me = std::process::id();
     let needle = format!("{}/", dir.display());
-    let Ok(procs) = std::fs::read_dir("/proc") else { return };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        if pid == me {
-            continue;
-        }
-        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(&needle) {
-            eprintln!("killing leftover process {pid}: {}", String::from_utf8_lossy(&cmdline).replace('\0', " "));
-            kill(pid, "KILL");
-        }
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .flatten()
+        .filter_map(|p| {
+            let pid = p.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmdline = String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).ok()?).replace('\0', " ");
+            (pid != me && cmdline.contains(&needle) && alive(pid)).then_some((pid, cmdline))
+        })
+        .collect()
+}
+
+/// Kills (SIGKILL) what a runtime left running from `dir`, a work
+/// directory of this test's (conmon, a shim, a daemon's own containerd),
+/// after 3 s for it to exit by itself.
+fn kill_leftovers(dir: &Path) {
+    let t0 = Instant::now();
+    while !leftovers(dir).is_empty() && t0.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (pid, cmdline) in leftovers(dir) {
+        eprintln!("killing leftover process {pid}: {cmdline}");
+        kill(pid, "KILL");
     }
 }
 
@@ -1120,6 +1143,15 @@ fn cni_runtimes_run_the_rootfs() {
 
     // podman.
     {
+        // A process in a slave mount namespace, as the lab's nodes are.
+        let slave_ns = Netns::new("mp-cni-slave");
+        let slave = Spawned(
+            Command::new("ip")
+                .args(["netns", "exec", &slave_ns.0, "sleep", "60"])
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("sleep in a namespace"),
+        );
         let pm = Podman::new(&w);
         std::fs::write(
             w.join("cni/net.d/10-mpf.conflist"),
@@ -1144,6 +1176,11 @@ fn cni_runtimes_run_the_rootfs() {
         assert_eq!(first_ns, Some("nameserver 198.19.0.254"), "{resolv}");
         assert!(resolv.contains("search example.com"), "{resolv}");
         let netns = a.lines().find_map(|l| l.strip_prefix("CNI_NETNS=")).expect("CNI_NETNS").to_owned();
+        // The namespace podman made after it started is visible to it.
+        let target = slave.0.id().to_string();
+        let seen = ok(&mut cmd(&["nsenter", "--target", &target, "--mount", "stat", "-L", "-c", "%i", &netns]), 10);
+        let here = ok(&mut cmd(&["stat", "-L", "-c", "%i", &netns]), 10);
+        assert_eq!(seen, here, "{netns} as seen from a slave mount namespace");
         let t0 = Instant::now();
         pm.ok(&["rm", "-f", "-t", "0", "mp-smoke-pm"]);
         eprintln!("podman rm: {:.2} s", t0.elapsed().as_secs_f64());
