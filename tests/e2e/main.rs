@@ -14,6 +14,7 @@
 //! The tests run one at a time (each starts its own nodes).
 
 mod cluster;
+mod cni;
 mod dns_node;
 mod lab;
 mod mtu;
