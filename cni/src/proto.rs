@@ -19,21 +19,6 @@ pub struct Key {
     pub ifname: String,
 }
 
-impl Key {
-    /// The name of its pending-DEL file (in the node's `cni-pending`
-    /// directory): a hash of the three fields, so that a DEL spooled twice
-    /// is one file.
-    pub fn spool_name(&self) -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for part in [&self.network, &self.container_id, &self.ifname] {
-            for b in part.bytes().chain([0]) {
-                h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        }
-        format!("{h:016x}.json")
-    }
-}
-
 impl std::fmt::Display for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{} in network {}", self.container_id, self.ifname, self.network)
@@ -136,10 +121,5 @@ mod tests {
         let d = serde_json::to_value(CniRequest::Del(key)).unwrap();
         assert_eq!(d["del"]["ifname"], "eth0");
         assert_eq!(serde_json::to_value(CniAnswer::Done).unwrap(), serde_json::json!("done"));
-        let k = Key { network: "n".into(), container_id: "c".into(), ifname: "eth0".into() };
-        let other = Key { network: "nc".into(), container_id: String::new(), ifname: "eth0".into() };
-        assert_eq!(k.spool_name(), k.clone().spool_name());
-        assert_ne!(k.spool_name(), other.spool_name(), "fields are separated");
-        assert_eq!(k.spool_name().len(), 16 + 5);
     }
 }

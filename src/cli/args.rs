@@ -319,19 +319,30 @@ pub(crate) enum SchedArg {
 #[derive(clap::Subcommand, Debug)]
 pub(crate) enum TaskCmd {
     /// Attach a task of a service on a node: the node makes its port in
-    /// the namespace --netns (address, MAC, default route set).
+    /// the namespace --netns or --pid (address, MAC, default route set).
     Attach {
         /// The service.
         #[arg(long)]
         service: String,
-        /// The node it runs on.
+        /// The node it runs on [default: this node].
         #[arg(long)]
-        node: String,
+        node: Option<String>,
         /// The network namespace its port goes into: a name made by `ip
-        /// netns add` ([A-Za-z0-9_.-], up to 64), /var/run/netns/NAME, or
-        /// /proc/PID/ns/net (a container's process).
-        #[arg(long)]
+        /// netns add` ([A-Za-z0-9_.-], up to 64), /var/run/netns/NAME,
+        /// /proc/PID/ns/net, or the absolute path of a namespace file (a
+        /// runtime's bind mount).
+        #[arg(long, conflicts_with = "pid")]
         netns: Option<String>,
+        /// The process whose network namespace the port goes into (a
+        /// container's: `docker inspect -f '{{.State.Pid}}' NAME`), on
+        /// this node. The task is that container's: it is detached when
+        /// the namespace goes.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// The container the task is (with --pid: default the id in the
+        /// process's cgroup, Docker's or podman's, else pid-PID).
+        #[arg(long)]
+        container: Option<String>,
         /// Balancing weight.
         #[arg(long, default_value_t = 1)]
         weight: u32,
@@ -350,10 +361,15 @@ pub(crate) enum TaskCmd {
         /// The task.
         id: String,
     },
-    /// Detach a task (its port is removed).
+    /// Detach a task (its port is removed), by its id or its container's.
     Detach {
         /// The task.
-        id: String,
+        #[arg(required_unless_present = "container", conflicts_with = "container")]
+        id: Option<String>,
+        /// The container's id, or a prefix of it (at least 4 characters)
+        /// that names one task.
+        #[arg(long)]
+        container: Option<String>,
     },
 }
 

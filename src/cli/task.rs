@@ -1,17 +1,38 @@
 //! `meshplane task attach|ls|drain|detach`.
 
 use super::args::{Conn, TaskCmd};
-use super::client::{state, write};
+use super::client::{call, state, write};
 use super::render::{print, s, table};
-use anyhow::{Result, anyhow};
-use meshplane_control::state::{Command, TaskHealth, TaskNetns};
+use anyhow::{Result, anyhow, bail};
+use meshplane_control::cluster::AdminRequest;
+use meshplane_control::state::{Command, ContainerRef, TaskHealth, TaskNetns};
 use serde_json::Value;
 
 /// Runs a `task` command.
 pub(crate) fn run(c: &Conn, cmd: &TaskCmd) -> Result<()> {
     match cmd {
-        TaskCmd::Attach { service, node, netns, weight, id } => {
-            attach(c, service, node, netns, *weight, id.as_deref())?
+        TaskCmd::Attach { service, node, netns, pid, container, weight, id } => {
+            let me = this_node(c)?;
+            let node = node.clone().unwrap_or_else(|| me.clone());
+            let (netns, container) = match pid {
+                Some(pid) => {
+                    if node != me {
+                        bail!("--pid names a process on this machine: attach it on its own node (this is {me})");
+                    }
+                    let (netns, c) = by_pid(*pid, container.as_deref())?;
+                    (Some(netns), Some(c))
+                }
+                None => {
+                    let c = container.as_ref().map(|id| ContainerRef {
+                        id: id.clone(),
+                        cni: None,
+                        netns_ino: netns.as_deref().and_then(|n| ino(&TaskNetns::parse(n).ok()?.path())),
+                        name: None,
+                    });
+                    (netns.clone(), c)
+                }
+            };
+            attach(c, service, &node, &netns, *weight, id.as_deref(), container)?
         }
         TaskCmd::Ls { service } => {
             let st = state(c)?;
@@ -56,18 +77,25 @@ pub(crate) fn run(c: &Conn, cmd: &TaskCmd) -> Result<()> {
                             s(&t["weight"]),
                             health_cell(&t["health"]),
                             s(&t["netns"]),
+                            container_cell(&t["container"]),
                             published,
                         ]
                     })
                     .collect();
-                table(&["ID", "SERVICE", "NODE", "ADDRESS", "WEIGHT", "HEALTH", "NETNS", "PUBLISHED"], rows);
+                #[rustfmt::skip]
+                table(&["ID", "SERVICE", "NODE", "ADDRESS", "WEIGHT", "HEALTH", "NETNS", "CONTAINER", "PUBLISHED"], rows);
             });
         }
         TaskCmd::Drain { id } => {
             write(c, Command::SetWeight { id: id.clone(), weight: 0 })?;
             println!("{id}");
         }
-        TaskCmd::Detach { id } => {
+        TaskCmd::Detach { id, container } => {
+            let id = match (id, container) {
+                (Some(id), _) => id.clone(),
+                (None, Some(prefix)) => of_container(&state(c)?, prefix)?,
+                (None, None) => bail!("task detach: give a task id or --container"),
+            };
             write(c, Command::DetachTask { id: id.clone() })?;
             println!("{id}");
         }
@@ -81,9 +109,93 @@ fn health_cell(v: &Value) -> String {
     serde_json::from_value::<TaskHealth>(v.clone()).unwrap_or_default().name().to_owned()
 }
 
+/// The node the CLI talks to.
+fn this_node(c: &Conn) -> Result<String> {
+    let info = call(c, AdminRequest::Info)?;
+    info["node"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("the node did not say its name"))
+}
+
+/// The inode of namespace file `path`.
+fn ino(path: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// `--pid PID`: its namespace and the container it is (`--container`, or
+/// the id in its cgroup, or `pid-PID`), with the namespace's inode.
+fn by_pid(pid: u32, container: Option<&str>) -> Result<(String, ContainerRef)> {
+    let netns = format!("/proc/{pid}/ns/net");
+    let ino = ino(&netns).ok_or_else(|| anyhow!("--pid {pid}: no such process (or its namespace cannot be read)"))?;
+    let id = match container {
+        Some(id) => id.to_owned(),
+        None => std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|c| cgroup_container(&c))
+            .unwrap_or_else(|| format!("pid-{pid}")),
+    };
+    Ok((netns, ContainerRef { id, cni: None, netns_ino: Some(ino), name: None }))
+}
+
+/// The container id in a process's `/proc/PID/cgroup`: the last path
+/// component of 64 hex digits, after an optional `docker-`, `libpod-` or
+/// `cri-containerd-` and before an optional `.scope` (Docker and podman
+/// with cgroupfs or systemd).
+fn cgroup_container(cgroup: &str) -> Option<String> {
+    cgroup.lines().find_map(|l| {
+        let last = l.rsplit('/').next()?;
+        let last = last.strip_suffix(".scope").unwrap_or(last);
+        let id = ["docker-", "libpod-", "cri-containerd-"].iter().find_map(|p| last.strip_prefix(p)).unwrap_or(last);
+        (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
+    })
+}
+
+/// The task whose container id is `prefix`, or the one task whose
+/// container id starts with it (at least 4 characters).
+fn of_container(st: &Value, prefix: &str) -> Result<String> {
+    let tasks: Vec<(String, String)> = st["tasks"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(id, t)| Some((id.clone(), t["container"]["id"].as_str()?.to_owned())))
+        .collect();
+    if let Some((id, _)) = tasks.iter().find(|(_, c)| c == prefix) {
+        return Ok(id.clone());
+    }
+    if prefix.len() < 4 {
+        bail!("--container {prefix:?}: give the whole id, or at least 4 characters of it");
+    }
+    let found: Vec<&(String, String)> = tasks.iter().filter(|(_, c)| c.starts_with(prefix)).collect();
+    match found.as_slice() {
+        [] => bail!("no task of container {prefix}"),
+        [(id, _)] => Ok(id.clone()),
+        many => {
+            let list: Vec<String> = many.iter().map(|(id, c)| format!("{id} ({})", short(c))).collect();
+            bail!("container prefix {prefix} matches tasks {}: give more of it", list.join(", "))
+        }
+    }
+}
+
+/// The first 12 characters of a container id (as `docker ps` shows it).
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// `task ls`'s CONTAINER cell.
+fn container_cell(v: &Value) -> String {
+    v["id"].as_str().map_or_else(|| "-".to_owned(), |id| short(id).to_owned())
+}
+
 /// `task attach`: the task (its id SERVICE.N unless given), then its
 /// address once this node's state has it.
-fn attach(c: &Conn, service: &str, node: &str, netns: &Option<String>, weight: u32, id: Option<&str>) -> Result<()> {
+fn attach(
+    c: &Conn,
+    service: &str,
+    node: &str,
+    netns: &Option<String>,
+    weight: u32,
+    id: Option<&str>,
+    container: Option<ContainerRef>,
+) -> Result<()> {
     // The namespace checked here as every manager checks it (a clear
     // message before anything is sent), sent in its normalised form.
     let netns = match netns {
@@ -109,7 +221,7 @@ fn attach(c: &Conn, service: &str, node: &str, netns: &Option<String>, weight: u
             node: node.to_owned(),
             weight,
             netns: netns.clone(),
-            container: None,
+            container: container.clone(),
         };
         match write(c, cmd) {
             Ok(()) => break tid,
@@ -134,9 +246,10 @@ fn attach(c: &Conn, service: &str, node: &str, netns: &Option<String>, weight: u
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
+    let of = container.as_ref().map(|c| format!(" (container {})", short(&c.id))).unwrap_or_default();
     print(c, &attached(&id, &ip, node, gateway.as_deref()), |_| match &gateway {
-        Some(gw) => println!("{id}: {ip} on {node}, DNS {gw}"),
-        None => println!("{id}: {ip} on {node}"),
+        Some(gw) => println!("{id}: {ip} on {node}, DNS {gw}{of}"),
+        None => println!("{id}: {ip} on {node}{of}"),
     });
     Ok(())
 }
@@ -164,5 +277,42 @@ mod tests {
                 "dns": { "nameservers": ["198.19.0.254"], "options": ["ndots:0"] } })
         );
         assert!(attached("web.1", "?", "node1", None).get("dns").is_none());
+    }
+
+    #[test]
+    fn container_ids_come_from_docker_and_podman_cgroups() {
+        let id = "3f2a9c1b7d4e".repeat(5) + "abcd";
+        assert_eq!(id.len(), 64);
+        for cg in [
+            format!("12:pids:/docker/{id}\n0::/docker/{id}\n"),
+            format!("0::/system.slice/docker-{id}.scope\n"),
+            format!("0::/machine.slice/libpod-{id}.scope/container\n1:cpu:/libpod_parent/libpod-{id}\n"),
+            format!("0::/kubepods/burstable/pod1/cri-containerd-{id}.scope\n"),
+        ] {
+            assert_eq!(cgroup_container(&cg).as_deref(), Some(id.as_str()), "{cg}");
+        }
+        for none in ["0::/user.slice/user-0.slice/session-1.scope\n", "0::/\n", "", "0::/docker/abc\n"] {
+            assert_eq!(cgroup_container(none), None, "{none}");
+        }
+    }
+
+    #[test]
+    fn a_container_prefix_names_one_task() {
+        let st = serde_json::json!({ "tasks": {
+            "web.1": { "container": { "id": "3f2a9c1b7d4e" } },
+            "web.2": { "container": { "id": "3f2a01ffffff" } },
+            "web.3": { "netns": "mp-t3" },
+            "web.4": { "container": { "id": "abc" } },
+        }});
+        assert_eq!(of_container(&st, "3f2a9c").expect("one"), "web.1");
+        assert_eq!(of_container(&st, "abc").expect("the whole id"), "web.4");
+        let e = of_container(&st, "3f2a").expect_err("two").to_string();
+        assert!(e.contains("matches tasks web.1 (3f2a9c1b7d4e), web.2 (3f2a01ffffff)"), "{e}");
+        let e = of_container(&st, "ffff").expect_err("none").to_string();
+        assert_eq!(e, "no task of container ffff");
+        let e = of_container(&st, "3f").expect_err("short").to_string();
+        assert!(e.contains("at least 4"), "{e}");
+        assert_eq!(container_cell(&st["tasks"]["web.3"]["container"]), "-");
+        assert_eq!(container_cell(&serde_json::json!({ "id": "0123456789abcdef" })), "0123456789ab");
     }
 }

@@ -6,7 +6,6 @@
 //! without a container (the lab's namespaces, `task attach --netns NAME`)
 //! are never reaped. `docs/cni-design.md` section 6.
 
-use meshplane_cni::proto::Key;
 use meshplane_control::cluster::Control;
 use meshplane_control::cluster::cni::find_key;
 use meshplane_control::state::{ClusterState, Command, TaskNetns};
@@ -79,17 +78,15 @@ async fn pass(control: &Control, me: &str) {
             Err(e) => tracing::warn!("task {id}: {why}; detaching it failed ({e}), tried again in {PERIOD:?}"),
         }
     }
-    let dir = control.cni_spool();
-    let Ok(entries) = std::fs::read_dir(&dir) else { return };
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.extension().is_none_or(|x| x != "json") {
-            continue;
+    let pending = match meshplane_cni::spool::pending(&control.admin_socket()) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("reading the pending CNI DELs: {e}");
+            return;
         }
-        let key: Key = match std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        {
+    };
+    for path in pending {
+        let key = match meshplane_cni::spool::read(&path) {
             Ok(k) => k,
             Err(err) => {
                 tracing::warn!("{}: not a pending CNI DEL ({err}); removed", path.display());

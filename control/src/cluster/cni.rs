@@ -90,13 +90,6 @@ fn api_failure(e: ApiError) -> Failure {
     }
 }
 
-/// The pending-DEL spool of a node whose state directory is `dir` (the
-/// plugin writes there when the node is down; the node when a DEL cannot
-/// commit).
-pub fn spool_dir(dir: &std::path::Path) -> PathBuf {
-    dir.join("cni-pending")
-}
-
 impl Control {
     /// A CNI request, answered with a [`CniAnswer`] or `ApiError::Cni`.
     pub async fn cni(self: &Arc<Self>, r: CniRequest) -> Result<serde_json::Value, ApiError> {
@@ -134,9 +127,10 @@ impl Control {
         self.cni_counters.reaped.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// This node's pending-DEL spool directory.
-    pub fn cni_spool(&self) -> PathBuf {
-        spool_dir(&self.cfg.state_dir)
+    /// This node's admin socket, beside which the plugin and the node
+    /// spool the DELs that could not be done (`meshplane_cni::spool`).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.cfg.state_dir.join("admin.sock")
     }
 
     /// CNI needs the node in a cluster.
@@ -300,20 +294,11 @@ impl Control {
     /// Spools DEL `key` for the reaper (as the plugin does when the node
     /// is down).
     fn spool(&self, key: &Key) {
-        let dir = self.cni_spool();
-        let r = std::fs::create_dir_all(&dir)
-            .and_then(|()| serde_json::to_vec(key).map_err(std::io::Error::other))
-            .and_then(|body| {
-                let name = key.spool_name();
-                let tmp = dir.join(format!(".{name}.tmp"));
-                std::fs::write(&tmp, body)?;
-                std::fs::rename(&tmp, dir.join(name))
-            });
-        match r {
-            Ok(()) => {
+        match meshplane_cni::spool::write(&self.admin_socket(), key) {
+            Ok(_) => {
                 self.cni_counters.spooled.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => tracing::warn!("cni del {key}: spooling to {}: {e}", dir.display()),
+            Err(e) => tracing::warn!("cni del {key}: spooling it beside {}: {e}", self.admin_socket().display()),
         }
     }
 
