@@ -737,6 +737,32 @@ fn nat_source_ports_held_by_unconfirmed_pickups_give_way() {
     assert_eq!(run(&t, &mut st, UPLINK, &syn, 0).0, Verdict::Drop(D::NatPortsExhausted));
 }
 
+#[test]
+fn a_nat_client_reusing_its_port_gets_the_same_port_not_a_second_one() {
+    // wrk with `Connection: close` cycles through its ports: a SYN on the
+    // tuple of a closed connection is a new connection (scheduled again),
+    // and in nat mode it takes the old one's source port on this node
+    // again; the old connection's reply entry goes with its forward
+    // entry, so the client holds one port, not one per reuse.
+    let t = one_backend_nat("tcp");
+    let mut st = WorkerState::for_tables(&t);
+    let (client, backend) = (CLIENT.into(), T3.into());
+    let sport = 40000u16;
+    let syn = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, sport, 30053, true);
+    let synack = tcp(NODE1_APP_MAC, T3_MAC, T3, NODE1_APP, 53, sport, true);
+    for round in 0..3u64 {
+        let now = round * SECOND;
+        let (v, out) = run(&t, &mut st, UPLINK, &syn, now);
+        assert_eq!((v, u16::from_be_bytes([out[34], out[35]])), (Verdict::Tx(TASK3), sport), "round {round}");
+        assert_eq!(run(&t, &mut st, TASK3, &synack, now).0, Verdict::Tx(UPLINK), "round {round}: the reply");
+        let rst = rst(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, sport, 30053);
+        assert_eq!(run(&t, &mut st, UPLINK, &rst, now).0, Verdict::Tx(TASK3));
+        assert_eq!(st.lb.nat_ports_held(client, backend), 1, "round {round}: one port held");
+        assert_eq!(st.lb.conntrack.len(), 2, "round {round}: one connection's two entries");
+    }
+    assert_eq!(st.lb.services[0].new_conns, 3, "each reuse a new connection");
+}
+
 /// The reset a host's stack sends for a segment to a closed port: exact
 /// bytes, built independently (RFC 9293: SEQ = the segment's ACK if it has
 /// one, else ACK = its SEQ + its length with SYN and FIN counting one).

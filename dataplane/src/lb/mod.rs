@@ -319,6 +319,18 @@ impl LbState {
     /// (one added since never gets its share).
     #[inline(always)]
     pub(crate) fn lookup_forward(&mut self, p: &conntrack::Probe, now: u64, flags: u8) -> Option<CtValue> {
+        if self.take_reused(p, now, flags).is_some() {
+            return None;
+        }
+        self.lookup(p, now, flags)
+    }
+
+    /// For [`LbState::lookup_forward`]: a bare SYN on the tuple of a
+    /// balanced connection that is closing or closed removes its forward
+    /// entry (released), which is returned; else nothing changes. A
+    /// caller whose connections hold more (a `nat` port) frees it too.
+    #[inline(always)]
+    fn take_reused(&mut self, p: &conntrack::Probe, now: u64, flags: u8) -> Option<CtValue> {
         use conntrack::tcp_flags::{ACK, SYN};
         // Balanced connections only (VIP and routing mesh): an egress
         // mapping keeps its port, whatever its state.
@@ -326,12 +338,11 @@ impl LbState {
             matches!(v.state, CtState::Fin | CtState::Close) && v.flags & (CT_EGRESS | CT_REPLY | CT_PS_RETURN) == 0
         };
         if flags & (SYN | ACK) == SYN && self.conntrack.peek_probe(p, now).is_some_and(balanced_closing) {
-            if let Some(old) = self.conntrack.remove_probe(p) {
-                self.release(&p.key(), old);
-            }
-            return None;
+            let old = self.conntrack.remove_probe(p)?;
+            self.release(&p.key(), old);
+            return Some(old);
         }
-        self.lookup(p, now, flags)
+        None
     }
 
     /// [`LbState::lookup`] of a reply-direction packet's entry
@@ -1023,7 +1034,27 @@ fn client_inner(
     // In nat mode the reply comes back to node_ip:snat; the client's
     // own source port is kept unless another connection to the same
     // backend holds it, else one of a few others derived from it.
-    let found = lb.lookup_forward(&lb.conntrack.probe_in(&key, Bucket::Src), now, flags);
+    let probe = lb.conntrack.probe_in(&key, Bucket::Src);
+    let found = match lb.take_reused(&probe, now, flags) {
+        Some(old) => {
+            // A client reusing its port: in nat mode the old connection's
+            // reply entry holds its source port on this node (and the
+            // client's share): it goes too, so the new connection can
+            // take the same port instead of holding a second one.
+            if old.flags & CT_MESH_NAT != 0 {
+                let rk = FlowKey { src: old.peer, dst: node, sport: old.port, dport: old.port2, proto: key.proto };
+                let rp = lb.conntrack.probe_in(&rk, Bucket::Tuple);
+                let ours = |v: CtValue| v.flags & CT_REPLY != 0 && v.peer == key.src && v.port == key.sport;
+                if lb.conntrack.peek_probe(&rp, now).is_some_and(ours)
+                    && let Some(r) = lb.conntrack.remove_probe(&rp)
+                {
+                    lb.release(&rk, r);
+                }
+            }
+            None
+        }
+        None => lb.lookup(&probe, now, flags),
+    };
     let (b, f) = connection(
         lb,
         s,
