@@ -23,6 +23,11 @@ pub(crate) fn run(c: &Conn, cmd: &TaskCmd) -> Result<()> {
                     (Some(netns), Some(c))
                 }
                 None => {
+                    if node == me
+                        && let Some(n) = netns
+                    {
+                        check_namespace_file(n)?;
+                    }
                     let c = container.as_ref().map(|id| ContainerRef {
                         id: id.clone(),
                         cni: None,
@@ -113,6 +118,23 @@ fn health_cell(v: &Value) -> String {
 fn this_node(c: &Conn) -> Result<String> {
     let info = call(c, AdminRequest::Info)?;
     info["node"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("the node did not say its name"))
+}
+
+/// `--netns` given as a path, for a task on this machine: it must be a
+/// network namespace (a file of nsfs), not any file (the state takes any
+/// path: only its node can tell).
+fn check_namespace_file(netns: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(TaskNetns::File(path)) = TaskNetns::parse(netns) else { return Ok(()) };
+    let dev = |p: &str| std::fs::metadata(p).map(|m| m.dev());
+    match (dev(&path), dev("/proc/self/ns/net")) {
+        (Ok(a), Ok(b)) if a == b => Ok(()),
+        (Ok(_), Ok(_)) => bail!(
+            "--netns {path}: not a network namespace (a name from ip netns, /proc/PID/ns/net, or a runtime's bind mount of one)"
+        ),
+        (Err(e), _) => bail!("--netns {path}: {e}"),
+        (_, Err(e)) => bail!("reading this process's network namespace: {e}"),
+    }
 }
 
 /// The inode of namespace file `path`.

@@ -451,7 +451,8 @@ fn task_attached_by_process_namespace() {
         ("a b", "--netns: task namespace \"a b\""),
         ("-all", "task namespace \"-all\""),
         ("../x", "task namespace \"../x\""),
-        ("/etc/passwd", "/proc/PID/ns/net"),
+        ("/a/../b", "/proc/PID/ns/net"),
+        ("/etc/passwd", "/etc/passwd: not a network namespace"),
         ("/proc/12x/ns/net", "task namespace \"/proc/12x/ns/net\""),
     ] {
         let o = m.cli(0, &["task", "attach", "--service", "web", "--node", "node1", &format!("--netns={bad}")]);
