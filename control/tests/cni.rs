@@ -65,6 +65,9 @@ struct Double {
     tasks: Mutex<Vec<LocalTask>>,
     /// A publication came.
     changed: Condvar,
+    /// `task_port_gone` returns at once (the port was never made), and
+    /// `netns_check` takes no time.
+    quick: std::sync::atomic::AtomicBool,
 }
 
 /// What the double's ports report by default.
@@ -80,6 +83,7 @@ impl Default for Double {
             calls: Mutex::new(Vec::new()),
             tasks: Mutex::new(Vec::new()),
             changed: Condvar::new(),
+            quick: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -129,7 +133,9 @@ impl Dataplane for Double {
         self.calls.lock().unwrap().push(Call::NetnsCheck(netns.into(), ifname.into()));
         // As slow as a look into a namespace: two ADDs racing are both
         // past their idempotency check before either writes.
-        std::thread::sleep(Duration::from_millis(20));
+        if !self.quick.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.netns.lock().unwrap().clone()
     }
     fn task_port(&self, id: &str, until: Instant) -> Result<PortInfo, Failure> {
@@ -149,6 +155,9 @@ impl Dataplane for Double {
     }
     fn task_port_gone(&self, id: &str, until: Instant) {
         self.calls.lock().unwrap().push(Call::PortGone(id.into()));
+        if self.quick.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         self.wait_published(id, false, until);
     }
 }
@@ -367,6 +376,7 @@ fn cni_requests_on_a_manager_and_a_worker() {
     add_again(&c);
     add_in_another_netns(&c);
     racing_adds(&c);
+    replaced_quickly(&c);
     netns_and_port_failures(&c);
     port_never_made(&c);
     del(&c);
@@ -472,6 +482,30 @@ fn add_in_another_netns(c: &Cluster) {
             Call::TaskPort(new.id.clone()),
         ]
     );
+}
+
+/// The same attachment in another namespace when the old task's port
+/// was never made (nothing to wait for), right away: the new task, not
+/// the old one, whose detach the worker's state may not have yet (the
+/// race tried a few times).
+fn replaced_quickly(c: &Cluster) {
+    for i in 0..10 {
+        let k = key(&format!("c11-{i}"));
+        added(c.w.cni(add(k.clone(), "/run/netns/mp-ctl-c11a")));
+        c.w.dp.quick.store(true, std::sync::atomic::Ordering::Relaxed);
+        let r = c.w.cni(add_to(k.clone(), "/run/netns/mp-ctl-c11b", "web", 2));
+        c.w.dp.quick.store(false, std::sync::atomic::Ordering::Relaxed);
+        let a = added(r);
+        let st = c.m.state();
+        let v = tasks_of(&st, "node62", &k);
+        assert_eq!(v.len(), 1, "try {i}: one task for {k} after its ADD answered {a:?}: {v:?}");
+        assert_eq!(v[0].netns.as_deref(), Some("mp-ctl-c11b"), "try {i}");
+        assert_eq!(a.ip.0, v[0].ip, "try {i}");
+        c.w.dp.quick.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(c.w.cni(CniRequest::Del(k.clone())), Ok(CniAnswer::Done));
+        c.w.dp.quick.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+    c.w.dp.take_calls();
 }
 
 /// Two ADDs of one attachment at once, both past the idempotency check
