@@ -3,7 +3,7 @@
 //! within a deadline and at most `MAX_CONNECTIONS` at once. Every counter
 //! the dataplane keeps, per worker (ports, drops by reason, connection
 //! table, handoffs, services and backends), and the control plane's (state
-//! version, node liveness, gossip, health checks), read from the admin API in the schema
+//! version, node liveness, gossip, health checks, CNI requests), read from the admin API in the schema
 //! of `dataplane::report` (`crate::stats`) and encoded by the `prometheus-client` crate.
 //!
 //! A client that asks for OpenMetrics (`Accept:
@@ -419,6 +419,24 @@ fn control(x: &mut Exposition, stats: &AdminStats, nodes: &[NodeStatus], info: &
     );
 }
 
+/// The CNI requests this node served, and what its reaper and spool did
+/// (all zero on a node no runtime uses).
+fn cni(x: &mut Exposition, stats: &AdminStats) {
+    let k = &stats.cni;
+    let one = |v: u64| vec![(Vec::<(String, String)>::new(), v)];
+    let counters: [(&str, u64, &str); 6] = [
+        ("cni_adds_total", k.adds, "CNI ADDs asked of this node."),
+        ("cni_add_failures_total", k.add_failures, "CNI ADDs that failed (the runtime got an error)."),
+        ("cni_dels_total", k.dels, "CNI DELs asked of this node."),
+        ("cni_gcs_total", k.gcs, "CNI GCs asked of this node."),
+        ("cni_reaped_total", k.reaped, "Container tasks detached because their network namespace went."),
+        ("cni_spooled_total", k.spooled, "CNI DELs spooled because they could not commit (retried by the reaper)."),
+    ];
+    for (name, v, help) in counters {
+        x.family(name, COUNTER, help, one(v));
+    }
+}
+
 /// The metric names' prefix.
 const PREFIX: &str = "meshplane";
 
@@ -447,6 +465,7 @@ fn render(stats: &AdminStats, nodes: &[NodeStatus], info: &Info, format: Format)
     services(&mut x, &stats.dataplane);
     dns(&mut x, &stats.dataplane);
     control(&mut x, stats, nodes, info);
+    cni(&mut x, stats);
     let mut text = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &x.registry) {
         tracing::warn!("encoding the metrics: {e}");
@@ -546,7 +565,8 @@ mod tests {
                 "handshake_timeouts": 1, "handshake_failed": 0, "request_timeouts": 4, "idle_closed": 0,
                 "write_timeouts": 0, "too_large": 0, "bad_frames": 0, "expired_closed": 0, "requests": 20 },
             "health": { "tasks": 2, "checks": 50, "failures": 4, "to_healthy": 3, "to_unhealthy": 1,
-                "proposed": 4, "propose_errors": 1 }
+                "proposed": 4, "propose_errors": 1 },
+            "cni": { "adds": 9, "add_failures": 2, "dels": 6, "gcs": 1, "reaped": 3, "spooled": 4 }
         });
         let stats: AdminStats = serde_json::from_value(stats).expect("the stats schema");
         let nodes = serde_json::json!([{ "name": "node1", "status": "ready" }, { "name": "node3", "status": "down" }]);
@@ -582,6 +602,13 @@ mod tests {
             "meshplane_health_check_failures_total 4",
             "meshplane_health_transitions_total{to=\"unhealthy\"} 1",
             "meshplane_health_proposal_errors_total 1",
+            "# TYPE meshplane_cni_adds_total counter",
+            "meshplane_cni_adds_total 9",
+            "meshplane_cni_add_failures_total 2",
+            "meshplane_cni_dels_total 6",
+            "meshplane_cni_gcs_total 1",
+            "meshplane_cni_reaped_total 3",
+            "meshplane_cni_spooled_total 4",
         ] {
             assert!(t.lines().any(|l| l == line), "missing {line:?} in:\n{t}");
         }
@@ -595,5 +622,19 @@ mod tests {
         assert!(om.contains("# TYPE meshplane_port_rx_frames counter\n"), "{om}");
         assert!(om.contains("meshplane_port_rx_frames_total{worker=\"0\",port=\"uplink\"} 10\n"), "{om}");
         assert!(om.ends_with("# EOF\n"), "{om}");
+        assert!(om.contains("# TYPE meshplane_cni_reaped counter\nmeshplane_cni_reaped_total 3\n"), "{om}");
+    }
+
+    #[test]
+    fn a_stats_answer_without_cni_counters_exposes_zeros() {
+        // A node older than CNI support answers without `cni`.
+        let stats = serde_json::json!({ "dataplane": { "tables_version": 1, "workers": [] } });
+        let stats: AdminStats = serde_json::from_value(stats).expect("the stats schema");
+        let info = Info { version: 1, tables_version: None };
+        let t = render(&stats, &[], &info, Format::Prometheus);
+        for name in ["adds", "add_failures", "dels", "gcs", "reaped", "spooled"] {
+            let line = format!("meshplane_cni_{name}_total 0");
+            assert!(t.lines().any(|l| l == line), "missing {line:?} in:\n{t}");
+        }
     }
 }

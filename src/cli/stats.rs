@@ -1,11 +1,12 @@
 //! `meshplane stats`: per port and worker, services, drops by reason,
-//! gossip, health checks; with `--watch`, again every second with rates.
+//! gossip, health checks, CNI requests; with `--watch`, again every second with rates.
 
 use super::args::{Conn, Format};
 use super::client;
 use super::render::{human_rate, rate, table};
 use crate::stats::{AdminStats, NodeStats};
 use anyhow::Result;
+use meshplane_control::rpc::CniStats;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -63,6 +64,9 @@ pub(crate) fn run(c: &Conn, watch: bool, count: Option<u32>) -> Result<()> {
                     "health checks: {} tasks checked, {} probes, {} failed, {} to healthy, {} to unhealthy, {} proposed ({} errors)",
                     h.tasks, h.checks, h.failures, h.to_healthy, h.to_unhealthy, h.proposed, h.propose_errors,
                 );
+            }
+            if let Some(line) = cni_line(&v.cni) {
+                println!("{line}");
             }
         }
         shown += 1;
@@ -217,5 +221,32 @@ fn drops(dp: &NodeStats) {
         println!("drops: none");
     } else {
         table(&["DROP REASON", "FRAMES"], drops.into_iter().map(|(k, n)| vec![k, n.to_string()]).collect());
+    }
+}
+
+/// The CNI counters (nothing on a node no container runtime has used).
+fn cni_line(k: &CniStats) -> Option<String> {
+    (*k != CniStats::default()).then(|| {
+        format!(
+            "cni: {} adds ({} failed), {} dels, {} gcs; {} tasks reaped (namespace gone), {} dels spooled",
+            k.adds, k.add_failures, k.dels, k.gcs, k.reaped, k.spooled
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cni_line_shows_every_counter_once_a_runtime_used_the_node() {
+        assert_eq!(cni_line(&CniStats::default()), None);
+        let k = CniStats { adds: 9, add_failures: 2, dels: 6, gcs: 1, reaped: 3, spooled: 4 };
+        assert_eq!(
+            cni_line(&k).as_deref(),
+            Some("cni: 9 adds (2 failed), 6 dels, 1 gcs; 3 tasks reaped (namespace gone), 4 dels spooled")
+        );
+        let reaped_only = CniStats { reaped: 1, ..CniStats::default() };
+        assert!(cni_line(&reaped_only).is_some_and(|l| l.contains("1 tasks reaped")));
     }
 }

@@ -165,7 +165,7 @@ impl Control {
             }
             tracing::warn!("cni add {}: task {} is in {:?}; replaced by one in {netns}", a.key, t.id, t.netns);
             self.write(Command::DetachTask { id: t.id.clone() }).await.map_err(api_failure)?;
-            self.port_gone(&t.id).await;
+            self.port_gone(&t).await;
         }
         let dp = self.dp.clone();
         let (path, ifname) = (netns.path(), a.key.ifname.clone());
@@ -258,12 +258,24 @@ impl Control {
         })
     }
 
-    /// Waits (at most [`DEL_WAIT`]) until the port of a detached task is
-    /// gone.
-    async fn port_gone(&self, id: &str) {
+    /// Waits (at most [`DEL_WAIT`]) until detached task `t` is gone from
+    /// this node's state, then until its port is gone. A worker's state
+    /// follows the leader's a round trip after the write: without the
+    /// first wait, a request right after (the ADD that replaces it) still
+    /// finds the task, and a port that was never made has nothing to
+    /// wait for.
+    async fn port_gone(&self, t: &Task) {
+        let until = Instant::now() + DEL_WAIT;
+        let here = || {
+            let g = self.lock();
+            g.state.tasks.get(&t.id).is_some_and(|x| x.container == t.container && x.ip == t.ip)
+        };
+        while here() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let dp = self.dp.clone();
-        let id = id.to_owned();
-        let _ = tokio::task::spawn_blocking(move || dp.task_port_gone(&id, Instant::now() + DEL_WAIT)).await;
+        let id = t.id.clone();
+        let _ = tokio::task::spawn_blocking(move || dp.task_port_gone(&id, until)).await;
     }
 
     /// DEL: the attachment's task detached, if there is one. A detach
@@ -279,7 +291,7 @@ impl Control {
         match self.write(Command::DetachTask { id: t.id.clone() }).await {
             Ok(()) | Err(ApiError::State(StateError::Unknown { .. })) => {
                 tracing::info!("cni del {key}: task {} detached", t.id);
-                self.port_gone(&t.id).await;
+                self.port_gone(&t).await;
                 Ok(())
             }
             Err(ApiError::State(e)) => Err(state_failure(e)),
@@ -330,7 +342,7 @@ impl Control {
     async fn cni_gc(&self, g: GcReq) -> Result<Vec<String>, Failure> {
         self.cni_member()?;
         let me = self.cfg.name.clone();
-        let stale: Vec<String> = self
+        let stale: Vec<Task> = self
             .state()
             .0
             .tasks
@@ -341,23 +353,23 @@ impl Control {
                     a.network == g.network && !g.valid.iter().any(|(id, ifname)| *id == c.id && *ifname == a.ifname)
                 })
             })
-            .map(|t| t.id.clone())
+            .cloned()
             .collect();
         let mut removed = Vec::new();
-        for id in stale {
-            match self.write(Command::DetachTask { id: id.clone() }).await {
+        for t in stale {
+            match self.write(Command::DetachTask { id: t.id.clone() }).await {
                 Ok(()) => {
-                    tracing::info!("cni gc {}: task {id} detached (its container is gone)", g.network);
-                    removed.push(id);
+                    tracing::info!("cni gc {}: task {} detached (its container is gone)", g.network, t.id);
+                    removed.push(t);
                 }
                 Err(ApiError::State(StateError::Unknown { .. })) => {}
                 Err(e) => return Err(api_failure(e)),
             }
         }
-        for id in &removed {
-            self.port_gone(id).await;
+        for t in &removed {
+            self.port_gone(t).await;
         }
-        Ok(removed)
+        Ok(removed.into_iter().map(|t| t.id).collect())
     }
 
     /// STATUS: the node is in a cluster, the service exists and its
