@@ -1,7 +1,7 @@
 //! `meshplane lab stop-node|start-node|down`.
 
-use super::podman::Podman;
 use super::common::{attach_tap_uplink, lab_namespaces, node_pid, ns_name, spawn, wait};
+use super::podman::Podman;
 use crate::sys::{self, ip};
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};

@@ -180,8 +180,11 @@ tmp_dir = "{tmp}"
         );
         let p = self.dir.join("containers.conf");
         std::fs::write(&p, conf).map_err(io_err(&p))?;
-        let storage =
-            format!("[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n", self.s("storage"), self.s("run"));
+        let storage = format!(
+            "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+            self.s("storage"),
+            self.s("run")
+        );
         let p = self.dir.join("storage.conf");
         std::fs::write(&p, storage).map_err(io_err(&p))?;
         rootfs(&self.dir.join("rootfs"))

@@ -849,7 +849,9 @@ fn lab_demo_runs_with_podman() {
         v.extend_from_slice(&["--dir", &d]);
         std::process::Command::new(BIN).args(&v).output().expect("running meshplane lab")
     };
-    let out = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let out = |o: &std::process::Output| {
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    };
     let podman = |args: &[&str]| {
         std::process::Command::new("podman")
             .args(args)
@@ -878,12 +880,7 @@ fn lab_demo_runs_with_podman() {
             c.args(["task", "ls"]).args(fmt).arg("--state-dir").arg(&node1);
             String::from_utf8_lossy(&c.output().expect("task ls").stdout).into_owned()
         };
-        (
-            Some(lab(&["demo", "--requests", "2"])),
-            Some(lab(&["status"])),
-            task_ls(&["--format", "json"]),
-            task_ls(&[]),
-        )
+        (Some(lab(&["demo", "--requests", "2"])), Some(lab(&["status"])), task_ls(&["--format", "json"]), task_ls(&[]))
     } else {
         (None, None, String::new(), String::new())
     };
@@ -935,7 +932,11 @@ fn lab_demo_runs_with_podman() {
     }
     let status = status.expect("ran");
     let st = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success() && st.contains("web.1 podman container mp-lab-web-1"), "lab status: {}", out(&status));
+    assert!(
+        status.status.success() && st.contains("web.1 podman container mp-lab-web-1"),
+        "lab status: {}",
+        out(&status)
+    );
     // Nothing left.
     assert!(down.status.success(), "lab down: {}", out(&down));
     assert!(String::from_utf8_lossy(&down.stdout).contains("3 podman containers removed"), "{}", out(&down));
