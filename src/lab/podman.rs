@@ -240,13 +240,14 @@ tmp_dir = "{tmp}"
         std::fs::write(&p, text).map_err(io_err(&p))
     }
 
-    /// The recorded containers.
+    /// The recorded containers (lines of three fields; others skipped).
     pub(super) fn containers(&self) -> Vec<Container> {
         let text = std::fs::read_to_string(self.dir.join(RECORD)).unwrap_or_default();
         text.lines()
             .filter_map(|l| {
-                let mut f = l.split_whitespace();
-                Some(Container { task: f.next()?.to_owned(), name: f.next()?.to_owned(), id: f.next()?.to_owned() })
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let [task, name, id] = f[..] else { return None };
+                Some(Container { task: task.to_owned(), name: name.to_owned(), id: id.to_owned() })
             })
             .collect()
     }
@@ -405,7 +406,7 @@ mod tests {
         pm.record(&b).expect("record");
         let p = pm.dir.join(RECORD);
         let mut text = std::fs::read_to_string(&p).expect("read");
-        text.push_str("half a line\n\n");
+        text.push_str("half line\n\nweb.3 mp-lab-web-3 ef one too many\n");
         std::fs::write(&p, text).expect("write");
         assert_eq!(pm.containers(), vec![a, b]);
         assert!(!pm.exists(), "no configuration written");
