@@ -151,6 +151,30 @@ impl Podman {
         run_ok(&mut self.cmd(args), secs)
     }
 
+    /// Whether `lab up --podman` can run here (before anything is made):
+    /// podman runs, busybox-static and the CNI plugin (beside `bin`) are
+    /// there.
+    pub(super) fn preflight(bin: &str) -> Result<(), PodmanError> {
+        if let Err(e) = Cmd::new("podman").arg("--version").output() {
+            return Err(PodmanError::Command {
+                what: "podman --version".to_owned(),
+                detail: format!(
+                    "{e} (scripts/bootstrap installs podman; scripts/demo --podman falls back to namespaces without it)"
+                ),
+            });
+        }
+        let plugin = Path::new(bin).with_file_name("meshplane-cni");
+        for (p, what) in [
+            (Path::new("/bin/busybox"), "busybox-static (scripts/bootstrap installs it)"),
+            (plugin.as_path(), "build it: cargo build --bin meshplane-cni"),
+        ] {
+            if !p.exists() {
+                return Err(PodmanError::Io { path: p.to_owned(), detail: format!("missing: {what}") });
+            }
+        }
+        Ok(())
+    }
+
     /// Its directories, configuration and the rootfs.
     pub(super) fn setup(&self) -> Result<(), PodmanError> {
         for d in ["cni/bin", "cni/net.d", "tmp", "storage", "run"] {

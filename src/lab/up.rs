@@ -16,11 +16,14 @@ pub(super) fn up(io: IoKind, dir: &Path, podman: bool) -> Result<()> {
     if lab_namespaces()?.next().is_some() {
         bail!("a lab is up already: `meshplane lab down` first");
     }
+    let bin = std::env::current_exe()?.display().to_string();
+    if podman {
+        Podman::preflight(&bin).context("lab up --podman")?;
+    }
     // Containers of an earlier lab in this directory (their nodes are gone).
     Podman::of(dir).down().context("removing the podman containers of an earlier lab")?;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let bin = std::env::current_exe()?.display().to_string();
     std::fs::write(dir.join("io"), if io == IoKind::Tap { "tap" } else { "afxdp" })?;
     let fab = fabric()?;
     client(&fab, io)?;
