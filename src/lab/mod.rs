@@ -13,9 +13,10 @@
 //! the lab directory), and the lab builds the cluster the way a user does,
 //! with the CLI: `cluster init` on node1, `cluster join` on the others
 //! (all three managers), `network create`, `service create`, `task attach
-//! --netns` (the nodes make the tasks' ports). `down` removes everything,
-//! also after a crash (it works from the namespaces and pid files it
-//! finds).
+//! --netns` (the nodes make the tasks' ports). With `--podman`, web's
+//! tasks are podman containers that meshplane's CNI plugin attaches
+//! (`podman.rs`). `down` removes everything, also after a crash (it works
+//! from the namespaces, pid files and podman storage it finds).
 
 use anyhow::Result;
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ use std::path::PathBuf;
 mod common;
 mod demo;
 mod nodes;
+mod podman;
 mod up;
 
 /// `meshplane lab …`
@@ -36,6 +38,10 @@ pub(crate) enum LabCommand {
         /// Where the lab keeps its files (tables, logs, counters, pids).
         #[arg(long, default_value = "/tmp/meshplane-lab")]
         dir: PathBuf,
+        /// web's tasks as podman containers, attached by meshplane's CNI
+        /// plugin (podman's configuration and storage in DIR/podman).
+        #[arg(long)]
+        podman: bool,
     },
     /// Show what runs and the nodes' counters.
     Status {
@@ -84,7 +90,7 @@ pub(crate) enum LabCommand {
 /// Runs a `lab` command.
 pub(crate) fn run(c: &LabCommand) -> Result<()> {
     match c {
-        LabCommand::Up { io, dir } => up::up(*io, dir),
+        LabCommand::Up { io, dir, podman } => up::up(*io, dir, *podman),
         LabCommand::Status { dir } => demo::status(dir),
         LabCommand::Demo { requests, dir } => demo::demo(*requests, dir),
         LabCommand::Down { dir } => nodes::down(dir),

@@ -1,6 +1,7 @@
 //! `meshplane lab stop-node|start-node|down`.
 
 use super::common::{attach_tap_uplink, lab_namespaces, node_pid, ns_name, spawn, wait};
+use super::podman::Podman;
 use crate::sys::{self, ip};
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -41,6 +42,9 @@ pub(super) fn start_node(n: u8, dir: &Path) -> Result<()> {
 
 /// Stops everything and removes the namespaces (also after a crash).
 pub(super) fn down(dir: &Path) -> Result<()> {
+    // podman's containers first, while the nodes run: each one's DEL
+    // reaches its node. Whatever happens, the rest goes too.
+    let containers = Podman::of(dir).down();
     // Stop what the lab started, by pid, then whatever still runs in its
     // namespaces (after a crash the pid file may be gone).
     let mut stopped = 0;
@@ -66,6 +70,8 @@ pub(super) fn down(dir: &Path) -> Result<()> {
         }
     }
     let _ = std::fs::remove_file(dir.join("pids"));
-    println!("lab down: {stopped} processes stopped, {removed} namespaces removed");
+    let containers = containers.context("removing the lab's podman containers")?;
+    let containers = if containers > 0 { format!(", {containers} podman containers removed") } else { String::new() };
+    println!("lab down: {stopped} processes stopped, {removed} namespaces removed{containers}");
     Ok(())
 }

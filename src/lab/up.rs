@@ -5,28 +5,34 @@ use super::common::{
     CLIENT_IP, NODES, OUTSIDE_IP, OUTSIDE_PORT, ROUTER_IP, attach_tap_uplink, cli, cluster_state, lab_namespaces,
     ns_name, spawn, wait,
 };
+use super::podman::{Podman, container_name};
 use crate::node::IoKind;
 use crate::sys::{self, in_ns, ip};
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 
 /// Builds the lab and starts its nodes and tasks.
-pub(super) fn up(io: IoKind, dir: &Path) -> Result<()> {
+pub(super) fn up(io: IoKind, dir: &Path, podman: bool) -> Result<()> {
     if lab_namespaces()?.next().is_some() {
         bail!("a lab is up already: `meshplane lab down` first");
     }
+    let bin = std::env::current_exe()?.display().to_string();
+    if podman {
+        Podman::preflight(&bin).context("lab up --podman")?;
+    }
+    // Containers of an earlier lab in this directory (their nodes are gone).
+    Podman::of(dir).down().context("removing the podman containers of an earlier lab")?;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let bin = std::env::current_exe()?.display().to_string();
     std::fs::write(dir.join("io"), if io == IoKind::Tap { "tap" } else { "afxdp" })?;
     let fab = fabric()?;
     client(&fab, io)?;
     outside(&bin, dir, &fab)?;
     for n in 1..=NODES {
-        boot_node(io, &bin, dir, &fab, n)?;
+        boot_node(io, &bin, dir, &fab, n, podman)?;
     }
-    build_cluster(&bin, dir)?;
-    start_tasks(&bin, dir)?;
+    build_cluster(&bin, dir, podman)?;
+    start_tasks(&bin, dir, podman)?;
     let st = cluster_state(&bin, dir, 1)?;
     let tasks: Vec<String> = st["tasks"]
         .as_array()
@@ -46,6 +52,16 @@ pub(super) fn up(io: IoKind, dir: &Path) -> Result<()> {
         if io == IoKind::Tap { "TAP" } else { "AF_XDP" },
         tasks.join(", ")
     );
+    if podman {
+        let names: Vec<String> = (1..=NODES).map(container_name).collect();
+        println!(
+            "web's tasks are podman containers ({}; podman's files in {}/podman: CONTAINERS_CONF={}/podman/containers.conf CONTAINERS_STORAGE_CONF={}/podman/storage.conf podman ps)",
+            names.join(", "),
+            dir.display(),
+            dir.display(),
+            dir.display()
+        );
+    }
     println!(
         "the CLI on the lab: meshplane --state-dir {}/node1 node ls (or service ls, task ls, lb ls, stats)",
         dir.display()
@@ -120,13 +136,16 @@ fn client(fab: &str, io: IoKind) -> Result<()> {
     Ok(())
 }
 
-/// Node `n`: its namespace and its task's, its management NIC, its data
+/// Node `n`: its namespace and its task's (with `podman` the task is a
+/// container, whose namespace podman makes), its management NIC, its data
 /// NIC (AF_XDP: a veth on the underlay; TAP: the device the node makes,
 /// moved onto the underlay once it runs), and its process.
-fn boot_node(io: IoKind, bin: &str, dir: &Path, fab: &str, n: u8) -> Result<()> {
+fn boot_node(io: IoKind, bin: &str, dir: &Path, fab: &str, n: u8, podman: bool) -> Result<()> {
     let (ns, tns) = (ns_name(&format!("n{n}")), ns_name(&format!("t{n}")));
     netns_add(&ns)?;
-    netns_add(&tns)?;
+    if !podman {
+        netns_add(&tns)?;
+    }
     // Management NIC on br1 (Raft, joins, gossip).
     fabric_link(fab, "br1", &format!("m{n}"), &ns, "mg0")?;
     ip(&["-n", &ns, "link", "set", "mg0", "up"])?;
@@ -191,8 +210,10 @@ fn boot_node(io: IoKind, bin: &str, dir: &Path, fab: &str, n: u8) -> Result<()> 
 /// join as managers (three managers: Raft survives one failure); the
 /// network `app` and the service `web`, a task of it on every node; the
 /// service `api` (a VIP on every port), its task on node 3, which the
-/// demo calls by name from web's tasks.
-fn build_cluster(bin: &str, dir: &Path) -> Result<()> {
+/// demo calls by name from web's tasks. With `podman`, web's tasks are
+/// containers that the CNI plugin attaches (`podman.rs`), in node order so
+/// that their ids are web.1, web.2, web.3.
+fn build_cluster(bin: &str, dir: &Path, podman: bool) -> Result<()> {
     let init = cli(bin, dir, 1, &["cluster", "init"])?;
     let token = init
         .split_whitespace()
@@ -206,11 +227,20 @@ fn build_cluster(bin: &str, dir: &Path) -> Result<()> {
     #[rustfmt::skip]
     cli(bin, dir, 2, &["service", "create", "--name", "web", "--network", "app", "--vip-port", "80",
         "--publish", "30080:8080", "--publish", "mode=preserve-source,30081:8080", "--scheduler", "rr"])?;
-    for n in 1..=NODES {
-        let tns = ns_name(&format!("t{n}"));
-        let id = format!("web.{n}");
-        let node = format!("node{n}");
-        cli(bin, dir, 3, &["task", "attach", "--service", "web", "--node", &node, "--netns", &tns, "--id", &id])?;
+    if podman {
+        let pm = Podman::of(dir);
+        pm.setup()?;
+        for n in 1..=NODES {
+            pm.install(bin, dir, n)?;
+            pm.run_web(bin, dir, n)?;
+        }
+    } else {
+        for n in 1..=NODES {
+            let tns = ns_name(&format!("t{n}"));
+            let id = format!("web.{n}");
+            let node = format!("node{n}");
+            cli(bin, dir, 3, &["task", "attach", "--service", "web", "--node", &node, "--netns", &tns, "--id", &id])?;
+        }
     }
     cli(bin, dir, 1, &["service", "create", "--name", "api", "--network", "app", "--target-port", "8080"])?;
     let ans = ns_name("a1");
@@ -220,9 +250,9 @@ fn build_cluster(bin: &str, dir: &Path) -> Result<()> {
 }
 
 /// Each task's server, once its node has made its port (when its tables
-/// arrive).
-fn start_tasks(bin: &str, dir: &Path) -> Result<()> {
-    for n in 1..=NODES {
+/// arrive); web's containers (`podman`) run theirs already.
+fn start_tasks(bin: &str, dir: &Path, podman: bool) -> Result<()> {
+    for n in (1..=NODES).filter(|_| !podman) {
         let tns = ns_name(&format!("t{n}"));
         wait(&format!("web.{n}'s interface in {tns} (see {}/node{n}.log)", dir.display()), 20, || {
             sys::output("ip", &["-n", &tns, "-4", "route", "show", "default"]).is_ok_and(|o| !o.is_empty())

@@ -814,6 +814,144 @@ fn lab_demo_runs_to_the_end() {
     }
 }
 
+/// `meshplane lab up --podman`, `demo` and `down` (`scripts/demo
+/// --podman`): web.1..3 are podman containers attached by the CNI plugin,
+/// the demo's summary holds for them (by name and egress run inside the
+/// containers), `task ls` shows their containers, `lab status` shows them,
+/// and `lab down` leaves no container, no container process, no podman
+/// namespace, no mount, no `mp-lab-` namespace and nothing of podman's in
+/// the lab's directory.
+#[test]
+fn lab_demo_runs_with_podman() {
+    need_root!();
+    let lacking: Vec<&str> = ["podman", "runc", "conmon"]
+        .into_iter()
+        .filter(|p| {
+            let o = std::process::Command::new("sh").args(["-c", &format!("command -v {p}")]).output();
+            !o.is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    if !lacking.is_empty() {
+        eprintln!("skipped: {} not installed (scripts/bootstrap installs them)", lacking.join(", "));
+        return;
+    }
+    let plugin = std::path::Path::new(BIN).with_file_name("meshplane-cni");
+    if !plugin.exists() || !std::path::Path::new("/bin/busybox").exists() {
+        eprintln!("skipped: {} or /bin/busybox (busybox-static) missing", plugin.display());
+        return;
+    }
+    let _g = serial();
+    let dir = std::env::temp_dir().join(format!("meshplane-e2e-lab-{}-podman", std::process::id()));
+    let d = dir.to_str().expect("utf-8").to_owned();
+    let lab = |args: &[&str]| {
+        let mut v = vec!["lab"];
+        v.extend_from_slice(args);
+        v.extend_from_slice(&["--dir", &d]);
+        std::process::Command::new(BIN).args(&v).output().expect("running meshplane lab")
+    };
+    let out = |o: &std::process::Output| {
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    };
+    let podman = |args: &[&str]| {
+        std::process::Command::new("podman")
+            .args(args)
+            .env("CONTAINERS_CONF", dir.join("podman/containers.conf"))
+            .env("CONTAINERS_STORAGE_CONF", dir.join("podman/storage.conf"))
+            .output()
+            .expect("running podman")
+    };
+    let _ = lab(&["down"]);
+    let up = lab(&["up", "--podman"]);
+    // What must hold while it runs, gathered before `down` (which runs
+    // whatever happened).
+    let mut seen = Vec::new();
+    let (demo, status, tasks_json, tasks_table) = if up.status.success() {
+        for n in 1..=3 {
+            let name = format!("mp-lab-web-{n}");
+            let f = "{{.Id}} {{.State.Pid}} {{.NetworkSettings.SandboxKey}}";
+            let o = podman(&["inspect", "-f", f, &name]);
+            // Checked after `down`, which must run whatever happens.
+            let v: Vec<String> = String::from_utf8_lossy(&o.stdout).split_whitespace().map(str::to_owned).collect();
+            seen.push((name, v, out(&o)));
+        }
+        let node1 = dir.join("node1");
+        let task_ls = |fmt: &[&str]| {
+            let mut c = std::process::Command::new(BIN);
+            c.args(["task", "ls"]).args(fmt).arg("--state-dir").arg(&node1);
+            String::from_utf8_lossy(&c.output().expect("task ls").stdout).into_owned()
+        };
+        (Some(lab(&["demo", "--requests", "2"])), Some(lab(&["status"])), task_ls(&["--format", "json"]), task_ls(&[]))
+    } else {
+        (None, None, String::new(), String::new())
+    };
+    let down = lab(&["down"]);
+    let podman_dir_left = dir.join("podman").exists();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounts_left: Vec<&str> =
+        mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(d.as_str())).collect();
+    let needle = format!("{d}/podman/");
+    let procs_left: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|p| {
+            let cmdline = String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).ok()?).replace('\0', " ");
+            cmdline.contains(&needle).then(|| format!("{}: {cmdline}", p.file_name().to_string_lossy()))
+        })
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(up.status.success(), "lab up --podman: {}", out(&up));
+    let demo = demo.expect("ran");
+    let text = String::from_utf8_lossy(&demo.stdout);
+    assert!(demo.status.success(), "lab demo:\n{}", out(&demo));
+    assert!(text.contains("12 of 12 requests answered; 3 of 3 tasks answered"), "{text}");
+    assert!(text.contains("every task saw the client's own address"), "{text}");
+    assert!(text.contains("every task reached the outside from its node's address"), "{text}");
+    assert!(text.contains("every task reached api by its name"), "{text}");
+    let seen: Vec<(String, String, String, String)> = seen
+        .into_iter()
+        .map(|(name, v, o)| {
+            assert_eq!(v.len(), 3, "podman inspect {name}: {o}");
+            (name, v[0].clone(), v[1].clone(), v[2].clone())
+        })
+        .collect();
+    // web.1..3 are the containers, each on its node.
+    let tasks: serde_json::Value = serde_json::from_str(&tasks_json).expect("task ls json");
+    for (i, (name, id, _, _)) in seen.iter().enumerate() {
+        let n = i + 1;
+        let t = tasks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|t| t["id"] == format!("web.{n}"))
+            .unwrap_or_else(|| panic!("no web.{n}: {tasks_json}"));
+        assert_eq!(t["container"]["id"], id.as_str(), "{t}");
+        assert_eq!(t["container"]["name"], name.as_str(), "{t}");
+        assert_eq!(t["node"], format!("node{n}"), "{t}");
+        let row = tasks_table.lines().find(|l| l.starts_with(&format!("web.{n} "))).expect("a row");
+        assert!(row.contains(id.get(..12).unwrap_or(id)), "task ls shows web.{n}'s container: {row}\n{tasks_table}");
+    }
+    let status = status.expect("ran");
+    let st = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success() && st.contains("web.1 podman container mp-lab-web-1"),
+        "lab status: {}",
+        out(&status)
+    );
+    // Nothing left.
+    assert!(down.status.success(), "lab down: {}", out(&down));
+    assert!(String::from_utf8_lossy(&down.stdout).contains("3 podman containers removed"), "{}", out(&down));
+    for (name, _, pid, sandbox) in &seen {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&cmdline).contains("httpd"), "{name}'s process {pid} still runs");
+        assert!(!std::path::Path::new(sandbox).exists(), "{name}'s namespace {sandbox} is still there");
+    }
+    assert!(!podman_dir_left, "lab down left {d}/podman");
+    assert!(mounts_left.is_empty(), "lab down left mounts: {mounts_left:?}");
+    assert!(procs_left.is_empty(), "processes left: {procs_left:?}");
+    let left = String::from_utf8_lossy(&run(&["ip", "netns", "list"]).stdout).into_owned();
+    assert!(!left.contains("mp-lab-"), "lab down left namespaces: {left}");
+}
+
 /// The control plane and the CLI end to end on the lab (see
 /// `cluster.rs`), with both I/O backends.
 fn cluster_cli(io: Io) {
