@@ -519,11 +519,7 @@ fn socket_in(home: &std::fs::File, path: &std::path::Path) -> Result<TcpSocket, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshplane_control::state::{
-        Availability, Command, EndpointMode, HealthUpdate, Node, PublishRequest, Role, StateError,
-    };
-    use meshplane_dataplane::lb::sched::Scheduler;
-    use meshplane_dataplane::tables::services::Proto;
+    use meshplane_control::state::{Command, HealthUpdate, StateError};
     use std::net::Ipv4Addr;
 
     fn check(probe: Probe, interval_ms: u64, retries: u32, start_period_ms: u64) -> HealthCheck {
@@ -595,30 +591,8 @@ mod tests {
     /// TCP check on 8080, tasks on both nodes (with and without a
     /// namespace), service `plain` without a check.
     fn state() -> ClusterState {
+        use super::super::fixtures::{network, node, service as svc};
         let mut st = ClusterState::new();
-        let node = |id: &str, n: u8| {
-            Command::AddNode(Node {
-                id: id.into(),
-                mgmt: format!("198.18.1.{n}:2377").parse().expect("addr"),
-                data_ip: Ipv4Addr::new(198, 18, 0, n),
-                data_mac: meshplane_dataplane::wire::MacAddr([2, 0, 0, 0, 0, n]),
-                role: Role::Manager,
-                availability: Availability::Active,
-                key_id: None,
-                underlay_mtu: 1500,
-            })
-        };
-        let svc = |name: &str, health: Option<HealthCheck>| Command::CreateService {
-            name: name.into(),
-            network: "app".into(),
-            protocol: Proto::Tcp,
-            vip_port: Some(80),
-            target_port: 8080,
-            publish: Vec::<PublishRequest>::new(),
-            scheduler: Scheduler::Rr,
-            endpoint_mode: EndpointMode::Vip,
-            health,
-        };
         let task = |id: &str, service: &str, node: &str, netns: Option<&str>| Command::AttachTask {
             id: id.into(),
             service: service.into(),
@@ -630,10 +604,7 @@ mod tests {
         for c in [
             node("n1", 1),
             node("n2", 2),
-            serde_json::from_str(
-                r#"{"CreateNetwork":{"name":"app","subnet":"198.19.0.0/24","gateway":null,"mtu":null}}"#,
-            )
-            .expect("a network"),
+            network(),
             svc("web", Some(check(Probe::Http { path: "/healthz".into() }, 1000, 3, 0))),
             svc("plain", None),
             task("web.1", "web", "n1", Some("mp-hc-a")),

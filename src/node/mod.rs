@@ -11,6 +11,8 @@ mod config;
 mod counters;
 mod dns;
 mod egress;
+#[cfg(test)]
+mod fixtures;
 mod health;
 mod host_port;
 mod local_publish;

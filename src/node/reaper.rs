@@ -113,38 +113,9 @@ mod tests {
     use meshplane_control::state::{CniAttachment, ContainerRef};
 
     fn state() -> ClusterState {
-        use meshplane_control::state::{Availability, EndpointMode, Node, Role};
-        use meshplane_dataplane::lb::sched::Scheduler;
-        use meshplane_dataplane::tables::services::Proto;
+        use super::super::fixtures::{network, node, service};
         let mut st = ClusterState::new();
-        let node = |id: &str, n: u8| {
-            Command::AddNode(Node {
-                id: id.into(),
-                mgmt: format!("198.18.1.{n}:2377").parse().expect("addr"),
-                data_ip: std::net::Ipv4Addr::new(198, 18, 0, n),
-                data_mac: meshplane_dataplane::wire::MacAddr([2, 0, 0, 0, 0, n]),
-                role: Role::Manager,
-                availability: Availability::Active,
-                key_id: None,
-                underlay_mtu: 1500,
-            })
-        };
-        let network = serde_json::from_str(
-            r#"{"CreateNetwork":{"name":"app","subnet":"198.19.0.0/24","gateway":null,"mtu":null}}"#,
-        )
-        .expect("a network");
-        let svc = Command::CreateService {
-            name: "web".into(),
-            network: "app".into(),
-            protocol: Proto::Tcp,
-            vip_port: Some(80),
-            target_port: 8080,
-            publish: Vec::new(),
-            scheduler: Scheduler::Rr,
-            endpoint_mode: EndpointMode::Vip,
-            health: None,
-        };
-        for c in [node("n1", 1), node("n2", 2), network, svc] {
+        for c in [node("n1", 1), node("n2", 2), network(), service("web", None)] {
             st.apply(&c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
         }
         let c = |id: &str, ino: Option<u64>| ContainerRef {

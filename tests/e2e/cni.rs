@@ -635,6 +635,19 @@ pub(crate) struct Containerd {
     _made: MadeDirs,
 }
 
+/// Waits (at most `secs`) until daemon `what` (its process `child`, its
+/// log `log`) answers on socket `sock` (`probe` succeeds, each run
+/// bounded), failing at once if it exits; prints how long it took.
+fn wait_daemon(what: &str, child: &mut Option<Child>, sock: &str, log: &Path, secs: u64, mut probe: Command) {
+    let t0 = Instant::now();
+    within(&format!("{what}'s socket"), Duration::from_secs(secs), || {
+        let running = child.as_mut().is_some_and(|ch| matches!(ch.try_wait(), Ok(None)));
+        assert!(running, "{what} exited:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        Path::new(sock).exists() && run_for(&mut probe, secs.min(10)).status.success()
+    });
+    eprintln!("{what} answered in {:.2} s", t0.elapsed().as_secs_f64());
+}
+
 impl Containerd {
     pub(crate) fn start(w: &WorkDir) -> Containerd {
         let made = MadeDirs::watch(&["/run/containerd", "/var/lib/cni/results", "/run/mount"]).cgroups("mp");
@@ -665,13 +678,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .spawn()
             .expect("starting containerd");
         let mut c = Containerd { w: w.0.clone(), sock, child: Some(child), _made: made };
-        let t0 = Instant::now();
-        within("containerd's socket", Duration::from_secs(15), || {
-            let running = c.child.as_mut().is_some_and(|ch| matches!(ch.try_wait(), Ok(None)));
-            assert!(running, "containerd exited:\n{}", std::fs::read_to_string(w.join("c/log")).unwrap_or_default());
-            Path::new(&c.sock).exists() && run_for(&mut c.ctr(&["version"]), 5).status.success()
-        });
-        eprintln!("containerd answered in {:.2} s", t0.elapsed().as_secs_f64());
+        let probe = ctr(&c.sock, &["version"]);
+        wait_daemon("containerd", &mut c.child, &c.sock, &w.join("c/log"), 15, probe);
         c
     }
 
@@ -847,13 +855,8 @@ impl Dockerd {
             .spawn()
             .expect("starting dockerd");
         let mut d = Dockerd { w: w.0.clone(), sock, child: Some(child), pids: Default::default(), _made: made };
-        let t0 = Instant::now();
-        within("dockerd's socket", Duration::from_secs(30), || {
-            let running = d.child.as_mut().is_some_and(|ch| matches!(ch.try_wait(), Ok(None)));
-            assert!(running, "dockerd exited:\n{}", std::fs::read_to_string(w.join("d/log")).unwrap_or_default());
-            Path::new(&d.sock).exists() && run_for(&mut d.cmd(&["version"]), 10).status.success()
-        });
-        eprintln!("dockerd answered in {:.2} s", t0.elapsed().as_secs_f64());
+        let probe = d.cmd(&["version"]);
+        wait_daemon("dockerd", &mut d.child, &d.sock, &w.join("d/log"), 30, probe);
         d
     }
 
