@@ -1445,6 +1445,18 @@ fn docker_attach_by_pid() {
 // ---------------------------------------------------------------------------
 // 4. Bad input.
 
+/// For the tests that run the plugin directly, as a runtime does: a work
+/// directory, the lab (AF_XDP) with service `pod`, and the plugin
+/// installed in the work directory's `cni/bin` (returned).
+fn direct(tag: &str, plugin_bin: &str) -> (WorkDir, LabGuard, PathBuf) {
+    let w = WorkDir::new();
+    let g = lab_up(tag, "afxdp");
+    g.cli_ok(1, &POD_SERVICE);
+    let bin = w.join("cni/bin");
+    cni_install(plugin_bin, &bin, &w.join("cni/net.d"), None, &[]);
+    (w, g, bin)
+}
+
 /// The plugin run directly with bad input: each case its CNI error code
 /// and a message that says what is wrong, and nothing changed (no task,
 /// the namespace as it was, no port on the node).
@@ -1452,11 +1464,7 @@ fn docker_attach_by_pid() {
 fn cni_bad_input() {
     need!("ip"; plugin_bin);
     let _g = crate::serial();
-    let w = WorkDir::new();
-    let g = lab_up("cni-bad", "afxdp");
-    g.cli_ok(1, &POD_SERVICE);
-    let bin = w.join("cni/bin");
-    cni_install(plugin_bin, &bin, &w.join("cni/net.d"), None, &[]);
+    let (_w, g, bin) = direct("cni-bad", plugin_bin);
     let sock1 = socket(&g, 1);
     let good = netconf("1.0.0", "mp-bad", Some("pod"), &sock1, json!({}));
     let ns = Netns::new("mp-cni-bad");
@@ -1593,11 +1601,7 @@ fn cni_bad_input() {
 fn cni_survives_node_crash() {
     need!("ip"; plugin_bin);
     let _g = crate::serial();
-    let w = WorkDir::new();
-    let g = lab_up("cni-crash", "afxdp");
-    g.cli_ok(1, &POD_SERVICE);
-    let bin = w.join("cni/bin");
-    cni_install(plugin_bin, &bin, &w.join("cni/net.d"), None, &[]);
+    let (_w, g, bin) = direct("cni-crash", plugin_bin);
     let sock3 = socket(&g, 3);
     let conf = netconf("1.0.0", "mp-crash", Some("pod"), &sock3, json!({}));
     let nss: Vec<Netns> = (1..=3).map(|k| Netns::new(&format!("mp-cni-{k}"))).collect();
