@@ -43,6 +43,8 @@ enum Port {
     /// No outcome ever comes: the wait runs out at `until`, as the node's
     /// dataplane's does.
     Never,
+    /// A dataplane that breaks its contract: it answers 3 s after `until`.
+    Hangs,
 }
 
 /// A call the control plane made on the double.
@@ -150,6 +152,10 @@ impl Dataplane for Double {
             Port::Never => {
                 std::thread::sleep(until.saturating_duration_since(Instant::now()));
                 Err(Failure::Later(format!("task {id}'s port was not made in time (see the node's log)")))
+            }
+            Port::Hangs => {
+                std::thread::sleep(until.saturating_duration_since(Instant::now()) + Duration::from_secs(3));
+                Err(Failure::Later("the double hung".into()))
             }
         }
     }
@@ -379,6 +385,7 @@ fn cni_requests_on_a_manager_and_a_worker() {
     replaced_quickly(&c);
     netns_and_port_failures(&c);
     port_never_made(&c);
+    port_wait_hangs(&c);
     del(&c);
     gc(&c);
     over_tls(&c);
@@ -575,6 +582,22 @@ fn port_never_made(c: &Cluster) {
     assert!(f.to_string().contains("not made in time"), "{f}");
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?}");
     wait_for("no task for c4 after its timed-out ADD", 2, || no_task(c, &k));
+    c.w.dp.take_calls();
+}
+
+/// A dataplane that does not keep to the deadline: the ADD still answers
+/// (11) a second after its time is up, and leaves no task.
+fn port_wait_hangs(c: &Cluster) {
+    let k = key("c5");
+    *c.w.dp.port.lock().unwrap() = Port::Hangs;
+    let t0 = Instant::now();
+    let f = failed("a hung port wait", c.w.cni(add_to(k.clone(), "/run/netns/mp-ctl-c5", "web", 1)));
+    let took = t0.elapsed();
+    *c.w.dp.port.lock().unwrap() = made();
+    assert_eq!(f.code(), 11, "{f}");
+    assert!(f.to_string().contains("not made in time"), "{f}");
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_millis(3500), "{took:?}");
+    wait_for("no task for c5 after its ADD gave up", 2, || no_task(c, &k));
     c.w.dp.take_calls();
 }
 

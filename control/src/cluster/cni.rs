@@ -181,6 +181,9 @@ impl Control {
                 // Nothing left behind: the task goes again.
                 match self.write(Command::DetachTask { id: id.clone() }).await {
                     Ok(()) | Err(ApiError::State(StateError::Unknown { .. })) => Err(f),
+                    // Gone already (a worker's refusal does not say so:
+                    // the manager cannot check a task it no longer has).
+                    Err(_) if !self.state().0.tasks.contains_key(&id) => Err(f),
                     Err(e) => Err(Failure::Later(format!(
                         "{f}; detaching task {id} failed too ({e}): the runtime's DEL or the node's reaper removes it"
                     ))),
@@ -244,8 +247,12 @@ impl Control {
         };
         let dp = self.dp.clone();
         let tid = id.to_owned();
-        let port = tokio::task::spawn_blocking(move || dp.task_port(&tid, deadline))
+        // The dataplane keeps to the deadline; a second past it, the ADD
+        // answers whatever the dataplane is doing.
+        let wait = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
+        let port = tokio::time::timeout(wait, tokio::task::spawn_blocking(move || dp.task_port(&tid, deadline)))
             .await
+            .map_err(|_| Failure::Later(format!("task {id}'s port was not made in time (see the node's log)")))?
             .map_err(|e| Failure::Io(e.to_string()))??;
         Ok(Attached {
             host_iface: port.host_iface,
