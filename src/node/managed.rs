@@ -136,8 +136,8 @@ impl Managed {
     /// DNS for its network (the node's own `search`).
     fn dns_search(&self, t: &LocalTask, tables: &Tables) -> Option<Vec<String>> {
         self.dns.as_ref()?;
-        tables.networks.iter().find(|n| n.gateway_ip == t.gateway && n.dns_port.is_some())?;
-        let search = std::fs::read_to_string("/etc/resolv.conf").ok().and_then(|s| dns::search(&s));
+        task_port::dns_network(t, tables)?;
+        let search = task_port::node_search();
         Some(search.map(|s| s.split_whitespace().map(str::to_owned).collect()).unwrap_or_default())
     }
 

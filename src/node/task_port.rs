@@ -23,7 +23,7 @@ use meshplane_cni::failure::Failure;
 use meshplane_control::cluster::LocalTask;
 use meshplane_control::state::TaskNetns;
 use meshplane_dataplane::io::Port;
-use meshplane_dataplane::tables::Tables;
+use meshplane_dataplane::tables::{Network, Tables};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -115,13 +115,25 @@ pub(crate) fn resolv_conf(
 /// `/etc/netns/NAME/`. A failure is logged: the task runs without it.
 fn task_resolv(t: &LocalTask, tables: &Tables) -> Option<PathBuf> {
     let TaskNetns::Named(name) = TaskNetns::parse(t.netns.as_deref()?).ok()? else { return None };
-    let nw = tables.networks.iter().find(|n| n.gateway_ip == t.gateway && n.dns_port.is_some())?;
-    let search = std::fs::read_to_string("/etc/resolv.conf").ok().and_then(|s| super::dns::search(&s));
+    let nw = dns_network(t, tables)?;
+    let search = node_search();
     let dir = Path::new("/etc/netns").join(&name);
     resolv_conf(&dir, &t.id, &nw.name, t.gateway, search.as_deref())
         .inspect_err(|e| tracing::warn!("task {}: {e:#}", t.id))
         .ok()
         .flatten()
+}
+
+/// The network of task `t` whose embedded DNS this node serves (a port
+/// is given for it), if any.
+pub(crate) fn dns_network<'a>(t: &LocalTask, tables: &'a Tables) -> Option<&'a Network> {
+    tables.networks.iter().find(|n| n.gateway_ip == t.gateway && n.dns_port.is_some())
+}
+
+/// The domains of this node's `/etc/resolv.conf` `search` line, if any:
+/// handed on to the tasks it serves DNS for.
+pub(crate) fn node_search() -> Option<String> {
+    std::fs::read_to_string("/etc/resolv.conf").ok().and_then(|s| super::dns::search(&s))
 }
 
 /// Makes the port of task `t` in its namespace and opens its `workers`
