@@ -1,6 +1,6 @@
 //! The connection table under attack (issue 17): a flood of spoofed TCP
-//! ACKs from random sources (`hping3 --rand-source -A --flood`, bounded in
-//! packets and seconds) at a published port of the routing mesh (`nat`
+//! ACKs from random sources (`hping3 --rand-source -A`, 25 000 a second,
+//! bounded in packets and seconds) at a published port of the routing mesh (`nat`
 //! mode) while `wrk` runs keep-alive HTTP through the same port to nginx in
 //! task 2: wrk sees no error, and the node counted the flood (unconfirmed
 //! pickups, and what the flood guard and the full buckets refused).
@@ -72,10 +72,16 @@ pub(super) fn flood(io: Io) {
     );
     std::thread::sleep(Duration::from_secs(2));
     let started = Instant::now();
-    // Bounded: 200 000 packets or 5 s, whichever first.
+    // Bounded: 100 000 packets at 25 000 a second, or 6 s. Not `--flood`:
+    // hping3 ignores `-c` there, and as fast as it can send (100 000 a
+    // second and more) it overruns the node's CPU (a debug build, on
+    // cores shared with wrk and nginx), so the kernel's queue in front of
+    // the dataplane drops wrk's frames with the flood's, at random: that
+    // tests the machine, not the connection table. At this rate the
+    // table still sees tens of thousands of new sources a second.
     let _ = in_ns(
         &client,
-        &["timeout", "5", "hping3", "--rand-source", "-A", "--flood", "-c", "200000", "-p", "30080", "198.18.0.1"],
+        &["timeout", "6", "hping3", "--rand-source", "-A", "-i", "u40", "-c", "100000", "-p", "30080", "198.18.0.1"],
     );
     let flood_secs = started.elapsed().as_secs_f64();
     let lab = &mut c.lab;
@@ -107,7 +113,10 @@ pub(super) fn flood(io: Io) {
     );
     let flood = s["conntrack_unconfirmed"].as_u64().unwrap_or(0) + s["conntrack_guarded"].as_u64().unwrap_or(0);
     assert!(flood > 10_000, "the flood was counted: {s}");
-    assert_eq!(s["drops"]["new_conn_rate_limited"], s["conntrack_guarded"], "{s}");
+    // Each frame the guard refused is a counted drop of that reason (the
+    // reason is absent while nothing was refused).
+    let guarded = s["conntrack_guarded"].as_u64().unwrap_or(0);
+    assert_eq!(s["drops"]["new_conn_rate_limited"].as_u64().unwrap_or(0), guarded, "{s}");
     let again = in_ns_ok(&client, &["curl", "-sS", "--max-time", "5", "http://198.18.0.1:30080/"]);
     assert!(again.contains("meshplane flood test"), "{again}");
     assert!(c.lab.running(web), "nginx still runs");
