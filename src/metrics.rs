@@ -218,7 +218,7 @@ fn ports(x: &mut Exposition, dp: &NodeStats) {
 
 /// Per worker.
 fn workers(x: &mut Exposition, dp: &NodeStats) {
-    let worker_counters: [Read<WorkerStats>; 25] = [
+    let worker_counters: [Read<WorkerStats>; 26] = [
         ("passed_total", |w| w.passed, COUNTER, "Frames passed to the kernel."),
         ("unbound_total", |w| w.unbound, COUNTER, "Frames for a port this worker has no I/O for."),
         ("conntrack_entries", |w| w.conntrack_entries, GAUGE, "Connection-table entries in use."),
@@ -268,6 +268,12 @@ fn workers(x: &mut Exposition, dp: &NodeStats) {
         ("handoff_full_total", |w| w.handoff_full, COUNTER, "Frames dropped: worker 0's inbox was full."),
         ("busy_rounds_total", |w| w.busy_rounds, COUNTER, "Worker rounds that received frames."),
         ("idle_waits_total", |w| w.idle_waits, COUNTER, "Times a worker slept waiting for frames."),
+        (
+            "spin_yields_total",
+            |w| w.spin_yields,
+            COUNTER,
+            "Times a worker yielded its core while it spun for the next frame.",
+        ),
         ("worker_tables_version", |w| w.tables_version, GAUGE, "The tables version a worker uses."),
     ];
     for (name, v, kind, help) in worker_counters {

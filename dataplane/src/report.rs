@@ -120,6 +120,10 @@ pub struct WorkerStats {
     pub busy_rounds: u64,
     /// Times the worker slept waiting for frames.
     pub idle_waits: u64,
+    /// Times the worker yielded its core while it spun for the next frame
+    /// (`node run --spin-us`).
+    #[serde(default)]
+    pub spin_yields: u64,
     /// Per service of the tables in use.
     pub services: Vec<ServiceStats>,
     /// The pipeline's counters per tables port (frames and bytes).

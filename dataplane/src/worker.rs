@@ -245,6 +245,9 @@ pub struct Report {
     pub busy_rounds: u64,
     /// Times the worker went to sleep waiting for frames.
     pub idle_waits: u64,
+    /// Times the worker yielded its core while spinning for the next
+    /// frame ([`WorkerConfig::fd_spin`]).
+    pub spin_yields: u64,
     /// The tables version in use.
     pub tables_version: u64,
 }
@@ -261,12 +264,13 @@ pub struct WorkerConfig {
     /// Longest sleep (the stop flag and new tables are noticed within it).
     pub max_wait: Duration,
     /// When every port is drained down to a descriptor that signals the
-    /// next frame, how long to keep looking for those signals without
-    /// waiting after the last frame, before waiting for them. 0 (the
-    /// default): wait at once, which on a machine whose cores the tasks
-    /// share measured best for request/response (1.5-2.5x the requests
-    /// of spinning) and 15-20% below a 300 us spin for one bulk stream
-    /// (BENCHMARKS.md).
+    /// next frame, how long to keep looking for those signals after the
+    /// last frame before waiting for them, yielding the core between
+    /// looks (`sched_yield`: a task sharing the core runs first). A
+    /// waiting worker is woken by an interrupt, which on a virtual
+    /// machine's halted core costs tens of microseconds per request; a
+    /// spin that yields measured 1.3-1.6x the requests of waiting at once
+    /// under request/response (BENCHMARKS.md, issue 16). 0: wait at once.
     pub fd_spin: Duration,
     /// The connection table.
     pub conntrack: CtConfig,
@@ -281,12 +285,15 @@ impl Default for WorkerConfig {
             busy_poll: false,
             spin: Duration::from_millis(2),
             max_wait: Duration::from_millis(50),
-            fd_spin: Duration::ZERO,
+            fd_spin: DEFAULT_FD_SPIN,
             conntrack: CtConfig::default(),
             report_every: Duration::from_millis(100),
         }
     }
 }
+
+/// [`WorkerConfig::fd_spin`]'s default.
+pub const DEFAULT_FD_SPIN: Duration = Duration::from_micros(100);
 
 /// Nanoseconds since the last publish after which a worker publishes
 /// before it waits.
@@ -459,14 +466,26 @@ impl Worker {
             // interrupt mode); otherwise it looks for their signals
             // without waiting.
             if self.ports.iter().any(|p| p.waiting) {
-                let block = !self.cfg.busy_poll
-                    && got == 0
-                    && now.saturating_sub(r.last_frame) > self.cfg.fd_spin.as_nanos() as u64
-                    && self.ports.iter().all(|p| p.waiting);
+                // Every port drained: the worker keeps looking for their
+                // signals for `fd_spin` after the last frame, yielding the
+                // core between looks, then waits. With no spin it waits
+                // at once, also right after a round with frames (the wait
+                // returns at once if a port signalled meanwhile).
+                let fd_spin = self.cfg.fd_spin.as_nanos() as u64;
+                let quiet = fd_spin == 0 || (got == 0 && now.saturating_sub(r.last_frame) > fd_spin);
+                let block = !self.cfg.busy_poll && quiet && self.ports.iter().all(|p| p.waiting);
                 if block {
                     self.idle(&mut poll, &mut events, inbox, &mut r, now, true)?;
-                } else if poll.poll(&mut events, Some(Duration::ZERO)).is_err() {
-                    events.clear();
+                } else {
+                    if !quiet && !self.cfg.busy_poll {
+                        // Spinning for the next frame: a thread that needs
+                        // this core (a task sharing it) runs first.
+                        r.report.spin_yields += 1;
+                        std::thread::yield_now();
+                    }
+                    if poll.poll(&mut events, Some(Duration::ZERO)).is_err() {
+                        events.clear();
+                    }
                 }
                 self.wake_ports(&events);
             }

@@ -25,6 +25,7 @@ struct FileConfig {
     cores: Option<Vec<usize>>,
     workers: Option<usize>,
     busy_poll: Option<bool>,
+    spin_us: Option<u64>,
     state_dir: Option<PathBuf>,
     conntrack: Option<usize>,
     max_new_conns_per_sec: Option<u32>,
@@ -62,6 +63,14 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
         a.workers = f.workers;
     }
     a.busy_poll |= f.busy_poll.unwrap_or(false);
+    if let Some(us) = f.spin_us {
+        if us > 1_000_000 {
+            anyhow::bail!("{}: spin_us = {us}: at most 1000000 (one second)", path.display());
+        }
+        if a.spin_us == meshplane_dataplane::worker::DEFAULT_FD_SPIN.as_micros() as u64 {
+            a.spin_us = us;
+        }
+    }
     a.state_dir = a.state_dir.or(f.state_dir);
     if let Some(c) = f.conntrack {
         a.conntrack = c;
@@ -118,6 +127,9 @@ mod tests {
         assert_eq!(f.name.as_deref(), Some("node1"));
         assert_eq!(f.io, Some(IoKind::Afxdp));
         assert_eq!(f.cores, Some(vec![1]));
+        assert_eq!(f.spin_us, None, "commented out: the flag's default");
+        let f: FileConfig = toml::from_str("spin_us = 250").expect("spin_us");
+        assert_eq!(f.spin_us, Some(250));
         let f: FileConfig = toml::from_str(
             "egress_addr = \"198.18.0.7\"\negress_ports = \"62000-62999\"\nhost_link = \"198.18.250.4/30\"",
         )

@@ -78,6 +78,7 @@ fn worker_stats(r: &Report, t: &Tables) -> WorkerStats {
         handoff_full: r.handoff_full,
         busy_rounds: r.busy_rounds,
         idle_waits: r.idle_waits,
+        spin_yields: r.spin_yields,
         services: service_stats(r, t),
         traffic,
     }

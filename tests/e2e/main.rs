@@ -655,19 +655,29 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / hz
 }
 
-/// An idle node (no --busy-poll) uses under 5% of a core.
+/// After frames a worker spins for the next one (`--spin-us`, yielding its
+/// core), then sleeps: an idle node (no --busy-poll) uses under 5% of a
+/// core, and a worker that slept has its counters current.
 #[test]
 fn idle_node_sleeps() {
     need_root!();
     let _g = serial();
     let c = Cluster::two_nodes("idle", Io::Afxdp, false);
+    let worker = |key: &str| c.stats(0)["workers"][0][key].as_u64().unwrap_or(0);
+    ping(&c.tasks[0], "198.19.0.2");
+    wait_for("the spin after the pings", 5, || worker("spin_yields") > 0);
     std::thread::sleep(Duration::from_millis(500));
     let pid = c.lab.procs[c.nodes[0].proc_].child.id();
-    let before = cpu_seconds(pid);
+    let (before, waits, yields) = (cpu_seconds(pid), worker("idle_waits"), worker("spin_yields"));
     std::thread::sleep(Duration::from_secs(3));
     let used = cpu_seconds(pid) - before;
     assert!(used < 0.05 * 3.0, "an idle node used {used:.3} s of CPU in 3 s");
-    eprintln!("idle node: {:.1}% of a core", used / 3.0 * 100.0);
+    assert!(worker("idle_waits") > waits, "the idle worker slept");
+    assert!(
+        worker("spin_yields") - yields < 100_000,
+        "no spinning without frames (a spinner yields ~10^6 times a second)"
+    );
+    eprintln!("idle node: {:.1}% of a core; spin yields after 3 pings {yields}", used / 3.0 * 100.0);
 }
 
 /// Two workers per node (devices with two queues): overlay and routing-mesh
