@@ -144,10 +144,9 @@ pub(crate) struct RunArgs {
     /// are all drained keeps looking for the next one before it sleeps,
     /// yielding its core to any thread that needs it between looks. Saves
     /// the wake-up of a sleeping core per request under request/response
-    /// traffic; 0 sleeps at once.
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = meshplane_dataplane::worker::DEFAULT_FD_SPIN.as_micros() as u64,
-          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
-    pub(crate) spin_us: u64,
+    /// traffic; 0 sleeps at once. Default 100.
+    #[arg(long, value_name = "MICROSECONDS", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub(crate) spin_us: Option<u64>,
     /// Connection-table entries per worker.
     #[arg(long, default_value_t = 1 << 20)]
     pub(crate) conntrack: usize,

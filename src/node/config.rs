@@ -63,14 +63,10 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
         a.workers = f.workers;
     }
     a.busy_poll |= f.busy_poll.unwrap_or(false);
-    if let Some(us) = f.spin_us {
-        if us > 1_000_000 {
-            anyhow::bail!("{}: spin_us = {us}: at most 1000000 (one second)", path.display());
-        }
-        if a.spin_us == meshplane_dataplane::worker::DEFAULT_FD_SPIN.as_micros() as u64 {
-            a.spin_us = us;
-        }
+    if let Some(us) = f.spin_us.filter(|&us| us > 1_000_000) {
+        anyhow::bail!("{}: spin_us = {us}: at most 1000000 (one second)", path.display());
     }
+    a.spin_us = a.spin_us.or(f.spin_us);
     a.state_dir = a.state_dir.or(f.state_dir);
     if let Some(c) = f.conntrack {
         a.conntrack = c;
@@ -146,5 +142,33 @@ mod tests {
         assert_eq!(f.dns_upstream.map(|v| v.len()), Some(2));
         let bad = toml::from_str::<FileConfig>("nmae = \"x\"");
         assert!(bad.is_err_and(|e| e.to_string().contains("nmae")), "an unknown key is refused by name");
+    }
+
+    /// `spin_us`: the file's value where no flag was given, the flag's
+    /// where one was (also when it equals the default), and a value over
+    /// a second refused with its key named.
+    #[test]
+    fn spin_us_from_the_file_and_the_flag() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        use clap::Parser;
+        let dir = std::env::temp_dir().join(format!("mp-spin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("node.toml");
+        let with = |text: &str, flags: &[&str]| {
+            std::fs::write(&file, text).expect("writing the file");
+            let argv = [&["x", "--config", file.to_str().expect("utf-8 path")], flags].concat();
+            with_config_file(&Cli::try_parse_from(argv).expect("flags").run).map(|a| a.spin_us)
+        };
+        assert_eq!(with("", &[]).expect("no key"), None, "neither: the worker's default");
+        assert_eq!(with("spin_us = 250", &[]).expect("file"), Some(250));
+        assert_eq!(with("spin_us = 250", &["--spin-us", "100"]).expect("flag"), Some(100), "the flag wins");
+        let err = with("spin_us = 2000000", &[]).expect_err("over a second");
+        assert!(err.to_string().contains("spin_us = 2000000"), "{err}");
+        assert!(Cli::try_parse_from(["x", "--spin-us", "1000001"]).is_err(), "the flag is bounded too");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

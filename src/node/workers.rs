@@ -92,7 +92,7 @@ pub(crate) fn spawn_workers(
                 max_new_per_sec: a.max_new_conns_per_sec,
                 ..Default::default()
             },
-            fd_spin: std::time::Duration::from_micros(a.spin_us),
+            fd_spin: a.spin_us.map_or(meshplane_dataplane::worker::DEFAULT_FD_SPIN, std::time::Duration::from_micros),
             ..WorkerConfig::default()
         };
         let worker = Worker::new(k, ports, shared.clone(), cfg)?;
