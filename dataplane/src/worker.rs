@@ -295,6 +295,10 @@ impl Default for WorkerConfig {
 /// [`WorkerConfig::fd_spin`]'s default.
 pub const DEFAULT_FD_SPIN: Duration = Duration::from_micros(100);
 
+/// The longest [`WorkerConfig::fd_spin`] a node accepts, in microseconds
+/// (one second).
+pub const MAX_FD_SPIN_US: u64 = 1_000_000;
+
 /// Nanoseconds since the last publish after which a worker publishes
 /// before it waits.
 const IDLE_PUBLISH_GAP: u64 = 1_000_000;
@@ -474,30 +478,27 @@ impl Worker {
                 // meanwhile).
                 let fd_spin = self.cfg.fd_spin.as_nanos() as u64;
                 let quiet = fd_spin == 0 || (got == 0 && now.saturating_sub(r.last_frame) > fd_spin);
-                let block = !self.cfg.busy_poll && quiet && self.ports.iter().all(|p| p.waiting);
-                if block {
+                if !self.cfg.busy_poll && quiet && self.ports.iter().all(|p| p.waiting) {
                     self.idle(&mut poll, &mut events, inbox, &mut r, now, true)?;
-                } else {
-                    if !quiet && !self.cfg.busy_poll {
-                        // Within the spin after frames: a thread that needs
-                        // this core (a task sharing it) runs first. Also
-                        // when a port still has frames to read: yielding
-                        // only when every port is drained measured no
-                        // better (TAP bulk TCP lower in two runs of two).
-                        r.report.spin_yields += 1;
-                        std::thread::yield_now();
-                        // Every port is read again next round: a TAP read
-                        // that finds nothing costs what a look at the
-                        // descriptors would, and one that finds a frame
-                        // saves that look (signals left from the spin
-                        // end the first wait after it at once).
-                        for p in &mut self.ports {
-                            p.waiting = false;
-                        }
-                        events.clear();
-                    } else if poll.poll(&mut events, Some(Duration::ZERO)).is_err() {
-                        events.clear();
+                } else if !self.cfg.busy_poll && !quiet {
+                    // Within the spin after frames: a thread that needs
+                    // this core (a task sharing it) runs first. Also
+                    // when a port still has frames to read: yielding
+                    // only when every port is drained measured no
+                    // better (TAP bulk TCP lower in two runs of two).
+                    r.report.spin_yields += 1;
+                    std::thread::yield_now();
+                    // Every port is read again next round: a TAP read
+                    // that finds nothing costs what a look at the
+                    // descriptors would, and one that finds a frame
+                    // saves that look (signals left from the spin
+                    // end the first wait after it at once).
+                    for p in &mut self.ports {
+                        p.waiting = false;
                     }
+                    events.clear();
+                } else if poll.poll(&mut events, Some(Duration::ZERO)).is_err() {
+                    events.clear();
                 }
                 self.wake_ports(&events);
             }

@@ -145,7 +145,7 @@ pub(crate) struct RunArgs {
     /// yielding its core to any thread that needs it between looks. Saves
     /// the wake-up of a sleeping core per request under request/response
     /// traffic; 0 sleeps at once. Default 100.
-    #[arg(long, value_name = "MICROSECONDS", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    #[arg(long, value_name = "MICROSECONDS", value_parser = clap::value_parser!(u64).range(0..=meshplane_dataplane::worker::MAX_FD_SPIN_US))]
     pub(crate) spin_us: Option<u64>,
     /// Connection-table entries per worker.
     #[arg(long, default_value_t = 1 << 20)]

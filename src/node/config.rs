@@ -63,8 +63,9 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
         a.workers = f.workers;
     }
     a.busy_poll |= f.busy_poll.unwrap_or(false);
-    if let Some(us) = f.spin_us.filter(|&us| us > 1_000_000) {
-        anyhow::bail!("{}: spin_us = {us}: at most 1000000 (one second)", path.display());
+    use meshplane_dataplane::worker::MAX_FD_SPIN_US;
+    if let Some(us) = f.spin_us.filter(|&us| us > MAX_FD_SPIN_US) {
+        anyhow::bail!("{}: spin_us = {us}: at most {MAX_FD_SPIN_US} (one second)", path.display());
     }
     a.spin_us = a.spin_us.or(f.spin_us);
     a.state_dir = a.state_dir.or(f.state_dir);
