@@ -132,7 +132,7 @@ pub(crate) fn health_on_the_lab(io: &str) {
         wait("web.2 out of the balancer", 5, || !g.backends(n).contains(&ip2));
     }
     for n in 1..=3 {
-        assert_eq!(answered(n, 6), set(&["web.1", "web.3"]), "through node{n} with web.2 unhealthy");
+        assert_eq!(answered(n, 16), set(&["web.1", "web.3"]), "through node{n} with web.2 unhealthy");
     }
     assert_eq!((health("web.1"), health("web.3")), ("healthy".into(), "healthy".into()));
     // And out of DNS: tasks.web from web.1 no longer has it.
