@@ -272,6 +272,14 @@ pub struct WorkerConfig {
     /// spin that yields measured 1.3-1.6x the requests of waiting at once
     /// under request/response (BENCHMARKS.md, issue 16). 0: wait at once.
     pub fd_spin: Duration,
+    /// The worker thread's nice value (`setpriority` on its thread id;
+    /// `None`: inherited). Below the tasks' 0, a worker woken by frames
+    /// runs before a task that shares its core, as the kernel's softirq
+    /// does: at nice 0 a burst of new connections from a client on the
+    /// same core filled the AF_XDP rx ring behind the client and p99
+    /// grew to 0.3-3 s (BENCHMARKS.md, issue 16). Needs `CAP_SYS_NICE`
+    /// below 0; without it the worker runs as it is, with a warning.
+    pub nice: Option<i32>,
     /// The connection table.
     pub conntrack: CtConfig,
     /// How often counters are published.
@@ -286,6 +294,7 @@ impl Default for WorkerConfig {
             spin: Duration::from_millis(2),
             max_wait: Duration::from_millis(50),
             fd_spin: DEFAULT_FD_SPIN,
+            nice: None,
             conntrack: CtConfig::default(),
             report_every: Duration::from_millis(100),
         }
@@ -294,6 +303,9 @@ impl Default for WorkerConfig {
 
 /// [`WorkerConfig::fd_spin`]'s default.
 pub const DEFAULT_FD_SPIN: Duration = Duration::from_micros(100);
+
+/// A node's [`WorkerConfig::nice`] unless configured.
+pub const DEFAULT_WORKER_NICE: i32 = -10;
 
 /// The longest [`WorkerConfig::fd_spin`] a node accepts, in microseconds
 /// (one second).
@@ -429,6 +441,9 @@ impl Worker {
         if let Some(core) = self.cfg.core {
             // Best effort: an absent core leaves the thread unpinned.
             let _ = core_affinity::set_for_current(core_affinity::CoreId { id: core });
+        }
+        if let Some(nice) = self.cfg.nice {
+            set_thread_nice(self.index, nice);
         }
         let mut poll = self.register()?;
         // Worker 0 owns the connection state; the others hand it the
@@ -802,6 +817,17 @@ impl Worker {
         {
             r.clone_from(report);
         }
+    }
+}
+
+/// Sets the calling thread's nice value (worker `index`'s, for the log);
+/// a failure (no `CAP_SYS_NICE` for a negative value) is logged and the
+/// thread keeps the one it has.
+fn set_thread_nice(index: usize, nice: i32) {
+    let tid = rustix::thread::gettid();
+    match rustix::process::setpriority_process(Some(tid), nice) {
+        Ok(()) => tracing::debug!("worker {index}: nice {nice}"),
+        Err(e) => tracing::warn!("worker {index}: cannot set nice {nice} ({e}); it runs at the inherited priority"),
     }
 }
 

@@ -147,6 +147,12 @@ pub(crate) struct RunArgs {
     /// traffic; 0 sleeps at once. Default 100.
     #[arg(long, value_name = "MICROSECONDS", value_parser = clap::value_parser!(u64).range(0..=meshplane_dataplane::worker::MAX_FD_SPIN_US))]
     pub(crate) spin_us: Option<u64>,
+    /// The workers' nice value, -20 to 19: below the tasks' 0, a worker
+    /// woken by frames runs before a task sharing its core (as the
+    /// kernel's softirq would), which keeps bursts of new connections
+    /// from overflowing its receive rings. Default -10.
+    #[arg(long, value_name = "NICE", allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub(crate) worker_nice: Option<i32>,
     /// Connection-table entries per worker.
     #[arg(long, default_value_t = 1 << 20)]
     pub(crate) conntrack: usize,

@@ -26,6 +26,7 @@ struct FileConfig {
     workers: Option<usize>,
     busy_poll: Option<bool>,
     spin_us: Option<u64>,
+    worker_nice: Option<i32>,
     state_dir: Option<PathBuf>,
     conntrack: Option<usize>,
     max_new_conns_per_sec: Option<u32>,
@@ -68,6 +69,10 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
         anyhow::bail!("{}: spin_us = {us}: at most {MAX_FD_SPIN_US} (one second)", path.display());
     }
     a.spin_us = a.spin_us.or(f.spin_us);
+    if let Some(n) = f.worker_nice.filter(|n| !(-20..=19).contains(n)) {
+        anyhow::bail!("{}: worker_nice = {n}: a nice value is -20 to 19", path.display());
+    }
+    a.worker_nice = a.worker_nice.or(f.worker_nice);
     a.state_dir = a.state_dir.or(f.state_dir);
     if let Some(c) = f.conntrack {
         a.conntrack = c;
@@ -145,11 +150,11 @@ mod tests {
         assert!(bad.is_err_and(|e| e.to_string().contains("nmae")), "an unknown key is refused by name");
     }
 
-    /// `spin_us`: the file's value where no flag was given, the flag's
-    /// where one was (also when it equals the default), and a value over
-    /// a second refused with its key named.
+    /// `spin_us` and `worker_nice`: the file's value where no flag was
+    /// given, the flag's where one was (also when it equals the default),
+    /// and a value out of range refused with its key named.
     #[test]
-    fn spin_us_from_the_file_and_the_flag() {
+    fn spin_us_and_worker_nice_from_the_file_and_the_flag() {
         #[derive(clap::Parser)]
         struct Cli {
             #[command(flatten)]
@@ -159,17 +164,26 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mp-spin-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let file = dir.join("node.toml");
-        let with = |text: &str, flags: &[&str]| {
+        let args = |text: &str, flags: &[&str]| {
             std::fs::write(&file, text).expect("writing the file");
             let argv = [&["x", "--config", file.to_str().expect("utf-8 path")], flags].concat();
-            with_config_file(&Cli::try_parse_from(argv).expect("flags").run).map(|a| a.spin_us)
+            with_config_file(&Cli::try_parse_from(argv).expect("flags").run)
         };
+        let with = |text: &str, flags: &[&str]| args(text, flags).map(|a| a.spin_us);
         assert_eq!(with("", &[]).expect("no key"), None, "neither: the worker's default");
         assert_eq!(with("spin_us = 250", &[]).expect("file"), Some(250));
         assert_eq!(with("spin_us = 250", &["--spin-us", "100"]).expect("flag"), Some(100), "the flag wins");
         let err = with("spin_us = 2000000", &[]).expect_err("over a second");
         assert!(err.to_string().contains("spin_us = 2000000"), "{err}");
         assert!(Cli::try_parse_from(["x", "--spin-us", "1000001"]).is_err(), "the flag is bounded too");
+        let nice = |text: &str, flags: &[&str]| args(text, flags).map(|a| a.worker_nice);
+        assert_eq!(nice("", &[]).expect("no key"), None, "neither: the node's default");
+        assert_eq!(nice("worker_nice = -5", &[]).expect("file"), Some(-5));
+        assert_eq!(nice("worker_nice = -5", &["--worker-nice", "-10"]).expect("flag"), Some(-10), "the flag wins");
+        assert_eq!(nice("", &["--worker-nice", "0"]).expect("zero"), Some(0));
+        let err = nice("worker_nice = -21", &[]).expect_err("below -20");
+        assert!(err.to_string().contains("worker_nice = -21"), "{err}");
+        assert!(Cli::try_parse_from(["x", "--worker-nice", "20"]).is_err(), "the flag is bounded too");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -93,6 +93,7 @@ pub(crate) fn spawn_workers(
                 ..Default::default()
             },
             fd_spin: a.spin_us.map_or(meshplane_dataplane::worker::DEFAULT_FD_SPIN, std::time::Duration::from_micros),
+            nice: Some(a.worker_nice.unwrap_or(meshplane_dataplane::worker::DEFAULT_WORKER_NICE)),
             ..WorkerConfig::default()
         };
         let worker = Worker::new(k, ports, shared.clone(), cfg)?;

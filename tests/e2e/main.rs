@@ -655,14 +655,32 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / hz
 }
 
+/// The nice value of each thread of process `pid`, by thread name.
+fn thread_nices(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("reading /proc/PID/task").flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        // Field 19 (nice) is the 17th after the name's closing parenthesis.
+        let nice = stat[close + 2..].split_whitespace().nth(16).and_then(|n| n.parse().ok());
+        out.push((stat[open + 1..close].to_owned(), nice.expect("stat's nice field")));
+    }
+    out
+}
+
 /// After frames a worker spins for the next one (`--spin-us`, yielding its
 /// core), then sleeps: an idle node (no --busy-poll) uses under 5% of a
-/// core, and a worker that slept has its counters current.
+/// core, and a worker that slept has its counters current. Its worker runs
+/// at the default `--worker-nice` (-10), its other threads at 0.
 #[test]
 fn idle_node_sleeps() {
     need_root!();
     let _g = serial();
     let c = Cluster::two_nodes("idle", Io::Afxdp, false);
+    let nices = thread_nices(c.lab.procs[c.nodes[0].proc_].child.id());
+    let workers: Vec<i64> = nices.iter().filter(|(n, _)| n.starts_with("mp-worker")).map(|&(_, v)| v).collect();
+    assert_eq!(workers, [-10], "one worker, at nice -10: {nices:?}");
+    assert!(nices.iter().any(|(n, v)| !n.starts_with("mp-worker") && *v == 0), "the other threads at 0: {nices:?}");
     let worker = |key: &str| c.stats(0)["workers"][0][key].as_u64().unwrap_or(0);
     ping(&c.tasks[0], "198.19.0.2");
     wait_for("the spin after the pings", 5, || worker("spin_yields") > 0);
