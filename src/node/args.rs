@@ -60,8 +60,8 @@ pub(crate) struct RunArgs {
     pub(crate) data_mac: Option<String>,
     /// The data-path NIC's MTU (the underlay's), which bounds every
     /// network's MTU (minus 50 for VXLAN). Default: read from the NIC
-    /// (AF_XDP: at most 1714, one UMEM frame; TAP: the device's, set to
-    /// this when given, at most 9216).
+    /// (at most 9216; AF_XDP: above 1714 only where the socket binds with
+    /// multi-buffer, Linux 6.6; TAP: the device's, set to this when given).
     #[arg(long, value_name = "BYTES")]
     pub(crate) data_path_mtu: Option<u16>,
     /// Refused: the VXLAN port is the cluster's (`cluster init

@@ -344,12 +344,13 @@ fn hostname() -> String {
 /// The underlay MTU this node reports: `--data-path-mtu`, else the data
 /// NIC's (read from sysfs, as its MAC is; a TAP the node has yet to make
 /// has the kernel's default, 1500), at most what the I/O backend carries
-/// (AF_XDP: one UMEM frame; TAP: a jumbo frame). A given MTU above that,
-/// or above an AF_XDP NIC's own, is refused: frames would be dropped.
+/// (a jumbo frame: AF_XDP in several UMEM frames, multi-buffer, which the
+/// ports check when they open). A given MTU above that, or above an
+/// AF_XDP NIC's own, is refused: frames would be dropped.
 fn underlay_mtu(a: &RunArgs, io: IoKind, uplink: &str) -> Result<u16> {
     use meshplane_control::state::MIN_UNDERLAY_MTU;
     let (max, why) = match io {
-        IoKind::Afxdp => (afxdp::MAX_MTU, "an AF_XDP uplink carries one 2 KiB UMEM frame"),
+        IoKind::Afxdp => (afxdp::MAX_SG_MTU, "an AF_XDP uplink carries jumbo frames up to this"),
         IoKind::Tap => (meshplane_dataplane::io::MAX_TAP_MTU, "a TAP uplink carries jumbo frames up to this"),
     };
     let nic = nic_mtu(uplink);

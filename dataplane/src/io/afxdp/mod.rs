@@ -7,7 +7,10 @@
 //! copy; a frame for another port is copied into a free frame of that
 //! port's UMEM. Fill and completion rings are kept full and reaped in
 //! bulk; sockets bind with `XDP_USE_NEED_WAKEUP` (the kernel is kicked only
-//! when it asks), zero-copy when the driver supports it, copy otherwise.
+//! when it asks), zero-copy when the driver supports it, copy otherwise,
+//! and multi-buffer (`XDP_USE_SG`) where the kernel has it: a packet
+//! larger than one UMEM frame comes as a chain of descriptors, is gathered
+//! into a buffer for the pipeline, and goes out as a chain.
 //!
 //! The steering program (`steer.bpf.c`, compiled by build.rs) is attached
 //! to each interface directly (libxdp's multi-program dispatcher is not
@@ -45,11 +48,16 @@ const HEADROOM: usize = 64;
 const FRAME_SIZE: u32 = 2048;
 /// Bytes the kernel reserves in front of each UMEM frame (XDP_PACKET_HEADROOM).
 const XDP_HEADROOM: usize = 256;
-/// The largest IPv4 MTU an AF_XDP port carries: one UMEM frame (no
-/// multi-buffer XDP) after the kernel's and the pipeline's headroom, less
-/// the Ethernet header (1714). A node with an AF_XDP uplink takes it as
-/// its underlay MTU when the NIC's is larger.
+/// The largest IPv4 MTU of one UMEM frame after the kernel's and the
+/// pipeline's headroom, less the Ethernet header (1714): what a port
+/// bound without multi-buffer carries.
 pub const MAX_MTU: u16 = (FRAME_SIZE as usize - XDP_HEADROOM - HEADROOM - crate::wire::ethernet::HEADER_LEN) as u16;
+/// The largest IPv4 MTU an AF_XDP port bound for multi-buffer
+/// (`XDP_USE_SG`, Linux 6.6) carries: a jumbo frame in several UMEM
+/// frames, as a TAP uplink does.
+pub const MAX_SG_MTU: u16 = super::MAX_TAP_MTU;
+/// `XDP_PKT_CONTD` (if_xdp.h): more buffers of this packet follow.
+const XDP_PKT_CONTD: u32 = 1;
 /// Frames kept back from the fill ring for copies into this port.
 const TX_RESERVE: usize = 512;
 /// Transmit kicks per flush at most (each sends up to 32 frames in copy
@@ -487,6 +495,30 @@ pub struct AfXdpPort {
     /// [`AfXdpConfig::busy_poll`]: an empty rx ring drives the device's
     /// receive from this thread (`recvfrom` with `MSG_DONTWAIT`).
     busy_poll: bool,
+    /// Bound with `XDP_USE_SG`: a packet larger than one UMEM frame comes
+    /// and goes as a chain of them.
+    multi_buffer: bool,
+    /// The packet being gathered from a chain of buffers: its bytes so far
+    /// (or [`OVERSIZE`]); it may continue into the next burst.
+    carry: Option<usize>,
+    /// Where it is gathered, after [`HEADROOM`].
+    carry_buf: Vec<u8>,
+    /// The gathered packets of the current burst, in order (buffers kept
+    /// from burst to burst).
+    gathered: Vec<Vec<u8>>,
+}
+
+/// [`AfXdpPort::carry`] of a packet larger than [`super::SEGMENT_ROOM`]:
+/// its buffers are freed as they come and it is dropped.
+const OVERSIZE: usize = usize::MAX;
+
+/// A packet of a received burst: in one UMEM frame (the descriptor's
+/// index), or gathered from several (its length; the burst's next
+/// gathered buffer).
+#[derive(Debug, Clone, Copy)]
+enum Packet {
+    One(usize),
+    Gathered(usize),
 }
 
 // SAFETY: `base` points into the UMEM mapping this port owns (through
@@ -545,27 +577,35 @@ impl AfXdpPort {
             source: std::io::Error::other(e.to_string()),
         })?;
         let ifname: Interface = iface.parse().map_err(|_| cerr("bad interface name".into()))?;
-        let mk = |zc: bool| {
+        let mk = |zc: bool, sg: bool| {
             let copy = if zc { BindFlags::XDP_ZEROCOPY } else { BindFlags::XDP_COPY };
+            let sg = if sg { BindFlags::XDP_USE_SG } else { BindFlags::empty() };
             let sc = SocketConfig::builder()
                 .rx_queue_size(ring)
                 .tx_queue_size(ring)
                 .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
-                .bind_flags(BindFlags::XDP_USE_NEED_WAKEUP | copy)
+                .bind_flags(BindFlags::XDP_USE_NEED_WAKEUP | copy | sg)
                 .build();
             // SAFETY: the UMEM is fresh and used by this socket alone, so
             // no other socket shares its (interface, queue) binding.
             unsafe { xsk_rs::Socket::new(sc, &umem, &ifname, queue) }
         };
-        let (created, bind_mode) = match (cfg.zero_copy, cfg.zero_copy.then(|| mk(true))) {
-            (true, Some(Ok(q))) => (Ok(q), "zero-copy"),
-            _ => (mk(false), "copy"),
-        };
-        let (tx, rx, fqcq) = created.map_err(|e| IoError::Setup {
-            port: iface.to_owned(),
-            what: "creating the AF_XDP socket",
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        // Zero-copy before copy, multi-buffer (Linux 6.6; zero-copy where
+        // the driver has it) before one frame per packet.
+        let modes = [(true, true), (true, false), (false, true), (false, false)];
+        let mut created = Err(cerr("no bind mode to try".into()));
+        for &(zc, sg) in modes.iter().filter(|&&(zc, _)| !zc || cfg.zero_copy) {
+            created = mk(zc, sg).map(|q| (q, zc, sg)).map_err(|e| IoError::Setup {
+                port: iface.to_owned(),
+                what: "creating the AF_XDP socket",
+                source: std::io::Error::other(e.to_string()),
+            });
+            if created.is_ok() {
+                break;
+            }
+        }
+        let ((tx, rx, fqcq), zc, multi_buffer) = created?;
+        let bind_mode = if zc { "zero-copy" } else { "copy" };
         let (fq, cq) = fqcq.ok_or_else(|| cerr("the UMEM came without fill and completion rings".into()))?;
         let fd = rx.fd().as_raw_fd();
         prog.update(prog.xsks, &queue, &fd, "registering the socket in the XSK map", iface)?;
@@ -601,10 +641,15 @@ impl AfXdpPort {
             complete_checksums: cfg.complete_checksums,
             drained: false,
             busy_poll: cfg.busy_poll,
+            multi_buffer,
+            carry: None,
+            carry_buf: Vec::new(),
+            gathered: Vec::new(),
         };
         port.refill();
         tracing::info!(
-            "{iface} queue {queue}: AF_XDP {bind_mode}, XDP {}, {} per send",
+            "{iface} queue {queue}: AF_XDP {bind_mode}{}, XDP {}, {} per send",
+            if multi_buffer { " multi-buffer" } else { "" },
             if port.prog.generic { "generic" } else { "native" },
             if tx_budget { "the whole tx ring" } else { "32 frames (kernel before 6.17)" }
         );
@@ -624,6 +669,64 @@ impl AfXdpPort {
     /// Copy or zero-copy, as bound.
     pub fn bind_mode(&self) -> &'static str {
         self.bind_mode
+    }
+
+    /// True if bound with `XDP_USE_SG`: frames up to [`MAX_SG_MTU`] come
+    /// and go in several UMEM frames; false: [`MAX_MTU`] at most.
+    pub fn multi_buffer(&self) -> bool {
+        self.multi_buffer
+    }
+
+    /// Splits a received burst into packets: a packet in one frame stays
+    /// where it is; the buffers of a chained one are copied, in order, into
+    /// [`AfXdpPort::carry_buf`] and freed, and the whole packet becomes the
+    /// burst's next gathered buffer. Returns the packets and their number.
+    fn packets(&mut self, descs: &[FrameDesc]) -> ([Packet; super::BURST], usize) {
+        let mut pkts = [Packet::One(0); super::BURST];
+        let (mut np, mut ng) = (0, 0);
+        for (k, d) in descs.iter().enumerate() {
+            let more = d.options() & XDP_PKT_CONTD != 0;
+            if self.carry.is_none() && !more {
+                pkts[np] = Packet::One(k);
+                np += 1;
+                continue;
+            }
+            let so_far = self.carry.unwrap_or(0);
+            let len = d.lengths().data();
+            // SAFETY: `d` just came off the rx ring: a frame of this UMEM
+            // in no ring, and no slice of it is alive (the burst's frames
+            // are made after this pass).
+            let src =
+                unsafe { Self::buffer(self.base, self.umem_len, d) }.and_then(|b| b.get(HEADROOM..HEADROOM + len));
+            let to = HEADROOM + so_far;
+            self.carry = match src {
+                Some(src) if so_far != OVERSIZE && so_far + len <= super::SEGMENT_ROOM => {
+                    if self.carry_buf.len() < HEADROOM + super::SEGMENT_ROOM {
+                        self.carry_buf.resize(HEADROOM + super::SEGMENT_ROOM, 0);
+                    }
+                    self.carry_buf[to..to + len].copy_from_slice(src);
+                    Some(so_far + len)
+                }
+                _ => Some(OVERSIZE),
+            };
+            self.free.push(*d);
+            if more {
+                continue;
+            }
+            match self.carry.take() {
+                Some(l) if l != OVERSIZE => {
+                    if self.gathered.len() <= ng {
+                        self.gathered.push(Vec::new());
+                    }
+                    std::mem::swap(&mut self.gathered[ng], &mut self.carry_buf);
+                    pkts[np] = Packet::Gathered(l);
+                    np += 1;
+                    ng += 1;
+                }
+                _ => self.stats.rx_oversize += 1,
+            }
+        }
+        (pkts, np)
     }
 
     /// Frame room per UMEM frame: headroom plus data.
@@ -760,39 +863,60 @@ impl Port for AfXdpPort {
             }
             return 0;
         }
-        self.stats.rx += n as u64;
+        // The scratch out of `self` for the burst (put back at the end).
+        let descs = std::mem::take(&mut self.descs);
+        let (pkts, np) = self.packets(&descs[..n]);
+        self.stats.rx += np as u64;
         let (base, umem_len, complete) = (self.base, self.umem_len, self.complete_checksums);
         let mut marks = [false; super::BURST];
         let mut windows = [(0usize, 0usize); super::BURST];
+        // The gathered packets' buffers, out of `self` while frames
+        // borrow them.
+        let mut gathered = std::mem::take(&mut self.gathered);
         {
-            let descs = &self.descs;
+            let mut bufs = gathered.iter_mut();
             let mut frames: [Frame<'_>; super::BURST] = core::array::from_fn(|i| {
-                if i >= n {
+                if i >= np {
                     return Frame::detached();
                 }
-                let d = &descs[i];
-                // SAFETY: the n descriptors just came off the rx ring: each
-                // is a distinct frame of this UMEM, in no ring, so the
-                // slices do not overlap and nothing else touches them
-                // until they are dropped at the end of this block.
-                let mut fr = match unsafe { Self::buffer(base, umem_len, d) } {
-                    Some(b) => Frame::new(b, HEADROOM, d.lengths().data()).unwrap_or_else(Frame::detached),
-                    None => Frame::detached(),
+                let mut fr = match pkts[i] {
+                    Packet::One(k) => {
+                        let d = &descs[k];
+                        // SAFETY: the n descriptors just came off the rx
+                        // ring: each is a distinct frame of this UMEM, in
+                        // no ring, so the slices do not overlap and nothing
+                        // else touches them until they are dropped at the
+                        // end of this block.
+                        match unsafe { Self::buffer(base, umem_len, d) } {
+                            Some(b) => Frame::new(b, HEADROOM, d.lengths().data()).unwrap_or_else(Frame::detached),
+                            None => Frame::detached(),
+                        }
+                    }
+                    // Gathered packets take the buffers in order.
+                    Packet::Gathered(len) => match bufs.next() {
+                        Some(b) => Frame::new(b, HEADROOM, len).unwrap_or_else(Frame::detached),
+                        None => Frame::detached(),
+                    },
                 };
                 if complete {
                     crate::wire::rewrite::complete_frame_checksums(fr.data_mut());
                 }
                 fr
             });
-            f(&mut frames[..n], &mut marks);
-            for (i, fr) in frames[..n].iter_mut().enumerate() {
+            f(&mut frames[..np], &mut marks);
+            for (i, fr) in frames[..np].iter_mut().enumerate() {
                 if !marks[i] {
+                    continue;
+                }
+                let (s, l) = (fr.start(), fr.len());
+                if let Packet::Gathered(_) = pkts[i] {
+                    // Sent back by copying from the gathered buffer below.
+                    windows[i] = (s, l);
                     continue;
                 }
                 // The descriptor's data starts at HEADROOM: a frame that
                 // moved (encapsulated into the headroom, decapsulated)
                 // moves back, within its own buffer.
-                let (s, l) = (fr.start(), fr.len());
                 if s != HEADROOM {
                     let buf = fr.buf_mut();
                     if HEADROOM + l > buf.len() {
@@ -805,45 +929,77 @@ impl Port for AfXdpPort {
                 windows[i] = (HEADROOM, l);
             }
         }
-        for i in 0..n {
-            let mut d = self.descs[i];
-            if marks[i] {
-                // SAFETY: `d` is still ours (in no ring) and no slice of it
-                // is alive any more.
-                unsafe { self.umem.data_mut(&mut d) }.cursor().set_pos(windows[i].1);
-                self.pending.push(d);
-            } else {
-                self.free.push(d);
+        // Out in the order received: a one-buffer frame's own descriptor,
+        // a gathered one copied into free frames; unsent descriptors back
+        // to the free list.
+        let mut g = 0;
+        for i in 0..np {
+            match pkts[i] {
+                Packet::One(k) => {
+                    let mut d = descs[k];
+                    if marks[i] {
+                        d.set_options(0);
+                        // SAFETY: `d` is still ours (in no ring) and no
+                        // slice of it is alive any more.
+                        unsafe { self.umem.data_mut(&mut d) }.cursor().set_pos(windows[i].1);
+                        self.pending.push(d);
+                    } else {
+                        self.free.push(d);
+                    }
+                }
+                Packet::Gathered(_) => {
+                    if marks[i] {
+                        let (s, l) = windows[i];
+                        if let Some(b) = gathered.get(g).and_then(|b| b.get(s..s + l)) {
+                            self.tx_copy(b);
+                        }
+                    }
+                    g += 1;
+                }
             }
         }
-        n
+        self.gathered = gathered;
+        self.descs = descs;
+        // Something was received, if only the first buffers of a packet.
+        np.max(1)
     }
 
     fn tx_copy(&mut self, frame: &[u8]) -> bool {
-        if frame.len() > Self::room() - HEADROOM {
+        // One UMEM frame's room, or several chained (multi-buffer).
+        let room = Self::room() - HEADROOM;
+        let parts = frame.len().div_ceil(room);
+        if parts == 0 || (parts > 1 && (!self.multi_buffer || frame.len() > super::SEGMENT_ROOM)) {
             self.stats.errors += 1;
             return false;
         }
-        if self.free.is_empty() {
+        if self.free.len() < parts {
             self.reclaim();
         }
-        let Some(mut d) = self.free.pop() else {
+        if self.free.len() < parts {
             self.stats.tx_full += 1;
             return false;
-        };
-        // SAFETY: `d` came off the free list: a frame of this UMEM in no
-        // ring, with no other slice of it alive.
-        match unsafe { Self::buffer(self.base, self.umem_len, &d) } {
-            Some(b) => b[HEADROOM..HEADROOM + frame.len()].copy_from_slice(frame),
-            None => {
-                self.free.push(d);
-                self.stats.errors += 1;
-                return false;
-            }
         }
-        // SAFETY: as above; the slice is gone.
-        unsafe { self.umem.data_mut(&mut d) }.cursor().set_pos(frame.len());
-        self.pending.push(d);
+        let first = self.pending.len();
+        for (k, piece) in frame.chunks(room).enumerate() {
+            let Some(mut d) = self.free.pop() else { break };
+            // SAFETY: `d` came off the free list: a frame of this UMEM in
+            // no ring, with no other slice of it alive.
+            match unsafe { Self::buffer(self.base, self.umem_len, &d) } {
+                Some(b) => b[HEADROOM..HEADROOM + piece.len()].copy_from_slice(piece),
+                None => {
+                    self.free.push(d);
+                    // Undo the packet's parts queued so far.
+                    let undone: Vec<FrameDesc> = self.pending.drain(first..).collect();
+                    self.free.extend(undone);
+                    self.stats.errors += 1;
+                    return false;
+                }
+            }
+            d.set_options(if k + 1 < parts { XDP_PKT_CONTD } else { 0 });
+            // SAFETY: as above; the slice is gone.
+            unsafe { self.umem.data_mut(&mut d) }.cursor().set_pos(piece.len());
+            self.pending.push(d);
+        }
         true
     }
 
@@ -855,14 +1011,19 @@ impl Port for AfXdpPort {
     fn flush(&mut self) {
         if !self.pending.is_empty() {
             let room = self.tx.nb_free(self.pending.len() as u32) as usize;
-            let k = room.min(self.pending.len());
+            let mut k = room.min(self.pending.len());
+            // Whole packets only: a multi-buffer packet's parts go
+            // together or not at all.
+            while k > 0 && self.pending[k - 1].options() & XDP_PKT_CONTD != 0 {
+                k -= 1;
+            }
             // SAFETY: the pending frames are this UMEM's, in no ring, and
             // their lengths are set; produce takes all k or none.
             let done = if k > 0 { unsafe { self.tx.produce(&self.pending[..k]) } } else { 0 };
-            self.stats.tx += done as u64;
+            let packets = |d: &[FrameDesc]| d.iter().filter(|d| d.options() & XDP_PKT_CONTD == 0).count() as u64;
+            self.stats.tx += packets(&self.pending[..done]);
+            self.stats.tx_full += packets(&self.pending[done..]);
             self.in_flight += done;
-            let unsent = self.pending.len() - done;
-            self.stats.tx_full += unsent as u64;
             self.free.extend(self.pending.drain(..).skip(done));
         }
         // A kick sends at most 32 frames in copy mode (the kernel's
