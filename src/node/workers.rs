@@ -31,23 +31,12 @@ pub(crate) fn open(kind: IoKind, iface: &str, uplink: bool, n: usize, t: &Tables
                 complete_checksums: !uplink,
                 ring: a.xdp_ring,
                 frames: a.xdp_frames,
+                // Frames larger than one UMEM frame as chains of them.
+                multi_buffer: t.underlay_mtu > afxdp::MAX_MTU,
                 ..afxdp::AfXdpConfig::default()
             };
             let queues: Vec<u32> = (0..n as u32).collect();
             let v = afxdp::AfXdpPort::open_queues(iface, &queues, &cfg, steer)?;
-            // Without multi-buffer (Linux before 6.6, or a driver without
-            // it) a frame is one UMEM frame: a larger underlay MTU would
-            // have its large frames dropped by the kernel.
-            if t.underlay_mtu > afxdp::MAX_MTU && v.iter().any(|p| !p.multi_buffer()) {
-                bail!(
-                    "{iface}: the underlay MTU is {}, but this kernel or driver binds AF_XDP without \
-                     multi-buffer (XDP_USE_SG), so a frame is at most {} bytes: lower the NIC's MTU or give \
-                     --data-path-mtu {}",
-                    t.underlay_mtu,
-                    afxdp::MAX_MTU,
-                    afxdp::MAX_MTU
-                );
-            }
             let handle = match v.first() {
                 Some(p) if uplink => Some(p.steering()?),
                 _ => None,

@@ -232,6 +232,50 @@ pub(crate) fn jumbo_underlay(io: Io) {
     const BYTES: u64 = 8_000_000;
     let a = c.tcp(&ips[1], BYTES);
     assert!(a.starts_with(&format!("peer={}:", ips[0])) && a.ends_with(&format!("bytes={BYTES} ok")), "{a}");
+    // Through the routing mesh: a client on the fabric (MTU 9000) to node
+    // 1's published port, whose only task is on node 2, so node 1 sends
+    // every frame back out of the port it came in on, 50 bytes larger
+    // (VXLAN): first one segment of 1650 bytes (a 1716-byte frame: fits
+    // one UMEM frame in, not out), then 8 MB in jumbo segments.
+    let fab = c.fab.clone();
+    let client = c.lab.ns("cl");
+    ip(&format!("link add c0 netns {fab} type veth peer name eth0 netns {client}"));
+    ip(&format!("-n {fab} link set c0 mtu 9000 master br0 up"));
+    ip(&format!("-n {client} link set eth0 address 02:00:00:00:00:64 mtu 9000 up"));
+    ip(&format!("-n {client} addr add 198.18.0.100/24 dev eth0"));
+    // Complete checksums and MSS-sized segments on the wire, as a NIC's.
+    in_ns_ok(&client, &["ethtool", "-K", "eth0", "tx", "off"]);
+    c.cli_ok(1, &["service", "create", "--name", "pub", "--network", "jumbo", "--publish", "30080:5001"]);
+    let t3 = c.lab.ns("t3");
+    c.cli_ok(1, &["task", "attach", "--service", "pub", "--node", "node2", "--netns", &t3, "--id", "pub.1"]);
+    wait_for("the published task's interface", 20, || {
+        !text(&in_ns(&t3, &["ip", "-4", "route", "show", "default"]).stdout).is_empty()
+    });
+    let sink = c.lab.spawn(
+        &t3,
+        "mesh-sink",
+        &[BIN, "tool", "tcp-sink", "--listen", "0.0.0.0:5001", "--count", "2", "--timeout", "20"],
+    );
+    wait_for("the mesh sink to listen", 10, || text(&in_ns(&t3, &["ss", "-ltn"]).stdout).contains(":5001 "));
+    for bytes in [1650u64, 8_000_000] {
+        let m = in_ns_ok(
+            &client,
+            &[
+                BIN,
+                "tool",
+                "tcp-source",
+                "--connect",
+                "198.18.0.1:30080",
+                "--bytes",
+                &bytes.to_string(),
+                "--timeout",
+                "20",
+            ],
+        );
+        assert!(m.trim().ends_with(&format!("bytes={bytes} ok")), "{bytes} bytes through the mesh: {m}");
+    }
+    let lab = &mut c.lab;
+    wait_for("the mesh sink to finish", 10, || !lab.running(sink));
 }
 
 /// `cluster init --data-path-port 4790`: the overlay crosses the fabric

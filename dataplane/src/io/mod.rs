@@ -47,7 +47,9 @@ pub struct IoStats {
     pub tx: u64,
     /// Frames not transmitted because the device or ring was full.
     pub tx_full: u64,
-    /// Frames received larger than [`FRAME_ROOM`] (dropped).
+    /// Frames received larger than the port's receive buffers (dropped):
+    /// [`FRAME_ROOM`], a TAP's [`SUPER_ROOM`], an AF_XDP chain's
+    /// [`SEGMENT_ROOM`].
     pub rx_oversize: u64,
     /// Receive or transmit errors other than "full" (dropped frames).
     pub errors: u64,

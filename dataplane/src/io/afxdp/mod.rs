@@ -7,10 +7,10 @@
 //! copy; a frame for another port is copied into a free frame of that
 //! port's UMEM. Fill and completion rings are kept full and reaped in
 //! bulk; sockets bind with `XDP_USE_NEED_WAKEUP` (the kernel is kicked only
-//! when it asks), zero-copy when the driver supports it, copy otherwise,
-//! and multi-buffer (`XDP_USE_SG`) where the kernel has it: a packet
-//! larger than one UMEM frame comes as a chain of descriptors, is gathered
-//! into a buffer for the pipeline, and goes out as a chain.
+//! when it asks), zero-copy when the driver supports it, copy otherwise;
+//! for a jumbo underlay, copy mode with multi-buffer (`XDP_USE_SG`): a
+//! packet larger than one UMEM frame comes as a chain of descriptors, is
+//! gathered into a buffer for the pipeline, and goes out as a chain.
 //!
 //! The steering program (`steer.bpf.c`, compiled by build.rs) is attached
 //! to each interface directly (libxdp's multi-program dispatcher is not
@@ -83,6 +83,12 @@ pub struct AfXdpConfig {
     /// task's port, whose veth leaves them partial with transmit offloads
     /// on (copy mode carries no flag saying which are).
     pub complete_checksums: bool,
+    /// Carry frames larger than one UMEM frame ([`MAX_MTU`]), up to
+    /// [`MAX_SG_MTU`], as chains of them: a multi-buffer (`XDP_USE_SG`,
+    /// Linux 6.6) bind in copy mode (a zero-copy driver may take fewer
+    /// buffers a packet than a jumbo frame needs) and a steering program
+    /// that takes them. For an underlay MTU above [`MAX_MTU`].
+    pub multi_buffer: bool,
 }
 
 impl Default for AfXdpConfig {
@@ -94,6 +100,7 @@ impl Default for AfXdpConfig {
             zero_copy: true,
             busy_poll: false,
             complete_checksums: false,
+            multi_buffer: false,
         }
     }
 }
@@ -232,8 +239,8 @@ const XDP_FLAGS_DRV_MODE: u32 = 4;
 impl XdpProgram {
     /// Loads the steering object and attaches `prog` to `iface`, natively
     /// unless `generic` (or native fails: then generic, logged).
-    fn attach(iface: &str, prog: &str, generic: bool) -> Result<XdpProgram, IoError> {
-        let (mut p, prog_fd) = Self::load(iface, prog, generic)?;
+    fn attach(iface: &str, prog: &str, generic: bool, frags: bool) -> Result<XdpProgram, IoError> {
+        let (mut p, prog_fd) = Self::load(iface, prog, generic, frags)?;
         p.attach_fd(iface, prog_fd)?;
         Ok(p)
     }
@@ -241,7 +248,7 @@ impl XdpProgram {
     /// Loads the steering object (not attached: dropping it detaches
     /// nothing) and finds `prog` and the maps; `iface` names the interface
     /// in errors and is looked up.
-    fn load(iface: &str, prog: &str, generic: bool) -> Result<(XdpProgram, RawFd), IoError> {
+    fn load(iface: &str, prog: &str, generic: bool, frags: bool) -> Result<(XdpProgram, RawFd), IoError> {
         let cname = CString::new(iface)
             .map_err(|_| IoError::Config { port: iface.to_owned(), msg: "interface name has a NUL byte".into() })?;
         // SAFETY: `cname` is a valid NUL-terminated string.
@@ -267,6 +274,9 @@ impl XdpProgram {
             stats: -1,
             generic,
         };
+        if frags {
+            p.set_frags(iface, prog)?;
+        }
         // SAFETY: `obj` is a valid object from bpf_object__open_mem.
         let rc = unsafe { libxdp_sys::bpf_object__load(p.obj) };
         if rc != 0 {
@@ -280,11 +290,27 @@ impl XdpProgram {
         Ok((p, prog_fd))
     }
 
-    /// The descriptor of the loaded object's program `prog`.
-    fn program_fd(&self, iface: &str, prog: &str) -> Result<RawFd, IoError> {
+    /// Marks the object's program `prog`, before it is loaded, as one that
+    /// takes multi-buffer frames (`BPF_F_XDP_HAS_FRAGS`, Linux 5.18: it
+    /// reads only the first buffer's headers; a veth with a jumbo MTU
+    /// accepts only such a program).
+    fn set_frags(&self, iface: &str, prog: &str) -> Result<(), IoError> {
+        const BPF_F_XDP_HAS_FRAGS: u32 = 1 << 5;
+        let prog_ptr = self.program(iface, prog)?;
+        // SAFETY: `prog_ptr` is a program of the opened, not yet loaded,
+        // object.
+        let rc = unsafe { libxdp_sys::bpf_program__set_flags(prog_ptr, BPF_F_XDP_HAS_FRAGS) };
+        if rc != 0 {
+            return Err(neg_errno("marking the steering program multi-buffer", iface, rc));
+        }
+        Ok(())
+    }
+
+    /// The object's program `prog` (opened or loaded).
+    fn program(&self, iface: &str, prog: &str) -> Result<*mut libxdp_sys::bpf_program, IoError> {
         let name = CString::new(prog)
             .map_err(|_| IoError::Config { port: iface.to_owned(), msg: "bad program name".into() })?;
-        // SAFETY: `obj` is loaded and `name` NUL-terminated.
+        // SAFETY: `obj` is opened and `name` NUL-terminated.
         let prog_ptr = unsafe { libxdp_sys::bpf_object__find_program_by_name(self.obj, name.as_ptr()) };
         if prog_ptr.is_null() {
             return Err(IoError::Config {
@@ -292,6 +318,12 @@ impl XdpProgram {
                 msg: format!("no program {prog} in the steering object"),
             });
         }
+        Ok(prog_ptr)
+    }
+
+    /// The descriptor of the loaded object's program `prog`.
+    fn program_fd(&self, iface: &str, prog: &str) -> Result<RawFd, IoError> {
+        let prog_ptr = self.program(iface, prog)?;
         // SAFETY: `prog_ptr` is a program of the loaded object.
         Ok(unsafe { libxdp_sys::bpf_program__fd(prog_ptr) })
     }
@@ -551,8 +583,12 @@ impl AfXdpPort {
         cfg: &AfXdpConfig,
         steering: Option<Steering>,
     ) -> Result<Vec<AfXdpPort>, IoError> {
-        let prog =
-            XdpProgram::attach(iface, if steering.is_some() { "steer_uplink" } else { "steer_all" }, cfg.generic)?;
+        let prog = XdpProgram::attach(
+            iface,
+            if steering.is_some() { "steer_uplink" } else { "steer_all" },
+            cfg.generic,
+            cfg.multi_buffer,
+        )?;
         if let Some(s) = &steering {
             set_steering(&prog, s, iface)?;
         }
@@ -590,22 +626,29 @@ impl AfXdpPort {
             // no other socket shares its (interface, queue) binding.
             unsafe { xsk_rs::Socket::new(sc, &umem, &ifname, queue) }
         };
-        // Zero-copy before copy, multi-buffer (Linux 6.6; zero-copy where
-        // the driver has it) before one frame per packet.
-        let modes = [(true, true), (true, false), (false, true), (false, false)];
+        // Multi-buffer: copy mode only. Otherwise zero-copy first.
+        let modes: &[bool] = match (cfg.multi_buffer, cfg.zero_copy) {
+            (true, _) | (false, false) => &[false],
+            (false, true) => &[true, false],
+        };
+        let what = if cfg.multi_buffer {
+            "creating the AF_XDP socket with multi-buffer (XDP_USE_SG: Linux 6.6; an underlay MTU above 1714 needs it)"
+        } else {
+            "creating the AF_XDP socket"
+        };
         let mut created = Err(cerr("no bind mode to try".into()));
-        for &(zc, sg) in modes.iter().filter(|&&(zc, _)| !zc || cfg.zero_copy) {
-            created = mk(zc, sg).map(|q| (q, zc, sg)).map_err(|e| IoError::Setup {
+        for &zc in modes {
+            created = mk(zc, cfg.multi_buffer).map(|q| (q, zc)).map_err(|e| IoError::Setup {
                 port: iface.to_owned(),
-                what: "creating the AF_XDP socket",
+                what,
                 source: std::io::Error::other(e.to_string()),
             });
             if created.is_ok() {
                 break;
             }
         }
-        let ((tx, rx, fqcq), zc, multi_buffer) = created?;
-        let bind_mode = if zc { "zero-copy" } else { "copy" };
+        let ((tx, rx, fqcq), zc) = created?;
+        let (bind_mode, multi_buffer) = (if zc { "zero-copy" } else { "copy" }, cfg.multi_buffer);
         let (fq, cq) = fqcq.ok_or_else(|| cerr("the UMEM came without fill and completion rings".into()))?;
         let fd = rx.fd().as_raw_fd();
         prog.update(prog.xsks, &queue, &fd, "registering the socket in the XSK map", iface)?;
@@ -671,12 +714,6 @@ impl AfXdpPort {
         self.bind_mode
     }
 
-    /// True if bound with `XDP_USE_SG`: frames up to [`MAX_SG_MTU`] come
-    /// and go in several UMEM frames; false: [`MAX_MTU`] at most.
-    pub fn multi_buffer(&self) -> bool {
-        self.multi_buffer
-    }
-
     /// Splits a received burst into packets: a packet in one frame stays
     /// where it is; the buffers of a chained one are copied, in order, into
     /// [`AfXdpPort::carry_buf`] and freed, and the whole packet becomes the
@@ -698,12 +735,12 @@ impl AfXdpPort {
             // are made after this pass).
             let src =
                 unsafe { Self::buffer(self.base, self.umem_len, d) }.and_then(|b| b.get(HEADROOM..HEADROOM + len));
-            let to = HEADROOM + so_far;
             self.carry = match src {
                 Some(src) if so_far != OVERSIZE && so_far + len <= super::SEGMENT_ROOM => {
                     if self.carry_buf.len() < HEADROOM + super::SEGMENT_ROOM {
                         self.carry_buf.resize(HEADROOM + super::SEGMENT_ROOM, 0);
                     }
+                    let to = HEADROOM + so_far;
                     self.carry_buf[to..to + len].copy_from_slice(src);
                     Some(so_far + len)
                 }
@@ -870,6 +907,7 @@ impl Port for AfXdpPort {
         let (base, umem_len, complete) = (self.base, self.umem_len, self.complete_checksums);
         let mut marks = [false; super::BURST];
         let mut windows = [(0usize, 0usize); super::BURST];
+        let mut chained = [false; super::BURST];
         // The gathered packets' buffers, out of `self` while frames
         // borrow them.
         let mut gathered = std::mem::take(&mut self.gathered);
@@ -920,8 +958,15 @@ impl Port for AfXdpPort {
                 if s != HEADROOM {
                     let buf = fr.buf_mut();
                     if HEADROOM + l > buf.len() {
-                        marks[i] = false;
-                        self.stats.tx_full += 1;
+                        // Grown past its UMEM frame (encapsulated on a
+                        // jumbo underlay): sent as a chain of copies.
+                        if self.multi_buffer {
+                            windows[i] = (s, l);
+                            chained[i] = true;
+                        } else {
+                            marks[i] = false;
+                            self.stats.tx_full += 1;
+                        }
                         continue;
                     }
                     buf.copy_within(s..s + l, HEADROOM);
@@ -935,6 +980,18 @@ impl Port for AfXdpPort {
         let mut g = 0;
         for i in 0..np {
             match pkts[i] {
+                Packet::One(k) if marks[i] && chained[i] => {
+                    let d = descs[k];
+                    let (s, l) = windows[i];
+                    // SAFETY: `d` is still ours (in no ring) and no slice
+                    // of it is alive any more; `tx_copy` writes only into
+                    // frames of the free list, which `d` is not on yet.
+                    if let Some(b) = unsafe { Self::buffer(self.base, self.umem_len, &d) }.and_then(|b| b.get(s..s + l))
+                    {
+                        self.tx_copy(b);
+                    }
+                    self.free.push(d);
+                }
                 Packet::One(k) => {
                     let mut d = descs[k];
                     if marks[i] {
@@ -990,7 +1047,10 @@ impl Port for AfXdpPort {
                     self.free.push(d);
                     // Undo the packet's parts queued so far.
                     let undone: Vec<FrameDesc> = self.pending.drain(first..).collect();
-                    self.free.extend(undone);
+                    self.free.extend(undone.into_iter().map(|mut d| {
+                        d.set_options(0);
+                        d
+                    }));
                     self.stats.errors += 1;
                     return false;
                 }
@@ -1234,7 +1294,7 @@ mod tests {
             eprintln!("skipped: needs root (loads an XDP program)");
             return;
         }
-        let (p, prog) = XdpProgram::load("lo", "steer_uplink", false).expect("the steering program loads");
+        let (p, prog) = XdpProgram::load("lo", "steer_uplink", false, false).expect("the steering program loads");
         let l = Loaded { p, prog };
         set_steering(&l.p, &steering(true), "lo").expect("config written");
         let cases: Vec<(&str, Vec<u8>, bool)> = vec![

@@ -132,7 +132,7 @@ static __always_inline int egress_icmp(const struct config *cfg, void *l4, void 
     return 0;
 }
 
-SEC("xdp.frags")
+SEC("xdp")
 int steer_uplink(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
@@ -184,7 +184,7 @@ int steer_uplink(struct xdp_md *ctx)
     return count(1, XDP_PASS);
 }
 
-SEC("xdp.frags")
+SEC("xdp")
 int steer_all(struct xdp_md *ctx)
 {
     return to_socket(ctx);
