@@ -98,10 +98,13 @@ pub trait Port: Send {
     /// The port's name (its interface's).
     fn name(&self) -> &str;
 
-    /// Receives up to [`BURST`] frames, each with [`crate::packet::HEADROOM`]
-    /// bytes of headroom, and hands them to `f`; then sends the frames `f`
-    /// marked out of this port again and releases the others. Returns the
-    /// number of frames received (0: nothing was waiting).
+    /// Receives up to [`BURST`] frames, each with room in front for the
+    /// pipeline's encapsulation ([`crate::packet::HEADROOM`] bytes in the
+    /// TAP and memory ports, 64 in an AF_XDP UMEM frame: VXLAN needs 50),
+    /// and hands them to `f`; then sends the frames `f` marked out of this
+    /// port again and releases the others. Returns the number of frames
+    /// received (0: nothing was waiting; an AF_XDP port that took only the
+    /// first buffers of a chained packet counts 1).
     fn rx_burst(&mut self, f: &mut BurstFn<'_>) -> usize;
 
     /// Transmits a copy of `frame`, a plain frame; false if the port had
