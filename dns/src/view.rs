@@ -1,5 +1,5 @@
 //! One network's names as lookup maps, built off the packet path from its
-//! [`NetZone`](crate::zone::NetZone), and the name rules of
+//! [`NetZone`], and the name rules of
 //! `docs/dns-design.md` section 3: `SERVICE` (its VIP, or its serving tasks
 //! in dnsrr mode), `tasks.SERVICE`, `TASK`, each also with the network's
 //! name appended, and PTR for VIPs and tasks. Names are matched without

@@ -495,7 +495,7 @@ pub struct CtStats {
     pub no_room: u64,
 }
 
-/// What [`Conntrack::insert`] did.
+/// What [`Conntrack::insert_probe`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inserted {
     /// Into a free or expired way (the expired entry's value, if any, so

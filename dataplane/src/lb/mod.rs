@@ -83,7 +83,7 @@ pub struct BackendStats {
     pub refused: u64,
     /// Until when (ns) this worker schedules no new connection to it on
     /// `refused_port` (its port that refused), unless no other backend
-    /// is left (see [`refused`]); 0: never.
+    /// is left (see `refused`); 0: never.
     pub refused_until: u64,
     /// The backend port that refused.
     pub refused_port: u16,

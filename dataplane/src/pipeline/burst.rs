@@ -36,7 +36,7 @@ pub const VIP_PASS: usize = 32;
 /// What the fast paths need of the input port is looked up once per burst,
 /// and the last VNI looked up is remembered from frame to frame (the
 /// tables do not change within a burst). Verdicts, bytes and counters are
-/// exactly those of [`process`] frame by frame (tested, and fuzzed by
+/// exactly those of [`process`](super::process) frame by frame (tested, and fuzzed by
 /// `pipeline_burst`). `verdicts` shorter than `frames` processes only that
 /// many frames.
 #[inline]
