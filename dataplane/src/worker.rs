@@ -307,6 +307,9 @@ pub const DEFAULT_FD_SPIN: Duration = Duration::from_micros(100);
 /// A node's [`WorkerConfig::nice`] unless configured.
 pub const DEFAULT_WORKER_NICE: i32 = -10;
 
+/// The nice values a node accepts for its workers (Linux's range).
+pub const WORKER_NICE_RANGE: core::ops::RangeInclusive<i32> = -20..=19;
+
 /// The longest [`WorkerConfig::fd_spin`] a node accepts, in microseconds
 /// (one second).
 pub const MAX_FD_SPIN_US: u64 = 1_000_000;

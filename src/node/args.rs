@@ -151,7 +151,7 @@ pub(crate) struct RunArgs {
     /// woken by frames runs before a task sharing its core (as the
     /// kernel's softirq would), which keeps bursts of new connections
     /// from overflowing its receive rings. Default -10.
-    #[arg(long, value_name = "NICE", allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    #[arg(long, value_name = "NICE", allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(i64::from(*meshplane_dataplane::worker::WORKER_NICE_RANGE.start())..=i64::from(*meshplane_dataplane::worker::WORKER_NICE_RANGE.end())))]
     pub(crate) worker_nice: Option<i32>,
     /// Connection-table entries per worker.
     #[arg(long, default_value_t = 1 << 20)]

@@ -69,8 +69,9 @@ pub(crate) fn with_config_file(a: &RunArgs) -> Result<RunArgs> {
         anyhow::bail!("{}: spin_us = {us}: at most {MAX_FD_SPIN_US} (one second)", path.display());
     }
     a.spin_us = a.spin_us.or(f.spin_us);
-    if let Some(n) = f.worker_nice.filter(|n| !(-20..=19).contains(n)) {
-        anyhow::bail!("{}: worker_nice = {n}: a nice value is -20 to 19", path.display());
+    let nice = meshplane_dataplane::worker::WORKER_NICE_RANGE;
+    if let Some(n) = f.worker_nice.filter(|n| !nice.contains(n)) {
+        anyhow::bail!("{}: worker_nice = {n}: a nice value is {} to {}", path.display(), nice.start(), nice.end());
     }
     a.worker_nice = a.worker_nice.or(f.worker_nice);
     a.state_dir = a.state_dir.or(f.state_dir);

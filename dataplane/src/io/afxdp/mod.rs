@@ -1044,13 +1044,11 @@ impl Port for AfXdpPort {
             match unsafe { Self::buffer(self.base, self.umem_len, &d) } {
                 Some(b) => b[HEADROOM..HEADROOM + piece.len()].copy_from_slice(piece),
                 None => {
-                    self.free.push(d);
                     // Undo the packet's parts queued so far.
-                    let undone: Vec<FrameDesc> = self.pending.drain(first..).collect();
-                    self.free.extend(undone.into_iter().map(|mut d| {
-                        d.set_options(0);
-                        d
-                    }));
+                    let mut undone = self.pending.split_off(first);
+                    undone.push(d);
+                    undone.iter_mut().for_each(|d| d.set_options(0));
+                    self.free.append(&mut undone);
                     self.stats.errors += 1;
                     return false;
                 }
