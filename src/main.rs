@@ -146,6 +146,10 @@ fn main() -> anyhow::Result<()> {
             | Command::Node(NodeCommand::Admin(_))
             | Command::Ports
             | Command::Cni { .. }
+            | Command::Trace(_)
+            | Command::Lab(_)
+            | Command::Pktgen(_)
+            | Command::Tool(_)
     );
     if printer {
         // A command that prints, piped into `head`: ends quietly when the

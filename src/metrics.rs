@@ -525,9 +525,16 @@ async fn handle(
 /// Serves `/metrics` on `listener` until the runtime stops.
 pub(crate) async fn serve(listener: tokio::net::TcpListener, control: Arc<Control>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut last_warn = None;
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let Ok((sock, _)) = listener.accept().await else { return };
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                meshplane_control::rpc::accept_failed("metrics", &e, &mut last_warn).await;
+                continue;
+            }
+        };
         let control = control.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(control.clone(), req));

@@ -8,7 +8,7 @@
 //! which the receive side finds wherever the frame was rewritten or
 //! encapsulated on the way (it looks for the magic number).
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use meshplane_dataplane::io::{BURST, Port};
 use meshplane_dataplane::wire::checksum;
 use serde::Serialize;
@@ -302,6 +302,12 @@ fn check(a: &PktgenArgs) -> Result<()> {
     if a.flows == 0 {
         bail!("--flows must be at least 1");
     }
+    if !(0.0..=60.0).contains(&a.settle) {
+        bail!("--settle must be 0 to 60 seconds, got {}", a.settle);
+    }
+    if let Some(c) = a.core {
+        crate::sys::check_core(c).context("--core")?;
+    }
     if a.profile == Profile::Vxlan && a.size != 0 && a.size < 110 {
         bail!("--profile vxlan needs --size 110 or more (outer and inner headers and the stamp)");
     }
@@ -441,7 +447,10 @@ pub(crate) fn run(a: &PktgenArgs) -> Result<()> {
     // refused, not sent).
     let io = p.tx.stats();
     t.refused += t.sent.saturating_sub(io.tx);
-    t.tx_bytes = (t.tx_bytes * io.tx.min(t.sent)).checked_div(t.sent).unwrap_or(0);
+    // (In u128: bytes times frames passes u64 on long runs.)
+    t.tx_bytes = (u128::from(t.tx_bytes) * u128::from(io.tx.min(t.sent)))
+        .checked_div(u128::from(t.sent))
+        .map_or(0, |b| u64::try_from(b).unwrap_or(u64::MAX));
     t.sent = io.tx.min(t.sent);
     // Keep counting what is still on its way.
     let settle = Instant::now();
@@ -476,4 +485,38 @@ pub(crate) fn run(a: &PktgenArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bounds checked before any port opens: a clear error, never a panic
+    /// after the run (a negative or infinite settle, a core past any cpu
+    /// set).
+    #[test]
+    fn bad_settle_and_core_are_refused_up_front() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: PktgenArgs,
+        }
+        use clap::Parser;
+        let args = |more: &[&str]| {
+            let base = ["x", "--iface", "g0", "--src-mac", "02:00:00:00:00:01", "--dst-mac", "02:00:00:00:00:02"];
+            let ips = ["--src-ip", "198.18.0.1", "--dst-ip", "198.18.0.2"];
+            Cli::try_parse_from([&base[..], &ips, more].concat()).expect("flags").a
+        };
+        check(&args(&[])).expect("the defaults are fine");
+        for (flags, says) in [
+            (&["--settle=-1"][..], "--settle"),
+            (&["--settle", "inf"], "--settle"),
+            (&["--settle", "NaN"], "--settle"),
+            (&["--core", "1024"], "core 1024 is not one this process may run on"),
+            (&["--core", "18446744073709551615"], "is not one this process may run on"),
+        ] {
+            let e = check(&args(flags)).expect_err(&format!("{flags:?} accepted"));
+            assert!(format!("{e:#}").contains(says), "{flags:?}: {e:#}");
+        }
+    }
 }

@@ -20,6 +20,16 @@ pub(crate) fn output(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Checks that core `c` is one this process may run on (its affinity
+/// mask; a thread pinned elsewhere would silently stay unpinned).
+pub(crate) fn check_core(c: usize) -> Result<()> {
+    let allowed: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
+    if !allowed.contains(&c) {
+        bail!("core {c} is not one this process may run on (it may run on {allowed:?})");
+    }
+    Ok(())
+}
+
 /// Runs `ip` with `args`.
 pub(crate) fn ip(args: &[&str]) -> Result<()> {
     run("ip", args)

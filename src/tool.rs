@@ -233,7 +233,7 @@ fn dns_header(r: &[u8]) -> String {
 /// `tool tcp-hold`: many connections open at once, then one request on
 /// each.
 fn tcp_hold(addr: &SocketAddr, conns: u32, hold_ms: u64, timeout: u64) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let deadline = Instant::now().checked_add(Duration::from_secs(timeout)).context("--timeout: too large")?;
     let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     let mut open = Vec::with_capacity(conns as usize);
     for i in 0..conns {

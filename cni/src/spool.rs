@@ -84,6 +84,18 @@ pub fn pending(socket: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Drops the DEL of `key` spooled for the node at `socket`, if there is
+/// one: an ADD of the same attachment came after it (the runtime ran the
+/// DEL first), so it must not detach what that ADD attaches. True if a
+/// file was removed.
+pub fn remove(socket: &Path, key: &Key) -> std::io::Result<bool> {
+    match std::fs::remove_file(spool_dir(socket).join(spool_name(key))) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// One spooled DEL's attachment.
 pub fn read(path: &Path) -> std::io::Result<Key> {
     let bytes = std::fs::read(path)?;

@@ -109,6 +109,10 @@ pub const DEFAULT_CERT_EXPIRY: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// The shortest certificate validity a cluster accepts.
 pub const MIN_CERT_EXPIRY: Duration = Duration::from_secs(60);
+/// The longest certificate validity: ten years (`cluster init
+/// --cert-expiry-hours` goes to 87 600). A CA's longer value (from the
+/// admin socket, or a `SetCa` written by hand) is cut to it where used.
+pub const MAX_CERT_EXPIRY: Duration = Duration::from_secs(87_600 * 3600);
 
 fn default_expiry_secs() -> u64 {
     DEFAULT_CERT_EXPIRY.as_secs()
@@ -323,13 +327,13 @@ impl ClusterCa {
 
     /// How long the certificates it issues are valid.
     pub fn cert_expiry(&self) -> Duration {
-        Duration::from_secs(self.cert_expiry_secs)
+        Duration::from_secs(self.cert_expiry_secs).clamp(MIN_CERT_EXPIRY, MAX_CERT_EXPIRY)
     }
 
-    /// A copy issuing certificates valid for `d` (at least
-    /// [`MIN_CERT_EXPIRY`]).
+    /// A copy issuing certificates valid for `d` (between
+    /// [`MIN_CERT_EXPIRY`] and [`MAX_CERT_EXPIRY`]).
     pub fn with_cert_expiry(&self, d: Duration) -> ClusterCa {
-        ClusterCa { cert_expiry_secs: d.max(MIN_CERT_EXPIRY).as_secs(), ..self.clone() }
+        ClusterCa { cert_expiry_secs: d.clamp(MIN_CERT_EXPIRY, MAX_CERT_EXPIRY).as_secs(), ..self.clone() }
     }
 
     /// A join's answer: the role `token` gives and a certificate for

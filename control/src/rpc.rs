@@ -600,6 +600,19 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, v: &T) 
     Ok(w.flush().await?)
 }
 
+/// What an accept loop does when `accept` fails (out of descriptors, or
+/// another passing failure): the connection waits in the backlog, the
+/// loop pauses 50 ms and goes on serving. It warns at most once every 10 s
+/// (`last_warn` holds when it last did) so a long exhaustion does not flood
+/// the log. Never a reason to stop listening.
+pub async fn accept_failed(what: &str, e: &std::io::Error, last_warn: &mut Option<std::time::Instant>) {
+    if last_warn.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10)) {
+        tracing::warn!("{what}: accept failed ({e}); still listening, retrying every 50 ms");
+        *last_warn = Some(std::time::Instant::now());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
 /// Reads one frame of at most `limit` bytes as a `T`; a longer one is
 /// refused from its length, before its body is read.
 pub async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(

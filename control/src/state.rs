@@ -11,7 +11,7 @@
 //! 30000–32767, MACs derived from addresses (02:42 + the IPv4 address).
 
 use crate::pki::ClusterCa;
-use core::net::{Ipv4Addr, SocketAddr};
+use core::net::{IpAddr, Ipv4Addr, SocketAddr};
 use meshplane_dataplane::lb::sched::Scheduler;
 use meshplane_dataplane::tables::Subnet;
 use meshplane_dataplane::tables::services::{MeshMode, Proto};
@@ -580,6 +580,44 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// True for a command only the cluster writes: its CA and join
+    /// secrets, the data-path port (at init), the gossip keys. The admin
+    /// API's raw `Write` refuses them.
+    pub fn internal(&self) -> bool {
+        matches!(
+            self,
+            Command::SetCa(_)
+                | Command::SetDataPathPort { .. }
+                | Command::RotateGossipKey { .. }
+                | Command::RetireGossipKey { .. }
+        )
+    }
+
+    /// The command's name, as in its JSON.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::AddNode(_) => "AddNode",
+            Command::RemoveNode { .. } => "RemoveNode",
+            Command::SetRole { .. } => "SetRole",
+            Command::SetAvailability { .. } => "SetAvailability",
+            Command::CreateNetwork { .. } => "CreateNetwork",
+            Command::RemoveNetwork { .. } => "RemoveNetwork",
+            Command::CreateService { .. } => "CreateService",
+            Command::UpdateService { .. } => "UpdateService",
+            Command::RemoveService { .. } => "RemoveService",
+            Command::AttachTask { .. } => "AttachTask",
+            Command::SetWeight { .. } => "SetWeight",
+            Command::DetachTask { .. } => "DetachTask",
+            Command::SetTaskHealth { .. } => "SetTaskHealth",
+            Command::SetCa(_) => "SetCa",
+            Command::SetDataPathPort { .. } => "SetDataPathPort",
+            Command::RotateGossipKey { .. } => "RotateGossipKey",
+            Command::RetireGossipKey { .. } => "RetireGossipKey",
+        }
+    }
+}
+
 /// What a [`StateError`] names: a node, a network, a service or a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -733,6 +771,51 @@ pub enum StateError {
         network: String,
         /// A service on it.
         service: String,
+    },
+    /// A subnet in an address range a network cannot use.
+    #[error("subnet {subnet} overlaps {range} ({what}): a network cannot use it")]
+    SubnetReserved {
+        /// The requested subnet.
+        subnet: Subnet,
+        /// The range it overlaps.
+        range: Subnet,
+        /// What the range is for.
+        what: String,
+    },
+    /// A network's subnet and a node's data address, one inside the other.
+    #[error(
+        "subnet {subnet} holds node {node:?}'s data address {ip}: a node's underlay cannot be inside an overlay network"
+    )]
+    SubnetHoldsNode {
+        /// The network's subnet.
+        subnet: Subnet,
+        /// The node.
+        node: String,
+        /// Its data address.
+        ip: Ipv4Addr,
+    },
+    /// Two nodes with the same management address (gossip tells nodes
+    /// apart by it).
+    #[error("management address {ip} is node {other:?}'s")]
+    MgmtAddressTaken {
+        /// The address.
+        ip: IpAddr,
+        /// The node that has it.
+        other: String,
+    },
+    /// A task id a node keeps for its own ports.
+    #[error("task name {0:?} is reserved (\"uplink\" and names starting with \"mp-\" are the node's own ports)")]
+    ReservedTaskName(String),
+    /// A task id that is a service's name (DNS answers services first).
+    #[error("task name {0:?} is a service's name")]
+    TaskNamedAsService(String),
+    /// A published port the cluster itself uses.
+    #[error("port {port} is the cluster's {what} port: it cannot be published")]
+    PortReserved {
+        /// The port.
+        port: u16,
+        /// Management, gossip or data path.
+        what: String,
     },
     /// Two nodes with the same data address.
     #[error("data address {ip} is node {other:?}'s")]
@@ -1011,6 +1094,16 @@ fn hosts(s: Subnet) -> core::ops::RangeInclusive<u32> {
     base + 1..=(u64::from(base) + size - 2) as u32
 }
 
+/// Address ranges no network may overlap: they are not unicast host
+/// addresses, or (link-local) a node's own links use them (the host
+/// link's default 169.254.77.0/30).
+const RESERVED_RANGES: [(Subnet, &str); 4] = [
+    (Subnet { addr: Ipv4Addr::new(0, 0, 0, 0), prefix: 8 }, "\"this network\""),
+    (Subnet { addr: Ipv4Addr::new(127, 0, 0, 0), prefix: 8 }, "loopback"),
+    (Subnet { addr: Ipv4Addr::new(169, 254, 0, 0), prefix: 16 }, "link-local, the nodes' host links"),
+    (Subnet { addr: Ipv4Addr::new(224, 0, 0, 0), prefix: 3 }, "multicast and reserved"),
+];
+
 fn overlaps(a: Subnet, b: Subnet) -> bool {
     a.contains(b.addr) || b.contains(a.addr)
 }
@@ -1135,6 +1228,12 @@ impl ClusterState {
         if let Some(other) = self.nodes.values().find(|o| o.data_ip == n.data_ip && o.id != n.id) {
             return Err(StateError::DataAddressTaken { ip: n.data_ip, other: other.id.clone() });
         }
+        if let Some(other) = self.nodes.values().find(|o| o.mgmt.ip() == n.mgmt.ip() && o.id != n.id) {
+            return Err(StateError::MgmtAddressTaken { ip: n.mgmt.ip(), other: other.id.clone() });
+        }
+        if let Some(nw) = self.networks.values().find(|nw| nw.subnet.contains(n.data_ip)) {
+            return Err(StateError::SubnetHoldsNode { subnet: nw.subnet, node: n.id.clone(), ip: n.data_ip });
+        }
         // Refused rather than joined with a blackhole: every network's
         // packets must fit this node's underlay inside VXLAN.
         if n.underlay_mtu < MIN_UNDERLAY_MTU {
@@ -1195,6 +1294,12 @@ impl ClusterState {
         }
         if let Some(o) = self.networks.values().find(|o| overlaps(o.subnet, subnet)) {
             return Err(E::SubnetOverlap { subnet, other: o.name.clone(), other_subnet: o.subnet });
+        }
+        if let Some(&(range, what)) = RESERVED_RANGES.iter().find(|(r, _)| overlaps(*r, subnet)) {
+            return Err(E::SubnetReserved { subnet, range, what: what.to_owned() });
+        }
+        if let Some(n) = self.nodes.values().find(|n| subnet.contains(n.data_ip)) {
+            return Err(E::SubnetHoldsNode { subnet, node: n.id.clone(), ip: n.data_ip });
         }
         let h = hosts(subnet);
         let gw = gateway.unwrap_or(Ipv4Addr::from(*h.end()));
@@ -1367,6 +1472,12 @@ impl ClusterState {
         container: Option<ContainerRef>,
     ) -> Result<(), StateError> {
         check_name(Kind::Task, id)?;
+        if id == "uplink" || id.starts_with("mp-") {
+            return Err(StateError::ReservedTaskName(id.to_owned()));
+        }
+        if self.services.contains_key(id) {
+            return Err(StateError::TaskNamedAsService(id.to_owned()));
+        }
         let netns = netns.map(|n| TaskNetns::parse(&n).map(|t| t.to_string())).transpose()?;
         if self.tasks.contains_key(id) {
             return Err(StateError::Exists { kind: Kind::Task, name: id.to_owned() });
@@ -1446,6 +1557,9 @@ impl ClusterState {
         };
         let port = match req.port {
             Some(p) => {
+                if let Some(what) = self.cluster_port(p) {
+                    return Err(StateError::PortReserved { port: p, what: what.to_owned() });
+                }
                 if let Some(by) = taken(p) {
                     return Err(StateError::PortTaken { port: p, protocol, by });
                 }
@@ -1454,6 +1568,20 @@ impl ClusterState {
             None => PUBLISHED_RANGE.clone().find(|&p| taken(p).is_none()).ok_or(StateError::PortsExhausted)?,
         };
         Ok(Published { port, mode: req.mode })
+    }
+
+    /// What the cluster itself uses port `p` for on the nodes' addresses
+    /// (a published port there would take its traffic), if anything.
+    fn cluster_port(&self, p: u16) -> Option<&'static str> {
+        if p == self.data_path_port {
+            Some("data-path (VXLAN)")
+        } else if p == crate::GOSSIP_PORT {
+            Some("gossip")
+        } else if p == crate::MANAGEMENT_PORT || self.nodes.values().any(|n| n.mgmt.port() == p) {
+            Some("management")
+        } else {
+            None
+        }
     }
 
     /// Every address of `network` in use: gateway, VIPs, tasks, node addresses.

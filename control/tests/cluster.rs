@@ -354,8 +354,18 @@ fn a_cluster_of_control_planes() {
     // Still in the desired state: only liveness took it out.
     assert!(n1.control.state().0.tasks.contains_key("web.3"));
 
-    // It comes back from its state directory: the task returns.
+    // It comes back from its state directory, with another MAC and a
+    // jumbo underlay: the task returns, and its entry in the state follows
+    // what it has now.
+    let cfg3 = Config { data_mac: "02:00:00:00:00:33".parse().unwrap(), underlay_mtu: 9000, ..cfg3 };
     let n3 = start(cfg3);
+    wait_for("node3's entry updated", 15, || {
+        n1.control.state().0.nodes.get("node3").is_some_and(|n| {
+            n.underlay_mtu == 9000
+                && n.data_mac.to_string() == "02:00:00:00:00:33"
+                && n.role == meshplane_control::state::Role::Worker
+        })
+    });
     wait_for("node3's task back on node1 and node2", 15, || {
         n1.backends("web").contains(&task3) && n2.backends("web").contains(&task3)
     });
@@ -437,6 +447,12 @@ fn the_admin_socket_answers_bad_requests_with_errors() {
         let mut b = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut b)).await;
     });
+    // A command only the cluster writes (keys, CA, data-path port):
+    // refused through the raw Write, whatever the node's role.
+    for command in [Command::RetireGossipKey { id: 1 }, Command::SetDataPathPort { port: 4790 }] {
+        let e = n.admin(AdminRequest::Write { command }).unwrap_err();
+        assert!(e.contains("is written by the cluster itself"), "{e}");
+    }
     // Still answering.
     let info = n.admin(AdminRequest::Info).unwrap();
     assert_eq!(info["node"], "node9");

@@ -618,6 +618,21 @@ fn del(c: &Cluster) {
     assert_eq!(c.m.settled(), version, "a DEL of nothing wrote");
     assert!(c.w.dp.take_calls().is_empty());
     assert_eq!(c.w.cni_stats().dels, before.dels + 3);
+
+    // A DEL spooled while the node was away, then an ADD of the same
+    // attachment (a restarted container): the ADD drops it, so the
+    // reaper's next pass cannot detach the new task.
+    let socket = c.w.cfg.state_dir.join("admin.sock");
+    let k = key("c9");
+    let spooled = meshplane_cni::spool::write(&socket, &k).unwrap().expect("spooled");
+    let other = meshplane_cni::spool::write(&socket, &key("c10")).unwrap().expect("spooled");
+    added(c.w.cni(add(k.clone(), "/run/netns/mp-ctl-c9")));
+    assert!(!spooled.exists(), "the ADD left the DEL before it spooled");
+    assert!(other.exists(), "another attachment's DEL stays");
+    assert_eq!(c.w.cni(CniRequest::Del(key("c10"))), Ok(CniAnswer::Done));
+    std::fs::remove_file(&other).unwrap();
+    assert_eq!(c.w.cni(CniRequest::Del(k)), Ok(CniAnswer::Done));
+    c.w.dp.take_calls();
 }
 
 /// GC on the worker: its tasks of the network that the runtime does not

@@ -756,3 +756,69 @@ fn a_task_that_is_starting_or_unhealthy_is_no_backend_and_no_answer_but_keeps_it
     assert_eq!(serving(&s, &s.tasks["web.2"], &all), Serving::No);
     assert_eq!(serving(&s, &s.tasks["web.1"], &|n: &str| n != "node1"), Serving::No);
 }
+
+/// What a command that reached the state from outside cannot do to a
+/// node: take its underlay or its own ports' names, its management,
+/// gossip or data-path ports, or its gossip identity. Each refusal leaves
+/// the state as it was.
+#[test]
+fn commands_that_would_cut_a_node_off_are_refused() {
+    let base = cluster();
+    let refused = |c: Command, want: &str| {
+        let mut s = base.clone();
+        let e = s.apply(&c).expect_err(&format!("{c:?} was accepted"));
+        assert!(e.to_string().contains(want), "{c:?}: {e}");
+        assert_eq!(s, base, "{c:?} changed the state");
+    };
+    // Networks over special ranges (169.254/16 holds the host links) or
+    // over a node's data address.
+    refused(network("ll", "169.254.0.0/16"), "link-local");
+    refused(network("lo", "127.0.0.0/24"), "loopback");
+    refused(network("mc", "239.1.0.0/16"), "multicast");
+    refused(network("zero", "0.0.0.0/8"), "this network");
+    refused(network("under", "198.18.0.0/24"), "holds node \"node1\"'s data address 198.18.0.1");
+    // A node whose data address is inside a network; one whose management
+    // address is another node's.
+    let Command::AddNode(mut n3) = node(3) else { unreachable!() };
+    n3.data_ip = Ipv4Addr::new(198, 19, 0, 77);
+    refused(Command::AddNode(n3), "holds node \"node3\"'s data address 198.19.0.77");
+    let Command::AddNode(mut n3) = node(3) else { unreachable!() };
+    n3.mgmt = "198.18.1.2:2378".parse().unwrap();
+    refused(Command::AddNode(n3), "management address 198.18.1.2 is node \"node2\"'s");
+    // Task names that are a node's own ports, or a service's name.
+    refused(task("uplink", "web", "node1"), "reserved");
+    refused(task("mp-host", "web", "node1"), "reserved");
+    refused(task("web", "web", "node1"), "is a service's name");
+    // Published ports the cluster uses, on create and on update.
+    for (port, what) in [(2377, "management"), (7946, "gossip"), (4789, "data-path")] {
+        refused(service("x", None, &[(Some(port), MeshMode::Nat)]), what);
+        let add = PublishRequest { port: Some(port), mode: MeshMode::Nat };
+        refused(
+            Command::UpdateService {
+                name: "web".into(),
+                scheduler: None,
+                publish_add: vec![add],
+                publish_rm: vec![],
+                health: HealthUpdate::default(),
+            },
+            what,
+        );
+    }
+    // Still fine: a neighbour of each.
+    let mut s = base.clone();
+    s.apply(&network("near", "169.253.0.0/16")).unwrap();
+    s.apply(&task("web.3", "web", "node1")).unwrap();
+    s.apply(&service("x", None, &[(Some(2378), MeshMode::Nat)])).unwrap();
+}
+
+#[test]
+fn internal_commands_are_named_and_marked() {
+    assert!(Command::RetireGossipKey { id: 1 }.internal());
+    assert!(Command::SetDataPathPort { port: 4790 }.internal());
+    assert!(!task("web.3", "web", "node1").internal());
+    assert_eq!(Command::RetireGossipKey { id: 1 }.kind(), "RetireGossipKey");
+    assert_eq!(node(1).kind(), "AddNode");
+    // The name is the command's JSON tag.
+    let json = serde_json::to_value(Command::RetireGossipKey { id: 1 }).unwrap();
+    assert!(json.get("RetireGossipKey").is_some(), "{json}");
+}

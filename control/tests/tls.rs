@@ -33,6 +33,27 @@ fn tokens_are_checked() {
     assert_eq!(ca.check(&m), Ok(JoinRole::Manager), "the other role's token still does");
 }
 
+/// A certificate lifetime past any calendar (from the admin socket's
+/// `Init`, or a `SetCa` in the log) is cut to ten years: signing works,
+/// nothing panics.
+#[test]
+fn a_huge_certificate_lifetime_is_cut_to_ten_years() {
+    use meshplane_control::pki::{MAX_CERT_EXPIRY, Peer, csr, new_key};
+    let ca = ClusterCa::init().unwrap();
+    let huge = ca.with_cert_expiry(Duration::from_secs(u64::MAX));
+    assert_eq!(huge.cert_expiry(), MAX_CERT_EXPIRY);
+    // As a `SetCa` could carry it: the field itself at u64::MAX.
+    let mut v = serde_json::to_value(&ca).unwrap();
+    v["cert_expiry_secs"] = serde_json::json!(u64::MAX);
+    let raw: ClusterCa = serde_json::from_value(v).unwrap();
+    assert_eq!(raw.cert_expiry(), MAX_CERT_EXPIRY);
+    let key = new_key().unwrap();
+    let cert = raw.sign(&csr(&key, "node9").unwrap(), "node9", JoinRole::Worker).unwrap();
+    let p = Peer::from_cert(&cert).unwrap();
+    let life = p.not_after - p.not_before;
+    assert!((MAX_CERT_EXPIRY.as_secs() as i64..MAX_CERT_EXPIRY.as_secs() as i64 + 3600).contains(&life), "{life}");
+}
+
 struct Manager {
     id: NodeId,
     ident: NodeIdentity,

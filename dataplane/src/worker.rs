@@ -442,8 +442,14 @@ impl Worker {
     /// published).
     pub fn run(mut self) -> Result<Report, WorkerError> {
         if let Some(core) = self.cfg.core {
-            // Best effort: an absent core leaves the thread unpinned.
-            let _ = core_affinity::set_for_current(core_affinity::CoreId { id: core });
+            // Best effort: an absent core leaves the thread unpinned. (A
+            // cpu_set_t holds cores below 1024; the crate indexes it
+            // unchecked, so a larger one is not passed on.)
+            if core < 1024 {
+                let _ = core_affinity::set_for_current(core_affinity::CoreId { id: core });
+            } else {
+                tracing::warn!("worker {}: core {core} is past any cpu set; not pinned", self.index);
+            }
         }
         if let Some(nice) = self.cfg.nice {
             set_thread_nice(self.index, nice);

@@ -91,7 +91,8 @@ impl View {
             v.names.insert(name, answer);
         }
         for t in &z.tasks {
-            v.names.insert(t.name.to_ascii_lowercase(), vec![t.ip]);
+            // A service's names win over a task's of the same name.
+            v.names.entry(t.name.to_ascii_lowercase()).or_insert_with(|| vec![t.ip]);
             v.reverse.insert(t.ip, format!("{}.{}.", t.name, z.name));
         }
         v
@@ -202,6 +203,16 @@ mod tests {
         assert_eq!(v.lookup("web", Kind::Other), Lookup::NoData, "AAAA of a service: NODATA, never forwarded");
         assert_eq!(v.lookup("example.org", Kind::A), Lookup::NotOurs);
         assert_eq!(v.lookup("web.other", Kind::A), Lookup::NotOurs, "another network's suffix");
+    }
+
+    #[test]
+    fn a_task_named_as_a_service_does_not_take_its_names() {
+        let mut z = zone();
+        z.tasks.push(TaskRec { name: "web".into(), service: "db".into(), ip: ip(20), serving: true });
+        z.tasks.push(TaskRec { name: "tasks.web".into(), service: "db".into(), ip: ip(21), serving: true });
+        let v = View::build(&z);
+        assert_eq!(v.lookup("web", Kind::A), Lookup::A(vec![ip(2)]), "still the VIP");
+        assert_eq!(v.lookup("tasks.web", Kind::A), Lookup::A(vec![ip(5), ip(6)]), "still web's tasks");
     }
 
     #[test]

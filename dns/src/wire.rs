@@ -174,18 +174,35 @@ pub fn servfail(req: &Request) -> Vec<u8> {
 
 /// `m` encoded within `limit` bytes: additional records dropped first
 /// (an SRV answer's addresses), then answers from the end, with TC set,
-/// until it fits.
-fn encode(mut m: Message, limit: usize) -> Vec<u8> {
-    loop {
-        let out = m.to_vec().unwrap_or_default();
-        if out.len() <= limit || (m.answers.is_empty() && m.additionals.is_empty()) {
-            return out;
-        }
-        if m.additionals.pop().is_none() {
-            m.answers.pop();
-        }
-        m.metadata.truncation = true;
+/// until it fits. What is kept is a prefix of the answers followed by the
+/// additionals; the longest that fits is found by bisection, so a service
+/// of thousands of tasks costs a few encodings, not one per record
+/// dropped (which a task asking for `tasks.SVC` could turn into seconds
+/// of the node's DNS thread).
+fn encode(m: Message, limit: usize) -> Vec<u8> {
+    let out = m.to_vec().unwrap_or_default();
+    let (answers, total) = (m.answers.len(), m.answers.len() + m.additionals.len());
+    if out.len() <= limit || total == 0 {
+        return out;
     }
+    let keep = |k: usize| {
+        let mut t = m.clone();
+        t.metadata.truncation = true;
+        t.answers.truncate(k.min(answers));
+        t.additionals.truncate(k.saturating_sub(answers));
+        t.to_vec().unwrap_or_default()
+    };
+    // keep(lo) fits (or lo is 0); keep(hi) does not.
+    let (mut lo, mut hi) = (0, total);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if keep(mid).len() <= limit {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    keep(lo)
 }
 
 /// Fisher-Yates with a xorshift generator seeded by `seed`.
@@ -317,6 +334,25 @@ mod tests {
         let Parsed::Query(tcp) = parse(&query("db.", RecordType::A, false), true) else { panic!() };
         let m = Message::from_vec(&answer(&tcp, &Lookup::A(ips), 3)).unwrap();
         assert!(!m.metadata.truncation && m.answers.len() == 100, "TCP carries them all");
+    }
+
+    /// Twenty thousand tasks over UDP: as many as fit, no fewer (one more
+    /// would not fit). Over TCP hickory's encoder itself stops at 64 KiB:
+    /// a whole message of as many records as that holds.
+    #[test]
+    fn a_huge_answer_keeps_the_longest_prefix_that_fits() {
+        let ips: Vec<Ipv4Addr> = (0..20_000u32).map(|i| Ipv4Addr::from(0xc613_0000 + i)).collect();
+        let Parsed::Query(req) = parse(&query("tasks.big.", RecordType::A, false), false) else { panic!() };
+        let out = answer(&req, &Lookup::A(ips.clone()), 5);
+        let m = Message::from_vec(&out).unwrap();
+        assert!(out.len() <= 512 && m.metadata.truncation && !m.answers.is_empty(), "{} bytes", out.len());
+        let mut more = m.clone();
+        more.add_answer(m.answers[0].clone());
+        assert!(more.to_vec().unwrap().len() > 512, "{} records kept, one more fits", m.answers.len());
+        let Parsed::Query(tcp) = parse(&query("tasks.big.", RecordType::A, false), true) else { panic!() };
+        let out = answer(&tcp, &Lookup::A(ips), 5);
+        let m = Message::from_vec(&out).unwrap();
+        assert!(out.len() <= 65_535 && m.answers.len() > 2_000, "{} bytes, {} records", out.len(), m.answers.len());
     }
 
     #[test]

@@ -172,7 +172,7 @@ pub(crate) struct RunArgs {
     pub(crate) xdp_generic: bool,
     /// AF_XDP: entries of each ring (fill, completion, rx, tx); a power of
     /// two.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(64..=65536))]
     pub(crate) xdp_ring: u32,
     /// AF_XDP: UMEM frames (2 KiB each) per socket; at least twice the
     /// ring.

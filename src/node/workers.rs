@@ -63,6 +63,9 @@ pub(crate) fn worker_cores(a: &RunArgs) -> Result<Vec<Option<usize>>> {
     if cores.len() > 64 {
         bail!("at most 64 workers");
     }
+    for &c in &a.cores {
+        crate::sys::check_core(c).context("--cores")?;
+    }
     // Checked here, with the other worker settings, before any port opens.
     if !(MIN_CONNTRACK..=MAX_CONNTRACK).contains(&a.conntrack) {
         bail!(

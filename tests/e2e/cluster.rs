@@ -82,6 +82,45 @@ impl Drop for LabGuard {
     }
 }
 
+/// Node `n`'s descriptor limit lowered to what it holds plus a few,
+/// connections to its admin socket held open until its accepts fail and
+/// then let go, the limit put back: the CLI is answered again at once.
+fn admin_socket_outlives_running_out_of_descriptors(g: &LabGuard, n: u8) {
+    let pids = std::fs::read_to_string(g.0.join("pids")).expect("the lab's pid list");
+    let log = format!("node{n}.log");
+    let pid = pids
+        .lines()
+        .rfind(|l| l.split_whitespace().nth(1) == Some(log.as_str()))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("node's pid")
+        .to_owned();
+    let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .expect("Max open files")
+        .to_owned();
+    let set_soft = |v: &str| {
+        let o = Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={v}:")]).output().expect("prlimit");
+        assert!(o.status.success(), "prlimit: {}", text(&o.stderr));
+    };
+    let cap = open() + 8;
+    set_soft(&cap.to_string());
+    let socket = g.0.join(format!("node{n}")).join("admin.sock");
+    let held: Vec<_> = (0..32).filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok()).collect();
+    assert!(held.len() >= 8, "only {} connections", held.len());
+    wait("node's descriptors at its limit", 5, || open() >= cap);
+    // Accepts fail for a while (retried every 50 ms).
+    std::thread::sleep(Duration::from_millis(500));
+    drop(held);
+    set_soft(&soft);
+    wait("the admin socket answering again", 5, || g.cli(n, &["node", "ls"]).status.success());
+    let log = std::fs::read_to_string(g.0.join(&log)).unwrap_or_default();
+    assert!(log.contains("admin socket: accept failed"), "no accept failed: the limit was not reached?");
+}
+
 pub(crate) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -214,6 +253,10 @@ pub(crate) fn cluster_on_the_lab(io: &str) {
     let ls = g.cli_ok(1, &["service", "ls"]);
     assert!(ls.lines().any(|l| l.starts_with("db ") && l.contains("dnsrr")), "{ls}");
     g.cli_ok(1, &["service", "rm", "db"]);
+
+    // Out of descriptors: node2's admin socket keeps listening through it
+    // (it used to stop accepting for good at the first failed accept).
+    admin_socket_outlives_running_out_of_descriptors(&g, 2);
 
     // node3 crashes: its task leaves node1's and node2's balancers within
     // seconds, every request is still answered, by the others.

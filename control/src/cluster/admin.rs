@@ -49,6 +49,12 @@ impl Control {
                 Ok(serde_json::json!({ "key_id": id }))
             }
             AdminRequest::Write { command } => {
+                if command.internal() {
+                    return Err(ApiError::BadRequest(format!(
+                        "{} is written by the cluster itself (cluster init, join, token --rotate, rotate-gossip-key), not through the admin API",
+                        command.kind()
+                    )));
+                }
                 self.require_manager_or_itself(&command)?;
                 self.write(command).await.map(|()| serde_json::Value::Null)
             }
@@ -169,7 +175,15 @@ impl Control {
         let l = tokio::net::UnixListener::bind(&path).map_err(socket_err)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(socket_err)?;
         tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
+            let mut last_warn = None;
+            loop {
+                let mut s = match l.accept().await {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        crate::rpc::accept_failed("admin socket", &e, &mut last_warn).await;
+                        continue;
+                    }
+                };
                 let me = self.clone();
                 tokio::spawn(async move {
                     // A frame that is not a request gets an answer saying so.

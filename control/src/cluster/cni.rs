@@ -154,6 +154,13 @@ impl Control {
             name: a.name.clone(),
         };
         cref.check().map_err(state_failure)?;
+        // A DEL of this attachment spooled before this ADD is done with:
+        // the reaper must not detach what this ADD attaches.
+        match meshplane_cni::spool::remove(&self.admin_socket(), &a.key) {
+            Ok(true) => tracing::info!("cni add {}: the DEL spooled before it dropped", a.key),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cni add {}: dropping its spooled DEL: {e}", a.key),
+        }
         // The same attachment again: the same task if it is in the same
         // namespace (nothing written); a reused container id in another
         // namespace replaces it.

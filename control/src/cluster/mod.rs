@@ -36,7 +36,7 @@ use crate::compile::{compile, zone};
 use crate::pki::{NodeIdentity, Peer};
 use crate::raft::{NodeId, Raft, StateMachine, answer_if_running};
 use crate::rpc::{GossipStats, Refusal, Request, Response};
-use crate::state::{Availability, ClusterState, Node, Role};
+use crate::state::{Availability, ClusterState, Command, Node, Role};
 use crate::tls::{Creds, Handler, Server, TlsNetwork, serve_with};
 use core::net::{Ipv4Addr, SocketAddr};
 use meshplane_cni::failure::Failure;
@@ -361,7 +361,65 @@ impl Control {
         });
         let server = serve_with(listener, creds, handler).map_err(|e| ApiError::Tls(e.to_string()))?;
         self.lock()._server = Some(server);
+        tokio::spawn(self.clone().refresh_own_entry());
         Ok(())
+    }
+
+    /// A node started again with other addresses or another underlay MTU
+    /// than its entry in the state has: the entry is written anew
+    /// (`AddNode`, role, availability and key kept), so every node's
+    /// tables use what it has now, and a change the cluster cannot take
+    /// (an address another node has, an MTU below a network's) is said in
+    /// the log. Ends once the entry matches (at once if nothing changed).
+    async fn refresh_own_entry(self: Arc<Self>) {
+        let mut refusal_said = false;
+        loop {
+            let current = self.lock().state.nodes.get(&self.cfg.name).cloned();
+            let Some(current) = current else {
+                // Not in the state this node has yet (a worker not synced).
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            };
+            let now = Node {
+                mgmt: self.cfg.advertise,
+                data_ip: self.cfg.data_ip,
+                data_mac: self.cfg.data_mac,
+                underlay_mtu: self.cfg.underlay_mtu,
+                ..current.clone()
+            };
+            if now == current {
+                return;
+            }
+            match self.write(Command::AddNode(now.clone())).await {
+                Ok(()) => {
+                    tracing::info!(
+                        "this node's entry updated: management {}, data {} ({}), underlay MTU {} (was {}, {} ({}), {})",
+                        now.mgmt,
+                        now.data_ip,
+                        now.data_mac,
+                        now.underlay_mtu,
+                        current.mgmt,
+                        current.data_ip,
+                        current.data_mac,
+                        current.underlay_mtu
+                    );
+                    return;
+                }
+                Err(ApiError::State(e)) => {
+                    if !refusal_said {
+                        tracing::error!(
+                            "this node started with other addresses or MTU than the cluster has for it, and the cluster refuses them: {e}; the cluster keeps the old ones"
+                        );
+                        refusal_said = true;
+                    }
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                Err(e) => {
+                    tracing::debug!("updating this node's entry: {e}; retried");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        }
     }
 
     /// Starts Raft on this node (a manager) from its directory.

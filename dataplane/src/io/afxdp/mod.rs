@@ -606,7 +606,8 @@ impl AfXdpPort {
             .frame_headroom(HEADROOM as u32)
             .build()
             .map_err(|e| cerr(format!("UMEM config: {e}")))?;
-        let frames = NonZeroU32::new(cfg.frames.max(2 * cfg.ring)).ok_or_else(|| cerr("no UMEM frames".into()))?;
+        let frames =
+            NonZeroU32::new(cfg.frames.max(cfg.ring.saturating_mul(2))).ok_or_else(|| cerr("no UMEM frames".into()))?;
         let (umem, free) = Umem::new(umem_cfg, frames, false).map_err(|e| IoError::Setup {
             port: iface.to_owned(),
             what: "creating the UMEM",
