@@ -804,7 +804,7 @@ pub enum StateError {
         other: String,
     },
     /// A task id a node keeps for its own ports.
-    #[error("task name {0:?} is reserved (\"uplink\" and names starting with \"mp-\" are the node's own ports)")]
+    #[error("task name {0:?} is reserved (\"uplink\" and \"mp-host\" are a node's own ports)")]
     ReservedTaskName(String),
     /// A task id that is a service's name (DNS answers services first).
     #[error("task name {0:?} is a service's name")]
@@ -1472,7 +1472,7 @@ impl ClusterState {
         container: Option<ContainerRef>,
     ) -> Result<(), StateError> {
         check_name(Kind::Task, id)?;
-        if id == "uplink" || id.starts_with("mp-") {
+        if id == "uplink" || id == meshplane_dataplane::tables::egress::DEFAULT_HOST_PORT {
             return Err(StateError::ReservedTaskName(id.to_owned()));
         }
         if self.services.contains_key(id) {

@@ -788,6 +788,7 @@ fn commands_that_would_cut_a_node_off_are_refused() {
     // Task names that are a node's own ports, or a service's name.
     refused(task("uplink", "web", "node1"), "reserved");
     refused(task("mp-host", "web", "node1"), "reserved");
+    assert!(base.clone().apply(&task("mp-hosts", "web", "node1")).is_ok(), "only the names themselves");
     refused(task("web", "web", "node1"), "is a service's name");
     // Published ports the cluster uses, on create and on update.
     for (port, what) in [(2377, "management"), (7946, "gossip"), (4789, "data-path")] {
