@@ -322,6 +322,10 @@ drop_reasons! {
     /// A packet whose TTL ran out at the gateway that gets no
     /// time-exceeded (an ICMP error about an ICMP error, the rate limit).
     TtlExceeded = "ttl_exceeded",
+    /// Egress: a task addressing a network's DNS listener on the host link
+    /// directly (its own network's DNS is its gateway's port 53; another
+    /// network's would leak that network's names and take its share).
+    EgressToDns = "egress_to_dns",
 }
 
 /// Packet and byte counters of one port.

@@ -459,6 +459,26 @@ fn dns_queries_go_to_their_networks_port_on_the_host_link_and_answers_come_from_
     }
 }
 
+/// A network's DNS listener on the host link is reached through the
+/// gateway's port 53 only: addressed directly (its own network's port or
+/// another's), refused and counted; another port there still goes.
+#[test]
+fn a_task_cannot_address_a_dns_listener_directly() {
+    let t = dns_tables(false);
+    let mut st = WorkerState::for_tables(&t);
+    for dport in [25300, 25301] {
+        let direct = [
+            udp(T1_MAC, GW_MAC, T1, KERNEL, 64, 41000, dport),
+            tcp(T1_MAC, GW_MAC, T1, KERNEL, 64, 41000, dport, true),
+        ];
+        for f in direct {
+            assert_eq!(run(&t, &mut st, TASK1, &f, 0).0, Verdict::Drop(D::EgressToDns), "port {dport}");
+        }
+    }
+    let other = tcp(T1_MAC, GW_MAC, T1, KERNEL, 64, 41001, 8080, true);
+    assert_eq!(run(&t, &mut st, TASK1, &other, 0).0, Verdict::Tx(HOST_PORT));
+}
+
 #[test]
 fn dns_over_tcp_follows_the_connection() {
     let t = dns_tables(false);

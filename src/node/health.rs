@@ -99,6 +99,26 @@ pub(crate) enum HealthError {
     Status(u16),
 }
 
+impl HealthError {
+    /// True if the node, not the task, is short (descriptors, memory, the
+    /// namespace thread): such a probe says nothing about the task and is
+    /// not counted against it.
+    pub(crate) fn node_short(&self) -> bool {
+        use nix::errno::Errno;
+        let short = |e: Option<i32>| {
+            e.is_some_and(|n| {
+                [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM].contains(&Errno::from_raw(n))
+            })
+        };
+        match self {
+            HealthError::OpenNetns { source, .. } | HealthError::Socket(source) => short(source.raw_os_error()),
+            HealthError::EnterNetns { source, .. } | HealthError::ReturnNetns(source) => short(Some(*source as i32)),
+            HealthError::NsThread(_) => true,
+            _ => false,
+        }
+    }
+}
+
 /// One task's check, as the state has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Target {
@@ -349,9 +369,23 @@ async fn probe_loop(t: Target, sh: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(t.check.interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let c = &sh.counters;
+    let mut short_said = false;
     loop {
         tick.tick().await;
         let r = probe(&t, &sh.sockets).await;
+        if let Err(e) = &r
+            && e.node_short()
+        {
+            if !short_said {
+                tracing::warn!(
+                    "task {}: health probe not made ({e}): the node is short, not the task; not counted",
+                    t.task
+                );
+                short_said = true;
+            }
+            continue;
+        }
+        short_said = false;
         Counters::add(&c.checks);
         if let Err(e) = &r {
             Counters::add(&c.failures);
@@ -521,6 +555,19 @@ mod tests {
     use super::*;
     use meshplane_control::state::{Command, HealthUpdate, StateError};
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn a_node_short_of_descriptors_is_not_the_tasks_failure() {
+        let io = |n: i32| std::io::Error::from_raw_os_error(n);
+        assert!(HealthError::Socket(io(nix::libc::EMFILE)).node_short());
+        assert!(HealthError::OpenNetns { path: "/proc/1/ns/net".into(), source: io(nix::libc::ENFILE) }.node_short());
+        assert!(HealthError::ReturnNetns(nix::errno::Errno::ENOMEM).node_short());
+        assert!(HealthError::NsThread("gone".into()).node_short());
+        assert!(!HealthError::OpenNetns { path: "/proc/1/ns/net".into(), source: io(nix::libc::ENOENT) }.node_short());
+        let addr = "198.19.0.1:80".parse().unwrap();
+        assert!(!HealthError::Connect { addr, source: io(nix::libc::ECONNREFUSED) }.node_short());
+        assert!(!HealthError::Timeout(500).node_short());
+    }
 
     fn check(probe: Probe, interval_ms: u64, retries: u32, start_period_ms: u64) -> HealthCheck {
         HealthCheck { probe, interval_ms, timeout_ms: interval_ms / 2, retries, start_period_ms }

@@ -96,12 +96,12 @@ fn admin_socket_outlives_running_out_of_descriptors(g: &LabGuard, n: u8) {
         .to_owned();
     let open = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
-    let soft = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .expect("Max open files")
-        .to_owned();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("Max open files");
+    let (soft, hard) = (line.split_whitespace().nth(3).expect("soft"), line.split_whitespace().nth(4).expect("hard"));
+    // The node raised its soft limit to the hard one (at most 2^20).
+    let hard_n: u64 = hard.parse().unwrap_or(u64::MAX);
+    assert_eq!(soft.parse::<u64>().ok(), Some(hard_n.min(1 << 20)), "{line}");
+    let soft = soft.to_owned();
     let set_soft = |v: &str| {
         let o = Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={v}:")]).output().expect("prlimit");
         assert!(o.status.success(), "prlimit: {}", text(&o.stderr));

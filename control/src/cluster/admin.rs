@@ -186,8 +186,10 @@ impl Control {
                 };
                 let me = self.clone();
                 tokio::spawn(async move {
-                    // A frame that is not a request gets an answer saying so.
-                    let Ok(v) = read_frame::<_, serde_json::Value>(&mut s, MAX_FRAME).await else { return };
+                    // A frame that is not a request gets an answer saying so;
+                    // a client that sends none within the deadline is closed.
+                    let read = tokio::time::timeout(ADMIN_READ_DEADLINE, read_frame(&mut s, MAX_FRAME));
+                    let Ok(Ok(v)) = read.await else { return };
                     let resp = match serde_json::from_value::<AdminRequest>(v) {
                         Ok(req) => me.admin(req).await,
                         Err(e) => Err(ApiError::BadRequest(e.to_string())),
@@ -199,6 +201,11 @@ impl Control {
         Ok(())
     }
 }
+
+/// How long the admin socket waits for a connection's request (the CLI
+/// and the CNI plugin send theirs at once): a client that connects and
+/// says nothing does not hold a descriptor for ever.
+const ADMIN_READ_DEADLINE: Duration = Duration::from_secs(10);
 
 /// An admin answer as the JSON the admin API carries.
 fn to_json<T: serde::Serialize>(what: &'static str, t: &T) -> AdminResponse {

@@ -228,6 +228,13 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
         None => {
             let way = match t.egress_class(Ipv4Addr::from(key.dst), key.proto, key.dport) {
                 Some(Dest::Outside) => Way::Out,
+                Some(Dest::Host)
+                    if e.host_link.as_ref().is_some_and(|h| h.peer_ip == Ipv4Addr::from(key.dst))
+                        && matches!(key.proto, protocol::TCP | protocol::UDP)
+                        && t.networks.iter().any(|nw| nw.dns_port == Some(key.dport)) =>
+                {
+                    return Err(D::EgressToDns);
+                }
                 Some(Dest::Host) if e.host_link.is_some() => {
                     let dnat = e.host_link.as_ref().is_some_and(|h| h.dnat_data_ip) && key.dst == u32::from(t.data_ip);
                     if dnat { Way::HostDnat } else { Way::Host }
