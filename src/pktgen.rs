@@ -512,8 +512,8 @@ mod tests {
             (&["--settle=-1"][..], "--settle"),
             (&["--settle", "inf"], "--settle"),
             (&["--settle", "NaN"], "--settle"),
-            (&["--core", "1024"], "core 1024 is not one this process may run on"),
-            (&["--core", "18446744073709551615"], "is not one this process may run on"),
+            (&["--core", "1024"], "core 1024 is past what a cpu set can name"),
+            (&["--core", "18446744073709551615"], "past what a cpu set can name"),
         ] {
             let e = check(&args(flags)).expect_err(&format!("{flags:?} accepted"));
             assert!(format!("{e:#}").contains(says), "{flags:?}: {e:#}");

@@ -806,9 +806,9 @@ pub enum StateError {
     /// A task id a node keeps for its own ports.
     #[error("task name {0:?} is reserved (\"uplink\" and \"mp-host\" are a node's own ports)")]
     ReservedTaskName(String),
-    /// A task id that is a service's name (DNS answers services first).
-    #[error("task name {0:?} is a service's name")]
-    TaskNamedAsService(String),
+    /// A data-path port in the range published ports are chosen from.
+    #[error("data-path port {0} is in the range published ports are chosen from (30000-32767)")]
+    DataPathPortPublished(u16),
     /// A published port the cluster itself uses.
     #[error("port {port} is the cluster's {what} port: it cannot be published")]
     PortReserved {
@@ -1228,12 +1228,6 @@ impl ClusterState {
         if let Some(other) = self.nodes.values().find(|o| o.data_ip == n.data_ip && o.id != n.id) {
             return Err(StateError::DataAddressTaken { ip: n.data_ip, other: other.id.clone() });
         }
-        if let Some(other) = self.nodes.values().find(|o| o.mgmt.ip() == n.mgmt.ip() && o.id != n.id) {
-            return Err(StateError::MgmtAddressTaken { ip: n.mgmt.ip(), other: other.id.clone() });
-        }
-        if let Some(nw) = self.networks.values().find(|nw| nw.subnet.contains(n.data_ip)) {
-            return Err(StateError::SubnetHoldsNode { subnet: nw.subnet, node: n.id.clone(), ip: n.data_ip });
-        }
         // Refused rather than joined with a blackhole: every network's
         // packets must fit this node's underlay inside VXLAN.
         if n.underlay_mtu < MIN_UNDERLAY_MTU {
@@ -1294,12 +1288,6 @@ impl ClusterState {
         }
         if let Some(o) = self.networks.values().find(|o| overlaps(o.subnet, subnet)) {
             return Err(E::SubnetOverlap { subnet, other: o.name.clone(), other_subnet: o.subnet });
-        }
-        if let Some(&(range, what)) = RESERVED_RANGES.iter().find(|(r, _)| overlaps(*r, subnet)) {
-            return Err(E::SubnetReserved { subnet, range, what: what.to_owned() });
-        }
-        if let Some(n) = self.nodes.values().find(|n| subnet.contains(n.data_ip)) {
-            return Err(E::SubnetHoldsNode { subnet, node: n.id.clone(), ip: n.data_ip });
         }
         let h = hosts(subnet);
         let gw = gateway.unwrap_or(Ipv4Addr::from(*h.end()));
@@ -1472,12 +1460,6 @@ impl ClusterState {
         container: Option<ContainerRef>,
     ) -> Result<(), StateError> {
         check_name(Kind::Task, id)?;
-        if id == "uplink" || id == meshplane_dataplane::tables::egress::DEFAULT_HOST_PORT {
-            return Err(StateError::ReservedTaskName(id.to_owned()));
-        }
-        if self.services.contains_key(id) {
-            return Err(StateError::TaskNamedAsService(id.to_owned()));
-        }
         let netns = netns.map(|n| TaskNetns::parse(&n).map(|t| t.to_string())).transpose()?;
         if self.tasks.contains_key(id) {
             return Err(StateError::Exists { kind: Kind::Task, name: id.to_owned() });
@@ -1557,9 +1539,6 @@ impl ClusterState {
         };
         let port = match req.port {
             Some(p) => {
-                if let Some(what) = self.cluster_port(p) {
-                    return Err(StateError::PortReserved { port: p, what: what.to_owned() });
-                }
                 if let Some(by) = taken(p) {
                     return Err(StateError::PortTaken { port: p, protocol, by });
                 }
@@ -1570,18 +1549,75 @@ impl ClusterState {
         Ok(Published { port, mode: req.mode })
     }
 
-    /// What the cluster itself uses port `p` for on the nodes' addresses
-    /// (a published port there would take its traffic), if anything.
-    fn cluster_port(&self, p: u16) -> Option<&'static str> {
-        if p == self.data_path_port {
+    /// What the cluster itself uses port `p` of `protocol` for on the
+    /// nodes' addresses (a published port there would take its traffic),
+    /// if anything: management (TCP), gossip (its default port, both),
+    /// data path (UDP).
+    fn cluster_port(&self, p: u16, protocol: Proto) -> Option<&'static str> {
+        let tcp = protocol == Proto::Tcp;
+        if !tcp && p == self.data_path_port {
             Some("data-path (VXLAN)")
         } else if p == crate::GOSSIP_PORT {
             Some("gossip")
-        } else if p == crate::MANAGEMENT_PORT || self.nodes.values().any(|n| n.mgmt.port() == p) {
+        } else if tcp && (p == crate::MANAGEMENT_PORT || self.nodes.values().any(|n| n.mgmt.port() == p)) {
             Some("management")
         } else {
             None
         }
+    }
+
+    /// Checks made when a command is proposed (`Control::write`), not when
+    /// it is applied: a log written before them replays as it did, so
+    /// every node's state stays the same, while a new command that would
+    /// cut a node off (not merely fail) is refused. The state is not
+    /// changed.
+    pub fn admit(&self, cmd: &Command) -> Result<(), StateError> {
+        use StateError as E;
+        let reserved_port = |port: u16, protocol: Proto| match self.cluster_port(port, protocol) {
+            Some(what) => Err(E::PortReserved { port, what: what.to_owned() }),
+            None => Ok(()),
+        };
+        match cmd {
+            Command::AddNode(n) => {
+                if let Some(other) = self.nodes.values().find(|o| o.mgmt.ip() == n.mgmt.ip() && o.id != n.id) {
+                    return Err(E::MgmtAddressTaken { ip: n.mgmt.ip(), other: other.id.clone() });
+                }
+                if let Some(nw) = self.networks.values().find(|nw| nw.subnet.contains(n.data_ip)) {
+                    return Err(E::SubnetHoldsNode { subnet: nw.subnet, node: n.id.clone(), ip: n.data_ip });
+                }
+            }
+            Command::CreateNetwork { subnet, .. } => {
+                if let Some(&(range, what)) = RESERVED_RANGES.iter().find(|(r, _)| overlaps(*r, *subnet)) {
+                    return Err(E::SubnetReserved { subnet: *subnet, range, what: what.to_owned() });
+                }
+                if let Some(n) = self.nodes.values().find(|n| subnet.contains(n.data_ip)) {
+                    return Err(E::SubnetHoldsNode { subnet: *subnet, node: n.id.clone(), ip: n.data_ip });
+                }
+            }
+            Command::AttachTask { id, .. } => {
+                if id == "uplink" || id == meshplane_dataplane::tables::egress::DEFAULT_HOST_PORT {
+                    return Err(E::ReservedTaskName(id.clone()));
+                }
+            }
+            Command::CreateService { protocol, publish, .. } => {
+                for port in publish.iter().filter_map(|r| r.port) {
+                    reserved_port(port, *protocol)?;
+                }
+            }
+            Command::UpdateService { name, publish_add, .. } => {
+                if let Some(s) = self.services.get(name) {
+                    for port in publish_add.iter().filter_map(|r| r.port) {
+                        reserved_port(port, s.protocol)?;
+                    }
+                }
+            }
+            Command::SetDataPathPort { port } if PUBLISHED_RANGE.contains(port) => {
+                // Published ports chosen for services come from there.
+                return Err(E::DataPathPortPublished(*port));
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Every address of `network` in use: gateway, VIPs, tasks, node addresses.

@@ -764,11 +764,12 @@ fn a_task_that_is_starting_or_unhealthy_is_no_backend_and_no_answer_but_keeps_it
 #[test]
 fn commands_that_would_cut_a_node_off_are_refused() {
     let base = cluster();
+    // Refused when proposed (`admit`); a log written before the check
+    // still applies as it did, so every node replays the same state.
     let refused = |c: Command, want: &str| {
-        let mut s = base.clone();
-        let e = s.apply(&c).expect_err(&format!("{c:?} was accepted"));
+        let e = base.admit(&c).expect_err(&format!("{c:?} was admitted"));
         assert!(e.to_string().contains(want), "{c:?}: {e}");
-        assert_eq!(s, base, "{c:?} changed the state");
+        assert!(base.clone().apply(&c).is_ok(), "{c:?}: no longer applies from an old log");
     };
     // Networks over special ranges (169.254/16 holds the host links) or
     // over a node's data address.
@@ -788,10 +789,10 @@ fn commands_that_would_cut_a_node_off_are_refused() {
     // Task names that are a node's own ports, or a service's name.
     refused(task("uplink", "web", "node1"), "reserved");
     refused(task("mp-host", "web", "node1"), "reserved");
-    assert!(base.clone().apply(&task("mp-hosts", "web", "node1")).is_ok(), "only the names themselves");
-    refused(task("web", "web", "node1"), "is a service's name");
-    // Published ports the cluster uses, on create and on update.
-    for (port, what) in [(2377, "management"), (7946, "gossip"), (4789, "data-path")] {
+    assert!(base.admit(&task("mp-hosts", "web", "node1")).is_ok(), "only the names themselves");
+    // Published ports the cluster uses (TCP here: management and
+    // gossip), on create and on update; the data path's is UDP.
+    for (port, what) in [(2377, "management"), (7946, "gossip")] {
         refused(service("x", None, &[(Some(port), MeshMode::Nat)]), what);
         let add = PublishRequest { port: Some(port), mode: MeshMode::Nat };
         refused(
@@ -805,11 +806,32 @@ fn commands_that_would_cut_a_node_off_are_refused() {
             what,
         );
     }
-    // Still fine: a neighbour of each.
-    let mut s = base.clone();
-    s.apply(&network("near", "169.253.0.0/16")).unwrap();
-    s.apply(&task("web.3", "web", "node1")).unwrap();
-    s.apply(&service("x", None, &[(Some(2378), MeshMode::Nat)])).unwrap();
+    let udp = |port: u16| Command::CreateService {
+        name: "u".into(),
+        network: "app".into(),
+        protocol: Proto::Udp,
+        vip_port: None,
+        target_port: 53,
+        publish: vec![PublishRequest { port: Some(port), mode: MeshMode::Nat }],
+        scheduler: Scheduler::Rr,
+        endpoint_mode: meshplane_control::state::EndpointMode::Vip,
+        health: None,
+    };
+    refused(udp(4789), "data-path");
+    refused(udp(7946), "gossip");
+    // The data-path port is not chosen among published ones.
+    refused(Command::SetDataPathPort { port: 30000 }, "range published ports are chosen from");
+    // Still fine: a neighbour of each, and the other protocol.
+    for c in [
+        network("near", "169.253.0.0/16"),
+        task("web.3", "web", "node1"),
+        service("x", None, &[(Some(2378), MeshMode::Nat)]),
+        service("y", None, &[(Some(4789), MeshMode::Nat)]),
+        udp(2377),
+        Command::SetDataPathPort { port: 4790 },
+    ] {
+        base.admit(&c).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
 }
 
 #[test]

@@ -426,8 +426,13 @@ const DB_GW: [u8; 4] = [198, 19, 1, 254];
 /// The example tables with the host link and a DNS port per network
 /// (`app` 25300, `db` 25301), `db` internal if asked.
 fn dns_tables(db_internal: bool) -> Tables {
+    dns_tables_dnat(db_internal, false)
+}
+
+/// [`dns_tables`], the host link DNATing the node's data address if asked.
+fn dns_tables_dnat(db_internal: bool, dnat: bool) -> Tables {
     let base = include_str!("../../examples/tables.toml");
-    let mut spec: TablesSpec = toml::from_str(&format!("{base}\n{}", host_link(false))).expect("spec parses");
+    let mut spec: TablesSpec = toml::from_str(&format!("{base}\n{}", host_link(dnat))).expect("spec parses");
     spec.networks[0].dns_port = Some(25300);
     spec.networks[1].dns_port = Some(25301);
     spec.networks[1].internal = db_internal;
@@ -464,19 +469,26 @@ fn dns_queries_go_to_their_networks_port_on_the_host_link_and_answers_come_from_
 /// another's), refused and counted; another port there still goes.
 #[test]
 fn a_task_cannot_address_a_dns_listener_directly() {
-    let t = dns_tables(false);
-    let mut st = WorkerState::for_tables(&t);
-    for dport in [25300, 25301] {
-        let direct = [
-            udp(T1_MAC, GW_MAC, T1, KERNEL, 64, 41000, dport),
-            tcp(T1_MAC, GW_MAC, T1, KERNEL, 64, 41000, dport, true),
-        ];
-        for f in direct {
-            assert_eq!(run(&t, &mut st, TASK1, &f, 0).0, Verdict::Drop(D::EgressToDns), "port {dport}");
+    for dnat in [false, true] {
+        let t = dns_tables_dnat(false, dnat);
+        let mut st = WorkerState::for_tables(&t);
+        // The host's end, and (DNATed there) the node's data address.
+        let targets: &[[u8; 4]] = if dnat { &[KERNEL, NODE1] } else { &[KERNEL] };
+        for &to in targets {
+            for dport in [25300, 25301] {
+                let direct = [
+                    udp(T1_MAC, GW_MAC, T1, to, 64, 41000, dport),
+                    tcp(T1_MAC, GW_MAC, T1, to, 64, 41000, dport, true),
+                ];
+                for f in direct {
+                    let v = run(&t, &mut st, TASK1, &f, 0).0;
+                    assert_eq!(v, Verdict::Drop(D::EgressToDns), "dnat {dnat}, to {to:?}, port {dport}");
+                }
+            }
+            let other = tcp(T1_MAC, GW_MAC, T1, to, 64, 41001, 8080, true);
+            assert_eq!(run(&t, &mut st, TASK1, &other, 0).0, Verdict::Tx(HOST_PORT), "dnat {dnat}, to {to:?}");
         }
     }
-    let other = tcp(T1_MAC, GW_MAC, T1, KERNEL, 64, 41001, 8080, true);
-    assert_eq!(run(&t, &mut st, TASK1, &other, 0).0, Verdict::Tx(HOST_PORT));
 }
 
 #[test]

@@ -56,8 +56,9 @@ pub struct View {
 }
 
 impl View {
-    /// The maps of network `z`. A task's own name wins over a service's
-    /// or a `tasks.` name of the same spelling (exact names first).
+    /// The maps of network `z`. A service's names (its own and its
+    /// `tasks.` name) win over a task's of the same spelling: a task, which
+    /// a worker may attach about itself, cannot take a service's name.
     pub fn build(z: &NetZone) -> View {
         let mask = if z.subnet.1 == 0 { 0 } else { u32::MAX << (32 - u32::from(z.subnet.1.min(32))) };
         let mut v = View {

@@ -179,21 +179,23 @@ pub fn servfail(req: &Request) -> Vec<u8> {
 /// of thousands of tasks costs a few encodings, not one per record
 /// dropped (which a task asking for `tasks.SVC` could turn into seconds
 /// of the node's DNS thread).
-fn encode(m: Message, limit: usize) -> Vec<u8> {
+fn encode(mut m: Message, limit: usize) -> Vec<u8> {
     let out = m.to_vec().unwrap_or_default();
-    let (answers, total) = (m.answers.len(), m.answers.len() + m.additionals.len());
+    let total = m.answers.len() + m.additionals.len();
     if out.len() <= limit || total == 0 {
         return out;
     }
+    let (answers, additionals) = (std::mem::take(&mut m.answers), std::mem::take(&mut m.additionals));
+    m.metadata.truncation = true;
     let keep = |k: usize| {
         let mut t = m.clone();
-        t.metadata.truncation = true;
-        t.answers.truncate(k.min(answers));
-        t.additionals.truncate(k.saturating_sub(answers));
+        t.answers.extend(answers.iter().take(k).cloned());
+        t.additionals.extend(additionals.iter().take(k.saturating_sub(answers.len())).cloned());
         t.to_vec().unwrap_or_default()
     };
-    // keep(lo) fits (or lo is 0); keep(hi) does not.
-    let (mut lo, mut hi) = (0, total);
+    // keep(lo) fits (or lo is 0); keep(hi) does not. A record takes at
+    // least 11 bytes, so no more than limit / 11 of them fit.
+    let (mut lo, mut hi) = (0, total.min(limit / 11 + 1));
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
         if keep(mid).len() <= limit {

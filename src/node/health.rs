@@ -99,10 +99,15 @@ pub(crate) enum HealthError {
     Status(u16),
 }
 
+/// Probes in a row that the node could not make for its own shortage and
+/// that are not counted; the next one counts (a task must not stay a
+/// backend for as long as a shortage lasts).
+const SHORT_SKIPS: u32 = 3;
+
 impl HealthError {
-    /// True if the node, not the task, is short (descriptors, memory, the
-    /// namespace thread): such a probe says nothing about the task and is
-    /// not counted against it.
+    /// True if the node, not the task, is short (descriptors, memory):
+    /// such a probe says little about the task, and a few in a row are not
+    /// counted against it ([`SHORT_SKIPS`]).
     pub(crate) fn node_short(&self) -> bool {
         use nix::errno::Errno;
         let short = |e: Option<i32>| {
@@ -113,7 +118,6 @@ impl HealthError {
         match self {
             HealthError::OpenNetns { source, .. } | HealthError::Socket(source) => short(source.raw_os_error()),
             HealthError::EnterNetns { source, .. } | HealthError::ReturnNetns(source) => short(Some(*source as i32)),
-            HealthError::NsThread(_) => true,
             _ => false,
         }
     }
@@ -369,23 +373,22 @@ async fn probe_loop(t: Target, sh: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(t.check.interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let c = &sh.counters;
-    let mut short_said = false;
+    let mut skipped = 0u32;
     loop {
         tick.tick().await;
         let r = probe(&t, &sh.sockets).await;
         if let Err(e) = &r
             && e.node_short()
+            && skipped < SHORT_SKIPS
         {
-            if !short_said {
-                tracing::warn!(
-                    "task {}: health probe not made ({e}): the node is short, not the task; not counted",
-                    t.task
-                );
-                short_said = true;
-            }
+            skipped += 1;
+            tracing::warn!(
+                "task {}: health probe not made ({e}): the node is short, not counted ({skipped} in a row)",
+                t.task
+            );
             continue;
         }
-        short_said = false;
+        skipped = 0;
         Counters::add(&c.checks);
         if let Err(e) = &r {
             Counters::add(&c.failures);
@@ -562,7 +565,7 @@ mod tests {
         assert!(HealthError::Socket(io(nix::libc::EMFILE)).node_short());
         assert!(HealthError::OpenNetns { path: "/proc/1/ns/net".into(), source: io(nix::libc::ENFILE) }.node_short());
         assert!(HealthError::ReturnNetns(nix::errno::Errno::ENOMEM).node_short());
-        assert!(HealthError::NsThread("gone".into()).node_short());
+        assert!(!HealthError::NsThread("gone".into()).node_short(), "may last: counted");
         assert!(!HealthError::OpenNetns { path: "/proc/1/ns/net".into(), source: io(nix::libc::ENOENT) }.node_short());
         let addr = "198.19.0.1:80".parse().unwrap();
         assert!(!HealthError::Connect { addr, source: io(nix::libc::ECONNREFUSED) }.node_short());

@@ -86,6 +86,12 @@ async fn pass(control: &Control, me: &str) {
         }
     };
     for path in pending {
+        // Under the spool's lock: an ADD of the same attachment drops the
+        // file first, or waits until this DEL is done.
+        let _spool = control.cni_spool_lock().await;
+        if !path.exists() {
+            continue;
+        }
         let key = match meshplane_cni::spool::read(&path) {
             Ok(k) => k,
             Err(err) => {

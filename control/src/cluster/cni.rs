@@ -156,11 +156,13 @@ impl Control {
         cref.check().map_err(state_failure)?;
         // A DEL of this attachment spooled before this ADD is done with:
         // the reaper must not detach what this ADD attaches.
+        let spool = self.cni_spool.lock().await;
         match meshplane_cni::spool::remove(&self.admin_socket(), &a.key) {
             Ok(true) => tracing::info!("cni add {}: the DEL spooled before it dropped", a.key),
             Ok(false) => {}
             Err(e) => tracing::warn!("cni add {}: dropping its spooled DEL: {e}", a.key),
         }
+        drop(spool);
         // The same attachment again: the same task if it is in the same
         // namespace (nothing written); a reused container id in another
         // namespace replaces it.
@@ -290,6 +292,11 @@ impl Control {
         let dp = self.dp.clone();
         let id = t.id.clone();
         let _ = tokio::task::spawn_blocking(move || dp.task_port_gone(&id, until)).await;
+    }
+
+    /// The lock a spooled DEL is done under (see `cni_spool`).
+    pub async fn cni_spool_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.cni_spool.lock().await
     }
 
     /// DEL: the attachment's task detached, if there is one. A detach

@@ -71,6 +71,9 @@ impl Control {
     /// A change to the state, through the leader (forwarded if this node
     /// is not it).
     pub async fn write(&self, cmd: Command) -> Result<(), ApiError> {
+        // Checked against this node's state (the leader checks again when
+        // it is forwarded); `apply` keeps accepting what it did before.
+        self.lock().state.admit(&cmd)?;
         if let Some(r) = self.raft() {
             // A manager that leaves the cluster leaves Raft too (on the
             // leader: the change is committed first, then the membership).

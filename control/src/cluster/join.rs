@@ -30,6 +30,7 @@ impl Control {
         if !crate::state::valid_data_path_port(port) {
             return Err(StateError::BadDataPathPort(port).into());
         }
+        ClusterState::default().admit(&Command::SetDataPathPort { port })?;
         let mut ca = ClusterCa::init()?;
         if let Some(d) = cert_expiry {
             ca = ca.with_cert_expiry(d);

@@ -36,7 +36,7 @@ use crate::compile::{compile, zone};
 use crate::pki::{NodeIdentity, Peer};
 use crate::raft::{NodeId, Raft, StateMachine, answer_if_running};
 use crate::rpc::{GossipStats, Refusal, Request, Response};
-use crate::state::{Availability, ClusterState, Command, Node, Role};
+use crate::state::{Availability, ClusterState, Node, Role};
 use crate::tls::{Creds, Handler, Server, TlsNetwork, serve_with};
 use core::net::{Ipv4Addr, SocketAddr};
 use meshplane_cni::failure::Failure;
@@ -232,6 +232,10 @@ pub struct Control {
     version_tx: tokio::sync::watch::Sender<u64>,
     /// CNI requests served.
     cni_counters: cni::CniCounters,
+    /// Held while a spooled DEL is done (the reaper) or dropped (an ADD of
+    /// its attachment): a DEL read before an ADD cannot detach the task the
+    /// ADD attaches.
+    cni_spool: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Control {
@@ -272,6 +276,7 @@ impl Control {
             changed: tokio::sync::Notify::new(),
             version_tx,
             cni_counters: cni::CniCounters::default(),
+            cni_spool: tokio::sync::Mutex::new(()),
         });
         c.clone().serve_admin_socket()?;
         tokio::spawn(c.clone().publish_loop());
@@ -361,64 +366,37 @@ impl Control {
         });
         let server = serve_with(listener, creds, handler).map_err(|e| ApiError::Tls(e.to_string()))?;
         self.lock()._server = Some(server);
-        tokio::spawn(self.clone().refresh_own_entry());
+        tokio::spawn(self.clone().say_if_entry_differs());
         Ok(())
     }
 
     /// A node started again with other addresses or another underlay MTU
-    /// than its entry in the state has: the entry is written anew
-    /// (`AddNode`, role, availability and key kept), so every node's
-    /// tables use what it has now, and a change the cluster cannot take
-    /// (an address another node has, an MTU below a network's) is said in
-    /// the log. Ends once the entry matches (at once if nothing changed).
-    async fn refresh_own_entry(self: Arc<Self>) {
-        let mut refusal_said = false;
-        loop {
+    /// than its entry in the state has: said in the log, once the node has
+    /// its entry (within a minute). The entry is the one joined with, and
+    /// what every node's tables use; it is not rewritten from here (a
+    /// rewrite could undo an operator's change made meanwhile, or bring
+    /// back a node removed meanwhile): remove the node and join it again.
+    async fn say_if_entry_differs(self: Arc<Self>) {
+        for _ in 0..60 {
             let current = self.lock().state.nodes.get(&self.cfg.name).cloned();
-            let Some(current) = current else {
-                // Not in the state this node has yet (a worker not synced).
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            };
-            let now = Node {
-                mgmt: self.cfg.advertise,
-                data_ip: self.cfg.data_ip,
-                data_mac: self.cfg.data_mac,
-                underlay_mtu: self.cfg.underlay_mtu,
-                ..current.clone()
-            };
-            if now == current {
+            if let Some(c) = current {
+                let now = (self.cfg.advertise, self.cfg.data_ip, self.cfg.data_mac, self.cfg.underlay_mtu);
+                if now != (c.mgmt, c.data_ip, c.data_mac, c.underlay_mtu) {
+                    tracing::warn!(
+                        "this node started with management {}, data {} ({}), underlay MTU {}, but the cluster has it as {}, {} ({}), {}: the cluster's are used; to change them, remove the node and join it again",
+                        now.0,
+                        now.1,
+                        now.2,
+                        now.3,
+                        c.mgmt,
+                        c.data_ip,
+                        c.data_mac,
+                        c.underlay_mtu
+                    );
+                }
                 return;
             }
-            match self.write(Command::AddNode(now.clone())).await {
-                Ok(()) => {
-                    tracing::info!(
-                        "this node's entry updated: management {}, data {} ({}), underlay MTU {} (was {}, {} ({}), {})",
-                        now.mgmt,
-                        now.data_ip,
-                        now.data_mac,
-                        now.underlay_mtu,
-                        current.mgmt,
-                        current.data_ip,
-                        current.data_mac,
-                        current.underlay_mtu
-                    );
-                    return;
-                }
-                Err(ApiError::State(e)) => {
-                    if !refusal_said {
-                        tracing::error!(
-                            "this node started with other addresses or MTU than the cluster has for it, and the cluster refuses them: {e}; the cluster keeps the old ones"
-                        );
-                        refusal_said = true;
-                    }
-                    tokio::time::sleep(Duration::from_secs(30)).await;
-                }
-                Err(e) => {
-                    tracing::debug!("updating this node's entry: {e}; retried");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 

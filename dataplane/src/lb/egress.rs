@@ -228,9 +228,12 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
         None => {
             let way = match t.egress_class(Ipv4Addr::from(key.dst), key.proto, key.dport) {
                 Some(Dest::Outside) => Way::Out,
+                // (To the host's end, or to the data address that the host
+                // link DNATs there.)
                 Some(Dest::Host)
-                    if e.host_link.as_ref().is_some_and(|h| h.peer_ip == Ipv4Addr::from(key.dst))
-                        && matches!(key.proto, protocol::TCP | protocol::UDP)
+                    if e.host_link.as_ref().is_some_and(|h| {
+                        h.peer_ip == Ipv4Addr::from(key.dst) || (h.dnat_data_ip && key.dst == u32::from(t.data_ip))
+                    }) && matches!(key.proto, protocol::TCP | protocol::UDP)
                         && t.networks.iter().any(|nw| nw.dns_port == Some(key.dport)) =>
                 {
                     return Err(D::EgressToDns);
