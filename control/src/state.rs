@@ -1594,10 +1594,10 @@ impl ClusterState {
                     return Err(E::SubnetHoldsNode { subnet: *subnet, node: n.id.clone(), ip: n.data_ip });
                 }
             }
-            Command::AttachTask { id, .. } => {
-                if id == "uplink" || id == meshplane_dataplane::tables::egress::DEFAULT_HOST_PORT {
-                    return Err(E::ReservedTaskName(id.clone()));
-                }
+            Command::AttachTask { id, .. }
+                if id == "uplink" || id == meshplane_dataplane::tables::egress::DEFAULT_HOST_PORT =>
+            {
+                return Err(E::ReservedTaskName(id.clone()));
             }
             Command::CreateService { protocol, publish, .. } => {
                 for port in publish.iter().filter_map(|r| r.port) {
