@@ -430,13 +430,18 @@ fn control(x: &mut Exposition, stats: &AdminStats, nodes: &[NodeStatus], info: &
 fn cni(x: &mut Exposition, stats: &AdminStats) {
     let k = &stats.cni;
     let one = |v: u64| vec![(Vec::<(String, String)>::new(), v)];
-    let counters: [(&str, u64, &str); 6] = [
+    let counters: [(&str, u64, &str); 7] = [
         ("cni_adds_total", k.adds, "CNI ADDs asked of this node."),
         ("cni_add_failures_total", k.add_failures, "CNI ADDs that failed (the runtime got an error)."),
         ("cni_dels_total", k.dels, "CNI DELs asked of this node."),
         ("cni_gcs_total", k.gcs, "CNI GCs asked of this node."),
         ("cni_reaped_total", k.reaped, "Container tasks detached because their network namespace went."),
         ("cni_spooled_total", k.spooled, "CNI DELs spooled because they could not commit (retried by the reaper)."),
+        (
+            "cni_adds_waited_out_total",
+            k.adds_waited_out,
+            "CNI ADDs refused (try again) because the node's ADD slots stayed full until their deadline.",
+        ),
     ];
     for (name, v, help) in counters {
         x.family(name, COUNTER, help, one(v));
@@ -579,7 +584,8 @@ mod tests {
                 "write_timeouts": 0, "too_large": 0, "bad_frames": 0, "expired_closed": 0, "requests": 20 },
             "health": { "tasks": 2, "checks": 50, "failures": 4, "to_healthy": 3, "to_unhealthy": 1,
                 "proposed": 4, "propose_errors": 1 },
-            "cni": { "adds": 9, "add_failures": 2, "dels": 6, "gcs": 1, "reaped": 3, "spooled": 4 }
+            "cni": { "adds": 9, "add_failures": 2, "dels": 6, "gcs": 1, "reaped": 3, "spooled": 4,
+                "adds_waited_out": 5 }
         });
         let stats: AdminStats = serde_json::from_value(stats).expect("the stats schema");
         let nodes = serde_json::json!([{ "name": "node1", "status": "ready" }, { "name": "node3", "status": "down" }]);
@@ -622,6 +628,7 @@ mod tests {
             "meshplane_cni_gcs_total 1",
             "meshplane_cni_reaped_total 3",
             "meshplane_cni_spooled_total 4",
+            "meshplane_cni_adds_waited_out_total 5",
         ] {
             assert!(t.lines().any(|l| l == line), "missing {line:?} in:\n{t}");
         }
@@ -645,7 +652,7 @@ mod tests {
         let stats: AdminStats = serde_json::from_value(stats).expect("the stats schema");
         let info = Info { version: 1, tables_version: None };
         let t = render(&stats, &[], &info, Format::Prometheus);
-        for name in ["adds", "add_failures", "dels", "gcs", "reaped", "spooled"] {
+        for name in ["adds", "add_failures", "dels", "gcs", "reaped", "spooled", "adds_waited_out"] {
             let line = format!("meshplane_cni_{name}_total 0");
             assert!(t.lines().any(|l| l == line), "missing {line:?} in:\n{t}");
         }

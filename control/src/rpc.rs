@@ -129,6 +129,10 @@ pub struct CniStats {
     pub reaped: u64,
     /// DELs spooled because they could not commit.
     pub spooled: u64,
+    /// ADDs refused (11) because `MAX_CNI_ADDS` others were in progress
+    /// until their deadline (also counted in `add_failures`).
+    #[serde(default)]
+    pub adds_waited_out: u64,
 }
 
 /// The counters of a node's health checker (all since it started, but

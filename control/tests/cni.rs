@@ -16,6 +16,7 @@
 use meshplane_cni::failure::Failure;
 use meshplane_cni::proto::{AddReq, CniAnswer, CniRequest, GcReq, Key, StatusReq};
 use meshplane_cni::result::Attached;
+use meshplane_control::cluster::cni::MAX_CNI_ADDS;
 use meshplane_control::cluster::{AdminRequest, Config, Control, Dataplane, LocalTask, PortInfo, PublishError};
 use meshplane_control::rpc::{ApiError, CniStats, Refusal, Request, Response};
 use meshplane_control::state::{
@@ -386,6 +387,7 @@ fn cni_requests_on_a_manager_and_a_worker() {
     netns_and_port_failures(&c);
     port_never_made(&c);
     port_wait_hangs(&c);
+    adds_past_the_cap(&c);
     del(&c);
     gc(&c);
     over_tls(&c);
@@ -598,6 +600,61 @@ fn port_wait_hangs(c: &Cluster) {
     assert!(f.to_string().contains("not made in time"), "{f}");
     assert!(took >= Duration::from_millis(1900) && took < Duration::from_millis(3500), "{took:?}");
     wait_for("no task for c5 after its ADD gave up", 2, || no_task(c, &k));
+    c.w.dp.take_calls();
+}
+
+/// `MAX_CNI_ADDS` ADDs waiting for their ports: one more waits for a slot
+/// until its timeout and answers 11 with nothing looked at or written;
+/// once they are done, an ADD is served again.
+fn adds_past_the_cap(c: &Cluster) {
+    *c.w.dp.port.lock().unwrap() = Port::Never;
+    let (version, before) = (c.m.settled(), c.w.cni_stats());
+    let ctl = c.w.control.clone();
+    let keys: Vec<Key> = (0..MAX_CNI_ADDS).map(|i| key(&format!("cap{i}"))).collect();
+    let waiting: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let req = AdminRequest::Cni {
+                request: add_to(k.clone(), &format!("/run/netns/mp-ctl-{}", k.container_id), "web", 4),
+            };
+            let ctl = ctl.clone();
+            c.w.rt.spawn(async move { answer(ctl.admin(req).await) })
+        })
+        .collect();
+    wait_for("every slot's ADD waits for its port", 10, || {
+        let ended = waiting.iter().filter(|w| w.is_finished()).count();
+        assert_eq!(ended, 0, "ADDs racing on one node ended before their ports' deadline (task ids?)");
+        c.w.dp.calls().iter().filter(|x| matches!(x, Call::TaskPort(_))).count() == MAX_CNI_ADDS
+    });
+    let k = key("past-cap");
+    let t0 = Instant::now();
+    let f = failed("an ADD past the cap", c.w.cni(add_to(k.clone(), "/run/netns/mp-ctl-past-cap", "web", 1)));
+    let took = t0.elapsed();
+    assert_eq!(f.code(), 11, "{f}");
+    assert!(f.to_string().contains(&format!("{MAX_CNI_ADDS} CNI ADDs are in progress")), "{f}");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(2500), "{took:?}");
+    assert!(
+        !c.w.dp.calls().iter().any(|x| matches!(x, Call::NetnsCheck(n, _) if n.contains("past-cap"))),
+        "the ADD past the cap looked into its namespace"
+    );
+    assert!(no_task(c, &k));
+    for w in waiting {
+        let f = failed("an ADD whose port never came", c.w.rt.block_on(w).unwrap());
+        assert!(f.to_string().contains("not made in time"), "{f}");
+    }
+    let after = c.w.cni_stats();
+    assert_eq!(after.adds_waited_out, before.adds_waited_out + 1);
+    assert_eq!(after.add_failures, before.add_failures + MAX_CNI_ADDS as u64 + 1);
+    for k in &keys {
+        wait_for("no task after a timed-out ADD", 5, || no_task(c, k));
+    }
+    assert!(c.m.settled() > version);
+    *c.w.dp.port.lock().unwrap() = made();
+    c.w.dp.take_calls();
+    let a = added(c.w.cni(add_to(k.clone(), "/run/netns/mp-ctl-past-cap", "web", 5)));
+    assert_eq!(a.ip.0, task_of(&c.m.state(), "node62", &k).ip);
+    assert_eq!(c.w.cni(CniRequest::Del(k.clone())), Ok(CniAnswer::Done));
+    wait_for("no task for past-cap after its DEL", 5, || no_task(c, &k));
     c.w.dp.take_calls();
 }
 

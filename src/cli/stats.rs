@@ -228,8 +228,9 @@ fn drops(dp: &NodeStats) {
 fn cni_line(k: &CniStats) -> Option<String> {
     (*k != CniStats::default()).then(|| {
         format!(
-            "cni: {} adds ({} failed), {} dels, {} gcs; {} tasks reaped (namespace gone), {} dels spooled",
-            k.adds, k.add_failures, k.dels, k.gcs, k.reaped, k.spooled
+            "cni: {} adds ({} failed, {} of them waited out for a slot), {} dels, {} gcs; {} tasks reaped \
+             (namespace gone), {} dels spooled",
+            k.adds, k.add_failures, k.adds_waited_out, k.dels, k.gcs, k.reaped, k.spooled
         )
     })
 }
@@ -241,10 +242,13 @@ mod tests {
     #[test]
     fn the_cni_line_shows_every_counter_once_a_runtime_used_the_node() {
         assert_eq!(cni_line(&CniStats::default()), None);
-        let k = CniStats { adds: 9, add_failures: 2, dels: 6, gcs: 1, reaped: 3, spooled: 4 };
+        let k = CniStats { adds: 9, add_failures: 2, dels: 6, gcs: 1, reaped: 3, spooled: 4, adds_waited_out: 1 };
         assert_eq!(
             cni_line(&k).as_deref(),
-            Some("cni: 9 adds (2 failed), 6 dels, 1 gcs; 3 tasks reaped (namespace gone), 4 dels spooled")
+            Some(
+                "cni: 9 adds (2 failed, 1 of them waited out for a slot), 6 dels, 1 gcs; 3 tasks reaped \
+                 (namespace gone), 4 dels spooled"
+            )
         );
         let reaped_only = CniStats { reaped: 1, ..CniStats::default() };
         assert!(cni_line(&reaped_only).is_some_and(|l| l.contains("1 tasks reaped")));

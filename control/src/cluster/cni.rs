@@ -23,9 +23,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tokio::sync::OwnedSemaphorePermit;
 
 /// How long DEL waits for the port of the detached task to go.
 const DEL_WAIT: Duration = Duration::from_secs(5);
+
+/// At most this many ADDs a node works on at once. Each holds a blocking
+/// thread while it looks into the namespace and waits for its port; one
+/// past the cap waits for a slot until its own deadline, then answers
+/// "try again later" (11) with nothing written. A runtime starting
+/// hundreds of containers at once (a node rebooting under kubelet) is
+/// served 32 at a time, not with hundreds of threads.
+pub const MAX_CNI_ADDS: usize = 32;
 
 /// The node's CNI counters (admin `stats`, under `cni`).
 #[derive(Debug, Default)]
@@ -36,6 +45,7 @@ pub struct CniCounters {
     gcs: AtomicU64,
     reaped: AtomicU64,
     spooled: AtomicU64,
+    adds_waited_out: AtomicU64,
 }
 
 impl CniCounters {
@@ -49,6 +59,7 @@ impl CniCounters {
             gcs: g(&self.gcs),
             reaped: g(&self.reaped),
             spooled: g(&self.spooled),
+            adds_waited_out: g(&self.adds_waited_out),
         }
     }
 }
@@ -145,6 +156,7 @@ impl Control {
         self.cni_member()?;
         let me = self.cfg.name.clone();
         let deadline = Instant::now() + Duration::from_secs(a.timeout_secs.clamp(1, 120));
+        let slot = self.cni_add_slot(deadline).await?;
         let netns =
             TaskNetns::parse(&a.netns).map_err(|e| Failure::Netns { netns: a.netns.clone(), why: e.to_string() })?;
         let mut cref = ContainerRef {
@@ -170,7 +182,7 @@ impl Control {
         if let Some(t) = existing {
             if t.netns.as_deref() == Some(netns.to_string().as_str()) {
                 tracing::info!("cni add {}: already task {}", a.key, t.id);
-                return self.attached(&t.id, deadline).await;
+                return self.attached(&t.id, deadline, slot).await;
             }
             tracing::warn!("cni add {}: task {} is in {:?}; replaced by one in {netns}", a.key, t.id, t.netns);
             self.write(Command::DetachTask { id: t.id.clone() }).await.map_err(api_failure)?;
@@ -182,9 +194,9 @@ impl Control {
             .await
             .map_err(|e| Failure::Io(e.to_string()))??;
         cref.netns_ino = (ino != 0).then_some(ino);
-        let id = self.attach_container(&a, &netns, cref).await?;
+        let id = self.attach_container(&a, &netns, cref, deadline).await?;
         tracing::info!("cni add {}: task {id} in {netns}", a.key);
-        match self.attached(&id, deadline).await {
+        match self.attached(&id, deadline, slot).await {
             Ok(x) => Ok(x),
             Err(f) => {
                 // Nothing left behind: the task goes again.
@@ -205,9 +217,21 @@ impl Control {
     /// taken meanwhile is skipped), each write checked on a copy of the
     /// state first so that a refusal has its own code. A racing ADD of
     /// the same attachment that won: its task.
-    async fn attach_container(&self, a: &AddReq, netns: &TaskNetns, cref: ContainerRef) -> Result<String, Failure> {
+    ///
+    /// This node's ADDs choose and write their ids one at a time, each
+    /// until its task is in this node's state: ADDs racing on one node
+    /// (a runtime starting many containers at once) would otherwise all
+    /// choose the same lowest id, and all but one lose each round.
+    async fn attach_container(
+        &self,
+        a: &AddReq,
+        netns: &TaskNetns,
+        cref: ContainerRef,
+        deadline: Instant,
+    ) -> Result<String, Failure> {
         let me = self.cfg.name.clone();
         let mut tried = std::collections::BTreeSet::new();
+        let _ids = self.cni_ids.lock().await;
         for _ in 0..8 {
             let mut st = self.state().0;
             let id = (1..)
@@ -229,7 +253,12 @@ impl Control {
                 };
             }
             match self.write(cmd).await {
-                Ok(()) => return Ok(id),
+                Ok(()) => {
+                    while !self.lock().state.tasks.contains_key(&id) && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    return Ok(id);
+                }
                 Err(ApiError::State(StateError::Exists { kind: Kind::Task, .. })) => {
                     tried.insert(id);
                 }
@@ -240,9 +269,26 @@ impl Control {
         Err(Failure::Later(format!("no free task id for service {} after 8 tries", a.service)))
     }
 
+    /// One of the [`MAX_CNI_ADDS`] slots, waited for until `deadline`.
+    async fn cni_add_slot(&self, deadline: Instant) -> Result<OwnedSemaphorePermit, Failure> {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(wait, self.cni_adds.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            Ok(Err(_)) => Err(Failure::Later("the node is stopping".into())),
+            Err(_) => {
+                self.cni_counters.adds_waited_out.fetch_add(1, Ordering::Relaxed);
+                Err(Failure::Later(format!(
+                    "{MAX_CNI_ADDS} CNI ADDs are in progress on this node and none finished within this one's \
+                     timeout; nothing was written, try again"
+                )))
+            }
+        }
+    }
+
     /// Waits until this node's state has task `id` and its port is made;
-    /// what the runtime's result says of it.
-    async fn attached(&self, id: &str, deadline: Instant) -> Result<Attached, Failure> {
+    /// what the runtime's result says of it. `slot` is held until the
+    /// dataplane's wait returns, also when the ADD has given up on it.
+    async fn attached(&self, id: &str, deadline: Instant, slot: OwnedSemaphorePermit) -> Result<Attached, Failure> {
         let me = self.cfg.name.clone();
         let local = loop {
             let st = self.state().0;
@@ -259,10 +305,16 @@ impl Control {
         // The dataplane keeps to the deadline; a second past it, the ADD
         // answers whatever the dataplane is doing.
         let wait = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
-        let port = tokio::time::timeout(wait, tokio::task::spawn_blocking(move || dp.task_port(&tid, deadline)))
-            .await
-            .map_err(|_| Failure::Later(format!("task {id}'s port was not made in time (see the node's log)")))?
-            .map_err(|e| Failure::Io(e.to_string()))??;
+        let port = tokio::time::timeout(
+            wait,
+            tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                dp.task_port(&tid, deadline)
+            }),
+        )
+        .await
+        .map_err(|_| Failure::Later(format!("task {id}'s port was not made in time (see the node's log)")))?
+        .map_err(|e| Failure::Io(e.to_string()))??;
         Ok(Attached {
             host_iface: port.host_iface,
             ifname: local.ifname().unwrap_or("eth0").to_owned(),

@@ -236,6 +236,10 @@ pub struct Control {
     /// its attachment): a DEL read before an ADD cannot detach the task the
     /// ADD attaches.
     cni_spool: tokio::sync::Mutex<()>,
+    /// The slots of the ADDs in progress (`cni::MAX_CNI_ADDS`).
+    cni_adds: Arc<tokio::sync::Semaphore>,
+    /// Held while an ADD chooses and writes its task id.
+    cni_ids: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Control {
@@ -277,6 +281,8 @@ impl Control {
             version_tx,
             cni_counters: cni::CniCounters::default(),
             cni_spool: tokio::sync::Mutex::new(()),
+            cni_adds: Arc::new(tokio::sync::Semaphore::new(cni::MAX_CNI_ADDS)),
+            cni_ids: tokio::sync::Mutex::new(()),
         });
         c.clone().serve_admin_socket()?;
         tokio::spawn(c.clone().publish_loop());
