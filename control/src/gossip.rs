@@ -830,6 +830,30 @@ pub mod sim {
             self.push(self.now_us, Event::Packet(i, from, packet));
         }
 
+        /// Member `by`, holding the cluster key, tells the cluster that
+        /// member `victim` is down while it is not (what any member can
+        /// do: updates are not tied to their sender).
+        pub fn forge_down(&mut self, by: usize, victim: usize) {
+            let victim = self.ids[victim];
+            let Some(Some(m)) = self.members.get_mut(by) else { return };
+            let mut c = Collect::default();
+            let update = foca::Member::new(victim, 0, foca::State::Down);
+            let _ = m.foca.apply_many(std::iter::once(update), true, &mut c);
+            let out = m.finish(c);
+            self.take(by, out);
+        }
+
+        /// Member `by` tells the cluster of a member at `addr` that does
+        /// not exist (nothing answers there).
+        pub fn forge_member(&mut self, by: usize, addr: SocketAddr) {
+            let Some(Some(m)) = self.members.get_mut(by) else { return };
+            let mut c = Collect::default();
+            let update = foca::Member::new(GossipId { addr, epoch: 1 }, 0, foca::State::Alive);
+            let _ = m.foca.apply_many(std::iter::once(update), true, &mut c);
+            let out = m.finish(c);
+            self.take(by, out);
+        }
+
         /// Every packet member `i` is sent from now on is also kept (a
         /// capture, to replay): see [`Sim::captured`].
         pub fn capture(&mut self, i: usize) {

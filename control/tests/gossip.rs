@@ -6,7 +6,7 @@
 //! down everywhere, a live one nowhere.
 
 use core::net::SocketAddr;
-use meshplane_control::cluster::gossip_loop::{key_grace, key_schedule};
+use meshplane_control::cluster::gossip_loop::{gossip_node, key_grace, key_schedule};
 use meshplane_control::gossip::sim::{self, Sim};
 use meshplane_control::gossip::{Gossip, GossipId, Keyring, MemberEvent, REPLAY_WINDOW, Rejected, SEAL_HEADER};
 use meshplane_control::state::{ClusterState, Command, GossipKey, StateError};
@@ -320,6 +320,97 @@ fn a_dead_member_is_declared_down_everywhere_and_no_live_one_is() {
         let st = sim.members[i].as_ref().unwrap().stats;
         assert_eq!(st.rejected[Rejected::Replayed as usize], 0, "member {i}: {st:?}");
     }
+}
+
+/// `n` members losing nothing, once they all know each other (20 s).
+fn lossless_and_converged(n: usize, seed: u64) -> Sim {
+    let mut sim = Sim::new(n, 0.0, seed);
+    sim.run_until(20_000_000);
+    assert!(converged(&sim, n));
+    sim
+}
+
+/// A member with the cluster key can announce a live member down, and
+/// every member believes it (ARCHITECTURE, "what an audit left open").
+/// The victim hears of it, rejoins under a new epoch and is up again
+/// everywhere within a few gossip rounds: the false down does not last.
+#[test]
+fn a_forged_down_is_believed_and_outlived_by_the_victims_rejoin() {
+    let n = 10;
+    let mut sim = lossless_and_converged(n, 11);
+    let (liar, victim) = (2, 5);
+    let old = sim.id(victim);
+    let mark = sim.seen.len();
+    let forged_at = sim.now_us;
+    sim.forge_down(liar, victim);
+    sim.run_until(forged_at + 10_000_000);
+    let renewed = sim.members[victim].as_ref().unwrap().id();
+    assert_eq!(renewed.addr, old.addr);
+    assert!(renewed.epoch > old.epoch, "the victim did not rejoin: {renewed:?}");
+    let mut outage = Vec::new();
+    for i in sim.alive().filter(|&i| i != victim && i != liar) {
+        let seen = &sim.seen[mark..];
+        let down = seen.iter().find(|(_, o, e)| *o == i && *e == MemberEvent::Down(old)).map(|(at, _, _)| *at);
+        let down = down.unwrap_or_else(|| panic!("member {i} never believed the forged down"));
+        let up = seen
+            .iter()
+            .find(|(at, o, e)| *o == i && *at >= down && matches!(e, MemberEvent::Up(id) if id.addr == old.addr))
+            .map(|(at, _, _)| *at);
+        let up = up.unwrap_or_else(|| panic!("member {i} never saw the victim up again"));
+        outage.push(up - down);
+    }
+    let worst = outage.iter().max().copied().unwrap_or(0);
+    assert!(worst < 3_000_000, "the forged down lasted {worst} us: {outage:?}");
+    eprintln!("a forged down among {n}: believed everywhere, outlived in at most {:.2} s", worst as f64 / 1e6);
+}
+
+/// A member with the cluster key makes up a member at a live node's IP
+/// on another port. Nothing answers there, so every member declares it
+/// down; the node itself never hears of it and stays up. That down is no
+/// node's: only a node's exact gossip address names it.
+#[test]
+fn a_made_up_member_at_a_nodes_ip_is_declared_down_but_is_not_that_node() {
+    let n = 6;
+    let mut sim = lossless_and_converged(n, 13);
+    let (liar, victim) = (2, 4);
+    let real = sim.id(victim).addr;
+    let fake = SocketAddr::new(real.ip(), 9999);
+    let mark = sim.seen.len();
+    let at = sim.now_us;
+    sim.forge_member(liar, fake);
+    sim.run_until(at + 10_000_000);
+    for i in sim.alive().filter(|&i| i != liar) {
+        let seen = &sim.seen[mark..];
+        if i != victim {
+            assert!(
+                seen.iter().any(|(_, o, e)| *o == i && matches!(e, MemberEvent::Down(id) if id.addr == fake)),
+                "member {i} did not declare the made-up member down"
+            );
+        }
+        assert!(
+            !seen.iter().any(|(_, o, e)| *o == i && matches!(e, MemberEvent::Down(id) if id.addr == real)),
+            "member {i} declared the real node down"
+        );
+    }
+    let mut state = ClusterState::new();
+    for i in 0..n {
+        let node = meshplane_control::state::Node {
+            id: format!("node{i}"),
+            mgmt: SocketAddr::new(sim.id(i).addr.ip(), 2377),
+            data_ip: std::net::Ipv4Addr::new(198, 18, 100, i as u8 + 1),
+            data_mac: meshplane_dataplane::wire::MacAddr([2, 0, 0, 0, 0, i as u8 + 1]),
+            role: meshplane_control::state::Role::Worker,
+            availability: meshplane_control::state::Availability::Active,
+            key_id: None,
+            underlay_mtu: 1500,
+        };
+        state.apply(&Command::AddNode(node)).unwrap();
+    }
+    let port = real.port();
+    assert_eq!(gossip_node(&state, port, real), Some("node4"));
+    assert_eq!(gossip_node(&state, port, fake), None);
+    let mapped = SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv4Addr::new(198, 18, 0, 5).to_ipv6_mapped()), port);
+    assert_eq!(gossip_node(&state, port, mapped), Some("node4"), "an IPv4-mapped source is the node");
 }
 
 #[test]

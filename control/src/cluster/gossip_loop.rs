@@ -15,7 +15,7 @@ use super::{Control, raft_id};
 use crate::gossip::{Gossip, GossipId, Keyring, MemberEvent, Output, Rejected};
 use crate::rpc::GossipStats;
 use crate::state::{ClusterState, Command, GossipKey};
-use core::net::{IpAddr, SocketAddr};
+use core::net::SocketAddr;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -164,13 +164,14 @@ impl Control {
     fn gossip_tick(&self, g: &mut Gossip, now: Duration, stage: Duration) -> Output {
         let (state_keys, targets) = {
             let inner = self.lock();
-            let members: BTreeSet<IpAddr> = g.members().iter().map(|m| m.addr.ip()).collect();
+            let members: BTreeSet<SocketAddr> = g.members().iter().map(|m| canonical(m.addr)).collect();
             let t: Vec<SocketAddr> = inner
                 .state
                 .nodes
                 .values()
-                .filter(|n| n.id != self.cfg.name && !members.contains(&n.mgmt.ip()))
-                .map(|n| SocketAddr::new(n.mgmt.ip(), self.cfg.gossip_port))
+                .filter(|n| n.id != self.cfg.name)
+                .map(|n| canonical(SocketAddr::new(n.mgmt.ip(), self.cfg.gossip_port)))
+                .filter(|a| !members.contains(a))
                 .collect();
             (key_pairs(&inner.state.gossip_keys), t)
         };
@@ -192,8 +193,8 @@ impl Control {
                     MemberEvent::Up(id) => (id, false),
                     MemberEvent::Down(id) => (id, true),
                 };
-                let Some(name) = g.state.nodes.values().find(|n| n.mgmt.ip() == id.addr.ip()).map(|n| n.id.clone())
-                else {
+                let Some(name) = gossip_node(&g.state, self.cfg.gossip_port, id.addr).map(str::to_owned) else {
+                    tracing::debug!(member = %id.addr, down, "gossip: a member that is no node of the state");
                     continue;
                 };
                 changed |= if down { g.down.insert(name.clone()) } else { g.down.remove(&name) };
@@ -204,6 +205,21 @@ impl Control {
             self.changed.notify_one();
         }
     }
+}
+
+/// The node of `state` whose gossip address is exactly `addr`: its
+/// management IP and the cluster's gossip port. A member at a node's IP
+/// on another port is not that node: any holder of the cluster key can
+/// make such a member up and let it be declared down, and matching on
+/// the IP alone took the node out of every balancer with it, for good
+/// (the node itself never hears of it, so never refutes it).
+pub fn gossip_node(state: &ClusterState, gossip_port: u16, addr: SocketAddr) -> Option<&str> {
+    let addr = canonical(addr);
+    state.nodes.values().find(|n| canonical(SocketAddr::new(n.mgmt.ip(), gossip_port)) == addr).map(|n| n.id.as_str())
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
 /// Whether two key commands are the same step (the same rotation or the
