@@ -231,7 +231,14 @@ impl Control {
     ) -> Result<String, Failure> {
         let me = self.cfg.name.clone();
         let mut tried = std::collections::BTreeSet::new();
-        let _ids = self.cni_ids.lock().await;
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let Ok(_ids) = tokio::time::timeout(wait, self.cni_ids.lock()).await else {
+            return Err(Failure::Later(
+                "other ADDs on this node were writing their tasks until this one's timeout (is the Raft quorum slow \
+                 or gone?); nothing was written, try again"
+                    .into(),
+            ));
+        };
         for _ in 0..8 {
             let mut st = self.state().0;
             let id = (1..)
