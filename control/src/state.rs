@@ -581,39 +581,16 @@ pub enum Command {
 }
 
 impl Command {
-    /// True for a command only the cluster writes: its CA and join
-    /// secrets, the data-path port (at init), the gossip keys. The admin
-    /// API's raw `Write` refuses them.
-    pub fn internal(&self) -> bool {
-        matches!(
-            self,
-            Command::SetCa(_)
-                | Command::SetDataPathPort { .. }
-                | Command::RotateGossipKey { .. }
-                | Command::RetireGossipKey { .. }
-        )
-    }
-
-    /// The command's name, as in its JSON.
-    pub fn kind(&self) -> &'static str {
+    /// For a command only the cluster writes (its CA and join secrets,
+    /// the data-path port at init, the gossip keys): its name, as in its
+    /// JSON. The admin API's raw `Write` refuses them.
+    pub fn internal(&self) -> Option<&'static str> {
         match self {
-            Command::AddNode(_) => "AddNode",
-            Command::RemoveNode { .. } => "RemoveNode",
-            Command::SetRole { .. } => "SetRole",
-            Command::SetAvailability { .. } => "SetAvailability",
-            Command::CreateNetwork { .. } => "CreateNetwork",
-            Command::RemoveNetwork { .. } => "RemoveNetwork",
-            Command::CreateService { .. } => "CreateService",
-            Command::UpdateService { .. } => "UpdateService",
-            Command::RemoveService { .. } => "RemoveService",
-            Command::AttachTask { .. } => "AttachTask",
-            Command::SetWeight { .. } => "SetWeight",
-            Command::DetachTask { .. } => "DetachTask",
-            Command::SetTaskHealth { .. } => "SetTaskHealth",
-            Command::SetCa(_) => "SetCa",
-            Command::SetDataPathPort { .. } => "SetDataPathPort",
-            Command::RotateGossipKey { .. } => "RotateGossipKey",
-            Command::RetireGossipKey { .. } => "RetireGossipKey",
+            Command::SetCa(_) => Some("SetCa"),
+            Command::SetDataPathPort { .. } => Some("SetDataPathPort"),
+            Command::RotateGossipKey { .. } => Some("RotateGossipKey"),
+            Command::RetireGossipKey { .. } => Some("RetireGossipKey"),
+            _ => None,
         }
     }
 }

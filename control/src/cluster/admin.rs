@@ -49,10 +49,9 @@ impl Control {
                 Ok(serde_json::json!({ "key_id": id }))
             }
             AdminRequest::Write { command } => {
-                if command.internal() {
+                if let Some(name) = command.internal() {
                     return Err(ApiError::BadRequest(format!(
-                        "{} is written by the cluster itself (cluster init, join, token --rotate, rotate-gossip-key), not through the admin API",
-                        command.kind()
+                        "{name} is written by the cluster itself (cluster init, join, token --rotate, rotate-gossip-key), not through the admin API"
                     )));
                 }
                 self.require_manager_or_itself(&command)?;
