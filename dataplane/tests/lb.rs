@@ -1227,3 +1227,59 @@ fn a_backend_that_refuses_is_passed_over_and_its_reset_held_back() {
     assert_eq!(v, Verdict::Tx(TASK1));
     assert_eq!(&out[26..30], &VIP, "from the VIP");
 }
+
+#[test]
+fn a_backends_reset_closes_the_connection_so_a_reused_port_is_scheduled_again() {
+    // rr: T3, then T2. T3 resets an established connection (its server
+    // died with it unaccepted); the reset closes both entries, and the
+    // client reusing its port (a reset leaves no TIME_WAIT) is a new
+    // connection, scheduled again: T2, not the dead connection's T3.
+    use meshplane_dataplane::lb::conntrack::CtState::{Close, Established};
+    let t = tables_with(WEB);
+    let mut st = WorkerState::for_tables(&t);
+    let syn = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, true);
+    assert_eq!(run(&t, &mut st, TASK1, &syn, 0).0, Verdict::Tx(TASK3));
+    assert_eq!(run(&t, &mut st, TASK3, &tcp(T1_MAC, T3_MAC, T3, T1, 8080, 40001, false), 0).0, Verdict::Tx(TASK1));
+    let request = tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, false);
+    assert_eq!(run(&t, &mut st, TASK1, &request, 0).0, Verdict::Tx(TASK3));
+    assert_eq!(states(&st, 0), [Established, Established]);
+    let (v, out) = run(&t, &mut st, TASK3, &rst(T1_MAC, T3_MAC, T3, T1, 8080, 40001), 0);
+    assert_eq!((v, &out[26..30]), (Verdict::Tx(TASK1), &VIP[..]), "the reset reaches the client, from the VIP");
+    assert_eq!(states(&st, 0), [Close, Close], "one connection, one state");
+    assert_eq!(run(&t, &mut st, TASK1, &syn, SECOND).0, Verdict::Tx(UPLINK), "the reused port: T2");
+    assert_eq!(st.lb.services[0].new_conns, 2);
+}
+
+#[test]
+fn a_reset_established_connections_reused_port_gets_passive_health_too() {
+    // What `wrk` saw across a task's death (e2e health_checks): Maglev
+    // sends the client's port to T3; T3's server dies with the connection
+    // accepted by its kernel but not by the server, so T3 resets it. The
+    // client's next SYN from the same port is scheduled again (the same
+    // hash: T3), T3's kernel refuses it, and that reset is held back
+    // (passive health), not passed to the client; the retransmitted SYN
+    // goes to T2 (over VXLAN). Before, the reused port kept the old
+    // connection's established entry and the refusal reached the client.
+    let mesh = MESH.replace("scheduler = \"rr\"", "scheduler = \"mh\"");
+    let spec: TablesSpec = toml::from_str(&format!("{}\n{mesh}", base_with_node_ip())).expect("spec parses");
+    let t = Tables::compile(&spec).expect("tables compile");
+    let syn = |p| tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, p, 30080, true);
+    let to_t3 = |p| run(&t, &mut WorkerState::for_tables(&t), UPLINK, &syn(p), 0).0 == Verdict::Tx(TASK3);
+    let port = (40000..41000).find(|&p| to_t3(p)).expect("a client port Maglev sends to T3");
+    let mut st = WorkerState::for_tables(&t);
+    assert_eq!(run(&t, &mut st, UPLINK, &syn(port), 0).0, Verdict::Tx(TASK3));
+    let reply = tcp(NODE1_APP_MAC, T3_MAC, T3, NODE1_APP, 8080, port, false);
+    assert_eq!(run(&t, &mut st, TASK3, &reply, 0).0, Verdict::Tx(UPLINK));
+    let request = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, port, 30080, false);
+    assert_eq!(run(&t, &mut st, UPLINK, &request, 0).0, Verdict::Tx(TASK3));
+    let reset = rst(NODE1_APP_MAC, T3_MAC, T3, NODE1_APP, 8080, port);
+    assert_eq!(run(&t, &mut st, TASK3, &reset, 0).0, Verdict::Tx(UPLINK), "an established connection's reset");
+    assert_eq!(st.lb.services[0].backends[0].refused, 0, "not a refusal");
+    assert_eq!(run(&t, &mut st, UPLINK, &syn(port), SECOND).0, Verdict::Tx(TASK3), "the same hash: T3");
+    assert_eq!(run(&t, &mut st, TASK3, &reset, SECOND).0, Verdict::Drop(D::BackendRefused));
+    assert_eq!(st.lb.services[0].backends[0].refused, 1);
+    let (v, out) = run(&t, &mut st, UPLINK, &syn(port), 2 * SECOND);
+    assert_eq!(v, Verdict::Tx(UPLINK), "the retransmitted SYN: T2");
+    assert_eq!(decap(&out).1[30..34], T2);
+    assert_eq!(st.lb.services[0].new_conns, 3);
+}

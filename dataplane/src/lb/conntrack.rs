@@ -761,6 +761,26 @@ impl Conntrack {
         }
     }
 
+    /// Closes the probed key's live TCP entry: a reset its connection's
+    /// other half saw ends this half too (one connection, one state, as in
+    /// the kernel's conntrack). It takes [`CtState::Close`] and that
+    /// state's timeout from `now`. An unconfirmed entry is left as it is
+    /// (only a reply confirms it, and a reset is none). True if it did.
+    pub fn close_probe(&mut self, p: &Probe, now: u64) -> bool {
+        let (t, max) = (tick(now), self.max_timeout);
+        let Some(i) = self.find(p) else { return false };
+        let timeout = self.timeouts[CtState::Close as usize];
+        let open = [CtState::SynRecv, CtState::Established, CtState::Fin].map(|s| s as usize);
+        match self.entries.get_mut(i) {
+            Some(e) if p.proto == 6 && e.live(t, max) && open.contains(&e.state_index()) => {
+                e.set_state(CtState::Close);
+                e.expires = t.wrapping_add(timeout);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The value of the probed key's live entry, if it has one (nothing is
     /// refreshed).
     pub fn peek_probe(&self, p: &Probe, now: u64) -> Option<CtValue> {

@@ -355,6 +355,8 @@ impl LbState {
             Ok((v, confirmed)) => {
                 if confirmed && v.flags & CT_REPLY != 0 {
                     self.confirm_forward(&p.key(), &v, t, now);
+                } else if flags & conntrack::tcp_flags::RST != 0 && v.flags & CT_REPLY != 0 {
+                    self.close_forward(&p.key(), &v, t, now);
                 }
                 Some(v)
             }
@@ -369,24 +371,27 @@ impl LbState {
 
     /// Confirms the forward entry of the connection whose reply entry (key
     /// `k`, value `v`) a reply just confirmed, with the state the reply
-    /// entry took. A `preserve-source` return entry (at the task's node)
-    /// has none here.
+    /// entry took.
     #[inline(never)] // once a connection
     fn confirm_forward(&mut self, k: &FlowKey, v: &CtValue, t: &Tables, now: u64) {
-        let data_ip = t.data_ip;
-        let fk = if v.flags & CT_PS_RETURN != 0 {
-            return;
-        } else if v.flags & CT_EGRESS != 0 {
-            egress::forward_key(k, v, t)
-        } else if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 {
-            // From the client (`peer`:`port`) to the published port.
-            FlowKey { src: v.peer, dst: u32::from(data_ip), sport: v.port, dport: v.port2, proto: k.proto }
-        } else {
-            // From the client (the reply's destination) to the VIP.
-            FlowKey { src: k.dst, dst: v.peer, sport: k.dport, dport: v.port, proto: k.proto }
-        };
-        let fp = self.conntrack.probe_in(&fk, Bucket::Src);
-        self.conntrack.confirm_probe(&fp, v.state, now);
+        if let Some(fp) = forward_probe(&self.conntrack, k, v, t, now) {
+            self.conntrack.confirm_probe(&fp, v.state, now);
+        }
+    }
+
+    /// Closes the forward entry of the connection whose reply entry (key
+    /// `k`, value `v`) just saw a reset from the backend (or, for egress,
+    /// the destination). Otherwise the forward entry stayed established
+    /// while the reply entry closed: a client reusing its port (a reset
+    /// leaves it no TIME_WAIT) kept the dead connection's backend instead
+    /// of being scheduled again, and that backend's reset to the new SYN,
+    /// met by a closed reply entry, reached the client past passive health.
+    #[cold]
+    #[inline(never)]
+    fn close_forward(&mut self, k: &FlowKey, v: &CtValue, t: &Tables, now: u64) {
+        if let Some(fp) = forward_probe(&self.conntrack, k, v, t, now) {
+            self.conntrack.close_probe(&fp, now);
+        }
     }
 
     /// Inserts an entry for a probed key (through the flood guard, or not),
@@ -452,6 +457,36 @@ fn partner(ct: &Conntrack, k: &FlowKey, v: &CtValue) -> Option<conntrack::Probe>
         Some(ct.probe_in(&fk, Bucket::Src))
     } else {
         None
+    }
+}
+
+/// The probe of the forward entry of the connection whose reply entry is
+/// `k` → `v`, where this node has one: an egress connection's (the task
+/// to the destination); a routing-mesh connection's (the client to the
+/// published address it connected to: the data-path address, or the one
+/// of `mesh_addrs` whose entry is live); a VIP connection's (the client
+/// to the VIP). `None` for a `preserve-source` return entry (the task's
+/// node has no forward entry) or a routing-mesh one not found.
+fn forward_probe(ct: &Conntrack, k: &FlowKey, v: &CtValue, t: &Tables, now: u64) -> Option<conntrack::Probe> {
+    if v.flags & CT_PS_RETURN != 0 {
+        None
+    } else if v.flags & CT_EGRESS != 0 {
+        Some(ct.probe_in(&egress::forward_key(k, v, t), Bucket::Src))
+    } else if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 {
+        let to = |a: Ipv4Addr| {
+            let fk = FlowKey { src: v.peer, dst: u32::from(a), sport: v.port, dport: v.port2, proto: k.proto };
+            ct.probe_in(&fk, Bucket::Src)
+        };
+        if t.mesh_addrs.is_empty() {
+            return Some(to(t.data_ip));
+        }
+        core::iter::once(t.data_ip)
+            .chain(t.mesh_addrs.iter().copied())
+            .map(to)
+            .find(|p| ct.peek_probe(p, now).is_some())
+    } else {
+        let fk = FlowKey { src: k.dst, dst: v.peer, sport: k.dport, dport: v.port, proto: k.proto };
+        Some(ct.probe_in(&fk, Bucket::Src))
     }
 }
 
@@ -690,21 +725,10 @@ pub(crate) fn refused(lb: &mut LbState, key: &FlowKey, by: Bucket, flags: u8, no
         return false;
     }
     // Both entries go: the forward one first (found from the reply's).
-    let fk = if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 {
-        let to =
-            |a: Ipv4Addr| FlowKey { src: v.peer, dst: u32::from(a), sport: v.port, dport: v.port2, proto: key.proto };
-        core::iter::once(t.data_ip)
-            .chain(t.mesh_addrs.iter().copied())
-            .map(to)
-            .find(|k| lb.conntrack.peek_probe(&lb.conntrack.probe_in(k, Bucket::Src), now).is_some())
-    } else {
-        Some(FlowKey { src: key.dst, dst: v.peer, sport: key.dport, dport: v.port, proto: key.proto })
-    };
-    if let Some(fk) = fk {
-        let fp = lb.conntrack.probe_in(&fk, Bucket::Src);
-        if let Some(f) = lb.conntrack.remove_probe(&fp) {
-            lb.release(&fk, f);
-        }
+    if let Some(fp) = forward_probe(&lb.conntrack, key, &v, t, now)
+        && let Some(f) = lb.conntrack.remove_probe(&fp)
+    {
+        lb.release(&fp.key(), f);
     }
     if let Some(r) = lb.conntrack.remove_probe(&p) {
         lb.release(key, r);
