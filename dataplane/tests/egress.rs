@@ -5,7 +5,7 @@
 //! 198.18.3.11. Expected frames are built with etherparse, independently
 //! of the rewrite code under test (so every checksum is checked too).
 
-use meshplane_dataplane::lb::conntrack::SECOND;
+use meshplane_dataplane::lb::conntrack::{CtState, SECOND};
 use meshplane_dataplane::packet::{DropReason as D, Frame, HEADROOM, Verdict};
 use meshplane_dataplane::pipeline::{WorkerState, process, process_general};
 use meshplane_dataplane::tables::{Tables, TablesSpec, UPLINK};
@@ -598,4 +598,35 @@ fn a_closed_egress_connections_tuple_keeps_its_port_on_every_path() {
     assert_eq!(run(&t, &mut st, TASK1, &fin, SECOND).0, Verdict::Tx(UPLINK));
     let (v, out) = run(&t, &mut st, TASK1, &syn, 2 * SECOND);
     assert_eq!((v, sport(&out)), (Verdict::Tx(UPLINK), p));
+}
+
+#[test]
+fn a_tasks_reset_closes_its_egress_connection_and_frees_its_port_within_the_close_timeout() {
+    // The server does not answer a reset: the task's reset closes both
+    // entries, so 10 s later the mapping and its port are gone (before,
+    // the reply entry stayed established for 900 s, holding the port).
+    let t = tables(EGRESS);
+    let mut st = WorkerState::for_tables(&t);
+    let (v, out) = run(&t, &mut st, TASK1, &tcp(T1_MAC, GW_MAC, T1, SERVER, 64, 40000, 80, true), 0);
+    assert_eq!(v, Verdict::Tx(UPLINK));
+    let p = sport(&out);
+    let answer = tcp(ROUTER_MAC, NODE1_MAC, SERVER, NODE1, 60, 80, p, false);
+    assert_eq!(run(&t, &mut st, UPLINK, &answer, 0).0, Verdict::Tx(TASK1));
+    assert_eq!(
+        run(&t, &mut st, TASK1, &tcp(T1_MAC, GW_MAC, T1, SERVER, 64, 40000, 80, false), 0).0,
+        Verdict::Tx(UPLINK)
+    );
+    let mut rst = Vec::new();
+    etherparse::PacketBuilder::ethernet2(T1_MAC, GW_MAC)
+        .ipv4(T1, SERVER, 64)
+        .tcp(40000, 80, 1006, 0)
+        .rst()
+        .write(&mut rst, b"")
+        .expect("rst");
+    assert_eq!(run(&t, &mut st, TASK1, &rst, SECOND).0, Verdict::Tx(UPLINK));
+    let closed = |st: &WorkerState| st.lb.conntrack.values(SECOND).filter(|v| v.state == CtState::Close).count();
+    assert_eq!(closed(&st), 2, "both entries closed");
+    assert_eq!(st.lb.egress_ports_held(T1.into(), SERVER.into()), 1);
+    st.lb.sweep(12 * SECOND, usize::MAX);
+    assert_eq!((st.lb.conntrack.len(), st.lb.egress_ports_held(T1.into(), SERVER.into())), (0, 0));
 }

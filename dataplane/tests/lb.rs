@@ -1283,3 +1283,71 @@ fn a_reset_established_connections_reused_port_gets_passive_health_too() {
     assert_eq!(decap(&out).1[30..34], T2);
     assert_eq!(st.lb.services[0].new_conns, 3);
 }
+
+#[test]
+fn a_clients_reset_closes_the_connection_and_frees_its_nat_port_within_the_close_timeout() {
+    // The backend does not answer a reset: the client's reset closes both
+    // entries (one connection, one state), so 10 s later the connection
+    // and its source port on this node are gone. Before, the reply entry
+    // stayed established for 900 s holding the port, and a client ending
+    // its connections with resets ran out of its share.
+    use meshplane_dataplane::lb::conntrack::CtState::{Close, Established};
+    let t = one_backend_nat("tcp");
+    let mut st = WorkerState::for_tables(&t);
+    let (client, backend) = (CLIENT.into(), T3.into());
+    let sport = 40000u16;
+    assert_eq!(
+        run(&t, &mut st, UPLINK, &tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, sport, 30053, true), 0).0,
+        Verdict::Tx(TASK3)
+    );
+    let reply = tcp(NODE1_APP_MAC, T3_MAC, T3, NODE1_APP, 53, sport, false);
+    assert_eq!(run(&t, &mut st, TASK3, &reply, 0).0, Verdict::Tx(UPLINK));
+    let request = tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, sport, 30053, false);
+    assert_eq!(run(&t, &mut st, UPLINK, &request, 0).0, Verdict::Tx(TASK3));
+    assert_eq!(states(&st, 0), [Established, Established]);
+    let reset = rst(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, sport, 30053);
+    assert_eq!(run(&t, &mut st, UPLINK, &reset, SECOND).0, Verdict::Tx(TASK3), "the reset reaches the backend");
+    assert_eq!(states(&st, SECOND), [Close, Close], "one connection, one state");
+    assert_eq!(st.lb.nat_ports_held(client, backend), 1);
+    st.lb.sweep(12 * SECOND, usize::MAX);
+    assert_eq!((st.lb.conntrack.len(), st.lb.nat_ports_held(client, backend)), (0, 0), "gone after the close timeout");
+}
+
+#[test]
+fn a_clients_reset_closes_a_vip_connection_and_a_preserve_source_one() {
+    use meshplane_dataplane::lb::conntrack::CtState::{Close, Established};
+    // VIP (rr: T3).
+    let t = tables_with(WEB);
+    let mut st = WorkerState::for_tables(&t);
+    assert_eq!(run(&t, &mut st, TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, true), 0).0, Verdict::Tx(TASK3));
+    assert_eq!(run(&t, &mut st, TASK3, &tcp(T1_MAC, T3_MAC, T3, T1, 8080, 40001, false), 0).0, Verdict::Tx(TASK1));
+    assert_eq!(run(&t, &mut st, TASK1, &tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, false), 0).0, Verdict::Tx(TASK3));
+    assert_eq!(states(&st, 0), [Established, Established]);
+    assert_eq!(run(&t, &mut st, TASK1, &rst(GW_MAC, T1_MAC, T1, VIP, 40001, 80), 0).0, Verdict::Tx(TASK3));
+    assert_eq!(states(&st, 0), [Close, Close]);
+    // The routing mesh in preserve-source mode (port 30081, rr: T3).
+    let t = mesh_tables();
+    let mut st = WorkerState::for_tables(&t);
+    let c = |syn| tcp(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40001, 30081, syn);
+    assert_eq!(run(&t, &mut st, UPLINK, &c(true), 0).0, Verdict::Tx(TASK3));
+    let reply = tcp(GW_MAC, T3_MAC, T3, CLIENT, 8080, 40001, false);
+    assert_eq!(run(&t, &mut st, TASK3, &reply, 0).0, Verdict::Tx(UPLINK));
+    assert_eq!(run(&t, &mut st, UPLINK, &c(false), 0).0, Verdict::Tx(TASK3));
+    assert_eq!(states(&st, 0), [Established, Established]);
+    assert_eq!(
+        run(&t, &mut st, UPLINK, &rst(NODE1_MAC, CLIENT_MAC, CLIENT, NODE1, 40001, 30081), 0).0,
+        Verdict::Tx(TASK3)
+    );
+    assert_eq!(states(&st, 0), [Close, Close]);
+    // The task's node when node 2 was the ingress: its way back closes too.
+    let mut st = WorkerState::for_tables(&t);
+    let other = [198, 18, 5, 6];
+    let inbound = |syn| from_node2(&tcp(T3_MAC, NODE2_APP_MAC, other, T3, 50000, 8080, syn));
+    assert_eq!(run(&t, &mut st, UPLINK, &inbound(true), 0).0, Verdict::Tx(TASK3));
+    assert_eq!(run(&t, &mut st, TASK3, &tcp(GW_MAC, T3_MAC, T3, other, 8080, 50000, false), 0).0, Verdict::Tx(UPLINK));
+    assert_eq!(run(&t, &mut st, UPLINK, &inbound(false), 0).0, Verdict::Tx(TASK3));
+    assert_eq!(states(&st, 0), [Established]);
+    let reset = from_node2(&rst(T3_MAC, NODE2_APP_MAC, other, T3, 50000, 8080));
+    assert_eq!(run(&t, &mut st, UPLINK, &reset, 0).0, Verdict::Tx(TASK3));
+    assert_eq!(states(&st, 0), [Close]);
+}

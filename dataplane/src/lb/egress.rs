@@ -209,7 +209,7 @@ fn out(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tables, lb: &mut LbState
                 (Way::HostDnat, Some(h)) => u32::from(h.peer_ip),
                 _ => key.dst,
             };
-            if keep_reply(lb, &key, &v, (to, key.dport), net, frame_src_mac(frame), now) {
+            if keep_reply(lb, &key, &v, flags, (to, key.dport), net, frame_src_mac(frame), now) {
                 Some(v)
             } else {
                 // Its port is another connection's now: this one starts
@@ -310,7 +310,7 @@ fn mapping(
     let fp = lb.conntrack.probe_in(key, Bucket::Src);
     match lb.lookup(&fp, now, flags) {
         Some(v) if v.flags == CT_EGRESS && Way::of(v.backend) == m.way => {
-            if keep_reply(lb, key, &v, m.to, net, mac, now) {
+            if keep_reply(lb, key, &v, flags, m.to, net, mac, now) {
                 return Ok(v.port2);
             }
             if let Some(old) = lb.conntrack.remove_probe(&fp) {
@@ -426,19 +426,23 @@ pub(crate) fn hairpin_back(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tabl
 /// `key`, value `v`) a task's packet just hit: refreshed, or put back if
 /// it was lost (evicted from a full table; expired while only the task
 /// spoke, as a one-way UDP stream does), so the next reply still finds
-/// the task. False if its key is another connection's now (the forward
-/// entry is stale).
+/// the task. A reset from the task (TCP `flags`) closes it too: no answer
+/// comes to a reset, and it would otherwise stay established, holding
+/// its port, for 900 s. False if its key is another connection's now (the
+/// forward entry is stale).
+#[allow(clippy::too_many_arguments)]
 fn keep_reply(
     lb: &mut LbState,
     key: &FlowKey,
     v: &CtValue,
+    flags: u8,
     to: (u32, u16),
     net: NetId,
     mac: [u8; 6],
     now: u64,
 ) -> bool {
     let rp = lb.conntrack.probe_in(&reply_key(key, to, v.peer, v.port2), Bucket::Tuple);
-    match lb.conntrack.lookup_probe(&rp, now, 0) {
+    match lb.conntrack.lookup_probe(&rp, now, flags & conntrack::tcp_flags::RST) {
         Ok(r) => r.flags == CT_EGRESS | CT_REPLY && r.peer == key.src && r.port == key.sport,
         Err(old) => {
             if let Some(old) = old {

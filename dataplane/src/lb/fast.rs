@@ -115,7 +115,7 @@ pub(crate) fn vip_hit(
 ) -> Option<Next> {
     let key = pre.probe.key();
     let total = usize::from(pre.total);
-    let Some(v) = lb.lookup_forward(&pre.probe, now, pre.flags) else {
+    let Some(v) = lb.lookup_forward(&pre.probe, now, pre.flags, t) else {
         return new_vip_flow(frame, total, pf, pre, now, t, lb);
     };
     // The entry names the service: no VIP lookup, but the service must

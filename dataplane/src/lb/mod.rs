@@ -318,11 +318,28 @@ impl LbState {
     /// that cycles through its ports keeps landing on its old backends
     /// (one added since never gets its share).
     #[inline(always)]
-    pub(crate) fn lookup_forward(&mut self, p: &conntrack::Probe, now: u64, flags: u8) -> Option<CtValue> {
+    pub(crate) fn lookup_forward(&mut self, p: &conntrack::Probe, now: u64, flags: u8, t: &Tables) -> Option<CtValue> {
         if self.take_reused(p, now, flags).is_some() {
             return None;
         }
-        self.lookup(p, now, flags)
+        self.lookup_open(p, now, flags, t)
+    }
+
+    /// [`LbState::lookup`] of a balanced connection's forward entry: a
+    /// reset from the client closes the connection's reply entry too (one
+    /// connection, one state, as in `nf_conntrack`). The backend does not
+    /// answer a reset, so otherwise the reply entry stayed established for
+    /// its 900 s, and in `nat` mode held the client's source port on this
+    /// node as long: a client that ends its connections with a reset (an
+    /// abortive close, as load testers and many health checkers do) at
+    /// more than 36 a second to one backend ran out of its share of ports.
+    #[inline(always)]
+    pub(crate) fn lookup_open(&mut self, p: &conntrack::Probe, now: u64, flags: u8, t: &Tables) -> Option<CtValue> {
+        let v = self.lookup(p, now, flags)?;
+        if flags & conntrack::tcp_flags::RST != 0 {
+            self.close_reply(&p.key(), &v, t, now);
+        }
+        Some(v)
     }
 
     /// For [`LbState::lookup_forward`]: a bare SYN on the tuple of a
@@ -391,6 +408,41 @@ impl LbState {
     fn close_forward(&mut self, k: &FlowKey, v: &CtValue, t: &Tables, now: u64) {
         if let Some(fp) = forward_probe(&self.conntrack, k, v, t, now) {
             self.conntrack.close_probe(&fp, now);
+        }
+    }
+
+    /// Closes the reply entry of the balanced connection whose forward
+    /// entry (key `k`, value `v`) just saw a reset from the client, if
+    /// that entry is this connection's (see [`LbState::lookup_open`]).
+    #[cold]
+    #[inline(never)]
+    fn close_reply(&mut self, k: &FlowKey, v: &CtValue, t: &Tables, now: u64) {
+        if v.flags & (CT_REPLY | CT_EGRESS) != 0 {
+            return;
+        }
+        let rp = if v.flags & CT_MESH_NAT != 0 {
+            // From the backend to this node's address in the service's
+            // network, on the connection's source port there.
+            let node = t.services.list.get(v.service as usize).and_then(|s| t.networks.get(usize::from(s.net)));
+            let Some(node) = node.and_then(|n| n.node_ip) else { return };
+            let rk = FlowKey { src: v.peer, dst: u32::from(node), sport: v.port, dport: v.port2, proto: k.proto };
+            self.conntrack.probe_in(&rk, Bucket::Tuple)
+        } else {
+            let Some(rp) = partner(&self.conntrack, k, v) else { return };
+            rp
+        };
+        // Its value leads back: to the client (routing mesh), or to the
+        // VIP the client addressed.
+        let ours = |r: CtValue| {
+            r.flags & CT_REPLY != 0
+                && if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 {
+                    r.peer == k.src && r.port == k.sport
+                } else {
+                    r.peer == k.dst
+                }
+        };
+        if self.conntrack.peek_probe(&rp, now).is_some_and(ours) {
+            self.conntrack.close_probe(&rp, now);
         }
     }
 
@@ -887,7 +939,7 @@ fn vip_inner(
 ) -> Result<Next, DropReason> {
     let s = t.services.list.get(svc as usize).ok_or(DropReason::NoBackend)?;
     let (key, flags) = tuple(frame.data()).ok_or(DropReason::Malformed)?;
-    let found = lb.lookup_forward(&lb.conntrack.probe_in(&key, Bucket::Src), now, flags);
+    let found = lb.lookup_forward(&lb.conntrack.probe_in(&key, Bucket::Src), now, flags, t);
     let b = vip_connection(lb, s, svc, &key, flags, now, found)?;
     Ok(vip_tail(frame, net, s, svc, b, now, t, lb))
 }
@@ -1077,7 +1129,7 @@ fn client_inner(
             }
             None
         }
-        None => lb.lookup(&probe, now, flags),
+        None => lb.lookup_open(&probe, now, flags, t),
     };
     let (b, f) = connection(
         lb,
@@ -1350,11 +1402,12 @@ pub(crate) fn on_delivery(
     if let Some(vtep) = outer_src
         && !nw.subnet.contains(Ipv4Addr::from(key.src))
     {
-        // Remember (or refresh) the way back, keyed as the reply will be.
+        // Remember (or refresh) the way back, keyed as the reply will be;
+        // a reset from the client closes it.
         let rk = FlowKey { src: key.dst, dst: key.src, sport: key.dport, dport: key.sport, proto: key.proto };
         let mac = Head::new(frame.data()).map_or([0; 6], |h| h.src_mac().0);
         let rp = lb.conntrack.probe_in(&rk, Bucket::Dst);
-        if lb.lookup(&rp, now, 0).is_none() {
+        if lb.lookup(&rp, now, flags & conntrack::tcp_flags::RST).is_none() {
             let v = CtValue {
                 peer: u32::from(vtep),
                 mac,
