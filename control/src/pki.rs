@@ -97,8 +97,17 @@ impl JoinRole {
 /// `.`, not starting with `-` or `.` (it reaches command lines as an
 /// argument).
 pub fn valid_name(name: &str) -> bool {
+    valid_name_up_to(name, MAX_NAME)
+}
+
+/// The longest name [`valid_name`] accepts.
+pub const MAX_NAME: usize = 15;
+
+/// [`valid_name`] with another length limit (a task id's is longer: see
+/// `state::MAX_TASK_ID`).
+pub fn valid_name_up_to(name: &str, max: usize) -> bool {
     !name.is_empty()
-        && name.len() <= 15
+        && name.len() <= max
         && !name.starts_with(['-', '.'])
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }

@@ -825,12 +825,14 @@ pub enum StateError {
     #[error("gossip key {0} is the current key: rotate first")]
     RetiringCurrentGossipKey(u32),
     /// A name that cannot be a port or map key.
-    #[error("{kind} name {name:?}: 1 to 15 characters, letters, digits, '-', '_' and '.'")]
+    #[error("{kind} name {name:?}: 1 to {max} characters, letters, digits, '-', '_' and '.'")]
     BadName {
         /// Node, network, service or task.
         kind: Kind,
         /// The name.
         name: String,
+        /// The longest allowed for its kind.
+        max: usize,
     },
     /// A health check interval out of range.
     #[error("health check interval {0} ms: more than 0 and at most 1h")]
@@ -1035,8 +1037,19 @@ pub fn mac_for(ip: Ipv4Addr) -> MacAddr {
     MacAddr([0x02, 0x42, o[0], o[1], o[2], o[3]])
 }
 
+/// The longest task id: a service's name (at most 15 characters), a dot
+/// and five digits, so that every `SERVICE.N` a node gives a container
+/// fits. A task id names no interface (a task's port is named by a hash
+/// of it, `mpt` and 8 hex digits), so it need not fit in 15 bytes.
+pub const MAX_TASK_ID: usize = 21;
+
 fn check_name(kind: Kind, name: &str) -> Result<(), StateError> {
-    if crate::pki::valid_name(name) { Ok(()) } else { Err(StateError::BadName { kind, name: name.to_owned() }) }
+    let max = if kind == Kind::Task { MAX_TASK_ID } else { crate::pki::MAX_NAME };
+    if crate::pki::valid_name_up_to(name, max) {
+        Ok(())
+    } else {
+        Err(StateError::BadName { kind, name: name.to_owned(), max })
+    }
 }
 
 /// The ports of a `CreateService`.

@@ -149,6 +149,8 @@ fn mistakes_are_refused_with_clear_errors_and_change_nothing() {
         (task("t", "nope", "node1"), "no service \"nope\""),
         (Command::RemoveNetwork { name: "app".into() }, "network \"app\" is used by service \"web\""),
         (task("bad name!", "web", "node1"), "task name \"bad name!\""),
+        (task("a-twenty-two-char.id.x", "web", "node1"), "1 to 21 characters"),
+        (service("sixteen-chars-xx", Some(80), &[]), "service name \"sixteen-chars-xx\": 1 to 15 characters"),
     ];
     for (cmd, want) in cases {
         let mut s = s0.clone();
@@ -846,4 +848,18 @@ fn internal_commands_are_named_and_marked() {
         let json = serde_json::to_value(&c).unwrap();
         assert!(c.internal().is_some_and(|name| json.get(name).is_some()), "{json}");
     }
+}
+
+#[test]
+fn a_service_with_the_longest_name_takes_tasks_service_dot_n() {
+    // A task id is SERVICE.N (what CNI and `task attach` choose): with a
+    // service name of 15 characters it is longer than a name, and must
+    // still be accepted (it names no interface).
+    let mut s = cluster();
+    s.apply(&service("fifteen-chars-x", Some(81), &[])).expect("a 15-character service");
+    for id in ["fifteen-chars-x.1", "fifteen-chars-x.99999"] {
+        s.apply(&task(id, "fifteen-chars-x", "node1")).unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
+    let t = Tables::compile(&compile(&s, "node1", &|_| true, 1).expect("compiles")).expect("tables");
+    assert_eq!(t.services.list.iter().find(|x| x.name == "fifteen-chars-x").map(|x| x.backends.len()), Some(2));
 }

@@ -1579,6 +1579,18 @@ fn cni_bad_input() {
     del(&bin, "good1", &good).ok("DEL good1");
     del(&bin, "good1", &good).ok("DEL good1 twice");
 
+    // A service named with the most characters a name has (15): its task
+    // id, SERVICE.N, is longer, and ADD takes it (it used to fail).
+    g.cli_ok(1, &["service", "create", "--name", "fifteen-chars-x", "--network", "app", "--target-port", "8080"]);
+    let long = netconf("1.0.0", "mp-long", Some("fifteen-chars-x"), &sock1, json!({}));
+    let longns = Netns::new("mp-cni-long");
+    add(&bin, "long1", &longns.path(), &long).ok("ADD for a 15-character service");
+    let t = task_of_container(&g, 1, "long1").unwrap_or_else(|| panic!("no task of long1: {:?}", tasks(&g, 1)));
+    assert_eq!(t["id"].as_str(), Some("fifteen-chars-x.1"), "{t}");
+    assert!(!longns.only_lo(), "an eth0 in the namespace: {:?}", longns.links());
+    del(&bin, "long1", &long).ok("DEL long1");
+    within("long1's task deleted", Duration::from_secs(5), || task_of_container(&g, 1, "long1").is_none());
+
     // node3 down: ADD says so (11), STATUS too (50).
     let stop = g.lab(&["stop-node", "3"]);
     assert!(stop.status.success(), "{}", text(&stop.stderr));
