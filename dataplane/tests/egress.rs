@@ -616,6 +616,41 @@ fn a_tasks_reset_closes_its_egress_connection_and_frees_its_port_within_the_clos
         run(&t, &mut st, TASK1, &tcp(T1_MAC, GW_MAC, T1, SERVER, 64, 40000, 80, false), 0).0,
         Verdict::Tx(UPLINK)
     );
+    assert_eq!(run(&t, &mut st, TASK1, &t1_reset(), SECOND).0, Verdict::Tx(UPLINK));
+    let closed = |st: &WorkerState| st.lb.conntrack.values(SECOND).filter(|v| v.state == CtState::Close).count();
+    assert_eq!(closed(&st), 2, "both entries closed");
+    assert_eq!(st.lb.egress_ports_held(T1.into(), SERVER.into()), 1);
+    st.lb.sweep(12 * SECOND, usize::MAX);
+    assert_eq!((st.lb.conntrack.len(), st.lb.egress_ports_held(T1.into(), SERVER.into())), (0, 0));
+}
+
+#[test]
+fn a_task_reusing_its_port_after_a_reset_keeps_its_way_back_past_the_close_timeout() {
+    // The task resets its connection and opens it again from the same
+    // port within 10 s (the mapping and its port stay): its SYN opens the
+    // reply half again too, so the server's answer 30 s later still
+    // reaches the task. Before, the reply half kept the closed state and
+    // its 10 s, and that answer was dropped (egress_no_connection).
+    let t = tables(EGRESS);
+    let mut st = WorkerState::for_tables(&t);
+    let syn = tcp(T1_MAC, GW_MAC, T1, SERVER, 64, 40000, 80, true);
+    let (_, out) = run(&t, &mut st, TASK1, &syn, 0);
+    let p = sport(&out);
+    let answer = tcp(ROUTER_MAC, NODE1_MAC, SERVER, NODE1, 60, 80, p, false);
+    assert_eq!(run(&t, &mut st, UPLINK, &answer, 0).0, Verdict::Tx(TASK1));
+    assert_eq!(run(&t, &mut st, TASK1, &t1_reset(), SECOND).0, Verdict::Tx(UPLINK));
+    let (v, out) = run(&t, &mut st, TASK1, &syn, 2 * SECOND);
+    assert_eq!((v, sport(&out)), (Verdict::Tx(UPLINK), p), "the same mapping");
+    assert_eq!(run(&t, &mut st, UPLINK, &answer, 2 * SECOND).0, Verdict::Tx(TASK1));
+    assert_eq!(
+        run(&t, &mut st, TASK1, &tcp(T1_MAC, GW_MAC, T1, SERVER, 64, 40000, 80, false), 2 * SECOND).0,
+        Verdict::Tx(UPLINK)
+    );
+    assert_eq!(run(&t, &mut st, UPLINK, &answer, 40 * SECOND).0, Verdict::Tx(TASK1), "40 s later");
+}
+
+/// T1's reset of its connection from port 40000 to SERVER:80.
+fn t1_reset() -> Vec<u8> {
     let mut rst = Vec::new();
     etherparse::PacketBuilder::ethernet2(T1_MAC, GW_MAC)
         .ipv4(T1, SERVER, 64)
@@ -623,10 +658,5 @@ fn a_tasks_reset_closes_its_egress_connection_and_frees_its_port_within_the_clos
         .rst()
         .write(&mut rst, b"")
         .expect("rst");
-    assert_eq!(run(&t, &mut st, TASK1, &rst, SECOND).0, Verdict::Tx(UPLINK));
-    let closed = |st: &WorkerState| st.lb.conntrack.values(SECOND).filter(|v| v.state == CtState::Close).count();
-    assert_eq!(closed(&st), 2, "both entries closed");
-    assert_eq!(st.lb.egress_ports_held(T1.into(), SERVER.into()), 1);
-    st.lb.sweep(12 * SECOND, usize::MAX);
-    assert_eq!((st.lb.conntrack.len(), st.lb.egress_ports_held(T1.into(), SERVER.into())), (0, 0));
+    rst
 }

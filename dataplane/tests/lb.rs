@@ -1143,10 +1143,7 @@ fn the_nodes_own_processes_reach_a_published_port_over_the_host_link() {
     const KERNEL: [u8; 4] = [198, 18, 99, 1];
     const LINK_MAC: [u8; 6] = [2, 0x4d, 0x50, 0, 0, 2];
     const KERNEL_MAC: [u8; 6] = [2, 0x4d, 0x50, 0, 0, 1];
-    let egress = "[node.egress]\nports = \"61000-61063\"\nroute = [{ prefix = \"0.0.0.0/0\", mac = \"02:00:00:00:00:fe\" }]\n\
-        [node.egress.host_link]\nip = \"198.18.99.2\"\npeer_ip = \"198.18.99.1\"\nmac = \"02:4d:50:00:00:02\"\npeer_mac = \"02:4d:50:00:00:01\"\n";
-    let spec: TablesSpec = toml::from_str(&format!("{}\n{MESH}\n{egress}", base_with_node_ip())).expect("spec");
-    let t = Tables::compile(&spec).expect("tables");
+    let t = host_link_tables();
     let hp = t.host_port.expect("a host port");
     let mut st = WorkerState::for_tables(&t);
     let syn = tcp(LINK_MAC, KERNEL_MAC, KERNEL, LINK, 45000, 30080, true);
@@ -1350,4 +1347,88 @@ fn a_clients_reset_closes_a_vip_connection_and_a_preserve_source_one() {
     let reset = from_node2(&rst(T3_MAC, NODE2_APP_MAC, other, T3, 50000, 8080));
     assert_eq!(run(&t, &mut st, UPLINK, &reset, 0).0, Verdict::Tx(TASK3));
     assert_eq!(states(&st, 0), [Close]);
+}
+
+#[test]
+fn a_reused_tuple_to_the_same_backend_has_one_reply_entry_that_lives_as_long_as_it() {
+    // One backend (as `mh` gives the same backend for a tuple again): the
+    // client resets its connection and reuses its port. The new
+    // connection's reply entry has the old one's key; the old one goes
+    // (with its forward entry), so the new one is found, established,
+    // and still turns T3's answers back into the VIP's after the closed
+    // entry's 10 s. Before, the old reply entry stayed beside it and was
+    // found first: 10 s later T3's data reached the client from T3.
+    let one = tables_with(&WEB.replace("[[service.backend]]\nip = \"198.19.0.2\"\n", ""));
+    let mut st = WorkerState::for_tables(&one);
+    let c = |syn| tcp(GW_MAC, T1_MAC, T1, VIP, 40001, 80, syn);
+    let answer = tcp(T1_MAC, T3_MAC, T3, T1, 8080, 40001, false);
+    for (round, at) in [(0, 0), (1, SECOND)] {
+        assert_eq!(run(&one, &mut st, TASK1, &c(true), at).0, Verdict::Tx(TASK3), "round {round}");
+        assert_eq!(run(&one, &mut st, TASK3, &answer, at).0, Verdict::Tx(TASK1), "round {round}");
+        assert_eq!(run(&one, &mut st, TASK1, &c(false), at).0, Verdict::Tx(TASK3), "round {round}");
+        assert_eq!(st.lb.conntrack.len(), 2, "round {round}: one connection's two entries");
+        if round == 0 {
+            assert_eq!(run(&one, &mut st, TASK1, &rst(GW_MAC, T1_MAC, T1, VIP, 40001, 80), at).0, Verdict::Tx(TASK3));
+        }
+    }
+    let (v, out) = run(&one, &mut st, TASK3, &answer, 30 * SECOND);
+    assert_eq!((v, &out[26..30]), (Verdict::Tx(TASK1), &VIP[..]), "30 s later, still from the VIP");
+    assert_eq!(st.lb.services[0].backends[0].active, 1);
+}
+
+#[test]
+fn the_nodes_own_process_refused_by_a_backend_is_sent_elsewhere() {
+    // Passive health for a client over the host link (its connections'
+    // forward keys hold the link's address): T3 refuses the SYN, the
+    // reset is held back and both entries go, so the retransmitted SYN
+    // is scheduled again (rr: T2). Before, the forward entry was not
+    // found, stayed, and took every retransmission back to T3, whose
+    // resets were then dropped: the client hung.
+    let t = host_link_tables();
+    let hp = t.host_port.expect("a host port");
+    let mut st = WorkerState::for_tables(&t);
+    let syn =
+        tcp([2, 0x4d, 0x50, 0, 0, 2], [2, 0x4d, 0x50, 0, 0, 1], [198, 18, 99, 1], [198, 18, 99, 2], 45000, 30080, true);
+    assert_eq!(run(&t, &mut st, hp, &syn, 0).0, Verdict::Tx(TASK3), "rr: T3 first");
+    let refusal = rst(NODE1_APP_MAC, T3_MAC, T3, NODE1_APP, 8080, 45000);
+    assert_eq!(run(&t, &mut st, TASK3, &refusal, 0).0, Verdict::Drop(D::BackendRefused));
+    assert_eq!(st.lb.conntrack.len(), 0, "both entries gone");
+    assert_eq!(run(&t, &mut st, hp, &syn, SECOND).0, Verdict::Tx(UPLINK), "the retransmitted SYN: T2");
+}
+
+#[test]
+fn a_preserve_source_way_back_opens_anew_on_a_reused_tuple() {
+    // The task's node when node 2 was the ingress: the client resets and
+    // reuses its port. The new SYN makes the way back anew (not closed),
+    // so after 30 s of quiet the task's answer still goes back to node 2.
+    // Before, it kept the closed state and its 10 s, and the answer found
+    // no way back.
+    use meshplane_dataplane::lb::conntrack::CtState::{Close, Established, SynRecv};
+    let t = mesh_tables();
+    let mut st = WorkerState::for_tables(&t);
+    let other = [198, 18, 5, 6];
+    let inbound = |syn| from_node2(&tcp(T3_MAC, NODE2_APP_MAC, other, T3, 50000, 8080, syn));
+    let answer = tcp(GW_MAC, T3_MAC, T3, other, 8080, 50000, false);
+    assert_eq!(run(&t, &mut st, UPLINK, &inbound(true), 0).0, Verdict::Tx(TASK3));
+    assert_eq!(run(&t, &mut st, TASK3, &answer, 0).0, Verdict::Tx(UPLINK));
+    let reset = from_node2(&rst(T3_MAC, NODE2_APP_MAC, other, T3, 50000, 8080));
+    assert_eq!(run(&t, &mut st, UPLINK, &reset, 0).0, Verdict::Tx(TASK3));
+    assert_eq!(states(&st, 0), [Close]);
+    assert_eq!(run(&t, &mut st, UPLINK, &inbound(true), SECOND).0, Verdict::Tx(TASK3));
+    assert_eq!(states(&st, SECOND), [SynRecv]);
+    assert_eq!(run(&t, &mut st, TASK3, &answer, SECOND).0, Verdict::Tx(UPLINK));
+    assert_eq!(states(&st, SECOND), [Established]);
+    let (v, out) = run(&t, &mut st, TASK3, &answer, 40 * SECOND);
+    assert_eq!(v, Verdict::Tx(UPLINK), "40 s later, still back to node 2");
+    assert_eq!(decap(&out).1[30..34], other);
+}
+
+/// The routing-mesh tables with egress and a host link: meshplane's end
+/// 198.18.99.2 (02:4d:50:00:00:02), the kernel's 198.18.99.1
+/// (02:4d:50:00:00:01).
+fn host_link_tables() -> Tables {
+    let egress = "[node.egress]\nports = \"61000-61063\"\nroute = [{ prefix = \"0.0.0.0/0\", mac = \"02:00:00:00:00:fe\" }]\n\
+        [node.egress.host_link]\nip = \"198.18.99.2\"\npeer_ip = \"198.18.99.1\"\nmac = \"02:4d:50:00:00:02\"\npeer_mac = \"02:4d:50:00:00:01\"\n";
+    let spec: TablesSpec = toml::from_str(&format!("{}\n{MESH}\n{egress}", base_with_node_ip())).expect("spec");
+    Tables::compile(&spec).expect("tables")
 }

@@ -503,6 +503,10 @@ pub enum Inserted {
     Fresh(Option<CtValue>),
     /// By evicting a live entry (its value).
     Evicted(CtValue),
+    /// In place of a live entry of the same key (its value): a key is
+    /// never tracked twice (a lookup finds the first of a bucket's
+    /// matches, and would keep finding the old one).
+    Replaced(CtValue),
     /// Not inserted: the flood guard is on.
     Guarded,
     /// Not inserted: an unconfirmed entry whose bucket holds only live
@@ -848,19 +852,25 @@ impl Conntrack {
         // for an unconfirmed entry.
         const UNCONFIRMED: u64 = 1 << 32;
         let (mut victim, mut rank, mut fresh) = (usize::MAX, 0u64, false);
-        for (i, e) in set.iter().enumerate() {
-            if i == keep {
-                continue;
-            }
-            if e.is_free() || !e.live(t, max) {
-                (victim, fresh) = (i, true);
-                break;
-            }
-            let s = e.state_index();
-            let age = t.wrapping_sub(e.expires.wrapping_sub(self.timeouts[s]));
-            let r = u64::from(age) | if s == CtState::Unconfirmed as usize { UNCONFIRMED } else { 0 };
-            if victim == usize::MAX || r > rank {
-                (victim, rank) = (i, r);
+        // An entry of the same key (live or not) is the one replaced.
+        let same = set.iter().enumerate().position(|(i, e)| i != keep && !e.is_free() && e.matches(p));
+        if let Some(w) = same {
+            (victim, fresh) = (w, true);
+        } else {
+            for (i, e) in set.iter().enumerate() {
+                if i == keep {
+                    continue;
+                }
+                if e.is_free() || !e.live(t, max) {
+                    (victim, fresh) = (i, true);
+                    break;
+                }
+                let s = e.state_index();
+                let age = t.wrapping_sub(e.expires.wrapping_sub(self.timeouts[s]));
+                let r = u64::from(age) | if s == CtState::Unconfirmed as usize { UNCONFIRMED } else { 0 };
+                if victim == usize::MAX || r > rank {
+                    (victim, rank) = (i, r);
+                }
             }
         }
         if pickup && !fresh && rank < UNCONFIRMED {
@@ -877,12 +887,14 @@ impl Conntrack {
         let old = set[victim];
         let was = (!old.is_free()).then(|| self.value_at(at, &old));
         let old_key = if old.is_free() { p.key() } else { old.key() };
+        let replaced = same.is_some() && old.live(t, max);
         self.put(at, entry, v.mac);
         let r = match (fresh, was) {
             (true, None) => {
                 self.len += 1;
                 Inserted::Fresh(None)
             }
+            (true, Some(old)) if replaced => Inserted::Replaced(old),
             (true, Some(old)) => {
                 self.stats.expired += 1;
                 Inserted::Fresh(Some(old))
@@ -1294,6 +1306,18 @@ mod tests {
         assert_eq!(ct.stats.evicted, 10_000 - cap as u64);
         // The newest flows survive.
         assert!(ct.lookup(&key(9_999), 10_000, 0).is_some());
+    }
+
+    #[test]
+    fn a_key_is_never_tracked_twice_an_insert_replaces_its_live_entry() {
+        let mut ct = small(64);
+        assert_eq!(ct.insert(&key(1), val(1, CtState::Close), 0), Inserted::Fresh(None));
+        assert_eq!(ct.insert(&key(1), val(2, CtState::SynRecv), SECOND), Inserted::Replaced(val(1, CtState::Close)));
+        assert_eq!(ct.len(), 1);
+        assert_eq!(ct.lookup(&key(1), SECOND, 0), Some(val(2, CtState::SynRecv)));
+        // Expired, it is taken as any expired entry is.
+        assert!(matches!(ct.insert(&key(1), val(3, CtState::SynRecv), 100 * SECOND), Inserted::Fresh(Some(_))));
+        assert_eq!((ct.len(), ct.lookup(&key(1), 100 * SECOND, 0)), (1, Some(val(3, CtState::SynRecv))));
     }
 
     #[test]

@@ -428,8 +428,10 @@ pub(crate) fn hairpin_back(frame: &mut Frame<'_>, net: NetId, now: u64, t: &Tabl
 /// spoke, as a one-way UDP stream does), so the next reply still finds
 /// the task. A reset from the task (TCP `flags`) closes it too: no answer
 /// comes to a reset, and it would otherwise stay established, holding
-/// its port, for 900 s. False if its key is another connection's now (the
-/// forward entry is stale).
+/// its port, for 900 s. A bare SYN (the task reusing its port after a
+/// close) opens it again: else it kept its closing state and timeout,
+/// and a reused connection idle past it lost its way back. False if its
+/// key is another connection's now (the forward entry is stale).
 #[allow(clippy::too_many_arguments)]
 fn keep_reply(
     lb: &mut LbState,
@@ -442,7 +444,7 @@ fn keep_reply(
     now: u64,
 ) -> bool {
     let rp = lb.conntrack.probe_in(&reply_key(key, to, v.peer, v.port2), Bucket::Tuple);
-    match lb.conntrack.lookup_probe(&rp, now, flags & conntrack::tcp_flags::RST) {
+    match lb.conntrack.lookup_probe(&rp, now, flags & (conntrack::tcp_flags::RST | conntrack::tcp_flags::SYN)) {
         Ok(r) => r.flags == CT_EGRESS | CT_REPLY && r.peer == key.src && r.port == key.sport,
         Err(old) => {
             if let Some(old) = old {

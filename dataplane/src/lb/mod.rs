@@ -319,7 +319,7 @@ impl LbState {
     /// (one added since never gets its share).
     #[inline(always)]
     pub(crate) fn lookup_forward(&mut self, p: &conntrack::Probe, now: u64, flags: u8, t: &Tables) -> Option<CtValue> {
-        if self.take_reused(p, now, flags).is_some() {
+        if self.take_reused(p, now, flags, t).is_some() {
             return None;
         }
         self.lookup_open(p, now, flags, t)
@@ -343,11 +343,15 @@ impl LbState {
     }
 
     /// For [`LbState::lookup_forward`]: a bare SYN on the tuple of a
-    /// balanced connection that is closing or closed removes its forward
-    /// entry (released), which is returned; else nothing changes. A
-    /// caller whose connections hold more (a `nat` port) frees it too.
+    /// balanced connection that is closing or closed removes the
+    /// connection, its forward entry and its reply entry (released); the
+    /// forward entry's value is returned. Else nothing changes. The reply
+    /// entry goes too: the new connection's may have the same key (the
+    /// same backend again: always with `mh`), and in `nat` mode it holds
+    /// the client's source port on this node, which the new connection
+    /// takes again instead of holding a second one.
     #[inline(always)]
-    fn take_reused(&mut self, p: &conntrack::Probe, now: u64, flags: u8) -> Option<CtValue> {
+    pub(crate) fn take_reused(&mut self, p: &conntrack::Probe, now: u64, flags: u8, t: &Tables) -> Option<CtValue> {
         use conntrack::tcp_flags::{ACK, SYN};
         // Balanced connections only (VIP and routing mesh): an egress
         // mapping keeps its port, whatever its state.
@@ -355,8 +359,14 @@ impl LbState {
             matches!(v.state, CtState::Fin | CtState::Close) && v.flags & (CT_EGRESS | CT_REPLY | CT_PS_RETURN) == 0
         };
         if flags & (SYN | ACK) == SYN && self.conntrack.peek_probe(p, now).is_some_and(balanced_closing) {
+            let k = p.key();
             let old = self.conntrack.remove_probe(p)?;
-            self.release(&p.key(), old);
+            self.release(&k, old);
+            if let Some(rp) = self.reply_probe(&k, &old, t, now)
+                && let Some(r) = self.conntrack.remove_probe(&rp)
+            {
+                self.release(&rp.key(), r);
+            }
             return Some(old);
         }
         None
@@ -398,7 +408,9 @@ impl LbState {
 
     /// Closes the forward entry of the connection whose reply entry (key
     /// `k`, value `v`) just saw a reset from the backend (or, for egress,
-    /// the destination). Otherwise the forward entry stayed established
+    /// the destination), if that entry is this connection's (its packets
+    /// go to the reset's sender; not a newer connection of a reused tuple,
+    /// scheduled elsewhere). Otherwise the forward entry stayed established
     /// while the reply entry closed: a client reusing its port (a reset
     /// leaves it no TIME_WAIT) kept the dead connection's backend instead
     /// of being scheduled again, and that backend's reset to the new SYN,
@@ -406,33 +418,49 @@ impl LbState {
     #[cold]
     #[inline(never)]
     fn close_forward(&mut self, k: &FlowKey, v: &CtValue, t: &Tables, now: u64) {
-        if let Some(fp) = forward_probe(&self.conntrack, k, v, t, now) {
+        let Some(fp) = forward_probe(&self.conntrack, k, v, t, now) else { return };
+        let ours = |f: CtValue| {
+            f.flags & CT_REPLY == 0
+                && if v.flags & CT_EGRESS != 0 {
+                    f.peer == k.dst && f.port2 == k.dport
+                } else {
+                    f.peer == k.src && f.port == k.sport
+                }
+        };
+        if self.conntrack.peek_probe(&fp, now).is_some_and(ours) {
             self.conntrack.close_probe(&fp, now);
         }
     }
 
     /// Closes the reply entry of the balanced connection whose forward
-    /// entry (key `k`, value `v`) just saw a reset from the client, if
-    /// that entry is this connection's (see [`LbState::lookup_open`]).
+    /// entry (key `k`, value `v`) just saw a reset from the client (see
+    /// [`LbState::lookup_open`]).
     #[cold]
     #[inline(never)]
     fn close_reply(&mut self, k: &FlowKey, v: &CtValue, t: &Tables, now: u64) {
-        if v.flags & (CT_REPLY | CT_EGRESS) != 0 {
-            return;
+        if let Some(rp) = self.reply_probe(k, v, t, now) {
+            self.conntrack.close_probe(&rp, now);
+        }
+    }
+
+    /// The probe of the live reply entry of the balanced connection whose
+    /// forward entry is `k` → `v`, if that entry is this connection's (its
+    /// value leads back to the client, or to the VIP the client
+    /// addressed): in `nat` mode from the backend to this node's address
+    /// in the service's network on the connection's source port there;
+    /// else from the backend to the client ([`partner`]).
+    fn reply_probe(&self, k: &FlowKey, v: &CtValue, t: &Tables, now: u64) -> Option<conntrack::Probe> {
+        if v.flags & (CT_REPLY | CT_EGRESS | CT_PS_RETURN) != 0 {
+            return None;
         }
         let rp = if v.flags & CT_MESH_NAT != 0 {
-            // From the backend to this node's address in the service's
-            // network, on the connection's source port there.
-            let node = t.services.list.get(v.service as usize).and_then(|s| t.networks.get(usize::from(s.net)));
-            let Some(node) = node.and_then(|n| n.node_ip) else { return };
+            let s = t.services.list.get(v.service as usize)?;
+            let node = t.networks.get(usize::from(s.net))?.node_ip?;
             let rk = FlowKey { src: v.peer, dst: u32::from(node), sport: v.port, dport: v.port2, proto: k.proto };
             self.conntrack.probe_in(&rk, Bucket::Tuple)
         } else {
-            let Some(rp) = partner(&self.conntrack, k, v) else { return };
-            rp
+            partner(&self.conntrack, k, v)?
         };
-        // Its value leads back: to the client (routing mesh), or to the
-        // VIP the client addressed.
         let ours = |r: CtValue| {
             r.flags & CT_REPLY != 0
                 && if v.flags & (CT_MESH_NAT | CT_MESH_PS) != 0 {
@@ -441,9 +469,7 @@ impl LbState {
                     r.peer == k.dst
                 }
         };
-        if self.conntrack.peek_probe(&rp, now).is_some_and(ours) {
-            self.conntrack.close_probe(&rp, now);
-        }
+        self.conntrack.peek_probe(&rp, now).is_some_and(ours).then_some(rp)
     }
 
     /// Inserts an entry for a probed key (through the flood guard, or not),
@@ -467,7 +493,9 @@ impl LbState {
             Inserted::Guarded => return Err(DropReason::NewConnRateLimited),
             Inserted::NoRoom => return Err(DropReason::UnconfirmedNoRoom),
             Inserted::Fresh(None) => {}
-            Inserted::Fresh(Some(old)) => self.release(&old_key, old),
+            // A replaced entry's connection is over (its key reused): what
+            // it held goes, not its other half (which may be the new one).
+            Inserted::Fresh(Some(old)) | Inserted::Replaced(old) => self.release(&old_key, old),
             Inserted::Evicted(old) => {
                 self.release(&old_key, old);
                 if let Some(pp) = partner(&self.conntrack, &old_key, &old)
@@ -515,10 +543,11 @@ fn partner(ct: &Conntrack, k: &FlowKey, v: &CtValue) -> Option<conntrack::Probe>
 /// The probe of the forward entry of the connection whose reply entry is
 /// `k` → `v`, where this node has one: an egress connection's (the task
 /// to the destination); a routing-mesh connection's (the client to the
-/// published address it connected to: the data-path address, or the one
-/// of `mesh_addrs` whose entry is live); a VIP connection's (the client
-/// to the VIP). `None` for a `preserve-source` return entry (the task's
-/// node has no forward entry) or a routing-mesh one not found.
+/// published address it connected to: the data-path address, one of
+/// `mesh_addrs`, or for the node's own processes the host link's address,
+/// the one whose entry is live); a VIP connection's (the client to the
+/// VIP). `None` for a `preserve-source` return entry (the task's node has
+/// no forward entry) or a routing-mesh one not found.
 fn forward_probe(ct: &Conntrack, k: &FlowKey, v: &CtValue, t: &Tables, now: u64) -> Option<conntrack::Probe> {
     if v.flags & CT_PS_RETURN != 0 {
         None
@@ -529,11 +558,13 @@ fn forward_probe(ct: &Conntrack, k: &FlowKey, v: &CtValue, t: &Tables, now: u64)
             let fk = FlowKey { src: v.peer, dst: u32::from(a), sport: v.port, dport: v.port2, proto: k.proto };
             ct.probe_in(&fk, Bucket::Src)
         };
-        if t.mesh_addrs.is_empty() {
+        let host = t.egress.as_ref().and_then(|e| e.host_link.as_ref()).map(|h| h.ip);
+        if t.mesh_addrs.is_empty() && host.is_none() {
             return Some(to(t.data_ip));
         }
         core::iter::once(t.data_ip)
             .chain(t.mesh_addrs.iter().copied())
+            .chain(host)
             .map(to)
             .find(|p| ct.peek_probe(p, now).is_some())
     } else {
@@ -838,10 +869,10 @@ fn track_probed(
     // entry just made.
     if let Err(e) = lb.insert_probe(rp, rv, now, false, at) {
         // (Only an unconfirmed reply entry finds no room.) Both
-        // directions or neither.
-        if let Some(v) = lb.conntrack.remove_probe(fp) {
-            lb.release(&fp.key(), v);
-        }
+        // directions or neither. Nothing was counted for the forward
+        // entry yet (its backend's load is counted below): nothing to
+        // release.
+        lb.conntrack.remove_probe(fp);
         return Err(e);
     }
     if rv.flags & CT_MESH_NAT != 0 {
@@ -1111,24 +1142,11 @@ fn client_inner(
     // own source port is kept unless another connection to the same
     // backend holds it, else one of a few others derived from it.
     let probe = lb.conntrack.probe_in(&key, Bucket::Src);
-    let found = match lb.take_reused(&probe, now, flags) {
-        Some(old) => {
-            // A client reusing its port: in nat mode the old connection's
-            // reply entry holds its source port on this node (and the
-            // client's share): it goes too, so the new connection can
-            // take the same port instead of holding a second one.
-            if old.flags & CT_MESH_NAT != 0 {
-                let rk = FlowKey { src: old.peer, dst: node, sport: old.port, dport: old.port2, proto: key.proto };
-                let rp = lb.conntrack.probe_in(&rk, Bucket::Tuple);
-                let ours = |v: CtValue| v.flags & CT_REPLY != 0 && v.peer == key.src && v.port == key.sport;
-                if lb.conntrack.peek_probe(&rp, now).is_some_and(ours)
-                    && let Some(r) = lb.conntrack.remove_probe(&rp)
-                {
-                    lb.release(&rk, r);
-                }
-            }
-            None
-        }
+    // A client reusing its port: the old connection goes, both entries
+    // (in nat mode its reply entry holds the port, which the new one
+    // takes again).
+    let found = match lb.take_reused(&probe, now, flags, t) {
+        Some(_) => None,
         None => lb.lookup_open(&probe, now, flags, t),
     };
     let (b, f) = connection(
@@ -1403,11 +1421,15 @@ pub(crate) fn on_delivery(
         && !nw.subnet.contains(Ipv4Addr::from(key.src))
     {
         // Remember (or refresh) the way back, keyed as the reply will be;
-        // a reset from the client closes it.
+        // a reset from the client closes it, and a bare SYN (a connection
+        // opening, perhaps on a reused tuple, perhaps through another
+        // node) makes it anew, replacing the old one.
+        use conntrack::tcp_flags::{ACK, RST, SYN};
         let rk = FlowKey { src: key.dst, dst: key.src, sport: key.dport, dport: key.sport, proto: key.proto };
         let mac = Head::new(frame.data()).map_or([0; 6], |h| h.src_mac().0);
         let rp = lb.conntrack.probe_in(&rk, Bucket::Dst);
-        if lb.lookup(&rp, now, flags & conntrack::tcp_flags::RST).is_none() {
+        let opening = key.proto == protocol::TCP && flags & (SYN | ACK) == SYN;
+        if opening || lb.lookup(&rp, now, flags & RST).is_none() {
             let v = CtValue {
                 peer: u32::from(vtep),
                 mac,
