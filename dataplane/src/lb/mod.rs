@@ -351,25 +351,35 @@ impl LbState {
     /// the client's source port on this node, which the new connection
     /// takes again instead of holding a second one.
     #[inline(always)]
-    pub(crate) fn take_reused(&mut self, p: &conntrack::Probe, now: u64, flags: u8, t: &Tables) -> Option<CtValue> {
+    fn take_reused(&mut self, p: &conntrack::Probe, now: u64, flags: u8, t: &Tables) -> Option<CtValue> {
         use conntrack::tcp_flags::{ACK, SYN};
+        if flags & (SYN | ACK) != SYN {
+            return None;
+        }
+        self.take_reused_syn(p, now, t)
+    }
+
+    /// [`LbState::take_reused`] of a bare SYN: out of the per-packet path
+    /// (once a connection).
+    #[inline(never)]
+    fn take_reused_syn(&mut self, p: &conntrack::Probe, now: u64, t: &Tables) -> Option<CtValue> {
         // Balanced connections only (VIP and routing mesh): an egress
         // mapping keeps its port, whatever its state.
         let balanced_closing = |v: CtValue| {
             matches!(v.state, CtState::Fin | CtState::Close) && v.flags & (CT_EGRESS | CT_REPLY | CT_PS_RETURN) == 0
         };
-        if flags & (SYN | ACK) == SYN && self.conntrack.peek_probe(p, now).is_some_and(balanced_closing) {
-            let k = p.key();
-            let old = self.conntrack.remove_probe(p)?;
-            self.release(&k, old);
-            if let Some(rp) = self.reply_probe(&k, &old, t, now)
-                && let Some(r) = self.conntrack.remove_probe(&rp)
-            {
-                self.release(&rp.key(), r);
-            }
-            return Some(old);
+        if !self.conntrack.peek_probe(p, now).is_some_and(balanced_closing) {
+            return None;
         }
-        None
+        let k = p.key();
+        let old = self.conntrack.remove_probe(p)?;
+        self.release(&k, old);
+        if let Some(rp) = self.reply_probe(&k, &old, t, now)
+            && let Some(r) = self.conntrack.remove_probe(&rp)
+        {
+            self.release(&rp.key(), r);
+        }
+        Some(old)
     }
 
     /// [`LbState::lookup`] of a reply-direction packet's entry
