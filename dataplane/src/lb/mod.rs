@@ -334,7 +334,7 @@ impl LbState {
     /// abortive close, as load testers and many health checkers do) at
     /// more than 36 a second to one backend ran out of its share of ports.
     #[inline(always)]
-    pub(crate) fn lookup_open(&mut self, p: &conntrack::Probe, now: u64, flags: u8, t: &Tables) -> Option<CtValue> {
+    fn lookup_open(&mut self, p: &conntrack::Probe, now: u64, flags: u8, t: &Tables) -> Option<CtValue> {
         let v = self.lookup(p, now, flags)?;
         if flags & conntrack::tcp_flags::RST != 0 {
             self.close_reply(&p.key(), &v, t, now);
@@ -1155,10 +1155,7 @@ fn client_inner(
     // A client reusing its port: the old connection goes, both entries
     // (in nat mode its reply entry holds the port, which the new one
     // takes again).
-    let found = match lb.take_reused(&probe, now, flags, t) {
-        Some(_) => None,
-        None => lb.lookup_open(&probe, now, flags, t),
-    };
+    let found = lb.lookup_forward(&probe, now, flags, t);
     let (b, f) = connection(
         lb,
         s,
